@@ -1,0 +1,33 @@
+"""Datasets with stable integer sample ids and replayable views (DESIGN.md §2, §3)."""
+
+from pipeline.data.datasets import (
+    ArrayDataset,
+    DatasetError,
+    FolderDataset,
+    ImageDataset,
+    load_dataset,
+    stratified_subset,
+)
+from pipeline.data.views import (
+    CLEAN_VIEW,
+    ViewParams,
+    ViewPlan,
+    epoch_view,
+    epoch_views,
+    render_view,
+)
+
+__all__ = [
+    "ArrayDataset",
+    "CLEAN_VIEW",
+    "DatasetError",
+    "FolderDataset",
+    "ImageDataset",
+    "ViewParams",
+    "ViewPlan",
+    "epoch_view",
+    "epoch_views",
+    "load_dataset",
+    "render_view",
+    "stratified_subset",
+]

@@ -1,0 +1,37 @@
+"""Distillation methods: one module per method, each registered by name (DESIGN.md §6).
+
+Build one with ``create_method("kd:T=2,alpha=0.5", cache_info, student_dim)``; a run sums the loss
+terms of all its methods. Adding a method means adding a module here and importing it below.
+"""
+from . import ce, dkd, fitnet, kd  # noqa: F401  (imported for their registrations)
+from .base import (
+    GAUSSIAN,
+    LOGITS,
+    LSH_CODES,
+    POOLED,
+    TARGET_SOURCES,
+    CacheInfo,
+    Method,
+    MethodError,
+    StudentOutputs,
+    TrainingProgress,
+    create_method,
+    list_methods,
+    register_method,
+)
+
+__all__ = [
+    "GAUSSIAN",
+    "LOGITS",
+    "LSH_CODES",
+    "POOLED",
+    "TARGET_SOURCES",
+    "CacheInfo",
+    "Method",
+    "MethodError",
+    "StudentOutputs",
+    "TrainingProgress",
+    "create_method",
+    "list_methods",
+    "register_method",
+]

@@ -1,0 +1,202 @@
+"""The `distillery` command line (DESIGN.md §10: these spellings are a contract scripts rely on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from pipeline import progress
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect's console logs would tear through the progress display; the flow's artifacts keep the summary.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+console = Console()
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distillery: teach once, distill many.")
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
+        unit = task.fields.get("unit", "it")
+        return Text(f"{task.speed:,.0f} {unit}/s" if task.speed else f"- {unit}/s", style="cyan")
+
+
+class RichReporter:
+    """`pipeline.progress` reporter drawing one rich bar per running loop (samples/s, ETA)."""
+
+    def __init__(self, display: Progress) -> None:
+        self.display = display
+        self.ids: dict[str, int] = {}
+
+    def start(self, key: str, description: str, total: int, unit: str) -> None:
+        self.ids[key] = self.display.add_task(description, total=total, unit=unit)
+
+    def advance(self, key: str, amount: int) -> None:
+        self.display.advance(self.ids[key], amount)
+
+    def finish(self, key: str) -> None:
+        self.display.remove_task(self.ids.pop(key))
+
+
+class show_progress:
+    """Context manager: a rich progress display wired to the library's progress hooks."""
+
+    def __enter__(self) -> Progress:
+        self.display = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                RateColumn(), TimeRemainingColumn(elapsed_when_finished=True),
+                                console=console, transient=True)
+        self.display.__enter__()
+        progress.set_reporter(RichReporter(self.display))
+        return self.display
+
+    def __exit__(self, *exc: object) -> None:
+        progress.set_reporter(None)
+        self.display.__exit__(*exc)
+
+
+def print_table(title: str, rows: list[dict], columns: list[str] | None = None) -> None:
+    table = Table(title=title, title_justify="left")
+    columns = columns or (list(rows[0]) if rows else [])
+    for c in columns:
+        table.add_column(c, justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left")
+    for r in rows:
+        table.add_row(*[f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns])
+    console.print(table)
+
+
+@app.command("fit-teacher")
+def fit_teacher_cmd(
+    dataset: Annotated[str, typer.Option(help="digits | fashion-mnist[:DIR] | imagefolder:DIR")],
+    model: Annotated[str, typer.Option(help="timm model name")],
+    out: Annotated[Path, typer.Option(help="checkpoint path to write")],
+    epochs: Annotated[int, typer.Option(help="training epochs")] = 10,
+    subset: Annotated[Optional[int], typer.Option(help="seeded, stratified subset of the train split")] = None,
+    seed: int = 0,
+    input_size: Annotated[Optional[int], typer.Option(help="render size (default 32 for small images)")] = None,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    device: str = "auto",
+) -> None:
+    """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint."""
+    from pipeline.teacher.fit import FitConfig, fit_teacher
+
+    cfg = FitConfig(dataset=dataset, model=model, out=str(out), epochs=epochs, subset=subset, seed=seed,
+                    input_size=input_size, batch_size=batch_size, lr=lr, device=device)
+    with show_progress():
+        result = fit_teacher(cfg)
+    console.print(f"teacher {model}: val accuracy {result['val_accuracy']:.4f} after {epochs} epochs "
+                  f"({result['train_seconds']:.1f} s) -> {result['out']}")
+
+
+@app.command("cache")
+def cache_cmd(
+    dataset: Annotated[str, typer.Option(help="digits | fashion-mnist[:DIR] | imagefolder:DIR")],
+    teacher: Annotated[str, typer.Option(help="timm model name of the teacher")],
+    out: Annotated[Path, typer.Option(help="cache directory")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="teacher checkpoint (distillery fit-teacher)")] = None,
+    teacher_head: Annotated[str, typer.Option(help="'keep' or 'none' (features and statistics only)")] = "keep",
+    views: Annotated[int, typer.Option(help="augmented views per sample, besides the clean view 0")] = 2,
+    view_seed: int = 0,
+    logits: Annotated[str, typer.Option(help="dense | topk:K")] = "dense",
+    tap: Annotated[str, typer.Option(help="stage for Gaussian stats: auto | none | name | index")] = "auto",
+    grid: Annotated[int, typer.Option(help="G x G grid of Gaussian cells")] = 1,
+    featmaps: Annotated[bool, typer.Option(help="also store the tapped feature maps (large)")] = False,
+    lsh_bits: int = 0,
+    subset: Annotated[Optional[int], typer.Option(help="seeded, stratified subset")] = None,
+    subset_seed: int = 0,
+    split: str = "train",
+    shard_size: int = 1024,
+    batch_size: int = 256,
+    input_size: Optional[int] = None,
+    cka_source: Annotated[str, typer.Option(help="logits | features")] = "logits",
+    device: str = "auto",
+) -> None:
+    """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
+    from flows.cache_teacher import cache_teacher
+    from pipeline.teacher.cache_pass import CacheRequest
+
+    if teacher_head not in ("keep", "none"):
+        raise typer.BadParameter("--teacher-head must be 'keep' or 'none'")
+    request = CacheRequest(dataset=dataset, teacher=teacher, out=str(out), split=split, subset=subset,
+                           subset_seed=subset_seed, checkpoint=str(checkpoint) if checkpoint else None,
+                           teacher_head=teacher_head == "keep", views=views, view_seed=view_seed, logits=logits,
+                           tap=tap, grid=grid, featmaps=featmaps, lsh_bits=lsh_bits, input_size=input_size,
+                           shard_size=shard_size, batch_size=batch_size, cka_source=cka_source, device=device)
+    with show_progress():
+        result = cache_teacher(request)
+    console.print(f"cached {result['num_samples']} samples into {result['cache']}: teacher pass "
+                  f"{result['images']} images in {result['pass_seconds']:.1f} s = "
+                  f"{result['images_per_second']:.0f} images/s ({result['skipped_shards']} shards reused)")
+
+
+@app.command("stats")
+def stats_cmd(
+    cache: Path,
+    cka_source: Annotated[str, typer.Option(help="logits | features")] = "logits",
+) -> None:
+    """Recompute dataset-level statistics from a complete cache (no teacher)."""
+    from pipeline.teacher.cache_pass import recompute_statistics
+
+    info = recompute_statistics(str(cache), cka_source=cka_source)
+    console.print_json(json.dumps(info))
+
+
+@app.command("inspect")
+def inspect_cmd(cache: Path) -> None:
+    """Print the manifest summary and every array's shape, dtype, bytes and a few statistics."""
+    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.summary import array_rows, human_bytes, pca_summary, teacher_accuracy_per_view
+
+    start = time.perf_counter()
+    c = TeacherCache(cache, require_complete=False)
+    m = c.manifest
+    console.print(f"[bold]{cache}[/bold]  status={m.status}  format={m.format_version}  created={m.created}")
+    console.print(f"teacher   {m.teacher['model']}  checkpoint sha256={str(m.teacher['checkpoint_sha256'])[:12]}  "
+                  f"input={m.teacher['input_size']}px  taps={m.teacher['taps']}  head={m.teacher['head']}")
+    console.print(f"dataset   {m.dataset['name']} ({m.dataset['split']})  N={c.num_samples}  "
+                  f"classes={c.num_classes}  fingerprint={m.dataset['fingerprint'][:12]}")
+    console.print(f"views     {c.num_views} stored (view 0 clean + {c.num_views - 1} x {m.views['recipe']}, "
+                  f"seed {m.views['seed']})")
+    console.print(f"storage   logits={m.storage['logits']}  grid={m.storage['grid']}  shards={len(m.shards)} "
+                  f"x {m.storage['shard_size']} samples")
+    rows = [{"array": r.name, "shape": "x".join(map(str, r.shape)), "dtype": r.dtype,
+             "stored": human_bytes(r.stored_bytes), "bytes/sample": f"{r.bytes_per_sample:.1f}",
+             "mean": "-" if r.mean is None else f"{r.mean:.4g}", "std": "-" if r.std is None else f"{r.std:.4g}"}
+            for r in array_rows(c)]
+    print_table("arrays", rows)
+    acc = teacher_accuracy_per_view(c)
+    if acc:
+        print_table("teacher per view", acc)
+    pca = pca_summary(c)
+    if pca:
+        console.print("PCA  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in pca.items()))
+    console.print(f"[dim]inspected in {time.perf_counter() - start:.2f} s[/dim]")
+
+
+def main() -> None:
+    from pipeline.cache.manifest import CacheError
+    from pipeline.data.datasets import DatasetError
+    from pipeline.methods.base import MethodError
+    from pipeline.teacher.model import TeacherError
+
+    try:
+        app()
+    except (CacheError, DatasetError, MethodError, TeacherError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

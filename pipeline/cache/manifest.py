@@ -1,0 +1,157 @@
+"""The cache manifest (`<cache>/manifest.json`): identity, layout, shard records, status (DESIGN.md §4).
+
+A cache is reused only when its *identity* (teacher, dataset, view plan, storage options) equals the
+request's; `identity_mismatch` names the first field that differs so the refusal can say which.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+IDENTITY_SECTIONS = ("teacher", "dataset", "views", "storage")
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used as asked; the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """What the teacher pass stores and how (the `distillery cache` storage options)."""
+
+    logits: str = "dense"  # "dense" | "topk:K" | "none" (head-less teacher)
+    pooled_views: str = "all"  # "all" stored views, or "first" (view 0 only)
+    tap: str | None = None  # resolved stage name whose Gaussian statistics (and map) are stored
+    grid: int = 1
+    featmaps: bool = False
+    lsh_bits: int = 0
+    shard_size: int = 1024
+    block_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.logits not in ("dense", "none") and not (
+            self.logits.startswith("topk:") and self.logits[5:].isdigit() and int(self.logits[5:]) > 0
+        ):
+            raise CacheError(f"--logits must be dense, topk:K (K > 0) or none, not '{self.logits}'")
+        if self.pooled_views not in ("all", "first"):
+            raise CacheError(f"pooled_views must be 'all' or 'first', not '{self.pooled_views}'")
+        if self.grid < 1:
+            raise CacheError(f"--grid must be >= 1, not {self.grid}")
+        if self.shard_size < 1 or self.block_size < 1:
+            raise CacheError("--shard-size and the block size must be >= 1")
+        if self.lsh_bits < 0 or self.lsh_bits % 8:
+            raise CacheError(f"--lsh-bits must be a non-negative multiple of 8, not {self.lsh_bits}")
+
+    @property
+    def topk(self) -> int | None:
+        return int(self.logits[5:]) if self.logits.startswith("topk:") else None
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One finished shard: its sample range and the checksums a rerun verifies before skipping it."""
+
+    index: int
+    start: int
+    stop: int
+    file: str  # relative to the cache root
+    sha256: str
+    bytes: int
+    rows_sha256: str  # digest of this shard's rows in every per-sample zarr array
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def library_versions() -> dict[str, str]:
+    import faiss
+    import numpy
+    import timm
+    import torch
+    import webdataset
+    import zarr
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": numpy.__version__, "zarr": zarr.__version__, "webdataset": webdataset.__version__,
+            "faiss": faiss.__version__}
+
+
+@dataclass
+class Manifest:
+    teacher: dict[str, Any]
+    dataset: dict[str, Any]
+    views: dict[str, Any]
+    storage: dict[str, Any]
+    arrays: dict[str, dict[str, Any]]  # name -> {"shape": [...], "dtype": "..."}
+    shards: list[dict[str, Any]] = field(default_factory=list)  # planned ranges, then records
+    stats: dict[str, Any] = field(default_factory=dict)
+    status: str = "partial"
+    format_version: int = FORMAT_VERSION
+    versions: dict[str, str] = field(default_factory=library_versions)
+    created: str = field(default_factory=now_iso)
+    completed: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        ident = {k: getattr(self, k) for k in IDENTITY_SECTIONS}
+        # Where the checkpoint lies is provenance, not identity: its sha256 is what matters.
+        ident["teacher"] = {k: v for k, v in self.teacher.items() if k != "checkpoint"}
+        return ident
+
+    def storage_spec(self) -> StorageSpec:
+        return StorageSpec(**self.storage)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    def save(self, root: str | Path) -> None:
+        """Atomic write (temp file, then rename) so a reader never sees half a manifest."""
+        path = Path(root) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, root: str | Path) -> Manifest:
+        path = Path(root) / MANIFEST_NAME
+        if not path.is_file():
+            raise CacheError(f"{root} is not a teacher cache (no {MANIFEST_NAME}); create one with `distillery cache`")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CacheError(f"{path} is not valid JSON ({e}); delete the cache and re-run `distillery cache`") from e
+        if data.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{root} has cache format {data.get('format_version')}, this Distillery reads "
+                             f"{FORMAT_VERSION}; re-run `distillery cache` into a new --out")
+        return cls(**data)
+
+
+def identity_mismatch(stored: dict[str, Any], requested: dict[str, Any], prefix: str = "") -> str | None:
+    """The dotted name of the first field that differs between two identities, or None if equal."""
+    for key in sorted(set(stored) | set(requested)):
+        a, b = stored.get(key), requested.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = identity_mismatch(a, b, prefix=f"{name}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{name} (cache: {_short(a)}, requested: {_short(b)})"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."

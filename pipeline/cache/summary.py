@@ -1,0 +1,80 @@
+"""What is in a cache, as rows people read: arrays with bytes, and the statistics worth a glance.
+
+Used by `distillery inspect`, the teacher flow's Prefect artifact, and the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache.store import TeacherCache
+
+
+@dataclass(frozen=True)
+class ArrayRow:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    stored_bytes: int  # on disk, after compression
+    bytes_per_sample: float
+    mean: float | None
+    std: float | None
+
+
+def array_rows(cache: TeacherCache, sample_stats: int = 2048) -> list[ArrayRow]:
+    """Every zarr array: shape, dtype, stored bytes, and mean/std over the first rows (cheap on big caches)."""
+    rows = []
+    n = cache.num_samples
+    for name in _all_array_names(cache):
+        arr = cache.array(name)
+        stored = int(arr.nbytes_stored())
+        per_sample = name in cache.manifest.arrays
+        head = np.asarray(arr[: min(sample_stats, arr.shape[0])] if arr.ndim else arr[...])
+        numeric = head.dtype.kind in "fiu" and head.size > 0
+        values = head.astype(np.float64) if numeric else None
+        rows.append(ArrayRow(name=name, shape=tuple(arr.shape), dtype=str(arr.dtype), stored_bytes=stored,
+                             bytes_per_sample=stored / n if per_sample else 0.0,
+                             mean=float(values.mean()) if numeric else None,
+                             std=float(values.std()) if numeric else None))
+    return rows
+
+
+def _all_array_names(cache: TeacherCache) -> list[str]:
+    return sorted(cache.manifest.arrays) + sorted(cache.manifest.stats.get("arrays", []))
+
+
+def teacher_accuracy_per_view(cache: TeacherCache) -> list[dict[str, float]]:
+    """Top-1 accuracy and mean max-probability of the cached teacher logits, per stored view."""
+    if "logits" not in cache.available_targets():
+        return []
+    labels = cache.read("samples/labels")
+    out = []
+    for v in range(cache.num_views):
+        rows = {name.replace("/", "."): cache.array(name)[:, v:v + 1]
+                for name in cache.manifest.arrays if name.startswith("logits/")}
+        logits = cache.dense_logits(rows)[:, 0]
+        z = logits - logits.max(1, keepdims=True)
+        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        out.append({"view": v, "accuracy": float((logits.argmax(1) == labels).mean()),
+                    "confidence": float(p.max(1).mean())})
+    return out
+
+
+def pca_summary(cache: TeacherCache) -> dict[str, Any]:
+    if not cache.has("stats/pca/explained_variance"):
+        return {}
+    ev = cache.read("stats/pca/explained_variance").astype(np.float64)
+    ratio = np.cumsum(ev) / ev.sum() if ev.sum() > 0 else np.zeros_like(ev)
+    reach = {f"components_for_{int(f * 100)}pct": int(np.searchsorted(ratio, f) + 1) for f in (0.5, 0.9, 0.99)}
+    return {"top10_variance_ratio": float(ratio[min(9, len(ratio) - 1)]), **reach}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

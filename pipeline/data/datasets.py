@@ -1,0 +1,368 @@
+"""Image datasets with stable integer sample ids (DESIGN.md §2, §4, §10).
+
+Every artifact in a teacher cache is keyed by sample id + view id (DESIGN.md §2), so a dataset
+exposes stable, unique, non-negative int64 ids next to its labels and raw uint8 images. Ids are unique
+across the train and val splits of one dataset, so a cache of one split can never be confused with
+a cache of the other.
+
+Supported specs (DESIGN.md §10): ``digits``, ``fashion-mnist[:DIR]``, ``imagefolder:DIR``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import hashlib
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+__all__ = [
+    "ArrayDataset",
+    "DatasetError",
+    "FolderDataset",
+    "ImageDataset",
+    "load_dataset",
+    "stratified_subset",
+]
+
+SPLITS = ("train", "val")
+_SPLIT_ALIASES = {"test": "val"}
+VALID_SPECS = "digits, fashion-mnist[:DIR], imagefolder:DIR"
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+# IDX file stems per split; val ids start after the train ids so they stay unique across splits.
+_FASHION_FILES = {"train": ("train", 0), "val": ("t10k", 60_000)}
+_IDX_IMAGES_MAGIC = 2051
+_IDX_LABELS_MAGIC = 2049
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+_VAL_FRACTION = 0.2
+_STATS_MAX_IMAGES = 512
+
+
+class DatasetError(ValueError):
+    """Bad dataset spec, split, subset or files; the message says what is wrong and what to do."""
+
+
+@dataclass(eq=False)
+class ImageDataset(ABC):
+    """One split of an image dataset: ids, labels and raw uint8 images addressed by position.
+
+    ``ids`` are the stable sample ids every cache artifact is keyed by (DESIGN.md §2); positions are
+    only the stored order. Subclasses store the per-row payload named in ``_row_fields``.
+    """
+
+    name: str
+    split: str
+    ids: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    channels: int
+
+    # Per-row payload fields that ``subset`` must index alongside ids and labels.
+    _row_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        self.ids = np.asarray(self.ids, dtype=np.int64)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.class_names = list(self.class_names)
+        where = f"{self.name} ({self.split})"
+        if self.ids.ndim != 1 or self.labels.shape != self.ids.shape:
+            raise DatasetError(f"{where}: ids and labels must be 1-D arrays of equal length, "
+                               f"got shapes {self.ids.shape} and {self.labels.shape}")
+        if len(self.ids) == 0:
+            raise DatasetError(f"{where}: no samples; check the dataset path and the subset size")
+        if self.ids.min() < 0 or len(np.unique(self.ids)) != len(self.ids):
+            raise DatasetError(f"{where}: sample ids must be unique and non-negative")
+        if self.labels.min() < 0 or self.labels.max() >= len(self.class_names):
+            raise DatasetError(f"{where}: labels must lie in [0, {len(self.class_names)}) "
+                               f"(one per class name)")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @abstractmethod
+    def raw(self, position: int) -> np.ndarray:
+        """The raw image at ``position`` in stored order, uint8 (H, W, channels)."""
+
+    @abstractmethod
+    def _pixel_batches(self) -> Iterator[np.ndarray]:
+        """uint8 arrays whose last axis is the channel axis; ``pixel_stats`` pools them."""
+
+    def fingerprint(self) -> str:
+        """sha256 of ids (int64 LE) + labels (int32 LE) + class names, the cache identity (§4)."""
+        digest = hashlib.sha256()
+        digest.update(self.ids.astype("<i8").tobytes())
+        digest.update(self.labels.astype("<i4").tobytes())
+        digest.update("\n".join(self.class_names).encode("utf-8"))
+        return digest.hexdigest()
+
+    def subset(self, positions: np.ndarray) -> ImageDataset:
+        """The rows at ``positions``, in the given order, as a dataset of the same kind."""
+        positions = np.asarray(positions)
+        if positions.ndim != 1 or not np.issubdtype(positions.dtype, np.integer):
+            raise DatasetError(f"{self.name}: subset positions must be a 1-D integer array")
+        if len(positions) and (positions.min() < 0 or positions.max() >= len(self)):
+            raise DatasetError(f"{self.name}: subset positions must lie in [0, {len(self)})")
+        rows = {field: getattr(self, field)[positions]
+                for field in ("ids", "labels", *self._row_fields)}
+        return dataclasses.replace(self, **rows)
+
+    def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std in [0, 1] units, for the normalisation of rendered views (§3).
+
+        Pools 256-bin histograms, so the result is exact for in-memory data whatever its size.
+        """
+        histograms = np.zeros((self.channels, 256), dtype=np.int64)
+        for batch in self._pixel_batches():
+            pixels = batch.reshape(-1, self.channels)
+            for channel in range(self.channels):
+                histograms[channel] += np.bincount(pixels[:, channel], minlength=256)
+        levels = np.arange(256, dtype=np.int64)
+        means, stds = [], []
+        for counts in histograms:
+            # Python ints: the squared sums overflow int64 on large datasets.
+            n = int(counts.sum())
+            total = int(counts @ levels)
+            total_sq = int(counts @ (levels * levels))
+            variance = (n * total_sq - total * total) / (n * n)
+            means.append(total / n / 255.0)
+            # A constant channel would make normalisation divide by zero; one grey level is the
+            # smallest spread 8-bit data can express.
+            stds.append(max(variance ** 0.5, 1.0) / 255.0)
+        return tuple(means), tuple(stds)
+
+
+@dataclass(eq=False)
+class ArrayDataset(ImageDataset):
+    """Images held in memory as uint8 (N, H, W, C)."""
+
+    images: np.ndarray = dataclasses.field(kw_only=True)
+
+    _row_fields: ClassVar[tuple[str, ...]] = ("images",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.images.dtype != np.uint8 or self.images.ndim != 4
+                or self.images.shape[0] != len(self.ids) or self.images.shape[3] != self.channels):
+            raise DatasetError(f"{self.name}: images must be uint8 (N, H, W, {self.channels}) with "
+                               f"N = {len(self.ids)}, got {self.images.dtype} {self.images.shape}")
+
+    def raw(self, position: int) -> np.ndarray:
+        return self.images[position]
+
+    def _pixel_batches(self) -> Iterator[np.ndarray]:
+        yield self.images
+
+
+@dataclass(eq=False)
+class FolderDataset(ImageDataset):
+    """Images decoded from files on demand with PIL, always as RGB (channels = 3)."""
+
+    paths: np.ndarray = dataclasses.field(kw_only=True)
+
+    _row_fields: ClassVar[tuple[str, ...]] = ("paths",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.paths = np.asarray(self.paths, dtype=object)
+        if self.channels != 3 or self.paths.shape != self.ids.shape:
+            raise DatasetError(f"{self.name}: a folder dataset needs one path per id and 3 channels")
+
+    def raw(self, position: int) -> np.ndarray:
+        with Image.open(self.paths[position]) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+    def _pixel_batches(self) -> Iterator[np.ndarray]:
+        # Decoding a whole folder for two numbers per channel is wasteful; an even sample suffices.
+        count = min(len(self), _STATS_MAX_IMAGES)
+        for position in np.unique(np.linspace(0, len(self) - 1, count).round().astype(np.int64)):
+            yield self.raw(int(position))
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded subset of ``n`` rows, stratified by label (DESIGN.md §10).
+
+    Each class gets its proportional share (largest remainder) and at least one row, so the total is
+    exactly ``n``. Positions come back ascending so the subset keeps the stored order.
+    """
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if not len(classes) <= n <= len(labels):
+        raise DatasetError(f"subset {n} must lie between the number of classes present "
+                           f"({len(classes)}) and the dataset size ({len(labels)}); pick another --subset")
+    quota = n * counts / len(labels)
+    alloc = np.maximum(np.floor(quota).astype(np.int64), 1)
+    # Move one row at a time to or from the class whose allocation strays furthest from its quota.
+    while alloc.sum() != n:
+        if alloc.sum() < n:
+            alloc[np.argmax(np.where(alloc < counts, quota - alloc, -np.inf))] += 1
+        else:
+            alloc[np.argmax(np.where(alloc > 1, alloc - quota, -np.inf))] -= 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(labels == cls), size=k, replace=False)
+              for cls, k in zip(classes, alloc)]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _split_positions(labels: np.ndarray, split: str, where: str) -> np.ndarray:
+    """Sorted positions of ``split`` in the fixed stratified 80/20 train/val split."""
+    try:
+        train, val = train_test_split(np.arange(len(labels)), test_size=_VAL_FRACTION,
+                                      stratify=labels, random_state=0)
+    except ValueError as exc:
+        raise DatasetError(f"{where}: too few images per class for a stratified 80/20 split ({exc}); "
+                           f"add images or provide train/ and val/ subfolders") from None
+    return np.sort(train if split == "train" else val)
+
+
+def _load_digits(split: str) -> ImageDataset:
+    bunch = load_digits()
+    # load_digits stores 4-bit intensities 0..16; stretch them onto the 8-bit range.
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = bunch.target.astype(np.int64)
+    positions = _split_positions(labels, split, "digits")
+    return ArrayDataset(name="digits", split=split, ids=positions, labels=labels[positions],
+                        class_names=[str(digit) for digit in range(10)], channels=1,
+                        images=images[positions])
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    """Decode one gzip IDX file (big-endian header: magic, then one uint32 per dimension)."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as exc:
+        raise DatasetError(f"fashion-mnist: cannot read {path} ({exc}); reinstall "
+                           f"dataset-fashion-mnist or replace the file") from None
+    header_size = 4 * (1 + ndim)
+    if len(data) < header_size or struct.unpack(">i", data[:4])[0] != magic:
+        raise DatasetError(f"fashion-mnist: {path} is not an IDX file (expected magic {magic}); "
+                           f"reinstall dataset-fashion-mnist or replace the file")
+    shape = struct.unpack(f">{ndim}I", data[4:header_size])
+    if len(data) != header_size + int(np.prod(shape)):
+        raise DatasetError(f"fashion-mnist: {path} is truncated or has trailing bytes "
+                           f"(header says {shape}); reinstall dataset-fashion-mnist")
+    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
+
+
+@functools.lru_cache(maxsize=4)
+def _fashion_arrays(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded (images N x 28 x 28 x 1, labels N) of one split, cached: decoding 60k takes a moment."""
+    stem, _ = _FASHION_FILES[split]
+    root = Path(directory)
+    image_path = root / f"{stem}-images-idx3-ubyte.gz"
+    label_path = root / f"{stem}-labels-idx1-ubyte.gz"
+    if not image_path.is_file() or not label_path.is_file():
+        raise DatasetError(f"fashion-mnist: no IDX files in {directory}; install Debian's "
+                           f"dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
+                           f"or pass fashion-mnist:DIR")
+    images = _read_idx(image_path, _IDX_IMAGES_MAGIC, 3)
+    labels = _read_idx(label_path, _IDX_LABELS_MAGIC, 1)
+    if len(images) != len(labels) or labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
+        raise DatasetError(f"fashion-mnist: {image_path.name} and {label_path.name} disagree "
+                           f"({len(images)} images, {len(labels)} labels, max label "
+                           f"{labels.max(initial=0)}); reinstall dataset-fashion-mnist")
+    labels = labels.astype(np.int64)
+    # Every caller shares these cached arrays; read-only (as frombuffer's images already are) keeps
+    # one caller from corrupting another's data.
+    labels.setflags(write=False)
+    return images[..., None], labels
+
+
+def _load_fashion_mnist(directory: str, split: str) -> ImageDataset:
+    directory = str(Path(directory).expanduser().resolve())
+    images, labels = _fashion_arrays(directory, split)
+    _, first_id = _FASHION_FILES[split]
+    return ArrayDataset(name=f"fashion-mnist:{directory}", split=split,
+                        ids=np.arange(first_id, first_id + len(labels), dtype=np.int64),
+                        labels=labels, class_names=list(FASHION_MNIST_CLASSES), channels=1,
+                        images=images)
+
+
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(class_dir: Path) -> list[str]:
+    """Image paths under one class folder, relative to it (posix), sorted."""
+    return sorted(p.relative_to(class_dir).as_posix() for p in class_dir.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _load_imagefolder(directory: str, split: str) -> ImageDataset:
+    root = Path(directory).expanduser().resolve()
+    name = f"imagefolder:{root}"
+    if not root.is_dir():
+        raise DatasetError(f"{name}: not a directory; pass imagefolder:DIR with one subfolder per class")
+    has_splits = (root / "train").is_dir() and (root / "val").is_dir()
+    split_dirs = list(SPLITS) if has_splits else [""]
+    class_names = _class_dirs(root / "train" if has_splits else root)
+    if not class_names:
+        raise DatasetError(f"{name}: no class subfolders; put images under DIR/<class>/ "
+                           f"or DIR/train/<class>/ and DIR/val/<class>/")
+    # Ids index the sorted (split dir, class, relative path) list over all splits: stable and unique.
+    records = []
+    for split_dir in split_dirs:
+        for class_dir in _class_dirs(root / split_dir):
+            if class_dir not in class_names:
+                raise DatasetError(f"{name}: class folder {split_dir}/{class_dir} has no "
+                                   f"counterpart in train/; add it there or remove it")
+            for relative in _image_files(root / split_dir / class_dir):
+                records.append((split_dir, class_dir, relative))
+    records.sort()
+    paths = np.array([str(root / s / c / r) for s, c, r in records], dtype=object)
+    labels = np.array([class_names.index(c) for _, c, _ in records], dtype=np.int64)
+    if has_splits:
+        positions = np.flatnonzero([s == split for s, _, _ in records])
+    elif records:
+        positions = _split_positions(labels, split, name)
+    else:
+        positions = np.array([], dtype=np.int64)
+    if len(positions) == 0:
+        raise DatasetError(f"{name}: no {split} images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                           f"add images under the class subfolders")
+    return FolderDataset(name=name, split=split, ids=positions, labels=labels[positions],
+                         class_names=class_names, channels=3, paths=paths[positions])
+
+
+def load_dataset(spec: str, split: str = "train", subset: int | None = None,
+                 seed: int = 0) -> ImageDataset:
+    """Load one split of the dataset named by ``spec`` (DESIGN.md §10).
+
+    ``split`` is ``train`` or ``val`` (``test`` is accepted for ``val``). ``subset`` keeps a seeded,
+    stratified subset of that many samples in stored order (``--subset N``).
+    """
+    kind, _, argument = spec.partition(":")
+    split = _SPLIT_ALIASES.get(split, split)
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; use one of: train, val")
+    if kind == "digits" and not argument:
+        dataset = _load_digits(split)
+    elif kind == "fashion-mnist":
+        dataset = _load_fashion_mnist(argument or FASHION_MNIST_DIR, split)
+    elif kind == "imagefolder" and argument:
+        dataset = _load_imagefolder(argument, split)
+    else:
+        raise DatasetError(f"unknown dataset {spec!r}; valid names: {VALID_SPECS}")
+    if subset is not None:
+        dataset = dataset.subset(stratified_subset(dataset.labels, subset, seed))
+    return dataset

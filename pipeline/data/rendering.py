@@ -1,0 +1,37 @@
+"""A torch Dataset of rendered (sample, view) pairs, for DataLoader workers (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from pipeline.data.datasets import ImageDataset
+from pipeline.data.views import ViewPlan, render_view
+
+
+class RenderedViews(torch.utils.data.Dataset):
+    """Item i renders view `view_ids[i]` of the sample at `positions[i]`; returns (input, label)."""
+
+    def __init__(self, dataset: ImageDataset, plan: ViewPlan, positions: np.ndarray, view_ids: np.ndarray,
+                 size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        if len(positions) != len(view_ids):
+            raise ValueError("positions and view_ids must have the same length")
+        self.dataset, self.plan, self.size = dataset, plan, size
+        self.positions, self.view_ids = np.asarray(positions), np.asarray(view_ids)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        p = int(self.positions[i])
+        params = self.plan.params(int(self.dataset.ids[p]), int(self.view_ids[i]))
+        return render_view(self.dataset.raw(p), params, self.size, self.mean, self.std), int(self.dataset.labels[p])
+
+
+def clean_views(dataset: ImageDataset, size: int, mean: Sequence[float], std: Sequence[float]) -> RenderedViews:
+    """View 0 of every sample: the evaluation input."""
+    n = len(dataset)
+    return RenderedViews(dataset, ViewPlan(num_augmented=0), np.arange(n), np.zeros(n, dtype=np.int64), size, mean, std)

@@ -1,0 +1,202 @@
+"""Views: augmentation replay, the correctness core (DESIGN.md §3).
+
+A teacher target is valid only for the exact input the teacher saw, so augmentations are not drawn
+on the fly: a *view* is fully determined by ``(plan seed, sample id, view id)``, and ``render_view`` is
+the one function that turns a raw image and a view into a tensor, for the teacher pass and the
+student loader alike. View 0 is the clean view (the whole image, no flip); views 1..K are seeded
+random-resized crops with an optional horizontal flip.
+
+Crop boxes live in normalised [0, 1] image coordinates and are drawn as if the image were square.
+That keeps a view independent of the image size, so one cached view can be re-rendered at any
+resolution (a student at another input size) and images of different sizes in one folder share one
+plan. The price: on a non-square image the drawn aspect ratio is stretched by the image's own aspect.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from numbers import Integral
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CLEAN_VIEW", "ViewParams", "ViewPlan", "epoch_view", "epoch_views", "render_view"]
+
+# torchvision's RandomResizedCrop gives up drawing after this many attempts and crops the centre.
+_RRC_ATTEMPTS = 10
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """Geometry of one view: a crop box in normalised [0, 1] coordinates and a horizontal flip."""
+
+    top: float
+    left: float
+    height: float
+    width: float
+    flip: bool
+
+
+CLEAN_VIEW = ViewParams(top=0.0, left=0.0, height=1.0, width=1.0, flip=False)
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """Which views exist per sample: view 0 is clean, views 1..K are seeded augmentations (§3).
+
+    ``scale`` bounds the crop's area fraction and ``ratio`` its aspect ratio (width / height), as in
+    torchvision's RandomResizedCrop; ``flip`` enables a horizontal flip with probability 1/2.
+    """
+
+    num_augmented: int
+    seed: int = 0
+    scale: tuple[float, float] = (0.35, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_augmented, Integral) or self.num_augmented < 0:
+            raise ValueError(f"num_augmented must be an integer >= 0, got {self.num_augmented!r}")
+        if not isinstance(self.seed, Integral) or self.seed < 0:
+            raise ValueError(f"view plan seed must be an integer >= 0, got {self.seed!r}")
+        # Plain Python values keep the plan hashable and JSON-able whatever it was built from
+        # (numpy integers from a sweep, lists from a JSON round trip).
+        object.__setattr__(self, "num_augmented", int(self.num_augmented))
+        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
+        object.__setattr__(self, "ratio", tuple(float(v) for v in self.ratio))
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {self.scale}")
+        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {self.ratio}")
+
+    @property
+    def num_views(self) -> int:
+        return self.num_augmented + 1
+
+    @property
+    def recipe(self) -> str:
+        """Short description of the augmentation recipe, recorded in the cache manifest (§4)."""
+        crop = "rrc({}-{},{}-{})".format(*(round(v, 3) for v in (*self.scale, *self.ratio)))
+        return crop + ("+hflip" if self.flip else "")
+
+    def params(self, sample_id: int, view_id: int) -> ViewParams:
+        """The geometry of view ``view_id`` of sample ``sample_id``; the same on every call."""
+        if not 0 <= view_id < self.num_views:
+            raise ValueError(f"view_id {view_id} is outside [0, {self.num_views}) for this plan")
+        if sample_id < 0:
+            raise ValueError(f"sample_id must be >= 0, got {sample_id}")
+        if view_id == 0:
+            return CLEAN_VIEW
+        rng = np.random.default_rng([self.seed, int(sample_id), int(view_id)])
+        top, left, height, width = _random_resized_crop(rng, self.scale, self.ratio)
+        # Drawn last so toggling flips leaves every crop unchanged.
+        flip = self.flip and bool(rng.random() < 0.5)
+        return ViewParams(top=top, left=left, height=height, width=width, flip=flip)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form for the cache manifest; ``recipe`` is informational only."""
+        plan = asdict(self)
+        plan.update(scale=list(self.scale), ratio=list(self.ratio), recipe=self.recipe)
+        return plan
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ViewPlan:
+        fields = {key: value for key, value in data.items() if key != "recipe"}
+        return cls(**fields)
+
+
+def _random_resized_crop(rng: np.random.Generator, scale: tuple[float, float],
+                         ratio: tuple[float, float]) -> tuple[float, float, float, float]:
+    """torchvision's RandomResizedCrop draw on a unit square: (top, left, height, width).
+
+    Up to 10 attempts at an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``;
+    if none fits, a central crop of the whole square clamped to ``ratio``.
+    """
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(_RRC_ATTEMPTS):
+        area = rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_low, log_high))
+        width, height = math.sqrt(area * aspect), math.sqrt(area / aspect)
+        if width <= 1.0 and height <= 1.0:
+            top = rng.uniform(0.0, 1.0 - height)
+            left = rng.uniform(0.0, 1.0 - width)
+            return float(top), float(left), float(height), float(width)
+    aspect = min(max(1.0, ratio[0]), ratio[1])
+    width, height = (1.0, 1.0 / aspect) if aspect >= 1.0 else (aspect, 1.0)
+    return (1.0 - height) / 2, (1.0 - width) / 2, height, width
+
+
+def _pixel_span(start: float, length: float, extent: int) -> tuple[int, int]:
+    """A normalised [start, start + length) interval in pixels: at least 1 px, inside the image."""
+    pixels = min(max(1, round(length * extent)), extent)
+    return min(max(0, round(start * extent)), extent - pixels), pixels
+
+
+def render_view(raw: np.ndarray, params: ViewParams, size: int, mean: Sequence[float],
+                std: Sequence[float]) -> torch.Tensor:
+    """Render one view of a raw uint8 (H, W, C) image as a normalised float32 (C, size, size) tensor.
+
+    The single render path of DESIGN.md §3: the teacher pass and the student loader both call it, so
+    a student sees bit-identical inputs to the teacher's at the same ``size``; another ``size``
+    renders the same normalised crop at another resolution. Runs on CPU, where it is deterministic.
+    """
+    if raw.dtype != np.uint8 or raw.ndim != 3:
+        raise ValueError(f"raw image must be uint8 (H, W, C), got {raw.dtype} with shape {raw.shape}")
+    height, width, channels = raw.shape
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean and std need one value per channel ({channels}), "
+                         f"got {len(mean)} and {len(std)}")
+    if size < 1:
+        raise ValueError(f"render size must be >= 1, got {size}")
+    top, crop_height = _pixel_span(params.top, params.height, height)
+    left, crop_width = _pixel_span(params.left, params.width, width)
+    crop = torch.tensor(raw[top:top + crop_height, left:left + crop_width])
+    # A permuted HWC buffer looks channels-last to interpolate, which then takes another kernel;
+    # one canonical contiguous layout keeps every caller on the same arithmetic.
+    image = crop.permute(2, 0, 1).contiguous().to(torch.float32) / 255.0
+    image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True)[0]
+    if params.flip:
+        image = image.flip(-1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return (image - mean_t) / std_t
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective, well-mixing map of uint64 (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def epoch_views(seed: int, epoch: int, sample_ids: np.ndarray, num_views: int) -> np.ndarray:
+    """The view each sample uses in ``epoch``, int64, reproducible and uniform over [0, num_views).
+
+    The student loader calls this per batch (§3), so it is an integer hash of (seed, epoch, id)
+    rather than a generator per sample.
+    """
+    if num_views < 1:
+        raise ValueError(f"num_views must be >= 1, got {num_views}")
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    ids = np.asarray(sample_ids, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        hashed = _mix64(np.full(ids.shape, seed, dtype=np.uint64) + _GOLDEN)
+        hashed = _mix64((hashed ^ np.uint64(epoch)) + _GOLDEN)
+        hashed = _mix64((hashed ^ ids) + _GOLDEN)
+    # The modulo bias is at most num_views / 2**64: negligible.
+    return (hashed % np.uint64(num_views)).astype(np.int64)
+
+
+def epoch_view(seed: int, epoch: int, sample_id: int, num_views: int) -> int:
+    """Scalar form of ``epoch_views``: the view ``sample_id`` uses in ``epoch``."""
+    return int(epoch_views(seed, epoch, np.array([sample_id]), num_views)[0])

@@ -1,0 +1,292 @@
+"""The method contract: what a distillation method sees, what it needs, and the registry.
+
+A method (DESIGN.md §6) is a ``torch.nn.Module`` that turns the student's outputs and the cached
+teacher targets of the same view into named, already-weighted loss terms. A run may combine
+several methods ("Methods compose", §6); the training loss is the sum of every term of every method.
+
+Each method declares the logical targets it ``needs`` from the cache; :meth:`Method.check_cache`
+refuses a cache that cannot serve them, naming the ``distillery cache`` option (§10) that would.
+Options are keyword-only arguments of the method's ``__init__`` with defaults, set from a spec
+string such as ``kd:T=2,alpha=0.5`` by :func:`create_method`.
+"""
+from __future__ import annotations
+
+import abc
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LOGITS",
+    "POOLED",
+    "GAUSSIAN",
+    "LSH_CODES",
+    "TARGET_SOURCES",
+    "TARGET_DESCRIPTIONS",
+    "Targets",
+    "MethodError",
+    "at_least_float32",
+    "StudentOutputs",
+    "TrainingProgress",
+    "CacheInfo",
+    "Method",
+    "register_method",
+    "parse_method_spec",
+    "create_method",
+    "list_methods",
+]
+
+# Logical target names: what the loader hands a method, independent of how the cache stores it (§4).
+LOGITS = "logits"
+"""Dense float32 teacher logits (B, C) of the view the student sees; top-k caches are reconstructed."""
+POOLED = "pooled"
+"""Teacher pooled pre-logit features (B, D_t), float32."""
+GAUSSIAN = "gaussian"
+"""Tuple (mean, std) of the tapped teacher map per grid cell and channel, each (B, G*G, Cf) (§6.4)."""
+LSH_CODES = "lsh_codes"
+"""Packed LSH codes of the teacher's view-0 pooled features, (B, bits/8) uint8 (§6.6)."""
+
+TARGET_SOURCES: dict[str, str] = {
+    LOGITS: "--logits dense|topk:K (teacher with a head)",
+    POOLED: "its default options (pooled features are stored by default)",
+    GAUSSIAN: "--tap STAGE --grid G",
+    LSH_CODES: "--lsh-bits B",
+}
+"""Logical target -> the ``distillery cache`` option that produces it."""
+
+TARGET_DESCRIPTIONS: dict[str, str] = {
+    LOGITS: "teacher logits",
+    POOLED: "teacher pooled features",
+    GAUSSIAN: "teacher feature-map Gaussian statistics",
+    LSH_CODES: "teacher LSH codes",
+}
+"""Logical target -> how error messages name it."""
+
+Targets = Mapping[str, Tensor | tuple[Tensor, ...]]
+"""Per-batch teacher targets keyed by logical name; values are detached (they come from the cache)."""
+
+_OPTION_TYPES = (bool, int, float, str)
+
+
+def at_least_float32(t: Tensor) -> Tensor:
+    """``t`` promoted to float32 unless it is already float32 or float64.
+
+    Losses run in full precision even under AMP: fp16/bf16 log-softmax at high temperature loses the
+    small tail probabilities that distillation is about, and float64 inputs (tests) stay float64.
+    """
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class MethodError(ValueError):
+    """A method cannot be built as asked: unknown name or option, or a cache missing a target."""
+
+
+@dataclass
+class StudentOutputs:
+    """What the student's forward pass exposes to the methods.
+
+    ``logits`` (B, C); ``pooled`` (B, D_s) pre-logits after global pooling; ``feature_maps`` maps a
+    tapped stage name to its (B, C, H, W) map and is empty unless a method asks for taps.
+    """
+
+    logits: Tensor
+    pooled: Tensor
+    feature_maps: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where training is, for schedules such as DKD's warm-up or WKD's cosine decay.
+
+    ``epoch`` is 0-based; ``step`` is the 0-based optimiser step *within* that epoch, so a streamed
+    epoch whose length is only known per epoch still yields a monotone ``epoch_float``.
+    """
+
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    total_epochs: int
+
+    def __post_init__(self) -> None:
+        if self.steps_per_epoch < 1 or self.total_epochs < 1:
+            raise ValueError(
+                f"steps_per_epoch and total_epochs must be >= 1, got {self.steps_per_epoch} and "
+                f"{self.total_epochs}"
+            )
+        if self.epoch < 0 or not 0 <= self.step < self.steps_per_epoch:
+            raise ValueError(
+                f"need epoch >= 0 and 0 <= step < steps_per_epoch={self.steps_per_epoch}, "
+                f"got epoch={self.epoch}, step={self.step}"
+            )
+
+    @property
+    def epoch_float(self) -> float:
+        """Epochs completed so far, fractional: ``epoch + step / steps_per_epoch``."""
+        return self.epoch + self.step / self.steps_per_epoch
+
+    @property
+    def fraction(self) -> float:
+        """Share of all training steps done, in [0, 1]."""
+        return min(self.epoch_float / self.total_epochs, 1.0)
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What a method may know about the cache when it is built (read off the manifest, §4).
+
+    ``available`` holds the logical target names the cache's loader can serve; ``pooled_dim`` is the
+    teacher's pooled feature size D_t, required whenever :data:`POOLED` is available.
+    """
+
+    num_classes: int
+    pooled_dim: int | None
+    available: frozenset[str]
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if POOLED in self.available and not (self.pooled_dim and self.pooled_dim > 0):
+            raise ValueError(f"a cache serving {POOLED!r} needs a positive pooled_dim, got {self.pooled_dim}")
+
+
+class Method(torch.nn.Module, metaclass=abc.ABCMeta):
+    """Base class of every distillation method.
+
+    Subclasses set ``name`` and ``needs``, declare their options as keyword-only ``__init__``
+    arguments with defaults (bool, int, float or str), and create learnable parts (projectors,
+    maps) in ``__init__`` so that the optimiser trains them together with the student.
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, cache: CacheInfo, student_dim: int) -> None:
+        super().__init__()
+        # Checked here rather than in create_method so that direct construction cannot skip it.
+        self.check_cache(cache)
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        student: StudentOutputs,
+        targets: Targets,
+        labels: Tensor,
+        progress: TrainingProgress,
+    ) -> dict[str, Tensor]:
+        """Return named scalar loss terms, already weighted.
+
+        Term names start with the method's name (``"kd"``, ``"dkd_tckd"``) so they stay distinct
+        when the terms of all methods in a run are summed and logged side by side.
+        """
+
+    @classmethod
+    def options(cls) -> dict[str, bool | int | float | str]:
+        """The method's options and their defaults, in declaration order."""
+        return {p.name: p.default for p in _option_parameters(cls)}
+
+    @classmethod
+    def check_cache(cls, cache: CacheInfo) -> None:
+        """Raise :class:`MethodError` (one line) if ``cache`` cannot serve every target in ``needs``."""
+        missing = sorted(cls.needs - cache.available)
+        if missing:
+            what = " and ".join(TARGET_DESCRIPTIONS[t] for t in missing)
+            how = " and ".join(TARGET_SOURCES[t] for t in missing)
+            raise MethodError(
+                f"method {cls.name!r} needs {what}, which this cache does not store; "
+                f"re-run `distillery cache` with {how}"
+            )
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+_M = TypeVar("_M", bound=type[Method])
+
+
+def _option_parameters(cls: type[Method]) -> list[inspect.Parameter]:
+    # Everything after (self, cache, student_dim) is an option.
+    return list(inspect.signature(cls.__init__).parameters.values())[3:]
+
+
+def register_method(cls: _M) -> _M:
+    """Class decorator adding a :class:`Method` subclass to the registry under ``cls.name``.
+
+    Checks the declaration up front so that a malformed method fails at import, not mid-run.
+    """
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or ":" in name:
+        raise TypeError(f"{cls.__qualname__} must set a non-empty class attribute `name` without ':'")
+    if name in _REGISTRY:
+        raise TypeError(f"method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+    unknown = cls.needs - TARGET_SOURCES.keys()
+    if unknown:
+        raise TypeError(
+            f"method {name!r} needs unknown targets {sorted(unknown)}; add them to TARGET_SOURCES"
+        )
+    for p in _option_parameters(cls):
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY or not isinstance(p.default, _OPTION_TYPES):
+            raise TypeError(
+                f"option {p.name!r} of method {name!r} must be keyword-only with a bool/int/float/str default"
+            )
+    _REGISTRY[name] = cls
+    return cls
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """Split ``name`` or ``name:key=value,key=value`` into the name and the raw option strings."""
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    if not name:
+        raise MethodError(f"empty method name in spec {spec!r}; expected name or name:key=value,...")
+    raw: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or not key:
+            raise MethodError(f"bad option {item!r} in method spec {spec!r}; expected key=value")
+        if key in raw:
+            raise MethodError(f"option {key!r} given twice in method spec {spec!r}")
+        raw[key] = value
+    return name, raw
+
+
+def _convert(method: str, key: str, raw: str, default: bool | int | float | str) -> bool | int | float | str:
+    # The default's type decides the parse, so `T=2` yields 2.0 and `alpha=abc` fails here, not mid-run.
+    kind = type(default)
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "false": False, "0": False}[raw.lower()]
+        return kind(raw)
+    except (KeyError, ValueError):
+        raise MethodError(
+            f"option {key!r} of method {method!r} expects {kind.__name__}, got {raw!r}"
+        ) from None
+
+
+def create_method(spec: str, cache: CacheInfo, student_dim: int) -> Method:
+    """Build the method named by ``spec`` (``name`` or ``name:key=value,...``) for ``cache``.
+
+    Raises :class:`MethodError` for an unknown method or option, a value of the wrong type, or a
+    cache that lacks a target the method needs.
+    """
+    name, raw = parse_method_spec(spec)
+    if name not in _REGISTRY:
+        raise MethodError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}")
+    cls = _REGISTRY[name]
+    defaults = cls.options()
+    unknown = sorted(raw.keys() - defaults.keys())
+    if unknown:
+        valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
+        raise MethodError(
+            f"method {name!r} has no option{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; valid options: {valid}"
+        )
+    options = {k: _convert(name, k, v, defaults[k]) for k, v in raw.items()}
+    return cls(cache, student_dim, **options)
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods, sorted."""
+    return sorted(_REGISTRY)

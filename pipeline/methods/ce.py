@@ -1,0 +1,28 @@
+"""Cross-entropy with the dataset labels: the supervised term most runs add beside a KD method (§6)."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import CacheInfo, Method, StudentOutputs, Targets, TrainingProgress, register_method
+
+
+@register_method
+class CrossEntropy(Method):
+    """``weight * CE(z_s, y)`` with optional label smoothing; needs nothing from the cache."""
+
+    name = "ce"
+    needs = frozenset()
+
+    def __init__(
+        self, cache: CacheInfo, student_dim: int, *, label_smoothing: float = 0.0, weight: float = 1.0
+    ) -> None:
+        super().__init__(cache, student_dim)
+        self.label_smoothing = label_smoothing
+        self.weight = weight
+
+    def forward(
+        self, student: StudentOutputs, targets: Targets, labels: Tensor, progress: TrainingProgress
+    ) -> dict[str, Tensor]:
+        ce = F.cross_entropy(student.logits, labels, label_smoothing=self.label_smoothing)
+        return {"ce": self.weight * ce}

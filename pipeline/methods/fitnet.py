@@ -1,0 +1,40 @@
+"""FitNet-style feature mimicking on pooled features: the feature-level baseline (DESIGN.md §6.8)."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import (
+    POOLED,
+    CacheInfo,
+    Method,
+    StudentOutputs,
+    Targets,
+    TrainingProgress,
+    at_least_float32,
+    register_method,
+)
+
+
+@register_method
+class FitNet(Method):
+    """``weight * MSE(W f_s + b, f_t)`` between the student's pooled feature, mapped to the teacher's
+    width by a learned linear layer, and the teacher's cached pooled feature (§6.8).
+
+    The map is created here so it is trained with the student; it is dropped at inference.
+    """
+
+    name = "fitnet"
+    needs = frozenset({POOLED})
+
+    def __init__(self, cache: CacheInfo, student_dim: int, *, weight: float = 1.0) -> None:
+        super().__init__(cache, student_dim)
+        assert cache.pooled_dim is not None  # guaranteed by CacheInfo once POOLED is available
+        self.map = nn.Linear(student_dim, cache.pooled_dim)
+        self.weight = weight
+
+    def forward(
+        self, student: StudentOutputs, targets: Targets, labels: Tensor, progress: TrainingProgress
+    ) -> dict[str, Tensor]:
+        mapped = at_least_float32(self.map(student.pooled))
+        return {"fitnet": self.weight * F.mse_loss(mapped, at_least_float32(targets[POOLED]))}

@@ -1,0 +1,400 @@
+"""The teacher pass: run a teacher once over a dataset and shard its outputs into a cache (DESIGN.md §2).
+
+Plain functions, one per step, so a Prefect flow (`flows.cache_teacher`) can wrap each as a task and
+anything else (tests, notebooks, a GPU box without Prefect) can call `run_cache_pass`:
+
+    plan_cache(request)            -> CachePlan       create or resume the store, list pending shards
+    cache_shard(request, index)    -> ShardRecord     teacher forward over one shard's (sample, view)s
+    shard_statistics(root, index)  -> ShardStats      mergeable partial sums from the stored rows
+    reduce_statistics(root, parts) -> dict            PCA, class stats, CKA, Gaussian summaries
+    complete_cache(root, records)  -> Manifest        status 'complete' only when every shard verifies
+"""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from pipeline.cache.codecs import topk_encode
+from pipeline.cache.manifest import Manifest, ShardRecord, StorageSpec
+from pipeline.cache.store import CacheWriter, TeacherCache
+from pipeline.checksums import sha256_file
+from pipeline.data.datasets import ImageDataset, load_dataset
+from pipeline.data.views import ViewPlan, render_view
+from pipeline.progress import progress_task
+from pipeline.stats.classes import ClassMoments
+from pipeline.stats.cka import category_interrelations
+from pipeline.stats.gaussian import GaussianSummary, grid_gaussian
+from pipeline.stats.moments import FeatureMoments, pca_from_moments
+from pipeline.teacher.model import (Teacher, TeacherError, TeacherSpec, build_teacher, load_checkpoint,
+                                    resolve_tap, stage_names)
+
+
+class CacheRequest(BaseModel):
+    """What `distillery cache` asks for (JSON-able: it is a Prefect flow parameter)."""
+
+    dataset: str
+    teacher: str
+    out: str
+    split: str = "train"
+    subset: int | None = None
+    subset_seed: int = 0
+    checkpoint: str | None = None
+    teacher_head: bool = True
+    views: int = Field(2, ge=0, description="augmented views per sample (view 0, the clean one, is extra)")
+    view_seed: int = 0
+    logits: str = "dense"
+    tap: str = "auto"
+    grid: int = 1
+    featmaps: bool = False
+    lsh_bits: int = 0
+    input_size: int | None = None
+    shard_size: int = 1024
+    batch_size: int = 256
+    block_size: int = 256
+    cka_source: str = "logits"
+    device: str = "auto"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, split: str, subset: int | None, seed: int) -> ImageDataset:
+    return load_dataset(name, split=split, subset=subset, seed=seed)
+
+
+def request_dataset(request: CacheRequest) -> ImageDataset:
+    return _dataset(request.dataset, request.split, request.subset, request.subset_seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _teacher(spec: TeacherSpec, device: str) -> Teacher:
+    return build_teacher(spec, device)
+
+
+def default_input_size(dataset: ImageDataset) -> int:
+    """Small in-memory datasets (digits, Fashion-MNIST) render at 32 px; image folders at 224 px."""
+    raw = dataset.raw(0)
+    return 32 if max(raw.shape[:2]) <= 32 else 224
+
+
+def teacher_spec(request: CacheRequest, dataset: ImageDataset) -> TeacherSpec:
+    """Resolve the request's teacher (checkpoint metadata, input size, normalisation, tap)."""
+    ckpt: dict[str, Any] = {}
+    if request.checkpoint is not None:
+        ckpt = load_checkpoint(request.checkpoint)
+        if ckpt.get("num_classes", dataset.num_classes) != dataset.num_classes and request.teacher_head:
+            raise TeacherError(f"checkpoint {request.checkpoint} has {ckpt['num_classes']} classes, dataset "
+                               f"{dataset.name} has {dataset.num_classes}; use --teacher-head none to cache "
+                               f"features only")
+    if "mean" in ckpt:
+        mean, std = tuple(ckpt["mean"]), tuple(ckpt["std"])
+    else:
+        mean, std = _dataset(request.dataset, "train", None, 0).pixel_stats()
+    base = TeacherSpec(
+        model=request.teacher, num_classes=int(ckpt.get("num_classes", dataset.num_classes)),
+        in_chans=dataset.channels, input_size=request.input_size or int(ckpt.get("input_size", 0))
+        or default_input_size(dataset), mean=mean, std=std, checkpoint=request.checkpoint,
+        checkpoint_sha256=sha256_file(request.checkpoint) if request.checkpoint else None,
+        head=request.teacher_head)
+    if request.tap == "none":
+        return base
+    return TeacherSpec(**{**base.__dict__, "taps": (_resolve_tap(base, request.tap, request.grid),)})
+
+
+def _resolve_tap(spec: TeacherSpec, tap: str, grid: int) -> str:
+    """`auto` = the deepest stage whose map still gives every grid cell >= 2 positions (a std needs 2)."""
+    probe = build_teacher(spec)
+    names = stage_names(probe.model)
+    if tap != "auto":
+        return resolve_tap(probe.model, tap)
+    x = torch.zeros(1, spec.in_chans, spec.input_size, spec.input_size)
+    with torch.inference_mode():
+        _, maps = probe.model.forward_intermediates(x, indices=list(range(len(names))))
+    for name, fmap in reversed(list(zip(names, maps))):
+        h, w = fmap.shape[-2:]
+        if (h // grid) * (w // grid) >= 2:
+            return name
+    raise TeacherError(f"no stage of {spec.model} at input {spec.input_size} has >= 2 positions per cell of a "
+                       f"{grid}x{grid} grid; use a smaller --grid, a larger --input-size or --tap none")
+
+
+def _describe_outputs(teacher: Teacher, spec: TeacherSpec, storage: StorageSpec, n: int, v: int,
+                      device: torch.device) -> dict[str, dict[str, Any]]:
+    """The per-sample arrays (name -> shape, dtype) this teacher and storage spec produce."""
+    x = torch.zeros(2, spec.in_chans, spec.input_size, spec.input_size, device=device)
+    with torch.inference_mode():
+        out = teacher(x)
+    arrays: dict[str, dict[str, Any]] = {"samples/ids": {"shape": [n], "dtype": "int64"},
+                                         "samples/labels": {"shape": [n], "dtype": "int32"}}
+    if storage.logits != "none":
+        c = out.logits.shape[1]
+        if storage.topk is not None:
+            k = storage.topk
+            if k >= c:
+                raise TeacherError(f"--logits topk:{k} needs k < {c} classes; use --logits dense")
+            arrays["logits/topk_values"] = {"shape": [n, v, k], "dtype": "float16"}
+            arrays["logits/topk_indices"] = {"shape": [n, v, k], "dtype": "int32"}
+            arrays["logits/tail_logsumexp"] = {"shape": [n, v], "dtype": "float32"}
+        else:
+            arrays["logits/dense"] = {"shape": [n, v, c], "dtype": "float16"}
+    vp = v if storage.pooled_views == "all" else 1
+    arrays["features/pooled"] = {"shape": [n, vp, out.pooled.shape[1]], "dtype": "float16"}
+    if storage.tap is not None:
+        fmap = out.maps[storage.tap]
+        cells = storage.grid * storage.grid
+        grid_gaussian(fmap.float(), storage.grid)  # validates the grid against the map size
+        for stat in ("mean", "std"):
+            arrays[f"gaussian/{stat}"] = {"shape": [n, v, cells, fmap.shape[1]], "dtype": "float16"}
+        if storage.featmaps:
+            arrays[f"featmaps/{storage.tap}"] = {"shape": [n, v, *fmap.shape[1:]], "dtype": "float16"}
+    return arrays
+
+
+@dataclass
+class CachePlan:
+    root: str
+    num_shards: int
+    pending: list[int]
+    done: list[ShardRecord] = field(default_factory=list)
+    complete: bool = False  # the cache already exists, complete, with the requested identity
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+
+
+def build_manifest(request: CacheRequest) -> Manifest:
+    """The manifest the request would produce (identity + layout), without running the teacher pass."""
+    dataset = request_dataset(request)
+    if len(dataset) == 0:
+        raise TeacherError(f"dataset {request.dataset} ({request.split}) is empty; nothing to cache")
+    spec = teacher_spec(request, dataset)
+    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed)
+    storage = StorageSpec(logits="none" if not request.teacher_head else request.logits,
+                          tap=spec.taps[0] if spec.taps else None, grid=request.grid, featmaps=request.featmaps,
+                          lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size)
+    device = resolve_device(request.device)
+    teacher = _teacher(spec, str(device))
+    arrays = _describe_outputs(teacher, spec, storage, len(dataset), plan.num_views, device)
+    ranges = shard_ranges(len(dataset), request.shard_size)
+    return Manifest(
+        teacher={**spec.to_dict(), "stages": stage_names(teacher.model),
+                 "pooled_dim": arrays["features/pooled"]["shape"][-1]},
+        dataset={"name": dataset.name, "split": dataset.split, "num_samples": len(dataset),
+                 "num_classes": dataset.num_classes, "class_names": list(dataset.class_names),
+                 "channels": dataset.channels, "fingerprint": dataset.fingerprint(),
+                 "subset": request.subset, "subset_seed": request.subset_seed},
+        views={**plan.to_dict(), "recipe": plan.recipe},
+        storage=storage.__dict__.copy(),
+        arrays=arrays,
+        shards=[{"index": i, "start": a, "stop": b} for i, (a, b) in enumerate(ranges)],
+    )
+
+
+def plan_cache(request: CacheRequest) -> CachePlan:
+    """Create the store (or resume a partial one with the same identity) and list the shards to do."""
+    writer = CacheWriter.create_or_resume(request.out, build_manifest(request))
+    if writer.manifest.status == "complete":
+        return CachePlan(root=request.out, num_shards=len(writer.manifest.shards), pending=[],
+                         done=[ShardRecord(**s) for s in writer.manifest.shards], complete=True)
+    done, pending = [], []
+    for s in writer.manifest.shards:
+        record = writer.finished_record(s["index"])
+        (done.append(record) if record else pending.append(s["index"]))
+    return CachePlan(root=request.out, num_shards=len(writer.manifest.shards), pending=pending, done=done)
+
+
+def _render_batch(dataset: ImageDataset, plan: ViewPlan, pairs: np.ndarray, spec: TeacherSpec) -> torch.Tensor:
+    return torch.stack([render_view(dataset.raw(int(p)), plan.params(int(dataset.ids[p]), int(v)),
+                                    spec.input_size, spec.mean, spec.std) for p, v in pairs])
+
+
+def teacher_forward(teacher: Teacher, x: torch.Tensor, device: torch.device) -> Any:
+    """Inference-mode forward; bf16 autocast on CUDA (DESIGN.md §7), fp32 on CPU."""
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return teacher(x.to(device, non_blocking=True))
+
+
+def cache_shard(request: CacheRequest, index: int) -> ShardRecord:
+    """Teacher forward over every (sample, view) of shard `index`; writes its rows, tar and record."""
+    writer = CacheWriter(request.out, Manifest.load(request.out))
+    record = writer.finished_record(index)
+    if record is not None:
+        return record
+    m = writer.manifest
+    spec = TeacherSpec.from_dict({k: v for k, v in m.teacher.items() if k not in ("stages", "pooled_dim")})
+    storage = m.storage_spec()
+    plan = ViewPlan.from_dict({k: v for k, v in m.views.items() if k != "recipe"})
+    dataset = request_dataset(request)
+    device = resolve_device(request.device)
+    teacher = _teacher(spec, str(device))
+    s = m.shards[index]
+    start, stop, v = s["start"], s["stop"], plan.num_views
+    pairs = np.array([(p, view) for p in range(start, stop) for view in range(v)], dtype=np.int64)
+    batches = [pairs[i:i + request.batch_size] for i in range(0, len(pairs), request.batch_size)]
+    parts: dict[str, list[np.ndarray]] = {}
+    with progress_task(f"shard {index}", len(pairs), "views") as bar, ThreadPoolExecutor(1) as pool:
+        # Render the next batch while the teacher runs on this one.
+        pending = pool.submit(_render_batch, dataset, plan, batches[0], spec)
+        for i, batch in enumerate(batches):
+            x = pending.result()
+            if i + 1 < len(batches):
+                pending = pool.submit(_render_batch, dataset, plan, batches[i + 1], spec)
+            out = teacher_forward(teacher, x, device)
+            for name, value in _batch_rows(out, storage, dataset, batch).items():
+                parts.setdefault(name, []).append(value)
+            bar.advance(len(batch))
+    n = stop - start
+    rows = {name: np.concatenate(vals).reshape(n, v, *vals[0].shape[1:]) for name, vals in parts.items()}
+    if storage.pooled_views == "first":
+        rows["features/pooled"] = rows["features/pooled"][:, :1]
+    rows["samples/ids"] = dataset.ids[start:stop].astype(np.int64)
+    rows["samples/labels"] = dataset.labels[start:stop].astype(np.int32)
+    rows = {name: rows[name].astype(meta["dtype"]) for name, meta in m.arrays.items()}
+    return writer.write_shard(index, start, stop, rows, [dataset.raw(p) for p in range(start, stop)])
+
+
+def _batch_rows(out: Any, storage: StorageSpec, dataset: ImageDataset, pairs: np.ndarray) -> dict[str, np.ndarray]:
+    """One batch of teacher outputs -> per-(sample, view) rows; refuses non-finite outputs."""
+    rows: dict[str, torch.Tensor] = {"features/pooled": out.pooled.float()}
+    if out.logits is not None:
+        logits = out.logits.float()
+        if storage.topk is not None:
+            values, indices, tail = topk_encode(logits, storage.topk)
+            rows.update({"logits/topk_values": values, "logits/topk_indices": indices,
+                         "logits/tail_logsumexp": tail})
+        else:
+            rows["logits/dense"] = logits
+    if storage.tap is not None:
+        fmap = out.maps[storage.tap].float()
+        rows["gaussian/mean"], rows["gaussian/std"] = grid_gaussian(fmap, storage.grid)
+        if storage.featmaps:
+            rows[f"featmaps/{storage.tap}"] = fmap
+    for name in ("logits/dense", "logits/topk_values", "features/pooled", "gaussian/mean"):
+        if name in rows and not torch.isfinite(rows[name]).all():
+            bad = (~torch.isfinite(rows[name])).flatten(1).any(1).nonzero()[0, 0].item()
+            sid, view = int(dataset.ids[pairs[bad, 0]]), int(pairs[bad, 1])
+            raise TeacherError(f"teacher produced non-finite {name} for sample id {sid}, view {view}; "
+                               f"check the checkpoint (the cache stays partial)")
+    return {name: value.cpu().numpy() for name, value in rows.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset-level statistics (DESIGN.md §5): mergeable partials per shard, computed from the stored
+# rows (so recomputation never needs the teacher), merged by `reduce_statistics`.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardStats:
+    features: FeatureMoments
+    classes: ClassMoments
+    gaussian: GaussianSummary | None
+
+    def merge(self, other: ShardStats) -> ShardStats:
+        return ShardStats(self.features.merge(other.features), self.classes.merge(other.classes),
+                          self.gaussian.merge(other.gaussian) if self.gaussian is not None else None)
+
+
+def shard_statistics(root: str, index: int) -> ShardStats:
+    cache = TeacherCache(root, require_complete=False)
+    s = cache.manifest.shards[index]
+    start, stop = s["start"], s["stop"]
+    pooled = cache.array("features/pooled")[start:stop, 0].astype(np.float64)
+    labels = cache.array("samples/labels")[start:stop]
+    features = FeatureMoments.empty(pooled.shape[1])
+    features.update(pooled)
+    classes = ClassMoments.empty(cache.num_classes, pooled.shape[1])
+    classes.update(pooled, labels)
+    gaussian = None
+    if cache.has("gaussian/mean"):
+        gaussian = GaussianSummary.empty(cache.array("gaussian/mean").shape[-1])
+        gaussian.update(cache.array("gaussian/mean")[start:stop, 0].astype(np.float32),
+                        cache.array("gaussian/std")[start:stop, 0].astype(np.float32))
+    return ShardStats(features, classes, gaussian)
+
+
+def cka_rows(cache: TeacherCache, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """View-0 rows used for CKA: the first m samples of every class (m = smallest class count)."""
+    labels = cache.read("samples/labels")
+    counts = np.bincount(labels, minlength=cache.num_classes)
+    m = int(counts.min())
+    take = np.sort(np.concatenate([np.flatnonzero(labels == c)[:m] for c in range(cache.num_classes)]))
+    if source == "logits":
+        if "logits" not in cache.available_targets():
+            raise TeacherError("--cka-source logits needs stored logits; this cache has none, use "
+                               "--cka-source features")
+        rows = {name.replace("/", "."): cache.array(name).oindex[take, 0:1]
+                for name in cache.manifest.arrays if name.startswith("logits/")}
+        values = cache.dense_logits(rows)[:, 0]
+    elif source == "features":
+        values = cache.array("features/pooled").oindex[take, 0].astype(np.float32)
+    else:
+        raise TeacherError(f"--cka-source must be logits or features, not '{source}'")
+    return values, labels[take]
+
+
+def reduce_statistics(root: str, parts: list[ShardStats], cka_source: str = "logits") -> dict[str, Any]:
+    """Merge the shards' partials; write PCA, class stats, CKA interrelations and Gaussian summaries."""
+    total = functools.reduce(ShardStats.merge, parts)
+    pca = pca_from_moments(total.features)
+    cache = TeacherCache(root, require_complete=False)
+    values, labels = cka_rows(cache, cka_source)
+    arrays: dict[str, np.ndarray] = {
+        "stats/pca/mean": pca.mean, "stats/pca/components": pca.components,
+        "stats/pca/explained_variance": pca.explained_variance,
+        "stats/classes/mean": total.classes.means(), "stats/classes/count": total.classes.counts,
+        "stats/cka/ir": category_interrelations(values, labels, cache.num_classes),
+    }
+    if total.gaussian is not None:
+        arrays["stats/gaussian/channel_mean"] = total.gaussian.channel_mean_of_means()
+        arrays["stats/gaussian/channel_std"] = total.gaussian.channel_mean_of_stds()
+    writer = CacheWriter(root, cache.manifest)
+    info = {"arrays": sorted(arrays), "cka_source": cka_source, "cka_samples_per_class": int(len(labels) //
+            cache.num_classes), "pca_components_90": pca.num_components_for(0.9),
+            "features_count": int(total.features.count)}
+    writer.write_stats(arrays, info)
+    writer.manifest.save(root)
+    return info
+
+
+def complete_cache(root: str, records: list[ShardRecord]) -> Manifest:
+    return CacheWriter(root, Manifest.load(root)).finalize(records)
+
+
+def recompute_statistics(root: str, cka_source: str = "logits") -> dict[str, Any]:
+    """`distillery stats`: rebuild the dataset-level statistics of a complete cache, without the teacher.
+
+    The cache is marked partial while statistics are rewritten, so an interrupted run is never
+    mistaken for a complete cache.
+    """
+    cache = TeacherCache(root)
+    records = [ShardRecord(**s) for s in cache.manifest.shards]
+    CacheWriter(root, cache.manifest).mark_partial()
+    info = reduce_statistics(root, [shard_statistics(root, r.index) for r in records], cka_source)
+    complete_cache(root, records)
+    return info
+
+
+def run_cache_pass(request: CacheRequest) -> Manifest:
+    """The whole teacher pass in this process, without Prefect (same steps as `flows.cache_teacher`)."""
+    plan = plan_cache(request)
+    if plan.complete:
+        return Manifest.load(plan.root)
+    records = plan.done + [cache_shard(request, i) for i in plan.pending]
+    parts = [shard_statistics(plan.root, i) for i in range(plan.num_shards)]
+    reduce_statistics(plan.root, parts, request.cka_source)
+    return complete_cache(plan.root, records)
+

@@ -1,0 +1,95 @@
+"""`distillery fit-teacher`: train a timm teacher locally (no pretrained weights can be downloaded here).
+
+Each epoch draws fresh random-resized-crop + flip views through the same `render_view` the cache uses.
+The checkpoint holds the state dict plus what a cache needs to rebuild the teacher's inputs exactly
+(input size, normalisation), and loads with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.data.datasets import load_dataset
+from pipeline.data.rendering import RenderedViews
+from pipeline.data.views import ViewPlan
+from pipeline.progress import progress_task
+from pipeline.teacher.cache_pass import default_input_size, resolve_device
+from pipeline.teacher.model import CHECKPOINT_FORMAT, create_timm_model
+from pipeline.train.evaluate import evaluate_accuracy
+from pipeline.train.optim import OptimConfig, build_optimizer, cosine_schedule
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    dataset: str
+    model: str
+    out: str
+    epochs: int = 10
+    subset: int | None = None
+    seed: int = 0
+    input_size: int | None = None
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    workers: int = 1
+    device: str = "auto"
+
+
+def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
+    """Train `cfg.model` on the dataset's train split, evaluate on val, save the checkpoint atomically."""
+    if cfg.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, not {cfg.epochs}")
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    train = load_dataset(cfg.dataset, "train", subset=cfg.subset, seed=cfg.seed)
+    val = load_dataset(cfg.dataset, "val")
+    mean, std = load_dataset(cfg.dataset, "train").pixel_stats()
+    size = cfg.input_size or default_input_size(train)
+    model = create_timm_model(cfg.model, train.num_classes, train.channels, size).to(device)
+    optim_cfg = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model.parameters(), optim_cfg)
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    schedule = cosine_schedule(optimizer, cfg.epochs * steps_per_epoch, steps_per_epoch)
+    positions = np.arange(len(train))
+    start = time.perf_counter()
+    model.train()
+    with progress_task(f"fit {cfg.model}", cfg.epochs * len(train)) as bar:
+        for epoch in range(cfg.epochs):
+            # A new plan seed per epoch gives every sample a fresh augmentation (view 1 of that plan).
+            plan = ViewPlan(num_augmented=1, seed=cfg.seed * 1_000_003 + epoch)
+            views = RenderedViews(train, plan, positions, np.ones(len(train), dtype=np.int64), size, mean, std)
+            loader = torch.utils.data.DataLoader(views, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
+                                                 num_workers=cfg.workers,
+                                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            for x, y in loader:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    loss = F.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.advance(len(y))
+    seconds = time.perf_counter() - start
+    accuracy = evaluate_accuracy(model, val, size, mean, std, device=device)
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT, "model": cfg.model, "state_dict": model.cpu().state_dict(),
+        "num_classes": train.num_classes, "in_chans": train.channels, "input_size": size,
+        "mean": list(mean), "std": list(std), "dataset": train.name, "val_accuracy": accuracy,
+        "config": asdict(cfg),
+    }
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, out)
+    return {"model": cfg.model, "val_accuracy": accuracy, "train_seconds": seconds, "out": str(out),
+            "num_samples": len(train), "input_size": size}

@@ -1,0 +1,154 @@
+"""Teacher construction (timm) and its taps: logits, pooled pre-logits and stage feature maps.
+
+Nothing else in the library constructs a teacher (DESIGN.md §1). A teacher is described by a
+`TeacherSpec`; `build_teacher` turns it into a `Teacher` module whose forward returns all taps
+from one trunk pass (`forward_intermediates` + `forward_head`, timm's own separation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = "distillery-teacher/1"
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot be built or used as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Everything that determines a teacher's outputs (part of a cache's identity)."""
+
+    model: str
+    num_classes: int
+    in_chans: int
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    taps: tuple[str, ...] = ()
+    head: bool = True
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"], d["taps"] = list(self.mean), list(self.std), list(self.taps)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TeacherSpec:
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"]), "taps": tuple(d["taps"])})
+
+    def __hash__(self) -> int:  # model_kwargs is a dict; hash what identifies the teacher
+        return hash((self.model, self.checkpoint_sha256, self.taps, self.input_size, self.head))
+
+
+@dataclass
+class TeacherOutputs:
+    logits: torch.Tensor | None  # (B, C); None for a head-less teacher
+    pooled: torch.Tensor  # (B, D) pre-logits after global pooling
+    maps: dict[str, torch.Tensor]  # tap name -> (B, Cf, H, W)
+
+
+def create_timm_model(name: str, num_classes: int, in_chans: int, input_size: int, **kwargs: Any) -> nn.Module:
+    """`timm.create_model` with one-line errors; ViT-like models get `img_size` so small inputs work."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise TeacherError(f"unknown timm model '{name}'{hint}; see timm.list_models()")
+    kwargs = dict(kwargs)
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                 img_size=input_size, **kwargs)
+    except TypeError:
+        # Convnets take no img_size; only ViT-style models need it to size their position embeddings.
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def stage_names(model: nn.Module) -> list[str]:
+    """Names of the model's feature stages (timm `feature_info` modules), shallow to deep."""
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise TeacherError(f"{type(model).__name__} exposes no timm feature_info; it cannot be tapped")
+    return [fi["module"] for fi in info]
+
+
+def resolve_tap(model: nn.Module, tap: str | int) -> str:
+    """A stage given by name (`layer4`) or index (`-1` = deepest) -> its feature_info module name."""
+    names = stage_names(model)
+    if isinstance(tap, int) or str(tap).lstrip("-").isdigit():
+        idx = int(tap)
+        if not -len(names) <= idx < len(names):
+            raise TeacherError(f"tap index {idx} out of range; stages are {names}")
+        return names[idx]
+    if tap not in names:
+        raise TeacherError(f"unknown tap '{tap}'; stages of this model are {names}")
+    return str(tap)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a `distillery fit-teacher` checkpoint (tensors and plain values only: weights_only=True)."""
+    p = Path(path)
+    if not p.is_file():
+        raise TeacherError(f"checkpoint {p} does not exist; train one with `distillery fit-teacher ... --out {p}`")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise TeacherError(f"checkpoint {p} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise TeacherError(f"checkpoint {p} has no 'state_dict'; expected a `distillery fit-teacher` checkpoint")
+    return ckpt
+
+
+class Teacher(nn.Module):
+    """A frozen timm model returning logits, pooled features and the tapped stage maps in one pass."""
+
+    def __init__(self, model: nn.Module, taps: tuple[str, ...], head: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.taps = taps
+        self.head = head
+        names = stage_names(model)
+        self._tap_indices = [names.index(t) for t in taps]
+
+    def forward(self, x: torch.Tensor) -> TeacherOutputs:
+        maps: dict[str, torch.Tensor] = {}
+        if self._tap_indices:
+            final, inter = self.model.forward_intermediates(x, indices=self._tap_indices)
+            maps = dict(zip(self.taps, inter))
+        else:
+            final = self.model.forward_features(x)
+        pooled = self.model.forward_head(final, pre_logits=True)
+        logits = self.model.get_classifier()(pooled) if self.head else None
+        return TeacherOutputs(logits=logits, pooled=pooled, maps=maps)
+
+
+def build_teacher(spec: TeacherSpec, device: str | torch.device = "cpu") -> Teacher:
+    """Construct the teacher described by `spec`, load its checkpoint, freeze it, eval mode."""
+    model = create_timm_model(spec.model, spec.num_classes, spec.in_chans, spec.input_size, **spec.model_kwargs)
+    if spec.checkpoint is not None:
+        ckpt = load_checkpoint(spec.checkpoint)
+        if ckpt.get("model") not in (None, spec.model):
+            raise TeacherError(f"checkpoint {spec.checkpoint} holds a '{ckpt['model']}', not a '{spec.model}'; "
+                               f"pass --teacher {ckpt['model']}")
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise TeacherError(f"checkpoint {spec.checkpoint} does not fit {spec.model} with "
+                               f"{spec.num_classes} classes and {spec.in_chans} channels: {first}") from e
+    if not spec.head:
+        model.reset_classifier(0)
+    for t in spec.taps:
+        resolve_tap(model, t)
+    teacher = Teacher(model, spec.taps, head=spec.head).to(device).eval()
+    teacher.requires_grad_(False)
+    return teacher

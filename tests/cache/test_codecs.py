@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache.codecs import topk_decode, topk_encode
+
+
+def _logits(shape=(4, 3, 50), dtype=torch.float32):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+
+
+def test_encode_keeps_the_k_largest_and_the_tail_logsumexp():
+    logits = _logits((6, 20))
+    values, indices, tail = topk_encode(logits, 4)
+
+    raw = logits.double().numpy()
+    order = np.argsort(-raw, axis=-1)
+    np.testing.assert_array_equal(indices.numpy(), order[:, :4])
+    np.testing.assert_array_equal(values.numpy(), np.take_along_axis(raw, order[:, :4], -1).astype(np.float32))
+    rest = np.take_along_axis(raw, order[:, 4:], -1)
+    expected_tail = np.log(np.exp(rest).sum(axis=-1))
+    np.testing.assert_allclose(tail.numpy(), expected_tail, rtol=1e-6)
+    assert indices.dtype == torch.int64 and tail.dtype == torch.float32
+
+
+def test_encode_keeps_input_dtype_and_computes_tail_in_float32():
+    logits = _logits(dtype=torch.float16)
+    values, _, tail = topk_encode(logits, 5)
+    assert values.dtype == torch.float16 and tail.dtype == torch.float32
+    _, _, tail_from_float32 = topk_encode(logits.float(), 5)
+    torch.testing.assert_close(tail, tail_from_float32, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_temperature_one_is_exact_for_kept_classes_and_tail_mass(dtype):
+    logits = _logits(dtype=dtype)
+    k, num_classes = 7, logits.shape[-1]
+    values, indices, tail = topk_encode(logits, k)
+    decoded = topk_decode(values, indices.int(), tail, num_classes)  # int32 as stored in zarr
+
+    original = torch.softmax(logits.double(), dim=-1)
+    recovered = torch.softmax(decoded.double(), dim=-1)
+    kept = torch.zeros_like(original, dtype=torch.bool).scatter(-1, indices, True)
+    assert decoded.dtype == torch.float32
+    torch.testing.assert_close(recovered[kept], original[kept], atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        recovered.masked_fill(kept, 0).sum(-1), original.masked_fill(kept, 0).sum(-1), atol=1e-6, rtol=0
+    )
+    # The tail mass is spread uniformly over the missing classes.
+    missing = recovered[~kept].view(*logits.shape[:-1], num_classes - k)
+    torch.testing.assert_close(missing, missing[..., :1].expand_as(missing), atol=1e-12, rtol=1e-9)
+
+
+def test_k_equal_to_num_classes_roundtrips_exactly():
+    logits = _logits()
+    values, indices, tail = topk_encode(logits, logits.shape[-1])
+    assert torch.isneginf(tail).all()
+    decoded = topk_decode(values, indices, tail, logits.shape[-1])
+    assert torch.equal(decoded, logits)
+
+
+def test_other_temperatures_are_only_approximate():
+    logits = _logits()
+    values, indices, tail = topk_encode(logits, 7)
+    decoded = topk_decode(values, indices, tail, logits.shape[-1])
+    temperature = 4.0
+    original = torch.softmax(logits / temperature, dim=-1).gather(-1, indices)
+    recovered = torch.softmax(decoded / temperature, dim=-1).gather(-1, indices)
+    assert (recovered - original).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("k", [0, 51])
+def test_invalid_k(k):
+    with pytest.raises(ValueError, match="1 <= k <= number of classes"):
+        topk_encode(_logits(), k)
+
+
+def test_decode_rejects_code_wider_than_classes():
+    values, indices, tail = topk_encode(_logits(), 10)
+    with pytest.raises(ValueError, match="does not fit"):
+        topk_decode(values, indices, tail, 8)

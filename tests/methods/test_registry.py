@@ -1,0 +1,141 @@
+import pytest
+import torch
+
+from pipeline.methods import (
+    LOGITS,
+    POOLED,
+    TARGET_SOURCES,
+    CacheInfo,
+    Method,
+    MethodError,
+    StudentOutputs,
+    TrainingProgress,
+    create_method,
+    list_methods,
+    register_method,
+)
+from pipeline.methods.base import TARGET_DESCRIPTIONS, parse_method_spec
+
+FULL = CacheInfo(num_classes=10, pooled_dim=16, available=frozenset({LOGITS, POOLED}))
+NO_LOGITS = CacheInfo(num_classes=10, pooled_dim=16, available=frozenset({POOLED}))
+
+
+def test_builtin_methods_registered():
+    assert {"ce", "kd", "dkd", "fitnet"} <= set(list_methods())
+    assert list_methods() == sorted(list_methods())
+
+
+def test_spec_options_parsed_by_default_type():
+    kd = create_method("kd:T=2,alpha=0.5", FULL, student_dim=8)
+    assert kd.T == 2.0 and isinstance(kd.T, float)
+    assert kd.alpha == 0.5
+    assert create_method(" kd ", FULL, 8).T == 4.0
+
+
+def test_parse_spec():
+    assert parse_method_spec("dkd") == ("dkd", {})
+    assert parse_method_spec("dkd: beta = 0.5 , T=1") == ("dkd", {"beta": "0.5", "T": "1"})
+
+
+def one_line_error(spec, cache=FULL):
+    with pytest.raises(MethodError) as info:
+        create_method(spec, cache, student_dim=8)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_method_lists_known():
+    message = one_line_error("nope")
+    assert "'nope'" in message
+    for name in list_methods():
+        assert name in message
+
+
+def test_unknown_key_lists_valid_keys():
+    message = one_line_error("kd:tau=2")
+    assert "'tau'" in message and "T=4.0" in message and "alpha=1.0" in message
+
+
+@pytest.mark.parametrize("spec", ["kd:T=hot", "kd:T", "kd:T=1,T=2", ":T=1"])
+def test_malformed_specs(spec):
+    one_line_error(spec)
+
+
+@pytest.mark.parametrize("spec", ["kd", "dkd"])
+def test_missing_logits_names_the_cache_option(spec):
+    message = one_line_error(spec, NO_LOGITS)
+    assert f"method '{spec}' needs teacher logits" in message
+    assert "distillery cache" in message and "--logits dense|topk:K" in message
+
+
+def test_missing_pooled():
+    cache = CacheInfo(num_classes=10, pooled_dim=None, available=frozenset({LOGITS}))
+    message = one_line_error("fitnet", cache)
+    assert "teacher pooled features" in message and "distillery cache" in message
+
+
+def test_direct_construction_checks_the_cache_too():
+    from pipeline.methods.kd import KD
+
+    with pytest.raises(MethodError):
+        KD(NO_LOGITS, 8)
+
+
+def test_every_target_has_a_source_and_description():
+    assert TARGET_SOURCES.keys() == TARGET_DESCRIPTIONS.keys()
+
+
+def test_cache_info_requires_pooled_dim_with_pooled():
+    with pytest.raises(ValueError):
+        CacheInfo(num_classes=10, pooled_dim=None, available=frozenset({POOLED}))
+
+
+def test_progress():
+    p = TrainingProgress(epoch=2, step=25, steps_per_epoch=100, total_epochs=10)
+    assert p.epoch_float == pytest.approx(2.25)
+    assert p.fraction == pytest.approx(0.225)
+    assert TrainingProgress(0, 0, 10, 5).fraction == 0.0
+    with pytest.raises(ValueError):
+        TrainingProgress(epoch=0, step=100, steps_per_epoch=100, total_epochs=1)
+
+
+def test_registration_rejects_bad_declarations():
+    class NoDefault(Method):
+        name = "test_no_default"
+
+        def __init__(self, cache, student_dim, *, w: float):
+            super().__init__(cache, student_dim)
+
+        def forward(self, student, targets, labels, progress):
+            return {}
+
+    class UnknownTarget(Method):
+        name = "test_unknown_target"
+        needs = frozenset({"teacher_thoughts"})
+
+        def forward(self, student, targets, labels, progress):
+            return {}
+
+    for cls in (NoDefault, UnknownTarget):
+        with pytest.raises(TypeError):
+            register_method(cls)
+    with pytest.raises(TypeError):
+        register_method(type("Dup", (Method,), {"name": "kd", "forward": lambda *a: {}}))
+    assert "test_no_default" not in list_methods()
+
+
+def test_methods_compose_by_summing_terms():
+    torch.manual_seed(0)
+    methods = [create_method(s, FULL, 8) for s in ("ce", "kd", "dkd", "fitnet")]
+    student = StudentOutputs(logits=torch.randn(4, 10), pooled=torch.randn(4, 8))
+    targets = {LOGITS: torch.randn(4, 10), POOLED: torch.randn(4, 16)}
+    labels = torch.randint(0, 10, (4,))
+    progress = TrainingProgress(epoch=30, step=0, steps_per_epoch=10, total_epochs=40)
+    terms = {}
+    for method in methods:
+        out = method(student, targets, labels, progress)
+        assert not terms.keys() & out.keys()
+        assert all(k.startswith(method.name) and v.ndim == 0 for k, v in out.items())
+        terms.update(out)
+    assert torch.isfinite(sum(terms.values()))
