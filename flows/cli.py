@@ -21,7 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect's console logs would tear through the progress display; the flow's artifacts keep the summary.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distillery: teach once, distill many.")
 

@@ -140,7 +140,8 @@ class Manifest:
 
 def identity_mismatch(stored: dict[str, Any], requested: dict[str, Any], prefix: str = "") -> str | None:
     """The dotted name of the first field that differs between two identities, or None if equal."""
-    for key in sorted(set(stored) | set(requested)):
+    # Section order (teacher, dataset, views, storage) so the root cause is named, not a consequence.
+    for key in [*stored, *(k for k in requested if k not in stored)]:
         a, b = stored.get(key), requested.get(key)
         name = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):

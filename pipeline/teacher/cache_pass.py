@@ -282,12 +282,14 @@ def _batch_rows(out: Any, storage: StorageSpec, dataset: ImageDataset, pairs: np
         rows["gaussian/mean"], rows["gaussian/std"] = grid_gaussian(fmap, storage.grid)
         if storage.featmaps:
             rows[f"featmaps/{storage.tap}"] = fmap
-    for name in ("logits/dense", "logits/topk_values", "features/pooled", "gaussian/mean"):
-        if name in rows and not torch.isfinite(rows[name]).all():
-            bad = (~torch.isfinite(rows[name])).flatten(1).any(1).nonzero()[0, 0].item()
-            sid, view = int(dataset.ids[pairs[bad, 0]]), int(pairs[bad, 1])
-            raise TeacherError(f"teacher produced non-finite {name} for sample id {sid}, view {view}; "
-                               f"check the checkpoint (the cache stays partial)")
+    # One reduction per array: a sum is non-finite iff some element is (inf - inf is nan, too).
+    checked = [n for n in ("logits/dense", "logits/topk_values", "features/pooled", "gaussian/std") if n in rows]
+    if not torch.isfinite(torch.stack([rows[n].sum() for n in checked])).all():
+        name = next(n for n in checked if not torch.isfinite(rows[n]).all())
+        bad = (~torch.isfinite(rows[name])).flatten(1).any(1).nonzero()[0, 0].item()
+        sid, view = int(dataset.ids[pairs[bad, 0]]), int(pairs[bad, 1])
+        raise TeacherError(f"teacher produced non-finite {name} for sample id {sid}, view {view}; "
+                           f"check the checkpoint (the cache stays partial)")
     return {name: value.cpu().numpy() for name, value in rows.items()}
 
 

@@ -1,0 +1,54 @@
+"""Shared fixtures: one Prefect test server per session, a tiny digits teacher and its cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+TINY_TEACHER = "test_resnet"  # timm's 0.4M-parameter ResNet: trains on digits in seconds
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A real (temporary, local) Prefect server for the whole session; flows run against it."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small teacher fitted on digits (2 epochs; enough for non-trivial, deterministic outputs)."""
+    from pipeline.teacher.fit import FitConfig, fit_teacher
+
+    out = tmp_path_factory.mktemp("teacher") / "digits-test_resnet.pt"
+    fit_teacher(FitConfig(dataset="digits", model=TINY_TEACHER, out=str(out), epochs=2, workers=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def cache_request(digits_teacher: Path):
+    """Factory: the digits cache request of the tests, with any field overridden."""
+    from pipeline.teacher.cache_pass import CacheRequest
+
+    def make(out: Path, **overrides) -> CacheRequest:
+        fields = dict(dataset="digits", teacher=TINY_TEACHER, checkpoint=str(digits_teacher), out=str(out),
+                      views=2, shard_size=400, batch_size=128, block_size=64, device="cpu")
+        return CacheRequest(**{**fields, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def digits_cache(cache_request, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete cache of the digits teacher: 1437 samples, 3 views, 4 shards, dense logits."""
+    from pipeline.teacher.cache_pass import run_cache_pass
+
+    out = tmp_path_factory.mktemp("cache") / "digits"
+    run_cache_pass(cache_request(out))
+    return out

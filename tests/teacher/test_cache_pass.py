@@ -1,0 +1,222 @@
+"""The teacher pass end to end on digits: cached targets equal a live teacher, statistics equal
+independent references, resume is exact, identity is enforced, bad input fails cleanly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA
+
+from pipeline.cache.manifest import CacheError, Manifest
+from pipeline.cache.store import TeacherCache
+from pipeline.data.datasets import DatasetError, load_dataset
+from pipeline.data.views import ViewPlan, render_view
+from pipeline.stats.cka import linear_cka
+from pipeline.stats.gaussian import grid_gaussian
+from pipeline.teacher.cache_pass import cache_shard, plan_cache, recompute_statistics, run_cache_pass
+from pipeline.teacher.model import TeacherError, TeacherSpec, build_teacher
+
+
+def live_teacher(cache: TeacherCache):
+    spec = TeacherSpec.from_dict({k: v for k, v in cache.manifest.teacher.items() if k not in ("stages", "pooled_dim")})
+    return spec, build_teacher(spec)
+
+
+def test_cached_targets_equal_live_teacher_on_rendered_views(digits_cache: Path) -> None:
+    cache = TeacherCache(digits_cache)
+    spec, teacher = live_teacher(cache)
+    plan = ViewPlan.from_dict(cache.manifest.views)
+    dataset = load_dataset("digits", "train")
+    rng = np.random.default_rng(0)
+    positions = rng.choice(len(dataset), 24, replace=False)
+    views = rng.integers(0, cache.num_views, 24)
+    x = torch.stack([render_view(dataset.raw(p), plan.params(int(dataset.ids[p]), int(v)), spec.input_size,
+                                 spec.mean, spec.std) for p, v in zip(positions, views)])
+    with torch.inference_mode():
+        out = teacher(x)
+    logits = cache.read("logits/dense")[positions, views].astype(np.float32)
+    pooled = cache.read("features/pooled")[positions, views].astype(np.float32)
+    mean, std = grid_gaussian(out.maps[spec.taps[0]], cache.manifest.storage["grid"])
+    np.testing.assert_allclose(logits, out.logits.numpy(), rtol=2e-3, atol=2e-3)  # fp16 storage
+    np.testing.assert_allclose(pooled, out.pooled.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cache.read("gaussian/std")[positions, views].astype(np.float32), std.numpy(),
+                               rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cache.read("gaussian/mean")[positions, views].astype(np.float32), mean.numpy(),
+                               rtol=2e-3, atol=2e-3)
+    assert np.array_equal(cache.read("samples/ids")[positions], dataset.ids[positions])
+
+
+def test_pca_matches_sklearn_on_stored_features(digits_cache: Path) -> None:
+    cache = TeacherCache(digits_cache)
+    feats = cache.read("features/pooled")[:, 0].astype(np.float64)
+    ref = PCA(n_components=10, svd_solver="full").fit(feats)
+    comps = cache.read("stats/pca/components")[:10].astype(np.float64)
+    cos = np.abs(np.sum(comps * ref.components_, axis=1)) / (
+        np.linalg.norm(comps, axis=1) * np.linalg.norm(ref.components_, axis=1))
+    assert cos.min() > 0.999, cos
+    np.testing.assert_allclose(cache.read("stats/pca/explained_variance")[:10], ref.explained_variance_, rtol=1e-4)
+    np.testing.assert_allclose(cache.read("stats/pca/mean"), feats.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_class_statistics_match_numpy(digits_cache: Path) -> None:
+    cache = TeacherCache(digits_cache)
+    feats = cache.read("features/pooled")[:, 0].astype(np.float64)
+    labels = cache.read("samples/labels")
+    means = np.stack([feats[labels == c].mean(0) for c in range(cache.num_classes)])
+    np.testing.assert_allclose(cache.read("stats/classes/mean"), means, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(cache.read("stats/classes/count"), np.bincount(labels, minlength=10))
+
+
+def test_cka_interrelations_match_direct_computation(digits_cache: Path) -> None:
+    cache = TeacherCache(digits_cache)
+    ir = cache.read("stats/cka/ir")
+    logits = cache.read("logits/dense")[:, 0].astype(np.float64)
+    labels = cache.read("samples/labels")
+    m = np.bincount(labels).min()
+    per_class = [logits[labels == c][:m] for c in range(cache.num_classes)]
+    direct = np.array([[linear_cka(a, b) for b in per_class] for a in per_class])
+    np.testing.assert_allclose(np.diag(ir), 1.0, atol=1e-6)
+    np.testing.assert_allclose(ir, direct, atol=1e-4)
+    assert cache.manifest.stats["cka_source"] == "logits"
+
+
+def test_stats_recompute_from_features_needs_no_teacher(digits_cache: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    import pipeline.teacher.model as model
+
+    copy = tmp_path / "cache"
+    shutil.copytree(digits_cache, copy)
+    monkeypatch.setattr(model, "create_timm_model", lambda *a, **k: pytest.fail("teacher constructed"))
+    info = recompute_statistics(str(copy), cka_source="features")
+    cache = TeacherCache(copy)
+    assert info["cka_source"] == "features" and cache.manifest.status == "complete"
+    feats = cache.read("features/pooled")[:, 0].astype(np.float64)
+    labels = cache.read("samples/labels")
+    m = np.bincount(labels).min()
+    a, b = feats[labels == 3][:m], feats[labels == 8][:m]
+    assert cache.read("stats/cka/ir")[3, 8] == pytest.approx(linear_cka(a, b), abs=1e-4)
+
+
+def test_topk_cache_reconstructs_kept_probabilities_and_tail_mass(digits_cache: Path, cache_request, tmp_path: Path) -> None:
+    run_cache_pass(cache_request(tmp_path / "topk", logits="topk:3"))
+    topk = TeacherCache(tmp_path / "topk")
+    dense = TeacherCache(digits_cache)
+    assert "logits/dense" not in topk.manifest.arrays
+    rec = torch.from_numpy(topk.dense_logits())
+    ref = torch.from_numpy(dense.read("logits/dense").astype(np.float32))
+    p_rec, p_ref = rec.softmax(-1), ref.softmax(-1)
+    kept = torch.from_numpy(topk.read("logits/topk_indices").astype(np.int64))
+    # fp16 storage of the kept logits is the only error source (exact at T=1 otherwise)
+    torch.testing.assert_close(p_rec.gather(-1, kept), p_ref.gather(-1, kept), atol=2e-3, rtol=0)
+    tail_rec = 1 - p_rec.gather(-1, kept).sum(-1)
+    tail_ref = 1 - p_ref.gather(-1, kept).sum(-1)
+    torch.testing.assert_close(tail_rec, tail_ref, atol=2e-3, rtol=0)
+
+
+def test_killed_pass_resumes_without_recomputing_and_matches_uninterrupted(digits_cache: Path, cache_request,
+                                                                          tmp_path: Path, monkeypatch) -> None:
+    request = cache_request(tmp_path / "resumed")
+    plan = plan_cache(request)
+    cache_shard(request, plan.pending[0])
+    cache_shard(request, plan.pending[2])  # shards finish out of order under a parallel runner
+    first = (tmp_path / "resumed" / "shards" / "train-000000.tar").stat().st_mtime_ns
+    assert Manifest.load(tmp_path / "resumed").status == "partial"
+    with pytest.raises(CacheError, match="partial"):
+        TeacherCache(tmp_path / "resumed")
+
+    import pipeline.teacher.cache_pass as cp
+
+    computed = []
+    original = cp._batch_rows
+    monkeypatch.setattr(cp, "_batch_rows", lambda out, storage, ds, pairs: computed.append(pairs[0, 0]) or
+                        original(out, storage, ds, pairs))
+    run_cache_pass(request)
+    starts = {int(p) for p in computed}
+    assert not starts & set(range(0, 400)) and not starts & set(range(800, 1200)), "finished shards recomputed"
+    assert (tmp_path / "resumed" / "shards" / "train-000000.tar").stat().st_mtime_ns == first
+    resumed, full = TeacherCache(tmp_path / "resumed"), TeacherCache(digits_cache)
+    for name in list(full.manifest.arrays) + full.manifest.stats["arrays"]:
+        np.testing.assert_array_equal(resumed.read(name), full.read(name), err_msg=name)
+    assert [s["sha256"] for s in resumed.manifest.shards] == [s["sha256"] for s in full.manifest.shards]
+
+
+def test_rerun_of_complete_cache_is_a_no_op(digits_cache: Path, cache_request) -> None:
+    before = (digits_cache / "manifest.json").read_text()
+    run_cache_pass(cache_request(digits_cache))
+    assert (digits_cache / "manifest.json").read_text() == before
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"views": 3}, "views.num_augmented"),
+    ({"view_seed": 1}, "views.seed"),
+    ({"subset": 500}, "dataset."),
+    ({"tap": "layer1"}, "teacher.taps"),
+    ({"logits": "topk:5"}, "storage.logits"),
+])
+def test_reuse_with_different_identity_is_refused_naming_the_field(digits_cache: Path, cache_request, override,
+                                                                   field) -> None:
+    with pytest.raises(CacheError, match=field.replace(".", r"\.")):
+        plan_cache(cache_request(digits_cache, **override))
+
+
+def test_reuse_with_another_checkpoint_is_refused(digits_cache: Path, digits_teacher: Path, cache_request,
+                                                  tmp_path: Path) -> None:
+    ckpt = torch.load(digits_teacher, weights_only=True)
+    ckpt["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    other = tmp_path / "other.pt"
+    torch.save(ckpt, other)
+    with pytest.raises(CacheError, match=r"teacher\.checkpoint_sha256"):
+        plan_cache(cache_request(digits_cache, checkpoint=str(other)))
+
+
+def test_non_finite_teacher_output_fails_and_leaves_cache_partial(digits_teacher: Path, cache_request,
+                                                                  tmp_path: Path) -> None:
+    ckpt = torch.load(digits_teacher, weights_only=True)
+    ckpt["state_dict"] = {k: torch.full_like(v, float("nan")) if k.startswith("fc.") else v
+                          for k, v in ckpt["state_dict"].items()}
+    bad = tmp_path / "nan.pt"
+    torch.save(ckpt, bad)
+    out = tmp_path / "nan-cache"
+    with pytest.raises(TeacherError, match="non-finite logits/dense for sample id"):
+        run_cache_pass(cache_request(out, checkpoint=str(bad)))
+    assert Manifest.load(out).status == "partial"
+    assert not list((out / "shards").glob("*.json")), "a failed shard must leave no record"
+
+
+@pytest.mark.parametrize("override, error, message", [
+    ({"teacher": "no_such_net"}, TeacherError, "unknown timm model 'no_such_net'"),
+    ({"checkpoint": "/nonexistent/t.pt"}, TeacherError, "does not exist"),
+    ({"dataset": "mnist-ish"}, DatasetError, "unknown dataset"),
+    ({"logits": "top3"}, CacheError, "--logits must be"),
+])
+def test_bad_input_fails_with_one_line_and_writes_nothing(cache_request, tmp_path: Path, override, error,
+                                                          message) -> None:
+    out = tmp_path / "bad"
+    with pytest.raises(error, match=message) as info:
+        run_cache_pass(cache_request(out, **override))
+    assert "\n" not in str(info.value)
+    assert not (out / "manifest.json").exists()
+
+
+def test_empty_dataset_is_refused(cache_request, tmp_path: Path) -> None:
+    for c in ("a", "b"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+    with pytest.raises(DatasetError):
+        run_cache_pass(cache_request(tmp_path / "out", dataset=f"imagefolder:{tmp_path / 'images'}",
+                                     checkpoint=None))
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_head_less_teacher_stores_features_and_statistics_only(cache_request, tmp_path: Path) -> None:
+    out = tmp_path / "headless"
+    run_cache_pass(cache_request(out, teacher_head=False, cka_source="features", checkpoint=None, subset=300))
+    cache = TeacherCache(out)
+    assert not any(n.startswith("logits/") for n in cache.manifest.arrays)
+    assert {"pooled", "gaussian"} <= cache.available_targets() and "logits" not in cache.available_targets()
+    assert cache.read("stats/cka/ir").shape == (10, 10)
+    assert json.loads((out / "manifest.json").read_text())["teacher"]["head"] is False
