@@ -1,0 +1,114 @@
+"""What a student run is: its configuration, and how a sweep of students maps to run directories.
+
+A run trains one student architecture with a list of methods against one teacher cache (DESIGN.md §2,
+§6: "methods compose") and writes one run directory (§10). `RunSettings` is what every student of a
+sweep shares; `plan_runs` turns a sweep into one `TrainConfig` per student.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.train.optim import OptimConfig
+
+
+class TrainError(ValueError):
+    """A student run that cannot go ahead as asked; the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Training settings shared by every student of a sweep."""
+
+    epochs: int = 10
+    seed: int = 0
+    batch_size: int = 64
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    input_size: int | None = None  # student render size; default: the teacher's
+    online_teacher: bool = False  # compute the targets live from the teacher instead of the cache
+    workers: int = 1  # DataLoader workers decoding and rendering the stream (0: in the main process)
+    shuffle_buffer: int = 1024  # samples held for the within-buffer shuffle
+    device: str = "auto"
+    resume: bool = False  # continue from the run directory's checkpoint, if there is one
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optim, dict):  # from config.json or a Prefect parameter
+            object.__setattr__(self, "optim", OptimConfig(**self.optim))
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
+        if self.seed < 0:
+            raise TrainError(f"--seed must be >= 0, not {self.seed}")
+        if self.workers < 0 or self.shuffle_buffer < 1:
+            raise TrainError("--workers must be >= 0 and the shuffle buffer >= 1")
+        if self.input_size is not None and self.input_size < 8:
+            raise TrainError(f"--input-size must be >= 8, not {self.input_size}")
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """One student of a sweep: a timm architecture and the methods it is trained with."""
+
+    student: str
+    methods: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", tuple(self.methods))
+        if not self.methods:
+            raise TrainError(f"student {self.student} has no --method; give at least one, e.g. --method ce")
+
+    @property
+    def slug(self) -> str:
+        """`resnet18` + (`ce`, `kd:T=2`) -> `resnet18-ce+kd-T2`: safe as a directory name."""
+        methods = "+".join(re.sub(r"[:,]", "-", m).replace("=", "") for m in self.methods)
+        return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{self.student}-{methods}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One student run: written to RUNDIR/config.json and stored in every checkpoint."""
+
+    cache: str
+    student: str
+    methods: tuple[str, ...]
+    out: str
+    settings: RunSettings = field(default_factory=RunSettings)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", tuple(self.methods))
+        if isinstance(self.settings, dict):
+            object.__setattr__(self, "settings", RunSettings(**self.settings))
+        StudentSpec(self.student, self.methods)  # the same checks as a sweep's
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["methods"] = list(self.methods)
+        return d
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for `--resume` to continue a run: everything that changes its result.
+
+        The run directory, the device and the resume flag itself may differ.
+        """
+        d = self.to_dict()
+        del d["out"]
+        for key in ("device", "resume"):
+            del d["settings"][key]
+        return d
+
+
+def plan_runs(cache: str, students: list[StudentSpec], out: str, settings: RunSettings) -> list[TrainConfig]:
+    """One config per student. A single student writes into `out`; several each into
+    `out/<student>-<methods>-s<seed>/` (DESIGN.md §10)."""
+    if not students:
+        raise TrainError("no student given; pass --student TIMM_NAME at least once")
+    slugs = [s.slug for s in students]
+    if len(set(slugs)) != len(slugs):
+        raise TrainError(f"the same student and methods are listed twice: {sorted(slugs)}")
+    if len(students) == 1:
+        return [TrainConfig(cache, students[0].student, students[0].methods, out, settings)]
+    return [TrainConfig(cache, s.student, s.methods, str(Path(out) / f"{s.slug}-s{settings.seed}"), settings)
+            for s in students]

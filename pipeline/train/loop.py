@@ -1,0 +1,190 @@
+"""Train one student from a teacher cache: `train_student(config) -> summary` (DESIGN.md §2, §6, §10).
+
+The whole loop is in `train_student`, top to bottom: open and check the cache, build the student and
+its methods, stream the cache (or, with `--online-teacher`, run the teacher on the same views), step,
+evaluate on the val split (labels only), checkpoint every epoch. The teacher is never loaded unless
+the run asks for the online twin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.cache.manifest import CacheError
+from pipeline.cache.store import TeacherCache
+from pipeline.data.datasets import ImageDataset, load_dataset
+from pipeline.methods import CacheInfo, MethodError, TrainingProgress, create_method
+from pipeline.methods.base import parse_method_spec
+from pipeline.progress import progress_task
+from pipeline.teacher.cache_pass import resolve_device
+from pipeline.train.config import TrainConfig, TrainError
+from pipeline.train.evaluate import evaluate_accuracy
+from pipeline.train.online import OnlineTeacher
+from pipeline.train.optim import build_optimizer, cosine_schedule
+from pipeline.train.rundir import RunDir
+from pipeline.train.stream import CacheStream, epoch_seed
+from pipeline.train.student import Student
+
+
+def open_cache(root: str) -> TeacherCache:
+    """A complete cache whose shards verify and that stores at least one view, or a one-line error."""
+    cache = TeacherCache(root)
+    problems = cache.verify_shards()
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CacheError(f"{problems[0]}{more}; re-run the `distillery cache` command that made {root}")
+    view_axes = [meta["shape"][1] for name, meta in cache.manifest.arrays.items() if not name.startswith("samples/")]
+    if cache.num_views < 1 or 0 in view_axes:
+        raise CacheError(f"{root} stores 0 views per sample; re-run `distillery cache` (view 0 is always stored)")
+    return cache
+
+
+def check_classes(cache: TeacherCache, val: ImageDataset) -> None:
+    """The student's classes (the cache's) must be the val split's and the teacher's logits'."""
+    if list(val.class_names) != cache.class_names:
+        raise TrainError(f"class mismatch: the cache {cache.root} has {cache.num_classes} classes, the "
+                         f"{val.name} val split has {val.num_classes}; re-run `distillery cache` on this dataset")
+    width = cache.manifest.teacher["num_classes"]
+    if "logits" in cache.available_targets() and width != cache.num_classes:
+        raise TrainError(f"class mismatch: the cache {cache.root} holds {width}-class teacher logits for "
+                         f"{cache.num_classes} dataset classes")
+
+
+def build_methods(specs: tuple[str, ...], cache: TeacherCache, student_dim: int) -> nn.ModuleDict:
+    """The run's methods by name; each checks the cache can serve what it needs (MethodError if not)."""
+    info = CacheInfo(num_classes=cache.num_classes, pooled_dim=cache.manifest.teacher.get("pooled_dim"),
+                     available=cache.available_targets())
+    methods = nn.ModuleDict()
+    for spec in specs:
+        name, _ = parse_method_spec(spec)
+        if name in methods:
+            raise MethodError(f"method {name!r} is given twice; give it once with the options you want")
+        methods[name] = create_method(spec, info, student_dim)
+    return methods
+
+
+def cache_fingerprint(cache: TeacherCache) -> str:
+    """What a resumed run must find again: the same teacher, data, views and storage."""
+    return hashlib.sha256(json.dumps(cache.manifest.identity(), sort_keys=True).encode()).hexdigest()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process or any finished child (DataLoader workers); Linux KiB."""
+    return 1024 * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+
+
+def _to_device(targets: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {name: tuple(t.to(device, non_blocking=True) for t in v) if isinstance(v, (tuple, list))
+            else v.to(device, non_blocking=True) for name, v in targets.items()}
+
+
+def train_student(config: TrainConfig) -> dict[str, Any]:
+    """Train `config.student` with `config.methods` from `config.cache`; write RUNDIR; return the summary."""
+    s = config.settings
+    device = resolve_device(s.device)
+    cache = open_cache(config.cache)
+    manifest = cache.manifest
+    val = load_dataset(manifest.dataset["name"], "val")
+    check_classes(cache, val)
+    size = s.input_size or manifest.teacher["input_size"]
+    mean, std = manifest.teacher["mean"], manifest.teacher["std"]
+
+    torch.manual_seed(s.seed)
+    student = Student(config.student, cache.num_classes, manifest.teacher["in_chans"], size).to(device)
+    methods = build_methods(config.methods, cache, student.pooled_dim).to(device)
+    needs = frozenset().union(*(m.needs for m in methods.values()))
+    online = OnlineTeacher(cache, needs, device) if s.online_teacher else None
+    teacher_size = online.input_size if online is not None and online.input_size != size else None
+    stream = CacheStream(cache, size, frozenset() if online else needs, s.seed, s.shuffle_buffer, teacher_size)
+    steps = stream.batches_per_epoch(s.batch_size, s.workers)
+    params = [p for p in [*student.parameters(), *methods.parameters()] if p.requires_grad]
+    optimizer = build_optimizer(params, s.optim)
+    schedule = cosine_schedule(optimizer, s.epochs * steps, round(s.optim.warmup_epochs * steps))
+
+    run = RunDir(config.out)
+    identity = {**config.identity(), "cache_fingerprint": cache_fingerprint(cache)}
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "step_seconds_sum": 0.0,
+                             "step_count": 0, "val_accuracy": None, "loss": None}
+    ckpt = run.load_checkpoint(config, identity)
+    if ckpt is not None:
+        student.model.load_state_dict(ckpt["student"])
+        methods.load_state_dict(ckpt["methods"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        state = ckpt["state"]
+    run.start(config, state["epoch"])
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    label = f"{config.student} [{'+'.join(methods)}]"
+    with progress_task(label, (s.epochs - state["epoch"]) * cache.num_samples, "samples") as bar:
+        for epoch in range(state["epoch"], s.epochs):
+            # Reseeded per epoch, so a resumed run continues exactly as an uninterrupted one would.
+            torch.manual_seed(epoch_seed(s.seed, epoch))
+            student.train()
+            methods.train()
+            records: list[dict[str, Any]] = []
+            start = last = time.perf_counter()
+            for step, batch in enumerate(stream.loader(epoch, s.batch_size, s.workers, device.type == "cuda")):
+                x, y = batch["input"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+                if online is not None:
+                    targets = online(batch.get("teacher_input", batch["input"]))
+                else:
+                    targets = _to_device(batch["targets"], device)
+                progress = TrainingProgress(epoch=epoch, step=step, steps_per_epoch=steps, total_epochs=s.epochs)
+                with autocast:
+                    outputs = student(x)
+                    terms = {k: v for m in methods.values() for k, v in m(outputs, targets, y, progress).items()}
+                loss = torch.stack([t.float() for t in terms.values()]).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if s.optim.clip_grad is not None:
+                    nn.utils.clip_grad_norm_(params, s.optim.clip_grad)
+                optimizer.step()
+                schedule.step()
+                values = {k: v.item() for k, v in terms.items()}
+                if not math.isfinite(loss.item()):
+                    raise TrainError(f"{label}: loss is {loss.item()} at epoch {epoch} step {step} ({values}); "
+                                     f"lower --lr or set --clip-grad")
+                now = time.perf_counter()
+                if step > 0:  # the first step of an epoch waits for the workers to start and the buffer to fill
+                    state["step_seconds_sum"] += now - last
+                    state["step_count"] += 1
+                records.append({"kind": "step", "epoch": epoch, "step": state["step"], "loss": loss.item(), **values,
+                                "lr": schedule.get_last_lr()[0], "step_seconds": now - last})
+                last = now
+                state["step"] += 1
+                bar.advance(len(y))
+            if len(records) != steps:
+                raise TrainError(f"epoch {epoch} gave {len(records)} batches, {steps} were planned; the cache's "
+                                 f"shards do not match its manifest")
+            state["train_seconds"] += time.perf_counter() - start
+            state["val_accuracy"] = evaluate_accuracy(student.model, val, size, mean, std, device=device)
+            state["loss"] = sum(r["loss"] for r in records) / len(records)
+            terms_mean = {k: sum(r[k] for r in records) / len(records) for k in values}
+            state["epoch"] = epoch + 1
+            run.log(records + [{"kind": "epoch", "epoch": epoch, "step": state["step"], "loss": state["loss"],
+                                **terms_mean, "val_accuracy": state["val_accuracy"]}])
+            run.save_checkpoint({"config": config.to_dict(), "identity": identity, "state": state,
+                                 "student": student.model.state_dict(), "methods": methods.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
+
+    summary = {
+        "student": config.student, "methods": list(config.methods), "seed": s.seed, "epochs": s.epochs,
+        "val_accuracy": state["val_accuracy"], "train_seconds": state["train_seconds"],
+        "mean_step_seconds": state["step_seconds_sum"] / max(1, state["step_count"]),
+        "peak_rss_bytes": peak_rss_bytes(), "cache": config.cache, "online_teacher": s.online_teacher,
+        "params": student.num_parameters(), "teacher": manifest.teacher["model"], "dataset": manifest.dataset["name"],
+        "num_samples": cache.num_samples, "input_size": size, "batch_size": s.batch_size, "steps": state["step"],
+        "final_loss": state["loss"], "device": str(device), "out": config.out,
+    }
+    run.finish(student.model.state_dict(), summary)
+    return summary

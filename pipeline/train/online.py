@@ -1,0 +1,78 @@
+"""`--online-teacher`: the cache's targets computed live, for comparing a run with its cached twin.
+
+The teacher is rebuilt from the cache manifest's own spec (`build_teacher`, the one place a teacher is
+constructed) and run on the very views the student sees. Its outputs then go through the cache's storage
+round trip (the stored dtype, the top-k code), so the twin differs from the cached run only in where
+the targets come from, not in their precision (DESIGN.md §2, §4; issue 3 "cached == online").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.cache.codecs import topk_decode, topk_encode
+from pipeline.cache.store import TeacherCache
+from pipeline.checksums import sha256_file
+from pipeline.methods.base import GAUSSIAN, LOGITS, POOLED, Targets
+from pipeline.stats.gaussian import grid_gaussian
+from pipeline.teacher.cache_pass import teacher_forward
+from pipeline.teacher.model import TeacherSpec, build_teacher
+from pipeline.train.config import TrainError
+
+ONLINE_TARGETS = frozenset({LOGITS, POOLED, GAUSSIAN})
+
+
+class OnlineTeacher:
+    """Callable: a batch of teacher-size inputs -> the targets the cache would hold for them."""
+
+    def __init__(self, cache: TeacherCache, targets: frozenset[str], device: torch.device) -> None:
+        unsupported = sorted(targets - ONLINE_TARGETS)
+        if unsupported:
+            raise TrainError(f"--online-teacher cannot compute {unsupported} live; train from the cache instead")
+        manifest = cache.manifest
+        spec = TeacherSpec.from_dict({k: v for k, v in manifest.teacher.items() if k not in ("stages", "pooled_dim")})
+        if spec.checkpoint is None:
+            raise TrainError(f"the cache's teacher {spec.model} has no checkpoint (random weights), so "
+                             f"--online-teacher cannot rebuild it")
+        if not Path(spec.checkpoint).is_file():
+            raise TrainError(f"the cache's teacher checkpoint {spec.checkpoint} is not found (the path is "
+                             f"relative to where `distillery cache` ran); run from there")
+        if sha256_file(spec.checkpoint) != spec.checkpoint_sha256:
+            raise TrainError(f"the teacher checkpoint {spec.checkpoint} changed since the cache was made "
+                             f"(sha256 differs); an online twin would use another teacher")
+        if POOLED in targets and manifest.storage["pooled_views"] != "all":
+            raise TrainError("this cache stores view-0 pooled features only; --online-teacher cannot "
+                             "reproduce them for augmented views")
+        self.spec, self.targets, self.device = spec, targets, device
+        self.storage = manifest.storage_spec()
+        self.dtypes = {name: getattr(torch, meta["dtype"]) for name, meta in manifest.arrays.items()}
+        self.teacher = build_teacher(spec, device)
+
+    @property
+    def input_size(self) -> int:
+        return self.spec.input_size
+
+    def _stored(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """`value` as the cache stores `name`, back in float32."""
+        return value.float().to(self.dtypes[name]).float()
+
+    def _logits(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.storage.topk is None:
+            return self._stored("logits/dense", logits)
+        values, indices, tail = topk_encode(logits.float(), self.storage.topk)
+        return topk_decode(self._stored("logits/topk_values", values), indices,
+                           self._stored("logits/tail_logsumexp", tail), logits.shape[-1])
+
+    def __call__(self, x: torch.Tensor) -> Targets:
+        out = teacher_forward(self.teacher, x, self.device)
+        targets: dict[str, torch.Tensor | tuple[torch.Tensor, ...]] = {}
+        if LOGITS in self.targets:
+            targets[LOGITS] = self._logits(out.logits)
+        if POOLED in self.targets:
+            targets[POOLED] = self._stored("features/pooled", out.pooled)
+        if GAUSSIAN in self.targets:
+            mean, std = grid_gaussian(out.maps[self.storage.tap].float(), self.storage.grid)
+            targets[GAUSSIAN] = (self._stored("gaussian/mean", mean), self._stored("gaussian/std", std))
+        return targets

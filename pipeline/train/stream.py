@@ -1,0 +1,138 @@
+"""The student's training stream over a teacher cache's webdataset shards (DESIGN.md §2-§4).
+
+    shards (seeded shard shuffle, split by node, then by DataLoader worker)
+      -> blocks `NNNNNN-MMMMMM.npz` -> samples, each keeping only the targets of this epoch's view
+      -> seeded shuffle buffer
+      -> re-render exactly that view from the raw input (`render_view`, the teacher's own function)
+      -> {"input", "label", "id", "view", "targets"[, "teacher_input"]}
+
+The view of a sample in an epoch is `epoch_views(seed, epoch, id)`, so every run with the same seed
+sees the same (sample, view) pairs in the same order, whatever else it does (cached or online targets,
+an interrupted and resumed run). Memory is bounded by the shuffle buffer and one block per worker: no
+step reads the whole cache, so it does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from pipeline.cache.store import TARGET_ARRAYS, TeacherCache, block_key, decode_block, unpack_raw
+from pipeline.data.views import ViewPlan, epoch_views, render_view
+from pipeline.methods.base import GAUSSIAN, LOGITS
+
+# Targets served as a tuple of arrays (in TARGET_ARRAYS order) rather than one array.
+_TUPLE_TARGETS = frozenset({GAUSSIAN})
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One integer seed per (run seed, epoch) for the shuffles and torch's generator."""
+    return seed * 1_000_003 + epoch
+
+
+def split_shards(counts: list[int], rank: int, world_size: int, workers: int) -> list[list[int]]:
+    """Sample counts of the shards each DataLoader stream of this node reads, in webdataset's split
+    order: `split_by_node` takes shards rank::world_size, then `split_by_worker` worker::workers."""
+    mine = counts[rank::world_size]
+    streams = max(1, min(workers, len(mine)))
+    return [mine[w::streams] for w in range(streams)]
+
+
+def _view_rows(arr: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """Row i at view `views[i]`; an array storing only view 0 (e.g. pooled features, LSH codes) gives
+    view 0."""
+    return arr[np.arange(len(views)), views if arr.shape[1] > 1 else 0]
+
+
+class CacheStream:
+    """Builds each epoch's loader over `cache` for a student rendering at `size`.
+
+    `targets` are the logical target names to serve (`pipeline.methods.base`); an online run passes
+    none and, if the teacher renders at another size than the student, `teacher_size`.
+    """
+
+    def __init__(self, cache: TeacherCache, size: int, targets: frozenset[str], seed: int,
+                 shuffle_buffer: int = 1024, teacher_size: int | None = None) -> None:
+        missing = sorted(targets - cache.available_targets())
+        if missing:
+            raise ValueError(f"{cache.root} cannot serve targets {missing}")
+        self.cache, self.size, self.targets, self.seed = cache, size, frozenset(targets), seed
+        self.shuffle_buffer, self.teacher_size = shuffle_buffer, teacher_size
+        teacher = cache.manifest.teacher
+        self.mean, self.std = tuple(teacher["mean"]), tuple(teacher["std"])
+        self.plan = ViewPlan.from_dict(cache.manifest.views)
+        self.urls = [str(p) for p in cache.shard_paths()]
+        self.counts = [s["stop"] - s["start"] for s in cache.manifest.shards]
+
+    def streams(self, workers: int) -> list[list[int]]:
+        rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+        return split_shards(self.counts, rank, world_size, workers)
+
+    def batches_per_epoch(self, batch_size: int, workers: int) -> int:
+        """Exact: each DataLoader worker batches its own shards, so each ends on a partial batch."""
+        return sum(math.ceil(sum(s) / batch_size) for s in self.streams(workers))
+
+    def dataset(self, epoch: int) -> wds.WebDataset:
+        """The epoch's sample stream (an IterableDataset); deterministic for (seed, epoch)."""
+        seed = epoch_seed(self.seed, epoch)
+        source = wds.WebDataset(self.urls, shardshuffle=len(self.urls), detshuffle=True, seed=seed,
+                                nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
+                                empty_check=False)
+        return (source.compose(_Unblock(self.cache, self.targets, seed=self.seed, epoch=epoch))
+                .shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)
+                .compose(self._render))
+
+    def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+        workers = 0 if workers == 0 else len(self.streams(workers))
+        return torch.utils.data.DataLoader(self.dataset(epoch), batch_size=batch_size, num_workers=workers,
+                                           pin_memory=pin_memory)
+
+    def _render(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        # A compose stage rather than `.map`: webdataset's map adds a `__key__` the collate cannot batch.
+        for sample in samples:
+            params = self.plan.params(sample["id"], sample["view"])
+            out = {"input": render_view(sample["raw"], params, self.size, self.mean, self.std),
+                   "label": sample["label"], "id": sample["id"], "view": sample["view"],
+                   "targets": {name: tuple(map(torch.from_numpy, v)) if isinstance(v, tuple) else torch.from_numpy(v)
+                               for name, v in sample["targets"].items()}}
+            if self.teacher_size is not None:
+                out["teacher_input"] = render_view(sample["raw"], params, self.teacher_size, self.mean, self.std)
+            yield out
+
+
+def _row(target: np.ndarray | tuple[np.ndarray, ...], i: int) -> np.ndarray | tuple[np.ndarray, ...]:
+    # A copy, so a sample waiting in the shuffle buffer does not keep its whole block alive.
+    return tuple(a[i].copy() for a in target) if isinstance(target, tuple) else target[i].copy()
+
+
+class _Unblock:
+    """Pipeline stage: decoded blocks -> one sample per row, with the chosen view's targets only."""
+
+    def __init__(self, cache: TeacherCache, targets: frozenset[str], seed: int, epoch: int) -> None:
+        self.cache, self.targets, self.seed, self.epoch = cache, targets, seed, epoch
+
+    def __call__(self, blocks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for block in blocks:
+            rows = decode_block(block["npz"])
+            ids = rows[block_key("samples/ids")]
+            views = epoch_views(self.seed, self.epoch, ids, self.cache.num_views)
+            targets = {name: self._target(name, rows, views) for name in self.targets}
+            labels = rows[block_key("samples/labels")]
+            for i in range(len(ids)):
+                yield {"id": int(ids[i]), "view": int(views[i]), "label": int(labels[i]),
+                       "raw": unpack_raw(rows["raw"], rows["raw_hw"], i).copy(),
+                       "targets": {name: _row(t, i) for name, t in targets.items()}}
+
+    def _target(self, name: str, rows: dict[str, np.ndarray], views: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        if name == LOGITS:
+            # The cache's reader reconstructs top-k codes; give it only the chosen view of each row.
+            chosen = {key: _view_rows(a, views)[:, None] for key, a in rows.items() if key.startswith("logits.")}
+            return self.cache.dense_logits(chosen)[:, 0]
+        arrays = [_view_rows(rows[block_key(n)], views) for n in TARGET_ARRAYS[name]]
+        arrays = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
+        return tuple(arrays) if name in _TUPLE_TARGETS else arrays[0]

@@ -1,0 +1,50 @@
+"""Students: any timm model, with the taps the methods read (DESIGN.md §1 `train/`, §6).
+
+The student is built with the same `create_timm_model` as the teacher and tapped the same way (timm's
+`forward_intermediates` / `forward_head(pre_logits=True)`), so a method sees `StudentOutputs` with
+logits, pooled pre-logits and named stage maps whatever the architecture.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.methods.base import StudentOutputs
+from pipeline.teacher.model import create_timm_model, resolve_tap, stage_names
+
+
+class Student(nn.Module):
+    """A timm model whose forward returns `StudentOutputs`.
+
+    `self.model` is the plain timm model: its state dict is what a run saves as `student.pt`.
+    `taps` name stages (or indices, `-1` = deepest) whose maps are returned in `feature_maps`.
+    """
+
+    def __init__(self, name: str, num_classes: int, in_chans: int, input_size: int,
+                 taps: tuple[str | int, ...] = ()) -> None:
+        super().__init__()
+        self.name = name
+        self.model = create_timm_model(name, num_classes, in_chans, input_size)
+        self.taps = tuple(resolve_tap(self.model, t) for t in taps)
+        self._tap_indices = [stage_names(self.model).index(t) for t in self.taps]
+        # Pre-logit width is not always `num_features` (e.g. MobileNetV3's conv head): measure it.
+        with torch.no_grad():
+            was_training = self.model.training
+            self.model.eval()
+            probe = self.model.forward_head(self.model.forward_features(torch.zeros(1, in_chans, input_size,
+                                                                                    input_size)), pre_logits=True)
+            self.model.train(was_training)
+        self.pooled_dim = int(probe.shape[-1])
+
+    def forward(self, x: torch.Tensor) -> StudentOutputs:
+        if self._tap_indices:
+            final, maps = self.model.forward_intermediates(x, indices=self._tap_indices)
+        else:
+            final, maps = self.model.forward_features(x), []
+        pooled = self.model.forward_head(final, pre_logits=True)
+        return StudentOutputs(logits=self.model.get_classifier()(pooled), pooled=pooled,
+                              feature_maps=dict(zip(self.taps, maps)))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())

@@ -1,0 +1,88 @@
+"""The store's own formats: block codec, atomic tar shards, checksums, identity comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cache.manifest import CacheError, Manifest, identity_mismatch
+from pipeline.cache.store import (TeacherCache, decode_block, encode_block, iter_tar_members, pack_raw, unpack_raw,
+                                  write_tar_atomic)
+
+
+def test_block_codec_roundtrips_and_is_byte_stable() -> None:
+    arrays = {"logits.dense": np.random.default_rng(0).normal(size=(4, 3, 10)).astype(np.float16),
+              "ids": np.arange(4, dtype=np.int64)}
+    data = encode_block(arrays)
+    assert data == encode_block(dict(reversed(arrays.items())))
+    out = decode_block(data)
+    assert out.keys() == arrays.keys()
+    for k in arrays:
+        assert out[k].dtype == arrays[k].dtype and np.array_equal(out[k], arrays[k])
+
+
+def test_block_codec_refuses_object_arrays() -> None:
+    with pytest.raises(TypeError, match="object"):
+        encode_block({"x": np.array([{"a": 1}], dtype=object)})
+
+
+def test_raw_images_of_different_sizes_pack_and_unpack() -> None:
+    raws = [np.full((5, 7, 3), 1, np.uint8), np.full((9, 4, 3), 2, np.uint8)]
+    packed, hw = pack_raw(raws)
+    assert packed.shape == (2, 9, 7, 3)
+    for i, r in enumerate(raws):
+        assert np.array_equal(unpack_raw(packed, hw, i), r)
+
+
+def test_tar_shard_is_written_atomically_with_zero_mtime(tmp_path: Path) -> None:
+    path = tmp_path / "s.tar"
+    write_tar_atomic(path, [("a.npz", b"123"), ("b.npz", b"45")])
+    assert not (tmp_path / "s.tar.tmp").exists()
+    assert list(iter_tar_members(path)) == [("a.npz", b"123"), ("b.npz", b"45")]
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        assert {m.mtime for m in tar.getmembers()} == {0}
+
+
+def test_verify_detects_a_flipped_byte_in_a_shard(digits_cache: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "c"
+    shutil.copytree(digits_cache, copy)
+    assert TeacherCache(copy).verify_shards() == []
+    shard = copy / "shards" / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    problems = TeacherCache(copy).verify_shards()
+    assert len(problems) == 1 and "shard 1" in problems[0] and "sha256" in problems[0]
+
+
+def test_shard_blocks_hold_the_same_rows_as_zarr(digits_cache: Path) -> None:
+    cache = TeacherCache(digits_cache)
+    rows = [decode_block(data) for path in cache.shard_paths() for _, data in iter_tar_members(path)]
+    ids = np.concatenate([r["samples.ids"] for r in rows])
+    assert np.array_equal(ids, cache.read("samples/ids"))
+    logits = np.concatenate([r["logits.dense"] for r in rows])
+    assert np.array_equal(logits, cache.read("logits/dense"))
+    raw = rows[0]["raw"]
+    assert raw.dtype == np.uint8 and raw.shape[1:] == (8, 8, 1)
+
+
+def test_identity_mismatch_names_the_nested_field() -> None:
+    a = {"teacher": {"model": "r18", "taps": ["layer4"]}, "views": {"seed": 0}}
+    assert identity_mismatch(a, json.loads(json.dumps(a))) is None
+    b = {"teacher": {"model": "r18", "taps": ["layer3"]}, "views": {"seed": 0}}
+    assert identity_mismatch(a, b).startswith("teacher.taps")
+
+
+def test_missing_or_foreign_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="not a teacher cache"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(CacheError, match="format 99"):
+        Manifest.load(tmp_path)

@@ -1,0 +1,80 @@
+"""The `cache-teacher` Prefect flow on a real local Prefect server, and `distillery cache` killed mid-pass."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cache.manifest import Manifest
+from pipeline.cache.store import TeacherCache
+
+
+def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, digits_cache: Path, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.cache_teacher import cache_teacher
+
+    result = cache_teacher(cache_request(tmp_path / "flow"))
+    assert result["written_shards"] == 4 and result["skipped_shards"] == 0
+    assert result["images"] == 1437 * 3 and result["images_per_second"] > 0
+    flow_cache, reference = TeacherCache(tmp_path / "flow"), TeacherCache(digits_cache)
+    for name in ("logits/dense", "features/pooled", "stats/pca/components", "stats/cka/ir"):
+        np.testing.assert_array_equal(flow_cache.read(name), reference.read(name), err_msg=name)
+
+    # The artifact filter endpoint, asked directly: the 3.8.8 client sends nulls this server rejects.
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", "/artifacts/filter", json={
+            "artifacts": {"key": {"any_": ["teacher-cache-arrays", "teacher-cache-summary"]}}, "limit": 10})
+    found = {a["key"]: a for a in response.json()}
+    assert found["teacher-cache-arrays"]["type"] == "table" and "features/pooled" in found["teacher-cache-arrays"]["data"]
+    assert found["teacher-cache-summary"]["type"] == "markdown"
+    assert "teacher accuracy" in found["teacher-cache-summary"]["data"]
+
+    again = cache_teacher(cache_request(tmp_path / "flow"))
+    assert again["written_shards"] == 0 and again["skipped_shards"] == 4
+
+
+def _records(root: Path) -> list[Path]:
+    return sorted((root / "shards").glob("train-*.json"))
+
+
+@pytest.mark.slow
+def test_cli_killed_mid_pass_resumes_and_matches_an_uninterrupted_run(prefect_harness, digits_teacher: Path,
+                                                                      cache_request, tmp_path: Path) -> None:
+    from prefect.settings import get_current_settings
+
+    from pipeline.teacher.cache_pass import run_cache_pass
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "flows.cli", "cache", "--dataset", "digits", "--teacher", "test_resnet",
+            "--checkpoint", str(digits_teacher), "--out", str(out), "--views", "8", "--input-size", "64",
+            "--shard-size", "64", "--batch-size", "128", "--device", "cpu"]
+    # The CLI talks to the session's test server (a real one) instead of booting its own each time.
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while len(_records(out)) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = {p.name: p.stat().st_mtime_ns for p in _records(out)}
+    assert 3 <= len(done_at_kill) < 23, "the pass was not interrupted midway"
+    assert Manifest.load(out).status == "partial"
+
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"({len(done_at_kill)} shards reused)" in " ".join(rerun.stdout.split())
+    assert {p.name: p.stat().st_mtime_ns for p in _records(out) if p.name in done_at_kill} == done_at_kill
+
+    reference = tmp_path / "reference"
+    run_cache_pass(cache_request(reference, views=8, input_size=64, shard_size=64))
+    resumed, full = TeacherCache(out), TeacherCache(reference)
+    for name in list(full.manifest.arrays) + full.manifest.stats["arrays"]:
+        np.testing.assert_array_equal(resumed.read(name), full.read(name), err_msg=name)

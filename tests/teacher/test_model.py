@@ -1,0 +1,70 @@
+"""Teacher construction and taps across timm families."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.teacher.model import (TeacherError, TeacherSpec, build_teacher, create_timm_model, load_checkpoint,
+                                    resolve_tap)
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit", "test_convnext", "test_efficientnet"])
+def test_taps_come_from_one_pass_and_logits_equal_the_plain_forward(name: str) -> None:
+    torch.manual_seed(0)
+    spec = TeacherSpec(model=name, num_classes=7, in_chans=1, input_size=32, mean=(0.5,), std=(0.5,), taps=("-1",))
+    spec = TeacherSpec(**{**spec.__dict__, "taps": (resolve_tap(create_timm_model(name, 7, 1, 32), -1),)})
+    teacher = build_teacher(spec)
+    x = torch.randn(3, 1, 32, 32)
+    with torch.inference_mode():
+        out = teacher(x)
+        ref = teacher.model(x)
+    torch.testing.assert_close(out.logits, ref)
+    assert out.pooled.shape[0] == 3 and out.pooled.ndim == 2
+    (fmap,) = out.maps.values()
+    assert fmap.ndim == 4 and fmap.shape[0] == 3
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_head_less_teacher_returns_no_logits_and_the_same_pooled_features() -> None:
+    spec = TeacherSpec(model="test_resnet", num_classes=5, in_chans=3, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    torch.manual_seed(0)
+    with_head = build_teacher(spec)
+    headless = build_teacher(TeacherSpec(**{**spec.__dict__, "head": False}))
+    headless.model.load_state_dict({k: v for k, v in with_head.model.state_dict().items() if not k.startswith("fc.")})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        a, b = with_head(x), headless(x)
+    assert b.logits is None
+    torch.testing.assert_close(a.pooled, b.pooled)
+
+
+def test_resolve_tap_by_name_and_index_with_clear_errors() -> None:
+    model = create_timm_model("resnet18", 10, 1, 32)
+    assert resolve_tap(model, "layer3") == "layer3"
+    assert resolve_tap(model, -1) == "layer4" and resolve_tap(model, "0") == "act1"
+    with pytest.raises(TeacherError, match="stages of this model are"):
+        resolve_tap(model, "layer9")
+    with pytest.raises(TeacherError, match="out of range"):
+        resolve_tap(model, 7)
+
+
+def test_checkpoint_errors_are_one_line(tmp_path: Path, digits_teacher: Path) -> None:
+    with pytest.raises(TeacherError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(TeacherError, match="not a readable torch checkpoint"):
+        load_checkpoint(junk)
+    spec = TeacherSpec(model="test_vit", num_classes=10, in_chans=1, input_size=32, mean=(0.5,), std=(0.5,),
+                       checkpoint=str(digits_teacher))
+    with pytest.raises(TeacherError, match="holds a 'test_resnet'"):
+        build_teacher(spec)
+
+
+def test_fit_teacher_checkpoint_loads_with_weights_only_and_records_its_inputs(digits_teacher: Path) -> None:
+    ckpt = torch.load(digits_teacher, weights_only=True)
+    assert ckpt["model"] == "test_resnet" and ckpt["input_size"] == 32 and len(ckpt["mean"]) == 1
+    assert 0.0 <= ckpt["val_accuracy"] <= 1.0
