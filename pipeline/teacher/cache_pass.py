@@ -79,7 +79,8 @@ def request_dataset(request: CacheRequest) -> ImageDataset:
 
 
 @functools.lru_cache(maxsize=2)
-def _teacher(spec: TeacherSpec, device: str) -> Teacher:
+def shared_teacher(spec: TeacherSpec, device: str) -> Teacher:
+    """One teacher per (spec, device) per process: shard tasks reuse it instead of rebuilding it."""
     return build_teacher(spec, device)
 
 
@@ -186,7 +187,7 @@ def build_manifest(request: CacheRequest) -> Manifest:
                           tap=spec.taps[0] if spec.taps else None, grid=request.grid, featmaps=request.featmaps,
                           lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size)
     device = resolve_device(request.device)
-    teacher = _teacher(spec, str(device))
+    teacher = shared_teacher(spec, str(device))
     arrays = _describe_outputs(teacher, spec, storage, len(dataset), plan.num_views, device)
     ranges = shard_ranges(len(dataset), request.shard_size)
     return Manifest(
@@ -216,7 +217,8 @@ def plan_cache(request: CacheRequest) -> CachePlan:
     return CachePlan(root=request.out, num_shards=len(writer.manifest.shards), pending=pending, done=done)
 
 
-def _render_batch(dataset: ImageDataset, plan: ViewPlan, pairs: np.ndarray, spec: TeacherSpec) -> torch.Tensor:
+def render_pairs(dataset: ImageDataset, plan: ViewPlan, pairs: np.ndarray, spec: TeacherSpec) -> torch.Tensor:
+    """Render (position, view id) pairs at the teacher's input size and normalisation: a batch."""
     return torch.stack([render_view(dataset.raw(int(p)), plan.params(int(dataset.ids[p]), int(v)),
                                     spec.input_size, spec.mean, spec.std) for p, v in pairs])
 
@@ -239,7 +241,7 @@ def cache_shard(request: CacheRequest, index: int) -> ShardRecord:
     plan = ViewPlan.from_dict({k: v for k, v in m.views.items() if k != "recipe"})
     dataset = request_dataset(request)
     device = resolve_device(request.device)
-    teacher = _teacher(spec, str(device))
+    teacher = shared_teacher(spec, str(device))
     s = m.shards[index]
     start, stop, v = s["start"], s["stop"], plan.num_views
     pairs = np.array([(p, view) for p in range(start, stop) for view in range(v)], dtype=np.int64)
@@ -247,11 +249,11 @@ def cache_shard(request: CacheRequest, index: int) -> ShardRecord:
     parts: dict[str, list[np.ndarray]] = {}
     with progress_task(f"shard {index}", len(pairs), "views") as bar, ThreadPoolExecutor(1) as pool:
         # Render the next batch while the teacher runs on this one.
-        pending = pool.submit(_render_batch, dataset, plan, batches[0], spec)
+        pending = pool.submit(render_pairs, dataset, plan, batches[0], spec)
         for i, batch in enumerate(batches):
             x = pending.result()
             if i + 1 < len(batches):
-                pending = pool.submit(_render_batch, dataset, plan, batches[i + 1], spec)
+                pending = pool.submit(render_pairs, dataset, plan, batches[i + 1], spec)
             out = teacher_forward(teacher, x, device)
             for name, value in _batch_rows(out, storage, dataset, batch).items():
                 parts.setdefault(name, []).append(value)
