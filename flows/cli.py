@@ -185,15 +185,107 @@ def inspect_cmd(cache: Path) -> None:
     console.print(f"[dim]inspected in {time.perf_counter() - start:.2f} s[/dim]")
 
 
+@app.command("train")
+def train_cmd(
+    cache: Annotated[Path, typer.Option(help="teacher cache directory (distillery cache)")],
+    student: Annotated[list[str], typer.Option(help="timm model name; repeat to train several students")],
+    method: Annotated[list[str], typer.Option(help="method spec (ce, kd, kd:T=2,alpha=0.5, dkd, fitnet); "
+                                                   "repeat to compose")],
+    out: Annotated[Path, typer.Option(help="run directory (several students: one subdirectory each)")],
+    epochs: int = 10,
+    seed: int = 0,
+    online_teacher: Annotated[bool, typer.Option(help="compute the targets live from the teacher (the cached "
+                                                      "run's twin, for comparison)")] = False,
+    resume: Annotated[bool, typer.Option(help="continue from the run directory's checkpoint")] = False,
+    batch_size: int = 64,
+    optimizer: Annotated[str, typer.Option(help="adamw | sgd")] = "adamw",
+    lr: float = 2e-3,
+    weight_decay: float = 0.05,
+    warmup_epochs: float = 1.0,
+    clip_grad: Annotated[Optional[float], typer.Option(help="clip the gradient norm to this value")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="student render size (default: the teacher's)")] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader workers streaming the cache")] = 1,
+    device: str = "auto",
+) -> None:
+    """Train students from a teacher cache (Prefect flow); prints a comparison table."""
+    from flows.train_students import train_students
+    from pipeline.train.config import RunSettings, StudentSpec, TrainError, plan_runs
+    from pipeline.train.loop import check_run
+    from pipeline.train.optim import OptimConfig
+
+    try:
+        optim = OptimConfig(optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                            clip_grad=clip_grad)
+    except ValueError as e:  # OptimConfig's own checks; reported like every other bad option
+        raise TrainError(str(e)) from None
+    settings = RunSettings(epochs=epochs, seed=seed, batch_size=batch_size, optim=optim, input_size=input_size,
+                           online_teacher=online_teacher, workers=workers, device=device, resume=resume)
+    specs = [StudentSpec(name, tuple(method)) for name in student]
+    for config in plan_runs(str(cache), specs, str(out), settings):
+        check_run(config)  # bad input is one line here, not a traceback logged from inside a flow run
+    with show_progress():
+        summaries = train_students(str(cache), specs, str(out), settings)
+    print_students(f"students trained from {cache}", summaries)
+
+
+def print_students(title: str, summaries: list[dict]) -> None:
+    """The comparison table of a sweep, formatted for people (the flow's artifact keeps raw numbers)."""
+    from flows.train_students import comparison_rows
+
+    rows = [{**r, "val_accuracy": f"{r['val_accuracy']:.2%}", "train_seconds": f"{r['train_seconds']:.1f} s",
+             "mean_step_seconds": f"{1000 * r['mean_step_seconds']:.1f} ms", "params": f"{r['params']:,}"}
+            for r in comparison_rows(summaries)]
+    print_table(title, rows)
+
+
+DEMO_TEACHER, DEMO_TEACHER_EPOCHS = "resnet10t", 10
+DEMO_STUDENT, DEMO_STUDENT_EPOCHS = "test_resnet", 4
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="demo directory; a teacher and cache found here are reused")] = Path("runs/demo"),
+) -> None:
+    """The main job on digits: fit (or reuse) a teacher, cache it once, train a CE and a CE+KD student."""
+    import shutil
+
+    from flows.cache_teacher import cache_teacher
+    from flows.train_students import train_students
+    from pipeline.teacher.cache_pass import CacheRequest
+    from pipeline.teacher.fit import FitConfig, fit_teacher
+    from pipeline.train.config import RunSettings, StudentSpec
+
+    start = time.perf_counter()
+    checkpoint, cache, students = out / "teacher.pt", out / "cache", out / "students"
+    with show_progress():
+        if not checkpoint.exists():
+            fitted = fit_teacher(FitConfig(dataset="digits", model=DEMO_TEACHER, out=str(checkpoint),
+                                           epochs=DEMO_TEACHER_EPOCHS))
+            console.print(f"teacher {DEMO_TEACHER}: val accuracy {fitted['val_accuracy']:.4f} "
+                          f"({fitted['train_seconds']:.0f} s)")
+            shutil.rmtree(cache, ignore_errors=True)  # made by an earlier teacher
+        cached = cache_teacher(CacheRequest(dataset="digits", teacher=DEMO_TEACHER, checkpoint=str(checkpoint),
+                                            out=str(cache)))
+        how = "reused" if cached["written_shards"] == 0 else f"teacher pass {cached['pass_seconds']:.0f} s"
+        console.print(f"cache {cached['cache']}: {cached['num_samples']} samples ({how})")
+        shutil.rmtree(students, ignore_errors=True)
+        summaries = train_students(str(cache), [StudentSpec(DEMO_STUDENT, ("ce",)),
+                                                StudentSpec(DEMO_STUDENT, ("ce", "kd"))],
+                                   str(students), RunSettings(epochs=DEMO_STUDENT_EPOCHS))
+    console.print(f"demo finished in {time.perf_counter() - start:.0f} s; runs under {students}")
+    print_students(f"students distilled from {DEMO_TEACHER} on digits", summaries)
+
+
 def main() -> None:
     from pipeline.cache.manifest import CacheError
     from pipeline.data.datasets import DatasetError
     from pipeline.methods.base import MethodError
     from pipeline.teacher.model import TeacherError
+    from pipeline.train.config import TrainError
 
     try:
         app()
-    except (CacheError, DatasetError, MethodError, TeacherError) as e:
+    except (CacheError, DatasetError, MethodError, TeacherError, TrainError) as e:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
 

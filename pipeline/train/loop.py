@@ -13,6 +13,7 @@ import json
 import math
 import resource
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,34 +88,74 @@ def _to_device(targets: dict[str, Any], device: torch.device) -> dict[str, Any]:
             else v.to(device, non_blocking=True) for name, v in targets.items()}
 
 
-def train_student(config: TrainConfig) -> dict[str, Any]:
-    """Train `config.student` with `config.methods` from `config.cache`; write RUNDIR; return the summary."""
+@dataclass
+class RunSetup:
+    """Everything a run is built from, checked: what `check_run` vouches for before any training."""
+
+    cache: TeacherCache
+    val: ImageDataset
+    size: int
+    student: Student
+    methods: nn.ModuleDict
+    needs: frozenset[str]
+    identity: dict[str, Any]
+    checkpoint: dict[str, Any] | None
+
+
+def setup_run(config: TrainConfig, device: torch.device) -> RunSetup:
+    """Open and check the cache, the classes, the student, its methods, the online teacher's prerequisites
+    and the run directory (resume); every bad input is a one-line error (a ValueError subclass)."""
     s = config.settings
-    device = resolve_device(s.device)
     cache = open_cache(config.cache)
     manifest = cache.manifest
     val = load_dataset(manifest.dataset["name"], "val")
     check_classes(cache, val)
     size = s.input_size or manifest.teacher["input_size"]
-    mean, std = manifest.teacher["mean"], manifest.teacher["std"]
-
     torch.manual_seed(s.seed)
     student = Student(config.student, cache.num_classes, manifest.teacher["in_chans"], size).to(device)
     methods = build_methods(config.methods, cache, student.pooled_dim).to(device)
     needs = frozenset().union(*(m.needs for m in methods.values()))
-    online = OnlineTeacher(cache, needs, device) if s.online_teacher else None
+    if s.online_teacher:
+        OnlineTeacher.check(cache, needs)
+    identity = {**config.identity(), "cache_fingerprint": cache_fingerprint(cache)}
+    checkpoint = RunDir(config.out).load_checkpoint(config, identity)
+    return RunSetup(cache, val, size, student, methods, needs, identity, checkpoint)
+
+
+def check_run(config: TrainConfig) -> None:
+    """Fail fast, before any orchestration starts, on what `train_student` would refuse."""
+    setup_run(config, torch.device("cpu"))
+
+
+def train_student(config: TrainConfig) -> dict[str, Any]:
+    """Train `config.student` with `config.methods` from `config.cache`; write RUNDIR; return the summary.
+
+    The summary (also RUNDIR/summary.json, DESIGN.md §10): student, methods, seed, epochs, val_accuracy
+    (0..1, view 0 of the val split), train_seconds (training epochs, evaluation excluded),
+    mean_step_seconds (wall time per optimiser step including waiting for data and, online, the teacher;
+    each epoch's first step, which waits for the loader to start, is left out), peak_rss_bytes (this
+    process or a finished DataLoader worker, whichever peaked higher; a flow training several students in
+    one process reports the process's peak so far), cache, online_teacher, params (student parameters),
+    and teacher, dataset, num_samples, input_size, batch_size, steps, final_loss, device, out.
+    """
+    s = config.settings
+    device = resolve_device(s.device)
+    setup = setup_run(config, device)
+    cache, val, size, student, methods = setup.cache, setup.val, setup.size, setup.student, setup.methods
+    manifest = cache.manifest
+    mean, std = manifest.teacher["mean"], manifest.teacher["std"]
+    online = OnlineTeacher(cache, setup.needs, device) if s.online_teacher else None
     teacher_size = online.input_size if online is not None and online.input_size != size else None
-    stream = CacheStream(cache, size, frozenset() if online else needs, s.seed, s.shuffle_buffer, teacher_size)
+    stream = CacheStream(cache, size, frozenset() if online else setup.needs, s.seed, s.shuffle_buffer, teacher_size)
     steps = stream.batches_per_epoch(s.batch_size, s.workers)
     params = [p for p in [*student.parameters(), *methods.parameters()] if p.requires_grad]
     optimizer = build_optimizer(params, s.optim)
     schedule = cosine_schedule(optimizer, s.epochs * steps, round(s.optim.warmup_epochs * steps))
 
     run = RunDir(config.out)
-    identity = {**config.identity(), "cache_fingerprint": cache_fingerprint(cache)}
     state: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "step_seconds_sum": 0.0,
                              "step_count": 0, "val_accuracy": None, "loss": None}
-    ckpt = run.load_checkpoint(config, identity)
+    ckpt = setup.checkpoint
     if ckpt is not None:
         student.model.load_state_dict(ckpt["student"])
         methods.load_state_dict(ckpt["methods"])
@@ -144,16 +185,16 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
                     outputs = student(x)
                     terms = {k: v for m in methods.values() for k, v in m(outputs, targets, y, progress).items()}
                 loss = torch.stack([t.float() for t in terms.values()]).sum()
+                values = {k: v.item() for k, v in terms.items()}
+                if not math.isfinite(loss.item()):  # stop before the update spoils the weights and the checkpoint
+                    raise TrainError(f"{label}: loss is {loss.item()} at epoch {epoch} step {step} ({values}); "
+                                     f"lower --lr or set --clip-grad")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if s.optim.clip_grad is not None:
                     nn.utils.clip_grad_norm_(params, s.optim.clip_grad)
                 optimizer.step()
                 schedule.step()
-                values = {k: v.item() for k, v in terms.items()}
-                if not math.isfinite(loss.item()):
-                    raise TrainError(f"{label}: loss is {loss.item()} at epoch {epoch} step {step} ({values}); "
-                                     f"lower --lr or set --clip-grad")
                 now = time.perf_counter()
                 if step > 0:  # the first step of an epoch waits for the workers to start and the buffer to fill
                     state["step_seconds_sum"] += now - last
@@ -173,7 +214,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
             state["epoch"] = epoch + 1
             run.log(records + [{"kind": "epoch", "epoch": epoch, "step": state["step"], "loss": state["loss"],
                                 **terms_mean, "val_accuracy": state["val_accuracy"]}])
-            run.save_checkpoint({"config": config.to_dict(), "identity": identity, "state": state,
+            run.save_checkpoint({"config": config.to_dict(), "identity": setup.identity, "state": state,
                                  "student": student.model.state_dict(), "methods": methods.state_dict(),
                                  "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
 

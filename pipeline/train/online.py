@@ -28,6 +28,15 @@ class OnlineTeacher:
     """Callable: a batch of teacher-size inputs -> the targets the cache would hold for them."""
 
     def __init__(self, cache: TeacherCache, targets: frozenset[str], device: torch.device) -> None:
+        self.spec = self.check(cache, targets)
+        self.targets, self.device = targets, device
+        self.storage = cache.manifest.storage_spec()
+        self.dtypes = {name: getattr(torch, meta["dtype"]) for name, meta in cache.manifest.arrays.items()}
+        self.teacher = build_teacher(self.spec, device)
+
+    @staticmethod
+    def check(cache: TeacherCache, targets: frozenset[str]) -> TeacherSpec:
+        """The cache's teacher spec, if it can be rebuilt live and give `targets`; else a one-line error."""
         unsupported = sorted(targets - ONLINE_TARGETS)
         if unsupported:
             raise TrainError(f"--online-teacher cannot compute {unsupported} live; train from the cache instead")
@@ -45,10 +54,7 @@ class OnlineTeacher:
         if POOLED in targets and manifest.storage["pooled_views"] != "all":
             raise TrainError("this cache stores view-0 pooled features only; --online-teacher cannot "
                              "reproduce them for augmented views")
-        self.spec, self.targets, self.device = spec, targets, device
-        self.storage = manifest.storage_spec()
-        self.dtypes = {name: getattr(torch, meta["dtype"]) for name, meta in manifest.arrays.items()}
-        self.teacher = build_teacher(spec, device)
+        return spec
 
     @property
     def input_size(self) -> int:

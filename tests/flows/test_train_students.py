@@ -1,0 +1,64 @@
+"""`distillery train` and the `train-students` flow on a real local Prefect server."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    from flows.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["distillery", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().out
+
+
+def test_train_maps_students_over_one_cache_and_publishes_a_comparison(prefect_harness, digits_cache: Path,
+                                                                       tmp_path: Path, monkeypatch, capsys) -> None:
+    from prefect.client.orchestration import get_client
+
+    code, out = _run_cli(monkeypatch, capsys, "train", "--cache", str(digits_cache), "--student", "test_resnet",
+                         "--student", "test_convnext", "--method", "ce", "--method", "kd:T=2", "--epochs", "1",
+                         "--seed", "4", "--workers", "0", "--out", str(tmp_path / "runs"))
+    assert code == 0, out
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["test_convnext-ce+kd-T2-s4", "test_resnet-ce+kd-T2-s4"]
+    for run in runs:
+        summary = json.loads((tmp_path / "runs" / run / "summary.json").read_text())
+        assert summary["methods"] == ["ce", "kd:T=2"] and summary["seed"] == 4 and summary["epochs"] == 1
+        assert {"config.json", "metrics.jsonl", "student.pt", "checkpoint.pt"} <= {
+            p.name for p in (tmp_path / "runs" / run).iterdir()}
+    # The comparison table comes last.
+    last = out.strip().splitlines()[-8:]
+    assert any("test_resnet" in line and "ce+kd:T=2" in line for line in last)
+    assert any("test_convnext" in line for line in last)
+
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", "/artifacts/filter",
+                                  json={"artifacts": {"key": {"any_": ["train-students"]}}, "limit": 10})
+    [artifact] = response.json()
+    assert artifact["type"] == "table"
+    for column in ("student", "methods", "val_accuracy", "train_seconds", "params"):
+        assert column in artifact["data"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "ce", "--method", "wkd"], "unknown method 'wkd'"),
+    (["--method", "ce", "--lr", "0"], "--lr must be > 0"),
+    (["--method", "ce", "--epochs", "0"], "--epochs must be >= 1"),
+])
+def test_bad_input_is_one_line_before_any_flow_runs(digits_cache: Path, tmp_path: Path, monkeypatch, capsys,
+                                                    args, message) -> None:
+    code, out = _run_cli(monkeypatch, capsys, "train", "--cache", str(digits_cache), "--student", "test_resnet",
+                         "--out", str(tmp_path / "run"), *args)
+    assert code == 2
+    assert out.strip().count("\n") == 0 and message in out and out.startswith("error:")
+    assert not (tmp_path / "run").exists()

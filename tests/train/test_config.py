@@ -1,0 +1,46 @@
+"""Run configs: sweeps -> run directories, resume identity, JSON round trips, option checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.train.config import RunSettings, StudentSpec, TrainConfig, TrainError, plan_runs
+from pipeline.train.optim import OptimConfig
+
+
+def test_one_student_writes_into_out_several_into_named_subdirectories() -> None:
+    settings = RunSettings(seed=3)
+    [single] = plan_runs("c", [StudentSpec("resnet18", ("ce",))], "runs/x", settings)
+    assert single.out == "runs/x" and single.methods == ("ce",)
+    runs = plan_runs("c", [StudentSpec("resnet18", ("ce",)), StudentSpec("resnet18", ("ce", "kd:T=2,alpha=0.5"))],
+                     "runs/x", settings)
+    assert [r.out for r in runs] == ["runs/x/resnet18-ce-s3", "runs/x/resnet18-ce+kd-T2-alpha0.5-s3"]
+    with pytest.raises(TrainError, match="listed twice"):
+        plan_runs("c", [StudentSpec("a", ("ce",)), StudentSpec("a", ("ce",))], "o", settings)
+    with pytest.raises(TrainError, match="no student"):
+        plan_runs("c", [], "o", settings)
+
+
+def test_config_round_trips_through_json_and_identity_ignores_only_where_and_on_what() -> None:
+    cfg = TrainConfig("c", "s", ("ce", "kd"), "o", RunSettings(optim=OptimConfig(lr=0.1, clip_grad=1.0)))
+    assert TrainConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
+    moved = TrainConfig("c", "s", ("ce", "kd"), "elsewhere", RunSettings(optim=OptimConfig(lr=0.1, clip_grad=1.0),
+                                                                        device="cuda", resume=True))
+    assert moved.identity() == cfg.identity()
+    assert TrainConfig("c", "s", ("ce", "kd"), "o", RunSettings(workers=2)).identity() != cfg.identity()
+
+
+@pytest.mark.parametrize("bad, match", [({"epochs": 0}, "--epochs must be >= 1"),
+                                        ({"batch_size": 0}, "--batch-size must be >= 1"),
+                                        ({"seed": -1}, "--seed must be >= 0"),
+                                        ({"input_size": 4}, "--input-size must be >= 8")])
+def test_bad_settings_are_one_line_errors(bad, match) -> None:
+    with pytest.raises(TrainError, match=match):
+        RunSettings(**bad)
+
+
+def test_a_student_needs_a_method() -> None:
+    with pytest.raises(TrainError, match="has no --method"):
+        StudentSpec("resnet18", ())

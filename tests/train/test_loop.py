@@ -1,0 +1,135 @@
+"""`train_student`: the run directory of DESIGN.md §10, exact resume, and one-line refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from pipeline.cache.manifest import CacheError
+from pipeline.methods import MethodError
+from pipeline.train.config import RunSettings, TrainConfig, TrainError
+from pipeline.train.loop import check_run, train_student
+from pipeline.train.rundir import RunDir
+
+STUDENT = "test_resnet"
+SUMMARY_KEYS = {"student", "methods", "seed", "epochs", "val_accuracy", "train_seconds", "mean_step_seconds",
+                "peak_rss_bytes", "cache", "online_teacher", "params"}
+
+
+def config(cache: Path, out: Path, methods=("ce", "kd"), **settings) -> TrainConfig:
+    settings = {"epochs": 1, "batch_size": 32, "workers": 0, **settings}
+    return TrainConfig(str(cache), STUDENT, tuple(methods), str(out), RunSettings(**settings))
+
+
+def _lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_holds_config_metrics_summary_and_plain_student_weights(make_cache, tmp_path: Path) -> None:
+    cache = make_cache(n=100)
+    cfg = config(cache, tmp_path / "run", methods=("ce", "kd:T=2", "fitnet:weight=0.5", "dkd:warmup=0"))
+    summary = train_student(cfg)
+
+    run = tmp_path / "run"
+    assert TrainConfig(**json.loads((run / "config.json").read_text())) == cfg
+    assert SUMMARY_KEYS <= set(summary) and json.loads((run / "summary.json").read_text()) == summary
+    assert 0 <= summary["val_accuracy"] <= 1 and summary["online_teacher"] is False
+    assert summary["methods"] == ["ce", "kd:T=2", "fitnet:weight=0.5", "dkd:warmup=0"]
+    assert summary["mean_step_seconds"] > 0 and summary["peak_rss_bytes"] > 0 and summary["steps"] == 4
+
+    lines = _lines(run)
+    steps, epochs = [r for r in lines if r["kind"] == "step"], [r for r in lines if r["kind"] == "epoch"]
+    assert [r["step"] for r in steps] == [0, 1, 2, 3] and len(epochs) == 1
+    for r in steps:
+        terms = r["ce"] + r["kd"] + r["fitnet"] + r["dkd_tckd"] + r["dkd_nckd"]
+        assert r["loss"] == pytest.approx(terms, rel=1e-5) and r["epoch"] == 0
+    assert epochs[0]["val_accuracy"] == summary["val_accuracy"]
+
+    # student.pt is a plain timm state dict: the FitNet map is training-only.
+    state = torch.load(run / "student.pt", weights_only=True)
+    timm.create_model(STUDENT, num_classes=10, in_chans=1).load_state_dict(state, strict=True)
+
+
+def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(make_cache, tmp_path: Path, monkeypatch) -> None:
+    cache = make_cache(n=96)
+    whole = train_student(config(cache, tmp_path / "whole", epochs=2))
+
+    save = RunDir.save_checkpoint
+
+    def killed_after_first_epoch(self: RunDir, state: dict) -> None:
+        save(self, state)
+        if state["state"]["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_student(config(cache, tmp_path / "killed", epochs=2))
+    monkeypatch.undo()
+    resumed = train_student(config(cache, tmp_path / "killed", epochs=2, resume=True, device="cpu"))
+
+    assert resumed["val_accuracy"] == whole["val_accuracy"] and resumed["steps"] == whole["steps"]
+    drop = ("step_seconds",)
+    strip = lambda run: [{k: v for k, v in r.items() if k not in drop} for r in _lines(run)]  # noqa: E731
+    assert strip(tmp_path / "killed") == strip(tmp_path / "whole")
+    a, b = (torch.load(tmp_path / run / "student.pt", weights_only=True) for run in ("whole", "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_config_and_a_fresh_run_never_overwrites(make_cache, tmp_path: Path) -> None:
+    cache = make_cache(n=64)
+    train_student(config(cache, tmp_path / "run"))
+    with pytest.raises(TrainError, match="already holds a run; pass --resume"):
+        check_run(config(cache, tmp_path / "run"))
+    with pytest.raises(TrainError, match=r"different settings\.seed \(cache: 0, requested: 1\)"):
+        check_run(config(cache, tmp_path / "run", seed=1, resume=True))
+    with pytest.raises(TrainError, match="different methods"):
+        check_run(config(cache, tmp_path / "run", methods=("ce",), resume=True))
+    # The same config resumes a finished run: nothing left to train, the same summary again.
+    again = train_student(config(cache, tmp_path / "run", resume=True))
+    assert again["steps"] == 2 and len(_lines(tmp_path / "run")) == 3
+
+
+def test_refuses_a_partial_cache_and_one_that_fails_its_checksums(make_cache, tmp_path: Path) -> None:
+    cache = make_cache(n=64)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(cache, corrupt)
+    shard = corrupt / "shards" / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"x")
+    with pytest.raises(CacheError, match="shard 0: .* fails its sha256"):
+        check_run(config(corrupt, tmp_path / "a"))
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps({**manifest, "status": "partial"}))
+    with pytest.raises(CacheError, match="partial cache"):
+        check_run(config(cache, tmp_path / "b"))
+
+
+def _edit_manifest(root: Path, section: str, **changes) -> None:
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest[section].update(changes)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_refuses_class_mismatch_zero_views_and_methods_the_cache_cannot_serve(make_cache, tmp_path: Path) -> None:
+    mismatch = make_cache("mismatch", n=64)
+    _edit_manifest(mismatch, "dataset", num_classes=5, class_names=list("01234"))
+    with pytest.raises(TrainError, match="class mismatch: the cache .* has 5 classes, the digits val split has 10"):
+        check_run(config(mismatch, tmp_path / "a"))
+
+    no_views = make_cache("no-views", n=64)
+    _edit_manifest(no_views, "views", num_augmented=-1)
+    with pytest.raises(CacheError, match="stores 0 views per sample"):
+        check_run(config(no_views, tmp_path / "b"))
+
+    headless = make_cache("headless", n=64, logits="none")
+    with pytest.raises(MethodError, match="'kd' needs teacher logits.*--logits dense"):
+        check_run(config(headless, tmp_path / "c"))
+    with pytest.raises(MethodError, match="'kd' is given twice"):
+        check_run(config(make_cache("twice", n=64), tmp_path / "d", methods=("ce", "kd", "kd:T=2")))
+    with pytest.raises(TrainError, match="has no checkpoint"):
+        check_run(config(make_cache("random-teacher", n=64), tmp_path / "e", online_teacher=True))

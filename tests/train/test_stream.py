@@ -1,0 +1,122 @@
+"""The training stream: the right view's targets with the exactly re-rendered input, reproducibly, in
+bounded memory (DESIGN.md §2-§4)."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache.store import TeacherCache
+from pipeline.data.views import ViewPlan, epoch_views, render_view
+from pipeline.methods.base import GAUSSIAN, LOGITS, POOLED
+from pipeline.train.stream import CacheStream, split_shards
+
+ALL = frozenset({LOGITS, POOLED, GAUSSIAN})
+
+
+def _epoch(stream: CacheStream, epoch: int = 0, batch_size: int = 16, workers: int = 0) -> list[dict]:
+    return list(stream.loader(epoch, batch_size, workers))
+
+
+def _cat(batches: list[dict], key: str) -> torch.Tensor:
+    return torch.cat([b[key] for b in batches])
+
+
+@pytest.mark.parametrize("logits", ["dense", "topk:3"])
+def test_each_sample_once_with_its_epoch_view_rendered_and_that_views_targets(make_cache, logits) -> None:
+    cache = TeacherCache(make_cache(logits=logits))
+    stream = CacheStream(cache, size=12, targets=ALL, seed=5)
+    batches = _epoch(stream, epoch=2)
+    ids, views = _cat(batches, "id").numpy(), _cat(batches, "view").numpy()
+    stored_ids = cache.read("samples/ids")
+    assert sorted(ids) == sorted(stored_ids)
+    np.testing.assert_array_equal(views, epoch_views(5, 2, ids, cache.num_views))
+    assert len(set(views)) == cache.num_views  # the stream really uses the augmented views
+
+    rows = np.searchsorted(stored_ids, ids)
+    dense = cache.dense_logits()
+    np.testing.assert_array_equal(_cat(batches, "label").numpy(), cache.read("samples/labels")[rows])
+    np.testing.assert_array_equal(torch.cat([b["targets"][LOGITS] for b in batches]).numpy(), dense[rows, views])
+    np.testing.assert_array_equal(torch.cat([b["targets"][POOLED] for b in batches]).numpy(),
+                                  cache.read("features/pooled")[rows, views].astype(np.float32))
+    for k, name in enumerate(("gaussian/mean", "gaussian/std")):
+        got = torch.cat([b["targets"][GAUSSIAN][k] for b in batches]).numpy()
+        np.testing.assert_array_equal(got, cache.read(name)[rows, views].astype(np.float32))
+    assert all(b["targets"][LOGITS].dtype == torch.float32 for b in batches)
+
+    # The input is the cached view re-rendered by the teacher's own function, at the student's size.
+    plan = ViewPlan.from_dict(cache.manifest.views)
+    b, i = batches[1], 3
+    raw = _raw(cache, int(b["id"][i]))
+    expected = render_view(raw, plan.params(int(b["id"][i]), int(b["view"][i])), 12, [0.3], [0.4])
+    torch.testing.assert_close(b["input"][i], expected, rtol=0, atol=0)
+
+
+def _raw(cache: TeacherCache, sample_id: int) -> np.ndarray:
+    """The raw image of one sample, read back through a separate pass over the shards."""
+    from pipeline.cache.store import decode_block, iter_tar_members, unpack_raw
+
+    for path in cache.shard_paths():
+        for _, data in iter_tar_members(path):
+            block = decode_block(data)
+            hits = np.flatnonzero(block["samples.ids"] == sample_id)
+            if len(hits):
+                return unpack_raw(block["raw"], block["raw_hw"], int(hits[0]))
+    raise KeyError(sample_id)
+
+
+def test_view_zero_only_pooled_features_serve_view_zero(make_cache) -> None:
+    cache = TeacherCache(make_cache(pooled_views="first"))
+    batches = _epoch(CacheStream(cache, size=8, targets=frozenset({POOLED}), seed=0))
+    rows = np.searchsorted(cache.read("samples/ids"), _cat(batches, "id").numpy())
+    np.testing.assert_array_equal(torch.cat([b["targets"][POOLED] for b in batches]).numpy(),
+                                  cache.read("features/pooled")[rows, 0].astype(np.float32))
+    assert set(batches[0]["targets"]) == {POOLED}
+
+
+def test_order_is_reproducible_per_seed_and_epoch_and_independent_of_targets(make_cache) -> None:
+    cache = TeacherCache(make_cache())
+    order = lambda stream, epoch: _cat(_epoch(stream, epoch), "id").tolist()  # noqa: E731
+    a = CacheStream(cache, size=8, targets=ALL, seed=1, shuffle_buffer=64)
+    bare = CacheStream(cache, size=8, targets=frozenset(), seed=1, shuffle_buffer=64, teacher_size=16)
+    assert order(a, 0) == order(a, 0) == order(bare, 0)
+    assert order(a, 0) != order(a, 1)
+    assert order(a, 0) != order(CacheStream(cache, size=8, targets=ALL, seed=2, shuffle_buffer=64), 0)
+    batch = _epoch(bare)[0]
+    assert batch["targets"] == {} and batch["teacher_input"].shape[-1] == 16 and batch["input"].shape[-1] == 8
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_per_epoch_is_exact(make_cache, workers) -> None:
+    cache = TeacherCache(make_cache(n=230, shard_size=60))
+    stream = CacheStream(cache, size=8, targets=frozenset({LOGITS}), seed=0)
+    batches = _epoch(stream, batch_size=16, workers=workers)
+    assert len(batches) == stream.batches_per_epoch(16, workers)
+    assert sorted(_cat(batches, "id").tolist()) == sorted(cache.read("samples/ids").tolist())
+
+
+def test_split_shards_follows_webdataset_node_then_worker_order() -> None:
+    assert split_shards([1, 2, 3, 4, 5], rank=0, world_size=1, workers=2) == [[1, 3, 5], [2, 4]]
+    assert split_shards([1, 2, 3, 4, 5], rank=1, world_size=2, workers=2) == [[2], [4]]
+    assert split_shards([1, 2], rank=0, world_size=1, workers=8) == [[1], [2]]  # no idle workers
+
+
+def _peak_traced_bytes(stream: CacheStream) -> int:
+    for _ in stream.loader(0, 32, 0):  # warm-up: first-use allocations of torch, numpy and webdataset
+        pass
+    tracemalloc.start()
+    for _ in stream.loader(0, 32, 0):
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_memory_does_not_grow_with_the_number_of_samples(make_cache) -> None:
+    # 10x the samples; anything holding the epoch (or the cache) in memory would grow ~10x.
+    small = CacheStream(TeacherCache(make_cache("small", n=300)), size=8, targets=ALL, seed=0, shuffle_buffer=64)
+    large = CacheStream(TeacherCache(make_cache("large", n=3000)), size=8, targets=ALL, seed=0, shuffle_buffer=64)
+    assert _peak_traced_bytes(large) < 2 * _peak_traced_bytes(small)
