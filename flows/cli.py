@@ -238,8 +238,11 @@ def print_students(title: str, summaries: list[dict]) -> None:
     print_table(title, rows)
 
 
-DEMO_TEACHER, DEMO_TEACHER_EPOCHS = "resnet10t", 10
-DEMO_STUDENT, DEMO_STUDENT_EPOCHS = "test_resnet", 4
+# The demo: a teacher fitted on all 1,437 digits, a student that sees only a stratified 300 of them.
+# Few labels is where a patient teacher's soft targets on many views pay most (resnet10t: ~98 % in 20
+# epochs, ~80 s on 2 CPU cores; test_resnet: 0.37 M parameters, ~10 s for 20 epochs of 300 samples).
+DEMO_TEACHER, DEMO_TEACHER_EPOCHS = "resnet10t", 20
+DEMO_STUDENT, DEMO_STUDENT_EPOCHS, DEMO_LABELS, DEMO_VIEWS = "test_resnet", 20, 300, 4
 
 
 @app.command("demo")
@@ -253,27 +256,31 @@ def demo_cmd(
     from flows.train_students import train_students
     from pipeline.teacher.cache_pass import CacheRequest
     from pipeline.teacher.fit import FitConfig, fit_teacher
+    from pipeline.teacher.model import load_checkpoint
     from pipeline.train.config import RunSettings, StudentSpec
 
     start = time.perf_counter()
     checkpoint, cache, students = out / "teacher.pt", out / "cache", out / "students"
     with show_progress():
-        if not checkpoint.exists():
+        fitted_with = load_checkpoint(checkpoint)["config"] if checkpoint.exists() else {}
+        if (fitted_with.get("model"), fitted_with.get("epochs")) != (DEMO_TEACHER, DEMO_TEACHER_EPOCHS):
+            shutil.rmtree(out, ignore_errors=True)  # an earlier demo's teacher, cache and students
             fitted = fit_teacher(FitConfig(dataset="digits", model=DEMO_TEACHER, out=str(checkpoint),
                                            epochs=DEMO_TEACHER_EPOCHS))
-            console.print(f"teacher {DEMO_TEACHER}: val accuracy {fitted['val_accuracy']:.4f} "
-                          f"({fitted['train_seconds']:.0f} s)")
-            shutil.rmtree(cache, ignore_errors=True)  # made by an earlier teacher
+            console.print(f"teacher {DEMO_TEACHER} fitted on all {fitted['num_samples']} training digits: "
+                          f"val accuracy {fitted['val_accuracy']:.2%} ({fitted['train_seconds']:.0f} s)")
         cached = cache_teacher(CacheRequest(dataset="digits", teacher=DEMO_TEACHER, checkpoint=str(checkpoint),
-                                            out=str(cache)))
+                                            out=str(cache), subset=DEMO_LABELS, views=DEMO_VIEWS))
         how = "reused" if cached["written_shards"] == 0 else f"teacher pass {cached['pass_seconds']:.0f} s"
-        console.print(f"cache {cached['cache']}: {cached['num_samples']} samples ({how})")
+        console.print(f"cache {cached['cache']}: {cached['num_samples']} labelled samples x {DEMO_VIEWS + 1} "
+                      f"views ({how})")
         shutil.rmtree(students, ignore_errors=True)
         summaries = train_students(str(cache), [StudentSpec(DEMO_STUDENT, ("ce",)),
                                                 StudentSpec(DEMO_STUDENT, ("ce", "kd"))],
                                    str(students), RunSettings(epochs=DEMO_STUDENT_EPOCHS))
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s; runs under {students}")
-    print_students(f"students distilled from {DEMO_TEACHER} on digits", summaries)
+    print_students(f"{DEMO_STUDENT} on {DEMO_LABELS} labelled digits, {DEMO_STUDENT_EPOCHS} epochs, "
+                   f"distilled from the cached {DEMO_TEACHER} (accuracy on the digits val split)", summaries)
 
 
 def main() -> None:
@@ -286,7 +293,7 @@ def main() -> None:
     try:
         app()
     except (CacheError, DatasetError, MethodError, TeacherError, TrainError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
