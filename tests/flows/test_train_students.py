@@ -18,7 +18,8 @@ def _run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         code = 0
     except SystemExit as e:
         code = int(e.code or 0)
-    return code, capsys.readouterr().out
+    captured = capsys.readouterr()  # errors go to stderr, results to stdout
+    return code, captured.out + captured.err
 
 
 def test_train_maps_students_over_one_cache_and_publishes_a_comparison(prefect_harness, digits_cache: Path,
