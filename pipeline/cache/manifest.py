@@ -138,18 +138,22 @@ class Manifest:
         return cls(**data)
 
 
-def identity_mismatch(stored: dict[str, Any], requested: dict[str, Any], prefix: str = "") -> str | None:
-    """The dotted name of the first field that differs between two identities, or None if equal."""
+def identity_mismatch(stored: dict[str, Any], requested: dict[str, Any], prefix: str = "",
+                      stored_as: str = "cache") -> str | None:
+    """The dotted name of the first field that differs between two identities, or None if equal.
+
+    `stored_as` names the stored side in the message (a cache, or a student run's checkpoint).
+    """
     # Section order (teacher, dataset, views, storage) so the root cause is named, not a consequence.
     for key in [*stored, *(k for k in requested if k not in stored)]:
         a, b = stored.get(key), requested.get(key)
         name = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
-            found = identity_mismatch(a, b, prefix=f"{name}.")
+            found = identity_mismatch(a, b, prefix=f"{name}.", stored_as=stored_as)
             if found:
                 return found
         elif a != b:
-            return f"{name} (cache: {_short(a)}, requested: {_short(b)})"
+            return f"{name} ({stored_as}: {_short(a)}, requested: {_short(b)})"
     return None
 
 

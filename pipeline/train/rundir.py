@@ -53,7 +53,7 @@ class RunDir:
         if not ckpt_path.exists():
             return None
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        diff = identity_mismatch(ckpt["identity"], identity)
+        diff = identity_mismatch(ckpt["identity"], identity, stored_as="checkpoint")
         if diff:
             raise TrainError(f"cannot --resume {self.path}: its checkpoint was made with a different {diff}; "
                              f"use the same options or another --out")

@@ -85,7 +85,7 @@ def test_resume_refuses_another_config_and_a_fresh_run_never_overwrites(make_cac
     train_student(config(cache, tmp_path / "run"))
     with pytest.raises(TrainError, match="already holds a run; pass --resume"):
         check_run(config(cache, tmp_path / "run"))
-    with pytest.raises(TrainError, match=r"different settings\.seed \(cache: 0, requested: 1\)"):
+    with pytest.raises(TrainError, match=r"different settings\.seed \(checkpoint: 0, requested: 1\)"):
         check_run(config(cache, tmp_path / "run", seed=1, resume=True))
     with pytest.raises(TrainError, match="different methods"):
         check_run(config(cache, tmp_path / "run", methods=("ce",), resume=True))
