@@ -287,6 +287,22 @@ class TeacherCache(_CacheFiles):
         found.discard("logits_topk")
         return frozenset(found)
 
+    def target_shapes(self, targets: frozenset[str]) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape of each logical target served (batch axis left out): logits (C,), pooled (D,),
+        gaussian (G*G, Cf) (shape of the mean; the std has the same), lsh_codes (bits/8,)."""
+        shapes = {}
+        for target in targets:
+            if target == "logits":
+                shapes[target] = (self.num_classes,)
+            else:
+                shapes[target] = tuple(self.manifest.arrays[TARGET_ARRAYS[target][0]]["shape"][2:])
+        return shapes
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """The dataset-level arrays (`stats/...`, DESIGN.md §4), keyed without the `stats/` prefix."""
+        names = [n for n in self.manifest.stats.get("arrays", []) if n.startswith("stats/")]
+        return {n.removeprefix("stats/"): torch.from_numpy(self.read(n)) for n in names}
+
     def shard_paths(self) -> list[Path]:
         return [self.root / s["file"] for s in self.manifest.shards]
 

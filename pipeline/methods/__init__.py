@@ -1,6 +1,6 @@
 """Distillation methods: one module per method, each registered by name (DESIGN.md §6).
 
-Build one with ``create_method("kd:T=2,alpha=0.5", cache_info, student_dim)``; a run sums the loss
+Build one with ``create_method("kd:T=2,alpha=0.5", cache_info, student_info)``; a run sums the loss
 terms of all its methods. Adding a method means adding a module here and importing it below.
 """
 from . import ce, dkd, fitnet, kd  # noqa: F401  (imported for their registrations)
@@ -13,9 +13,11 @@ from .base import (
     CacheInfo,
     Method,
     MethodError,
+    StudentInfo,
     StudentOutputs,
     TrainingProgress,
     create_method,
+    method_class,
     list_methods,
     register_method,
 )
@@ -29,9 +31,11 @@ __all__ = [
     "CacheInfo",
     "Method",
     "MethodError",
+    "StudentInfo",
     "StudentOutputs",
     "TrainingProgress",
     "create_method",
+    "method_class",
     "list_methods",
     "register_method",
 ]

@@ -33,9 +33,11 @@ __all__ = [
     "StudentOutputs",
     "TrainingProgress",
     "CacheInfo",
+    "StudentInfo",
     "Method",
     "register_method",
     "parse_method_spec",
+    "method_class",
     "create_method",
     "list_methods",
 ]
@@ -140,11 +142,19 @@ class CacheInfo:
 
     ``available`` holds the logical target names the cache's loader can serve; ``pooled_dim`` is the
     teacher's pooled feature size D_t, required whenever :data:`POOLED` is available.
+    ``target_shapes`` gives each served target's per-sample shape (batch axis left out; for
+    :data:`GAUSSIAN` the shape of the mean, ``(G*G, Cf)``). ``statistics`` holds the cache's
+    dataset-level arrays (§4 ``stats/...``, keyed without the ``stats/`` prefix, e.g. ``pca/components``)
+    as float32/int64 tensors. ``root`` is the cache directory, for methods that load a stored file
+    through the cache's readers (ScaleKD's teacher tail); None when the info is built by hand.
     """
 
     num_classes: int
     pooled_dim: int | None
     available: frozenset[str]
+    target_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    statistics: Mapping[str, Tensor] = field(default_factory=dict)
+    root: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -153,18 +163,43 @@ class CacheInfo:
             raise ValueError(f"a cache serving {POOLED!r} needs a positive pooled_dim, got {self.pooled_dim}")
 
 
+@dataclass(frozen=True)
+class StudentInfo:
+    """What a method may know about the student when it is built.
+
+    ``pooled_dim`` is the student's pre-logit width D_s. ``taps`` maps each stage index a method asked
+    for in ``student_taps`` (``-1`` = deepest stage, ``-2`` the one before, ...) to the stage's name,
+    and ``feature_shapes`` maps that name to the (C, H, W) of its map at the training input size; the
+    map itself arrives in :attr:`StudentOutputs.feature_maps` under the same name.
+    """
+
+    pooled_dim: int
+    taps: Mapping[int, str] = field(default_factory=dict)
+    feature_shapes: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pooled_dim < 1:
+            raise ValueError(f"pooled_dim must be >= 1, got {self.pooled_dim}")
+        missing = sorted(set(self.taps.values()) - self.feature_shapes.keys())
+        if missing:
+            raise ValueError(f"no feature shape for tapped stages {missing}")
+
+
 class Method(torch.nn.Module, metaclass=abc.ABCMeta):
     """Base class of every distillation method.
 
     Subclasses set ``name`` and ``needs``, declare their options as keyword-only ``__init__``
     arguments with defaults (bool, int, float or str), and create learnable parts (projectors,
     maps) in ``__init__`` so that the optimiser trains them together with the student.
+    ``student_taps`` lists the student stages (indices from the deepest, ``-1``) whose feature maps
+    the method reads; the run taps the union over its methods (see :class:`StudentInfo`).
     """
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
+    student_taps: ClassVar[tuple[int, ...]] = ()
 
-    def __init__(self, cache: CacheInfo, student_dim: int) -> None:
+    def __init__(self, cache: CacheInfo, student: StudentInfo) -> None:
         super().__init__()
         # Checked here rather than in create_method so that direct construction cannot skip it.
         self.check_cache(cache)
@@ -207,7 +242,7 @@ _M = TypeVar("_M", bound=type[Method])
 
 
 def _option_parameters(cls: type[Method]) -> list[inspect.Parameter]:
-    # Everything after (self, cache, student_dim) is an option.
+    # Everything after (self, cache, student) is an option.
     return list(inspect.signature(cls.__init__).parameters.values())[3:]
 
 
@@ -221,6 +256,8 @@ def register_method(cls: _M) -> _M:
         raise TypeError(f"{cls.__qualname__} must set a non-empty class attribute `name` without ':'")
     if name in _REGISTRY:
         raise TypeError(f"method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+    if any(not isinstance(t, int) or t >= 0 for t in cls.student_taps):
+        raise TypeError(f"method {name!r}: student_taps are negative stage indices (-1 = deepest stage)")
     unknown = cls.needs - TARGET_SOURCES.keys()
     if unknown:
         raise TypeError(
@@ -265,16 +302,22 @@ def _convert(method: str, key: str, raw: str, default: bool | int | float | str)
         ) from None
 
 
-def create_method(spec: str, cache: CacheInfo, student_dim: int) -> Method:
+def method_class(spec: str) -> type[Method]:
+    """The registered class named by ``spec`` (options ignored), or :class:`MethodError`."""
+    name, _ = parse_method_spec(spec)
+    if name not in _REGISTRY:
+        raise MethodError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}")
+    return _REGISTRY[name]
+
+
+def create_method(spec: str, cache: CacheInfo, student: StudentInfo) -> Method:
     """Build the method named by ``spec`` (``name`` or ``name:key=value,...``) for ``cache``.
 
     Raises :class:`MethodError` for an unknown method or option, a value of the wrong type, or a
     cache that lacks a target the method needs.
     """
     name, raw = parse_method_spec(spec)
-    if name not in _REGISTRY:
-        raise MethodError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}")
-    cls = _REGISTRY[name]
+    cls = method_class(spec)
     defaults = cls.options()
     unknown = sorted(raw.keys() - defaults.keys())
     if unknown:
@@ -284,7 +327,7 @@ def create_method(spec: str, cache: CacheInfo, student_dim: int) -> Method:
             f"{', '.join(map(repr, unknown))}; valid options: {valid}"
         )
     options = {k: _convert(name, k, v, defaults[k]) for k, v in raw.items()}
-    return cls(cache, student_dim, **options)
+    return cls(cache, student, **options)
 
 
 def list_methods() -> list[str]:

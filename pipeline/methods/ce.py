@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import CacheInfo, Method, StudentOutputs, Targets, TrainingProgress, register_method
+from .base import CacheInfo, Method, StudentInfo, StudentOutputs, Targets, TrainingProgress, register_method
 
 
 @register_method
@@ -15,9 +15,9 @@ class CrossEntropy(Method):
     needs = frozenset()
 
     def __init__(
-        self, cache: CacheInfo, student_dim: int, *, label_smoothing: float = 0.0, weight: float = 1.0
+        self, cache: CacheInfo, student: StudentInfo, *, label_smoothing: float = 0.0, weight: float = 1.0
     ) -> None:
-        super().__init__(cache, student_dim)
+        super().__init__(cache, student)
         self.label_smoothing = label_smoothing
         self.weight = weight
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from .base import (
     LOGITS,
     CacheInfo,
+    StudentInfo,
     Method,
     MethodError,
     StudentOutputs,
@@ -97,14 +98,14 @@ class DKD(Method):
     def __init__(
         self,
         cache: CacheInfo,
-        student_dim: int,
+        student: StudentInfo,
         *,
         alpha: float = 1.0,
         beta: float = 8.0,
         T: float = 4.0,
         warmup: float = 20.0,
     ) -> None:
-        super().__init__(cache, student_dim)
+        super().__init__(cache, student)
         if cache.num_classes < 2:
             raise MethodError(f"method 'dkd' needs at least 2 classes, the cache has {cache.num_classes}")
         self.alpha = alpha

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from .base import (
     POOLED,
     CacheInfo,
+    StudentInfo,
     Method,
     StudentOutputs,
     Targets,
@@ -27,10 +28,10 @@ class FitNet(Method):
     name = "fitnet"
     needs = frozenset({POOLED})
 
-    def __init__(self, cache: CacheInfo, student_dim: int, *, weight: float = 1.0) -> None:
-        super().__init__(cache, student_dim)
+    def __init__(self, cache: CacheInfo, student: StudentInfo, *, weight: float = 1.0) -> None:
+        super().__init__(cache, student)
         assert cache.pooled_dim is not None  # guaranteed by CacheInfo once POOLED is available
-        self.map = nn.Linear(student_dim, cache.pooled_dim)
+        self.map = nn.Linear(student.pooled_dim, cache.pooled_dim)
         self.weight = weight
 
     def forward(

@@ -7,6 +7,7 @@ from torch import Tensor
 from .base import (
     LOGITS,
     CacheInfo,
+    StudentInfo,
     Method,
     StudentOutputs,
     Targets,
@@ -36,8 +37,8 @@ class KD(Method):
     name = "kd"
     needs = frozenset({LOGITS})
 
-    def __init__(self, cache: CacheInfo, student_dim: int, *, T: float = 4.0, alpha: float = 1.0) -> None:
-        super().__init__(cache, student_dim)
+    def __init__(self, cache: CacheInfo, student: StudentInfo, *, T: float = 4.0, alpha: float = 1.0) -> None:
+        super().__init__(cache, student)
         self.T = T
         self.alpha = alpha
 

@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.cache.manifest import CacheError
 from pipeline.cache.store import TeacherCache
 from pipeline.data.datasets import ImageDataset, load_dataset
-from pipeline.methods import CacheInfo, MethodError, TrainingProgress, create_method
+from pipeline.methods import CacheInfo, MethodError, StudentInfo, TrainingProgress, create_method, method_class
 from pipeline.methods.base import parse_method_spec
 from pipeline.progress import progress_task
 from pipeline.teacher.cache_pass import resolve_device
@@ -59,16 +59,28 @@ def check_classes(cache: TeacherCache, val: ImageDataset) -> None:
                          f"{cache.num_classes} dataset classes")
 
 
-def build_methods(specs: tuple[str, ...], cache: TeacherCache, student_dim: int) -> nn.ModuleDict:
+def cache_info(cache: TeacherCache) -> CacheInfo:
+    """What methods may know about `cache`: its classes, served targets and their shapes, its statistics."""
+    available = cache.available_targets()
+    return CacheInfo(num_classes=cache.num_classes, pooled_dim=cache.manifest.teacher.get("pooled_dim"),
+                     available=available, target_shapes=cache.target_shapes(available),
+                     statistics=cache.statistics(), root=str(cache.root))
+
+
+def student_taps(specs: tuple[str, ...]) -> tuple[int, ...]:
+    """The student stages the run's methods read, deepest first (MethodError for an unknown method)."""
+    return tuple(sorted({t for spec in specs for t in method_class(spec).student_taps}))
+
+
+def build_methods(specs: tuple[str, ...], cache: TeacherCache, student: StudentInfo) -> nn.ModuleDict:
     """The run's methods by name; each checks the cache can serve what it needs (MethodError if not)."""
-    info = CacheInfo(num_classes=cache.num_classes, pooled_dim=cache.manifest.teacher.get("pooled_dim"),
-                     available=cache.available_targets())
+    info = cache_info(cache)
     methods = nn.ModuleDict()
     for spec in specs:
         name, _ = parse_method_spec(spec)
         if name in methods:
             raise MethodError(f"method {name!r} is given twice; give it once with the options you want")
-        methods[name] = create_method(spec, info, student_dim)
+        methods[name] = create_method(spec, info, student)
     return methods
 
 
@@ -112,8 +124,9 @@ def setup_run(config: TrainConfig, device: torch.device) -> RunSetup:
     check_classes(cache, val)
     size = s.input_size or manifest.teacher["input_size"]
     torch.manual_seed(s.seed)
-    student = Student(config.student, cache.num_classes, manifest.teacher["in_chans"], size).to(device)
-    methods = build_methods(config.methods, cache, student.pooled_dim).to(device)
+    student = Student(config.student, cache.num_classes, manifest.teacher["in_chans"], size,
+                      taps=student_taps(config.methods)).to(device)
+    methods = build_methods(config.methods, cache, student.info()).to(device)
     needs = frozenset().union(*(m.needs for m in methods.values()))
     if s.online_teacher:
         OnlineTeacher.check(cache, needs)

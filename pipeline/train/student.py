@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.methods.base import StudentOutputs
+from pipeline.methods.base import StudentInfo, StudentOutputs
 from pipeline.teacher.model import create_timm_model, resolve_tap, stage_names
 
 
@@ -28,14 +28,16 @@ class Student(nn.Module):
         self.model = create_timm_model(name, num_classes, in_chans, input_size)
         self.taps = tuple(resolve_tap(self.model, t) for t in taps)
         self._tap_indices = [stage_names(self.model).index(t) for t in self.taps]
-        # Pre-logit width is not always `num_features` (e.g. MobileNetV3's conv head): measure it.
+        # Pre-logit width is not always `num_features` (e.g. MobileNetV3's conv head) and map sizes depend on
+        # the input size: measure both on a probe.
         with torch.no_grad():
             was_training = self.model.training
             self.model.eval()
-            probe = self.model.forward_head(self.model.forward_features(torch.zeros(1, in_chans, input_size,
-                                                                                    input_size)), pre_logits=True)
+            probe = self(torch.zeros(1, in_chans, input_size, input_size))
             self.model.train(was_training)
-        self.pooled_dim = int(probe.shape[-1])
+        self.pooled_dim = int(probe.pooled.shape[-1])
+        self.feature_shapes = {name: tuple(m.shape[1:]) for name, m in probe.feature_maps.items()}
+        self.requested_taps = tuple(taps)
 
     def forward(self, x: torch.Tensor) -> StudentOutputs:
         if self._tap_indices:
@@ -45,6 +47,11 @@ class Student(nn.Module):
         pooled = self.model.forward_head(final, pre_logits=True)
         return StudentOutputs(logits=self.model.get_classifier()(pooled), pooled=pooled,
                               feature_maps=dict(zip(self.taps, maps)))
+
+    def info(self) -> StudentInfo:
+        """What methods are built from: the pooled width and each requested tap's stage and map shape."""
+        taps = {t: name for t, name in zip(self.requested_taps, self.taps) if isinstance(t, int)}
+        return StudentInfo(pooled_dim=self.pooled_dim, taps=taps, feature_shapes=self.feature_shapes)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -86,3 +86,15 @@ def test_missing_or_foreign_manifest_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(CacheError, match="format 99"):
         Manifest.load(tmp_path)
+
+
+def test_reader_serves_target_shapes_and_statistics(digits_cache: Path) -> None:
+    cache = TeacherCache(digits_cache)
+    shapes = cache.target_shapes(cache.available_targets())
+    assert shapes["logits"] == (cache.num_classes,)
+    assert shapes["pooled"] == (cache.manifest.teacher["pooled_dim"],)
+    stats = cache.statistics()
+    d = cache.manifest.teacher["pooled_dim"]
+    assert stats["pca/components"].shape == (d, d)
+    assert stats["cka/ir"].shape == (cache.num_classes, cache.num_classes)
+    np.testing.assert_array_equal(stats["classes/count"].numpy(), cache.read("stats/classes/count"))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.methods import LOGITS, CacheInfo, StudentOutputs, TrainingProgress, create_method
+from pipeline.methods import LOGITS, CacheInfo, StudentInfo, StudentOutputs, TrainingProgress, create_method
 from pipeline.methods.dkd import dkd_loss, dkd_terms, drop_target
 from pipeline.methods.kd import kd_loss
 
@@ -47,7 +47,7 @@ def test_equal_logits_give_zero():
 )
 def test_warmup_scaling(epoch, step, ramp):
     z_s, z_t, y = random_batch()
-    method = create_method("dkd:alpha=1.5,beta=8,T=4,warmup=20", CACHE, 4)
+    method = create_method("dkd:alpha=1.5,beta=8,T=4,warmup=20", CACHE, StudentInfo(pooled_dim=4))
     progress = TrainingProgress(epoch=epoch, step=step, steps_per_epoch=10, total_epochs=40)
     out = method(StudentOutputs(logits=z_s, pooled=torch.zeros(len(y), 4)), {LOGITS: z_t}, y, progress)
     tckd, nckd = dkd_terms(z_s, z_t, y, 4.0)

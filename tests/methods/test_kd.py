@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.methods import LOGITS, CacheInfo, StudentOutputs, TrainingProgress, create_method
+from pipeline.methods import LOGITS, CacheInfo, StudentInfo, StudentOutputs, TrainingProgress, create_method
 from pipeline.methods.kd import kd_loss
 
 CACHE = CacheInfo(num_classes=7, pooled_dim=None, available=frozenset({LOGITS}))
@@ -34,7 +34,7 @@ def test_kd_gradient_closed_form():
     T, alpha, B = 3.0, 0.7, 6
     z_s = torch.randn(B, 7, dtype=torch.float64, requires_grad=True)
     z_t = torch.randn(B, 7, dtype=torch.float64)
-    method = create_method(f"kd:T={T},alpha={alpha}", CACHE, 4)
+    method = create_method(f"kd:T={T},alpha={alpha}", CACHE, StudentInfo(pooled_dim=4))
     student = StudentOutputs(logits=z_s, pooled=torch.zeros(B, 4))
     out = method(student, {LOGITS: z_t}, torch.zeros(B), PROGRESS)
     out["kd"].backward()

@@ -8,6 +8,7 @@ from pipeline.methods import (
     CacheInfo,
     Method,
     MethodError,
+    StudentInfo,
     StudentOutputs,
     TrainingProgress,
     create_method,
@@ -26,10 +27,10 @@ def test_builtin_methods_registered():
 
 
 def test_spec_options_parsed_by_default_type():
-    kd = create_method("kd:T=2,alpha=0.5", FULL, student_dim=8)
+    kd = create_method("kd:T=2,alpha=0.5", FULL, StudentInfo(pooled_dim=8))
     assert kd.T == 2.0 and isinstance(kd.T, float)
     assert kd.alpha == 0.5
-    assert create_method(" kd ", FULL, 8).T == 4.0
+    assert create_method(" kd ", FULL, StudentInfo(pooled_dim=8)).T == 4.0
 
 
 def test_parse_spec():
@@ -39,7 +40,7 @@ def test_parse_spec():
 
 def one_line_error(spec, cache=FULL):
     with pytest.raises(MethodError) as info:
-        create_method(spec, cache, student_dim=8)
+        create_method(spec, cache, StudentInfo(pooled_dim=8))
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -104,8 +105,8 @@ def test_registration_rejects_bad_declarations():
     class NoDefault(Method):
         name = "test_no_default"
 
-        def __init__(self, cache, student_dim, *, w: float):
-            super().__init__(cache, student_dim)
+        def __init__(self, cache, student, *, w: float):
+            super().__init__(cache, student)
 
         def forward(self, student, targets, labels, progress):
             return {}
@@ -127,7 +128,7 @@ def test_registration_rejects_bad_declarations():
 
 def test_methods_compose_by_summing_terms():
     torch.manual_seed(0)
-    methods = [create_method(s, FULL, 8) for s in ("ce", "kd", "dkd", "fitnet")]
+    methods = [create_method(s, FULL, StudentInfo(pooled_dim=8)) for s in ("ce", "kd", "dkd", "fitnet")]
     student = StudentOutputs(logits=torch.randn(4, 10), pooled=torch.randn(4, 8))
     targets = {LOGITS: torch.randn(4, 10), POOLED: torch.randn(4, 16)}
     labels = torch.randint(0, 10, (4,))

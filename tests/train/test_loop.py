@@ -11,10 +11,12 @@ import timm
 import torch
 
 from pipeline.cache.manifest import CacheError
-from pipeline.methods import MethodError
+from pipeline.methods import Method, MethodError, StudentInfo, register_method
+from pipeline.methods.base import _REGISTRY
 from pipeline.train.config import RunSettings, TrainConfig, TrainError
-from pipeline.train.loop import check_run, train_student
+from pipeline.train.loop import check_run, student_taps, train_student
 from pipeline.train.rundir import RunDir
+from pipeline.train.student import Student
 
 STUDENT = "test_resnet"
 SUMMARY_KEYS = {"student", "methods", "seed", "epochs", "val_accuracy", "train_seconds", "mean_step_seconds",
@@ -133,3 +135,26 @@ def test_refuses_class_mismatch_zero_views_and_methods_the_cache_cannot_serve(ma
         check_run(config(make_cache("twice", n=64), tmp_path / "d", methods=("ce", "kd", "kd:T=2")))
     with pytest.raises(TrainError, match="has no checkpoint"):
         check_run(config(make_cache("random-teacher", n=64), tmp_path / "e", online_teacher=True))
+
+
+def test_methods_get_the_student_stages_they_tap_with_their_shapes() -> None:
+    @register_method
+    class ReadsTwoStages(Method):
+        name = "test_reads_two_stages"
+        student_taps = (-1, -2)
+
+        def forward(self, student, targets, labels, progress):
+            return {}
+
+    try:
+        taps = student_taps(("ce", "test_reads_two_stages"))
+        assert taps == (-2, -1)
+        student = Student("test_resnet", 10, 1, 16, taps=taps)
+        info = student.info()
+        assert isinstance(info, StudentInfo) and set(info.taps) == {-1, -2}
+        out = student(torch.zeros(2, 1, 16, 16))
+        for name, shape in info.feature_shapes.items():
+            assert tuple(out.feature_maps[name].shape[1:]) == shape
+        assert info.taps[-1] != info.taps[-2]
+    finally:
+        del _REGISTRY["test_reads_two_stages"]
