@@ -17,7 +17,7 @@ from .base import (
     StudentOutputs,
     TrainingProgress,
     create_method,
-    method_class,
+    resolve_method_spec,
     list_methods,
     register_method,
 )
@@ -35,7 +35,7 @@ __all__ = [
     "StudentOutputs",
     "TrainingProgress",
     "create_method",
-    "method_class",
+    "resolve_method_spec",
     "list_methods",
     "register_method",
 ]

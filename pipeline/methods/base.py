@@ -37,7 +37,7 @@ __all__ = [
     "Method",
     "register_method",
     "parse_method_spec",
-    "method_class",
+    "resolve_method_spec",
     "create_method",
     "list_methods",
 ]
@@ -192,7 +192,8 @@ class Method(torch.nn.Module, metaclass=abc.ABCMeta):
     arguments with defaults (bool, int, float or str), and create learnable parts (projectors,
     maps) in ``__init__`` so that the optimiser trains them together with the student.
     ``student_taps`` lists the student stages (indices from the deepest, ``-1``) whose feature maps
-    the method reads; the run taps the union over its methods (see :class:`StudentInfo`).
+    the method reads; the run taps the union over its methods (see :class:`StudentInfo`). A method
+    whose stage is an option overrides :meth:`taps_for`.
     """
 
     name: ClassVar[str]
@@ -217,6 +218,11 @@ class Method(torch.nn.Module, metaclass=abc.ABCMeta):
         Term names start with the method's name (``"kd"``, ``"dkd_tckd"``) so they stay distinct
         when the terms of all methods in a run are summed and logged side by side.
         """
+
+    @classmethod
+    def taps_for(cls, options: Mapping[str, bool | int | float | str]) -> tuple[int, ...]:
+        """The student stages read when built with ``options`` (given ones only); ``student_taps`` by default."""
+        return cls.student_taps
 
     @classmethod
     def options(cls) -> dict[str, bool | int | float | str]:
@@ -302,22 +308,13 @@ def _convert(method: str, key: str, raw: str, default: bool | int | float | str)
         ) from None
 
 
-def method_class(spec: str) -> type[Method]:
-    """The registered class named by ``spec`` (options ignored), or :class:`MethodError`."""
-    name, _ = parse_method_spec(spec)
+def resolve_method_spec(spec: str) -> tuple[type[Method], dict[str, bool | int | float | str]]:
+    """The registered class named by ``spec`` and its given options, typed; :class:`MethodError` for an
+    unknown method or option, or a value of the wrong type."""
+    name, raw = parse_method_spec(spec)
     if name not in _REGISTRY:
         raise MethodError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}")
-    return _REGISTRY[name]
-
-
-def create_method(spec: str, cache: CacheInfo, student: StudentInfo) -> Method:
-    """Build the method named by ``spec`` (``name`` or ``name:key=value,...``) for ``cache``.
-
-    Raises :class:`MethodError` for an unknown method or option, a value of the wrong type, or a
-    cache that lacks a target the method needs.
-    """
-    name, raw = parse_method_spec(spec)
-    cls = method_class(spec)
+    cls = _REGISTRY[name]
     defaults = cls.options()
     unknown = sorted(raw.keys() - defaults.keys())
     if unknown:
@@ -326,7 +323,16 @@ def create_method(spec: str, cache: CacheInfo, student: StudentInfo) -> Method:
             f"method {name!r} has no option{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(map(repr, unknown))}; valid options: {valid}"
         )
-    options = {k: _convert(name, k, v, defaults[k]) for k, v in raw.items()}
+    return cls, {k: _convert(name, k, v, defaults[k]) for k, v in raw.items()}
+
+
+def create_method(spec: str, cache: CacheInfo, student: StudentInfo) -> Method:
+    """Build the method named by ``spec`` (``name`` or ``name:key=value,...``) for ``cache``.
+
+    Raises :class:`MethodError` for an unknown method or option, a value of the wrong type, or a
+    cache that lacks a target the method needs.
+    """
+    cls, options = resolve_method_spec(spec)
     return cls(cache, student, **options)
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.cache.manifest import CacheError
 from pipeline.cache.store import TeacherCache
 from pipeline.data.datasets import ImageDataset, load_dataset
-from pipeline.methods import CacheInfo, MethodError, StudentInfo, TrainingProgress, create_method, method_class
+from pipeline.methods import CacheInfo, MethodError, StudentInfo, TrainingProgress, create_method, resolve_method_spec
 from pipeline.methods.base import parse_method_spec
 from pipeline.progress import progress_task
 from pipeline.teacher.cache_pass import resolve_device
@@ -69,7 +69,11 @@ def cache_info(cache: TeacherCache) -> CacheInfo:
 
 def student_taps(specs: tuple[str, ...]) -> tuple[int, ...]:
     """The student stages the run's methods read, deepest first (MethodError for an unknown method)."""
-    return tuple(sorted({t for spec in specs for t in method_class(spec).student_taps}))
+    taps = set()
+    for spec in specs:
+        cls, options = resolve_method_spec(spec)
+        taps.update(cls.taps_for(options))
+    return tuple(sorted(taps))
 
 
 def build_methods(specs: tuple[str, ...], cache: TeacherCache, student: StudentInfo) -> nn.ModuleDict:
