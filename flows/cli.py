@@ -238,61 +238,66 @@ def print_students(title: str, summaries: list[dict]) -> None:
     print_table(title, rows)
 
 
-# The demo: a teacher fitted on all 1,437 digits, a student that sees only a stratified 300 of them.
-# Few labels is where a patient teacher's soft targets on many views pay most (resnet10t: ~98 % in 20
-# epochs, ~80 s on 2 CPU cores; test_resnet: 0.37 M parameters, ~10 s for 20 epochs of 300 samples).
-DEMO_TEACHER, DEMO_TEACHER_EPOCHS = "resnet10t", 20
-DEMO_STUDENT, DEMO_STUDENT_EPOCHS, DEMO_LABELS, DEMO_VIEWS = "test_resnet", 20, 300, 4
+def print_experiment(name: str, result: dict, markdown: bool) -> None:
+    """An experiment's results: a rich table, or the markdown the README holds."""
+    from pipeline.experiments import get_experiment, markdown_table
+
+    experiment = get_experiment(name)
+    teacher = result["teacher"]
+    console.print(f"teacher {experiment.teacher} ({'reused' if teacher['reused'] else 'fitted'}): val accuracy "
+                  f"{teacher['val_accuracy']:.2%}; cache {result['cache']['cache']}")
+    if markdown:
+        console.print(markdown_table(result["rows"]), soft_wrap=True, highlight=False)
+        return
+    rows = [{**r, "accuracy": f"{r['accuracy']:.2f} ± {r['std']:.2f}", "train_s": f"{r['train_s']:.0f}",
+             "step_ms": f"{r['step_ms']:.1f}"} for r in result["rows"]]
+    print_table(f"{experiment.description} (val accuracy %)", rows)
+
+
+@app.command("experiment")
+def experiment_cmd(
+    name: Annotated[str, typer.Argument(help="digits-demo | fmnist-5k | ...")],
+    seed: Annotated[list[int], typer.Option(help="student seed; repeat for several")] = [0, 1, 2],  # noqa: B006
+    root: Annotated[Path, typer.Option(help="experiments directory (teachers, caches and runs are reused)")]
+    = Path("runs/experiments"),
+    markdown: Annotated[bool, typer.Option(help="print the results as a markdown table")] = False,
+) -> None:
+    """Run a named experiment end to end (fit or reuse the teacher, cache once, train every row per seed)."""
+    from flows.experiments import run_experiment
+    from pipeline.experiments import get_experiment
+
+    get_experiment(name)  # an unknown name is one line, before any flow starts
+    with show_progress():
+        result = run_experiment(name, list(seed), str(root))
+    print_experiment(name, result, markdown)
 
 
 @app.command("demo")
 def demo_cmd(
-    out: Annotated[Path, typer.Option(help="demo directory; a teacher and cache found here are reused")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option(help="demo directory; a teacher, cache and runs found here are reused")]
+    = Path("runs/demo"),
 ) -> None:
     """The main job on digits: fit (or reuse) a teacher, cache it once, train a CE and a CE+KD student."""
-    import shutil
-
-    from flows.cache_teacher import cache_teacher
-    from flows.train_students import train_students
-    from pipeline.teacher.cache_pass import CacheRequest
-    from pipeline.teacher.fit import FitConfig, fit_teacher
-    from pipeline.teacher.model import load_checkpoint
-    from pipeline.train.config import RunSettings, StudentSpec
+    from flows.experiments import run_experiment
 
     start = time.perf_counter()
-    checkpoint, cache, students = out / "teacher.pt", out / "cache", out / "students"
     with show_progress():
-        fitted_with = load_checkpoint(checkpoint)["config"] if checkpoint.exists() else {}
-        if (fitted_with.get("model"), fitted_with.get("epochs")) != (DEMO_TEACHER, DEMO_TEACHER_EPOCHS):
-            shutil.rmtree(out, ignore_errors=True)  # an earlier demo's teacher, cache and students
-            fitted = fit_teacher(FitConfig(dataset="digits", model=DEMO_TEACHER, out=str(checkpoint),
-                                           epochs=DEMO_TEACHER_EPOCHS))
-            console.print(f"teacher {DEMO_TEACHER} fitted on all {fitted['num_samples']} training digits: "
-                          f"val accuracy {fitted['val_accuracy']:.2%} ({fitted['train_seconds']:.0f} s)")
-        cached = cache_teacher(CacheRequest(dataset="digits", teacher=DEMO_TEACHER, checkpoint=str(checkpoint),
-                                            out=str(cache), subset=DEMO_LABELS, views=DEMO_VIEWS))
-        how = "reused" if cached["written_shards"] == 0 else f"teacher pass {cached['pass_seconds']:.0f} s"
-        console.print(f"cache {cached['cache']}: {cached['num_samples']} labelled samples x {DEMO_VIEWS + 1} "
-                      f"views ({how})")
-        shutil.rmtree(students, ignore_errors=True)
-        summaries = train_students(str(cache), [StudentSpec(DEMO_STUDENT, ("ce",)),
-                                                StudentSpec(DEMO_STUDENT, ("ce", "kd"))],
-                                   str(students), RunSettings(epochs=DEMO_STUDENT_EPOCHS))
-    console.print(f"demo finished in {time.perf_counter() - start:.0f} s; runs under {students}")
-    print_students(f"{DEMO_STUDENT} on {DEMO_LABELS} labelled digits, {DEMO_STUDENT_EPOCHS} epochs, "
-                   f"distilled from the cached {DEMO_TEACHER} (accuracy on the digits val split)", summaries)
+        result = run_experiment("digits-demo", [0], str(out))
+    console.print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is under {out}")
+    print_experiment("digits-demo", result, markdown=False)
 
 
 def main() -> None:
     from pipeline.cache.manifest import CacheError
     from pipeline.data.datasets import DatasetError
+    from pipeline.experiments import ExperimentError
     from pipeline.methods.base import MethodError
     from pipeline.teacher.model import TeacherError
     from pipeline.train.config import TrainError
 
     try:
         app()
-    except (CacheError, DatasetError, MethodError, TeacherError, TrainError) as e:
+    except (CacheError, DatasetError, ExperimentError, MethodError, TeacherError, TrainError) as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
 

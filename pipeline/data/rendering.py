@@ -1,7 +1,8 @@
-"""A torch Dataset of rendered (sample, view) pairs, for DataLoader workers (DESIGN.md §3)."""
+"""A torch Dataset of rendered (sample, view) pairs, and the init every DataLoader worker runs (DESIGN.md §3)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,3 +36,15 @@ def clean_views(dataset: ImageDataset, size: int, mean: Sequence[float], std: Se
     """View 0 of every sample: the evaluation input."""
     n = len(dataset)
     return RenderedViews(dataset, ViewPlan(num_augmented=0), np.arange(n), np.zeros(n, dtype=np.int64), size, mean, std)
+
+
+def forget_parent_exit_hooks(worker_id: int) -> None:
+    """`worker_init_fn` of every DataLoader: drop the thread-exit hooks inherited from the parent.
+
+    They belong to the parent's threads. Prefect's log and event services register such hooks, and in a
+    child forked after a flow ran they fail an assertion at exit, so the worker exits with code 1 and
+    the loader raises. The worker starts none of those services, so it has nothing to drain.
+    """
+    hooks = getattr(threading, "_threading_atexits", None)  # CPython's list behind threading._register_atexit
+    if hooks is not None:
+        hooks.clear()

@@ -31,13 +31,14 @@ class RunSettings:
     online_teacher: bool = False  # compute the targets live from the teacher instead of the cache
     workers: int = 1  # DataLoader workers decoding and rendering the stream (0: in the main process)
     shuffle_buffer: int = 1024  # samples held for the within-buffer shuffle
+    eval_every: int = 1  # evaluate on the val split every this many epochs (and always after the last)
     device: str = "auto"
     resume: bool = False  # continue from the run directory's checkpoint, if there is one
 
     def __post_init__(self) -> None:
         if isinstance(self.optim, dict):  # from config.json or a Prefect parameter
             object.__setattr__(self, "optim", OptimConfig(**self.optim))
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
         if self.seed < 0:

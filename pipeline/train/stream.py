@@ -15,7 +15,6 @@ step reads the whole cache, so it does not grow with the number of samples.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 import webdataset as wds
 
 from pipeline.cache.store import TARGET_ARRAYS, TeacherCache, block_key, decode_block, unpack_raw
+from pipeline.data.rendering import forget_parent_exit_hooks
 from pipeline.data.views import ViewPlan, epoch_views, render_view
 from pipeline.methods.base import GAUSSIAN, LOGITS
 
@@ -42,18 +42,6 @@ def split_shards(counts: list[int], rank: int, world_size: int, workers: int) ->
     mine = counts[rank::world_size]
     streams = max(1, min(workers, len(mine)))
     return [mine[w::streams] for w in range(streams)]
-
-
-def _forget_parent_exit_hooks(worker_id: int) -> None:
-    """Run in each forked DataLoader worker: drop the thread-exit hooks inherited from the parent.
-
-    They belong to the parent's threads. Prefect's log and event services register such hooks, and in a
-    child forked after a flow ran they fail an assertion at exit, so the worker exits with code 1 and
-    the loader raises. The worker starts none of those services, so it has nothing to drain.
-    """
-    hooks = getattr(threading, "_threading_atexits", None)  # CPython's list behind threading._register_atexit
-    if hooks is not None:
-        hooks.clear()
 
 
 def _view_rows(arr: np.ndarray, views: np.ndarray) -> np.ndarray:
@@ -103,7 +91,7 @@ class CacheStream:
     def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
         workers = 0 if workers == 0 else len(self.streams(workers))
         return torch.utils.data.DataLoader(self.dataset(epoch), batch_size=batch_size, num_workers=workers,
-                                           pin_memory=pin_memory, worker_init_fn=_forget_parent_exit_hooks)
+                                           pin_memory=pin_memory, worker_init_fn=forget_parent_exit_hooks)
 
     def _render(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         # A compose stage rather than `.map`: webdataset's map adds a `__key__` the collate cannot batch.

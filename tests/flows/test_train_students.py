@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 
-def _run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    from flows.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["distillery", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    captured = capsys.readouterr()  # errors go to stderr, results to stdout
-    return code, captured.out + captured.err
-
-
 def test_train_maps_students_over_one_cache_and_publishes_a_comparison(prefect_harness, digits_cache: Path,
-                                                                       tmp_path: Path, monkeypatch, capsys) -> None:
+                                                                       tmp_path: Path, cli) -> None:
     from prefect.client.orchestration import get_client
 
-    code, out = _run_cli(monkeypatch, capsys, "train", "--cache", str(digits_cache), "--student", "test_resnet",
-                         "--student", "test_convnext", "--method", "ce", "--method", "kd:T=2", "--epochs", "1",
-                         "--seed", "4", "--workers", "0", "--out", str(tmp_path / "runs"))
+    code, out = cli("train", "--cache", str(digits_cache), "--student", "test_resnet",
+                    "--student", "test_convnext", "--method", "ce", "--method", "kd:T=2", "--epochs", "1",
+                    "--seed", "4", "--workers", "0", "--out", str(tmp_path / "runs"))
     assert code == 0, out
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == ["test_convnext-ce+kd-T2-s4", "test_resnet-ce+kd-T2-s4"]
@@ -56,10 +42,9 @@ def test_train_maps_students_over_one_cache_and_publishes_a_comparison(prefect_h
     (["--method", "ce", "--lr", "0"], "--lr must be > 0"),
     (["--method", "ce", "--epochs", "0"], "--epochs must be >= 1"),
 ])
-def test_bad_input_is_one_line_before_any_flow_runs(digits_cache: Path, tmp_path: Path, monkeypatch, capsys,
-                                                    args, message) -> None:
-    code, out = _run_cli(monkeypatch, capsys, "train", "--cache", str(digits_cache), "--student", "test_resnet",
-                         "--out", str(tmp_path / "run"), *args)
+def test_bad_input_is_one_line_before_any_flow_runs(digits_cache: Path, tmp_path: Path, cli, args, message) -> None:
+    code, out = cli("train", "--cache", str(digits_cache), "--student", "test_resnet", "--out", str(tmp_path / "run"),
+                    *args)
     assert code == 2
     assert out.strip().count("\n") == 0 and message in out and out.startswith("error:")
     assert not (tmp_path / "run").exists()

@@ -158,3 +158,10 @@ def test_methods_get_the_student_stages_they_tap_with_their_shapes() -> None:
         assert info.taps[-1] != info.taps[-2]
     finally:
         del _REGISTRY["test_reads_two_stages"]
+
+
+def test_eval_every_evaluates_on_schedule_and_after_the_last_epoch(make_cache, tmp_path: Path) -> None:
+    cfg = config(make_cache(n=40), tmp_path / "run", epochs=3, eval_every=2)
+    summary = train_student(cfg)
+    evaluated = [r["epoch"] for r in _lines(tmp_path / "run") if r["kind"] == "epoch" and "val_accuracy" in r]
+    assert evaluated == [1, 2] and summary["val_accuracy"] is not None

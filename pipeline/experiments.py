@@ -1,0 +1,137 @@
+"""Named experiments: the scenarios behind the demo and the README's results tables.
+
+An experiment is the whole job end to end, as a user would run it (DESIGN.md §2): fit a teacher (or
+reuse one fitted with the same settings), cache it once, then train one student architecture with
+several method combinations and seeds from that single cache. `distillery experiment NAME` runs one
+(`flows.experiments`); the table it prints is what the README shows, next to that command.
+
+Layout under the experiments root (default `runs/experiments`):
+
+    teachers/<dataset>-<model>-e<epochs>.pt      shared by every experiment with that teacher
+    <name>/cache                                 the experiment's teacher cache
+    <name>/runs/<row>-s<seed>                    one student run directory per row and seed
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.teacher.cache_pass import CacheRequest
+from pipeline.teacher.fit import FitConfig
+from pipeline.train.config import RunSettings
+from pipeline.train.optim import OptimConfig
+
+# Fit settings that change the teacher's weights; a checkpoint fitted with the same ones is reused.
+_FIT_IDENTITY = ("dataset", "model", "epochs", "subset", "seed", "input_size", "batch_size", "lr", "weight_decay",
+                 "label_smoothing")
+
+
+class ExperimentError(ValueError):
+    """An experiment that does not exist or cannot run as asked."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One scenario: a teacher, a cache of `labelled` samples, a student trained with each row's methods."""
+
+    name: str
+    description: str
+    dataset: str
+    teacher: str
+    teacher_epochs: int
+    labelled: int | None  # stratified subset of the train split the cache (and so the students) hold
+    views: int  # augmented views per sample besides the clean view 0
+    student: str
+    epochs: int
+    rows: dict[str, tuple[str, ...]]  # row label -> the run's method specs
+    cache_options: dict[str, Any] = field(default_factory=dict)  # further CacheRequest fields (tap, lsh_bits, ...)
+    batch_size: int = 64
+    lr: float = 2e-3
+    eval_every: int = 1
+
+    def teacher_path(self, root: Path) -> Path:
+        return root / "teachers" / f"{self.dataset.split(':')[0]}-{self.teacher}-e{self.teacher_epochs}.pt"
+
+    def fit_config(self, root: Path) -> FitConfig:
+        return FitConfig(dataset=self.dataset, model=self.teacher, out=str(self.teacher_path(root)),
+                         epochs=self.teacher_epochs)
+
+    def cache_request(self, root: Path) -> CacheRequest:
+        return CacheRequest(dataset=self.dataset, teacher=self.teacher, checkpoint=str(self.teacher_path(root)),
+                            out=str(root / self.name / "cache"), subset=self.labelled, views=self.views,
+                            **self.cache_options)
+
+    def run_settings(self, seed: int) -> RunSettings:
+        # resume=True: a finished run is kept as it is and an interrupted one continues, so a rerun of the
+        # experiment only trains what is missing.
+        return RunSettings(epochs=self.epochs, seed=seed, batch_size=self.batch_size, optim=OptimConfig(lr=self.lr),
+                           eval_every=self.eval_every, resume=True)
+
+    def run_dir(self, root: Path, row: str, seed: int) -> Path:
+        return root / self.name / "runs" / f"{row}-s{seed}"
+
+
+def reusable_teacher(checkpoint_config: dict[str, Any] | None, wanted: FitConfig) -> bool:
+    """Whether a checkpoint fitted with `checkpoint_config` is the teacher `wanted` would fit."""
+    if checkpoint_config is None:
+        return False
+    want = asdict(wanted)
+    return all(checkpoint_config.get(k) == want[k] for k in _FIT_IDENTITY)
+
+
+def result_rows(experiment: Experiment, summaries: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per method combination: accuracy mean and sample std over seeds, each seed's accuracy,
+    mean training time per run and mean step time (the summaries of one row, in seed order)."""
+    rows = []
+    for label in experiment.rows:
+        runs = summaries.get(label, [])
+        if not runs:
+            continue
+        acc = [100 * r["val_accuracy"] for r in runs]
+        rows.append({
+            "methods": label,
+            "accuracy": statistics.fmean(acc),
+            "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "seeds": " / ".join(f"{a:.2f}" for a in acc),
+            "train_s": statistics.fmean(r["train_seconds"] for r in runs),
+            "step_ms": 1000 * statistics.fmean(r["mean_step_seconds"] for r in runs),
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The README form of `result_rows`."""
+    lines = ["| methods | accuracy % (mean ± std) | per seed | train s / run | ms / step |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['methods']} | {r['accuracy']:.2f} ± {r['std']:.2f} | {r['seeds']} | {r['train_s']:.0f} | "
+              f"{r['step_ms']:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
+_FMNIST_COMMON = dict(dataset="fashion-mnist", teacher="resnet10t", teacher_epochs=6, student="test_resnet")
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
+    Experiment(
+        name="digits-demo",
+        description="the demo: a resnet10t teacher fitted on all 1,437 training digits; a test_resnet student "
+                    "that sees a stratified 300 of them (5 views each), CE alone vs CE + KD from the cache",
+        dataset="digits", teacher="resnet10t", teacher_epochs=20, labelled=300, views=4, student="test_resnet",
+        epochs=20, rows={"ce": ("ce",), "ce+kd": ("ce", "kd")}),
+    Experiment(
+        name="fmnist-5k",
+        description="Fashion-MNIST: a resnet10t teacher fitted on the full 60k train split; a test_resnet student "
+                    "(0.37 M parameters) trained on a stratified 5,000-sample subset (5 cached views each); "
+                    "accuracy on the 10k test split",
+        labelled=5000, views=4, epochs=20, eval_every=5,
+        rows={"ce": ("ce",), "ce+kd": ("ce", "kd"), "ce+dkd": ("ce", "dkd"), "ce+fitnet": ("ce", "fitnet")},
+        **_FMNIST_COMMON),
+)}
+
+
+def get_experiment(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise ExperimentError(f"unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}")
+    return EXPERIMENTS[name]

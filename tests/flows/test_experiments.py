@@ -1,0 +1,61 @@
+"""`distillery experiment`: a scenario end to end on a real local Prefect server, and its reuse on rerun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import experiments
+from pipeline.experiments import Experiment, ExperimentError, get_experiment, markdown_table, result_rows
+
+TINY = Experiment(name="tiny", description="tiny digits scenario", dataset="digits", teacher="test_resnet",
+                  teacher_epochs=1, labelled=60, views=1, student="test_resnet", epochs=1,
+                  rows={"ce": ("ce",), "ce+kd": ("ce", "kd:T=2")}, eval_every=1)
+
+
+@pytest.mark.slow
+def test_experiment_fits_caches_trains_every_row_per_seed_then_reuses_everything(
+        prefect_harness, tmp_path: Path, monkeypatch, cli) -> None:
+    monkeypatch.setitem(experiments.EXPERIMENTS, "tiny", TINY)
+    args = ("experiment", "tiny", "--seed", "0", "--seed", "1", "--root", str(tmp_path), "--markdown")
+    code, out = cli(*args)
+    assert code == 0, out
+    assert "teacher test_resnet (fitted)" in out
+    runs = {p.name for p in (tmp_path / "tiny" / "runs").iterdir()}
+    assert runs == {"ce-s0", "ce-s1", "ce+kd-s0", "ce+kd-s1"}
+    summaries = {r: json.loads((tmp_path / "tiny" / "runs" / r / "summary.json").read_text()) for r in runs}
+    assert summaries["ce+kd-s1"]["methods"] == ["ce", "kd:T=2"] and summaries["ce+kd-s1"]["seed"] == 1
+    accuracy = [100 * summaries[f"ce+kd-s{s}"]["val_accuracy"] for s in (0, 1)]
+    assert f"| ce+kd | {sum(accuracy) / 2:.2f} ± " in out
+
+    # A rerun reuses the teacher, the cache and the finished runs.
+    code, again = cli(*args)
+    assert code == 0, again
+    assert "teacher test_resnet (reused)" in again
+    for r in runs:
+        rerun = json.loads((tmp_path / "tiny" / "runs" / r / "summary.json").read_text())
+        assert rerun["train_seconds"] == summaries[r]["train_seconds"]
+    def table(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("|")]
+
+    assert len(table(out)) == 4 and table(again) == table(out)
+
+
+def test_result_rows_average_seeds_and_markdown_lists_them() -> None:
+    runs = {"ce": [{"val_accuracy": a, "train_seconds": 10.0, "mean_step_seconds": 0.01} for a in (0.80, 0.82)],
+            "ce+kd": [{"val_accuracy": 0.9, "train_seconds": 12.0, "mean_step_seconds": 0.02}]}
+    rows = result_rows(TINY, runs)
+    assert [r["methods"] for r in rows] == ["ce", "ce+kd"]
+    assert rows[0]["accuracy"] == pytest.approx(81.0) and rows[0]["std"] == pytest.approx(2 ** 0.5)
+    assert rows[1]["std"] == 0.0
+    table = markdown_table(rows).splitlines()
+    assert table[2] == "| ce | 81.00 ± 1.41 | 80.00 / 82.00 | 10 | 10.0 |"
+
+
+def test_unknown_experiment_is_one_line(cli) -> None:
+    with pytest.raises(ExperimentError, match="unknown experiment 'nope'; known: .*fmnist-5k"):
+        get_experiment("nope")
+    code, out = cli("experiment", "nope")
+    assert code == 2 and out.strip().startswith("error: unknown experiment 'nope'")
