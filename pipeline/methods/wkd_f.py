@@ -2,9 +2,9 @@
 
 Lv et al., NeurIPS'24. The teacher pass caches, for its tapped stage, the mean and std of every channel
 in each cell of a G x G grid (``--tap STAGE --grid G``; ``pipeline.stats.gaussian.grid_gaussian``). The
-student's deepest map goes through a learned projector to the teacher's Cf channels and then through the
-same ``grid_gaussian``, so both sides use identical cell boundaries (adaptive pooling) and
-``std = sqrt(unbiased var + 1e-5)``. For diagonal Gaussians the squared 2-Wasserstein distance is
+student's map (its deepest stage unless the ``stage`` option says otherwise) goes through a learned
+projector to the teacher's Cf channels and then through the same ``grid_gaussian``, so both sides use
+identical cell boundaries (adaptive pooling) and ``std = sqrt(unbiased var + 1e-5)``. For diagonal Gaussians the squared 2-Wasserstein distance is
 ``||mu_s - mu_t||^2 + ||sigma_s - sigma_t||^2``; WKD weights the mean part by gamma.
 
 Only G and Cf must agree between teacher and student: the maps may differ in size and channels. Each
@@ -14,6 +14,7 @@ is built; a map too small for the cache's grid is refused with what to change.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -77,9 +78,8 @@ class WKDF(Method):
     """``w_F(progress) * (gamma * mean part + std part)`` of the squared W2 between per-cell diagonal
     Gaussians of the projected student map and the cached teacher map (§6.4).
 
-    Needs a cache made with ``--tap STAGE --grid G`` and reads the student's deepest stage. Options
-    (defaults: the ImageNet ResNet-34 -> ResNet-18 setting of the paper; CIFAR-100 used weight=0.08,
-    gamma=4 with G=1):
+    Needs a cache made with ``--tap STAGE --grid G``. Options (defaults: the ImageNet ResNet-34 ->
+    ResNet-18 setting of the paper; CIFAR-100 used weight=0.08, gamma=4 with G=1):
 
     - ``weight`` w_F before decay (0.02).
     - ``gamma`` weight of the mean part against the std part (2).
@@ -89,6 +89,8 @@ class WKDF(Method):
       turn off when the tapped teacher map can be negative).
     - ``decay_start`` epoch E0 after which w_F is cosine-decayed to 0 at the end of training (0: over the
       whole run; at or beyond the number of epochs: constant).
+    - ``stage`` the student stage read, counted from the deepest (-1, the paper's choice; -2 for the one
+      before, e.g. when the deepest map is too small for the cache's grid).
 
     Terms: ``wkd_f_mean`` and ``wkd_f_std``, both already weighted. The projector trains with the student
     and is dropped at inference.
@@ -109,8 +111,10 @@ class WKDF(Method):
         hidden: int = 256,
         relu: bool = True,
         decay_start: float = 0.0,
+        stage: int = -1,
     ) -> None:
         super().__init__(cache, student)
+        self.taps_for({"stage": stage})  # the same refusal as when the run picks its taps
         if hidden < 1 or decay_start < 0:
             raise MethodError(
                 f"method 'wkd_f' needs hidden >= 1 and decay_start >= 0, got hidden={hidden}, "
@@ -120,21 +124,30 @@ class WKDF(Method):
         self.grid = math.isqrt(cells)
         if self.grid * self.grid != cells:
             raise MethodError(f"method 'wkd_f': the cache's Gaussians have {cells} cells, not a square grid")
-        self.stage = student.taps[-1]
+        self.stage = student.taps[stage]
         c_in, height, width = student.feature_shapes[self.stage]
         try:
             # The function the forward pass uses decides whether the student's cells are large enough.
             grid_gaussian(torch.zeros(1, 1, height, width), self.grid)
         except ValueError:
             raise MethodError(
-                f"method 'wkd_f': the student's deepest map ({self.stage}) is {height}x{width}, too small for "
-                f"the cache's {self.grid}x{self.grid} grid (each cell needs >= 2 positions for the unbiased "
-                f"variance); train with a larger --input-size or use a cache made with a smaller --grid"
+                f"method 'wkd_f': the student's map at stage {stage} ({self.stage}) is {height}x{width}, too "
+                f"small for the cache's {self.grid}x{self.grid} grid (each cell needs >= 2 positions for the "
+                f"unbiased variance); train with a larger --input-size, read an earlier stage (wkd_f:stage=-2) "
+                f"or use a cache made with a smaller --grid"
             ) from None
         self.projector = build_projector(projector, c_in, channels, hidden, relu)
         self.weight = weight
         self.gamma = gamma
         self.decay_start = decay_start
+
+    @classmethod
+    def taps_for(cls, options: Mapping[str, bool | int | float | str]) -> tuple[int, ...]:
+        """``(stage,)``; a stage counted from the shallow end is refused (stages count from the deepest)."""
+        stage = int(options.get("stage", -1))
+        if stage >= 0:
+            raise MethodError(f"method 'wkd_f': stage counts from the deepest stage (-1, -2, ...), not {stage}")
+        return (stage,)
 
     def forward(
         self, student: StudentOutputs, targets: Targets, labels: Tensor, progress: TrainingProgress

@@ -132,3 +132,19 @@ def test_bad_options_and_caches_are_refused():
     no_gaussians = CacheInfo(num_classes=10, pooled_dim=None, available=frozenset({LOGITS}))
     with pytest.raises(MethodError, match="--tap STAGE --grid G"):
         create_method("wkd_f", no_gaussians, student(3, 4, 4))
+
+
+def test_stage_option_reads_an_earlier_student_stage():
+    info = StudentInfo(pooled_dim=8, taps={-1: "stage4", -2: "stage3"},
+                       feature_shapes={"stage4": (16, 1, 1), "stage3": (8, 4, 4)})
+    with pytest.raises(MethodError, match=r"1x1.*wkd_f:stage=-2"):
+        create_method("wkd_f", cache(2, 4), info)
+    method = create_method("wkd_f:stage=-2", cache(2, 4), info)
+    fmap = torch.randn(2, 8, 4, 4, requires_grad=True)
+    batch = StudentOutputs(logits=torch.zeros(2, 10), pooled=torch.zeros(2, 8),
+                           feature_maps={"stage4": torch.randn(2, 16, 1, 1), "stage3": fmap})
+    out = method(batch, {GAUSSIAN: teacher_gaussians(2, 2, 4)}, torch.zeros(2, dtype=torch.long), START)
+    sum(out.values()).backward()
+    assert fmap.grad is not None and fmap.grad.abs().sum() > 0
+    with pytest.raises(MethodError, match="counts from the deepest"):
+        create_method("wkd_f:stage=1", cache(2, 4), info)
