@@ -178,6 +178,7 @@ def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
 
 def build_manifest(request: CacheRequest) -> Manifest:
     """The manifest the request would produce (identity + layout), without running the teacher pass."""
+    check_cka_source(request.cka_source, request.teacher_head)
     dataset = request_dataset(request)
     if len(dataset) == 0:
         raise TeacherError(f"dataset {request.dataset} ({request.split}) is empty; nothing to cache")
@@ -330,23 +331,28 @@ def shard_statistics(root: str, index: int) -> ShardStats:
     return ShardStats(features, classes, gaussian)
 
 
+def check_cka_source(source: str, has_logits: bool) -> None:
+    """Refuse a CKA source the cache cannot serve, before any teacher pass or statistics rewrite starts."""
+    if source not in ("logits", "features"):
+        raise TeacherError(f"--cka-source must be logits or features, not '{source}'")
+    if source == "logits" and not has_logits:
+        raise TeacherError("--cka-source logits needs stored logits; this cache has none, use "
+                           "--cka-source features")
+
+
 def cka_rows(cache: TeacherCache, source: str) -> tuple[np.ndarray, np.ndarray]:
     """View-0 rows used for CKA: the first m samples of every class (m = smallest class count)."""
+    check_cka_source(source, "logits" in cache.available_targets())
     labels = cache.read("samples/labels")
     counts = np.bincount(labels, minlength=cache.num_classes)
     m = int(counts.min())
     take = np.sort(np.concatenate([np.flatnonzero(labels == c)[:m] for c in range(cache.num_classes)]))
     if source == "logits":
-        if "logits" not in cache.available_targets():
-            raise TeacherError("--cka-source logits needs stored logits; this cache has none, use "
-                               "--cka-source features")
         rows = {name.replace("/", "."): cache.array(name).oindex[take, 0:1]
                 for name in cache.manifest.arrays if name.startswith("logits/")}
         values = cache.dense_logits(rows)[:, 0]
-    elif source == "features":
-        values = cache.array("features/pooled").oindex[take, 0].astype(np.float32)
     else:
-        raise TeacherError(f"--cka-source must be logits or features, not '{source}'")
+        values = cache.array("features/pooled").oindex[take, 0].astype(np.float32)
     return values, labels[take]
 
 
@@ -385,6 +391,7 @@ def recompute_statistics(root: str, cka_source: str = "logits") -> dict[str, Any
     mistaken for a complete cache.
     """
     cache = TeacherCache(root)
+    check_cka_source(cka_source, "logits" in cache.available_targets())
     records = [ShardRecord(**s) for s in cache.manifest.shards]
     CacheWriter(root, cache.manifest).mark_partial()
     info = reduce_statistics(root, [shard_statistics(root, r.index) for r in records], cka_source)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -32,3 +33,66 @@ def test_errors_are_one_line_on_stderr_with_exit_code_2(tmp_path: Path) -> None:
     bad_dataset = run_cli("fit-teacher", "--dataset", "cifar", "--model", "resnet18", "--out", str(tmp_path / "t.pt"))
     assert bad_dataset.returncode == 2 and "unknown dataset" in bad_dataset.stderr
     assert "Traceback" not in bad_dataset.stderr
+
+
+def _copy(cache: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(cache, tmp_path / "cache"))
+
+
+def test_stats_recomputes_interrelations_from_features_without_the_teacher(digits_cache: Path, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    import json
+
+    import numpy as np
+
+    import pipeline.teacher.model as model
+    from pipeline.cache.store import TeacherCache
+    from pipeline.stats.cka import linear_cka
+
+    copy = _copy(digits_cache, tmp_path)
+    monkeypatch.setattr(model, "create_timm_model", lambda *a, **k: pytest.fail("teacher constructed"))
+    result = CliRunner().invoke(app, ["stats", str(copy), "--cka-source", "features"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["cka_source"] == "features"
+
+    cache = TeacherCache(copy)
+    assert cache.manifest.status == "complete" and cache.manifest.stats["cka_source"] == "features"
+    feats = cache.read("features/pooled")[:, 0].astype(np.float64)
+    labels = cache.read("samples/labels")
+    m = np.bincount(labels).min()
+    blocks = [feats[labels == c][:m] for c in range(cache.num_classes)]
+    direct = np.array([[linear_cka(a, b) for b in blocks] for a in blocks])
+    np.testing.assert_allclose(cache.read("stats/cka/ir"), direct, atol=1e-4)
+    assert not np.allclose(cache.read("stats/cka/ir"), TeacherCache(digits_cache).read("stats/cka/ir"), atol=1e-3)
+
+
+def test_stats_with_an_unknown_cka_source_leaves_the_cache_complete(digits_cache: Path, tmp_path: Path) -> None:
+    from pipeline.cache.manifest import Manifest
+
+    copy = _copy(digits_cache, tmp_path)
+    bad = run_cli("stats", str(copy), "--cka-source", "pixels")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert "--cka-source must be logits or features" in bad.stderr
+    assert Manifest.load(copy).status == "complete"
+
+
+def test_cache_command_computes_interrelations_from_features(prefect_harness, digits_teacher: Path,
+                                                             tmp_path: Path) -> None:
+    import numpy as np
+
+    from pipeline.cache.store import TeacherCache
+    from pipeline.stats.cka import category_interrelations
+
+    out = tmp_path / "features-ir"
+    result = CliRunner().invoke(app, [
+        "cache", "--dataset", "digits", "--teacher", "test_resnet", "--checkpoint", str(digits_teacher),
+        "--out", str(out), "--views", "0", "--subset", "300", "--shard-size", "150", "--device", "cpu",
+        "--cka-source", "features"])
+    assert result.exit_code == 0, result.output
+    cache = TeacherCache(out)
+    assert cache.manifest.stats["cka_source"] == "features"
+    labels = cache.read("samples/labels")
+    expected = category_interrelations(cache.read("features/pooled")[:, 0], labels, cache.num_classes)
+    np.testing.assert_allclose(cache.read("stats/cka/ir"), expected, atol=1e-6)

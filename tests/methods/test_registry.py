@@ -22,7 +22,7 @@ NO_LOGITS = CacheInfo(num_classes=10, pooled_dim=16, available=frozenset({POOLED
 
 
 def test_builtin_methods_registered():
-    assert {"ce", "kd", "dkd", "fitnet"} <= set(list_methods())
+    assert {"ce", "kd", "dkd", "fitnet", "wkd_l", "wkd_f"} <= set(list_methods())
     assert list_methods() == sorted(list_methods())
 
 
