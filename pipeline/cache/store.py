@@ -326,9 +326,9 @@ class TeacherCache(_CacheFiles):
         return shapes
 
     def in_shards(self, target: str) -> bool:
-        """Whether the webdataset shards carry `target` (arrays written after the shards, such as the LSH
-        codes, are in zarr only)."""
-        return all(n in self.manifest.arrays for n in TARGET_ARRAYS[target])
+        """Whether the webdataset shards carry `target`: not when it is written after them with the
+        statistics (the LSH codes), in zarr only."""
+        return not any(n in self.manifest.stats.get("arrays", []) for n in TARGET_ARRAYS[target])
 
     def lsh_index(self) -> faiss.IndexBinary:
         """The faiss binary index over the view-0 LSH codes (row i = stored sample i), checked against the

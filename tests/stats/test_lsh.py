@@ -16,10 +16,9 @@ from pipeline.cache.manifest import CacheError
 from pipeline.cache.store import TeacherCache
 from pipeline.methods.base import LSH_CODES
 from pipeline.stats.lsh import build_index, encode, pack_bits, search, train_lsh, training_rows, unpack_bits
-from pipeline.teacher import cache_pass
 from pipeline.teacher.cache_pass import recompute_statistics
 
-BITS = 64
+BITS = 64  # as `digits_lsh_cache` (tests/conftest.py) is built
 
 
 def faiss_reference(features: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,26 +70,8 @@ def test_search_ranks_by_hamming_distance() -> None:
     assert rows[0, 0] == 0 and distances[0, 0] == 0
 
 
-@pytest.fixture(scope="module")
-def lsh_cache(digits_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The digits cache (1437 samples, 4 shards, built without LSH) given 64 LSH bits by `distillery stats`.
-
-    Building the teacher is made to fail: the rebuild must read the stored features only.
-    """
-    def no_teacher(*args, **kwargs):
-        raise AssertionError("`distillery stats` must not build the teacher")
-
-    copy = tmp_path_factory.mktemp("lsh") / "digits"
-    shutil.copytree(digits_cache, copy)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cache_pass, "build_teacher", no_teacher)
-        patch.setattr(cache_pass, "shared_teacher", no_teacher)
-        recompute_statistics(str(copy), lsh_bits=BITS)
-    return copy
-
-
-def test_stored_codes_are_faiss_codes_of_the_stored_features(lsh_cache: Path) -> None:
-    cache = TeacherCache(lsh_cache)
+def test_stored_codes_are_faiss_codes_of_the_stored_features(digits_lsh_cache: Path) -> None:
+    cache = TeacherCache(digits_lsh_cache)
     features = cache.read("features/pooled")[:, 0].astype(np.float32)
     codes = cache.read("lsh/codes")
     assert codes.shape == (cache.num_samples, 1, BITS // 8) and codes.dtype == np.uint8
@@ -99,16 +80,16 @@ def test_stored_codes_are_faiss_codes_of_the_stored_features(lsh_cache: Path) ->
     np.testing.assert_array_equal(cache.read("stats/lsh/planes").shape, (BITS, features.shape[1]))
 
 
-def test_every_bit_splits_the_training_set_in_half(lsh_cache: Path) -> None:
+def test_every_bit_splits_the_training_set_in_half(digits_lsh_cache: Path) -> None:
     # The thresholds are per-bit medians over all 1437 rows (odd N: the median row itself is 0), so each
     # bit is 1 on 718/1437 = 49.97 % of them, up to ties at the median; 1 % allows 14 such rows per bit.
-    bits = np.unpackbits(TeacherCache(lsh_cache).read("lsh/codes")[:, 0], axis=1, bitorder="little")
+    bits = np.unpackbits(TeacherCache(digits_lsh_cache).read("lsh/codes")[:, 0], axis=1, bitorder="little")
     balance = bits.mean(0)
     assert balance.shape == (BITS,) and np.all(np.abs(balance - 0.5) <= 0.01), balance
 
 
-def test_manifest_lists_lsh_arrays_and_the_cache_serves_codes(lsh_cache: Path) -> None:
-    cache = TeacherCache(lsh_cache)
+def test_manifest_lists_lsh_arrays_and_the_cache_serves_codes(digits_lsh_cache: Path) -> None:
+    cache = TeacherCache(digits_lsh_cache)
     m = cache.manifest
     assert m.status == "complete" and m.storage["lsh_bits"] == BITS
     assert {"lsh/codes", "stats/lsh/planes", "stats/lsh/thresholds"} <= set(m.stats["arrays"])
@@ -123,17 +104,17 @@ def test_manifest_lists_lsh_arrays_and_the_cache_serves_codes(lsh_cache: Path) -
                                   cache.read("lsh/codes")[::97, 0])
 
 
-def test_changed_index_file_is_refused(lsh_cache: Path, tmp_path: Path) -> None:
+def test_changed_index_file_is_refused(digits_lsh_cache: Path, tmp_path: Path) -> None:
     copy = tmp_path / "c"
-    shutil.copytree(lsh_cache, copy)
+    shutil.copytree(digits_lsh_cache, copy)
     faiss.write_index_binary(build_index(np.zeros((3, BITS // 8), np.uint8)), str(copy / "lsh.faiss"))
     with pytest.raises(CacheError, match="sha256"):
         TeacherCache(copy).lsh_index()
 
 
-def test_stats_without_lsh_bits_keeps_them_and_zero_removes_them(lsh_cache: Path, tmp_path: Path) -> None:
+def test_stats_without_lsh_bits_keeps_them_and_zero_removes_them(digits_lsh_cache: Path, tmp_path: Path) -> None:
     copy = tmp_path / "c"
-    shutil.copytree(lsh_cache, copy)
+    shutil.copytree(digits_lsh_cache, copy)
     before = TeacherCache(copy).read("lsh/codes")
     recompute_statistics(str(copy))
     np.testing.assert_array_equal(TeacherCache(copy).read("lsh/codes"), before)  # faiss's rotation is seeded
