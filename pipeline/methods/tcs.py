@@ -21,8 +21,9 @@ never reset. ``rounds`` pruning rounds are spread evenly over the training fract
 ``[prune_start, prune_end]`` (one round at ``prune_start`` if ``rounds == 1``); after round r of R the
 number of active coordinates is ``k - round((k - target) * r / R)`` with ``target = max(1,
 round(keep * k))``, each round dropping the active coordinates of least accumulated importance.
-A round falls due at the first training step whose ``progress.fraction`` reaches its point, and is
-applied before that step's loss. Dropped coordinates leave the classifier (mask 0) and the alignment.
+A round falls due at the first training step whose ``progress.fraction`` reaches its point. It is
+applied in the method's forward, which runs after the student's: that step's alignment term already
+leaves the dropped coordinates out, the classifier (mask 0) from the next step on.
 
 At the end of training (`export_student`) the map, the mask and the classifier fold into one linear
 layer, ``W' = (A * m) W`` and ``b' = A (m * c) + a``, which takes the classifier's place: ``student.pt``
@@ -98,13 +99,17 @@ class TCSHead(nn.Module):
 
     @torch.no_grad()
     def drop_to(self, count: int) -> None:
-        """Deactivate the active coordinates of least importance until `count` remain."""
-        active = self.active.bool()
-        excess = int(active.sum()) - count
+        """Deactivate the active coordinates of least importance until `count` remain.
+
+        Out of place: this step's student forward already used `active`, and autograd holds it.
+        """
+        excess = int(self.active.sum()) - count
         if excess <= 0:
             return
-        score = torch.where(active, self.importance, torch.full_like(self.importance, math.inf))
-        self.active[torch.argsort(score, stable=True)[:excess]] = 0
+        score = torch.where(self.active.bool(), self.importance, torch.full_like(self.importance, math.inf))
+        active = self.active.clone()
+        active[torch.argsort(score, stable=True)[:excess]] = 0
+        self.active = active
 
     @torch.no_grad()
     def fold(self) -> nn.Linear:
