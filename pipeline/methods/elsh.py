@@ -47,6 +47,8 @@ class ELSH(Method):
         if lshl2 and POOLED not in cache.available:
             raise MethodError("elsh option lshl2 needs teacher pooled features, which this cache does not store; "
                               "use lshl2=0 or a cache with pooled features")
+        if lshl2:  # the run serves the union of its methods' needs: ask for the pooled features too
+            self.needs = frozenset({LSH_CODES, POOLED})
         planes = cache.statistics["lsh/planes"].float()
         self.register_buffer("planes", planes.clone())
         self.register_buffer("thresholds", cache.statistics["lsh/thresholds"].float().clone())

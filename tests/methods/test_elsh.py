@@ -44,6 +44,7 @@ def test_loss_is_beta_times_bce_against_the_unpacked_codes() -> None:
 
 def test_lshl2_adds_mse_to_the_teacher_feature_and_equal_widths_need_no_map() -> None:
     method = create_method("elsh:lshl2=0.5", lsh_cache(), StudentInfo(pooled_dim=D))
+    assert method.needs == {LSH_CODES, POOLED} and create_method("elsh", lsh_cache(), StudentInfo(D)).needs == {LSH_CODES}
     assert isinstance(method.g, nn.Identity) and not list(method.parameters())
     f_s, f_t = torch.randn(7, D), torch.randn(7, D)
     codes = torch.zeros(7, BITS // 8, dtype=torch.uint8)
