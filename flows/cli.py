@@ -112,14 +112,15 @@ def cache_cmd(
     tap: Annotated[str, typer.Option(help="stage for Gaussian stats: auto | none | name | index")] = "auto",
     grid: Annotated[int, typer.Option(help="G x G grid of Gaussian cells")] = 1,
     featmaps: Annotated[bool, typer.Option(help="also store the tapped feature maps (large)")] = False,
-    lsh_bits: int = 0,
+    lsh_bits: Annotated[int, typer.Option(help="LSH bits per sample (multiple of 8; 0: none) for eLSH and "
+                                               "`distillery neighbors`")] = 0,
     subset: Annotated[Optional[int], typer.Option(help="seeded, stratified subset")] = None,
     subset_seed: int = 0,
     split: str = "train",
     shard_size: int = 1024,
     batch_size: int = 256,
     input_size: Optional[int] = None,
-    cka_source: Annotated[str, typer.Option(help="logits | features")] = "logits",
+    cka_source: Annotated[str, typer.Option(help="logits | features | auto (logits if stored)")] = "auto",
     device: str = "auto",
 ) -> None:
     """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
@@ -143,12 +144,14 @@ def cache_cmd(
 @app.command("stats")
 def stats_cmd(
     cache: Path,
-    cka_source: Annotated[str, typer.Option(help="logits | features")] = "logits",
+    cka_source: Annotated[str, typer.Option(help="logits | features | auto (logits if stored)")] = "auto",
+    lsh_bits: Annotated[Optional[int], typer.Option(help="rebuild LSH planes, codes and index with this many "
+                                                         "bits (0: remove them; default: the cache's)")] = None,
 ) -> None:
     """Recompute dataset-level statistics from a complete cache (no teacher)."""
     from pipeline.teacher.cache_pass import recompute_statistics
 
-    info = recompute_statistics(str(cache), cka_source=cka_source)
+    info = recompute_statistics(str(cache), cka_source=cka_source, lsh_bits=lsh_bits)
     console.print_json(json.dumps(info))
 
 
@@ -169,7 +172,7 @@ def inspect_cmd(cache: Path) -> None:
     console.print(f"views     {c.num_views} stored (view 0 clean + {c.num_views - 1} x {m.views['recipe']}, "
                   f"seed {m.views['seed']})")
     console.print(f"storage   logits={m.storage['logits']}  grid={m.storage['grid']}  shards={len(m.shards)} "
-                  f"x {m.storage['shard_size']} samples")
+                  f"x {m.storage['shard_size']} samples  lsh_bits={m.storage['lsh_bits']}")
     rows = [{"array": r.name, "shape": "x".join(map(str, r.shape)), "dtype": r.dtype,
              "stored": human_bytes(r.stored_bytes), "bytes/sample": f"{r.bytes_per_sample:.1f}",
              "mean": "-" if r.mean is None else f"{r.mean:.4g}", "std": "-" if r.std is None else f"{r.std:.4g}"}
@@ -183,6 +186,24 @@ def inspect_cmd(cache: Path) -> None:
         console.print("PCA  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in pca.items()))
     console.print(f"[dim]inspected in {time.perf_counter() - start:.2f} s[/dim]")
+
+
+@app.command("neighbors")
+def neighbors_cmd(
+    cache: Path,
+    sample_id: Annotated[int, typer.Argument(metavar="ID", help="sample id (as stored in samples/ids)")],
+    k: Annotated[int, typer.Option(help="number of neighbours")] = 8,
+) -> None:
+    """A sample's nearest neighbours in the teacher's LSH space (Hamming distance, faiss index)."""
+    from pipeline.cache.neighbors import lsh_neighbors
+    from pipeline.cache.store import TeacherCache
+
+    found = lsh_neighbors(TeacherCache(cache), sample_id, k)
+    q = found.query
+    rows = [{"rank": i + 1, "id": n.id, "label": n.class_name, "hamming": n.hamming}
+            for i, n in enumerate(found.neighbors)]
+    print_table(f"{len(rows)} nearest neighbours of sample {q.id} (label {q.class_name}) over {found.bits} "
+                f"LSH bits", rows, ["rank", "id", "label", "hamming"])
 
 
 @app.command("train")

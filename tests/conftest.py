@@ -52,3 +52,23 @@ def digits_cache(cache_request, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("cache") / "digits"
     run_cache_pass(cache_request(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_lsh_cache(digits_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of `digits_cache` given 64 LSH bits afterwards by `distillery stats --lsh-bits 64`, with
+    building a teacher made to fail: the rebuild reads the stored features only."""
+    import shutil
+
+    from pipeline.teacher import cache_pass
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("`distillery stats` must not build the teacher")
+
+    copy = tmp_path_factory.mktemp("lsh") / "digits"
+    shutil.copytree(digits_cache, copy)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cache_pass, "build_teacher", no_teacher)
+        patch.setattr(cache_pass, "shared_teacher", no_teacher)
+        cache_pass.recompute_statistics(str(copy), lsh_bits=64)
+    return copy

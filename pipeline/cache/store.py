@@ -5,6 +5,7 @@
 <cache>/arrays.zarr                 zarr v3 group; per-sample arrays chunked along N by shard
 <cache>/shards/train-%06d.tar       webdataset shards: blocks of raw inputs + labels + per-view targets
 <cache>/shards/train-%06d.json      a finished shard's record (written last; a rerun verifies it)
+<cache>/lsh.faiss                   faiss binary index over the view-0 LSH codes (with --lsh-bits)
 ```
 
 `CacheWriter` is used by the teacher pass, one shard at a time (shard tasks may run concurrently: each
@@ -24,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 import zarr
@@ -33,6 +35,8 @@ from pipeline.checksums import sha256_file
 from pipeline.cache.manifest import CacheError, Manifest, ShardRecord, identity_mismatch, now_iso
 
 ARRAYS_NAME = "arrays.zarr"
+LSH_INDEX_NAME = "lsh.faiss"
+LSH_ARRAYS = ("lsh/codes", "stats/lsh/planes", "stats/lsh/thresholds")
 SHARDS_DIR = "shards"
 SHARD_PATTERN = "train-{:06d}.tar"
 
@@ -223,6 +227,29 @@ class CacheWriter(_CacheFiles):
                                     chunks=value.shape or None)[...] = value
         self.manifest.stats.update(info)
 
+    def write_lsh(self, planes: np.ndarray, thresholds: np.ndarray, codes: np.ndarray,
+                  index: faiss.IndexBinary) -> dict[str, Any]:
+        """LSH planes and thresholds (`stats/lsh/...`), the view-0 codes `lsh/codes` (N, 1, bits/8) uint8 and
+        the neighbour index `lsh.faiss`. Written after the shards (the planes need every feature), so the
+        codes live in zarr only, chunked along N by shard like the per-sample arrays. Returns the manifest
+        record of the index (its file and sha256); the caller lists the arrays with the other statistics.
+        """
+        self.write_stats({"stats/lsh/planes": planes, "stats/lsh/thresholds": thresholds}, {})
+        self.group.create_array("lsh/codes", shape=codes.shape, dtype="uint8", overwrite=True, fill_value=0,
+                                chunks=(self.manifest.storage["shard_size"], *codes.shape[1:]))[...] = codes
+        path = self.root / LSH_INDEX_NAME
+        tmp = path.with_name(path.name + ".tmp")
+        faiss.write_index_binary(index, str(tmp))
+        os.replace(tmp, path)
+        return {"index": LSH_INDEX_NAME, "index_sha256": sha256_file(path)}
+
+    def drop_lsh(self) -> None:
+        """Remove the LSH arrays and index (statistics recomputed without LSH)."""
+        for name in LSH_ARRAYS:
+            if name in self.group:
+                del self.group[name]
+        (self.root / LSH_INDEX_NAME).unlink(missing_ok=True)
+
     def finalize(self, records: list[ShardRecord]) -> Manifest:
         """Mark the cache complete: every planned shard has a verified record."""
         planned = {s["index"] for s in self.manifest.shards}
@@ -281,7 +308,7 @@ class TeacherCache(_CacheFiles):
 
     def available_targets(self) -> frozenset[str]:
         """Logical target names this cache can serve (dense or top-k logits both serve 'logits')."""
-        found = {t for t, names in TARGET_ARRAYS.items() if all(n in self.manifest.arrays for n in names)}
+        found = {t for t, names in TARGET_ARRAYS.items() if all(self.has(n) for n in names)}
         if "logits_topk" in found:
             found.add("logits")
         found.discard("logits_topk")
@@ -295,8 +322,26 @@ class TeacherCache(_CacheFiles):
             if target == "logits":
                 shapes[target] = (self.num_classes,)
             else:
-                shapes[target] = tuple(self.manifest.arrays[TARGET_ARRAYS[target][0]]["shape"][2:])
+                shapes[target] = tuple(self.array(TARGET_ARRAYS[target][0]).shape[2:])
         return shapes
+
+    def in_shards(self, target: str) -> bool:
+        """Whether the webdataset shards carry `target`: not when it is written after them with the
+        statistics (the LSH codes), in zarr only."""
+        return not any(n in self.manifest.stats.get("arrays", []) for n in TARGET_ARRAYS[target])
+
+    def lsh_index(self) -> faiss.IndexBinary:
+        """The faiss binary index over the view-0 LSH codes (row i = stored sample i), checked against the
+        manifest's sha256."""
+        record = self.manifest.stats.get("lsh")
+        path = self.root / LSH_INDEX_NAME
+        if record is None or not path.is_file():
+            raise CacheError(f"{self.root} has no LSH index; build one without the teacher: "
+                             f"`distillery stats {self.root} --lsh-bits 64`")
+        if sha256_file(path) != record["index_sha256"]:
+            raise CacheError(f"{path} fails its sha256 (corrupt or changed); rebuild it with "
+                             f"`distillery stats {self.root}`")
+        return faiss.read_index_binary(str(path))
 
     def statistics(self) -> dict[str, torch.Tensor]:
         """The dataset-level arrays (`stats/...`, DESIGN.md §4), keyed without the `stats/` prefix."""

@@ -31,7 +31,7 @@ def array_rows(cache: TeacherCache, sample_stats: int = 2048) -> list[ArrayRow]:
     for name in _all_array_names(cache):
         arr = cache.array(name)
         stored = int(arr.nbytes_stored())
-        per_sample = name in cache.manifest.arrays
+        per_sample = not name.startswith("stats/")  # per-sample arrays, in the shards or (LSH codes) not
         head = np.asarray(arr[: min(sample_stats, arr.shape[0])] if arr.ndim else arr[...])
         numeric = head.dtype.kind in "fiu" and head.size > 0
         values = head.astype(np.float64) if numeric else None

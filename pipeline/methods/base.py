@@ -219,6 +219,21 @@ class Method(torch.nn.Module, metaclass=abc.ABCMeta):
         when the terms of all methods in a run are summed and logged side by side.
         """
 
+    def adopt_student(self, model: torch.nn.Module) -> None:
+        """Called once after the method is built, with the student's plain timm model (before any weights
+        are loaded or training starts). A method whose head replaces the student's (TCS, §6.5) installs
+        it here, so the student's logits, every other method and the per-epoch evaluation go through it.
+        Default: nothing.
+        """
+
+    def export_student(self, model: torch.nn.Module) -> bool:
+        """Called once after training, before the final evaluation and before ``student.pt`` is written:
+        turn whatever :meth:`adopt_student` installed back into plain timm form with the same outputs
+        (TCS folds its map, mask and classifier into one linear head). Returns whether ``model`` changed
+        (the run then evaluates the exported model again). Default: nothing, False.
+        """
+        return False
+
     @classmethod
     def taps_for(cls, options: Mapping[str, bool | int | float | str]) -> tuple[int, ...]:
         """The student stages read when built with ``options`` (given ones only); ``student_taps`` by default."""

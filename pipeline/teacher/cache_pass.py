@@ -6,7 +6,7 @@ anything else (tests, notebooks, a GPU box without Prefect) can call `run_cache_
     plan_cache(request)            -> CachePlan       create or resume the store, list pending shards
     cache_shard(request, index)    -> ShardRecord     teacher forward over one shard's (sample, view)s
     shard_statistics(root, index)  -> ShardStats      mergeable partial sums from the stored rows
-    reduce_statistics(root, parts) -> dict            PCA, class stats, CKA, Gaussian summaries
+    reduce_statistics(root, parts) -> dict            PCA, class stats, CKA, Gaussian summaries, LSH
     complete_cache(root, records)  -> Manifest        status 'complete' only when every shard verifies
 """
 
@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from pipeline.cache.codecs import topk_encode
 from pipeline.cache.manifest import Manifest, ShardRecord, StorageSpec
-from pipeline.cache.store import CacheWriter, TeacherCache
+from pipeline.cache.store import LSH_ARRAYS, CacheWriter, TeacherCache
 from pipeline.checksums import sha256_file
 from pipeline.data.datasets import ImageDataset, load_dataset
 from pipeline.data.views import ViewPlan, render_view
@@ -32,6 +32,7 @@ from pipeline.progress import progress_task
 from pipeline.stats.classes import ClassMoments
 from pipeline.stats.cka import category_interrelations
 from pipeline.stats.gaussian import GaussianSummary, grid_gaussian
+from pipeline.stats.lsh import build_index, encode, train_lsh, training_rows
 from pipeline.stats.moments import FeatureMoments, pca_from_moments
 from pipeline.teacher.model import (Teacher, TeacherError, TeacherSpec, build_teacher, load_checkpoint,
                                     resolve_tap, stage_names)
@@ -59,7 +60,7 @@ class CacheRequest(BaseModel):
     shard_size: int = 1024
     batch_size: int = 256
     block_size: int = 256
-    cka_source: str = "logits"
+    cka_source: str = "auto"  # "logits" | "features" | "auto" (logits when the teacher has a head)
     device: str = "auto"
 
 
@@ -333,8 +334,8 @@ def shard_statistics(root: str, index: int) -> ShardStats:
 
 def check_cka_source(source: str, has_logits: bool) -> None:
     """Refuse a CKA source the cache cannot serve, before any teacher pass or statistics rewrite starts."""
-    if source not in ("logits", "features"):
-        raise TeacherError(f"--cka-source must be logits or features, not '{source}'")
+    if source not in ("logits", "features", "auto"):
+        raise TeacherError(f"--cka-source must be logits, features or auto, not '{source}'")
     if source == "logits" and not has_logits:
         raise TeacherError("--cka-source logits needs stored logits; this cache has none, use "
                            "--cka-source features")
@@ -356,11 +357,27 @@ def cka_rows(cache: TeacherCache, source: str) -> tuple[np.ndarray, np.ndarray]:
     return values, labels[take]
 
 
-def reduce_statistics(root: str, parts: list[ShardStats], cka_source: str = "logits") -> dict[str, Any]:
-    """Merge the shards' partials; write PCA, class stats, CKA interrelations and Gaussian summaries."""
+def lsh_statistics(cache: TeacherCache, writer: CacheWriter, bits: int) -> dict[str, Any]:
+    """Train LSH planes on the view-0 pooled features, encode every stored sample, write planes, codes
+    and the neighbour index (DESIGN.md §5). Reads the stored features only (no teacher); memory is one
+    shard of features plus the training rows and the codes (N * bits / 8 bytes)."""
+    pooled = cache.array("features/pooled")
+    rows = training_rows(cache.num_samples)
+    projection = train_lsh(pooled.oindex[rows, 0].astype(np.float32), bits)
+    codes = np.concatenate([encode(pooled[s["start"]:s["stop"], 0].astype(np.float32), projection)
+                            for s in cache.manifest.shards])
+    record = writer.write_lsh(projection.planes, projection.thresholds, codes[:, None], build_index(codes))
+    return {"bits": bits, "train_rows": len(rows), **record}
+
+
+def reduce_statistics(root: str, parts: list[ShardStats], cka_source: str = "auto") -> dict[str, Any]:
+    """Merge the shards' partials; write PCA, class stats, CKA interrelations, Gaussian summaries and, when
+    the storage asks for LSH bits, the LSH planes, codes and index."""
     total = functools.reduce(ShardStats.merge, parts)
     pca = pca_from_moments(total.features)
     cache = TeacherCache(root, require_complete=False)
+    if cka_source == "auto":  # a head-less teacher stores no logits
+        cka_source = "logits" if "logits" in cache.available_targets() else "features"
     values, labels = cka_rows(cache, cka_source)
     arrays: dict[str, np.ndarray] = {
         "stats/pca/mean": pca.mean, "stats/pca/components": pca.components,
@@ -375,6 +392,12 @@ def reduce_statistics(root: str, parts: list[ShardStats], cka_source: str = "log
     info = {"arrays": sorted(arrays), "cka_source": cka_source, "cka_samples_per_class": int(len(labels) //
             cache.num_classes), "pca_components_90": pca.num_components_for(0.9),
             "features_count": int(total.features.count)}
+    writer.manifest.stats.pop("lsh", None)
+    if cache.manifest.storage["lsh_bits"]:
+        info["lsh"] = lsh_statistics(cache, writer, cache.manifest.storage["lsh_bits"])
+        info["arrays"] = sorted([*arrays, *LSH_ARRAYS])
+    else:
+        writer.drop_lsh()
     writer.write_stats(arrays, info)
     writer.manifest.save(root)
     return info
@@ -384,16 +407,21 @@ def complete_cache(root: str, records: list[ShardRecord]) -> Manifest:
     return CacheWriter(root, Manifest.load(root)).finalize(records)
 
 
-def recompute_statistics(root: str, cka_source: str = "logits") -> dict[str, Any]:
+def recompute_statistics(root: str, cka_source: str = "auto", lsh_bits: int | None = None) -> dict[str, Any]:
     """`distillery stats`: rebuild the dataset-level statistics of a complete cache, without the teacher.
 
-    The cache is marked partial while statistics are rewritten, so an interrupted run is never
-    mistaken for a complete cache.
+    `lsh_bits` replaces the cache's LSH bits (its `storage.lsh_bits`, so the manifest stays truthful;
+    0 removes LSH); None rebuilds with the bits it has. The cache is marked partial while statistics are
+    rewritten, so an interrupted run is never mistaken for a complete cache.
     """
     cache = TeacherCache(root)
     check_cka_source(cka_source, "logits" in cache.available_targets())
     records = [ShardRecord(**s) for s in cache.manifest.shards]
-    CacheWriter(root, cache.manifest).mark_partial()
+    writer = CacheWriter(root, cache.manifest)
+    if lsh_bits is not None:
+        StorageSpec(**{**cache.manifest.storage, "lsh_bits": lsh_bits})  # validates the bits (CacheError)
+        writer.manifest.storage["lsh_bits"] = lsh_bits
+    writer.mark_partial()
     info = reduce_statistics(root, [shard_statistics(root, r.index) for r in records], cka_source)
     complete_cache(root, records)
     return info

@@ -131,6 +131,8 @@ def setup_run(config: TrainConfig, device: torch.device) -> RunSetup:
     student = Student(config.student, cache.num_classes, manifest.teacher["in_chans"], size,
                       taps=student_taps(config.methods)).to(device)
     methods = build_methods(config.methods, cache, student.info()).to(device)
+    for method in methods.values():
+        method.adopt_student(student.model)
     needs = frozenset().union(*(m.needs for m in methods.values()))
     if s.online_teacher:
         OnlineTeacher.check(cache, needs)
@@ -165,7 +167,8 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     teacher_size = online.input_size if online is not None and online.input_size != size else None
     stream = CacheStream(cache, size, frozenset() if online else setup.needs, s.seed, s.shuffle_buffer, teacher_size)
     steps = stream.batches_per_epoch(s.batch_size, s.workers)
-    params = [p for p in [*student.parameters(), *methods.parameters()] if p.requires_grad]
+    # A method may share a module with the student (a head it adopted): each parameter once.
+    params = list({id(p): p for p in [*student.parameters(), *methods.parameters()] if p.requires_grad}.values())
     optimizer = build_optimizer(params, s.optim)
     schedule = cosine_schedule(optimizer, s.epochs * steps, round(s.optim.warmup_epochs * steps))
 
@@ -238,6 +241,8 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
                                  "student": student.model.state_dict(), "methods": methods.state_dict(),
                                  "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
 
+    if any([method.export_student(student.model) for method in methods.values()]):  # every method exports
+        state["val_accuracy"] = evaluate_accuracy(student.model, val, size, mean, std, device=device)
     summary = {
         "student": config.student, "methods": list(config.methods), "seed": s.seed, "epochs": s.epochs,
         "val_accuracy": state["val_accuracy"], "train_seconds": state["train_seconds"],

@@ -9,7 +9,9 @@
 The view of a sample in an epoch is `epoch_views(seed, epoch, id)`, so every run with the same seed
 sees the same (sample, view) pairs in the same order, whatever else it does (cached or online targets,
 an interrupted and resumed run). Memory is bounded by the shuffle buffer and one block per worker: no
-step reads the whole cache, so it does not grow with the number of samples.
+step reads the whole cache, so it does not grow with the number of samples. The one exception is a
+target written after the shards (the view-0 LSH codes): its zarr column is held in RAM (N * bits / 8
+bytes) and joined to each block by sample id.
 """
 
 from __future__ import annotations
@@ -50,6 +52,23 @@ def _view_rows(arr: np.ndarray, views: np.ndarray) -> np.ndarray:
     return arr[np.arange(len(views)), views if arr.shape[1] > 1 else 0]
 
 
+class _RamColumns:
+    """Targets the shards do not carry (written after them): their zarr columns in RAM, by sample id."""
+
+    def __init__(self, cache: TeacherCache, targets: frozenset[str]) -> None:
+        self.arrays = {n: cache.read(n) for t in sorted(targets) for n in TARGET_ARRAYS[t]}
+        ids = cache.read("samples/ids") if self.arrays else np.zeros(0, np.int64)
+        self.order = np.argsort(ids, kind="stable")
+        self.sorted_ids = ids[self.order]
+
+    def block(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The block's rows of every held column, keyed like the block's own arrays."""
+        if not self.arrays:
+            return {}
+        rows = self.order[np.searchsorted(self.sorted_ids, ids)]
+        return {block_key(n): a[rows] for n, a in self.arrays.items()}
+
+
 class CacheStream:
     """Builds each epoch's loader over `cache` for a student rendering at `size`.
 
@@ -63,6 +82,7 @@ class CacheStream:
         if missing:
             raise ValueError(f"{cache.root} cannot serve targets {missing}")
         self.cache, self.size, self.targets, self.seed = cache, size, frozenset(targets), seed
+        self.columns = _RamColumns(cache, frozenset(t for t in targets if not cache.in_shards(t)))
         self.shuffle_buffer, self.teacher_size = shuffle_buffer, teacher_size
         teacher = cache.manifest.teacher
         self.mean, self.std = tuple(teacher["mean"]), tuple(teacher["std"])
@@ -84,7 +104,7 @@ class CacheStream:
         source = wds.WebDataset(self.urls, shardshuffle=len(self.urls), detshuffle=True, seed=seed,
                                 nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
                                 empty_check=False)
-        return (source.compose(_Unblock(self.cache, self.targets, seed=self.seed, epoch=epoch))
+        return (source.compose(_Unblock(self.cache, self.targets, self.columns, seed=self.seed, epoch=epoch))
                 .shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)
                 .compose(self._render))
 
@@ -114,13 +134,15 @@ def _row(target: np.ndarray | tuple[np.ndarray, ...], i: int) -> np.ndarray | tu
 class _Unblock:
     """Pipeline stage: decoded blocks -> one sample per row, with the chosen view's targets only."""
 
-    def __init__(self, cache: TeacherCache, targets: frozenset[str], seed: int, epoch: int) -> None:
-        self.cache, self.targets, self.seed, self.epoch = cache, targets, seed, epoch
+    def __init__(self, cache: TeacherCache, targets: frozenset[str], columns: _RamColumns, seed: int,
+                 epoch: int) -> None:
+        self.cache, self.targets, self.columns, self.seed, self.epoch = cache, targets, columns, seed, epoch
 
     def __call__(self, blocks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for block in blocks:
             rows = decode_block(block["npz"])
             ids = rows[block_key("samples/ids")]
+            rows.update(self.columns.block(ids))
             views = epoch_views(self.seed, self.epoch, ids, self.cache.num_views)
             targets = {name: self._target(name, rows, views) for name in self.targets}
             labels = rows[block_key("samples/labels")]

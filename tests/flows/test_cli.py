@@ -74,7 +74,7 @@ def test_stats_with_an_unknown_cka_source_leaves_the_cache_complete(digits_cache
     copy = _copy(digits_cache, tmp_path)
     bad = run_cli("stats", str(copy), "--cka-source", "pixels")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
-    assert "--cka-source must be logits or features" in bad.stderr
+    assert "--cka-source must be logits, features or auto" in bad.stderr
     assert Manifest.load(copy).status == "complete"
 
 
@@ -96,3 +96,23 @@ def test_cache_command_computes_interrelations_from_features(prefect_harness, di
     labels = cache.read("samples/labels")
     expected = category_interrelations(cache.read("features/pooled")[:, 0], labels, cache.num_classes)
     np.testing.assert_allclose(cache.read("stats/cka/ir"), expected, atol=1e-6)
+
+def test_stats_lsh_bits_then_neighbors_table(digits_cache: Path, tmp_path: Path) -> None:
+    import re
+    import shutil
+
+    from pipeline.cache.neighbors import lsh_neighbors
+    from pipeline.cache.store import TeacherCache
+
+    copy = tmp_path / "cache"
+    shutil.copytree(digits_cache, copy)
+    stats = CliRunner().invoke(app, ["stats", str(copy), "--lsh-bits", "32"])
+    assert stats.exit_code == 0, stats.output
+    assert '"bits": 32' in stats.output and "lsh/codes" in stats.output
+    result = CliRunner().invoke(app, ["neighbors", str(copy), "5", "--k", "3"])
+    assert result.exit_code == 0, result.output
+    assert "3 nearest neighbours of sample 5" in result.output and "over 32 LSH bits" in result.output
+    found = lsh_neighbors(TeacherCache(copy), 5, k=3)
+    for i, n in enumerate(found.neighbors):
+        assert re.search(rf"│\s*{i + 1}\s*│\s*{n.id}\s*│\s*{n.class_name}\s*│\s*{n.hamming}\s*│", result.output)
+    assert "lsh_bits=32" in CliRunner().invoke(app, ["inspect", str(copy)]).output

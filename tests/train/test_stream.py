@@ -136,3 +136,20 @@ def test_workers_survive_thread_exit_hooks_inherited_from_the_parent(make_cache)
     finally:  # _register_atexit stores a functools.partial of the hook
         threading._threading_atexits[:] = [h for h in threading._threading_atexits
                                            if h.func is not fails_in_a_forked_child]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_lsh_codes_written_after_the_shards_are_served_from_zarr_by_sample_id(make_cache, workers) -> None:
+    from pipeline.methods.base import LSH_CODES
+    from pipeline.teacher.cache_pass import recompute_statistics
+
+    root = make_cache(n=150, shard_size=60)
+    recompute_statistics(str(root), lsh_bits=16)
+    cache = TeacherCache(root)
+    assert not cache.in_shards(LSH_CODES)
+    batches = _epoch(CacheStream(cache, size=8, targets=frozenset({LSH_CODES, POOLED}), seed=3), workers=workers)
+    ids = _cat(batches, "id").numpy()
+    rows = np.searchsorted(cache.read("samples/ids"), ids)
+    codes = torch.cat([b["targets"][LSH_CODES] for b in batches])
+    assert codes.dtype == torch.uint8 and sorted(ids) == sorted(cache.read("samples/ids"))
+    np.testing.assert_array_equal(codes.numpy(), cache.read("lsh/codes")[rows, 0])

@@ -1,0 +1,205 @@
+"""TCS: a tailored coordinate system from the teacher's PCA, learnt by the student (DESIGN.md §6.5).
+
+The teacher's view-0 pooled features define a coordinate system: the top-k PCA components
+``V_k`` (rows of ``pca/components``) around the teacher mean ``mu``; k is the smallest number of
+components explaining ``variance`` of the variance, or ``dims`` when given. The student gets a head
+``TCSHead`` that replaces its own classifier:
+
+    z = W f_s + c            learnable linear map into the k coordinates
+    m = mask * active        trainable mask, 0 on dropped coordinates
+    logits = A (m * z) + a   the classifier reads the masked coordinates
+
+The method adds ``weight * MSE(z, (f_t - mu) V_k^T)`` over the active coordinates; the supervised term
+is the ``ce`` method (as with every method here: run ``--method ce --method tcs``), which now computes
+its CE on this head's logits because the head *is* the student's classifier (`adopt_student`). The
+student's original timm classifier is discarded; the per-epoch evaluation of the student model goes
+through the TCS head.
+
+Tailoring (iterative feature selection). The paper's schedule is not public; ours: every backward
+pass adds ``|dL/d mask|`` to a per-coordinate importance, accumulated from the start of training and
+never reset. ``rounds`` pruning rounds are spread evenly over the training fraction
+``[prune_start, prune_end]`` (one round at ``prune_start`` if ``rounds == 1``); after round r of R the
+number of active coordinates is ``k - round((k - target) * r / R)`` with ``target = max(1,
+round(keep * k))``, each round dropping the active coordinates of least accumulated importance.
+A round falls due at the first training step whose ``progress.fraction`` reaches its point. It is
+applied in the method's forward, which runs after the student's: that step's alignment term already
+leaves the dropped coordinates out, the classifier (mask 0) from the next step on.
+
+At the end of training (`export_student`) the map, the mask and the classifier fold into one linear
+layer, ``W' = (A * m) W`` and ``b' = A (m * c) + a``, which takes the classifier's place: ``student.pt``
+is a plain timm model whose logits equal the trained TCS path.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import (
+    POOLED,
+    CacheInfo,
+    Method,
+    MethodError,
+    StudentInfo,
+    StudentOutputs,
+    Targets,
+    TrainingProgress,
+    at_least_float32,
+    register_method,
+)
+
+PCA_STATISTICS = ("pca/mean", "pca/components", "pca/explained_variance")
+
+
+def components_for(explained_variance: Tensor, fraction: float) -> int:
+    """The smallest k whose top-k components explain at least `fraction` of the total variance."""
+    ratio = np.cumsum(explained_variance.double().numpy()) / float(explained_variance.double().sum())
+    return min(int(np.searchsorted(ratio, fraction)) + 1, len(ratio))
+
+
+def replace_classifier(model: nn.Module, new: nn.Module) -> None:
+    """Put `new` where the timm model's `get_classifier()` module is (`fc`, `head.fc`, `classifier`, ...)."""
+    old = model.get_classifier()
+    name = next(n for n, m in model.named_modules() if m is old)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, new)
+
+
+class TCSHead(nn.Module):
+    """Student pooled feature -> k coordinates -> masked -> class logits, with the tailoring state.
+
+    Buffers ``active`` (0/1 per coordinate), ``importance`` (accumulated ``|dL/d mask|``) and ``rounds``
+    (pruning rounds done) are part of the state dict, so a resumed run prunes exactly as an uninterrupted one.
+    """
+
+    def __init__(self, in_dim: int, k: int, num_classes: int) -> None:
+        super().__init__()
+        self.map = nn.Linear(in_dim, k)
+        self.mask = nn.Parameter(torch.ones(k))
+        self.classifier = nn.Linear(k, num_classes)
+        self.register_buffer("active", torch.ones(k))
+        self.register_buffer("importance", torch.zeros(k, dtype=torch.float64))
+        self.register_buffer("rounds", torch.zeros((), dtype=torch.int64))
+        self.mask.register_hook(self._accumulate)
+
+    def _accumulate(self, grad: Tensor) -> None:
+        self.importance += grad.detach().abs().double()
+
+    def coordinates(self, pooled: Tensor) -> Tensor:
+        return self.map(pooled)
+
+    def effective_mask(self) -> Tensor:
+        return self.mask * self.active
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.classifier(self.coordinates(pooled) * self.effective_mask())
+
+    @torch.no_grad()
+    def drop_to(self, count: int) -> None:
+        """Deactivate the active coordinates of least importance until `count` remain.
+
+        Out of place: this step's student forward already used `active`, and autograd holds it.
+        """
+        excess = int(self.active.sum()) - count
+        if excess <= 0:
+            return
+        score = torch.where(self.active.bool(), self.importance, torch.full_like(self.importance, math.inf))
+        active = self.active.clone()
+        active[torch.argsort(score, stable=True)[:excess]] = 0
+        self.active = active
+
+    @torch.no_grad()
+    def fold(self) -> nn.Linear:
+        """One linear layer equal to this head: ``W' = (A * m) W``, ``b' = A (m * c) + a``."""
+        m = self.effective_mask()
+        scaled = self.classifier.weight * m
+        linear = nn.Linear(self.map.in_features, self.classifier.out_features).to(self.mask.device)
+        linear.weight.copy_(scaled @ self.map.weight)
+        linear.bias.copy_(scaled @ self.map.bias + self.classifier.bias)
+        return linear
+
+
+@register_method
+class TCS(Method):
+    """``weight * MSE(z_active, t_active)``, ``z`` the student's TCS coordinates and ``t = (f_t - mu) V_k^T``
+    (§6.5); the TCS head replaces the student's classifier and is pruned to ``keep * k`` coordinates.
+
+    Options: ``variance`` (explained-variance fraction choosing k), ``dims`` (fixed k; 0 = use
+    ``variance``), ``keep`` (fraction of k left after tailoring; 1 = no pruning), ``rounds``,
+    ``prune_start``, ``prune_end`` (the schedule, fractions of training), ``weight`` (alignment, 1 vs CE).
+    """
+
+    name = "tcs"
+    needs = frozenset({POOLED})
+
+    def __init__(
+        self,
+        cache: CacheInfo,
+        student: StudentInfo,
+        *,
+        variance: float = 0.9,
+        dims: int = 0,
+        keep: float = 0.5,
+        rounds: int = 5,
+        prune_start: float = 0.2,
+        prune_end: float = 0.7,
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__(cache, student)
+        missing = [n for n in PCA_STATISTICS if n not in cache.statistics]
+        if missing:
+            raise MethodError(f"method 'tcs' needs the cache's PCA statistics ({', '.join(missing)} missing); "
+                              f"rebuild them with `distillery stats CACHE`")
+        explained = cache.statistics["pca/explained_variance"]
+        if not 0 < variance <= 1:
+            raise MethodError(f"tcs option variance must be in (0, 1], got {variance}")
+        if not 0 <= dims <= len(explained):
+            raise MethodError(f"tcs option dims must be in [0, {len(explained)}] (the teacher's pooled width), "
+                              f"got {dims}")
+        if not 0 < keep <= 1 or rounds < 1 or not 0 <= prune_start <= prune_end <= 1:
+            raise MethodError(f"tcs needs 0 < keep <= 1, rounds >= 1 and 0 <= prune_start <= prune_end <= 1; "
+                              f"got keep={keep}, rounds={rounds}, prune_start={prune_start}, prune_end={prune_end}")
+        self.k = dims or components_for(explained, variance)
+        self.target = max(1, round(keep * self.k))
+        self.num_rounds, self.prune_start, self.prune_end, self.weight = rounds, prune_start, prune_end, weight
+        self.register_buffer("mean", cache.statistics["pca/mean"].float().clone())
+        self.register_buffer("basis", cache.statistics["pca/components"][: self.k].float().clone())
+        self.head = TCSHead(student.pooled_dim, self.k, cache.num_classes)
+
+    def round_points(self) -> list[float]:
+        """Training fractions at which rounds 1..R fall due."""
+        if self.num_rounds == 1:
+            return [self.prune_start]
+        step = (self.prune_end - self.prune_start) / (self.num_rounds - 1)
+        return [self.prune_start + r * step for r in range(self.num_rounds)]
+
+    def count_after(self, rounds: int) -> int:
+        """Active coordinates once `rounds` rounds are done."""
+        return self.k - round((self.k - self.target) * rounds / self.num_rounds)
+
+    def teacher_coordinates(self, pooled: Tensor) -> Tensor:
+        """``(f_t - mu) V_k^T``: the teacher's pooled features in its top-k PCA coordinates."""
+        return (at_least_float32(pooled) - self.mean) @ self.basis.T
+
+    def adopt_student(self, model: nn.Module) -> None:
+        replace_classifier(model, self.head)
+
+    def export_student(self, model: nn.Module) -> bool:
+        replace_classifier(model, self.head.fold())
+        return True
+
+    def forward(
+        self, student: StudentOutputs, targets: Targets, labels: Tensor, progress: TrainingProgress
+    ) -> dict[str, Tensor]:
+        due = sum(point <= progress.fraction for point in self.round_points())
+        while int(self.head.rounds) < due:
+            self.head.rounds += 1
+            self.head.drop_to(self.count_after(int(self.head.rounds)))
+        z = at_least_float32(self.head.coordinates(student.pooled))
+        t = self.teacher_coordinates(targets[POOLED])
+        active = self.head.active
+        squared = F.mse_loss(z, t, reduction="none") * active
+        return {"tcs": self.weight * squared.sum() / (z.shape[0] * active.sum())}
