@@ -35,6 +35,7 @@ from pipeline.stats.gaussian import GaussianSummary, grid_gaussian
 from pipeline.stats.moments import FeatureMoments, pca_from_moments
 from pipeline.teacher.model import (Teacher, TeacherError, TeacherSpec, build_teacher, load_checkpoint,
                                     resolve_tap, stage_names)
+from pipeline.teacher.tail import extract_teacher_tail
 
 
 class CacheRequest(BaseModel):
@@ -54,6 +55,7 @@ class CacheRequest(BaseModel):
     tap: str = "auto"
     grid: int = 1
     featmaps: bool = False
+    teacher_tail: int = Field(0, ge=0, description="teacher stages ending at the tap saved for ScaleKD's TPP")
     lsh_bits: int = 0
     input_size: int | None = None
     shard_size: int = 1024
@@ -185,7 +187,8 @@ def build_manifest(request: CacheRequest) -> Manifest:
     plan = ViewPlan(num_augmented=request.views, seed=request.view_seed)
     storage = StorageSpec(logits="none" if not request.teacher_head else request.logits,
                           tap=spec.taps[0] if spec.taps else None, grid=request.grid, featmaps=request.featmaps,
-                          lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size)
+                          lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size,
+                          teacher_tail=request.teacher_tail)
     device = resolve_device(request.device)
     teacher = shared_teacher(spec, str(device))
     arrays = _describe_outputs(teacher, spec, storage, len(dataset), plan.num_views, device)
@@ -207,6 +210,7 @@ def build_manifest(request: CacheRequest) -> Manifest:
 def plan_cache(request: CacheRequest) -> CachePlan:
     """Create the store (or resume a partial one with the same identity) and list the shards to do."""
     writer = CacheWriter.create_or_resume(request.out, build_manifest(request))
+    save_teacher_tail(writer, resolve_device(request.device))
     if writer.manifest.status == "complete":
         return CachePlan(root=request.out, num_shards=len(writer.manifest.shards), pending=[],
                          done=[ShardRecord(**s) for s in writer.manifest.shards], complete=True)
@@ -215,6 +219,19 @@ def plan_cache(request: CacheRequest) -> CachePlan:
         record = writer.finished_record(s["index"])
         (done.append(record) if record else pending.append(s["index"]))
     return CachePlan(root=request.out, num_shards=len(writer.manifest.shards), pending=pending, done=done)
+
+
+def save_teacher_tail(writer: CacheWriter, device: torch.device) -> None:
+    """Save the teacher's last `--teacher-tail` stages ending at the tap for ScaleKD's TPP (DESIGN.md §6.7),
+    unless the cache asks for none or already holds a verified one (a rerun restores a lost file)."""
+    storage = writer.manifest.storage_spec()
+    if not storage.teacher_tail or writer.tail_verifies():
+        return
+    teacher_items = writer.manifest.teacher.items()
+    spec = TeacherSpec.from_dict({k: v for k, v in teacher_items if k not in ("stages", "pooled_dim")})
+    teacher = shared_teacher(spec, str(device))
+    probe = torch.randn(2, spec.in_chans, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(0))
+    writer.write_teacher_tail(*extract_teacher_tail(teacher.model, storage.tap, storage.teacher_tail, probe.to(device)))
 
 
 def render_pairs(dataset: ImageDataset, plan: ViewPlan, pairs: np.ndarray, spec: TeacherSpec) -> torch.Tensor:

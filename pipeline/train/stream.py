@@ -23,12 +23,14 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pipeline.cache.store import TARGET_ARRAYS, TeacherCache, block_key, decode_block, unpack_raw
+from pipeline.cache.store import TeacherCache, block_key, decode_block, unpack_raw
 from pipeline.data.views import ViewPlan, epoch_views, render_view
-from pipeline.methods.base import GAUSSIAN, LOGITS
+from pipeline.methods.base import FEATMAPS, GAUSSIAN, LOGITS
 
 # Targets served as a tuple of arrays (in TARGET_ARRAYS order) rather than one array.
 _TUPLE_TARGETS = frozenset({GAUSSIAN})
+# Targets served in their stored dtype rather than float32 (see pipeline.methods.base.FEATMAPS).
+_STORED_DTYPE_TARGETS = frozenset({FEATMAPS})
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -146,6 +148,7 @@ class _Unblock:
             # The cache's reader reconstructs top-k codes; give it only the chosen view of each row.
             chosen = {key: _view_rows(a, views)[:, None] for key, a in rows.items() if key.startswith("logits.")}
             return self.cache.dense_logits(chosen)[:, 0]
-        arrays = [_view_rows(rows[block_key(n)], views) for n in TARGET_ARRAYS[name]]
-        arrays = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
+        arrays = [_view_rows(rows[block_key(n)], views) for n in self.cache.target_arrays(name)]
+        if name not in _STORED_DTYPE_TARGETS:
+            arrays = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
         return tuple(arrays) if name in _TUPLE_TARGETS else arrays[0]
