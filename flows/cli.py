@@ -180,7 +180,7 @@ def inspect_cmd(cache: Path) -> None:
             for r in array_rows(c)]
     print_table("arrays", rows)
     maps = [{"array": r.name, "map": "x".join(map(str, r.map_shape)), "dtype": r.dtype,
-             "raw (zarr + shards)": human_bytes(r.raw_bytes), "zarr stored": human_bytes(r.stored_bytes)}
+             "shards (raw)": human_bytes(r.raw_bytes), "zarr (compressed)": human_bytes(r.stored_bytes)}
             for r in featmap_rows(c)]
     if maps:
         print_table("feature maps, bytes per sample-view", maps)

@@ -209,8 +209,11 @@ def build_manifest(request: CacheRequest) -> Manifest:
 
 def plan_cache(request: CacheRequest) -> CachePlan:
     """Create the store (or resume a partial one with the same identity) and list the shards to do."""
-    writer = CacheWriter.create_or_resume(request.out, build_manifest(request))
-    save_teacher_tail(writer, resolve_device(request.device))
+    manifest = build_manifest(request)
+    tail = teacher_tail(manifest, resolve_device(request.device))  # refuses an unsupported tail before writing
+    writer = CacheWriter.create_or_resume(request.out, manifest)
+    if tail is not None and not writer.tail_verifies():  # a rerun restores a lost or changed file
+        writer.write_teacher_tail(*tail)
     if writer.manifest.status == "complete":
         return CachePlan(root=request.out, num_shards=len(writer.manifest.shards), pending=[],
                          done=[ShardRecord(**s) for s in writer.manifest.shards], complete=True)
@@ -221,17 +224,16 @@ def plan_cache(request: CacheRequest) -> CachePlan:
     return CachePlan(root=request.out, num_shards=len(writer.manifest.shards), pending=pending, done=done)
 
 
-def save_teacher_tail(writer: CacheWriter, device: torch.device) -> None:
-    """Save the teacher's last `--teacher-tail` stages ending at the tap for ScaleKD's TPP (DESIGN.md §6.7),
-    unless the cache asks for none or already holds a verified one (a rerun restores a lost file)."""
-    storage = writer.manifest.storage_spec()
-    if not storage.teacher_tail or writer.tail_verifies():
-        return
-    teacher_items = writer.manifest.teacher.items()
-    spec = TeacherSpec.from_dict({k: v for k, v in teacher_items if k not in ("stages", "pooled_dim")})
+def teacher_tail(manifest: Manifest, device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The teacher's last `--teacher-tail` stages ending at the tap, for ScaleKD's TPP (DESIGN.md §6.7):
+    (spec, state dict), or None when the cache asks for no tail."""
+    storage = manifest.storage_spec()
+    if not storage.teacher_tail:
+        return None
+    spec = TeacherSpec.from_dict({k: v for k, v in manifest.teacher.items() if k not in ("stages", "pooled_dim")})
     teacher = shared_teacher(spec, str(device))
     probe = torch.randn(2, spec.in_chans, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(0))
-    writer.write_teacher_tail(*extract_teacher_tail(teacher.model, storage.tap, storage.teacher_tail, probe.to(device)))
+    return extract_teacher_tail(teacher.model, storage.tap, storage.teacher_tail, probe.to(device))
 
 
 def render_pairs(dataset: ImageDataset, plan: ViewPlan, pairs: np.ndarray, spec: TeacherSpec) -> torch.Tensor:

@@ -32,3 +32,15 @@ def test_errors_are_one_line_on_stderr_with_exit_code_2(tmp_path: Path) -> None:
     bad_dataset = run_cli("fit-teacher", "--dataset", "cifar", "--model", "resnet18", "--out", str(tmp_path / "t.pt"))
     assert bad_dataset.returncode == 2 and "unknown dataset" in bad_dataset.stderr
     assert "Traceback" not in bad_dataset.stderr
+
+
+def test_inspect_prints_feature_map_bytes_per_sample_view_and_the_teacher_tail(featmaps_cache: Path) -> None:
+    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.summary import human_bytes
+
+    stored = TeacherCache(featmaps_cache).array("featmaps/layer3")
+    result = CliRunner().invoke(app, ["inspect", str(featmaps_cache)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "feature maps, bytes per sample-view" in result.output and "featmaps/layer3" in result.output
+    assert human_bytes(stored[0, 0].nbytes) in result.output  # one map of one sample-view
+    assert "teacher tail  teacher_tail.pt  resnet stages layer3" in result.output
