@@ -124,6 +124,29 @@ def test_tpp_needs_the_caches_teacher_tail(digits_cache: Path) -> None:
         create_method("scalekd:tpp=true", cache_info(FEATMAPS, root=str(digits_cache)), STUDENT)
 
 
+def test_tpp_tail_is_frozen_outside_the_runs_state_but_moves_with_the_method(featmaps_cache: Path) -> None:
+    from pipeline.cache.store import TeacherCache
+    from pipeline.train.loop import cache_info as read_cache_info
+
+    info = read_cache_info(TeacherCache(featmaps_cache))
+    method = create_method("scalekd:tpp=true", info, STUDENT)
+    tail = method._tail
+    assert tail.input_shape == (48, 4, 4) and tail.output_shape == info.target_shapes[FEATMAPS]
+    assert not any(k.startswith("_tail") or ".body." in k for k in method.state_dict())
+    assert {id(p) for p in method.parameters()}.isdisjoint(id(p) for p in tail.parameters())
+    method.train()
+    assert method.training and not tail.training
+    method.double()
+    assert all(p.dtype == torch.float64 for p in tail.parameters())
+    early = torch.randn(2, 6, 4, 4, dtype=torch.float64, requires_grad=True)
+    out = StudentOutputs(logits=torch.randn(2, 10, dtype=torch.float64), pooled=torch.randn(2, 8),
+                         feature_maps={"s2": early, "s3": torch.randn(2, 8, 2, 2, dtype=torch.float64)})
+    teacher = torch.randn(2, *info.target_shapes[FEATMAPS]).half()
+    terms = method(out, {FEATMAPS: teacher, LOGITS: torch.randn(2, 10)}, torch.zeros(2), PROGRESS)
+    (terms["scalekd_tpp_direct"] + terms["scalekd_tpp_alt"]).backward()
+    assert early.grad.abs().sum() > 0 and all(p.grad is None for p in tail.parameters())
+
+
 def _train(cache: Path, student: str, out: Path, methods=("ce", "scalekd:tpp=true")) -> dict:
     settings = RunSettings(epochs=1, batch_size=60, workers=0)
     return train_student(TrainConfig(str(cache), student, tuple(methods), str(out), settings))
