@@ -114,6 +114,8 @@ def cache_cmd(
     featmaps: Annotated[bool, typer.Option(help="also store the tapped feature maps (large)")] = False,
     lsh_bits: Annotated[int, typer.Option(help="LSH bits per sample (multiple of 8; 0: none) for eLSH and "
                                                "`distillery neighbors`")] = 0,
+    teacher_tail: Annotated[int, typer.Option(help="save the N teacher stages ending at the tap for ScaleKD's "
+                                                    "tpp=true (needs --featmaps)")] = 0,
     subset: Annotated[Optional[int], typer.Option(help="seeded, stratified subset")] = None,
     subset_seed: int = 0,
     split: str = "train",
@@ -132,7 +134,8 @@ def cache_cmd(
     request = CacheRequest(dataset=dataset, teacher=teacher, out=str(out), split=split, subset=subset,
                            subset_seed=subset_seed, checkpoint=str(checkpoint) if checkpoint else None,
                            teacher_head=teacher_head == "keep", views=views, view_seed=view_seed, logits=logits,
-                           tap=tap, grid=grid, featmaps=featmaps, lsh_bits=lsh_bits, input_size=input_size,
+                           tap=tap, grid=grid, featmaps=featmaps, teacher_tail=teacher_tail, lsh_bits=lsh_bits,
+                           input_size=input_size,
                            shard_size=shard_size, batch_size=batch_size, cka_source=cka_source, device=device)
     with show_progress():
         result = cache_teacher(request)
@@ -159,7 +162,8 @@ def stats_cmd(
 def inspect_cmd(cache: Path) -> None:
     """Print the manifest summary and every array's shape, dtype, bytes and a few statistics."""
     from pipeline.cache.store import TeacherCache
-    from pipeline.cache.summary import array_rows, human_bytes, pca_summary, teacher_accuracy_per_view
+    from pipeline.cache.summary import (array_rows, featmap_rows, human_bytes, pca_summary,
+                                        teacher_accuracy_per_view)
 
     start = time.perf_counter()
     c = TeacherCache(cache, require_complete=False)
@@ -178,6 +182,15 @@ def inspect_cmd(cache: Path) -> None:
              "mean": "-" if r.mean is None else f"{r.mean:.4g}", "std": "-" if r.std is None else f"{r.std:.4g}"}
             for r in array_rows(c)]
     print_table("arrays", rows)
+    maps = [{"array": r.name, "map": "x".join(map(str, r.map_shape)), "dtype": r.dtype,
+             "shards (raw)": human_bytes(r.raw_bytes), "zarr (compressed)": human_bytes(r.stored_bytes)}
+            for r in featmap_rows(c)]
+    if maps:
+        print_table("feature maps, bytes per sample-view", maps)
+    tail = m.files.get("teacher_tail")
+    if tail:
+        console.print(f"teacher tail  {tail['file']}  {tail['family']} stages {', '.join(tail['stages'])}  "
+                      f"{human_bytes(tail['bytes'])}  sha256={tail['sha256'][:12]}")
     acc = teacher_accuracy_per_view(c)
     if acc:
         print_table("teacher per view", acc)

@@ -72,3 +72,15 @@ def digits_lsh_cache(digits_cache: Path, tmp_path_factory: pytest.TempPathFactor
         patch.setattr(cache_pass, "shared_teacher", no_teacher)
         cache_pass.recompute_statistics(str(copy), lsh_bits=64)
     return copy
+
+
+@pytest.fixture(scope="session")
+def featmaps_cache(cache_request, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small ScaleKD cache of the digits teacher: 240 samples, 2 views, feature maps of the auto tap
+    (layer3, 192x2x2) and the teacher tail that produces them (layer3)."""
+    from pipeline.teacher.cache_pass import run_cache_pass
+
+    out = tmp_path_factory.mktemp("cache") / "digits-featmaps"
+    run_cache_pass(cache_request(out, subset=240, views=1, featmaps=True, teacher_tail=1, shard_size=120,
+                                 block_size=40))
+    return out

@@ -35,6 +35,7 @@ class StorageSpec:
     lsh_bits: int = 0
     shard_size: int = 1024
     block_size: int = 256
+    teacher_tail: int = 0  # teacher stages ending at the tap saved as `teacher_tail.pt` (ScaleKD TPP); 0: none
 
     def __post_init__(self) -> None:
         if self.logits not in ("dense", "none") and not (
@@ -49,6 +50,11 @@ class StorageSpec:
             raise CacheError("--shard-size and the block size must be >= 1")
         if self.lsh_bits < 0 or self.lsh_bits % 8:
             raise CacheError(f"--lsh-bits must be a non-negative multiple of 8, not {self.lsh_bits}")
+        if self.featmaps and self.tap is None:
+            raise CacheError("--featmaps stores the map of the tapped stage; give --tap auto|STAGE, not none")
+        if self.teacher_tail < 0 or (self.teacher_tail and not self.featmaps):
+            raise CacheError(f"--teacher-tail {self.teacher_tail}: the tail's outputs mimic the stored feature maps, "
+                             f"so it needs --featmaps and a count >= 1 (0 saves no tail)")
 
     @property
     def topk(self) -> int | None:
@@ -103,6 +109,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=library_versions)
     created: str = field(default_factory=now_iso)
     completed: str | None = None
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # side files (teacher_tail.pt): sha256, bytes
 
     def identity(self) -> dict[str, Any]:
         ident = {k: getattr(self, k) for k in IDENTITY_SECTIONS}

@@ -6,6 +6,7 @@
 <cache>/shards/train-%06d.tar       webdataset shards: blocks of raw inputs + labels + per-view targets
 <cache>/shards/train-%06d.json      a finished shard's record (written last; a rerun verifies it)
 <cache>/lsh.faiss                   faiss binary index over the view-0 LSH codes (with --lsh-bits)
+<cache>/teacher_tail.pt             optional: ScaleKD's frozen teacher tail (spec + state dict), see §6.7
 ```
 
 `CacheWriter` is used by the teacher pass, one shard at a time (shard tasks may run concurrently: each
@@ -39,6 +40,7 @@ LSH_INDEX_NAME = "lsh.faiss"
 LSH_ARRAYS = ("lsh/codes", "stats/lsh/planes", "stats/lsh/thresholds")
 SHARDS_DIR = "shards"
 SHARD_PATTERN = "train-{:06d}.tar"
+TAIL_NAME = "teacher_tail.pt"
 
 # Logical targets a method may need -> the arrays that serve them (see pipeline.methods.base).
 TARGET_ARRAYS: dict[str, tuple[str, ...]] = {
@@ -47,6 +49,7 @@ TARGET_ARRAYS: dict[str, tuple[str, ...]] = {
     "pooled": ("features/pooled",),
     "gaussian": ("gaussian/mean", "gaussian/std"),
     "lsh_codes": ("lsh/codes",),
+    "featmaps": ("featmaps/{tap}",),  # named by the stored tap: `TeacherCache.target_arrays` fills it in
 }
 
 
@@ -120,6 +123,8 @@ def iter_tar_members(path: str | Path) -> Iterator[tuple[str, bytes]]:
 class _CacheFiles:
     """Paths and zarr access shared by the writer and the reader."""
 
+    manifest: Manifest
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
@@ -132,6 +137,12 @@ class _CacheFiles:
 
     def record_path(self, index: int) -> Path:
         return self.shard_path(index).with_suffix(".json")
+
+    def tail_verifies(self) -> bool:
+        """Whether `teacher_tail.pt` is recorded in the manifest and its file still has that sha256."""
+        record = self.manifest.files.get("teacher_tail")
+        path = self.root / TAIL_NAME
+        return record is not None and path.is_file() and sha256_file(path) == record["sha256"]
 
     def rows_digest(self, group: zarr.Group, names: list[str], start: int, stop: int) -> str:
         h = hashlib.sha256()
@@ -218,6 +229,21 @@ class CacheWriter(_CacheFiles):
         tmp.write_text(json.dumps(asdict(record)))
         os.replace(tmp, self.record_path(index))
         return record
+
+    def write_teacher_tail(self, spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Save ScaleKD's teacher tail (DESIGN.md §6.7) atomically and record its sha256 in the manifest.
+
+        `spec` must be plain JSON-able values: the file is read back with `torch.load(weights_only=True)`.
+        """
+        json.dumps(spec)  # a TypeError here beats an unreadable file later
+        path = self.root / TAIL_NAME
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"spec": dict(spec), "state_dict": dict(state_dict)}, tmp)
+        os.replace(tmp, path)
+        self.manifest.files["teacher_tail"] = {"file": TAIL_NAME, "sha256": sha256_file(path),
+                                               "bytes": path.stat().st_size, "family": spec["family"],
+                                               "stages": list(spec["stages"])}
+        self.manifest.save(self.root)
 
     def write_stats(self, arrays: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> None:
         """Dataset-level statistics (`stats/...`); replaces earlier ones of the same name."""
@@ -306,9 +332,13 @@ class TeacherCache(_CacheFiles):
     def read(self, name: str) -> np.ndarray:
         return np.asarray(self.array(name)[...])
 
+    def target_arrays(self, target: str) -> tuple[str, ...]:
+        """The arrays serving a logical target in this cache (`featmaps` -> `featmaps/<stored tap>`)."""
+        return tuple(n.format(tap=self.manifest.storage.get("tap")) for n in TARGET_ARRAYS[target])
+
     def available_targets(self) -> frozenset[str]:
         """Logical target names this cache can serve (dense or top-k logits both serve 'logits')."""
-        found = {t for t, names in TARGET_ARRAYS.items() if all(self.has(n) for n in names)}
+        found = {t for t in TARGET_ARRAYS if all(self.has(n) for n in self.target_arrays(t))}
         if "logits_topk" in found:
             found.add("logits")
         found.discard("logits_topk")
@@ -316,13 +346,13 @@ class TeacherCache(_CacheFiles):
 
     def target_shapes(self, targets: frozenset[str]) -> dict[str, tuple[int, ...]]:
         """Per-sample shape of each logical target served (batch axis left out): logits (C,), pooled (D,),
-        gaussian (G*G, Cf) (shape of the mean; the std has the same), lsh_codes (bits/8,)."""
+        gaussian (G*G, Cf) (shape of the mean; the std has the same), lsh_codes (bits/8,), featmaps (Cf, H, W)."""
         shapes = {}
         for target in targets:
             if target == "logits":
                 shapes[target] = (self.num_classes,)
             else:
-                shapes[target] = tuple(self.array(TARGET_ARRAYS[target][0]).shape[2:])
+                shapes[target] = tuple(self.array(self.target_arrays(target)[0]).shape[2:])
         return shapes
 
     def in_shards(self, target: str) -> bool:
@@ -347,6 +377,17 @@ class TeacherCache(_CacheFiles):
         """The dataset-level arrays (`stats/...`, DESIGN.md §4), keyed without the `stats/` prefix."""
         names = [n for n in self.manifest.stats.get("arrays", []) if n.startswith("stats/")]
         return {n.removeprefix("stats/"): torch.from_numpy(self.read(n)) for n in names}
+
+    def teacher_tail(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """ScaleKD's teacher tail (spec, state dict) from `teacher_tail.pt`, after checking its sha256."""
+        if "teacher_tail" not in self.manifest.files:
+            raise CacheError(f"{self.root} stores no teacher tail; re-run `distillery cache` with --featmaps "
+                             f"--teacher-tail N into a new --out (ScaleKD's tpp=true needs it)")
+        if not self.tail_verifies():
+            raise CacheError(f"{self.root / TAIL_NAME} is missing or fails its sha256; re-run the `distillery cache` "
+                             f"command that made {self.root}")
+        stored = torch.load(self.root / TAIL_NAME, map_location="cpu", weights_only=True)
+        return stored["spec"], stored["state_dict"]
 
     def shard_paths(self) -> list[Path]:
         return [self.root / s["file"] for s in self.manifest.shards]

@@ -24,6 +24,10 @@ class ArrayRow:
     std: float | None
 
 
+STATS_BYTES = 64 * 2**20
+"""At most this many bytes of an array are read for its mean/std (feature maps are ~150 KB a sample-view)."""
+
+
 def array_rows(cache: TeacherCache, sample_stats: int = 2048) -> list[ArrayRow]:
     """Every zarr array: shape, dtype, stored bytes, and mean/std over the first rows (cheap on big caches)."""
     rows = []
@@ -32,13 +36,38 @@ def array_rows(cache: TeacherCache, sample_stats: int = 2048) -> list[ArrayRow]:
         arr = cache.array(name)
         stored = int(arr.nbytes_stored())
         per_sample = not name.startswith("stats/")  # per-sample arrays, in the shards or (LSH codes) not
-        head = np.asarray(arr[: min(sample_stats, arr.shape[0])] if arr.ndim else arr[...])
+        row_bytes = max(1, arr.nbytes // max(1, arr.shape[0])) if arr.ndim else 1
+        head = np.asarray(arr[: max(1, min(sample_stats, arr.shape[0], STATS_BYTES // row_bytes))]
+                          if arr.ndim else arr[...])
         numeric = head.dtype.kind in "fiu" and head.size > 0
         values = head.astype(np.float64) if numeric else None
         rows.append(ArrayRow(name=name, shape=tuple(arr.shape), dtype=str(arr.dtype), stored_bytes=stored,
                              bytes_per_sample=stored / n if per_sample else 0.0,
                              mean=float(values.mean()) if numeric else None,
                              std=float(values.std()) if numeric else None))
+    return rows
+
+
+@dataclass(frozen=True)
+class FeatmapRow:
+    """Storage cost of one stored feature-map array (ScaleKD, DESIGN.md §6.7), per sample-view."""
+
+    name: str
+    map_shape: tuple[int, int, int]  # (Cf, H, W)
+    dtype: str
+    raw_bytes: int  # one map as stored in the zarr chunks before compression and in the shards' blocks
+    stored_bytes: float  # zarr bytes on disk per sample-view, after compression
+
+
+def featmap_rows(cache: TeacherCache) -> list[FeatmapRow]:
+    """Bytes per sample-view of every `featmaps/<tap>` array (the shards hold them uncompressed too)."""
+    rows = []
+    for name in sorted(n for n in cache.manifest.arrays if n.startswith("featmaps/")):
+        arr = cache.array(name)
+        n, v = arr.shape[:2]
+        rows.append(FeatmapRow(name=name, map_shape=tuple(arr.shape[2:]), dtype=str(arr.dtype),
+                               raw_bytes=int(np.prod(arr.shape[2:])) * arr.dtype.itemsize,
+                               stored_bytes=arr.nbytes_stored() / max(1, n * v)))
     return rows
 
 

@@ -3,8 +3,9 @@
 Build one with ``create_method("kd:T=2,alpha=0.5", cache_info, student_info)``; a run sums the loss
 terms of all its methods. Adding a method means adding a module here and importing it below.
 """
-from . import ce, dkd, elsh, fitnet, kd, tcs, wkd_f, wkd_l  # noqa: F401  (imported for their registrations)
+from . import ce, dkd, elsh, fitnet, kd, scalekd, tcs, wkd_f, wkd_l  # noqa: F401  (imported for their registrations)
 from .base import (
+    FEATMAPS,
     GAUSSIAN,
     LOGITS,
     LSH_CODES,
@@ -23,6 +24,7 @@ from .base import (
 )
 
 __all__ = [
+    "FEATMAPS",
     "GAUSSIAN",
     "LOGITS",
     "LSH_CODES",

@@ -25,6 +25,7 @@ __all__ = [
     "POOLED",
     "GAUSSIAN",
     "LSH_CODES",
+    "FEATMAPS",
     "TARGET_SOURCES",
     "TARGET_DESCRIPTIONS",
     "Targets",
@@ -51,12 +52,16 @@ GAUSSIAN = "gaussian"
 """Tuple (mean, std) of the tapped teacher map per grid cell and channel, each (B, G*G, Cf) (§6.4)."""
 LSH_CODES = "lsh_codes"
 """Packed LSH codes of the teacher's view-0 pooled features, (B, bits/8) uint8 (§6.6)."""
+FEATMAPS = "featmaps"
+"""The tapped teacher stage's feature map (B, Cf, H, W) of the view the student sees (§6.7). Served as
+stored, float16 (maps are large: float32 would double the shuffle buffer); losses promote them."""
 
 TARGET_SOURCES: dict[str, str] = {
     LOGITS: "--logits dense|topk:K (teacher with a head)",
     POOLED: "its default options (pooled features are stored by default)",
     GAUSSIAN: "--tap STAGE --grid G",
     LSH_CODES: "--lsh-bits B",
+    FEATMAPS: "--featmaps (and --tap STAGE, the stage to mimic)",
 }
 """Logical target -> the ``distillery cache`` option that produces it."""
 
@@ -65,6 +70,7 @@ TARGET_DESCRIPTIONS: dict[str, str] = {
     POOLED: "teacher pooled features",
     GAUSSIAN: "teacher feature-map Gaussian statistics",
     LSH_CODES: "teacher LSH codes",
+    FEATMAPS: "teacher feature maps",
 }
 """Logical target -> how error messages name it."""
 

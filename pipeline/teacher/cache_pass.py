@@ -36,6 +36,7 @@ from pipeline.stats.lsh import build_index, encode, train_lsh, training_rows
 from pipeline.stats.moments import FeatureMoments, pca_from_moments
 from pipeline.teacher.model import (Teacher, TeacherError, TeacherSpec, build_teacher, load_checkpoint,
                                     resolve_tap, stage_names)
+from pipeline.teacher.tail import extract_teacher_tail
 
 
 class CacheRequest(BaseModel):
@@ -55,6 +56,7 @@ class CacheRequest(BaseModel):
     tap: str = "auto"
     grid: int = 1
     featmaps: bool = False
+    teacher_tail: int = Field(0, ge=0, description="teacher stages ending at the tap saved for ScaleKD's TPP")
     lsh_bits: int = 0
     input_size: int | None = None
     shard_size: int = 1024
@@ -187,7 +189,8 @@ def build_manifest(request: CacheRequest) -> Manifest:
     plan = ViewPlan(num_augmented=request.views, seed=request.view_seed)
     storage = StorageSpec(logits="none" if not request.teacher_head else request.logits,
                           tap=spec.taps[0] if spec.taps else None, grid=request.grid, featmaps=request.featmaps,
-                          lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size)
+                          lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size,
+                          teacher_tail=request.teacher_tail)
     device = resolve_device(request.device)
     teacher = shared_teacher(spec, str(device))
     arrays = _describe_outputs(teacher, spec, storage, len(dataset), plan.num_views, device)
@@ -208,7 +211,11 @@ def build_manifest(request: CacheRequest) -> Manifest:
 
 def plan_cache(request: CacheRequest) -> CachePlan:
     """Create the store (or resume a partial one with the same identity) and list the shards to do."""
-    writer = CacheWriter.create_or_resume(request.out, build_manifest(request))
+    manifest = build_manifest(request)
+    tail = teacher_tail(manifest, resolve_device(request.device))  # refuses an unsupported tail before writing
+    writer = CacheWriter.create_or_resume(request.out, manifest)
+    if tail is not None and not writer.tail_verifies():  # a rerun restores a lost or changed file
+        writer.write_teacher_tail(*tail)
     if writer.manifest.status == "complete":
         return CachePlan(root=request.out, num_shards=len(writer.manifest.shards), pending=[],
                          done=[ShardRecord(**s) for s in writer.manifest.shards], complete=True)
@@ -217,6 +224,18 @@ def plan_cache(request: CacheRequest) -> CachePlan:
         record = writer.finished_record(s["index"])
         (done.append(record) if record else pending.append(s["index"]))
     return CachePlan(root=request.out, num_shards=len(writer.manifest.shards), pending=pending, done=done)
+
+
+def teacher_tail(manifest: Manifest, device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The teacher's last `--teacher-tail` stages ending at the tap, for ScaleKD's TPP (DESIGN.md §6.7):
+    (spec, state dict), or None when the cache asks for no tail."""
+    storage = manifest.storage_spec()
+    if not storage.teacher_tail:
+        return None
+    spec = TeacherSpec.from_dict({k: v for k, v in manifest.teacher.items() if k not in ("stages", "pooled_dim")})
+    teacher = shared_teacher(spec, str(device))
+    probe = torch.randn(2, spec.in_chans, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(0))
+    return extract_teacher_tail(teacher.model, storage.tap, storage.teacher_tail, probe.to(device))
 
 
 def render_pairs(dataset: ImageDataset, plan: ViewPlan, pairs: np.ndarray, spec: TeacherSpec) -> torch.Tensor:

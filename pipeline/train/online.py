@@ -15,13 +15,13 @@ import torch
 from pipeline.cache.codecs import topk_decode, topk_encode
 from pipeline.cache.store import TeacherCache
 from pipeline.checksums import sha256_file
-from pipeline.methods.base import GAUSSIAN, LOGITS, POOLED, Targets
+from pipeline.methods.base import FEATMAPS, GAUSSIAN, LOGITS, POOLED, Targets
 from pipeline.stats.gaussian import grid_gaussian
 from pipeline.teacher.cache_pass import teacher_forward
 from pipeline.teacher.model import TeacherSpec, build_teacher
 from pipeline.train.config import TrainError
 
-ONLINE_TARGETS = frozenset({LOGITS, POOLED, GAUSSIAN})
+ONLINE_TARGETS = frozenset({LOGITS, POOLED, GAUSSIAN, FEATMAPS})
 
 
 class OnlineTeacher:
@@ -81,4 +81,6 @@ class OnlineTeacher:
         if GAUSSIAN in self.targets:
             mean, std = grid_gaussian(out.maps[self.storage.tap].float(), self.storage.grid)
             targets[GAUSSIAN] = (self._stored("gaussian/mean", mean), self._stored("gaussian/std", std))
+        if FEATMAPS in self.targets:  # served in the stored dtype, as the stream serves them
+            targets[FEATMAPS] = out.maps[self.storage.tap].to(self.dtypes[f"featmaps/{self.storage.tap}"])
         return targets

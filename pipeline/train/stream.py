@@ -24,13 +24,15 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pipeline.cache.store import TARGET_ARRAYS, TeacherCache, block_key, decode_block, unpack_raw
+from pipeline.cache.store import TeacherCache, block_key, decode_block, unpack_raw
 from pipeline.data.rendering import forget_parent_exit_hooks
 from pipeline.data.views import ViewPlan, epoch_views, render_view
-from pipeline.methods.base import GAUSSIAN, LOGITS
+from pipeline.methods.base import FEATMAPS, GAUSSIAN, LOGITS
 
-# Targets served as a tuple of arrays (in TARGET_ARRAYS order) rather than one array.
+# Targets served as a tuple of arrays (in `TeacherCache.target_arrays` order) rather than one array.
 _TUPLE_TARGETS = frozenset({GAUSSIAN})
+# Targets served in their stored dtype rather than float32 (see pipeline.methods.base.FEATMAPS).
+_STORED_DTYPE_TARGETS = frozenset({FEATMAPS})
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -56,7 +58,7 @@ class _RamColumns:
     """Targets the shards do not carry (written after them): their zarr columns in RAM, by sample id."""
 
     def __init__(self, cache: TeacherCache, targets: frozenset[str]) -> None:
-        self.arrays = {n: cache.read(n) for t in sorted(targets) for n in TARGET_ARRAYS[t]}
+        self.arrays = {n: cache.read(n) for t in sorted(targets) for n in cache.target_arrays(t)}
         ids = cache.read("samples/ids") if self.arrays else np.zeros(0, np.int64)
         self.order = np.argsort(ids, kind="stable")
         self.sorted_ids = ids[self.order]
@@ -156,6 +158,7 @@ class _Unblock:
             # The cache's reader reconstructs top-k codes; give it only the chosen view of each row.
             chosen = {key: _view_rows(a, views)[:, None] for key, a in rows.items() if key.startswith("logits.")}
             return self.cache.dense_logits(chosen)[:, 0]
-        arrays = [_view_rows(rows[block_key(n)], views) for n in TARGET_ARRAYS[name]]
-        arrays = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
+        arrays = [_view_rows(rows[block_key(n)], views) for n in self.cache.target_arrays(name)]
+        if name not in _STORED_DTYPE_TARGETS:
+            arrays = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
         return tuple(arrays) if name in _TUPLE_TARGETS else arrays[0]

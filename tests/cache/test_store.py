@@ -98,3 +98,29 @@ def test_reader_serves_target_shapes_and_statistics(digits_cache: Path) -> None:
     assert stats["pca/components"].shape == (d, d)
     assert stats["cka/ir"].shape == (cache.num_classes, cache.num_classes)
     np.testing.assert_array_equal(stats["classes/count"].numpy(), cache.read("stats/classes/count"))
+
+
+def test_teacher_tail_roundtrips_and_a_changed_file_is_refused(digits_cache: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    from pipeline.cache.store import CacheWriter
+
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_cache, copy)
+    with pytest.raises(CacheError, match="stores no teacher tail.*--teacher-tail N"):
+        TeacherCache(copy).teacher_tail()
+    spec = {"format": "f", "family": "resnet", "stages": ["layer4"], "input_shape": [3, 2, 2]}
+    state = {"0.weight": torch.arange(6.0).reshape(2, 3)}
+    writer = CacheWriter(copy, Manifest.load(copy))
+    writer.write_teacher_tail(spec, state)
+    got_spec, got_state = TeacherCache(copy).teacher_tail()
+    assert got_spec == spec and torch.equal(got_state["0.weight"], state["0.weight"])
+    assert Manifest.load(copy).files["teacher_tail"]["bytes"] == (copy / "teacher_tail.pt").stat().st_size
+    with open(copy / "teacher_tail.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(CacheError, match="fails its sha256"):
+        TeacherCache(copy).teacher_tail()
+    with pytest.raises(TypeError):  # a spec that is not plain JSON-able values is refused before writing
+        writer.write_teacher_tail({**spec, "dtype": torch.float32}, state)

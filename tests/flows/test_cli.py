@@ -116,3 +116,14 @@ def test_stats_lsh_bits_then_neighbors_table(digits_cache: Path, tmp_path: Path)
     for i, n in enumerate(found.neighbors):
         assert re.search(rf"│\s*{i + 1}\s*│\s*{n.id}\s*│\s*{n.class_name}\s*│\s*{n.hamming}\s*│", result.output)
     assert "lsh_bits=32" in CliRunner().invoke(app, ["inspect", str(copy)]).output
+
+def test_inspect_prints_feature_map_bytes_per_sample_view_and_the_teacher_tail(featmaps_cache: Path) -> None:
+    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.summary import human_bytes
+
+    stored = TeacherCache(featmaps_cache).array("featmaps/layer3")
+    result = CliRunner().invoke(app, ["inspect", str(featmaps_cache)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "feature maps, bytes per sample-view" in result.output and "featmaps/layer3" in result.output
+    assert human_bytes(stored[0, 0].nbytes) in result.output  # one map of one sample-view
+    assert "teacher tail  teacher_tail.pt  resnet stages layer3" in result.output

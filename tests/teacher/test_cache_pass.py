@@ -222,3 +222,73 @@ def test_head_less_teacher_stores_features_and_statistics_only(cache_request, tm
     assert {"pooled", "gaussian"} <= cache.available_targets() and "logits" not in cache.available_targets()
     assert cache.read("stats/cka/ir").shape == (10, 10)
     assert json.loads((out / "manifest.json").read_text())["teacher"]["head"] is False
+
+
+# ------------------------------------------------------------------------------------------------
+# ScaleKD (DESIGN.md §6.7): feature maps per view and the teacher tail.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cached_featmaps_equal_live_teacher_on_rendered_views_in_zarr_and_blocks(featmaps_cache: Path) -> None:
+    from pipeline.cache.store import decode_block, iter_tar_members
+
+    cache = TeacherCache(featmaps_cache)
+    spec, teacher = live_teacher(cache)
+    tap = cache.manifest.storage["tap"]
+    stored = cache.read(f"featmaps/{tap}")
+    assert stored.dtype == np.float16 and stored.shape[:2] == (cache.num_samples, cache.num_views)
+    plan = ViewPlan.from_dict(cache.manifest.views)
+    dataset = load_dataset("digits", "train", subset=240, seed=0)
+    positions = np.repeat(np.arange(0, cache.num_samples, 20), cache.num_views)
+    views = np.tile(np.arange(cache.num_views), len(positions) // cache.num_views)
+    x = torch.stack([render_view(dataset.raw(p), plan.params(int(dataset.ids[p]), int(v)), spec.input_size,
+                                 spec.mean, spec.std) for p, v in zip(positions, views)])
+    with torch.inference_mode():
+        live = teacher(x).maps[tap].numpy()
+    np.testing.assert_allclose(stored[positions, views].astype(np.float32), live, rtol=2e-3, atol=2e-3)
+    # The training stream's blocks hold the same maps.
+    blocks = [decode_block(data) for path in cache.shard_paths() for _, data in iter_tar_members(path)]
+    assert np.array_equal(np.concatenate([b[f"featmaps.{tap}"] for b in blocks]), stored)
+    assert cache.available_targets() >= {"featmaps"}
+    assert cache.target_shapes(frozenset({"featmaps"}))["featmaps"] == stored.shape[2:]
+
+
+def test_teacher_tail_file_is_recorded_and_rebuilds_the_tapped_stage(featmaps_cache: Path) -> None:
+    from pipeline.checksums import sha256_file
+    from pipeline.teacher.tail import build_teacher_tail
+
+    cache = TeacherCache(featmaps_cache)
+    record = cache.manifest.files["teacher_tail"]
+    assert record["sha256"] == sha256_file(featmaps_cache / "teacher_tail.pt")
+    assert record["stages"] == [cache.manifest.storage["tap"]] == ["layer3"]
+    tail = build_teacher_tail(*cache.teacher_tail())
+    _, teacher = live_teacher(cache)
+    x = torch.randn(4, 1, 32, 32)
+    with torch.inference_mode():
+        _, (before, tapped) = teacher.model.forward_intermediates(x, indices=[2, 3])  # layer2, layer3
+        torch.testing.assert_close(tail(before), tapped, rtol=1e-5, atol=1e-5)
+
+
+def test_rerun_restores_a_lost_teacher_tail(featmaps_cache: Path, cache_request, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(featmaps_cache, copy)
+    (copy / "teacher_tail.pt").unlink()
+    with pytest.raises(CacheError, match="teacher_tail.pt is missing or fails its sha256"):
+        TeacherCache(copy).teacher_tail()
+    run_cache_pass(cache_request(copy, subset=240, views=1, featmaps=True, teacher_tail=1, shard_size=120,
+                                 block_size=40))
+    assert (copy / "teacher_tail.pt").read_bytes() == (featmaps_cache / "teacher_tail.pt").read_bytes()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"teacher_tail": 1}, "--teacher-tail 1: the tail's outputs mimic the stored feature maps"),
+    ({"featmaps": True, "tap": "none"}, "--featmaps stores the map of the tapped stage"),
+    ({"featmaps": True, "teacher_tail": 9}, r"--teacher-tail must be 1\.\.3 for tap layer3"),
+])
+def test_bad_scalekd_storage_options_fail_with_one_line(cache_request, tmp_path: Path, override, message) -> None:
+    with pytest.raises((CacheError, TeacherError), match=message) as info:
+        run_cache_pass(cache_request(tmp_path / "bad", subset=40, **override))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "bad" / "manifest.json").exists()

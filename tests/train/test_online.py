@@ -63,3 +63,16 @@ def test_a_run_and_its_online_twin_have_the_same_per_step_losses_and_accuracy(di
     assert rel.max() < 1e-3
     assert runs[True]["val_accuracy"] == runs[False]["val_accuracy"]
     assert runs[True]["online_teacher"] and not runs[False]["online_teacher"]
+
+
+def test_live_feature_maps_equal_the_cached_ones_in_the_stored_dtype(featmaps_cache: Path) -> None:
+    from pipeline.methods.base import FEATMAPS
+
+    cache = TeacherCache(featmaps_cache)
+    online = OnlineTeacher(cache, frozenset({FEATMAPS}), torch.device("cpu"))
+    stream = CacheStream(cache, size=32, targets=frozenset({FEATMAPS}), seed=0)
+    batch = next(iter(stream.loader(epoch=0, batch_size=64, workers=0)))
+    assert len(set(batch["view"].tolist())) > 1
+    cached, live = batch["targets"][FEATMAPS], online(batch["input"])[FEATMAPS]
+    assert cached.dtype == live.dtype == torch.float16 and cached.shape == (64, 192, 2, 2)
+    torch.testing.assert_close(live.float(), cached.float(), rtol=2e-3, atol=2e-3)

@@ -1,0 +1,179 @@
+"""ScaleKD: cross-attention projection, dual-view feature mimicking, teacher parameter perception (DESIGN.md §6.7).
+
+The student's deepest map goes through a CAP (cross-attention projector) into the layout of the cached
+teacher map of the same view, and DFM (dual-view feature mimicking) compares the two: the *direct* view
+
+    L_dir(P, T) = sum_{h,w} || norm_c(P)_{hw} - norm_c(T)_{hw} ||^2 / N        (norm_c: L2 over channels)
+
+and the *alternative* view, the same after removing the DC component of each channel's 2D DCT (which is
+each channel's spatial mean, see :func:`remove_dc`), so the large shared component does not drown the
+rest. Each view has its own CAP. With ``tpp=true`` (teacher parameter perception) the student's
+previous stage is projected, by two more CAPs, into the layout that enters the teacher's last stage(s),
+run through those frozen stages (the cache's ``teacher_tail.pt``; the teacher is never built), and the
+outputs are mimicked the same two ways. A logit KD term (§6.1, ``T=1`` as in the reference configs)
+is added when the cache stores logits.
+
+The projectors train with the student and are dropped afterwards: the run saves the plain student.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.cache.store import TeacherCache
+from pipeline.teacher.tail import TeacherTail, build_teacher_tail
+
+from .base import (
+    FEATMAPS,
+    LOGITS,
+    CacheInfo,
+    Method,
+    MethodError,
+    StudentInfo,
+    StudentOutputs,
+    Targets,
+    TrainingProgress,
+    at_least_float32,
+    register_method,
+)
+from .kd import kd_loss
+
+
+def remove_dc(x: Tensor) -> Tensor:
+    """``x`` (..., H, W) without the DC component of its orthonormal 2D DCT-II per channel (§6.7).
+
+    The DC basis function is constant, so zeroing its coefficient and inverting subtracts the
+    projection onto a constant: the channel's spatial mean.
+    """
+    return x - x.mean(dim=(-2, -1), keepdim=True)
+
+
+def dfm_direct(projected: Tensor, target: Tensor) -> Tensor:
+    """DFM's direct view: ``sum_{h,w} ||norm_c(P) - norm_c(T)||^2 / N`` over (N, C, H, W) maps (§6.7)."""
+    p = F.normalize(at_least_float32(projected), dim=1)
+    t = F.normalize(at_least_float32(target), dim=1)
+    return (p - t).pow(2).sum() / p.shape[0]
+
+
+def dfm_alternative(projected: Tensor, target: Tensor) -> Tensor:
+    """DFM's alternative view: the direct view after :func:`remove_dc` on both maps (§6.7)."""
+    return dfm_direct(remove_dc(at_least_float32(projected)), remove_dc(at_least_float32(target)))
+
+
+class CrossAttentionProjector(nn.Module):
+    """CAP (§6.7): a student map (B, Cs, Hs, Ws) -> (B, Ct, Hq, Wq), the teacher's layout.
+
+    Keys/values: the student map through conv3x3+BN+ReLU plus a learnable positional embedding, one token
+    per position. Queries: a learnable (Ct, Hq, Wq) grid, one token per teacher position, through
+    conv1x1+ReLU. One multi-head cross-attention (no residual around it: the output must not keep the
+    queries' content), LayerNorm, then a residual MLP with 4x hidden width. Every step after the
+    attention acts per token, so output position (h, w) is the attention result of query (h, w).
+    """
+
+    def __init__(self, student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int], heads: int) -> None:
+        super().__init__()
+        cs, hs, ws = student_shape
+        ct, hq, wq = teacher_shape
+        self.teacher_shape = teacher_shape
+        self.student_proj = nn.Sequential(nn.Conv2d(cs, cs, 3, padding=1), nn.BatchNorm2d(cs), nn.ReLU())
+        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, cs, hs, ws), std=0.02))
+        self.queries = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, ct, hq, wq), std=0.02))
+        self.query_proj = nn.Sequential(nn.Conv2d(ct, ct, 1), nn.ReLU())
+        # The head count must divide the teacher's width; gcd keeps it at most `heads`.
+        self.attention = nn.MultiheadAttention(ct, math.gcd(ct, heads), kdim=cs, vdim=cs, batch_first=True)
+        self.norm = nn.LayerNorm(ct)
+        self.mlp = nn.Sequential(nn.Linear(ct, 4 * ct), nn.ReLU(), nn.Linear(4 * ct, ct))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        keys = (self.student_proj(x) + self.pos_embed).flatten(2).transpose(1, 2)
+        queries = self.query_proj(self.queries).flatten(2).transpose(1, 2).expand(b, -1, -1)
+        attended, _ = self.attention(queries, keys, keys, need_weights=False)
+        y = self.norm(attended)
+        y = y + self.mlp(y)
+        return y.transpose(1, 2).reshape(b, *self.teacher_shape)
+
+
+@register_method
+class ScaleKD(Method):
+    """``direct * L_dir + alternative * L_alt`` between CAP-projected student maps and the cached teacher
+    maps, the same two terms through the frozen teacher tail with ``tpp=true``, plus ``kd * T^2 KL`` on
+    logits when the cache stores them (``kd=0`` turns it off). Defaults (0.08, 0.06), ``T=1`` and
+    ``kd=0.5`` are the reference configs' (§6.7); there CE is weighted 0.5 as well (``ce:weight=0.5``).
+    """
+
+    name = "scalekd"
+    needs = frozenset({FEATMAPS})
+    student_taps = (-2, -1)  # -1 for CAP+DFM, -2 for TPP
+
+    def __init__(
+        self,
+        cache: CacheInfo,
+        student: StudentInfo,
+        *,
+        direct: float = 0.08,
+        alternative: float = 0.06,
+        heads: int = 8,
+        tpp: bool = False,
+        kd: float = 0.5,
+        T: float = 1.0,
+    ) -> None:
+        super().__init__(cache, student)
+        if FEATMAPS not in cache.target_shapes:
+            raise MethodError("method 'scalekd' needs the shape of the cached teacher feature maps "
+                              "(CacheInfo.target_shapes)")
+        if heads < 1:
+            raise MethodError(f"option 'heads' of method 'scalekd' must be >= 1, not {heads}")
+        teacher_shape: tuple[int, int, int] = tuple(cache.target_shapes[FEATMAPS])
+        self.final_stage, self.early_stage = student.taps[-1], student.taps[-2]
+        final_shape = student.feature_shapes[self.final_stage]
+        self.direct, self.alternative, self.tpp, self.T = direct, alternative, tpp, T
+        self.cap_direct = CrossAttentionProjector(final_shape, teacher_shape, heads)
+        self.cap_alternative = CrossAttentionProjector(final_shape, teacher_shape, heads)
+        if tpp:
+            tail = self._load_tail(cache, teacher_shape)
+            early_shape = student.feature_shapes[self.early_stage]
+            self.tpp_direct = CrossAttentionProjector(early_shape, tail.input_shape, heads)
+            self.tpp_alternative = CrossAttentionProjector(early_shape, tail.input_shape, heads)
+            # Not a submodule: its weights come from the cache, so they stay out of the optimiser, the run's
+            # checkpoints and train(); `_apply` still moves it with the method.
+            object.__setattr__(self, "_tail", tail)
+        self.kd = kd if LOGITS in cache.available else 0.0
+        if self.kd:
+            # The term needs logits served; shadows the class attribute for this instance only.
+            self.needs = type(self).needs | {LOGITS}
+
+    @staticmethod
+    def _load_tail(cache: CacheInfo, teacher_shape: tuple[int, int, int]) -> TeacherTail:
+        if cache.root is None:
+            raise MethodError("scalekd with tpp=true needs the cache's teacher tail, but this cache has no root "
+                              "directory; train from a cache made with --featmaps --teacher-tail N")
+        tail = build_teacher_tail(*TeacherCache(cache.root).teacher_tail())
+        if tail.output_shape != teacher_shape:
+            raise MethodError(f"the cache's teacher tail gives {tail.output_shape} maps but its feature maps are "
+                              f"{teacher_shape}; re-run `distillery cache` into a new --out")
+        return tail
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's own signature
+        if self.tpp:
+            self._tail._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def forward(
+        self, student: StudentOutputs, targets: Targets, labels: Tensor, progress: TrainingProgress
+    ) -> dict[str, Tensor]:
+        teacher = targets[FEATMAPS]
+        final = student.feature_maps[self.final_stage]
+        terms = {"scalekd_direct": self.direct * dfm_direct(self.cap_direct(final), teacher),
+                 "scalekd_alt": self.alternative * dfm_alternative(self.cap_alternative(final), teacher)}
+        if self.tpp:
+            early = student.feature_maps[self.early_stage]
+            terms["scalekd_tpp_direct"] = self.direct * dfm_direct(self._tail(self.tpp_direct(early)), teacher)
+            terms["scalekd_tpp_alt"] = self.alternative * dfm_alternative(
+                self._tail(self.tpp_alternative(early)), teacher)
+        if self.kd:
+            terms["scalekd_kd"] = self.kd * kd_loss(student.logits, targets[LOGITS], self.T)
+        return terms

@@ -1,0 +1,258 @@
+"""ScaleKD's teacher tail: a teacher's last stage(s), frozen, rebuilt without the teacher (DESIGN.md §6.7).
+
+TPP (teacher parameter perception) runs projected student features through the teacher's last stage(s)
+and mimics the cached final features with the result. Training never constructs the teacher (§1, §2),
+so the teacher pass saves just those stages: :func:`extract_teacher_tail` reads a spec (a plain dict of
+JSON-able values: the stages' constructor arguments) and their state dict off a built teacher, and
+:func:`build_teacher_tail` makes the same modules again from timm's block classes alone.
+
+Families: timm ResNets (``layerK`` stages of ``BasicBlock``/``Bottleneck``), Swin (``layers.K`` stages)
+and ViTs (``blocks.K``; "a stage" is one block). The tail is the ``stages`` consecutive stages ending at
+the tapped one, whose map the cache stores as ``featmaps/<tap>``; its input is the map that enters its
+first stage (the teacher's previous-stage token layout). As the cache stores the stage outputs the way
+``forward_intermediates`` returns them, without the final norm, the tail has no final norm either: its
+output lives in the space of the cached maps. A ViT's blocks also attend to its class token, which
+the tail never sees (TPP feeds spatial tokens only).
+
+Extraction rebuilds the tail and checks it on a probe image against the teacher's own modules, so a
+variant these builders do not reproduce (other norms, activations, attention layers) is refused with a
+:class:`TeacherError` at caching time rather than trained on.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_avg, downsample_conv
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerStage
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from pipeline.teacher.model import TeacherError, stage_names
+
+TAIL_FORMAT = "distillery-teacher-tail/1"
+
+_RESNET_BLOCKS: dict[str, type[nn.Module]] = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck}
+
+
+def _resnet_block_spec(block: nn.Module) -> dict[str, Any]:
+    """Constructor arguments of a timm ResNet block, read back from its layers."""
+    if type(block) not in _RESNET_BLOCKS.values():
+        raise TeacherError(f"ResNet block {type(block).__name__} is not a timm BasicBlock or Bottleneck")
+    if type(block) is BasicBlock:
+        planes = block.conv2.out_channels
+        cardinality, base_width = 1, 64
+        reduce_first, first_dilation = planes // block.conv1.out_channels, block.conv1.dilation[0]
+    else:
+        planes = block.conv3.out_channels // Bottleneck.expansion
+        width, cardinality = block.conv2.out_channels, block.conv2.groups
+        # Inverts width = floor(planes * base_width / 64) * cardinality.
+        base_width = width // cardinality * 64 // planes
+        reduce_first, first_dilation = width // block.conv1.out_channels, block.conv2.dilation[0]
+    downsample = None
+    if block.downsample is not None:
+        # timm's downsample_avg is (pool, conv, norm), downsample_conv is (conv, norm).
+        downsample = {"avg": len(block.downsample) == 3, "kernel_size": block.downsample[-2].kernel_size[0]}
+    return {"type": type(block).__name__, "inplanes": block.conv1.in_channels, "planes": planes,
+            "stride": block.stride, "cardinality": cardinality, "base_width": base_width,
+            "reduce_first": reduce_first, "dilation": block.dilation, "first_dilation": first_dilation,
+            "downsample": downsample}
+
+
+def _resnet_block(spec: dict[str, Any]) -> nn.Module:
+    cls = _RESNET_BLOCKS[spec["type"]]
+    downsample = None
+    if spec["downsample"] is not None:
+        make = downsample_avg if spec["downsample"]["avg"] else downsample_conv
+        downsample = make(in_channels=spec["inplanes"], out_channels=spec["planes"] * cls.expansion,
+                          kernel_size=spec["downsample"]["kernel_size"], stride=spec["stride"],
+                          dilation=spec["dilation"], first_dilation=spec["first_dilation"])
+    return cls(spec["inplanes"], spec["planes"], stride=spec["stride"], downsample=downsample,
+               cardinality=spec["cardinality"], base_width=spec["base_width"], reduce_first=spec["reduce_first"],
+               dilation=spec["dilation"], first_dilation=spec["first_dilation"])
+
+
+def _resnet_stage_spec(stage: nn.Module) -> dict[str, Any]:
+    return {"blocks": [_resnet_block_spec(block) for block in stage]}
+
+
+def _resnet_stage(spec: dict[str, Any]) -> nn.Module:
+    return nn.Sequential(*[_resnet_block(b) for b in spec["blocks"]])
+
+
+def _swin_stage_spec(stage: nn.Module) -> dict[str, Any]:
+    if type(stage) is not SwinTransformerStage:
+        raise TeacherError(f"Swin stage {type(stage).__name__} is not a timm SwinTransformerStage")
+    block = stage.blocks[0]
+    attn = block.attn
+    return {"dim": stage.dim, "out_dim": block.dim, "input_resolution": list(stage.input_resolution),
+            "depth": len(stage.blocks), "downsample": not isinstance(stage.downsample, nn.Identity),
+            "num_heads": attn.num_heads, "head_dim": attn.qkv.out_features // 3 // attn.num_heads,
+            # The window as the blocks clamped it to the resolution; the constructor clamps it the same way.
+            "window_size": list(block.window_size), "always_partition": block.always_partition,
+            "dynamic_mask": block.dynamic_mask, "mlp_ratio": block.mlp_ratio,
+            "qkv_bias": attn.qkv.bias is not None}
+
+
+def _swin_stage(spec: dict[str, Any]) -> nn.Module:
+    return SwinTransformerStage(
+        dim=spec["dim"], out_dim=spec["out_dim"], input_resolution=tuple(spec["input_resolution"]),
+        depth=spec["depth"], downsample=spec["downsample"], num_heads=spec["num_heads"], head_dim=spec["head_dim"],
+        window_size=tuple(spec["window_size"]), always_partition=spec["always_partition"],
+        dynamic_mask=spec["dynamic_mask"], mlp_ratio=spec["mlp_ratio"], qkv_bias=spec["qkv_bias"])
+
+
+def _vit_block_spec(block: nn.Module) -> dict[str, Any]:
+    if type(block) is not Block:
+        raise TeacherError(f"ViT block {type(block).__name__} is not a timm vision_transformer.Block")
+    dim = block.norm1.normalized_shape[0]
+    return {"dim": dim, "num_heads": block.attn.num_heads, "mlp_ratio": block.mlp.fc1.out_features / dim,
+            "qkv_bias": block.attn.qkv.bias is not None, "qk_norm": not isinstance(block.attn.q_norm, nn.Identity),
+            "proj_bias": block.attn.proj.bias is not None,
+            # LayerScale's gamma comes with the state dict; a placeholder value only makes the module exist.
+            "layer_scale": not isinstance(block.ls1, nn.Identity), "norm_eps": block.norm1.eps}
+
+
+def _vit_block(spec: dict[str, Any]) -> nn.Module:
+    return Block(dim=spec["dim"], num_heads=spec["num_heads"], mlp_ratio=spec["mlp_ratio"], qkv_bias=spec["qkv_bias"],
+                 qk_norm=spec["qk_norm"], proj_bias=spec["proj_bias"],
+                 init_values=1.0 if spec["layer_scale"] else None,
+                 norm_layer=functools.partial(nn.LayerNorm, eps=spec["norm_eps"]))
+
+
+def _to_tokens(x: Tensor) -> Tensor:
+    return x.flatten(2).transpose(1, 2)
+
+
+def _from_tokens(x: Tensor, like: Tensor) -> Tensor:
+    b, _, h, w = like.shape
+    return x.transpose(1, 2).reshape(b, -1, h, w)
+
+
+@dataclass(frozen=True)
+class _Family:
+    """How one timm family's tail is read, rebuilt and fed: its stage names, spec and layout."""
+
+    model: type[nn.Module]
+    stage_pattern: str
+    read: Callable[[nn.Module], dict[str, Any]]
+    build: Callable[[dict[str, Any]], nn.Module]
+    to_native: Callable[[Tensor], Tensor]  # NCHW -> the layout the stages take
+    from_native: Callable[[Tensor, Tensor], Tensor]  # (stage output, NCHW input) -> NCHW
+
+
+_FAMILIES: dict[str, _Family] = {
+    "resnet": _Family(ResNet, r"layer\d+", _resnet_stage_spec, _resnet_stage, lambda x: x, lambda y, x: y),
+    "swin": _Family(SwinTransformer, r"layers\.\d+", _swin_stage_spec, _swin_stage,
+                    lambda x: x.permute(0, 2, 3, 1), lambda y, x: y.permute(0, 3, 1, 2)),
+    "vit": _Family(VisionTransformer, r"blocks\.\d+", _vit_block_spec, _vit_block, _to_tokens, _from_tokens),
+}
+
+
+class TeacherTail(nn.Module):
+    """The frozen tail: a (B, C, H, W) map in the teacher's previous-stage layout -> (B, Ct, Ht, Wt).
+
+    ``body`` holds the stages in the teacher's own module layout (its state dict is the teacher's, keyed
+    ``<stage index>.<module path>``). Always in eval mode, no parameter trains: gradients flow through
+    it to its input only.
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        if spec.get("format") != TAIL_FORMAT or spec.get("family") not in _FAMILIES:
+            raise TeacherError(f"not a teacher tail spec of format {TAIL_FORMAT} (format {spec.get('format')!r}, "
+                               f"family {spec.get('family')!r}); re-run `distillery cache` with --teacher-tail")
+        self.spec = spec
+        self._family = _FAMILIES[spec["family"]]
+        self.body = nn.Sequential(*[self._family.build(s) for s in spec["modules"]])
+        self.requires_grad_(False)
+        super().train(False)
+        self.input_shape: tuple[int, int, int] = tuple(spec["input_shape"])
+        with torch.no_grad():
+            self.output_shape: tuple[int, int, int] = tuple(self(torch.zeros(1, *self.input_shape)).shape[1:])
+
+    def train(self, mode: bool = True) -> TeacherTail:
+        # The teacher's statistics (BatchNorm running stats) are part of what TPP perceives: never update them.
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._family.from_native(self.body(self._family.to_native(x)), x)
+
+
+def build_teacher_tail(spec: dict[str, Any], state_dict: dict[str, Tensor] | None = None) -> TeacherTail:
+    """Rebuild the tail described by ``spec`` from timm's block classes; load ``state_dict`` if given."""
+    tail = TeacherTail(spec)
+    if state_dict is not None:
+        try:
+            tail.body.load_state_dict(state_dict)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise TeacherError(f"the teacher tail's weights do not fit its spec ({first}); re-run "
+                               f"`distillery cache` into a new --out") from e
+    return tail
+
+
+def _family_of(model: nn.Module) -> str:
+    for name, family in _FAMILIES.items():
+        if isinstance(model, family.model):
+            return name
+    raise TeacherError(f"ScaleKD's TPP rebuilds teacher tails of timm ResNet, Swin and ViT models only, not a "
+                       f"{type(model).__name__}; cache without --teacher-tail and train scalekd with tpp=false")
+
+
+def extract_teacher_tail(model: nn.Module, tap: str, stages: int,
+                         probe: Tensor) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Spec and state dict of the ``stages`` stages of ``model`` ending at ``tap`` (DESIGN.md §6.7 TPP).
+
+    ``probe`` is a small input batch at the teacher's input size: running it through ``model`` gives the
+    shape that enters the tail, and the rebuilt tail must reproduce the teacher's stages on it exactly
+    (else :class:`TeacherError`: a variant the builders do not cover).
+    """
+    name = _family_of(model)
+    family = _FAMILIES[name]
+    names = stage_names(model)
+    index = names.index(tap)
+    available = 0
+    while available <= index and re.fullmatch(family.stage_pattern, names[index - available]):
+        available += 1
+    if not 1 <= stages <= available:
+        raise TeacherError(f"--teacher-tail must be 1..{available} for tap {tap} (the {type(model).__name__} stages "
+                           f"up to it: {', '.join(names[index - available + 1: index + 1])}), not {stages}")
+    chosen = names[index - stages + 1: index + 1]
+    modules = [model.get_submodule(n) for n in chosen]
+    entered: list[Tensor] = []
+    hook = modules[0].register_forward_pre_hook(lambda module, args: entered.append(args[0]))
+    try:
+        with torch.inference_mode():
+            model.forward_features(probe)
+    finally:
+        hook.remove()
+    native = entered[0].clone()
+    if name == "vit":
+        # Prefix (class) tokens come first; the tail's NCHW input is the spatial grid after them.
+        input_shape = [native.shape[-1], *model.patch_embed.dynamic_feat_size(tuple(probe.shape[-2:]))]
+    elif name == "swin":
+        input_shape = [native.shape[-1], *native.shape[1:3]]
+    else:
+        input_shape = list(native.shape[1:])
+    spec = {"format": TAIL_FORMAT, "family": name, "stages": chosen, "input_shape": input_shape,
+            "modules": [family.read(m) for m in modules]}
+    original = nn.Sequential(*modules)
+    state = {k: v.detach().cpu().clone() for k, v in original.state_dict().items()}
+    unsupported = TeacherError(f"the tail stage(s) {', '.join(chosen)} of this {type(model).__name__} are a variant "
+                               f"that timm's block classes do not rebuild as is; cache without --teacher-tail and "
+                               f"train scalekd with tpp=false")
+    try:
+        tail = build_teacher_tail(spec, state).to(native.device)
+        with torch.inference_mode():
+            reference, rebuilt = original(native), tail.body(native)
+    except (TeacherError, RuntimeError) as e:  # weights or shapes that do not fit the rebuilt modules
+        raise unsupported from e
+    if rebuilt.shape != reference.shape or not torch.allclose(rebuilt, reference, rtol=1e-4, atol=1e-5):
+        raise unsupported
+    return spec, state
