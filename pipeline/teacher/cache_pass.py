@@ -34,7 +34,7 @@ from pipeline.stats.cka import category_interrelations
 from pipeline.stats.gaussian import GaussianSummary, grid_gaussian
 from pipeline.stats.moments import FeatureMoments, pca_from_moments
 from pipeline.teacher.model import (Teacher, TeacherError, TeacherSpec, build_teacher, load_checkpoint,
-                                    resolve_tap, stage_names)
+                                    manifest_teacher_spec, resolve_tap, stage_names)
 
 
 class CacheRequest(BaseModel):
@@ -236,7 +236,7 @@ def cache_shard(request: CacheRequest, index: int) -> ShardRecord:
     if record is not None:
         return record
     m = writer.manifest
-    spec = TeacherSpec.from_dict({k: v for k, v in m.teacher.items() if k not in ("stages", "pooled_dim")})
+    spec = manifest_teacher_spec(m.teacher)
     storage = m.storage_spec()
     plan = ViewPlan.from_dict({k: v for k, v in m.views.items() if k != "recipe"})
     dataset = request_dataset(request)
