@@ -8,6 +8,7 @@ found here) are left as None with a note saying why.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import faiss
 import numpy as np
 
@@ -214,6 +215,14 @@ def overview(cache: TeacherCache) -> list[tuple[str, str]]:
     ]
 
 
+# Why a section is empty, by section.
+ABSENT = {"teacher": "the cache stores no logits (head-less teacher)",
+          "pca": "no PCA statistics (run `distillery stats`)",
+          "cka": "no CKA interrelations (run `distillery stats`)",
+          "gaussian": "no Gaussian statistics (the cache was made with --tap none)",
+          "lsh": "no LSH codes (the cache was made without --lsh-bits)"}
+
+
 @dataclass
 class CacheReport:
     """Everything the report shows about one cache; None sections are explained in `notes`."""
@@ -236,22 +245,9 @@ def gather_report(cache: TeacherCache, samples: int = 6) -> CacheReport:
 
     Whole columns are read only where they are small (logits, LSH codes)."""
     rows = array_rows(cache)
-    notes = {}
-    teacher = teacher_accuracy_per_view(cache)
-    if not teacher:
-        notes["teacher"] = "the cache stores no logits (head-less teacher)"
-    ratio = pca_cumulative_ratio(cache)
-    if ratio is None:
-        notes["pca"] = "no PCA statistics (run `distillery stats`)"
-    cka = cka_summary(cache)
-    if cka is None:
-        notes["cka"] = "no CKA interrelations (run `distillery stats`)"
-    gaussian = gaussian_stats(cache)
-    if gaussian is None:
-        notes["gaussian"] = "no Gaussian statistics (the cache was made with --tap none)"
-    lsh = lsh_summary(cache)
-    if lsh is None:
-        notes["lsh"] = "no LSH codes (the cache was made without --lsh-bits)"
+    found = {"teacher": teacher_accuracy_per_view(cache) or None, "pca": pca_cumulative_ratio(cache),
+             "cka": cka_summary(cache), "gaussian": gaussian_stats(cache), "lsh": lsh_summary(cache)}
+    notes = {key: ABSENT[key] for key, value in found.items() if value is None}
     views = None
     if samples < 1:
         notes["samples"] = "views not rendered (see the HTML report: `distillery inspect CACHE --report FILE`)"
@@ -260,10 +256,11 @@ def gather_report(cache: TeacherCache, samples: int = 6) -> CacheReport:
             views = sample_views(cache, samples)
         except (CacheError, DatasetError) as e:
             notes["samples"] = f"views not rendered: {e}"
-    return CacheReport(overview=overview(cache), arrays=rows, storage=storage_totals(cache, rows), teacher=teacher,
-                       pca_ratio=ratio, pca_reach={} if ratio is None else
-                       {f: components_reaching(ratio, f) for f in PCA_FRACTIONS}, cka=cka, gaussian=gaussian, lsh=lsh,
-                       samples=views, notes=notes)
+    ratio = found["pca"]
+    return CacheReport(overview=overview(cache), arrays=rows, storage=storage_totals(cache, rows),
+                       teacher=found["teacher"] or [], pca_ratio=ratio, pca_reach={} if ratio is None else
+                       {f: components_reaching(ratio, f) for f in PCA_FRACTIONS}, cka=found["cka"],
+                       gaussian=found["gaussian"], lsh=found["lsh"], samples=views, notes=notes)
 
 
 def storage_lines(storage: Storage) -> list[tuple[str, str]]:
