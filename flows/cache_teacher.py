@@ -16,7 +16,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.cache.manifest import Manifest, ShardRecord
 from pipeline.cache.store import TeacherCache
-from pipeline.cache.summary import array_rows, human_bytes, pca_summary, teacher_accuracy_per_view
+from pipeline.cache.summary import array_rows, human_bytes
+from pipeline.report.content import gather_report
+from pipeline.report.markdown import report_markdown
 from pipeline.teacher import cache_pass
 from pipeline.teacher.cache_pass import CachePlan, CacheRequest, ShardStats
 
@@ -54,19 +56,11 @@ def summary_rows(root: str) -> list[dict[str, Any]]:
 
 
 def summary_markdown(root: str, result: dict[str, Any]) -> str:
-    cache = TeacherCache(root)
-    m = cache.manifest
-    lines = [f"# Teacher cache `{root}`", "",
-             f"- teacher: `{m.teacher['model']}` (input {m.teacher['input_size']} px, taps {m.teacher['taps']})",
-             f"- dataset: `{m.dataset['name']}` {m.dataset['split']}, {cache.num_samples} samples, "
-             f"{cache.num_classes} classes, {cache.num_views} views",
-             f"- teacher pass: {result['images']} images in {result['pass_seconds']:.1f} s "
-             f"({result['images_per_second']:.0f} images/s; {result['skipped_shards']} shards reused)", ""]
-    for row in teacher_accuracy_per_view(cache):
-        lines.append(f"- view {row['view']}: teacher accuracy {row['accuracy']:.4f}, confidence {row['confidence']:.3f}")
-    for key, value in pca_summary(cache).items():
-        lines.append(f"- PCA {key.replace('_', ' ')}: {value}")
-    return "\n".join(lines)
+    """The cache report's sections as markdown (tables and text; the figures are in the HTML report)."""
+    report = gather_report(TeacherCache(root), samples=0)
+    throughput = (f"Teacher pass: {result['images']} images in {result['pass_seconds']:.1f} s "
+                  f"({result['images_per_second']:.0f} images/s; {result['skipped_shards']} shards reused).")
+    return report_markdown(report, f"Teacher cache `{root}`", intro=["", throughput])
 
 
 @flow(name="cache-teacher", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)

@@ -159,7 +159,11 @@ def stats_cmd(
 
 
 @app.command("inspect")
-def inspect_cmd(cache: Path) -> None:
+def inspect_cmd(
+    cache: Path,
+    report: Annotated[Optional[Path], typer.Option(help="also write a self-contained HTML report (figures "
+                                                        "included) to this file")] = None,
+) -> None:
     """Print the manifest summary and every array's shape, dtype, bytes and a few statistics."""
     from pipeline.cache.store import TeacherCache
     from pipeline.cache.summary import (array_rows, featmap_rows, human_bytes, pca_summary,
@@ -198,6 +202,12 @@ def inspect_cmd(cache: Path) -> None:
     if pca:
         console.print("PCA  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in pca.items()))
+    if report is not None:
+        from pipeline.report.html import write_report
+
+        notes = write_report(c, report).notes
+        console.print(f"report written to {report}" + "".join(f"\n  {k}: {v}" for k, v in notes.items()),
+                      markup=False, highlight=False)
     console.print(f"[dim]inspected in {time.perf_counter() - start:.2f} s[/dim]")
 
 
@@ -217,6 +227,34 @@ def neighbors_cmd(
             for i, n in enumerate(found.neighbors)]
     print_table(f"{len(rows)} nearest neighbours of sample {q.id} (label {q.class_name}) over {found.bits} "
                 f"LSH bits", rows, ["rank", "id", "label", "hamming"])
+
+
+@app.command("verify")
+def verify_cmd(
+    cache: Path,
+    samples: Annotated[int, typer.Option(help="random (id, view) pairs to re-run through the teacher")] = 64,
+    seed: Annotated[int, typer.Option(help="seed of the pair sample")] = 0,
+    rtol: Annotated[float, typer.Option(help="tolerance, relative to each array's largest stored value "
+                                             "(default: four float16 units; a cache made under bf16 on a GPU and "
+                                             "verified on CPU needs ~0.03)")] = 2.0 ** -8,
+    device: str = "cpu",
+) -> None:
+    """Re-run the live teacher on random cached views and re-hash every shard; exit 1 on any mismatch."""
+    from pipeline.teacher.verify import verify_cache
+
+    start = time.perf_counter()
+    result = verify_cache(str(cache), samples=samples, seed=seed, rtol=rtol, device=device)
+    rows = [{"array": c.name, "values": c.values, "max |live - stored|": f"{c.max_abs_diff:.3g}",
+             "tolerance": f"{c.tolerance:.3g}", "worst (id, view)": "-" if c.values == 0 else f"{c.worst}",
+             "ok": "yes" if c.ok else "[red]NO[/red]"} for c in result.checks]
+    print_table(f"{cache}: live teacher vs cache on {result.pairs} (id, view) pairs", rows)
+    for problem in result.problems:
+        console.print(f"[red]mismatch:[/red] {problem}", highlight=False)
+    verdict = "[green]OK[/green]" if result.ok else "[red]MISMATCH[/red]"
+    console.print(f"{verdict}: {result.shards} shard checksums, {len(result.checks)} arrays checked in "
+                  f"{time.perf_counter() - start:.1f} s")
+    if not result.ok:
+        raise typer.Exit(1)
 
 
 @app.command("train")
@@ -260,6 +298,30 @@ def train_cmd(
     with show_progress():
         summaries = train_students(str(cache), specs, str(out), settings)
     print_students(f"students trained from {cache}", summaries)
+
+
+@app.command("runs")
+def runs_cmd(
+    rundirs: Annotated[list[Path], typer.Argument(help="run directories, or folders holding them (searched "
+                                                       "recursively for summary.json)")],
+    markdown: Annotated[bool, typer.Option(help="print a markdown table instead")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="also plot accuracy vs training time into this PNG")] = None,
+) -> None:
+    """Compare student runs; runs that differ only by seed are one row (mean ± std over the seeds)."""
+    from pipeline.report.markdown import markdown_table
+    from pipeline.train.runs import accuracy_vs_time_png, compare_runs, comparison_rows, formatted_rows
+
+    groups = compare_runs(rundirs)
+    rows = comparison_rows(groups)
+    table = formatted_rows(rows)
+    if markdown:
+        print(markdown_table(list(table[0]), [list(r.values()) for r in table]))
+    else:
+        print_table(f"{sum(len(g.runs) for g in groups)} runs, {len(groups)} settings", table)
+    if plot is not None:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        plot.write_bytes(accuracy_vs_time_png(rows))
+        Console(stderr=True).print(f"plot written to {plot}")  # stderr: stdout may be a markdown table
 
 
 def print_students(title: str, summaries: list[dict]) -> None:

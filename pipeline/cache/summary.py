@@ -12,6 +12,8 @@ import numpy as np
 
 from pipeline.cache.store import TeacherCache
 
+PCA_FRACTIONS = (0.5, 0.9, 0.99)
+
 
 @dataclass(frozen=True)
 class ArrayRow:
@@ -92,12 +94,24 @@ def teacher_accuracy_per_view(cache: TeacherCache) -> list[dict[str, float]]:
     return out
 
 
-def pca_summary(cache: TeacherCache) -> dict[str, Any]:
+def pca_cumulative_ratio(cache: TeacherCache) -> np.ndarray | None:
+    """Fraction of the view-0 pooled-feature variance explained by the first 1..D PCA components."""
     if not cache.has("stats/pca/explained_variance"):
-        return {}
+        return None
     ev = cache.read("stats/pca/explained_variance").astype(np.float64)
-    ratio = np.cumsum(ev) / ev.sum() if ev.sum() > 0 else np.zeros_like(ev)
-    reach = {f"components_for_{int(f * 100)}pct": int(np.searchsorted(ratio, f) + 1) for f in (0.5, 0.9, 0.99)}
+    return np.cumsum(ev) / ev.sum() if ev.sum() > 0 else np.zeros_like(ev)
+
+
+def components_reaching(ratio: np.ndarray, fraction: float) -> int:
+    """How many leading components explain at least `fraction` of the variance (`ratio`: cumulative)."""
+    return int(np.searchsorted(ratio, fraction) + 1)
+
+
+def pca_summary(cache: TeacherCache) -> dict[str, Any]:
+    ratio = pca_cumulative_ratio(cache)
+    if ratio is None:
+        return {}
+    reach = {f"components_for_{int(f * 100)}pct": components_reaching(ratio, f) for f in PCA_FRACTIONS}
     return {"top10_variance_ratio": float(ratio[min(9, len(ratio) - 1)]), **reach}
 
 

@@ -35,7 +35,7 @@ from pipeline.stats.gaussian import GaussianSummary, grid_gaussian
 from pipeline.stats.lsh import build_index, encode, train_lsh, training_rows
 from pipeline.stats.moments import FeatureMoments, pca_from_moments
 from pipeline.teacher.model import (Teacher, TeacherError, TeacherSpec, build_teacher, load_checkpoint,
-                                    resolve_tap, stage_names)
+                                    manifest_teacher_spec, resolve_tap, stage_names)
 from pipeline.teacher.tail import extract_teacher_tail
 
 
@@ -257,7 +257,7 @@ def cache_shard(request: CacheRequest, index: int) -> ShardRecord:
     if record is not None:
         return record
     m = writer.manifest
-    spec = TeacherSpec.from_dict({k: v for k, v in m.teacher.items() if k not in ("stages", "pooled_dim")})
+    spec = manifest_teacher_spec(m.teacher)
     storage = m.storage_spec()
     plan = ViewPlan.from_dict({k: v for k, v in m.views.items() if k != "recipe"})
     dataset = request_dataset(request)

@@ -15,11 +15,17 @@ import timm
 import torch
 from torch import nn
 
+from pipeline.checksums import sha256_file
+
 CHECKPOINT_FORMAT = "distillery-teacher/1"
 
 
 class TeacherError(ValueError):
     """A teacher that cannot be built or used as asked; the message says what to do."""
+
+
+class CheckpointChanged(TeacherError):
+    """The checkpoint at a cache's recorded path is not the file that made the cache (sha256 differs)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,28 @@ def resolve_tap(model: nn.Module, tap: str | int) -> str:
     if tap not in names:
         raise TeacherError(f"unknown tap '{tap}'; stages of this model are {names}")
     return str(tap)
+
+
+def manifest_teacher_spec(teacher: dict[str, Any]) -> TeacherSpec:
+    """The spec recorded in a cache manifest's `teacher` section (its descriptive extras left out)."""
+    return TeacherSpec.from_dict({k: v for k, v in teacher.items() if k not in ("stages", "pooled_dim")})
+
+
+def check_cache_checkpoint(spec: TeacherSpec) -> None:
+    """Refuse to rebuild a cache's teacher from anything but the checkpoint that made the cache.
+
+    Raises TeacherError when there is no checkpoint to load, CheckpointChanged when the file at the
+    recorded path has another sha256 than the one recorded.
+    """
+    if spec.checkpoint is None:
+        raise TeacherError(f"the cache's teacher {spec.model} has no checkpoint (random weights), so it cannot "
+                           f"be rebuilt")
+    if not Path(spec.checkpoint).is_file():
+        raise TeacherError(f"the cache's teacher checkpoint {spec.checkpoint} is not found (the path is "
+                           f"relative to where `distillery cache` ran); run from there")
+    if sha256_file(spec.checkpoint) != spec.checkpoint_sha256:
+        raise CheckpointChanged(f"the teacher checkpoint {spec.checkpoint} changed since the cache was made "
+                                f"(sha256 differs)")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

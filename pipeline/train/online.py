@@ -8,17 +8,14 @@ the targets come from, not in their precision (DESIGN.md §2, §4; issue 3 "cach
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from pipeline.cache.codecs import topk_decode, topk_encode
 from pipeline.cache.store import TeacherCache
-from pipeline.checksums import sha256_file
 from pipeline.methods.base import FEATMAPS, GAUSSIAN, LOGITS, POOLED, Targets
 from pipeline.stats.gaussian import grid_gaussian
 from pipeline.teacher.cache_pass import teacher_forward
-from pipeline.teacher.model import TeacherSpec, build_teacher
+from pipeline.teacher.model import TeacherError, TeacherSpec, build_teacher, check_cache_checkpoint, manifest_teacher_spec
 from pipeline.train.config import TrainError
 
 ONLINE_TARGETS = frozenset({LOGITS, POOLED, GAUSSIAN, FEATMAPS})
@@ -41,16 +38,11 @@ class OnlineTeacher:
         if unsupported:
             raise TrainError(f"--online-teacher cannot compute {unsupported} live; train from the cache instead")
         manifest = cache.manifest
-        spec = TeacherSpec.from_dict({k: v for k, v in manifest.teacher.items() if k not in ("stages", "pooled_dim")})
-        if spec.checkpoint is None:
-            raise TrainError(f"the cache's teacher {spec.model} has no checkpoint (random weights), so "
-                             f"--online-teacher cannot rebuild it")
-        if not Path(spec.checkpoint).is_file():
-            raise TrainError(f"the cache's teacher checkpoint {spec.checkpoint} is not found (the path is "
-                             f"relative to where `distillery cache` ran); run from there")
-        if sha256_file(spec.checkpoint) != spec.checkpoint_sha256:
-            raise TrainError(f"the teacher checkpoint {spec.checkpoint} changed since the cache was made "
-                             f"(sha256 differs); an online twin would use another teacher")
+        spec = manifest_teacher_spec(manifest.teacher)
+        try:
+            check_cache_checkpoint(spec)
+        except TeacherError as e:
+            raise TrainError(f"{e}; --online-teacher needs the teacher that made the cache") from None
         if POOLED in targets and manifest.storage["pooled_views"] != "all":
             raise TrainError("this cache stores view-0 pooled features only; --online-teacher cannot "
                              "reproduce them for augmented views")

@@ -35,7 +35,11 @@ def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, dig
     found = {a["key"]: a for a in response.json()}
     assert found["teacher-cache-arrays"]["type"] == "table" and "features/pooled" in found["teacher-cache-arrays"]["data"]
     assert found["teacher-cache-summary"]["type"] == "markdown"
-    assert "teacher accuracy" in found["teacher-cache-summary"]["data"]
+    summary = found["teacher-cache-summary"]["data"]
+    for heading in ("## Manifest", "## Storage", "## Teacher accuracy per view", "## PCA of pooled features",
+                    "## CKA category interrelations", "## Gaussian statistics", "## LSH codes"):
+        assert heading in summary
+    assert "Teacher pass: 4311 images" in summary and "| logits/dense | 1437x3x10 | float16 |" in summary
 
     again = cache_teacher(cache_request(tmp_path / "flow"))
     assert again["written_shards"] == 0 and again["skipped_shards"] == 4

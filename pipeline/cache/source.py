@@ -1,0 +1,22 @@
+"""The dataset a cache was made from, loaded again from its manifest (for re-rendering cached views)."""
+
+from __future__ import annotations
+
+from pipeline.cache.manifest import CacheError
+from pipeline.cache.store import TeacherCache
+from pipeline.data.datasets import ImageDataset, load_dataset
+
+
+def source_dataset(cache: TeacherCache) -> ImageDataset:
+    """The manifest's dataset (spec, split, subset), refused unless its fingerprint is the cache's.
+
+    Row i of the cache is position i of this dataset: the teacher pass writes samples in dataset order
+    (DESIGN.md §4 `samples/ids` "stored order"), and an equal fingerprint means equal ids and labels.
+    """
+    d = cache.manifest.dataset
+    dataset = load_dataset(d["name"], split=d["split"], subset=d.get("subset"), seed=d.get("subset_seed", 0))
+    if dataset.fingerprint() != d["fingerprint"]:
+        raise CacheError(f"the dataset {d['name']} ({d['split']}) found here is not the one {cache.root} was made "
+                         f"from (fingerprint {dataset.fingerprint()[:12]}, cache {str(d['fingerprint'])[:12]}); "
+                         f"run where the original data is")
+    return dataset

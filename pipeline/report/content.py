@@ -1,0 +1,272 @@
+"""What the cache report shows, gathered once from a cache: numbers and arrays, no pictures.
+
+The HTML page (`pipeline.report.html`) and the Prefect markdown artifact (`pipeline.report.markdown`)
+both render a `CacheReport`; sections a cache cannot fill (no logits, no tap, no LSH, dataset not
+found here) are left as None with a note saying why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+from pipeline.cache.manifest import CacheError
+from pipeline.cache.source import source_dataset
+from pipeline.cache.store import TeacherCache, block_key
+from pipeline.cache.summary import (PCA_FRACTIONS, ArrayRow, array_rows, components_reaching, human_bytes,
+                                    pca_cumulative_ratio, teacher_accuracy_per_view)
+from pipeline.data.datasets import DatasetError
+from pipeline.data.views import ViewPlan, render_view
+
+TOP_PAIRS = 10
+KNN_K = 10
+KNN_QUERIES = 2000
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Bytes on disk: the zarr per-sample arrays, the zarr statistics, and the webdataset shards."""
+
+    per_sample_arrays: int
+    statistics: int
+    shards: int
+    num_samples: int
+
+    @property
+    def per_sample(self) -> float:
+        """Bytes one sample costs (its zarr rows and its share of the shards)."""
+        return (self.per_sample_arrays + self.shards) / max(1, self.num_samples)
+
+    @property
+    def total(self) -> int:
+        return self.per_sample_arrays + self.statistics + self.shards
+
+
+def storage_totals(cache: TeacherCache, rows: list[ArrayRow]) -> Storage:
+    per_sample = sum(r.stored_bytes for r in rows if r.name in cache.manifest.arrays)
+    statistics = sum(r.stored_bytes for r in rows if r.name not in cache.manifest.arrays)
+    shards = sum(int(s.get("bytes", 0)) for s in cache.manifest.shards)
+    return Storage(per_sample, statistics, shards, cache.num_samples)
+
+
+@dataclass(frozen=True)
+class CkaSummary:
+    """The CKA category interrelations (DESIGN.md §5) and the most related distinct class pairs."""
+
+    ir: np.ndarray  # (C, C)
+    class_names: list[str]
+    source: str  # logits | features
+    top_pairs: list[tuple[str, str, float]]
+
+
+def top_related_pairs(ir: np.ndarray, names: list[str], top: int = TOP_PAIRS) -> list[tuple[str, str, float]]:
+    """The `top` pairs i < j with the largest interrelation, largest first (ties: lower i, then j)."""
+    i, j = np.triu_indices(len(names), k=1)
+    values = ir[i, j]
+    order = np.lexsort((j, i, -values))[:top]
+    return [(names[i[o]], names[j[o]], float(values[o])) for o in order]
+
+
+def cka_summary(cache: TeacherCache, top: int = TOP_PAIRS) -> CkaSummary | None:
+    if not cache.has("stats/cka/ir"):
+        return None
+    ir = cache.read("stats/cka/ir").astype(np.float64)
+    return CkaSummary(ir, cache.class_names, str(cache.manifest.stats.get("cka_source", "logits")),
+                      top_related_pairs(ir, cache.class_names, top))
+
+
+@dataclass(frozen=True)
+class GaussianStats:
+    """Per-channel averages over view-0 sample-cells of the cached Gaussians (DESIGN.md §5, WKD-F)."""
+
+    tap: str
+    grid: int
+    channel_mean: np.ndarray  # (Cf,) mean of the per-cell channel means
+    channel_std: np.ndarray  # (Cf,) mean of the per-cell channel stds
+
+
+def gaussian_stats(cache: TeacherCache) -> GaussianStats | None:
+    if not cache.has("stats/gaussian/channel_mean"):
+        return None
+    return GaussianStats(str(cache.manifest.storage.get("tap")), int(cache.manifest.storage.get("grid", 1)),
+                         cache.read("stats/gaussian/channel_mean"), cache.read("stats/gaussian/channel_std"))
+
+
+@dataclass(frozen=True)
+class LshSummary:
+    """How the cached LSH codes (DESIGN.md §5, §6.6) use their bits and how well they keep classes apart."""
+
+    bits: int
+    dim: int
+    ones_fraction: np.ndarray  # (bits,) share of view-0 codes with each bit set; median thresholds give 0.5
+    knn_accuracy: float  # leave-one-out k-NN class accuracy under Hamming distance
+    k: int
+    queries: int
+    chance: float  # share of the most frequent class: what always guessing it scores
+
+    @property
+    def mean_imbalance(self) -> float:
+        return float(np.abs(self.ones_fraction - 0.5).mean())
+
+
+def unpack_codes(codes: np.ndarray) -> np.ndarray:
+    """Packed (..., bits/8) uint8 codes -> (..., bits) 0/1 uint8; bit b is bit b % 8 of byte b // 8 (LSB first,
+    faiss's order, DESIGN.md §4)."""
+    return np.unpackbits(codes, axis=-1, bitorder="little")
+
+
+def hamming_knn_accuracy(codes: np.ndarray, labels: np.ndarray, k: int = KNN_K, queries: int = KNN_QUERIES,
+                         seed: int = 0) -> tuple[float, int, int]:
+    """Leave-one-out k-NN accuracy of packed binary codes (N, bits/8) under Hamming distance.
+
+    `queries` seeded rows are each classified by the majority label of their k nearest other rows
+    (faiss exact binary search; a tie between labels goes to the lowest class). Returns
+    (accuracy, k used, queries used).
+    """
+    n = len(codes)
+    k = min(k, n - 1)
+    if k < 1:
+        raise CacheError("k-NN accuracy needs at least 2 coded samples")
+    index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+    index.add(np.ascontiguousarray(codes))
+    q = np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False)
+    _, found = index.search(np.ascontiguousarray(codes[q]), k + 1)
+    # Drop the query itself; where ties pushed it out of the k + 1, drop the farthest instead.
+    not_self = found != q[:, None]
+    order = np.argsort(~not_self, axis=1, kind="stable")
+    neighbours = np.take_along_axis(found, order, axis=1)[:, :k]
+    votes = np.zeros((len(q), int(labels.max()) + 1), dtype=np.int64)
+    np.add.at(votes, (np.repeat(np.arange(len(q)), k), labels[neighbours].ravel()), 1)
+    return float((votes.argmax(1) == labels[q]).mean()), k, len(q)
+
+
+def lsh_summary(cache: TeacherCache, k: int = KNN_K, queries: int = KNN_QUERIES) -> LshSummary | None:
+    if not (cache.has("lsh/codes") and cache.has("stats/lsh/planes")):
+        return None
+    codes = np.asarray(cache.array("lsh/codes")[:, 0])
+    labels = cache.read("samples/labels").astype(np.int64)
+    bits = unpack_codes(codes)
+    accuracy, k, queries = hamming_knn_accuracy(codes, labels, k, queries)
+    counts = np.bincount(labels)
+    return LshSummary(bits=bits.shape[1], dim=int(cache.array("stats/lsh/planes").shape[1]),
+                      ones_fraction=bits.mean(0), knn_accuracy=accuracy, k=k, queries=queries,
+                      chance=float(counts.max() / counts.sum()))
+
+
+@dataclass(frozen=True)
+class SampleViews:
+    """A few samples rendered in every stored view, as the teacher saw them (before normalisation)."""
+
+    images: np.ndarray  # (S, V, H, W, channels) float32 in [0, 1]
+    ids: list[int]
+    labels: list[str]
+    predictions: list[list[tuple[str, float]]] | None  # per sample, per view: teacher's top class, probability
+
+
+def sample_views(cache: TeacherCache, count: int = 6) -> SampleViews:
+    """The first sample of each of the first `count` classes, every view re-rendered with `render_view`
+    from the manifest's dataset (DESIGN.md §3); raises CacheError or DatasetError when it is not here."""
+    dataset = source_dataset(cache)
+    labels = cache.read("samples/labels")
+    classes, first = np.unique(labels, return_index=True)
+    positions = first[np.argsort(classes)][:count]
+    plan = ViewPlan.from_dict(cache.manifest.views)
+    size, channels = int(cache.manifest.teacher["input_size"]), dataset.channels
+    images = np.stack([np.stack([
+        render_view(dataset.raw(int(p)), plan.params(int(dataset.ids[p]), v), size, (0.0,) * channels,
+                    (1.0,) * channels).permute(1, 2, 0).clamp(0, 1).numpy()
+        for v in range(cache.num_views)]) for p in positions])
+    predictions = None
+    if "logits" in cache.available_targets():
+        rows = {block_key(name): cache.array(name).oindex[positions]
+                for name in cache.manifest.arrays if name.startswith("logits/")}
+        logits = cache.dense_logits(rows)
+        z = np.exp(logits - logits.max(-1, keepdims=True))
+        prob = z / z.sum(-1, keepdims=True)
+        top = prob.argmax(-1)
+        predictions = [[(cache.class_names[top[s, v]], float(prob[s, v, top[s, v]])) for v in range(top.shape[1])]
+                       for s in range(len(positions))]
+    return SampleViews(images=images, ids=[int(dataset.ids[p]) for p in positions],
+                       labels=[cache.class_names[labels[p]] for p in positions], predictions=predictions)
+
+
+def overview(cache: TeacherCache) -> list[tuple[str, str]]:
+    """The manifest summary as (field, value) lines."""
+    m = cache.manifest
+    t, d, s = m.teacher, m.dataset, m.storage
+    sha = t.get("checkpoint_sha256")
+    return [
+        ("cache", str(cache.root)), ("status", f"{m.status} (format {m.format_version})"),
+        ("created", f"{m.created}, completed {m.completed or '-'}"),
+        ("teacher", f"{t['model']}, input {t['input_size']} px, head {'kept' if t.get('head', True) else 'none'}, "
+                    f"taps {', '.join(t.get('taps', [])) or '-'}"),
+        ("checkpoint", f"{t.get('checkpoint') or '- (random weights)'}" + (f", sha256 {sha[:16]}" if sha else "")),
+        ("dataset", f"{d['name']} ({d['split']}), {cache.num_samples} samples, {cache.num_classes} classes, "
+                    f"fingerprint {str(d['fingerprint'])[:16]}"),
+        ("views", f"{cache.num_views} stored: view 0 clean + {cache.num_views - 1} x {m.views.get('recipe')}, "
+                  f"seed {m.views.get('seed')}"),
+        ("storage", f"logits {s['logits']}, pooled views {s.get('pooled_views', 'all')}, tap {s.get('tap') or '-'}, "
+                    f"grid {s.get('grid', 1)}, feature maps {'yes' if s.get('featmaps') else 'no'}, "
+                    f"LSH bits {s.get('lsh_bits', 0)}"),
+        ("shards", f"{len(m.shards)} x {s['shard_size']} samples (blocks of {s.get('block_size')})"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in m.versions.items())),
+    ]
+
+
+# Why a section is empty, by section.
+ABSENT = {"teacher": "the cache stores no logits (head-less teacher)",
+          "pca": "no PCA statistics (run `distillery stats`)",
+          "cka": "no CKA interrelations (run `distillery stats`)",
+          "gaussian": "no Gaussian statistics (the cache was made with --tap none)",
+          "lsh": "no LSH codes (the cache was made without --lsh-bits)"}
+
+
+@dataclass
+class CacheReport:
+    """Everything the report shows about one cache; None sections are explained in `notes`."""
+
+    overview: list[tuple[str, str]]
+    arrays: list[ArrayRow]
+    storage: Storage
+    teacher: list[dict[str, float]]
+    pca_ratio: np.ndarray | None  # cumulative explained variance of 1..D components
+    pca_reach: dict[float, int]  # fraction of variance -> components needed
+    cka: CkaSummary | None
+    gaussian: GaussianStats | None
+    lsh: LshSummary | None
+    samples: SampleViews | None
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def gather_report(cache: TeacherCache, samples: int = 6) -> CacheReport:
+    """Read everything the report shows, with `samples` samples re-rendered in every view (0: none).
+
+    Whole columns are read only where they are small (logits, LSH codes)."""
+    rows = array_rows(cache)
+    found = {"teacher": teacher_accuracy_per_view(cache) or None, "pca": pca_cumulative_ratio(cache),
+             "cka": cka_summary(cache), "gaussian": gaussian_stats(cache), "lsh": lsh_summary(cache)}
+    notes = {key: ABSENT[key] for key, value in found.items() if value is None}
+    views = None
+    if samples < 1:
+        notes["samples"] = "views not rendered (see the HTML report: `distillery inspect CACHE --report FILE`)"
+    else:
+        try:
+            views = sample_views(cache, samples)
+        except (CacheError, DatasetError) as e:
+            notes["samples"] = f"views not rendered: {e}"
+    ratio = found["pca"]
+    return CacheReport(overview=overview(cache), arrays=rows, storage=storage_totals(cache, rows),
+                       teacher=found["teacher"] or [], pca_ratio=ratio, pca_reach={} if ratio is None else
+                       {f: components_reaching(ratio, f) for f in PCA_FRACTIONS}, cka=found["cka"],
+                       gaussian=found["gaussian"], lsh=found["lsh"], samples=views, notes=notes)
+
+
+def storage_lines(storage: Storage) -> list[tuple[str, str]]:
+    """The storage totals as (what, how much) lines, for both renderings."""
+    return [("per-sample arrays (zarr)", human_bytes(storage.per_sample_arrays)),
+            ("statistics (zarr)", human_bytes(storage.statistics)),
+            ("shards (webdataset)", human_bytes(storage.shards)),
+            ("total", human_bytes(storage.total)),
+            ("per sample (zarr rows + shards)", human_bytes(storage.per_sample))]

@@ -1,0 +1,158 @@
+"""`distillery runs`: compare student runs, grouping runs that differ only by their seed (DESIGN.md §10).
+
+A run directory holds `summary.json` (the result) and `config.json` (the `TrainConfig`). Two runs belong
+to one group when their configs are equal but for the seed and what never changes a result (the run
+directory, the device, --resume): `TrainConfig.identity()` without the seed. A run without config.json
+is grouped by the setup its summary records (student, methods, epochs, cache, online_teacher, ...).
+Each group reports the mean and (sample) standard deviation of its measurements over its seeds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.train.config import TrainConfig, TrainError
+from pipeline.train.rundir import CONFIG, SUMMARY
+
+MEASURES = ("val_accuracy", "train_seconds", "mean_step_seconds", "peak_rss_bytes")
+# The setup a summary records, for runs without config.json.
+SUMMARY_SETUP = ("student", "methods", "epochs", "cache", "online_teacher", "teacher", "dataset", "num_samples",
+                 "input_size", "batch_size")
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    summary: dict[str, Any]
+    setup: dict[str, Any]  # flat, dotted keys: what must be equal for two runs to be seeds of one group
+
+
+@dataclass(frozen=True)
+class RunGroup:
+    setup: dict[str, Any]
+    runs: list[Run]
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(int(r.summary["seed"]) for r in self.runs)
+
+    def values(self, measure: str) -> np.ndarray:
+        return np.array([float(r.summary[measure]) for r in self.runs])
+
+    def mean(self, measure: str) -> float:
+        return float(self.values(measure).mean())
+
+    def std(self, measure: str) -> float:
+        """Sample standard deviation over the seeds (0 for a single run)."""
+        v = self.values(measure)
+        return float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run directories: each path that holds summary.json, else every directory below it that does."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise TrainError(f"{p} is not a directory; pass run directories (distillery train --out) or folders "
+                             f"holding them")
+        found += [p] if (p / SUMMARY).is_file() else sorted(s.parent for s in p.rglob(SUMMARY))
+    if not found:
+        raise TrainError(f"no {SUMMARY} under {', '.join(map(str, paths))}; a run writes it when it finishes")
+    return sorted(set(found))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = "+".join(v) if isinstance(v, list) and k == "methods" else v
+    return out
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    try:
+        summary = json.loads((path / SUMMARY).read_text())
+        missing = [k for k in ("student", "methods", "seed", "params", *MEASURES) if k not in summary]
+        if missing:
+            raise TrainError(f"{path / SUMMARY} lacks {missing}; it was not written by `distillery train`")
+        if (path / CONFIG).is_file():
+            identity = TrainConfig(**json.loads((path / CONFIG).read_text())).identity()
+            del identity["settings"]["seed"]
+            setup = _flatten(identity)
+        else:
+            setup = _flatten({k: summary[k] for k in SUMMARY_SETUP if k in summary})
+    except (json.JSONDecodeError, TypeError) as e:
+        raise TrainError(f"{path} holds an unreadable run ({type(e).__name__}: {e})") from None
+    return Run(path=path, summary=summary, setup=setup)
+
+
+def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
+    """Runs with equal setups, ordered by student, methods, then the rest of the setup."""
+    groups: dict[tuple[str, str, str], list[Run]] = {}
+    for run in runs:
+        key = (str(run.setup.get("student")), str(run.setup.get("methods")),
+               json.dumps(run.setup, sort_keys=True, default=str))
+        groups.setdefault(key, []).append(run)
+    return [RunGroup(setup=groups[k][0].setup, runs=groups[k]) for k in sorted(groups)]
+
+
+def varying_keys(groups: Sequence[RunGroup]) -> list[str]:
+    """Setup keys (besides student and methods) whose value differs between groups: what a reader needs to
+    tell the rows apart."""
+    keys = sorted({k for g in groups for k in g.setup} - {"student", "methods"})
+    return [k for k in keys if len({json.dumps(g.setup.get(k), default=str) for g in groups}) > 1]
+
+
+def comparison_rows(groups: Sequence[RunGroup]) -> list[dict[str, Any]]:
+    """One row per group: student, methods, the settings that vary, seeds, params, and the mean and std over
+    seeds of each measure (`row["mean"][m]`, `row["std"][m]`)."""
+    extra = varying_keys(groups)
+    rows = []
+    for g in groups:
+        first = g.runs[0].summary
+        rows.append({"student": first["student"], "methods": "+".join(first["methods"]),
+                     **{k: g.setup.get(k) for k in extra}, "seeds": g.seeds, "params": int(first["params"]),
+                     "mean": {m: g.mean(m) for m in MEASURES}, "std": {m: g.std(m) for m in MEASURES}})
+    return rows
+
+
+def formatted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """Rows for people: mean ± std over seeds (accuracy in %, times in s and ms, memory in MiB)."""
+    def pm(row: dict[str, Any], m: str, scale: float, fmt: str, unit: str) -> str:
+        mean, std = row["mean"][m] * scale, row["std"][m] * scale
+        return f"{mean:{fmt}}{unit}" if len(row["seeds"]) == 1 else f"{mean:{fmt}} ± {std:{fmt}}{unit}"
+
+    out = []
+    for r in rows:
+        setup = {k: str(v) for k, v in r.items() if k not in ("seeds", "params", "mean", "std")}
+        out.append({**setup, "seeds": ",".join(map(str, r["seeds"])),
+                    "val accuracy": pm(r, "val_accuracy", 100, ".2f", " %"),
+                    "train time": pm(r, "train_seconds", 1, ".1f", " s"),
+                    "step": pm(r, "mean_step_seconds", 1000, ".1f", " ms"),
+                    "peak RSS": pm(r, "peak_rss_bytes", 2.0 ** -20, ".0f", " MiB"),
+                    "params": f"{r['params'] / 1e6:.2f} M"})
+    return out
+
+
+def compare_runs(paths: Sequence[str | Path]) -> list[RunGroup]:
+    """Find, load and group the runs under `paths`."""
+    return group_runs([load_run(p) for p in find_runs(paths)])
+
+
+def accuracy_vs_time_png(rows: Sequence[dict[str, Any]]) -> bytes:
+    """The groups of `comparison_rows` as a PNG: validation accuracy against training time (mean ± std)."""
+    from pipeline.report.figures import accuracy_vs_time
+
+    labels = [" ".join(f"{k}={v}" if k not in ("student", "methods") else str(v) for k, v in r.items()
+                       if k not in ("seeds", "params", "mean", "std")) + f" ({len(r['seeds'])} seeds)" for r in rows]
+    return accuracy_vs_time(labels, [r["mean"]["train_seconds"] for r in rows], [r["std"]["train_seconds"] for r in rows],
+                            [r["mean"]["val_accuracy"] for r in rows], [r["std"]["val_accuracy"] for r in rows])

@@ -1,0 +1,88 @@
+"""`distillery runs`: finding run directories, grouping seeds, mean ± std, the plot."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.train.config import RunSettings, TrainConfig, TrainError
+from pipeline.train.optim import OptimConfig
+from pipeline.train.runs import (accuracy_vs_time_png, compare_runs, comparison_rows, find_runs, formatted_rows,
+                                 load_run)
+
+
+def write_run(path: Path, methods: tuple[str, ...], seed: int, accuracy: float, seconds: float, lr: float | None = None,
+              student: str = "test_resnet") -> Path:
+    """A finished run directory: summary.json, and config.json when `lr` is given."""
+    path.mkdir(parents=True)
+    summary = {"student": student, "methods": list(methods), "seed": seed, "epochs": 5, "val_accuracy": accuracy,
+               "train_seconds": seconds, "mean_step_seconds": seconds / 100, "peak_rss_bytes": 400 * 2 ** 20 + seed,
+               "cache": "runs/cache", "online_teacher": False, "params": 370_000}
+    (path / "summary.json").write_text(json.dumps(summary))
+    if lr is not None:
+        config = TrainConfig("runs/cache", student, methods, str(path),
+                             RunSettings(epochs=5, seed=seed, optim=OptimConfig(lr=lr), device="cpu"))
+        (path / "config.json").write_text(json.dumps(config.to_dict()))
+    return path
+
+
+def test_find_runs_takes_run_directories_and_searches_folders(tmp_path: Path) -> None:
+    a = write_run(tmp_path / "sweep" / "a", ("ce",), 0, 0.8, 10)
+    b = write_run(tmp_path / "sweep" / "deeper" / "b", ("ce",), 1, 0.8, 10)
+    c = write_run(tmp_path / "c", ("ce",), 2, 0.8, 10)
+    (tmp_path / "sweep" / "unfinished").mkdir()
+    assert find_runs([tmp_path / "sweep", c, a]) == sorted([a, b, c])
+    with pytest.raises(TrainError, match="no summary.json under"):
+        find_runs([tmp_path / "sweep" / "unfinished"])
+    with pytest.raises(TrainError, match="is not a directory"):
+        find_runs([tmp_path / "missing"])
+
+
+def test_seeds_of_one_setting_form_one_row_with_mean_and_sample_std(tmp_path: Path) -> None:
+    accuracies = {("ce",): [0.80, 0.84, 0.83], ("ce", "kd"): [0.90, 0.86]}
+    for methods, values in accuracies.items():
+        for seed, acc in enumerate(values):
+            write_run(tmp_path / f"{'+'.join(methods)}-s{seed}", methods, seed, acc, 10 + seed)
+    rows = comparison_rows(compare_runs([tmp_path]))
+    assert [(r["methods"], r["seeds"]) for r in rows] == [("ce", [0, 1, 2]), ("ce+kd", [0, 1])]
+    for row, values in zip(rows, accuracies.values()):
+        assert row["mean"]["val_accuracy"] == pytest.approx(np.mean(values))
+        assert row["std"]["val_accuracy"] == pytest.approx(np.std(values, ddof=1))
+        assert row["mean"]["train_seconds"] == pytest.approx(10 + (len(values) - 1) / 2)
+    text = formatted_rows(rows)
+    assert text[1]["val accuracy"] == f"88.00 ± {100 * np.std([0.90, 0.86], ddof=1):.2f} %"
+    assert text[0]["seeds"] == "0,1,2" and text[0]["params"] == "0.37 M" and text[0]["peak RSS"] == "400 ± 0 MiB"
+
+
+def test_runs_that_differ_in_more_than_the_seed_are_separate_rows_naming_the_difference(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        write_run(tmp_path / f"lr1-s{seed}", ("ce", "kd"), seed, 0.9, 10, lr=1e-3)
+    write_run(tmp_path / "lr2-s0", ("ce", "kd"), 0, 0.8, 10, lr=2e-3)
+    groups = compare_runs([tmp_path])
+    assert sorted(len(g.runs) for g in groups) == [1, 2]
+    rows = comparison_rows(groups)
+    assert {r["settings.optim.lr"] for r in rows} == {1e-3, 2e-3}
+    assert "out" not in rows[0] and "settings.seed" not in rows[0]  # never a reason to split a group
+    assert load_run(tmp_path / "lr1-s0").setup == load_run(tmp_path / "lr1-s1").setup
+
+
+def test_single_runs_print_without_std_and_plot_to_png(tmp_path: Path) -> None:
+    write_run(tmp_path / "a", ("ce",), 0, 0.8, 10)
+    write_run(tmp_path / "b", ("ce",), 0, 0.9, 20, student="resnet10t")
+    rows = comparison_rows(compare_runs([tmp_path]))
+    assert [(r["student"], r["val accuracy"]) for r in formatted_rows(rows)] == [("resnet10t", "90.00 %"),
+                                                                              ("test_resnet", "80.00 %")]
+    image = Image.open(io.BytesIO(accuracy_vs_time_png(rows)))
+    assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_a_summary_not_written_by_train_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "summary.json").write_text(json.dumps({"student": "a", "methods": ["ce"]}))
+    with pytest.raises(TrainError, match="lacks"):
+        compare_runs([tmp_path])
