@@ -111,6 +111,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# CIFAR-style WKD-F settings (G = 1, w_F = 0.08, gamma = 4; DESIGN.md §6.4) on the student's 2x2 stage.
+WKD_F_LAYER3 = "wkd_f:stage=-2,weight=0.08,gamma=4"
 _FMNIST_COMMON = dict(dataset="fashion-mnist", teacher="resnet10t", teacher_epochs=6, student="test_resnet")
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
@@ -126,7 +128,22 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                     "(0.37 M parameters) trained on a stratified 5,000-sample subset (5 cached views each); "
                     "accuracy on the 10k test split",
         labelled=5000, views=4, epochs=20, eval_every=5,
-        rows={"ce": ("ce",), "ce+kd": ("ce", "kd"), "ce+dkd": ("ce", "dkd"), "ce+fitnet": ("ce", "fitnet")},
+        # At 32 px the deepest maps are 1x1: Gaussians and feature maps come from layer3 (2x2, `tap` auto),
+        # which is the student's stage -2 too.
+        cache_options=dict(featmaps=True, teacher_tail=1, lsh_bits=256),
+        rows={"ce": ("ce",), "ce+kd": ("ce", "kd"), "ce+dkd": ("ce", "dkd:warmup=5"),
+              "ce+fitnet": ("ce", "fitnet"), "ce+wkd_l": ("ce", "wkd_l"),
+              "ce+wkd_f": ("ce", WKD_F_LAYER3), "ce+wkd_l+wkd_f": ("ce", "wkd_l", WKD_F_LAYER3),
+              "ce+tcs": ("ce", "tcs"), "ce+tcs+elsh": ("ce", "tcs", "elsh"),
+              "ce+scalekd": ("ce", "scalekd"), "ce+scalekd(tpp)": ("ce", "scalekd:tpp=true")},
+        **_FMNIST_COMMON),
+    Experiment(
+        name="fmnist-fewshot",
+        description="Fashion-MNIST few-shot: the same resnet10t teacher (fitted on the 60k train split); a cache "
+                    "and a test_resnet student over 10 labelled samples per class (100 in all, 5 views each); "
+                    "accuracy on the 10k test split",
+        labelled=100, views=4, epochs=100, eval_every=25, batch_size=32, cache_options=dict(lsh_bits=256),
+        rows={"ce": ("ce",), "ce+kd": ("ce", "kd"), "ce+tcs": ("ce", "tcs"), "ce+tcs+elsh": ("ce", "tcs", "elsh")},
         **_FMNIST_COMMON),
 )}
 
