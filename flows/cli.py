@@ -350,21 +350,47 @@ def print_experiment(name: str, result: dict, markdown: bool) -> None:
     print_table(f"{experiment.description} (val accuracy %)", rows)
 
 
+@app.command("bench")
+def bench_cmd(
+    quick: Annotated[bool, typer.Option(help="fewer samples, one round (about 2 minutes on 2 CPU cores)")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results here")] = None,
+    device: str = "auto",
+) -> None:
+    """Print the benchmarks: teacher pass vs bare forward; student step time and peak memory per method."""
+    from pipeline.bench import run_benchmarks
+
+    with show_progress():
+        results = run_benchmarks(quick=quick, device=device)
+    teacher_pass, steps = results
+    console.print(f"teacher pass ({teacher_pass['teacher']}, {teacher_pass['samples']} {teacher_pass['dataset']} "
+                  f"samples x {teacher_pass['views']} views, {teacher_pass['device']}): "
+                  f"{teacher_pass['pass_images_per_s']:.0f} images/s vs bare forward "
+                  f"{teacher_pass['bare_images_per_s']:.0f} images/s: ratio {teacher_pass['pass_over_bare']:.2f}")
+    rows = [{"config": r["config"], "ms / step": f"{r['step_ms']:.1f}", "/ ce": f"{r['over_ce']:.2f}",
+             "/ ce+kd": f"{r['over_kd']:.2f}", "peak RSS MiB": f"{r['peak_rss_mb']:.0f}"} for r in steps["rows"]]
+    print_table(f"student {steps['student']} step time from the cache of {steps['teacher']} (teacher forward = "
+                f"{steps['teacher_over_student_flops']:.1f}x the student's FLOPs; best of {steps['rounds']} "
+                f"round(s))", rows)
+    if json_out is not None:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
 @app.command("experiment")
 def experiment_cmd(
     name: Annotated[str, typer.Argument(help="digits-demo | fmnist-5k | ...")],
     seed: Annotated[list[int], typer.Option(help="student seed; repeat for several")] = [0, 1, 2],  # noqa: B006
     root: Annotated[Path, typer.Option(help="experiments directory (teachers, caches and runs are reused)")]
     = Path("runs/experiments"),
+    row: Annotated[Optional[list[str]], typer.Option(help="only this row (method combination); repeat")] = None,
     markdown: Annotated[bool, typer.Option(help="print the results as a markdown table")] = False,
 ) -> None:
     """Run a named experiment end to end (fit or reuse the teacher, cache once, train every row per seed)."""
     from flows.experiments import run_experiment
     from pipeline.experiments import get_experiment
 
-    get_experiment(name)  # an unknown name is one line, before any flow starts
+    get_experiment(name).select(row)  # an unknown name or row is one line, before any flow starts
     with show_progress():
-        result = run_experiment(name, list(seed), str(root))
+        result = run_experiment(name, list(seed), str(root), row)
     print_experiment(name, result, markdown)
 
 

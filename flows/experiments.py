@@ -32,9 +32,11 @@ def fit_or_reuse_teacher(name: str, root: str) -> dict[str, Any]:
 
 
 @flow(name="experiment", log_prints=True)
-def run_experiment(name: str, seeds: list[int], root: str = "runs/experiments") -> dict[str, Any]:
-    """Run experiment `name` for `seeds` under `root`; return the teacher, cache and result rows."""
-    experiment = get_experiment(name)
+def run_experiment(name: str, seeds: list[int], root: str = "runs/experiments",
+                   rows: list[str] | None = None) -> dict[str, Any]:
+    """Run experiment `name` (only `rows`, if given) for `seeds` under `root`; return the teacher, cache and
+    result rows."""
+    experiment = get_experiment(name).select(rows)
     teacher = fit_or_reuse_teacher(name, root)
     cached = cache_teacher(experiment.cache_request(Path(root)))
     summaries: dict[str, list[dict[str, Any]]] = {label: [] for label in experiment.rows}

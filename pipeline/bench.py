@@ -64,3 +64,98 @@ def bench_teacher_pass(dataset: str, teacher: str, samples: int, views: int = 2,
             "batch_size": batch_size, "device": str(resolve_device(device)),
             "pass_images_per_s": images / passed, "bare_images_per_s": images / bare,
             "pass_over_bare": bare / passed}
+
+
+# Student step times (issues 3-6): each configuration trains in a fresh process (so its peak RSS is its own),
+# the configurations take turns round by round (so a noisy neighbour hits them all alike).
+STEP_CONFIGS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "ce": (("ce",), False),
+    "ce+kd": (("ce", "kd"), False),
+    "ce+kd online": (("ce", "kd"), True),
+    "ce+dkd": (("ce", "dkd"), False),
+    "ce+wkd_l": (("ce", "wkd_l"), False),
+    "ce+wkd_f": (("ce", "wkd_f:stage=-2"), False),
+    "ce+tcs": (("ce", "tcs"), False),
+    "ce+tcs+elsh": (("ce", "tcs", "elsh"), False),
+    "ce+scalekd": (("ce", "scalekd"), False),
+    "ce+scalekd(tpp)": (("ce", "scalekd:tpp=true"), False),
+}
+
+
+def _train_once(config: dict[str, Any]) -> dict[str, Any]:
+    # Runs in a spawned process: import here so the parent's state (threads, allocations) is not inherited.
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.loop import train_student
+
+    summary = train_student(TrainConfig(**config))
+    return {k: summary[k] for k in ("mean_step_seconds", "peak_rss_bytes", "steps", "params")}
+
+
+def model_flops(model: str, num_classes: int, in_chans: int, size: int) -> int:
+    """Forward FLOPs of one image through a timm model (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.teacher.model import create_timm_model
+
+    net = create_timm_model(model, num_classes, in_chans, size).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.zeros(1, in_chans, size, size))
+    return int(counter.get_total_flops())
+
+
+def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple[str, ...], bool]],
+                        epochs: int = 1, rounds: int = 2, batch_size: int = 64) -> dict[str, Any]:
+    """Mean step time and peak RSS of each (methods, online) configuration for the same student and cache."""
+    import multiprocessing
+
+    from pipeline.cache.store import TeacherCache
+    from pipeline.train.config import RunSettings
+
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label in configs}
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="distillery-steps-") as tmp:
+        for r in range(rounds):
+            for label, (methods, online) in configs.items():
+                settings = RunSettings(epochs=epochs, batch_size=batch_size, online_teacher=online, device="cpu",
+                                       eval_every=epochs)
+                config = {"cache": cache, "student": student, "methods": methods,
+                          "out": str(Path(tmp) / f"{len(results[label])}-{r}-{label}"), "settings": settings}
+                with context.Pool(1) as pool:
+                    results[label].append(pool.apply(_train_once, (config,)))
+    manifest = TeacherCache(cache).manifest
+    teacher, num_classes = manifest.teacher, manifest.dataset["num_classes"]
+    size = teacher["input_size"]
+    rows = []
+    for label, runs in results.items():
+        step = min(run["mean_step_seconds"] for run in runs)  # the least disturbed round
+        rows.append({"config": label, "step_ms": 1000 * step, "peak_rss_mb": max(r["peak_rss_bytes"] for r in runs) / 2**20})
+    base = {row["config"]: row["step_ms"] for row in rows}
+    for row in rows:
+        row["over_ce"] = row["step_ms"] / base["ce"] if "ce" in base else None
+        row["over_kd"] = row["step_ms"] / base["ce+kd"] if "ce+kd" in base else None
+    return {"bench": "student_steps", "cache": cache, "student": student, "teacher": teacher["model"],
+            "teacher_over_student_flops": model_flops(teacher["model"], num_classes, teacher["in_chans"], size)
+            / model_flops(student, num_classes, teacher["in_chans"], size),
+            "rounds": rounds, "rows": rows}
+
+
+def run_benchmarks(quick: bool = False, device: str = "auto") -> list[dict[str, Any]]:
+    """`distillery bench`: the teacher pass against a bare forward loop, then student step times and peak
+    memory per method (cached vs online KD included) for a test_resnet student of a resnet10t teacher on
+    digits. `quick` uses fewer samples and one round."""
+    from pipeline.teacher.cache_pass import run_cache_pass
+    from pipeline.teacher.fit import FitConfig, fit_teacher
+
+    samples = 300 if quick else 1437
+    results = [bench_teacher_pass("digits", "resnet10t", samples=samples, device=device)]
+    with tempfile.TemporaryDirectory(prefix="distillery-bench-") as tmp:
+        checkpoint = str(Path(tmp) / "teacher.pt")
+        # Step times do not depend on how well the teacher is trained; online KD needs a checkpoint.
+        fit_teacher(FitConfig(dataset="digits", model="resnet10t", out=checkpoint, epochs=1, device=device))
+        cache = str(Path(tmp) / "cache")
+        run_cache_pass(CacheRequest(dataset="digits", teacher="resnet10t", checkpoint=checkpoint, out=cache,
+                                    subset=600 if quick else None, views=2, featmaps=True, teacher_tail=1,
+                                    lsh_bits=64, device=device))
+        results.append(bench_student_steps(cache, "test_resnet", STEP_CONFIGS, epochs=1 if quick else 2,
+                                           rounds=1 if quick else 2))
+    return results

@@ -15,7 +15,7 @@ Layout under the experiments root (default `runs/experiments`):
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,16 @@ class Experiment:
     batch_size: int = 64
     lr: float = 2e-3
     eval_every: int = 1
+
+    def select(self, rows: list[str] | None) -> Experiment:
+        """This experiment with only `rows` (all when None or empty); an unknown row is an ExperimentError."""
+        if not rows:
+            return self
+        unknown = sorted(set(rows) - self.rows.keys())
+        if unknown:
+            raise ExperimentError(f"experiment {self.name!r} has no row {', '.join(map(repr, unknown))}; rows: "
+                                  f"{', '.join(self.rows)}")
+        return replace(self, rows={label: m for label, m in self.rows.items() if label in rows})
 
     def teacher_path(self, root: Path) -> Path:
         return root / "teachers" / f"{self.dataset.split(':')[0]}-{self.teacher}-e{self.teacher_epochs}.pt"
@@ -127,7 +137,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         description="Fashion-MNIST: a resnet10t teacher fitted on the full 60k train split; a test_resnet student "
                     "(0.37 M parameters) trained on a stratified 5,000-sample subset (5 cached views each); "
                     "accuracy on the 10k test split",
-        labelled=5000, views=4, epochs=20, eval_every=5,
+        labelled=5000, views=4, epochs=10, eval_every=10,
         # At 32 px the deepest maps are 1x1: Gaussians and feature maps come from layer3 (2x2, `tap` auto),
         # which is the student's stage -2 too.
         cache_options=dict(featmaps=True, teacher_tail=1, lsh_bits=256),
