@@ -107,6 +107,7 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
                         epochs: int = 1, rounds: int = 2, batch_size: int = 64) -> dict[str, Any]:
     """Mean step time and peak RSS of each (methods, online) configuration for the same student and cache."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     from pipeline.cache.store import TeacherCache
     from pipeline.train.config import RunSettings
@@ -120,8 +121,9 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
                                        eval_every=epochs)
                 config = {"cache": cache, "student": student, "methods": methods,
                           "out": str(Path(tmp) / f"{len(results[label])}-{r}-{label}"), "settings": settings}
-                with context.Pool(1) as pool:
-                    results[label].append(pool.apply(_train_once, (config,)))
+                # Not multiprocessing.Pool: its daemonic workers cannot start the run's DataLoader workers.
+                with ProcessPoolExecutor(1, mp_context=context) as pool:
+                    results[label].append(pool.submit(_train_once, config).result())
     manifest = TeacherCache(cache).manifest
     teacher, num_classes = manifest.teacher, manifest.dataset["num_classes"]
     size = teacher["input_size"]

@@ -17,30 +17,26 @@ TINY = Experiment(name="tiny", description="tiny digits scenario", dataset="digi
 
 @pytest.mark.slow
 def test_experiment_fits_caches_trains_every_row_per_seed_then_reuses_everything(
-        prefect_harness, tmp_path: Path, monkeypatch, cli) -> None:
+        prefect_harness, tmp_path: Path, monkeypatch) -> None:
+    from flows.experiments import run_experiment
+
     monkeypatch.setitem(experiments.EXPERIMENTS, "tiny", TINY)
-    args = ("experiment", "tiny", "--seed", "0", "--seed", "1", "--root", str(tmp_path), "--markdown")
-    code, out = cli(*args)
-    assert code == 0, out
-    assert "teacher test_resnet (fitted)" in out
+    result = run_experiment("tiny", [0, 1], str(tmp_path))
+    assert result["teacher"]["reused"] is False
     runs = {p.name for p in (tmp_path / "tiny" / "runs").iterdir()}
     assert runs == {"ce-s0", "ce-s1", "ce+kd-s0", "ce+kd-s1"}
     summaries = {r: json.loads((tmp_path / "tiny" / "runs" / r / "summary.json").read_text()) for r in runs}
     assert summaries["ce+kd-s1"]["methods"] == ["ce", "kd:T=2"] and summaries["ce+kd-s1"]["seed"] == 1
     accuracy = [100 * summaries[f"ce+kd-s{s}"]["val_accuracy"] for s in (0, 1)]
-    assert f"| ce+kd | {sum(accuracy) / 2:.2f} ± " in out
+    assert f"| ce+kd | {sum(accuracy) / 2:.2f} ± " in markdown_table(result["rows"])
 
-    # A rerun reuses the teacher, the cache and the finished runs.
-    code, again = cli(*args)
-    assert code == 0, again
-    assert "teacher test_resnet (reused)" in again
+    # A rerun reuses the teacher, the cache and the finished runs; --row selects rows.
+    again = run_experiment("tiny", [0, 1], str(tmp_path), ["ce+kd"])
+    assert again["teacher"]["reused"] is True and again["cache"]["written_shards"] == 0
+    assert [r["methods"] for r in again["rows"]] == ["ce+kd"] and again["rows"][0] == result["rows"][1]
     for r in runs:
         rerun = json.loads((tmp_path / "tiny" / "runs" / r / "summary.json").read_text())
         assert rerun["train_seconds"] == summaries[r]["train_seconds"]
-    def table(text: str) -> list[str]:
-        return [line for line in text.splitlines() if line.startswith("|")]
-
-    assert len(table(out)) == 4 and table(again) == table(out)
 
 
 def test_result_rows_average_seeds_and_markdown_lists_them() -> None:
@@ -59,3 +55,5 @@ def test_unknown_experiment_is_one_line(cli) -> None:
         get_experiment("nope")
     code, out = cli("experiment", "nope")
     assert code == 2 and out.strip().startswith("error: unknown experiment 'nope'")
+    code, out = cli("experiment", "fmnist-5k", "--row", "ce+magic")
+    assert code == 2 and "experiment 'fmnist-5k' has no row 'ce+magic'; rows: ce, ce+kd" in out

@@ -194,7 +194,7 @@ def test_non_finite_teacher_output_fails_and_leaves_cache_partial(digits_teacher
     ({"dataset": "mnist-ish"}, DatasetError, "unknown dataset"),
     ({"logits": "top3"}, CacheError, "--logits must be"),
     ({"cka_source": "pixels"}, TeacherError, "--cka-source must be logits, features or auto"),
-    ({"teacher_head": False}, TeacherError, "--cka-source logits needs stored logits"),
+    ({"teacher_head": False, "cka_source": "logits"}, TeacherError, "--cka-source logits needs stored logits"),
 ])
 def test_bad_input_fails_with_one_line_and_writes_nothing(cache_request, tmp_path: Path, override, error,
                                                           message) -> None:
