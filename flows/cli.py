@@ -46,7 +46,14 @@ class RichReporter:
         self.display.advance(self.ids[key], amount)
 
     def finish(self, key: str) -> None:
-        self.display.remove_task(self.ids.pop(key))
+        task_id = self.ids.pop(key)
+        if not self.display.console.is_terminal:
+            # A log (a scheduled run, `> file`) gets no live bar: one line per finished loop instead.
+            task = next(t for t in self.display.tasks if t.id == task_id)  # shard tasks finish in any order
+            rate = f", {task.completed / task.elapsed:,.0f} {task.fields['unit']}/s" if task.elapsed else ""
+            self.display.console.print(f"{task.description}: {task.completed:,.0f} {task.fields['unit']} in "
+                                       f"{task.elapsed or 0:.1f} s{rate}")
+        self.display.remove_task(task_id)
 
 
 class show_progress:
@@ -55,7 +62,7 @@ class show_progress:
     def __enter__(self) -> Progress:
         self.display = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 RateColumn(), TimeRemainingColumn(elapsed_when_finished=True),
-                                console=console, transient=True)
+                                console=console, transient=True, disable=not console.is_terminal)
         self.display.__enter__()
         progress.set_reporter(RichReporter(self.display))
         return self.display

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,15 @@ def test_errors_are_one_line_on_stderr_with_exit_code_2(tmp_path: Path) -> None:
     bad_dataset = run_cli("fit-teacher", "--dataset", "cifar", "--model", "resnet18", "--out", str(tmp_path / "t.pt"))
     assert bad_dataset.returncode == 2 and "unknown dataset" in bad_dataset.stderr
     assert "Traceback" not in bad_dataset.stderr
+
+
+def test_without_a_terminal_each_finished_loop_is_one_line_with_its_rate(tmp_path: Path) -> None:
+    fitted = run_cli("fit-teacher", "--dataset", "digits", "--model", "test_resnet", "--epochs", "1", "--subset", "200",
+                     "--out", str(tmp_path / "t.pt"))
+    assert fitted.returncode == 0, fitted.stderr
+    progress, result = fitted.stdout.strip().splitlines()[-2:]
+    assert re.fullmatch(r"fit test_resnet: 200 samples in [0-9.]+ s, [0-9,]+ samples/s", progress), progress
+    assert result.startswith("teacher test_resnet: val accuracy")
 
 
 def _copy(cache: Path, tmp_path: Path) -> Path:
