@@ -14,6 +14,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,9 +95,16 @@ def cache_fingerprint(cache: TeacherCache) -> str:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process or any finished child (DataLoader workers); Linux KiB."""
-    return 1024 * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    """Peak resident memory of this process or any finished child (DataLoader workers).
+
+    This process's own peak is Linux's VmHWM: ``ru_maxrss`` survives ``execve``, so a process spawned by a
+    large parent (a sweep, `distillery bench`) would report the parent's peak instead of its own.
+    """
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; the fallback off Linux
+    status = Path("/proc/self/status")
+    if status.exists():
+        own = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+    return 1024 * max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
 def _to_device(targets: dict[str, Any], device: torch.device) -> dict[str, Any]:

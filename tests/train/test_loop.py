@@ -165,3 +165,20 @@ def test_eval_every_evaluates_on_schedule_and_after_the_last_epoch(make_cache, t
     summary = train_student(cfg)
     evaluated = [r["epoch"] for r in _lines(tmp_path / "run") if r["kind"] == "epoch" and "val_accuracy" in r]
     assert evaluated == [1, 2] and summary["val_accuracy"] is not None
+
+
+def test_peak_rss_of_a_process_spawned_by_a_large_parent_is_its_own() -> None:
+    import multiprocessing
+    import resource
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+
+    from pipeline.train.loop import peak_rss_bytes
+
+    ballast = np.ones(2**30 // 8)  # 1 GiB resident in this process
+    parent = 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        child = pool.submit(peak_rss_bytes).result()
+    del ballast
+    assert 0 < child < parent - 2**29, (child, parent)  # ru_maxrss alone would report the parent's peak
