@@ -77,8 +77,8 @@ STEP_CONFIGS: dict[str, tuple[tuple[str, ...], bool]] = {
     "ce+wkd_f": (("ce", "wkd_f:stage=-2"), False),
     "ce+tcs": (("ce", "tcs"), False),
     "ce+tcs+elsh": (("ce", "tcs", "elsh"), False),
-    "ce+scalekd": (("ce", "scalekd"), False),
-    "ce+scalekd(tpp)": (("ce", "scalekd:tpp=true"), False),
+    "ce+scalekd": (("ce", "scalekd:stage=-2"), False),
+    "ce+scalekd(tpp)": (("ce", "scalekd:stage=-2,tpp=true"), False),
 }
 
 

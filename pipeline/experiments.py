@@ -123,6 +123,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 # CIFAR-style WKD-F settings (G = 1, w_F = 0.08, gamma = 4; DESIGN.md §6.4) on the student's 2x2 stage.
 WKD_F_LAYER3 = "wkd_f:stage=-2,weight=0.08,gamma=4"
+# ScaleKD mimics the cached layer3 maps (2x2) with the student's 2x2 stage -2: its 1x1 deepest map could not
+# vary over the teacher's positions (the method refuses it).
+SCALEKD_LAYER3 = "scalekd:stage=-2"
 _FMNIST_COMMON = dict(dataset="fashion-mnist", teacher="resnet10t", teacher_epochs=6, student="test_resnet")
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
@@ -145,7 +148,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
               "ce+fitnet": ("ce", "fitnet"), "ce+wkd_l": ("ce", "wkd_l"),
               "ce+wkd_f": ("ce", WKD_F_LAYER3), "ce+wkd_l+wkd_f": ("ce", "wkd_l", WKD_F_LAYER3),
               "ce+tcs": ("ce", "tcs"), "ce+tcs+elsh": ("ce", "tcs", "elsh"),
-              "ce+scalekd": ("ce", "scalekd"), "ce+scalekd(tpp)": ("ce", "scalekd:tpp=true")},
+              "ce+scalekd": ("ce", SCALEKD_LAYER3), "ce+scalekd(tpp)": ("ce", f"{SCALEKD_LAYER3},tpp=true")},
         **_FMNIST_COMMON),
     Experiment(
         name="fmnist-fewshot",

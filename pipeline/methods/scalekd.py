@@ -1,14 +1,15 @@
 """ScaleKD: cross-attention projection, dual-view feature mimicking, teacher parameter perception (DESIGN.md §6.7).
 
-The student's deepest map goes through a CAP (cross-attention projector) into the layout of the cached
-teacher map of the same view, and DFM (dual-view feature mimicking) compares the two: the *direct* view
+The student's map at ``stage`` (its deepest by default) goes through a CAP (cross-attention
+projector) into the layout of the cached teacher map of the same view, and DFM (dual-view feature
+mimicking) compares the two: the *direct* view
 
     L_dir(P, T) = sum_{h,w} || norm_c(P)_{hw} - norm_c(T)_{hw} ||^2 / N        (norm_c: L2 over channels)
 
 and the *alternative* view, the same after removing the DC component of each channel's 2D DCT (which is
 each channel's spatial mean, see :func:`remove_dc`), so the large shared component does not drown the
 rest. Each view has its own CAP. With ``tpp=true`` (teacher parameter perception) the student's
-previous stage is projected, by two more CAPs, into the layout that enters the teacher's last stage(s),
+stage before ``stage`` is projected, by two more CAPs, into the layout that enters the teacher's last stage(s),
 run through those frozen stages (the cache's ``teacher_tail.pt``; the teacher is never built), and the
 outputs are mimicked the same two ways. A logit KD term (§6.1, ``T=1`` as in the reference configs)
 is added when the cache stores logits.
@@ -18,6 +19,7 @@ The projectors train with the student and are dropped afterwards: the run saves 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -103,11 +105,12 @@ class ScaleKD(Method):
     maps, the same two terms through the frozen teacher tail with ``tpp=true``, plus ``kd * T^2 KL`` on
     logits when the cache stores them (``kd=0`` turns it off). Defaults (0.08, 0.06), ``T=1`` and
     ``kd=0.5`` are the reference configs' (§6.7); there CE is weighted 0.5 as well (``ce:weight=0.5``).
+    ``stage`` is the student stage mimicked (-1, the deepest; TPP reads ``stage - 1``); a 1x1 student map
+    against a larger teacher map is refused, since no projection of one position varies over several.
     """
 
     name = "scalekd"
     needs = frozenset({FEATMAPS})
-    student_taps = (-2, -1)  # -1 for CAP+DFM, -2 for TPP
 
     def __init__(
         self,
@@ -120,21 +123,31 @@ class ScaleKD(Method):
         tpp: bool = False,
         kd: float = 0.5,
         T: float = 1.0,
+        stage: int = -1,
     ) -> None:
         super().__init__(cache, student)
+        taps = self.taps_for({"stage": stage, "tpp": tpp})  # the same refusal as when the run picks its taps
         if FEATMAPS not in cache.target_shapes:
             raise MethodError("method 'scalekd' needs the shape of the cached teacher feature maps "
                               "(CacheInfo.target_shapes)")
         if heads < 1:
             raise MethodError(f"option 'heads' of method 'scalekd' must be >= 1, not {heads}")
         teacher_shape: tuple[int, int, int] = tuple(cache.target_shapes[FEATMAPS])
-        self.final_stage, self.early_stage = student.taps[-1], student.taps[-2]
+        self.final_stage = student.taps[taps[-1]]
         final_shape = student.feature_shapes[self.final_stage]
+        if final_shape[1] * final_shape[2] == 1 < teacher_shape[1] * teacher_shape[2]:
+            # One key: the attention returns the same token for every query, so the projection is constant
+            # over positions and the alternative view (each channel minus its spatial mean) is 0 / 0.
+            raise MethodError(
+                f"method 'scalekd': the student's map at stage {stage} ({self.final_stage}) is 1x1, so its "
+                f"projection cannot vary over the teacher's {teacher_shape[1]}x{teacher_shape[2]} positions; "
+                f"mimic with an earlier stage (scalekd:stage={stage - 1}) or train with a larger --input-size")
         self.direct, self.alternative, self.tpp, self.T = direct, alternative, tpp, T
         self.cap_direct = CrossAttentionProjector(final_shape, teacher_shape, heads)
         self.cap_alternative = CrossAttentionProjector(final_shape, teacher_shape, heads)
         if tpp:
             tail = self._load_tail(cache, teacher_shape)
+            self.early_stage = student.taps[taps[0]]
             early_shape = student.feature_shapes[self.early_stage]
             self.tpp_direct = CrossAttentionProjector(early_shape, tail.input_shape, heads)
             self.tpp_alternative = CrossAttentionProjector(early_shape, tail.input_shape, heads)
@@ -156,6 +169,14 @@ class ScaleKD(Method):
             raise MethodError(f"the cache's teacher tail gives {tail.output_shape} maps but its feature maps are "
                               f"{teacher_shape}; re-run `distillery cache` into a new --out")
         return tail
+
+    @classmethod
+    def taps_for(cls, options: Mapping[str, bool | int | float | str]) -> tuple[int, ...]:
+        """``(stage,)``, or ``(stage - 1, stage)`` with TPP (its projectors read the stage before)."""
+        stage = int(options.get("stage", -1))
+        if stage >= 0:
+            raise MethodError(f"method 'scalekd': stage counts from the deepest stage (-1, -2, ...), not {stage}")
+        return (stage - 1, stage) if options.get("tpp", False) else (stage,)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's own signature
         if self.tpp:

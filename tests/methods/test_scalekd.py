@@ -117,6 +117,25 @@ def test_a_cache_without_feature_maps_names_the_cache_option() -> None:
         create_method("scalekd", cache_info(LOGITS), STUDENT)
 
 
+def test_the_stage_option_picks_the_mimicked_map_and_tpp_reads_the_one_before() -> None:
+    from pipeline.methods.scalekd import ScaleKD
+
+    assert ScaleKD.taps_for({}) == (-1,) and ScaleKD.taps_for({"tpp": True}) == (-2, -1)
+    assert ScaleKD.taps_for({"stage": -2, "tpp": True}) == (-3, -2)
+    with pytest.raises(MethodError, match="counts from the deepest stage"):
+        ScaleKD.taps_for({"stage": 1})
+    method = create_method("scalekd:stage=-2", cache_info(FEATMAPS), STUDENT)
+    assert method.final_stage == "s2" and method.cap_direct(torch.randn(2, 6, 4, 4)).shape == (2, *TEACHER_MAP)
+
+
+def test_a_one_position_student_map_is_refused_before_training() -> None:
+    # A single key makes every query's attention output the same token: the alternative view would be 0 / 0.
+    student = StudentInfo(pooled_dim=8, taps={-2: "s2", -1: "s3"}, feature_shapes={"s2": (6, 2, 2), "s3": (8, 1, 1)})
+    with pytest.raises(MethodError, match=r"stage -1 \(s3\) is 1x1.*scalekd:stage=-2"):
+        create_method("scalekd", cache_info(FEATMAPS), student)
+    assert create_method("scalekd:stage=-2", cache_info(FEATMAPS), student).final_stage == "s2"
+
+
 def test_tpp_needs_the_caches_teacher_tail(digits_cache: Path) -> None:
     with pytest.raises(MethodError, match="tpp=true needs the cache's teacher tail"):
         create_method("scalekd:tpp=true", cache_info(FEATMAPS), STUDENT)
@@ -196,5 +215,6 @@ def test_a_cnn_student_trains_from_a_vit_teachers_cache_with_tpp(tmp_path: Path)
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["files"]["teacher_tail"]["stages"] == ["blocks.4", "blocks.5"]
     out = tmp_path / "run"
-    summary = _train(cache, "test_resnet", out)
+    # At 32 px test_resnet's deepest map is 1x1 and the ViT's tokens 2x2: mimic with its 2x2 layer3.
+    summary = _train(cache, "test_resnet", out, methods=("ce", "scalekd:stage=-2,tpp=true"))
     _check_run(out, "test_resnet", summary)
