@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -40,7 +41,8 @@ class RichReporter:
         self.ids: dict[str, int] = {}
 
     def start(self, key: str, description: str, total: int, unit: str) -> None:
-        self.ids[key] = self.display.add_task(description, total=total, unit=unit)
+        # Descriptions are plain text: a run's "[ce+kd]" is not rich markup.
+        self.ids[key] = self.display.add_task(escape(description), total=total, unit=unit)
 
     def advance(self, key: str, amount: int) -> None:
         self.display.advance(self.ids[key], amount)

@@ -86,6 +86,22 @@ def test_without_a_terminal_each_finished_loop_is_one_line_with_its_rate(tmp_pat
     assert result.startswith("teacher test_resnet: val accuracy")
 
 
+def test_loop_descriptions_are_plain_text_not_rich_markup() -> None:
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from flows.cli import RichReporter
+
+    log = io.StringIO()
+    reporter = RichReporter(Progress(console=Console(file=log, width=200), disable=True))
+    reporter.start("t", "test_resnet [ce+kd]", 10, "samples")
+    reporter.advance("t", 10)
+    reporter.finish("t")
+    assert log.getvalue().startswith("test_resnet [ce+kd]: 10 samples in ")
+
+
 def _copy(cache: Path, tmp_path: Path) -> Path:
     import shutil
 
