@@ -354,8 +354,8 @@ def print_experiment(name: str, result: dict, markdown: bool) -> None:
     if markdown:
         console.print(markdown_table(result["rows"]), soft_wrap=True, highlight=False)
         return
-    rows = [{**r, "accuracy": f"{r['accuracy']:.2f} ± {r['std']:.2f}", "train_s": f"{r['train_s']:.0f}",
-             "step_ms": f"{r['step_ms']:.1f}"} for r in result["rows"]]
+    rows = [{"methods": r["methods"], "accuracy": f"{r['accuracy']:.2f} ± {r['std']:.2f}", "seeds": r["seeds"],
+             "train_s": f"{r['train_s']:.0f}", "step_ms": f"{r['step_ms']:.1f}"} for r in result["rows"]]
     print_table(f"{experiment.description} (val accuracy %)", rows)
 
 
