@@ -14,6 +14,7 @@ plan. The price: on a non-square image the drawn aspect ratio is stretched by th
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -163,9 +164,15 @@ def render_view(raw: np.ndarray, params: ViewParams, size: int, mean: Sequence[f
                           antialias=True)[0]
     if params.flip:
         image = image.flip(-1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    mean_t, std_t = _normalisation(tuple(mean), tuple(std))
     return (image - mean_t) / std_t
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built once per (mean, std): two tensor constructions per image cost more than the resize of a small one.
+    return (torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1),
+            torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
