@@ -246,6 +246,15 @@ class Method(torch.nn.Module, metaclass=abc.ABCMeta):
         return cls.student_taps
 
     @classmethod
+    def stage_option(cls, options: Mapping[str, bool | int | float | str]) -> int:
+        """The ``stage`` option of a method that reads one student stage (-1, the deepest, by default);
+        a stage counted from the shallow end is refused: stages count from the deepest."""
+        stage = int(options.get("stage", -1))
+        if stage >= 0:
+            raise MethodError(f"method {cls.name!r}: stage counts from the deepest stage (-1, -2, ...), not {stage}")
+        return stage
+
+    @classmethod
     def options(cls) -> dict[str, bool | int | float | str]:
         """The method's options and their defaults, in declaration order."""
         return {p.name: p.default for p in _option_parameters(cls)}

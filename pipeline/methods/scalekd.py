@@ -173,9 +173,7 @@ class ScaleKD(Method):
     @classmethod
     def taps_for(cls, options: Mapping[str, bool | int | float | str]) -> tuple[int, ...]:
         """``(stage,)``, or ``(stage - 1, stage)`` with TPP (its projectors read the stage before)."""
-        stage = int(options.get("stage", -1))
-        if stage >= 0:
-            raise MethodError(f"method 'scalekd': stage counts from the deepest stage (-1, -2, ...), not {stage}")
+        stage = cls.stage_option(options)
         return (stage - 1, stage) if options.get("tpp", False) else (stage,)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's own signature

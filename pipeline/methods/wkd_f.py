@@ -143,11 +143,8 @@ class WKDF(Method):
 
     @classmethod
     def taps_for(cls, options: Mapping[str, bool | int | float | str]) -> tuple[int, ...]:
-        """``(stage,)``; a stage counted from the shallow end is refused (stages count from the deepest)."""
-        stage = int(options.get("stage", -1))
-        if stage >= 0:
-            raise MethodError(f"method 'wkd_f': stage counts from the deepest stage (-1, -2, ...), not {stage}")
-        return (stage,)
+        """``(stage,)``."""
+        return (cls.stage_option(options),)
 
     def forward(
         self, student: StudentOutputs, targets: Targets, labels: Tensor, progress: TrainingProgress

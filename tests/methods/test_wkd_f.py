@@ -148,3 +148,11 @@ def test_stage_option_reads_an_earlier_student_stage():
     assert fmap.grad is not None and fmap.grad.abs().sum() > 0
     with pytest.raises(MethodError, match="counts from the deepest"):
         create_method("wkd_f:stage=1", cache(2, 4), info)
+
+
+def test_a_stage_counted_from_the_shallow_end_is_refused() -> None:
+    from pipeline.methods.wkd_f import WKDF
+
+    assert WKDF.taps_for({}) == (-1,) and WKDF.taps_for({"stage": -2}) == (-2,)
+    with pytest.raises(MethodError, match="method 'wkd_f': stage counts from the deepest stage"):
+        WKDF.taps_for({"stage": 0})
