@@ -144,12 +144,18 @@ class _CacheFiles:
         path = self.root / TAIL_NAME
         return record is not None and path.is_file() and sha256_file(path) == record["sha256"]
 
-    def rows_digest(self, group: zarr.Group, names: list[str], start: int, stop: int) -> str:
-        h = hashlib.sha256()
-        for name in sorted(names):
-            h.update(name.encode())
-            h.update(np.ascontiguousarray(group[name][start:stop]).tobytes())
-        return h.hexdigest()
+    def stored_rows_digest(self, start: int, stop: int) -> str:
+        """`rows_digest` of rows [start, stop) as zarr holds them now."""
+        return rows_digest({name: self.group[name][start:stop] for name in self.manifest.arrays})
+
+
+def rows_digest(rows: Mapping[str, np.ndarray]) -> str:
+    """sha256 over the arrays' names and bytes, in name order: a shard's rows as a record keeps them."""
+    h = hashlib.sha256()
+    for name in sorted(rows):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(rows[name]).tobytes())
+    return h.hexdigest()
 
 
 class CacheWriter(_CacheFiles):
@@ -200,7 +206,7 @@ class CacheWriter(_CacheFiles):
         shard = self.shard_path(index)
         if not shard.is_file() or sha256_file(shard) != record.sha256:
             return None
-        if self.rows_digest(self.group, self.per_sample_arrays, record.start, record.stop) != record.rows_sha256:
+        if self.stored_rows_digest(record.start, record.stop) != record.rows_sha256:
             return None
         return record
 
@@ -210,7 +216,14 @@ class CacheWriter(_CacheFiles):
         missing = set(self.per_sample_arrays) - set(rows)
         if missing:
             raise CacheError(f"shard {index} is missing arrays {sorted(missing)}")
-        for name in self.per_sample_arrays:
+        # Exactly the bytes zarr will hold (its dtype, no broadcasting), so the record's digest can be
+        # taken from memory instead of reading the shard back.
+        layout = self.manifest.arrays
+        rows = {name: np.ascontiguousarray(rows[name], dtype=meta["dtype"]) for name, meta in layout.items()}
+        for name, meta in layout.items():
+            if rows[name].shape != (stop - start, *meta["shape"][1:]):
+                raise CacheError(f"shard {index}: {name} has shape {rows[name].shape}, "
+                                 f"expected {(stop - start, *meta['shape'][1:])}")
             self.group[name][start:stop] = rows[name]
         raw, raw_hw = pack_raw(raws)
         block = self.manifest.storage["block_size"]
@@ -224,7 +237,7 @@ class CacheWriter(_CacheFiles):
         write_tar_atomic(path, members)
         record = ShardRecord(index=index, start=start, stop=stop, file=str(path.relative_to(self.root)),
                              sha256=sha256_file(path), bytes=path.stat().st_size,
-                             rows_sha256=self.rows_digest(self.group, self.per_sample_arrays, start, stop))
+                             rows_sha256=rows_digest(rows))
         tmp = self.record_path(index).with_suffix(".json.tmp")
         tmp.write_text(json.dumps(asdict(record)))
         os.replace(tmp, self.record_path(index))

@@ -15,6 +15,7 @@ from pipeline.data.views import (
     epoch_view,
     epoch_views,
     render_view,
+    render_views,
 )
 
 __all__ = [
@@ -29,5 +30,6 @@ __all__ = [
     "epoch_views",
     "load_dataset",
     "render_view",
+    "render_views",
     "stratified_subset",
 ]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CLEAN_VIEW", "ViewParams", "ViewPlan", "epoch_view", "epoch_views", "render_view"]
+__all__ = ["CLEAN_VIEW", "ViewParams", "ViewPlan", "epoch_view", "epoch_views", "render_view", "render_views"]
 
 # torchvision's RandomResizedCrop gives up drawing after this many attempts and crops the centre.
 _RRC_ATTEMPTS = 10
@@ -142,30 +142,74 @@ def render_view(raw: np.ndarray, params: ViewParams, size: int, mean: Sequence[f
                 std: Sequence[float]) -> torch.Tensor:
     """Render one view of a raw uint8 (H, W, C) image as a normalised float32 (C, size, size) tensor.
 
-    The single render path of DESIGN.md §3: the teacher pass and the student loader both call it, so
-    a student sees bit-identical inputs to the teacher's at the same ``size``; another ``size``
-    renders the same normalised crop at another resolution. Runs on CPU, where it is deterministic.
+    The single render path of DESIGN.md §3: the teacher pass and the student loader both call it (or
+    its batch form ``render_views``, which runs the same arithmetic), so a student sees bit-identical
+    inputs to the teacher's at the same ``size``; another ``size`` renders the same normalised crop at
+    another resolution. Runs on CPU, where it is deterministic.
     """
-    if raw.dtype != np.uint8 or raw.ndim != 3:
-        raise ValueError(f"raw image must be uint8 (H, W, C), got {raw.dtype} with shape {raw.shape}")
-    height, width, channels = raw.shape
+    return render_views([raw], [params], size, mean, std)[0]
+
+
+def render_views(raws: Sequence[np.ndarray], params: Sequence[ViewParams], size: int, mean: Sequence[float],
+                 std: Sequence[float]) -> torch.Tensor:
+    """Render view ``params[i]`` of ``raws[i]`` for every i: a float32 (N, C, size, size) batch.
+
+    Element for element the arithmetic of ``render_view`` (crop, /255, antialiased bilinear resize,
+    flip, normalise); crops of equal shape share one resize call, whose planes are resized independently,
+    so an image renders to the same bits alone or in any batch (tests/data/test_views.py checks it).
+    """
+    if len(raws) != len(params):
+        raise ValueError(f"got {len(raws)} images and {len(params)} views; give one view per image")
+    if not raws:
+        raise ValueError("nothing to render: no images given")
+    if size < 1:
+        raise ValueError(f"render size must be >= 1, got {size}")
+    channels = _check_raw(raws[0]).shape[2]
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"mean and std need one value per channel ({channels}), "
                          f"got {len(mean)} and {len(std)}")
-    if size < 1:
-        raise ValueError(f"render size must be >= 1, got {size}")
-    top, crop_height = _pixel_span(params.top, params.height, height)
-    left, crop_width = _pixel_span(params.left, params.width, width)
-    crop = torch.tensor(raw[top:top + crop_height, left:left + crop_width])
-    # A permuted HWC buffer looks channels-last to interpolate, which then takes another kernel;
-    # one canonical contiguous layout keeps every caller on the same arithmetic.
-    image = crop.permute(2, 0, 1).contiguous().to(torch.float32) / 255.0
-    image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True)[0]
-    if params.flip:
-        image = image.flip(-1)
+    by_shape: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    for i, (raw, view) in enumerate(zip(raws, params)):
+        height, width, c = _check_raw(raw).shape
+        if c != channels:
+            raise ValueError(f"image {i} has {c} channels, image 0 has {channels}; render them separately")
+        top, crop_height = _pixel_span(view.top, view.height, height)
+        left, crop_width = _pixel_span(view.left, view.width, width)
+        by_shape.setdefault((crop_height, crop_width), []).append(
+            (i, raw[top:top + crop_height, left:left + crop_width]))
+    resized = [([i for i, _ in items], _resize([crop for _, crop in items], size)) for items in by_shape.values()]
+    if len(resized) == 1:  # one crop shape (a single image, or a batch of clean views): already in order
+        out = resized[0][1]
+    else:
+        out = torch.empty(len(raws), channels, size, size)
+        for rows, images in resized:
+            out[rows] = images
+    flipped = [i for i, view in enumerate(params) if view.flip]
+    if len(flipped) == len(params):
+        out = out.flip(-1)
+    elif flipped:
+        out[flipped] = out[flipped].flip(-1)
     mean_t, std_t = _normalisation(tuple(mean), tuple(std))
-    return (image - mean_t) / std_t
+    return (out - mean_t) / std_t
+
+
+def _resize(crops: list[np.ndarray], size: int) -> torch.Tensor:
+    """Equal-shape uint8 (h, w, C) crops -> float32 (n, C, size, size) in [0, 1], antialiased bilinear."""
+    unit = torch.from_numpy(_UNIT_PIXELS[np.stack(crops)])
+    # A permuted NHWC buffer looks channels-last to interpolate, which then takes another kernel;
+    # one canonical contiguous layout keeps every batch on the same arithmetic.
+    unit = unit.permute(0, 3, 1, 2).contiguous()
+    return F.interpolate(unit, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _check_raw(raw: np.ndarray) -> np.ndarray:
+    if raw.dtype != np.uint8 or raw.ndim != 3:
+        raise ValueError(f"raw image must be uint8 (H, W, C), got {raw.dtype} with shape {raw.shape}")
+    return raw
+
+
+# uint8 -> float32 in [0, 1] as a table: x / 255 of every possible pixel, so converting a crop is one gather.
+_UNIT_PIXELS = (torch.arange(256, dtype=torch.float32) / 255.0).numpy()
 
 
 @functools.lru_cache(maxsize=16)

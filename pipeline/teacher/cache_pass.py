@@ -13,7 +13,6 @@ anything else (tests, notebooks, a GPU box without Prefect) can call `run_cache_
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from pipeline.cache.manifest import Manifest, ShardRecord, StorageSpec
 from pipeline.cache.store import LSH_ARRAYS, CacheWriter, TeacherCache
 from pipeline.checksums import sha256_file
 from pipeline.data.datasets import ImageDataset, load_dataset
-from pipeline.data.views import ViewPlan, render_view
+from pipeline.data.views import ViewPlan, render_views
 from pipeline.progress import progress_task
 from pipeline.stats.classes import ClassMoments
 from pipeline.stats.cka import category_interrelations
@@ -240,8 +239,9 @@ def teacher_tail(manifest: Manifest, device: torch.device) -> tuple[dict[str, An
 
 def render_pairs(dataset: ImageDataset, plan: ViewPlan, pairs: np.ndarray, spec: TeacherSpec) -> torch.Tensor:
     """Render (position, view id) pairs at the teacher's input size and normalisation: a batch."""
-    return torch.stack([render_view(dataset.raw(int(p)), plan.params(int(dataset.ids[p]), int(v)),
-                                    spec.input_size, spec.mean, spec.std) for p, v in pairs])
+    return render_views([dataset.raw(int(p)) for p, _ in pairs],
+                        [plan.params(int(dataset.ids[p]), int(v)) for p, v in pairs],
+                        spec.input_size, spec.mean, spec.std)
 
 
 def teacher_forward(teacher: Teacher, x: torch.Tensor, device: torch.device) -> Any:
@@ -268,14 +268,15 @@ def cache_shard(request: CacheRequest, index: int) -> ShardRecord:
     pairs = np.array([(p, view) for p in range(start, stop) for view in range(v)], dtype=np.int64)
     batches = [pairs[i:i + request.batch_size] for i in range(0, len(pairs), request.batch_size)]
     parts: dict[str, list[np.ndarray]] = {}
-    with progress_task(f"shard {index}", len(pairs), "views") as bar, ThreadPoolExecutor(1) as pool:
-        # Render the next batch while the teacher runs on this one.
-        pending = pool.submit(render_pairs, dataset, plan, batches[0], spec)
+    with progress_task(f"shard {index}", len(pairs), "views") as bar:
+        x = render_pairs(dataset, plan, batches[0], spec)
         for i, batch in enumerate(batches):
-            x = pending.result()
-            if i + 1 < len(batches):
-                pending = pool.submit(render_pairs, dataset, plan, batches[i + 1], spec)
             out = teacher_forward(teacher, x, device)
+            # Rendering the next batch before reading this one's outputs overlaps it with a GPU's forward
+            # (CUDA kernels run asynchronously) without a thread: on CPU a render thread beside the forward
+            # took cores from its OpenMP team and cost more than it hid (`distillery bench`).
+            if i + 1 < len(batches):
+                x = render_pairs(dataset, plan, batches[i + 1], spec)
             for name, value in _batch_rows(out, storage, dataset, batch).items():
                 parts.setdefault(name, []).append(value)
             bar.advance(len(batch))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache.manifest import CacheError, Manifest, identity_mismatch
-from pipeline.cache.store import (TeacherCache, decode_block, encode_block, iter_tar_members, pack_raw, unpack_raw,
+from pipeline.cache.store import (CacheWriter, TeacherCache, decode_block, encode_block, iter_tar_members, pack_raw, unpack_raw,
                                   write_tar_atomic)
 
 
@@ -71,6 +71,28 @@ def test_shard_blocks_hold_the_same_rows_as_zarr(digits_cache: Path) -> None:
     assert np.array_equal(logits, cache.read("logits/dense"))
     raw = rows[0]["raw"]
     assert raw.dtype == np.uint8 and raw.shape[1:] == (8, 8, 1)
+
+
+def test_rewriting_a_shard_records_the_digest_of_what_zarr_holds(digits_cache: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "c"
+    shutil.copytree(digits_cache, copy)
+    cache = TeacherCache(copy)
+    record = cache.manifest.shards[1]
+    start, stop = record["start"], record["stop"]
+    rows = {name: cache.read(name)[start:stop] for name in cache.manifest.arrays}
+    # float32 rows for float16 arrays: stored (and digested) as the manifest's dtype.
+    rows = {name: value.astype(np.float32) if value.dtype == np.float16 else value for name, value in rows.items()}
+    raws = [unpack_raw(*pack_raw([np.zeros((8, 8, 1), np.uint8)]), 0)] * (stop - start)
+    writer = CacheWriter(copy, Manifest.load(copy))
+    written = writer.write_shard(1, start, stop, rows, raws)
+    assert written.rows_sha256 == record["rows_sha256"] == writer.stored_rows_digest(start, stop)
+    assert writer.finished_record(1) == written
+
+    rows["logits/dense"] = rows["logits/dense"][:, :1]
+    with pytest.raises(CacheError, match=r"shard 1: logits/dense has shape .* expected"):
+        writer.write_shard(1, start, stop, rows, raws)
 
 
 def test_identity_mismatch_names_the_nested_field() -> None:

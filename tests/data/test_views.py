@@ -14,9 +14,11 @@ from pipeline.data.views import (
     CLEAN_VIEW,
     ViewParams,
     ViewPlan,
+    _pixel_span,
     epoch_view,
     epoch_views,
     render_view,
+    render_views,
 )
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -193,6 +195,64 @@ def test_render_rejects_bad_input():
         render_view(image, CLEAN_VIEW, 8, (0.5,), (0.5,))
     with pytest.raises(ValueError, match="size"):
         render_view(image, CLEAN_VIEW, 0, MEAN, STD)
+
+
+def _reference_render(raw: np.ndarray, params: ViewParams, size: int) -> torch.Tensor:
+    """The per-image arithmetic caches were written with, spelled out: crop, /255, resize, flip, normalise."""
+    top, height = _pixel_span(params.top, params.height, raw.shape[0])
+    left, width = _pixel_span(params.left, params.width, raw.shape[1])
+    crop = torch.from_numpy(raw[top:top + height, left:left + width]).permute(2, 0, 1).contiguous()
+    image = F.interpolate((crop.to(torch.float32) / 255.0)[None], size=(size, size), mode="bilinear",
+                          align_corners=False, antialias=True)[0]
+    image = image.flip(-1) if params.flip else image
+    return (image - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+def _mixed_batch() -> tuple[list[np.ndarray], list[ViewParams]]:
+    """Images of three sizes, clean and augmented views (repeated crop shapes among them), some flipped."""
+    plan = ViewPlan(3, seed=7)
+    raws, params = [], []
+    for sample in range(12):
+        image = _smooth_image(*[(28, 28), (40, 56), (33, 21)][sample % 3])
+        for view in range(plan.num_views):
+            raws.append(np.roll(image, sample, axis=1))
+            params.append(plan.params(sample, view))
+    params[1] = ViewParams(0.1, 0.2, 0.5, 0.5, flip=True)
+    params[5] = ViewParams(0.1, 0.2, 0.5, 0.5, flip=False)  # same image size and crop shape as params[1]
+    return raws, params
+
+
+def test_batch_render_is_bit_identical_to_rendering_one_at_a_time():
+    raws, params = _mixed_batch()
+    assert any(p.flip for p in params) and not all(p.flip for p in params)
+    batch = render_views(raws, params, 32, MEAN, STD)
+    assert batch.shape == (len(raws), 3, 32, 32) and batch.dtype == torch.float32
+    assert torch.equal(batch, torch.stack([render_view(r, p, 32, MEAN, STD) for r, p in zip(raws, params)]))
+    # Any sub-batch (one crop shape, all flipped, reversed order) renders the same bits.
+    flipped = [i for i, p in enumerate(params) if p.flip]
+    assert torch.equal(render_views([raws[i] for i in flipped], [params[i] for i in flipped], 32, MEAN, STD),
+                       batch[flipped])
+    assert torch.equal(render_views(raws[::-1], params[::-1], 32, MEAN, STD), batch.flip(0))
+
+
+def test_render_keeps_the_arithmetic_caches_were_written_with():
+    # A cached target is valid only for the bits the teacher saw: a faster render must not move one.
+    raws, params = _mixed_batch()
+    for size in (32, 17):
+        expected = torch.stack([_reference_render(r, p, size) for r, p in zip(raws, params)])
+        assert torch.equal(render_views(raws, params, size, MEAN, STD), expected)
+
+
+def test_batch_render_rejects_bad_input():
+    image = _smooth_image(8, 8)
+    with pytest.raises(ValueError, match="one view per image"):
+        render_views([image, image], [CLEAN_VIEW], 8, MEAN, STD)
+    with pytest.raises(ValueError, match="nothing to render"):
+        render_views([], [], 8, MEAN, STD)
+    with pytest.raises(ValueError, match="image 1 has 1 channels"):
+        render_views([image, image[..., :1]], [CLEAN_VIEW, CLEAN_VIEW], 8, MEAN, STD)
+    with pytest.raises(ValueError, match="uint8"):
+        render_views([image, image.astype(np.float32)], [CLEAN_VIEW, CLEAN_VIEW], 8, MEAN, STD)
 
 
 # --- epoch views --------------------------------------------------------------------------------
