@@ -286,7 +286,6 @@ def cache_shard(request: CacheRequest, index: int) -> ShardRecord:
         rows["features/pooled"] = rows["features/pooled"][:, :1]
     rows["samples/ids"] = dataset.ids[start:stop].astype(np.int64)
     rows["samples/labels"] = dataset.labels[start:stop].astype(np.int32)
-    rows = {name: rows[name].astype(meta["dtype"]) for name, meta in m.arrays.items()}
     return writer.write_shard(index, start, stop, rows, [dataset.raw(p) for p in range(start, stop)])
 
 

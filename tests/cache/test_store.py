@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache.manifest import CacheError, Manifest, identity_mismatch
-from pipeline.cache.store import (CacheWriter, TeacherCache, decode_block, encode_block, iter_tar_members, pack_raw, unpack_raw,
+from pipeline.cache.store import (CacheWriter, TeacherCache, as_stored_dtype, decode_block, encode_block, iter_tar_members, pack_raw, unpack_raw,
                                   write_tar_atomic)
 
 
@@ -93,6 +93,17 @@ def test_rewriting_a_shard_records_the_digest_of_what_zarr_holds(digits_cache: P
     rows["logits/dense"] = rows["logits/dense"][:, :1]
     with pytest.raises(CacheError, match=r"shard 1: logits/dense has shape .* expected"):
         writer.write_shard(1, start, stop, rows, raws)
+
+
+def test_float16_storage_rounds_exactly_as_numpy() -> None:
+    bits = np.random.default_rng(0).integers(0, 2**32, 2_000_000, dtype=np.uint64).astype(np.uint32)
+    values = bits.view(np.float32)
+    values = np.concatenate([values[np.isfinite(values)], np.float32([65504, 65519.99, 65520, 2**-25, -0.0])])
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16)
+    stored = as_stored_dtype(values, "float16")
+    assert stored.dtype == np.float16 and np.array_equal(stored.view(np.uint16), expected.view(np.uint16))
+    assert as_stored_dtype(values[::2], "float16").flags.c_contiguous
 
 
 def test_identity_mismatch_names_the_nested_field() -> None:
