@@ -370,13 +370,18 @@ def bench_cmd(
 
     with show_progress():
         results = run_benchmarks(quick=quick, device=device)
-    teacher_pass, steps = results
-    console.print(f"teacher pass ({teacher_pass['teacher']}, {teacher_pass['samples']} {teacher_pass['dataset']} "
-                  f"samples x {teacher_pass['views']} views, {teacher_pass['device']}): "
-                  f"{teacher_pass['pass_images_per_s']:.0f} images/s vs bare forward "
-                  f"{teacher_pass['bare_images_per_s']:.0f} images/s: ratio {teacher_pass['pass_over_bare']:.2f}")
-    rows = [{"config": r["config"], "ms / step": f"{r['step_ms']:.1f}", "/ ce": f"{r['over_ce']:.2f}",
-             "/ ce+kd": f"{r['over_kd']:.2f}", "peak RSS MiB": f"{r['peak_rss_mb']:.0f}"} for r in steps["rows"]]
+    passes, steps = results["teacher_pass"], results["student_steps"]
+    rows = [{"teacher": r["teacher"], "inputs": f"{r['samples']} {r['dataset']} x {r['views']} views",
+             "device": r["device"], "pass images/s": f"{r['pass_images_per_s']:.0f}",
+             "bare forward images/s": f"{r['bare_images_per_s']:.0f}", "pass / bare": f"{r['pass_over_bare']:.2f}"}
+            for r in passes]
+    print_table(f"teacher pass vs a bare forward loop over the same rendered inputs (batch {passes[0]['batch_size']}, "
+                f"best of {passes[0]['repeats']} interleaved)", rows)
+    def ratio(value: float | None) -> str:  # None: the reference configuration was not benchmarked
+        return "-" if value is None else f"{value:.2f}"
+
+    rows = [{"config": r["config"], "ms / step": f"{r['step_ms']:.1f}", "/ ce": ratio(r["over_ce"]),
+             "/ ce+kd": ratio(r["over_kd"]), "peak RSS MiB": f"{r['peak_rss_mb']:.0f}"} for r in steps["rows"]]
     print_table(f"student {steps['student']} step time from the cache of {steps['teacher']} (teacher forward = "
                 f"{steps['teacher_over_student_flops']:.1f}x the student's FLOPs; best of {steps['rounds']} "
                 f"round(s))", rows)

@@ -134,7 +134,8 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
     rows = []
     for label, runs in results.items():
         step = min(run["mean_step_seconds"] for run in runs)  # the least disturbed round
-        rows.append({"config": label, "step_ms": 1000 * step, "peak_rss_mb": max(r["peak_rss_bytes"] for r in runs) / 2**20})
+        rows.append({"config": label, "step_ms": 1000 * step,
+                     "peak_rss_mb": max(r["peak_rss_bytes"] for r in runs) / 2**20})
     base = {row["config"]: row["step_ms"] for row in rows}
     for row in rows:
         row["over_ce"] = row["step_ms"] / base["ce"] if "ce" in base else None
@@ -145,15 +146,21 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
             "rounds": rounds, "rows": rows}
 
 
-def run_benchmarks(quick: bool = False, device: str = "auto") -> list[dict[str, Any]]:
-    """`distillery bench`: the teacher pass against a bare forward loop, then student step times and peak
-    memory per method (cached vs online KD included) for a test_resnet student of a resnet10t teacher on
-    digits. `quick` uses fewer samples and one round."""
+# Teacher-pass rows of `distillery bench`: the demo teacher, and one whose forward costs 4x more per image
+# and whose outputs are 4x wider (2048-d pooled features, 1024-channel Gaussians), so writing costs more too.
+PASS_TEACHERS = ("resnet10t", "resnet50")
+
+
+def run_benchmarks(quick: bool = False, device: str = "auto") -> dict[str, Any]:
+    """`distillery bench`: the teacher pass against a bare forward loop (per teacher in `PASS_TEACHERS`),
+    then student step times and peak memory per method (cached vs online KD included) for a test_resnet
+    student of a resnet10t teacher on digits. `quick`: the first teacher only, fewer samples, one round."""
     from pipeline.teacher.cache_pass import run_cache_pass
     from pipeline.teacher.fit import FitConfig, fit_teacher
 
-    samples = 300 if quick else 1437
-    results = [bench_teacher_pass("digits", "resnet10t", samples=samples, device=device, repeats=1 if quick else 3)]
+    teachers = PASS_TEACHERS[:1] if quick else PASS_TEACHERS
+    passes = [bench_teacher_pass("digits", teacher, samples=300 if quick else 1437, device=device,
+                                 repeats=1 if quick else 3) for teacher in teachers]
     with tempfile.TemporaryDirectory(prefix="distillery-bench-") as tmp:
         checkpoint = str(Path(tmp) / "teacher.pt")
         # Step times do not depend on how well the teacher is trained; online KD needs a checkpoint.
@@ -162,6 +169,6 @@ def run_benchmarks(quick: bool = False, device: str = "auto") -> list[dict[str, 
         run_cache_pass(CacheRequest(dataset="digits", teacher="resnet10t", checkpoint=checkpoint, out=cache,
                                     subset=600 if quick else None, views=2, featmaps=True, teacher_tail=1,
                                     lsh_bits=64, device=device))
-        results.append(bench_student_steps(cache, "test_resnet", STEP_CONFIGS, epochs=1 if quick else 2,
-                                           rounds=1 if quick else 2))
-    return results
+        steps = bench_student_steps(cache, "test_resnet", STEP_CONFIGS, epochs=1 if quick else 2,
+                                    rounds=1 if quick else 2)
+    return {"teacher_pass": passes, "student_steps": steps}

@@ -1,19 +1,39 @@
-"""The step-time benchmark produces its table (numbers are printed by `distillery bench`, never asserted)."""
+"""The benchmarks produce their numbers (printed by `distillery bench`, never asserted)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from pipeline.bench import bench_student_steps, model_flops
+import pipeline.bench
+from flows.cli import app
+from pipeline.bench import bench_teacher_pass, model_flops
+
+
+def test_teacher_pass_benchmark_reports_both_throughputs() -> None:
+    result = bench_teacher_pass("digits", "test_resnet", samples=40, views=1, batch_size=16, shard_size=24,
+                                device="cpu", repeats=2)
+    assert result["views"] == 2 and result["repeats"] == 2
+    assert result["pass_images_per_s"] > 0 and result["bare_images_per_s"] > 0
+    assert result["pass_over_bare"] == pytest.approx(result["pass_images_per_s"] / result["bare_images_per_s"])
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        bench_teacher_pass("digits", "test_resnet", samples=40, repeats=0)
 
 
 @pytest.mark.slow
-def test_student_step_benchmark_reports_every_configuration(digits_cache: Path) -> None:
-    result = bench_student_steps(str(digits_cache), "test_resnet", {"ce": (("ce",), False),
-                                                                     "ce+kd": (("ce", "kd"), False)}, rounds=1)
-    rows = {r["config"]: r for r in result["rows"]}
+def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(pipeline.bench, "STEP_CONFIGS", {"ce": (("ce",), False), "ce+kd": (("ce", "kd"), False)})
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--quick", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "teacher pass vs a bare forward loop" in result.output and "resnet10t" in result.output
+    assert "ms / step" in result.output and "ce+kd" in result.output
+    results = json.loads(out.read_text())
+    assert [r["teacher"] for r in results["teacher_pass"]] == ["resnet10t"]
+    rows = {r["config"]: r for r in results["student_steps"]["rows"]}
     assert set(rows) == {"ce", "ce+kd"}
     assert rows["ce"]["over_ce"] == 1.0 and rows["ce+kd"]["over_kd"] == 1.0
     assert all(r["step_ms"] > 0 and r["peak_rss_mb"] > 0 for r in rows.values())

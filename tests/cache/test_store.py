@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.cache.manifest import CacheError, Manifest, identity_mismatch
-from pipeline.cache.store import (CacheWriter, TeacherCache, as_stored_dtype, decode_block, encode_block, iter_tar_members, pack_raw, unpack_raw,
-                                  write_tar_atomic)
+from pipeline.cache.store import (CacheWriter, TeacherCache, as_stored_dtype, decode_block, encode_block,
+                                  iter_tar_members, pack_raw, unpack_raw, write_tar_atomic)
 
 
 def test_block_codec_roundtrips_and_is_byte_stable() -> None:
