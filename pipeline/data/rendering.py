@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.data.datasets import ImageDataset
-from pipeline.data.views import ViewPlan, render_view
+from pipeline.data.views import ViewPlan, render_views
 
 
 class RenderedViews(torch.utils.data.Dataset):
@@ -27,9 +27,16 @@ class RenderedViews(torch.utils.data.Dataset):
         return len(self.positions)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        p = int(self.positions[i])
-        params = self.plan.params(int(self.dataset.ids[p]), int(self.view_ids[i]))
-        return render_view(self.dataset.raw(p), params, self.size, self.mean, self.std), int(self.dataset.labels[p])
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        """Items `indices` rendered as one batch (`render_views`, the same bits as one by one); a DataLoader
+        with a batch size calls this instead of `__getitem__` per item."""
+        positions, view_ids = self.positions[list(indices)], self.view_ids[list(indices)]
+        images = render_views([self.dataset.raw(int(p)) for p in positions],
+                              [self.plan.params(int(self.dataset.ids[p]), int(v)) for p, v in zip(positions, view_ids)],
+                              self.size, self.mean, self.std)
+        return list(zip(images, (int(self.dataset.labels[p]) for p in positions)))
 
 
 def clean_views(dataset: ImageDataset, size: int, mean: Sequence[float], std: Sequence[float]) -> RenderedViews:
