@@ -377,6 +377,7 @@ def bench_cmd(
             for r in passes]
     print_table(f"teacher pass vs a bare forward loop over the same rendered inputs (batch {passes[0]['batch_size']}, "
                 f"best of {passes[0]['repeats']} interleaved)", rows)
+
     def ratio(value: float | None) -> str:  # None: the reference configuration was not benchmarked
         return "-" if value is None else f"{value:.2f}"
 

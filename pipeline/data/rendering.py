@@ -1,4 +1,4 @@
-"""A torch Dataset of rendered (sample, view) pairs, and the init every DataLoader worker runs (DESIGN.md §3)."""
+"""Rendered (sample, view) pairs: as a batch, as a torch Dataset, and the DataLoader worker init (DESIGN.md §3)."""
 
 from __future__ import annotations
 
@@ -32,11 +32,18 @@ class RenderedViews(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
         """Items `indices` rendered as one batch (`render_views`, the same bits as one by one); a DataLoader
         with a batch size calls this instead of `__getitem__` per item."""
-        positions, view_ids = self.positions[list(indices)], self.view_ids[list(indices)]
-        images = render_views([self.dataset.raw(int(p)) for p in positions],
-                              [self.plan.params(int(self.dataset.ids[p]), int(v)) for p, v in zip(positions, view_ids)],
-                              self.size, self.mean, self.std)
+        positions = self.positions[list(indices)]
+        images = render_samples(self.dataset, self.plan, positions, self.view_ids[list(indices)], self.size,
+                                self.mean, self.std)
         return list(zip(images, (int(self.dataset.labels[p]) for p in positions)))
+
+
+def render_samples(dataset: ImageDataset, plan: ViewPlan, positions: np.ndarray, view_ids: np.ndarray, size: int,
+                   mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """View `view_ids[i]` of the sample at `positions[i]`, for every i, as one (N, C, size, size) batch."""
+    return render_views([dataset.raw(int(p)) for p in positions],
+                        [plan.params(int(dataset.ids[p]), int(v)) for p, v in zip(positions, view_ids)],
+                        size, mean, std)
 
 
 def clean_views(dataset: ImageDataset, size: int, mean: Sequence[float], std: Sequence[float]) -> RenderedViews:

@@ -182,8 +182,8 @@ def render_views(raws: Sequence[np.ndarray], params: Sequence[ViewParams], size:
         out = resized[0][1]
     else:
         out = torch.empty(len(raws), channels, size, size)
-        for rows, images in resized:
-            out[rows] = images
+        for indices, images in resized:
+            out[indices] = images
     flipped = [i for i, view in enumerate(params) if view.flip]
     if len(flipped) == len(params):
         out = out.flip(-1)

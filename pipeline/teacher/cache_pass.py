@@ -26,7 +26,8 @@ from pipeline.cache.manifest import Manifest, ShardRecord, StorageSpec
 from pipeline.cache.store import LSH_ARRAYS, CacheWriter, TeacherCache
 from pipeline.checksums import sha256_file
 from pipeline.data.datasets import ImageDataset, load_dataset
-from pipeline.data.views import ViewPlan, render_views
+from pipeline.data.rendering import render_samples
+from pipeline.data.views import ViewPlan
 from pipeline.progress import progress_task
 from pipeline.stats.classes import ClassMoments
 from pipeline.stats.cka import category_interrelations
@@ -239,9 +240,7 @@ def teacher_tail(manifest: Manifest, device: torch.device) -> tuple[dict[str, An
 
 def render_pairs(dataset: ImageDataset, plan: ViewPlan, pairs: np.ndarray, spec: TeacherSpec) -> torch.Tensor:
     """Render (position, view id) pairs at the teacher's input size and normalisation: a batch."""
-    return render_views([dataset.raw(int(p)) for p, _ in pairs],
-                        [plan.params(int(dataset.ids[p]), int(v)) for p, v in pairs],
-                        spec.input_size, spec.mean, spec.std)
+    return render_samples(dataset, plan, pairs[:, 0], pairs[:, 1], spec.input_size, spec.mean, spec.std)
 
 
 def teacher_forward(teacher: Teacher, x: torch.Tensor, device: torch.device) -> Any:
