@@ -425,16 +425,11 @@ def demo_cmd(
 
 
 def main() -> None:
-    from pipeline.cache.manifest import CacheError
-    from pipeline.data.datasets import DatasetError
-    from pipeline.experiments import ExperimentError
-    from pipeline.methods.base import MethodError
-    from pipeline.teacher.model import TeacherError
-    from pipeline.train.config import TrainError
+    from pipeline.errors import DistilleryError
 
     try:
         app()
-    except (CacheError, DatasetError, ExperimentError, MethodError, TeacherError, TrainError) as e:
+    except DistilleryError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
 

@@ -23,13 +23,14 @@ from pipeline.teacher.cache_pass import CacheRequest
 from pipeline.teacher.fit import FitConfig
 from pipeline.train.config import RunSettings
 from pipeline.train.optim import OptimConfig
+from pipeline.errors import DistilleryError
 
 # Fit settings that change the teacher's weights; a checkpoint fitted with the same ones is reused.
 _FIT_IDENTITY = ("dataset", "model", "epochs", "subset", "seed", "input_size", "batch_size", "lr", "weight_decay",
                  "label_smoothing")
 
 
-class ExperimentError(ValueError):
+class ExperimentError(DistilleryError):
     """An experiment that does not exist or cannot run as asked."""
 
 

@@ -7,19 +7,20 @@ request's; `identity_mismatch` names the first field that differs so the refusal
 from __future__ import annotations
 
 import json
-import os
 import platform
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from pipeline.errors import DistilleryError
+from pipeline.atomic import atomic_write_text
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "storage")
 
 
-class CacheError(ValueError):
+class CacheError(DistilleryError):
     """A cache that cannot be used as asked; the message says what is wrong and what to do."""
 
 
@@ -126,9 +127,7 @@ class Manifest:
     def save(self, root: str | Path) -> None:
         """Atomic write (temp file, then rename) so a reader never sees half a manifest."""
         path = Path(root) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, root: str | Path) -> Manifest:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import faiss
 import numpy as np
@@ -32,6 +31,7 @@ import torch
 import zarr
 
 from pipeline.cache.codecs import topk_decode
+from pipeline.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from pipeline.checksums import sha256_file
 from pipeline.cache.manifest import CacheError, Manifest, ShardRecord, identity_mismatch, now_iso
 
@@ -106,13 +106,14 @@ def unpack_raw(raw: np.ndarray, hw: np.ndarray, i: int) -> np.ndarray:
 
 def write_tar_atomic(path: Path, members: list[tuple[str, bytes]]) -> None:
     """Write a tar with mtime 0 under a temp name, then rename: a shard file is whole or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
+    def write(f: BinaryIO) -> None:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+
+    atomic_write(path, write)
 
 
 def iter_tar_members(path: str | Path) -> Iterator[tuple[str, bytes]]:
@@ -251,9 +252,7 @@ class CacheWriter(_CacheFiles):
         record = ShardRecord(index=index, start=start, stop=stop, file=str(path.relative_to(self.root)),
                              sha256=sha256_file(path), bytes=path.stat().st_size,
                              rows_sha256=rows_digest(rows))
-        tmp = self.record_path(index).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(record)))
-        os.replace(tmp, self.record_path(index))
+        atomic_write_text(self.record_path(index), json.dumps(asdict(record)))
         return record
 
     def write_teacher_tail(self, spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -263,9 +262,7 @@ class CacheWriter(_CacheFiles):
         """
         json.dumps(spec)  # a TypeError here beats an unreadable file later
         path = self.root / TAIL_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"spec": dict(spec), "state_dict": dict(state_dict)}, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save({"spec": dict(spec), "state_dict": dict(state_dict)}, f))
         self.manifest.files["teacher_tail"] = {"file": TAIL_NAME, "sha256": sha256_file(path),
                                                "bytes": path.stat().st_size, "family": spec["family"],
                                                "stages": list(spec["stages"])}
@@ -290,9 +287,7 @@ class CacheWriter(_CacheFiles):
         self.group.create_array("lsh/codes", shape=codes.shape, dtype="uint8", overwrite=True, fill_value=0,
                                 chunks=(self.manifest.storage["shard_size"], *codes.shape[1:]))[...] = codes
         path = self.root / LSH_INDEX_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index_binary(index, str(tmp))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, faiss.serialize_index_binary(index).tobytes())
         return {"index": LSH_INDEX_NAME, "index_sha256": sha256_file(path)}
 
     def drop_lsh(self) -> None:

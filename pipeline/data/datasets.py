@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from pipeline.errors import DistilleryError
 
 __all__ = [
     "ArrayDataset",
@@ -54,7 +55,7 @@ _VAL_FRACTION = 0.2
 _STATS_MAX_IMAGES = 512
 
 
-class DatasetError(ValueError):
+class DatasetError(DistilleryError):
     """Bad dataset spec, split, subset or files; the message says what is wrong and what to do."""
 
 

@@ -19,6 +19,7 @@ from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor
+from pipeline.errors import DistilleryError
 
 __all__ = [
     "LOGITS",
@@ -89,7 +90,7 @@ def at_least_float32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-class MethodError(ValueError):
+class MethodError(DistilleryError):
     """A method cannot be built as asked: unknown name or option, or a cache missing a target."""
 
 

@@ -7,7 +7,6 @@ The checkpoint holds the state dict plus what a cache needs to rebuild the teach
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pipeline.teacher.cache_pass import default_input_size, resolve_device
 from pipeline.teacher.model import CHECKPOINT_FORMAT, create_timm_model
 from pipeline.train.evaluate import evaluate_accuracy
 from pipeline.train.optim import OptimConfig, build_optimizer, cosine_schedule
+from pipeline.atomic import atomic_write
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,6 @@ def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
     }
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: torch.save(checkpoint, f))
     return {"model": cfg.model, "val_accuracy": accuracy, "train_seconds": seconds, "out": str(out),
             "num_samples": len(train), "input_size": size}

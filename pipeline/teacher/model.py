@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from pipeline.checksums import sha256_file
+from pipeline.errors import DistilleryError
 
 CHECKPOINT_FORMAT = "distillery-teacher/1"
 
 
-class TeacherError(ValueError):
+class TeacherError(DistilleryError):
     """A teacher that cannot be built or used as asked; the message says what to do."""
 
 

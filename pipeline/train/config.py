@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.train.optim import OptimConfig
+from pipeline.errors import DistilleryError
 
 
-class TrainError(ValueError):
+class TrainError(DistilleryError):
     """A student run that cannot go ahead as asked; the message says what is wrong and what to do."""
 
 

@@ -14,23 +14,16 @@ Every file is written under a temp name and renamed, so a killed run leaves whol
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.cache.manifest import identity_mismatch
 from pipeline.train.config import TrainConfig, TrainError
 
 CONFIG, METRICS, SUMMARY, STUDENT, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "student.pt", "checkpoint.pt"
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class RunDir:
@@ -62,19 +55,19 @@ class RunDir:
     def start(self, config: TrainConfig, resumed_epoch: int) -> None:
         """Write config.json; keep only the metrics of the epochs the checkpoint already holds."""
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic(self.path / CONFIG, lambda p: p.write_text(json.dumps(config.to_dict(), indent=2)))
+        atomic_write_text(self.path / CONFIG, json.dumps(config.to_dict(), indent=2))
         metrics = self.path / METRICS
         kept = [line for line in metrics.read_text().splitlines()
                 if json.loads(line)["epoch"] < resumed_epoch] if metrics.exists() else []
-        _atomic(metrics, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 
     def log(self, records: list[dict[str, Any]]) -> None:
         with open(self.path / METRICS, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        _atomic(self.path / CHECKPOINT, lambda p: torch.save(state, p))
+        atomic_write(self.path / CHECKPOINT, lambda f: torch.save(state, f))
 
     def finish(self, student_state: dict[str, torch.Tensor], summary: dict[str, Any]) -> None:
-        _atomic(self.path / STUDENT, lambda p: torch.save(student_state, p))
-        _atomic(self.path / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2)))
+        atomic_write(self.path / STUDENT, lambda f: torch.save(student_state, f))
+        atomic_write_text(self.path / SUMMARY, json.dumps(summary, indent=2))
