@@ -159,10 +159,31 @@ class Manifest:
         except (TypeError, KeyError) as e:  # missing or unknown fields: a damaged or crafted manifest
             raise CacheError(f"{path} does not have the fields of a cache manifest ({e}); delete the cache and "
                              f"re-run `distillery cache`") from None
+        wrong = manifest.wrongly_typed()
+        if wrong:
+            raise CacheError(f"{path}: field {wrong} has the wrong type (damaged or edited); delete the cache and "
+                             f"re-run `distillery cache`")
         if not _ranges_cover(manifest.shards, num_samples):
             raise CacheError(f"{path}: the shard ranges do not cover samples [0, dataset.num_samples) in order "
                              f"(damaged or edited); delete the cache and re-run `distillery cache`")
         return manifest
+
+    def wrongly_typed(self) -> str | None:
+        """The first section (or array entry) whose JSON type is not the one this module writes, if any."""
+        for name in ("teacher", "dataset", "views", "storage", "arrays", "stats", "files", "digests"):
+            if not isinstance(getattr(self, name), dict):
+                return name
+        if not isinstance(self.shards, list) or not all(isinstance(s, dict) for s in self.shards):
+            return "shards"
+        for name, meta in self.arrays.items():
+            if not (isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and isinstance(meta.get("shape"), list)
+                    and all(isinstance(d, int) for d in meta["shape"]) and meta["shape"]):
+                return f"arrays.{name}"
+        if not all(isinstance(v, dict) for v in self.files.values()):
+            return "files"
+        if not isinstance(self.stats.get("lsh", {}), dict) or not isinstance(self.stats.get("arrays", []), list):
+            return "stats"
+        return None
 
     def records(self) -> list[ShardRecord]:
         """The finished shards' records (a complete cache has one per shard)."""

@@ -370,8 +370,7 @@ class CacheWriter(_CacheFiles):
         not are removed last. A run killed while staging leaves the previous statistics untouched; one
         killed during the renames leaves arrays that fail their digests, which `distillery stats` rebuilds.
         """
-        for stale in self.root.glob(STAGING_PREFIX + "*"):  # left by a killed run (the writer lock is ours)
-            stale.unlink() if stale.is_symlink() else shutil.rmtree(stale)
+        self.remove_staging()
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
         staged = zarr.open_group(store=str(staging / ARRAYS_NAME), mode="w")
         digests = {}
@@ -420,6 +419,11 @@ class CacheWriter(_CacheFiles):
         self.manifest.completed = now_iso()
         self.manifest.save(self.root)
         return self.manifest
+
+    def remove_staging(self) -> None:
+        """Remove statistics staged by a run killed before its commit (the caller holds the writer lock)."""
+        for stale in self.root.glob(STAGING_PREFIX + "*"):
+            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
 
     def mark_partial(self) -> None:
         """Some shard is rewritten (a repair): the cache is not complete until it is finalized again."""

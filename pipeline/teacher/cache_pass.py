@@ -222,6 +222,7 @@ def plan_cache(request: CacheRequest) -> CachePlan:
     manifest = build_manifest(request)
     tail = teacher_tail(manifest, resolve_device(request.device))  # refuses an unsupported tail before writing
     writer = CacheWriter.create_or_resume(request.out, manifest)
+    writer.remove_staging()
     if tail is not None and not writer.tail_verifies():  # a rerun restores a lost or changed file
         writer.write_teacher_tail(*tail)
     was_complete = writer.manifest.status == "complete"
