@@ -498,8 +498,9 @@ class TeacherCache(_CacheFiles):
             raise CacheError(f"{self.zarr_path / name} has metadata that does not parse ({type(e).__name__}); the "
                              f"cache is damaged: delete it and re-run `distillery cache`") from None
         if not isinstance(found, zarr.Array):
-            raise CacheError(f"{self.root} has no array '{name}' (the manifest lists it); the cache is damaged: "
-                             f"delete it and re-run `distillery cache`")
+            fix = (f"rebuild the statistics with `distillery stats {self.root}`" if name not in self.manifest.arrays
+                   else "the cache is damaged: delete it and re-run `distillery cache`")
+            raise CacheError(f"{self.root} has no array '{name}' (the manifest lists it); {fix}")
         return found
 
     def read(self, name: str) -> np.ndarray:

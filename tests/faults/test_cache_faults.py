@@ -33,7 +33,8 @@ from pipeline.train.loop import open_cache
 from pipeline.train.stream import CacheStream
 
 REPO = Path(__file__).resolve().parents[2]
-CACHE_OPTIONS = dict(subset=120, views=1, shard_size=40, block_size=20, featmaps=True, teacher_tail=1, lsh_bits=16)
+# block_size: the CLI's (it has no option for it), so `distillery cache` can rerun the same request.
+CACHE_OPTIONS = dict(subset=120, views=1, shard_size=40, block_size=256, featmaps=True, teacher_tail=1, lsh_bits=16)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def request_for(cache_request) -> Callable[[Path], object]:
 
 @pytest.fixture(scope="module")
 def good(request_for, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The module's complete cache: 120 samples, 2 views, 3 shards of 2 blocks, feature maps, tail, 16 LSH bits."""
+    """The module's complete cache: 120 samples, 2 views, 3 shards, feature maps, teacher tail, 16 LSH bits."""
     out = tmp_path_factory.mktemp("faults") / "cache"
     run_cache_pass(request_for(out))
     return out
@@ -397,6 +398,25 @@ def test_rerunning_the_cache_command_rewrites_lost_rows_and_statistics(cache: Pa
     same_bytes(good, cache)
 
 
+def test_the_cache_command_rerun_repairs_through_the_prefect_flow(prefect_harness, cache: Path, good: Path,
+                                                                   digits_teacher: Path) -> None:
+    """The issue's dead end: the `distillery cache` rerun that `train` recommends said "3 shards reused" and
+    repaired nothing. Now it re-checks what it reuses and rewrites the damaged shard and statistics."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    corrupt_shard(cache, 1)
+    first_chunk(cache, "stats/cka/ir").unlink()
+    result = CliRunner().invoke(app, [
+        "cache", "--dataset", "digits", "--teacher", "test_resnet", "--checkpoint", str(digits_teacher),
+        "--out", str(cache), "--views", "1", "--subset", "120", "--shard-size", "40", "--featmaps",
+        "--teacher-tail", "1", "--lsh-bits", "16", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "(2 shards reused)" in result.output
+    same_bytes(good, cache)
+
+
 def test_verify_repair_as_recommended_by_train_restores_the_same_bytes(cache: Path, good: Path,
                                                                        tmp_path: Path) -> None:
     first_chunk(cache, "gaussian/std").unlink()
@@ -470,9 +490,12 @@ def test_a_stats_run_killed_before_its_commit_leaves_the_previous_cache_usable(c
 
 
 def test_a_stats_run_killed_inside_its_commit_is_detected_and_stats_repairs_it(cache: Path, good: Path) -> None:
-    assert _killed_stats(cache, 128, at_replace=3) == -signal.SIGKILL
+    """Killed between moving the old `stats/lsh/planes` out and the new one in (the arrays are renamed in
+    the order written: the others, then planes, thresholds, codes; two renames each)."""
+    others = len(Manifest.load(good).stats["arrays"]) - 3
+    assert _killed_stats(cache, 128, at_replace=2 * others + 2) == -signal.SIGKILL
     problems = TeacherCache(cache).statistics_problems()
-    assert problems and all("distillery stats" in p for p in problems), problems
+    assert problems and all("distillery stats" in p for p in problems) and "stats/lsh/planes" in problems[0], problems
     recompute_statistics(str(cache))
     assert TeacherCache(cache).verify_integrity() == []
     same_bytes(good, cache)
