@@ -443,8 +443,9 @@ class TeacherCache(_CacheFiles):
         self.check_layout()
 
     def check_layout(self) -> None:
-        """Cheap checks on open (metadata only): every array the manifest lists exists with its recorded
-        shape and dtype, N rows for the per-sample ones, and every digested array is listed."""
+        """Cheap checks on open (metadata only): every per-sample array the manifest lists exists with its
+        recorded shape and dtype and N rows. Statistics are checked when read (`distillery stats` must open
+        a cache whose statistics are damaged to rebuild them)."""
         n = self.num_samples
         for name, meta in self.manifest.arrays.items():
             arr = self.array(name)
@@ -452,8 +453,6 @@ class TeacherCache(_CacheFiles):
                 raise CacheError(f"{self.zarr_path / name} has shape {list(arr.shape)} {arr.dtype}, the manifest "
                                  f"says {meta['shape']} {meta['dtype']} with N={n} (damaged or edited); delete "
                                  f"the cache and re-run `distillery cache`")
-        for name in self.manifest.stats.get("arrays", []):
-            self.array(name)
 
     def check_array(self, name: str, value: np.ndarray) -> np.ndarray:
         """`value`, the whole of array `name`, checked against its digest: the manifest's for dataset-level
