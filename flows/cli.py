@@ -136,6 +136,7 @@ def cache_cmd(
 ) -> None:
     """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
     from flows.cache_teacher import cache_teacher
+    from pipeline.cache.lock import cache_lock
     from pipeline.teacher.cache_pass import CacheRequest
 
     if teacher_head not in ("keep", "none"):
@@ -146,7 +147,7 @@ def cache_cmd(
                            tap=tap, grid=grid, featmaps=featmaps, teacher_tail=teacher_tail, lsh_bits=lsh_bits,
                            input_size=input_size,
                            shard_size=shard_size, batch_size=batch_size, cka_source=cka_source, device=device)
-    with show_progress():
+    with cache_lock(out), show_progress():  # one writer per cache: a second gets one line
         result = cache_teacher(request)
     console.print(f"cached {result['num_samples']} samples into {result['cache']}: teacher pass "
                   f"{result['images']} images in {result['pass_seconds']:.1f} s = "
@@ -247,18 +248,27 @@ def verify_cmd(
                                              "(default: four float16 units; a cache made under bf16 on a GPU and "
                                              "verified on CPU needs ~0.03)")] = 2.0 ** -8,
     device: str = "cpu",
+    repair: Annotated[bool, typer.Option(help="first rewrite every shard, statistic and side file that fails its "
+                                              "checks, with the teacher checkpoint that made the cache")] = False,
 ) -> None:
-    """Re-run the live teacher on random cached views and re-hash every shard; exit 1 on any mismatch."""
-    from pipeline.teacher.verify import verify_cache
+    """Check every file and array of a cache, re-run the live teacher on random cached views; exit 1 on any
+    mismatch."""
+    from pipeline.teacher.verify import repair_cache, verify_cache
 
     start = time.perf_counter()
+    if repair:
+        found = repair_cache(str(cache), device=device)
+        console.print(f"repaired {cache}: {len(found)} problems found and rewritten" +
+                      "".join(f"\n  {p}" for p in found), markup=False, highlight=False)
     result = verify_cache(str(cache), samples=samples, seed=seed, rtol=rtol, device=device)
     rows = [{"array": c.name, "values": c.values, "max |live - stored|": f"{c.max_abs_diff:.3g}",
              "tolerance": f"{c.tolerance:.3g}", "worst (id, view)": "-" if c.values == 0 else f"{c.worst}",
              "ok": "yes" if c.ok else "[red]NO[/red]"} for c in result.checks]
     print_table(f"{cache}: live teacher vs cache on {result.pairs} (id, view) pairs", rows)
     for problem in result.problems:
-        console.print(f"[red]mismatch:[/red] {problem}", highlight=False)
+        console.print(f"[red]mismatch:[/red] {escape(problem)}", highlight=False)
+    for note in result.notes:
+        console.print(f"note: {escape(note)}", highlight=False)
     verdict = "[green]OK[/green]" if result.ok else "[red]MISMATCH[/red]"
     console.print(f"{verdict}: {result.shards} shard checksums, {len(result.checks)} arrays checked in "
                   f"{time.perf_counter() - start:.1f} s")

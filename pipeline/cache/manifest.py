@@ -73,6 +73,9 @@ class ShardRecord:
     sha256: str
     bytes: int
     rows_sha256: str  # digest of this shard's rows in every per-sample zarr array
+    # Written since the integrity checks (README "Security model and integrity"); empty in older records.
+    arrays_sha256: dict[str, str] = field(default_factory=dict)  # per array: digest of this shard's rows
+    blocks_sha256: list[str] = field(default_factory=list)  # per tar member, in order: sha256 of its bytes
 
     @property
     def count(self) -> int:
@@ -111,6 +114,8 @@ class Manifest:
     created: str = field(default_factory=now_iso)
     completed: str | None = None
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # side files (teacher_tail.pt): sha256, bytes
+    # Dataset-level arrays (stats/*, lsh/codes) -> `array_digest`, written with them; empty in older caches.
+    digests: dict[str, str] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
         ident = {k: getattr(self, k) for k in IDENTITY_SECTIONS}
@@ -134,14 +139,67 @@ class Manifest:
         path = Path(root) / MANIFEST_NAME
         if not path.is_file():
             raise CacheError(f"{root} is not a teacher cache (no {MANIFEST_NAME}); create one with `distillery cache`")
+        if not path.resolve().is_relative_to(Path(root).resolve()):
+            raise CacheError(f"{path} is a symlink to a file outside {root}; the cache is refused (damaged or "
+                             f"crafted): re-create it with `distillery cache`")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            data = json.loads(path.read_bytes())
+        except ValueError as e:  # not JSON, or not UTF-8
             raise CacheError(f"{path} is not valid JSON ({e}); delete the cache and re-run `distillery cache`") from e
+        if not isinstance(data, dict):
+            raise CacheError(f"{path} is not a cache manifest (a JSON object); delete the cache and re-run "
+                             f"`distillery cache`")
         if data.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{root} has cache format {data.get('format_version')}, this Distillery reads "
                              f"{FORMAT_VERSION}; re-run `distillery cache` into a new --out")
-        return cls(**data)
+        try:
+            manifest = cls(**data)
+            manifest.records()
+            num_samples = manifest.dataset["num_samples"]
+        except (TypeError, KeyError) as e:  # missing or unknown fields: a damaged or crafted manifest
+            raise CacheError(f"{path} does not have the fields of a cache manifest ({e}); delete the cache and "
+                             f"re-run `distillery cache`") from None
+        wrong = manifest.wrongly_typed()
+        if wrong:
+            raise CacheError(f"{path}: field {wrong} has the wrong type (damaged or edited); delete the cache and "
+                             f"re-run `distillery cache`")
+        if not _ranges_cover(manifest.shards, num_samples):
+            raise CacheError(f"{path}: the shard ranges do not cover samples [0, dataset.num_samples) in order "
+                             f"(damaged or edited); delete the cache and re-run `distillery cache`")
+        return manifest
+
+    def wrongly_typed(self) -> str | None:
+        """The first section (or array entry) whose JSON type is not the one this module writes, if any."""
+        for name in ("teacher", "dataset", "views", "storage", "arrays", "stats", "files", "digests"):
+            if not isinstance(getattr(self, name), dict):
+                return name
+        if not isinstance(self.shards, list) or not all(isinstance(s, dict) for s in self.shards):
+            return "shards"
+        for name, meta in self.arrays.items():
+            if not (isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and isinstance(meta.get("shape"), list)
+                    and all(isinstance(d, int) for d in meta["shape"]) and meta["shape"]):
+                return f"arrays.{name}"
+        if not all(isinstance(v, dict) for v in self.files.values()):
+            return "files"
+        if not isinstance(self.stats.get("lsh", {}), dict) or not isinstance(self.stats.get("arrays", []), list):
+            return "stats"
+        return None
+
+    def records(self) -> list[ShardRecord]:
+        """The finished shards' records (a complete cache has one per shard)."""
+        return [ShardRecord(**s) for s in self.shards if "file" in s]
+
+
+def _ranges_cover(shards: list[dict[str, Any]], num_samples: object) -> bool:
+    """Whether shard i covers [start, stop) with each start the previous stop, from 0 to `num_samples`."""
+    stop = 0
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict) or s.get("index") != i or s.get("start") != stop:
+            return False
+        if not isinstance(s.get("stop"), int) or s["stop"] <= stop:
+            return False
+        stop = s["stop"]
+    return bool(shards) and isinstance(num_samples, int) and stop == num_samples
 
 
 def identity_mismatch(stored: dict[str, Any], requested: dict[str, Any], prefix: str = "",

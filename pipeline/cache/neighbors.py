@@ -47,7 +47,7 @@ def lsh_neighbors(cache: TeacherCache, sample_id: int, k: int = 8) -> Neighborho
                          f"{len(ids)} samples)")
     row = int(found[0])
     # One extra result: the sample itself, wherever it falls among other samples with the same code.
-    distances, rows = search(index, cache.array("lsh/codes")[row:row + 1, 0], k + 1)
+    distances, rows = search(index, cache.read("lsh/codes")[row:row + 1, 0], k + 1)
     names = cache.class_names
 
     def at(r: int, d: int) -> Neighbor:

@@ -15,10 +15,12 @@ writes only its own zarr chunks and files). `TeacherCache` is the read side for 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
+import os
+import shutil
 import tarfile
+import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
@@ -32,12 +34,15 @@ import zarr
 
 from pipeline.cache.codecs import topk_decode
 from pipeline.atomic import atomic_write, atomic_write_bytes, atomic_write_text
-from pipeline.checksums import sha256_file
+from pipeline.checksums import sha256_bytes, sha256_file
+from pipeline.cache.integrity import array_digest, confined_path, inside, non_finite_rows, rows_digest
 from pipeline.cache.manifest import CacheError, Manifest, ShardRecord, identity_mismatch, now_iso
 
 ARRAYS_NAME = "arrays.zarr"
 LSH_INDEX_NAME = "lsh.faiss"
 LSH_ARRAYS = ("lsh/codes", "stats/lsh/planes", "stats/lsh/thresholds")
+LOCK_NAME = ".writer.lock"
+STAGING_PREFIX = ".stats-staging-"
 SHARDS_DIR = "shards"
 SHARD_PATTERN = "train-{:06d}.tar"
 TAIL_NAME = "teacher_tail.pt"
@@ -76,13 +81,18 @@ def encode_block(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def decode_block(data: bytes) -> dict[str, np.ndarray]:
+def decode_block(data: bytes, where: str = "block") -> dict[str, np.ndarray]:
+    """The arrays of a block; a block that does not decode is one CacheError naming `where`."""
     out = {}
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        for info in zf.infolist():
-            with zf.open(info) as f:
-                out[info.filename.removesuffix(".npy")] = np.lib.format.read_array(
-                    io.BytesIO(f.read()), allow_pickle=False)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            for info in zf.infolist():
+                with zf.open(info) as f:
+                    out[info.filename.removesuffix(".npy")] = np.lib.format.read_array(
+                        io.BytesIO(f.read()), allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
+        raise CacheError(f"{where} does not decode ({e}); repair the cache with `distillery verify CACHE "
+                         f"--repair` (needs the teacher checkpoint)") from None
     return out
 
 
@@ -91,16 +101,25 @@ def block_key(name: str) -> str:
     return name.replace("/", ".")
 
 
-def pack_raw(raws: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Raw images of possibly different sizes -> one zero-padded uint8 array + their (H, W)."""
-    hw = np.array([r.shape[:2] for r in raws], dtype=np.int32)
-    out = np.zeros((len(raws), hw[:, 0].max(), hw[:, 1].max(), raws[0].shape[2]), dtype=np.uint8)
-    for i, r in enumerate(raws):
-        out[i, : r.shape[0], : r.shape[1]] = r
-    return out, hw
+def pack_raw(raws: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Raw images of possibly different sizes -> block arrays: `raw` their bytes one after the other (no
+    padding: one large image does not grow the others), `raw_shape` (n, 3) their (H, W, C), `raw_offsets`
+    (n + 1,) where each starts in `raw`."""
+    shapes = np.array([r.shape for r in raws], dtype=np.int64).reshape(len(raws), 3)
+    offsets = np.concatenate([[0], np.cumsum(shapes.prod(axis=1))])
+    raw = np.concatenate([np.ascontiguousarray(r, dtype=np.uint8).ravel() for r in raws]) if raws else \
+        np.zeros(0, np.uint8)
+    return {"raw": raw, "raw_shape": shapes, "raw_offsets": offsets}
 
 
-def unpack_raw(raw: np.ndarray, hw: np.ndarray, i: int) -> np.ndarray:
+def unpack_raw(block: Mapping[str, np.ndarray], i: int) -> np.ndarray:
+    """Raw image `i` of a decoded block. Blocks written before `pack_raw` stopped padding hold `raw` as
+    (n, Hmax, Wmax, C) zero-padded with each image's (H, W) in `raw_hw`: still read."""
+    raw = block["raw"]
+    if "raw_offsets" in block:
+        a, b = int(block["raw_offsets"][i]), int(block["raw_offsets"][i + 1])
+        return raw[a:b].reshape(tuple(int(d) for d in block["raw_shape"][i]))
+    hw = block["raw_hw"]
     return raw[i, : hw[i, 0], : hw[i, 1]]
 
 
@@ -117,20 +136,60 @@ def write_tar_atomic(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 
 def iter_tar_members(path: str | Path) -> Iterator[tuple[str, bytes]]:
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            f = tar.extractfile(info)
-            if f is not None:
-                yield info.name, f.read()
+    """(name, bytes) of each regular member of the tar at `path`, a plain local file (never a URL)."""
+    try:
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            for info in tar:
+                f = tar.extractfile(info) if info.isfile() else None
+                if f is not None:
+                    yield info.name, f.read()
+    except (tarfile.TarError, EOFError) as e:
+        raise CacheError(f"{path} is not a readable tar ({e}); repair the cache with `distillery verify CACHE "
+                         f"--repair` (needs the teacher checkpoint)") from None
+
+
+def block_digests(path: Path) -> list[str] | None:
+    """sha256 of each member of the shard tar at `path`, in order; None if it is not a readable tar."""
+    try:
+        return [sha256_bytes(data) for _, data in iter_tar_members(path)]
+    except CacheError:
+        return None
+
+
+def open_arrays(path: Path, mode: str) -> zarr.Group:
+    """The cache's zarr group; metadata that does not parse is one CacheError naming the file."""
+    try:
+        return zarr.open_group(store=str(path), mode=mode)
+    except (ValueError, TypeError, KeyError, OSError, zarr.errors.BaseZarrError) as e:
+        raise CacheError(f"{path} cannot be opened as a zarr group ({type(e).__name__}: {e}); the cache is "
+                         f"damaged: delete it and re-run `distillery cache`") from None
 
 
 class _CacheFiles:
     """Paths and zarr access shared by the writer and the reader."""
 
-    manifest: Manifest
-
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, manifest: Manifest) -> None:
         self.root = Path(root)
+        self.manifest = manifest
+        self.check_paths()
+
+    def check_paths(self) -> None:
+        """Refuse a manifest naming a file outside the cache: shard files must resolve inside `shards/`, the
+        side files are the fixed names this module writes, and `arrays.zarr` must not lead elsewhere."""
+        for i, s in enumerate(self.manifest.shards):
+            if "file" in s:
+                confined_path(self.root, s["file"], f"manifest shards[{i}].file", under=SHARDS_DIR)
+        fixed = {"files.teacher_tail.file": (self.manifest.files.get("teacher_tail") or {}).get("file", TAIL_NAME),
+                 "stats.lsh.index": (self.manifest.stats.get("lsh") or {}).get("index", LSH_INDEX_NAME)}
+        for field, name in fixed.items():
+            if name not in (TAIL_NAME, LSH_INDEX_NAME):
+                raise CacheError(f"{self.root}: manifest {field} ({name!r}) is not a file this cache writes; the "
+                                 f"cache is refused (damaged or crafted): re-create it with `distillery cache`")
+        for name in (ARRAYS_NAME, TAIL_NAME, LSH_INDEX_NAME, SHARDS_DIR):
+            path = self.root / name
+            if path.exists() and not inside(path, self.root):
+                raise CacheError(f"{path} resolves outside {self.root} (a symlink?); the cache is refused "
+                                 f"(damaged or crafted): re-create it with `distillery cache`")
 
     @property
     def zarr_path(self) -> Path:
@@ -148,9 +207,33 @@ class _CacheFiles:
         path = self.root / TAIL_NAME
         return record is not None and path.is_file() and sha256_file(path) == record["sha256"]
 
+    def shard_record(self, index: int) -> ShardRecord | None:
+        """Shard `index`'s record: the manifest's once the cache is finalized, else the one written beside
+        the shard (None when that is missing or unreadable)."""
+        listed = self.manifest.shards[index]
+        try:
+            return ShardRecord(**(listed if "file" in listed else json.loads(self.record_path(index).read_bytes())))
+        except (OSError, ValueError, TypeError):
+            return None
+
     def stored_rows_digest(self, start: int, stop: int) -> str:
         """`rows_digest` of rows [start, stop) as zarr holds them now."""
         return rows_digest({name: self.group[name][start:stop] for name in self.manifest.arrays})
+
+    def rows_problem(self, record: ShardRecord, names: list[str] | None = None) -> str | None:
+        """What is wrong with shard `record`'s rows in zarr (None: they match the record). Records written
+        since per-array digests exist check only `names` (default: all) and name the array that differs;
+        older ones check every array at once."""
+        where = f"shard {record.index} (rows {record.start}-{record.stop})"
+        if not record.arrays_sha256:
+            if self.stored_rows_digest(record.start, record.stop) != record.rows_sha256:
+                return f"{where}: zarr rows differ from the shard record (a lost or changed chunk)"
+            return None
+        for name in sorted(self.manifest.arrays) if names is None else names:
+            value = self.group[name][record.start:record.stop]
+            if rows_digest({name: value}) != record.arrays_sha256.get(name):
+                return f"{where}: array {name} differs from its digest (a lost or changed zarr chunk)"
+        return None
 
 
 def as_stored_dtype(value: np.ndarray, dtype: str) -> np.ndarray:
@@ -162,22 +245,12 @@ def as_stored_dtype(value: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(value, dtype=dtype)
 
 
-def rows_digest(rows: Mapping[str, np.ndarray]) -> str:
-    """sha256 over the arrays' names and bytes, in name order: a shard's rows as a record keeps them."""
-    h = hashlib.sha256()
-    for name in sorted(rows):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(rows[name]).data)
-    return h.hexdigest()
-
-
 class CacheWriter(_CacheFiles):
     """Creates (or resumes) a cache and writes it shard by shard."""
 
     def __init__(self, root: str | Path, manifest: Manifest) -> None:
-        super().__init__(root)
-        self.manifest = manifest
-        self.group = zarr.open_group(store=str(self.zarr_path), mode="a")
+        super().__init__(root, manifest)
+        self.group = open_arrays(self.zarr_path, mode="a")
 
     @classmethod
     def create_or_resume(cls, root: str | Path, manifest: Manifest) -> CacheWriter:
@@ -194,7 +267,7 @@ class CacheWriter(_CacheFiles):
                 raise CacheError(f"{root} holds a cache made with a different {diff}; "
                                  f"choose another --out or delete {root}")
             return cls(root, stored)
-        if root.exists() and any(root.iterdir()):
+        if root.exists() and any(p.name != LOCK_NAME for p in root.iterdir()):
             raise CacheError(f"{root} exists and is not a teacher cache; choose another --out")
         (root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         writer = cls(root, manifest)
@@ -212,15 +285,24 @@ class CacheWriter(_CacheFiles):
         return list(self.manifest.arrays)
 
     def finished_record(self, index: int) -> ShardRecord | None:
-        """The shard's record if its files exist and verify (tar sha256 and zarr rows), else None."""
-        path = self.record_path(index)
-        if not path.is_file():
+        """The shard's record if its files exist and verify (tar sha256 and zarr rows), else None: a shard
+        to (re)write."""
+        path, shard = self.record_path(index), self.shard_path(index)
+        if not path.is_file() or not inside(path, self.root / SHARDS_DIR):
             return None
-        record = ShardRecord(**json.loads(path.read_text()))
-        shard = self.shard_path(index)
-        if not shard.is_file() or sha256_file(shard) != record.sha256:
+        try:
+            record = ShardRecord(**json.loads(path.read_bytes()))
+        except (ValueError, TypeError):  # a torn or damaged record: rewrite the shard
             return None
-        if self.stored_rows_digest(record.start, record.stop) != record.rows_sha256:
+        planned = self.manifest.shards[index]
+        if (record.index, record.start, record.stop, record.file) != (
+                index, planned["start"], planned["stop"], str(shard.relative_to(self.root))):
+            return None
+        if not shard.is_file() or not inside(shard, self.root / SHARDS_DIR) or sha256_file(shard) != record.sha256:
+            return None
+        if record.blocks_sha256 and block_digests(shard) != record.blocks_sha256:
+            return None
+        if self.rows_problem(record) is not None:
             return None
         return record
 
@@ -238,20 +320,29 @@ class CacheWriter(_CacheFiles):
             if rows[name].shape != (stop - start, *meta["shape"][1:]):
                 raise CacheError(f"shard {index}: {name} has shape {rows[name].shape}, "
                                  f"expected {(stop - start, *meta['shape'][1:])}")
+            bad = non_finite_rows(rows[name])
+            if len(bad):
+                ids = rows["samples/ids"][bad[:5]].tolist() if "samples/ids" in rows else (start + bad[:5]).tolist()
+                raise CacheError(f"shard {index}: {name} is not finite as {meta['dtype']} for {len(bad)} samples "
+                                 f"(ids {ids}{'...' if len(bad) > 5 else ''}): the teacher's values overflow the "
+                                 f"stored dtype (float16 holds |x| <= 65504) or are NaN; check the checkpoint "
+                                 f"(the cache stays partial)")
+        for name in layout:
             self.group[name][start:stop] = rows[name]
-        raw, raw_hw = pack_raw(raws)
         block = self.manifest.storage["block_size"]
         members = []
         for b0 in range(0, stop - start, block):
             b1 = min(b0 + block, stop - start)
             arrays = {block_key(n): rows[n][b0:b1] for n in self.per_sample_arrays}
-            arrays.update(raw=raw[b0:b1], raw_hw=raw_hw[b0:b1])
+            arrays.update(pack_raw(raws[b0:b1]))
             members.append((f"{index:06d}-{b0 // block:06d}.npz", encode_block(arrays)))
         path = self.shard_path(index)
         write_tar_atomic(path, members)
         record = ShardRecord(index=index, start=start, stop=stop, file=str(path.relative_to(self.root)),
                              sha256=sha256_file(path), bytes=path.stat().st_size,
-                             rows_sha256=rows_digest(rows))
+                             rows_sha256=rows_digest(rows),
+                             arrays_sha256={name: rows_digest({name: rows[name]}) for name in layout},
+                             blocks_sha256=[sha256_bytes(data) for _, data in members])
         atomic_write_text(self.record_path(index), json.dumps(asdict(record)))
         return record
 
@@ -268,34 +359,54 @@ class CacheWriter(_CacheFiles):
                                                "stages": list(spec["stages"])}
         self.manifest.save(self.root)
 
-    def write_stats(self, arrays: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> None:
-        """Dataset-level statistics (`stats/...`); replaces earlier ones of the same name."""
+    def write_stats(self, arrays: Mapping[str, np.ndarray], stats: Mapping[str, Any],
+                    lsh_index: bytes | None = None, storage: Mapping[str, Any] | None = None) -> None:
+        """Replace the dataset-level arrays (`stats/...`, `lsh/codes`) and the manifest's `stats` section,
+        committed only once all of it is written.
+
+        The arrays are first written to a staging zarr group inside the cache, then each is moved into
+        place (renames), then `lsh.faiss` (`lsh_index`; None: no index) and the manifest (new `stats`,
+        their digests, `storage` updates) are written; arrays the old statistics listed and the new ones do
+        not are removed last. A run killed while staging leaves the previous statistics untouched; one
+        killed during the renames leaves arrays that fail their digests, which `distillery stats` rebuilds.
+        """
+        self.remove_staging()
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
+        staged = zarr.open_group(store=str(staging / ARRAYS_NAME), mode="w")
+        digests = {}
         for name, value in arrays.items():
             value = np.asarray(value)
-            self.group.create_array(name, shape=value.shape, dtype=value.dtype, overwrite=True,
-                                    chunks=value.shape or None)[...] = value
-        self.manifest.stats.update(info)
-
-    def write_lsh(self, planes: np.ndarray, thresholds: np.ndarray, codes: np.ndarray,
-                  index: faiss.IndexBinary) -> dict[str, Any]:
-        """LSH planes and thresholds (`stats/lsh/...`), the view-0 codes `lsh/codes` (N, 1, bits/8) uint8 and
-        the neighbour index `lsh.faiss`. Written after the shards (the planes need every feature), so the
-        codes live in zarr only, chunked along N by shard like the per-sample arrays. Returns the manifest
-        record of the index (its file and sha256); the caller lists the arrays with the other statistics.
-        """
-        self.write_stats({"stats/lsh/planes": planes, "stats/lsh/thresholds": thresholds}, {})
-        self.group.create_array("lsh/codes", shape=codes.shape, dtype="uint8", overwrite=True, fill_value=0,
-                                chunks=(self.manifest.storage["shard_size"], *codes.shape[1:]))[...] = codes
-        path = self.root / LSH_INDEX_NAME
-        atomic_write_bytes(path, faiss.serialize_index_binary(index).tobytes())
-        return {"index": LSH_INDEX_NAME, "index_sha256": sha256_file(path)}
-
-    def drop_lsh(self) -> None:
-        """Remove the LSH arrays and index (statistics recomputed without LSH)."""
-        for name in LSH_ARRAYS:
-            if name in self.group:
+            bad = non_finite_rows(value.reshape(1, -1))
+            if len(bad):
+                raise CacheError(f"statistics array {name} is not finite (NaN or inf in the stored rows it was "
+                                 f"computed from); check the teacher checkpoint and re-run `distillery cache`")
+            per_sample = not name.startswith("stats/") and value.ndim > 0
+            chunks = (self.manifest.storage["shard_size"], *value.shape[1:]) if per_sample else (value.shape or None)
+            staged.create_array(name, shape=value.shape, dtype=value.dtype, chunks=chunks, fill_value=0)[...] = value
+            digests[name] = array_digest(name, value)
+        trash = staging / "replaced"
+        for name in arrays:
+            target = self.zarr_path / name
+            parent = name.rpartition("/")[0]
+            if parent:
+                self.group.require_group(parent)
+            if target.exists():
+                (trash / parent).mkdir(parents=True, exist_ok=True)
+                os.replace(target, trash / name)
+            os.replace(staging / ARRAYS_NAME / name, target)
+        if lsh_index is not None:
+            atomic_write_bytes(self.root / LSH_INDEX_NAME, lsh_index)
+        removed = [n for n in self.manifest.stats.get("arrays", []) if n not in stats.get("arrays", [])]
+        self.manifest.stats = dict(stats)
+        self.manifest.digests = {n: d for n, d in self.manifest.digests.items() if n not in removed} | digests
+        self.manifest.storage.update(storage or {})
+        self.manifest.save(self.root)
+        for name in removed:
+            if name in self.group and name not in arrays:
                 del self.group[name]
-        (self.root / LSH_INDEX_NAME).unlink(missing_ok=True)
+        if "lsh" not in stats:
+            (self.root / LSH_INDEX_NAME).unlink(missing_ok=True)
+        shutil.rmtree(staging)
 
     def finalize(self, records: list[ShardRecord]) -> Manifest:
         """Mark the cache complete: every planned shard has a verified record."""
@@ -309,8 +420,13 @@ class CacheWriter(_CacheFiles):
         self.manifest.save(self.root)
         return self.manifest
 
+    def remove_staging(self) -> None:
+        """Remove statistics staged by a run killed before its commit (the caller holds the writer lock)."""
+        for stale in self.root.glob(STAGING_PREFIX + "*"):
+            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+
     def mark_partial(self) -> None:
-        """Recomputing statistics in place: the cache is not complete until they are all written."""
+        """Some shard is rewritten (a repair): the cache is not complete until it is finalized again."""
         self.manifest.status = "partial"
         self.manifest.save(self.root)
 
@@ -319,12 +435,40 @@ class TeacherCache(_CacheFiles):
     """Read side of a teacher cache: manifest, zarr arrays, shard files, target reconstruction."""
 
     def __init__(self, root: str | Path, require_complete: bool = True) -> None:
-        super().__init__(root)
-        self.manifest = Manifest.load(self.root)
+        super().__init__(root, Manifest.load(root))
         if require_complete and self.manifest.status != "complete":
             raise CacheError(f"{self.root} is a partial cache (the teacher pass did not finish); "
                              f"re-run the same `distillery cache` command to complete it")
-        self.group = zarr.open_group(store=str(self.zarr_path), mode="r")
+        self.group = open_arrays(self.zarr_path, mode="r")
+        self.check_layout()
+
+    def check_layout(self) -> None:
+        """Cheap checks on open (metadata only): every per-sample array the manifest lists exists with its
+        recorded shape and dtype and N rows. Statistics are checked when read (`distillery stats` must open
+        a cache whose statistics are damaged to rebuild them)."""
+        n = self.num_samples
+        for name, meta in self.manifest.arrays.items():
+            arr = self.array(name)
+            if list(arr.shape) != list(meta["shape"]) or str(arr.dtype) != meta["dtype"] or arr.shape[0] != n:
+                raise CacheError(f"{self.zarr_path / name} has shape {list(arr.shape)} {arr.dtype}, the manifest "
+                                 f"says {meta['shape']} {meta['dtype']} with N={n} (damaged or edited); delete "
+                                 f"the cache and re-run `distillery cache`")
+
+    def check_array(self, name: str, value: np.ndarray) -> np.ndarray:
+        """`value`, the whole of array `name`, checked against its digest: the manifest's for dataset-level
+        arrays, the shard records' for per-sample ones (when the cache has them)."""
+        if name in self.manifest.digests:
+            if array_digest(name, value) != self.manifest.digests[name]:
+                raise CacheError(f"{self.zarr_path / name} differs from its digest (a lost or changed zarr chunk); "
+                                 f"rebuild the statistics with `distillery stats {self.root}`")
+        elif name in self.manifest.arrays:
+            for record in self.manifest.records():
+                digest = record.arrays_sha256.get(name)
+                if digest is not None and rows_digest({name: value[record.start:record.stop]}) != digest:
+                    raise CacheError(f"{self.zarr_path / name}: rows of shard {record.index} differ from their "
+                                     f"digest (a lost or changed zarr chunk); repair with `distillery verify "
+                                     f"{self.root} --repair` (needs the teacher checkpoint)")
+        return value
 
     @property
     def num_samples(self) -> int:
@@ -346,12 +490,21 @@ class TeacherCache(_CacheFiles):
         return name in self.manifest.arrays or name in self.manifest.stats.get("arrays", [])
 
     def array(self, name: str) -> zarr.Array:
-        if name not in self.group:
-            raise CacheError(f"{self.root} has no array '{name}'")
-        return self.group[name]
+        """Array `name` as zarr holds it (unchecked: `read` checks a whole array against its digest)."""
+        try:
+            found = self.group[name] if name in self.group else None
+        except (ValueError, TypeError, KeyError, zarr.errors.BaseZarrError) as e:
+            raise CacheError(f"{self.zarr_path / name} has metadata that does not parse ({type(e).__name__}); the "
+                             f"cache is damaged: delete it and re-run `distillery cache`") from None
+        if not isinstance(found, zarr.Array):
+            fix = (f"rebuild the statistics with `distillery stats {self.root}`" if name not in self.manifest.arrays
+                   else "the cache is damaged: delete it and re-run `distillery cache`")
+            raise CacheError(f"{self.root} has no array '{name}' (the manifest lists it); {fix}")
+        return found
 
     def read(self, name: str) -> np.ndarray:
-        return np.asarray(self.array(name)[...])
+        """The whole array `name`, checked against its digest."""
+        return self.check_array(name, np.asarray(self.array(name)[...]))
 
     def target_arrays(self, target: str) -> tuple[str, ...]:
         """The arrays serving a logical target in this cache (`featmaps` -> `featmaps/<stored tap>`)."""
@@ -386,7 +539,7 @@ class TeacherCache(_CacheFiles):
         manifest's sha256."""
         record = self.manifest.stats.get("lsh")
         path = self.root / LSH_INDEX_NAME
-        if record is None or not path.is_file():
+        if record is None or not path.is_file() or not inside(path, self.root):
             raise CacheError(f"{self.root} has no LSH index; build one without the teacher: "
                              f"`distillery stats {self.root} --lsh-bits 64`")
         if sha256_file(path) != record["index_sha256"]:
@@ -404,25 +557,87 @@ class TeacherCache(_CacheFiles):
         if "teacher_tail" not in self.manifest.files:
             raise CacheError(f"{self.root} stores no teacher tail; re-run `distillery cache` with --featmaps "
                              f"--teacher-tail N into a new --out (ScaleKD's tpp=true needs it)")
-        if not self.tail_verifies():
+        if not self.tail_verifies() or not inside(self.root / TAIL_NAME, self.root):
             raise CacheError(f"{self.root / TAIL_NAME} is missing or fails its sha256; re-run the `distillery cache` "
                              f"command that made {self.root}")
         stored = torch.load(self.root / TAIL_NAME, map_location="cpu", weights_only=True)
         return stored["spec"], stored["state_dict"]
 
     def shard_paths(self) -> list[Path]:
-        return [self.root / s["file"] for s in self.manifest.shards]
+        """The shard files, each confined to `<cache>/shards/` (checked again: symlinks may have changed)."""
+        return [confined_path(self.root, s["file"], f"manifest shards[{i}].file", under=SHARDS_DIR)
+                for i, s in enumerate(self.manifest.shards)]
 
     def verify_shards(self) -> list[str]:
         """Problems found re-hashing every shard file against the manifest (empty list: all good)."""
         problems = []
-        for s in self.manifest.shards:
-            path = self.root / s["file"]
+        for record, path in zip(self.manifest.records(), self.shard_paths()):
             if not path.is_file():
-                problems.append(f"shard {s['index']}: {path} is missing")
-            elif sha256_file(path) != s["sha256"]:
-                problems.append(f"shard {s['index']}: {path} fails its sha256 (corrupt or changed)")
+                problems.append(f"shard {record.index}: {path} is missing")
+            elif sha256_file(path) != record.sha256:
+                problems.append(f"shard {record.index}: {path} fails its sha256 (corrupt or changed)")
         return problems
+
+    def statistics_problems(self) -> list[str]:
+        """Dataset-level arrays, the LSH index and the teacher tail against their digests (all read in
+        full: they are small next to the per-sample arrays). Arrays written before digests existed are
+        skipped: `undigested_statistics` lists them."""
+        problems = []
+        for name in self.manifest.stats.get("arrays", []):
+            if name in self.manifest.digests:
+                try:
+                    self.read(name)
+                except CacheError as e:
+                    problems.append(str(e))
+        lsh = self.manifest.stats.get("lsh")
+        path = self.root / LSH_INDEX_NAME
+        if lsh and (not path.is_file() or sha256_file(path) != lsh.get("index_sha256")):
+            problems.append(f"{path} is missing or fails its sha256; rebuild it with `distillery stats {self.root}`")
+        if "teacher_tail" in self.manifest.files and not self.tail_verifies():
+            problems.append(f"{self.root / TAIL_NAME} is missing or fails its sha256; repair with `distillery "
+                            f"verify {self.root} --repair` (needs the teacher checkpoint)")
+        return problems
+
+    def undigested_statistics(self) -> list[str]:
+        """Statistics arrays a cache written before digests existed does not digest."""
+        return [n for n in self.manifest.stats.get("arrays", []) if n not in self.manifest.digests
+                and n not in self.manifest.arrays]
+
+    def verify_integrity(self) -> list[str]:
+        """Every check there is without the teacher (`distillery verify`): each shard file against its
+        sha256, each block against its own and decoded, each shard's zarr rows against their digests, and
+        `statistics_problems`. One line per problem, naming the file or array; empty: all good."""
+        problems = self.verify_shards()
+        for record in self.manifest.records():
+            try:
+                for name, data in self.shard_blocks(record.index):
+                    decode_block(data, where=f"shard {record.index}: block {name}")
+            except CacheError as e:
+                if not any(p.startswith(f"shard {record.index}:") for p in problems):
+                    problems.append(str(e))
+            problem = self.rows_problem(record)
+            if problem:
+                problems.append(problem)
+        return problems + self.statistics_problems()
+
+    def shard_blocks(self, index: int) -> Iterator[tuple[str, bytes]]:
+        """(member name, bytes) of shard `index`, each checked before it is returned: against its record's
+        per-block sha256, or (older records) the whole file against the shard's sha256 first."""
+        record = self.manifest.records()[index]
+        path = self.shard_paths()[index]
+        if not record.blocks_sha256 and sha256_file(path) != record.sha256:
+            raise CacheError(f"shard {index}: {path} fails its sha256 (corrupt or changed); repair with "
+                             f"`distillery verify {self.root} --repair` (needs the teacher checkpoint)")
+        count = 0
+        for j, (name, data) in enumerate(iter_tar_members(path)):
+            if record.blocks_sha256 and (j >= len(record.blocks_sha256) or sha256_bytes(data) != record.blocks_sha256[j]):
+                raise CacheError(f"shard {index}: block {name} of {path} fails its sha256 (corrupt or changed); "
+                                 f"repair with `distillery verify {self.root} --repair` (needs the teacher checkpoint)")
+            count += 1
+            yield name, data
+        if record.blocks_sha256 and count != len(record.blocks_sha256):
+            raise CacheError(f"shard {index}: {path} has {count} blocks, its record {len(record.blocks_sha256)}; "
+                             f"repair with `distillery verify {self.root} --repair` (needs the teacher checkpoint)")
 
     def dense_logits(self, rows: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """Logits (N, V, C) float32: dense as stored, or reconstructed from top-k (DESIGN.md §4).

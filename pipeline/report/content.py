@@ -145,7 +145,7 @@ def hamming_knn_accuracy(codes: np.ndarray, labels: np.ndarray, k: int = KNN_K, 
 def lsh_summary(cache: TeacherCache, k: int = KNN_K, queries: int = KNN_QUERIES) -> LshSummary | None:
     if not (cache.has("lsh/codes") and cache.has("stats/lsh/planes")):
         return None
-    codes = np.asarray(cache.array("lsh/codes")[:, 0])
+    codes = cache.read("lsh/codes")[:, 0]
     labels = cache.read("samples/labels").astype(np.int64)
     bits = unpack_codes(codes)
     accuracy, k, queries = hamming_knn_accuracy(codes, labels, k, queries)

@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
 from pipeline.cache.codecs import topk_encode
-from pipeline.cache.manifest import Manifest, ShardRecord, StorageSpec
-from pipeline.cache.store import LSH_ARRAYS, CacheWriter, TeacherCache
-from pipeline.checksums import sha256_file
+from pipeline.cache.lock import cache_lock
+from pipeline.cache.manifest import CacheError, Manifest, ShardRecord, StorageSpec
+from pipeline.cache.store import LSH_ARRAYS, LSH_INDEX_NAME, CacheWriter, TeacherCache
+from pipeline.checksums import sha256_bytes, sha256_file
 from pipeline.data.datasets import ImageDataset, load_dataset
 from pipeline.data.rendering import render_samples
 from pipeline.data.views import ViewPlan
@@ -210,20 +212,31 @@ def build_manifest(request: CacheRequest) -> Manifest:
 
 
 def plan_cache(request: CacheRequest) -> CachePlan:
-    """Create the store (or resume a partial one with the same identity) and list the shards to do."""
+    """Create the store (or resume one with the same identity) and list the shards to (re)write.
+
+    Nothing is reused unchecked, a complete cache included: a shard is kept only when its tar, its blocks
+    and its zarr rows match its record (and a complete cache's manifest), and a complete cache stays
+    complete only when its statistics, LSH index and teacher tail match their digests too. A damaged shard
+    is rewritten (the cache is partial meanwhile); damaged statistics are recomputed after the shards.
+    """
     manifest = build_manifest(request)
     tail = teacher_tail(manifest, resolve_device(request.device))  # refuses an unsupported tail before writing
     writer = CacheWriter.create_or_resume(request.out, manifest)
+    writer.remove_staging()
     if tail is not None and not writer.tail_verifies():  # a rerun restores a lost or changed file
         writer.write_teacher_tail(*tail)
-    if writer.manifest.status == "complete":
-        return CachePlan(root=request.out, num_shards=len(writer.manifest.shards), pending=[],
-                         done=[ShardRecord(**s) for s in writer.manifest.shards], complete=True)
+    was_complete = writer.manifest.status == "complete"
+    listed = {r.index: r for r in writer.manifest.records()} if was_complete else {}
     done, pending = [], []
     for s in writer.manifest.shards:
         record = writer.finished_record(s["index"])
-        (done.append(record) if record else pending.append(s["index"]))
-    return CachePlan(root=request.out, num_shards=len(writer.manifest.shards), pending=pending, done=done)
+        reusable = record is not None and (not was_complete or listed.get(s["index"]) == record)
+        (done.append(record) if reusable else pending.append(s["index"]))
+    complete = was_complete and not pending and not TeacherCache(request.out).statistics_problems()
+    if pending and was_complete:
+        writer.mark_partial()
+    return CachePlan(root=request.out, num_shards=len(writer.manifest.shards), pending=pending, done=done,
+                     complete=complete)
 
 
 def teacher_tail(manifest: Manifest, device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
@@ -333,9 +346,18 @@ class ShardStats:
 
 
 def shard_statistics(root: str, index: int) -> ShardStats:
+    """Partial sums of shard `index`, from its zarr rows once they match their record (named otherwise)."""
     cache = TeacherCache(root, require_complete=False)
-    s = cache.manifest.shards[index]
-    start, stop = s["start"], s["stop"]
+    record = cache.shard_record(index)
+    if record is None:
+        raise CacheError(f"{cache.root}: shard {index} has no record; re-run the `distillery cache` command that "
+                         f"made it")
+    start, stop = record.start, record.stop
+    read = [n for n in cache.manifest.arrays if n.startswith(("features/", "samples/", "gaussian/", "logits/"))]
+    problem = cache.rows_problem(record, read)
+    if problem:
+        raise CacheError(f"{cache.root}: {problem}; repair with `distillery verify {cache.root} --repair` (needs "
+                         f"the teacher checkpoint) or re-run the `distillery cache` command that made it")
     pooled = cache.array("features/pooled")[start:stop, 0].astype(np.float64)
     labels = cache.array("samples/labels")[start:stop]
     features = FeatureMoments.empty(pooled.shape[1])
@@ -375,22 +397,28 @@ def cka_rows(cache: TeacherCache, source: str) -> tuple[np.ndarray, np.ndarray]:
     return values, labels[take]
 
 
-def lsh_statistics(cache: TeacherCache, writer: CacheWriter, bits: int) -> dict[str, Any]:
-    """Train LSH planes on the view-0 pooled features, encode every stored sample, write planes, codes
-    and the neighbour index (DESIGN.md §5). Reads the stored features only (no teacher); memory is one
+def lsh_statistics(cache: TeacherCache, bits: int) -> tuple[dict[str, np.ndarray], bytes, dict[str, Any]]:
+    """Train LSH planes on the view-0 pooled features and encode every stored sample (DESIGN.md §5):
+    the arrays (planes, thresholds, view-0 codes `lsh/codes` (N, 1, bits/8) uint8), the serialized faiss
+    neighbour index and its manifest record. Reads the stored features only (no teacher); memory is one
     shard of features plus the training rows and the codes (N * bits / 8 bytes)."""
     pooled = cache.array("features/pooled")
     rows = training_rows(cache.num_samples)
     projection = train_lsh(pooled.oindex[rows, 0].astype(np.float32), bits)
     codes = np.concatenate([encode(pooled[s["start"]:s["stop"], 0].astype(np.float32), projection)
                             for s in cache.manifest.shards])
-    record = writer.write_lsh(projection.planes, projection.thresholds, codes[:, None], build_index(codes))
-    return {"bits": bits, "train_rows": len(rows), **record}
+    index = faiss.serialize_index_binary(build_index(codes)).tobytes()
+    arrays = {"stats/lsh/planes": projection.planes, "stats/lsh/thresholds": projection.thresholds,
+              "lsh/codes": codes[:, None]}
+    return arrays, index, {"bits": bits, "train_rows": len(rows), "index": LSH_INDEX_NAME,
+                           "index_sha256": sha256_bytes(index)}
 
 
-def reduce_statistics(root: str, parts: list[ShardStats], cka_source: str = "auto") -> dict[str, Any]:
-    """Merge the shards' partials; write PCA, class stats, CKA interrelations, Gaussian summaries and, when
-    the storage asks for LSH bits, the LSH planes, codes and index."""
+def reduce_statistics(root: str, parts: list[ShardStats], cka_source: str = "auto",
+                      lsh_bits: int | None = None) -> dict[str, Any]:
+    """Merge the shards' partials; write PCA, class stats, CKA interrelations, Gaussian summaries and, with
+    LSH bits (`lsh_bits`, default the storage's), the LSH planes, codes and index: all committed at once
+    (`CacheWriter.write_stats`), with the storage's `lsh_bits` updated to match."""
     total = functools.reduce(ShardStats.merge, parts)
     pca = pca_from_moments(total.features)
     cache = TeacherCache(root, require_complete=False)
@@ -406,18 +434,16 @@ def reduce_statistics(root: str, parts: list[ShardStats], cka_source: str = "aut
     if total.gaussian is not None:
         arrays["stats/gaussian/channel_mean"] = total.gaussian.channel_mean_of_means()
         arrays["stats/gaussian/channel_std"] = total.gaussian.channel_mean_of_stds()
-    writer = CacheWriter(root, cache.manifest)
     info = {"arrays": sorted(arrays), "cka_source": cka_source, "cka_samples_per_class": int(len(labels) //
             cache.num_classes), "pca_components_90": pca.num_components_for(0.9),
             "features_count": int(total.features.count)}
-    writer.manifest.stats.pop("lsh", None)
-    if cache.manifest.storage["lsh_bits"]:
-        info["lsh"] = lsh_statistics(cache, writer, cache.manifest.storage["lsh_bits"])
-        info["arrays"] = sorted([*arrays, *LSH_ARRAYS])
-    else:
-        writer.drop_lsh()
-    writer.write_stats(arrays, info)
-    writer.manifest.save(root)
+    bits = cache.manifest.storage["lsh_bits"] if lsh_bits is None else lsh_bits
+    index = None
+    if bits:
+        lsh_arrays, index, info["lsh"] = lsh_statistics(cache, bits)
+        arrays.update(lsh_arrays)
+        info["arrays"] = sorted([*info["arrays"], *LSH_ARRAYS])
+    CacheWriter(root, cache.manifest).write_stats(arrays, info, lsh_index=index, storage={"lsh_bits": bits})
     return info
 
 
@@ -429,29 +455,28 @@ def recompute_statistics(root: str, cka_source: str = "auto", lsh_bits: int | No
     """`distillery stats`: rebuild the dataset-level statistics of a complete cache, without the teacher.
 
     `lsh_bits` replaces the cache's LSH bits (its `storage.lsh_bits`, so the manifest stays truthful;
-    0 removes LSH); None rebuilds with the bits it has. The cache is marked partial while statistics are
-    rewritten, so an interrupted run is never mistaken for a complete cache.
+    0 removes LSH); None rebuilds with the bits it has. The new statistics are committed only once all of
+    them are written (`CacheWriter.write_stats`): an interrupted run leaves the previous complete cache as
+    it was, and running either command again works.
     """
-    cache = TeacherCache(root)
-    check_cka_source(cka_source, "logits" in cache.available_targets())
-    records = [ShardRecord(**s) for s in cache.manifest.shards]
-    writer = CacheWriter(root, cache.manifest)
-    if lsh_bits is not None:
-        StorageSpec(**{**cache.manifest.storage, "lsh_bits": lsh_bits})  # validates the bits (CacheError)
-        writer.manifest.storage["lsh_bits"] = lsh_bits
-    writer.mark_partial()
-    info = reduce_statistics(root, [shard_statistics(root, r.index) for r in records], cka_source)
-    complete_cache(root, records)
-    return info
+    with cache_lock(root):
+        cache = TeacherCache(root)
+        check_cka_source(cka_source, "logits" in cache.available_targets())
+        if lsh_bits is not None:
+            StorageSpec(**{**cache.manifest.storage, "lsh_bits": lsh_bits})  # validates the bits (CacheError)
+        parts = [shard_statistics(root, r.index) for r in cache.manifest.records()]
+        return reduce_statistics(root, parts, cka_source, lsh_bits=lsh_bits)
 
 
 def run_cache_pass(request: CacheRequest) -> Manifest:
-    """The whole teacher pass in this process, without Prefect (same steps as `flows.cache_teacher`)."""
-    plan = plan_cache(request)
-    if plan.complete:
-        return Manifest.load(plan.root)
-    records = plan.done + [cache_shard(request, i) for i in plan.pending]
-    parts = [shard_statistics(plan.root, i) for i in range(plan.num_shards)]
-    reduce_statistics(plan.root, parts, request.cka_source)
-    return complete_cache(plan.root, records)
+    """The whole teacher pass in this process, without Prefect (same steps as `flows.cache_teacher`), holding
+    the cache's writer lock."""
+    with cache_lock(request.out):
+        plan = plan_cache(request)
+        if plan.complete:
+            return Manifest.load(plan.root)
+        records = plan.done + [cache_shard(request, i) for i in plan.pending]
+        parts = [shard_statistics(plan.root, i) for i in range(plan.num_shards)]
+        reduce_statistics(plan.root, parts, request.cka_source)
+        return complete_cache(plan.root, records)
 

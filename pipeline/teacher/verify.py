@@ -4,7 +4,9 @@ DESIGN.md §3: a cached target is valid only for the exact input the teacher saw
 by re-rendering stored views with `render_view` from the manifest's dataset, running the teacher rebuilt
 from the manifest (the checkpoint must be the file that made the cache), producing the rows the teacher
 pass would store (`_batch_rows`, the pass's own function) and taking the largest absolute difference per
-stored array. Every shard file is also re-hashed against the manifest.
+stored array. Before that, everything that can be checked without the teacher is
+(`TeacherCache.verify_integrity`): shard files, blocks, zarr rows, statistics, LSH index, teacher tail.
+`repair_cache` (`distillery verify --repair`) rewrites what fails, with the teacher that made the cache.
 
 Tolerance. Stored arrays are float16: rounding moves a value by at most half a unit in the last place,
 2^-11 relative, and a live value a hair from a rounding boundary may land one unit (2^-10) away. Floating
@@ -12,6 +14,9 @@ point noise is relative to the array's scale rather than to each value (a near-z
 absolute error of the large ones it was summed from), so an array passes when
 
     max |live - stored| <= rtol * max |stored|,   rtol = 2^-8 by default
+
+(the maximum over finite stored values: a non-finite stored value fails its array, never widens the
+tolerance to inf)
 
 (four float16 units of its largest value). A cache made on a GPU under bf16 autocast (DESIGN.md §7) and
 verified on CPU differs by bf16 rounding, 2^-8 relative per operation: verify it on the same kind of
@@ -25,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cache.manifest import Manifest
 from pipeline.cache.source import source_dataset
 from pipeline.cache.store import TeacherCache, block_key
 from pipeline.data.views import ViewPlan
-from pipeline.teacher.cache_pass import _batch_rows, render_pairs, resolve_device, teacher_forward
+from pipeline.teacher.cache_pass import (CacheRequest, _batch_rows, render_pairs, resolve_device, run_cache_pass,
+                                         teacher_forward)
 from pipeline.teacher.model import (CheckpointChanged, TeacherError, build_teacher, check_cache_checkpoint,
                                     manifest_teacher_spec)
 
@@ -55,7 +62,8 @@ class VerifyResult:
     pairs: int
     shards: int  # shard files re-hashed
     checks: list[ArrayCheck]
-    problems: list[str] = field(default_factory=list)  # shard checksums, a changed checkpoint
+    problems: list[str] = field(default_factory=list)  # integrity (files, arrays), a changed checkpoint
+    notes: list[str] = field(default_factory=list)  # not failures: what could not be checked, and why
 
     @property
     def ok(self) -> bool:
@@ -111,10 +119,11 @@ def _check(name: str, live: np.ndarray, stored: np.ndarray, ids: np.ndarray, vie
     live, stored = live.astype(np.float64), stored.astype(np.float64)
     if stored.size == 0:
         return ArrayCheck(name, 0, 0.0, 0.0, (-1, -1))
-    diff = np.abs(live - stored).reshape(len(stored), -1)
+    finite = np.isfinite(stored)
+    diff = np.where(finite & np.isfinite(live), np.abs(live - stored), np.inf).reshape(len(stored), -1)
     worst = int(np.unravel_index(np.argmax(diff), diff.shape)[0])
-    return ArrayCheck(name, int(stored.size), float(diff.max()), rtol * float(np.abs(stored).max()),
-                      (int(ids[worst]), int(views[worst])))
+    scale = float(np.abs(stored[finite]).max()) if finite.any() else 0.0
+    return ArrayCheck(name, int(stored.size), float(diff.max()), rtol * scale, (int(ids[worst]), int(views[worst])))
 
 
 def verify_cache(root: str | Path, samples: int = 64, seed: int = 0, rtol: float = RTOL, device: str = "cpu",
@@ -125,10 +134,13 @@ def verify_cache(root: str | Path, samples: int = 64, seed: int = 0, rtol: float
     run, so the report shows how far apart the two teachers are. A cache whose teacher cannot be rebuilt
     at all (no checkpoint, file missing) or whose dataset is not here raises TeacherError / CacheError.
     """
-    if samples < 1 or rtol < 0:
-        raise TeacherError(f"verify needs --samples >= 1 and --rtol >= 0, not {samples} and {rtol}")
+    if samples < 1 or not 0 <= rtol < float("inf"):
+        raise TeacherError(f"verify needs --samples >= 1 and a finite --rtol >= 0, not {samples} and {rtol}")
     cache = TeacherCache(root)
-    problems = cache.verify_shards()
+    problems = cache.verify_integrity()
+    undigested = cache.undigested_statistics()
+    notes = [f"statistics not digested ({len(undigested)} arrays): written by an older version; "
+             f"`distillery stats {root}` adds them"] if undigested else []
     try:
         check_cache_checkpoint(manifest_teacher_spec(cache.manifest.teacher))
     except CheckpointChanged as e:
@@ -151,4 +163,34 @@ def verify_cache(root: str | Path, samples: int = 64, seed: int = 0, rtol: float
         if name not in logit_names:
             keep = held[name]
             checks.append(_check(name, live[name][keep], stored[name][keep], ids[keep], pairs[keep, 1], rtol))
-    return VerifyResult(pairs=len(pairs), shards=len(cache.manifest.shards), checks=checks, problems=problems)
+    return VerifyResult(pairs=len(pairs), shards=len(cache.manifest.shards), checks=checks, problems=problems,
+                        notes=notes)
+
+
+def manifest_request(root: str | Path, device: str = "cpu", batch_size: int = 256) -> CacheRequest:
+    """The `distillery cache` request that made the cache at `root`, read back from its manifest (a repair
+    re-runs it; `plan_cache` refuses it, naming the field, if it does not give the cache's identity)."""
+    m = Manifest.load(root)
+    d, v, st = m.dataset, m.views, m.storage
+    return CacheRequest(dataset=d["name"], split=d["split"], subset=d.get("subset"), subset_seed=d.get("subset_seed", 0),
+                        teacher=m.teacher["model"], checkpoint=m.teacher.get("checkpoint"),
+                        teacher_head=m.teacher.get("head", True), views=v["num_augmented"], view_seed=v["seed"],
+                        logits=st["logits"], tap=st.get("tap") or "none", grid=st["grid"], featmaps=st["featmaps"],
+                        teacher_tail=st.get("teacher_tail", 0), lsh_bits=st["lsh_bits"],
+                        input_size=m.teacher["input_size"], shard_size=st["shard_size"], block_size=st["block_size"],
+                        cka_source=m.stats.get("cka_source", "auto"), out=str(root), batch_size=batch_size,
+                        device=device)
+
+
+def repair_cache(root: str | Path, device: str = "cpu", batch_size: int = 256) -> list[str]:
+    """`distillery verify --repair`: rewrite every shard, statistic and side file of the cache at `root` that
+    fails its checks, with the teacher that made it; returns the problems found before.
+
+    Refused (TeacherError, one line) unless the checkpoint recorded in the manifest is at hand and
+    unchanged: a repair must reproduce the cache's own targets, not another teacher's.
+    """
+    cache = TeacherCache(root, require_complete=False)
+    check_cache_checkpoint(manifest_teacher_spec(cache.manifest.teacher))
+    found = cache.verify_integrity() if cache.manifest.status == "complete" else ["the cache is partial"]
+    run_cache_pass(manifest_request(root, device, batch_size))
+    return found

@@ -1,7 +1,8 @@
 """The student's training stream over a teacher cache's webdataset shards (DESIGN.md §2-§4).
 
-    shards (seeded shard shuffle, split by node, then by DataLoader worker)
-      -> blocks `NNNNNN-MMMMMM.npz` -> samples, each keeping only the targets of this epoch's view
+    shards (split by node, then by DataLoader worker, then a seeded shard shuffle)
+      -> blocks `NNNNNN-MMMMMM.npz`, each checked against its record's sha256 before it is decoded
+      -> samples, each keeping only the targets of this epoch's view
       -> seeded shuffle buffer
       -> re-render exactly that view from the raw input (`render_view`, the teacher's own function)
       -> {"input", "label", "id", "view", "targets"[, "teacher_input"]}
@@ -12,6 +13,10 @@ an interrupted and resumed run). Memory is bounded by the shuffle buffer and one
 step reads the whole cache, so it does not grow with the number of samples. The one exception is a
 target written after the shards (the view-0 LSH codes): its zarr column is held in RAM (N * bits / 8
 bytes) and joined to each block by sample id.
+
+Shard files are opened here as plain local files (`TeacherCache.shard_blocks`), never handed to
+webdataset as URLs: a cache is untrusted, and webdataset's URL openers interpret schemes (`pipe:` runs a
+shell). Webdataset's stages still split and shuffle the shard *indices*.
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ class CacheStream:
         teacher = cache.manifest.teacher
         self.mean, self.std = tuple(teacher["mean"]), tuple(teacher["std"])
         self.plan = ViewPlan.from_dict(cache.manifest.views)
-        self.urls = [str(p) for p in cache.shard_paths()]
+        cache.shard_paths()  # refuses a shard path outside the cache before any epoch starts
         self.counts = [s["stop"] - s["start"] for s in cache.manifest.shards]
 
     def streams(self, workers: int) -> list[list[int]]:
@@ -100,15 +105,24 @@ class CacheStream:
         """Exact: each DataLoader worker batches its own shards, so each ends on a partial batch."""
         return sum(math.ceil(sum(s) / batch_size) for s in self.streams(workers))
 
-    def dataset(self, epoch: int) -> wds.WebDataset:
+    def dataset(self, epoch: int) -> wds.DataPipeline:
         """The epoch's sample stream (an IterableDataset); deterministic for (seed, epoch)."""
         seed = epoch_seed(self.seed, epoch)
-        source = wds.WebDataset(self.urls, shardshuffle=len(self.urls), detshuffle=True, seed=seed,
-                                nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
-                                empty_check=False)
-        return (source.compose(_Unblock(self.cache, self.targets, self.columns, seed=self.seed, epoch=epoch))
-                .shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)
-                .compose(self._render))
+        # Shard indices, not paths, travel through webdataset's stages (the order is WebDataset's own:
+        # split by node, by worker, then a deterministic shuffle of the shards).
+        indices = [str(i) for i in range(len(self.counts))]
+        shuffle = ([wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)]
+                   if self.shuffle_buffer >= 1 else [])
+        return wds.DataPipeline(wds.SimpleShardList(indices), wds.split_by_node, wds.split_by_worker,
+                                wds.filters.detshuffle(len(indices), seed=seed), self._blocks,
+                                _Unblock(self.cache, self.targets, self.columns, seed=self.seed, epoch=epoch),
+                                *shuffle, self._render)
+
+    def _blocks(self, shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            index = int(shard["url"])
+            for name, data in self.cache.shard_blocks(index):
+                yield {"npz": data, "where": f"{self.cache.shard_paths()[index]}: block {name}"}
 
     def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
         workers = 0 if workers == 0 else len(self.streams(workers))
@@ -142,7 +156,7 @@ class _Unblock:
 
     def __call__(self, blocks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for block in blocks:
-            rows = decode_block(block["npz"])
+            rows = decode_block(block["npz"], where=block["where"])
             ids = rows[block_key("samples/ids")]
             rows.update(self.columns.block(ids))
             views = epoch_views(self.seed, self.epoch, ids, self.cache.num_views)
@@ -150,7 +164,7 @@ class _Unblock:
             labels = rows[block_key("samples/labels")]
             for i in range(len(ids)):
                 yield {"id": int(ids[i]), "view": int(views[i]), "label": int(labels[i]),
-                       "raw": unpack_raw(rows["raw"], rows["raw_hw"], i).copy(),
+                       "raw": unpack_raw(rows, i).copy(),
                        "targets": {name: _row(t, i) for name, t in targets.items()}}
 
     def _target(self, name: str, rows: dict[str, np.ndarray], views: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:

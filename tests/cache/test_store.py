@@ -31,10 +31,10 @@ def test_block_codec_refuses_object_arrays() -> None:
 
 def test_raw_images_of_different_sizes_pack_and_unpack() -> None:
     raws = [np.full((5, 7, 3), 1, np.uint8), np.full((9, 4, 3), 2, np.uint8)]
-    packed, hw = pack_raw(raws)
-    assert packed.shape == (2, 9, 7, 3)
+    block = pack_raw(raws)
+    assert block["raw"].shape == (5 * 7 * 3 + 9 * 4 * 3,)  # no padding to the largest image
     for i, r in enumerate(raws):
-        assert np.array_equal(unpack_raw(packed, hw, i), r)
+        assert np.array_equal(unpack_raw(block, i), r)
 
 
 def test_tar_shard_is_written_atomically_with_zero_mtime(tmp_path: Path) -> None:
@@ -69,8 +69,7 @@ def test_shard_blocks_hold_the_same_rows_as_zarr(digits_cache: Path) -> None:
     assert np.array_equal(ids, cache.read("samples/ids"))
     logits = np.concatenate([r["logits.dense"] for r in rows])
     assert np.array_equal(logits, cache.read("logits/dense"))
-    raw = rows[0]["raw"]
-    assert raw.dtype == np.uint8 and raw.shape[1:] == (8, 8, 1)
+    assert rows[0]["raw"].dtype == np.uint8 and unpack_raw(rows[0], 0).shape == (8, 8, 1)
 
 
 def test_rewriting_a_shard_records_the_digest_of_what_zarr_holds(digits_cache: Path, tmp_path: Path) -> None:
@@ -84,7 +83,7 @@ def test_rewriting_a_shard_records_the_digest_of_what_zarr_holds(digits_cache: P
     rows = {name: cache.read(name)[start:stop] for name in cache.manifest.arrays}
     # float32 rows for float16 arrays: stored (and digested) as the manifest's dtype.
     rows = {name: value.astype(np.float32) if value.dtype == np.float16 else value for name, value in rows.items()}
-    raws = [unpack_raw(*pack_raw([np.zeros((8, 8, 1), np.uint8)]), 0)] * (stop - start)
+    raws = [np.zeros((8, 8, 1), np.uint8)] * (stop - start)
     writer = CacheWriter(copy, Manifest.load(copy))
     written = writer.write_shard(1, start, stop, rows, raws)
     assert written.rows_sha256 == record["rows_sha256"] == writer.stored_rows_digest(start, stop)

@@ -67,7 +67,9 @@ def test_stored_values_that_differ_from_the_live_teacher_are_a_mismatch(digits_c
     logits = writer.group["logits/dense"]
     logits[...] = (np.asarray(logits[...]).astype(np.float32) + 0.25).astype(np.float16)
     result = verify_cache(root, samples=16)
-    assert not result.ok and result.problems == []  # the shard files still match their checksums
+    # The shard files still match their checksums; the zarr rows do not match their per-array digests.
+    assert not result.ok and len(result.problems) == 4
+    assert all("logits/dense differs from its digest" in p for p in result.problems)
     by_name = {c.name: c for c in result.checks}
     assert not by_name["logits/dense"].ok and by_name["features/pooled"].ok
     # The offset, up to the fp16 rounding of values of magnitude < 8 on both sides.
@@ -103,3 +105,13 @@ def test_top_k_logits_and_feature_maps_are_verified(cache_request, tmp_path: Pat
     assert [c.name for c in result.checks] == ["logits (top-k reconstructed)", "features/pooled", "gaussian/mean",
                                                "gaussian/std", f"featmaps/{tap}"]
     assert all(c.values > 0 for c in result.checks)
+
+
+def test_a_non_finite_stored_value_fails_its_array_with_a_finite_tolerance() -> None:
+    from pipeline.teacher.verify import _check
+
+    stored = np.array([[1.0, 2.0], [np.inf, 4.0]], dtype=np.float16)
+    live = np.array([[1.0, 2.0], [60000.0, 4.0]], dtype=np.float32)
+    check = _check("logits/dense", live, stored, np.array([7, 9]), np.array([0, 1]), RTOL)
+    assert not check.ok and np.isfinite(check.tolerance) and check.tolerance == RTOL * 4.0
+    assert check.worst == (9, 1)

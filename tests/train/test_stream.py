@@ -65,7 +65,7 @@ def _raw(cache: TeacherCache, sample_id: int) -> np.ndarray:
             block = decode_block(data)
             hits = np.flatnonzero(block["samples.ids"] == sample_id)
             if len(hits):
-                return unpack_raw(block["raw"], block["raw_hw"], int(hits[0]))
+                return unpack_raw(block, int(hits[0]))
     raise KeyError(sample_id)
 
 
