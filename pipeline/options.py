@@ -41,10 +41,10 @@ class Range:
                 and (self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
                 and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
 
-    def check(self, name: str, value: float | None) -> None:
-        """Raise :class:`OptionError` unless ``value`` (None: not given) lies in the range."""
+    def check(self, name: str, value: float | None, error: type[DistilleryError] = OptionError) -> None:
+        """Raise ``error`` (one line naming ``name``) unless ``value`` (None: not given) lies in the range."""
         if value is not None and not self.contains(value):
-            raise OptionError(f"{name} must be {self.describe()}, not {value}")
+            raise error(f"{name} must be {self.describe()}, not {value}")
 
 
 def check_ranges(values: dict[str, float | None], ranges: dict[str, Range], prefix: str = "--") -> None:
