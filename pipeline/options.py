@@ -12,6 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from pipeline.errors import DistilleryError
 
 
@@ -51,6 +53,17 @@ def check_ranges(values: dict[str, float | None], ranges: dict[str, Range], pref
     """Check each named value against its range; names become option spellings (``batch_size`` -> ``--batch-size``)."""
     for name, allowed in ranges.items():
         allowed.check(prefix + name.replace("_", "-"), values[name])
+
+
+def one_line_error(error: ValidationError) -> DistilleryError:
+    """A pydantic config's first validation error as the one line a user sees: a :class:`DistilleryError`
+    raised by one of its validators as it was, a type error as ``--option: what pydantic says``."""
+    first = error.errors()[0]
+    original = first.get("ctx", {}).get("error")
+    if isinstance(original, DistilleryError):
+        return original
+    option = "--" + "-".join(str(part) for part in first["loc"]).replace("_", "-")
+    return OptionError(f"{option}: {first['msg'].lower()}, not {first.get('input')!r}")
 
 
 def check_device(device: str) -> None:

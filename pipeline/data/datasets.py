@@ -76,6 +76,9 @@ class ImageDataset(ABC):
     labels: np.ndarray
     class_names: list[str]
     channels: int
+    skipped: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
+    """Undecodable files left out under ``--on-bad-image skip`` (image folders), relative to the folder: this
+    split's, or every one for a folder without train/ and val/ subfolders (they belonged to no split yet)."""
 
     # Per-row payload fields that ``subset`` must index alongside ids and labels.
     _row_fields: ClassVar[tuple[str, ...]] = ()
@@ -182,9 +185,6 @@ class FolderDataset(ImageDataset):
     """Images decoded from files on demand with PIL, always as RGB (channels = 3)."""
 
     paths: np.ndarray = dataclasses.field(kw_only=True)
-    skipped: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
-    """Undecodable files left out under ``--on-bad-image skip``, relative to the folder: this split's, or
-    every one for a folder without train/ and val/ subfolders (a skipped file belonged to no split)."""
 
     _row_fields: ClassVar[tuple[str, ...]] = ("paths",)
 

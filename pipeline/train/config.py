@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from pipeline.data.datasets import check_bad_image_policy
 from pipeline.errors import DistilleryError
+from pipeline.methods import resolve_method_spec
 from pipeline.options import Range, check_device, check_ranges
 from pipeline.train.optim import OptimConfig
 
@@ -65,6 +66,8 @@ class StudentSpec:
         object.__setattr__(self, "methods", tuple(self.methods))
         if not self.methods:
             raise TrainError(f"student {self.student} has no --method; give at least one, e.g. --method ce")
+        for spec in self.methods:  # an unknown method or an option out of range, before any cache is opened
+            resolve_method_spec(spec)
 
     @property
     def slug(self) -> str:
