@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from flows.server import start_temporary_server
 from pipeline import progress
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -163,6 +164,7 @@ def cache_cmd(
                            cka_source=cka_source, device=device, on_bad_image=on_bad_image)
     manifest = check_request(request)  # bad input is one line here, before the flow (and anything) starts
     report_skipped(dataset, manifest.dataset.get("skipped", []))
+    start_temporary_server()
     with show_progress():
         result = cache_teacher(request)
     console.print(f"cached {result['num_samples']} samples into {result['cache']}: teacher pass "
@@ -321,6 +323,7 @@ def train_cmd(
     specs = [StudentSpec(name, tuple(method)) for name in student]
     for config in plan_runs(str(cache), specs, str(out), settings):
         check_run(config)  # bad input is one line here, not a traceback logged from inside a flow run
+    start_temporary_server()
     with show_progress():
         summaries = train_students(str(cache), specs, str(out), settings)
     print_students(f"students trained from {cache}", summaries)
@@ -422,6 +425,7 @@ def experiment_cmd(
     from pipeline.experiments import get_experiment
 
     get_experiment(name).select(row)  # an unknown name or row is one line, before any flow starts
+    start_temporary_server()
     with show_progress():
         result = run_experiment(name, list(seed), str(root), row)
     print_experiment(name, result, markdown)
@@ -436,6 +440,7 @@ def demo_cmd(
     from flows.experiments import run_experiment
 
     start = time.perf_counter()
+    start_temporary_server()
     with show_progress():
         result = run_experiment("digits-demo", [0], str(out))
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is under {out}")
