@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from flows.server import start_temporary_server
 from pipeline import progress
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -74,6 +75,18 @@ class show_progress:
         self.display.__exit__(*exc)
 
 
+ON_BAD_IMAGE_HELP = ("an undecodable file in an image folder (any split, checked before any work): 'fail' names "
+                     "it, 'skip' leaves it out and reports how many")
+
+
+def report_skipped(where: str, skipped: list[str]) -> None:
+    """One line on stderr for images left out under --on-bad-image skip (stdout may be a table)."""
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        Console(stderr=True).print(f"skipped {len(skipped)} undecodable image(s) of {where}: "
+                                   f"{', '.join(skipped[:3])}{more}", markup=False, highlight=False)
+
+
 def print_table(title: str, rows: list[dict], columns: list[str] | None = None) -> None:
     table = Table(title=title, title_justify="left")
     columns = columns or (list(rows[0]) if rows else [])
@@ -95,15 +108,17 @@ def fit_teacher_cmd(
     input_size: Annotated[Optional[int], typer.Option(help="render size (default 32 for small images)")] = None,
     batch_size: int = 128,
     lr: float = 2e-3,
-    device: str = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    on_bad_image: Annotated[str, typer.Option(help=ON_BAD_IMAGE_HELP)] = "fail",
 ) -> None:
     """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint."""
     from pipeline.teacher.fit import FitConfig, fit_teacher
 
     cfg = FitConfig(dataset=dataset, model=model, out=str(out), epochs=epochs, subset=subset, seed=seed,
-                    input_size=input_size, batch_size=batch_size, lr=lr, device=device)
+                    input_size=input_size, batch_size=batch_size, lr=lr, device=device, on_bad_image=on_bad_image)
     with show_progress():
         result = fit_teacher(cfg)
+    report_skipped(dataset, result["skipped_images"])
     console.print(f"teacher {model}: val accuracy {result['val_accuracy']:.4f} after {epochs} epochs "
                   f"({result['train_seconds']:.1f} s) -> {result['out']}")
 
@@ -132,12 +147,13 @@ def cache_cmd(
     batch_size: int = 256,
     input_size: Optional[int] = None,
     cka_source: Annotated[str, typer.Option(help="logits | features | auto (logits if stored)")] = "auto",
-    device: str = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    on_bad_image: Annotated[str, typer.Option(help=ON_BAD_IMAGE_HELP)] = "fail",
 ) -> None:
     """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
     from flows.cache_teacher import cache_teacher
     from pipeline.cache.lock import cache_lock
-    from pipeline.teacher.cache_pass import CacheRequest
+    from pipeline.teacher.cache_pass import CacheRequest, check_request
 
     if teacher_head not in ("keep", "none"):
         raise typer.BadParameter("--teacher-head must be 'keep' or 'none'")
@@ -145,8 +161,11 @@ def cache_cmd(
                            subset_seed=subset_seed, checkpoint=str(checkpoint) if checkpoint else None,
                            teacher_head=teacher_head == "keep", views=views, view_seed=view_seed, logits=logits,
                            tap=tap, grid=grid, featmaps=featmaps, teacher_tail=teacher_tail, lsh_bits=lsh_bits,
-                           input_size=input_size,
-                           shard_size=shard_size, batch_size=batch_size, cka_source=cka_source, device=device)
+                           input_size=input_size, shard_size=shard_size, batch_size=batch_size,
+                           cka_source=cka_source, device=device, on_bad_image=on_bad_image)
+    manifest = check_request(request)  # bad input is one line here, before the flow (and anything) starts
+    report_skipped(dataset, manifest.dataset.get("skipped", []))
+    start_temporary_server()
     with cache_lock(out), show_progress():  # one writer per cache: a second gets one line
         result = cache_teacher(request)
     console.print(f"cached {result['num_samples']} samples into {result['cache']}: teacher pass "
@@ -296,27 +315,29 @@ def train_cmd(
     clip_grad: Annotated[Optional[float], typer.Option(help="clip the gradient norm to this value")] = None,
     input_size: Annotated[Optional[int], typer.Option(help="student render size (default: the teacher's)")] = None,
     workers: Annotated[int, typer.Option(help="DataLoader workers streaming the cache")] = 1,
-    device: str = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    on_bad_image: Annotated[str, typer.Option(help="an undecodable val image of an image folder: 'fail' names "
+                                                    "it, 'skip' leaves it out (summary.json lists it)")] = "fail",
 ) -> None:
     """Train students from a teacher cache (Prefect flow); prints a comparison table."""
     from flows.train_students import train_students
-    from pipeline.train.config import RunSettings, StudentSpec, TrainError, plan_runs
+    from pipeline.train.config import RunSettings, StudentSpec, plan_runs
     from pipeline.train.loop import check_run
     from pipeline.train.optim import OptimConfig
 
-    try:
-        optim = OptimConfig(optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                            clip_grad=clip_grad)
-    except ValueError as e:  # OptimConfig's own checks; reported like every other bad option
-        raise TrainError(str(e)) from None
+    optim = OptimConfig(optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                        clip_grad=clip_grad)
     settings = RunSettings(epochs=epochs, seed=seed, batch_size=batch_size, optim=optim, input_size=input_size,
-                           online_teacher=online_teacher, workers=workers, device=device, resume=resume)
+                           online_teacher=online_teacher, workers=workers, device=device, resume=resume,
+                           on_bad_image=on_bad_image)
     specs = [StudentSpec(name, tuple(method)) for name in student]
     for config in plan_runs(str(cache), specs, str(out), settings):
         check_run(config)  # bad input is one line here, not a traceback logged from inside a flow run
+    start_temporary_server()
     with show_progress():
         summaries = train_students(str(cache), specs, str(out), settings)
     print_students(f"students trained from {cache}", summaries)
+    report_skipped("the val split", summaries[0]["val_skipped_images"])
 
 
 @app.command("runs")
@@ -414,6 +435,7 @@ def experiment_cmd(
     from pipeline.experiments import get_experiment
 
     get_experiment(name).select(row)  # an unknown name or row is one line, before any flow starts
+    start_temporary_server()
     with show_progress():
         result = run_experiment(name, list(seed), str(root), row)
     print_experiment(name, result, markdown)
@@ -428,20 +450,37 @@ def demo_cmd(
     from flows.experiments import run_experiment
 
     start = time.perf_counter()
+    start_temporary_server()
     with show_progress():
         result = run_experiment("digits-demo", [0], str(out))
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is under {out}")
     print_experiment("digits-demo", result, markdown=False)
 
 
+def fail(message: str) -> None:
+    """The CLI's one error line on stderr, exit code 2."""
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
 def main() -> None:
+    # typer vendors click as typer._click; its usage errors would otherwise be a multi-line panel.
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
     from pipeline.errors import DistilleryError
 
     try:
-        app()
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError:
+        app()  # the normal help screen, as `distillery` alone always printed
     except DistilleryError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        fail(str(e))
+    except ClickException as e:  # an option typer cannot parse (`--views x`), an unknown command or option
+        ctx = getattr(e, "ctx", None)
+        fail(f"{e.format_message()} (see `{ctx.command_path if ctx else 'distillery'} --help`)")
+    except typer.Abort:  # Ctrl-C outside a flow
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

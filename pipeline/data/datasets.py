@@ -17,6 +17,7 @@ import hashlib
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -51,6 +52,8 @@ _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+BAD_IMAGE_POLICIES = ("fail", "skip")
+_NAMED_BAD_IMAGES = 3  # an error line names this many undecodable files, then counts the rest
 _VAL_FRACTION = 0.2
 _STATS_MAX_IMAGES = 512
 
@@ -73,6 +76,9 @@ class ImageDataset(ABC):
     labels: np.ndarray
     class_names: list[str]
     channels: int
+    skipped: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
+    """Undecodable files left out under ``--on-bad-image skip`` (image folders), relative to the folder: this
+    split's, or every one for a folder without train/ and val/ subfolders (they belonged to no split yet)."""
 
     # Per-row payload fields that ``subset`` must index alongside ids and labels.
     _row_fields: ClassVar[tuple[str, ...]] = ()
@@ -309,7 +315,43 @@ def _image_files(class_dir: Path) -> list[str]:
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _load_imagefolder(directory: str, split: str) -> ImageDataset:
+def check_bad_image_policy(policy: str) -> None:
+    if policy not in BAD_IMAGE_POLICIES:
+        raise DatasetError(f"--on-bad-image must be one of {', '.join(BAD_IMAGE_POLICIES)}, not {policy!r}")
+
+
+def decode_error(path: str | Path) -> str | None:
+    """Why the image file at ``path`` cannot be decoded to RGB, or None if it can.
+
+    Fully decodes it: a truncated or corrupt file often opens (only its header is read) and fails later.
+    """
+    try:
+        with Image.open(path) as image:
+            image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
+def _decode_errors(paths: list[Path]) -> list[str | None]:
+    # PIL releases the GIL while decoding: threads check a large folder on every core.
+    with ThreadPoolExecutor() as pool:
+        return list(pool.map(decode_error, paths))
+
+
+def _bad_images_error(name: str, bad: list[tuple[str, str]]) -> DatasetError:
+    named = "; ".join(f"{path} ({why})" for path, why in bad[:_NAMED_BAD_IMAGES])
+    more = f"; and {len(bad) - _NAMED_BAD_IMAGES} more" if len(bad) > _NAMED_BAD_IMAGES else ""
+    return DatasetError(f"{name}: {len(bad)} undecodable image file(s): {named}{more}; fix or remove them, or "
+                        f"pass --on-bad-image skip to leave them out")
+
+
+def _load_imagefolder(directory: str, split: str, on_bad_image: str = "fail") -> ImageDataset:
+    """Every split's files are decoded up front, so a bad val image stops a run before it trains, not after.
+
+    Ids index the sorted list of all files (good or not), so skipping a bad file leaves the others' ids as
+    they were. Files without an image suffix are not part of the dataset.
+    """
     root = Path(directory).expanduser().resolve()
     name = f"imagefolder:{root}"
     if not root.is_dir():
@@ -327,41 +369,59 @@ def _load_imagefolder(directory: str, split: str) -> ImageDataset:
             if class_dir not in class_names:
                 raise DatasetError(f"{name}: class folder {split_dir}/{class_dir} has no "
                                    f"counterpart in train/; add it there or remove it")
-            for relative in _image_files(root / split_dir / class_dir):
-                records.append((split_dir, class_dir, relative))
+            files = _image_files(root / split_dir / class_dir)
+            if not files:
+                raise DatasetError(f"{name}: class folder {Path(split_dir, class_dir).as_posix()} has no images "
+                                   f"({', '.join(sorted(IMAGE_SUFFIXES))}); add some or remove the folder")
+            records.extend((split_dir, class_dir, relative) for relative in files)
     records.sort()
-    paths = np.array([str(root / s / c / r) for s, c, r in records], dtype=object)
+    relative_paths = [Path(s, c, r).as_posix() for s, c, r in records]
+    errors = _decode_errors([root / p for p in relative_paths])
+    bad = [(p, why) for p, why in zip(relative_paths, errors) if why is not None]
+    if bad and on_bad_image == "fail":
+        raise _bad_images_error(name, bad)
+    good = np.array([why is None for why in errors], dtype=bool)
+    emptied = sorted({(s, c) for s, c, _ in records} - {(s, c) for (s, c, _), ok in zip(records, good) if ok})
+    if emptied:
+        raise DatasetError(f"{name}: class folder {Path(*emptied[0]).as_posix()} has no decodable images; "
+                           f"add some or remove the folder")
+    paths = np.array([str(root / p) for p in relative_paths], dtype=object)
     labels = np.array([class_names.index(c) for _, c, _ in records], dtype=np.int64)
     if has_splits:
-        positions = np.flatnonzero([s == split for s, _, _ in records])
-    elif records:
-        positions = _split_positions(labels, split, name)
+        in_split = np.array([s == split for s, _, _ in records], dtype=bool)
+        positions = np.flatnonzero(in_split & good)
+        skipped = tuple(p for p, ok, here in zip(relative_paths, good, in_split) if here and not ok)
     else:
-        positions = np.array([], dtype=np.int64)
+        kept = np.flatnonzero(good)
+        positions = kept[_split_positions(labels[kept], split, name)]
+        skipped = tuple(p for p, ok in zip(relative_paths, good) if not ok)  # they belonged to no split yet
     if len(positions) == 0:
         raise DatasetError(f"{name}: no {split} images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                            f"add images under the class subfolders")
     return FolderDataset(name=name, split=split, ids=positions, labels=labels[positions],
-                         class_names=class_names, channels=3, paths=paths[positions])
+                         class_names=class_names, channels=3, paths=paths[positions], skipped=skipped)
 
 
 def load_dataset(spec: str, split: str = "train", subset: int | None = None,
-                 seed: int = 0) -> ImageDataset:
+                 seed: int = 0, on_bad_image: str = "fail") -> ImageDataset:
     """Load one split of the dataset named by ``spec`` (DESIGN.md §10).
 
     ``split`` is ``train`` or ``val`` (``test`` is accepted for ``val``). ``subset`` keeps a seeded,
-    stratified subset of that many samples in stored order (``--subset N``).
+    stratified subset of that many samples in stored order (``--subset N``). ``on_bad_image`` (image
+    folders): ``fail`` refuses undecodable files in any split, naming them; ``skip`` leaves them out and
+    lists this split's in ``skipped``.
     """
     kind, _, argument = spec.partition(":")
     split = _SPLIT_ALIASES.get(split, split)
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; use one of: train, val")
+    check_bad_image_policy(on_bad_image)
     if kind == "digits" and not argument:
         dataset = _load_digits(split)
     elif kind == "fashion-mnist":
         dataset = _load_fashion_mnist(argument or FASHION_MNIST_DIR, split)
     elif kind == "imagefolder" and argument:
-        dataset = _load_imagefolder(argument, split)
+        dataset = _load_imagefolder(argument, split, on_bad_image)
     else:
         raise DatasetError(f"unknown dataset {spec!r}; valid names: {VALID_SPECS}")
     if subset is not None:

@@ -7,7 +7,9 @@ several methods ("Methods compose", §6); the training loss is the sum of every 
 Each method declares the logical targets it ``needs`` from the cache; :meth:`Method.check_cache`
 refuses a cache that cannot serve them, naming the ``distillery cache`` option (§10) that would.
 Options are keyword-only arguments of the method's ``__init__`` with defaults, set from a spec
-string such as ``kd:T=2,alpha=0.5`` by :func:`create_method`.
+string such as ``kd:T=2,alpha=0.5`` by :func:`create_method`. A numeric option declares its allowed
+values where it is declared, ``T: Annotated[float, Range(gt=0)] = 4.0``; a spec outside them is refused
+in one line before a run starts (a numeric option without a range must still be finite).
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ import abc
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import Annotated, ClassVar, TypeVar, get_args, get_origin
 
 import torch
 from torch import Tensor
+
 from pipeline.errors import DistilleryError
+from pipeline.options import Range
 
 __all__ = [
     "LOGITS",
@@ -261,6 +265,12 @@ class Method(torch.nn.Module, metaclass=abc.ABCMeta):
         return {p.name: p.default for p in _option_parameters(cls)}
 
     @classmethod
+    def option_ranges(cls) -> dict[str, Range]:
+        """Each numeric option's declared :class:`Range` (an undeclared one: any finite value)."""
+        return {p.name: _declared_range(p) or Range() for p in _option_parameters(cls)
+                if type(p.default) in (int, float)}
+
+    @classmethod
     def check_cache(cls, cache: CacheInfo) -> None:
         """Raise :class:`MethodError` (one line) if ``cache`` cannot serve every target in ``needs``."""
         missing = sorted(cls.needs - cache.available)
@@ -279,8 +289,14 @@ _M = TypeVar("_M", bound=type[Method])
 
 
 def _option_parameters(cls: type[Method]) -> list[inspect.Parameter]:
-    # Everything after (self, cache, student) is an option.
-    return list(inspect.signature(cls.__init__).parameters.values())[3:]
+    # Everything after (self, cache, student) is an option; annotations evaluated, for their Range.
+    return list(inspect.signature(cls.__init__, eval_str=True).parameters.values())[3:]
+
+
+def _declared_range(p: inspect.Parameter) -> Range | None:
+    if get_origin(p.annotation) is not Annotated:
+        return None
+    return next((a for a in get_args(p.annotation)[1:] if isinstance(a, Range)), None)
 
 
 def register_method(cls: _M) -> _M:
@@ -305,6 +321,11 @@ def register_method(cls: _M) -> _M:
             raise TypeError(
                 f"option {p.name!r} of method {name!r} must be keyword-only with a bool/int/float/str default"
             )
+    defaults = cls.options()
+    for option, allowed in cls.option_ranges().items():
+        if not allowed.contains(defaults[option]):
+            raise TypeError(f"the default {defaults[option]} of option {option!r} of method {name!r} is outside "
+                            f"its range ({allowed.describe()})")
     _REGISTRY[name] = cls
     return cls
 
@@ -341,7 +362,7 @@ def _convert(method: str, key: str, raw: str, default: bool | int | float | str)
 
 def resolve_method_spec(spec: str) -> tuple[type[Method], dict[str, bool | int | float | str]]:
     """The registered class named by ``spec`` and its given options, typed; :class:`MethodError` for an
-    unknown method or option, or a value of the wrong type."""
+    unknown method or option, a value of the wrong type, or one outside the option's declared range."""
     name, raw = parse_method_spec(spec)
     if name not in _REGISTRY:
         raise MethodError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}")
@@ -354,7 +375,12 @@ def resolve_method_spec(spec: str) -> tuple[type[Method], dict[str, bool | int |
             f"method {name!r} has no option{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(map(repr, unknown))}; valid options: {valid}"
         )
-    return cls, {k: _convert(name, k, v, defaults[k]) for k, v in raw.items()}
+    options = {k: _convert(name, k, v, defaults[k]) for k, v in raw.items()}
+    ranges = cls.option_ranges()
+    for key, value in options.items():
+        if key in ranges:
+            ranges[key].check(f"method {name!r}: option {key!r}", value, MethodError)
+    return cls, options
 
 
 def create_method(spec: str, cache: CacheInfo, student: StudentInfo) -> Method:

@@ -1,8 +1,12 @@
 """Cross-entropy with the dataset labels: the supervised term most runs add beside a KD method (§6)."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch.nn.functional as F
 from torch import Tensor
+
+from pipeline.options import Range
 
 from .base import CacheInfo, Method, StudentInfo, StudentOutputs, Targets, TrainingProgress, register_method
 
@@ -15,7 +19,8 @@ class CrossEntropy(Method):
     needs = frozenset()
 
     def __init__(
-        self, cache: CacheInfo, student: StudentInfo, *, label_smoothing: float = 0.0, weight: float = 1.0
+        self, cache: CacheInfo, student: StudentInfo, *, label_smoothing: Annotated[float, Range(ge=0, le=1)] = 0.0,
+        weight: Annotated[float, Range(ge=0)] = 1.0,
     ) -> None:
         super().__init__(cache, student)
         self.label_smoothing = label_smoothing

@@ -9,9 +9,13 @@ DKD drops the coupling weight ``1 - p_t[y]`` and weights the two parts freely.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from pipeline.options import Range
 
 from .base import (
     LOGITS,
@@ -100,10 +104,10 @@ class DKD(Method):
         cache: CacheInfo,
         student: StudentInfo,
         *,
-        alpha: float = 1.0,
-        beta: float = 8.0,
-        T: float = 4.0,
-        warmup: float = 20.0,
+        alpha: Annotated[float, Range(ge=0)] = 1.0,
+        beta: Annotated[float, Range(ge=0)] = 8.0,
+        T: Annotated[float, Range(gt=0)] = 4.0,
+        warmup: Annotated[float, Range(ge=0)] = 20.0,
     ) -> None:
         super().__init__(cache, student)
         if cache.num_classes < 2:

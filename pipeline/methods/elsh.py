@@ -13,10 +13,13 @@ fixed: only ``g`` and the student learn. Run it beside CE: ``--method ce --metho
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.stats.lsh import unpack_bits
+from pipeline.options import Range
 
 from .base import (
     LSH_CODES,
@@ -42,7 +45,8 @@ class ELSH(Method):
     name = "elsh"
     needs = frozenset({LSH_CODES})
 
-    def __init__(self, cache: CacheInfo, student: StudentInfo, *, beta: float = 5.0, lshl2: float = 0.0) -> None:
+    def __init__(self, cache: CacheInfo, student: StudentInfo, *, beta: Annotated[float, Range(ge=0)] = 5.0,
+                 lshl2: Annotated[float, Range(ge=0)] = 0.0) -> None:
         super().__init__(cache, student)
         if lshl2 and POOLED not in cache.available:
             raise MethodError("elsh option lshl2 needs teacher pooled features, which this cache does not store; "

@@ -1,8 +1,12 @@
 """FitNet-style feature mimicking on pooled features: the feature-level baseline (DESIGN.md §6.8)."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pipeline.options import Range
 
 from .base import (
     POOLED,
@@ -28,7 +32,8 @@ class FitNet(Method):
     name = "fitnet"
     needs = frozenset({POOLED})
 
-    def __init__(self, cache: CacheInfo, student: StudentInfo, *, weight: float = 1.0) -> None:
+    def __init__(self, cache: CacheInfo, student: StudentInfo, *,
+                 weight: Annotated[float, Range(ge=0)] = 1.0) -> None:
         super().__init__(cache, student)
         assert cache.pooled_dim is not None  # guaranteed by CacheInfo once POOLED is available
         self.map = nn.Linear(student.pooled_dim, cache.pooled_dim)

@@ -1,8 +1,12 @@
 """Hinton knowledge distillation on logits (DESIGN.md §6.1)."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch.nn.functional as F
 from torch import Tensor
+
+from pipeline.options import Range
 
 from .base import (
     LOGITS,
@@ -37,7 +41,8 @@ class KD(Method):
     name = "kd"
     needs = frozenset({LOGITS})
 
-    def __init__(self, cache: CacheInfo, student: StudentInfo, *, T: float = 4.0, alpha: float = 1.0) -> None:
+    def __init__(self, cache: CacheInfo, student: StudentInfo, *, T: Annotated[float, Range(gt=0)] = 4.0,
+                 alpha: Annotated[float, Range(ge=0)] = 1.0) -> None:
         super().__init__(cache, student)
         self.T = T
         self.alpha = alpha

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from pipeline.cache.store import TeacherCache
 from pipeline.teacher.tail import TeacherTail, build_teacher_tail
+from pipeline.options import Range
 
 from .base import (
     FEATMAPS,
@@ -117,12 +119,12 @@ class ScaleKD(Method):
         cache: CacheInfo,
         student: StudentInfo,
         *,
-        direct: float = 0.08,
-        alternative: float = 0.06,
-        heads: int = 8,
+        direct: Annotated[float, Range(ge=0)] = 0.08,
+        alternative: Annotated[float, Range(ge=0)] = 0.06,
+        heads: Annotated[int, Range(ge=1)] = 8,
         tpp: bool = False,
-        kd: float = 0.5,
-        T: float = 1.0,
+        kd: Annotated[float, Range(ge=0)] = 0.5,
+        T: Annotated[float, Range(gt=0)] = 1.0,
         stage: int = -1,
     ) -> None:
         super().__init__(cache, student)
@@ -130,8 +132,6 @@ class ScaleKD(Method):
         if FEATMAPS not in cache.target_shapes:
             raise MethodError("method 'scalekd' needs the shape of the cached teacher feature maps "
                               "(CacheInfo.target_shapes)")
-        if heads < 1:
-            raise MethodError(f"option 'heads' of method 'scalekd' must be >= 1, not {heads}")
         teacher_shape: tuple[int, int, int] = tuple(cache.target_shapes[FEATMAPS])
         self.final_stage = student.taps[taps[-1]]
         final_shape = student.feature_shapes[self.final_stage]

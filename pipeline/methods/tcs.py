@@ -32,11 +32,14 @@ is a plain timm model whose logits equal the trained TCS path.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pipeline.options import Range
 
 from .base import (
     POOLED,
@@ -140,13 +143,13 @@ class TCS(Method):
         cache: CacheInfo,
         student: StudentInfo,
         *,
-        variance: float = 0.9,
-        dims: int = 0,
-        keep: float = 0.5,
-        rounds: int = 5,
-        prune_start: float = 0.2,
-        prune_end: float = 0.7,
-        weight: float = 1.0,
+        variance: Annotated[float, Range(gt=0, le=1)] = 0.9,
+        dims: Annotated[int, Range(ge=0)] = 0,
+        keep: Annotated[float, Range(gt=0, le=1)] = 0.5,
+        rounds: Annotated[int, Range(ge=1)] = 5,
+        prune_start: Annotated[float, Range(ge=0, le=1)] = 0.2,
+        prune_end: Annotated[float, Range(ge=0, le=1)] = 0.7,
+        weight: Annotated[float, Range(ge=0)] = 1.0,
     ) -> None:
         super().__init__(cache, student)
         missing = [n for n in PCA_STATISTICS if n not in cache.statistics]
@@ -154,14 +157,12 @@ class TCS(Method):
             raise MethodError(f"method 'tcs' needs the cache's PCA statistics ({', '.join(missing)} missing); "
                               f"rebuild them with `distillery stats CACHE`")
         explained = cache.statistics["pca/explained_variance"]
-        if not 0 < variance <= 1:
-            raise MethodError(f"tcs option variance must be in (0, 1], got {variance}")
-        if not 0 <= dims <= len(explained):
-            raise MethodError(f"tcs option dims must be in [0, {len(explained)}] (the teacher's pooled width), "
-                              f"got {dims}")
-        if not 0 < keep <= 1 or rounds < 1 or not 0 <= prune_start <= prune_end <= 1:
-            raise MethodError(f"tcs needs 0 < keep <= 1, rounds >= 1 and 0 <= prune_start <= prune_end <= 1; "
-                              f"got keep={keep}, rounds={rounds}, prune_start={prune_start}, prune_end={prune_end}")
+        if dims > len(explained):  # the upper bound is the cache's, not a constant
+            raise MethodError(f"method 'tcs': option 'dims' must be <= {len(explained)} (the teacher's pooled "
+                              f"width), not {dims}")
+        if prune_start > prune_end:
+            raise MethodError(f"method 'tcs': option 'prune_start' must be <= prune_end, got prune_start="
+                              f"{prune_start}, prune_end={prune_end}")
         self.k = dims or components_for(explained, variance)
         self.target = max(1, round(keep * self.k))
         self.num_rounds, self.prune_start, self.prune_end, self.weight = rounds, prune_start, prune_end, weight

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
 from pipeline.stats.gaussian import grid_gaussian
+from pipeline.options import Range
 
 from .base import (
     GAUSSIAN,
@@ -105,21 +107,16 @@ class WKDF(Method):
         cache: CacheInfo,
         student: StudentInfo,
         *,
-        weight: float = 0.02,
-        gamma: float = 2.0,
+        weight: Annotated[float, Range(ge=0)] = 0.02,
+        gamma: Annotated[float, Range(ge=0)] = 2.0,
         projector: str = "conv1x1",
-        hidden: int = 256,
+        hidden: Annotated[int, Range(ge=1)] = 256,
         relu: bool = True,
-        decay_start: float = 0.0,
+        decay_start: Annotated[float, Range(ge=0)] = 0.0,
         stage: int = -1,
     ) -> None:
         super().__init__(cache, student)
         self.taps_for({"stage": stage})  # the same refusal as when the run picks its taps
-        if hidden < 1 or decay_start < 0:
-            raise MethodError(
-                f"method 'wkd_f' needs hidden >= 1 and decay_start >= 0, got hidden={hidden}, "
-                f"decay_start={decay_start}"
-            )
         cells, channels = cache.target_shapes[GAUSSIAN]
         self.grid = math.isqrt(cells)
         if self.grid * self.grid != cells:

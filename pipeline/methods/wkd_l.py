@@ -14,9 +14,13 @@ backward pass besides the shared (C, C) matrices.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from pipeline.options import Range
 
 from .base import (
     LOGITS,
@@ -143,22 +147,16 @@ class WKDL(Method):
         cache: CacheInfo,
         student: StudentInfo,
         *,
-        T: float = 2.0,
-        weight: float = 30.0,
-        kappa: float = 1.0,
-        sinkhorn_reg: float = 0.05,
-        sinkhorn_iters: int = 10,
-        decay_start: float = 0.0,
+        T: Annotated[float, Range(gt=0)] = 2.0,
+        weight: Annotated[float, Range(ge=0)] = 30.0,
+        kappa: Annotated[float, Range(gt=0)] = 1.0,
+        sinkhorn_reg: Annotated[float, Range(gt=0)] = 0.05,
+        sinkhorn_iters: Annotated[int, Range(ge=1)] = 10,
+        decay_start: Annotated[float, Range(ge=0)] = 0.0,
     ) -> None:
         super().__init__(cache, student)
         if cache.num_classes < 2:
             raise MethodError(f"method 'wkd_l' needs at least 2 classes, the cache has {cache.num_classes}")
-        if T <= 0 or sinkhorn_reg <= 0 or sinkhorn_iters < 1 or decay_start < 0:
-            raise MethodError(
-                f"method 'wkd_l' needs T > 0, sinkhorn_reg > 0, sinkhorn_iters >= 1 and decay_start >= 0; "
-                f"got T={T}, sinkhorn_reg={sinkhorn_reg}, sinkhorn_iters={sinkhorn_iters}, "
-                f"decay_start={decay_start}"
-            )
         ir = cache.statistics.get(IR_STATISTIC)
         if ir is None:
             raise MethodError(

@@ -14,22 +14,22 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import faiss
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipeline.cache.codecs import topk_encode
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.manifest import CacheError, Manifest, ShardRecord, StorageSpec
 from pipeline.cache.store import LSH_ARRAYS, LSH_INDEX_NAME, CacheWriter, TeacherCache
 from pipeline.checksums import sha256_bytes, sha256_file
-from pipeline.data.datasets import ImageDataset, load_dataset
+from pipeline.data.datasets import ImageDataset, check_bad_image_policy, load_dataset
 from pipeline.data.rendering import render_samples
 from pipeline.data.views import ViewPlan
+from pipeline.options import Range, check_device, check_output_dir, check_ranges, one_line_error
 from pipeline.progress import progress_task
 from pipeline.stats.classes import ClassMoments
 from pipeline.stats.cka import category_interrelations
@@ -52,13 +52,13 @@ class CacheRequest(BaseModel):
     subset_seed: int = 0
     checkpoint: str | None = None
     teacher_head: bool = True
-    views: int = Field(2, ge=0, description="augmented views per sample (view 0, the clean one, is extra)")
+    views: int = Field(2, description="augmented views per sample (view 0, the clean one, is extra)")
     view_seed: int = 0
     logits: str = "dense"
     tap: str = "auto"
     grid: int = 1
     featmaps: bool = False
-    teacher_tail: int = Field(0, ge=0, description="teacher stages ending at the tap saved for ScaleKD's TPP")
+    teacher_tail: int = Field(0, description="teacher stages ending at the tap saved for ScaleKD's TPP")
     lsh_bits: int = 0
     input_size: int | None = None
     shard_size: int = 1024
@@ -66,6 +66,35 @@ class CacheRequest(BaseModel):
     block_size: int = 256
     cka_source: str = "auto"  # "logits" | "features" | "auto" (logits when the teacher has a head)
     device: str = "auto"
+    on_bad_image: str = "fail"  # an undecodable image in an image folder: "fail" (name it) or "skip"
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "subset": Range(ge=1), "subset_seed": Range(ge=0), "views": Range(ge=0), "view_seed": Range(ge=0),
+        "grid": Range(ge=1), "teacher_tail": Range(ge=0), "lsh_bits": Range(ge=0), "input_size": Range(ge=8),
+        "shard_size": Range(ge=1), "batch_size": Range(ge=1), "block_size": Range(ge=1)}
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:  # one line, as from every other config
+            raise one_line_error(e) from None
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> CacheRequest:
+        check_ranges(self.__dict__, self.RANGES)
+        check_bad_image_policy(self.on_bad_image)
+        return self
+
+
+def check_request(request: CacheRequest) -> Manifest:
+    """Everything `plan_cache` would refuse about the request, found without writing anything: the device,
+    the output directory, the dataset (every split's images, decoded), the teacher and its tap.
+
+    Run before the flow starts (the CLI does), so a bad option is one line rather than a failed task.
+    """
+    check_device(request.device)
+    check_output_dir(request.out)
+    return build_manifest(request)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -75,12 +104,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str, split: str, subset: int | None, seed: int) -> ImageDataset:
-    return load_dataset(name, split=split, subset=subset, seed=seed)
+def _dataset(name: str, split: str, subset: int | None, seed: int, on_bad_image: str = "fail") -> ImageDataset:
+    return load_dataset(name, split=split, subset=subset, seed=seed, on_bad_image=on_bad_image)
 
 
 def request_dataset(request: CacheRequest) -> ImageDataset:
-    return _dataset(request.dataset, request.split, request.subset, request.subset_seed)
+    return _dataset(request.dataset, request.split, request.subset, request.subset_seed, request.on_bad_image)
 
 
 @functools.lru_cache(maxsize=2)
@@ -107,7 +136,7 @@ def teacher_spec(request: CacheRequest, dataset: ImageDataset) -> TeacherSpec:
     if "mean" in ckpt:
         mean, std = tuple(ckpt["mean"]), tuple(ckpt["std"])
     else:
-        mean, std = _dataset(request.dataset, "train", None, 0).pixel_stats()
+        mean, std = _dataset(request.dataset, "train", None, 0, request.on_bad_image).pixel_stats()
     base = TeacherSpec(
         model=request.teacher, num_classes=int(ckpt.get("num_classes", dataset.num_classes)),
         in_chans=dataset.channels, input_size=request.input_size or int(ckpt.get("input_size", 0))
@@ -203,7 +232,10 @@ def build_manifest(request: CacheRequest) -> Manifest:
         dataset={"name": dataset.name, "split": dataset.split, "num_samples": len(dataset),
                  "num_classes": dataset.num_classes, "class_names": list(dataset.class_names),
                  "channels": dataset.channels, "fingerprint": dataset.fingerprint(),
-                 "subset": request.subset, "subset_seed": request.subset_seed},
+                 "subset": request.subset, "subset_seed": request.subset_seed,
+                 # Only when it changes what is cached: caches made without skipping keep their identity.
+                 **({"on_bad_image": "skip", "skipped": list(dataset.skipped)}
+                    if request.on_bad_image == "skip" else {})},
         views={**plan.to_dict(), "recipe": plan.recipe},
         storage=storage.__dict__.copy(),
         arrays=arrays,

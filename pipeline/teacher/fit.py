@@ -10,15 +10,16 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.datasets import load_dataset
+from pipeline.data.datasets import check_bad_image_policy, load_dataset
 from pipeline.data.rendering import RenderedViews, forget_parent_exit_hooks
 from pipeline.data.views import ViewPlan
+from pipeline.options import Range, check_device, check_output_file, check_ranges
 from pipeline.progress import progress_task
 from pipeline.teacher.cache_pass import default_input_size, resolve_device
 from pipeline.teacher.model import CHECKPOINT_FORMAT, create_timm_model
@@ -42,17 +43,31 @@ class FitConfig:
     label_smoothing: float = 0.1
     workers: int = 1
     device: str = "auto"
+    on_bad_image: str = "fail"  # an undecodable image in an image folder: "fail" (name it) or "skip"
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "epochs": Range(ge=1), "subset": Range(ge=1), "seed": Range(ge=0), "input_size": Range(ge=8),
+        "batch_size": Range(ge=1), "lr": Range(gt=0), "weight_decay": Range(ge=0),
+        "label_smoothing": Range(ge=0, le=1), "workers": Range(ge=0)}
+
+    def __post_init__(self) -> None:
+        check_ranges(vars(self), self.RANGES)
+        check_bad_image_policy(self.on_bad_image)
 
 
 def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
-    """Train `cfg.model` on the dataset's train split, evaluate on val, save the checkpoint atomically."""
-    if cfg.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, not {cfg.epochs}")
+    """Train `cfg.model` on the dataset's train split, evaluate on val, save the checkpoint atomically.
+
+    Everything that can refuse the job (device, where the checkpoint goes, every split's images) is checked
+    before the first step, so nothing is trained for a checkpoint that cannot be written.
+    """
+    check_device(cfg.device)
+    check_output_file(cfg.out)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    train = load_dataset(cfg.dataset, "train", subset=cfg.subset, seed=cfg.seed)
-    val = load_dataset(cfg.dataset, "val")
-    mean, std = load_dataset(cfg.dataset, "train").pixel_stats()
+    train = load_dataset(cfg.dataset, "train", subset=cfg.subset, seed=cfg.seed, on_bad_image=cfg.on_bad_image)
+    val = load_dataset(cfg.dataset, "val", on_bad_image=cfg.on_bad_image)
+    mean, std = load_dataset(cfg.dataset, "train", on_bad_image=cfg.on_bad_image).pixel_stats()
     size = cfg.input_size or default_input_size(train)
     model = create_timm_model(cfg.model, train.num_classes, train.channels, size).to(device)
     optim_cfg = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -90,4 +105,5 @@ def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda f: torch.save(checkpoint, f))
     return {"model": cfg.model, "val_accuracy": accuracy, "train_seconds": seconds, "out": str(out),
-            "num_samples": len(train), "input_size": size}
+            "num_samples": len(train), "input_size": size,
+            "skipped_images": sorted({*train.skipped, *val.skipped})}

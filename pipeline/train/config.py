@@ -10,10 +10,13 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pipeline.train.optim import OptimConfig
+from pipeline.data.datasets import check_bad_image_policy
 from pipeline.errors import DistilleryError
+from pipeline.methods import resolve_method_spec
+from pipeline.options import Range, check_device, check_ranges
+from pipeline.train.optim import OptimConfig
 
 
 class TrainError(DistilleryError):
@@ -35,19 +38,21 @@ class RunSettings:
     eval_every: int = 1  # evaluate on the val split every this many epochs (and always after the last)
     device: str = "auto"
     resume: bool = False  # continue from the run directory's checkpoint, if there is one
+    on_bad_image: str = "fail"  # an undecodable val image of an image folder: "fail" (name it) or "skip"
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "epochs": Range(ge=1), "seed": Range(ge=0), "batch_size": Range(ge=1), "input_size": Range(ge=8),
+        "workers": Range(ge=0), "shuffle_buffer": Range(ge=1), "eval_every": Range(ge=1)}
 
     def __post_init__(self) -> None:
         if isinstance(self.optim, dict):  # from config.json or a Prefect parameter
             object.__setattr__(self, "optim", OptimConfig(**self.optim))
-        for name in ("epochs", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
-        if self.seed < 0:
-            raise TrainError(f"--seed must be >= 0, not {self.seed}")
-        if self.workers < 0 or self.shuffle_buffer < 1:
-            raise TrainError("--workers must be >= 0 and the shuffle buffer >= 1")
-        if self.input_size is not None and self.input_size < 8:
-            raise TrainError(f"--input-size must be >= 8, not {self.input_size}")
+        check_ranges(vars(self), self.RANGES)
+        check_bad_image_policy(self.on_bad_image)
+
+    def check_machine(self) -> None:
+        """What only the machine that trains can tell: whether it has the requested device."""
+        check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ class StudentSpec:
         object.__setattr__(self, "methods", tuple(self.methods))
         if not self.methods:
             raise TrainError(f"student {self.student} has no --method; give at least one, e.g. --method ce")
+        for spec in self.methods:  # an unknown method or an option out of range, before any cache is opened
+            resolve_method_spec(spec)
 
     @property
     def slug(self) -> str:

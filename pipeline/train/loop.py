@@ -25,6 +25,7 @@ from pipeline.cache.store import TeacherCache
 from pipeline.data.datasets import ImageDataset, load_dataset
 from pipeline.methods import CacheInfo, MethodError, StudentInfo, TrainingProgress, create_method, resolve_method_spec
 from pipeline.methods.base import parse_method_spec
+from pipeline.options import check_output_dir
 from pipeline.progress import progress_task
 from pipeline.teacher.cache_pass import resolve_device
 from pipeline.train.config import TrainConfig, TrainError
@@ -130,9 +131,13 @@ def setup_run(config: TrainConfig, device: torch.device) -> RunSetup:
     """Open and check the cache, the classes, the student, its methods, the online teacher's prerequisites
     and the run directory (resume); every bad input is a one-line error (a ValueError subclass)."""
     s = config.settings
+    s.check_machine()
+    check_output_dir(config.out)
+    run = RunDir(config.out)
+    run.check_unlocked()
     cache = open_cache(config.cache)
     manifest = cache.manifest
-    val = load_dataset(manifest.dataset["name"], "val")
+    val = load_dataset(manifest.dataset["name"], "val", on_bad_image=s.on_bad_image)
     check_classes(cache, val)
     size = s.input_size or manifest.teacher["input_size"]
     torch.manual_seed(s.seed)
@@ -145,7 +150,7 @@ def setup_run(config: TrainConfig, device: torch.device) -> RunSetup:
     if s.online_teacher:
         OnlineTeacher.check(cache, needs)
     identity = {**config.identity(), "cache_fingerprint": cache_fingerprint(cache)}
-    checkpoint = RunDir(config.out).load_checkpoint(config, identity)
+    checkpoint = run.load_checkpoint(config, identity)
     return RunSetup(cache, val, size, student, methods, needs, identity, checkpoint)
 
 
@@ -163,11 +168,21 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     each epoch's first step, which waits for the loader to start, is left out), peak_rss_bytes (this
     process or a finished DataLoader worker, whichever peaked higher; a flow training several students in
     one process reports the process's peak so far), cache, online_teacher, params (student parameters),
-    and teacher, dataset, num_samples, input_size, batch_size, steps, final_loss, device, out.
+    and teacher, dataset, num_samples, input_size, batch_size, steps, final_loss, device, out,
+    val_skipped_images (undecodable val images left out under --on-bad-image skip).
+    The run holds RUNDIR's lock throughout (`RunDir.locked`).
     """
-    s = config.settings
-    device = resolve_device(s.device)
+    device = resolve_device(config.settings.device)
     setup = setup_run(config, device)
+    run = RunDir(config.out)
+    with run.locked():
+        # Read again under the lock: a run that held it a moment ago may have checkpointed since the check.
+        setup.checkpoint = run.load_checkpoint(config, setup.identity)
+        return _train(config, setup, run, device)
+
+
+def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.device) -> dict[str, Any]:
+    s = config.settings
     cache, val, size, student, methods = setup.cache, setup.val, setup.size, setup.student, setup.methods
     manifest = cache.manifest
     mean, std = manifest.teacher["mean"], manifest.teacher["std"]
@@ -180,7 +195,6 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     optimizer = build_optimizer(params, s.optim)
     schedule = cosine_schedule(optimizer, s.epochs * steps, round(s.optim.warmup_epochs * steps))
 
-    run = RunDir(config.out)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "step_seconds_sum": 0.0,
                              "step_count": 0, "val_accuracy": None, "loss": None}
     ckpt = setup.checkpoint
@@ -259,6 +273,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
         "params": student.num_parameters(), "teacher": manifest.teacher["model"], "dataset": manifest.dataset["name"],
         "num_samples": cache.num_samples, "input_size": size, "batch_size": s.batch_size, "steps": state["step"],
         "final_loss": state["loss"], "device": str(device), "out": config.out,
+        "val_skipped_images": list(val.skipped),
     }
     run.finish(student.model.state_dict(), summary)
     return summary

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.options import OptionError, Range, check_ranges
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -18,11 +20,13 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     clip_grad: float | None = None
 
+    RANGES = {"lr": Range(gt=0), "weight_decay": Range(ge=0), "momentum": Range(ge=0, lt=1),
+              "warmup_epochs": Range(ge=0), "clip_grad": Range(gt=0)}
+
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"--optimizer must be adamw or sgd, not '{self.optimizer}'")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, not {self.lr}")
+            raise OptionError(f"--optimizer must be adamw or sgd, not '{self.optimizer}'")
+        check_ranges(vars(self), self.RANGES)
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -227,7 +227,7 @@ def test_imagefolder_errors(tmp_path):
     with pytest.raises(DatasetError, match="no class subfolders"):
         load_dataset(f"imagefolder:{tmp_path}")
     (tmp_path / "a").mkdir()
-    with pytest.raises(DatasetError, match="no train images"):
+    with pytest.raises(DatasetError, match=r"class folder a has no images \(.bmp, "):
         load_dataset(f"imagefolder:{tmp_path}")
     _write_png(tmp_path / "a" / "0.png", 1)
     with pytest.raises(DatasetError, match="too few images"):
@@ -239,6 +239,76 @@ def test_imagefolder_val_class_missing_from_train(tmp_path):
     _write_png(tmp_path / "val" / "b" / "0.png", 1)
     with pytest.raises(DatasetError, match="val/b has no counterpart in train"):
         load_dataset(f"imagefolder:{tmp_path}", "val")
+
+
+def _split_folder(root: Path) -> None:
+    """train/{a,b}/0..2.png and val/{a,b}/0..1.png: 10 decodable images."""
+    for split, count in (("train", 3), ("val", 2)):
+        for cls in ("a", "b"):
+            for i in range(count):
+                _write_png(root / split / cls / f"{i}.png", 10 * i)
+
+
+BAD_FILES = {"zero-byte": b"", "text": b"not an image at all\n", "truncated": None}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+@pytest.mark.parametrize("bad_split", ["train", "val"])
+def test_an_undecodable_image_in_any_split_is_refused_by_name_whichever_split_loads(tmp_path, kind, bad_split):
+    _split_folder(tmp_path)
+    good = (tmp_path / "train" / "a" / "0.png").read_bytes()
+    data = good[: len(good) // 2] if BAD_FILES[kind] is None else BAD_FILES[kind]
+    (tmp_path / bad_split / "b" / "9.png").write_bytes(data)
+    for split in ("train", "val"):
+        with pytest.raises(DatasetError, match=rf"1 undecodable image file\(s\): {bad_split}/b/9.png \(.+\); fix "
+                                               rf"or remove them, or pass --on-bad-image skip"):
+            load_dataset(f"imagefolder:{tmp_path}", split)
+
+
+def test_skip_leaves_bad_images_out_counts_them_and_ids_do_not_depend_on_it(tmp_path):
+    _split_folder(tmp_path)
+    clean = {split: load_dataset(f"imagefolder:{tmp_path}", split) for split in ("train", "val")}
+    (tmp_path / "val" / "a" / "1b.png").write_bytes(b"")
+    (tmp_path / "train" / "b" / "00.png").write_bytes(b"\x89PNG")
+    skipping = {split: load_dataset(f"imagefolder:{tmp_path}", split, on_bad_image="skip")
+                for split in ("train", "val")}
+    assert skipping["train"].skipped == ("train/b/00.png",) and skipping["val"].skipped == ("val/a/1b.png",)
+    for split in ("train", "val"):
+        assert list(skipping[split].paths) == list(clean[split].paths)
+        assert skipping[split].labels.tolist() == clean[split].labels.tolist()
+    # Once the two files are repaired, every other file keeps the id it had while they were skipped.
+    _write_png(tmp_path / "val" / "a" / "1b.png", 7)
+    _write_png(tmp_path / "train" / "b" / "00.png", 7)
+    for split in ("train", "val"):
+        repaired = load_dataset(f"imagefolder:{tmp_path}", split)
+        assert repaired.skipped == () and len(repaired) == len(clean[split]) + 1
+        id_of = dict(zip(repaired.paths, repaired.ids.tolist()))
+        assert [id_of[p] for p in skipping[split].paths] == skipping[split].ids.tolist()
+
+
+def test_many_bad_images_are_counted_and_the_first_named(tmp_path):
+    _split_folder(tmp_path)
+    for i in range(5):
+        (tmp_path / "train" / "a" / f"x{i}.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"5 undecodable .*train/a/x0.png .*x2.png \([^)]*\); and 2 more; fix"):
+        load_dataset(f"imagefolder:{tmp_path}", "val")
+
+
+def test_an_empty_class_folder_is_refused_with_its_name(tmp_path):
+    _split_folder(tmp_path)
+    (tmp_path / "val" / "c").mkdir()
+    (tmp_path / "train" / "c").mkdir()
+    (tmp_path / "train" / "c" / "readme.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match=r"class folder train/c has no images"):
+        load_dataset(f"imagefolder:{tmp_path}", "val")
+    _write_png(tmp_path / "train" / "c" / "0.png", 3)
+    with pytest.raises(DatasetError, match=r"class folder val/c has no images"):
+        load_dataset(f"imagefolder:{tmp_path}", "train")
+    (tmp_path / "val" / "c" / "0.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"class folder val/c has no decodable images"):
+        load_dataset(f"imagefolder:{tmp_path}", "train", on_bad_image="skip")
+    with pytest.raises(DatasetError, match=r"--on-bad-image must be one of fail, skip, not 'ignore'"):
+        load_dataset(f"imagefolder:{tmp_path}", "train", on_bad_image="ignore")
 
 
 # --- specs, splits and subsets ------------------------------------------------------------------

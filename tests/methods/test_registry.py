@@ -140,3 +140,50 @@ def test_methods_compose_by_summing_terms():
         assert all(k.startswith(method.name) and v.ndim == 0 for k, v in out.items())
         terms.update(out)
     assert torch.isfinite(sum(terms.values()))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("kd:T=-1", "method 'kd': option 'T' must be > 0, not -1.0"),
+    ("kd:T=0", "method 'kd': option 'T' must be > 0, not 0.0"),
+    ("kd:alpha=-1", "method 'kd': option 'alpha' must be >= 0, not -1.0"),
+    ("kd:alpha=nan", "method 'kd': option 'alpha' must be >= 0, not nan"),
+    ("kd:T=inf", "method 'kd': option 'T' must be > 0, not inf"),
+    ("ce:label_smoothing=1.5", "method 'ce': option 'label_smoothing' must be >= 0 and <= 1, not 1.5"),
+    ("dkd:warmup=-2", "method 'dkd': option 'warmup' must be >= 0, not -2.0"),
+    ("tcs:rounds=0", "method 'tcs': option 'rounds' must be >= 1, not 0"),
+    ("wkd_l:sinkhorn_reg=0", "method 'wkd_l': option 'sinkhorn_reg' must be > 0, not 0.0"),
+])
+def test_option_outside_its_declared_range_is_one_line_before_anything_is_built(spec, message):
+    from pipeline.methods import resolve_method_spec
+
+    with pytest.raises(MethodError) as info:
+        resolve_method_spec(spec)  # no cache, no student: refused from the spec alone
+    assert str(info.value) == message
+
+
+def test_every_numeric_option_of_every_method_declares_a_range_its_default_lies_in():
+    from pipeline.methods.base import _REGISTRY, _declared_range, _option_parameters
+
+    for name in list_methods():
+        for p in _option_parameters(_REGISTRY[name]):
+            if type(p.default) in (int, float) and p.name != "stage":  # stages: Method.stage_option
+                declared = _declared_range(p)
+                assert declared is not None and declared.contains(p.default), (name, p.name)
+
+
+def test_a_method_declaring_a_default_outside_its_range_is_refused_at_registration():
+    from typing import Annotated
+
+    from pipeline.options import Range
+
+    class Bad(Method):
+        name = "bad_default_range"
+
+        def __init__(self, cache, student, *, T: Annotated[float, Range(gt=0)] = 0.0) -> None:
+            super().__init__(cache, student)
+
+        def forward(self, student, targets, labels, progress):
+            return {}
+
+    with pytest.raises(TypeError, match="default 0.0 of option 'T' of method 'bad_default_range' is outside"):
+        register_method(Bad)

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from pipeline.errors import DistilleryError
+from pipeline.options import OptionError
 from pipeline.train.config import RunSettings, StudentSpec, TrainConfig, TrainError, plan_runs
 from pipeline.train.optim import OptimConfig
 
@@ -32,13 +34,35 @@ def test_config_round_trips_through_json_and_identity_ignores_only_where_and_on_
     assert TrainConfig("c", "s", ("ce", "kd"), "o", RunSettings(workers=2)).identity() != cfg.identity()
 
 
-@pytest.mark.parametrize("bad, match", [({"epochs": 0}, "--epochs must be >= 1"),
-                                        ({"batch_size": 0}, "--batch-size must be >= 1"),
-                                        ({"seed": -1}, "--seed must be >= 0"),
-                                        ({"input_size": 4}, "--input-size must be >= 8")])
-def test_bad_settings_are_one_line_errors(bad, match) -> None:
-    with pytest.raises(TrainError, match=match):
+@pytest.mark.parametrize("bad, message", [({"epochs": 0}, "--epochs must be >= 1, not 0"),
+                                          ({"epochs": -3}, "--epochs must be >= 1, not -3"),
+                                          ({"batch_size": 0}, "--batch-size must be >= 1, not 0"),
+                                          ({"seed": -1}, "--seed must be >= 0, not -1"),
+                                          ({"input_size": 4}, "--input-size must be >= 8, not 4"),
+                                          ({"input_size": 0}, "--input-size must be >= 8, not 0"),
+                                          ({"input_size": -5}, "--input-size must be >= 8, not -5"),
+                                          ({"workers": -1}, "--workers must be >= 0, not -1"),
+                                          ({"eval_every": 0}, "--eval-every must be >= 1, not 0"),
+                                          ({"on_bad_image": "ignore"},
+                                           "--on-bad-image must be one of fail, skip, not 'ignore'")])
+def test_bad_settings_are_one_line_errors(bad, message) -> None:
+    with pytest.raises(DistilleryError) as info:
         RunSettings(**bad)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("bad, message", [({"lr": float("nan")}, "--lr must be > 0, not nan"),
+                                          ({"lr": float("inf")}, "--lr must be > 0, not inf"),
+                                          ({"lr": -0.1}, "--lr must be > 0, not -0.1"),
+                                          ({"lr": 0.0}, "--lr must be > 0, not 0.0"),
+                                          ({"weight_decay": -1.0}, "--weight-decay must be >= 0, not -1.0"),
+                                          ({"warmup_epochs": float("nan")}, "--warmup-epochs must be >= 0, not nan"),
+                                          ({"clip_grad": 0.0}, "--clip-grad must be > 0, not 0.0"),
+                                          ({"momentum": 1.0}, "--momentum must be >= 0 and < 1, not 1.0")])
+def test_bad_optimiser_settings_are_one_line_errors(bad, message) -> None:
+    with pytest.raises(OptionError) as info:
+        OptimConfig(**bad)
+    assert str(info.value) == message
 
 
 def test_a_student_needs_a_method() -> None:

@@ -182,3 +182,72 @@ def test_peak_rss_of_a_process_spawned_by_a_large_parent_is_its_own() -> None:
         child = pool.submit(peak_rss_bytes).result()
     del ballast
     assert 0 < child < parent - 2**29, (child, parent)  # ru_maxrss alone would report the parent's peak
+
+
+def test_a_run_directory_in_use_is_refused_naming_its_holder_and_released_when_the_holder_is_killed(
+        make_cache, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache, out = make_cache(n=64), tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.train.rundir import RunDir\n"
+                               "with RunDir(sys.argv[1]).locked():\n    print('held', flush=True); time.sleep(60)",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for resume in (False, True):
+            with pytest.raises(TrainError, match=rf"{out} is in use by another run \(pid {holder.pid} on .+ since "
+                                                 rf".+\); wait for it to end or choose another --out"):
+                train_student(config(cache, out, resume=resume))
+        assert sorted(p.name for p in out.iterdir()) == ["run.lock", "run.lock.json"]  # nothing of a run
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the kernel drops a killed holder's flock at once; allow for scheduling
+        try:
+            RunDir(out).check_unlocked()
+            break
+        except TrainError:
+            time.sleep(0.05)
+    assert train_student(config(cache, out))["steps"] == 2
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_the_run_resumes_exactly(make_cache, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    cache = make_cache(n=96)
+    whole = train_student(config(cache, tmp_path / "whole", epochs=2))
+
+    log = RunDir.log
+
+    def killed_while_logging_the_second_epoch(self: RunDir, records: list[dict]) -> None:
+        if records[0]["epoch"] == 0:
+            return log(self, records)
+        with open(self.path / "metrics.jsonl", "a") as f:  # half of the first record, as a kill leaves it
+            f.write(json.dumps(records[0])[:25])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "log", killed_while_logging_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_student(config(cache, tmp_path / "killed", epochs=2))
+    monkeypatch.undo()
+    assert not (tmp_path / "killed" / "metrics.jsonl").read_text().endswith("\n")
+    resumed = train_student(config(cache, tmp_path / "killed", epochs=2, resume=True))
+
+    assert resumed["val_accuracy"] == whole["val_accuracy"] and resumed["steps"] == whole["steps"]
+    strip = lambda run: [{k: v for k, v in r.items() if k != "step_seconds"} for r in _lines(run)]  # noqa: E731
+    assert strip(tmp_path / "killed") == strip(tmp_path / "whole")
+    a, b = (torch.load(tmp_path / run / "student.pt", weights_only=True) for run in ("whole", "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_bad_metrics_line_before_the_last_is_refused_naming_it(make_cache, tmp_path: Path) -> None:
+    cache, out = make_cache(n=64), tmp_path / "run"
+    train_student(config(cache, out, epochs=1))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0], "{garbage", *lines[1:]]) + "\n")
+    with pytest.raises(TrainError, match=rf"{out / 'metrics.jsonl'} line 2 is not a metrics record"):
+        train_student(config(cache, out, epochs=1, resume=True))

@@ -1,0 +1,70 @@
+"""Prefect's temporary API server, tied to the process that starts it.
+
+Without ``PREFECT_API_URL``, Prefect 3 starts a temporary server for the first flow run
+(``prefect.server.api.server.SubprocessASGIServer``: ``python -m uvicorn ...`` in a child process) and
+stops it from an ``atexit`` hook, which never runs when the CLI is killed (SIGKILL, the OOM killer): the
+server would outlive it. Here the CLI starts that same server itself, from its main thread, with Linux's
+parent-death signal set in the child (``prctl(PR_SET_PDEATHSIG, SIGKILL)``), so the kernel kills the
+server the moment the CLI dies, however it dies. Prefect's client then finds the server running (it is
+a per-process singleton) and uses it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGKILL when ``parent`` exits, or exits at once if it already has."""
+
+    def tie() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died between fork and prctl: nobody would signal us
+            os._exit(1)
+
+    return tie
+
+
+class _TiedSubprocess(types.ModuleType):
+    """``subprocess`` as Prefect's server module sees it while we start the server: Popen ties the child."""
+
+    def __init__(self, parent: int) -> None:
+        super().__init__("subprocess")
+        self._tie = _die_with(parent)
+
+    def Popen(self, *args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 - the name Prefect calls
+        return subprocess.Popen(*args, preexec_fn=self._tie, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+
+def start_temporary_server() -> None:
+    """Start Prefect's temporary server now, tied to this process; a no-op when ``PREFECT_API_URL`` names a
+    server, when the temporary server is disabled, or off Linux (there Prefect starts it untied, as before).
+
+    Call it from the main thread: the parent-death signal follows the thread that forked the child.
+    """
+    from prefect.server.api import server as prefect_server
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value() or not sys.platform.startswith("linux"):
+        return
+    temporary = prefect_server.SubprocessASGIServer()  # the instance Prefect's client will use
+    if temporary.running:
+        return
+    # Prefect builds the uvicorn command itself; only its module's view of subprocess changes, only meanwhile.
+    prefect_server.subprocess = _TiedSubprocess(os.getpid())
+    try:
+        temporary.start()
+    finally:
+        prefect_server.subprocess = subprocess
