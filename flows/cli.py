@@ -19,8 +19,9 @@ from rich.text import Text
 from pipeline import progress
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# Prefect's console logs would tear through the progress display; the flow's artifacts keep the summary.
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Prefect's console logs would tear through the progress display and print a traceback before the one-line
+# error of bad input; the server keeps every log line (flow, task and library) and the CLI prints results.
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 
 console = Console(width=None if sys.stdout.isatty() else 140)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -97,13 +98,15 @@ def fit_teacher_cmd(
     lr: float = 2e-3,
     device: str = "auto",
 ) -> None:
-    """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint."""
-    from pipeline.teacher.fit import FitConfig, fit_teacher
+    """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint (Prefect flow)."""
+    from flows.fit_teacher import check_fit, fit_teacher_flow
+    from pipeline.teacher.fit import FitConfig
 
     cfg = FitConfig(dataset=dataset, model=model, out=str(out), epochs=epochs, subset=subset, seed=seed,
                     input_size=input_size, batch_size=batch_size, lr=lr, device=device)
+    check_fit(cfg)  # one line here, not a failed flow run
     with show_progress():
-        result = fit_teacher(cfg)
+        result = fit_teacher_flow(cfg)
     console.print(f"teacher {model}: val accuracy {result['val_accuracy']:.4f} after {epochs} epochs "
                   f"({result['train_seconds']:.1f} s) -> {result['out']}")
 
@@ -133,10 +136,13 @@ def cache_cmd(
     input_size: Optional[int] = None,
     cka_source: Annotated[str, typer.Option(help="logits | features | auto (logits if stored)")] = "auto",
     device: str = "auto",
+    task_runner: Annotated[str, typer.Option(help="where shard tasks run: thread | dask (a local cluster of "
+                                                  "--dask-workers processes) | tcp://SCHEDULER:PORT")] = "thread",
+    dask_workers: Annotated[int, typer.Option(help="worker processes of --task-runner dask")] = 2,
 ) -> None:
     """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
-    from flows.cache_teacher import cache_teacher
-    from pipeline.teacher.cache_pass import CacheRequest
+    from flows.cache_teacher import run_cache_teacher
+    from pipeline.teacher.cache_pass import CacheRequest, build_manifest
 
     if teacher_head not in ("keep", "none"):
         raise typer.BadParameter("--teacher-head must be 'keep' or 'none'")
@@ -146,8 +152,9 @@ def cache_cmd(
                            tap=tap, grid=grid, featmaps=featmaps, teacher_tail=teacher_tail, lsh_bits=lsh_bits,
                            input_size=input_size,
                            shard_size=shard_size, batch_size=batch_size, cka_source=cka_source, device=device)
+    build_manifest(request)  # bad options, checkpoint or dataset: one line here, before any flow starts
     with show_progress():
-        result = cache_teacher(request)
+        result = run_cache_teacher(request, task_runner, dask_workers)
     console.print(f"cached {result['num_samples']} samples into {result['cache']}: teacher pass "
                   f"{result['images']} images in {result['pass_seconds']:.1f} s = "
                   f"{result['images_per_second']:.0f} images/s ({result['skipped_shards']} shards reused)")
@@ -289,9 +296,10 @@ def train_cmd(
     device: str = "auto",
 ) -> None:
     """Train students from a teacher cache (Prefect flow); prints a comparison table."""
-    from flows.train_students import train_students
-    from pipeline.train.config import RunSettings, StudentSpec, TrainError, plan_runs
-    from pipeline.train.loop import check_run
+    from flows.params import Student, TrainSettings
+    from flows.train_students import plan_sweep, train_students
+    from pipeline.teacher.cache_pass import resolve_device
+    from pipeline.train.config import RunSettings, TrainError
     from pipeline.train.optim import OptimConfig
 
     try:
@@ -301,11 +309,13 @@ def train_cmd(
         raise TrainError(str(e)) from None
     settings = RunSettings(epochs=epochs, seed=seed, batch_size=batch_size, optim=optim, input_size=input_size,
                            online_teacher=online_teacher, workers=workers, device=device, resume=resume)
-    specs = [StudentSpec(name, tuple(method)) for name in student]
-    for config in plan_runs(str(cache), specs, str(out), settings):
-        check_run(config)  # bad input is one line here, not a traceback logged from inside a flow run
+    students = [Student(student=name, methods=list(method)) for name in student]
+    params = TrainSettings.of(settings)
+    # Bad input is one line here, not a failed flow run.
+    resolve_device(device)
+    plan_sweep(str(cache), students, str(out), params)
     with show_progress():
-        summaries = train_students(str(cache), specs, str(out), settings)
+        summaries = train_students(str(cache), students, str(out), params)
     print_students(f"students trained from {cache}", summaries)
 
 
@@ -422,6 +432,25 @@ def demo_cmd(
         result = run_experiment("digits-demo", [0], str(out))
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is under {out}")
     print_experiment("digits-demo", result, markdown=False)
+
+
+@app.command("deploy")
+def deploy_cmd(
+    spec: Annotated[Path, typer.Argument(help="deployment spec (TOML), e.g. deploy/nightly.toml")],
+    check: Annotated[bool, typer.Option(help="only check the spec and list its deployments")] = False,
+    limit: Annotated[Optional[int], typer.Option(help="most flow runs at once in this process")] = None,
+) -> None:
+    """Serve the spec's flows as deployments (schedules, event triggers) against PREFECT_API_URL."""
+    from flows.deploy import load_spec, serve_spec
+
+    if check:
+        loaded = load_spec(spec)
+        rows = [{"deployment": f"{d.flow_name}/{d.name}", "schedule": ", ".join(
+            str(s.schedule.cron if hasattr(s.schedule, "cron") else s.schedule.interval) for s in d.schedules)
+            or "-", "triggers": len(d.triggers)} for d in loaded.deployments]
+        print_table(f"{spec}: {len(rows)} deployments", rows)
+        return
+    serve_spec(spec, limit)
 
 
 def main() -> None:
