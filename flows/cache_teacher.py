@@ -13,7 +13,7 @@ identity fingerprint, path, dataset and teacher), which a deployment trigger can
 
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -28,6 +28,7 @@ from pipeline.report.content import gather_report
 from pipeline.report.markdown import report_markdown
 from pipeline.teacher import cache_pass
 from pipeline.teacher.cache_pass import CachePlan, CacheRequest, ShardStats
+from pipeline.teacher.model import TeacherError
 from pipeline.train.loop import cache_fingerprint
 
 forward_library_logs()
@@ -68,6 +69,10 @@ def task_runner(spec: str = "thread", workers: int = 2) -> TaskRunner:
     `dask.distributed` scheduler (prefect-dask)."""
     if spec == "thread":
         return ThreadPoolTaskRunner(max_workers=1)
+    if spec != "dask" and not spec.startswith(("tcp://", "tls://")):
+        raise TeacherError(f"--task-runner must be thread, dask or a scheduler address tcp://HOST:PORT, not '{spec}'")
+    if workers < 1:
+        raise TeacherError(f"--dask-workers must be >= 1, not {workers}")
     from prefect_dask import DaskTaskRunner
 
     if spec == "dask":

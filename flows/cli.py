@@ -136,12 +136,12 @@ def cache_cmd(
     input_size: Optional[int] = None,
     cka_source: Annotated[str, typer.Option(help="logits | features | auto (logits if stored)")] = "auto",
     device: str = "auto",
-    task_runner: Annotated[str, typer.Option(help="where shard tasks run: thread | dask (a local cluster of "
+    task_runner_spec: Annotated[str, typer.Option("--task-runner", help="where shard tasks run: thread | dask (a local cluster of "
                                                   "--dask-workers processes) | tcp://SCHEDULER:PORT")] = "thread",
     dask_workers: Annotated[int, typer.Option(help="worker processes of --task-runner dask")] = 2,
 ) -> None:
     """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
-    from flows.cache_teacher import run_cache_teacher
+    from flows.cache_teacher import run_cache_teacher, task_runner
     from pipeline.teacher.cache_pass import CacheRequest, build_manifest
 
     if teacher_head not in ("keep", "none"):
@@ -152,9 +152,10 @@ def cache_cmd(
                            tap=tap, grid=grid, featmaps=featmaps, teacher_tail=teacher_tail, lsh_bits=lsh_bits,
                            input_size=input_size,
                            shard_size=shard_size, batch_size=batch_size, cka_source=cka_source, device=device)
+    task_runner(task_runner_spec, dask_workers)  # an unknown runner is one line too
     build_manifest(request)  # bad options, checkpoint or dataset: one line here, before any flow starts
     with show_progress():
-        result = run_cache_teacher(request, task_runner, dask_workers)
+        result = run_cache_teacher(request, task_runner_spec, dask_workers)
     console.print(f"cached {result['num_samples']} samples into {result['cache']}: teacher pass "
                   f"{result['images']} images in {result['pass_seconds']:.1f} s = "
                   f"{result['images_per_second']:.0f} images/s ({result['skipped_shards']} shards reused)")
@@ -456,10 +457,17 @@ def deploy_cmd(
 def main() -> None:
     from pipeline.errors import DistilleryError
 
+    from pydantic import ValidationError
+
     try:
         app()
     except DistilleryError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ValidationError as e:  # a request model's own range check (e.g. --views -1)
+        err = e.errors()[0]
+        option = "--" + "-".join(map(str, err["loc"])).replace("_", "-")
+        Console(stderr=True).print(f"[red]error:[/red] {option}: {err['msg']}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.datasets import load_dataset
-from pipeline.data.rendering import RenderedViews, forget_parent_exit_hooks
+from pipeline.data.rendering import RenderedViews, worker_context
 from pipeline.data.views import ViewPlan
 from pipeline.progress import progress_task
 from pipeline.teacher.cache_pass import default_input_size, resolve_device
@@ -68,7 +68,8 @@ def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
             plan = ViewPlan(num_augmented=1, seed=cfg.seed * 1_000_003 + epoch)
             views = RenderedViews(train, plan, positions, np.ones(len(train), dtype=np.int64), size, mean, std)
             loader = torch.utils.data.DataLoader(views, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
-                                                 num_workers=cfg.workers, worker_init_fn=forget_parent_exit_hooks,
+                                                 num_workers=cfg.workers,
+                                                 multiprocessing_context=worker_context(cfg.workers),
                                                  generator=torch.Generator().manual_seed(cfg.seed + epoch))
             for x, y in loader:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
