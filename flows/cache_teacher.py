@@ -16,8 +16,10 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
 from prefect.events import emit_event
+from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.runtime import artifact_key, forward_library_logs, run_path, transient_io
@@ -133,7 +135,12 @@ def cache_teacher(request: CacheRequest) -> dict[str, Any]:
                 "written_shards": 0}
     logger.info("teacher pass into %s: %d shards to write, %d reused", plan.root, len(plan.pending), len(plan.done))
     start = time.perf_counter()
-    new_records = shard_task.map(unmapped(request), plan.pending).result()
+    futures = shard_task.map(unmapped(request), plan.pending)
+    progress = create_progress_artifact(100 * len(plan.done) / plan.num_shards,
+                                        description=f"Teacher pass into {plan.root}: shards done")
+    for done, _ in enumerate(as_completed(futures), start=len(plan.done) + 1):
+        update_progress_artifact(progress, 100 * done / plan.num_shards)
+    new_records = futures.result()
     pass_seconds = time.perf_counter() - start
     records = plan.done + list(new_records)
     parts = shard_stats_task.map(unmapped(plan.root), list(range(plan.num_shards))).result()

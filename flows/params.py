@@ -20,7 +20,7 @@ _OPTIM_FIELDS = tuple(f.name for f in dataclasses.fields(OptimConfig))
 class Student(BaseModel):
     """One student of a sweep."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     student: str = Field(description="timm model name, e.g. resnet18 or test_resnet")
     methods: list[str] = Field(min_length=1, description="distillation methods, composed: ce, kd:T=2, dkd, "
@@ -32,6 +32,9 @@ class Student(BaseModel):
 
 class TrainSettings(BaseModel):
     """Training settings shared by every student of a sweep (`pipeline.train.config.RunSettings`)."""
+
+    # A misspelt key in a deployment spec, or a field the library adds and this model lacks, fails loudly.
+    model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(10, ge=1, description="training epochs")
     seed: int = Field(0, ge=0, description="student seed (initialisation, shuffling)")

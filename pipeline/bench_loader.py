@@ -64,14 +64,14 @@ def main() -> None:
                                     "--epochs", str(args.epochs), "--workers", str(args.workers)],
                                    capture_output=True, text=True, check=True)
             results[method] = json.loads(child.stdout.strip().splitlines()[-1])
-    views = args.samples * 3
-    print(f"{views} sample-views per epoch, {args.workers} workers, batch 64, {args.epochs} epochs per method")
-    print(f"{'method':<11} {'epoch 0 s':>9} {'later s':>8} {'later views/s':>13} {'epoch 0 / fork':>14} "
+    views = args.samples  # each epoch streams one view of every sample
+    print(f"{views} samples per epoch, {args.workers} workers, batch 64, {args.epochs} epochs per method")
+    print(f"{'method':<11} {'epoch 0 s':>9} {'later s':>8} {'later samples/s':>15} {'epoch 0 / fork':>14} "
           f"{'later / fork':>12}")
     fork0, fork_later = results["fork"][0], sum(results["fork"][1:]) / max(1, args.epochs - 1)
     for method, seconds in results.items():
         later = sum(seconds[1:]) / max(1, len(seconds) - 1)
-        print(f"{method:<11} {seconds[0]:>9.2f} {later:>8.2f} {views / later:>13.0f} {seconds[0] / fork0:>14.2f} "
+        print(f"{method:<11} {seconds[0]:>9.2f} {later:>8.2f} {views / later:>15.0f} {seconds[0] / fork0:>14.2f} "
               f"{later / fork_later:>12.2f}")
 
 

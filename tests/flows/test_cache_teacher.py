@@ -18,8 +18,9 @@ from pipeline.cache.store import TeacherCache
 
 def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, digits_cache: Path, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, ArtifactFilterType
 
-    from flows.cache_teacher import cache_teacher
+    from flows.cache_teacher import cache_artifact_key, cache_teacher
 
     result = cache_teacher(cache_request(tmp_path / "flow"))
     assert result["written_shards"] == 4 and result["skipped_shards"] == 0
@@ -28,14 +29,13 @@ def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, dig
     for name in ("logits/dense", "features/pooled", "stats/pca/components", "stats/cka/ir"):
         np.testing.assert_array_equal(flow_cache.read(name), reference.read(name), err_msg=name)
 
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    from flows.cache_teacher import cache_artifact_key
-
     keys = {kind: cache_artifact_key(kind, flow_cache) for kind in ("arrays", "summary")}
     assert keys["arrays"].startswith("teacher-cache-arrays-digits-test-resnet-")
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys.values()))))
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+    [ours] = [a for a in progress if str(tmp_path / "flow") in a.description]
+    assert ours.data == 100.0  # updated as each shard finished
     found = {a.key: a for a in artifacts}
     assert found[keys["arrays"]].type == "table" and "features/pooled" in str(found[keys["arrays"]].data)
     assert found[keys["summary"]].type == "markdown"

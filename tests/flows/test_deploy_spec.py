@@ -50,6 +50,7 @@ def test_a_spec_schedule_is_cron_or_interval(tmp_path: Path) -> None:
     (dict(students='[{ student = "resnet18", methods = [] }]'), "bad parameters"),
     (dict(settings='{ optimizer = "lion" }'), "bad parameters"),
     (dict(settings='{ epochs = 0 }'), "bad parameters"),
+    (dict(settings='{ epoch = 2 }'), "bad parameters"),
     (dict(schedule='task_runner = "dask"'), "task_runner applies to cache-teacher only"),
 ])
 def test_spec_mistakes_are_one_line_naming_the_deployment(tmp_path: Path, change: dict, message: str) -> None:
