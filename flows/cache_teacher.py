@@ -1,19 +1,28 @@
 """Prefect flow `cache-teacher`: plan -> map a task over shards -> per-shard statistics -> reduce -> complete.
 
 A thin wrapper over `pipeline.teacher.cache_pass`; every task is one library function. A shard already
-finished in the store is skipped (its files are verified first), so a killed run resumes.
+finished in the store is skipped (its files are verified first), so a killed run resumes. Shards are
+independent (each writes only its own zarr chunks and files), so the task runner decides where they run:
+one thread by default, a Dask cluster (`task_runner("dask")`) fans them out over processes or machines.
 Results are not persisted (`persist_result=False`): the store on disk is the result.
+
+When this run completes a cache it emits the event `distillery.cache.completed` (resource: the cache's
+identity fingerprint, path, dataset and teacher), which a deployment trigger can turn into a student sweep
+(README, "Prefect in production").
 """
 
-from __future__ import annotations
-
+import os
 import time
 from typing import Any
 
-from prefect import flow, task, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+from prefect.events import emit_event
+from prefect.futures import as_completed
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows.runtime import artifact_key, forward_library_logs, run_path, transient_io
 from pipeline.cache.manifest import Manifest, ShardRecord
 from pipeline.cache.store import TeacherCache
 from pipeline.cache.summary import array_rows, human_bytes
@@ -21,31 +30,57 @@ from pipeline.report.content import gather_report
 from pipeline.report.markdown import report_markdown
 from pipeline.teacher import cache_pass
 from pipeline.teacher.cache_pass import CachePlan, CacheRequest, ShardStats
+from pipeline.teacher.model import TeacherError
+from pipeline.train.loop import cache_fingerprint
+
+forward_library_logs()
+
+CACHE_COMPLETED = "distillery.cache.completed"
+IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_io)
 
 
-@task(name="plan-cache", persist_result=False)
+@task(name="plan-cache", persist_result=False, **IO_RETRIES)
 def plan_task(request: CacheRequest) -> CachePlan:
     return cache_pass.plan_cache(request)
 
 
-@task(name="cache-shard", persist_result=False, task_run_name="cache-shard-{index}")
+@task(name="cache-shard", persist_result=False, task_run_name="cache-shard-{index}", tags=["accelerator"],
+      **IO_RETRIES)
 def shard_task(request: CacheRequest, index: int) -> ShardRecord:
     return cache_pass.cache_shard(request, index)
 
 
-@task(name="shard-statistics", persist_result=False, task_run_name="shard-statistics-{index}")
+@task(name="shard-statistics", persist_result=False, task_run_name="shard-statistics-{index}", **IO_RETRIES)
 def shard_stats_task(root: str, index: int) -> ShardStats:
     return cache_pass.shard_statistics(root, index)
 
 
-@task(name="reduce-statistics", persist_result=False)
+@task(name="reduce-statistics", persist_result=False, **IO_RETRIES)
 def reduce_task(root: str, parts: list[ShardStats], cka_source: str) -> dict[str, Any]:
     return cache_pass.reduce_statistics(root, parts, cka_source)
 
 
-@task(name="complete-cache", persist_result=False)
+@task(name="complete-cache", persist_result=False, **IO_RETRIES)
 def complete_task(root: str, records: list[ShardRecord]) -> Manifest:
     return cache_pass.complete_cache(root, records)
+
+
+def task_runner(spec: str = "thread", workers: int = 2) -> TaskRunner:
+    """`thread`: one shard at a time in this process (on CPU torch already uses every core inside a
+    forward); `dask`: a local Dask cluster of `workers` processes; `tcp://HOST:PORT`: a running
+    `dask.distributed` scheduler (prefect-dask)."""
+    if spec == "thread":
+        return ThreadPoolTaskRunner(max_workers=1)
+    if spec != "dask" and not spec.startswith(("tcp://", "tls://")):
+        raise TeacherError(f"--task-runner must be thread, dask or a scheduler address tcp://HOST:PORT, not '{spec}'")
+    if workers < 1:
+        raise TeacherError(f"--dask-workers must be >= 1, not {workers}")
+    from prefect_dask import DaskTaskRunner
+
+    if spec == "dask":
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
+    return DaskTaskRunner(address=spec)
 
 
 def summary_rows(root: str) -> list[dict[str, Any]]:
@@ -63,20 +98,48 @@ def summary_markdown(root: str, result: dict[str, Any]) -> str:
     return report_markdown(report, f"Teacher cache `{root}`", intro=["", throughput])
 
 
+def cache_artifact_key(kind: str, cache: TeacherCache) -> str:
+    """`teacher-cache-<kind>-<dataset>-<teacher>-<fingerprint[:12]>`: one history per cache identity."""
+    m = cache.manifest
+    return artifact_key("teacher-cache", kind, m.dataset["name"], m.teacher["model"], cache_fingerprint(cache)[:12])
+
+
+def emit_cache_completed(root: str, result: dict[str, Any]) -> None:
+    """The event a deployment trigger starts a student sweep on (resource labels are strings)."""
+    cache = TeacherCache(root)
+    m, fingerprint = cache.manifest, cache_fingerprint(cache)
+    emit_event(event=CACHE_COMPLETED,
+               resource={"prefect.resource.id": f"distillery.cache.{fingerprint}",
+                         "prefect.resource.name": os.path.abspath(root),
+                         "distillery.cache.path": os.path.abspath(root),
+                         "distillery.cache.fingerprint": fingerprint,
+                         "distillery.dataset": str(m.dataset["name"]),
+                         "distillery.teacher": str(m.teacher["model"])},
+               payload={"num_samples": result["num_samples"], "images": result["images"],
+                        "pass_seconds": result["pass_seconds"]})
+
+
 @flow(name="cache-teacher", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
 def cache_teacher(request: CacheRequest) -> dict[str, Any]:
-    """Run the teacher once over the dataset and store everything students need (DESIGN.md §2, §4).
+    """Run the teacher once over the dataset and store everything students need (README, "The teacher cache").
 
-    One shard at a time by default: on CPU, torch already uses every core inside a forward. Swap the
-    task runner (e.g. a Dask one) to fan shards out over machines.
+    `request.out` may hold {date}, {time}, {flow_run_name} or {flow_run_id} (filled per flow run).
     """
+    logger = get_run_logger()
+    request = request.model_copy(update={"out": run_path(request.out)})
     plan = plan_task(request)
     if plan.complete:
+        logger.info("cache %s is already complete with this identity; nothing to do", plan.root)
         return {"cache": plan.root, "num_samples": Manifest.load(plan.root).dataset["num_samples"], "images": 0,
                 "pass_seconds": 0.0, "images_per_second": 0.0, "skipped_shards": plan.num_shards,
                 "written_shards": 0}
+    logger.info("teacher pass into %s: %d shards to write, %d reused", plan.root, len(plan.pending), len(plan.done))
     start = time.perf_counter()
     futures = shard_task.map(unmapped(request), plan.pending)
+    progress = create_progress_artifact(100 * len(plan.done) / plan.num_shards,
+                                        description=f"Teacher pass into {plan.root}: shards done")
+    for done, _ in enumerate(as_completed(futures), start=len(plan.done) + 1):
+        update_progress_artifact(progress, 100 * done / plan.num_shards)
     new_records = futures.result()
     pass_seconds = time.perf_counter() - start
     records = plan.done + list(new_records)
@@ -87,8 +150,17 @@ def cache_teacher(request: CacheRequest) -> dict[str, Any]:
     result = {"cache": plan.root, "num_samples": manifest.dataset["num_samples"], "images": images,
               "pass_seconds": pass_seconds, "images_per_second": images / pass_seconds if pass_seconds > 0 else 0.0,
               "skipped_shards": len(plan.done), "written_shards": len(new_records)}
-    create_table_artifact(key="teacher-cache-arrays", table=summary_rows(plan.root),
+    logger.info("teacher pass: %d images in %.1f s (%.0f images/s); cache complete at %s", images, pass_seconds,
+                result["images_per_second"], os.path.abspath(plan.root))
+    cache = TeacherCache(plan.root)
+    create_table_artifact(key=cache_artifact_key("arrays", cache), table=summary_rows(plan.root),
                           description=f"Arrays stored in {plan.root}")
-    create_markdown_artifact(key="teacher-cache-summary", markdown=summary_markdown(plan.root, result),
-                             description="Teacher cache summary")
+    create_markdown_artifact(key=cache_artifact_key("summary", cache), markdown=summary_markdown(plan.root, result),
+                             description=f"Teacher cache summary of {plan.root}")
+    emit_cache_completed(plan.root, result)
     return result
+
+
+def run_cache_teacher(request: CacheRequest, runner: str = "thread", workers: int = 2) -> dict[str, Any]:
+    """`cache_teacher(request)` on the task runner named by `runner` (see `task_runner`)."""
+    return cache_teacher.with_options(task_runner=task_runner(runner, workers))(request)

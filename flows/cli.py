@@ -20,8 +20,9 @@ from flows.server import start_temporary_server
 from pipeline import progress
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# Prefect's console logs would tear through the progress display; the flow's artifacts keep the summary.
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Prefect's console logs would tear through the progress display and print a traceback before the one-line
+# error of bad input; the server keeps every log line (flow, task and library) and the CLI prints results.
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 
 console = Console(width=None if sys.stdout.isatty() else 140)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -111,13 +112,16 @@ def fit_teacher_cmd(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     on_bad_image: Annotated[str, typer.Option(help=ON_BAD_IMAGE_HELP)] = "fail",
 ) -> None:
-    """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint."""
-    from pipeline.teacher.fit import FitConfig, fit_teacher
+    """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint (Prefect flow)."""
+    from flows.fit_teacher import fit_teacher_flow
+    from pipeline.teacher.fit import FitConfig, check_fit
 
     cfg = FitConfig(dataset=dataset, model=model, out=str(out), epochs=epochs, subset=subset, seed=seed,
                     input_size=input_size, batch_size=batch_size, lr=lr, device=device, on_bad_image=on_bad_image)
+    check_fit(cfg)  # one line here, not a failed flow run
+    start_temporary_server()
     with show_progress():
-        result = fit_teacher(cfg)
+        result = fit_teacher_flow(cfg)
     report_skipped(dataset, result["skipped_images"])
     console.print(f"teacher {model}: val accuracy {result['val_accuracy']:.4f} after {epochs} epochs "
                   f"({result['train_seconds']:.1f} s) -> {result['out']}")
@@ -149,9 +153,12 @@ def cache_cmd(
     cka_source: Annotated[str, typer.Option(help="logits | features | auto (logits if stored)")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     on_bad_image: Annotated[str, typer.Option(help=ON_BAD_IMAGE_HELP)] = "fail",
+    task_runner_spec: Annotated[str, typer.Option("--task-runner", help="where shard tasks run: thread | dask (a local cluster of "
+                                                  "--dask-workers processes) | tcp://SCHEDULER:PORT")] = "thread",
+    dask_workers: Annotated[int, typer.Option(help="worker processes of --task-runner dask")] = 2,
 ) -> None:
     """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
-    from flows.cache_teacher import cache_teacher
+    from flows.cache_teacher import run_cache_teacher, task_runner
     from pipeline.cache.lock import cache_lock
     from pipeline.teacher.cache_pass import CacheRequest, check_request
 
@@ -163,11 +170,12 @@ def cache_cmd(
                            tap=tap, grid=grid, featmaps=featmaps, teacher_tail=teacher_tail, lsh_bits=lsh_bits,
                            input_size=input_size, shard_size=shard_size, batch_size=batch_size,
                            cka_source=cka_source, device=device, on_bad_image=on_bad_image)
+    task_runner(task_runner_spec, dask_workers)  # an unknown runner is one line too
     manifest = check_request(request)  # bad input is one line here, before the flow (and anything) starts
     report_skipped(dataset, manifest.dataset.get("skipped", []))
     start_temporary_server()
     with cache_lock(out), show_progress():  # one writer per cache: a second gets one line
-        result = cache_teacher(request)
+        result = run_cache_teacher(request, task_runner_spec, dask_workers)
     console.print(f"cached {result['num_samples']} samples into {result['cache']}: teacher pass "
                   f"{result['images']} images in {result['pass_seconds']:.1f} s = "
                   f"{result['images_per_second']:.0f} images/s ({result['skipped_shards']} shards reused)")
@@ -320,9 +328,9 @@ def train_cmd(
                                                     "it, 'skip' leaves it out (summary.json lists it)")] = "fail",
 ) -> None:
     """Train students from a teacher cache (Prefect flow); prints a comparison table."""
-    from flows.train_students import train_students
-    from pipeline.train.config import RunSettings, StudentSpec, plan_runs
-    from pipeline.train.loop import check_run
+    from flows.params import Student, TrainSettings
+    from flows.train_students import plan_sweep, train_students
+    from pipeline.train.config import RunSettings
     from pipeline.train.optim import OptimConfig
 
     optim = OptimConfig(optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
@@ -330,12 +338,12 @@ def train_cmd(
     settings = RunSettings(epochs=epochs, seed=seed, batch_size=batch_size, optim=optim, input_size=input_size,
                            online_teacher=online_teacher, workers=workers, device=device, resume=resume,
                            on_bad_image=on_bad_image)
-    specs = [StudentSpec(name, tuple(method)) for name in student]
-    for config in plan_runs(str(cache), specs, str(out), settings):
-        check_run(config)  # bad input is one line here, not a traceback logged from inside a flow run
+    students = [Student(student=name, methods=list(method)) for name in student]
+    params = TrainSettings.of(settings)
+    plan_sweep(str(cache), students, str(out), params)  # bad input is one line here, not a failed flow run
     start_temporary_server()
     with show_progress():
-        summaries = train_students(str(cache), specs, str(out), settings)
+        summaries = train_students(str(cache), students, str(out), params)
     print_students(f"students trained from {cache}", summaries)
     report_skipped("the val split", summaries[0]["val_skipped_images"])
 
@@ -463,9 +471,30 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+@app.command("deploy")
+def deploy_cmd(
+    spec: Annotated[Path, typer.Argument(help="deployment spec (TOML), e.g. deploy/nightly.toml")],
+    check: Annotated[bool, typer.Option(help="only check the spec and list its deployments")] = False,
+    limit: Annotated[Optional[int], typer.Option(help="most flow runs at once in this process")] = None,
+) -> None:
+    """Serve the spec's flows as deployments (schedules, event triggers) against PREFECT_API_URL."""
+    from flows.deploy import load_spec, serve_spec
+
+    if check:
+        loaded = load_spec(spec)
+        rows = [{"deployment": f"{d.flow_name}/{d.name}", "schedule": ", ".join(
+            str(s.schedule.cron if hasattr(s.schedule, "cron") else s.schedule.interval) for s in d.schedules)
+            or "-", "triggers": len(d.triggers)} for d in loaded.deployments]
+        print_table(f"{spec}: {len(rows)} deployments", rows)
+        return
+    serve_spec(spec, limit)
+
+
 def main() -> None:
     # typer vendors click as typer._click; its usage errors would otherwise be a multi-line panel.
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
+    from pydantic import ValidationError
 
     from pipeline.errors import DistilleryError
 
@@ -475,6 +504,9 @@ def main() -> None:
         app()  # the normal help screen, as `distillery` alone always printed
     except DistilleryError as e:
         fail(str(e))
+    except ValidationError as e:  # a parameter model's own range check (e.g. TrainSettings)
+        err = e.errors()[0]
+        fail(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}")
     except ClickException as e:  # an option typer cannot parse (`--views x`), an unknown command or option
         ctx = getattr(e, "ctx", None)
         fail(f"{e.format_message()} (see `{ctx.command_path if ctx else 'distillery'} --help`)")

@@ -5,20 +5,21 @@ once, then the `train-students` flow once per seed from that one cache, and publ
 as a markdown artifact. Every step resumes: a rerun only does what is missing.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.cache_teacher import cache_teacher
+from flows.params import Student, TrainSettings
+from flows.runtime import artifact_key, forward_library_logs, run_path
 from flows.train_students import train_students
 from pipeline.experiments import get_experiment, markdown_table, result_rows, reusable_teacher
 from pipeline.teacher.fit import fit_teacher
 from pipeline.teacher.model import load_checkpoint
-from pipeline.train.config import StudentSpec
+
+forward_library_logs()
 
 
 @task(name="fit-or-reuse-teacher", persist_result=False)
@@ -33,9 +34,18 @@ def fit_or_reuse_teacher(name: str, root: str) -> dict[str, Any]:
 
 @flow(name="experiment", log_prints=True)
 def run_experiment(name: str, seeds: list[int], root: str = "runs/experiments",
-                   rows: list[str] | None = None) -> dict[str, Any]:
+                   rows: Optional[list[str]] = None) -> dict[str, Any]:
     """Run experiment `name` (only `rows`, if given) for `seeds` under `root`; return the teacher, cache and
-    result rows."""
+    result rows.
+
+    Args:
+        name: a named experiment (`distillery experiment --help` lists them), e.g. digits-demo
+        seeds: student seeds; every row is trained once per seed
+        root: experiments directory (teachers, caches and runs found there are reused); may hold {date},
+            {time}, {flow_run_name}, {flow_run_id}
+        rows: only these rows (method combinations); all by default
+    """
+    root = run_path(root)
     experiment = get_experiment(name).select(rows)
     teacher = fit_or_reuse_teacher(name, root)
     cached = cache_teacher(experiment.cache_request(Path(root)))
@@ -44,10 +54,11 @@ def run_experiment(name: str, seeds: list[int], root: str = "runs/experiments",
         for label, methods in experiment.rows.items():
             run = experiment.run_dir(Path(root), label, seed)
             # One flow run per student keeps each run directory named by its row, not by its slug.
-            [summary] = train_students(cached["cache"], [StudentSpec(experiment.student, methods)], str(run),
-                                       experiment.run_settings(seed))
+            [summary] = train_students(cached["cache"], [Student(student=experiment.student, methods=list(methods))],
+                                       str(run), TrainSettings.of(experiment.run_settings(seed)),
+                                       sweep=f"{name}-{label}")
             summaries[label].append(summary)
     rows = result_rows(experiment, summaries)
-    create_markdown_artifact(key=f"experiment-{name}", markdown=f"{experiment.description}\n\n{markdown_table(rows)}",
+    create_markdown_artifact(key=artifact_key("experiment", name), markdown=f"{experiment.description}\n\n{markdown_table(rows)}",
                              description=f"experiment {name}, seeds {seeds}")
     return {"teacher": teacher, "cache": cached, "rows": rows}

@@ -1,27 +1,35 @@
-"""Prefect flow `train-students`: many students against one teacher cache (DESIGN.md §2, §7).
+"""Prefect flow `train-students`: many students against one teacher cache (README, "Teach once, distill many").
 
 A thin wrapper over `pipeline.train`: one task per student, each `train_student(config)`, then a table
 artifact comparing them. The cache is streamed by every task; the teacher is never loaded (unless the
-runs ask for the online twin).
+runs ask for the online twin). Per-epoch loss and validation accuracy reach the run's logs on the server
+(the library's `distillery` logger, forwarded by `flows.runtime`).
 """
 
-from __future__ import annotations
+from typing import Any, Optional
 
-from typing import Any
-
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline.train.config import RunSettings, StudentSpec, TrainConfig, plan_runs
-from pipeline.train.loop import train_student
+from flows.params import Student, TrainSettings
+from flows.runtime import artifact_key, forward_library_logs, run_path
+from pipeline.cache.store import TeacherCache
+from pipeline.train.config import TrainConfig, plan_runs
+from pipeline.train.loop import cache_fingerprint, check_run, train_student
+
+forward_library_logs()
 
 COMPARISON_COLUMNS = ("student", "methods", "val_accuracy", "train_seconds", "mean_step_seconds", "params")
 
 
-@task(name="train-student", persist_result=False, task_run_name="train-{config.student}")
+@task(name="train-student", persist_result=False, task_run_name="train-{config.student}", tags=["accelerator"])
 def train_task(config: TrainConfig) -> dict[str, Any]:
-    return train_student(config)
+    summary = train_student(config)
+    get_run_logger().info("%s [%s]: val accuracy %.4f after %d epochs (%.1f s); run directory %s", config.student,
+                          "+".join(config.methods), summary["val_accuracy"], summary["epochs"],
+                          summary["train_seconds"], config.out)
+    return summary
 
 
 def comparison_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -29,15 +37,40 @@ def comparison_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**{k: s[k] for k in COMPARISON_COLUMNS}, "methods": "+".join(s["methods"])} for s in summaries]
 
 
-@flow(name="train-students", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
-def train_students(cache: str, students: list[StudentSpec], out: str,
-                   settings: RunSettings | None = None) -> list[dict[str, Any]]:
-    """Train every student of `students` from `cache` (one run directory each, see `plan_runs`).
+def sweep_artifact_key(cache: str, sweep: Optional[str]) -> str:
+    """`students-<sweep>`, or `students-<dataset>-<teacher>-<cache fingerprint[:12]>` for an unnamed sweep."""
+    if sweep:
+        return artifact_key("students", sweep)
+    c = TeacherCache(cache)
+    return artifact_key("students", c.manifest.dataset["name"], c.manifest.teacher["model"], cache_fingerprint(c)[:12])
 
-    One student at a time by default: on CPU one training run already uses every core.
+
+def plan_sweep(cache: str, students: list[Student], out: str, settings: TrainSettings) -> list[TrainConfig]:
+    """One checked `TrainConfig` per student: bad input fails here, before any student trains."""
+    configs = plan_runs(cache, [s.spec() for s in students], out, settings.run_settings())
+    for config in configs:
+        check_run(config)
+    return configs
+
+
+@flow(name="train-students", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
+def train_students(cache: str, students: list[Student], out: str, settings: TrainSettings = TrainSettings(),
+                   sweep: Optional[str] = None) -> list[dict[str, Any]]:
+    """Train every student of `students` from `cache`, one run directory each, one at a time (on CPU one
+    training run already uses every core).
+
+    Args:
+        cache: teacher cache directory (`distillery cache`)
+        students: the sweep: timm student and methods per entry
+        out: run directory; several students get one subdirectory each. May hold {date}, {time},
+            {flow_run_name}, {flow_run_id}, filled per flow run, so scheduled runs never collide.
+        settings: training settings shared by every student
+        sweep: the sweep's name, the key of its comparison artifact (default: from the cache's identity)
     """
-    configs = plan_runs(cache, students, out, settings or RunSettings())
+    out = run_path(out)
+    configs = plan_sweep(cache, students, out, settings)
+    get_run_logger().info("training %d student(s) from %s into %s", len(configs), cache, out)
     summaries = list(train_task.map(configs).result())
-    create_table_artifact(key="train-students", table=comparison_rows(summaries),
-                          description=f"Students trained from {cache}")
+    create_table_artifact(key=sweep_artifact_key(cache, sweep), table=comparison_rows(summaries),
+                          description=f"Students trained from {cache} into {out}")
     return summaries

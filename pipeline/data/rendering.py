@@ -1,8 +1,8 @@
-"""Rendered (sample, view) pairs: as a batch, as a torch Dataset, and the DataLoader worker init (DESIGN.md §3)."""
+"""Rendered (sample, view) pairs: as a batch, as a torch Dataset, and the DataLoader worker start method (DESIGN.md §3)."""
 
 from __future__ import annotations
 
-import threading
+import multiprocessing
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,13 +52,20 @@ def clean_views(dataset: ImageDataset, size: int, mean: Sequence[float], std: Se
     return RenderedViews(dataset, ViewPlan(num_augmented=0), np.arange(n), np.zeros(n, dtype=np.int64), size, mean, std)
 
 
-def forget_parent_exit_hooks(worker_id: int) -> None:
-    """`worker_init_fn` of every DataLoader: drop the thread-exit hooks inherited from the parent.
+# Imported once by the fork server: its workers then start without importing torch and the stream again.
+WORKER_PRELOAD = ["pipeline.train.stream"]
 
-    They belong to the parent's threads. Prefect's log and event services register such hooks, and in a
-    child forked after a flow ran they fail an assertion at exit, so the worker exits with code 1 and
-    the loader raises. The worker starts none of those services, so it has nothing to drain.
+
+def worker_context(workers: int) -> multiprocessing.context.BaseContext | None:
+    """The `multiprocessing_context` of every DataLoader: `forkserver`, or None without workers.
+
+    Workers forked from this process would inherit the exit hooks of its threads (Prefect's log and
+    event services), which fail in the child at exit; workers forked from a fork server (a clean,
+    single-threaded process started once) have none. The server preloads `WORKER_PRELOAD`, so after its
+    start (once per process) a worker starts as fast as a forked one (`python -m pipeline.bench_loader`).
     """
-    hooks = getattr(threading, "_threading_atexits", None)  # CPython's list behind threading._register_atexit
-    if hooks is not None:
-        hooks.clear()
+    if workers == 0:
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)
+    return context

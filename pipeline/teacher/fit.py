@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.datasets import check_bad_image_policy, load_dataset
-from pipeline.data.rendering import RenderedViews, forget_parent_exit_hooks
+from pipeline.data.rendering import RenderedViews, worker_context
 from pipeline.data.views import ViewPlan
 from pipeline.options import Range, check_device, check_output_file, check_ranges
 from pipeline.progress import progress_task
@@ -55,14 +55,22 @@ class FitConfig:
         check_bad_image_policy(self.on_bad_image)
 
 
+def check_fit(cfg: FitConfig) -> None:
+    """Everything `fit_teacher` would refuse, found before any work: the device, where the checkpoint goes
+    and every split's images (one line each)."""
+    check_device(cfg.device)
+    check_output_file(cfg.out)
+    for split in ("train", "val"):
+        load_dataset(cfg.dataset, split, on_bad_image=cfg.on_bad_image)
+
+
 def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
     """Train `cfg.model` on the dataset's train split, evaluate on val, save the checkpoint atomically.
 
     Everything that can refuse the job (device, where the checkpoint goes, every split's images) is checked
     before the first step, so nothing is trained for a checkpoint that cannot be written.
     """
-    check_device(cfg.device)
-    check_output_file(cfg.out)
+    check_fit(cfg)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     train = load_dataset(cfg.dataset, "train", subset=cfg.subset, seed=cfg.seed, on_bad_image=cfg.on_bad_image)
@@ -83,7 +91,8 @@ def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
             plan = ViewPlan(num_augmented=1, seed=cfg.seed * 1_000_003 + epoch)
             views = RenderedViews(train, plan, positions, np.ones(len(train), dtype=np.int64), size, mean, std)
             loader = torch.utils.data.DataLoader(views, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
-                                                 num_workers=cfg.workers, worker_init_fn=forget_parent_exit_hooks,
+                                                 num_workers=cfg.workers,
+                                                 multiprocessing_context=worker_context(cfg.workers),
                                                  generator=torch.Generator().manual_seed(cfg.seed + epoch))
             for x, y in loader:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import resource
 import time
@@ -35,6 +36,9 @@ from pipeline.train.optim import build_optimizer, cosine_schedule
 from pipeline.train.rundir import RunDir
 from pipeline.train.stream import CacheStream, epoch_seed
 from pipeline.train.student import Student
+
+# Per-epoch lines; a Prefect flow forwards the `distillery` logger to its run's logs (flows.runtime).
+log = logging.getLogger("distillery.train")
 
 
 def open_cache(root: str) -> TeacherCache:
@@ -259,6 +263,9 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
             state["epoch"] = epoch + 1
             run.log(records + [{"kind": "epoch", "epoch": epoch, "step": state["step"], "loss": state["loss"],
                                 **terms_mean, **evaluated}])
+            log.info("%s epoch %d/%d: loss %.4f (%s)%s", label, epoch + 1, s.epochs, state["loss"],
+                     ", ".join(f"{k} {v:.4f}" for k, v in terms_mean.items()),
+                     f", val accuracy {state['val_accuracy']:.4f}" if evaluated else "")
             run.save_checkpoint({"config": config.to_dict(), "identity": setup.identity, "state": state,
                                  "student": student.model.state_dict(), "methods": methods.state_dict(),
                                  "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})

@@ -30,7 +30,7 @@ import torch
 import webdataset as wds
 
 from pipeline.cache.store import TeacherCache, block_key, decode_block, unpack_raw
-from pipeline.data.rendering import forget_parent_exit_hooks
+from pipeline.data.rendering import worker_context
 from pipeline.data.views import ViewPlan, epoch_views, render_view
 from pipeline.methods.base import FEATMAPS, GAUSSIAN, LOGITS
 
@@ -127,7 +127,7 @@ class CacheStream:
     def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
         workers = 0 if workers == 0 else len(self.streams(workers))
         return torch.utils.data.DataLoader(self.dataset(epoch), batch_size=batch_size, num_workers=workers,
-                                           pin_memory=pin_memory, worker_init_fn=forget_parent_exit_hooks)
+                                           pin_memory=pin_memory, multiprocessing_context=worker_context(workers))
 
     def _render(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         # A compose stage rather than `.map`: webdataset's map adds a `__key__` the collate cannot batch.

@@ -18,8 +18,9 @@ from pipeline.cache.store import TeacherCache
 
 def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, digits_cache: Path, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, ArtifactFilterType
 
-    from flows.cache_teacher import cache_teacher
+    from flows.cache_teacher import cache_artifact_key, cache_teacher
 
     result = cache_teacher(cache_request(tmp_path / "flow"))
     assert result["written_shards"] == 4 and result["skipped_shards"] == 0
@@ -28,14 +29,17 @@ def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, dig
     for name in ("logits/dense", "features/pooled", "stats/pca/components", "stats/cka/ir"):
         np.testing.assert_array_equal(flow_cache.read(name), reference.read(name), err_msg=name)
 
-    # The artifact filter endpoint, asked directly: the 3.8.8 client sends nulls this server rejects.
+    keys = {kind: cache_artifact_key(kind, flow_cache) for kind in ("arrays", "summary")}
+    assert keys["arrays"].startswith("teacher-cache-arrays-digits-test-resnet-")
     with get_client(sync_client=True) as client:
-        response = client.request("POST", "/artifacts/filter", json={
-            "artifacts": {"key": {"any_": ["teacher-cache-arrays", "teacher-cache-summary"]}}, "limit": 10})
-    found = {a["key"]: a for a in response.json()}
-    assert found["teacher-cache-arrays"]["type"] == "table" and "features/pooled" in found["teacher-cache-arrays"]["data"]
-    assert found["teacher-cache-summary"]["type"] == "markdown"
-    summary = found["teacher-cache-summary"]["data"]
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys.values()))))
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+    [ours] = [a for a in progress if str(tmp_path / "flow") in a.description]
+    assert ours.data == 100.0  # updated as each shard finished
+    found = {a.key: a for a in artifacts}
+    assert found[keys["arrays"]].type == "table" and "features/pooled" in str(found[keys["arrays"]].data)
+    assert found[keys["summary"]].type == "markdown"
+    summary = found[keys["summary"]].data
     for heading in ("## Manifest", "## Storage", "## Teacher accuracy per view", "## PCA of pooled features",
                     "## CKA category interrelations", "## Gaussian statistics", "## LSH codes"):
         assert heading in summary

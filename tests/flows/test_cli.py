@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -64,8 +65,16 @@ def test_runs_prints_a_markdown_table_and_a_plot(tmp_path: Path) -> None:
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=120)
+def run_cli(*args: str, server: bool = False) -> subprocess.CompletedProcess:
+    """`distillery ARGS` in a subprocess; `server`: talking to the session's test server (a flow command
+    otherwise boots its own temporary one)."""
+    env = None
+    if server:
+        from prefect.settings import get_current_settings
+
+        env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
 
 
 def test_errors_are_one_line_on_stderr_with_exit_code_2(tmp_path: Path) -> None:
@@ -77,9 +86,9 @@ def test_errors_are_one_line_on_stderr_with_exit_code_2(tmp_path: Path) -> None:
     assert "Traceback" not in bad_dataset.stderr
 
 
-def test_without_a_terminal_each_finished_loop_is_one_line_with_its_rate(tmp_path: Path) -> None:
+def test_without_a_terminal_each_finished_loop_is_one_line_with_its_rate(prefect_harness, tmp_path: Path) -> None:
     fitted = run_cli("fit-teacher", "--dataset", "digits", "--model", "test_resnet", "--epochs", "1", "--subset", "200",
-                     "--out", str(tmp_path / "t.pt"))
+                     "--out", str(tmp_path / "t.pt"), server=True)
     assert fitted.returncode == 0, fitted.stderr
     progress, result = fitted.stdout.strip().splitlines()[-2:]
     assert re.fullmatch(r"fit test_resnet: 200 samples in [0-9.]+ s, [0-9,]+ samples/s", progress), progress

@@ -28,14 +28,19 @@ def test_train_maps_students_over_one_cache_and_publishes_a_comparison(prefect_h
     assert any("test_resnet" in line and "ce+kd:T=2" in line for line in last)
     assert any("test_convnext" in line for line in last)
 
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from flows.train_students import sweep_artifact_key
+
+    key = sweep_artifact_key(str(digits_cache), None)
+    assert key.startswith("students-digits-test-resnet-")
     with get_client(sync_client=True) as client:
-        response = client.request("POST", "/artifacts/filter",
-                                  json={"artifacts": {"key": {"any_": ["train-students"]}}, "sort": "CREATED_DESC",
-                                        "limit": 1})
-    [artifact] = response.json()  # the latest version of the key: other tests' flows publish it too
-    assert artifact["type"] == "table" and "test_convnext" in str(artifact["data"])
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                           sort=ArtifactSort.CREATED_DESC, limit=1)
+    assert artifact.type == "table" and "test_convnext" in str(artifact.data)
     for column in ("student", "methods", "val_accuracy", "train_seconds", "params"):
-        assert column in artifact["data"]
+        assert column in artifact.data
 
 
 @pytest.mark.parametrize("args, message", [

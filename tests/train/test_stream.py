@@ -3,7 +3,6 @@ bounded memory (DESIGN.md §2-§4)."""
 
 from __future__ import annotations
 
-import threading
 import tracemalloc
 
 import numpy as np
@@ -121,21 +120,6 @@ def test_memory_does_not_grow_with_the_number_of_samples(make_cache) -> None:
     small = CacheStream(TeacherCache(make_cache("small", n=300)), size=8, targets=ALL, seed=0, shuffle_buffer=64)
     large = CacheStream(TeacherCache(make_cache("large", n=3000)), size=8, targets=ALL, seed=0, shuffle_buffer=64)
     assert _peak_traced_bytes(large) < 2 * _peak_traced_bytes(small)
-
-
-def test_workers_survive_thread_exit_hooks_inherited_from_the_parent(make_cache) -> None:
-    # What Prefect's log and event services leave behind after a flow ran in this process: thread-exit
-    # hooks that fail in a forked child. Without the loader's worker_init_fn the workers exit with code 1.
-    def fails_in_a_forked_child() -> None:
-        raise AssertionError("parent-only service drained in a child")
-
-    threading._register_atexit(fails_in_a_forked_child)
-    try:
-        stream = CacheStream(TeacherCache(make_cache(n=120, shard_size=40)), size=8, targets=frozenset(), seed=0)
-        assert len(_epoch(stream, workers=2)) == stream.batches_per_epoch(16, 2)
-    finally:  # _register_atexit stores a functools.partial of the hook
-        threading._threading_atexits[:] = [h for h in threading._threading_atexits
-                                           if h.func is not fails_in_a_forked_child]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

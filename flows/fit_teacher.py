@@ -1,0 +1,31 @@
+"""Prefect flow `fit-teacher`: train a teacher locally (`pipeline.teacher.fit`), schedulable like the others.
+
+No pretrained weights can be downloaded here, so a deployment that fits a teacher (say weekly) and a
+`cache-teacher` deployment after it give the nightly student sweeps a fresh cache to reuse.
+"""
+
+import dataclasses
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows.runtime import forward_library_logs, run_path
+from pipeline.teacher.fit import FitConfig, fit_teacher
+
+forward_library_logs()
+
+
+@task(name="fit-teacher", persist_result=False, tags=["accelerator"])
+def fit_task(config: FitConfig) -> dict[str, Any]:
+    return fit_teacher(config)
+
+
+@flow(name="fit-teacher", log_prints=True)
+def fit_teacher_flow(config: FitConfig) -> dict[str, Any]:
+    """Fit `config.model` on `config.dataset` and write the checkpoint to `config.out` (which may hold {date},
+    {time}, {flow_run_name} or {flow_run_id}, filled per flow run)."""
+    config = dataclasses.replace(config, out=run_path(config.out))
+    result = fit_task(config)
+    get_run_logger().info("teacher %s: val accuracy %.4f after %d epochs (%.1f s) -> %s", config.model,
+                          result["val_accuracy"], config.epochs, result["train_seconds"], result["out"])
+    return result

@@ -1,0 +1,88 @@
+"""What every flow shares: run directories templated per flow run, artifact keys, library logs, retries.
+
+- `run_path`: a scheduled deployment runs with the same parameters every night; `out = "runs/{date}/
+  {flow_run_name}"` gives each run its own directory (a fixed `out` would refuse the second run: "already
+  holds a run").
+- `artifact_key`: Prefect keeps one history per artifact key, so keys are derived from what the artifact
+  is about (a cache's identity, a sweep's name) and unrelated caches never share one.
+- Library logs: `pipeline` logs with stdlib `logging` under the `distillery` logger (it never imports
+  Prefect); while a flow or task run is active those records also go to the Prefect server, so per-epoch
+  loss and accuracy show in the run's logs in the UI.
+- `transient_io`: retry a task only when it failed on I/O (a network filesystem, object storage); bad input
+  and bugs fail the same way every time and are not retried.
+"""
+
+import logging
+import re
+import string
+from datetime import datetime, timezone
+from typing import Any
+
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
+from prefect.runtime import flow_run
+
+from pipeline.errors import DistilleryError
+
+LIBRARY_LOGGER = "distillery"
+PLACEHOLDERS = ("date", "time", "flow_run_name", "flow_run_id")
+
+
+class TemplateError(DistilleryError):
+    """An `out` template that cannot be filled."""
+
+
+def run_path(template: str) -> str:
+    """`template` with {date} (YYYY-MM-DD) and {time} (HHMMSS) of the run's scheduled start in UTC,
+    {flow_run_name} and {flow_run_id} filled in; a path without braces is returned as is."""
+    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    unknown = sorted(set(fields) - set(PLACEHOLDERS))
+    if unknown:
+        known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+        raise TemplateError(f"unknown placeholder {{{unknown[0]}}} in '{template}'; use {known}")
+    if not fields:
+        return template
+    start = flow_run.scheduled_start_time or datetime.now(timezone.utc)
+    start = datetime.fromtimestamp(start.timestamp(), timezone.utc)
+    return template.format(date=start.strftime("%Y-%m-%d"), time=start.strftime("%H%M%S"),
+                           flow_run_name=flow_run.name or "local", flow_run_id=flow_run.id or "local")
+
+
+def slug(text: str, length: int = 40) -> str:
+    """Lowercase letters, digits and dashes (what Prefect allows in an artifact key)."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]", "-", text.lower())).strip("-")[:length].strip("-")
+
+
+def artifact_key(*parts: str) -> str:
+    return "-".join(slug(p) for p in parts if p)
+
+
+def _in_a_run(record: logging.LogRecord) -> bool:
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def forward_library_logs() -> None:
+    """Send the library's INFO records to the Prefect server while a flow or task run is active.
+
+    Idempotent (every flow module calls it on import). The records do not propagate to the console
+    handlers: the CLI draws progress bars there and the server keeps the lines.
+    """
+    logger = logging.getLogger(LIBRARY_LOGGER)
+    if any(isinstance(h, APILogHandler) for h in logger.handlers):
+        return
+    handler = APILogHandler()
+    handler.addFilter(_in_a_run)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def transient_io(task: Any, task_run: Any, state: Any) -> bool:
+    """`retry_condition_fn`: retry only failures on I/O (OSError), never bad input or bugs."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except BaseException:  # noqa: BLE001 - any other failure is deterministic: do not retry
+        return False
+    return False

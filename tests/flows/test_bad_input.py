@@ -1,0 +1,60 @@
+"""Every bad input to a flow command is one line on stderr and exit code 2, no Prefect traceback: checked
+before the flow starts where it can be, and a `DistilleryError` raised inside a flow run arrives the same."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: --device cuda is valid here")
+CACHE = ["cache", "--dataset", "digits", "--teacher", "test_resnet", "--subset", "60", "--device", "cpu"]
+TRAIN = ["train", "--student", "test_resnet", "--method", "ce", "--epochs", "1", "--workers", "0"]
+
+
+def distillery(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=180,
+                          env=env)
+
+
+@pytest.mark.parametrize("args, message", [
+    (CACHE + ["--checkpoint", "{tmp}/missing.pt"], "checkpoint {tmp}/missing.pt does not exist"),
+    (["cache", "--dataset", "cifar", "--teacher", "test_resnet"], "unknown dataset 'cifar'"),
+    (CACHE + ["--views", "-1"], "--views: Input should be greater than or equal to 0"),
+    (CACHE + ["--logits", "topk:10"], "--logits topk:10 needs k < 10 classes"),
+    (CACHE + ["--cka-source", "pixels"], "--cka-source must be logits, features or auto"),
+    (CACHE + ["--task-runner", "ray"], "--task-runner must be thread, dask or a scheduler address"),
+    pytest.param(CACHE[:-2] + ["--device", "cuda"], "torch sees no CUDA GPU", marks=CUDA),
+    pytest.param(TRAIN + ["--cache", "{cache}", "--device", "cuda"], "torch sees no CUDA GPU", marks=CUDA),
+    pytest.param(["fit-teacher", "--dataset", "digits", "--model", "test_resnet", "--device", "cuda"],
+                 "torch sees no CUDA GPU", marks=CUDA),
+    (["fit-teacher", "--dataset", "digits", "--model", "test_resnet", "--device", "tpu9"], "is not a device"),
+    (["deploy", "{tmp}/missing.toml"], "deployment spec {tmp}/missing.toml does not exist"),
+])
+def test_bad_input_fails_before_any_flow_in_one_line(args: list[str], message: str, digits_cache: Path,
+                                                      tmp_path: Path, cli) -> None:
+    fill = {"tmp": str(tmp_path), "cache": str(digits_cache)}
+    args = [a.format(**fill) for a in args]
+    if "--out" not in args and args[0] != "deploy":
+        args += ["--out", str(tmp_path / "out")]
+    # In this process and without a Prefect server: nothing may get as far as starting a flow.
+    code, out = cli(*args)
+    assert code == 2, out
+    assert out.strip().count("\n") == 0 and out.startswith("error: "), out
+    assert message.format(**fill) in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_error_raised_inside_a_flow_run_reaches_the_cli_as_one_line(prefect_harness, digits_cache: Path,
+                                                                       tmp_path: Path) -> None:
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    # The out template is filled inside the flow run, from the run's name and date.
+    result = distillery(TRAIN + ["--cache", str(digits_cache), "--out", f"{tmp_path}/{{night}}"], env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("error: unknown placeholder {night}")
+    assert result.stdout == ""

@@ -1,0 +1,74 @@
+"""`distillery deploy`'s spec: the committed example loads, and every mistake is one line naming the field."""
+
+from pathlib import Path
+
+import pytest
+
+from flows.deploy import SpecError, load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+SWEEP = """
+[[deployment]]
+name = "sweep"
+flow = "train-students"
+{schedule}
+[deployment.parameters]
+cache = "runs/cache"
+out = "runs/{{date}}/{{flow_run_name}}"
+students = {students}
+settings = {settings}
+"""
+GOOD = dict(schedule='cron = "0 2 * * *"', students='[{ student = "resnet18", methods = ["ce", "kd:T=2"] }]',
+            settings="{ epochs = 2 }")
+
+
+def test_the_example_spec_loads_with_schedules_parameters_and_the_cache_trigger(cli) -> None:
+    spec = load_spec(ROOT / "deploy" / "nightly.toml")
+    by_name = {d.name: d for d in spec.deployments}
+    assert spec.concurrency == {"accelerator": 1}
+    assert by_name["nightly-sweep"].schedules[0].schedule.cron == "0 2 * * *"
+    assert "{date}" in by_name["nightly-sweep"].parameters["out"]
+    [trigger] = by_name["sweep-on-new-cache"].triggers
+    assert trigger.expect == {"distillery.cache.completed"}
+    assert trigger.parameters == {"cache": "{{ event.resource['distillery.cache.path'] }}"}
+    code, out = cli("deploy", str(ROOT / "deploy" / "nightly.toml"), "--check")
+    assert code == 0 and "train-students/sweep-on-new-cache" in out
+
+
+def test_a_spec_schedule_is_cron_or_interval(tmp_path: Path) -> None:
+    path = tmp_path / "spec.toml"
+    path.write_text(SWEEP.format(**{**GOOD, "schedule": "interval = 30"}))
+    [deployment] = load_spec(path).deployments
+    assert deployment.schedules[0].schedule.interval.total_seconds() == 30
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(schedule='cron = "0 2 * *x *"'), "deployment 'sweep': cron cron: Value error, Invalid cron string"),
+    (dict(schedule="interval = -5"), "interval is in seconds and must be > 0, not -5"),
+    (dict(schedule='cron = "0 2 * * *"\ninterval = 5'), "give cron or interval, not both"),
+    (dict(schedule='flow_name = "x"'), "unknown key 'flow_name'"),
+    (dict(students='[{ student = "resnet18", methods = [] }]'), "bad parameters"),
+    (dict(settings='{ optimizer = "lion" }'), "bad parameters"),
+    (dict(settings='{ epochs = 0 }'), "bad parameters"),
+    (dict(settings='{ epoch = 2 }'), "bad parameters"),
+    (dict(schedule='task_runner = "dask"'), "task_runner applies to cache-teacher only"),
+])
+def test_spec_mistakes_are_one_line_naming_the_deployment(tmp_path: Path, change: dict, message: str) -> None:
+    path = tmp_path / "spec.toml"
+    path.write_text(SWEEP.format(**{**GOOD, **change}))
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{path}, deployment 'sweep': ") or "unknown key" in str(e.value)
+
+
+def test_an_unknown_flow_and_a_missing_trigger_parameter_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "spec.toml"
+    path.write_text(SWEEP.format(**GOOD).replace('flow = "train-students"', 'flow = "train"'))
+    with pytest.raises(SpecError, match="flow must be one of fit-teacher, cache-teacher, train-students, "
+                                        "experiment, not 'train'"):
+        load_spec(path)
+    # Without a cache and without a trigger filling it, the sweep could never run.
+    path.write_text(SWEEP.format(**GOOD).replace('cache = "runs/cache"\n', ""))
+    with pytest.raises(SpecError, match="bad parameters.*cache"):
+        load_spec(path)

@@ -1,0 +1,69 @@
+"""What the flows share: run directories templated per flow run, artifact keys, parameter schemas, and
+DataLoader workers that start after a flow ran in the same process."""
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from flows.runtime import TemplateError, artifact_key, run_path, slug
+
+
+def test_out_templates_are_filled_per_flow_run_and_differ_between_runs(prefect_harness) -> None:
+    from prefect import flow
+
+    @flow(name="where-does-it-write")
+    def where(template: str) -> str:
+        return run_path(template)
+
+    first, second = where("runs/{date}/{flow_run_name}"), where("runs/{date}/{flow_run_name}")
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    assert first.startswith(f"runs/{today}/") and second.startswith(f"runs/{today}/") and first != second
+    assert where("runs/fixed") == "runs/fixed"
+    with pytest.raises(TemplateError, match=r"unknown placeholder \{night\} in 'runs/\{night\}'; use \{date\}"):
+        run_path("runs/{night}")
+
+
+def test_artifact_keys_are_slugs_prefect_accepts() -> None:
+    assert slug("Nightly FMNIST / resnet18_a1") == "nightly-fmnist-resnet18-a1"
+    assert artifact_key("students", "nightly sweep", "") == "students-nightly-sweep"
+
+
+def test_parameter_schemas_show_descriptions_and_choices() -> None:
+    from flows.cache_teacher import cache_teacher
+    from flows.experiments import run_experiment
+    from flows.fit_teacher import fit_teacher_flow
+    from flows.train_students import train_students
+
+    schema = train_students.parameters.model_dump()
+    settings = schema["definitions"]["TrainSettings"]["properties"]
+    assert settings["optimizer"]["enum"] == ["adamw", "sgd"] and settings["lr"]["description"]
+    assert "distillation methods" in schema["definitions"]["Student"]["properties"]["methods"]["description"]
+    assert "{flow_run_name}" in schema["properties"]["out"]["description"]
+    assert "seeds" in run_experiment.parameters.model_dump()["properties"]
+    for served in (cache_teacher, fit_teacher_flow, train_students, run_experiment):
+        assert served.parameters.model_dump()["properties"], served.name
+    # Parameters as a deployment stores them (JSON) come back as the typed models.
+    values = train_students.validate_parameters({"cache": "c", "out": "o", "students": [
+        {"student": "resnet18", "methods": ["ce"]}], "settings": {"epochs": 2}})
+    assert values["settings"].run_settings().epochs == 2 and values["students"][0].spec().methods == ("ce",)
+
+
+def test_loader_workers_start_after_a_flow_ran_in_this_process(prefect_harness, digits_cache: Path) -> None:
+    """Prefect's log and event services leave threads (and their exit hooks) in the process; workers from
+    the fork server do not inherit them."""
+    from prefect import flow
+    from prefect.events import emit_event
+
+    from pipeline.cache.store import TeacherCache
+    from pipeline.train.stream import CacheStream
+
+    @flow(name="leaves-service-threads")
+    def services() -> None:
+        emit_event(event="distillery.test", resource={"prefect.resource.id": "distillery.test"})
+
+    services()
+    stream = CacheStream(TeacherCache(digits_cache), size=16, targets=frozenset(), seed=0)
+    batches = list(stream.loader(0, 256, workers=2))
+    assert len(batches) == stream.batches_per_epoch(256, 2)
+    assert sum(len(b["label"]) for b in batches) == TeacherCache(digits_cache).num_samples  # one view each
