@@ -98,19 +98,12 @@ def check_request(request: CacheRequest) -> Manifest:
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` (CUDA when torch sees a GPU, else CPU) or a torch device name; one that torch cannot use
-    here is a `TeacherError` (one line), not a CUDA traceback from deep inside a run."""
+    """`auto` (CUDA when torch sees a GPU, else CPU) or a device this machine has (`check_device`: one line
+    otherwise, not a CUDA traceback from deep inside a run)."""
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise TeacherError(f"--device '{device}' is not a device; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise TeacherError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu or auto")
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise TeacherError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return resolved
+    return torch.device(device)
 
 
 @functools.lru_cache(maxsize=4)

@@ -22,14 +22,14 @@ def distillery(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
 @pytest.mark.parametrize("args, message", [
     (CACHE + ["--checkpoint", "{tmp}/missing.pt"], "checkpoint {tmp}/missing.pt does not exist"),
     (["cache", "--dataset", "cifar", "--teacher", "test_resnet"], "unknown dataset 'cifar'"),
-    (CACHE + ["--views", "-1"], "--views: Input should be greater than or equal to 0"),
+    (CACHE + ["--views", "-1"], "--views must be >= 0, not -1"),
     (CACHE + ["--logits", "topk:10"], "--logits topk:10 needs k < 10 classes"),
     (CACHE + ["--cka-source", "pixels"], "--cka-source must be logits, features or auto"),
     (CACHE + ["--task-runner", "ray"], "--task-runner must be thread, dask or a scheduler address"),
-    pytest.param(CACHE[:-2] + ["--device", "cuda"], "torch sees no CUDA GPU", marks=CUDA),
-    pytest.param(TRAIN + ["--cache", "{cache}", "--device", "cuda"], "torch sees no CUDA GPU", marks=CUDA),
+    pytest.param(CACHE[:-2] + ["--device", "cuda"], "this machine has no CUDA device", marks=CUDA),
+    pytest.param(TRAIN + ["--cache", "{cache}", "--device", "cuda"], "this machine has no CUDA device", marks=CUDA),
     pytest.param(["fit-teacher", "--dataset", "digits", "--model", "test_resnet", "--device", "cuda"],
-                 "torch sees no CUDA GPU", marks=CUDA),
+                 "this machine has no CUDA device", marks=CUDA),
     (["fit-teacher", "--dataset", "digits", "--model", "test_resnet", "--device", "tpu9"], "is not a device"),
     (["deploy", "{tmp}/missing.toml"], "deployment spec {tmp}/missing.toml does not exist"),
 ])
