@@ -2,14 +2,19 @@
 
 The teacher's view-0 pooled features define a coordinate system: the top-k PCA components
 ``V_k`` (rows of ``pca/components``) around the teacher mean ``mu``; k is the smallest number of
-components explaining ``variance`` of the variance, or ``dims`` when given. The student gets a head
-``TCSHead`` that replaces its own classifier:
+components explaining ``variance`` of the variance, but never fewer than ``min_dims`` (default: the
+class count; the classifier reads only these k coordinates, and a pooled feature dominated by a few
+directions would otherwise leave it fewer coordinates than classes), or exactly ``dims`` when given.
+The targets are ``t = (f_t - mu) V_k^T / s`` with ``s`` per ``norm``: 1 (``none``), the root of the
+mean eigenvalue of the k components (``scale``: unit mean variance, relative variances kept), or
+each component's own root eigenvalue (``whiten``). The student gets a head ``TCSHead`` that replaces
+its own classifier:
 
     z = W f_s + c            learnable linear map into the k coordinates
     m = mask * active        trainable mask, 0 on dropped coordinates
     logits = A (m * z) + a   the classifier reads the masked coordinates
 
-The method adds ``weight * MSE(z, (f_t - mu) V_k^T)`` over the active coordinates; the supervised term
+The method adds ``weight * MSE(z, t)`` over the active coordinates; the supervised term
 is the ``ce`` method (as with every method here: run ``--method ce --method tcs``), which now computes
 its CE on this head's logits because the head *is* the student's classifier (`adopt_student`). The
 student's original timm classifier is discarded; the per-epoch evaluation of the student model goes
@@ -19,8 +24,8 @@ Tailoring (iterative feature selection). The paper's schedule is not public; our
 pass adds ``|dL/d mask|`` to a per-coordinate importance, accumulated from the start of training and
 never reset. ``rounds`` pruning rounds are spread evenly over the training fraction
 ``[prune_start, prune_end]`` (one round at ``prune_start`` if ``rounds == 1``); after round r of R the
-number of active coordinates is ``k - round((k - target) * r / R)`` with ``target = max(1,
-round(keep * k))``, each round dropping the active coordinates of least accumulated importance.
+number of active coordinates is ``k - round((k - target) * r / R)`` with ``target = min(k, max(min_dims,
+round(keep * k)))`` (the floor holds after tailoring too), each round dropping the active coordinates of least accumulated importance.
 A round falls due at the first training step whose ``progress.fraction`` reaches its point. It is
 applied in the method's forward, which runs after the student's: that step's alignment term already
 leaves the dropped coordinates out, the classifier (mask 0) from the next step on.
@@ -52,12 +57,23 @@ from .base import (
 )
 
 PCA_STATISTICS = ("pca/mean", "pca/components", "pca/explained_variance")
+NORMS = ("none", "scale", "whiten")
 
 
 def components_for(explained_variance: Tensor, fraction: float) -> int:
     """The smallest k whose top-k components explain at least `fraction` of the total variance."""
     ratio = np.cumsum(explained_variance.double().numpy()) / float(explained_variance.double().sum())
     return min(int(np.searchsorted(ratio, fraction)) + 1, len(ratio))
+
+
+def target_scale(eigenvalues: Tensor, norm: str) -> Tensor:
+    """Per-coordinate divisor ``s`` of the targets: 1, the root mean eigenvalue, or each root eigenvalue."""
+    values = eigenvalues.double().clamp_min(1e-12)
+    if norm == "whiten":
+        return values.sqrt().float()
+    if norm == "scale":
+        return values.mean().sqrt().expand(len(values)).float().clone()
+    return torch.ones(len(values))
 
 
 def replace_classifier(model: nn.Module, new: nn.Module) -> None:
@@ -124,12 +140,14 @@ class TCSHead(nn.Module):
 
 @register_method
 class TCS(Method):
-    """``weight * MSE(z_active, t_active)``, ``z`` the student's TCS coordinates and ``t = (f_t - mu) V_k^T``
+    """``weight * MSE(z_active, t_active)``, ``z`` the student's TCS coordinates and ``t = (f_t - mu) V_k^T / s``
     (§6.5); the TCS head replaces the student's classifier and is pruned to ``keep * k`` coordinates.
 
     Options: ``variance`` (explained-variance fraction choosing k), ``dims`` (fixed k; 0 = use
-    ``variance``), ``keep`` (fraction of k left after tailoring; 1 = no pruning), ``rounds``,
-    ``prune_start``, ``prune_end`` (the schedule, fractions of training), ``weight`` (alignment, 1 vs CE).
+    ``variance``), ``min_dims`` (floor on k and on the coordinates left after tailoring; -1 = the class
+    count), ``norm`` (target scaling ``s``: none, scale, whiten), ``keep`` (fraction of k left after
+    tailoring; 1 = no pruning), ``rounds``, ``prune_start``, ``prune_end`` (the schedule, fractions of
+    training), ``weight`` (alignment, 1 vs CE).
     """
 
     name = "tcs"
@@ -142,6 +160,8 @@ class TCS(Method):
         *,
         variance: float = 0.9,
         dims: int = 0,
+        min_dims: int = -1,
+        norm: str = "none",
         keep: float = 0.5,
         rounds: int = 5,
         prune_start: float = 0.2,
@@ -159,14 +179,21 @@ class TCS(Method):
         if not 0 <= dims <= len(explained):
             raise MethodError(f"tcs option dims must be in [0, {len(explained)}] (the teacher's pooled width), "
                               f"got {dims}")
+        if not -1 <= min_dims <= len(explained):
+            raise MethodError(f"tcs option min_dims must be in [-1, {len(explained)}] (-1: the class count), "
+                              f"got {min_dims}")
+        if norm not in NORMS:
+            raise MethodError(f"tcs option norm must be one of {', '.join(NORMS)}, got {norm!r}")
         if not 0 < keep <= 1 or rounds < 1 or not 0 <= prune_start <= prune_end <= 1:
             raise MethodError(f"tcs needs 0 < keep <= 1, rounds >= 1 and 0 <= prune_start <= prune_end <= 1; "
                               f"got keep={keep}, rounds={rounds}, prune_start={prune_start}, prune_end={prune_end}")
-        self.k = dims or components_for(explained, variance)
-        self.target = max(1, round(keep * self.k))
+        floor = max(1, min(cache.num_classes if min_dims == -1 else min_dims, len(explained)))
+        self.k = dims or max(floor, components_for(explained, variance))
+        self.target = min(self.k, max(floor, round(keep * self.k)))
         self.num_rounds, self.prune_start, self.prune_end, self.weight = rounds, prune_start, prune_end, weight
         self.register_buffer("mean", cache.statistics["pca/mean"].float().clone())
         self.register_buffer("basis", cache.statistics["pca/components"][: self.k].float().clone())
+        self.register_buffer("scale", target_scale(explained[: self.k], norm))
         self.head = TCSHead(student.pooled_dim, self.k, cache.num_classes)
 
     def round_points(self) -> list[float]:
@@ -181,8 +208,8 @@ class TCS(Method):
         return self.k - round((self.k - self.target) * rounds / self.num_rounds)
 
     def teacher_coordinates(self, pooled: Tensor) -> Tensor:
-        """``(f_t - mu) V_k^T``: the teacher's pooled features in its top-k PCA coordinates."""
-        return (at_least_float32(pooled) - self.mean) @ self.basis.T
+        """``(f_t - mu) V_k^T / s``: the teacher's pooled features in its top-k PCA coordinates, scaled."""
+        return (at_least_float32(pooled) - self.mean) @ self.basis.T / self.scale
 
     def adopt_student(self, model: nn.Module) -> None:
         replace_classifier(model, self.head)

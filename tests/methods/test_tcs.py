@@ -39,10 +39,36 @@ def test_k_follows_the_explained_variance_fraction_or_a_fixed_number() -> None:
     ev = cache.statistics["pca/explained_variance"].double().numpy()
     ratio = np.cumsum(ev) / ev.sum()
     for fraction in (0.5, 0.9, 0.99):
-        k = create_method(f"tcs:variance={fraction}", cache, StudentInfo(pooled_dim=5)).k
+        k = create_method(f"tcs:variance={fraction},min_dims=0", cache, StudentInfo(pooled_dim=5)).k
         assert ratio[k - 1] >= fraction and (k == 1 or ratio[k - 2] < fraction)
-    method = create_method("tcs:dims=7,keep=0.4", cache, StudentInfo(pooled_dim=5))
+    method = create_method("tcs:dims=7,keep=0.4,min_dims=0", cache, StudentInfo(pooled_dim=5))
     assert method.k == 7 and method.target == 3 and method.head.map.weight.shape == (7, 5)
+
+
+def test_k_and_the_tailored_count_never_fall_below_the_class_count_unless_asked() -> None:
+    cache, _ = pca_cache()
+    ev = cache.statistics["pca/explained_variance"].double().numpy()
+    assert np.cumsum(ev)[0] / ev.sum() >= 0.2  # the first component alone explains 20 %: k = 1 by variance
+    method = create_method("tcs:variance=0.2,keep=0.1", cache, StudentInfo(pooled_dim=5))
+    assert method.k == CLASSES and method.target == CLASSES  # floored, before and after tailoring
+    method = create_method("tcs:variance=0.2,min_dims=2", cache, StudentInfo(pooled_dim=5))
+    assert method.k == 2  # an explicit floor
+    method = create_method("tcs:dims=3,keep=0.5", cache, StudentInfo(pooled_dim=5))
+    assert method.k == 3 and method.target == 3  # dims is explicit; tailoring still stops at the floor (<= k)
+
+
+@pytest.mark.parametrize("norm", ["none", "scale", "whiten"])
+def test_targets_are_scaled_per_norm(norm: str) -> None:
+    cache, features = pca_cache()
+    method = create_method(f"tcs:dims=6,norm={norm}", cache, StudentInfo(pooled_dim=5))
+    ev = cache.statistics["pca/explained_variance"].double().numpy()[:6]
+    raw = (features - cache.statistics["pca/mean"].double().numpy()) @ \
+        cache.statistics["pca/components"].double().numpy()[:6].T
+    divisor = {"none": np.ones(6), "scale": np.full(6, np.sqrt(ev.mean())), "whiten": np.sqrt(ev)}[norm]
+    got = method.teacher_coordinates(torch.tensor(features, dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(got, raw / divisor, rtol=1e-4, atol=1e-5)
+    if norm == "whiten":  # the PCA's own features: unit variance per coordinate (ddof 1, as np.cov)
+        np.testing.assert_allclose(got.var(0, ddof=1), np.ones(6), rtol=1e-4)
 
 
 def test_alignment_is_mse_to_centred_teacher_coordinates_over_active_ones() -> None:
@@ -62,7 +88,7 @@ def test_alignment_is_mse_to_centred_teacher_coordinates_over_active_ones() -> N
 def test_mask_pruning_drops_the_least_important_coordinates_on_schedule() -> None:
     torch.manual_seed(0)
     cache, features = pca_cache()
-    method = create_method("tcs:dims=10,keep=0.3,rounds=3,prune_start=0.25,prune_end=0.75", cache,
+    method = create_method("tcs:dims=10,keep=0.3,min_dims=0,rounds=3,prune_start=0.25,prune_end=0.75", cache,
                            StudentInfo(pooled_dim=5))
     head = method.head
     f_s, f_t = torch.randn(32, 5), torch.tensor(features[:32], dtype=torch.float32)
@@ -111,7 +137,7 @@ def test_the_head_replaces_the_students_and_folds_into_one_plain_timm_linear_lay
 
 def test_bad_options_and_a_cache_without_pca_are_refused() -> None:
     cache, _ = pca_cache()
-    for spec in ("tcs:variance=0", "tcs:dims=13", "tcs:keep=0", "tcs:rounds=0", "tcs:prune_start=0.8,prune_end=0.5"):
+    for spec in ("tcs:variance=0", "tcs:dims=13", "tcs:min_dims=-2", "tcs:norm=pca", "tcs:keep=0", "tcs:rounds=0", "tcs:prune_start=0.8,prune_end=0.5"):
         with pytest.raises(MethodError, match="tcs"):
             create_method(spec, cache, StudentInfo(pooled_dim=5))
     bare = CacheInfo(num_classes=CLASSES, pooled_dim=D, available=frozenset({POOLED}))
