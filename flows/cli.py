@@ -96,16 +96,22 @@ def fit_teacher_cmd(
     batch_size: int = 128,
     lr: float = 2e-3,
     device: str = "auto",
+    objective: Annotated[str, typer.Option(help="supervised (labels) | ssl (SimCLR two-view NT-Xent, no labels; "
+                                                "cache it with --teacher-head none)")] = "supervised",
+    temperature: Annotated[float, typer.Option(help="NT-Xent temperature (ssl)")] = 0.2,
 ) -> None:
     """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint."""
     from pipeline.teacher.fit import FitConfig, fit_teacher
 
     cfg = FitConfig(dataset=dataset, model=model, out=str(out), epochs=epochs, subset=subset, seed=seed,
-                    input_size=input_size, batch_size=batch_size, lr=lr, device=device)
+                    input_size=input_size, batch_size=batch_size, lr=lr, device=device, objective=objective,
+                    temperature=temperature)
     with show_progress():
         result = fit_teacher(cfg)
-    console.print(f"teacher {model}: val accuracy {result['val_accuracy']:.4f} after {epochs} epochs "
-                  f"({result['train_seconds']:.1f} s) -> {result['out']}")
+    accuracy = "no head (self-supervised)" if result["val_accuracy"] is None else \
+        f"val accuracy {result['val_accuracy']:.4f}"
+    console.print(f"teacher {model}: {accuracy} after {epochs} epochs ({result['train_seconds']:.1f} s) -> "
+                  f"{result['out']}")
 
 
 @app.command("cache")
