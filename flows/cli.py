@@ -355,8 +355,9 @@ def print_experiment(name: str, result: dict, markdown: bool) -> None:
 
     experiment = get_experiment(name)
     teacher = result["teacher"]
-    console.print(f"teacher {experiment.teacher} ({'reused' if teacher['reused'] else 'fitted'}): val accuracy "
-                  f"{teacher['val_accuracy']:.2%}; cache {result['cache']['cache']}")
+    accuracy = "no head" if teacher["val_accuracy"] is None else f"val accuracy {teacher['val_accuracy']:.2%}"
+    console.print(f"teacher {experiment.teacher} ({'reused' if teacher['reused'] else 'fitted'}): {accuracy}; "
+                  f"cache {result['cache']['cache']}")
     if markdown:
         console.print(markdown_table(result["rows"]), soft_wrap=True, highlight=False)
         return
@@ -407,12 +408,13 @@ def experiment_cmd(
 ) -> None:
     """Run a named experiment end to end (fit or reuse the teacher, cache once, train every row per seed)."""
     from flows.experiments import run_experiment
-    from pipeline.experiments import get_experiment
+    from pipeline.experiments import suite_parts
 
-    get_experiment(name).select(row)  # an unknown name or row is one line, before any flow starts
-    with show_progress():
-        result = run_experiment(name, list(seed), str(root), row)
-    print_experiment(name, result, markdown)
+    parts = suite_parts(name, row)  # an unknown name or row is one line, before any flow starts
+    for part in parts:  # a suite (e.g. tcs) runs its experiments one after the other
+        with show_progress():
+            result = run_experiment(part.name, list(seed), str(root), list(part.rows))
+        print_experiment(part.name, result, markdown)
 
 
 @app.command("demo")
