@@ -72,5 +72,5 @@ def test_the_tcs_suite_runs_supervised_and_self_supervised_parts_with_their_rows
     assert parts[0].teacher_path(tmp_path) != parts[1].teacher_path(tmp_path)
     assert parts[1].fit_config(tmp_path).objective == "ssl"
     assert [p.name for p in suite_parts("tcs", ["ce+kd"])] == ["fmnist-5k", "fmnist-fewshot"]
-    with pytest.raises(ExperimentError, match="experiment 'tcs' has no row 'ce+magic'"):
+    with pytest.raises(ExperimentError, match="experiment 'tcs' has no row 'ce\\+magic'"):
         suite_parts("tcs", ["ce+magic"])
