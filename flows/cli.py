@@ -388,11 +388,14 @@ def bench_cmd(
     def ratio(value: float | None) -> str:  # None: the reference configuration was not benchmarked
         return "-" if value is None else f"{value:.2f}"
 
-    rows = [{"config": r["config"], "ms / step": f"{r['step_ms']:.1f}", "/ ce": ratio(r["over_ce"]),
-             "/ ce+kd": ratio(r["over_kd"]), "peak RSS MiB": f"{r['peak_rss_mb']:.0f}"} for r in steps["rows"]]
-    print_table(f"student {steps['student']} step time from the cache of {steps['teacher']} (teacher forward = "
-                f"{steps['teacher_over_student_flops']:.1f}x the student's FLOPs; best of {steps['rounds']} "
-                f"round(s))", rows)
+    for steps in (steps, results["tcs_vs_online_kd"]):
+        rows = [{"config": r["config"], "ms / step": f"{r['step_ms']:.1f}", "/ ce": ratio(r["over_ce"]),
+                 "/ ce+kd": ratio(r["over_kd"]), "/ online kd": ratio(r["over_online_kd"]),
+                 "peak RSS MiB": f"{r['peak_rss_mb']:.0f}", "RSS / online kd": ratio(r["rss_over_online_kd"])}
+                for r in steps["rows"]]
+        print_table(f"student {steps['student']} step time from the cache of {steps['teacher']} (teacher forward = "
+                    f"{steps['teacher_over_student_flops']:.1f}x the student's FLOPs; best of {steps['rounds']} "
+                    f"round(s))", rows)
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2))
 
