@@ -175,3 +175,28 @@ def test_head_less_teacher_cache_then_tcs_and_elsh_training(cache_request, tmp_p
     accuracy = evaluate_accuracy(plain, val, m.teacher["input_size"], m.teacher["mean"], m.teacher["std"])
     assert summary["val_accuracy"] == accuracy  # the reported accuracy is the saved student's
     assert summary["params"] == sum(p.numel() for p in plain.parameters())
+
+
+@pytest.mark.slow
+def test_a_weak_teacher_whose_pca_is_narrower_than_the_classes_does_not_leave_tcs_at_chance(tmp_path: Path) -> None:
+    """Issue 17's failing case: a 1-epoch resnet18 on digits whose PCA needs fewer components than classes for
+    90 % of the variance; the default TCS run used to read that few coordinates and end at chance."""
+    from pipeline.cache.store import TeacherCache
+    from pipeline.methods.tcs import components_for
+    from pipeline.teacher.cache_pass import CacheRequest, run_cache_pass
+    from pipeline.teacher.fit import FitConfig, fit_teacher
+    from pipeline.train.config import RunSettings, TrainConfig
+    from pipeline.train.loop import train_student
+
+    checkpoint = tmp_path / "weak.pt"
+    fit_teacher(FitConfig(dataset="digits", model="resnet18", out=str(checkpoint), epochs=1, workers=0, device="cpu"))
+    cache = tmp_path / "cache"
+    run_cache_pass(CacheRequest(dataset="digits", teacher="resnet18", checkpoint=str(checkpoint), out=str(cache),
+                                views=0, device="cpu"))
+    info = TeacherCache(cache)
+    explained = info.statistics()["pca/explained_variance"]
+    assert components_for(explained, 0.9) < info.manifest.dataset["num_classes"]  # the failing case's premise
+    summary = train_student(TrainConfig(str(cache), "test_resnet", ("ce", "tcs"), str(tmp_path / "run"),
+                                        RunSettings(epochs=3, batch_size=32, workers=0, device="cpu")))
+    chance = 1 / info.manifest.dataset["num_classes"]
+    assert summary["val_accuracy"] > 3 * chance

@@ -1,9 +1,10 @@
-"""Write a Fashion-MNIST directory whose `t10k` split is a held-out part of the original TRAIN split.
+"""Write a dataset directory (Fashion-MNIST's IDX layout) whose val split is a held-out part of a TRAIN split.
 
-Choices (TCS defaults, README "What we tried for TCS") are made on it, never on the test split:
+Choices (TCS defaults, README "What we tried for TCS") are made on it, never on the test split. Any
+single-channel dataset works (digits' 8x8 images too; the class names read as Fashion-MNIST's):
 
-    python scripts/fmnist_holdout.py OUT --holdout 10000
-    distillery fit-teacher --dataset fashion-mnist:OUT ...   # train = the first 60k - holdout, val = the rest
+    python scripts/holdout_split.py OUT --dataset digits --holdout 287
+    distillery fit-teacher --dataset fashion-mnist:OUT ...   # train = the first N - holdout, val = the rest
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import atomic_write_bytes
-from pipeline.data.datasets import FASHION_MNIST_DIR, load_dataset
+from pipeline.data.datasets import load_dataset
 
 
 def idx_bytes(array: np.ndarray, magic: int) -> bytes:
@@ -27,9 +28,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--holdout", type=int, default=10_000, help="last N train images become the val split")
-    parser.add_argument("--source", default=FASHION_MNIST_DIR)
+    parser.add_argument("--dataset", default="fashion-mnist", help="a single-channel dataset spec")
     args = parser.parse_args()
-    train = load_dataset(f"fashion-mnist:{args.source}", "train")
+    train = load_dataset(args.dataset, "train")
     images, labels = train.images[..., 0], train.labels
     cut = len(labels) - args.holdout
     args.out.mkdir(parents=True, exist_ok=True)
