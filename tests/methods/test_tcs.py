@@ -73,7 +73,7 @@ def test_targets_are_scaled_per_norm(norm: str) -> None:
 
 def test_alignment_is_mse_to_centred_teacher_coordinates_over_active_ones() -> None:
     cache, features = pca_cache()
-    method = create_method("tcs:dims=6,weight=2", cache, StudentInfo(pooled_dim=5))
+    method = create_method("tcs:dims=6,weight=2,norm=none", cache, StudentInfo(pooled_dim=5))
     method.head.active[[1, 4]] = 0
     f_s, f_t = torch.randn(8, 5), torch.tensor(features[:8], dtype=torch.float32)
     out = method(StudentOutputs(logits=torch.zeros(8, CLASSES), pooled=f_s), {POOLED: f_t}, torch.zeros(8), progress(0))
@@ -166,7 +166,7 @@ def test_head_less_teacher_cache_then_tcs_and_elsh_training(cache_request, tmp_p
     settings = RunSettings(epochs=1, batch_size=32, workers=0)
     with pytest.raises(MethodError, match="needs teacher logits"):
         check_run(TrainConfig(str(out), "test_resnet", ("ce", "kd"), str(tmp_path / "kd"), settings))
-    methods = ("ce", "tcs:dims=16,rounds=2,prune_start=0,prune_end=0.5", "elsh:lshl2=1")
+    methods = ("ce", "tcs:dims=16,keep=0.5,rounds=2,prune_start=0,prune_end=0.5", "elsh:lshl2=1")
     summary = train_student(TrainConfig(str(out), "test_resnet", methods, str(tmp_path / "run"), settings))
 
     plain = create_timm_model("test_resnet", 10, 1, m.teacher["input_size"])
