@@ -180,7 +180,8 @@ PASS_TEACHERS = ("resnet10t", "resnet50")
 def run_benchmarks(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     """`distillery bench`: the teacher pass against a bare forward loop (per teacher in `PASS_TEACHERS`),
     then student step times and peak memory per method (cached vs online KD included) for a test_resnet
-    student of a resnet10t teacher on digits, then TCS against online KD for a `TCS_TEACHER` teacher. `quick`: the first teacher only, fewer samples, one round."""
+    student of a resnet10t teacher on digits, then TCS against online KD for a `TCS_TEACHER` teacher.
+    `quick`: the first teacher only, fewer samples, one round."""
     from pipeline.teacher.cache_pass import run_cache_pass
     from pipeline.teacher.fit import FitConfig, fit_teacher
 

@@ -25,7 +25,8 @@ pass adds ``|dL/d mask|`` to a per-coordinate importance, accumulated from the s
 never reset. ``rounds`` pruning rounds are spread evenly over the training fraction
 ``[prune_start, prune_end]`` (one round at ``prune_start`` if ``rounds == 1``); after round r of R the
 number of active coordinates is ``k - round((k - target) * r / R)`` with ``target = min(k, max(min_dims,
-round(keep * k)))`` (the floor holds after tailoring too), each round dropping the active coordinates of least accumulated importance.
+round(keep * k)))`` (the floor holds after tailoring too), each round dropping the active coordinates of
+least accumulated importance.
 A round falls due at the first training step whose ``progress.fraction`` reaches its point. It is
 applied in the method's forward, which runs after the student's: that step's alignment term already
 leaves the dropped coordinates out, the classifier (mask 0) from the next step on.

@@ -137,7 +137,8 @@ def test_the_head_replaces_the_students_and_folds_into_one_plain_timm_linear_lay
 
 def test_bad_options_and_a_cache_without_pca_are_refused() -> None:
     cache, _ = pca_cache()
-    for spec in ("tcs:variance=0", "tcs:dims=13", "tcs:min_dims=-2", "tcs:norm=pca", "tcs:keep=0", "tcs:rounds=0", "tcs:prune_start=0.8,prune_end=0.5"):
+    for spec in ("tcs:variance=0", "tcs:dims=13", "tcs:min_dims=-2", "tcs:norm=pca", "tcs:keep=0", "tcs:rounds=0",
+                 "tcs:prune_start=0.8,prune_end=0.5"):
         with pytest.raises(MethodError, match="tcs"):
             create_method(spec, cache, StudentInfo(pooled_dim=5))
     bare = CacheInfo(num_classes=CLASSES, pooled_dim=D, available=frozenset({POOLED}))
