@@ -111,20 +111,26 @@ def fit_teacher_cmd(
     lr: float = 2e-3,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     on_bad_image: Annotated[str, typer.Option(help=ON_BAD_IMAGE_HELP)] = "fail",
+    objective: Annotated[str, typer.Option(help="supervised (labels) | ssl (SimCLR two-view NT-Xent, no labels; "
+                                                "cache it with --teacher-head none)")] = "supervised",
+    temperature: Annotated[float, typer.Option(help="NT-Xent temperature (ssl)")] = 0.2,
 ) -> None:
     """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint (Prefect flow)."""
     from flows.fit_teacher import fit_teacher_flow
     from pipeline.teacher.fit import FitConfig, check_fit
 
     cfg = FitConfig(dataset=dataset, model=model, out=str(out), epochs=epochs, subset=subset, seed=seed,
-                    input_size=input_size, batch_size=batch_size, lr=lr, device=device, on_bad_image=on_bad_image)
+                    input_size=input_size, batch_size=batch_size, lr=lr, device=device, on_bad_image=on_bad_image,
+                    objective=objective, temperature=temperature)
     check_fit(cfg)  # one line here, not a failed flow run
     start_temporary_server()
     with show_progress():
         result = fit_teacher_flow(cfg)
     report_skipped(dataset, result["skipped_images"])
-    console.print(f"teacher {model}: val accuracy {result['val_accuracy']:.4f} after {epochs} epochs "
-                  f"({result['train_seconds']:.1f} s) -> {result['out']}")
+    accuracy = "no head (self-supervised)" if result["val_accuracy"] is None else \
+        f"val accuracy {result['val_accuracy']:.4f}"
+    console.print(f"teacher {model}: {accuracy} after {epochs} epochs ({result['train_seconds']:.1f} s) -> "
+                  f"{result['out']}")
 
 
 @app.command("cache")
@@ -388,8 +394,9 @@ def print_experiment(name: str, result: dict, markdown: bool) -> None:
 
     experiment = get_experiment(name)
     teacher = result["teacher"]
-    console.print(f"teacher {experiment.teacher} ({'reused' if teacher['reused'] else 'fitted'}): val accuracy "
-                  f"{teacher['val_accuracy']:.2%}; cache {result['cache']['cache']}")
+    accuracy = "no head" if teacher["val_accuracy"] is None else f"val accuracy {teacher['val_accuracy']:.2%}"
+    console.print(f"teacher {experiment.teacher} ({'reused' if teacher['reused'] else 'fitted'}): {accuracy}; "
+                  f"cache {result['cache']['cache']}")
     if markdown:
         console.print(markdown_table(result["rows"]), soft_wrap=True, highlight=False)
         return
@@ -420,11 +427,14 @@ def bench_cmd(
     def ratio(value: float | None) -> str:  # None: the reference configuration was not benchmarked
         return "-" if value is None else f"{value:.2f}"
 
-    rows = [{"config": r["config"], "ms / step": f"{r['step_ms']:.1f}", "/ ce": ratio(r["over_ce"]),
-             "/ ce+kd": ratio(r["over_kd"]), "peak RSS MiB": f"{r['peak_rss_mb']:.0f}"} for r in steps["rows"]]
-    print_table(f"student {steps['student']} step time from the cache of {steps['teacher']} (teacher forward = "
-                f"{steps['teacher_over_student_flops']:.1f}x the student's FLOPs; best of {steps['rounds']} "
-                f"round(s))", rows)
+    for steps in (steps, results["tcs_vs_online_kd"]):
+        rows = [{"config": r["config"], "ms / step": f"{r['step_ms']:.1f}", "/ ce": ratio(r["over_ce"]),
+                 "/ ce+kd": ratio(r["over_kd"]), "/ online kd": ratio(r["over_online_kd"]),
+                 "peak RSS MiB": f"{r['peak_rss_mb']:.0f}", "RSS / online kd": ratio(r["rss_over_online_kd"])}
+                for r in steps["rows"]]
+        print_table(f"student {steps['student']} step time from the cache of {steps['teacher']} (teacher forward = "
+                    f"{steps['teacher_over_student_flops']:.1f}x the student's FLOPs; best of {steps['rounds']} "
+                    f"round(s))", rows)
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2))
 
@@ -440,13 +450,14 @@ def experiment_cmd(
 ) -> None:
     """Run a named experiment end to end (fit or reuse the teacher, cache once, train every row per seed)."""
     from flows.experiments import run_experiment
-    from pipeline.experiments import get_experiment
+    from pipeline.experiments import suite_parts
 
-    get_experiment(name).select(row)  # an unknown name or row is one line, before any flow starts
+    parts = suite_parts(name, row)  # an unknown name or row is one line, before any flow starts
     start_temporary_server()
-    with show_progress():
-        result = run_experiment(name, list(seed), str(root), row)
-    print_experiment(name, result, markdown)
+    for part in parts:  # a suite (e.g. tcs) runs its experiments one after the other
+        with show_progress():
+            result = run_experiment(part.name, list(seed), str(root), list(part.rows))
+        print_experiment(part.name, result, markdown)
 
 
 @app.command("demo")

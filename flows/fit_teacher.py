@@ -26,6 +26,8 @@ def fit_teacher_flow(config: FitConfig) -> dict[str, Any]:
     {time}, {flow_run_name} or {flow_run_id}, filled per flow run)."""
     config = dataclasses.replace(config, out=run_path(config.out))
     result = fit_task(config)
-    get_run_logger().info("teacher %s: val accuracy %.4f after %d epochs (%.1f s) -> %s", config.model,
-                          result["val_accuracy"], config.epochs, result["train_seconds"], result["out"])
+    accuracy = "no head (self-supervised)" if result["val_accuracy"] is None else \
+        f"val accuracy {result['val_accuracy']:.4f}"
+    get_run_logger().info("teacher %s: %s after %d epochs (%.1f s) -> %s", config.model, accuracy, config.epochs,
+                          result["train_seconds"], result["out"])
     return result

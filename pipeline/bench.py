@@ -72,10 +72,11 @@ def bench_teacher_pass(dataset: str, teacher: str, samples: int, views: int = 2,
 
 # Student step times (issues 3-6): each configuration trains in a fresh process (so its peak RSS is its own),
 # the configurations take turns round by round (so a noisy neighbour hits them all alike).
+ONLINE_KD = "ce+kd online"
 STEP_CONFIGS: dict[str, tuple[tuple[str, ...], bool]] = {
     "ce": (("ce",), False),
     "ce+kd": (("ce", "kd"), False),
-    "ce+kd online": (("ce", "kd"), True),
+    ONLINE_KD: (("ce", "kd"), True),
     "ce+dkd": (("ce", "dkd"), False),
     "ce+wkd_l": (("ce", "wkd_l"), False),
     "ce+wkd_f": (("ce", "wkd_f:stage=-2"), False),
@@ -136,14 +137,39 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
         step = min(run["mean_step_seconds"] for run in runs)  # the least disturbed round
         rows.append({"config": label, "step_ms": 1000 * step,
                      "peak_rss_mb": max(r["peak_rss_bytes"] for r in runs) / 2**20})
-    base = {row["config"]: row["step_ms"] for row in rows}
+    base = {row["config"]: row for row in rows}
+
+    def over(row: dict[str, Any], reference: str, key: str = "step_ms") -> float | None:
+        return row[key] / base[reference][key] if reference in base else None
+
     for row in rows:
-        row["over_ce"] = row["step_ms"] / base["ce"] if "ce" in base else None
-        row["over_kd"] = row["step_ms"] / base["ce+kd"] if "ce+kd" in base else None
+        row["over_ce"], row["over_kd"] = over(row, "ce"), over(row, "ce+kd")
+        row["over_online_kd"] = over(row, ONLINE_KD)
+        row["rss_over_online_kd"] = over(row, ONLINE_KD, "peak_rss_mb")
     return {"bench": "student_steps", "cache": cache, "student": student, "teacher": teacher["model"],
             "teacher_over_student_flops": model_flops(teacher["model"], num_classes, teacher["in_chans"], size)
             / model_flops(student, num_classes, teacher["in_chans"], size),
             "rounds": rounds, "rows": rows}
+
+
+# TCS against online KD (TCS's claim: about half the training time and 75 % of the memory, the teacher never
+# running during training) for a teacher far costlier than the student: resnet50 at 32 px.
+TCS_TEACHER = "resnet50"
+TCS_CONFIGS = {k: STEP_CONFIGS[k] for k in ("ce", ONLINE_KD, "ce+tcs", "ce+tcs+elsh")}
+
+
+def bench_tcs_vs_online_kd(tmp: str, quick: bool = False, device: str = "auto") -> dict[str, Any]:
+    """Student step time and peak RSS of CE, online KD, TCS and TCS+eLSH from a `TCS_TEACHER` cache on digits."""
+    from pipeline.teacher.cache_pass import run_cache_pass
+    from pipeline.teacher.fit import FitConfig, fit_teacher
+
+    checkpoint = str(Path(tmp) / "tcs-teacher.pt")
+    # Step times do not depend on how well the teacher is trained: a short fit on a subset is enough.
+    fit_teacher(FitConfig(dataset="digits", model=TCS_TEACHER, out=checkpoint, epochs=1, subset=256, device=device))
+    cache = str(Path(tmp) / "tcs-cache")
+    run_cache_pass(CacheRequest(dataset="digits", teacher=TCS_TEACHER, checkpoint=checkpoint, out=cache,
+                                subset=600 if quick else None, views=2, lsh_bits=64, device=device))
+    return bench_student_steps(cache, "test_resnet", TCS_CONFIGS, epochs=1 if quick else 2, rounds=1 if quick else 2)
 
 
 # Teacher-pass rows of `distillery bench`: the demo teacher, and one whose forward costs 4x more per image
@@ -154,7 +180,8 @@ PASS_TEACHERS = ("resnet10t", "resnet50")
 def run_benchmarks(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     """`distillery bench`: the teacher pass against a bare forward loop (per teacher in `PASS_TEACHERS`),
     then student step times and peak memory per method (cached vs online KD included) for a test_resnet
-    student of a resnet10t teacher on digits. `quick`: the first teacher only, fewer samples, one round."""
+    student of a resnet10t teacher on digits, then TCS against online KD for a `TCS_TEACHER` teacher.
+    `quick`: the first teacher only, fewer samples, one round."""
     from pipeline.teacher.cache_pass import run_cache_pass
     from pipeline.teacher.fit import FitConfig, fit_teacher
 
@@ -171,4 +198,5 @@ def run_benchmarks(quick: bool = False, device: str = "auto") -> dict[str, Any]:
                                     lsh_bits=64, device=device))
         steps = bench_student_steps(cache, "test_resnet", STEP_CONFIGS, epochs=1 if quick else 2,
                                     rounds=1 if quick else 2)
-    return {"teacher_pass": passes, "student_steps": steps}
+        tcs = bench_tcs_vs_online_kd(tmp, quick, device)
+    return {"teacher_pass": passes, "student_steps": steps, "tcs_vs_online_kd": tcs}

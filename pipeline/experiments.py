@@ -27,7 +27,7 @@ from pipeline.errors import DistilleryError
 
 # Fit settings that change the teacher's weights; a checkpoint fitted with the same ones is reused.
 _FIT_IDENTITY = ("dataset", "model", "epochs", "subset", "seed", "input_size", "batch_size", "lr", "weight_decay",
-                 "label_smoothing")
+                 "label_smoothing", "objective", "temperature")
 
 
 class ExperimentError(DistilleryError):
@@ -52,6 +52,7 @@ class Experiment:
     batch_size: int = 64
     lr: float = 2e-3
     eval_every: int = 1
+    teacher_objective: str = "supervised"  # `fit-teacher --objective`: ssl never sees a label
 
     def select(self, rows: list[str] | None) -> Experiment:
         """This experiment with only `rows` (all when None or empty); an unknown row is an ExperimentError."""
@@ -64,11 +65,12 @@ class Experiment:
         return replace(self, rows={label: m for label, m in self.rows.items() if label in rows})
 
     def teacher_path(self, root: Path) -> Path:
-        return root / "teachers" / f"{self.dataset.split(':')[0]}-{self.teacher}-e{self.teacher_epochs}.pt"
+        objective = "" if self.teacher_objective == "supervised" else f"-{self.teacher_objective}"
+        return root / "teachers" / f"{self.dataset.split(':')[0]}-{self.teacher}-e{self.teacher_epochs}{objective}.pt"
 
     def fit_config(self, root: Path) -> FitConfig:
         return FitConfig(dataset=self.dataset, model=self.teacher, out=str(self.teacher_path(root)),
-                         epochs=self.teacher_epochs)
+                         epochs=self.teacher_epochs, objective=self.teacher_objective)
 
     def cache_request(self, root: Path) -> CacheRequest:
         return CacheRequest(dataset=self.dataset, teacher=self.teacher, checkpoint=str(self.teacher_path(root)),
@@ -83,6 +85,21 @@ class Experiment:
 
     def run_dir(self, root: Path, row: str, seed: int) -> Path:
         return root / self.name / "runs" / f"{row}-s{seed}"
+
+
+def suite_parts(name: str, rows: list[str] | None = None) -> list[Experiment]:
+    """The experiments `distillery experiment NAME` runs: a suite's parts (each with the suite's rows, or only
+    those of `rows` it has), else the one experiment NAME. A row no part has is an ExperimentError."""
+    if name not in SUITES:
+        return [get_experiment(name).select(rows)]
+    parts = [replace(get_experiment(part), rows={r: m for r, m in get_experiment(part).rows.items() if r in keep})
+             for part, keep in SUITES[name]]
+    if rows:
+        unknown = sorted(set(rows) - {r for part in parts for r in part.rows})
+        if unknown:
+            raise ExperimentError(f"experiment {name!r} has no row {', '.join(map(repr, unknown))}")
+        parts = [replace(part, rows={r: m for r, m in part.rows.items() if r in rows}) for part in parts]
+    return [part for part in parts if part.rows]
 
 
 def reusable_teacher(checkpoint_config: dict[str, Any] | None, wanted: FitConfig) -> bool:
@@ -127,6 +144,8 @@ WKD_F_LAYER3 = "wkd_f:stage=-2,weight=0.08,gamma=4"
 # ScaleKD mimics the cached layer3 maps (2x2) with the student's 2x2 stage -2: its 1x1 deepest map could not
 # vary over the teacher's positions (the method refuses it).
 SCALEKD_LAYER3 = "scalekd:stage=-2"
+# TCS as first shipped (pruned to half of k, raw targets, no floor on k): the rows issue 17 measured.
+TCS_FIRST_DEFAULTS = "tcs:keep=0.5,norm=none,min_dims=0"
 _FMNIST_COMMON = dict(dataset="fashion-mnist", teacher="resnet10t", teacher_epochs=6, student="test_resnet")
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
@@ -149,6 +168,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
               "ce+fitnet": ("ce", "fitnet"), "ce+wkd_l": ("ce", "wkd_l"),
               "ce+wkd_f": ("ce", WKD_F_LAYER3), "ce+wkd_l+wkd_f": ("ce", "wkd_l", WKD_F_LAYER3),
               "ce+tcs": ("ce", "tcs"), "ce+tcs+elsh": ("ce", "tcs", "elsh"),
+              "ce+tcs(first defaults)": ("ce", TCS_FIRST_DEFAULTS),
               "ce+scalekd": ("ce", SCALEKD_LAYER3), "ce+scalekd(tpp)": ("ce", f"{SCALEKD_LAYER3},tpp=true")},
         **_FMNIST_COMMON),
     Experiment(
@@ -157,15 +177,36 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                     "and a test_resnet student over 10 labelled samples per class (100 in all, 5 views each); "
                     "accuracy on the 10k test split",
         labelled=100, views=4, epochs=100, eval_every=25, batch_size=32, cache_options=dict(lsh_bits=256),
-        # tcs:keep=1 keeps every coordinate (no tailoring): with 100 images, pruning to half of them costs
-        # accuracy (seed 0: 59.5 % with pruning, 69.0 % without, CE 63.9 %).
         rows={"ce": ("ce",), "ce+kd": ("ce", "kd"), "ce+tcs": ("ce", "tcs"), "ce+tcs+elsh": ("ce", "tcs", "elsh"),
-              "ce+tcs(keep=1)": ("ce", "tcs:keep=1"), "ce+tcs(keep=1)+elsh": ("ce", "tcs:keep=1", "elsh")},
+              "ce+tcs(first defaults)": ("ce", TCS_FIRST_DEFAULTS)},
         **_FMNIST_COMMON),
+    Experiment(
+        name="fmnist-5k-ssl",
+        description="fmnist-5k's student, cache subset and views, distilled from a resnet10t that never saw a label "
+                    "(`fit-teacher --objective ssl`, SimCLR NT-Xent, 6 epochs on the 60k train split; head-less "
+                    "cache); accuracy on the 10k test split",
+        labelled=5000, views=4, epochs=10, eval_every=10, teacher_objective="ssl",
+        cache_options=dict(teacher_head=False, lsh_bits=256),
+        rows={"ce+tcs": ("ce", "tcs"), "ce+tcs+elsh": ("ce", "tcs", "elsh")}, **_FMNIST_COMMON),
+    Experiment(
+        name="fmnist-fewshot-ssl",
+        description="fmnist-fewshot's student and 100 labelled samples, distilled from the self-supervised resnet10t "
+                    "of fmnist-5k-ssl (head-less cache); accuracy on the 10k test split",
+        labelled=100, views=4, epochs=100, eval_every=25, batch_size=32, teacher_objective="ssl",
+        cache_options=dict(teacher_head=False, lsh_bits=256),
+        rows={"ce+tcs": ("ce", "tcs"), "ce+tcs+elsh": ("ce", "tcs", "elsh")}, **_FMNIST_COMMON),
 )}
+
+_TCS_ROWS = ("ce", "ce+kd", "ce+tcs", "ce+tcs+elsh")
+# Suites: one command for a table drawn from several experiments (each keeps its own teacher, cache and runs, so
+# rows it shares with another command are trained once).
+SUITES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "tcs": (("fmnist-5k", _TCS_ROWS), ("fmnist-5k-ssl", _TCS_ROWS),
+            ("fmnist-fewshot", _TCS_ROWS), ("fmnist-fewshot-ssl", _TCS_ROWS)),
+}
 
 
 def get_experiment(name: str) -> Experiment:
     if name not in EXPERIMENTS:
-        raise ExperimentError(f"unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}")
+        raise ExperimentError(f"unknown experiment {name!r}; known: {', '.join(sorted([*EXPERIMENTS, *SUITES]))}")
     return EXPERIMENTS[name]

@@ -26,6 +26,8 @@ def test_teacher_pass_benchmark_reports_both_throughputs() -> None:
 @pytest.mark.slow
 def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(pipeline.bench, "STEP_CONFIGS", {"ce": (("ce",), False), "ce+kd": (("ce", "kd"), False)})
+    monkeypatch.setattr(pipeline.bench, "TCS_CONFIGS", {"ce+kd online": (("ce", "kd"), True),
+                                                        "ce+tcs": (("ce", "tcs"), False)})
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "--quick", "--device", "cpu", "--json", str(out)])
     assert result.exit_code == 0, result.output
@@ -37,6 +39,11 @@ def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypat
     assert set(rows) == {"ce", "ce+kd"}
     assert rows["ce"]["over_ce"] == 1.0 and rows["ce+kd"]["over_kd"] == 1.0
     assert all(r["step_ms"] > 0 and r["peak_rss_mb"] > 0 for r in rows.values())
+    tcs = {r["config"]: r for r in results["tcs_vs_online_kd"]["rows"]}
+    assert results["tcs_vs_online_kd"]["teacher"] == "resnet50" and "RSS / online kd" in result.output
+    assert results["tcs_vs_online_kd"]["teacher_over_student_flops"] >= 5
+    assert tcs["ce+kd online"]["over_online_kd"] == 1.0 and tcs["ce+kd online"]["rss_over_online_kd"] == 1.0
+    assert tcs["ce+tcs"]["over_online_kd"] == tcs["ce+tcs"]["step_ms"] / tcs["ce+kd online"]["step_ms"]
 
 
 def test_flops_grow_with_the_model() -> None:

@@ -2,14 +2,19 @@
 
 The teacher's view-0 pooled features define a coordinate system: the top-k PCA components
 ``V_k`` (rows of ``pca/components``) around the teacher mean ``mu``; k is the smallest number of
-components explaining ``variance`` of the variance, or ``dims`` when given. The student gets a head
-``TCSHead`` that replaces its own classifier:
+components explaining ``variance`` of the variance, but never fewer than ``min_dims`` (default: the
+class count; the classifier reads only these k coordinates, and a pooled feature dominated by a few
+directions would otherwise leave it fewer coordinates than classes), or exactly ``dims`` when given.
+The targets are ``t = (f_t - mu) V_k^T / s`` with ``s`` per ``norm``: 1 (``none``), the root of the
+mean eigenvalue of the k components (``scale``: unit mean variance, relative variances kept), or
+each component's own root eigenvalue (``whiten``). The student gets a head ``TCSHead`` that replaces
+its own classifier:
 
     z = W f_s + c            learnable linear map into the k coordinates
     m = mask * active        trainable mask, 0 on dropped coordinates
     logits = A (m * z) + a   the classifier reads the masked coordinates
 
-The method adds ``weight * MSE(z, (f_t - mu) V_k^T)`` over the active coordinates; the supervised term
+The method adds ``weight * MSE(z, t)`` over the active coordinates; the supervised term
 is the ``ce`` method (as with every method here: run ``--method ce --method tcs``), which now computes
 its CE on this head's logits because the head *is* the student's classifier (`adopt_student`). The
 student's original timm classifier is discarded; the per-epoch evaluation of the student model goes
@@ -19,8 +24,9 @@ Tailoring (iterative feature selection). The paper's schedule is not public; our
 pass adds ``|dL/d mask|`` to a per-coordinate importance, accumulated from the start of training and
 never reset. ``rounds`` pruning rounds are spread evenly over the training fraction
 ``[prune_start, prune_end]`` (one round at ``prune_start`` if ``rounds == 1``); after round r of R the
-number of active coordinates is ``k - round((k - target) * r / R)`` with ``target = max(1,
-round(keep * k))``, each round dropping the active coordinates of least accumulated importance.
+number of active coordinates is ``k - round((k - target) * r / R)`` with ``target = min(k, max(min_dims,
+round(keep * k)))`` (the floor holds after tailoring too), each round dropping the active coordinates of
+least accumulated importance.
 A round falls due at the first training step whose ``progress.fraction`` reaches its point. It is
 applied in the method's forward, which runs after the student's: that step's alignment term already
 leaves the dropped coordinates out, the classifier (mask 0) from the next step on.
@@ -55,12 +61,23 @@ from .base import (
 )
 
 PCA_STATISTICS = ("pca/mean", "pca/components", "pca/explained_variance")
+NORMS = ("none", "scale", "whiten")
 
 
 def components_for(explained_variance: Tensor, fraction: float) -> int:
     """The smallest k whose top-k components explain at least `fraction` of the total variance."""
     ratio = np.cumsum(explained_variance.double().numpy()) / float(explained_variance.double().sum())
     return min(int(np.searchsorted(ratio, fraction)) + 1, len(ratio))
+
+
+def target_scale(eigenvalues: Tensor, norm: str) -> Tensor:
+    """Per-coordinate divisor ``s`` of the targets: 1, the root mean eigenvalue, or each root eigenvalue."""
+    values = eigenvalues.double().clamp_min(1e-12)
+    if norm == "whiten":
+        return values.sqrt().float()
+    if norm == "scale":
+        return values.mean().sqrt().expand(len(values)).float().clone()
+    return torch.ones(len(values))
 
 
 def replace_classifier(model: nn.Module, new: nn.Module) -> None:
@@ -127,12 +144,14 @@ class TCSHead(nn.Module):
 
 @register_method
 class TCS(Method):
-    """``weight * MSE(z_active, t_active)``, ``z`` the student's TCS coordinates and ``t = (f_t - mu) V_k^T``
+    """``weight * MSE(z_active, t_active)``, ``z`` the student's TCS coordinates and ``t = (f_t - mu) V_k^T / s``
     (§6.5); the TCS head replaces the student's classifier and is pruned to ``keep * k`` coordinates.
 
     Options: ``variance`` (explained-variance fraction choosing k), ``dims`` (fixed k; 0 = use
-    ``variance``), ``keep`` (fraction of k left after tailoring; 1 = no pruning), ``rounds``,
-    ``prune_start``, ``prune_end`` (the schedule, fractions of training), ``weight`` (alignment, 1 vs CE).
+    ``variance``), ``min_dims`` (floor on k and on the coordinates left after tailoring; -1 = the class
+    count), ``norm`` (target scaling ``s``: none, scale, whiten), ``keep`` (fraction of k left after
+    tailoring; 1 = no pruning), ``rounds``, ``prune_start``, ``prune_end`` (the schedule, fractions of
+    training), ``weight`` (alignment, 1 vs CE).
     """
 
     name = "tcs"
@@ -145,7 +164,9 @@ class TCS(Method):
         *,
         variance: Annotated[float, Range(gt=0, le=1)] = 0.9,
         dims: Annotated[int, Range(ge=0)] = 0,
-        keep: Annotated[float, Range(gt=0, le=1)] = 0.5,
+        min_dims: Annotated[int, Range(ge=-1)] = -1,
+        norm: str = "scale",
+        keep: Annotated[float, Range(gt=0, le=1)] = 1.0,
         rounds: Annotated[int, Range(ge=1)] = 5,
         prune_start: Annotated[float, Range(ge=0, le=1)] = 0.2,
         prune_end: Annotated[float, Range(ge=0, le=1)] = 0.7,
@@ -157,17 +178,21 @@ class TCS(Method):
             raise MethodError(f"method 'tcs' needs the cache's PCA statistics ({', '.join(missing)} missing); "
                               f"rebuild them with `distillery stats CACHE`")
         explained = cache.statistics["pca/explained_variance"]
-        if dims > len(explained):  # the upper bound is the cache's, not a constant
-            raise MethodError(f"method 'tcs': option 'dims' must be <= {len(explained)} (the teacher's pooled "
-                              f"width), not {dims}")
+        if dims > len(explained) or min_dims > len(explained):  # the upper bound is the cache's, not a constant
+            raise MethodError(f"method 'tcs': options 'dims' and 'min_dims' must be <= {len(explained)} (the "
+                              f"teacher's pooled width), not dims={dims}, min_dims={min_dims}")
         if prune_start > prune_end:
             raise MethodError(f"method 'tcs': option 'prune_start' must be <= prune_end, got prune_start="
                               f"{prune_start}, prune_end={prune_end}")
-        self.k = dims or components_for(explained, variance)
-        self.target = max(1, round(keep * self.k))
+        if norm not in NORMS:
+            raise MethodError(f"method 'tcs': option 'norm' must be one of {', '.join(NORMS)}, not {norm!r}")
+        floor = max(1, min(cache.num_classes if min_dims == -1 else min_dims, len(explained)))
+        self.k = dims or max(floor, components_for(explained, variance))
+        self.target = min(self.k, max(floor, round(keep * self.k)))
         self.num_rounds, self.prune_start, self.prune_end, self.weight = rounds, prune_start, prune_end, weight
         self.register_buffer("mean", cache.statistics["pca/mean"].float().clone())
         self.register_buffer("basis", cache.statistics["pca/components"][: self.k].float().clone())
+        self.register_buffer("scale", target_scale(explained[: self.k], norm))
         self.head = TCSHead(student.pooled_dim, self.k, cache.num_classes)
 
     def round_points(self) -> list[float]:
@@ -182,8 +207,8 @@ class TCS(Method):
         return self.k - round((self.k - self.target) * rounds / self.num_rounds)
 
     def teacher_coordinates(self, pooled: Tensor) -> Tensor:
-        """``(f_t - mu) V_k^T``: the teacher's pooled features in its top-k PCA coordinates."""
-        return (at_least_float32(pooled) - self.mean) @ self.basis.T
+        """``(f_t - mu) V_k^T / s``: the teacher's pooled features in its top-k PCA coordinates, scaled."""
+        return (at_least_float32(pooled) - self.mean) @ self.basis.T / self.scale
 
     def adopt_student(self, model: nn.Module) -> None:
         replace_classifier(model, self.head)

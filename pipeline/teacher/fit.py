@@ -3,6 +3,13 @@
 Each epoch draws fresh random-resized-crop + flip views through the same `render_view` the cache uses.
 The checkpoint holds the state dict plus what a cache needs to rebuild the teacher's inputs exactly
 (input size, normalisation), and loads with `torch.load(weights_only=True)`.
+
+Objectives: ``supervised`` (cross-entropy on the labels) or ``ssl``, a teacher that never sees a label:
+SimCLR's two-view contrastive objective (Chen et al., "A Simple Framework for Contrastive Learning of
+Visual Representations", ICML'20): views 1 and 2 of each sample under one `ViewPlan` per epoch, the
+pooled features through a 2-layer MLP projector, NT-Xent over the batch (`nt_xent`). The projector is
+dropped and the classifier stays untrained: cache such a checkpoint with ``--teacher-head none`` (its
+pooled features serve TCS and eLSH).
 """
 
 from __future__ import annotations
@@ -26,6 +33,13 @@ from pipeline.teacher.model import CHECKPOINT_FORMAT, create_timm_model
 from pipeline.train.evaluate import evaluate_accuracy
 from pipeline.train.optim import OptimConfig, build_optimizer, cosine_schedule
 from pipeline.atomic import atomic_write
+from pipeline.errors import DistilleryError
+
+OBJECTIVES = ("supervised", "ssl")
+
+
+class FitError(DistilleryError):
+    """A teacher fit that cannot go ahead as asked."""
 
 
 @dataclass(frozen=True)
@@ -44,15 +58,19 @@ class FitConfig:
     workers: int = 1
     device: str = "auto"
     on_bad_image: str = "fail"  # an undecodable image in an image folder: "fail" (name it) or "skip"
+    objective: str = "supervised"  # one of OBJECTIVES
+    temperature: float = 0.2  # NT-Xent's tau (ssl only)
 
     RANGES: ClassVar[dict[str, Range]] = {
         "epochs": Range(ge=1), "subset": Range(ge=1), "seed": Range(ge=0), "input_size": Range(ge=8),
         "batch_size": Range(ge=1), "lr": Range(gt=0), "weight_decay": Range(ge=0),
-        "label_smoothing": Range(ge=0, le=1), "workers": Range(ge=0)}
+        "label_smoothing": Range(ge=0, le=1), "workers": Range(ge=0), "temperature": Range(gt=0)}
 
     def __post_init__(self) -> None:
         check_ranges(vars(self), self.RANGES)
         check_bad_image_policy(self.on_bad_image)
+        if self.objective not in OBJECTIVES:
+            raise FitError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
 
 
 def check_fit(cfg: FitConfig) -> None:
@@ -64,6 +82,28 @@ def check_fit(cfg: FitConfig) -> None:
         load_dataset(cfg.dataset, split, on_bad_image=cfg.on_bad_image)
 
 
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent (Chen et al., ICML'20, eq. 1) of N pairs (a_i, b_i): the mean over all 2N anchors of
+    ``-log(exp(s(i, p(i)) / tau) / sum_{k != i} exp(s(i, k) / tau))``, s the cosine similarity and p(i) the
+    anchor's other view."""
+    z = F.normalize(torch.cat([a, b]).float(), dim=1)
+    n = len(a)
+    logits = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, positives)
+
+
+def pair_batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Shuffled batches of indices into `n` first views followed by `n` second views: batch = I + (I + n)."""
+    order = torch.randperm(n, generator=generator).tolist()
+    return [chunk + [i + n for i in chunk] for chunk in (order[s:s + batch_size] for s in range(0, n, batch_size))]
+
+
+def projector(width: int, out: int = 128) -> torch.nn.Module:
+    """SimCLR's projection head g: Linear-ReLU-Linear on the pooled feature (trained, then dropped)."""
+    return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, out))
+
+
 def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
     """Train `cfg.model` on the dataset's train split, evaluate on val, save the checkpoint atomically.
 
@@ -71,6 +111,7 @@ def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
     before the first step, so nothing is trained for a checkpoint that cannot be written.
     """
     check_fit(cfg)
+    ssl = cfg.objective == "ssl"
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     train = load_dataset(cfg.dataset, "train", subset=cfg.subset, seed=cfg.seed, on_bad_image=cfg.on_bad_image)
@@ -78,8 +119,9 @@ def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
     mean, std = load_dataset(cfg.dataset, "train", on_bad_image=cfg.on_bad_image).pixel_stats()
     size = cfg.input_size or default_input_size(train)
     model = create_timm_model(cfg.model, train.num_classes, train.channels, size).to(device)
+    head = projector(model.num_features).to(device) if ssl else torch.nn.Identity()
     optim_cfg = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
-    optimizer = build_optimizer(model.parameters(), optim_cfg)
+    optimizer = build_optimizer([*model.parameters(), *head.parameters()], optim_cfg)
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     schedule = cosine_schedule(optimizer, cfg.epochs * steps_per_epoch, steps_per_epoch)
     positions = np.arange(len(train))
@@ -87,23 +129,35 @@ def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
     model.train()
     with progress_task(f"fit {cfg.model}", cfg.epochs * len(train)) as bar:
         for epoch in range(cfg.epochs):
-            # A new plan seed per epoch gives every sample a fresh augmentation (view 1 of that plan).
-            plan = ViewPlan(num_augmented=1, seed=cfg.seed * 1_000_003 + epoch)
-            views = RenderedViews(train, plan, positions, np.ones(len(train), dtype=np.int64), size, mean, std)
-            loader = torch.utils.data.DataLoader(views, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
-                                                 num_workers=cfg.workers,
-                                                 multiprocessing_context=worker_context(cfg.workers),
-                                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            # A new plan seed per epoch gives every sample a fresh augmentation (view 1 of that plan; views 1
+            # and 2, the contrastive pair, for ssl).
+            plan = ViewPlan(num_augmented=2 if ssl else 1, seed=cfg.seed * 1_000_003 + epoch)
+            generator = torch.Generator().manual_seed(cfg.seed + epoch)
+            if ssl:
+                views = RenderedViews(train, plan, np.tile(positions, 2), np.repeat([1, 2], len(train)), size, mean,
+                                      std)
+                batching = dict(batch_sampler=pair_batches(len(train), cfg.batch_size, generator))
+            else:
+                views = RenderedViews(train, plan, positions, np.ones(len(train), dtype=np.int64), size, mean, std)
+                batching = dict(batch_size=cfg.batch_size, shuffle=True, drop_last=False, generator=generator)
+            loader = torch.utils.data.DataLoader(views, num_workers=cfg.workers,
+                                                 multiprocessing_context=worker_context(cfg.workers), **batching)
             for x, y in loader:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = F.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=cfg.label_smoothing)
+                    if ssl:
+                        embedded = head(model.forward_head(model.forward_features(x.to(device)), pre_logits=True))
+                        loss = nt_xent(*embedded.chunk(2), cfg.temperature)
+                    else:
+                        loss = F.cross_entropy(model(x.to(device)), y.to(device),
+                                               label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-                bar.advance(len(y))
+                bar.advance(len(y) // 2 if ssl else len(y))
     seconds = time.perf_counter() - start
-    accuracy = evaluate_accuracy(model, val, size, mean, std, device=device)
+    # The ssl teacher's classifier was never trained: it has no accuracy to report.
+    accuracy = None if ssl else evaluate_accuracy(model, val, size, mean, std, device=device)
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "model": cfg.model, "state_dict": model.cpu().state_dict(),
         "num_classes": train.num_classes, "in_chans": train.channels, "input_size": size,

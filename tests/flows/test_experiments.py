@@ -57,3 +57,20 @@ def test_unknown_experiment_is_one_line(cli) -> None:
     assert code == 2 and out.strip().startswith("error: unknown experiment 'nope'")
     code, out = cli("experiment", "fmnist-5k", "--row", "ce+magic")
     assert code == 2 and "experiment 'fmnist-5k' has no row 'ce+magic'; rows: ce, ce+kd" in out
+
+
+def test_the_tcs_suite_runs_supervised_and_self_supervised_parts_with_their_rows(tmp_path: Path) -> None:
+    from pipeline.experiments import suite_parts
+
+    parts = suite_parts("tcs")
+    assert [(p.name, p.teacher_objective) for p in parts] == [
+        ("fmnist-5k", "supervised"), ("fmnist-5k-ssl", "ssl"), ("fmnist-fewshot", "supervised"),
+        ("fmnist-fewshot-ssl", "ssl")]
+    assert list(parts[0].rows) == ["ce", "ce+kd", "ce+tcs", "ce+tcs+elsh"]
+    assert list(parts[1].rows) == ["ce+tcs", "ce+tcs+elsh"] and parts[1].cache_options["teacher_head"] is False
+    # Each teacher has its own checkpoint, and the ssl fit is asked for: a supervised checkpoint is not reused.
+    assert parts[0].teacher_path(tmp_path) != parts[1].teacher_path(tmp_path)
+    assert parts[1].fit_config(tmp_path).objective == "ssl"
+    assert [p.name for p in suite_parts("tcs", ["ce+kd"])] == ["fmnist-5k", "fmnist-fewshot"]
+    with pytest.raises(ExperimentError, match="experiment 'tcs' has no row 'ce\\+magic'"):
+        suite_parts("tcs", ["ce+magic"])

@@ -39,15 +39,41 @@ def test_k_follows_the_explained_variance_fraction_or_a_fixed_number() -> None:
     ev = cache.statistics["pca/explained_variance"].double().numpy()
     ratio = np.cumsum(ev) / ev.sum()
     for fraction in (0.5, 0.9, 0.99):
-        k = create_method(f"tcs:variance={fraction}", cache, StudentInfo(pooled_dim=5)).k
+        k = create_method(f"tcs:variance={fraction},min_dims=0", cache, StudentInfo(pooled_dim=5)).k
         assert ratio[k - 1] >= fraction and (k == 1 or ratio[k - 2] < fraction)
-    method = create_method("tcs:dims=7,keep=0.4", cache, StudentInfo(pooled_dim=5))
+    method = create_method("tcs:dims=7,keep=0.4,min_dims=0", cache, StudentInfo(pooled_dim=5))
     assert method.k == 7 and method.target == 3 and method.head.map.weight.shape == (7, 5)
+
+
+def test_k_and_the_tailored_count_never_fall_below_the_class_count_unless_asked() -> None:
+    cache, _ = pca_cache()
+    ev = cache.statistics["pca/explained_variance"].double().numpy()
+    assert np.cumsum(ev)[0] / ev.sum() >= 0.2  # the first component alone explains 20 %: k = 1 by variance
+    method = create_method("tcs:variance=0.2,keep=0.1", cache, StudentInfo(pooled_dim=5))
+    assert method.k == CLASSES and method.target == CLASSES  # floored, before and after tailoring
+    method = create_method("tcs:variance=0.2,min_dims=2", cache, StudentInfo(pooled_dim=5))
+    assert method.k == 2  # an explicit floor
+    method = create_method("tcs:dims=3,keep=0.5", cache, StudentInfo(pooled_dim=5))
+    assert method.k == 3 and method.target == 3  # dims is explicit; tailoring still stops at the floor (<= k)
+
+
+@pytest.mark.parametrize("norm", ["none", "scale", "whiten"])
+def test_targets_are_scaled_per_norm(norm: str) -> None:
+    cache, features = pca_cache()
+    method = create_method(f"tcs:dims=6,norm={norm}", cache, StudentInfo(pooled_dim=5))
+    ev = cache.statistics["pca/explained_variance"].double().numpy()[:6]
+    raw = (features - cache.statistics["pca/mean"].double().numpy()) @ \
+        cache.statistics["pca/components"].double().numpy()[:6].T
+    divisor = {"none": np.ones(6), "scale": np.full(6, np.sqrt(ev.mean())), "whiten": np.sqrt(ev)}[norm]
+    got = method.teacher_coordinates(torch.tensor(features, dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(got, raw / divisor, rtol=1e-4, atol=1e-5)
+    if norm == "whiten":  # the PCA's own features: unit variance per coordinate (ddof 1, as np.cov)
+        np.testing.assert_allclose(got.var(0, ddof=1), np.ones(6), rtol=1e-4)
 
 
 def test_alignment_is_mse_to_centred_teacher_coordinates_over_active_ones() -> None:
     cache, features = pca_cache()
-    method = create_method("tcs:dims=6,weight=2", cache, StudentInfo(pooled_dim=5))
+    method = create_method("tcs:dims=6,weight=2,norm=none", cache, StudentInfo(pooled_dim=5))
     method.head.active[[1, 4]] = 0
     f_s, f_t = torch.randn(8, 5), torch.tensor(features[:8], dtype=torch.float32)
     out = method(StudentOutputs(logits=torch.zeros(8, CLASSES), pooled=f_s), {POOLED: f_t}, torch.zeros(8), progress(0))
@@ -62,7 +88,7 @@ def test_alignment_is_mse_to_centred_teacher_coordinates_over_active_ones() -> N
 def test_mask_pruning_drops_the_least_important_coordinates_on_schedule() -> None:
     torch.manual_seed(0)
     cache, features = pca_cache()
-    method = create_method("tcs:dims=10,keep=0.3,rounds=3,prune_start=0.25,prune_end=0.75", cache,
+    method = create_method("tcs:dims=10,keep=0.3,min_dims=0,rounds=3,prune_start=0.25,prune_end=0.75", cache,
                            StudentInfo(pooled_dim=5))
     head = method.head
     f_s, f_t = torch.randn(32, 5), torch.tensor(features[:32], dtype=torch.float32)
@@ -111,7 +137,8 @@ def test_the_head_replaces_the_students_and_folds_into_one_plain_timm_linear_lay
 
 def test_bad_options_and_a_cache_without_pca_are_refused() -> None:
     cache, _ = pca_cache()
-    for spec in ("tcs:variance=0", "tcs:dims=13", "tcs:keep=0", "tcs:rounds=0", "tcs:prune_start=0.8,prune_end=0.5"):
+    for spec in ("tcs:variance=0", "tcs:dims=13", "tcs:min_dims=-2", "tcs:norm=pca", "tcs:keep=0", "tcs:rounds=0",
+                 "tcs:prune_start=0.8,prune_end=0.5"):
         with pytest.raises(MethodError, match="tcs"):
             create_method(spec, cache, StudentInfo(pooled_dim=5))
     bare = CacheInfo(num_classes=CLASSES, pooled_dim=D, available=frozenset({POOLED}))
@@ -140,7 +167,7 @@ def test_head_less_teacher_cache_then_tcs_and_elsh_training(cache_request, tmp_p
     settings = RunSettings(epochs=1, batch_size=32, workers=0)
     with pytest.raises(MethodError, match="needs teacher logits"):
         check_run(TrainConfig(str(out), "test_resnet", ("ce", "kd"), str(tmp_path / "kd"), settings))
-    methods = ("ce", "tcs:dims=16,rounds=2,prune_start=0,prune_end=0.5", "elsh:lshl2=1")
+    methods = ("ce", "tcs:dims=16,keep=0.5,rounds=2,prune_start=0,prune_end=0.5", "elsh:lshl2=1")
     summary = train_student(TrainConfig(str(out), "test_resnet", methods, str(tmp_path / "run"), settings))
 
     plain = create_timm_model("test_resnet", 10, 1, m.teacher["input_size"])
@@ -149,3 +176,28 @@ def test_head_less_teacher_cache_then_tcs_and_elsh_training(cache_request, tmp_p
     accuracy = evaluate_accuracy(plain, val, m.teacher["input_size"], m.teacher["mean"], m.teacher["std"])
     assert summary["val_accuracy"] == accuracy  # the reported accuracy is the saved student's
     assert summary["params"] == sum(p.numel() for p in plain.parameters())
+
+
+@pytest.mark.slow
+def test_a_weak_teacher_whose_pca_is_narrower_than_the_classes_does_not_leave_tcs_at_chance(tmp_path: Path) -> None:
+    """Issue 17's failing case: a 1-epoch resnet18 on digits whose PCA needs fewer components than classes for
+    90 % of the variance; the default TCS run used to read that few coordinates and end at chance."""
+    from pipeline.cache.store import TeacherCache
+    from pipeline.methods.tcs import components_for
+    from pipeline.teacher.cache_pass import CacheRequest, run_cache_pass
+    from pipeline.teacher.fit import FitConfig, fit_teacher
+    from pipeline.train.config import RunSettings, TrainConfig
+    from pipeline.train.loop import train_student
+
+    checkpoint = tmp_path / "weak.pt"
+    fit_teacher(FitConfig(dataset="digits", model="resnet18", out=str(checkpoint), epochs=1, workers=0, device="cpu"))
+    cache = tmp_path / "cache"
+    run_cache_pass(CacheRequest(dataset="digits", teacher="resnet18", checkpoint=str(checkpoint), out=str(cache),
+                                views=0, device="cpu"))
+    info = TeacherCache(cache)
+    explained = info.statistics()["pca/explained_variance"]
+    assert components_for(explained, 0.9) < info.manifest.dataset["num_classes"]  # the failing case's premise
+    summary = train_student(TrainConfig(str(cache), "test_resnet", ("ce", "tcs"), str(tmp_path / "run"),
+                                        RunSettings(epochs=3, batch_size=32, workers=0, device="cpu")))
+    chance = 1 / info.manifest.dataset["num_classes"]
+    assert summary["val_accuracy"] > 3 * chance

@@ -1,0 +1,59 @@
+"""`distillery fit-teacher --objective ssl`: SimCLR's NT-Xent, the two-view batches, and a label-free teacher
+whose head-less cache trains TCS and eLSH."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.teacher.fit import FitConfig, FitError, fit_teacher, nt_xent, pair_batches
+
+
+def test_nt_xent_matches_the_direct_formula() -> None:
+    torch.manual_seed(0)
+    a, b, tau = torch.randn(3, 5), torch.randn(3, 5), 0.5
+    z = [F.normalize(v, dim=0) for v in torch.cat([a, b])]
+    total = 0.0
+    for i in range(6):
+        positive = (i + 3) % 6
+        denominator = sum(math.exp(float(z[i] @ z[k]) / tau) for k in range(6) if k != i)
+        total += -math.log(math.exp(float(z[i] @ z[positive]) / tau) / denominator)
+    assert nt_xent(a, b, tau).item() == pytest.approx(total / 6, rel=1e-5)
+
+
+def test_pair_batches_put_both_views_of_each_sample_in_one_batch() -> None:
+    batches = pair_batches(10, 4, torch.Generator().manual_seed(0))
+    assert [len(b) for b in batches] == [8, 8, 4]
+    firsts = [i for b in batches for i in b[: len(b) // 2]]
+    assert sorted(firsts) == list(range(10))
+    assert all(b[len(b) // 2:] == [i + 10 for i in b[: len(b) // 2]] for b in batches)
+
+
+def test_bad_objective_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FitError, match="--objective"):
+        fit_teacher(FitConfig(dataset="digits", model="test_resnet", out=str(tmp_path / "t.pt"), objective="byol"))
+
+
+def test_ssl_teacher_head_less_cache_trains_tcs_and_elsh(cache_request, tmp_path: Path) -> None:
+    from pipeline.teacher.cache_pass import run_cache_pass
+    from pipeline.teacher.model import load_checkpoint
+    from pipeline.train.config import RunSettings, TrainConfig
+    from pipeline.train.loop import train_student
+
+    out = tmp_path / "ssl.pt"
+    result = fit_teacher(FitConfig(dataset="digits", model="test_resnet", out=str(out), epochs=1, subset=256,
+                                   batch_size=64, workers=0, objective="ssl"))
+    ckpt = load_checkpoint(out)
+    assert result["val_accuracy"] is None and ckpt["val_accuracy"] is None and ckpt["config"]["objective"] == "ssl"
+    assert not any(k.startswith("0.") for k in ckpt["state_dict"])  # the projector is not part of the teacher
+    cache = tmp_path / "cache"
+    run_cache_pass(cache_request(cache, checkpoint=str(out), teacher_head=False, subset=200, views=0, lsh_bits=32,
+                                 shard_size=100, block_size=50))
+    summary = train_student(TrainConfig(str(cache), "test_resnet", ("ce", "tcs", "elsh"), str(tmp_path / "run"),
+                                        RunSettings(epochs=1, batch_size=32, workers=0)))
+    assert np.isfinite(summary["val_accuracy"]) and (tmp_path / "run" / "student.pt").is_file()
