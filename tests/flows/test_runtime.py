@@ -64,6 +64,11 @@ def test_loader_workers_start_after_a_flow_ran_in_this_process(prefect_harness, 
 
     services()
     stream = CacheStream(TeacherCache(digits_cache), size=16, targets=frozenset(), seed=0)
-    batches = list(stream.loader(0, 256, workers=2))
+    loader = stream.loader(0, 256, workers=2)
+    # Not forked from this process (with prefect 3.9.1 a forked worker no longer failed here either, so the
+    # start method itself is what this guards); no start method without workers.
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    assert stream.loader(0, 256, workers=0).multiprocessing_context is None
+    batches = list(loader)
     assert len(batches) == stream.batches_per_epoch(256, 2)
     assert sum(len(b["label"]) for b in batches) == TeacherCache(digits_cache).num_samples  # one view each
