@@ -151,7 +151,6 @@ def cache_cmd(
     on_bad_image: Annotated[str, typer.Option(help=ON_BAD_IMAGE_HELP)] = "fail",
 ) -> None:
     """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
-    from flows.cache_teacher import cache_teacher
     from pipeline.teacher.cache_pass import CacheRequest, check_request
 
     if teacher_head not in ("keep", "none"):
@@ -164,6 +163,8 @@ def cache_cmd(
                            cka_source=cka_source, device=device, on_bad_image=on_bad_image)
     manifest = check_request(request)  # bad input is one line here, before the flow (and anything) starts
     report_skipped(dataset, manifest.dataset.get("skipped", []))
+    from flows.cache_teacher import cache_teacher  # Prefect loads only once the request is known to be good
+
     start_temporary_server()
     with show_progress():
         result = cache_teacher(request)
@@ -310,7 +311,6 @@ def train_cmd(
                                                     "it, 'skip' leaves it out (summary.json lists it)")] = "fail",
 ) -> None:
     """Train students from a teacher cache (Prefect flow); prints a comparison table."""
-    from flows.train_students import train_students
     from pipeline.train.config import RunSettings, StudentSpec, plan_runs
     from pipeline.train.loop import check_run
     from pipeline.train.optim import OptimConfig
@@ -323,6 +323,8 @@ def train_cmd(
     specs = [StudentSpec(name, tuple(method)) for name in student]
     for config in plan_runs(str(cache), specs, str(out), settings):
         check_run(config)  # bad input is one line here, not a traceback logged from inside a flow run
+    from flows.train_students import train_students  # Prefect loads only once the runs are known to be good
+
     start_temporary_server()
     with show_progress():
         summaries = train_students(str(cache), specs, str(out), settings)
