@@ -3,7 +3,8 @@
 Training is bit-identical when repeated on one machine, but float sums are not associative, so the
 kernels chosen at run time change the last bits of every step and, over a few hundred steps, the final
 accuracy (README, "Reproducibility"): the CPU kernels ATen dispatches to (``ATEN_CPU_CAPABILITY``:
-default, avx2, avx512), the ones oneDNN picks for convolutions (``ONEDNN_MAX_CPU_ISA``), the number of
+default, avx2, avx512), the ones oneDNN and MKL pick for convolutions and matrix products
+(``ONEDNN_MAX_CPU_ISA``, ``MKL_CBWR``), the number of
 intra-op threads that split each reduction (``torch.get_num_threads()``, ``OMP_NUM_THREADS``), and the
 library versions.
 """
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 _PACKAGES = ("timm", "numpy", "pillow")
-_KNOBS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+_KNOBS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS")
 
 
 def _version(package: str) -> str | None:
