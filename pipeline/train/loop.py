@@ -129,8 +129,9 @@ class RunSetup:
 
 
 def setup_run(config: TrainConfig, device: torch.device) -> RunSetup:
-    """Open and check the cache, the classes, the student, its methods, the online teacher's prerequisites
-    and the run directory (resume); every bad input is a one-line error (a ValueError subclass)."""
+    """Check the device, --out (writable, not in use by another run), the cache, the classes, the student,
+    its methods, the online teacher's prerequisites and the run directory (resume); every bad input is a
+    one-line DistilleryError, and nothing is written."""
     s = config.settings
     s.check_machine()
     check_output_dir(config.out)
