@@ -164,7 +164,6 @@ def cache_cmd(
     dask_workers: Annotated[int, typer.Option(help="worker processes of --task-runner dask")] = 2,
 ) -> None:
     """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
-    from flows.cache_teacher import run_cache_teacher, task_runner
     from pipeline.cache.lock import cache_lock
     from pipeline.teacher.cache_pass import CacheRequest, check_request
 
@@ -176,9 +175,11 @@ def cache_cmd(
                            tap=tap, grid=grid, featmaps=featmaps, teacher_tail=teacher_tail, lsh_bits=lsh_bits,
                            input_size=input_size, shard_size=shard_size, batch_size=batch_size,
                            cka_source=cka_source, device=device, on_bad_image=on_bad_image)
-    task_runner(task_runner_spec, dask_workers)  # an unknown runner is one line too
     manifest = check_request(request)  # bad input is one line here, before the flow (and anything) starts
     report_skipped(dataset, manifest.dataset.get("skipped", []))
+    from flows.cache_teacher import run_cache_teacher, task_runner  # Prefect loads once the request is good
+
+    task_runner(task_runner_spec, dask_workers)  # an unknown runner is one line too
     start_temporary_server()
     with cache_lock(out), show_progress():  # one writer per cache: a second gets one line
         result = run_cache_teacher(request, task_runner_spec, dask_workers)

@@ -100,11 +100,12 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """What must match for `--resume` to continue a run: everything that changes its result.
 
-        The run directory, the device and the resume flag itself may differ.
+        The run directory, the device and the resume flag itself may differ, and so may --on-bad-image: it
+        decides which val images are evaluated, never what is trained (and runs made before it existed resume).
         """
         d = self.to_dict()
         del d["out"]
-        for key in ("device", "resume"):
+        for key in ("device", "resume", "on_bad_image"):
             del d["settings"][key]
         return d
 

@@ -24,6 +24,7 @@ from torch import nn
 from pipeline.cache.manifest import CacheError
 from pipeline.cache.store import TeacherCache
 from pipeline.data.datasets import ImageDataset, load_dataset
+from pipeline.environment import describe_environment
 from pipeline.methods import CacheInfo, MethodError, StudentInfo, TrainingProgress, create_method, resolve_method_spec
 from pipeline.methods.base import parse_method_spec
 from pipeline.options import check_output_dir
@@ -132,8 +133,9 @@ class RunSetup:
 
 
 def setup_run(config: TrainConfig, device: torch.device) -> RunSetup:
-    """Open and check the cache, the classes, the student, its methods, the online teacher's prerequisites
-    and the run directory (resume); every bad input is a one-line error (a ValueError subclass)."""
+    """Check the device, --out (writable, not in use by another run), the cache, the classes, the student,
+    its methods, the online teacher's prerequisites and the run directory (resume); every bad input is a
+    one-line DistilleryError, and nothing is written."""
     s = config.settings
     s.check_machine()
     check_output_dir(config.out)
@@ -173,7 +175,8 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     process or a finished DataLoader worker, whichever peaked higher; a flow training several students in
     one process reports the process's peak so far), cache, online_teacher, params (student parameters),
     and teacher, dataset, num_samples, input_size, batch_size, steps, final_loss, device, out,
-    val_skipped_images (undecodable val images left out under --on-bad-image skip).
+    val_skipped_images (undecodable val images left out under --on-bad-image skip), environment (CPU,
+    kernel capability, threads, versions: what must match to reproduce the numbers, `describe_environment`).
     The run holds RUNDIR's lock throughout (`RunDir.locked`).
     """
     device = resolve_device(config.settings.device)
@@ -280,7 +283,7 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
         "params": student.num_parameters(), "teacher": manifest.teacher["model"], "dataset": manifest.dataset["name"],
         "num_samples": cache.num_samples, "input_size": size, "batch_size": s.batch_size, "steps": state["step"],
         "final_loss": state["loss"], "device": str(device), "out": config.out,
-        "val_skipped_images": list(val.skipped),
+        "val_skipped_images": list(val.skipped), "environment": describe_environment(device),
     }
     run.finish(student.model.state_dict(), summary)
     return summary

@@ -62,16 +62,11 @@ def broken_imagefolder(root: Path, split: str, kind: str) -> Path:
 
 # --- the real CLI ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--views", "-1", "--views must be >= 0, not -1"),
-    ("--batch-size", "0", "--batch-size must be >= 1, not 0"),
-    ("--device", MISSING_DEVICE, f"--device {MISSING_DEVICE}: this machine has"),
-])
-def test_cli_cache_refuses_a_bad_option_before_anything_is_written(tmp_path: Path, option, value, message) -> None:
+def test_cli_cache_refuses_a_bad_option_before_anything_is_written(tmp_path: Path) -> None:
     out = tmp_path / "cache"
     result = cli("cache", "--dataset", "digits", "--teacher", "test_resnet", "--out", str(out), "--device", "cpu",
-                 option, value, home=tmp_path)
-    assert_refused(result, message)
+                 "--batch-size", "0", home=tmp_path)
+    assert_refused(result, "--batch-size must be >= 1, not 0")
     assert not out.exists()
 
 
@@ -85,14 +80,11 @@ def test_cli_cache_refuses_an_imagefolder_with_a_bad_val_image_naming_it(tmp_pat
     assert not out.exists()
 
 
-def test_cli_train_refuses_a_method_option_out_of_range_and_a_nan_lr(tmp_path: Path) -> None:
+def test_cli_train_refuses_a_method_option_out_of_range(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = cli("train", "--cache", str(tmp_path / "cache"), "--student", "test_resnet", "--method", "ce",
                  "--method", "kd:T=-1", "--out", str(out), home=tmp_path)
     assert_refused(result, "method 'kd': option 'T' must be > 0, not -1.0")
-    result = cli("train", "--cache", str(tmp_path / "cache"), "--student", "test_resnet", "--method", "ce",
-                 "--lr", "nan", "--out", str(out), home=tmp_path)
-    assert_refused(result, "--lr must be > 0, not nan")
     assert not out.exists()
 
 
@@ -100,10 +92,6 @@ def test_cli_fit_teacher_refuses_an_unwritable_out_before_training(tmp_path: Pat
     result = cli("fit-teacher", "--dataset", "digits", "--model", "test_resnet", "--out",
                  str(UNWRITABLE / "teacher.pt"), "--epochs", "50", home=tmp_path)
     assert_refused(result, "--out /sys/teacher.pt: cannot write in /sys")
-    result = cli("fit-teacher", "--dataset", "digits", "--model", "test_resnet", "--out", str(tmp_path / "t.pt"),
-                 "--input-size", "0", home=tmp_path)
-    assert_refused(result, "--input-size must be >= 8, not 0")
-    assert not (tmp_path / "t.pt").exists()
 
 
 def test_cli_train_on_a_run_directory_in_use_names_the_holder(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ def test_config_round_trips_through_json_and_identity_ignores_only_where_and_on_
     cfg = TrainConfig("c", "s", ("ce", "kd"), "o", RunSettings(optim=OptimConfig(lr=0.1, clip_grad=1.0)))
     assert TrainConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
     moved = TrainConfig("c", "s", ("ce", "kd"), "elsewhere", RunSettings(optim=OptimConfig(lr=0.1, clip_grad=1.0),
-                                                                        device="cuda", resume=True))
+                                                                        device="cuda", resume=True, on_bad_image="skip"))
     assert moved.identity() == cfg.identity()
     assert TrainConfig("c", "s", ("ce", "kd"), "o", RunSettings(workers=2)).identity() != cfg.identity()
 

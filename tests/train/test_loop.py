@@ -20,7 +20,7 @@ from pipeline.train.student import Student
 
 STUDENT = "test_resnet"
 SUMMARY_KEYS = {"student", "methods", "seed", "epochs", "val_accuracy", "train_seconds", "mean_step_seconds",
-                "peak_rss_bytes", "cache", "online_teacher", "params"}
+                "peak_rss_bytes", "cache", "online_teacher", "params", "val_skipped_images", "environment"}
 
 
 def config(cache: Path, out: Path, methods=("ce", "kd"), **settings) -> TrainConfig:
