@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from pipeline.cache.codecs import topk_encode
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.manifest import CacheError, Manifest, ShardRecord, StorageSpec
-from pipeline.cache.store import LSH_ARRAYS, LSH_INDEX_NAME, CacheWriter, TeacherCache
+from pipeline.cache.store import LSH_ARRAYS, LSH_INDEX_NAME, CacheWriter, TeacherCache, repair_hint
 from pipeline.checksums import sha256_bytes, sha256_file
 from pipeline.data.datasets import ImageDataset, load_dataset
 from pipeline.data.rendering import render_samples
@@ -356,8 +356,7 @@ def shard_statistics(root: str, index: int) -> ShardStats:
     read = [n for n in cache.manifest.arrays if n.startswith(("features/", "samples/", "gaussian/", "logits/"))]
     problem = cache.rows_problem(record, read)
     if problem:
-        raise CacheError(f"{cache.root}: {problem}; repair with `distillery verify {cache.root} --repair` (needs "
-                         f"the teacher checkpoint) or re-run the `distillery cache` command that made it")
+        raise CacheError(f"{cache.root}: {problem}; {repair_hint(cache.root)}")
     pooled = cache.array("features/pooled")[start:stop, 0].astype(np.float64)
     labels = cache.array("samples/labels")[start:stop]
     features = FeatureMoments.empty(pooled.shape[1])

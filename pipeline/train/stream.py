@@ -156,7 +156,7 @@ class _Unblock:
 
     def __call__(self, blocks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for block in blocks:
-            rows = decode_block(block["npz"], where=block["where"])
+            rows = decode_block(block["npz"], block["where"], self.cache.root)
             ids = rows[block_key("samples/ids")]
             rows.update(self.columns.block(ids))
             views = epoch_views(self.seed, self.epoch, ids, self.cache.num_views)
