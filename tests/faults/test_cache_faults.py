@@ -188,9 +188,12 @@ def test_cache_files_symlinked_outside_are_refused(cache: Path, tmp_path: Path, 
     outside.parent.mkdir()
     shutil.move(cache / name, outside)
     (cache / name).symlink_to(outside)
-    with pytest.raises(CacheError, match=re.escape(name)) as e:
-        TeacherCache(cache)
-    one_line(e.value)
+    before = sorted((p, p.read_bytes()) for p in outside.parent.rglob("*") if p.is_file())
+    for command in (lambda: TeacherCache(cache), lambda: recompute_statistics(str(cache))):
+        with pytest.raises(CacheError, match=re.escape(name)) as e:
+            command()
+        one_line(e.value)
+    assert sorted((p, p.read_bytes()) for p in outside.parent.rglob("*") if p.is_file()) == before
 
 
 def test_symlinked_temp_and_lock_names_write_nothing_outside(cache: Path, tmp_path: Path) -> None:
