@@ -634,7 +634,8 @@ class TeacherCache(_CacheFiles):
             raise CacheError(f"shard {index}: {path} fails its sha256 (corrupt or changed); {repair_hint(self.root)}")
         count = 0
         for j, (name, data) in enumerate(iter_tar_members(path)):
-            if record.blocks_sha256 and (j >= len(record.blocks_sha256) or sha256_bytes(data) != record.blocks_sha256[j]):
+            expected = record.blocks_sha256[j] if j < len(record.blocks_sha256) else None
+            if record.blocks_sha256 and sha256_bytes(data) != expected:
                 raise CacheError(f"shard {index}: block {name} of {path} fails its sha256 (corrupt or changed); "
                                  f"{repair_hint(self.root)}")
             count += 1

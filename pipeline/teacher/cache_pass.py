@@ -396,8 +396,8 @@ def cka_rows(cache: TeacherCache, source: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def lsh_statistics(cache: TeacherCache, bits: int) -> tuple[dict[str, np.ndarray], bytes, dict[str, Any]]:
-    """Train LSH planes on the view-0 pooled features and encode every stored sample (README "The teacher cache", Statistics):
-    the arrays (planes, thresholds, view-0 codes `lsh/codes` (N, 1, bits/8) uint8), the serialized faiss
+    """Train LSH planes on the view-0 pooled features and encode every stored sample (README "The teacher
+    cache", Statistics): the arrays (planes, thresholds, view-0 codes `lsh/codes` (N, 1, bits/8) uint8), the serialized faiss
     neighbour index and its manifest record. Reads the stored features only (no teacher); memory is one
     shard of features plus the training rows and the codes (N * bits / 8 bytes)."""
     pooled = cache.array("features/pooled")

@@ -172,7 +172,8 @@ def manifest_request(root: str | Path, device: str = "cpu", batch_size: int = 25
     re-runs it; `plan_cache` refuses it, naming the field, if it does not give the cache's identity)."""
     m = Manifest.load(root)
     d, v, st = m.dataset, m.views, m.storage
-    return CacheRequest(dataset=d["name"], split=d["split"], subset=d.get("subset"), subset_seed=d.get("subset_seed", 0),
+    return CacheRequest(dataset=d["name"], split=d["split"], subset=d.get("subset"),
+                        subset_seed=d.get("subset_seed", 0),
                         teacher=m.teacher["model"], checkpoint=m.teacher.get("checkpoint"),
                         teacher_head=m.teacher.get("head", True), views=v["num_augmented"], view_seed=v["seed"],
                         logits=st["logits"], tap=st.get("tap") or "none", grid=st["grid"], featmaps=st["featmaps"],
