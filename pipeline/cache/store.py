@@ -625,11 +625,12 @@ class TeacherCache(_CacheFiles):
                 problems.append(problem)
         return problems + self.statistics_problems()
 
-    def shard_blocks(self, index: int) -> Iterator[tuple[str, bytes]]:
+    def shard_blocks(self, index: int, path: Path | None = None) -> Iterator[tuple[str, bytes]]:
         """(member name, bytes) of shard `index`, each checked before it is returned: against its record's
-        per-block sha256, or (older records) the whole file against the shard's sha256 first."""
+        per-block sha256, or (older records) the whole file against the shard's sha256 first. `path`: the
+        shard's file as `shard_paths` gave it, when the caller holds it already."""
         record = self.manifest.records()[index]
-        path = self.shard_paths()[index]
+        path = self.shard_paths()[index] if path is None else path
         if not record.blocks_sha256 and sha256_file(path) != record.sha256:
             raise CacheError(f"shard {index}: {path} fails its sha256 (corrupt or changed); {repair_hint(self.root)}")
         count = 0
