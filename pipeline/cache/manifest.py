@@ -176,8 +176,9 @@ class Manifest:
         if not isinstance(self.shards, list) or not all(isinstance(s, dict) for s in self.shards):
             return "shards"
         for name, meta in self.arrays.items():
-            if not (isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and isinstance(meta.get("shape"), list)
-                    and all(isinstance(d, int) for d in meta["shape"]) and meta["shape"]):
+            shape = meta.get("shape") if isinstance(meta, dict) else None
+            if not (isinstance(shape, list) and shape and all(isinstance(d, int) for d in shape)
+                    and isinstance(meta.get("dtype"), str)):
                 return f"arrays.{name}"
         if not all(isinstance(v, dict) for v in self.files.values()):
             return "files"

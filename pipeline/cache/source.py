@@ -14,7 +14,8 @@ def source_dataset(cache: TeacherCache) -> ImageDataset:
     (DESIGN.md §4 `samples/ids` "stored order"), and an equal fingerprint means equal ids and labels.
     """
     d = cache.manifest.dataset
-    dataset = load_dataset(d["name"], split=d["split"], subset=d.get("subset"), seed=d.get("subset_seed", 0))
+    dataset = load_dataset(d["name"], split=d["split"], subset=d.get("subset"), seed=d.get("subset_seed", 0),
+                           on_bad_image=d.get("on_bad_image", "fail"))
     if dataset.fingerprint() != d["fingerprint"]:
         raise CacheError(f"the dataset {d['name']} ({d['split']}) found here is not the one {cache.root} was made "
                          f"from (fingerprint {dataset.fingerprint()[:12]}, cache {str(d['fingerprint'])[:12]}); "

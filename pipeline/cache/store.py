@@ -81,8 +81,15 @@ def encode_block(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def decode_block(data: bytes, where: str = "block") -> dict[str, np.ndarray]:
-    """The arrays of a block; a block that does not decode is one CacheError naming `where`."""
+def repair_hint(root: str | Path) -> str:
+    """What to run when a shard or its rows are damaged (README "Security model and integrity")."""
+    return (f"repair with `distillery verify {root} --repair` (needs the teacher checkpoint) or re-run the "
+            f"`distillery cache` command that made it")
+
+
+def decode_block(data: bytes, where: str = "block", root: str | Path | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a block (of the cache at `root`); one that does not decode is one CacheError naming
+    `where`."""
     out = {}
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
@@ -91,8 +98,8 @@ def decode_block(data: bytes, where: str = "block") -> dict[str, np.ndarray]:
                     out[info.filename.removesuffix(".npy")] = np.lib.format.read_array(
                         io.BytesIO(f.read()), allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
-        raise CacheError(f"{where} does not decode ({e}); repair the cache with `distillery verify CACHE "
-                         f"--repair` (needs the teacher checkpoint)") from None
+        fix = repair_hint(root) if root is not None else "the cache holding it is damaged"
+        raise CacheError(f"{where} does not decode ({e}); {fix}") from None
     return out
 
 
@@ -136,7 +143,8 @@ def write_tar_atomic(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 
 def iter_tar_members(path: str | Path) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular member of the tar at `path`, a plain local file (never a URL)."""
+    """(name, bytes) of each regular member of the shard tar at `path` (`<cache>/shards/...`), a plain local
+    file (never a URL)."""
     try:
         with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             for info in tar:
@@ -144,8 +152,7 @@ def iter_tar_members(path: str | Path) -> Iterator[tuple[str, bytes]]:
                 if f is not None:
                     yield info.name, f.read()
     except (tarfile.TarError, EOFError) as e:
-        raise CacheError(f"{path} is not a readable tar ({e}); repair the cache with `distillery verify CACHE "
-                         f"--repair` (needs the teacher checkpoint)") from None
+        raise CacheError(f"{path} is not a readable tar ({e}); {repair_hint(Path(path).parent.parent)}") from None
 
 
 def block_digests(path: Path) -> list[str] | None:
@@ -466,8 +473,7 @@ class TeacherCache(_CacheFiles):
                 digest = record.arrays_sha256.get(name)
                 if digest is not None and rows_digest({name: value[record.start:record.stop]}) != digest:
                     raise CacheError(f"{self.zarr_path / name}: rows of shard {record.index} differ from their "
-                                     f"digest (a lost or changed zarr chunk); repair with `distillery verify "
-                                     f"{self.root} --repair` (needs the teacher checkpoint)")
+                                     f"digest (a lost or changed zarr chunk); {repair_hint(self.root)}")
         return value
 
     @property
@@ -594,8 +600,7 @@ class TeacherCache(_CacheFiles):
         if lsh and (not path.is_file() or sha256_file(path) != lsh.get("index_sha256")):
             problems.append(f"{path} is missing or fails its sha256; rebuild it with `distillery stats {self.root}`")
         if "teacher_tail" in self.manifest.files and not self.tail_verifies():
-            problems.append(f"{self.root / TAIL_NAME} is missing or fails its sha256; repair with `distillery "
-                            f"verify {self.root} --repair` (needs the teacher checkpoint)")
+            problems.append(f"{self.root / TAIL_NAME} is missing or fails its sha256; {repair_hint(self.root)}")
         return problems
 
     def undigested_statistics(self) -> list[str]:
@@ -611,7 +616,7 @@ class TeacherCache(_CacheFiles):
         for record in self.manifest.records():
             try:
                 for name, data in self.shard_blocks(record.index):
-                    decode_block(data, where=f"shard {record.index}: block {name}")
+                    decode_block(data, f"shard {record.index}: block {name}", self.root)
             except CacheError as e:
                 if not any(p.startswith(f"shard {record.index}:") for p in problems):
                     problems.append(str(e))
@@ -620,24 +625,25 @@ class TeacherCache(_CacheFiles):
                 problems.append(problem)
         return problems + self.statistics_problems()
 
-    def shard_blocks(self, index: int) -> Iterator[tuple[str, bytes]]:
+    def shard_blocks(self, index: int, path: Path | None = None) -> Iterator[tuple[str, bytes]]:
         """(member name, bytes) of shard `index`, each checked before it is returned: against its record's
-        per-block sha256, or (older records) the whole file against the shard's sha256 first."""
+        per-block sha256, or (older records) the whole file against the shard's sha256 first. `path`: the
+        shard's file as `shard_paths` gave it, when the caller holds it already."""
         record = self.manifest.records()[index]
-        path = self.shard_paths()[index]
+        path = self.shard_paths()[index] if path is None else path
         if not record.blocks_sha256 and sha256_file(path) != record.sha256:
-            raise CacheError(f"shard {index}: {path} fails its sha256 (corrupt or changed); repair with "
-                             f"`distillery verify {self.root} --repair` (needs the teacher checkpoint)")
+            raise CacheError(f"shard {index}: {path} fails its sha256 (corrupt or changed); {repair_hint(self.root)}")
         count = 0
         for j, (name, data) in enumerate(iter_tar_members(path)):
-            if record.blocks_sha256 and (j >= len(record.blocks_sha256) or sha256_bytes(data) != record.blocks_sha256[j]):
+            expected = record.blocks_sha256[j] if j < len(record.blocks_sha256) else None
+            if record.blocks_sha256 and sha256_bytes(data) != expected:
                 raise CacheError(f"shard {index}: block {name} of {path} fails its sha256 (corrupt or changed); "
-                                 f"repair with `distillery verify {self.root} --repair` (needs the teacher checkpoint)")
+                                 f"{repair_hint(self.root)}")
             count += 1
             yield name, data
         if record.blocks_sha256 and count != len(record.blocks_sha256):
             raise CacheError(f"shard {index}: {path} has {count} blocks, its record {len(record.blocks_sha256)}; "
-                             f"repair with `distillery verify {self.root} --repair` (needs the teacher checkpoint)")
+                             f"{repair_hint(self.root)}")
 
     def dense_logits(self, rows: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """Logits (N, V, C) float32: dense as stored, or reconstructed from top-k (DESIGN.md §4).

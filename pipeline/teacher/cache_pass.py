@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from pipeline.cache.codecs import topk_encode
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.manifest import CacheError, Manifest, ShardRecord, StorageSpec
-from pipeline.cache.store import LSH_ARRAYS, LSH_INDEX_NAME, CacheWriter, TeacherCache
+from pipeline.cache.store import LSH_ARRAYS, LSH_INDEX_NAME, CacheWriter, TeacherCache, repair_hint
 from pipeline.checksums import sha256_bytes, sha256_file
 from pipeline.data.datasets import ImageDataset, check_bad_image_policy, load_dataset
 from pipeline.data.rendering import render_samples
@@ -391,8 +391,7 @@ def shard_statistics(root: str, index: int) -> ShardStats:
     read = [n for n in cache.manifest.arrays if n.startswith(("features/", "samples/", "gaussian/", "logits/"))]
     problem = cache.rows_problem(record, read)
     if problem:
-        raise CacheError(f"{cache.root}: {problem}; repair with `distillery verify {cache.root} --repair` (needs "
-                         f"the teacher checkpoint) or re-run the `distillery cache` command that made it")
+        raise CacheError(f"{cache.root}: {problem}; {repair_hint(cache.root)}")
     pooled = cache.array("features/pooled")[start:stop, 0].astype(np.float64)
     labels = cache.array("samples/labels")[start:stop]
     features = FeatureMoments.empty(pooled.shape[1])
@@ -433,8 +432,8 @@ def cka_rows(cache: TeacherCache, source: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def lsh_statistics(cache: TeacherCache, bits: int) -> tuple[dict[str, np.ndarray], bytes, dict[str, Any]]:
-    """Train LSH planes on the view-0 pooled features and encode every stored sample (DESIGN.md §5):
-    the arrays (planes, thresholds, view-0 codes `lsh/codes` (N, 1, bits/8) uint8), the serialized faiss
+    """Train LSH planes on the view-0 pooled features and encode every stored sample (README "The teacher
+    cache", Statistics): the arrays (planes, thresholds, view-0 codes `lsh/codes` (N, 1, bits/8) uint8), the serialized faiss
     neighbour index and its manifest record. Reads the stored features only (no teacher); memory is one
     shard of features plus the training rows and the codes (N * bits / 8 bytes)."""
     pooled = cache.array("features/pooled")

@@ -172,14 +172,15 @@ def manifest_request(root: str | Path, device: str = "cpu", batch_size: int = 25
     re-runs it; `plan_cache` refuses it, naming the field, if it does not give the cache's identity)."""
     m = Manifest.load(root)
     d, v, st = m.dataset, m.views, m.storage
-    return CacheRequest(dataset=d["name"], split=d["split"], subset=d.get("subset"), subset_seed=d.get("subset_seed", 0),
+    return CacheRequest(dataset=d["name"], split=d["split"], subset=d.get("subset"),
+                        subset_seed=d.get("subset_seed", 0),
                         teacher=m.teacher["model"], checkpoint=m.teacher.get("checkpoint"),
                         teacher_head=m.teacher.get("head", True), views=v["num_augmented"], view_seed=v["seed"],
                         logits=st["logits"], tap=st.get("tap") or "none", grid=st["grid"], featmaps=st["featmaps"],
                         teacher_tail=st.get("teacher_tail", 0), lsh_bits=st["lsh_bits"],
                         input_size=m.teacher["input_size"], shard_size=st["shard_size"], block_size=st["block_size"],
                         cka_source=m.stats.get("cka_source", "auto"), out=str(root), batch_size=batch_size,
-                        device=device)
+                        device=device, on_bad_image=d.get("on_bad_image", "fail"))
 
 
 def repair_cache(root: str | Path, device: str = "cpu", batch_size: int = 256) -> list[str]:

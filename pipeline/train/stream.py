@@ -94,7 +94,7 @@ class CacheStream:
         teacher = cache.manifest.teacher
         self.mean, self.std = tuple(teacher["mean"]), tuple(teacher["std"])
         self.plan = ViewPlan.from_dict(cache.manifest.views)
-        cache.shard_paths()  # refuses a shard path outside the cache before any epoch starts
+        self.paths = cache.shard_paths()  # refuses a shard path outside the cache before any epoch starts
         self.counts = [s["stop"] - s["start"] for s in cache.manifest.shards]
 
     def streams(self, workers: int) -> list[list[int]]:
@@ -121,8 +121,8 @@ class CacheStream:
     def _blocks(self, shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
         for shard in shards:
             index = int(shard["url"])
-            for name, data in self.cache.shard_blocks(index):
-                yield {"npz": data, "where": f"{self.cache.shard_paths()[index]}: block {name}"}
+            for name, data in self.cache.shard_blocks(index, self.paths[index]):
+                yield {"npz": data, "where": f"{self.paths[index]}: block {name}"}
 
     def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
         workers = 0 if workers == 0 else len(self.streams(workers))
@@ -156,7 +156,7 @@ class _Unblock:
 
     def __call__(self, blocks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for block in blocks:
-            rows = decode_block(block["npz"], where=block["where"])
+            rows = decode_block(block["npz"], block["where"], self.cache.root)
             ids = rows[block_key("samples/ids")]
             rows.update(self.columns.block(ids))
             views = epoch_views(self.seed, self.epoch, ids, self.cache.num_views)

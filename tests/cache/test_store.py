@@ -37,6 +37,16 @@ def test_raw_images_of_different_sizes_pack_and_unpack() -> None:
         assert np.array_equal(unpack_raw(block, i), r)
 
 
+def test_blocks_written_before_unpadded_raw_images_are_still_read() -> None:
+    raws = [np.full((5, 7, 1), 1, np.uint8), np.full((9, 4, 1), 2, np.uint8)]
+    padded = np.zeros((2, 9, 7, 1), np.uint8)
+    for i, r in enumerate(raws):
+        padded[i, : r.shape[0], : r.shape[1]] = r
+    legacy = decode_block(encode_block({"raw": padded, "raw_hw": np.array([[5, 7], [9, 4]], np.int32)}))
+    for i, r in enumerate(raws):
+        assert np.array_equal(unpack_raw(legacy, i), r)
+
+
 def test_tar_shard_is_written_atomically_with_zero_mtime(tmp_path: Path) -> None:
     path = tmp_path / "s.tar"
     write_tar_atomic(path, [("a.npz", b"123"), ("b.npz", b"45")])
