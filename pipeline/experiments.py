@@ -106,8 +106,9 @@ def reusable_teacher(checkpoint_config: dict[str, Any] | None, wanted: FitConfig
     """Whether a checkpoint fitted with `checkpoint_config` is the teacher `wanted` would fit."""
     if checkpoint_config is None:
         return False
-    want = asdict(wanted)
-    return all(checkpoint_config.get(k) == want[k] for k in _FIT_IDENTITY)
+    want, defaults = asdict(wanted), asdict(FitConfig(dataset="", model="", out=""))
+    # A checkpoint fitted before a setting existed was fitted with that setting's default.
+    return all(checkpoint_config.get(k, defaults[k]) == want[k] for k in _FIT_IDENTITY)
 
 
 def result_rows(experiment: Experiment, summaries: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

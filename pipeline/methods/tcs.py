@@ -26,7 +26,9 @@ never reset. ``rounds`` pruning rounds are spread evenly over the training fract
 ``[prune_start, prune_end]`` (one round at ``prune_start`` if ``rounds == 1``); after round r of R the
 number of active coordinates is ``k - round((k - target) * r / R)`` with ``target = min(k, max(min_dims,
 round(keep * k)))`` (the floor holds after tailoring too), each round dropping the active coordinates of
-least accumulated importance.
+least accumulated importance. Tailoring is opt-in (``keep=1`` by default): on held-out data it cost
+accuracy in every setting measured (README, "What we tried for TCS"), as did raw targets against
+``norm=scale``, the default.
 A round falls due at the first training step whose ``progress.fraction`` reaches its point. It is
 applied in the method's forward, which runs after the student's: that step's alignment term already
 leaves the dropped coordinates out, the classifier (mask 0) from the next step on.

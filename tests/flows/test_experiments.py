@@ -74,3 +74,15 @@ def test_the_tcs_suite_runs_supervised_and_self_supervised_parts_with_their_rows
     assert [p.name for p in suite_parts("tcs", ["ce+kd"])] == ["fmnist-5k", "fmnist-fewshot"]
     with pytest.raises(ExperimentError, match="experiment 'tcs' has no row 'ce\\+magic'"):
         suite_parts("tcs", ["ce+magic"])
+
+
+def test_a_checkpoint_from_before_the_objective_setting_is_the_supervised_teacher(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from pipeline.experiments import reusable_teacher
+
+    supervised = get_experiment("fmnist-5k").fit_config(tmp_path)
+    ssl = get_experiment("fmnist-5k-ssl").fit_config(tmp_path)
+    old = {k: v for k, v in asdict(supervised).items() if k not in ("objective", "temperature")}
+    assert reusable_teacher(old, supervised) and not reusable_teacher(old, ssl)
+    assert reusable_teacher(asdict(ssl), ssl) and not reusable_teacher(asdict(ssl), supervised)
