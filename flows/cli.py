@@ -1,4 +1,4 @@
-"""The `distillery` command line (DESIGN.md §10: these spellings are a contract scripts rely on)."""
+"""The `distillery` command line (docs/ARCHITECTURE.md §10: these spellings are a contract scripts rely on)."""
 
 from __future__ import annotations
 

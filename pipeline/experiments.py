@@ -1,6 +1,6 @@
 """Named experiments: the scenarios behind the demo and the README's results tables.
 
-An experiment is the whole job end to end, as a user would run it (DESIGN.md §2): fit a teacher (or
+An experiment is the whole job end to end, as a user would run it (docs/ARCHITECTURE.md §2): fit a teacher (or
 reuse one fitted with the same settings), cache it once, then train one student architecture with
 several method combinations and seeds from that single cache. `distillery experiment NAME` runs one
 (`flows.experiments`); the table it prints is what the README shows, next to that command.
@@ -140,7 +140,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# CIFAR-style WKD-F settings (G = 1, w_F = 0.08, gamma = 4; DESIGN.md §6.4) on the student's 2x2 stage.
+# CIFAR-style WKD-F settings (G = 1, w_F = 0.08, gamma = 4; docs/ARCHITECTURE.md §6.4) on the student's 2x2 stage.
 WKD_F_LAYER3 = "wkd_f:stage=-2,weight=0.08,gamma=4"
 # ScaleKD mimics the cached layer3 maps (2x2) with the student's 2x2 stage -2: its 1x1 deepest map could not
 # vary over the teacher's positions (the method refuses it).

@@ -1,4 +1,4 @@
-"""The cache manifest (`<cache>/manifest.json`): identity, layout, shard records, status (DESIGN.md §4).
+"""The cache manifest (`<cache>/manifest.json`): identity, layout, shard records, status (docs/ARCHITECTURE.md §4).
 
 A cache is reused only when its *identity* (teacher, dataset, view plan, storage options) equals the
 request's; `identity_mismatch` names the first field that differs so the refusal can say which.

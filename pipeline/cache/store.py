@@ -1,4 +1,4 @@
-"""The teacher cache on disk: the one place that knows its file formats (DESIGN.md §4).
+"""The teacher cache on disk: the one place that knows its file formats (docs/ARCHITECTURE.md §4).
 
 ```
 <cache>/manifest.json               identity, layout, shard records, status
@@ -354,7 +354,7 @@ class CacheWriter(_CacheFiles):
         return record
 
     def write_teacher_tail(self, spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Save ScaleKD's teacher tail (DESIGN.md §6.7) atomically and record its sha256 in the manifest.
+        """Save ScaleKD's teacher tail (docs/ARCHITECTURE.md §6.7) atomically and record its sha256 in the manifest.
 
         `spec` must be plain JSON-able values: the file is read back with `torch.load(weights_only=True)`.
         """
@@ -554,7 +554,7 @@ class TeacherCache(_CacheFiles):
         return faiss.read_index_binary(str(path))
 
     def statistics(self) -> dict[str, torch.Tensor]:
-        """The dataset-level arrays (`stats/...`, DESIGN.md §4), keyed without the `stats/` prefix."""
+        """The dataset-level arrays (`stats/...`, docs/ARCHITECTURE.md §4), keyed without the `stats/` prefix."""
         names = [n for n in self.manifest.stats.get("arrays", []) if n.startswith("stats/")]
         return {n.removeprefix("stats/"): torch.from_numpy(self.read(n)) for n in names}
 
@@ -646,7 +646,7 @@ class TeacherCache(_CacheFiles):
                              f"{repair_hint(self.root)}")
 
     def dense_logits(self, rows: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
-        """Logits (N, V, C) float32: dense as stored, or reconstructed from top-k (DESIGN.md §4).
+        """Logits (N, V, C) float32: dense as stored, or reconstructed from top-k (docs/ARCHITECTURE.md §4).
 
         `rows` may hold block arrays (keys as in `block_key`) to reconstruct a block instead of the
         whole cache.

@@ -1,11 +1,11 @@
-"""Image datasets with stable integer sample ids (DESIGN.md §2, §4, §10).
+"""Image datasets with stable integer sample ids (docs/ARCHITECTURE.md §2, §4, §10).
 
-Every artifact in a teacher cache is keyed by sample id + view id (DESIGN.md §2), so a dataset
+Every artifact in a teacher cache is keyed by sample id + view id (docs/ARCHITECTURE.md §2), so a dataset
 exposes stable, unique, non-negative int64 ids next to its labels and raw uint8 images. Ids are unique
 across the train and val splits of one dataset, so a cache of one split can never be confused with
 a cache of the other.
 
-Supported specs (DESIGN.md §10): ``digits``, ``fashion-mnist[:DIR]``, ``imagefolder:DIR``.
+Supported specs (docs/ARCHITECTURE.md §10): ``digits``, ``fashion-mnist[:DIR]``, ``imagefolder:DIR``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class DatasetError(DistilleryError):
 class ImageDataset(ABC):
     """One split of an image dataset: ids, labels and raw uint8 images addressed by position.
 
-    ``ids`` are the stable sample ids every cache artifact is keyed by (DESIGN.md §2); positions are
+    ``ids`` are the stable sample ids every cache artifact is keyed by (docs/ARCHITECTURE.md §2); positions are
     only the stored order. Subclasses store the per-row payload named in ``_row_fields``.
     """
 
@@ -206,7 +206,7 @@ class FolderDataset(ImageDataset):
 
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Sorted positions of a seeded subset of ``n`` rows, stratified by label (DESIGN.md §10).
+    """Sorted positions of a seeded subset of ``n`` rows, stratified by label (docs/ARCHITECTURE.md §10).
 
     Each class gets its proportional share (largest remainder) and at least one row, so the total is
     exactly ``n``. Positions come back ascending so the subset keeps the stored order.
@@ -404,7 +404,7 @@ def _load_imagefolder(directory: str, split: str, on_bad_image: str = "fail") ->
 
 def load_dataset(spec: str, split: str = "train", subset: int | None = None,
                  seed: int = 0, on_bad_image: str = "fail") -> ImageDataset:
-    """Load one split of the dataset named by ``spec`` (DESIGN.md §10).
+    """Load one split of the dataset named by ``spec`` (docs/ARCHITECTURE.md §10).
 
     ``split`` is ``train`` or ``val`` (``test`` is accepted for ``val``). ``subset`` keeps a seeded,
     stratified subset of that many samples in stored order (``--subset N``). ``on_bad_image`` (image

@@ -1,4 +1,4 @@
-"""Views: augmentation replay, the correctness core (DESIGN.md §3).
+"""Views: augmentation replay, the correctness core (docs/ARCHITECTURE.md §3).
 
 A teacher target is valid only for the exact input the teacher saw, so augmentations are not drawn
 on the fly: a *view* is fully determined by ``(plan seed, sample id, view id)``, and ``render_view`` is
@@ -142,7 +142,7 @@ def render_view(raw: np.ndarray, params: ViewParams, size: int, mean: Sequence[f
                 std: Sequence[float]) -> torch.Tensor:
     """Render one view of a raw uint8 (H, W, C) image as a normalised float32 (C, size, size) tensor.
 
-    The single render path of DESIGN.md §3: the teacher pass and the student loader both call it (or
+    The single render path of docs/ARCHITECTURE.md §3: the teacher pass and the student loader both call it (or
     its batch form ``render_views``, which runs the same arithmetic), so a student sees bit-identical
     inputs to the teacher's at the same ``size``; another ``size`` renders the same normalised crop at
     another resolution. Runs on CPU, where it is deterministic.

@@ -1,6 +1,6 @@
 """The method contract: what a distillation method sees, what it needs, and the registry.
 
-A method (DESIGN.md §6) is a ``torch.nn.Module`` that turns the student's outputs and the cached
+A method (docs/ARCHITECTURE.md §6) is a ``torch.nn.Module`` that turns the student's outputs and the cached
 teacher targets of the same view into named, already-weighted loss terms. A run may combine
 several methods ("Methods compose", §6); the training loss is the sum of every term of every method.
 

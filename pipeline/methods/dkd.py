@@ -1,4 +1,4 @@
-"""Decoupled knowledge distillation (Zhao et al., CVPR'22; DESIGN.md §6.2).
+"""Decoupled knowledge distillation (Zhao et al., CVPR'22; docs/ARCHITECTURE.md §6.2).
 
 With ``b = (p[y], 1 - p[y])`` the binary target / non-target split and ``p̂`` the distribution
 renormalised over the C-1 non-target classes, the classical KD loss decomposes per sample as

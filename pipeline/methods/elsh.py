@@ -1,4 +1,4 @@
-"""eLSH: mimic the teacher's LSH codes of its pooled feature, one teacher pass (DESIGN.md §6.6).
+"""eLSH: mimic the teacher's LSH codes of its pooled feature, one teacher pass (docs/ARCHITECTURE.md §6.6).
 
 From Wang, Ge & Wu, "Distilling knowledge by mimicking features" (TPAMI'22), made one-pass: the planes
 ``W`` (bits x D_t) and median thresholds ``b`` are the cache's (`stats/lsh/...`), the targets

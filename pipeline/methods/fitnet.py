@@ -1,4 +1,4 @@
-"""FitNet-style feature mimicking on pooled features: the feature-level baseline (DESIGN.md §6.8)."""
+"""FitNet-style feature mimicking on pooled features: the feature-level baseline (docs/ARCHITECTURE.md §6.8)."""
 from __future__ import annotations
 
 from typing import Annotated

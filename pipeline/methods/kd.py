@@ -1,4 +1,4 @@
-"""Hinton knowledge distillation on logits (DESIGN.md §6.1)."""
+"""Hinton knowledge distillation on logits (docs/ARCHITECTURE.md §6.1)."""
 from __future__ import annotations
 
 from typing import Annotated

@@ -1,4 +1,4 @@
-"""ScaleKD: cross-attention projection, dual-view feature mimicking, teacher parameter perception (DESIGN.md §6.7).
+"""ScaleKD: cross-attention projection, dual-view feature mimicking, teacher parameter perception (docs/ARCHITECTURE.md §6.7).
 
 The student's map at ``stage`` (its deepest by default) goes through a CAP (cross-attention
 projector) into the layout of the cached teacher map of the same view, and DFM (dual-view feature

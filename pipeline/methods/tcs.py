@@ -1,4 +1,4 @@
-"""TCS: a tailored coordinate system from the teacher's PCA, learnt by the student (DESIGN.md §6.5).
+"""TCS: a tailored coordinate system from the teacher's PCA, learnt by the student (docs/ARCHITECTURE.md §6.5).
 
 The teacher's view-0 pooled features define a coordinate system: the top-k PCA components
 ``V_k`` (rows of ``pca/components``) around the teacher mean ``mu``; k is the smallest number of

@@ -1,4 +1,4 @@
-"""WKD-F: Wasserstein distance between per-cell diagonal Gaussians of feature maps (DESIGN.md §6.4).
+"""WKD-F: Wasserstein distance between per-cell diagonal Gaussians of feature maps (docs/ARCHITECTURE.md §6.4).
 
 Lv et al., NeurIPS'24. The teacher pass caches, for its tapped stage, the mean and std of every channel
 in each cell of a G x G grid (``--tap STAGE --grid G``; ``pipeline.stats.gaussian.grid_gaussian``). The

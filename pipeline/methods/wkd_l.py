@@ -1,4 +1,4 @@
-"""WKD-L: discrete Wasserstein distance between teacher and student class distributions (DESIGN.md §6.3).
+"""WKD-L: discrete Wasserstein distance between teacher and student class distributions (docs/ARCHITECTURE.md §6.3).
 
 Lv et al., "Wasserstein Distance Rivals Kullback-Leibler Divergence for Knowledge-Based Distillation"
 (NeurIPS'24). The ground cost between classes comes from the teacher's category interrelations

@@ -53,7 +53,7 @@ def storage_totals(cache: TeacherCache, rows: list[ArrayRow]) -> Storage:
 
 @dataclass(frozen=True)
 class CkaSummary:
-    """The CKA category interrelations (DESIGN.md §5) and the most related distinct class pairs."""
+    """The CKA category interrelations (docs/ARCHITECTURE.md §5) and the most related distinct class pairs."""
 
     ir: np.ndarray  # (C, C)
     class_names: list[str]
@@ -79,7 +79,7 @@ def cka_summary(cache: TeacherCache, top: int = TOP_PAIRS) -> CkaSummary | None:
 
 @dataclass(frozen=True)
 class GaussianStats:
-    """Per-channel averages over view-0 sample-cells of the cached Gaussians (DESIGN.md §5, WKD-F)."""
+    """Per-channel averages over view-0 sample-cells of the cached Gaussians (docs/ARCHITECTURE.md §5, WKD-F)."""
 
     tap: str
     grid: int
@@ -96,7 +96,7 @@ def gaussian_stats(cache: TeacherCache) -> GaussianStats | None:
 
 @dataclass(frozen=True)
 class LshSummary:
-    """How the cached LSH codes (DESIGN.md §5, §6.6) use their bits and how well they keep classes apart."""
+    """How the cached LSH codes (docs/ARCHITECTURE.md §5, §6.6) use their bits and how well they keep classes apart."""
 
     bits: int
     dim: int
@@ -113,7 +113,7 @@ class LshSummary:
 
 def unpack_codes(codes: np.ndarray) -> np.ndarray:
     """Packed (..., bits/8) uint8 codes -> (..., bits) 0/1 uint8; bit b is bit b % 8 of byte b // 8 (LSB first,
-    faiss's order, DESIGN.md §4)."""
+    faiss's order, docs/ARCHITECTURE.md §4)."""
     return np.unpackbits(codes, axis=-1, bitorder="little")
 
 
@@ -167,7 +167,7 @@ class SampleViews:
 
 def sample_views(cache: TeacherCache, count: int = 6) -> SampleViews:
     """The first sample of each of the first `count` classes, every view re-rendered with `render_view`
-    from the manifest's dataset (DESIGN.md §3); raises CacheError or DatasetError when it is not here."""
+    from the manifest's dataset (docs/ARCHITECTURE.md §3); raises CacheError or DatasetError when it is not here."""
     dataset = source_dataset(cache)
     labels = cache.read("samples/labels")
     classes, first = np.unique(labels, return_index=True)

@@ -1,4 +1,4 @@
-"""The teacher pass: run a teacher once over a dataset and shard its outputs into a cache (DESIGN.md §2).
+"""The teacher pass: run a teacher once over a dataset and shard its outputs into a cache (docs/ARCHITECTURE.md §2).
 
 Plain functions, one per step, so a Prefect flow (`flows.cache_teacher`) can wrap each as a task and
 anything else (tests, notebooks, a GPU box without Prefect) can call `run_cache_pass`:
@@ -275,7 +275,7 @@ def plan_cache(request: CacheRequest) -> CachePlan:
 
 
 def teacher_tail(manifest: Manifest, device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    """The teacher's last `--teacher-tail` stages ending at the tap, for ScaleKD's TPP (DESIGN.md §6.7):
+    """The teacher's last `--teacher-tail` stages ending at the tap, for ScaleKD's TPP (docs/ARCHITECTURE.md §6.7):
     (spec, state dict), or None when the cache asks for no tail."""
     storage = manifest.storage_spec()
     if not storage.teacher_tail:
@@ -292,7 +292,7 @@ def render_pairs(dataset: ImageDataset, plan: ViewPlan, pairs: np.ndarray, spec:
 
 
 def teacher_forward(teacher: Teacher, x: torch.Tensor, device: torch.device) -> Any:
-    """Inference-mode forward; bf16 autocast on CUDA (DESIGN.md §7), fp32 on CPU."""
+    """Inference-mode forward; bf16 autocast on CUDA (docs/ARCHITECTURE.md §7), fp32 on CPU."""
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         return teacher(x.to(device, non_blocking=True))
 
@@ -364,7 +364,7 @@ def _batch_rows(out: Any, storage: StorageSpec, dataset: ImageDataset, pairs: np
 
 
 # ------------------------------------------------------------------------------------------------
-# Dataset-level statistics (DESIGN.md §5): mergeable partials per shard, computed from the stored
+# Dataset-level statistics (docs/ARCHITECTURE.md §5): mergeable partials per shard, computed from the stored
 # rows (so recomputation never needs the teacher), merged by `reduce_statistics`.
 # ------------------------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Teacher construction (timm) and its taps: logits, pooled pre-logits and stage feature maps.
 
-Nothing else in the library constructs a teacher (DESIGN.md §1). A teacher is described by a
+Nothing else in the library constructs a teacher (docs/ARCHITECTURE.md §1). A teacher is described by a
 `TeacherSpec`; `build_teacher` turns it into a `Teacher` module whose forward returns all taps
 from one trunk pass (`forward_intermediates` + `forward_head`, timm's own separation).
 """

@@ -1,4 +1,4 @@
-"""ScaleKD's teacher tail: a teacher's last stage(s), frozen, rebuilt without the teacher (DESIGN.md §6.7).
+"""ScaleKD's teacher tail: a teacher's last stage(s), frozen, rebuilt without the teacher (docs/ARCHITECTURE.md §6.7).
 
 TPP (teacher parameter perception) runs projected student features through the teacher's last stage(s)
 and mimics the cached final features with the result. Training never constructs the teacher (§1, §2),
@@ -207,7 +207,7 @@ def _family_of(model: nn.Module) -> str:
 
 def extract_teacher_tail(model: nn.Module, tap: str, stages: int,
                          probe: Tensor) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Spec and state dict of the ``stages`` stages of ``model`` ending at ``tap`` (DESIGN.md §6.7 TPP).
+    """Spec and state dict of the ``stages`` stages of ``model`` ending at ``tap`` (docs/ARCHITECTURE.md §6.7 TPP).
 
     ``probe`` is a small input batch at the teacher's input size: running it through ``model`` gives the
     shape that enters the tail, and the rebuilt tail must reproduce the teacher's stages on it exactly

@@ -1,4 +1,4 @@
-"""Train one student from a teacher cache: `train_student(config) -> summary` (DESIGN.md §2, §6, §10).
+"""Train one student from a teacher cache: `train_student(config) -> summary` (docs/ARCHITECTURE.md §2, §6, §10).
 
 The whole loop is in `train_student`, top to bottom: open and check the cache, build the student and
 its methods, stream the cache (or, with `--online-teacher`, run the teacher on the same views), step,
@@ -168,7 +168,7 @@ def check_run(config: TrainConfig) -> None:
 def train_student(config: TrainConfig) -> dict[str, Any]:
     """Train `config.student` with `config.methods` from `config.cache`; write RUNDIR; return the summary.
 
-    The summary (also RUNDIR/summary.json, DESIGN.md §10): student, methods, seed, epochs, val_accuracy
+    The summary (also RUNDIR/summary.json, docs/ARCHITECTURE.md §10): student, methods, seed, epochs, val_accuracy
     (0..1, view 0 of the val split), train_seconds (training epochs, evaluation excluded),
     mean_step_seconds (wall time per optimiser step including waiting for data and, online, the teacher;
     each epoch's first step, which waits for the loader to start, is left out), peak_rss_bytes (this

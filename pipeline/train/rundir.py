@@ -1,4 +1,4 @@
-"""A student run's directory (DESIGN.md §10): the files users and scripts read, and the checkpoint.
+"""A student run's directory (docs/ARCHITECTURE.md §10): the files users and scripts read, and the checkpoint.
 
 ```
 RUNDIR/config.json      the TrainConfig

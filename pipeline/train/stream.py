@@ -1,4 +1,4 @@
-"""The student's training stream over a teacher cache's webdataset shards (DESIGN.md §2-§4).
+"""The student's training stream over a teacher cache's webdataset shards (docs/ARCHITECTURE.md §2-§4).
 
     shards (split by node, then by DataLoader worker, then a seeded shard shuffle)
       -> blocks `NNNNNN-MMMMMM.npz`, each checked against its record's sha256 before it is decoded

@@ -1,4 +1,4 @@
-"""Students: any timm model, with the taps the methods read (DESIGN.md §1 `train/`, §6).
+"""Students: any timm model, with the taps the methods read (docs/ARCHITECTURE.md §1 `train/`, §6).
 
 The student is built with the same `create_timm_model` as the teacher and tapped the same way (timm's
 `forward_intermediates` / `forward_head(pre_logits=True)`), so a method sees `StudentOutputs` with

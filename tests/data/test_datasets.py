@@ -1,4 +1,4 @@
-"""Datasets with stable ids (DESIGN.md §2, §10): digits, fashion-mnist, imagefolder, subsets."""
+"""Datasets with stable ids (docs/ARCHITECTURE.md §2, §10): digits, fashion-mnist, imagefolder, subsets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`train_student`: the run directory of DESIGN.md §10, exact resume, and one-line refusals of bad input."""
+"""`train_student`: the run directory of docs/ARCHITECTURE.md §10, exact resume, and one-line refusals of bad input."""
 
 from __future__ import annotations
 
