@@ -168,7 +168,7 @@ def bench_tcs_vs_online_kd(tmp: str, quick: bool = False, device: str = "auto") 
     fit_teacher(FitConfig(dataset="digits", model=TCS_TEACHER, out=checkpoint, epochs=1, subset=256, device=device))
     cache = str(Path(tmp) / "tcs-cache")
     run_cache_pass(CacheRequest(dataset="digits", teacher=TCS_TEACHER, checkpoint=checkpoint, out=cache,
-                                subset=600 if quick else None, views=2, lsh_bits=64, device=device))
+                                subset=256 if quick else None, views=2, lsh_bits=64, device=device))
     return bench_student_steps(cache, "test_resnet", TCS_CONFIGS, epochs=1 if quick else 2, rounds=1 if quick else 2)
 
 
@@ -194,7 +194,7 @@ def run_benchmarks(quick: bool = False, device: str = "auto") -> dict[str, Any]:
         fit_teacher(FitConfig(dataset="digits", model="resnet10t", out=checkpoint, epochs=1, device=device))
         cache = str(Path(tmp) / "cache")
         run_cache_pass(CacheRequest(dataset="digits", teacher="resnet10t", checkpoint=checkpoint, out=cache,
-                                    subset=600 if quick else None, views=2, featmaps=True, teacher_tail=1,
+                                    subset=256 if quick else None, views=2, featmaps=True, teacher_tail=1,
                                     lsh_bits=64, device=device))
         steps = bench_student_steps(cache, "test_resnet", STEP_CONFIGS, epochs=1 if quick else 2,
                                     rounds=1 if quick else 2)
