@@ -13,11 +13,12 @@ identity fingerprint, path, dataset and teacher), which a deployment trigger can
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
 from prefect.events import emit_event
 from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -27,6 +28,7 @@ from pipeline.cache.manifest import Manifest, ShardRecord
 from pipeline.cache.store import TeacherCache
 from pipeline.cache.summary import array_rows, human_bytes
 from pipeline.report.content import gather_report
+from pipeline.report.html import write_report
 from pipeline.report.markdown import report_markdown
 from pipeline.teacher import cache_pass
 from pipeline.teacher.cache_pass import CachePlan, CacheRequest, ShardStats
@@ -36,6 +38,7 @@ from pipeline.train.loop import cache_fingerprint
 forward_library_logs()
 
 CACHE_COMPLETED = "distillery.cache.completed"
+REPORT_NAME = "report.html"
 IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_io)
 
 
@@ -104,6 +107,16 @@ def cache_artifact_key(kind: str, cache: TeacherCache) -> str:
     return artifact_key("teacher-cache", kind, m.dataset["name"], m.teacher["model"], cache_fingerprint(cache)[:12])
 
 
+def publish_report(cache: TeacherCache) -> Path:
+    """Write `distillery inspect --report`'s HTML page to `<cache>/report.html` and link it from the run's
+    artifacts (a file:// URL: the page is self-contained, figures included)."""
+    path = cache.root.resolve() / REPORT_NAME  # the directory resolved, never a link planted at the name
+    write_report(cache, path)
+    create_link_artifact(key=cache_artifact_key("report", cache), link=path.as_uri(),
+                         link_text=f"HTML report of {cache.root}", description=f"Teacher cache report of {cache.root}")
+    return path
+
+
 def emit_cache_completed(root: str, result: dict[str, Any]) -> None:
     """The event a deployment trigger starts a student sweep on (resource labels are strings)."""
     cache = TeacherCache(root)
@@ -157,6 +170,7 @@ def cache_teacher(request: CacheRequest) -> dict[str, Any]:
                           description=f"Arrays stored in {plan.root}")
     create_markdown_artifact(key=cache_artifact_key("summary", cache), markdown=summary_markdown(plan.root, result),
                              description=f"Teacher cache summary of {plan.root}")
+    logger.info("HTML report written to %s", publish_report(cache))
     emit_cache_completed(plan.root, result)
     return result
 
