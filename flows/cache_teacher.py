@@ -13,20 +13,24 @@ identity fingerprint, path, dataset and teacher), which a deployment trigger can
 
 import os
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
 from prefect.events import emit_event
 from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from pydantic import PositiveFloat
 
-from flows.runtime import artifact_key, forward_library_logs, run_path, transient_io
+from flows.runtime import (EVENT_TIMEOUT_S, PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path,
+                           transient_io)
 from pipeline.cache.manifest import Manifest, ShardRecord
 from pipeline.cache.store import TeacherCache
 from pipeline.cache.summary import array_rows, human_bytes
 from pipeline.report.content import gather_report
+from pipeline.report.html import write_report
 from pipeline.report.markdown import report_markdown
 from pipeline.teacher import cache_pass
 from pipeline.teacher.cache_pass import CachePlan, CacheRequest, ShardStats
@@ -36,6 +40,7 @@ from pipeline.train.loop import cache_fingerprint
 forward_library_logs()
 
 CACHE_COMPLETED = "distillery.cache.completed"
+REPORT_NAME = "report.html"
 IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_io)
 
 
@@ -104,6 +109,29 @@ def cache_artifact_key(kind: str, cache: TeacherCache) -> str:
     return artifact_key("teacher-cache", kind, m.dataset["name"], m.teacher["model"], cache_fingerprint(cache)[:12])
 
 
+@task(name="publish-cache-artifacts", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
+def publish_task(root: str, result: dict[str, Any]) -> Path:
+    """The arrays table, the summary and the HTML report's link, keyed by the cache's identity; returns
+    the report's path."""
+    cache = TeacherCache(root)
+    create_table_artifact(key=cache_artifact_key("arrays", cache), table=summary_rows(root),
+                          description=f"Arrays stored in {root}")
+    create_markdown_artifact(key=cache_artifact_key("summary", cache), markdown=summary_markdown(root, result),
+                             description=f"Teacher cache summary of {root}")
+    return publish_report(cache)
+
+
+def publish_report(cache: TeacherCache) -> Path:
+    """Write `distillery inspect --report`'s HTML page to `<cache>/report.html` and link it from the run's
+    artifacts (a file:// URL: the page is self-contained, figures included)."""
+    path = cache.root.resolve() / REPORT_NAME  # the directory resolved, never a link planted at the name
+    write_report(cache, path)
+    create_link_artifact(key=cache_artifact_key("report", cache), link=path.as_uri(),
+                         link_text=f"HTML report of {cache.root}", description=f"Teacher cache report of {cache.root}")
+    return path
+
+
+@task(name="emit-cache-completed", persist_result=False, timeout_seconds=EVENT_TIMEOUT_S)
 def emit_cache_completed(root: str, result: dict[str, Any]) -> None:
     """The event a deployment trigger starts a student sweep on (resource labels are strings)."""
     cache = TeacherCache(root)
@@ -120,10 +148,13 @@ def emit_cache_completed(root: str, result: dict[str, Any]) -> None:
 
 
 @flow(name="cache-teacher", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
-def cache_teacher(request: CacheRequest) -> dict[str, Any]:
+def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] = None) -> dict[str, Any]:
     """Run the teacher once over the dataset and store everything students need (README, "The teacher cache").
 
-    `request.out` may hold {date}, {time}, {flow_run_name} or {flow_run_id} (filled per flow run).
+    Args:
+        request: what to cache; `out` may hold {date}, {time}, {flow_run_name} or {flow_run_id} (filled per
+            flow run)
+        task_timeout: fail a shard task that runs longer than this many seconds (default: no bound)
     """
     logger = get_run_logger()
     request = request.model_copy(update={"out": run_path(request.out)})
@@ -135,7 +166,7 @@ def cache_teacher(request: CacheRequest) -> dict[str, Any]:
                 "written_shards": 0}
     logger.info("teacher pass into %s: %d shards to write, %d reused", plan.root, len(plan.pending), len(plan.done))
     start = time.perf_counter()
-    futures = shard_task.map(unmapped(request), plan.pending)
+    futures = shard_task.with_options(timeout_seconds=task_timeout).map(unmapped(request), plan.pending)
     progress = create_progress_artifact(100 * len(plan.done) / plan.num_shards,
                                         description=f"Teacher pass into {plan.root}: shards done")
     for done, _ in enumerate(as_completed(futures), start=len(plan.done) + 1):
@@ -152,11 +183,7 @@ def cache_teacher(request: CacheRequest) -> dict[str, Any]:
               "skipped_shards": len(plan.done), "written_shards": len(new_records)}
     logger.info("teacher pass: %d images in %.1f s (%.0f images/s); cache complete at %s", images, pass_seconds,
                 result["images_per_second"], os.path.abspath(plan.root))
-    cache = TeacherCache(plan.root)
-    create_table_artifact(key=cache_artifact_key("arrays", cache), table=summary_rows(plan.root),
-                          description=f"Arrays stored in {plan.root}")
-    create_markdown_artifact(key=cache_artifact_key("summary", cache), markdown=summary_markdown(plan.root, result),
-                             description=f"Teacher cache summary of {plan.root}")
+    logger.info("HTML report written to %s", publish_task(plan.root, result))
     emit_cache_completed(plan.root, result)
     return result
 

@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.cache_teacher import cache_teacher
 from flows.params import Student, TrainSettings
-from flows.runtime import artifact_key, forward_library_logs, run_path
+from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
 from flows.train_students import train_students
 from pipeline.experiments import get_experiment, markdown_table, result_rows, reusable_teacher
 from pipeline.teacher.fit import fit_teacher
@@ -30,6 +30,12 @@ def fit_or_reuse_teacher(name: str, root: str) -> dict[str, Any]:
     if path.exists() and reusable_teacher(load_checkpoint(path).get("config"), config):
         return {"out": str(path), "reused": True, "val_accuracy": load_checkpoint(path)["val_accuracy"]}
     return {**fit_teacher(config), "reused": False}
+
+
+@task(name="publish-results", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
+def publish_results(name: str, seeds: list[int], markdown: str) -> None:
+    create_markdown_artifact(key=artifact_key("experiment", name), markdown=markdown,
+                             description=f"experiment {name}, seeds {seeds}")
 
 
 @flow(name="experiment", log_prints=True)
@@ -59,6 +65,5 @@ def run_experiment(name: str, seeds: list[int], root: str = "runs/experiments",
                                        sweep=f"{name}-{label}")
             summaries[label].append(summary)
     rows = result_rows(experiment, summaries)
-    create_markdown_artifact(key=artifact_key("experiment", name), markdown=f"{experiment.description}\n\n{markdown_table(rows)}",
-                             description=f"experiment {name}, seeds {seeds}")
+    publish_results(name, seeds, f"{experiment.description}\n\n{markdown_table(rows)}")
     return {"teacher": teacher, "cache": cached, "rows": rows}

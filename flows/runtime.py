@@ -10,6 +10,11 @@
   loss and accuracy show in the run's logs in the UI.
 - `transient_io`: retry a task only when it failed on I/O (a network filesystem, object storage); bad input
   and bugs fail the same way every time and are not retried.
+- Timeouts: steps that only read small summaries and talk to the server (artifacts, events) are bounded,
+  so an unreachable API fails the run instead of holding it (and its accelerator slot) forever. They are
+  called directly in the flow, so they run in its main thread, where Prefect's timeout interrupts even a
+  blocked socket. Teacher passes and training have no fixed bound (a legitimate one may take days): a
+  deployment sets one with the flow parameter `task_timeout`.
 """
 
 import logging
@@ -23,6 +28,9 @@ from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
 from pipeline.errors import DistilleryError
+
+PUBLISH_TIMEOUT_S = 600  # artifacts, including the cache's HTML report (figures from dataset-level arrays)
+EVENT_TIMEOUT_S = 60
 
 LIBRARY_LOGGER = "distillery"
 PLACEHOLDERS = ("date", "time", "flow_run_name", "flow_run_id")

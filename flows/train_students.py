@@ -11,9 +11,10 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import PositiveFloat
 
 from flows.params import Student, TrainSettings
-from flows.runtime import artifact_key, forward_library_logs, run_path
+from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
 from pipeline.cache.store import TeacherCache
 from pipeline.train.config import TrainConfig, plan_runs
 from pipeline.train.loop import cache_fingerprint, check_run, train_student
@@ -45,6 +46,12 @@ def sweep_artifact_key(cache: str, sweep: Optional[str]) -> str:
     return artifact_key("students", c.manifest.dataset["name"], c.manifest.teacher["model"], cache_fingerprint(c)[:12])
 
 
+@task(name="publish-comparison", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
+def publish_comparison(cache: str, sweep: Optional[str], out: str, summaries: list[dict[str, Any]]) -> None:
+    create_table_artifact(key=sweep_artifact_key(cache, sweep), table=comparison_rows(summaries),
+                          description=f"Students trained from {cache} into {out}")
+
+
 def plan_sweep(cache: str, students: list[Student], out: str, settings: TrainSettings) -> list[TrainConfig]:
     """One checked `TrainConfig` per student: bad input fails here, before any student trains."""
     configs = plan_runs(cache, [s.spec() for s in students], out, settings.run_settings())
@@ -55,7 +62,7 @@ def plan_sweep(cache: str, students: list[Student], out: str, settings: TrainSet
 
 @flow(name="train-students", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
 def train_students(cache: str, students: list[Student], out: str, settings: TrainSettings = TrainSettings(),
-                   sweep: Optional[str] = None) -> list[dict[str, Any]]:
+                   sweep: Optional[str] = None, task_timeout: Optional[PositiveFloat] = None) -> list[dict[str, Any]]:
     """Train every student of `students` from `cache`, one run directory each, one at a time (on CPU one
     training run already uses every core).
 
@@ -66,11 +73,11 @@ def train_students(cache: str, students: list[Student], out: str, settings: Trai
             {flow_run_name}, {flow_run_id}, filled per flow run, so scheduled runs never collide.
         settings: training settings shared by every student
         sweep: the sweep's name, the key of its comparison artifact (default: from the cache's identity)
+        task_timeout: fail a student's task that runs longer than this many seconds (default: no bound)
     """
     out = run_path(out)
     configs = plan_sweep(cache, students, out, settings)
     get_run_logger().info("training %d student(s) from %s into %s", len(configs), cache, out)
-    summaries = list(train_task.map(configs).result())
-    create_table_artifact(key=sweep_artifact_key(cache, sweep), table=comparison_rows(summaries),
-                          description=f"Students trained from {cache} into {out}")
+    summaries = list(train_task.with_options(timeout_seconds=task_timeout).map(configs).result())
+    publish_comparison(cache, sweep, out, summaries)
     return summaries

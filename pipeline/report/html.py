@@ -7,6 +7,7 @@ import html
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.atomic import atomic_write_text
 from pipeline.cache.store import TeacherCache
 from pipeline.report import figures
 from pipeline.report.content import CacheReport, gather_report
@@ -66,5 +67,5 @@ def write_report(cache: TeacherCache, out: str | Path, samples: int = 6) -> Cach
     page = render_html(report, f"Teacher cache {cache.root}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    atomic_write_text(out, page)
     return report

@@ -29,7 +29,7 @@ def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, dig
     for name in ("logits/dense", "features/pooled", "stats/pca/components", "stats/cka/ir"):
         np.testing.assert_array_equal(flow_cache.read(name), reference.read(name), err_msg=name)
 
-    keys = {kind: cache_artifact_key(kind, flow_cache) for kind in ("arrays", "summary")}
+    keys = {kind: cache_artifact_key(kind, flow_cache) for kind in ("arrays", "summary", "report")}
     assert keys["arrays"].startswith("teacher-cache-arrays-digits-test-resnet-")
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys.values()))))
@@ -44,6 +44,11 @@ def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, dig
                     "## CKA category interrelations", "## Gaussian statistics", "## LSH codes"):
         assert heading in summary
     assert "Teacher pass: 4311 images" in summary and "| logits/dense | 1437x3x10 | float16 |" in summary
+    report = (tmp_path / "flow").resolve() / "report.html"
+    assert found[keys["report"]].data == f"[HTML report of {tmp_path / 'flow'}]({report.as_uri()})"
+    page = report.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "PCA of pooled features" in page and "data:image/png;base64," in page
+    assert flow_cache.verify_integrity() == []  # the report is no file the integrity checks know or refuse
 
     again = cache_teacher(cache_request(tmp_path / "flow"))
     assert again["written_shards"] == 0 and again["skipped_shards"] == 4

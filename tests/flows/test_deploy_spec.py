@@ -35,6 +35,16 @@ def test_the_example_spec_loads_with_schedules_parameters_and_the_cache_trigger(
     assert code == 0 and "train-students/sweep-on-new-cache" in out
 
 
+def test_a_spec_bounds_long_tasks_only_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "spec.toml"
+    path.write_text(SWEEP.format(**GOOD))
+    [unbounded] = load_spec(path).deployments
+    assert "task_timeout" not in unbounded.parameters
+    path.write_text(SWEEP.format(**{**GOOD, "settings": "{ epochs = 2 }\ntask_timeout = 5400"}))
+    [bounded] = load_spec(path).deployments
+    assert bounded.parameters["task_timeout"] == 5400
+
+
 def test_a_spec_schedule_is_cron_or_interval(tmp_path: Path) -> None:
     path = tmp_path / "spec.toml"
     path.write_text(SWEEP.format(**{**GOOD, "schedule": "interval = 30"}))
@@ -52,6 +62,7 @@ def test_a_spec_schedule_is_cron_or_interval(tmp_path: Path) -> None:
     (dict(settings='{ epochs = 0 }'), "bad parameters"),
     (dict(settings='{ epoch = 2 }'), "bad parameters"),
     (dict(schedule='task_runner = "dask"'), "task_runner applies to cache-teacher only"),
+    (dict(settings="{ epochs = 2 }\ntask_timeout = 0"), "bad parameters: Flow run received invalid parameters"),
 ])
 def test_spec_mistakes_are_one_line_naming_the_deployment(tmp_path: Path, change: dict, message: str) -> None:
     path = tmp_path / "spec.toml"

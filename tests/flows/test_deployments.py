@@ -1,9 +1,10 @@
 """Prefect in production, against a real `prefect server start` (its own PREFECT_HOME, a free port):
 `distillery deploy SPEC.toml` serves an interval-scheduled student sweep and an event-triggered one; a
-completed cache starts the triggered sweep; per-epoch log lines reach the server; the Prefect CLI lists
-the deployments and flow runs."""
+completed cache starts the triggered sweep; per-epoch log lines reach the server; the Prefect CLI and the
+Prefect UI (headless Chromium) list the flow runs."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
     home = tmp_path_factory.mktemp("prefect-home")
     url = f"http://127.0.0.1:{free_port()}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
            "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     log = open(home / "server.log", "wb")  # noqa: SIM115 - closed at teardown
     port = url.rsplit(":", 1)[1].split("/")[0]
@@ -198,3 +199,37 @@ def test_prefect_cli_lists_deployments_and_flow_runs(api, served: Path) -> None:
                           env=env, capture_output=True, text=True, timeout=120)
     assert runs.returncode == 0, runs.stderr
     assert completed[0].name in runs.stdout and "COMPLETED" in runs.stdout
+
+
+def ui_page_dom(chromium: str, url: str, profile: Path) -> str:
+    """The DOM of `url` after its scripts ran (the UI is a single-page app that fetches from the API)."""
+    # The runs list draws its rows in animation frames and only those in view: a tall window and every
+    # compositor stage before each draw, or the dump can hold the page without its rows.
+    return subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={profile}", "--window-size=1400,3000",
+                           "--run-all-compositor-stages-before-draw", "--virtual-time-budget=15000", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=120).stdout
+
+
+def test_the_prefect_ui_lists_a_completed_scheduled_run(api, served: Path, tmp_path: Path) -> None:
+    import prefect
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian package `chromium`; `make test` installs it)")
+    ui_build = Path(prefect.__path__[0]) / "server" / "ui" / "index.html"
+    if not ui_build.is_file():
+        pytest.skip(f"this prefect install has no UI build ({ui_build} is missing)")
+    base = api.url.removesuffix("/api")
+    try:
+        with urllib.request.urlopen(f"{base}/", timeout=10) as r:
+            page = r.read().decode()
+    except OSError as e:
+        pytest.skip(f"the Prefect server does not serve its UI at {base}/ ({e})")
+    if '<div id="app">' not in page:
+        pytest.skip(f"the Prefect server's answer at {base}/ is not the UI")
+    [run, *_] = wait_for(lambda: flow_runs("every-20s"), 420, "a completed scheduled run")
+    dom = wait_for(lambda: (d := ui_page_dom(chromium, f"{base}/runs", tmp_path / "profile")) and run.name in d and d,
+                   90, f"the UI's runs page to list {run.name}", interval=2)
+    assert "Prefect Server" in dom and "train-students" in dom and "Completed" in dom  # the row: flow, run, state

@@ -29,6 +29,12 @@ def test_experiment_fits_caches_trains_every_row_per_seed_then_reuses_everything
     assert summaries["ce+kd-s1"]["methods"] == ["ce", "kd:T=2"] and summaries["ce+kd-s1"]["seed"] == 1
     accuracy = [100 * summaries[f"ce+kd-s{s}"]["val_accuracy"] for s in (0, 1)]
     assert f"| ce+kd | {sum(accuracy) / 2:.2f} ± " in markdown_table(result["rows"])
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["experiment-tiny"])))
+    assert artifact.type == "markdown" and markdown_table(result["rows"]) in artifact.data
 
     # A rerun reuses the teacher, the cache and the finished runs; --row selects rows.
     again = run_experiment("tiny", [0, 1], str(tmp_path), ["ce+kd"])

@@ -54,3 +54,36 @@ def test_bad_input_is_one_line_before_any_flow_runs(digits_cache: Path, tmp_path
     assert code == 2
     assert out.strip().count("\n") == 0 and message in out and out.startswith("error:")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_spec_task_timeout_fails_a_student_task_that_runs_longer(prefect_harness, digits_cache: Path,
+                                                                   tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.deploy import load_spec
+    from flows.train_students import train_students
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f"""
+[[deployment]]
+name = "bounded"
+flow = "train-students"
+[deployment.parameters]
+cache = "{digits_cache}"
+out = "{tmp_path}/runs/{{flow_run_name}}"
+students = [{{ student = "test_resnet", methods = ["ce"] }}]
+settings = {{ epochs = 200, workers = 0 }}
+task_timeout = 1
+""")
+    [deployment] = load_spec(spec).deployments
+    state = train_students(**deployment.parameters, return_state=True)
+    assert state.is_failed()
+    with get_client(sync_client=True) as client:
+        [flow_run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[state.state_details.flow_run_id])))
+        [student] = [t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[flow_run.id]))) if t.name.startswith("train-")]
+    assert student.state.name == "TimedOut" and "exceeded timeout of 1.0 second(s)" in student.state.message
+    [run_dir] = (tmp_path / "runs").iterdir()
+    assert not (run_dir / "summary.json").exists()  # stopped long before its 200 epochs
