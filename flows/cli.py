@@ -1,7 +1,5 @@
 """The `distillery` command line (docs/ARCHITECTURE.md §10: these spellings are a contract scripts rely on)."""
 
-from __future__ import annotations
-
 import json
 import os
 import sys

@@ -9,8 +9,6 @@ server the moment the CLI dies, however it dies. Prefect's client then finds the
 a per-process singleton) and uses it.
 """
 
-from __future__ import annotations
-
 import ctypes
 import os
 import signal
