@@ -160,9 +160,14 @@ def test_interval_deployment_completes_two_runs_each_in_its_own_directory_with_e
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
             students = [t for t in tasks if t.name.startswith("train-")]
             assert len(students) == 2 and all(t.state.is_completed() for t in students)
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
-            epoch_lines = [log.message for log in logs if "epoch 1/1: loss" in log.message]
-            assert len(epoch_lines) == 2 and all("val accuracy 0." in line for line in epoch_lines), epoch_lines
+
+            def epoch_lines() -> list[str]:
+                logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+                return [log.message for log in logs if "epoch 1/1: loss" in log.message]
+
+            # Logs reach the server in batches from a background worker, possibly after the run's final state.
+            lines = wait_for(lambda: len(found := epoch_lines()) >= 2 and found, 60, "both students' epoch logs")
+            assert len(lines) == 2 and all("val accuracy 0." in line for line in lines), lines
         [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
             any_=["students-scheduled-sweep"])), limit=1)
         assert artifact.type == "table" and "ce+kd:T=2" in str(artifact.data)
