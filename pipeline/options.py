@@ -49,6 +49,14 @@ class Range:
             raise error(f"{name} must be {self.describe()}, not {value}")
 
 
+@dataclass(frozen=True)
+class Help:
+    """What an option means, declared next to it: ``T: Annotated[float, Range(gt=0), Help("temperature")] = 4.0``
+    (`distillery methods` prints it beside the option's default)."""
+
+    text: str
+
+
 def check_ranges(values: dict[str, float | None], ranges: dict[str, Range], prefix: str = "--") -> None:
     """Check each named value against its range; names become option spellings (``batch_size`` -> ``--batch-size``)."""
     for name, allowed in ranges.items():

@@ -8,8 +8,9 @@ Each method declares the logical targets it ``needs`` from the cache; :meth:`Met
 refuses a cache that cannot serve them, naming the ``distillery cache`` option (§10) that would.
 Options are keyword-only arguments of the method's ``__init__`` with defaults, set from a spec
 string such as ``kd:T=2,alpha=0.5`` by :func:`create_method`. A numeric option declares its allowed
-values where it is declared, ``T: Annotated[float, Range(gt=0)] = 4.0``; a spec outside them is refused
-in one line before a run starts (a numeric option without a range must still be finite).
+values and its meaning where it is declared, ``T: Annotated[float, Range(gt=0), Help("temperature")] = 4.0``;
+a spec outside them is refused in one line before a run starts (a numeric option without a range must still
+be finite), and `distillery methods` lists every option with its default and help.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import DistilleryError
-from pipeline.options import Range
+from pipeline.options import Help, Range
 
 __all__ = [
     "LOGITS",
@@ -181,12 +182,14 @@ class StudentInfo:
     ``pooled_dim`` is the student's pre-logit width D_s. ``taps`` maps each stage index a method asked
     for in ``student_taps`` (``-1`` = deepest stage, ``-2`` the one before, ...) to the stage's name,
     and ``feature_shapes`` maps that name to the (C, H, W) of its map at the training input size; the
-    map itself arrives in :attr:`StudentOutputs.feature_maps` under the same name.
+    map itself arrives in :attr:`StudentOutputs.feature_maps` under the same name. ``stage_shapes`` holds
+    every stage's (C, H, W), shallowest first, so a refusal can name the stage that would fit.
     """
 
     pooled_dim: int
     taps: Mapping[int, str] = field(default_factory=dict)
     feature_shapes: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
+    stage_shapes: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.pooled_dim < 1:
@@ -210,6 +213,10 @@ class Method(torch.nn.Module, metaclass=abc.ABCMeta):
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
     student_taps: ClassVar[tuple[int, ...]] = ()
+    trains_logits: ClassVar[bool] = False
+    """Whether the method's loss reaches the student's logits, and so trains its classifier (CE, KD, ...).
+    A run of methods that all leave it False (``tcs`` alone: its head's classifier gets no gradient) ends
+    with the classifier at initialisation, at chance; see :meth:`trains_classifier`."""
 
     def __init__(self, cache: CacheInfo, student: StudentInfo) -> None:
         super().__init__()
@@ -260,6 +267,16 @@ class Method(torch.nn.Module, metaclass=abc.ABCMeta):
         return stage
 
     @classmethod
+    def trains_classifier(cls, options: Mapping[str, bool | int | float | str]) -> bool:
+        """Whether the method built with ``options`` (given ones only) trains the classifier: ``trains_logits``."""
+        return cls.trains_logits
+
+    @classmethod
+    def option_help(cls) -> dict[str, str]:
+        """Each option's meaning, as declared next to it (``Help``)."""
+        return {p.name: _declared(p, Help).text for p in _option_parameters(cls)}
+
+    @classmethod
     def options(cls) -> dict[str, bool | int | float | str]:
         """The method's options and their defaults, in declaration order."""
         return {p.name: p.default for p in _option_parameters(cls)}
@@ -267,7 +284,7 @@ class Method(torch.nn.Module, metaclass=abc.ABCMeta):
     @classmethod
     def option_ranges(cls) -> dict[str, Range]:
         """Each numeric option's declared :class:`Range` (an undeclared one: any finite value)."""
-        return {p.name: _declared_range(p) or Range() for p in _option_parameters(cls)
+        return {p.name: _declared(p, Range) or Range() for p in _option_parameters(cls)
                 if type(p.default) in (int, float)}
 
     @classmethod
@@ -293,10 +310,14 @@ def _option_parameters(cls: type[Method]) -> list[inspect.Parameter]:
     return list(inspect.signature(cls.__init__, eval_str=True).parameters.values())[3:]
 
 
-def _declared_range(p: inspect.Parameter) -> Range | None:
+_D = TypeVar("_D", Range, Help)
+
+
+def _declared(p: inspect.Parameter, kind: type[_D]) -> _D | None:
+    """The ``kind`` marker in the option's ``Annotated[...]`` annotation (None without one)."""
     if get_origin(p.annotation) is not Annotated:
         return None
-    return next((a for a in get_args(p.annotation)[1:] if isinstance(a, Range)), None)
+    return next((a for a in get_args(p.annotation)[1:] if isinstance(a, kind)), None)
 
 
 def register_method(cls: _M) -> _M:
@@ -326,6 +347,10 @@ def register_method(cls: _M) -> _M:
         if not allowed.contains(defaults[option]):
             raise TypeError(f"the default {defaults[option]} of option {option!r} of method {name!r} is outside "
                             f"its range ({allowed.describe()})")
+    undocumented = [p.name for p in _option_parameters(cls) if _declared(p, Help) is None]
+    if undocumented:
+        raise TypeError(f"option {undocumented[0]!r} of method {name!r} needs its meaning declared next to it: "
+                        f"Annotated[..., Help('...')]")
     _REGISTRY[name] = cls
     return cls
 

@@ -6,7 +6,7 @@ from typing import Annotated
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.options import Range
+from pipeline.options import Help, Range
 
 from .base import CacheInfo, Method, StudentInfo, StudentOutputs, Targets, TrainingProgress, register_method
 
@@ -17,10 +17,11 @@ class CrossEntropy(Method):
 
     name = "ce"
     needs = frozenset()
+    trains_logits = True
 
     def __init__(
-        self, cache: CacheInfo, student: StudentInfo, *, label_smoothing: Annotated[float, Range(ge=0, le=1)] = 0.0,
-        weight: Annotated[float, Range(ge=0)] = 1.0,
+        self, cache: CacheInfo, student: StudentInfo, *, label_smoothing: Annotated[float, Range(ge=0, le=1), Help("label smoothing of the targets")] = 0.0,
+        weight: Annotated[float, Range(ge=0), Help("weight of the CE term")] = 1.0,
     ) -> None:
         super().__init__(cache, student)
         self.label_smoothing = label_smoothing

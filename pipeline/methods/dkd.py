@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.options import Range
+from pipeline.options import Help, Range
 
 from .base import (
     LOGITS,
@@ -98,16 +98,17 @@ class DKD(Method):
 
     name = "dkd"
     needs = frozenset({LOGITS})
+    trains_logits = True
 
     def __init__(
         self,
         cache: CacheInfo,
         student: StudentInfo,
         *,
-        alpha: Annotated[float, Range(ge=0)] = 1.0,
-        beta: Annotated[float, Range(ge=0)] = 8.0,
-        T: Annotated[float, Range(gt=0)] = 4.0,
-        warmup: Annotated[float, Range(ge=0)] = 20.0,
+        alpha: Annotated[float, Range(ge=0), Help("weight of TCKD (target class)")] = 1.0,
+        beta: Annotated[float, Range(ge=0), Help("weight of NCKD (non-target classes)")] = 8.0,
+        T: Annotated[float, Range(gt=0), Help("softmax temperature")] = 4.0,
+        warmup: Annotated[float, Range(ge=0), Help("epochs of linear ramp-up of both terms (0: none)")] = 20.0,
     ) -> None:
         super().__init__(cache, student)
         if cache.num_classes < 2:

@@ -6,7 +6,7 @@ from typing import Annotated
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.options import Range
+from pipeline.options import Help, Range
 
 from .base import (
     LOGITS,
@@ -40,9 +40,10 @@ class KD(Method):
 
     name = "kd"
     needs = frozenset({LOGITS})
+    trains_logits = True
 
-    def __init__(self, cache: CacheInfo, student: StudentInfo, *, T: Annotated[float, Range(gt=0)] = 4.0,
-                 alpha: Annotated[float, Range(ge=0)] = 1.0) -> None:
+    def __init__(self, cache: CacheInfo, student: StudentInfo, *, T: Annotated[float, Range(gt=0), Help("softmax temperature")] = 4.0,
+                 alpha: Annotated[float, Range(ge=0), Help("weight of the KD term")] = 1.0) -> None:
         super().__init__(cache, student)
         self.T = T
         self.alpha = alpha

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from pipeline.cache.store import TeacherCache
 from pipeline.teacher.tail import TeacherTail, build_teacher_tail
-from pipeline.options import Range
+from pipeline.options import Help, Range
 
 from .base import (
     FEATMAPS,
@@ -113,19 +113,20 @@ class ScaleKD(Method):
 
     name = "scalekd"
     needs = frozenset({FEATMAPS})
+    trains_logits = True
 
     def __init__(
         self,
         cache: CacheInfo,
         student: StudentInfo,
         *,
-        direct: Annotated[float, Range(ge=0)] = 0.08,
-        alternative: Annotated[float, Range(ge=0)] = 0.06,
-        heads: Annotated[int, Range(ge=1)] = 8,
-        tpp: bool = False,
-        kd: Annotated[float, Range(ge=0)] = 0.5,
-        T: Annotated[float, Range(gt=0)] = 1.0,
-        stage: int = -1,
+        direct: Annotated[float, Range(ge=0), Help("weight of the direct feature-mimicking term")] = 0.08,
+        alternative: Annotated[float, Range(ge=0), Help("weight of the alternative (mean-removed) term")] = 0.06,
+        heads: Annotated[int, Range(ge=1), Help("attention heads of the cross-attention projector")] = 8,
+        tpp: Annotated[bool, Help("also mimic through the cached teacher tail (needs --teacher-tail)")] = False,
+        kd: Annotated[float, Range(ge=0), Help("weight of its KD term on logits (0: off; only with cached logits)")] = 0.5,
+        T: Annotated[float, Range(gt=0), Help("temperature of its KD term")] = 1.0,
+        stage: Annotated[int, Help("student stage mimicked, from the deepest (-1; TPP reads stage - 1)")] = -1,
     ) -> None:
         super().__init__(cache, student)
         taps = self.taps_for({"stage": stage, "tpp": tpp})  # the same refusal as when the run picks its taps
@@ -169,6 +170,11 @@ class ScaleKD(Method):
             raise MethodError(f"the cache's teacher tail gives {tail.output_shape} maps but its feature maps are "
                               f"{teacher_shape}; re-run `distillery cache` into a new --out")
         return tail
+
+    @classmethod
+    def trains_classifier(cls, options: Mapping[str, bool | int | float | str]) -> bool:
+        """Only through its KD term: ``kd > 0`` (and logits cached, which the run cannot know yet)."""
+        return float(options.get("kd", cls.options()["kd"])) > 0
 
     @classmethod
     def taps_for(cls, options: Mapping[str, bool | int | float | str]) -> tuple[int, ...]:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.options import Range
+from pipeline.options import Help, Range
 
 from .base import (
     POOLED,
@@ -149,11 +149,8 @@ class TCS(Method):
     """``weight * MSE(z_active, t_active)``, ``z`` the student's TCS coordinates and ``t = (f_t - mu) V_k^T / s``
     (§6.5); the TCS head replaces the student's classifier and is pruned to ``keep * k`` coordinates.
 
-    Options: ``variance`` (explained-variance fraction choosing k), ``dims`` (fixed k; 0 = use
-    ``variance``), ``min_dims`` (floor on k and on the coordinates left after tailoring; -1 = the class
-    count), ``norm`` (target scaling ``s``: none, scale, whiten), ``keep`` (fraction of k left after
-    tailoring; 1 = no pruning), ``rounds``, ``prune_start``, ``prune_end`` (the schedule, fractions of
-    training), ``weight`` (alignment, 1 vs CE).
+    The options' meanings are declared with them; the module docstring gives the formulas they enter. Alone,
+    TCS trains no classifier (``trains_logits`` is False): its head's classifier learns from ``ce``.
     """
 
     name = "tcs"
@@ -164,15 +161,15 @@ class TCS(Method):
         cache: CacheInfo,
         student: StudentInfo,
         *,
-        variance: Annotated[float, Range(gt=0, le=1)] = 0.9,
-        dims: Annotated[int, Range(ge=0)] = 0,
-        min_dims: Annotated[int, Range(ge=-1)] = -1,
-        norm: str = "scale",
-        keep: Annotated[float, Range(gt=0, le=1)] = 1.0,
-        rounds: Annotated[int, Range(ge=1)] = 5,
-        prune_start: Annotated[float, Range(ge=0, le=1)] = 0.2,
-        prune_end: Annotated[float, Range(ge=0, le=1)] = 0.7,
-        weight: Annotated[float, Range(ge=0)] = 1.0,
+        variance: Annotated[float, Range(gt=0, le=1), Help("explained-variance fraction choosing k")] = 0.9,
+        dims: Annotated[int, Range(ge=0), Help("fixed k (0: from variance)")] = 0,
+        min_dims: Annotated[int, Range(ge=-1), Help("floor on k and on the coordinates kept (-1: the class count)")] = -1,
+        norm: Annotated[str, Help("target scaling: none, scale or whiten")] = "scale",
+        keep: Annotated[float, Range(gt=0, le=1), Help("fraction of k left after tailoring (1: no pruning)")] = 1.0,
+        rounds: Annotated[int, Range(ge=1), Help("pruning rounds")] = 5,
+        prune_start: Annotated[float, Range(ge=0, le=1), Help("training fraction of the first round")] = 0.2,
+        prune_end: Annotated[float, Range(ge=0, le=1), Help("training fraction of the last round")] = 0.7,
+        weight: Annotated[float, Range(ge=0), Help("weight of the alignment MSE (CE: 1)")] = 1.0,
     ) -> None:
         super().__init__(cache, student)
         missing = [n for n in PCA_STATISTICS if n not in cache.statistics]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.stats.gaussian import grid_gaussian
-from pipeline.options import Range
+from pipeline.options import Help, Range
 
 from .base import (
     GAUSSIAN,
@@ -80,19 +80,8 @@ class WKDF(Method):
     """``w_F(progress) * (gamma * mean part + std part)`` of the squared W2 between per-cell diagonal
     Gaussians of the projected student map and the cached teacher map (§6.4).
 
-    Needs a cache made with ``--tap STAGE --grid G``. Options (defaults: the ImageNet ResNet-34 ->
-    ResNet-18 setting of the paper; CIFAR-100 used weight=0.08, gamma=4 with G=1):
-
-    - ``weight`` w_F before decay (0.02).
-    - ``gamma`` weight of the mean part against the std part (2).
-    - ``projector`` ``conv1x1`` (default, small students) or ``bottleneck`` (the paper's ImageNet choice).
-    - ``hidden`` bottleneck width (256).
-    - ``relu`` end the projector with a ReLU (True, right for post-ReLU teacher stages such as ResNet's;
-      turn off when the tapped teacher map can be negative).
-    - ``decay_start`` epoch E0 after which w_F is cosine-decayed to 0 at the end of training (0: over the
-      whole run; at or beyond the number of epochs: constant).
-    - ``stage`` the student stage read, counted from the deepest (-1, the paper's choice; -2 for the one
-      before, e.g. when the deepest map is too small for the cache's grid).
+    Needs a cache made with ``--tap STAGE --grid G``. Options: each's meaning is declared with it (defaults: the
+    ImageNet ResNet-34 -> ResNet-18 setting of the paper; CIFAR-100 used weight=0.08, gamma=4 with G=1).
 
     Terms: ``wkd_f_mean`` and ``wkd_f_std``, both already weighted. The projector trains with the student
     and is dropped at inference.
@@ -107,13 +96,13 @@ class WKDF(Method):
         cache: CacheInfo,
         student: StudentInfo,
         *,
-        weight: Annotated[float, Range(ge=0)] = 0.02,
-        gamma: Annotated[float, Range(ge=0)] = 2.0,
-        projector: str = "conv1x1",
-        hidden: Annotated[int, Range(ge=1)] = 256,
-        relu: bool = True,
-        decay_start: Annotated[float, Range(ge=0)] = 0.0,
-        stage: int = -1,
+        weight: Annotated[float, Range(ge=0), Help("w_F before decay")] = 0.02,
+        gamma: Annotated[float, Range(ge=0), Help("weight of the mean part against the std part")] = 2.0,
+        projector: Annotated[str, Help("conv1x1 (small students) or bottleneck (the paper's ImageNet choice)")] = "conv1x1",
+        hidden: Annotated[int, Range(ge=1), Help("bottleneck width")] = 256,
+        relu: Annotated[bool, Help("end the projector with a ReLU (off when the tapped teacher map can be negative)")] = True,
+        decay_start: Annotated[float, Range(ge=0), Help("epoch after which w_F is cosine-decayed to 0 by the end (at or beyond the epochs: constant)")] = 0.0,
+        stage: Annotated[int, Help("student stage read, from the deepest (-1; -2 the one before)")] = -1,
     ) -> None:
         super().__init__(cache, student)
         self.taps_for({"stage": stage})  # the same refusal as when the run picks its taps
@@ -123,16 +112,12 @@ class WKDF(Method):
             raise MethodError(f"method 'wkd_f': the cache's Gaussians have {cells} cells, not a square grid")
         self.stage = student.taps[stage]
         c_in, height, width = student.feature_shapes[self.stage]
-        try:
-            # The function the forward pass uses decides whether the student's cells are large enough.
-            grid_gaussian(torch.zeros(1, 1, height, width), self.grid)
-        except ValueError:
+        if not _fits(height, width, self.grid):
             raise MethodError(
                 f"method 'wkd_f': the student's map at stage {stage} ({self.stage}) is {height}x{width}, too "
                 f"small for the cache's {self.grid}x{self.grid} grid (each cell needs >= 2 positions for the "
-                f"unbiased variance); train with a larger --input-size, read an earlier stage (wkd_f:stage=-2) "
-                f"or use a cache made with a smaller --grid"
-            ) from None
+                f"unbiased variance); {_what_fits(student, self.grid)}"
+            )
         self.projector = build_projector(projector, c_in, channels, hidden, relu)
         self.weight = weight
         self.gamma = gamma
@@ -151,3 +136,25 @@ class WKDF(Method):
         mean_term, std_term = gaussian_w2_terms(mean_s, std_s, mean_t, std_t)
         w = self.weight * cosine_decay(progress, self.decay_start)
         return {"wkd_f_mean": w * self.gamma * mean_term, "wkd_f_std": w * std_term}
+
+
+def _fits(height: int, width: int, grid: int) -> bool:
+    """Whether a height x width map gives every cell of the grid >= 2 positions: decided by the function the
+    forward pass uses."""
+    try:
+        grid_gaussian(torch.zeros(1, 1, height, width), grid)
+    except ValueError:
+        return False
+    return True
+
+
+def _what_fits(student: StudentInfo, grid: int) -> str:
+    """The refusal's remedy, computed: the deepest student stage whose map fits the grid, else a larger input."""
+    deepest_fit = next((-i for i in range(1, len(student.stage_shapes) + 1)
+                        if _fits(*student.stage_shapes[-i][1:], grid)), None)
+    if deepest_fit is None:
+        return "no stage of this student fits at this input size: train with a larger --input-size or use a cache " \
+               "made with a smaller --grid"
+    return (f"read stage {deepest_fit}, the deepest whose map fits (wkd_f:stage={deepest_fit}), train with a larger "
+            f"--input-size or use a cache made with a smaller --grid")
+

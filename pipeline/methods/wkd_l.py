@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.options import Range
+from pipeline.options import Help, Range
 
 from .base import (
     LOGITS,
@@ -125,34 +125,27 @@ class WKDL(Method):
 
     The cost is built once from the cache's CKA interrelations (``distillery cache`` computes them from
     the teacher's logits by default; ``distillery stats CACHE --cka-source features`` recomputes them from
-    pooled features without the teacher). Options (defaults: the ImageNet ResNet-34 -> ResNet-18 setting
-    of the paper; CIFAR-100 used weight=600, T=8):
-
-    - ``T`` temperature of the non-target distributions (2).
-    - ``weight`` w_L before decay (30).
-    - ``kappa`` cost sharpening (1).
-    - ``sinkhorn_reg`` entropic regulariser lambda, ``K = exp(-cost / lambda)`` (0.05).
-    - ``sinkhorn_iters`` Sinkhorn iterations, differentiated through (10).
-    - ``decay_start`` epoch E0 after which w_L is cosine-decayed to 0 at the end of training (0: over the
-      whole run; at or beyond the number of epochs: constant).
+    pooled features without the teacher). Options: each's meaning is declared with it (defaults: the ImageNet
+    ResNet-34 -> ResNet-18 setting of the paper; CIFAR-100 used weight=600, T=8).
 
     Terms: ``wkd_l_target`` (L_target) and ``wkd_l_wd`` (``w_L * WD``).
     """
 
     name = "wkd_l"
     needs = frozenset({LOGITS})
+    trains_logits = True
 
     def __init__(
         self,
         cache: CacheInfo,
         student: StudentInfo,
         *,
-        T: Annotated[float, Range(gt=0)] = 2.0,
-        weight: Annotated[float, Range(ge=0)] = 30.0,
-        kappa: Annotated[float, Range(gt=0)] = 1.0,
-        sinkhorn_reg: Annotated[float, Range(gt=0)] = 0.05,
-        sinkhorn_iters: Annotated[int, Range(ge=1)] = 10,
-        decay_start: Annotated[float, Range(ge=0)] = 0.0,
+        T: Annotated[float, Range(gt=0), Help("temperature of the non-target distributions")] = 2.0,
+        weight: Annotated[float, Range(ge=0), Help("w_L before decay")] = 30.0,
+        kappa: Annotated[float, Range(gt=0), Help("cost sharpening")] = 1.0,
+        sinkhorn_reg: Annotated[float, Range(gt=0), Help("entropic regulariser lambda, K = exp(-cost / lambda)")] = 0.05,
+        sinkhorn_iters: Annotated[int, Range(ge=1), Help("Sinkhorn iterations, differentiated through")] = 10,
+        decay_start: Annotated[float, Range(ge=0), Help("epoch after which w_L is cosine-decayed to 0 by the end (at or beyond the epochs: constant)")] = 0.0,
     ) -> None:
         super().__init__(cache, student)
         if cache.num_classes < 2:

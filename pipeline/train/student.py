@@ -34,7 +34,10 @@ class Student(nn.Module):
             was_training = self.model.training
             self.model.eval()
             probe = self(torch.zeros(1, in_chans, input_size, input_size))
+            _, stages = self.model.forward_intermediates(torch.zeros(1, in_chans, input_size, input_size),
+                                                         indices=list(range(len(stage_names(self.model)))))
             self.model.train(was_training)
+        self.stage_shapes = tuple(tuple(m.shape[1:]) for m in stages)
         self.pooled_dim = int(probe.pooled.shape[-1])
         self.feature_shapes = {name: tuple(m.shape[1:]) for name, m in probe.feature_maps.items()}
         self.requested_taps = tuple(taps)
@@ -51,7 +54,8 @@ class Student(nn.Module):
     def info(self) -> StudentInfo:
         """What methods are built from: the pooled width and each requested tap's stage and map shape."""
         taps = {t: name for t, name in zip(self.requested_taps, self.taps) if isinstance(t, int)}
-        return StudentInfo(pooled_dim=self.pooled_dim, taps=taps, feature_shapes=self.feature_shapes)
+        return StudentInfo(pooled_dim=self.pooled_dim, taps=taps, feature_shapes=self.feature_shapes,
+                           stage_shapes=self.stage_shapes)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -162,12 +162,13 @@ def test_option_outside_its_declared_range_is_one_line_before_anything_is_built(
 
 
 def test_every_numeric_option_of_every_method_declares_a_range_its_default_lies_in():
-    from pipeline.methods.base import _REGISTRY, _declared_range, _option_parameters
+    from pipeline.methods.base import _REGISTRY, _declared, _option_parameters
+    from pipeline.options import Range
 
     for name in list_methods():
         for p in _option_parameters(_REGISTRY[name]):
             if type(p.default) in (int, float) and p.name != "stage":  # stages: Method.stage_option
-                declared = _declared_range(p)
+                declared = _declared(p, Range)
                 assert declared is not None and declared.contains(p.default), (name, p.name)
 
 
@@ -187,3 +188,26 @@ def test_a_method_declaring_a_default_outside_its_range_is_refused_at_registrati
 
     with pytest.raises(TypeError, match="default 0.0 of option 'T' of method 'bad_default_range' is outside"):
         register_method(Bad)
+
+
+def test_every_option_of_every_method_declares_its_meaning_and_an_undocumented_one_is_refused():
+    from typing import Annotated
+
+    from pipeline.methods.base import _REGISTRY
+    from pipeline.options import Range
+
+    for name in list_methods():
+        helps = _REGISTRY[name].option_help()
+        assert helps.keys() == _REGISTRY[name].options().keys() and all(helps.values()), name
+
+    class Undocumented(Method):
+        name = "undocumented_option"
+
+        def __init__(self, cache, student, *, T: Annotated[float, Range(gt=0)] = 1.0) -> None:
+            super().__init__(cache, student)
+
+        def forward(self, student, targets, labels, progress):
+            return {}
+
+    with pytest.raises(TypeError, match="option 'T' of method 'undocumented_option' needs its meaning declared"):
+        register_method(Undocumented)

@@ -136,7 +136,8 @@ def test_bad_options_and_caches_are_refused():
 
 def test_stage_option_reads_an_earlier_student_stage():
     info = StudentInfo(pooled_dim=8, taps={-1: "stage4", -2: "stage3"},
-                       feature_shapes={"stage4": (16, 1, 1), "stage3": (8, 4, 4)})
+                       feature_shapes={"stage4": (16, 1, 1), "stage3": (8, 4, 4)},
+                       stage_shapes=((8, 4, 4), (16, 1, 1)))
     with pytest.raises(MethodError, match=r"1x1.*wkd_f:stage=-2"):
         create_method("wkd_f", cache(2, 4), info)
     method = create_method("wkd_f:stage=-2", cache(2, 4), info)
@@ -156,3 +157,34 @@ def test_a_stage_counted_from_the_shallow_end_is_refused() -> None:
     assert WKDF.taps_for({}) == (-1,) and WKDF.taps_for({"stage": -2}) == (-2,)
     with pytest.raises(MethodError, match="method 'wkd_f': stage counts from the deepest stage"):
         WKDF.taps_for({"stage": 0})
+
+
+def test_the_refusal_names_the_deepest_stage_that_fits_the_grid_computed_not_guessed():
+    # The stage before the deepest (2x2) does not fit a 2x2 grid either: only stage -3 does.
+    info = StudentInfo(pooled_dim=8, taps={-1: "s3"}, feature_shapes={"s3": (16, 1, 1)},
+                       stage_shapes=((4, 4, 4), (8, 2, 2), (16, 1, 1)))
+    with pytest.raises(MethodError, match=r"read stage -3, the deepest whose map fits \(wkd_f:stage=-3\)"):
+        create_method("wkd_f", cache(2, 4), info)
+    fitting = StudentInfo(pooled_dim=8, taps={-3: "s1"}, feature_shapes={"s1": (4, 4, 4)},
+                          stage_shapes=info.stage_shapes)
+    create_method("wkd_f:stage=-3", cache(2, 4), fitting)  # what the refusal suggested is accepted
+    with pytest.raises(MethodError, match="no stage of this student fits at this input size"):
+        create_method("wkd_f", cache(8, 4), info)
+
+
+def test_a_real_students_refusal_suggests_a_stage_that_is_then_accepted():
+    import re
+
+    from pipeline.train.student import Student
+
+    grid = 2
+    deep = Student("test_resnet", 10, 1, 32, taps=(-1,)).info()
+    with pytest.raises(MethodError) as refused:
+        create_method("wkd_f", cache(grid, 4), deep)
+    stage = int(re.search(r"wkd_f:stage=(-\d+)", str(refused.value)).group(1))
+    suggested = Student("test_resnet", 10, 1, 32, taps=(stage,)).info()
+    assert create_method(f"wkd_f:stage={stage}", cache(grid, 4), suggested).stage == suggested.taps[stage]
+    if stage < -2:  # every stage between the suggestion and the deepest is refused too
+        with pytest.raises(MethodError):
+            create_method(f"wkd_f:stage={stage + 1}", cache(grid, 4),
+                          Student("test_resnet", 10, 1, 32, taps=(stage + 1,)).info())
