@@ -7,7 +7,6 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM := /usr/bin/chromium
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_HOME ?= $(CURDIR)/.venv/prefect-home
 
 .PHONY: venv demo test test-fast fashion-mnist chromium bench clean
 

@@ -1,21 +1,40 @@
-"""The `distillery` command line (docs/ARCHITECTURE.md §10: these spellings are a contract scripts rely on)."""
+"""The `distillery` command line (docs/ARCHITECTURE.md §10: these spellings are a contract scripts rely on).
+
+Every option's default is read from the config class, method or function that declares it (`default_of`),
+never restated here; every option has help text (tests/flows/test_cli_listing.py walks them all).
+"""
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
-import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from rich.text import Text
+from flows.server import default_prefect_home, start_temporary_server
 
-from flows.server import start_temporary_server
-from pipeline import progress
+default_prefect_home()  # before anything imports Prefect, which reads PREFECT_HOME once
+
+import typer  # noqa: E402 - after the Prefect home is settled
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,  # noqa: E402
+                           TimeRemainingColumn)
+from rich.table import Table  # noqa: E402
+from rich.text import Text  # noqa: E402
+
+from flows.params import TrainSettings  # noqa: E402
+from pipeline import progress  # noqa: E402
+from pipeline.bench import run_benchmarks  # noqa: E402
+from pipeline.cache.neighbors import lsh_neighbors  # noqa: E402
+from pipeline.data.datasets import BAD_IMAGE_POLICIES  # noqa: E402
+from pipeline.experiments import DEFAULT_ROOT  # noqa: E402
+from pipeline.methods import list_methods  # noqa: E402
+from pipeline.options import OptionError, check_device, default_of  # noqa: E402
+from pipeline.teacher.cache_pass import CacheRequest, recompute_statistics  # noqa: E402
+from pipeline.teacher.fit import OBJECTIVES, FitConfig  # noqa: E402
+from pipeline.teacher.verify import verify_cache  # noqa: E402
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect's console logs would tear through the progress display and print a traceback before the one-line
@@ -74,8 +93,42 @@ class show_progress:
         self.display.__exit__(*exc)
 
 
+# Choice-like options: typer lists the choices in --help and refuses anything else in one line.
+OnBadImage = Literal[BAD_IMAGE_POLICIES]
+Objective = Literal[OBJECTIVES]
+Optimizer = TrainSettings.model_fields["optimizer"].annotation
+CkaSource = Literal["auto", "logits", "features"]
+TeacherHead = Literal["keep", "none"]
+
 ON_BAD_IMAGE_HELP = ("an undecodable file in an image folder (any split, checked before any work): 'fail' names "
                      "it, 'skip' leaves it out and reports how many")
+DATASET_HELP = "digits | fashion-mnist[:DIR] | imagefolder:DIR"
+CKA_HELP = "what the category interrelations (WKD-L's cost) are computed from; auto: logits if stored"
+
+
+def device_option(value: str) -> str:
+    """--device: auto, cpu or a CUDA device this machine has, checked while the command line is parsed."""
+    try:
+        check_device(value)
+    except OptionError as e:
+        raise typer.BadParameter(str(e).split(": ", 1)[-1]) from None
+    return value
+
+
+def logits_option(value: str) -> str:
+    """--logits: dense or topk:K, checked while the command line is parsed."""
+    if value != "dense" and not re.fullmatch(r"topk:[1-9][0-9]*", value):
+        raise typer.BadParameter(f"must be dense or topk:K (K > 0), not {value!r}")
+    return value
+
+
+def Device(help: str = "auto | cpu | cuda[:N] (checked against this machine)") -> typer.models.OptionInfo:  # noqa: A002,N802
+    return typer.Option(help=help, callback=device_option, metavar="auto|cpu|cuda[:N]")
+
+
+def Setting(name: str, *decls: str, **kwargs) -> typer.models.OptionInfo:  # noqa: N802
+    """A `train` option whose help is the `TrainSettings` field's description (declared once, shown by Prefect too)."""
+    return typer.Option(*decls, help=TrainSettings.model_fields[name].description, **kwargs)
 
 
 def report_skipped(where: str, skipped: list[str]) -> None:
@@ -98,24 +151,29 @@ def print_table(title: str, rows: list[dict], columns: list[str] | None = None) 
 
 @app.command("fit-teacher")
 def fit_teacher_cmd(
-    dataset: Annotated[str, typer.Option(help="digits | fashion-mnist[:DIR] | imagefolder:DIR")],
+    dataset: Annotated[str, typer.Option(help=DATASET_HELP)],
     model: Annotated[str, typer.Option(help="timm model name")],
     out: Annotated[Path, typer.Option(help="checkpoint path to write")],
-    epochs: Annotated[int, typer.Option(help="training epochs")] = 10,
-    subset: Annotated[Optional[int], typer.Option(help="seeded, stratified subset of the train split")] = None,
-    seed: int = 0,
-    input_size: Annotated[Optional[int], typer.Option(help="render size (default 32 for small images)")] = None,
-    batch_size: int = 128,
-    lr: float = 2e-3,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    on_bad_image: Annotated[str, typer.Option(help=ON_BAD_IMAGE_HELP)] = "fail",
-    objective: Annotated[str, typer.Option(help="supervised (labels) | ssl (SimCLR two-view NT-Xent, no labels; "
-                                                "cache it with --teacher-head none)")] = "supervised",
-    temperature: Annotated[float, typer.Option(help="NT-Xent temperature (ssl)")] = 0.2,
+    epochs: Annotated[int, typer.Option(help="training epochs")] = default_of(FitConfig, "epochs"),
+    subset: Annotated[Optional[int], typer.Option(help="seeded, stratified subset of the train split")]
+    = default_of(FitConfig, "subset"),
+    seed: Annotated[int, typer.Option(help="seed of the initialisation, the subset and the augmentations")]
+    = default_of(FitConfig, "seed"),
+    input_size: Annotated[Optional[int], typer.Option(help="render size (default 32 for small images, 224 "
+                                                           "otherwise)")] = default_of(FitConfig, "input_size"),
+    batch_size: Annotated[int, typer.Option(help="images per optimiser step")] = default_of(FitConfig, "batch_size"),
+    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, cosine schedule after one warm-up "
+                                           "epoch)")] = default_of(FitConfig, "lr"),
+    device: Annotated[str, Device()] = default_of(FitConfig, "device"),
+    on_bad_image: Annotated[OnBadImage, typer.Option(help=ON_BAD_IMAGE_HELP)] = default_of(FitConfig, "on_bad_image"),
+    objective: Annotated[Objective, typer.Option(help="supervised (labels) | ssl (SimCLR two-view NT-Xent, no "
+                                                      "labels; cache it with --teacher-head none)")]
+    = default_of(FitConfig, "objective"),
+    temperature: Annotated[float, typer.Option(help="NT-Xent temperature (ssl)")] = default_of(FitConfig, "temperature"),
 ) -> None:
     """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint (Prefect flow)."""
     from flows.fit_teacher import fit_teacher_flow
-    from pipeline.teacher.fit import FitConfig, check_fit
+    from pipeline.teacher.fit import check_fit
 
     cfg = FitConfig(dataset=dataset, model=model, out=str(out), epochs=epochs, subset=subset, seed=seed,
                     input_size=input_size, batch_size=batch_size, lr=lr, device=device, on_bad_image=on_bad_image,
@@ -126,47 +184,76 @@ def fit_teacher_cmd(
         result = fit_teacher_flow(cfg)
     report_skipped(dataset, result["skipped_images"])
     accuracy = "no head (self-supervised)" if result["val_accuracy"] is None else \
-        f"val accuracy {result['val_accuracy']:.4f}"
+        f"val accuracy {result['val_accuracy']:.2%}"
     console.print(f"teacher {model}: {accuracy} after {epochs} epochs ({result['train_seconds']:.1f} s) -> "
                   f"{result['out']}")
 
 
+def warn(message: str | None) -> None:
+    """A warning line on stderr (stdout may be a table a script reads)."""
+    if message:
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def request_default(name: str):  # noqa: ANN201 - any field's type
+    return default_of(CacheRequest, name)
+
+
 @app.command("cache")
 def cache_cmd(
-    dataset: Annotated[str, typer.Option(help="digits | fashion-mnist[:DIR] | imagefolder:DIR")],
-    teacher: Annotated[str, typer.Option(help="timm model name of the teacher")],
+    dataset: Annotated[str, typer.Option(help=DATASET_HELP)],
     out: Annotated[Path, typer.Option(help="cache directory")],
+    teacher: Annotated[Optional[str], typer.Option(help="timm model name of the teacher (default: the model the "
+                                                        "--checkpoint names)")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="teacher checkpoint (distillery fit-teacher)")] = None,
-    teacher_head: Annotated[str, typer.Option(help="'keep' or 'none' (features and statistics only)")] = "keep",
-    views: Annotated[int, typer.Option(help="augmented views per sample, besides the clean view 0")] = 2,
-    view_seed: int = 0,
-    logits: Annotated[str, typer.Option(help="dense | topk:K")] = "dense",
-    tap: Annotated[str, typer.Option(help="stage for Gaussian stats: auto | none | name | index")] = "auto",
-    grid: Annotated[int, typer.Option(help="G x G grid of Gaussian cells")] = 1,
-    featmaps: Annotated[bool, typer.Option(help="also store the tapped feature maps (large)")] = False,
+    teacher_head: Annotated[TeacherHead, typer.Option(help="keep: logits too | none: features and statistics "
+                                                           "only")] = "keep" if request_default("teacher_head") else "none",
+    views: Annotated[int, typer.Option(help="augmented views per sample, besides the clean view 0")]
+    = request_default("views"),
+    view_seed: Annotated[int, typer.Option(help="seed of the views' augmentations (a view is replayed from seed, "
+                                                "sample id and view id)")] = request_default("view_seed"),
+    logits: Annotated[str, typer.Option(help="dense | topk:K (top K logits + the tail's log-sum-exp)",
+                                        callback=logits_option, metavar="dense|topk:K")] = request_default("logits"),
+    tap: Annotated[str, typer.Option(help="stage for Gaussian stats and feature maps: auto (the deepest whose map "
+                                          "fits the grid) | none | stage name | index", metavar="auto|none|STAGE")]
+    = request_default("tap"),
+    grid: Annotated[int, typer.Option(help="G x G grid of Gaussian cells")] = request_default("grid"),
+    featmaps: Annotated[bool, typer.Option(help="also store the tapped feature maps (large)")]
+    = request_default("featmaps"),
     lsh_bits: Annotated[int, typer.Option(help="LSH bits per sample (multiple of 8; 0: none) for eLSH and "
-                                               "`distillery neighbors`")] = 0,
+                                               "`distillery neighbors`")] = request_default("lsh_bits"),
     teacher_tail: Annotated[int, typer.Option(help="save the N teacher stages ending at the tap for ScaleKD's "
-                                                    "tpp=true (needs --featmaps)")] = 0,
-    subset: Annotated[Optional[int], typer.Option(help="seeded, stratified subset")] = None,
-    subset_seed: int = 0,
-    split: str = "train",
-    shard_size: int = 1024,
-    batch_size: int = 256,
-    input_size: Optional[int] = None,
-    cka_source: Annotated[str, typer.Option(help="logits | features | auto (logits if stored)")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    on_bad_image: Annotated[str, typer.Option(help=ON_BAD_IMAGE_HELP)] = "fail",
-    task_runner_spec: Annotated[str, typer.Option("--task-runner", help="where shard tasks run: thread | dask (a local cluster of "
-                                                  "--dask-workers processes) | tcp://SCHEDULER:PORT")] = "thread",
-    dask_workers: Annotated[int, typer.Option(help="worker processes of --task-runner dask")] = 2,
+                                                    "tpp=true (needs --featmaps)")] = request_default("teacher_tail"),
+    subset: Annotated[Optional[int], typer.Option(help="seeded, stratified subset")] = request_default("subset"),
+    subset_seed: Annotated[int, typer.Option(help="seed of the subset")] = request_default("subset_seed"),
+    split: Annotated[Literal["train", "val"], typer.Option(help="dataset split to cache")] = request_default("split"),
+    shard_size: Annotated[int, typer.Option(help="samples per shard (the unit of work, resume and checksums)")]
+    = request_default("shard_size"),
+    batch_size: Annotated[int, typer.Option(help="images per teacher forward")] = request_default("batch_size"),
+    input_size: Annotated[Optional[int], typer.Option(help="teacher render size (default: the checkpoint's, else "
+                                                           "32 for small images, 224 otherwise)")]
+    = request_default("input_size"),
+    cka_source: Annotated[CkaSource, typer.Option(help=CKA_HELP)] = request_default("cka_source"),
+    device: Annotated[str, Device()] = request_default("device"),
+    on_bad_image: Annotated[OnBadImage, typer.Option(help=ON_BAD_IMAGE_HELP)] = request_default("on_bad_image"),
+    task_runner_spec: Annotated[str, typer.Option("--task-runner", metavar="thread|dask|tcp://HOST:PORT",
+                                                  help="where shard tasks run: thread | dask (a local cluster of "
+                                                       "--dask-workers processes) | tcp://SCHEDULER:PORT")]
+    = "thread",
+    dask_workers: Annotated[int, typer.Option(help="worker processes of --task-runner dask")]
+    = 2,
+    allow_other_dataset: Annotated[bool, typer.Option(help="cache with a checkpoint fitted on another dataset "
+                                                           "(refused otherwise)")] = False,
 ) -> None:
     """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
     from pipeline.cache.lock import cache_lock
-    from pipeline.teacher.cache_pass import CacheRequest, check_request
+    from pipeline.cache.store import TeacherCache
+    from pipeline.preflight import checkpoint_dataset, teacher_near_chance
+    from pipeline.teacher.cache_pass import check_request
 
-    if teacher_head not in ("keep", "none"):
-        raise typer.BadParameter("--teacher-head must be 'keep' or 'none'")
+    teacher = teacher or checkpoint_model(checkpoint)
+    if checkpoint is not None:  # before any work: a checkpoint of another dataset wastes the whole pass
+        warn(checkpoint_dataset(checkpoint, dataset, on_bad_image, allow_other_dataset))
     request = CacheRequest(dataset=dataset, teacher=teacher, out=str(out), split=split, subset=subset,
                            subset_seed=subset_seed, checkpoint=str(checkpoint) if checkpoint else None,
                            teacher_head=teacher_head == "keep", views=views, view_seed=view_seed, logits=logits,
@@ -184,25 +271,37 @@ def cache_cmd(
     console.print(f"cached {result['num_samples']} samples into {result['cache']}: teacher pass "
                   f"{result['images']} images in {result['pass_seconds']:.1f} s = "
                   f"{result['images_per_second']:.0f} images/s ({result['skipped_shards']} shards reused)")
+    warn(teacher_near_chance(TeacherCache(out)))
+
+
+def checkpoint_model(checkpoint: Optional[Path]) -> str:
+    """The timm model a `fit-teacher` checkpoint names: --teacher's default."""
+    from pipeline.teacher.model import load_checkpoint
+
+    if checkpoint is None:
+        raise OptionError("give --teacher MODEL (a timm name), or --checkpoint FILE whose model is then used")
+    model = load_checkpoint(checkpoint).get("model")
+    if not isinstance(model, str):
+        raise OptionError(f"checkpoint {checkpoint} names no model; give --teacher MODEL")
+    return model
 
 
 @app.command("stats")
 def stats_cmd(
-    cache: Path,
-    cka_source: Annotated[str, typer.Option(help="logits | features | auto (logits if stored)")] = "auto",
+    cache: Annotated[Path, typer.Argument(help="a complete teacher cache")],
+    cka_source: Annotated[CkaSource, typer.Option(help=CKA_HELP)] = default_of(recompute_statistics, "cka_source"),
     lsh_bits: Annotated[Optional[int], typer.Option(help="rebuild LSH planes, codes and index with this many "
-                                                         "bits (0: remove them; default: the cache's)")] = None,
+                                                         "bits (0: remove them; default: the cache's)")]
+    = default_of(recompute_statistics, "lsh_bits"),
 ) -> None:
     """Recompute dataset-level statistics from a complete cache (no teacher)."""
-    from pipeline.teacher.cache_pass import recompute_statistics
-
     info = recompute_statistics(str(cache), cka_source=cka_source, lsh_bits=lsh_bits)
     console.print_json(json.dumps(info))
 
 
 @app.command("inspect")
 def inspect_cmd(
-    cache: Path,
+    cache: Annotated[Path, typer.Argument(help="teacher cache directory")],
     report: Annotated[Optional[Path], typer.Option(help="also write a self-contained HTML report (figures "
                                                         "included) to this file")] = None,
 ) -> None:
@@ -255,12 +354,11 @@ def inspect_cmd(
 
 @app.command("neighbors")
 def neighbors_cmd(
-    cache: Path,
+    cache: Annotated[Path, typer.Argument(help="teacher cache directory")],
     sample_id: Annotated[int, typer.Argument(metavar="ID", help="sample id (as stored in samples/ids)")],
-    k: Annotated[int, typer.Option(help="number of neighbours")] = 8,
+    k: Annotated[int, typer.Option(help="number of neighbours")] = default_of(lsh_neighbors, "k"),
 ) -> None:
     """A sample's nearest neighbours in the teacher's LSH space (Hamming distance, faiss index)."""
-    from pipeline.cache.neighbors import lsh_neighbors
     from pipeline.cache.store import TeacherCache
 
     found = lsh_neighbors(TeacherCache(cache), sample_id, k)
@@ -273,19 +371,21 @@ def neighbors_cmd(
 
 @app.command("verify")
 def verify_cmd(
-    cache: Path,
-    samples: Annotated[int, typer.Option(help="random (id, view) pairs to re-run through the teacher")] = 64,
-    seed: Annotated[int, typer.Option(help="seed of the pair sample")] = 0,
+    cache: Annotated[Path, typer.Argument(help="teacher cache directory")],
+    samples: Annotated[int, typer.Option(help="random (id, view) pairs to re-run through the teacher")]
+    = default_of(verify_cache, "samples"),
+    seed: Annotated[int, typer.Option(help="seed of the pair sample")] = default_of(verify_cache, "seed"),
     rtol: Annotated[float, typer.Option(help="tolerance, relative to each array's largest stored value "
                                              "(default: four float16 units; a cache made under bf16 on a GPU and "
-                                             "verified on CPU needs ~0.03)")] = 2.0 ** -8,
-    device: str = "cpu",
+                                             "verified on CPU needs ~0.03)")] = default_of(verify_cache, "rtol"),
+    device: Annotated[str, Device("where the live teacher runs: auto | cpu | cuda[:N]")]
+    = default_of(verify_cache, "device"),
     repair: Annotated[bool, typer.Option(help="first rewrite every shard, statistic and side file that fails its "
                                               "checks, with the teacher checkpoint that made the cache")] = False,
 ) -> None:
     """Check every file and array of a cache, re-run the live teacher on random cached views; exit 1 on any
     mismatch."""
-    from pipeline.teacher.verify import repair_cache, verify_cache
+    from pipeline.teacher.verify import repair_cache
 
     start = time.perf_counter()
     if repair:
@@ -308,49 +408,140 @@ def verify_cmd(
         raise typer.Exit(1)
 
 
+METHOD_HELP = (f"method spec NAME[:key=value,...]; repeat to compose one combination; NAME one of "
+               f"{', '.join(list_methods())} (`distillery methods` lists their options)")
+
+
+def combination(spec: str) -> list[str]:
+    """`ce+kd:T=2,alpha=0.5` -> [`ce`, `kd:T=2,alpha=0.5`]: a `+` before a method name joins two methods (a
+    value such as 1e+3 keeps its `+`)."""
+    return [m for m in re.split(r"\+(?=[A-Za-z_])", spec) if m]
+
+
 @app.command("train")
 def train_cmd(
-    cache: Annotated[Path, typer.Option(help="teacher cache directory (distillery cache)")],
-    student: Annotated[list[str], typer.Option(help="timm model name; repeat to train several students")],
-    method: Annotated[list[str], typer.Option(help="method spec (ce, kd, kd:T=2,alpha=0.5, dkd, fitnet); "
-                                                   "repeat to compose")],
-    out: Annotated[Path, typer.Option(help="run directory (several students: one subdirectory each)")],
-    epochs: int = 10,
-    seed: int = 0,
-    online_teacher: Annotated[bool, typer.Option(help="compute the targets live from the teacher (the cached "
-                                                      "run's twin, for comparison)")] = False,
-    resume: Annotated[bool, typer.Option(help="continue from the run directory's checkpoint")] = False,
-    batch_size: int = 64,
-    optimizer: Annotated[str, typer.Option(help="adamw | sgd")] = "adamw",
-    lr: float = 2e-3,
-    weight_decay: float = 0.05,
-    warmup_epochs: float = 1.0,
-    clip_grad: Annotated[Optional[float], typer.Option(help="clip the gradient norm to this value")] = None,
-    input_size: Annotated[Optional[int], typer.Option(help="student render size (default: the teacher's)")] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader workers streaming the cache")] = 1,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    on_bad_image: Annotated[str, typer.Option(help="an undecodable val image of an image folder: 'fail' names "
-                                                    "it, 'skip' leaves it out (summary.json lists it)")] = "fail",
+    ctx: typer.Context,
+    cache: Annotated[Optional[Path], typer.Option(help="teacher cache directory (distillery cache; default: the "
+                                                       "--sweep file's)")] = None,
+    student: Annotated[Optional[list[str]], typer.Option(help="timm model name; repeat to train several "
+                                                              "students")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(help=METHOD_HELP)] = None,
+    combo: Annotated[Optional[list[str]], typer.Option(help="one more method combination, its methods joined by "
+                                                            "+ (ce+kd:T=2); repeat: every --student is trained "
+                                                            "with every combination")] = None,
+    sweep: Annotated[Optional[Path], typer.Option(help="a sweep file (TOML): the train-students parameters of "
+                                                       "deploy/nightly.toml (cache, out, students, a settings table); "
+                                                       "options given here override its settings")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="run directory (several runs: one subdirectory each; "
+                                                     "default: the --sweep file's)")] = None,
+    epochs: Annotated[int, Setting("epochs")] = default_of(TrainSettings, "epochs"),
+    seed: Annotated[int, Setting("seed")] = default_of(TrainSettings, "seed"),
+    online_teacher: Annotated[bool, Setting("online_teacher")] = default_of(TrainSettings, "online_teacher"),
+    resume: Annotated[bool, Setting("resume")] = default_of(TrainSettings, "resume"),
+    batch_size: Annotated[int, Setting("batch_size")] = default_of(TrainSettings, "batch_size"),
+    optimizer: Annotated[Optimizer, Setting("optimizer")] = default_of(TrainSettings, "optimizer"),
+    lr: Annotated[float, Setting("lr")] = default_of(TrainSettings, "lr"),
+    weight_decay: Annotated[float, Setting("weight_decay")] = default_of(TrainSettings, "weight_decay"),
+    warmup_epochs: Annotated[float, Setting("warmup_epochs")] = default_of(TrainSettings, "warmup_epochs"),
+    clip_grad: Annotated[Optional[float], Setting("clip_grad")] = default_of(TrainSettings, "clip_grad"),
+    input_size: Annotated[Optional[int], Setting("input_size")] = default_of(TrainSettings, "input_size"),
+    workers: Annotated[int, Setting("workers")] = default_of(TrainSettings, "workers"),
+    device: Annotated[str, Device()] = default_of(TrainSettings, "device"),
+    on_bad_image: Annotated[OnBadImage, Setting("on_bad_image")] = default_of(TrainSettings, "on_bad_image"),
+    allow_untrained_classifier: Annotated[bool, typer.Option(help="train a method combination that leaves the "
+                                                                  "classifier untrained (refused otherwise)")] = False,
 ) -> None:
-    """Train students from a teacher cache (Prefect flow); prints a comparison table."""
-    from flows.params import Student, TrainSettings
+    """Train students from a teacher cache (Prefect flow): every --student with every method combination (or a
+    --sweep file's), in one flow run; prints a comparison table."""
+    from flows.params import Student, SweepFile
     from flows.train_students import plan_sweep, train_students
-    from pipeline.train.config import RunSettings
-    from pipeline.train.optim import OptimConfig
+    from pipeline.cache.store import TeacherCache
+    from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
+    from pipeline.train.config import TrainError
 
-    optim = OptimConfig(optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                        clip_grad=clip_grad)
-    settings = RunSettings(epochs=epochs, seed=seed, batch_size=batch_size, optim=optim, input_size=input_size,
-                           online_teacher=online_teacher, workers=workers, device=device, resume=resume,
-                           on_bad_image=on_bad_image)
-    students = [Student(student=name, methods=list(method)) for name in student]
-    params = TrainSettings.of(settings)
-    plan_sweep(str(cache), students, str(out), params)  # bad input is one line here, not a failed flow run
+    plan = SweepFile.load(sweep) if sweep is not None else SweepFile()
+    # A --sweep file's settings, overridden by the settings options given on this command line.
+    options = {name: value for name, value in ctx.params.items() if name in TrainSettings.model_fields}
+    given = {name: value for name, value in options.items() if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+    values = {**plan.settings.model_dump(), **given} if sweep is not None else options
+    TrainSettings.model_construct(**values).run_settings()  # the library's one-line checks come first
+    params = TrainSettings(**values)
+    combinations = ([list(method)] if method else []) + [combination(c) for c in combo or []]
+    if student and not combinations:
+        raise TrainError(f"student {student[0]} has no --method; give at least one, e.g. --method ce")
+    students = plan.students + [Student(student=name, methods=m) for name in student or [] for m in combinations]
+    cache = cache or (Path(plan.cache) if plan.cache else None)
+    out = out or (Path(plan.out) if plan.out else None)
+    if cache is None or out is None:
+        raise TrainError(f"give --{'cache' if cache is None else 'out'} (or a --sweep file that sets it)")
+    if not students:
+        raise TrainError("no student given; pass --student TIMM_NAME --method ce (or a --sweep file with students)")
+    warn(untrained_classifier([s.spec() for s in students], allow_untrained_classifier))
+    configs = plan_sweep(str(cache), students, str(out), params)  # bad input is one line here, not a failed run
+    done = {c.out: completed_run(c) for c in configs}
+    for run_dir, summary in done.items():
+        if summary is not None:
+            console.print(f"{run_dir}: already complete ({summary['epochs']} epochs, val accuracy "
+                          f"{summary['val_accuracy']:.2%}); nothing to train")
+    if all(done.values()):
+        print_students(f"students trained from {cache} (already complete)", list(done.values()))
+        return
+    if any(s.spec().methods != ("ce",) for s in students):  # ce alone never reads the teacher's targets
+        warn(teacher_near_chance(TeacherCache(cache)))
     start_temporary_server()
     with show_progress():
-        summaries = train_students(str(cache), students, str(out), params)
+        summaries = train_students(str(cache), students, str(out), params, sweep=plan.sweep,
+                                   task_timeout=plan.task_timeout)
     print_students(f"students trained from {cache}", summaries)
     report_skipped("the val split", summaries[0]["val_skipped_images"])
+
+
+@app.command("methods")
+def methods_cmd(
+    name: Annotated[Optional[str], typer.Argument(help="only this method (default: all)")] = None,
+) -> None:
+    """List the distillation methods: what each needs from the cache (and the `distillery cache` option that adds
+    it), whether it trains the classifier, and its options with their defaults and meaning."""
+    from pipeline.methods import TARGET_SOURCES, resolve_method_spec
+    from pipeline.methods.base import TARGET_DESCRIPTIONS
+
+    table = Table(title="methods: compose with --method NAME[:key=value,...] (README, 'Methods')", title_justify="left",
+                  show_lines=True)
+    for column in ("method", "needs from the cache (cache option)", "trains classifier", "options (default: meaning)"):
+        table.add_column(column)
+    for method in [name] if name else list_methods():
+        cls, _ = resolve_method_spec(method)  # an unknown name is one line listing the known ones
+        summary = re.split(r"(?<=\.)\s", " ".join((cls.__doc__ or "").split()).replace("``", ""))[0]  # 1st sentence
+        needs = "\n".join(f"{TARGET_DESCRIPTIONS[t]} ({TARGET_SOURCES[t]})" for t in sorted(cls.needs)) or "-"
+        helps = cls.option_help()
+        options = "\n".join(f"{k}={v}: {helps[k]}" for k, v in cls.options().items()) or "-"
+        table.add_row(Text(f"{method}\n", style="bold") + Text(summary, style="dim"), needs,
+                      "yes" if cls.trains_classifier({}) else "no", options)
+    console.print(table)
+
+
+@app.command("experiments")
+def experiments_cmd() -> None:
+    """List the named experiments (`distillery experiment NAME`): teacher, cache, student and each row's methods."""
+    from pipeline.experiments import EXPERIMENTS, SUITES
+
+    table = Table(title="experiments: distillery experiment NAME [--row ROW ...]", title_justify="left",
+                  show_lines=True)
+    for column in ("experiment", "teacher", "cache", "student"):
+        table.add_column(column, ratio=1)
+    table.add_column("rows: methods (as --combo takes them)", ratio=2, overflow="fold")
+    for e in EXPERIMENTS.values():
+        objective = "" if e.teacher_objective == "supervised" else f", {e.teacher_objective}"
+        cache = ", ".join([f"{e.labelled or 'all'} samples", f"{e.views} views",
+                           *(f"{k}={v}" for k, v in e.cache_options.items())])
+        table.add_row(Text(f"{e.name}\n", style="bold") + Text(e.description, style="dim"),
+                      f"{e.teacher} on {e.dataset}, {e.teacher_epochs} epochs{objective}", cache,
+                      f"{e.student}, {e.epochs} epochs", "\n".join(f"{label}: {'+'.join(m)}"
+                                                                   for label, m in e.rows.items()))
+    for suite, parts in SUITES.items():
+        table.add_row(Text(suite, style="bold"), "-", "-", "-", "\n".join(
+            f"{part}: {', '.join(rows)}" for part, rows in parts))
+    console.print(table)
 
 
 @app.command("runs")
@@ -406,12 +597,12 @@ def print_experiment(name: str, result: dict, markdown: bool) -> None:
 
 @app.command("bench")
 def bench_cmd(
-    quick: Annotated[bool, typer.Option(help="fewer samples, one round (about 2 minutes on 2 CPU cores)")] = False,
+    quick: Annotated[bool, typer.Option(help="fewer samples, one round (about 2 minutes on 2 CPU cores)")]
+    = default_of(run_benchmarks, "quick"),
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results here")] = None,
-    device: str = "auto",
+    device: Annotated[str, Device()] = default_of(run_benchmarks, "device"),
 ) -> None:
     """Print the benchmarks: teacher pass vs bare forward; student step time and peak memory per method."""
-    from pipeline.bench import run_benchmarks
 
     with show_progress():
         results = run_benchmarks(quick=quick, device=device)
@@ -440,10 +631,10 @@ def bench_cmd(
 
 @app.command("experiment")
 def experiment_cmd(
-    name: Annotated[str, typer.Argument(help="digits-demo | fmnist-5k | ...")],
+    name: Annotated[str, typer.Argument(help="an experiment or suite (`distillery experiments` lists them)")],
     seed: Annotated[list[int], typer.Option(help="student seed; repeat for several")] = [0, 1, 2],  # noqa: B006
     root: Annotated[Path, typer.Option(help="experiments directory (teachers, caches and runs are reused)")]
-    = Path("runs/experiments"),
+    = DEFAULT_ROOT,
     row: Annotated[Optional[list[str]], typer.Option(help="only this row (method combination); repeat")] = None,
     markdown: Annotated[bool, typer.Option(help="print the results as a markdown table")] = False,
 ) -> None:

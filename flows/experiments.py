@@ -15,7 +15,7 @@ from flows.cache_teacher import cache_teacher
 from flows.params import Student, TrainSettings
 from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
 from flows.train_students import train_students
-from pipeline.experiments import get_experiment, markdown_table, result_rows, reusable_teacher
+from pipeline.experiments import DEFAULT_ROOT, get_experiment, markdown_table, result_rows, reusable_teacher
 from pipeline.teacher.fit import fit_teacher
 from pipeline.teacher.model import load_checkpoint
 
@@ -39,7 +39,7 @@ def publish_results(name: str, seeds: list[int], markdown: str) -> None:
 
 
 @flow(name="experiment", log_prints=True)
-def run_experiment(name: str, seeds: list[int], root: str = "runs/experiments",
+def run_experiment(name: str, seeds: list[int], root: str = str(DEFAULT_ROOT),
                    rows: Optional[list[str]] = None) -> dict[str, Any]:
     """Run experiment `name` (only `rows`, if given) for `seeds` under `root`; return the teacher, cache and
     result rows.

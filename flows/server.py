@@ -16,9 +16,20 @@ import subprocess
 import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def default_prefect_home() -> None:
+    """One Prefect home however the CLI is started (`distillery`, `python -m flows.cli`, `make demo`): unless
+    ``PREFECT_HOME`` is set, ``<venv>/prefect-home`` of the virtual environment running it (README, "Prefect in
+    production"). Call it before Prefect is imported: Prefect reads the variable once. Outside a virtual
+    environment Prefect keeps its own default, ``~/.prefect``.
+    """
+    if "PREFECT_HOME" not in os.environ and sys.prefix != sys.base_prefix:
+        os.environ["PREFECT_HOME"] = str(Path(sys.prefix) / "prefect-home")
 
 
 def _die_with(parent: int) -> Callable[[], None]:

@@ -25,6 +25,9 @@ from pipeline.train.config import RunSettings
 from pipeline.train.optim import OptimConfig
 from pipeline.errors import DistilleryError
 
+DEFAULT_ROOT = Path("runs/experiments")
+"""Where `distillery experiment` keeps teachers, caches and runs unless told otherwise."""
+
 # Fit settings that change the teacher's weights; a checkpoint fitted with the same ones is reused.
 _FIT_IDENTITY = ("dataset", "model", "epochs", "subset", "seed", "input_size", "batch_size", "lr", "weight_decay",
                  "label_smoothing", "objective", "temperature")

@@ -6,13 +6,16 @@ bad option stops a command before any work starts and before anything is written
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from pipeline.errors import DistilleryError
 
@@ -55,6 +58,17 @@ class Help:
     (`distillery methods` prints it beside the option's default)."""
 
     text: str
+
+
+def default_of(config: Any, name: str) -> Any:
+    """The default that ``config`` (a dataclass, a pydantic model or a function) declares for ``name``: what a
+    command-line option or a flow parameter shows, so no default is stated twice."""
+    if isinstance(config, type) and issubclass(config, BaseModel):
+        return config.model_fields[name].get_default(call_default_factory=True)
+    if dataclasses.is_dataclass(config):
+        field = {f.name: f for f in dataclasses.fields(config)}[name]
+        return field.default_factory() if field.default is dataclasses.MISSING else field.default
+    return inspect.signature(config).parameters[name].default
 
 
 def check_ranges(values: dict[str, float | None], ranges: dict[str, Range], prefix: str = "--") -> None:

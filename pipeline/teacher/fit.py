@@ -116,7 +116,8 @@ def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     train = load_dataset(cfg.dataset, "train", subset=cfg.subset, seed=cfg.seed, on_bad_image=cfg.on_bad_image)
     val = load_dataset(cfg.dataset, "val", on_bad_image=cfg.on_bad_image)
-    mean, std = load_dataset(cfg.dataset, "train", on_bad_image=cfg.on_bad_image).pixel_stats()
+    full_train = load_dataset(cfg.dataset, "train", on_bad_image=cfg.on_bad_image)
+    mean, std = full_train.pixel_stats()
     size = cfg.input_size or default_input_size(train)
     model = create_timm_model(cfg.model, train.num_classes, train.channels, size).to(device)
     head = projector(model.num_features).to(device) if ssl else torch.nn.Identity()
@@ -162,6 +163,8 @@ def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
         "format": CHECKPOINT_FORMAT, "model": cfg.model, "state_dict": model.cpu().state_dict(),
         "num_classes": train.num_classes, "in_chans": train.channels, "input_size": size,
         "mean": list(mean), "std": list(std), "dataset": train.name, "val_accuracy": accuracy,
+        # What `distillery cache` compares with the dataset it caches (`pipeline.preflight.checkpoint_dataset`).
+        "train_fingerprint": full_train.fingerprint(),
         "config": asdict(cfg),
     }
     out = Path(cfg.out)
