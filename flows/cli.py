@@ -108,10 +108,7 @@ CKA_HELP = "what the category interrelations (WKD-L's cost) are computed from; a
 
 def device_option(value: str) -> str:
     """--device: auto, cpu or a CUDA device this machine has, checked while the command line is parsed."""
-    try:
-        check_device(value)
-    except OptionError as e:
-        raise typer.BadParameter(str(e).split(": ", 1)[-1]) from None
+    check_device(value)
     return value
 
 
@@ -710,7 +707,9 @@ def main() -> None:
         fail(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}")
     except ClickException as e:  # an option typer cannot parse (`--views x`), an unknown command or option
         ctx = getattr(e, "ctx", None)
-        fail(f"{e.format_message()} (see `{ctx.command_path if ctx else 'distillery'} --help`)")
+        # typer checks a Literal choice through pydantic, whose message starts "Value error, ".
+        fail(f"{e.format_message().replace('Value error, ', '')} (see `{ctx.command_path if ctx else 'distillery'} "
+             f"--help`)")
     except typer.Abort:  # Ctrl-C outside a flow
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -24,7 +24,9 @@ def distillery(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
     (["cache", "--dataset", "cifar", "--teacher", "test_resnet"], "unknown dataset 'cifar'"),
     (CACHE + ["--views", "-1"], "--views must be >= 0, not -1"),
     (CACHE + ["--logits", "topk:10"], "--logits topk:10 needs k < 10 classes"),
-    (CACHE + ["--cka-source", "pixels"], "--cka-source must be logits, features or auto"),
+    (CACHE + ["--cka-source", "pixels"], "Invalid value for '--cka-source': 'pixels' is not one of 'auto', "
+                                         "'logits', 'features'"),
+    (CACHE + ["--logits", "top5"], "Invalid value for '--logits': must be dense or topk:K (K > 0), not 'top5'"),
     (CACHE + ["--task-runner", "ray"], "--task-runner must be thread, dask or a scheduler address"),
     pytest.param(CACHE[:-2] + ["--device", "cuda"], "this machine has no CUDA device", marks=CUDA),
     pytest.param(TRAIN + ["--cache", "{cache}", "--device", "cuda"], "this machine has no CUDA device", marks=CUDA),

@@ -150,7 +150,7 @@ def test_stats_with_an_unknown_cka_source_leaves_the_cache_complete(digits_cache
     copy = _copy(digits_cache, tmp_path)
     bad = run_cli("stats", str(copy), "--cka-source", "pixels")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
-    assert "--cka-source must be logits, features or auto" in bad.stderr
+    assert "Invalid value for '--cka-source': 'pixels' is not one of 'auto', 'logits', 'features'" in bad.stderr
     assert Manifest.load(copy).status == "complete"
 
 
