@@ -1,8 +1,10 @@
-"""Shared fixtures: one Prefect test server per session, a tiny digits teacher and its cache."""
+"""Shared fixtures: one Prefect test server per session, a tiny digits teacher and its cache, the CLI in-process."""
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,22 @@ def featmaps_cache(cache_request, tmp_path_factory: pytest.TempPathFactory) -> P
     run_cache_pass(cache_request(out, subset=240, views=1, featmaps=True, teacher_tail=1, shard_size=120,
                                  block_size=40))
     return out
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys) -> Callable[..., tuple[int, str]]:
+    """Run `distillery ARGS...` in this process (so it talks to the session's Prefect test server);
+    returns the exit code and stdout + stderr (errors go to stderr, results to stdout)."""
+    from flows.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["distillery", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = int(e.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    return run
