@@ -87,3 +87,39 @@ task_timeout = 1
     assert student.state.name == "TimedOut" and "exceeded timeout of 1.0 second(s)" in student.state.message
     [run_dir] = (tmp_path / "runs").iterdir()
     assert not (run_dir / "summary.json").exists()  # stopped long before its 200 epochs
+
+
+def test_one_train_call_runs_a_sweep_file_plus_students_times_combinations(prefect_harness, featmaps_cache: Path,
+                                                                           tmp_path: Path, cli) -> None:
+    sweep = tmp_path / "sweep.toml"  # deploy/nightly.toml's train-students parameters
+    sweep.write_text(f"""
+cache = "{featmaps_cache}"
+out = "{tmp_path / 'runs'}"
+students = [{{ student = "test_resnet", methods = ["ce"] }}]
+[settings]
+epochs = 1
+workers = 0
+seed = 3
+""")
+    code, out = cli("train", "--sweep", str(sweep), "--student", "test_resnet", "--combo", "ce+kd:T=2",
+                    "--combo", "ce+fitnet", "--seed", "5")  # an option given here overrides the file's
+    assert code == 0, out
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["test_resnet-ce+fitnet-s5", "test_resnet-ce+kd-T2-s5", "test_resnet-ce-s5"]
+    methods = {json.dumps(json.loads((tmp_path / "runs" / r / "summary.json").read_text())["methods"]) for r in runs}
+    assert methods == {'["ce"]', '["ce", "kd:T=2"]', '["ce", "fitnet"]'}
+    assert out.count("test_resnet") >= 3 and "ce+fitnet" in out
+
+
+def test_a_sweep_file_with_an_unknown_key_is_one_line(tmp_path: Path, cli) -> None:
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text('students = [{ student = "test_resnet", methods = ["ce"] }]\n[settings]\nepoch = 1\n')
+    code, out = cli("train", "--sweep", str(sweep), "--cache", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert code == 2 and out == f"error: --sweep {sweep}: settings.epoch: Extra inputs are not permitted\n"
+
+
+def test_combo_splits_methods_at_a_plus_before_a_name_only() -> None:
+    from flows.cli import combination
+
+    assert combination("ce+kd:T=2,alpha=0.5+fitnet") == ["ce", "kd:T=2,alpha=0.5", "fitnet"]
+    assert combination("ce+tcs:variance=1e+0") == ["ce", "tcs:variance=1e+0"]
