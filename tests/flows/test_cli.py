@@ -163,11 +163,12 @@ def test_cache_command_computes_interrelations_from_features(prefect_harness, di
 
     out = tmp_path / "features-ir"
     result = CliRunner().invoke(app, [
-        "cache", "--dataset", "digits", "--teacher", "test_resnet", "--checkpoint", str(digits_teacher),
+        "cache", "--dataset", "digits", "--checkpoint", str(digits_teacher),  # --teacher: the checkpoint's model
         "--out", str(out), "--views", "0", "--subset", "300", "--shard-size", "150", "--device", "cpu",
         "--cka-source", "features"])
     assert result.exit_code == 0, result.output
     cache = TeacherCache(out)
+    assert cache.manifest.teacher["model"] == "test_resnet"
     assert cache.manifest.stats["cka_source"] == "features"
     labels = cache.read("samples/labels")
     expected = category_interrelations(cache.read("features/pooled")[:, 0], labels, cache.num_classes)

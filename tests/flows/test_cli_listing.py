@@ -122,3 +122,11 @@ def test_prefect_home_defaults_to_the_venv_whichever_way_the_cli_starts(monkeypa
     expected = str(Path(sys.prefix) / "prefect-home")
     assert sys.prefix != sys.base_prefix  # the tests run in the project's venv, as `make test` does
     assert result.stdout.split() == [expected, expected]  # set before Prefect read it
+
+
+def test_teacher_defaults_to_the_model_the_checkpoint_names(digits_teacher: Path) -> None:
+    import torch
+
+    from flows.cli import checkpoint_model
+
+    assert checkpoint_model(digits_teacher) == torch.load(digits_teacher, weights_only=True)["model"] == "test_resnet"
