@@ -51,7 +51,7 @@ class Chromium:
 
         def wire_pipes() -> None:  # runs in the child: put the pipe ends where Chromium expects them
             # Copies above both targets first, so neither dup2 overwrites the other pipe end.
-            ends = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (commands_read, answers_write)]
+            ends = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (commands_read, answers_write)]
             for target, fd in zip((COMMAND_FD, ANSWER_FD), ends):
                 os.dup2(fd, target)  # dup2's copy is inheritable: it survives the exec
 

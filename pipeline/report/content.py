@@ -380,10 +380,11 @@ def gather_report(cache: TeacherCache, samples: int = 6) -> CacheReport:
             notes["samples"] = f"views not rendered: {e}"
     ratio = found["pca"]
     split = f"{cache.manifest.dataset['name']} {cache.manifest.dataset['split']} split"
-    return CacheReport(overview=overview(cache), split=split, provenance=teacher_provenance(cache), arrays=rows, storage=storage_totals(cache, rows),
-                       teacher=found["teacher"] or [], pca_ratio=ratio, pca_reach={} if ratio is None else
-                       {f: components_reaching(ratio, f) for f in PCA_FRACTIONS}, cka=found["cka"],
-                       gaussian=found["gaussian"], lsh=found["lsh"], samples=views, notes=notes)
+    reach = {} if ratio is None else {f: components_reaching(ratio, f) for f in PCA_FRACTIONS}
+    return CacheReport(overview=overview(cache), split=split, provenance=teacher_provenance(cache), arrays=rows,
+                       storage=storage_totals(cache, rows), teacher=found["teacher"] or [], pca_ratio=ratio,
+                       pca_reach=reach, cka=found["cka"], gaussian=found["gaussian"], lsh=found["lsh"], samples=views,
+                       notes=notes)
 
 
 def storage_lines(storage: Storage) -> list[tuple[str, str]]:

@@ -105,9 +105,10 @@ def samples_section(report: CacheReport) -> Section:
     if report.samples is None:
         return Section("samples", "Views", note=report.notes.get("samples"))
     s = report.samples
-    return Section("samples", "Views", scope=f"{report.split}, the first sample of {len(s.ids)} classes, every "
-                                             f"stored view", lines=[("samples", ", ".join(f"id {i} ({c})" for i, c in zip(s.ids, s.labels))),
-                                              ("views", str(s.images.shape[1]))])
+    scope = f"{report.split}, the first sample of {len(s.ids)} classes, every stored view"
+    return Section("samples", "Views", scope=scope,
+                   lines=[("samples", ", ".join(f"id {i} ({c})" for i, c in zip(s.ids, s.labels))),
+                          ("views", str(s.images.shape[1]))])
 
 
 def report_sections(report: CacheReport) -> list[Section]:

@@ -15,7 +15,10 @@ from pipeline.cache.store import TeacherCache
 from pipeline.data.datasets import load_dataset
 from pipeline.report.bench import write_synthetic_cache
 from pipeline.report.chromium import Chromium, find_chromium
+from pipeline.report.content import gather_report
 from pipeline.report.html import write_report
+from pipeline.report.markdown import report_markdown
+from pipeline.report.sections import report_sections
 
 IMAGES = re.compile(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 
@@ -47,6 +50,14 @@ def test_the_page_is_self_contained_with_one_png_per_section(report_page: Path) 
     captions = re.findall(r"<figcaption>Measured on ([^<]+)</figcaption>", page)
     assert len(captions) == len(figures)
     assert all(c.startswith("digits train split") and "view" in c for c in captions), captions
+
+
+def test_the_markdown_artifact_states_what_each_table_is_measured_on(report_page: Path) -> None:
+    report = gather_report(TeacherCache(report_page.parent / "cache"), samples=0)
+    page = report_markdown(report, "cache")
+    scopes = re.findall(r"^_measured on (.+)_$", page, flags=re.M)
+    assert scopes == [s.scope for s in report_sections(report) if s.scope] and len(scopes) == 6
+    assert "- teacher trained on: nothing: random weights (no checkpoint)" in page
 
 
 def test_absent_sections_say_why_and_names_are_escaped(digits_cache: Path, tmp_path: Path) -> None:
