@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.cache.store import TeacherCache
 from pipeline.data.datasets import load_dataset
 from pipeline.report.bench import write_synthetic_cache
-from pipeline.report.chromium import Chromium, find_chromium
+from pipeline.report.chromium import Chromium, find_chromium, screenshot_page
 from pipeline.report.content import gather_report
 from pipeline.report.html import write_report
 from pipeline.report.markdown import report_markdown
@@ -128,3 +128,16 @@ def test_the_contents_bar_stays_on_top_and_links_land_below_it(report_page: Path
     heading = browser.evaluate("document.querySelector('#lsh h2').getBoundingClientRect().top")
     assert browser.evaluate("window.scrollY") > 2000  # the page scrolled down to the section
     assert nav[0] == 0 and nav[1] <= heading <= nav[1] + 40  # bar at the top, heading just below it
+
+
+def test_the_screenshot_command_shows_the_section_under_the_contents_bar(report_page: Path, tmp_path: Path) -> None:
+    if find_chromium() is None:
+        pytest.skip("chromium is not installed (Debian package `chromium`; `make test` installs it)")
+    top, cka = tmp_path / "top.png", tmp_path / "cka.png"
+    screenshot_page(report_page, top, width=WIDTH, height=600)
+    screenshot_page(report_page, cka, width=WIDTH, height=600, anchor="cka")
+    top_pixels, cka_pixels = rgb(top.read_bytes()), rgb(cka.read_bytes())
+    assert top_pixels.shape == cka_pixels.shape == (600, WIDTH, 3)
+    # The same contents bar heads both; below it, another part of the page.
+    assert np.abs(top_pixels[:20] - cka_pixels[:20]).mean() < 0.01
+    assert np.abs(top_pixels[100:] - cka_pixels[100:]).mean() > 0.05
