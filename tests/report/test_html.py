@@ -74,10 +74,14 @@ WIDTH = 1280
 
 
 @pytest.fixture(scope="module")
-def browser() -> Chromium:
-    """One headless Chromium for the module, its page 1280 CSS px wide (device scale 1)."""
+def needs_chromium() -> None:
     if find_chromium() is None:
         pytest.skip("chromium is not installed (Debian package `chromium`; `make test` installs it)")
+
+
+@pytest.fixture(scope="module")
+def browser(needs_chromium: None) -> Chromium:
+    """One headless Chromium for the module, its page 1280 CSS px wide (device scale 1)."""
     with Chromium(WIDTH, 900) as chromium:
         yield chromium
 
@@ -130,9 +134,8 @@ def test_the_contents_bar_stays_on_top_and_links_land_below_it(report_page: Path
     assert nav[0] == 0 and nav[1] <= heading <= nav[1] + 40  # bar at the top, heading just below it
 
 
-def test_the_screenshot_command_shows_the_section_under_the_contents_bar(report_page: Path, tmp_path: Path) -> None:
-    if find_chromium() is None:
-        pytest.skip("chromium is not installed (Debian package `chromium`; `make test` installs it)")
+def test_the_screenshot_command_shows_the_section_under_the_contents_bar(report_page: Path, tmp_path: Path,
+                                                                         needs_chromium: None) -> None:
     top, cka = tmp_path / "top.png", tmp_path / "cka.png"
     screenshot_page(report_page, top, width=WIDTH, height=600)
     screenshot_page(report_page, cka, width=WIDTH, height=600, anchor="cka")
