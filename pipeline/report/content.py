@@ -25,7 +25,8 @@ from pipeline.teacher.model import TeacherError, load_checkpoint
 
 TOP_PAIRS = 10
 KNN_K = 10
-KNN_QUERIES = 2000
+KNN_QUERIES = 1000
+KNN_SEARCHED = 10_000
 DISTANCE_PAIRS = 20000
 
 
@@ -118,6 +119,7 @@ class LshSummary:
     ones_fraction: np.ndarray  # (bits,) share of view-0 codes with each bit set; median thresholds give 0.5
     knn: KnnScore  # with every bit
     by_bits: dict[int, KnnScore]  # the same with only the first b bits, b = 1, 2, 4, ..., bits
+    searched: int  # codes the k-NN searches among (a seeded subset of a large cache)
     same_class: np.ndarray  # Hamming distances of seeded same-class pairs
     other_class: np.ndarray  # and of as many different-class pairs
     chance: float  # share of the most frequent class: what always guessing it scores
@@ -148,11 +150,9 @@ def unpack_codes(codes: np.ndarray) -> np.ndarray:
 
 
 def leading_bits(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Packed codes keeping only their first `bits` bits (the rest zero, so they add no distance). The bits
-    of random-hyperplane LSH are exchangeable, so the first b are as good as any b."""
-    kept = unpack_codes(codes)
-    kept[..., bits:] = 0
-    return np.packbits(kept, axis=-1, bitorder="little")
+    """Packed codes of their first `bits` bits only (ceil(bits / 8) bytes; the last byte's spare bits zero, so
+    they add no distance). The bits of random-hyperplane LSH are exchangeable: the first b are as good as any b."""
+    return np.packbits(unpack_codes(codes)[..., :bits], axis=-1, bitorder="little")
 
 
 def hamming_knn(codes: np.ndarray, labels: np.ndarray, k: int = KNN_K, queries: int = KNN_QUERIES,
@@ -166,6 +166,10 @@ def hamming_knn(codes: np.ndarray, labels: np.ndarray, k: int = KNN_K, queries: 
     k = min(k, n - 1)
     if k < 1:
         raise CacheError("k-NN accuracy needs at least 2 coded samples")
+    # faiss has fast Hamming kernels for 4-byte codes and multiples of 8 bytes (a generic, several times slower
+    # one otherwise); zero bytes add no distance.
+    width = codes.shape[1]
+    codes = np.pad(codes, ((0, 0), (0, (4 if width <= 4 else -(-width // 8) * 8) - width)))
     index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
     index.add(np.ascontiguousarray(codes))
     q = np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False)
@@ -212,18 +216,22 @@ def bit_counts(bits: int) -> list[int]:
     return [1 << e for e in range(bits.bit_length()) if 1 << e < bits] + [bits]
 
 
-def lsh_summary(cache: TeacherCache, k: int = KNN_K, queries: int = KNN_QUERIES,
+def lsh_summary(cache: TeacherCache, k: int = KNN_K, queries: int = KNN_QUERIES, searched: int = KNN_SEARCHED,
                 pairs: int = DISTANCE_PAIRS) -> LshSummary | None:
+    """The codes' class information on view 0: k-NN with the first b bits (b = 1, 2, 4, ..., all) among at most
+    `searched` seeded codes (a search per b: a subset keeps a 60,000-sample cache's report in seconds), and
+    the distances of `pairs` same-class and different-class pairs of the whole cache."""
     if not (cache.has("lsh/codes") and cache.has("stats/lsh/planes")):
         return None
     codes = cache.read("lsh/codes")[:, 0]
     labels = cache.read("samples/labels").astype(np.int64)
     bits = int(codes.shape[1] * 8)
-    by_bits = {b: hamming_knn(leading_bits(codes, b), labels, k, queries) for b in bit_counts(bits)}
+    rows = np.sort(np.random.default_rng(0).choice(len(codes), size=min(searched, len(codes)), replace=False))
+    by_bits = {b: hamming_knn(leading_bits(codes[rows], b), labels[rows], k, queries) for b in bit_counts(bits)}
     anchors, same, other = class_pairs(labels, pairs)
     counts = np.bincount(labels)
     return LshSummary(bits=bits, dim=int(cache.array("stats/lsh/planes").shape[1]),
-                      ones_fraction=unpack_codes(codes).mean(0), knn=by_bits[bits], by_bits=by_bits,
+                      ones_fraction=unpack_codes(codes).mean(0), knn=by_bits[bits], by_bits=by_bits, searched=len(rows),
                       same_class=hamming_distances(codes, anchors, same),
                       other_class=hamming_distances(codes, anchors, other),
                       chance=float(counts.max() / counts.sum()))

@@ -91,7 +91,8 @@ def lsh_section(report: CacheReport) -> Section:
     return Section("lsh", "LSH codes", scope=f"{report.split}, view 0 codes", lines=[
         ("bits, feature dim", f"{lsh.bits}, {lsh.dim}"),
         (f"{knn.k}-NN accuracy (Hamming, leave-one-out)",
-         f"{knn.accuracy:.2%} over {knn.queries} queries (most frequent class: {lsh.chance:.2%})"),
+         f"{knn.accuracy:.2%} over {knn.queries} queries among {lsh.searched} codes (most frequent class: "
+         f"{lsh.chance:.2%})"),
         ("neighbour label agreement", f"{knn.agreement:.2%} of the {knn.k} nearest codes share the query's class"),
         ("same-class pair closer than a different-class pair", f"{lsh.separation:.2%} of the time (0.5: no "
                                                                f"information), over {len(lsh.same_class)} pairs each"),

@@ -11,8 +11,9 @@ from pipeline.cache.store import TeacherCache
 from pipeline.cache.summary import teacher_accuracy_per_view
 from pipeline.data.datasets import load_dataset
 from pipeline.report.bench import write_synthetic_cache
-from pipeline.report.content import (bit_counts, class_pairs, closer_probability, gather_report, hamming_knn,
-                                     KnnScore, leading_bits, teacher_provenance, top_related_pairs, unpack_codes)
+from pipeline.report.content import (KNN_QUERIES, KnnScore, bit_counts, class_pairs, closer_probability, gather_report,
+                                     hamming_knn, leading_bits, lsh_summary, teacher_provenance, top_related_pairs,
+                                     unpack_codes)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_leading_bits_keep_the_distance_of_the_first_bits() -> None:
     bits = unpack_codes(codes)
     for b in (1, 3, 8, 13, 64):
         kept = leading_bits(codes, b)
-        assert kept.shape == codes.shape
+        assert kept.shape == (2, -(-b // 8))
         assert np.bitwise_count(kept[0] ^ kept[1]).sum() == (bits[0, :b] != bits[1, :b]).sum()
     assert bit_counts(32) == [1, 2, 4, 8, 16, 32] and bit_counts(48) == [1, 2, 4, 8, 16, 32, 48]
 
@@ -107,14 +108,17 @@ def test_lsh_section_on_a_cache_with_codes(lsh_cache: TeacherCache) -> None:
     # Codes of class centres plus noise keep the classes apart far better than guessing, and more bits
     # keep them apart better than one.
     assert list(lsh.by_bits) == [1, 2, 4, 8, 16, 32] and lsh.knn == lsh.by_bits[32]
-    assert lsh.knn.accuracy > 3 * lsh.chance and lsh.knn.queries == 1437 and lsh.knn.k == 10
+    assert lsh.knn.accuracy > 3 * lsh.chance and lsh.knn.queries == min(KNN_QUERIES, len(codes)) and lsh.knn.k == 10
     assert lsh.by_bits[32].accuracy > lsh.by_bits[1].accuracy and lsh.by_bits[32].agreement > lsh.by_bits[1].agreement
     anchors, same, other = class_pairs(labels, len(lsh.same_class))
     bits = unpack_codes(codes)
     assert np.array_equal(lsh.same_class, (bits[anchors] != bits[same]).sum(1))
     assert np.array_equal(lsh.other_class, (bits[anchors] != bits[other]).sum(1))
     assert lsh.same_class.mean() < lsh.other_class.mean() and lsh.separation > 0.6
-    assert "lsh" not in report.notes
+    assert "lsh" not in report.notes and lsh.searched == len(codes)
+    # A large cache is searched through a seeded subset (the pairs still span the whole cache).
+    subset = lsh_summary(lsh_cache, searched=500)
+    assert subset.searched == subset.knn.queries == 500 and np.array_equal(subset.same_class, lsh.same_class)
 
 
 def test_teacher_provenance_says_what_the_teacher_was_trained_on(digits_cache: Path, tmp_path: Path) -> None:
