@@ -12,8 +12,8 @@ from pipeline.cache.summary import teacher_accuracy_per_view
 from pipeline.data.datasets import load_dataset
 from pipeline.report.bench import write_synthetic_cache
 from pipeline.report.content import (KNN_QUERIES, KnnScore, bit_counts, class_pairs, closer_probability, gather_report,
-                                     hamming_knn, leading_bits, lsh_summary, teacher_provenance, top_related_pairs,
-                                     unpack_codes)
+                                     hamming_knn, leading_bits, lsh_summary, one_faiss_thread, teacher_provenance,
+                                     top_related_pairs, unpack_codes)
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +168,12 @@ def test_views_are_skipped_with_a_reason_when_the_dataset_is_not_the_cached_one(
     report = gather_report(cache, samples=3)
     assert report.samples is None and "not the one" in report.notes["samples"]
     assert report.lsh is not None
+
+
+def test_one_faiss_thread_restores_the_thread_count() -> None:
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    with one_faiss_thread():
+        assert faiss.omp_get_max_threads() == 1
+    assert faiss.omp_get_max_threads() == before
