@@ -127,10 +127,6 @@ class LshSummary:
     chance: float  # share of the most frequent class: what always guessing it scores
 
     @property
-    def mean_imbalance(self) -> float:
-        return float(np.abs(self.ones_fraction - 0.5).mean())
-
-    @property
     def separation(self) -> float:
         """P(a same-class pair is closer than a different-class pair), ties counted half: the ROC AUC of
         "same class" scored by minus the distance (Mann-Whitney U / (n1 n2)); 0.5 says nothing."""
