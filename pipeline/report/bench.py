@@ -75,7 +75,7 @@ def write_synthetic_cache(root: str | Path, dataset: ImageDataset, views: int = 
     reduce_statistics(str(root), [shard_statistics(str(root), i) for i in range(len(ranges))])
     writer = CacheWriter(root, Manifest.load(root))
     writer.write_stats({"stats/lsh/planes": planes, "stats/lsh/thresholds": thresholds},
-                       {**writer.manifest.stats, "arrays": sorted([*writer.manifest.stats["arrays"], *LSH_ARRAYS])})
+                       {**writer.manifest.stats, "arrays": sorted({*writer.manifest.stats["arrays"], *LSH_ARRAYS})})
     writer.finalize(records)
     return TeacherCache(root)
 

@@ -29,6 +29,8 @@ def report_markdown(report: CacheReport, title: str, intro: Sequence[str] = ()) 
         out += ["", f"## {section.title}"]
         if section.note:
             out.append(f"_{section.note}_")
+        if section.scope:
+            out.append(f"_measured on {section.scope}_")
         out += [f"- {key}: {value}" for key, value in section.lines]
         if section.rows:
             out += ["", markdown_table(section.columns, section.rows)]

@@ -11,7 +11,9 @@ from pipeline.cache.store import TeacherCache
 from pipeline.cache.summary import teacher_accuracy_per_view
 from pipeline.data.datasets import load_dataset
 from pipeline.report.bench import write_synthetic_cache
-from pipeline.report.content import gather_report, hamming_knn_accuracy, top_related_pairs, unpack_codes
+from pipeline.report.content import (KNN_QUERIES, KnnScore, bit_counts, class_pairs, closer_probability, gather_report,
+                                     hamming_knn, leading_bits, lsh_summary, one_faiss_thread, teacher_provenance,
+                                     top_related_pairs, unpack_codes)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def test_knn_on_codes_excludes_the_query_itself() -> None:
     rng = np.random.default_rng(2)
     codes = np.repeat(rng.integers(0, 256, size=(50, 8), dtype=np.uint8), 2, axis=0)
     labels = np.tile([0, 1], 50)
-    assert hamming_knn_accuracy(codes, labels, k=1, queries=100) == (0.0, 1, 100)
+    assert hamming_knn(codes, labels, k=1, queries=100) == KnnScore(accuracy=0.0, agreement=0.0, k=1, queries=100)
 
 
 def test_knn_on_codes_is_perfect_for_well_separated_classes() -> None:
@@ -55,8 +57,41 @@ def test_knn_on_codes_is_perfect_for_well_separated_classes() -> None:
     for row, (i, j) in enumerate(flips):
         bits[row, [i, j]] ^= 1
     codes = np.packbits(bits, axis=1, bitorder="little")
-    accuracy, k, queries = hamming_knn_accuracy(codes, labels, k=10, queries=500)
-    assert (accuracy, k, queries) == (1.0, 10, 120)
+    assert hamming_knn(codes, labels, k=10, queries=500) == KnnScore(accuracy=1.0, agreement=1.0, k=10, queries=120)
+
+
+def test_leading_bits_keep_the_distance_of_the_first_bits() -> None:
+    rng = np.random.default_rng(4)
+    codes = rng.integers(0, 256, size=(2, 8), dtype=np.uint8)
+    bits = unpack_codes(codes)
+    for b in (1, 3, 8, 13, 64):
+        kept = leading_bits(codes, b)
+        assert kept.shape == (2, -(-b // 8))
+        assert np.bitwise_count(kept[0] ^ kept[1]).sum() == (bits[0, :b] != bits[1, :b]).sum()
+    assert bit_counts(32) == [1, 2, 4, 8, 16, 32] and bit_counts(48) == [1, 2, 4, 8, 16, 32, 48]
+
+
+def test_class_pairs_pair_each_anchor_with_its_class_and_another() -> None:
+    labels = np.array([2, 0, 1, 2, 0, 2, 3, 0, 2])  # class 1 and class 3 have a single member
+    anchors, same, other = class_pairs(labels, 4000, seed=5)
+    assert np.all(labels[anchors] != 1) and np.all(labels[anchors] != 3) and len(anchors) > 3000
+    assert np.all(labels[same] == labels[anchors]) and np.all(same != anchors)
+    assert np.all(labels[other] != labels[anchors])
+    # Every eligible partner is drawn: for an anchor of class 0, both other 0s and all 6 others.
+    zero = labels[anchors] == 0
+    for i in np.flatnonzero(labels == 0):
+        mine = anchors[zero] == i
+        assert set(same[zero][mine]) == set(np.flatnonzero(labels == 0)) - {i}
+        assert set(other[zero][mine]) == set(np.flatnonzero(labels != 0))
+    assert [len(x) for x in class_pairs(np.zeros(5, dtype=np.int64), 10)] == [0, 0, 0]
+
+
+def test_closer_probability_counts_pairs_and_half_the_ties() -> None:
+    rng = np.random.default_rng(6)
+    near, far = rng.integers(0, 9, size=40), rng.integers(3, 12, size=50)
+    brute = np.mean([(a < b) + 0.5 * (a == b) for a in near for b in far])
+    assert closer_probability(near, far, 12) == pytest.approx(brute)
+    assert closer_probability(near, near, 12) == pytest.approx(0.5)
 
 
 def test_lsh_section_on_a_cache_with_codes(lsh_cache: TeacherCache) -> None:
@@ -67,11 +102,40 @@ def test_lsh_section_on_a_cache_with_codes(lsh_cache: TeacherCache) -> None:
     assert lsh.bits == 32 and lsh.dim == 16 and np.allclose(lsh.ones_fraction, set_bits)
     # Median thresholds split every bit in half (the median sample itself falls on the zero side).
     assert np.all(np.abs(lsh.ones_fraction - 0.5) <= 1 / len(codes))
-    counts = np.bincount(lsh_cache.read("samples/labels"))
+    labels = lsh_cache.read("samples/labels")
+    counts = np.bincount(labels)
     assert lsh.chance == counts.max() / counts.sum()
-    # Codes of class centres plus noise keep the classes apart far better than guessing.
-    assert lsh.knn_accuracy > 3 * lsh.chance and lsh.queries == 1437 and lsh.k == 10
-    assert "lsh" not in report.notes
+    # Codes of class centres plus noise keep the classes apart far better than guessing, and more bits
+    # keep them apart better than one.
+    assert list(lsh.by_bits) == [1, 2, 4, 8, 16, 32] and lsh.knn == lsh.by_bits[32]
+    assert lsh.knn.accuracy > 3 * lsh.chance and lsh.knn.queries == min(KNN_QUERIES, len(codes)) and lsh.knn.k == 10
+    assert lsh.by_bits[32].accuracy > lsh.by_bits[1].accuracy and lsh.by_bits[32].agreement > lsh.by_bits[1].agreement
+    anchors, same, other = class_pairs(labels, len(lsh.same_class))
+    bits = unpack_codes(codes)
+    assert np.array_equal(lsh.same_class, (bits[anchors] != bits[same]).sum(1))
+    assert np.array_equal(lsh.other_class, (bits[anchors] != bits[other]).sum(1))
+    assert lsh.same_class.mean() < lsh.other_class.mean() and lsh.separation > 0.6
+    assert "lsh" not in report.notes and lsh.searched == len(codes)
+    # A large cache is searched through a seeded subset (the pairs still span the whole cache).
+    subset = lsh_summary(lsh_cache, searched=500)
+    assert subset.searched == subset.knn.queries == 500 and np.array_equal(subset.same_class, lsh.same_class)
+
+
+def test_teacher_provenance_says_what_the_teacher_was_trained_on(digits_cache: Path, tmp_path: Path) -> None:
+    cache = TeacherCache(digits_cache)
+    p = teacher_provenance(cache)
+    assert p.held_out is False and "digits train split" in p.measured_on and "1437 samples" in p.measured_on
+    assert p.trained_on.startswith("digits train split, 2 epochs, supervised; its val-split accuracy ")
+    assert "training accuracy, not held-out accuracy" in p.trained_on
+    cache.manifest.dataset["split"] = "val"
+    assert teacher_provenance(cache).held_out is True
+    cache.manifest.teacher["checkpoint_sha256"] = "0" * 64
+    changed = teacher_provenance(cache)
+    assert changed.held_out is None and "changed since the cache was made" in changed.trained_on
+    cache.manifest.teacher["checkpoint"] = str(tmp_path / "gone.pt")
+    assert "is not on this machine" in teacher_provenance(cache).trained_on
+    cache.manifest.teacher["checkpoint"] = None
+    assert teacher_provenance(cache).held_out is True
 
 
 def test_report_of_the_digits_cache_without_lsh(digits_cache: Path) -> None:
@@ -104,3 +168,12 @@ def test_views_are_skipped_with_a_reason_when_the_dataset_is_not_the_cached_one(
     report = gather_report(cache, samples=3)
     assert report.samples is None and "not the one" in report.notes["samples"]
     assert report.lsh is not None
+
+
+def test_one_faiss_thread_restores_the_thread_count() -> None:
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    with one_faiss_thread():
+        assert faiss.omp_get_max_threads() == 1
+    assert faiss.omp_get_max_threads() == before
