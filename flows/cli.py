@@ -40,6 +40,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect's console logs would tear through the progress display and print a traceback before the one-line
 # error of bad input; the server keeps every log line (flow, task and library) and the CLI prints results.
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+# Prefect waits 20 s for its temporary server; a busy machine (a shared CI runner, a teacher pass beside it)
+# has been measured to need more, and a timed-out start wastes the whole command.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 console = Console(width=None if sys.stdout.isatty() else 140)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
