@@ -4,8 +4,9 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -16,6 +17,9 @@ from rich.text import Text
 
 from flows.server import start_temporary_server
 from pipeline import progress
+
+if TYPE_CHECKING:
+    from pipeline.train.config import RunSettings, StudentSpec
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect's console logs would tear through the progress display and print a traceback before the one-line
@@ -331,11 +335,14 @@ def train_cmd(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     on_bad_image: Annotated[str, typer.Option(help="an undecodable val image of an image folder: 'fail' names "
                                                     "it, 'skip' leaves it out (summary.json lists it)")] = "fail",
+    nproc: Annotated[int, typer.Option(help="train each student with this many DDP processes (torchrun on this "
+                                            "machine, outside the Prefect flow; --batch-size is per process)")] = 1,
 ) -> None:
-    """Train students from a teacher cache (Prefect flow); prints a comparison table."""
+    """Train students from a teacher cache (Prefect flow; under torchrun or with --nproc N, DDP without the
+    flow); prints a comparison table."""
     from flows.params import Student, TrainSettings
-    from flows.train_students import plan_sweep, train_students
     from pipeline.train.config import RunSettings
+    from pipeline.train.distributed import under_torchrun
     from pipeline.train.optim import OptimConfig
 
     optim = OptimConfig(optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
@@ -344,6 +351,11 @@ def train_cmd(
                            online_teacher=online_teacher, workers=workers, device=device, resume=resume,
                            on_bad_image=on_bad_image)
     students = [Student(student=name, methods=list(method)) for name in student]
+    if nproc != 1 or under_torchrun():
+        train_distributed(str(cache), [s.spec() for s in students], str(out), settings, nproc)
+        return
+    from flows.train_students import plan_sweep, train_students
+
     params = TrainSettings.of(settings)
     plan_sweep(str(cache), students, str(out), params)  # bad input is one line here, not a failed flow run
     start_temporary_server()
@@ -351,6 +363,31 @@ def train_cmd(
         summaries = train_students(str(cache), students, str(out), params)
     print_students(f"students trained from {cache}", summaries)
     report_skipped("the val split", summaries[0]["val_skipped_images"])
+
+
+def train_distributed(cache: str, students: "list[StudentSpec]", out: str, settings: "RunSettings",
+                      nproc: int) -> None:
+    """DDP students (README "Distributed students"): under torchrun every rank trains each student in turn
+    and rank 0 prints the table; with --nproc N this process checks the sweep, then runs torchrun per student."""
+    from pipeline.train.config import TrainError, plan_runs
+    from pipeline.train.distributed import World, launch, under_torchrun
+    from pipeline.train.loop import check_run, train_student
+
+    world = World.from_env()
+    if nproc < 1 or (under_torchrun() and nproc not in (1, world.size)):
+        raise TrainError(f"--nproc {nproc}: give a number of processes >= 1 (under torchrun: its world size, "
+                         f"{world.size}, or leave it out)")
+    configs = plan_runs(cache, students, out, settings)
+    for config in configs:  # bad input is one line here, before any process starts
+        check_run(config, world.size if under_torchrun() else nproc)
+    if under_torchrun():
+        with show_progress() if world.is_main else nullcontext():
+            summaries = [train_student(config) for config in configs]
+    else:
+        summaries = [launch(config, nproc) for config in configs]
+    if world.is_main:
+        print_students(f"students trained from {cache} by {summaries[0]['world_size']} processes", summaries)
+        report_skipped("the val split", summaries[0]["val_skipped_images"])
 
 
 @app.command("runs")
