@@ -447,7 +447,8 @@ def bench_cmd(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results here")] = None,
     device: str = "auto",
 ) -> None:
-    """Print the benchmarks: teacher pass vs bare forward; student step time and peak memory per method."""
+    """Print the benchmarks: teacher pass vs bare forward; student step time and peak memory per method; DDP on
+    2 CPU processes vs 1."""
     from pipeline.bench import run_benchmarks
 
     with show_progress():
@@ -471,6 +472,11 @@ def bench_cmd(
         print_table(f"student {steps['student']} step time from the cache of {steps['teacher']} (teacher forward = "
                     f"{steps['teacher_over_student_flops']:.1f}x the student's FLOPs; best of {steps['rounds']} "
                     f"round(s))", rows)
+    ddp = results["ddp"]
+    print_table(f"DDP: student {ddp['student']} (ce+kd) on CPU, {ddp['num_samples']} samples x {ddp['epochs']} "
+                f"epoch(s), batch {ddp['batch_size_per_process']} per process, best of {ddp['rounds']} round(s)",
+                [{"processes": r["processes"], "samples / s": f"{r['samples_per_s']:.0f}",
+                  "/ 1 process": f"{r['over_one']:.2f}"} for r in ddp["rows"]])
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2))
 

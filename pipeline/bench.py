@@ -172,6 +172,32 @@ def bench_tcs_vs_online_kd(tmp: str, quick: bool = False, device: str = "auto") 
     return bench_student_steps(cache, "test_resnet", TCS_CONFIGS, epochs=1 if quick else 2, rounds=1 if quick else 2)
 
 
+def bench_ddp(tmp: str, quick: bool = False, student: str = "test_resnet", batch_size: int = 64) -> dict[str, Any]:
+    """Training samples/s of one student (CE+KD) on 2 DDP processes vs 1, both under torchrun on CPU, from a
+    digits cache of an untrained resnet10t (README "Distributed students"). `batch_size` is per process, as
+    DDP scales: 2 processes take half the steps of twice the samples. Throughput is samples trained over
+    train_seconds (evaluation excluded); configurations alternate, the best of the rounds counts."""
+    from pipeline.teacher.cache_pass import run_cache_pass
+    from pipeline.train.config import RunSettings, TrainConfig
+    from pipeline.train.distributed import launch
+
+    cache = str(Path(tmp) / "ddp-cache")
+    run_cache_pass(CacheRequest(dataset="digits", teacher="resnet10t", out=cache, subset=256 if quick else None,
+                                views=2, device="cpu"))
+    epochs, rounds = (1, 1) if quick else (2, 2)
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    for r in range(rounds):
+        for nproc in rates:
+            settings = RunSettings(epochs=epochs, batch_size=batch_size, device="cpu", eval_every=epochs)
+            summary = launch(TrainConfig(cache, student, ("ce", "kd"), str(Path(tmp) / f"ddp-{nproc}-{r}"), settings),
+                             nproc, quiet=True)
+            rates[nproc].append(summary["num_samples"] * epochs / summary["train_seconds"])
+    best = {nproc: max(v) for nproc, v in rates.items()}
+    return {"bench": "ddp", "student": student, "num_samples": summary["num_samples"], "epochs": epochs,
+            "batch_size_per_process": batch_size, "rounds": rounds,
+            "rows": [{"processes": n, "samples_per_s": best[n], "over_one": best[n] / best[1]} for n in best]}
+
+
 # Teacher-pass rows of `distillery bench`: the demo teacher, and one whose forward costs 4x more per image
 # and whose outputs are 4x wider (2048-d pooled features, 1024-channel Gaussians), so writing costs more too.
 PASS_TEACHERS = ("resnet10t", "resnet50")
@@ -180,7 +206,8 @@ PASS_TEACHERS = ("resnet10t", "resnet50")
 def run_benchmarks(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     """`distillery bench`: the teacher pass against a bare forward loop (per teacher in `PASS_TEACHERS`),
     then student step times and peak memory per method (cached vs online KD included) for a test_resnet
-    student of a resnet10t teacher on digits, then TCS against online KD for a `TCS_TEACHER` teacher.
+    student of a resnet10t teacher on digits, then TCS against online KD for a `TCS_TEACHER` teacher, then
+    DDP on 2 CPU processes against 1 (`bench_ddp`).
     `quick`: the first teacher only, fewer samples, one round."""
     from pipeline.teacher.cache_pass import run_cache_pass
     from pipeline.teacher.fit import FitConfig, fit_teacher
@@ -199,4 +226,5 @@ def run_benchmarks(quick: bool = False, device: str = "auto") -> dict[str, Any]:
         steps = bench_student_steps(cache, "test_resnet", STEP_CONFIGS, epochs=1 if quick else 2,
                                     rounds=1 if quick else 2)
         tcs = bench_tcs_vs_online_kd(tmp, quick, device)
-    return {"teacher_pass": passes, "student_steps": steps, "tcs_vs_online_kd": tcs}
+        ddp = bench_ddp(tmp, quick)
+    return {"teacher_pass": passes, "student_steps": steps, "tcs_vs_online_kd": tcs, "ddp": ddp}

@@ -177,7 +177,7 @@ def check_world(blocks: list[list[int]], world_size: int) -> None:
     idle = [r for r in range(world_size) if not rank_parts(blocks, r, world_size)]
     if idle:
         raise TrainError(f"{world_size} processes but the cache's {sum(map(len, blocks))} blocks leave rank(s) "
-                         f"{idle} nothing to read; use fewer processes, or re-cache with a smaller block size")
+                         f"{idle} nothing to read; use fewer processes")
 
 
 class IdLog:
@@ -205,12 +205,15 @@ def torchrun_command(nproc: int, config: TrainConfig) -> list[str]:
             "-m", "pipeline.train.distributed", json.dumps(config.to_dict())]
 
 
-def launch(config: TrainConfig, nproc: int) -> dict[str, Any]:
-    """Train `config` with `nproc` processes under torchrun; the run's summary (RUNDIR/summary.json)."""
-    done = subprocess.run(torchrun_command(nproc, config), check=False)
+def launch(config: TrainConfig, nproc: int, quiet: bool = False) -> dict[str, Any]:
+    """Train `config` with `nproc` processes under torchrun; the run's summary (RUNDIR/summary.json).
+    `quiet`: keep the ranks' output, and show its end only if the run fails."""
+    done = subprocess.run(torchrun_command(nproc, config), check=False, capture_output=quiet, text=True)
     if done.returncode != 0:
+        said = "its ranks' output above says why" if not quiet else \
+            "its ranks said: " + " | ".join((done.stdout + done.stderr).strip().splitlines()[-3:])
         raise TrainError(f"the {nproc}-process run of {config.student} into {config.out} failed (exit "
-                         f"{done.returncode}); its ranks' output above says why")
+                         f"{done.returncode}); {said}")
     return json.loads((Path(config.out) / "summary.json").read_text())
 
 
