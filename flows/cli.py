@@ -473,9 +473,10 @@ def bench_cmd(
                     f"{steps['teacher_over_student_flops']:.1f}x the student's FLOPs; best of {steps['rounds']} "
                     f"round(s))", rows)
     ddp = results["ddp"]
-    print_table(f"DDP: student {ddp['student']} (ce+kd) on CPU, {ddp['num_samples']} samples x {ddp['epochs']} "
-                f"epoch(s), batch {ddp['batch_size_per_process']} per process, best of {ddp['rounds']} round(s)",
-                [{"processes": r["processes"], "samples / s": f"{r['samples_per_s']:.0f}",
+    print_table(f"DDP: student {ddp['student']} (ce+kd) on {ddp['cpus']} CPUs, {ddp['num_samples']} samples x "
+                f"{ddp['epochs']} epoch(s), batch {ddp['batch_size_per_process']} per process, best of {ddp['rounds']} "
+                f"round(s); / 1 process: over the first row",
+                [{"processes": r["processes"], "threads each": r["threads"], "samples / s": f"{r['samples_per_s']:.0f}",
                   "/ 1 process": f"{r['over_one']:.2f}"} for r in ddp["rows"]])
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2))

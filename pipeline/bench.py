@@ -5,6 +5,7 @@ Nothing here asserts a speed: `distillery bench` prints the numbers, tests only 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -172,11 +173,17 @@ def bench_tcs_vs_online_kd(tmp: str, quick: bool = False, device: str = "auto") 
     return bench_student_steps(cache, "test_resnet", TCS_CONFIGS, epochs=1 if quick else 2, rounds=1 if quick else 2)
 
 
+# (processes, torch threads per process) of `bench_ddp`: the machine's cores shared by 1 or 2 processes, and
+# 1 process on 1 thread, the per-core reference that tells DDP's gain from the threads' (in)efficiency.
+DDP_CONFIGS = ((1, None), (2, None), (1, 1))
+
+
 def bench_ddp(tmp: str, quick: bool = False, student: str = "test_resnet", batch_size: int = 64) -> dict[str, Any]:
-    """Training samples/s of one student (CE+KD) on 2 DDP processes vs 1, both under torchrun on CPU, from a
-    digits cache of an untrained resnet10t (README "Distributed students"). `batch_size` is per process, as
-    DDP scales: 2 processes take half the steps of twice the samples. Throughput is samples trained over
-    train_seconds (evaluation excluded); configurations alternate, the best of the rounds counts."""
+    """Training samples/s of one student (CE+KD) on 2 DDP processes vs 1, all under torchrun on CPU, from a
+    digits cache of an untrained resnet10t (README "Distributed students"). Threads per process: the CPUs
+    this process may use divided by the processes, or as `DDP_CONFIGS` says. `batch_size` is per process,
+    as DDP scales: 2 processes take half the steps of twice the samples. Throughput is samples trained
+    over train_seconds (evaluation excluded); configurations alternate, the best of the rounds counts."""
     from pipeline.teacher.cache_pass import run_cache_pass
     from pipeline.train.config import RunSettings, TrainConfig
     from pipeline.train.distributed import launch
@@ -185,17 +192,20 @@ def bench_ddp(tmp: str, quick: bool = False, student: str = "test_resnet", batch
     run_cache_pass(CacheRequest(dataset="digits", teacher="resnet10t", out=cache, subset=256 if quick else None,
                                 views=2, device="cpu"))
     epochs, rounds = (1, 1) if quick else (2, 2)
-    rates: dict[int, list[float]] = {1: [], 2: []}
+    cpus = len(os.sched_getaffinity(0))
+    configs = list(dict.fromkeys((nproc, threads or max(1, cpus // nproc)) for nproc, threads in DDP_CONFIGS))
+    rates: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
     for r in range(rounds):
-        for nproc in rates:
+        for nproc, threads in configs:
             settings = RunSettings(epochs=epochs, batch_size=batch_size, device="cpu", eval_every=epochs)
-            summary = launch(TrainConfig(cache, student, ("ce", "kd"), str(Path(tmp) / f"ddp-{nproc}-{r}"), settings),
-                             nproc, quiet=True)
-            rates[nproc].append(summary["num_samples"] * epochs / summary["train_seconds"])
-    best = {nproc: max(v) for nproc, v in rates.items()}
+            out = str(Path(tmp) / f"ddp-{nproc}x{threads}-{r}")
+            summary = launch(TrainConfig(cache, student, ("ce", "kd"), out, settings), nproc, True, threads)
+            rates[(nproc, threads)].append(summary["num_samples"] * epochs / summary["train_seconds"])
+    best = {c: max(v) for c, v in rates.items()}
     return {"bench": "ddp", "student": student, "num_samples": summary["num_samples"], "epochs": epochs,
-            "batch_size_per_process": batch_size, "rounds": rounds,
-            "rows": [{"processes": n, "samples_per_s": best[n], "over_one": best[n] / best[1]} for n in best]}
+            "batch_size_per_process": batch_size, "rounds": rounds, "cpus": cpus,
+            "rows": [{"processes": n, "threads": t, "samples_per_s": best[(n, t)],
+                      "over_one": best[(n, t)] / best[configs[0]]} for n, t in best]}
 
 
 # Teacher-pass rows of `distillery bench`: the demo teacher, and one whose forward costs 4x more per image

@@ -205,10 +205,12 @@ def torchrun_command(nproc: int, config: TrainConfig) -> list[str]:
             "-m", "pipeline.train.distributed", json.dumps(config.to_dict())]
 
 
-def launch(config: TrainConfig, nproc: int, quiet: bool = False) -> dict[str, Any]:
+def launch(config: TrainConfig, nproc: int, quiet: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Train `config` with `nproc` processes under torchrun; the run's summary (RUNDIR/summary.json).
-    `quiet`: keep the ranks' output, and show its end only if the run fails."""
-    done = subprocess.run(torchrun_command(nproc, config), check=False, capture_output=quiet, text=True)
+    `quiet`: keep the ranks' output, and show its end only if the run fails. `threads`: torch threads per
+    process (OMP_NUM_THREADS; default: torchrun's, 1 per process when there are several)."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    done = subprocess.run(torchrun_command(nproc, config), check=False, capture_output=quiet, text=True, env=env)
     if done.returncode != 0:
         said = "its ranks' output above says why" if not quiet else \
             "its ranks said: " + " | ".join((done.stdout + done.stderr).strip().splitlines()[-3:])

@@ -181,10 +181,11 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     one process reports the process's peak so far), cache, online_teacher, params (student parameters),
     and teacher, dataset, num_samples, input_size, batch_size, steps, final_loss, device, out,
     val_skipped_images (undecodable val images left out under --on-bad-image skip), environment (CPU,
-    kernel capability, threads, versions: what must match to reproduce the numbers, `describe_environment`).
+    kernel capability, threads, versions: what must match to reproduce the numbers, `describe_environment`),
+    world_size (the processes that trained it).
     The run holds RUNDIR's lock throughout (`RunDir.locked`). Under torchrun the ranks train it together
-    with DDP (`pipeline.train.distributed`): rank 0 holds the lock and writes RUNDIR, and its summary adds
-    world_size; every rank returns the summary.
+    with DDP (`pipeline.train.distributed`): rank 0 holds the lock and writes RUNDIR; every rank returns the
+    summary.
     """
     world = World.from_env()
     device = world.device(resolve_device(config.settings.device))
