@@ -210,7 +210,8 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
     teacher_size = online.input_size if online is not None and online.input_size != size else None
     stream = CacheStream(cache, size, frozenset() if online else setup.needs, s.seed, s.shuffle_buffer, teacher_size,
                          world.rank, world.size)
-    steps, own_steps = stream.steps_per_epoch(s.batch_size, s.workers), stream.batches_per_epoch(s.batch_size, s.workers)
+    steps = stream.steps_per_epoch(s.batch_size, s.workers)  # every rank's; its own may be fewer
+    own_steps = stream.batches_per_epoch(s.batch_size, s.workers)
     model = wrap(DistillStep(student, methods), world, device)
     id_log = IdLog.from_env(world)
     # A method may share a module with the student (a head it adopted): each parameter once.

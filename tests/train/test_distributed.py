@@ -25,7 +25,7 @@ from pipeline.train.stream import block_sizes, rank_parts, split_parts, stream_b
 
 BATCH = 32
 TRAIN = ["train", "--student", "test_resnet", "--method", "ce", "--method", "tcs", "--epochs", "2", "--batch-size",
-         str(BATCH), "--device", "cpu"]
+         str(BATCH), "--device", "cpu", "--workers", "0"]  # DataLoader workers per rank: test_stream.py
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,11 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
+def _logged_epochs(ids: Path) -> set[int]:
+    logs = [ids / f"rank-{rank}.jsonl" for rank in (0, 1)]
+    return {json.loads(line)["epoch"] for log in logs if log.exists() for line in log.read_text().splitlines()}
+
+
 def _seen(ids: Path) -> dict[int, list[tuple[int, int, int]]]:
     """epoch -> (rank, id, view) of every logged sample."""
     seen: dict[int, list[tuple[int, int, int]]] = {}
@@ -98,8 +103,7 @@ def test_two_processes_see_every_id_once_per_epoch_and_resume_after_a_kill(uneve
     run = _torchrun(args, first, log)
     deadline = time.monotonic() + 120
     # Kill both ranks and torchrun once epoch 1 is under way: its first step is logged, epoch 0 checkpointed.
-    while not ((out / "checkpoint.pt").exists() and any(json.loads(line)["epoch"] == 1 for rank in (0, 1) if
-               (first / f"rank-{rank}.jsonl").exists() for line in (first / f"rank-{rank}.jsonl").read_text().splitlines())):
+    while not ((out / "checkpoint.pt").exists() and 1 in _logged_epochs(first)):
         assert run.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "epoch 1 did not start within 120 s"
         time.sleep(0.2)
@@ -119,8 +123,8 @@ def test_two_processes_see_every_id_once_per_epoch_and_resume_after_a_kill(uneve
     _assert_exactly_once(seen[1], cache, epoch=1)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs"] == 2 and summary["steps"] == 2 * max(counts)
-    epochs = [r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
-    assert epochs == [0, 1]
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0, 1]
 
     # A resume with another number of processes is refused before anything starts (the global batch differs).
     config = TrainConfig(**{**json.loads((out / "config.json").read_text()), "settings": {

@@ -106,7 +106,7 @@ def test_split_parts_follows_webdataset_worker_order() -> None:
 
 @pytest.mark.parametrize("num_shards", [1, 3, 4, 7])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5])
-def test_rank_parts_give_every_block_to_exactly_one_rank_and_each_rank_its_share_within_one_block(num_shards, world_size) -> None:
+def test_rank_parts_give_each_block_to_one_rank_and_each_rank_its_share_within_a_block(num_shards, world_size) -> None:
     shards, start = [], 0
     for i in range(num_shards):  # uneven shards, the last one short
         stop = start + 100 + 37 * (i % 3) - (23 if i == num_shards - 1 else 0)
