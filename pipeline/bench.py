@@ -189,8 +189,9 @@ def bench_ddp(tmp: str, quick: bool = False, student: str = "test_resnet", batch
     from pipeline.train.distributed import launch
 
     cache = str(Path(tmp) / "ddp-cache")
+    # Quick: blocks of 64 samples, so that 256 samples still give each process blocks of its own.
     run_cache_pass(CacheRequest(dataset="digits", teacher="resnet10t", out=cache, subset=256 if quick else None,
-                                views=2, device="cpu"))
+                                views=2, block_size=64 if quick else 256, device="cpu"))
     epochs, rounds = (1, 1) if quick else (2, 2)
     cpus = len(os.sched_getaffinity(0))
     configs = list(dict.fromkeys((nproc, threads or max(1, cpus // nproc)) for nproc, threads in DDP_CONFIGS))

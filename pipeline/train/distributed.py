@@ -212,8 +212,9 @@ def launch(config: TrainConfig, nproc: int, quiet: bool = False, threads: int | 
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     done = subprocess.run(torchrun_command(nproc, config), check=False, capture_output=quiet, text=True, env=env)
     if done.returncode != 0:
-        said = "its ranks' output above says why" if not quiet else \
-            "its ranks said: " + " | ".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        errors = [line for line in lines if line.startswith("error (rank")]  # what `main` prints
+        said = "its ranks' output above says why" if not quiet else f"its ranks said: {' | '.join(errors or lines[-3:])}"
         raise TrainError(f"the {nproc}-process run of {config.student} into {config.out} failed (exit "
                          f"{done.returncode}); {said}")
     return json.loads((Path(config.out) / "summary.json").read_text())
