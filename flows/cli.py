@@ -374,9 +374,11 @@ def train_distributed(cache: str, students: "list[StudentSpec]", out: str, setti
     from pipeline.train.loop import check_run, train_student
 
     world = World.from_env()
-    if nproc < 1 or (under_torchrun() and nproc not in (1, world.size)):
-        raise TrainError(f"--nproc {nproc}: give a number of processes >= 1 (under torchrun: its world size, "
-                         f"{world.size}, or leave it out)")
+    if nproc < 1:
+        raise TrainError(f"--nproc {nproc}: give a number of processes >= 1")
+    if under_torchrun() and nproc not in (1, world.size):
+        raise TrainError(f"--nproc {nproc} under torchrun, whose world size is {world.size}: leave --nproc out "
+                         f"(torchrun's --nproc-per-node decides)")
     configs = plan_runs(cache, students, out, settings)
     for config in configs:  # bad input is one line here, before any process starts
         check_run(config, world.size if under_torchrun() else nproc)
