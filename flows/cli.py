@@ -9,8 +9,9 @@ import os
 import re
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 from flows.server import default_prefect_home, start_temporary_server
 
@@ -35,6 +36,9 @@ from pipeline.options import OptionError, check_device, default_of  # noqa: E402
 from pipeline.teacher.cache_pass import CacheRequest, recompute_statistics  # noqa: E402
 from pipeline.teacher.fit import OBJECTIVES, FitConfig  # noqa: E402
 from pipeline.teacher.verify import verify_cache  # noqa: E402
+
+if TYPE_CHECKING:
+    from pipeline.train.config import RunSettings, StudentSpec
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect's console logs would tear through the progress display and print a traceback before the one-line
@@ -450,14 +454,18 @@ def train_cmd(
     on_bad_image: Annotated[OnBadImage, Setting("on_bad_image")] = default_of(TrainSettings, "on_bad_image"),
     allow_untrained_classifier: Annotated[bool, typer.Option(help="train a method combination that leaves the "
                                                                   "classifier untrained (refused otherwise)")] = False,
+    nproc: Annotated[int, typer.Option(help="train each student with this many DDP processes (torchrun on this "
+                                            "machine, outside the Prefect flow; --batch-size is per process)")] = 1,
 ) -> None:
-    """Train students from a teacher cache (Prefect flow): every --student with every method combination (or a
-    --sweep file's), in one flow run; prints a comparison table."""
+    """Train students from a teacher cache (Prefect flow; under torchrun or with --nproc N, DDP without the flow):
+    every --student with every method combination (or a --sweep file's), in one flow run; prints a comparison
+    table."""
     from flows.params import Student, SweepFile
     from flows.train_students import plan_sweep, train_students
     from pipeline.cache.store import TeacherCache
     from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
     from pipeline.train.config import TrainError
+    from pipeline.train.distributed import under_torchrun
 
     plan = SweepFile.load(sweep) if sweep is not None else SweepFile()
     # A --sweep file's settings, overridden by the settings options given on this command line.
@@ -477,6 +485,9 @@ def train_cmd(
     if not students:
         raise TrainError("no student given; pass --student TIMM_NAME --method ce (or a --sweep file with students)")
     warn(untrained_classifier([s.spec() for s in students], allow_untrained_classifier))
+    if nproc != 1 or under_torchrun():
+        train_distributed(str(cache), [s.spec() for s in students], str(out), params.run_settings(), nproc)
+        return
     configs = plan_sweep(str(cache), students, str(out), params)  # bad input is one line here, not a failed run
     done = {c.out: completed_run(c) for c in configs}
     for run_dir, summary in done.items():
@@ -544,6 +555,33 @@ def experiments_cmd() -> None:
     console.print(table)
 
 
+def train_distributed(cache: str, students: "list[StudentSpec]", out: str, settings: "RunSettings",
+                      nproc: int) -> None:
+    """DDP students (README "Distributed students"): under torchrun every rank trains each student in turn
+    and rank 0 prints the table; with --nproc N this process checks the sweep, then runs torchrun per student."""
+    from pipeline.train.config import TrainError, plan_runs
+    from pipeline.train.distributed import World, launch, under_torchrun
+    from pipeline.train.loop import check_run, train_student
+
+    world = World.from_env()
+    if nproc < 1:
+        raise TrainError(f"--nproc {nproc}: give a number of processes >= 1")
+    if under_torchrun() and nproc not in (1, world.size):
+        raise TrainError(f"--nproc {nproc} under torchrun, whose world size is {world.size}: leave --nproc out "
+                         f"(torchrun's --nproc-per-node decides)")
+    configs = plan_runs(cache, students, out, settings)
+    for config in configs:  # bad input is one line here, before any process starts
+        check_run(config, world.size if under_torchrun() else nproc)
+    if under_torchrun():
+        with show_progress() if world.is_main else nullcontext():
+            summaries = [train_student(config) for config in configs]
+    else:
+        summaries = [launch(config, nproc) for config in configs]
+    if world.is_main:
+        print_students(f"students trained from {cache} by {summaries[0]['world_size']} processes", summaries)
+        report_skipped("the val split", summaries[0]["val_skipped_images"])
+
+
 @app.command("runs")
 def runs_cmd(
     rundirs: Annotated[list[Path], typer.Argument(help="run directories, or folders holding them (searched "
@@ -602,7 +640,8 @@ def bench_cmd(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results here")] = None,
     device: Annotated[str, Device()] = default_of(run_benchmarks, "device"),
 ) -> None:
-    """Print the benchmarks: teacher pass vs bare forward; student step time and peak memory per method."""
+    """Print the benchmarks: teacher pass vs bare forward; student step time and peak memory per method; DDP on
+    2 CPU processes vs 1."""
 
     with show_progress():
         results = run_benchmarks(quick=quick, device=device)
@@ -625,6 +664,12 @@ def bench_cmd(
         print_table(f"student {steps['student']} step time from the cache of {steps['teacher']} (teacher forward = "
                     f"{steps['teacher_over_student_flops']:.1f}x the student's FLOPs; best of {steps['rounds']} "
                     f"round(s))", rows)
+    ddp = results["ddp"]
+    print_table(f"DDP: student {ddp['student']} (ce+kd) on {ddp['cpus']} CPUs, {ddp['num_samples']} samples x "
+                f"{ddp['epochs']} epoch(s), batch {ddp['batch_size_per_process']} per process, best of {ddp['rounds']} "
+                f"round(s); / 1 process: over the first row",
+                [{"processes": r["processes"], "threads each": r["threads"], "samples / s": f"{r['samples_per_s']:.0f}",
+                  "/ 1 process": f"{r['over_one']:.2f}"} for r in ddp["rows"]])
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2))
 

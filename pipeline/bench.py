@@ -5,6 +5,7 @@ Nothing here asserts a speed: `distillery bench` prints the numbers, tests only 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -172,6 +173,42 @@ def bench_tcs_vs_online_kd(tmp: str, quick: bool = False, device: str = "auto") 
     return bench_student_steps(cache, "test_resnet", TCS_CONFIGS, epochs=1 if quick else 2, rounds=1 if quick else 2)
 
 
+# (processes, torch threads per process) of `bench_ddp`: the machine's cores shared by 1 or 2 processes, and
+# 1 process on 1 thread, the per-core reference that tells DDP's gain from the threads' (in)efficiency.
+DDP_CONFIGS = ((1, None), (2, None), (1, 1))
+
+
+def bench_ddp(tmp: str, quick: bool = False, student: str = "test_resnet", batch_size: int = 64) -> dict[str, Any]:
+    """Training samples/s of one student (CE+KD) on 2 DDP processes vs 1, all under torchrun on CPU, from a
+    digits cache of an untrained resnet10t (README "Distributed students"). Threads per process: the CPUs
+    this process may use divided by the processes, or as `DDP_CONFIGS` says. `batch_size` is per process,
+    as DDP scales: 2 processes take half the steps of twice the samples. Throughput is samples trained
+    over train_seconds (evaluation excluded); configurations alternate, the best of the rounds counts."""
+    from pipeline.teacher.cache_pass import run_cache_pass
+    from pipeline.train.config import RunSettings, TrainConfig
+    from pipeline.train.distributed import launch
+
+    cache = str(Path(tmp) / "ddp-cache")
+    # Quick: blocks of 64 samples, so that 256 samples still give each process blocks of its own.
+    run_cache_pass(CacheRequest(dataset="digits", teacher="resnet10t", out=cache, subset=256 if quick else None,
+                                views=2, block_size=64 if quick else 256, device="cpu"))
+    epochs, rounds = (1, 1) if quick else (2, 2)
+    cpus = len(os.sched_getaffinity(0))
+    configs = list(dict.fromkeys((nproc, threads or max(1, cpus // nproc)) for nproc, threads in DDP_CONFIGS))
+    rates: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
+    for r in range(rounds):
+        for nproc, threads in configs:
+            settings = RunSettings(epochs=epochs, batch_size=batch_size, device="cpu", eval_every=epochs)
+            out = str(Path(tmp) / f"ddp-{nproc}x{threads}-{r}")
+            summary = launch(TrainConfig(cache, student, ("ce", "kd"), out, settings), nproc, True, threads)
+            rates[(nproc, threads)].append(summary["num_samples"] * epochs / summary["train_seconds"])
+    best = {c: max(v) for c, v in rates.items()}
+    return {"bench": "ddp", "student": student, "num_samples": summary["num_samples"], "epochs": epochs,
+            "batch_size_per_process": batch_size, "rounds": rounds, "cpus": cpus,
+            "rows": [{"processes": n, "threads": t, "samples_per_s": best[(n, t)],
+                      "over_one": best[(n, t)] / best[configs[0]]} for n, t in best]}
+
+
 # Teacher-pass rows of `distillery bench`: the demo teacher, and one whose forward costs 4x more per image
 # and whose outputs are 4x wider (2048-d pooled features, 1024-channel Gaussians), so writing costs more too.
 PASS_TEACHERS = ("resnet10t", "resnet50")
@@ -180,7 +217,8 @@ PASS_TEACHERS = ("resnet10t", "resnet50")
 def run_benchmarks(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     """`distillery bench`: the teacher pass against a bare forward loop (per teacher in `PASS_TEACHERS`),
     then student step times and peak memory per method (cached vs online KD included) for a test_resnet
-    student of a resnet10t teacher on digits, then TCS against online KD for a `TCS_TEACHER` teacher.
+    student of a resnet10t teacher on digits, then TCS against online KD for a `TCS_TEACHER` teacher, then
+    DDP on 2 CPU processes against 1 (`bench_ddp`).
     `quick`: the first teacher only, fewer samples, one round."""
     from pipeline.teacher.cache_pass import run_cache_pass
     from pipeline.teacher.fit import FitConfig, fit_teacher
@@ -199,4 +237,5 @@ def run_benchmarks(quick: bool = False, device: str = "auto") -> dict[str, Any]:
         steps = bench_student_steps(cache, "test_resnet", STEP_CONFIGS, epochs=1 if quick else 2,
                                     rounds=1 if quick else 2)
         tcs = bench_tcs_vs_online_kd(tmp, quick, device)
-    return {"teacher_pass": passes, "student_steps": steps, "tcs_vs_online_kd": tcs}
+        ddp = bench_ddp(tmp, quick)
+    return {"teacher_pass": passes, "student_steps": steps, "tcs_vs_online_kd": tcs, "ddp": ddp}

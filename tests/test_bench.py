@@ -44,6 +44,10 @@ def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypat
     assert results["tcs_vs_online_kd"]["teacher_over_student_flops"] >= 5
     assert tcs["ce+kd online"]["over_online_kd"] == 1.0 and tcs["ce+kd online"]["rss_over_online_kd"] == 1.0
     assert tcs["ce+tcs"]["over_online_kd"] == tcs["ce+tcs"]["step_ms"] / tcs["ce+kd online"]["step_ms"]
+    first, *others = results["ddp"]["rows"]
+    assert (first["processes"], first["over_one"]) == (1, 1.0) and "DDP: student test_resnet" in result.output
+    assert 2 in {r["processes"] for r in others}
+    assert all(r["over_one"] == r["samples_per_s"] / first["samples_per_s"] > 0 for r in others)
 
 
 def test_flops_grow_with_the_model() -> None:

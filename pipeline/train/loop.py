@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,13 @@ from pipeline.options import check_output_dir
 from pipeline.progress import progress_task
 from pipeline.teacher.cache_pass import resolve_device
 from pipeline.train.config import TrainConfig, TrainError
+from pipeline.train.distributed import (DistillStep, IdLog, World, check_world, equalised, process_group, step_totals,
+                                        wrap)
 from pipeline.train.evaluate import evaluate_accuracy
 from pipeline.train.online import OnlineTeacher
 from pipeline.train.optim import build_optimizer, cosine_schedule
 from pipeline.train.rundir import RunDir
-from pipeline.train.stream import CacheStream, epoch_seed
+from pipeline.train.stream import CacheStream, block_sizes, epoch_seed
 from pipeline.train.student import Student
 
 # Per-epoch lines; a Prefect flow forwards the `distillery` logger to its run's logs (flows.runtime).
@@ -132,7 +134,7 @@ class RunSetup:
     checkpoint: dict[str, Any] | None
 
 
-def setup_run(config: TrainConfig, device: torch.device) -> RunSetup:
+def setup_run(config: TrainConfig, device: torch.device, world_size: int = 1) -> RunSetup:
     """Check the device, --out (writable, not in use by another run), the cache, the classes, the student,
     its methods, the online teacher's prerequisites and the run directory (resume); every bad input is a
     one-line DistilleryError, and nothing is written."""
@@ -145,6 +147,7 @@ def setup_run(config: TrainConfig, device: torch.device) -> RunSetup:
     manifest = cache.manifest
     val = load_dataset(manifest.dataset["name"], "val", on_bad_image=s.on_bad_image)
     check_classes(cache, val)
+    check_world(block_sizes(manifest.shards, manifest.storage["block_size"]), world_size)
     size = s.input_size or manifest.teacher["input_size"]
     torch.manual_seed(s.seed)
     student = Student(config.student, cache.num_classes, manifest.teacher["in_chans"], size,
@@ -155,14 +158,16 @@ def setup_run(config: TrainConfig, device: torch.device) -> RunSetup:
     needs = frozenset().union(*(m.needs for m in methods.values()))
     if s.online_teacher:
         OnlineTeacher.check(cache, needs)
-    identity = {**config.identity(), "cache_fingerprint": cache_fingerprint(cache)}
+    identity = {**config.identity(), "cache_fingerprint": cache_fingerprint(cache),
+                **World(size=world_size).identity()}
     checkpoint = run.load_checkpoint(config, identity)
     return RunSetup(cache, val, size, student, methods, needs, identity, checkpoint)
 
 
-def check_run(config: TrainConfig) -> None:
-    """Fail fast, before any orchestration starts, on what `train_student` would refuse."""
-    setup_run(config, torch.device("cpu"))
+def check_run(config: TrainConfig, world_size: int | None = None) -> None:
+    """Fail fast, before any orchestration starts, on what `train_student` would refuse (with `world_size`
+    processes; default: this process's world, one process outside torchrun)."""
+    setup_run(config, torch.device("cpu"), World.from_env().size if world_size is None else world_size)
 
 
 def train_student(config: TrainConfig) -> dict[str, Any]:
@@ -176,27 +181,39 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     one process reports the process's peak so far), cache, online_teacher, params (student parameters),
     and teacher, dataset, num_samples, input_size, batch_size, steps, final_loss, device, out,
     val_skipped_images (undecodable val images left out under --on-bad-image skip), environment (CPU,
-    kernel capability, threads, versions: what must match to reproduce the numbers, `describe_environment`).
-    The run holds RUNDIR's lock throughout (`RunDir.locked`).
+    kernel capability, threads, versions: what must match to reproduce the numbers, `describe_environment`),
+    world_size (the processes that trained it).
+    The run holds RUNDIR's lock throughout (`RunDir.locked`). Under torchrun the ranks train it together
+    with DDP (`pipeline.train.distributed`): rank 0 holds the lock and writes RUNDIR; every rank returns the
+    summary.
     """
-    device = resolve_device(config.settings.device)
-    setup = setup_run(config, device)
-    run = RunDir(config.out)
-    with run.locked():
-        # Read again under the lock: a run that held it a moment ago may have checkpointed since the check.
-        setup.checkpoint = run.load_checkpoint(config, setup.identity)
-        return _train(config, setup, run, device)
+    world = World.from_env()
+    device = world.device(resolve_device(config.settings.device))
+    with process_group(world, device):
+        setup = setup_run(config, device, world.size)
+        run = RunDir(config.out)
+        world.barrier()  # every rank has found --out unlocked before rank 0 locks it
+        with run.locked() if world.is_main else nullcontext():
+            world.barrier()
+            # Read again under the lock: a run that held it a moment ago may have checkpointed since the check.
+            setup.checkpoint = run.load_checkpoint(config, setup.identity)
+            world.barrier()  # every rank has read it before rank 0 rewrites config.json
+            return _train(config, setup, run, device, world)
 
 
-def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.device) -> dict[str, Any]:
+def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.device, world: World) -> dict[str, Any]:
     s = config.settings
     cache, val, size, student, methods = setup.cache, setup.val, setup.size, setup.student, setup.methods
     manifest = cache.manifest
     mean, std = manifest.teacher["mean"], manifest.teacher["std"]
     online = OnlineTeacher(cache, setup.needs, device) if s.online_teacher else None
     teacher_size = online.input_size if online is not None and online.input_size != size else None
-    stream = CacheStream(cache, size, frozenset() if online else setup.needs, s.seed, s.shuffle_buffer, teacher_size)
-    steps = stream.batches_per_epoch(s.batch_size, s.workers)
+    stream = CacheStream(cache, size, frozenset() if online else setup.needs, s.seed, s.shuffle_buffer, teacher_size,
+                         world.rank, world.size)
+    steps = stream.steps_per_epoch(s.batch_size, s.workers)  # every rank's; its own may be fewer
+    own_steps = stream.batches_per_epoch(s.batch_size, s.workers)
+    model = wrap(DistillStep(student, methods), world, device)
+    id_log = IdLog.from_env(world)
     # A method may share a module with the student (a head it adopted): each parameter once.
     params = list({id(p): p for p in [*student.parameters(), *methods.parameters()] if p.requires_grad}.values())
     optimizer = build_optimizer(params, s.optim)
@@ -211,7 +228,8 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         state = ckpt["state"]
-    run.start(config, state["epoch"])
+    if world.is_main:
+        run.start(config, state["epoch"])
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     label = f"{config.student} [{'+'.join(methods)}]"
@@ -223,7 +241,9 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
             methods.train()
             records: list[dict[str, Any]] = []
             start = last = time.perf_counter()
-            for step, batch in enumerate(stream.loader(epoch, s.batch_size, s.workers, device.type == "cuda")):
+            batches = stream.loader(epoch, s.batch_size, s.workers, device.type == "cuda")
+            real_steps = 0
+            for step, (batch, real) in enumerate(equalised(batches, steps)):
                 x, y = batch["input"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
                 if online is not None:
                     targets = online(batch.get("teacher_input", batch["input"]))
@@ -231,15 +251,16 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
                     targets = _to_device(batch["targets"], device)
                 progress = TrainingProgress(epoch=epoch, step=step, steps_per_epoch=steps, total_epochs=s.epochs)
                 with autocast:
-                    outputs = student(x)
-                    terms = {k: v for m in methods.values() for k, v in m(outputs, targets, y, progress).items()}
+                    terms = model(x, targets, y, progress)
                 loss = torch.stack([t.float() for t in terms.values()]).sum()
-                values = {k: v.item() for k, v in terms.items()}
-                if not math.isfinite(loss.item()):  # stop before the update spoils the weights and the checkpoint
-                    raise TrainError(f"{label}: loss is {loss.item()} at epoch {epoch} step {step} ({values}); "
-                                     f"lower --lr or set --clip-grad")
+                samples = len(y) if real else 0  # a padding step trains at weight zero
+                totals = step_totals(world, samples, loss, terms)
+                values = totals.terms
+                if not totals.finite:  # stop before the update spoils the weights and the checkpoint
+                    raise TrainError(f"{label}: loss is {loss.item()} at epoch {epoch} step {step} "
+                                     f"({ {k: v.item() for k, v in terms.items()} }); lower --lr or set --clip-grad")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * totals.weight(samples, world)).backward()
                 if s.optim.clip_grad is not None:
                     nn.utils.clip_grad_norm_(params, s.optim.clip_grad)
                 optimizer.step()
@@ -248,22 +269,27 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
                 if step > 0:  # the first step of an epoch waits for the workers to start and the buffer to fill
                     state["step_seconds_sum"] += now - last
                     state["step_count"] += 1
-                records.append({"kind": "step", "epoch": epoch, "step": state["step"], "loss": loss.item(), **values,
+                if real and id_log is not None:
+                    id_log.write(epoch, state["step"], batch["id"], batch["view"])
+                records.append({"kind": "step", "epoch": epoch, "step": state["step"], "loss": totals.loss, **values,
                                 "lr": schedule.get_last_lr()[0], "step_seconds": now - last})
                 last = now
                 state["step"] += 1
-                bar.advance(len(y))
-            if len(records) != steps:
-                raise TrainError(f"epoch {epoch} gave {len(records)} batches, {steps} were planned; the cache's "
+                real_steps += real
+                bar.advance(totals.samples)
+            if real_steps != own_steps:
+                raise TrainError(f"epoch {epoch} gave {real_steps} batches, {own_steps} were planned; the cache's "
                                  f"shards do not match its manifest")
             state["train_seconds"] += time.perf_counter() - start
             evaluated = {}
-            if (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs:
+            if world.is_main and ((epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs):
                 state["val_accuracy"] = evaluate_accuracy(student.model, val, size, mean, std, device=device)
                 evaluated = {"val_accuracy": state["val_accuracy"]}
             state["loss"] = sum(r["loss"] for r in records) / len(records)
             terms_mean = {k: sum(r[k] for r in records) / len(records) for k in values}
             state["epoch"] = epoch + 1
+            if not world.is_main:
+                continue
             run.log(records + [{"kind": "epoch", "epoch": epoch, "step": state["step"], "loss": state["loss"],
                                 **terms_mean, **evaluated}])
             log.info("%s epoch %d/%d: loss %.4f (%s)%s", label, epoch + 1, s.epochs, state["loss"],
@@ -273,7 +299,8 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
                                  "student": student.model.state_dict(), "methods": methods.state_dict(),
                                  "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
 
-    if any([method.export_student(student.model) for method in methods.values()]):  # every method exports
+    exported = any([method.export_student(student.model) for method in methods.values()])  # every method exports
+    if exported and world.is_main:
         state["val_accuracy"] = evaluate_accuracy(student.model, val, size, mean, std, device=device)
     summary = {
         "student": config.student, "methods": list(config.methods), "seed": s.seed, "epochs": s.epochs,
@@ -284,6 +311,8 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
         "num_samples": cache.num_samples, "input_size": size, "batch_size": s.batch_size, "steps": state["step"],
         "final_loss": state["loss"], "device": str(device), "out": config.out,
         "val_skipped_images": list(val.skipped), "environment": describe_environment(device),
+        "world_size": world.size,
     }
-    run.finish(student.model.state_dict(), summary)
+    if world.is_main:
+        run.finish(student.model.state_dict(), summary)
     return summary

@@ -1,6 +1,6 @@
 """The student's training stream over a teacher cache's webdataset shards (docs/ARCHITECTURE.md §2-§4).
 
-    shards (split by node, then by DataLoader worker, then a seeded shard shuffle)
+    shards (blocks split by rank, then shards by DataLoader worker, then a seeded shard shuffle)
       -> blocks `NNNNNN-MMMMMM.npz`, each checked against its record's sha256 before it is decoded
       -> samples, each keeping only the targets of this epoch's view
       -> seeded shuffle buffer
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,12 +46,53 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
-def split_shards(counts: list[int], rank: int, world_size: int, workers: int) -> list[list[int]]:
-    """Sample counts of the shards each DataLoader stream of this node reads, in webdataset's split
-    order: `split_by_node` takes shards rank::world_size, then `split_by_worker` worker::workers."""
-    mine = counts[rank::world_size]
-    streams = max(1, min(workers, len(mine)))
-    return [mine[w::streams] for w in range(streams)]
+@dataclass(frozen=True)
+class ShardPart:
+    """Blocks [first, stop) of shard `shard`, holding `samples` samples: what one rank reads of that shard."""
+
+    shard: int
+    first: int
+    stop: int
+    samples: int
+
+
+def block_sizes(shards: list[dict[str, int]], block_size: int) -> list[list[int]]:
+    """Samples per block of each shard record ({start, stop}): the writer cuts a shard every `block_size`."""
+    return [[min(block_size, s["stop"] - s["start"] - b) for b in range(0, s["stop"] - s["start"], block_size)]
+            for s in shards]
+
+
+def rank_parts(blocks: list[list[int]], rank: int, world_size: int) -> list[ShardPart]:
+    """What rank `rank` of `world_size` reads (README "Distributed students").
+
+    The cache's blocks in shard order are cut into `world_size` contiguous runs: the block whose middle
+    sample is at position m (of N) belongs to rank floor(m * world_size / N). So every block, and every
+    sample id, goes to exactly one rank, however many shards there are, and each rank's sample count is
+    within one block of N / world_size. A single process reads every shard whole.
+    """
+    total = sum(map(sum, blocks))
+    parts, position = [], 0
+    for shard, sizes in enumerate(blocks):
+        mine = []
+        for j, size in enumerate(sizes):
+            if (2 * position + size) * world_size // (2 * total) == rank:
+                mine.append(j)
+            position += size
+        if mine:
+            parts.append(ShardPart(shard, mine[0], mine[-1] + 1, sum(sizes[mine[0]:mine[-1] + 1])))
+    return parts
+
+
+def split_parts(parts: list[ShardPart], workers: int) -> list[list[ShardPart]]:
+    """The shard parts each DataLoader worker of a rank reads, in webdataset's `split_by_worker` order
+    (worker::workers); never more workers than parts."""
+    streams = max(1, min(workers, len(parts)))
+    return [parts[w::streams] for w in range(streams)]
+
+
+def stream_batches(streams: list[list[ShardPart]], batch_size: int) -> int:
+    """Exact: each DataLoader worker batches its own parts, so each ends on a partial batch."""
+    return sum(math.ceil(sum(p.samples for p in s) / batch_size) for s in streams)
 
 
 def _view_rows(arr: np.ndarray, views: np.ndarray) -> np.ndarray:
@@ -84,7 +126,8 @@ class CacheStream:
     """
 
     def __init__(self, cache: TeacherCache, size: int, targets: frozenset[str], seed: int,
-                 shuffle_buffer: int = 1024, teacher_size: int | None = None) -> None:
+                 shuffle_buffer: int = 1024, teacher_size: int | None = None, rank: int = 0,
+                 world_size: int = 1) -> None:
         missing = sorted(targets - cache.available_targets())
         if missing:
             raise ValueError(f"{cache.root} cannot serve targets {missing}")
@@ -95,34 +138,43 @@ class CacheStream:
         self.mean, self.std = tuple(teacher["mean"]), tuple(teacher["std"])
         self.plan = ViewPlan.from_dict(cache.manifest.views)
         self.paths = cache.shard_paths()  # refuses a shard path outside the cache before any epoch starts
-        self.counts = [s["stop"] - s["start"] for s in cache.manifest.shards]
+        self.blocks = block_sizes(cache.manifest.shards, cache.manifest.storage["block_size"])
+        self.world_size = world_size
+        self.parts = rank_parts(self.blocks, rank, world_size)
 
-    def streams(self, workers: int) -> list[list[int]]:
-        rank, world_size, _, _ = wds.utils.pytorch_worker_info()
-        return split_shards(self.counts, rank, world_size, workers)
+    def streams(self, workers: int) -> list[list[ShardPart]]:
+        return split_parts(self.parts, workers)
 
     def batches_per_epoch(self, batch_size: int, workers: int) -> int:
-        """Exact: each DataLoader worker batches its own shards, so each ends on a partial batch."""
-        return sum(math.ceil(sum(s) / batch_size) for s in self.streams(workers))
+        """This rank's batches per epoch (exact)."""
+        return stream_batches(self.streams(workers), batch_size)
+
+    def steps_per_epoch(self, batch_size: int, workers: int) -> int:
+        """The most batches any rank has: the steps every rank takes, so DDP's all-reduces pair up."""
+        return max(stream_batches(split_parts(rank_parts(self.blocks, r, self.world_size), workers), batch_size)
+                   for r in range(self.world_size))
 
     def dataset(self, epoch: int) -> wds.DataPipeline:
         """The epoch's sample stream (an IterableDataset); deterministic for (seed, epoch)."""
         seed = epoch_seed(self.seed, epoch)
-        # Shard indices, not paths, travel through webdataset's stages (the order is WebDataset's own:
-        # split by node, by worker, then a deterministic shuffle of the shards).
-        indices = [str(i) for i in range(len(self.counts))]
+        # This rank's shard parts, not paths, travel through webdataset's stages (split by worker, then a
+        # deterministic shuffle of the parts). Not `split_by_node`: `rank_parts` has split by rank already.
+        parts = [f"{p.shard}:{p.first}:{p.stop}" for p in self.parts]
         shuffle = ([wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)]
                    if self.shuffle_buffer >= 1 else [])
-        return wds.DataPipeline(wds.SimpleShardList(indices), wds.split_by_node, wds.split_by_worker,
-                                wds.filters.detshuffle(len(indices), seed=seed), self._blocks,
+        return wds.DataPipeline(wds.SimpleShardList(parts), wds.split_by_worker,
+                                wds.filters.detshuffle(len(parts), seed=seed), self._blocks,
                                 _Unblock(self.cache, self.targets, self.columns, seed=self.seed, epoch=epoch),
                                 *shuffle, self._render)
 
-    def _blocks(self, shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
-        for shard in shards:
-            index = int(shard["url"])
-            for name, data in self.cache.shard_blocks(index, self.paths[index]):
-                yield {"npz": data, "where": f"{self.paths[index]}: block {name}"}
+    def _blocks(self, parts: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        for part in parts:
+            index, first, stop = map(int, part["url"].split(":"))
+            for j, (name, data) in enumerate(self.cache.shard_blocks(index, self.paths[index])):
+                if j >= stop:
+                    break
+                if j >= first:
+                    yield {"npz": data, "where": f"{self.paths[index]}: block {name}"}
 
     def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
         workers = 0 if workers == 0 else len(self.streams(workers))

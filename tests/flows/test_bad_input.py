@@ -34,6 +34,8 @@ def distillery(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
                  "this machine has no CUDA device", marks=CUDA),
     (["fit-teacher", "--dataset", "digits", "--model", "test_resnet", "--device", "tpu9"], "is not a device"),
     (["deploy", "{tmp}/missing.toml"], "deployment spec {tmp}/missing.toml does not exist"),
+    (TRAIN + ["--cache", "{cache}", "--nproc", "0"], "--nproc 0: give a number of processes >= 1"),
+    (TRAIN + ["--cache", "{cache}", "--nproc", "40"], "40 processes but the cache's 25 blocks leave rank(s)"),
 ])
 def test_bad_input_fails_before_any_flow_in_one_line(args: list[str], message: str, digits_cache: Path,
                                                       tmp_path: Path, cli) -> None:

@@ -20,7 +20,8 @@ from pipeline.train.student import Student
 
 STUDENT = "test_resnet"
 SUMMARY_KEYS = {"student", "methods", "seed", "epochs", "val_accuracy", "train_seconds", "mean_step_seconds",
-                "peak_rss_bytes", "cache", "online_teacher", "params", "val_skipped_images", "environment"}
+                "peak_rss_bytes", "cache", "online_teacher", "params", "val_skipped_images", "environment",
+                "world_size"}
 
 
 def config(cache: Path, out: Path, methods=("ce", "kd"), **settings) -> TrainConfig:
@@ -40,7 +41,7 @@ def test_run_directory_holds_config_metrics_summary_and_plain_student_weights(ma
     run = tmp_path / "run"
     assert TrainConfig(**json.loads((run / "config.json").read_text())) == cfg
     assert SUMMARY_KEYS <= set(summary) and json.loads((run / "summary.json").read_text()) == summary
-    assert 0 <= summary["val_accuracy"] <= 1 and summary["online_teacher"] is False
+    assert 0 <= summary["val_accuracy"] <= 1 and summary["online_teacher"] is False and summary["world_size"] == 1
     assert summary["methods"] == ["ce", "kd:T=2", "fitnet:weight=0.5", "dkd:warmup=0"]
     assert summary["mean_step_seconds"] > 0 and summary["peak_rss_bytes"] > 0 and summary["steps"] == 4
 

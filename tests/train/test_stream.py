@@ -12,7 +12,7 @@ import torch
 from pipeline.cache.store import TeacherCache
 from pipeline.data.views import ViewPlan, epoch_views, render_view
 from pipeline.methods.base import GAUSSIAN, LOGITS, POOLED
-from pipeline.train.stream import CacheStream, split_shards
+from pipeline.train.stream import CacheStream, ShardPart, block_sizes, rank_parts, split_parts
 
 ALL = frozenset({LOGITS, POOLED, GAUSSIAN})
 
@@ -98,10 +98,52 @@ def test_batches_per_epoch_is_exact(make_cache, workers) -> None:
     assert sorted(_cat(batches, "id").tolist()) == sorted(cache.read("samples/ids").tolist())
 
 
-def test_split_shards_follows_webdataset_node_then_worker_order() -> None:
-    assert split_shards([1, 2, 3, 4, 5], rank=0, world_size=1, workers=2) == [[1, 3, 5], [2, 4]]
-    assert split_shards([1, 2, 3, 4, 5], rank=1, world_size=2, workers=2) == [[2], [4]]
-    assert split_shards([1, 2], rank=0, world_size=1, workers=8) == [[1], [2]]  # no idle workers
+def test_split_parts_follows_webdataset_worker_order() -> None:
+    parts = [ShardPart(i, 0, 1, i + 1) for i in range(5)]
+    assert split_parts(parts, workers=2) == [parts[0::2], parts[1::2]]
+    assert split_parts(parts[:2], workers=8) == [[parts[0]], [parts[1]]]  # no idle workers
+
+
+@pytest.mark.parametrize("num_shards", [1, 3, 4, 7])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+def test_rank_parts_give_each_block_to_one_rank_and_each_rank_its_share_within_a_block(num_shards, world_size) -> None:
+    shards, start = [], 0
+    for i in range(num_shards):  # uneven shards, the last one short
+        stop = start + 100 + 37 * (i % 3) - (23 if i == num_shards - 1 else 0)
+        shards.append({"start": start, "stop": stop})
+        start = stop
+    blocks = block_sizes(shards, block_size=32)
+    assert [sum(b) for b in blocks] == [s["stop"] - s["start"] for s in shards]
+    owners: dict[tuple[int, int], list[int]] = {}
+    totals = []
+    for rank in range(world_size):
+        parts = rank_parts(blocks, rank, world_size)
+        for p in parts:
+            assert p.samples == sum(blocks[p.shard][p.first:p.stop])
+            for j in range(p.first, p.stop):
+                owners.setdefault((p.shard, j), []).append(rank)
+        totals.append(sum(p.samples for p in parts))
+    assert owners == {(i, j): owners[(i, j)] for i, b in enumerate(blocks) for j in range(len(b))}
+    assert all(len(r) == 1 for r in owners.values())
+    assert sum(totals) == start and all(abs(t - start / world_size) <= 32 for t in totals)
+    assert rank_parts(blocks, 0, 1) == [ShardPart(i, 0, len(b), sum(b)) for i, b in enumerate(blocks)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_streams_see_every_id_once_with_its_epoch_view(make_cache, workers) -> None:
+    # 230 samples in 4 shards of 60 (the last 50), blocks of 32: 3 ranks cut shards in the middle.
+    cache = TeacherCache(make_cache(n=230, shard_size=60))
+    ranks = [CacheStream(cache, size=8, targets=frozenset({LOGITS}), seed=3, rank=r, world_size=3) for r in range(3)]
+    seen, batches = [], []
+    for stream in ranks:
+        epoch = _epoch(stream, epoch=1, batch_size=16, workers=workers)
+        assert len(epoch) == stream.batches_per_epoch(16, workers)
+        batches.append(len(epoch))
+        seen.append(_cat(epoch, "id").numpy())
+        np.testing.assert_array_equal(_cat(epoch, "view").numpy(), epoch_views(3, 1, seen[-1], cache.num_views))
+    ids = np.concatenate(seen)
+    assert sorted(ids.tolist()) == sorted(cache.read("samples/ids").tolist())
+    assert ranks[0].steps_per_epoch(16, workers) == max(batches)
 
 
 def _peak_traced_bytes(stream: CacheStream) -> int:

@@ -1,0 +1,164 @@
+"""Distributed students (README "Distributed students"): real torchrun, 2 processes on gloo over 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from pipeline.cache.store import TeacherCache
+from pipeline.data.views import epoch_views
+from pipeline.train.config import TrainConfig, TrainError
+from pipeline.train.distributed import ID_LOG_ENV, DistillStep, World, equalised, step_totals, wrap
+from pipeline.train.loop import check_run, setup_run
+from pipeline.train.stream import block_sizes, rank_parts, split_parts, stream_batches
+
+BATCH = 32
+TRAIN = ["train", "--student", "test_resnet", "--method", "ce", "--method", "tcs", "--epochs", "2", "--batch-size",
+         str(BATCH), "--device", "cpu", "--workers", "0"]  # DataLoader workers per rank: test_stream.py
+
+
+@pytest.fixture(scope="module")
+def uneven_cache(cache_request, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """250 digits in shards of 100 and blocks of 60: 2 ranks get 100 and 150 samples, so at batch 32 one
+    rank has 4 batches and the other 5 (the padding step runs)."""
+    from pipeline.teacher.cache_pass import run_cache_pass
+
+    out = tmp_path_factory.mktemp("cache") / "digits-uneven"
+    run_cache_pass(cache_request(out, subset=250, views=2, shard_size=100, block_size=60))
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list[str], ids: Path, log: Path) -> subprocess.Popen:
+    """`torchrun --nproc-per-node 2 -m flows.cli ARGS` on 127.0.0.1."""
+    env = {**os.environ, ID_LOG_ENV: str(ids)}
+    with open(log, "w") as output:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                                 "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "flows.cli", *args],
+                                env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant: torchrun starts each rank in a session of its own, so the
+    launcher's process group does not hold them (Linux: /proc/PID/task/PID/children)."""
+    def tree(p: int) -> list[int]:
+        children = Path(f"/proc/{p}/task/{p}/children")
+        found = [int(c) for c in children.read_text().split()] if children.exists() else []
+        return [p, *(d for c in found for d in tree(c))]
+
+    for p in tree(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:  # ended meanwhile
+            pass
+
+
+def _logged_epochs(ids: Path) -> set[int]:
+    logs = [ids / f"rank-{rank}.jsonl" for rank in (0, 1)]
+    return {json.loads(line)["epoch"] for log in logs if log.exists() for line in log.read_text().splitlines()}
+
+
+def _seen(ids: Path) -> dict[int, list[tuple[int, int, int]]]:
+    """epoch -> (rank, id, view) of every logged sample."""
+    seen: dict[int, list[tuple[int, int, int]]] = {}
+    for rank in (0, 1):
+        for line in (ids / f"rank-{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            seen.setdefault(record["epoch"], []).extend((rank, i, v) for i, v in zip(record["ids"], record["views"]))
+    return seen
+
+
+def _assert_exactly_once(seen: list[tuple[int, int, int]], cache: TeacherCache, epoch: int) -> None:
+    ranks, ids, views = map(np.array, zip(*seen, strict=True))
+    assert sorted(ids.tolist()) == sorted(cache.read("samples/ids").tolist())  # every id once, across ranks
+    assert set(ranks.tolist()) == {0, 1}
+    np.testing.assert_array_equal(views, epoch_views(0, epoch, ids, cache.num_views))
+
+
+def test_two_processes_see_every_id_once_per_epoch_and_resume_after_a_kill(uneven_cache: Path, tmp_path: Path) -> None:
+    cache = TeacherCache(uneven_cache)
+    counts = [stream_batches(split_parts(rank_parts(block_sizes(cache.manifest.shards, 60), r, 2), 1), BATCH)
+              for r in (0, 1)]
+    assert counts[0] != counts[1]  # the ranks' uneven ends are part of what is tested
+    out, first, second = tmp_path / "run", tmp_path / "ids-1", tmp_path / "ids-2"
+    args = [*TRAIN, "--cache", str(uneven_cache), "--out", str(out)]
+
+    log = tmp_path / "torchrun.log"
+    run = _torchrun(args, first, log)
+    deadline = time.monotonic() + 120
+    # Kill both ranks and torchrun once epoch 1 is under way: its first step is logged, epoch 0 checkpointed.
+    while not ((out / "checkpoint.pt").exists() and 1 in _logged_epochs(first)):
+        assert run.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "epoch 1 did not start within 120 s"
+        time.sleep(0.2)
+    _kill_tree(run.pid)
+    run.wait()
+    assert not (out / "summary.json").exists()
+    killed = _seen(first)
+    _assert_exactly_once(killed[0], cache, epoch=0)
+    assert len(killed[1]) < cache.num_samples  # killed mid-epoch
+
+    # `--nproc 2`: the CLI checks the run, then launches torchrun itself; the resumed run redoes epoch 1 only.
+    resumed = subprocess.run([sys.executable, "-m", "flows.cli", *args, "--resume", "--nproc", "2"],
+                             env={**os.environ, ID_LOG_ENV: str(second)}, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    seen = _seen(second)
+    assert list(seen) == [1]
+    _assert_exactly_once(seen[1], cache, epoch=1)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs"] == 2 and summary["steps"] == 2 * max(counts)
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0, 1]
+
+    # A resume with another number of processes is refused before anything starts (the global batch differs).
+    config = TrainConfig(**{**json.loads((out / "config.json").read_text()), "settings": {
+        **json.loads((out / "config.json").read_text())["settings"], "resume": True}})
+    with pytest.raises(TrainError, match=r"different world_size \(checkpoint: 2, requested: null\)"):
+        check_run(config, world_size=1)
+
+
+def test_method_modules_are_inside_the_ddp_module(uneven_cache: Path, tmp_path: Path) -> None:
+    config = TrainConfig(str(uneven_cache), "test_resnet", ("ce", "tcs", "fitnet"), str(tmp_path / "run"))
+    setup = setup_run(config, torch.device("cpu"))
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ddp = wrap(DistillStep(setup.student, setup.methods), World(0, 2, 0), torch.device("cpu"))
+        wrapped = {id(p) for p in ddp.parameters()}
+        for name in ("tcs", "fitnet"):
+            own = {id(p) for p in setup.methods[name].parameters()}
+            assert own and own <= wrapped
+    finally:
+        dist.destroy_process_group()
+
+
+def test_padding_steps_repeat_the_last_batch_at_weight_zero() -> None:
+    assert list(equalised(iter(["a", "b"]), 4)) == [("a", True), ("b", True), ("b", False), ("b", False)]
+    with pytest.raises(TrainError, match="more than the 1 batches"):
+        list(equalised(iter(["a", "b"]), 1))
+    totals = step_totals(World(), 0, torch.tensor(2.0), {"ce": torch.tensor(2.0)})
+    assert totals.samples == 0 and totals.finite
+    one = step_totals(World(), 8, torch.tensor(float("nan")), {"ce": torch.tensor(float("nan"))})
+    assert not one.finite and one.weight(8, World()) == 1.0
+
+
+def test_more_processes_than_blocks_is_refused_in_one_line(make_cache, tmp_path: Path) -> None:
+    cache = make_cache(n=40, shard_size=40, block_size=32)  # 2 blocks
+    with pytest.raises(TrainError, match=r"3 processes but the cache's 2 blocks leave rank\(s\) \[0\] nothing"):
+        check_run(TrainConfig(str(cache), "test_resnet", ("ce",), str(tmp_path / "run")), world_size=3)
