@@ -115,7 +115,7 @@ def fit_teacher_cmd(
 ) -> None:
     """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint (Prefect flow)."""
     from flows.fit_teacher import fit_teacher_flow
-    from pipeline.teacher.fit import FitConfig, check_fit
+    from pipeline.train.fit import FitConfig, check_fit
 
     cfg = FitConfig(dataset=dataset, model=model, out=str(out), epochs=epochs, subset=subset, seed=seed,
                     input_size=input_size, batch_size=batch_size, lr=lr, device=device, on_bad_image=on_bad_image,
@@ -163,7 +163,7 @@ def cache_cmd(
 ) -> None:
     """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
     from pipeline.cache.lock import cache_lock
-    from pipeline.teacher.cache_pass import CacheRequest, check_request
+    from pipeline.teacher.plan import CacheRequest, check_request
 
     if teacher_head not in ("keep", "none"):
         raise typer.BadParameter("--teacher-head must be 'keep' or 'none'")
@@ -194,7 +194,7 @@ def stats_cmd(
                                                          "bits (0: remove them; default: the cache's)")] = None,
 ) -> None:
     """Recompute dataset-level statistics from a complete cache (no teacher)."""
-    from pipeline.teacher.cache_pass import recompute_statistics
+    from pipeline.cache.statistics import recompute_statistics
 
     info = recompute_statistics(str(cache), cka_source=cka_source, lsh_bits=lsh_bits)
     console.print_json(json.dumps(info))

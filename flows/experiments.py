@@ -16,7 +16,7 @@ from flows.params import Student, TrainSettings
 from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
 from flows.train_students import train_students
 from pipeline.experiments import get_experiment, markdown_table, result_rows, reusable_teacher
-from pipeline.teacher.fit import fit_teacher
+from pipeline.train.fit import fit_teacher
 from pipeline.teacher.model import load_checkpoint
 
 forward_library_logs()

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from pipeline.data.views import ViewPlan
-from pipeline.teacher.cache_pass import (CacheRequest, cache_shard, plan_cache,
-                                         render_pairs, request_dataset, resolve_device, shared_teacher,
-                                         teacher_forward, teacher_spec)
+from pipeline.teacher.plan import CacheRequest, plan_cache, request_dataset, shared_teacher, teacher_spec
+from pipeline.teacher.forward import cache_shard, render_pairs, teacher_forward
+from pipeline.options import resolve_device
 
 
 def bare_forward_seconds(request: CacheRequest) -> float:
@@ -100,7 +100,7 @@ def model_flops(model: str, num_classes: int, in_chans: int, size: int) -> int:
     """Forward FLOPs of one image through a timm model (torch's FLOP counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.teacher.model import create_timm_model
+    from pipeline.nets.tapped import create_timm_model
 
     net = create_timm_model(model, num_classes, in_chans, size).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -161,7 +161,7 @@ TCS_CONFIGS = {k: STEP_CONFIGS[k] for k in ("ce", ONLINE_KD, "ce+tcs", "ce+tcs+e
 def bench_tcs_vs_online_kd(tmp: str, quick: bool = False, device: str = "auto") -> dict[str, Any]:
     """Student step time and peak RSS of CE, online KD, TCS and TCS+eLSH from a `TCS_TEACHER` cache on digits."""
     from pipeline.teacher.cache_pass import run_cache_pass
-    from pipeline.teacher.fit import FitConfig, fit_teacher
+    from pipeline.train.fit import FitConfig, fit_teacher
 
     checkpoint = str(Path(tmp) / "tcs-teacher.pt")
     # Step times do not depend on how well the teacher is trained: a short fit on a subset is enough.
@@ -183,7 +183,7 @@ def run_benchmarks(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     student of a resnet10t teacher on digits, then TCS against online KD for a `TCS_TEACHER` teacher.
     `quick`: the first teacher only, fewer samples, one round."""
     from pipeline.teacher.cache_pass import run_cache_pass
-    from pipeline.teacher.fit import FitConfig, fit_teacher
+    from pipeline.train.fit import FitConfig, fit_teacher
 
     teachers = PASS_TEACHERS[:1] if quick else PASS_TEACHERS
     passes = [bench_teacher_pass("digits", teacher, samples=300 if quick else 1437, device=device,

@@ -22,7 +22,8 @@ from pipeline.cache.summary import array_rows, pca_summary, teacher_accuracy_per
 from pipeline.data.datasets import ImageDataset, load_dataset
 from pipeline.data.views import ViewPlan
 from pipeline.report.html import write_report
-from pipeline.teacher.cache_pass import reduce_statistics, shard_ranges, shard_statistics
+from pipeline.cache.statistics import reduce_statistics, shard_statistics
+from pipeline.teacher.plan import shard_ranges
 
 LSH_ARRAYS = ("stats/lsh/planes", "stats/lsh/thresholds")
 

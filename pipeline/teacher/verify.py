@@ -3,7 +3,7 @@
 docs/ARCHITECTURE.md §3: a cached target is valid only for the exact input the teacher saw, so a cache is checked
 by re-rendering stored views with `render_view` from the manifest's dataset, running the teacher rebuilt
 from the manifest (the checkpoint must be the file that made the cache), producing the rows the teacher
-pass would store (`_batch_rows`, the pass's own function) and taking the largest absolute difference per
+pass would store (`batch_rows`, the pass's own function) and taking the largest absolute difference per
 stored array. Before that, everything that can be checked without the teacher is
 (`TeacherCache.verify_integrity`): shard files, blocks, zarr rows, statistics, LSH index, teacher tail.
 `repair_cache` (`distillery verify --repair`) rewrites what fails, with the teacher that made the cache.
@@ -34,8 +34,10 @@ from pipeline.cache.manifest import Manifest
 from pipeline.cache.source import source_dataset
 from pipeline.cache.store import TeacherCache, block_key
 from pipeline.data.views import ViewPlan
-from pipeline.teacher.cache_pass import (CacheRequest, _batch_rows, render_pairs, resolve_device, run_cache_pass,
-                                         teacher_forward)
+from pipeline.options import resolve_device
+from pipeline.teacher.cache_pass import run_cache_pass
+from pipeline.teacher.forward import batch_rows, render_pairs, teacher_forward
+from pipeline.teacher.plan import CacheRequest
 from pipeline.teacher.model import (CheckpointChanged, TeacherError, build_teacher, check_cache_checkpoint,
                                     manifest_teacher_spec)
 
@@ -94,7 +96,7 @@ def _live_rows(cache: TeacherCache, pairs: np.ndarray, device: str, batch_size: 
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i:i + batch_size]
         out = teacher_forward(teacher, render_pairs(dataset, plan, batch, spec), dev)
-        for name, value in _batch_rows(out, m.storage_spec(), dataset, batch).items():
+        for name, value in batch_rows(out, m.storage_spec(), dataset, batch).items():
             parts.setdefault(name, []).append(value)
     return {name: np.concatenate(values) for name, values in parts.items()}
 

@@ -29,7 +29,7 @@ from pipeline.methods import CacheInfo, MethodError, StudentInfo, TrainingProgre
 from pipeline.methods.base import parse_method_spec
 from pipeline.options import check_output_dir
 from pipeline.progress import progress_task
-from pipeline.teacher.cache_pass import resolve_device
+from pipeline.options import resolve_device
 from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.evaluate import evaluate_accuracy
 from pipeline.train.online import OnlineTeacher
@@ -71,7 +71,8 @@ def cache_info(cache: TeacherCache) -> CacheInfo:
     available = cache.available_targets()
     return CacheInfo(num_classes=cache.num_classes, pooled_dim=cache.manifest.teacher.get("pooled_dim"),
                      available=available, target_shapes=cache.target_shapes(available),
-                     statistics=cache.statistics(), root=str(cache.root))
+                     statistics=cache.statistics(), root=str(cache.root),
+                     teacher_tail=cache.teacher_tail)
 
 
 def student_taps(specs: tuple[str, ...]) -> tuple[int, ...]:

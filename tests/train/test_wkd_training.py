@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.methods import MethodError
-from pipeline.teacher.cache_pass import recompute_statistics
+from pipeline.cache.statistics import recompute_statistics
 from pipeline.train.config import RunSettings, TrainConfig
 from pipeline.train.loop import check_run, student_taps, train_student
 
