@@ -361,11 +361,12 @@ def runs_cmd(
     plot: Annotated[Optional[Path], typer.Option(help="also plot accuracy vs training time into this PNG")] = None,
 ) -> None:
     """Compare student runs; runs that differ only by seed are one row (mean ± std over the seeds)."""
+    from pipeline.report.figures import accuracy_vs_time
     from pipeline.report.markdown import markdown_table
-    from pipeline.train.runs import accuracy_vs_time_png, compare_runs, comparison_rows, formatted_rows
+    from pipeline.train.runs import compare_runs, formatted_rows, group_label, group_rows
 
     groups = compare_runs(rundirs)
-    rows = comparison_rows(groups)
+    rows = group_rows(groups)
     table = formatted_rows(rows)
     if markdown:
         print(markdown_table(list(table[0]), [list(r.values()) for r in table]))
@@ -373,23 +374,26 @@ def runs_cmd(
         print_table(f"{sum(len(g.runs) for g in groups)} runs, {len(groups)} settings", table)
     if plot is not None:
         plot.parent.mkdir(parents=True, exist_ok=True)
-        plot.write_bytes(accuracy_vs_time_png(rows))
+        plot.write_bytes(accuracy_vs_time(
+            [group_label(r) for r in rows], [r["mean"]["train_seconds"] for r in rows],
+            [r["std"]["train_seconds"] for r in rows], [r["mean"]["val_accuracy"] for r in rows],
+            [r["std"]["val_accuracy"] for r in rows]))
         Console(stderr=True).print(f"plot written to {plot}")  # stderr: stdout may be a markdown table
 
 
 def print_students(title: str, summaries: list[dict]) -> None:
     """The comparison table of a sweep, formatted for people (the flow's artifact keeps raw numbers)."""
-    from flows.train_students import comparison_rows
+    from flows.train_students import sweep_rows
 
     rows = [{**r, "val_accuracy": f"{r['val_accuracy']:.2%}", "train_seconds": f"{r['train_seconds']:.1f} s",
              "mean_step_seconds": f"{1000 * r['mean_step_seconds']:.1f} ms", "params": f"{r['params']:,}"}
-            for r in comparison_rows(summaries)]
+            for r in sweep_rows(summaries)]
     print_table(title, rows)
 
 
 def print_experiment(name: str, result: dict, markdown: bool) -> None:
     """An experiment's results: a rich table, or the markdown the README holds."""
-    from pipeline.experiments import get_experiment, markdown_table
+    from pipeline.experiments import get_experiment, results_markdown
 
     experiment = get_experiment(name)
     teacher = result["teacher"]
@@ -397,7 +401,7 @@ def print_experiment(name: str, result: dict, markdown: bool) -> None:
     console.print(f"teacher {experiment.teacher} ({'reused' if teacher['reused'] else 'fitted'}): {accuracy}; "
                   f"cache {result['cache']['cache']}")
     if markdown:
-        console.print(markdown_table(result["rows"]), soft_wrap=True, highlight=False)
+        console.print(results_markdown(result["rows"]), soft_wrap=True, highlight=False)
         return
     rows = [{"methods": r["methods"], "accuracy": f"{r['accuracy']:.2f} ± {r['std']:.2f}", "seeds": r["seeds"],
              "train_s": f"{r['train_s']:.0f}", "step_ms": f"{r['step_ms']:.1f}"} for r in result["rows"]]

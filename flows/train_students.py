@@ -33,7 +33,7 @@ def train_task(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def comparison_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def sweep_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per run: the columns people compare students by."""
     return [{**{k: s[k] for k in COMPARISON_COLUMNS}, "methods": "+".join(s["methods"])} for s in summaries]
 
@@ -48,7 +48,7 @@ def sweep_artifact_key(cache: str, sweep: Optional[str]) -> str:
 
 @task(name="publish-comparison", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
 def publish_comparison(cache: str, sweep: Optional[str], out: str, summaries: list[dict[str, Any]]) -> None:
-    create_table_artifact(key=sweep_artifact_key(cache, sweep), table=comparison_rows(summaries),
+    create_table_artifact(key=sweep_artifact_key(cache, sweep), table=sweep_rows(summaries),
                           description=f"Students trained from {cache} into {out}")
 
 

@@ -131,7 +131,7 @@ def result_rows(experiment: Experiment, summaries: dict[str, list[dict[str, Any]
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def results_markdown(rows: list[dict[str, Any]]) -> str:
     """The README form of `result_rows`."""
     lines = ["| methods | accuracy % (mean ± std) | per seed | train s / run | ms / step |",
              "|---|---|---|---|---|"]
