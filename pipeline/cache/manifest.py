@@ -82,6 +82,11 @@ class ShardRecord:
         return self.stop - self.start
 
 
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each shard of `n` samples, `shard_size` each (the last one may be shorter)."""
+    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

@@ -16,14 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache.manifest import Manifest, StorageSpec
+from pipeline.cache.manifest import Manifest, StorageSpec, shard_ranges
 from pipeline.cache.store import CacheWriter, TeacherCache
 from pipeline.cache.summary import array_rows, pca_summary, teacher_accuracy_per_view
 from pipeline.data.datasets import ImageDataset, load_dataset
 from pipeline.data.views import ViewPlan
 from pipeline.report.html import write_report
 from pipeline.cache.statistics import reduce_statistics, shard_statistics
-from pipeline.teacher.plan import shard_ranges
 
 LSH_ARRAYS = ("stats/lsh/planes", "stats/lsh/thresholds")
 

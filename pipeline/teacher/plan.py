@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from pipeline.cache.manifest import Manifest, ShardRecord, StorageSpec
+from pipeline.cache.manifest import Manifest, ShardRecord, StorageSpec, shard_ranges
 from pipeline.cache.statistics import check_cka_source
 from pipeline.cache.store import CacheWriter, TeacherCache
 from pipeline.cache.targets import POOLED, SAMPLE_ARRAYS, TARGETS
@@ -172,10 +172,6 @@ class CachePlan:
     pending: list[int]
     done: list[ShardRecord] = field(default_factory=list)
     complete: bool = False  # the cache already exists, complete, with the requested identity
-
-
-def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
 
 
 def build_manifest(request: CacheRequest) -> Manifest:
