@@ -55,8 +55,9 @@ def publish_comparison(cache: str, sweep: Optional[str], out: str, summaries: li
 def plan_sweep(cache: str, students: list[Student], out: str, settings: TrainSettings) -> list[TrainConfig]:
     """One checked `TrainConfig` per student: bad input fails here, before any student trains."""
     configs = plan_runs(cache, [s.spec() for s in students], out, settings.run_settings())
+    opened = None  # the cache is opened and its shards hashed once for the whole sweep
     for config in configs:
-        check_run(config)
+        opened = check_run(config, opened)
     return configs
 
 

@@ -25,8 +25,7 @@ from pipeline.cache.manifest import CacheError
 from pipeline.cache.store import TeacherCache
 from pipeline.data.datasets import ImageDataset, load_dataset
 from pipeline.environment import describe_environment
-from pipeline.methods import CacheInfo, MethodError, StudentInfo, TrainingProgress, create_method, resolve_method_spec
-from pipeline.methods.base import parse_method_spec
+from pipeline.methods import CacheInfo, Method, MethodError, StudentInfo, TrainingProgress, resolve_method_spec
 from pipeline.options import check_output_dir
 from pipeline.progress import progress_task
 from pipeline.options import resolve_device
@@ -75,25 +74,27 @@ def cache_info(cache: TeacherCache) -> CacheInfo:
                      teacher_tail=cache.teacher_tail)
 
 
-def student_taps(specs: tuple[str, ...]) -> tuple[int, ...]:
-    """The student stages the run's methods read, deepest first (MethodError for an unknown method)."""
-    taps = set()
-    for spec in specs:
-        cls, options = resolve_method_spec(spec)
-        taps.update(cls.taps_for(options))
-    return tuple(sorted(taps))
+def resolve_methods(specs: tuple[str, ...]) -> list[tuple[type[Method], dict[str, bool | int | float | str]]]:
+    """Each spec of the run parsed once into its method class and typed options (MethodError for an unknown
+    method or option, a bad value, or a method given twice)."""
+    resolved = [resolve_method_spec(spec) for spec in specs]
+    names = [cls.name for cls, _ in resolved]
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        raise MethodError(f"method {twice!r} is given twice; give it once with the options you want")
+    return resolved
 
 
-def build_methods(specs: tuple[str, ...], cache: TeacherCache, student: StudentInfo) -> nn.ModuleDict:
-    """The run's methods by name; each checks the cache can serve what it needs (MethodError if not)."""
+def student_taps(methods: list[tuple[type[Method], dict[str, bool | int | float | str]]]) -> tuple[int, ...]:
+    """The student stages the run's methods (`resolve_methods`) read, deepest first."""
+    return tuple(sorted({tap for cls, options in methods for tap in cls.taps_for(options)}))
+
+
+def build_methods(methods: list[tuple[type[Method], dict[str, bool | int | float | str]]], cache: TeacherCache,
+                  student: StudentInfo) -> nn.ModuleDict:
+    """The run's methods (`resolve_methods`) by name; each checks the cache can serve what it needs."""
     info = cache_info(cache)
-    methods = nn.ModuleDict()
-    for spec in specs:
-        name, _ = parse_method_spec(spec)
-        if name in methods:
-            raise MethodError(f"method {name!r} is given twice; give it once with the options you want")
-        methods[name] = create_method(spec, info, student)
-    return methods
+    return nn.ModuleDict({cls.name: cls(info, student, **options) for cls, options in methods})
 
 
 def cache_fingerprint(cache: TeacherCache) -> str:
@@ -133,24 +134,26 @@ class RunSetup:
     checkpoint: dict[str, Any] | None
 
 
-def setup_run(config: TrainConfig, device: torch.device) -> RunSetup:
+def setup_run(config: TrainConfig, device: torch.device, cache: TeacherCache | None = None) -> RunSetup:
     """Check the device, --out (writable, not in use by another run), the cache, the classes, the student,
     its methods, the online teacher's prerequisites and the run directory (resume); every bad input is a
-    one-line DistilleryError, and nothing is written."""
+    one-line DistilleryError, and nothing is written. `cache`: `config.cache` already opened by `open_cache`
+    (its shards verified) for another student of the same sweep; None opens and verifies it."""
     s = config.settings
     s.check_machine()
     check_output_dir(config.out)
     run = RunDir(config.out)
     run.check_unlocked()
-    cache = open_cache(config.cache)
+    cache = open_cache(config.cache) if cache is None else cache
     manifest = cache.manifest
     val = load_dataset(manifest.dataset["name"], "val", on_bad_image=s.on_bad_image)
     check_classes(cache, val)
     size = s.input_size or manifest.teacher["input_size"]
+    resolved = resolve_methods(config.methods)
     torch.manual_seed(s.seed)
     student = Student(config.student, cache.num_classes, manifest.teacher["in_chans"], size,
-                      taps=student_taps(config.methods)).to(device)
-    methods = build_methods(config.methods, cache, student.info()).to(device)
+                      taps=student_taps(resolved)).to(device)
+    methods = build_methods(resolved, cache, student.info()).to(device)
     for method in methods.values():
         method.adopt_student(student.model)
     needs = frozenset().union(*(m.needs for m in methods.values()))
@@ -161,9 +164,10 @@ def setup_run(config: TrainConfig, device: torch.device) -> RunSetup:
     return RunSetup(cache, val, size, student, methods, needs, identity, checkpoint)
 
 
-def check_run(config: TrainConfig) -> None:
-    """Fail fast, before any orchestration starts, on what `train_student` would refuse."""
-    setup_run(config, torch.device("cpu"))
+def check_run(config: TrainConfig, cache: TeacherCache | None = None) -> TeacherCache:
+    """Fail fast, before any orchestration starts, on what `train_student` would refuse; returns the opened,
+    verified cache, for checking the sweep's other students against it (`setup_run`'s `cache`)."""
+    return setup_run(config, torch.device("cpu"), cache).cache
 
 
 def train_student(config: TrainConfig) -> dict[str, Any]:
