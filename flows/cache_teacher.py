@@ -108,7 +108,7 @@ def summary_markdown(root: str, result: dict[str, Any]) -> str:
 def cache_artifact_key(kind: str, cache: TeacherCache) -> str:
     """`teacher-cache-<kind>-<dataset>-<teacher>-<fingerprint[:12]>`: one history per cache identity."""
     m = cache.manifest
-    return artifact_key("teacher-cache", kind, m.dataset["name"], m.teacher["model"], cache_fingerprint(cache)[:12])
+    return artifact_key("teacher-cache", kind, m.dataset.name, m.teacher.model, cache_fingerprint(cache)[:12])
 
 
 @task(name="publish-cache-artifacts", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
@@ -143,8 +143,8 @@ def emit_cache_completed(root: str, result: dict[str, Any]) -> None:
                          "prefect.resource.name": os.path.abspath(root),
                          "distillery.cache.path": os.path.abspath(root),
                          "distillery.cache.fingerprint": fingerprint,
-                         "distillery.dataset": str(m.dataset["name"]),
-                         "distillery.teacher": str(m.teacher["model"])},
+                         "distillery.dataset": str(m.dataset.name),
+                         "distillery.teacher": str(m.teacher.model)},
                payload={"num_samples": result["num_samples"], "images": result["images"],
                         "pass_seconds": result["pass_seconds"]})
 
@@ -163,7 +163,7 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
     plan = plan_task(request)
     if plan.complete:
         logger.info("cache %s is already complete with this identity; nothing to do", plan.root)
-        return {"cache": plan.root, "num_samples": Manifest.load(plan.root).dataset["num_samples"], "images": 0,
+        return {"cache": plan.root, "num_samples": Manifest.load(plan.root).dataset.num_samples, "images": 0,
                 "pass_seconds": 0.0, "images_per_second": 0.0, "skipped_shards": plan.num_shards,
                 "written_shards": 0}
     logger.info("teacher pass into %s: %d shards to write, %d reused", plan.root, len(plan.pending), len(plan.done))
@@ -179,8 +179,8 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
     parts = shard_stats_task.map(unmapped(plan.root), list(range(plan.num_shards))).result()
     reduce_task(plan.root, parts, request.cka_source)
     manifest = complete_task(plan.root, records)
-    images = sum(r.count for r in new_records) * (manifest.views["num_augmented"] + 1)
-    result = {"cache": plan.root, "num_samples": manifest.dataset["num_samples"], "images": images,
+    images = sum(r.count for r in new_records) * (manifest.views.num_augmented + 1)
+    result = {"cache": plan.root, "num_samples": manifest.dataset.num_samples, "images": images,
               "pass_seconds": pass_seconds, "images_per_second": images / pass_seconds if pass_seconds > 0 else 0.0,
               "skipped_shards": len(plan.done), "written_shards": len(new_records)}
     logger.info("teacher pass: %d images in %.1f s (%.0f images/s); cache complete at %s", images, pass_seconds,

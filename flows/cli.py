@@ -174,7 +174,7 @@ def cache_cmd(
                            input_size=input_size, shard_size=shard_size, batch_size=batch_size,
                            cka_source=cka_source, device=device, on_bad_image=on_bad_image)
     manifest = check_request(request)  # bad input is one line here, before the flow (and anything) starts
-    report_skipped(dataset, manifest.dataset.get("skipped", []))
+    report_skipped(dataset, manifest.dataset.skipped or [])
     from flows.cache_teacher import run_cache_teacher, task_runner  # Prefect loads once the request is good
 
     task_runner(task_runner_spec, dask_workers)  # an unknown runner is one line too
@@ -215,14 +215,14 @@ def inspect_cmd(
     c = TeacherCache(cache, require_complete=False)
     m = c.manifest
     console.print(f"[bold]{cache}[/bold]  status={m.status}  format={m.format_version}  created={m.created}")
-    console.print(f"teacher   {m.teacher['model']}  checkpoint sha256={str(m.teacher['checkpoint_sha256'])[:12]}  "
-                  f"input={m.teacher['input_size']}px  taps={m.teacher['taps']}  head={m.teacher['head']}")
-    console.print(f"dataset   {m.dataset['name']} ({m.dataset['split']})  N={c.num_samples}  "
-                  f"classes={c.num_classes}  fingerprint={m.dataset['fingerprint'][:12]}")
-    console.print(f"views     {c.num_views} stored (view 0 clean + {c.num_views - 1} x {m.views['recipe']}, "
-                  f"seed {m.views['seed']})")
-    console.print(f"storage   logits={m.storage['logits']}  grid={m.storage['grid']}  shards={len(m.shards)} "
-                  f"x {m.storage['shard_size']} samples  lsh_bits={m.storage['lsh_bits']}")
+    console.print(f"teacher   {m.teacher.model}  checkpoint sha256={str(m.teacher.checkpoint_sha256)[:12]}  "
+                  f"input={m.teacher.input_size}px  taps={m.teacher.taps}  head={m.teacher.head}")
+    console.print(f"dataset   {m.dataset.name} ({m.dataset.split})  N={c.num_samples}  "
+                  f"classes={c.num_classes}  fingerprint={m.dataset.fingerprint[:12]}")
+    console.print(f"views     {c.num_views} stored (view 0 clean + {c.num_views - 1} x {m.views.recipe}, "
+                  f"seed {m.views.seed})")
+    console.print(f"storage   logits={m.storage.logits}  grid={m.storage.grid}  shards={len(m.shards)} "
+                  f"x {m.storage.shard_size} samples  lsh_bits={m.storage.lsh_bits}")
     rows = [{"array": r.name, "shape": "x".join(map(str, r.shape)), "dtype": r.dtype,
              "stored": human_bytes(r.stored_bytes), "bytes/sample": f"{r.bytes_per_sample:.1f}",
              "mean": "-" if r.mean is None else f"{r.mean:.4g}", "std": "-" if r.std is None else f"{r.std:.4g}"}

@@ -43,7 +43,7 @@ def sweep_artifact_key(cache: str, sweep: Optional[str]) -> str:
     if sweep:
         return artifact_key("students", sweep)
     c = TeacherCache(cache)
-    return artifact_key("students", c.manifest.dataset["name"], c.manifest.teacher["model"], cache_fingerprint(c)[:12])
+    return artifact_key("students", c.manifest.dataset.name, c.manifest.teacher.model, cache_fingerprint(c)[:12])
 
 
 @task(name="publish-comparison", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)

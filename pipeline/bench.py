@@ -130,8 +130,8 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
                 with ProcessPoolExecutor(1, mp_context=context) as pool:
                     results[label].append(pool.submit(_train_once, config).result())
     manifest = TeacherCache(cache).manifest
-    teacher, num_classes = manifest.teacher, manifest.dataset["num_classes"]
-    size = teacher["input_size"]
+    teacher, num_classes = manifest.teacher, manifest.dataset.num_classes
+    size = teacher.input_size
     rows = []
     for label, runs in results.items():
         step = min(run["mean_step_seconds"] for run in runs)  # the least disturbed round
@@ -146,9 +146,9 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
         row["over_ce"], row["over_kd"] = over(row, "ce"), over(row, "ce+kd")
         row["over_online_kd"] = over(row, ONLINE_KD)
         row["rss_over_online_kd"] = over(row, ONLINE_KD, "peak_rss_mb")
-    return {"bench": "student_steps", "cache": cache, "student": student, "teacher": teacher["model"],
-            "teacher_over_student_flops": model_flops(teacher["model"], num_classes, teacher["in_chans"], size)
-            / model_flops(student, num_classes, teacher["in_chans"], size),
+    return {"bench": "student_steps", "cache": cache, "student": student, "teacher": teacher.model,
+            "teacher_over_student_flops": model_flops(teacher.model, num_classes, teacher.in_chans, size)
+            / model_flops(student, num_classes, teacher.in_chans, size),
             "rounds": rounds, "rows": rows}
 
 

@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 
 from pipeline.cache.lock import cache_lock
-from pipeline.cache.manifest import CacheError, StorageSpec
+from pipeline.cache.manifest import CacheError
 from pipeline.cache.store import LSH_INDEX_NAME, LSH_STATS_ARRAYS, CacheWriter, TeacherCache, block_key, repair_hint
 from pipeline.cache.targets import GAUSSIAN, LOGITS, POOLED, SAMPLE_ARRAYS
 from pipeline.checksums import sha256_bytes
@@ -129,7 +129,7 @@ def reduce_statistics(root: str, parts: list[ShardStats], cka_source: str = "aut
     info = {"arrays": sorted(arrays), "cka_source": cka_source, "cka_samples_per_class": int(len(labels) //
             cache.num_classes), "pca_components_90": pca.num_components_for(0.9),
             "features_count": int(total.features.count)}
-    bits = cache.manifest.storage["lsh_bits"] if lsh_bits is None else lsh_bits
+    bits = cache.manifest.storage.lsh_bits if lsh_bits is None else lsh_bits
     index = None
     if bits:
         lsh_arrays, index, info["lsh"] = lsh_statistics(cache, bits)
@@ -151,6 +151,6 @@ def recompute_statistics(root: str, cka_source: str = "auto", lsh_bits: int | No
         cache = TeacherCache(root)
         check_cka_source(cka_source, LOGITS in cache.available_targets())
         if lsh_bits is not None:
-            StorageSpec(**{**cache.manifest.storage, "lsh_bits": lsh_bits})  # validates the bits (CacheError)
+            cache.manifest.storage.replace(lsh_bits=lsh_bits)  # validates the bits (CacheError)
         parts = [shard_statistics(root, r.index) for r in cache.manifest.records()]
         return reduce_statistics(root, parts, cka_source, lsh_bits=lsh_bits)

@@ -267,7 +267,7 @@ class CacheWriter(_CacheFiles):
             raise CacheError(f"{root} exists and is not a teacher cache; choose another --out")
         (root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         writer = cls(root, manifest)
-        shard_size = manifest.storage["shard_size"]
+        shard_size = manifest.storage.shard_size
         for name, meta in manifest.arrays.items():
             shape = tuple(meta["shape"])
             writer.group.create_array(name, shape=shape, chunks=(shard_size, *shape[1:]), dtype=meta["dtype"],
@@ -325,7 +325,7 @@ class CacheWriter(_CacheFiles):
                                  f"(the cache stays partial)")
         for name in layout:
             self.group[name][start:stop] = rows[name]
-        block = self.manifest.storage["block_size"]
+        block = self.manifest.storage.block_size
         members = []
         for b0 in range(0, stop - start, block):
             b1 = min(b0 + block, stop - start)
@@ -377,7 +377,7 @@ class CacheWriter(_CacheFiles):
                 raise CacheError(f"statistics array {name} is not finite (NaN or inf in the stored rows it was "
                                  f"computed from); check the teacher checkpoint and re-run `distillery cache`")
             per_sample = not name.startswith("stats/") and value.ndim > 0
-            chunks = (self.manifest.storage["shard_size"], *value.shape[1:]) if per_sample else (value.shape or None)
+            chunks = (self.manifest.storage.shard_size, *value.shape[1:]) if per_sample else (value.shape or None)
             staged.create_array(name, shape=value.shape, dtype=value.dtype, chunks=chunks, fill_value=0)[...] = value
             digests[name] = array_digest(name, value)
         trash = staging / "replaced"
@@ -395,7 +395,7 @@ class CacheWriter(_CacheFiles):
         removed = [n for n in self.manifest.stats.get("arrays", []) if n not in stats.get("arrays", [])]
         self.manifest.stats = dict(stats)
         self.manifest.digests = {n: d for n, d in self.manifest.digests.items() if n not in removed} | digests
-        self.manifest.storage.update(storage or {})
+        self.manifest.storage = self.manifest.storage.replace(**(storage or {}))
         self.manifest.save(self.root)
         for name in removed:
             if name in self.group and name not in arrays:
@@ -467,19 +467,19 @@ class TeacherCache(_CacheFiles):
 
     @property
     def num_samples(self) -> int:
-        return int(self.manifest.dataset["num_samples"])
+        return self.manifest.dataset.num_samples
 
     @property
     def num_views(self) -> int:
-        return int(self.manifest.views["num_augmented"]) + 1
+        return self.manifest.views.num_augmented + 1
 
     @property
     def num_classes(self) -> int:
-        return int(self.manifest.dataset["num_classes"])
+        return self.manifest.dataset.num_classes
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.manifest.dataset["class_names"])
+        return list(self.manifest.dataset.class_names)
 
     def has(self, name: str) -> bool:
         return name in self.manifest.arrays or name in self.manifest.stats.get("arrays", [])
@@ -504,7 +504,7 @@ class TeacherCache(_CacheFiles):
     def target_arrays(self, target: str) -> tuple[str, ...]:
         """The arrays serving a logical target in this cache (the layout it stores, `pipeline.cache.targets`;
         `featmaps` -> `featmaps/<stored tap>`); empty when it stores none."""
-        return TARGETS[target].stored_layout(self.has, self.manifest.storage.get("tap")) or ()
+        return TARGETS[target].stored_layout(self.has, self.manifest.storage.tap) or ()
 
     def available_targets(self) -> frozenset[str]:
         """Logical target names this cache can serve (dense or top-k logits both serve 'logits')."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ def write_synthetic_cache(root: str | Path, dataset: ImageDataset, views: int = 
         dataset={"name": dataset.name, "split": dataset.split, "num_samples": n, "num_classes": c,
                  "class_names": list(dataset.class_names), "channels": dataset.channels,
                  "fingerprint": dataset.fingerprint(), "subset": None, "subset_seed": 0},
-        views=plan.to_dict(), storage=asdict(storage),
+        views=plan.to_dict(), storage=storage,
         arrays={name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype) in shapes.items()},
         shards=[{"index": i, "start": a, "stop": b} for i, (a, b) in enumerate(ranges)])
     writer = CacheWriter.create_or_resume(root, manifest)

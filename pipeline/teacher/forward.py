@@ -39,8 +39,8 @@ def cache_shard(request: CacheRequest, index: int) -> ShardRecord:
         return record
     m = writer.manifest
     spec = manifest_teacher_spec(m.teacher)
-    storage = m.storage_spec()
-    plan = ViewPlan.from_dict({k: v for k, v in m.views.items() if k != "recipe"})
+    storage = m.storage
+    plan = ViewPlan(**m.views.plan_fields())
     dataset = request_dataset(request)
     device = resolve_device(request.device)
     teacher = shared_teacher(spec, str(device))

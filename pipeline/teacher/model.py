@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.cache.manifest import TeacherSection
 from pipeline.checksums import sha256_file
 from pipeline.nets.tapped import ModelError, TappedOutputs, create_timm_model, resolve_tap, tap_indices, tapped_forward
 
@@ -57,9 +58,9 @@ class TeacherSpec:
         return hash((self.model, self.checkpoint_sha256, self.taps, self.input_size, self.head))
 
 
-def manifest_teacher_spec(teacher: dict[str, Any]) -> TeacherSpec:
+def manifest_teacher_spec(teacher: TeacherSection) -> TeacherSpec:
     """The spec recorded in a cache manifest's `teacher` section (its descriptive extras left out)."""
-    return TeacherSpec.from_dict({k: v for k, v in teacher.items() if k not in ("stages", "pooled_dim")})
+    return TeacherSpec.from_dict({k: v for k, v in teacher.to_dict().items() if k not in ("stages", "pooled_dim")})
 
 
 def check_cache_checkpoint(spec: TeacherSpec) -> None:

@@ -30,7 +30,8 @@ from pipeline.nets.tail import extract_teacher_tail
 from pipeline.nets.tapped import TappedOutputs, resolve_tap, stage_names
 from pipeline.options import (Range, check_device, check_output_dir, check_ranges, one_line_error,
                               resolve_device)
-from pipeline.teacher.model import Teacher, TeacherError, TeacherSpec, build_teacher, load_checkpoint
+from pipeline.teacher.model import (Teacher, TeacherError, TeacherSpec, build_teacher, load_checkpoint,
+                                    manifest_teacher_spec)
 
 
 class CacheRequest(BaseModel):
@@ -201,7 +202,7 @@ def build_manifest(request: CacheRequest) -> Manifest:
                  **({"on_bad_image": "skip", "skipped": list(dataset.skipped)}
                     if request.on_bad_image == "skip" else {})},
         views={**plan.to_dict(), "recipe": plan.recipe},
-        storage=storage.__dict__.copy(),
+        storage=storage,
         arrays=arrays,
         shards=[{"index": i, "start": a, "stop": b} for i, (a, b) in enumerate(ranges)],
     )
@@ -238,10 +239,10 @@ def plan_cache(request: CacheRequest) -> CachePlan:
 def teacher_tail(manifest: Manifest, device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
     """The teacher's last `--teacher-tail` stages ending at the tap, for ScaleKD's TPP (docs/ARCHITECTURE.md §6.7):
     (spec, state dict), or None when the cache asks for no tail."""
-    storage = manifest.storage_spec()
+    storage = manifest.storage
     if not storage.teacher_tail:
         return None
-    spec = TeacherSpec.from_dict({k: v for k, v in manifest.teacher.items() if k not in ("stages", "pooled_dim")})
+    spec = manifest_teacher_spec(manifest.teacher)
     teacher = shared_teacher(spec, str(device))
     probe = torch.randn(2, spec.in_chans, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(0))
     return extract_teacher_tail(teacher.model, storage.tap, storage.teacher_tail, probe.to(device))

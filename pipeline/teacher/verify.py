@@ -89,14 +89,14 @@ def _live_rows(cache: TeacherCache, pairs: np.ndarray, device: str, batch_size: 
     m = cache.manifest
     spec = manifest_teacher_spec(m.teacher)
     dataset = source_dataset(cache)
-    plan = ViewPlan.from_dict(m.views)
+    plan = ViewPlan(**m.views.plan_fields())
     dev = resolve_device(device)
     teacher = build_teacher(spec, dev)
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i:i + batch_size]
         out = teacher_forward(teacher, render_pairs(dataset, plan, batch, spec), dev)
-        for name, value in batch_rows(out, m.storage_spec(), dataset, batch).items():
+        for name, value in batch_rows(out, m.storage, dataset, batch).items():
             parts.setdefault(name, []).append(value)
     return {name: np.concatenate(values) for name, values in parts.items()}
 
@@ -173,16 +173,14 @@ def manifest_request(root: str | Path, device: str = "cpu", batch_size: int = 25
     """The `distillery cache` request that made the cache at `root`, read back from its manifest (a repair
     re-runs it; `plan_cache` refuses it, naming the field, if it does not give the cache's identity)."""
     m = Manifest.load(root)
-    d, v, st = m.dataset, m.views, m.storage
-    return CacheRequest(dataset=d["name"], split=d["split"], subset=d.get("subset"),
-                        subset_seed=d.get("subset_seed", 0),
-                        teacher=m.teacher["model"], checkpoint=m.teacher.get("checkpoint"),
-                        teacher_head=m.teacher.get("head", True), views=v["num_augmented"], view_seed=v["seed"],
-                        logits=st["logits"], tap=st.get("tap") or "none", grid=st["grid"], featmaps=st["featmaps"],
-                        teacher_tail=st.get("teacher_tail", 0), lsh_bits=st["lsh_bits"],
-                        input_size=m.teacher["input_size"], shard_size=st["shard_size"], block_size=st["block_size"],
+    d, v, st, t = m.dataset, m.views, m.storage, m.teacher
+    return CacheRequest(dataset=d.name, split=d.split, subset=d.subset, subset_seed=d.subset_seed,
+                        teacher=t.model, checkpoint=t.checkpoint, teacher_head=t.head, views=v.num_augmented,
+                        view_seed=v.seed, logits=st.logits, tap=st.tap or "none", grid=st.grid, featmaps=st.featmaps,
+                        teacher_tail=st.teacher_tail, lsh_bits=st.lsh_bits, input_size=t.input_size,
+                        shard_size=st.shard_size, block_size=st.block_size,
                         cka_source=m.stats.get("cka_source", "auto"), out=str(root), batch_size=batch_size,
-                        device=device, on_bad_image=d.get("on_bad_image", "fail"))
+                        device=device, on_bad_image=d.on_bad_image or "fail")
 
 
 def repair_cache(root: str | Path, device: str = "cpu", batch_size: int = 256) -> list[str]:

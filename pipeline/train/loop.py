@@ -59,7 +59,7 @@ def check_classes(cache: TeacherCache, val: ImageDataset) -> None:
     if list(val.class_names) != cache.class_names:
         raise TrainError(f"class mismatch: the cache {cache.root} has {cache.num_classes} classes, the "
                          f"{val.name} val split has {val.num_classes}; re-run `distillery cache` on this dataset")
-    width = cache.manifest.teacher["num_classes"]
+    width = cache.manifest.teacher.num_classes
     if "logits" in cache.available_targets() and width != cache.num_classes:
         raise TrainError(f"class mismatch: the cache {cache.root} holds {width}-class teacher logits for "
                          f"{cache.num_classes} dataset classes")
@@ -68,7 +68,7 @@ def check_classes(cache: TeacherCache, val: ImageDataset) -> None:
 def cache_info(cache: TeacherCache) -> CacheInfo:
     """What methods may know about `cache`: its classes, served targets and their shapes, its statistics."""
     available = cache.available_targets()
-    return CacheInfo(num_classes=cache.num_classes, pooled_dim=cache.manifest.teacher.get("pooled_dim"),
+    return CacheInfo(num_classes=cache.num_classes, pooled_dim=cache.manifest.teacher.pooled_dim,
                      available=available, target_shapes=cache.target_shapes(available),
                      statistics=cache.statistics(), root=str(cache.root),
                      teacher_tail=cache.teacher_tail)
@@ -146,12 +146,12 @@ def setup_run(config: TrainConfig, device: torch.device, cache: TeacherCache | N
     run.check_unlocked()
     cache = open_cache(config.cache) if cache is None else cache
     manifest = cache.manifest
-    val = load_dataset(manifest.dataset["name"], "val", on_bad_image=s.on_bad_image)
+    val = load_dataset(manifest.dataset.name, "val", on_bad_image=s.on_bad_image)
     check_classes(cache, val)
-    size = s.input_size or manifest.teacher["input_size"]
+    size = s.input_size or manifest.teacher.input_size
     resolved = resolve_methods(config.methods)
     torch.manual_seed(s.seed)
-    student = Student(config.student, cache.num_classes, manifest.teacher["in_chans"], size,
+    student = Student(config.student, cache.num_classes, manifest.teacher.in_chans, size,
                       taps=student_taps(resolved)).to(device)
     methods = build_methods(resolved, cache, student.info()).to(device)
     for method in methods.values():
@@ -197,7 +197,7 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
     s = config.settings
     cache, val, size, student, methods = setup.cache, setup.val, setup.size, setup.student, setup.methods
     manifest = cache.manifest
-    mean, std = manifest.teacher["mean"], manifest.teacher["std"]
+    mean, std = manifest.teacher.mean, manifest.teacher.std
     online = OnlineTeacher(cache, setup.needs, device) if s.online_teacher else None
     teacher_size = online.input_size if online is not None and online.input_size != size else None
     stream = CacheStream(cache, size, frozenset() if online else setup.needs, s.seed, s.shuffle_buffer, teacher_size)
@@ -285,7 +285,7 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
         "val_accuracy": state["val_accuracy"], "train_seconds": state["train_seconds"],
         "mean_step_seconds": state["step_seconds_sum"] / max(1, state["step_count"]),
         "peak_rss_bytes": peak_rss_bytes(), "cache": config.cache, "online_teacher": s.online_teacher,
-        "params": student.num_parameters(), "teacher": manifest.teacher["model"], "dataset": manifest.dataset["name"],
+        "params": student.num_parameters(), "teacher": manifest.teacher.model, "dataset": manifest.dataset.name,
         "num_samples": cache.num_samples, "input_size": size, "batch_size": s.batch_size, "steps": state["step"],
         "final_loss": state["loss"], "device": str(device), "out": config.out,
         "val_skipped_images": list(val.skipped), "environment": describe_environment(device),

@@ -25,7 +25,7 @@ class OnlineTeacher:
     def __init__(self, cache: TeacherCache, targets: frozenset[str], device: torch.device) -> None:
         self.spec = self.check(cache, targets)
         self.targets, self.device = targets, device
-        self.storage = cache.manifest.storage_spec()
+        self.storage = cache.manifest.storage
         self.num_classes = cache.num_classes
         self.dtypes = {name: getattr(torch, meta["dtype"]) for name, meta in cache.manifest.arrays.items()}
         self.teacher = build_teacher(self.spec, device)
@@ -42,9 +42,8 @@ class OnlineTeacher:
             check_cache_checkpoint(spec)
         except TeacherError as e:
             raise TrainError(f"{e}; --online-teacher needs the teacher that made the cache") from None
-        storage = manifest.storage_spec()
         for name in sorted(targets):
-            if TARGETS[name].first_view_only(storage):
+            if TARGETS[name].first_view_only(manifest.storage):
                 raise TrainError(f"this cache stores view-0 {TARGETS[name].description} only; --online-teacher "
                                  f"cannot reproduce them for augmented views")
         return spec

@@ -87,8 +87,8 @@ class CacheStream:
         self.columns = _RamColumns(cache, frozenset(t for t in targets if not cache.in_shards(t)))
         self.shuffle_buffer, self.teacher_size = shuffle_buffer, teacher_size
         teacher = cache.manifest.teacher
-        self.mean, self.std = tuple(teacher["mean"]), tuple(teacher["std"])
-        self.plan = ViewPlan.from_dict(cache.manifest.views)
+        self.mean, self.std = tuple(teacher.mean), tuple(teacher.std)
+        self.plan = ViewPlan(**cache.manifest.views.plan_fields())
         self.paths = cache.shard_paths()  # refuses a shard path outside the cache before any epoch starts
         self.counts = [s["stop"] - s["start"] for s in cache.manifest.shards]
 
