@@ -1,6 +1,6 @@
 """Prefect flow `cache-teacher`: plan -> map a task over shards -> per-shard statistics -> reduce -> complete.
 
-A thin wrapper over `pipeline.teacher.cache_pass`; every task is one library function. A shard already
+A thin wrapper over the teacher pass's steps (`pipeline.teacher.cache_pass` lists them); every task is one library function. A shard already
 finished in the store is skipped (its files are verified first), so a killed run resumes. Shards are
 independent (each writes only its own zarr chunks and files), so the task runner decides where they run:
 one thread by default, a Dask cluster (`task_runner("dask")`) fans them out over processes or machines.
@@ -26,14 +26,16 @@ from pydantic import PositiveFloat
 
 from flows.runtime import (EVENT_TIMEOUT_S, PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path,
                            transient_io)
+from pipeline.cache import statistics
 from pipeline.cache.manifest import Manifest, ShardRecord
+from pipeline.cache.statistics import ShardStats
 from pipeline.cache.store import TeacherCache
 from pipeline.cache.summary import array_rows, human_bytes
 from pipeline.report.content import gather_report
 from pipeline.report.html import write_report
 from pipeline.report.markdown import report_markdown
-from pipeline.teacher import cache_pass
-from pipeline.teacher.cache_pass import CachePlan, CacheRequest, ShardStats
+from pipeline.teacher import forward, plan
+from pipeline.teacher.plan import CachePlan, CacheRequest
 from pipeline.teacher.model import TeacherError
 from pipeline.train.loop import cache_fingerprint
 
@@ -46,28 +48,28 @@ IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=tra
 
 @task(name="plan-cache", persist_result=False, **IO_RETRIES)
 def plan_task(request: CacheRequest) -> CachePlan:
-    return cache_pass.plan_cache(request)
+    return plan.plan_cache(request)
 
 
 @task(name="cache-shard", persist_result=False, task_run_name="cache-shard-{index}", tags=["accelerator"],
       **IO_RETRIES)
 def shard_task(request: CacheRequest, index: int) -> ShardRecord:
-    return cache_pass.cache_shard(request, index)
+    return forward.cache_shard(request, index)
 
 
 @task(name="shard-statistics", persist_result=False, task_run_name="shard-statistics-{index}", **IO_RETRIES)
 def shard_stats_task(root: str, index: int) -> ShardStats:
-    return cache_pass.shard_statistics(root, index)
+    return statistics.shard_statistics(root, index)
 
 
 @task(name="reduce-statistics", persist_result=False, **IO_RETRIES)
 def reduce_task(root: str, parts: list[ShardStats], cka_source: str) -> dict[str, Any]:
-    return cache_pass.reduce_statistics(root, parts, cka_source)
+    return statistics.reduce_statistics(root, parts, cka_source)
 
 
 @task(name="complete-cache", persist_result=False, **IO_RETRIES)
 def complete_task(root: str, records: list[ShardRecord]) -> Manifest:
-    return cache_pass.complete_cache(root, records)
+    return plan.complete_cache(root, records)
 
 
 def task_runner(spec: str = "thread", workers: int = 2) -> TaskRunner:
@@ -106,7 +108,7 @@ def summary_markdown(root: str, result: dict[str, Any]) -> str:
 def cache_artifact_key(kind: str, cache: TeacherCache) -> str:
     """`teacher-cache-<kind>-<dataset>-<teacher>-<fingerprint[:12]>`: one history per cache identity."""
     m = cache.manifest
-    return artifact_key("teacher-cache", kind, m.dataset["name"], m.teacher["model"], cache_fingerprint(cache)[:12])
+    return artifact_key("teacher-cache", kind, m.dataset.name, m.teacher.model, cache_fingerprint(cache)[:12])
 
 
 @task(name="publish-cache-artifacts", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
@@ -141,8 +143,8 @@ def emit_cache_completed(root: str, result: dict[str, Any]) -> None:
                          "prefect.resource.name": os.path.abspath(root),
                          "distillery.cache.path": os.path.abspath(root),
                          "distillery.cache.fingerprint": fingerprint,
-                         "distillery.dataset": str(m.dataset["name"]),
-                         "distillery.teacher": str(m.teacher["model"])},
+                         "distillery.dataset": str(m.dataset.name),
+                         "distillery.teacher": str(m.teacher.model)},
                payload={"num_samples": result["num_samples"], "images": result["images"],
                         "pass_seconds": result["pass_seconds"]})
 
@@ -161,7 +163,7 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
     plan = plan_task(request)
     if plan.complete:
         logger.info("cache %s is already complete with this identity; nothing to do", plan.root)
-        return {"cache": plan.root, "num_samples": Manifest.load(plan.root).dataset["num_samples"], "images": 0,
+        return {"cache": plan.root, "num_samples": Manifest.load(plan.root).dataset.num_samples, "images": 0,
                 "pass_seconds": 0.0, "images_per_second": 0.0, "skipped_shards": plan.num_shards,
                 "written_shards": 0}
     logger.info("teacher pass into %s: %d shards to write, %d reused", plan.root, len(plan.pending), len(plan.done))
@@ -177,8 +179,8 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
     parts = shard_stats_task.map(unmapped(plan.root), list(range(plan.num_shards))).result()
     reduce_task(plan.root, parts, request.cka_source)
     manifest = complete_task(plan.root, records)
-    images = sum(r.count for r in new_records) * (manifest.views["num_augmented"] + 1)
-    result = {"cache": plan.root, "num_samples": manifest.dataset["num_samples"], "images": images,
+    images = sum(r.count for r in new_records) * (manifest.views.num_augmented + 1)
+    result = {"cache": plan.root, "num_samples": manifest.dataset.num_samples, "images": images,
               "pass_seconds": pass_seconds, "images_per_second": images / pass_seconds if pass_seconds > 0 else 0.0,
               "skipped_shards": len(plan.done), "written_shards": len(new_records)}
     logger.info("teacher pass: %d images in %.1f s (%.0f images/s); cache complete at %s", images, pass_seconds,

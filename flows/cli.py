@@ -33,9 +33,10 @@ from pipeline.data.datasets import BAD_IMAGE_POLICIES  # noqa: E402
 from pipeline.experiments import DEFAULT_ROOT  # noqa: E402
 from pipeline.methods import list_methods  # noqa: E402
 from pipeline.options import OptionError, check_device, default_of  # noqa: E402
-from pipeline.teacher.cache_pass import CacheRequest, recompute_statistics  # noqa: E402
-from pipeline.teacher.fit import OBJECTIVES, FitConfig  # noqa: E402
+from pipeline.cache.statistics import recompute_statistics  # noqa: E402
+from pipeline.teacher.plan import CacheRequest  # noqa: E402
 from pipeline.teacher.verify import verify_cache  # noqa: E402
+from pipeline.train.fit import OBJECTIVES, FitConfig  # noqa: E402
 
 if TYPE_CHECKING:
     from pipeline.train.config import RunSettings, StudentSpec
@@ -177,7 +178,7 @@ def fit_teacher_cmd(
 ) -> None:
     """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint (Prefect flow)."""
     from flows.fit_teacher import fit_teacher_flow
-    from pipeline.teacher.fit import check_fit
+    from pipeline.train.fit import check_fit
 
     cfg = FitConfig(dataset=dataset, model=model, out=str(out), epochs=epochs, subset=subset, seed=seed,
                     input_size=input_size, batch_size=batch_size, lr=lr, device=device, on_bad_image=on_bad_image,
@@ -253,7 +254,7 @@ def cache_cmd(
     from pipeline.cache.lock import cache_lock
     from pipeline.cache.store import TeacherCache
     from pipeline.preflight import checkpoint_dataset, teacher_near_chance
-    from pipeline.teacher.cache_pass import check_request
+    from pipeline.teacher.plan import check_request
 
     teacher = teacher or checkpoint_model(checkpoint)
     if checkpoint is not None:  # before any work: a checkpoint of another dataset wastes the whole pass
@@ -265,7 +266,7 @@ def cache_cmd(
                            input_size=input_size, shard_size=shard_size, batch_size=batch_size,
                            cka_source=cka_source, device=device, on_bad_image=on_bad_image)
     manifest = check_request(request)  # bad input is one line here, before the flow (and anything) starts
-    report_skipped(dataset, manifest.dataset.get("skipped", []))
+    report_skipped(dataset, manifest.dataset.skipped or [])
     from flows.cache_teacher import run_cache_teacher, task_runner  # Prefect loads once the request is good
 
     task_runner(task_runner_spec, dask_workers)  # an unknown runner is one line too
@@ -318,14 +319,14 @@ def inspect_cmd(
     c = TeacherCache(cache, require_complete=False)
     m = c.manifest
     console.print(f"[bold]{cache}[/bold]  status={m.status}  format={m.format_version}  created={m.created}")
-    console.print(f"teacher   {m.teacher['model']}  checkpoint sha256={str(m.teacher['checkpoint_sha256'])[:12]}  "
-                  f"input={m.teacher['input_size']}px  taps={m.teacher['taps']}  head={m.teacher['head']}")
-    console.print(f"dataset   {m.dataset['name']} ({m.dataset['split']})  N={c.num_samples}  "
-                  f"classes={c.num_classes}  fingerprint={m.dataset['fingerprint'][:12]}")
-    console.print(f"views     {c.num_views} stored (view 0 clean + {c.num_views - 1} x {m.views['recipe']}, "
-                  f"seed {m.views['seed']})")
-    console.print(f"storage   logits={m.storage['logits']}  grid={m.storage['grid']}  shards={len(m.shards)} "
-                  f"x {m.storage['shard_size']} samples  lsh_bits={m.storage['lsh_bits']}")
+    console.print(f"teacher   {m.teacher.model}  checkpoint sha256={str(m.teacher.checkpoint_sha256)[:12]}  "
+                  f"input={m.teacher.input_size}px  taps={m.teacher.taps}  head={m.teacher.head}")
+    console.print(f"dataset   {m.dataset.name} ({m.dataset.split})  N={c.num_samples}  "
+                  f"classes={c.num_classes}  fingerprint={m.dataset.fingerprint[:12]}")
+    console.print(f"views     {c.num_views} stored (view 0 clean + {c.num_views - 1} x {m.views.recipe}, "
+                  f"seed {m.views.seed})")
+    console.print(f"storage   logits={m.storage.logits}  grid={m.storage.grid}  shards={len(m.shards)} "
+                  f"x {m.storage.shard_size} samples  lsh_bits={m.storage.lsh_bits}")
     rows = [{"array": r.name, "shape": "x".join(map(str, r.shape)), "dtype": r.dtype,
              "stored": human_bytes(r.stored_bytes), "bytes/sample": f"{r.bytes_per_sample:.1f}",
              "mean": "-" if r.mean is None else f"{r.mean:.4g}", "std": "-" if r.std is None else f"{r.std:.4g}"}
@@ -513,8 +514,8 @@ def methods_cmd(
 ) -> None:
     """List the distillation methods: what each needs from the cache (and the `distillery cache` option that adds
     it), whether it trains the classifier, and its options with their defaults and meaning."""
-    from pipeline.methods import TARGET_SOURCES, resolve_method_spec
-    from pipeline.methods.base import TARGET_DESCRIPTIONS
+    from pipeline.cache.targets import TARGETS
+    from pipeline.methods import resolve_method_spec
 
     table = Table(title="methods: compose with --method NAME[:key=value,...] (README, 'Methods')", title_justify="left",
                   show_lines=True)
@@ -523,7 +524,7 @@ def methods_cmd(
     for method in [name] if name else list_methods():
         cls, _ = resolve_method_spec(method)  # an unknown name is one line listing the known ones
         summary = re.split(r"(?<=\.)\s", " ".join((cls.__doc__ or "").split()).replace("``", ""))[0]  # 1st sentence
-        needs = "\n".join(f"{TARGET_DESCRIPTIONS[t]} ({TARGET_SOURCES[t]})" for t in sorted(cls.needs)) or "-"
+        needs = "\n".join(f"{TARGETS[t].description} ({TARGETS[t].cache_option})" for t in sorted(cls.needs)) or "-"
         helps = cls.option_help()
         options = "\n".join(f"{k}={v}: {helps[k]}" for k, v in cls.options().items()) or "-"
         table.add_row(Text(f"{method}\n", style="bold") + Text(summary, style="dim"), needs,
@@ -590,11 +591,12 @@ def runs_cmd(
     plot: Annotated[Optional[Path], typer.Option(help="also plot accuracy vs training time into this PNG")] = None,
 ) -> None:
     """Compare student runs; runs that differ only by seed are one row (mean ± std over the seeds)."""
+    from pipeline.report.figures import accuracy_vs_time
     from pipeline.report.markdown import markdown_table
-    from pipeline.train.runs import accuracy_vs_time_png, compare_runs, comparison_rows, formatted_rows
+    from pipeline.train.runs import compare_runs, formatted_rows, group_label, group_rows
 
     groups = compare_runs(rundirs)
-    rows = comparison_rows(groups)
+    rows = group_rows(groups)
     table = formatted_rows(rows)
     if markdown:
         print(markdown_table(list(table[0]), [list(r.values()) for r in table]))
@@ -602,23 +604,26 @@ def runs_cmd(
         print_table(f"{sum(len(g.runs) for g in groups)} runs, {len(groups)} settings", table)
     if plot is not None:
         plot.parent.mkdir(parents=True, exist_ok=True)
-        plot.write_bytes(accuracy_vs_time_png(rows))
+        plot.write_bytes(accuracy_vs_time(
+            [group_label(r) for r in rows], [r["mean"]["train_seconds"] for r in rows],
+            [r["std"]["train_seconds"] for r in rows], [r["mean"]["val_accuracy"] for r in rows],
+            [r["std"]["val_accuracy"] for r in rows]))
         Console(stderr=True).print(f"plot written to {plot}")  # stderr: stdout may be a markdown table
 
 
 def print_students(title: str, summaries: list[dict]) -> None:
     """The comparison table of a sweep, formatted for people (the flow's artifact keeps raw numbers)."""
-    from flows.train_students import comparison_rows
+    from flows.train_students import sweep_rows
 
     rows = [{**r, "val_accuracy": f"{r['val_accuracy']:.2%}", "train_seconds": f"{r['train_seconds']:.1f} s",
              "mean_step_seconds": f"{1000 * r['mean_step_seconds']:.1f} ms", "params": f"{r['params']:,}"}
-            for r in comparison_rows(summaries)]
+            for r in sweep_rows(summaries)]
     print_table(title, rows)
 
 
 def print_experiment(name: str, result: dict, markdown: bool) -> None:
     """An experiment's results: a rich table, or the markdown the README holds."""
-    from pipeline.experiments import get_experiment, markdown_table
+    from pipeline.experiments import get_experiment, results_markdown
 
     experiment = get_experiment(name)
     teacher = result["teacher"]
@@ -626,7 +631,7 @@ def print_experiment(name: str, result: dict, markdown: bool) -> None:
     console.print(f"teacher {experiment.teacher} ({'reused' if teacher['reused'] else 'fitted'}): {accuracy}; "
                   f"cache {result['cache']['cache']}")
     if markdown:
-        console.print(markdown_table(result["rows"]), soft_wrap=True, highlight=False)
+        console.print(results_markdown(result["rows"]), soft_wrap=True, highlight=False)
         return
     rows = [{"methods": r["methods"], "accuracy": f"{r['accuracy']:.2f} ± {r['std']:.2f}", "seeds": r["seeds"],
              "train_s": f"{r['train_s']:.0f}", "step_ms": f"{r['step_ms']:.1f}"} for r in result["rows"]]

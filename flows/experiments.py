@@ -15,8 +15,8 @@ from flows.cache_teacher import cache_teacher
 from flows.params import Student, TrainSettings
 from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
 from flows.train_students import train_students
-from pipeline.experiments import DEFAULT_ROOT, get_experiment, markdown_table, result_rows, reusable_teacher
-from pipeline.teacher.fit import fit_teacher
+from pipeline.experiments import DEFAULT_ROOT, get_experiment, result_rows, results_markdown, reusable_teacher
+from pipeline.train.fit import fit_teacher
 from pipeline.teacher.model import load_checkpoint
 
 forward_library_logs()
@@ -65,5 +65,5 @@ def run_experiment(name: str, seeds: list[int], root: str = str(DEFAULT_ROOT),
                                        sweep=f"{name}-{label}")
             summaries[label].append(summary)
     rows = result_rows(experiment, summaries)
-    publish_results(name, seeds, f"{experiment.description}\n\n{markdown_table(rows)}")
+    publish_results(name, seeds, f"{experiment.description}\n\n{results_markdown(rows)}")
     return {"teacher": teacher, "cache": cached, "rows": rows}

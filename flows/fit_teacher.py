@@ -1,4 +1,4 @@
-"""Prefect flow `fit-teacher`: train a teacher locally (`pipeline.teacher.fit`), schedulable like the others.
+"""Prefect flow `fit-teacher`: train a teacher locally (`pipeline.train.fit`), schedulable like the others.
 
 No pretrained weights can be downloaded here, so a deployment that fits a teacher (say weekly) and a
 `cache-teacher` deployment after it give the nightly student sweeps a fresh cache to reuse.
@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger, task
 from pydantic import PositiveFloat
 
 from flows.runtime import forward_library_logs, run_path
-from pipeline.teacher.fit import FitConfig, fit_teacher
+from pipeline.train.fit import FitConfig, fit_teacher
 
 forward_library_logs()
 

@@ -33,7 +33,7 @@ def train_task(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def comparison_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def sweep_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per run: the columns people compare students by."""
     return [{**{k: s[k] for k in COMPARISON_COLUMNS}, "methods": "+".join(s["methods"])} for s in summaries]
 
@@ -43,20 +43,21 @@ def sweep_artifact_key(cache: str, sweep: Optional[str]) -> str:
     if sweep:
         return artifact_key("students", sweep)
     c = TeacherCache(cache)
-    return artifact_key("students", c.manifest.dataset["name"], c.manifest.teacher["model"], cache_fingerprint(c)[:12])
+    return artifact_key("students", c.manifest.dataset.name, c.manifest.teacher.model, cache_fingerprint(c)[:12])
 
 
 @task(name="publish-comparison", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
 def publish_comparison(cache: str, sweep: Optional[str], out: str, summaries: list[dict[str, Any]]) -> None:
-    create_table_artifact(key=sweep_artifact_key(cache, sweep), table=comparison_rows(summaries),
+    create_table_artifact(key=sweep_artifact_key(cache, sweep), table=sweep_rows(summaries),
                           description=f"Students trained from {cache} into {out}")
 
 
 def plan_sweep(cache: str, students: list[Student], out: str, settings: TrainSettings) -> list[TrainConfig]:
     """One checked `TrainConfig` per student: bad input fails here, before any student trains."""
     configs = plan_runs(cache, [s.spec() for s in students], out, settings.run_settings())
+    opened = None  # the cache is opened and its shards hashed once for the whole sweep
     for config in configs:
-        check_run(config)
+        opened = check_run(config, cache=opened)
     return configs
 
 

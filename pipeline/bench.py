@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from pipeline.data.views import ViewPlan
-from pipeline.teacher.cache_pass import (CacheRequest, cache_shard, plan_cache,
-                                         render_pairs, request_dataset, resolve_device, shared_teacher,
-                                         teacher_forward, teacher_spec)
+from pipeline.teacher.plan import CacheRequest, plan_cache, request_dataset, shared_teacher, teacher_spec
+from pipeline.teacher.forward import cache_shard, render_pairs, teacher_forward
+from pipeline.options import resolve_device
 
 
 def bare_forward_seconds(request: CacheRequest) -> float:
@@ -101,7 +101,7 @@ def model_flops(model: str, num_classes: int, in_chans: int, size: int) -> int:
     """Forward FLOPs of one image through a timm model (torch's FLOP counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.teacher.model import create_timm_model
+    from pipeline.nets.tapped import create_timm_model
 
     net = create_timm_model(model, num_classes, in_chans, size).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -131,8 +131,8 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
                 with ProcessPoolExecutor(1, mp_context=context) as pool:
                     results[label].append(pool.submit(_train_once, config).result())
     manifest = TeacherCache(cache).manifest
-    teacher, num_classes = manifest.teacher, manifest.dataset["num_classes"]
-    size = teacher["input_size"]
+    teacher, num_classes = manifest.teacher, manifest.dataset.num_classes
+    size = teacher.input_size
     rows = []
     for label, runs in results.items():
         step = min(run["mean_step_seconds"] for run in runs)  # the least disturbed round
@@ -147,9 +147,9 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
         row["over_ce"], row["over_kd"] = over(row, "ce"), over(row, "ce+kd")
         row["over_online_kd"] = over(row, ONLINE_KD)
         row["rss_over_online_kd"] = over(row, ONLINE_KD, "peak_rss_mb")
-    return {"bench": "student_steps", "cache": cache, "student": student, "teacher": teacher["model"],
-            "teacher_over_student_flops": model_flops(teacher["model"], num_classes, teacher["in_chans"], size)
-            / model_flops(student, num_classes, teacher["in_chans"], size),
+    return {"bench": "student_steps", "cache": cache, "student": student, "teacher": teacher.model,
+            "teacher_over_student_flops": model_flops(teacher.model, num_classes, teacher.in_chans, size)
+            / model_flops(student, num_classes, teacher.in_chans, size),
             "rounds": rounds, "rows": rows}
 
 
@@ -162,7 +162,7 @@ TCS_CONFIGS = {k: STEP_CONFIGS[k] for k in ("ce", ONLINE_KD, "ce+tcs", "ce+tcs+e
 def bench_tcs_vs_online_kd(tmp: str, quick: bool = False, device: str = "auto") -> dict[str, Any]:
     """Student step time and peak RSS of CE, online KD, TCS and TCS+eLSH from a `TCS_TEACHER` cache on digits."""
     from pipeline.teacher.cache_pass import run_cache_pass
-    from pipeline.teacher.fit import FitConfig, fit_teacher
+    from pipeline.train.fit import FitConfig, fit_teacher
 
     checkpoint = str(Path(tmp) / "tcs-teacher.pt")
     # Step times do not depend on how well the teacher is trained: a short fit on a subset is enough.
@@ -221,7 +221,7 @@ def run_benchmarks(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     DDP on 2 CPU processes against 1 (`bench_ddp`).
     `quick`: the first teacher only, fewer samples, one round."""
     from pipeline.teacher.cache_pass import run_cache_pass
-    from pipeline.teacher.fit import FitConfig, fit_teacher
+    from pipeline.train.fit import FitConfig, fit_teacher
 
     teachers = PASS_TEACHERS[:1] if quick else PASS_TEACHERS
     passes = [bench_teacher_pass("digits", teacher, samples=300 if quick else 1437, device=device,

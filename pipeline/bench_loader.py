@@ -52,7 +52,8 @@ def main() -> None:
         print(json.dumps(epoch_seconds(args.cache, args.method, args.epochs, args.workers)))
         return
 
-    from pipeline.teacher.cache_pass import CacheRequest, run_cache_pass
+    from pipeline.teacher.plan import CacheRequest
+    from pipeline.teacher.cache_pass import run_cache_pass
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = str(Path(tmp) / "cache")

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.teacher.cache_pass import CacheRequest
-from pipeline.teacher.fit import FitConfig
+from pipeline.teacher.plan import CacheRequest
+from pipeline.train.fit import FitConfig
 from pipeline.train.config import RunSettings
 from pipeline.train.optim import OptimConfig
 from pipeline.errors import DistilleryError
@@ -134,7 +134,7 @@ def result_rows(experiment: Experiment, summaries: dict[str, list[dict[str, Any]
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def results_markdown(rows: list[dict[str, Any]]) -> str:
     """The README form of `result_rows`."""
     lines = ["| methods | accuracy % (mean ± std) | per seed | train s / run | ms / step |",
              "|---|---|---|---|---|"]

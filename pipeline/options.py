@@ -13,11 +13,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
 from pipeline.errors import DistilleryError
+
+if TYPE_CHECKING:  # torch is imported where a device is checked: the CLI starts without it
+    import torch
 
 
 class OptionError(DistilleryError):
@@ -142,3 +145,14 @@ def check_output_file(path: str | Path, option: str = "--out") -> None:
     if target.is_dir():
         raise OptionError(f"{option} {path} is a directory; give a file path such as {Path(path) / 'teacher.pt'}")
     _check_can_create_in(_nearest_existing(target.parent), option, Path(path))
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` (CUDA when torch sees a GPU, else CPU) or a device this machine has (`check_device`: one line
+    otherwise, not a CUDA traceback from deep inside a run)."""
+    import torch
+
+    check_device(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

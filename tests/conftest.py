@@ -26,7 +26,7 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small teacher fitted on digits (2 epochs; enough for non-trivial, deterministic outputs)."""
-    from pipeline.teacher.fit import FitConfig, fit_teacher
+    from pipeline.train.fit import FitConfig, fit_teacher
 
     out = tmp_path_factory.mktemp("teacher") / "digits-test_resnet.pt"
     fit_teacher(FitConfig(dataset="digits", model=TINY_TEACHER, out=str(out), epochs=2, workers=0))
@@ -36,7 +36,7 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cache_request(digits_teacher: Path):
     """Factory: the digits cache request of the tests, with any field overridden."""
-    from pipeline.teacher.cache_pass import CacheRequest
+    from pipeline.teacher.plan import CacheRequest
 
     def make(out: Path, **overrides) -> CacheRequest:
         fields = dict(dataset="digits", teacher=TINY_TEACHER, checkpoint=str(digits_teacher), out=str(out),
@@ -62,7 +62,8 @@ def digits_lsh_cache(digits_cache: Path, tmp_path_factory: pytest.TempPathFactor
     building a teacher made to fail: the rebuild reads the stored features only."""
     import shutil
 
-    from pipeline.teacher import cache_pass
+    from pipeline.cache.statistics import recompute_statistics
+    from pipeline.teacher import model, plan
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("`distillery stats` must not build the teacher")
@@ -70,9 +71,9 @@ def digits_lsh_cache(digits_cache: Path, tmp_path_factory: pytest.TempPathFactor
     copy = tmp_path_factory.mktemp("lsh") / "digits"
     shutil.copytree(digits_cache, copy)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cache_pass, "build_teacher", no_teacher)
-        patch.setattr(cache_pass, "shared_teacher", no_teacher)
-        cache_pass.recompute_statistics(str(copy), lsh_bits=64)
+        for module, name in ((model, "build_teacher"), (plan, "build_teacher"), (plan, "shared_teacher")):
+            patch.setattr(module, name, no_teacher)
+        recompute_statistics(str(copy), lsh_bits=64)
     return copy
 
 

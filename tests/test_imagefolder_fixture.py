@@ -11,8 +11,9 @@ import numpy as np
 
 from pipeline.cache.store import TeacherCache
 from pipeline.data.datasets import load_dataset
-from pipeline.teacher.cache_pass import CacheRequest, run_cache_pass
-from pipeline.teacher.fit import FitConfig, fit_teacher
+from pipeline.teacher.plan import CacheRequest
+from pipeline.teacher.cache_pass import run_cache_pass
+from pipeline.train.fit import FitConfig, fit_teacher
 from pipeline.train.config import RunSettings, TrainConfig
 from pipeline.train.loop import train_student
 

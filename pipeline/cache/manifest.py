@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import asdict, dataclass, field
+import contextvars
+import copy
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import ItemsView, KeysView
 from typing import Any
-from pipeline.errors import DistilleryError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from pipeline.atomic import atomic_write_text
+from pipeline.errors import DistilleryError
+from pipeline.options import one_line_error
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -24,9 +31,110 @@ class CacheError(DistilleryError):
     """A cache that cannot be used as asked; the message says what is wrong and what to do."""
 
 
-@dataclass(frozen=True)
-class StorageSpec:
-    """What the teacher pass stores and how (the `distillery cache` storage options)."""
+_READING = contextvars.ContextVar("reading_a_manifest", default=False)
+
+
+class Section(BaseModel):
+    """A typed manifest section. Keys a manifest has and this model does not declare are kept (a newer or
+    older writer's), and only the keys a manifest has are written back, in its order, so a manifest reads and
+    saves byte for byte (`tests/cache/test_old_cache.py`). ``section["key"]`` (read and assign), ``get``,
+    ``keys`` and ``items`` work like the plain dict the section was before, for code still written that way
+    (`pipeline/report/`)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), validate_assignment=True)
+
+    def __init__(self, **data: Any) -> None:
+        """Built by code (a writer): every field is written, defaults included."""
+        try:
+            super().__init__(**data)
+        except ValidationError as e:  # one line, as from every other config
+            raise one_line_error(e) from None
+        if not _READING.get():
+            self.__pydantic_fields_set__.update(type(self).model_fields)
+
+    @classmethod
+    def read(cls, data: dict[str, Any]) -> Section:
+        """Read from a manifest: only the keys it has are written back."""
+        reading = _READING.set(True)  # pydantic validates through `__init__`, which must not add keys then
+        try:
+            return cls(**data)
+        finally:
+            _READING.reset(reading)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.to_dict():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        setattr(self, key, value)  # validated (StorageSpec is frozen: refused)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+    def keys(self) -> KeysView[str]:
+        return self.to_dict().keys()
+
+    def items(self) -> ItemsView[str, Any]:
+        return self.to_dict().items()
+
+
+class TeacherSection(Section):
+    """`teacher`: the `TeacherSpec` that made the cache, its stage names and pooled width."""
+
+    model: str
+    num_classes: int
+    in_chans: int
+    input_size: int
+    mean: list[int | float]
+    std: list[int | float]
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    taps: list[str] = Field(default_factory=list)
+    head: bool = True
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    stages: list[str] = Field(default_factory=list)
+    pooled_dim: int | None = None
+
+
+class DatasetSection(Section):
+    """`dataset`: which samples, in which order (`fingerprint`), with which classes."""
+
+    name: str
+    split: str
+    num_samples: int
+    num_classes: int
+    class_names: list[str]
+    channels: int
+    fingerprint: str
+    subset: int | None = None
+    subset_seed: int = 0
+    on_bad_image: str | None = None  # written only when images were skipped: "skip"
+    skipped: list[str] | None = None  # their paths
+
+
+class ViewsSection(Section):
+    """`views`: the `ViewPlan` (docs/ARCHITECTURE.md §3) and its recipe, for people."""
+
+    num_augmented: int
+    seed: int
+    scale: list[int | float]
+    ratio: list[int | float]
+    flip: bool = True
+    recipe: str | None = None
+
+    def plan_fields(self) -> dict[str, Any]:
+        """The `ViewPlan` arguments (the recipe is derived)."""
+        return {k: v for k, v in self.to_dict().items() if k != "recipe"}
+
+
+class StorageSpec(Section):
+    """`storage`: what the teacher pass stores and how (the `distillery cache` storage options)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), frozen=True)
 
     logits: str = "dense"  # "dense" | "topk:K" | "none" (head-less teacher)
     pooled_views: str = "all"  # "all" stored views, or "first" (view 0 only)
@@ -38,7 +146,8 @@ class StorageSpec:
     block_size: int = 256
     teacher_tail: int = 0  # teacher stages ending at the tap saved as `teacher_tail.pt` (ScaleKD TPP); 0: none
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> StorageSpec:
         if self.logits not in ("dense", "none") and not (
             self.logits.startswith("topk:") and self.logits[5:].isdigit() and int(self.logits[5:]) > 0
         ):
@@ -56,10 +165,20 @@ class StorageSpec:
         if self.teacher_tail < 0 or (self.teacher_tail and not self.featmaps):
             raise CacheError(f"--teacher-tail {self.teacher_tail}: the tail's outputs mimic the stored feature maps, "
                              f"so it needs --featmaps and a count >= 1 (0 saves no tail)")
+        return self
 
     @property
     def topk(self) -> int | None:
         return int(self.logits[5:]) if self.logits.startswith("topk:") else None
+
+    def replace(self, **changes: Any) -> StorageSpec:
+        """A copy with `changes`, checked again; the keys written stay those the section had, plus `changes`."""
+        return StorageSpec.read({**self.to_dict(), **changes})
+
+
+SECTIONS: dict[str, type[Section]] = {"teacher": TeacherSection, "dataset": DatasetSection, "views": ViewsSection,
+                                      "storage": StorageSpec}
+"""The typed sections of a manifest, by name."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +201,11 @@ class ShardRecord:
         return self.stop - self.start
 
 
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each shard of `n` samples, `shard_size` each (the last one may be shorter)."""
+    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -101,10 +225,10 @@ def library_versions() -> dict[str, str]:
 
 @dataclass
 class Manifest:
-    teacher: dict[str, Any]
-    dataset: dict[str, Any]
-    views: dict[str, Any]
-    storage: dict[str, Any]
+    teacher: TeacherSection
+    dataset: DatasetSection
+    views: ViewsSection
+    storage: StorageSpec
     arrays: dict[str, dict[str, Any]]  # name -> {"shape": [...], "dtype": "..."}
     shards: list[dict[str, Any]] = field(default_factory=list)  # planned ranges, then records
     stats: dict[str, Any] = field(default_factory=dict)
@@ -117,17 +241,25 @@ class Manifest:
     # Dataset-level arrays (stats/*, lsh/codes) -> `array_digest`, written with them; empty in older caches.
     digests: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Sections arrive as the JSON's (or a writer's) dicts; anything else is left to `wrongly_typed`.
+        for name, section in SECTIONS.items():
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, section.read(getattr(self, name)))
+
     def identity(self) -> dict[str, Any]:
-        ident = {k: getattr(self, k) for k in IDENTITY_SECTIONS}
+        ident = {k: getattr(self, k).to_dict() for k in IDENTITY_SECTIONS}
         # Where the checkpoint lies is provenance, not identity: its sha256 is what matters.
-        ident["teacher"] = {k: v for k, v in self.teacher.items() if k != "checkpoint"}
+        del ident["teacher"]["checkpoint"]
         return ident
 
-    def storage_spec(self) -> StorageSpec:
-        return StorageSpec(**self.storage)
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as its JSON holds it."""
+        return {f.name: getattr(self, f.name).to_dict() if f.name in SECTIONS else copy.deepcopy(getattr(self, f.name))
+                for f in fields(self)}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     def save(self, root: str | Path) -> None:
         """Atomic write (temp file, then rename) so a reader never sees half a manifest."""
@@ -159,6 +291,9 @@ class Manifest:
         except (TypeError, KeyError) as e:  # missing or unknown fields: a damaged or crafted manifest
             raise CacheError(f"{path} does not have the fields of a cache manifest ({e}); delete the cache and "
                              f"re-run `distillery cache`") from None
+        except DistilleryError as e:  # a section's field missing, of the wrong type or out of its range
+            raise CacheError(f"{path}: a section does not hold what a cache manifest holds ({e}); delete the cache "
+                             f"and re-run `distillery cache`") from None
         wrong = manifest.wrongly_typed()
         if wrong:
             raise CacheError(f"{path}: field {wrong} has the wrong type (damaged or edited); delete the cache and "
@@ -171,7 +306,7 @@ class Manifest:
     def wrongly_typed(self) -> str | None:
         """The first section (or array entry) whose JSON type is not the one this module writes, if any."""
         for name in ("teacher", "dataset", "views", "storage", "arrays", "stats", "files", "digests"):
-            if not isinstance(getattr(self, name), dict):
+            if not isinstance(getattr(self, name), (dict, Section)):
                 return name
         if not isinstance(self.shards, list) or not all(isinstance(s, dict) for s in self.shards):
             return "shards"

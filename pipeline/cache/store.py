@@ -32,15 +32,15 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache.codecs import topk_decode
 from pipeline.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from pipeline.checksums import sha256_bytes, sha256_file
 from pipeline.cache.integrity import array_digest, confined_path, inside, non_finite_rows, rows_digest
 from pipeline.cache.manifest import CacheError, Manifest, ShardRecord, identity_mismatch, now_iso
+from pipeline.cache.targets import LOGITS, TARGETS
 
 ARRAYS_NAME = "arrays.zarr"
 LSH_INDEX_NAME = "lsh.faiss"
-LSH_ARRAYS = ("lsh/codes", "stats/lsh/planes", "stats/lsh/thresholds")
+LSH_STATS_ARRAYS = ("lsh/codes", "stats/lsh/planes", "stats/lsh/thresholds")  # written by `distillery stats`
 LOCK_NAME = ".writer.lock"
 STAGING_PREFIX = ".stats-staging-"
 SHARDS_DIR = "shards"
@@ -49,17 +49,6 @@ TAIL_NAME = "teacher_tail.pt"
 # zstd level 1 stores float16 teacher outputs as small as zarr's default level 3 (within 1 %) in 2/3 of the
 # time, and per-sample rows are written once per shard inside the teacher pass.
 ROW_COMPRESSOR = zarr.codecs.ZstdCodec(level=1)
-
-# Logical targets a method may need -> the arrays that serve them (see pipeline.methods.base).
-TARGET_ARRAYS: dict[str, tuple[str, ...]] = {
-    "logits": ("logits/dense",),
-    "logits_topk": ("logits/topk_values", "logits/topk_indices", "logits/tail_logsumexp"),
-    "pooled": ("features/pooled",),
-    "gaussian": ("gaussian/mean", "gaussian/std"),
-    "lsh_codes": ("lsh/codes",),
-    "featmaps": ("featmaps/{tap}",),  # named by the stored tap: `TeacherCache.target_arrays` fills it in
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # Block codec: a dict of plain numpy arrays <-> bytes. A zip of .npy members (like np.savez) but with
@@ -278,7 +267,7 @@ class CacheWriter(_CacheFiles):
             raise CacheError(f"{root} exists and is not a teacher cache; choose another --out")
         (root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         writer = cls(root, manifest)
-        shard_size = manifest.storage["shard_size"]
+        shard_size = manifest.storage.shard_size
         for name, meta in manifest.arrays.items():
             shape = tuple(meta["shape"])
             writer.group.create_array(name, shape=shape, chunks=(shard_size, *shape[1:]), dtype=meta["dtype"],
@@ -336,7 +325,7 @@ class CacheWriter(_CacheFiles):
                                  f"(the cache stays partial)")
         for name in layout:
             self.group[name][start:stop] = rows[name]
-        block = self.manifest.storage["block_size"]
+        block = self.manifest.storage.block_size
         members = []
         for b0 in range(0, stop - start, block):
             b1 = min(b0 + block, stop - start)
@@ -388,7 +377,7 @@ class CacheWriter(_CacheFiles):
                 raise CacheError(f"statistics array {name} is not finite (NaN or inf in the stored rows it was "
                                  f"computed from); check the teacher checkpoint and re-run `distillery cache`")
             per_sample = not name.startswith("stats/") and value.ndim > 0
-            chunks = (self.manifest.storage["shard_size"], *value.shape[1:]) if per_sample else (value.shape or None)
+            chunks = (self.manifest.storage.shard_size, *value.shape[1:]) if per_sample else (value.shape or None)
             staged.create_array(name, shape=value.shape, dtype=value.dtype, chunks=chunks, fill_value=0)[...] = value
             digests[name] = array_digest(name, value)
         trash = staging / "replaced"
@@ -406,7 +395,7 @@ class CacheWriter(_CacheFiles):
         removed = [n for n in self.manifest.stats.get("arrays", []) if n not in stats.get("arrays", [])]
         self.manifest.stats = dict(stats)
         self.manifest.digests = {n: d for n, d in self.manifest.digests.items() if n not in removed} | digests
-        self.manifest.storage.update(storage or {})
+        self.manifest.storage = self.manifest.storage.replace(**(storage or {}))
         self.manifest.save(self.root)
         for name in removed:
             if name in self.group and name not in arrays:
@@ -478,19 +467,19 @@ class TeacherCache(_CacheFiles):
 
     @property
     def num_samples(self) -> int:
-        return int(self.manifest.dataset["num_samples"])
+        return self.manifest.dataset.num_samples
 
     @property
     def num_views(self) -> int:
-        return int(self.manifest.views["num_augmented"]) + 1
+        return self.manifest.views.num_augmented + 1
 
     @property
     def num_classes(self) -> int:
-        return int(self.manifest.dataset["num_classes"])
+        return self.manifest.dataset.num_classes
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.manifest.dataset["class_names"])
+        return list(self.manifest.dataset.class_names)
 
     def has(self, name: str) -> bool:
         return name in self.manifest.arrays or name in self.manifest.stats.get("arrays", [])
@@ -513,32 +502,24 @@ class TeacherCache(_CacheFiles):
         return self.check_array(name, np.asarray(self.array(name)[...]))
 
     def target_arrays(self, target: str) -> tuple[str, ...]:
-        """The arrays serving a logical target in this cache (`featmaps` -> `featmaps/<stored tap>`)."""
-        return tuple(n.format(tap=self.manifest.storage.get("tap")) for n in TARGET_ARRAYS[target])
+        """The arrays serving a logical target in this cache (the layout it stores, `pipeline.cache.targets`;
+        `featmaps` -> `featmaps/<stored tap>`); empty when it stores none."""
+        return TARGETS[target].stored_layout(self.has, self.manifest.storage.tap) or ()
 
     def available_targets(self) -> frozenset[str]:
         """Logical target names this cache can serve (dense or top-k logits both serve 'logits')."""
-        found = {t for t in TARGET_ARRAYS if all(self.has(n) for n in self.target_arrays(t))}
-        if "logits_topk" in found:
-            found.add("logits")
-        found.discard("logits_topk")
-        return frozenset(found)
+        return frozenset(name for name in TARGETS if self.target_arrays(name))
 
     def target_shapes(self, targets: frozenset[str]) -> dict[str, tuple[int, ...]]:
         """Per-sample shape of each logical target served (batch axis left out): logits (C,), pooled (D,),
         gaussian (G*G, Cf) (shape of the mean; the std has the same), lsh_codes (bits/8,), featmaps (Cf, H, W)."""
-        shapes = {}
-        for target in targets:
-            if target == "logits":
-                shapes[target] = (self.num_classes,)
-            else:
-                shapes[target] = tuple(self.array(self.target_arrays(target)[0]).shape[2:])
-        return shapes
+        return {target: (self.num_classes,) if TARGETS[target].classes_wide
+                else tuple(self.array(self.target_arrays(target)[0]).shape[2:]) for target in targets}
 
     def in_shards(self, target: str) -> bool:
         """Whether the webdataset shards carry `target`: not when it is written after them with the
         statistics (the LSH codes), in zarr only."""
-        return not any(n in self.manifest.stats.get("arrays", []) for n in TARGET_ARRAYS[target])
+        return TARGETS[target].produce is not None
 
     def lsh_index(self) -> faiss.IndexBinary:
         """The faiss binary index over the view-0 LSH codes (row i = stored sample i), checked against the
@@ -651,15 +632,11 @@ class TeacherCache(_CacheFiles):
         `rows` may hold block arrays (keys as in `block_key`) to reconstruct a block instead of the
         whole cache.
         """
-        def get(name: str) -> np.ndarray:
-            return rows[block_key(name)] if rows is not None else self.read(name)
+        def get(name: str) -> torch.Tensor:
+            return torch.from_numpy(rows[block_key(name)] if rows is not None else self.read(name))
 
-        if "logits/dense" in self.manifest.arrays:
-            return get("logits/dense").astype(np.float32)
-        if "logits/topk_values" in self.manifest.arrays:
-            return topk_decode(torch.from_numpy(get("logits/topk_values").astype(np.float32)),
-                               torch.from_numpy(get("logits/topk_indices").astype(np.int64)),
-                               torch.from_numpy(get("logits/tail_logsumexp").astype(np.float32)),
-                               self.num_classes).numpy()
-        raise CacheError(f"{self.root} stores no logits (head-less teacher); re-run `distillery cache` "
-                         f"with --logits dense|topk:K")
+        names = self.target_arrays(LOGITS)
+        if not names:
+            raise CacheError(f"{self.root} stores no logits (head-less teacher); re-run `distillery cache` "
+                             f"with --logits dense|topk:K")
+        return TARGETS[LOGITS].serve({n: get(n) for n in names}, self.num_classes).numpy()

@@ -69,3 +69,9 @@ def worker_context(workers: int) -> multiprocessing.context.BaseContext | None:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(WORKER_PRELOAD)
     return context
+
+
+def default_input_size(dataset: ImageDataset) -> int:
+    """Small in-memory datasets (digits, Fashion-MNIST) render at 32 px; image folders at 224 px."""
+    raw = dataset.raw(0)
+    return 32 if max(raw.shape[:2]) <= 32 else 224

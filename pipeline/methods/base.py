@@ -4,7 +4,8 @@ A method (docs/ARCHITECTURE.md §6) is a ``torch.nn.Module`` that turns the stud
 teacher targets of the same view into named, already-weighted loss terms. A run may combine
 several methods ("Methods compose", §6); the training loss is the sum of every term of every method.
 
-Each method declares the logical targets it ``needs`` from the cache; :meth:`Method.check_cache`
+Each method declares the logical targets it ``needs`` from the cache by name (the records of
+:mod:`pipeline.cache.targets`); :meth:`Method.check_cache`
 refuses a cache that cannot serve them, naming the ``distillery cache`` option (§10) that would.
 Options are keyword-only arguments of the method's ``__init__`` with defaults, set from a spec
 string such as ``kd:T=2,alpha=0.5`` by :func:`create_method`. A numeric option declares its allowed
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import abc
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, ClassVar, TypeVar, get_args, get_origin
+from typing import Annotated, Any, ClassVar, TypeVar, get_args, get_origin
 
 import torch
 from torch import Tensor
 
+from pipeline.cache.targets import FEATMAPS, GAUSSIAN, LOGITS, LSH_CODES, POOLED, TARGETS
 from pipeline.errors import DistilleryError
 from pipeline.options import Help, Range
 
@@ -32,8 +34,7 @@ __all__ = [
     "GAUSSIAN",
     "LSH_CODES",
     "FEATMAPS",
-    "TARGET_SOURCES",
-    "TARGET_DESCRIPTIONS",
+    "TARGETS",
     "Targets",
     "MethodError",
     "at_least_float32",
@@ -48,37 +49,6 @@ __all__ = [
     "create_method",
     "list_methods",
 ]
-
-# Logical target names: what the loader hands a method, independent of how the cache stores it (§4).
-LOGITS = "logits"
-"""Dense float32 teacher logits (B, C) of the view the student sees; top-k caches are reconstructed."""
-POOLED = "pooled"
-"""Teacher pooled pre-logit features (B, D_t), float32."""
-GAUSSIAN = "gaussian"
-"""Tuple (mean, std) of the tapped teacher map per grid cell and channel, each (B, G*G, Cf) (§6.4)."""
-LSH_CODES = "lsh_codes"
-"""Packed LSH codes of the teacher's view-0 pooled features, (B, bits/8) uint8 (§6.6)."""
-FEATMAPS = "featmaps"
-"""The tapped teacher stage's feature map (B, Cf, H, W) of the view the student sees (§6.7). Served as
-stored, float16 (maps are large: float32 would double the shuffle buffer); losses promote them."""
-
-TARGET_SOURCES: dict[str, str] = {
-    LOGITS: "--logits dense|topk:K (teacher with a head)",
-    POOLED: "its default options (pooled features are stored by default)",
-    GAUSSIAN: "--tap STAGE --grid G",
-    LSH_CODES: "--lsh-bits B",
-    FEATMAPS: "--featmaps (and --tap STAGE, the stage to mimic)",
-}
-"""Logical target -> the ``distillery cache`` option that produces it."""
-
-TARGET_DESCRIPTIONS: dict[str, str] = {
-    LOGITS: "teacher logits",
-    POOLED: "teacher pooled features",
-    GAUSSIAN: "teacher feature-map Gaussian statistics",
-    LSH_CODES: "teacher LSH codes",
-    FEATMAPS: "teacher feature maps",
-}
-"""Logical target -> how error messages name it."""
 
 Targets = Mapping[str, Tensor | tuple[Tensor, ...]]
 """Per-batch teacher targets keyed by logical name; values are detached (they come from the cache)."""
@@ -157,8 +127,9 @@ class CacheInfo:
     ``target_shapes`` gives each served target's per-sample shape (batch axis left out; for
     :data:`GAUSSIAN` the shape of the mean, ``(G*G, Cf)``). ``statistics`` holds the cache's
     dataset-level arrays (§4 ``stats/...``, keyed without the ``stats/`` prefix, e.g. ``pca/components``)
-    as float32/int64 tensors. ``root`` is the cache directory, for methods that load a stored file
-    through the cache's readers (ScaleKD's teacher tail); None when the info is built by hand.
+    as float32/int64 tensors. ``root`` names the cache directory in messages; None when the info is built by
+    hand. ``teacher_tail`` loads ScaleKD's frozen teacher tail (spec, state dict) through the cache's reader,
+    which checks its sha256 (called only by a method that needs it); None when the info is built by hand.
     """
 
     num_classes: int
@@ -167,6 +138,7 @@ class CacheInfo:
     target_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     statistics: Mapping[str, Tensor] = field(default_factory=dict)
     root: str | None = None
+    teacher_tail: Callable[[], tuple[dict[str, Any], dict[str, Tensor]]] | None = None
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -292,8 +264,8 @@ class Method(torch.nn.Module, metaclass=abc.ABCMeta):
         """Raise :class:`MethodError` (one line) if ``cache`` cannot serve every target in ``needs``."""
         missing = sorted(cls.needs - cache.available)
         if missing:
-            what = " and ".join(TARGET_DESCRIPTIONS[t] for t in missing)
-            how = " and ".join(TARGET_SOURCES[t] for t in missing)
+            what = " and ".join(TARGETS[t].description for t in missing)
+            how = " and ".join(TARGETS[t].cache_option for t in missing)
             raise MethodError(
                 f"method {cls.name!r} needs {what}, which this cache does not store; "
                 f"re-run `distillery cache` with {how}"
@@ -332,10 +304,10 @@ def register_method(cls: _M) -> _M:
         raise TypeError(f"method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
     if any(not isinstance(t, int) or t >= 0 for t in cls.student_taps):
         raise TypeError(f"method {name!r}: student_taps are negative stage indices (-1 = deepest stage)")
-    unknown = cls.needs - TARGET_SOURCES.keys()
+    unknown = cls.needs - TARGETS.keys()
     if unknown:
         raise TypeError(
-            f"method {name!r} needs unknown targets {sorted(unknown)}; add them to TARGET_SOURCES"
+            f"method {name!r} needs unknown targets {sorted(unknown)}; register them in pipeline.cache.targets"
         )
     for p in _option_parameters(cls):
         if p.kind is not inspect.Parameter.KEYWORD_ONLY or not isinstance(p.default, _OPTION_TYPES):

@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.cache.store import TeacherCache
-from pipeline.teacher.tail import TeacherTail, build_teacher_tail
+from pipeline.nets.tail import TeacherTail, build_teacher_tail
 from pipeline.options import Help, Range
 
 from .base import (
@@ -162,10 +161,10 @@ class ScaleKD(Method):
 
     @staticmethod
     def _load_tail(cache: CacheInfo, teacher_shape: tuple[int, int, int]) -> TeacherTail:
-        if cache.root is None:
-            raise MethodError("scalekd with tpp=true needs the cache's teacher tail, but this cache has no root "
-                              "directory; train from a cache made with --featmaps --teacher-tail N")
-        tail = build_teacher_tail(*TeacherCache(cache.root).teacher_tail())
+        if cache.teacher_tail is None:
+            raise MethodError("scalekd with tpp=true needs the cache's teacher tail, but none is given; train "
+                              "from a cache made with --featmaps --teacher-tail N")
+        tail = build_teacher_tail(*cache.teacher_tail())
         if tail.output_shape != teacher_shape:
             raise MethodError(f"the cache's teacher tail gives {tail.output_shape} maps but its feature maps are "
                               f"{teacher_shape}; re-run `distillery cache` into a new --out")

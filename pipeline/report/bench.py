@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.cache.manifest import Manifest, StorageSpec
+from pipeline.cache.manifest import Manifest, StorageSpec, shard_ranges
 from pipeline.cache.store import CacheWriter, TeacherCache
 from pipeline.cache.summary import array_rows, pca_summary, teacher_accuracy_per_view
 from pipeline.data.datasets import ImageDataset, load_dataset
 from pipeline.data.views import ViewPlan
 from pipeline.report.html import write_report
-from pipeline.teacher.cache_pass import reduce_statistics, shard_ranges, shard_statistics
+from pipeline.cache.statistics import reduce_statistics, shard_statistics
 
 LSH_ARRAYS = ("stats/lsh/planes", "stats/lsh/thresholds")
 
@@ -55,7 +54,7 @@ def write_synthetic_cache(root: str | Path, dataset: ImageDataset, views: int = 
         dataset={"name": dataset.name, "split": dataset.split, "num_samples": n, "num_classes": c,
                  "class_names": list(dataset.class_names), "channels": dataset.channels,
                  "fingerprint": dataset.fingerprint(), "subset": None, "subset_seed": 0},
-        views=plan.to_dict(), storage=asdict(storage),
+        views=plan.to_dict(), storage=storage,
         arrays={name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype) in shapes.items()},
         shards=[{"index": i, "start": a, "stop": b} for i, (a, b) in enumerate(ranges)])
     writer = CacheWriter.create_or_resume(root, manifest)

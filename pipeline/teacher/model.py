@@ -1,8 +1,8 @@
-"""Teacher construction (timm) and its taps: logits, pooled pre-logits and stage feature maps.
+"""Teacher construction: its spec, its checkpoint, and the frozen tapped timm model.
 
 Nothing else in the library constructs a teacher (docs/ARCHITECTURE.md §1). A teacher is described by a
-`TeacherSpec`; `build_teacher` turns it into a `Teacher` module whose forward returns all taps
-from one trunk pass (`forward_intermediates` + `forward_head`, timm's own separation).
+`TeacherSpec`; `build_teacher` turns it into a `Teacher` module whose forward returns all taps from one
+trunk pass (`pipeline.nets.tapped.tapped_forward`, the student's own).
 """
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
+from pipeline.cache.manifest import TeacherSection
 from pipeline.checksums import sha256_file
-from pipeline.errors import DistilleryError
+from pipeline.nets.tapped import ModelError, TappedOutputs, create_timm_model, resolve_tap, tap_indices, tapped_forward
 
 CHECKPOINT_FORMAT = "distillery-teacher/1"
 
 
-class TeacherError(DistilleryError):
+class TeacherError(ModelError):
     """A teacher that cannot be built or used as asked; the message says what to do."""
 
 
@@ -58,52 +58,9 @@ class TeacherSpec:
         return hash((self.model, self.checkpoint_sha256, self.taps, self.input_size, self.head))
 
 
-@dataclass
-class TeacherOutputs:
-    logits: torch.Tensor | None  # (B, C); None for a head-less teacher
-    pooled: torch.Tensor  # (B, D) pre-logits after global pooling
-    maps: dict[str, torch.Tensor]  # tap name -> (B, Cf, H, W)
-
-
-def create_timm_model(name: str, num_classes: int, in_chans: int, input_size: int, **kwargs: Any) -> nn.Module:
-    """`timm.create_model` with one-line errors; ViT-like models get `img_size` so small inputs work."""
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise TeacherError(f"unknown timm model '{name}'{hint}; see timm.list_models()")
-    kwargs = dict(kwargs)
-    try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                 img_size=input_size, **kwargs)
-    except TypeError:
-        # Convnets take no img_size; only ViT-style models need it to size their position embeddings.
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
-
-
-def stage_names(model: nn.Module) -> list[str]:
-    """Names of the model's feature stages (timm `feature_info` modules), shallow to deep."""
-    info = getattr(model, "feature_info", None)
-    if not info:
-        raise TeacherError(f"{type(model).__name__} exposes no timm feature_info; it cannot be tapped")
-    return [fi["module"] for fi in info]
-
-
-def resolve_tap(model: nn.Module, tap: str | int) -> str:
-    """A stage given by name (`layer4`) or index (`-1` = deepest) -> its feature_info module name."""
-    names = stage_names(model)
-    if isinstance(tap, int) or str(tap).lstrip("-").isdigit():
-        idx = int(tap)
-        if not -len(names) <= idx < len(names):
-            raise TeacherError(f"tap index {idx} out of range; stages are {names}")
-        return names[idx]
-    if tap not in names:
-        raise TeacherError(f"unknown tap '{tap}'; stages of this model are {names}")
-    return str(tap)
-
-
-def manifest_teacher_spec(teacher: dict[str, Any]) -> TeacherSpec:
+def manifest_teacher_spec(teacher: TeacherSection) -> TeacherSpec:
     """The spec recorded in a cache manifest's `teacher` section (its descriptive extras left out)."""
-    return TeacherSpec.from_dict({k: v for k, v in teacher.items() if k not in ("stages", "pooled_dim")})
+    return TeacherSpec.from_dict({k: v for k, v in teacher.to_dict().items() if k not in ("stages", "pooled_dim")})
 
 
 def check_cache_checkpoint(spec: TeacherSpec) -> None:
@@ -145,19 +102,10 @@ class Teacher(nn.Module):
         self.model = model
         self.taps = taps
         self.head = head
-        names = stage_names(model)
-        self._tap_indices = [names.index(t) for t in taps]
+        self._tap_indices = tap_indices(model, taps)
 
-    def forward(self, x: torch.Tensor) -> TeacherOutputs:
-        maps: dict[str, torch.Tensor] = {}
-        if self._tap_indices:
-            final, inter = self.model.forward_intermediates(x, indices=self._tap_indices)
-            maps = dict(zip(self.taps, inter))
-        else:
-            final = self.model.forward_features(x)
-        pooled = self.model.forward_head(final, pre_logits=True)
-        logits = self.model.get_classifier()(pooled) if self.head else None
-        return TeacherOutputs(logits=logits, pooled=pooled, maps=maps)
+    def forward(self, x: torch.Tensor) -> TappedOutputs:
+        return tapped_forward(self.model, x, self.taps, self._tap_indices, self.head)
 
 
 def build_teacher(spec: TeacherSpec, device: str | torch.device = "cpu") -> Teacher:

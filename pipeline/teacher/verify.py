@@ -3,7 +3,7 @@
 docs/ARCHITECTURE.md §3: a cached target is valid only for the exact input the teacher saw, so a cache is checked
 by re-rendering stored views with `render_view` from the manifest's dataset, running the teacher rebuilt
 from the manifest (the checkpoint must be the file that made the cache), producing the rows the teacher
-pass would store (`_batch_rows`, the pass's own function) and taking the largest absolute difference per
+pass would store (`batch_rows`, the pass's own function) and taking the largest absolute difference per
 stored array. Before that, everything that can be checked without the teacher is
 (`TeacherCache.verify_integrity`): shard files, blocks, zarr rows, statistics, LSH index, teacher tail.
 `repair_cache` (`distillery verify --repair`) rewrites what fails, with the teacher that made the cache.
@@ -34,8 +34,10 @@ from pipeline.cache.manifest import Manifest
 from pipeline.cache.source import source_dataset
 from pipeline.cache.store import TeacherCache, block_key
 from pipeline.data.views import ViewPlan
-from pipeline.teacher.cache_pass import (CacheRequest, _batch_rows, render_pairs, resolve_device, run_cache_pass,
-                                         teacher_forward)
+from pipeline.options import resolve_device
+from pipeline.teacher.cache_pass import run_cache_pass
+from pipeline.teacher.forward import batch_rows, render_pairs, teacher_forward
+from pipeline.teacher.plan import CacheRequest
 from pipeline.teacher.model import (CheckpointChanged, TeacherError, build_teacher, check_cache_checkpoint,
                                     manifest_teacher_spec)
 
@@ -87,14 +89,14 @@ def _live_rows(cache: TeacherCache, pairs: np.ndarray, device: str, batch_size: 
     m = cache.manifest
     spec = manifest_teacher_spec(m.teacher)
     dataset = source_dataset(cache)
-    plan = ViewPlan.from_dict(m.views)
+    plan = ViewPlan(**m.views.plan_fields())
     dev = resolve_device(device)
     teacher = build_teacher(spec, dev)
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i:i + batch_size]
         out = teacher_forward(teacher, render_pairs(dataset, plan, batch, spec), dev)
-        for name, value in _batch_rows(out, m.storage_spec(), dataset, batch).items():
+        for name, value in batch_rows(out, m.storage, dataset, batch).items():
             parts.setdefault(name, []).append(value)
     return {name: np.concatenate(values) for name, values in parts.items()}
 
@@ -171,16 +173,14 @@ def manifest_request(root: str | Path, device: str = "cpu", batch_size: int = 25
     """The `distillery cache` request that made the cache at `root`, read back from its manifest (a repair
     re-runs it; `plan_cache` refuses it, naming the field, if it does not give the cache's identity)."""
     m = Manifest.load(root)
-    d, v, st = m.dataset, m.views, m.storage
-    return CacheRequest(dataset=d["name"], split=d["split"], subset=d.get("subset"),
-                        subset_seed=d.get("subset_seed", 0),
-                        teacher=m.teacher["model"], checkpoint=m.teacher.get("checkpoint"),
-                        teacher_head=m.teacher.get("head", True), views=v["num_augmented"], view_seed=v["seed"],
-                        logits=st["logits"], tap=st.get("tap") or "none", grid=st["grid"], featmaps=st["featmaps"],
-                        teacher_tail=st.get("teacher_tail", 0), lsh_bits=st["lsh_bits"],
-                        input_size=m.teacher["input_size"], shard_size=st["shard_size"], block_size=st["block_size"],
+    d, v, st, t = m.dataset, m.views, m.storage, m.teacher
+    return CacheRequest(dataset=d.name, split=d.split, subset=d.subset, subset_seed=d.subset_seed,
+                        teacher=t.model, checkpoint=t.checkpoint, teacher_head=t.head, views=v.num_augmented,
+                        view_seed=v.seed, logits=st.logits, tap=st.tap or "none", grid=st.grid, featmaps=st.featmaps,
+                        teacher_tail=st.teacher_tail, lsh_bits=st.lsh_bits, input_size=t.input_size,
+                        shard_size=st.shard_size, block_size=st.block_size,
                         cka_source=m.stats.get("cka_source", "auto"), out=str(root), batch_size=batch_size,
-                        device=device, on_bad_image=d.get("on_bad_image", "fail"))
+                        device=device, on_bad_image=d.on_bad_image or "fail")
 
 
 def repair_cache(root: str | Path, device: str = "cpu", batch_size: int = 256) -> list[str]:

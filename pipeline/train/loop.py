@@ -25,11 +25,10 @@ from pipeline.cache.manifest import CacheError
 from pipeline.cache.store import TeacherCache
 from pipeline.data.datasets import ImageDataset, load_dataset
 from pipeline.environment import describe_environment
-from pipeline.methods import CacheInfo, MethodError, StudentInfo, TrainingProgress, create_method, resolve_method_spec
-from pipeline.methods.base import parse_method_spec
+from pipeline.methods import CacheInfo, Method, MethodError, StudentInfo, TrainingProgress, resolve_method_spec
 from pipeline.options import check_output_dir
 from pipeline.progress import progress_task
-from pipeline.teacher.cache_pass import resolve_device
+from pipeline.options import resolve_device
 from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.distributed import (DistillStep, IdLog, World, check_world, equalised, process_group, step_totals,
                                         wrap)
@@ -62,7 +61,7 @@ def check_classes(cache: TeacherCache, val: ImageDataset) -> None:
     if list(val.class_names) != cache.class_names:
         raise TrainError(f"class mismatch: the cache {cache.root} has {cache.num_classes} classes, the "
                          f"{val.name} val split has {val.num_classes}; re-run `distillery cache` on this dataset")
-    width = cache.manifest.teacher["num_classes"]
+    width = cache.manifest.teacher.num_classes
     if "logits" in cache.available_targets() and width != cache.num_classes:
         raise TrainError(f"class mismatch: the cache {cache.root} holds {width}-class teacher logits for "
                          f"{cache.num_classes} dataset classes")
@@ -71,30 +70,33 @@ def check_classes(cache: TeacherCache, val: ImageDataset) -> None:
 def cache_info(cache: TeacherCache) -> CacheInfo:
     """What methods may know about `cache`: its classes, served targets and their shapes, its statistics."""
     available = cache.available_targets()
-    return CacheInfo(num_classes=cache.num_classes, pooled_dim=cache.manifest.teacher.get("pooled_dim"),
+    return CacheInfo(num_classes=cache.num_classes, pooled_dim=cache.manifest.teacher.pooled_dim,
                      available=available, target_shapes=cache.target_shapes(available),
-                     statistics=cache.statistics(), root=str(cache.root))
+                     statistics=cache.statistics(), root=str(cache.root),
+                     teacher_tail=cache.teacher_tail)
 
 
-def student_taps(specs: tuple[str, ...]) -> tuple[int, ...]:
-    """The student stages the run's methods read, deepest first (MethodError for an unknown method)."""
-    taps = set()
-    for spec in specs:
-        cls, options = resolve_method_spec(spec)
-        taps.update(cls.taps_for(options))
-    return tuple(sorted(taps))
+def resolve_methods(specs: tuple[str, ...]) -> list[tuple[type[Method], dict[str, bool | int | float | str]]]:
+    """Each spec of the run parsed once into its method class and typed options (MethodError for an unknown
+    method or option, a bad value, or a method given twice)."""
+    resolved = [resolve_method_spec(spec) for spec in specs]
+    names = [cls.name for cls, _ in resolved]
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        raise MethodError(f"method {twice!r} is given twice; give it once with the options you want")
+    return resolved
 
 
-def build_methods(specs: tuple[str, ...], cache: TeacherCache, student: StudentInfo) -> nn.ModuleDict:
-    """The run's methods by name; each checks the cache can serve what it needs (MethodError if not)."""
+def student_taps(methods: list[tuple[type[Method], dict[str, bool | int | float | str]]]) -> tuple[int, ...]:
+    """The student stages the run's methods (`resolve_methods`) read, deepest first."""
+    return tuple(sorted({tap for cls, options in methods for tap in cls.taps_for(options)}))
+
+
+def build_methods(methods: list[tuple[type[Method], dict[str, bool | int | float | str]]], cache: TeacherCache,
+                  student: StudentInfo) -> nn.ModuleDict:
+    """The run's methods (`resolve_methods`) by name; each checks the cache can serve what it needs."""
     info = cache_info(cache)
-    methods = nn.ModuleDict()
-    for spec in specs:
-        name, _ = parse_method_spec(spec)
-        if name in methods:
-            raise MethodError(f"method {name!r} is given twice; give it once with the options you want")
-        methods[name] = create_method(spec, info, student)
-    return methods
+    return nn.ModuleDict({cls.name: cls(info, student, **options) for cls, options in methods})
 
 
 def cache_fingerprint(cache: TeacherCache) -> str:
@@ -134,25 +136,28 @@ class RunSetup:
     checkpoint: dict[str, Any] | None
 
 
-def setup_run(config: TrainConfig, device: torch.device, world_size: int = 1) -> RunSetup:
+def setup_run(config: TrainConfig, device: torch.device, world_size: int = 1,
+              cache: TeacherCache | None = None) -> RunSetup:
     """Check the device, --out (writable, not in use by another run), the cache, the classes, the student,
     its methods, the online teacher's prerequisites and the run directory (resume); every bad input is a
-    one-line DistilleryError, and nothing is written."""
+    one-line DistilleryError, and nothing is written. `cache`: `config.cache` already opened by `open_cache`
+    (its shards verified) for another student of the same sweep; None opens and verifies it."""
     s = config.settings
     s.check_machine()
     check_output_dir(config.out)
     run = RunDir(config.out)
     run.check_unlocked()
-    cache = open_cache(config.cache)
+    cache = open_cache(config.cache) if cache is None else cache
     manifest = cache.manifest
-    val = load_dataset(manifest.dataset["name"], "val", on_bad_image=s.on_bad_image)
+    val = load_dataset(manifest.dataset.name, "val", on_bad_image=s.on_bad_image)
     check_classes(cache, val)
-    check_world(block_sizes(manifest.shards, manifest.storage["block_size"]), world_size)
-    size = s.input_size or manifest.teacher["input_size"]
+    check_world(block_sizes(manifest.shards, manifest.storage.block_size), world_size)
+    size = s.input_size or manifest.teacher.input_size
+    resolved = resolve_methods(config.methods)
     torch.manual_seed(s.seed)
-    student = Student(config.student, cache.num_classes, manifest.teacher["in_chans"], size,
-                      taps=student_taps(config.methods)).to(device)
-    methods = build_methods(config.methods, cache, student.info()).to(device)
+    student = Student(config.student, cache.num_classes, manifest.teacher.in_chans, size,
+                      taps=student_taps(resolved)).to(device)
+    methods = build_methods(resolved, cache, student.info()).to(device)
     for method in methods.values():
         method.adopt_student(student.model)
     needs = frozenset().union(*(m.needs for m in methods.values()))
@@ -164,10 +169,12 @@ def setup_run(config: TrainConfig, device: torch.device, world_size: int = 1) ->
     return RunSetup(cache, val, size, student, methods, needs, identity, checkpoint)
 
 
-def check_run(config: TrainConfig, world_size: int | None = None) -> None:
+def check_run(config: TrainConfig, world_size: int | None = None, cache: TeacherCache | None = None) -> TeacherCache:
     """Fail fast, before any orchestration starts, on what `train_student` would refuse (with `world_size`
-    processes; default: this process's world, one process outside torchrun)."""
-    setup_run(config, torch.device("cpu"), World.from_env().size if world_size is None else world_size)
+    processes; default: this process's world, one process outside torchrun); returns the opened, verified cache,
+    for checking the sweep's other students against it (`setup_run`'s `cache`)."""
+    world = World.from_env().size if world_size is None else world_size
+    return setup_run(config, torch.device("cpu"), world, cache).cache
 
 
 def train_student(config: TrainConfig) -> dict[str, Any]:
@@ -205,7 +212,7 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
     s = config.settings
     cache, val, size, student, methods = setup.cache, setup.val, setup.size, setup.student, setup.methods
     manifest = cache.manifest
-    mean, std = manifest.teacher["mean"], manifest.teacher["std"]
+    mean, std = manifest.teacher.mean, manifest.teacher.std
     online = OnlineTeacher(cache, setup.needs, device) if s.online_teacher else None
     teacher_size = online.input_size if online is not None and online.input_size != size else None
     stream = CacheStream(cache, size, frozenset() if online else setup.needs, s.seed, s.shuffle_buffer, teacher_size,
@@ -307,7 +314,7 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
         "val_accuracy": state["val_accuracy"], "train_seconds": state["train_seconds"],
         "mean_step_seconds": state["step_seconds_sum"] / max(1, state["step_count"]),
         "peak_rss_bytes": peak_rss_bytes(), "cache": config.cache, "online_teacher": s.online_teacher,
-        "params": student.num_parameters(), "teacher": manifest.teacher["model"], "dataset": manifest.dataset["name"],
+        "params": student.num_parameters(), "teacher": manifest.teacher.model, "dataset": manifest.dataset.name,
         "num_samples": cache.num_samples, "input_size": size, "batch_size": s.batch_size, "steps": state["step"],
         "final_loss": state["loss"], "device": str(device), "out": config.out,
         "val_skipped_images": list(val.skipped), "environment": describe_environment(device),

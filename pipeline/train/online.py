@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.cache.codecs import topk_decode, topk_encode
 from pipeline.cache.store import TeacherCache
-from pipeline.methods.base import FEATMAPS, GAUSSIAN, LOGITS, POOLED, Targets
-from pipeline.stats.gaussian import grid_gaussian
-from pipeline.teacher.cache_pass import teacher_forward
+from pipeline.cache.targets import TARGETS, Served
+from pipeline.methods.base import Targets
+from pipeline.teacher.forward import teacher_forward
+from pipeline.nets.tapped import TappedOutputs
 from pipeline.teacher.model import TeacherError, TeacherSpec, build_teacher, check_cache_checkpoint, manifest_teacher_spec
 from pipeline.train.config import TrainError
-
-ONLINE_TARGETS = frozenset({LOGITS, POOLED, GAUSSIAN, FEATMAPS})
 
 
 class OnlineTeacher:
@@ -27,14 +25,15 @@ class OnlineTeacher:
     def __init__(self, cache: TeacherCache, targets: frozenset[str], device: torch.device) -> None:
         self.spec = self.check(cache, targets)
         self.targets, self.device = targets, device
-        self.storage = cache.manifest.storage_spec()
+        self.storage = cache.manifest.storage
+        self.num_classes = cache.num_classes
         self.dtypes = {name: getattr(torch, meta["dtype"]) for name, meta in cache.manifest.arrays.items()}
         self.teacher = build_teacher(self.spec, device)
 
     @staticmethod
     def check(cache: TeacherCache, targets: frozenset[str]) -> TeacherSpec:
         """The cache's teacher spec, if it can be rebuilt live and give `targets`; else a one-line error."""
-        unsupported = sorted(targets - ONLINE_TARGETS)
+        unsupported = sorted(t for t in targets if TARGETS[t].produce is None)
         if unsupported:
             raise TrainError(f"--online-teacher cannot compute {unsupported} live; train from the cache instead")
         manifest = cache.manifest
@@ -43,36 +42,21 @@ class OnlineTeacher:
             check_cache_checkpoint(spec)
         except TeacherError as e:
             raise TrainError(f"{e}; --online-teacher needs the teacher that made the cache") from None
-        if POOLED in targets and manifest.storage["pooled_views"] != "all":
-            raise TrainError("this cache stores view-0 pooled features only; --online-teacher cannot "
-                             "reproduce them for augmented views")
+        for name in sorted(targets):
+            if TARGETS[name].first_view_only(manifest.storage):
+                raise TrainError(f"this cache stores view-0 {TARGETS[name].description} only; --online-teacher "
+                                 f"cannot reproduce them for augmented views")
         return spec
 
     @property
     def input_size(self) -> int:
         return self.spec.input_size
 
-    def _stored(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        """`value` as the cache stores `name`, back in float32."""
-        return value.float().to(self.dtypes[name]).float()
-
-    def _logits(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.storage.topk is None:
-            return self._stored("logits/dense", logits)
-        values, indices, tail = topk_encode(logits.float(), self.storage.topk)
-        return topk_decode(self._stored("logits/topk_values", values), indices,
-                           self._stored("logits/tail_logsumexp", tail), logits.shape[-1])
+    def _served(self, name: str, out: TappedOutputs) -> Served:
+        """Target `name` produced from the teacher's outputs, through the cache's stored dtypes (and top-k code)."""
+        stored = {n: v.to(self.dtypes[n]) for n, v in TARGETS[name].produce(out, self.storage).items()}
+        return TARGETS[name].serve(stored, self.num_classes)
 
     def __call__(self, x: torch.Tensor) -> Targets:
         out = teacher_forward(self.teacher, x, self.device)
-        targets: dict[str, torch.Tensor | tuple[torch.Tensor, ...]] = {}
-        if LOGITS in self.targets:
-            targets[LOGITS] = self._logits(out.logits)
-        if POOLED in self.targets:
-            targets[POOLED] = self._stored("features/pooled", out.pooled)
-        if GAUSSIAN in self.targets:
-            mean, std = grid_gaussian(out.maps[self.storage.tap].float(), self.storage.grid)
-            targets[GAUSSIAN] = (self._stored("gaussian/mean", mean), self._stored("gaussian/std", std))
-        if FEATMAPS in self.targets:  # served in the stored dtype, as the stream serves them
-            targets[FEATMAPS] = out.maps[self.storage.tap].to(self.dtypes[f"featmaps/{self.storage.tap}"])
-        return targets
+        return {name: self._served(name, out) for name in sorted(self.targets)}

@@ -112,7 +112,7 @@ def varying_keys(groups: Sequence[RunGroup]) -> list[str]:
     return [k for k in keys if len({json.dumps(g.setup.get(k), default=str) for g in groups}) > 1]
 
 
-def comparison_rows(groups: Sequence[RunGroup]) -> list[dict[str, Any]]:
+def group_rows(groups: Sequence[RunGroup]) -> list[dict[str, Any]]:
     """One row per group: student, methods, the settings that vary, seeds, params, and the mean and std over
     seeds of each measure (`row["mean"][m]`, `row["std"][m]`)."""
     extra = varying_keys(groups)
@@ -148,11 +148,8 @@ def compare_runs(paths: Sequence[str | Path]) -> list[RunGroup]:
     return group_runs([load_run(p) for p in find_runs(paths)])
 
 
-def accuracy_vs_time_png(rows: Sequence[dict[str, Any]]) -> bytes:
-    """The groups of `comparison_rows` as a PNG: validation accuracy against training time (mean ± std)."""
-    from pipeline.report.figures import accuracy_vs_time
-
-    labels = [" ".join(f"{k}={v}" if k not in ("student", "methods") else str(v) for k, v in r.items()
-                       if k not in ("seeds", "params", "mean", "std")) + f" ({len(r['seeds'])} seeds)" for r in rows]
-    return accuracy_vs_time(labels, [r["mean"]["train_seconds"] for r in rows], [r["std"]["train_seconds"] for r in rows],
-                            [r["mean"]["val_accuracy"] for r in rows], [r["std"]["val_accuracy"] for r in rows])
+def group_label(row: dict[str, Any]) -> str:
+    """A row of `group_rows` named for a plot legend: student, methods, the varying settings, the seed count."""
+    setup = " ".join(f"{k}={v}" if k not in ("student", "methods") else str(v) for k, v in row.items()
+                     if k not in ("seeds", "params", "mean", "std"))
+    return f"{setup} ({len(row['seeds'])} seeds)"

@@ -33,12 +33,7 @@ import webdataset as wds
 from pipeline.cache.store import TeacherCache, block_key, decode_block, unpack_raw
 from pipeline.data.rendering import worker_context
 from pipeline.data.views import ViewPlan, epoch_views, render_view
-from pipeline.methods.base import FEATMAPS, GAUSSIAN, LOGITS
-
-# Targets served as a tuple of arrays (in `TeacherCache.target_arrays` order) rather than one array.
-_TUPLE_TARGETS = frozenset({GAUSSIAN})
-# Targets served in their stored dtype rather than float32 (see pipeline.methods.base.FEATMAPS).
-_STORED_DTYPE_TARGETS = frozenset({FEATMAPS})
+from pipeline.cache.targets import TARGETS, Served
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -121,7 +116,7 @@ class _RamColumns:
 class CacheStream:
     """Builds each epoch's loader over `cache` for a student rendering at `size`.
 
-    `targets` are the logical target names to serve (`pipeline.methods.base`); an online run passes
+    `targets` are the logical target names to serve (`pipeline.cache.targets`); an online run passes
     none and, if the teacher renders at another size than the student, `teacher_size`.
     """
 
@@ -135,8 +130,8 @@ class CacheStream:
         self.columns = _RamColumns(cache, frozenset(t for t in targets if not cache.in_shards(t)))
         self.shuffle_buffer, self.teacher_size = shuffle_buffer, teacher_size
         teacher = cache.manifest.teacher
-        self.mean, self.std = tuple(teacher["mean"]), tuple(teacher["std"])
-        self.plan = ViewPlan.from_dict(cache.manifest.views)
+        self.mean, self.std = tuple(teacher.mean), tuple(teacher.std)
+        self.plan = ViewPlan(**cache.manifest.views.plan_fields())
         self.paths = cache.shard_paths()  # refuses a shard path outside the cache before any epoch starts
         self.blocks = block_sizes(cache.manifest.shards, cache.manifest.storage["block_size"])
         self.world_size = world_size
@@ -187,16 +182,15 @@ class CacheStream:
             params = self.plan.params(sample["id"], sample["view"])
             out = {"input": render_view(sample["raw"], params, self.size, self.mean, self.std),
                    "label": sample["label"], "id": sample["id"], "view": sample["view"],
-                   "targets": {name: tuple(map(torch.from_numpy, v)) if isinstance(v, tuple) else torch.from_numpy(v)
-                               for name, v in sample["targets"].items()}}
+                   "targets": sample["targets"]}
             if self.teacher_size is not None:
                 out["teacher_input"] = render_view(sample["raw"], params, self.teacher_size, self.mean, self.std)
             yield out
 
 
-def _row(target: np.ndarray | tuple[np.ndarray, ...], i: int) -> np.ndarray | tuple[np.ndarray, ...]:
+def _row(target: Served, i: int) -> Served:
     # A copy, so a sample waiting in the shuffle buffer does not keep its whole block alive.
-    return tuple(a[i].copy() for a in target) if isinstance(target, tuple) else target[i].copy()
+    return tuple(a[i].clone() for a in target) if isinstance(target, tuple) else target[i].clone()
 
 
 class _Unblock:
@@ -219,12 +213,7 @@ class _Unblock:
                        "raw": unpack_raw(rows, i).copy(),
                        "targets": {name: _row(t, i) for name, t in targets.items()}}
 
-    def _target(self, name: str, rows: dict[str, np.ndarray], views: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
-        if name == LOGITS:
-            # The cache's reader reconstructs top-k codes; give it only the chosen view of each row.
-            chosen = {key: _view_rows(a, views)[:, None] for key, a in rows.items() if key.startswith("logits.")}
-            return self.cache.dense_logits(chosen)[:, 0]
-        arrays = [_view_rows(rows[block_key(n)], views) for n in self.cache.target_arrays(name)]
-        if name not in _STORED_DTYPE_TARGETS:
-            arrays = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
-        return tuple(arrays) if name in _TUPLE_TARGETS else arrays[0]
+    def _target(self, name: str, rows: dict[str, np.ndarray], views: np.ndarray) -> Served:
+        """The chosen view of each row, served as `pipeline.cache.targets` says (top-k logits decoded, ...)."""
+        chosen = {n: torch.from_numpy(_view_rows(rows[block_key(n)], views)) for n in self.cache.target_arrays(name)}
+        return TARGETS[name].serve(chosen, self.cache.num_classes)

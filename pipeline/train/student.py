@@ -1,7 +1,7 @@
 """Students: any timm model, with the taps the methods read (docs/ARCHITECTURE.md §1 `train/`, §6).
 
-The student is built with the same `create_timm_model` as the teacher and tapped the same way (timm's
-`forward_intermediates` / `forward_head(pre_logits=True)`), so a method sees `StudentOutputs` with
+The student is built with the same `create_timm_model` as the teacher and read through the same
+`tapped_forward` (`pipeline.nets.tapped`), so a method sees `StudentOutputs` with
 logits, pooled pre-logits and named stage maps whatever the architecture.
 """
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.methods.base import StudentInfo, StudentOutputs
-from pipeline.teacher.model import create_timm_model, resolve_tap, stage_names
+from pipeline.nets.tapped import create_timm_model, resolve_tap, stage_names, tap_indices, tapped_forward
 
 
 class Student(nn.Module):
@@ -27,7 +27,7 @@ class Student(nn.Module):
         self.name = name
         self.model = create_timm_model(name, num_classes, in_chans, input_size)
         self.taps = tuple(resolve_tap(self.model, t) for t in taps)
-        self._tap_indices = [stage_names(self.model).index(t) for t in self.taps]
+        self._tap_indices = tap_indices(self.model, self.taps)
         # Pre-logit width is not always `num_features` (e.g. MobileNetV3's conv head) and map sizes depend on
         # the input size: measure both on a probe.
         with torch.no_grad():
@@ -43,13 +43,8 @@ class Student(nn.Module):
         self.requested_taps = tuple(taps)
 
     def forward(self, x: torch.Tensor) -> StudentOutputs:
-        if self._tap_indices:
-            final, maps = self.model.forward_intermediates(x, indices=self._tap_indices)
-        else:
-            final, maps = self.model.forward_features(x), []
-        pooled = self.model.forward_head(final, pre_logits=True)
-        return StudentOutputs(logits=self.model.get_classifier()(pooled), pooled=pooled,
-                              feature_maps=dict(zip(self.taps, maps)))
+        out = tapped_forward(self.model, x, self.taps, self._tap_indices)
+        return StudentOutputs(logits=out.logits, pooled=out.pooled, feature_maps=out.maps)
 
     def info(self) -> StudentInfo:
         """What methods are built from: the pooled width and each requested tap's stage and map shape."""

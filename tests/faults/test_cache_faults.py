@@ -25,8 +25,9 @@ import torch
 from pipeline.cache.manifest import CacheError, Manifest
 from pipeline.cache.store import CacheWriter, TeacherCache, decode_block, iter_tar_members, unpack_raw
 from pipeline.checksums import sha256_file
-from pipeline.methods.base import LOGITS, LSH_CODES
-from pipeline.teacher.cache_pass import recompute_statistics, run_cache_pass
+from pipeline.cache.targets import LOGITS, LSH_CODES
+from pipeline.cache.statistics import recompute_statistics
+from pipeline.teacher.cache_pass import run_cache_pass
 from pipeline.teacher.model import TeacherError
 from pipeline.teacher.verify import repair_cache, verify_cache
 from pipeline.train.loop import open_cache

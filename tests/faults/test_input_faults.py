@@ -156,7 +156,7 @@ def test_prefect_temporary_server_dies_with_a_killed_cli(tmp_path: Path) -> None
 # --- the library validators the CLI and the flows share ----------------------------------------------------------
 
 def _cache_request(out: Path, **fields):
-    from pipeline.teacher.cache_pass import CacheRequest
+    from pipeline.teacher.plan import CacheRequest
 
     return CacheRequest(**{"dataset": "digits", "teacher": "test_resnet", "out": str(out), "device": "cpu", **fields})
 
@@ -180,7 +180,7 @@ def test_cache_request_option_out_of_range(tmp_path: Path, fields, message) -> N
 
 
 def test_cache_request_checks_out_device_and_subset_before_writing(tmp_path: Path) -> None:
-    from pipeline.teacher.cache_pass import check_request
+    from pipeline.teacher.plan import check_request
 
     (tmp_path / "file").write_text("x")
     assert "is a file, not a directory" in refused(lambda: check_request(_cache_request(tmp_path / "file")))
@@ -195,7 +195,7 @@ def test_cache_request_checks_out_device_and_subset_before_writing(tmp_path: Pat
 @pytest.mark.parametrize("kind", ["zero-byte", "text", "truncated"])
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_cache_request_refuses_a_bad_image_in_either_split(tmp_path: Path, kind, split) -> None:
-    from pipeline.teacher.cache_pass import check_request
+    from pipeline.teacher.plan import check_request
 
     broken_imagefolder(tmp_path / "images", split, kind)
     message = refused(lambda: check_request(_cache_request(tmp_path / "c", dataset=f"imagefolder:{tmp_path / 'images'}")))
@@ -204,7 +204,7 @@ def test_cache_request_refuses_a_bad_image_in_either_split(tmp_path: Path, kind,
 
 
 def test_cache_with_skip_leaves_the_bad_image_out_and_records_it(tmp_path: Path) -> None:
-    from pipeline.teacher.cache_pass import check_request
+    from pipeline.teacher.plan import check_request
 
     broken_imagefolder(tmp_path / "images", "train", "zero-byte")
     manifest = check_request(_cache_request(tmp_path / "c", dataset=f"imagefolder:{tmp_path / 'images'}",
@@ -213,7 +213,7 @@ def test_cache_with_skip_leaves_the_bad_image_out_and_records_it(tmp_path: Path)
 
 
 def test_an_empty_class_folder_is_refused_by_name(tmp_path: Path) -> None:
-    from pipeline.teacher.cache_pass import check_request
+    from pipeline.teacher.plan import check_request
 
     shutil.copytree(FIXTURE, tmp_path / "images")
     (tmp_path / "images" / "train" / "three").mkdir()
@@ -276,7 +276,7 @@ def test_train_checks_device_and_out_before_opening_anything(tmp_path: Path) -> 
     ({"subset": 0}, "--subset must be >= 1, not 0"),
 ])
 def test_fit_option_out_of_range(tmp_path: Path, fields, message) -> None:
-    from pipeline.teacher.fit import FitConfig
+    from pipeline.train.fit import FitConfig
 
     assert refused(lambda: FitConfig(dataset="digits", model="test_resnet", out=str(tmp_path / "t.pt"),
                                      **fields)) == message
@@ -286,7 +286,7 @@ def test_fit_option_out_of_range(tmp_path: Path, fields, message) -> None:
                                           ("/sys/t.pt", "cannot write in /sys")])
 def test_fit_refuses_an_unwritable_out_and_a_bad_val_image_before_the_first_step(tmp_path: Path, out, message) -> None:
     from pipeline import progress
-    from pipeline.teacher.fit import FitConfig, fit_teacher
+    from pipeline.train.fit import FitConfig, fit_teacher
 
     class Recorder:
         started: list[str] = []

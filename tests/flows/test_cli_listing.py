@@ -44,8 +44,8 @@ def test_every_option_and_argument_of_every_command_has_help() -> None:
 def test_option_defaults_are_the_ones_the_config_classes_declare() -> None:
     from flows.params import TrainSettings
     from pipeline.options import default_of
-    from pipeline.teacher.cache_pass import CacheRequest
-    from pipeline.teacher.fit import FitConfig
+    from pipeline.teacher.plan import CacheRequest
+    from pipeline.train.fit import FitConfig
 
     params = {name: {p.name: p for p in c.params} for name, c in commands().items()}
     for name in ("epochs", "seed", "batch_size", "lr", "weight_decay", "warmup_epochs", "workers", "device",

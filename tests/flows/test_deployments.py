@@ -76,7 +76,8 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """200 digits through an untrained test_resnet, 1 augmented view, 2 shards (no server needed)."""
-    from pipeline.teacher.cache_pass import CacheRequest, run_cache_pass
+    from pipeline.teacher.plan import CacheRequest
+    from pipeline.teacher.cache_pass import run_cache_pass
 
     out = tmp_path_factory.mktemp("cache") / "tiny"
     run_cache_pass(CacheRequest(dataset="digits", teacher="test_resnet", out=str(out), subset=200, views=1,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import experiments
-from pipeline.experiments import Experiment, ExperimentError, get_experiment, markdown_table, result_rows
+from pipeline.experiments import Experiment, ExperimentError, get_experiment, results_markdown, result_rows
 
 TINY = Experiment(name="tiny", description="tiny digits scenario", dataset="digits", teacher="test_resnet",
                   teacher_epochs=1, labelled=60, views=1, student="test_resnet", epochs=1,
@@ -28,13 +28,13 @@ def test_experiment_fits_caches_trains_every_row_per_seed_then_reuses_everything
     summaries = {r: json.loads((tmp_path / "tiny" / "runs" / r / "summary.json").read_text()) for r in runs}
     assert summaries["ce+kd-s1"]["methods"] == ["ce", "kd:T=2"] and summaries["ce+kd-s1"]["seed"] == 1
     accuracy = [100 * summaries[f"ce+kd-s{s}"]["val_accuracy"] for s in (0, 1)]
-    assert f"| ce+kd | {sum(accuracy) / 2:.2f} ± " in markdown_table(result["rows"])
+    assert f"| ce+kd | {sum(accuracy) / 2:.2f} ± " in results_markdown(result["rows"])
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
         [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["experiment-tiny"])))
-    assert artifact.type == "markdown" and markdown_table(result["rows"]) in artifact.data
+    assert artifact.type == "markdown" and results_markdown(result["rows"]) in artifact.data
 
     # A rerun reuses the teacher, the cache and the finished runs; --row selects rows.
     again = run_experiment("tiny", [0, 1], str(tmp_path), ["ce+kd"])
@@ -52,7 +52,7 @@ def test_result_rows_average_seeds_and_markdown_lists_them() -> None:
     assert [r["methods"] for r in rows] == ["ce", "ce+kd"]
     assert rows[0]["accuracy"] == pytest.approx(81.0) and rows[0]["std"] == pytest.approx(2 ** 0.5)
     assert rows[1]["std"] == 0.0
-    table = markdown_table(rows).splitlines()
+    table = results_markdown(rows).splitlines()
     assert table[2] == "| ce | 81.00 ± 1.41 | 80.00 / 82.00 | 10 | 10.0 |"
 
 

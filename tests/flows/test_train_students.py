@@ -123,3 +123,25 @@ def test_combo_splits_methods_at_a_plus_before_a_name_only() -> None:
 
     assert combination("ce+kd:T=2,alpha=0.5+fitnet") == ["ce", "kd:T=2,alpha=0.5", "fitnet"]
     assert combination("ce+tcs:variance=1e+0") == ["ce", "tcs:variance=1e+0"]
+
+
+def test_a_sweeps_check_hashes_each_shard_once_and_parses_each_spec_once(digits_cache: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """The fail-fast check of three students opens and verifies the cache once, and resolves each method
+    spec once per student (counted around the real functions, which still run)."""
+    import pipeline.cache.store as store
+    import pipeline.train.loop as loop
+    from flows.params import Student, TrainSettings
+    from flows.train_students import plan_sweep
+
+    shards = {str(p) for p in store.TeacherCache(digits_cache).shard_paths()}
+    hashed, resolved = [], []
+    real_sha256, real_resolve = store.sha256_file, loop.resolve_method_spec
+    monkeypatch.setattr(store, "sha256_file", lambda path: hashed.append(str(path)) or real_sha256(path))
+    monkeypatch.setattr(loop, "resolve_method_spec", lambda spec: resolved.append(spec) or real_resolve(spec))
+    students = [Student(student=name, methods=["ce", "kd:T=2"]) for name in ("test_resnet", "test_convnext",
+                                                                             "resnet10t")]
+    configs = plan_sweep(str(digits_cache), students, str(tmp_path / "runs"), TrainSettings())
+    assert len(configs) == 3
+    assert sorted(p for p in hashed if p in shards) == sorted(shards)
+    assert resolved == ["ce", "kd:T=2"] * 3

@@ -4,7 +4,7 @@ import torch
 from pipeline.methods import (
     LOGITS,
     POOLED,
-    TARGET_SOURCES,
+    TARGETS,
     CacheInfo,
     Method,
     MethodError,
@@ -15,7 +15,7 @@ from pipeline.methods import (
     list_methods,
     register_method,
 )
-from pipeline.methods.base import TARGET_DESCRIPTIONS, parse_method_spec
+from pipeline.methods.base import parse_method_spec
 
 FULL = CacheInfo(num_classes=10, pooled_dim=16, available=frozenset({LOGITS, POOLED}))
 NO_LOGITS = CacheInfo(num_classes=10, pooled_dim=16, available=frozenset({POOLED}))
@@ -83,8 +83,10 @@ def test_direct_construction_checks_the_cache_too():
         KD(NO_LOGITS, 8)
 
 
-def test_every_target_has_a_source_and_description():
-    assert TARGET_SOURCES.keys() == TARGET_DESCRIPTIONS.keys()
+def test_every_target_names_itself_and_the_cache_option_producing_it():
+    for name, target in TARGETS.items():
+        assert target.name == name and target.description.startswith("teacher ") and target.cache_option
+        assert target.layouts and all(layout for layout in target.layouts)
 
 
 def test_cache_info_requires_pooled_dim_with_pooled():

@@ -13,11 +13,13 @@ import timm
 import torch
 
 from pipeline.cache.manifest import CacheError
+from pipeline.cache.store import TeacherCache
 from pipeline.methods import (FEATMAPS, LOGITS, CacheInfo, MethodError, StudentInfo, StudentOutputs,
                               TrainingProgress, create_method)
 from pipeline.methods.kd import kd_loss
 from pipeline.methods.scalekd import CrossAttentionProjector, dfm_alternative, dfm_direct, remove_dc
-from pipeline.teacher.cache_pass import CacheRequest, run_cache_pass
+from pipeline.teacher.plan import CacheRequest
+from pipeline.teacher.cache_pass import run_cache_pass
 from pipeline.train.config import RunSettings, TrainConfig
 from pipeline.train.loop import train_student
 
@@ -26,9 +28,10 @@ TEACHER_MAP = (12, 3, 3)
 STUDENT = StudentInfo(pooled_dim=8, taps={-2: "s2", -1: "s3"}, feature_shapes={"s2": (6, 4, 4), "s3": (8, 2, 2)})
 
 
-def cache_info(*targets: str, root: str | None = None) -> CacheInfo:
+def cache_info(*targets: str, root: Path | None = None) -> CacheInfo:
     return CacheInfo(num_classes=5, pooled_dim=None, available=frozenset(targets),
-                     target_shapes={FEATMAPS: TEACHER_MAP, LOGITS: (5,)}, root=root)
+                     target_shapes={FEATMAPS: TEACHER_MAP, LOGITS: (5,)},
+                     teacher_tail=TeacherCache(root).teacher_tail if root is not None else None)
 
 
 def test_removing_the_dc_equals_zeroing_the_dct_dc_coefficient() -> None:
@@ -140,11 +143,10 @@ def test_tpp_needs_the_caches_teacher_tail(digits_cache: Path) -> None:
     with pytest.raises(MethodError, match="tpp=true needs the cache's teacher tail"):
         create_method("scalekd:tpp=true", cache_info(FEATMAPS), STUDENT)
     with pytest.raises(CacheError, match="stores no teacher tail.*--teacher-tail N"):
-        create_method("scalekd:tpp=true", cache_info(FEATMAPS, root=str(digits_cache)), STUDENT)
+        create_method("scalekd:tpp=true", cache_info(FEATMAPS, root=digits_cache), STUDENT)
 
 
 def test_tpp_tail_is_frozen_outside_the_runs_state_but_moves_with_the_method(featmaps_cache: Path) -> None:
-    from pipeline.cache.store import TeacherCache
     from pipeline.train.loop import cache_info as read_cache_info
 
     info = read_cache_info(TeacherCache(featmaps_cache))
@@ -200,7 +202,7 @@ def test_tpp_training_never_constructs_the_full_teacher(featmaps_cache: Path, tm
 
     monkeypatch.setattr("pipeline.teacher.model.build_teacher", refuse)
     monkeypatch.setattr("pipeline.teacher.model.create_timm_model", refuse)
-    monkeypatch.setattr("pipeline.teacher.cache_pass.build_teacher", refuse)
+    monkeypatch.setattr("pipeline.teacher.plan.build_teacher", refuse)
     monkeypatch.setattr("timm.create_model", student_only)
     out = tmp_path / "run"
     summary = _train(featmaps_cache, "test_vit", out)

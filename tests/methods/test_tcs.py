@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.methods import POOLED, CacheInfo, MethodError, StudentInfo, StudentOutputs, TrainingProgress, create_method
-from pipeline.teacher.model import create_timm_model
+from pipeline.nets.tapped import create_timm_model
 from pipeline.train.student import Student
 
 D, CLASSES = 12, 4
@@ -184,8 +184,9 @@ def test_a_weak_teacher_whose_pca_is_narrower_than_the_classes_does_not_leave_tc
     90 % of the variance; the default TCS run used to read that few coordinates and end at chance."""
     from pipeline.cache.store import TeacherCache
     from pipeline.methods.tcs import components_for
-    from pipeline.teacher.cache_pass import CacheRequest, run_cache_pass
-    from pipeline.teacher.fit import FitConfig, fit_teacher
+    from pipeline.teacher.plan import CacheRequest
+    from pipeline.teacher.cache_pass import run_cache_pass
+    from pipeline.train.fit import FitConfig, fit_teacher
     from pipeline.train.config import RunSettings, TrainConfig
     from pipeline.train.loop import train_student
 

@@ -14,9 +14,9 @@ import torch
 
 from pipeline.cache.manifest import CacheError
 from pipeline.cache.store import TeacherCache
-from pipeline.methods.base import LSH_CODES
+from pipeline.cache.targets import LSH_CODES
 from pipeline.stats.lsh import build_index, encode, pack_bits, search, train_lsh, training_rows, unpack_bits
-from pipeline.teacher.cache_pass import recompute_statistics
+from pipeline.cache.statistics import recompute_statistics
 
 BITS = 64  # as `digits_lsh_cache` (tests/conftest.py) is built
 

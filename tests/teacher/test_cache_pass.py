@@ -12,13 +12,17 @@ import torch
 from sklearn.decomposition import PCA
 
 from pipeline.cache.manifest import CacheError, Manifest
+from pipeline.cache.statistics import recompute_statistics
 from pipeline.cache.store import TeacherCache
 from pipeline.data.datasets import DatasetError, load_dataset
 from pipeline.data.views import ViewPlan, render_view
 from pipeline.stats.cka import linear_cka
 from pipeline.stats.gaussian import grid_gaussian
-from pipeline.teacher.cache_pass import cache_shard, plan_cache, recompute_statistics, run_cache_pass
+from pipeline.nets.tapped import ModelError
+from pipeline.teacher.cache_pass import run_cache_pass
+from pipeline.teacher.forward import cache_shard
 from pipeline.teacher.model import TeacherError, TeacherSpec, build_teacher
+from pipeline.teacher.plan import plan_cache
 
 
 def live_teacher(cache: TeacherCache):
@@ -129,11 +133,11 @@ def test_killed_pass_resumes_without_recomputing_and_matches_uninterrupted(digit
     with pytest.raises(CacheError, match="partial"):
         TeacherCache(tmp_path / "resumed")
 
-    import pipeline.teacher.cache_pass as cp
+    import pipeline.teacher.forward as fw
 
     computed = []
-    original = cp._batch_rows
-    monkeypatch.setattr(cp, "_batch_rows", lambda out, storage, ds, pairs: computed.append(pairs[0, 0]) or
+    original = fw.batch_rows
+    monkeypatch.setattr(fw, "batch_rows", lambda out, storage, ds, pairs: computed.append(pairs[0, 0]) or
                         original(out, storage, ds, pairs))
     run_cache_pass(request)
     starts = {int(p) for p in computed}
@@ -189,12 +193,12 @@ def test_non_finite_teacher_output_fails_and_leaves_cache_partial(digits_teacher
 
 
 @pytest.mark.parametrize("override, error, message", [
-    ({"teacher": "no_such_net"}, TeacherError, "unknown timm model 'no_such_net'"),
+    ({"teacher": "no_such_net"}, ModelError, "unknown timm model 'no_such_net'"),
     ({"checkpoint": "/nonexistent/t.pt"}, TeacherError, "does not exist"),
     ({"dataset": "mnist-ish"}, DatasetError, "unknown dataset"),
     ({"logits": "top3"}, CacheError, "--logits must be"),
-    ({"cka_source": "pixels"}, TeacherError, "--cka-source must be logits, features or auto"),
-    ({"teacher_head": False, "cka_source": "logits"}, TeacherError, "--cka-source logits needs stored logits"),
+    ({"cka_source": "pixels"}, CacheError, "--cka-source must be logits, features or auto"),
+    ({"teacher_head": False, "cka_source": "logits"}, CacheError, "--cka-source logits needs stored logits"),
 ])
 def test_bad_input_fails_with_one_line_and_writes_nothing(cache_request, tmp_path: Path, override, error,
                                                           message) -> None:
@@ -255,7 +259,7 @@ def test_cached_featmaps_equal_live_teacher_on_rendered_views_in_zarr_and_blocks
 
 def test_teacher_tail_file_is_recorded_and_rebuilds_the_tapped_stage(featmaps_cache: Path) -> None:
     from pipeline.checksums import sha256_file
-    from pipeline.teacher.tail import build_teacher_tail
+    from pipeline.nets.tail import build_teacher_tail
 
     cache = TeacherCache(featmaps_cache)
     record = cache.manifest.files["teacher_tail"]
@@ -288,7 +292,7 @@ def test_rerun_restores_a_lost_teacher_tail(featmaps_cache: Path, cache_request,
     ({"featmaps": True, "teacher_tail": 9}, r"--teacher-tail must be 1\.\.3 for tap layer3"),
 ])
 def test_bad_scalekd_storage_options_fail_with_one_line(cache_request, tmp_path: Path, override, message) -> None:
-    with pytest.raises((CacheError, TeacherError), match=message) as info:
+    with pytest.raises((CacheError, ModelError), match=message) as info:
         run_cache_pass(cache_request(tmp_path / "bad", subset=40, **override))
     assert "\n" not in str(info.value)
     assert not (tmp_path / "bad" / "manifest.json").exists()

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.teacher.model import (TeacherError, TeacherSpec, build_teacher, create_timm_model, load_checkpoint,
-                                    resolve_tap)
+from pipeline.nets.tapped import ModelError, create_timm_model, resolve_tap
+from pipeline.teacher.model import TeacherError, TeacherSpec, build_teacher, load_checkpoint
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_vit", "test_convnext", "test_efficientnet"])
@@ -45,9 +45,9 @@ def test_resolve_tap_by_name_and_index_with_clear_errors() -> None:
     model = create_timm_model("resnet18", 10, 1, 32)
     assert resolve_tap(model, "layer3") == "layer3"
     assert resolve_tap(model, -1) == "layer4" and resolve_tap(model, "0") == "act1"
-    with pytest.raises(TeacherError, match="stages of this model are"):
+    with pytest.raises(ModelError, match="stages of this model are"):
         resolve_tap(model, "layer9")
-    with pytest.raises(TeacherError, match="out of range"):
+    with pytest.raises(ModelError, match="out of range"):
         resolve_tap(model, 7)
 
 

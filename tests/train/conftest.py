@@ -3,7 +3,6 @@ random targets instead of a teacher pass, so every layout (top-k, view-0 pooled,
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +47,7 @@ def write_cache(root: Path, n: int = 200, views: int = 3, logits: str = "dense",
                  "model_kwargs": {}, "stages": ["act1", "layer1"], "pooled_dim": DIM},
         dataset={"name": "digits", "split": "train", "num_samples": n, "num_classes": CLASSES,
                  "class_names": [str(c) for c in range(CLASSES)], "channels": 1, "fingerprint": f"synthetic-{seed}"},
-        views=plan.to_dict(), storage=asdict(storage),
+        views=plan.to_dict(), storage=storage,
         arrays={name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in rows.items()},
         shards=[{"index": i, "start": a, "stop": b} for i, (a, b) in enumerate(ranges)])
     writer = CacheWriter.create_or_resume(root, manifest)

@@ -14,7 +14,7 @@ from pipeline.cache.manifest import CacheError
 from pipeline.methods import Method, MethodError, StudentInfo, register_method
 from pipeline.methods.base import _REGISTRY
 from pipeline.train.config import RunSettings, TrainConfig, TrainError
-from pipeline.train.loop import check_run, student_taps, train_student
+from pipeline.train.loop import check_run, resolve_methods, student_taps, train_student
 from pipeline.train.rundir import RunDir
 from pipeline.train.student import Student
 
@@ -148,7 +148,7 @@ def test_methods_get_the_student_stages_they_tap_with_their_shapes() -> None:
             return {}
 
     try:
-        taps = student_taps(("ce", "test_reads_two_stages"))
+        taps = student_taps(resolve_methods(("ce", "test_reads_two_stages")))
         assert taps == (-2, -1)
         student = Student("test_resnet", 10, 1, 16, taps=taps)
         info = student.info()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.cache.store import TeacherCache
-from pipeline.methods.base import GAUSSIAN, LOGITS, POOLED
+from pipeline.cache.targets import GAUSSIAN, LOGITS, POOLED
 from pipeline.train.config import RunSettings, TrainConfig, TrainError
 from pipeline.train.loop import train_student
 from pipeline.train.online import OnlineTeacher
@@ -38,7 +38,7 @@ def test_refuses_a_teacher_checkpoint_that_changed(digits_cache: Path, tmp_path:
     cache = TeacherCache(digits_cache)
     changed = tmp_path / "teacher.pt"
     changed.write_bytes(Path(cache.manifest.teacher["checkpoint"]).read_bytes() + b"\0")
-    cache.manifest.teacher["checkpoint"] = str(changed)
+    cache.manifest.teacher.checkpoint = str(changed)
     with pytest.raises(TrainError, match="changed since the cache was made"):
         OnlineTeacher.check(cache, ALL)
 
@@ -66,7 +66,7 @@ def test_a_run_and_its_online_twin_have_the_same_per_step_losses_and_accuracy(di
 
 
 def test_live_feature_maps_equal_the_cached_ones_in_the_stored_dtype(featmaps_cache: Path) -> None:
-    from pipeline.methods.base import FEATMAPS
+    from pipeline.cache.targets import FEATMAPS
 
     cache = TeacherCache(featmaps_cache)
     online = OnlineTeacher(cache, frozenset({FEATMAPS}), torch.device("cpu"))

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.cache.store import TeacherCache
 from pipeline.data.views import ViewPlan, epoch_views, render_view
-from pipeline.methods.base import GAUSSIAN, LOGITS, POOLED
+from pipeline.cache.targets import GAUSSIAN, LOGITS, POOLED
 from pipeline.train.stream import CacheStream, ShardPart, block_sizes, rank_parts, split_parts
 
 ALL = frozenset({LOGITS, POOLED, GAUSSIAN})
@@ -166,8 +166,8 @@ def test_memory_does_not_grow_with_the_number_of_samples(make_cache) -> None:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_lsh_codes_written_after_the_shards_are_served_from_zarr_by_sample_id(make_cache, workers) -> None:
-    from pipeline.methods.base import LSH_CODES
-    from pipeline.teacher.cache_pass import recompute_statistics
+    from pipeline.cache.targets import LSH_CODES
+    from pipeline.cache.statistics import recompute_statistics
 
     root = make_cache(n=150, shard_size=60)
     recompute_statistics(str(root), lsh_bits=16)

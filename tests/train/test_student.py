@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.teacher.model import TeacherError
+from pipeline.nets.tapped import ModelError
 from pipeline.train.student import Student
 
 
@@ -31,7 +31,7 @@ def test_pooled_dim_is_measured_not_taken_from_num_features() -> None:
 
 
 def test_unknown_models_and_taps_are_one_line_errors() -> None:
-    with pytest.raises(TeacherError, match="unknown timm model 'resnet_nope'"):
+    with pytest.raises(ModelError, match="unknown timm model 'resnet_nope'"):
         Student("resnet_nope", 10, 1, 32)
-    with pytest.raises(TeacherError, match="unknown tap 'layer9'"):
+    with pytest.raises(ModelError, match="unknown tap 'layer9'"):
         Student("test_resnet", 10, 1, 32, taps=("layer9",))

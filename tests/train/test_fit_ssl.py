@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.teacher.fit import FitConfig, FitError, fit_teacher, nt_xent, pair_batches
+from pipeline.train.fit import FitConfig, FitError, fit_teacher, nt_xent, pair_batches
 
 
 def test_nt_xent_matches_the_direct_formula() -> None:

@@ -1,5 +1,8 @@
 """ScaleKD's teacher tail: a teacher's last stage(s), frozen, rebuilt without the teacher (docs/ARCHITECTURE.md §6.7).
 
+Here, below both `teacher/` (which extracts it in the pass) and `methods/` (ScaleKD rebuilds it), since it
+is plain timm module surgery.
+
 TPP (teacher parameter perception) runs projected student features through the teacher's last stage(s)
 and mimics the cached final features with the result. Training never constructs the teacher (§1, §2),
 so the teacher pass saves just those stages: :func:`extract_teacher_tail` reads a spec (a plain dict of
@@ -16,7 +19,7 @@ the tail never sees (TPP feeds spatial tokens only).
 
 Extraction rebuilds the tail and checks it on a probe image against the teacher's own modules, so a
 variant these builders do not reproduce (other norms, activations, attention layers) is refused with a
-:class:`TeacherError` at caching time rather than trained on.
+:class:`ModelError` at caching time rather than trained on.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerStage
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from pipeline.teacher.model import TeacherError, stage_names
+from pipeline.nets.tapped import ModelError, stage_names
 
 TAIL_FORMAT = "distillery-teacher-tail/1"
 
@@ -43,7 +46,7 @@ _RESNET_BLOCKS: dict[str, type[nn.Module]] = {"BasicBlock": BasicBlock, "Bottlen
 def _resnet_block_spec(block: nn.Module) -> dict[str, Any]:
     """Constructor arguments of a timm ResNet block, read back from its layers."""
     if type(block) not in _RESNET_BLOCKS.values():
-        raise TeacherError(f"ResNet block {type(block).__name__} is not a timm BasicBlock or Bottleneck")
+        raise ModelError(f"ResNet block {type(block).__name__} is not a timm BasicBlock or Bottleneck")
     if type(block) is BasicBlock:
         planes = block.conv2.out_channels
         cardinality, base_width = 1, 64
@@ -87,7 +90,7 @@ def _resnet_stage(spec: dict[str, Any]) -> nn.Module:
 
 def _swin_stage_spec(stage: nn.Module) -> dict[str, Any]:
     if type(stage) is not SwinTransformerStage:
-        raise TeacherError(f"Swin stage {type(stage).__name__} is not a timm SwinTransformerStage")
+        raise ModelError(f"Swin stage {type(stage).__name__} is not a timm SwinTransformerStage")
     block = stage.blocks[0]
     attn = block.attn
     return {"dim": stage.dim, "out_dim": block.dim, "input_resolution": list(stage.input_resolution),
@@ -109,7 +112,7 @@ def _swin_stage(spec: dict[str, Any]) -> nn.Module:
 
 def _vit_block_spec(block: nn.Module) -> dict[str, Any]:
     if type(block) is not Block:
-        raise TeacherError(f"ViT block {type(block).__name__} is not a timm vision_transformer.Block")
+        raise ModelError(f"ViT block {type(block).__name__} is not a timm vision_transformer.Block")
     dim = block.norm1.normalized_shape[0]
     return {"dim": dim, "num_heads": block.attn.num_heads, "mlp_ratio": block.mlp.fc1.out_features / dim,
             "qkv_bias": block.attn.qkv.bias is not None, "qk_norm": not isinstance(block.attn.q_norm, nn.Identity),
@@ -165,7 +168,7 @@ class TeacherTail(nn.Module):
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()
         if spec.get("format") != TAIL_FORMAT or spec.get("family") not in _FAMILIES:
-            raise TeacherError(f"not a teacher tail spec of format {TAIL_FORMAT} (format {spec.get('format')!r}, "
+            raise ModelError(f"not a teacher tail spec of format {TAIL_FORMAT} (format {spec.get('format')!r}, "
                                f"family {spec.get('family')!r}); re-run `distillery cache` with --teacher-tail")
         self.spec = spec
         self._family = _FAMILIES[spec["family"]]
@@ -192,7 +195,7 @@ def build_teacher_tail(spec: dict[str, Any], state_dict: dict[str, Tensor] | Non
             tail.body.load_state_dict(state_dict)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0]
-            raise TeacherError(f"the teacher tail's weights do not fit its spec ({first}); re-run "
+            raise ModelError(f"the teacher tail's weights do not fit its spec ({first}); re-run "
                                f"`distillery cache` into a new --out") from e
     return tail
 
@@ -201,7 +204,7 @@ def _family_of(model: nn.Module) -> str:
     for name, family in _FAMILIES.items():
         if isinstance(model, family.model):
             return name
-    raise TeacherError(f"ScaleKD's TPP rebuilds teacher tails of timm ResNet, Swin and ViT models only, not a "
+    raise ModelError(f"ScaleKD's TPP rebuilds teacher tails of timm ResNet, Swin and ViT models only, not a "
                        f"{type(model).__name__}; cache without --teacher-tail and train scalekd with tpp=false")
 
 
@@ -211,7 +214,7 @@ def extract_teacher_tail(model: nn.Module, tap: str, stages: int,
 
     ``probe`` is a small input batch at the teacher's input size: running it through ``model`` gives the
     shape that enters the tail, and the rebuilt tail must reproduce the teacher's stages on it exactly
-    (else :class:`TeacherError`: a variant the builders do not cover).
+    (else :class:`ModelError`: a variant the builders do not cover).
     """
     name = _family_of(model)
     family = _FAMILIES[name]
@@ -221,7 +224,7 @@ def extract_teacher_tail(model: nn.Module, tap: str, stages: int,
     while available <= index and re.fullmatch(family.stage_pattern, names[index - available]):
         available += 1
     if not 1 <= stages <= available:
-        raise TeacherError(f"--teacher-tail must be 1..{available} for tap {tap} (the {type(model).__name__} stages "
+        raise ModelError(f"--teacher-tail must be 1..{available} for tap {tap} (the {type(model).__name__} stages "
                            f"up to it: {', '.join(names[index - available + 1: index + 1])}), not {stages}")
     chosen = names[index - stages + 1: index + 1]
     modules = [model.get_submodule(n) for n in chosen]
@@ -244,14 +247,14 @@ def extract_teacher_tail(model: nn.Module, tap: str, stages: int,
             "modules": [family.read(m) for m in modules]}
     original = nn.Sequential(*modules)
     state = {k: v.detach().cpu().clone() for k, v in original.state_dict().items()}
-    unsupported = TeacherError(f"the tail stage(s) {', '.join(chosen)} of this {type(model).__name__} are a variant "
+    unsupported = ModelError(f"the tail stage(s) {', '.join(chosen)} of this {type(model).__name__} are a variant "
                                f"that timm's block classes do not rebuild as is; cache without --teacher-tail and "
                                f"train scalekd with tpp=false")
     try:
         tail = build_teacher_tail(spec, state).to(native.device)
         with torch.inference_mode():
             reference, rebuilt = original(native), tail.body(native)
-    except (TeacherError, RuntimeError) as e:  # weights or shapes that do not fit the rebuilt modules
+    except (ModelError, RuntimeError) as e:  # weights or shapes that do not fit the rebuilt modules
         raise unsupported from e
     if rebuilt.shape != reference.shape or not torch.allclose(rebuilt, reference, rtol=1e-4, atol=1e-5):
         raise unsupported

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from pipeline.teacher.model import TeacherError, create_timm_model, stage_names
-from pipeline.teacher.tail import build_teacher_tail, extract_teacher_tail
+from pipeline.nets.tail import build_teacher_tail, extract_teacher_tail
+from pipeline.nets.tapped import ModelError, create_timm_model, stage_names
 
 SWIN = ("swin_tiny_patch4_window7_224", {"embed_dim": 16, "depths": (1, 1, 2, 2), "num_heads": (1, 1, 2, 2),
                                          "window_size": 4})
@@ -74,23 +74,23 @@ def test_tail_is_frozen_and_passes_gradients_to_its_input() -> None:
 
 def test_a_non_resnet_swin_vit_teacher_is_refused() -> None:
     model = teacher("test_convnext")
-    with pytest.raises(TeacherError, match="ResNet, Swin and ViT models only, not a ConvNeXt.*tpp=false"):
+    with pytest.raises(ModelError, match="ResNet, Swin and ViT models only, not a ConvNeXt.*tpp=false"):
         rebuilt(model, 1)
 
 
 def test_a_variant_the_block_classes_do_not_rebuild_is_refused() -> None:
     model = teacher("test_resnet", block_args={"attn_layer": "se"})  # squeeze-excitation inside every block
-    with pytest.raises(TeacherError, match="variant that timm's block classes do not rebuild"):
+    with pytest.raises(ModelError, match="variant that timm's block classes do not rebuild"):
         rebuilt(model, 1)
 
 
 @pytest.mark.parametrize("stages", [0, 5])
 def test_a_stage_count_out_of_range_names_the_valid_range(stages: int) -> None:
-    with pytest.raises(TeacherError, match=r"--teacher-tail must be 1\.\.4 for tap layer4") as info:
+    with pytest.raises(ModelError, match=r"--teacher-tail must be 1\.\.4 for tap layer4") as info:
         rebuilt(teacher("test_resnet"), stages)
     assert "\n" not in str(info.value)
 
 
 def test_a_spec_of_another_format_is_refused() -> None:
-    with pytest.raises(TeacherError, match="not a teacher tail spec"):
+    with pytest.raises(ModelError, match="not a teacher tail spec"):
         build_teacher_tail({"format": "something-else/9", "family": "resnet"})

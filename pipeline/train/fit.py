@@ -23,17 +23,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.atomic import atomic_write
 from pipeline.data.datasets import check_bad_image_policy, load_dataset
-from pipeline.data.rendering import RenderedViews, worker_context
+from pipeline.data.rendering import RenderedViews, default_input_size, worker_context
 from pipeline.data.views import ViewPlan
-from pipeline.options import Range, check_device, check_output_file, check_ranges
+from pipeline.errors import DistilleryError
+from pipeline.nets.tapped import create_timm_model
+from pipeline.options import Range, check_device, check_output_file, check_ranges, resolve_device
 from pipeline.progress import progress_task
-from pipeline.teacher.cache_pass import default_input_size, resolve_device
-from pipeline.teacher.model import CHECKPOINT_FORMAT, create_timm_model
+from pipeline.teacher.model import CHECKPOINT_FORMAT
 from pipeline.train.evaluate import evaluate_accuracy
 from pipeline.train.optim import OptimConfig, build_optimizer, cosine_schedule
-from pipeline.atomic import atomic_write
-from pipeline.errors import DistilleryError
 
 OBJECTIVES = ("supervised", "ssl")
 

@@ -1,0 +1,156 @@
+"""Dataset-level statistics of a teacher cache (docs/ARCHITECTURE.md §5), computed from its stored rows.
+
+Every shard yields mergeable partial sums (`shard_statistics`), read from the rows it stored, so the
+statistics never need the teacher and the shards may be reduced anywhere; `reduce_statistics` merges them
+into PCA, class statistics, CKA interrelations, Gaussian summaries and (with LSH bits) the LSH planes, codes
+and index, all committed at once. `recompute_statistics` is `distillery stats`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from pipeline.cache.lock import cache_lock
+from pipeline.cache.manifest import CacheError
+from pipeline.cache.store import LSH_INDEX_NAME, LSH_STATS_ARRAYS, CacheWriter, TeacherCache, block_key, repair_hint
+from pipeline.cache.targets import GAUSSIAN, LOGITS, POOLED, SAMPLE_ARRAYS
+from pipeline.checksums import sha256_bytes
+from pipeline.stats.classes import ClassMoments
+from pipeline.stats.cka import category_interrelations
+from pipeline.stats.gaussian import GaussianSummary
+from pipeline.stats.lsh import build_index, encode, train_lsh, training_rows
+from pipeline.stats.moments import FeatureMoments, pca_from_moments
+
+
+@dataclass
+class ShardStats:
+    features: FeatureMoments
+    classes: ClassMoments
+    gaussian: GaussianSummary | None
+
+    def merge(self, other: ShardStats) -> ShardStats:
+        return ShardStats(self.features.merge(other.features), self.classes.merge(other.classes),
+                          self.gaussian.merge(other.gaussian) if self.gaussian is not None else None)
+
+
+def shard_statistics(root: str, index: int) -> ShardStats:
+    """Partial sums of shard `index`, from its zarr rows once they match their record (named otherwise)."""
+    cache = TeacherCache(root, require_complete=False)
+    record = cache.shard_record(index)
+    if record is None:
+        raise CacheError(f"{cache.root}: shard {index} has no record; re-run the `distillery cache` command that "
+                         f"made it")
+    start, stop = record.start, record.stop
+    gaussian_arrays = cache.target_arrays(GAUSSIAN)
+    read = {*SAMPLE_ARRAYS, *cache.target_arrays(POOLED), *gaussian_arrays, *cache.target_arrays(LOGITS)}
+    problem = cache.rows_problem(record, [n for n in cache.manifest.arrays if n in read])
+    if problem:
+        raise CacheError(f"{cache.root}: {problem}; {repair_hint(cache.root)}")
+    pooled = cache.array(cache.target_arrays(POOLED)[0])[start:stop, 0].astype(np.float64)
+    labels = cache.array("samples/labels")[start:stop]
+    features = FeatureMoments.empty(pooled.shape[1])
+    features.update(pooled)
+    classes = ClassMoments.empty(cache.num_classes, pooled.shape[1])
+    classes.update(pooled, labels)
+    gaussian = None
+    if gaussian_arrays:
+        mean, std = (cache.array(n) for n in gaussian_arrays)
+        gaussian = GaussianSummary.empty(mean.shape[-1])
+        gaussian.update(mean[start:stop, 0].astype(np.float32), std[start:stop, 0].astype(np.float32))
+    return ShardStats(features, classes, gaussian)
+
+
+def check_cka_source(source: str, has_logits: bool) -> None:
+    """Refuse a CKA source the cache cannot serve, before any teacher pass or statistics rewrite starts."""
+    if source not in ("logits", "features", "auto"):
+        raise CacheError(f"--cka-source must be logits, features or auto, not '{source}'")
+    if source == "logits" and not has_logits:
+        raise CacheError("--cka-source logits needs stored logits; this cache has none, use "
+                           "--cka-source features")
+
+
+def cka_rows(cache: TeacherCache, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """View-0 rows used for CKA: the first m samples of every class (m = smallest class count)."""
+    check_cka_source(source, LOGITS in cache.available_targets())
+    labels = cache.read("samples/labels")
+    counts = np.bincount(labels, minlength=cache.num_classes)
+    m = int(counts.min())
+    take = np.sort(np.concatenate([np.flatnonzero(labels == c)[:m] for c in range(cache.num_classes)]))
+    if source == "logits":
+        rows = {block_key(name): cache.array(name).oindex[take, 0:1] for name in cache.target_arrays(LOGITS)}
+        values = cache.dense_logits(rows)[:, 0]
+    else:
+        values = cache.array(cache.target_arrays(POOLED)[0]).oindex[take, 0].astype(np.float32)
+    return values, labels[take]
+
+
+def lsh_statistics(cache: TeacherCache, bits: int) -> tuple[dict[str, np.ndarray], bytes, dict[str, Any]]:
+    """Train LSH planes on the view-0 pooled features and encode every stored sample (README "The teacher
+    cache", Statistics): the arrays (planes, thresholds, view-0 codes `lsh/codes` (N, 1, bits/8) uint8), the serialized faiss
+    neighbour index and its manifest record. Reads the stored features only (no teacher); memory is one
+    shard of features plus the training rows and the codes (N * bits / 8 bytes)."""
+    pooled = cache.array(cache.target_arrays(POOLED)[0])
+    rows = training_rows(cache.num_samples)
+    projection = train_lsh(pooled.oindex[rows, 0].astype(np.float32), bits)
+    codes = np.concatenate([encode(pooled[s["start"]:s["stop"], 0].astype(np.float32), projection)
+                            for s in cache.manifest.shards])
+    index = faiss.serialize_index_binary(build_index(codes)).tobytes()
+    arrays = {"stats/lsh/planes": projection.planes, "stats/lsh/thresholds": projection.thresholds,
+              "lsh/codes": codes[:, None]}
+    return arrays, index, {"bits": bits, "train_rows": len(rows), "index": LSH_INDEX_NAME,
+                           "index_sha256": sha256_bytes(index)}
+
+
+def reduce_statistics(root: str, parts: list[ShardStats], cka_source: str = "auto",
+                      lsh_bits: int | None = None) -> dict[str, Any]:
+    """Merge the shards' partials; write PCA, class stats, CKA interrelations, Gaussian summaries and, with
+    LSH bits (`lsh_bits`, default the storage's), the LSH planes, codes and index: all committed at once
+    (`CacheWriter.write_stats`), with the storage's `lsh_bits` updated to match."""
+    total = functools.reduce(ShardStats.merge, parts)
+    pca = pca_from_moments(total.features)
+    cache = TeacherCache(root, require_complete=False)
+    if cka_source == "auto":  # a head-less teacher stores no logits
+        cka_source = "logits" if LOGITS in cache.available_targets() else "features"
+    values, labels = cka_rows(cache, cka_source)
+    arrays: dict[str, np.ndarray] = {
+        "stats/pca/mean": pca.mean, "stats/pca/components": pca.components,
+        "stats/pca/explained_variance": pca.explained_variance,
+        "stats/classes/mean": total.classes.means(), "stats/classes/count": total.classes.counts,
+        "stats/cka/ir": category_interrelations(values, labels, cache.num_classes),
+    }
+    if total.gaussian is not None:
+        arrays["stats/gaussian/channel_mean"] = total.gaussian.channel_mean_of_means()
+        arrays["stats/gaussian/channel_std"] = total.gaussian.channel_mean_of_stds()
+    info = {"arrays": sorted(arrays), "cka_source": cka_source, "cka_samples_per_class": int(len(labels) //
+            cache.num_classes), "pca_components_90": pca.num_components_for(0.9),
+            "features_count": int(total.features.count)}
+    bits = cache.manifest.storage.lsh_bits if lsh_bits is None else lsh_bits
+    index = None
+    if bits:
+        lsh_arrays, index, info["lsh"] = lsh_statistics(cache, bits)
+        arrays.update(lsh_arrays)
+        info["arrays"] = sorted([*info["arrays"], *LSH_STATS_ARRAYS])
+    CacheWriter(root, cache.manifest).write_stats(arrays, info, lsh_index=index, storage={"lsh_bits": bits})
+    return info
+
+
+def recompute_statistics(root: str, cka_source: str = "auto", lsh_bits: int | None = None) -> dict[str, Any]:
+    """`distillery stats`: rebuild the dataset-level statistics of a complete cache, without the teacher.
+
+    `lsh_bits` replaces the cache's LSH bits (its `storage.lsh_bits`, so the manifest stays truthful;
+    0 removes LSH); None rebuilds with the bits it has. The new statistics are committed only once all of
+    them are written (`CacheWriter.write_stats`): an interrupted run leaves the previous complete cache as
+    it was, and running either command again works.
+    """
+    with cache_lock(root):
+        cache = TeacherCache(root)
+        check_cka_source(cka_source, LOGITS in cache.available_targets())
+        if lsh_bits is not None:
+            cache.manifest.storage.replace(lsh_bits=lsh_bits)  # validates the bits (CacheError)
+        parts = [shard_statistics(root, r.index) for r in cache.manifest.records()]
+        return reduce_statistics(root, parts, cka_source, lsh_bits=lsh_bits)

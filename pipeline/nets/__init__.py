@@ -1,0 +1,2 @@
+"""timm networks as the teacher and the student both use them (docs/ARCHITECTURE.md §1 `nets/`): construction
+with one-line errors, stage taps and the tapped forward (`tapped`), ScaleKD's frozen teacher tail (`tail`)."""

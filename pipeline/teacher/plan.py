@@ -1,0 +1,252 @@
+"""Planning the teacher pass (docs/ARCHITECTURE.md §2, §4): the request, the manifest it would produce, and
+which shards are still to write.
+
+    check_request(request)        -> Manifest        every refusal, found before anything is written
+    plan_cache(request)           -> CachePlan       create or resume the store, list pending shards
+    complete_cache(root, records) -> Manifest        status 'complete' only when every shard verifies
+
+The per-shard forward is `pipeline.teacher.forward`, the statistics `pipeline.cache.statistics`, and the
+whole pass in one process `pipeline.teacher.cache_pass.run_cache_pass`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from pipeline.cache.manifest import Manifest, ShardRecord, StorageSpec, shard_ranges
+from pipeline.cache.statistics import check_cka_source
+from pipeline.cache.store import CacheWriter, TeacherCache
+from pipeline.cache.targets import POOLED, SAMPLE_ARRAYS, TARGETS
+from pipeline.checksums import sha256_file
+from pipeline.data.datasets import ImageDataset, check_bad_image_policy, load_dataset
+from pipeline.data.rendering import default_input_size
+from pipeline.data.views import ViewPlan
+from pipeline.nets.tail import extract_teacher_tail
+from pipeline.nets.tapped import TappedOutputs, resolve_tap, stage_names
+from pipeline.options import (Range, check_device, check_output_dir, check_ranges, one_line_error,
+                              resolve_device)
+from pipeline.teacher.model import (Teacher, TeacherError, TeacherSpec, build_teacher, load_checkpoint,
+                                    manifest_teacher_spec)
+
+
+class CacheRequest(BaseModel):
+    """What `distillery cache` asks for (JSON-able: it is a Prefect flow parameter)."""
+
+    dataset: str
+    teacher: str
+    out: str
+    split: str = "train"
+    subset: int | None = None
+    subset_seed: int = 0
+    checkpoint: str | None = None
+    teacher_head: bool = True
+    views: int = Field(2, description="augmented views per sample (view 0, the clean one, is extra)")
+    view_seed: int = 0
+    logits: str = "dense"
+    tap: str = "auto"
+    grid: int = 1
+    featmaps: bool = False
+    teacher_tail: int = Field(0, description="teacher stages ending at the tap saved for ScaleKD's TPP")
+    lsh_bits: int = 0
+    input_size: int | None = None
+    shard_size: int = 1024
+    batch_size: int = 256
+    block_size: int = 256
+    cka_source: str = "auto"  # "logits" | "features" | "auto" (logits when the teacher has a head)
+    device: str = "auto"
+    on_bad_image: str = "fail"  # an undecodable image in an image folder: "fail" (name it) or "skip"
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "subset": Range(ge=1), "subset_seed": Range(ge=0), "views": Range(ge=0), "view_seed": Range(ge=0),
+        "grid": Range(ge=1), "teacher_tail": Range(ge=0), "lsh_bits": Range(ge=0), "input_size": Range(ge=8),
+        "shard_size": Range(ge=1), "batch_size": Range(ge=1), "block_size": Range(ge=1)}
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:  # one line, as from every other config
+            raise one_line_error(e) from None
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> CacheRequest:
+        check_ranges(self.__dict__, self.RANGES)
+        check_bad_image_policy(self.on_bad_image)
+        return self
+
+
+def check_request(request: CacheRequest) -> Manifest:
+    """Everything `plan_cache` would refuse about the request, found without writing anything: the device,
+    the output directory, the dataset (every split's images, decoded), the teacher and its tap.
+
+    Run before the flow starts (the CLI does), so a bad option is one line rather than a failed task.
+    """
+    check_device(request.device)
+    check_output_dir(request.out)
+    return build_manifest(request)
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, split: str, subset: int | None, seed: int, on_bad_image: str = "fail") -> ImageDataset:
+    return load_dataset(name, split=split, subset=subset, seed=seed, on_bad_image=on_bad_image)
+
+
+def request_dataset(request: CacheRequest) -> ImageDataset:
+    return _dataset(request.dataset, request.split, request.subset, request.subset_seed, request.on_bad_image)
+
+
+@functools.lru_cache(maxsize=2)
+def shared_teacher(spec: TeacherSpec, device: str) -> Teacher:
+    """One teacher per (spec, device) per process: shard tasks reuse it instead of rebuilding it."""
+    return build_teacher(spec, device)
+
+
+def teacher_spec(request: CacheRequest, dataset: ImageDataset) -> TeacherSpec:
+    """Resolve the request's teacher (checkpoint metadata, input size, normalisation, tap)."""
+    ckpt: dict[str, Any] = {}
+    if request.checkpoint is not None:
+        ckpt = load_checkpoint(request.checkpoint)
+        if ckpt.get("num_classes", dataset.num_classes) != dataset.num_classes and request.teacher_head:
+            raise TeacherError(f"checkpoint {request.checkpoint} has {ckpt['num_classes']} classes, dataset "
+                               f"{dataset.name} has {dataset.num_classes}; use --teacher-head none to cache "
+                               f"features only")
+    if "mean" in ckpt:
+        mean, std = tuple(ckpt["mean"]), tuple(ckpt["std"])
+    else:
+        mean, std = _dataset(request.dataset, "train", None, 0, request.on_bad_image).pixel_stats()
+    base = TeacherSpec(
+        model=request.teacher, num_classes=int(ckpt.get("num_classes", dataset.num_classes)),
+        in_chans=dataset.channels, input_size=request.input_size or int(ckpt.get("input_size", 0))
+        or default_input_size(dataset), mean=mean, std=std, checkpoint=request.checkpoint,
+        checkpoint_sha256=sha256_file(request.checkpoint) if request.checkpoint else None,
+        head=request.teacher_head)
+    if request.tap == "none":
+        return base
+    return TeacherSpec(**{**base.__dict__, "taps": (_resolve_tap(base, request.tap, request.grid),)})
+
+
+def _resolve_tap(spec: TeacherSpec, tap: str, grid: int) -> str:
+    """`auto` = the deepest stage whose map still gives every grid cell >= 2 positions (a std needs 2)."""
+    probe = build_teacher(spec)
+    names = stage_names(probe.model)
+    if tap != "auto":
+        return resolve_tap(probe.model, tap)
+    x = torch.zeros(1, spec.in_chans, spec.input_size, spec.input_size)
+    with torch.inference_mode():
+        _, maps = probe.model.forward_intermediates(x, indices=list(range(len(names))))
+    for name, fmap in reversed(list(zip(names, maps))):
+        h, w = fmap.shape[-2:]
+        if (h // grid) * (w // grid) >= 2:
+            return name
+    raise TeacherError(f"no stage of {spec.model} at input {spec.input_size} has >= 2 positions per cell of a "
+                       f"{grid}x{grid} grid; use a smaller --grid, a larger --input-size or --tap none")
+
+
+def _describe_outputs(teacher: Teacher, spec: TeacherSpec, storage: StorageSpec, n: int, v: int,
+                      device: torch.device) -> dict[str, dict[str, Any]]:
+    """The per-sample arrays (name -> shape, dtype) this teacher and storage spec produce: the sample arrays,
+    then each target's, as its producer lays them out on a probe batch (`pipeline.cache.targets`)."""
+    x = torch.zeros(2, spec.in_chans, spec.input_size, spec.input_size, device=device)
+    with torch.inference_mode():
+        out: TappedOutputs = teacher(x)
+    if storage.topk is not None and out.logits is not None and storage.topk >= out.logits.shape[1]:
+        raise TeacherError(f"--logits topk:{storage.topk} needs k < {out.logits.shape[1]} classes; use --logits dense")
+    arrays: dict[str, dict[str, Any]] = {name: {"shape": [n], "dtype": dtype} for name, dtype in SAMPLE_ARRAYS.items()}
+    for target in TARGETS.values():
+        if target.produce is None:  # written with the statistics
+            continue
+        views = 1 if target.first_view_only(storage) else v
+        dtypes = target.dtypes(storage.tap)
+        for name, row in target.produce(out, storage).items():
+            arrays[name] = {"shape": [n, views, *row.shape[1:]], "dtype": dtypes[name]}
+    return arrays
+
+
+@dataclass
+class CachePlan:
+    root: str
+    num_shards: int
+    pending: list[int]
+    done: list[ShardRecord] = field(default_factory=list)
+    complete: bool = False  # the cache already exists, complete, with the requested identity
+
+
+def build_manifest(request: CacheRequest) -> Manifest:
+    """The manifest the request would produce (identity + layout), without running the teacher pass."""
+    check_cka_source(request.cka_source, request.teacher_head)
+    dataset = request_dataset(request)
+    if len(dataset) == 0:
+        raise TeacherError(f"dataset {request.dataset} ({request.split}) is empty; nothing to cache")
+    spec = teacher_spec(request, dataset)
+    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed)
+    storage = StorageSpec(logits="none" if not request.teacher_head else request.logits,
+                          tap=spec.taps[0] if spec.taps else None, grid=request.grid, featmaps=request.featmaps,
+                          lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size,
+                          teacher_tail=request.teacher_tail)
+    device = resolve_device(request.device)
+    teacher = shared_teacher(spec, str(device))
+    arrays = _describe_outputs(teacher, spec, storage, len(dataset), plan.num_views, device)
+    ranges = shard_ranges(len(dataset), request.shard_size)
+    return Manifest(
+        teacher={**spec.to_dict(), "stages": stage_names(teacher.model),
+                 "pooled_dim": arrays[TARGETS[POOLED].layouts[0][0].name]["shape"][-1]},
+        dataset={"name": dataset.name, "split": dataset.split, "num_samples": len(dataset),
+                 "num_classes": dataset.num_classes, "class_names": list(dataset.class_names),
+                 "channels": dataset.channels, "fingerprint": dataset.fingerprint(),
+                 "subset": request.subset, "subset_seed": request.subset_seed,
+                 # Only when it changes what is cached: caches made without skipping keep their identity.
+                 **({"on_bad_image": "skip", "skipped": list(dataset.skipped)}
+                    if request.on_bad_image == "skip" else {})},
+        views={**plan.to_dict(), "recipe": plan.recipe},
+        storage=storage,
+        arrays=arrays,
+        shards=[{"index": i, "start": a, "stop": b} for i, (a, b) in enumerate(ranges)],
+    )
+
+
+def plan_cache(request: CacheRequest) -> CachePlan:
+    """Create the store (or resume one with the same identity) and list the shards to (re)write.
+
+    Nothing is reused unchecked, a complete cache included: a shard is kept only when its tar, its blocks
+    and its zarr rows match its record (and a complete cache's manifest), and a complete cache stays
+    complete only when its statistics, LSH index and teacher tail match their digests too. A damaged shard
+    is rewritten (the cache is partial meanwhile); damaged statistics are recomputed after the shards.
+    """
+    manifest = build_manifest(request)
+    tail = teacher_tail(manifest, resolve_device(request.device))  # refuses an unsupported tail before writing
+    writer = CacheWriter.create_or_resume(request.out, manifest)
+    writer.remove_staging()
+    if tail is not None and not writer.tail_verifies():  # a rerun restores a lost or changed file
+        writer.write_teacher_tail(*tail)
+    was_complete = writer.manifest.status == "complete"
+    listed = {r.index: r for r in writer.manifest.records()} if was_complete else {}
+    done, pending = [], []
+    for s in writer.manifest.shards:
+        record = writer.finished_record(s["index"])
+        reusable = record is not None and (not was_complete or listed.get(s["index"]) == record)
+        (done.append(record) if reusable else pending.append(s["index"]))
+    complete = was_complete and not pending and not TeacherCache(request.out).statistics_problems()
+    if pending and was_complete:
+        writer.mark_partial()
+    return CachePlan(root=request.out, num_shards=len(writer.manifest.shards), pending=pending, done=done,
+                     complete=complete)
+
+
+def teacher_tail(manifest: Manifest, device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The teacher's last `--teacher-tail` stages ending at the tap, for ScaleKD's TPP (docs/ARCHITECTURE.md §6.7):
+    (spec, state dict), or None when the cache asks for no tail."""
+    storage = manifest.storage
+    if not storage.teacher_tail:
+        return None
+    spec = manifest_teacher_spec(manifest.teacher)
+    teacher = shared_teacher(spec, str(device))
+    probe = torch.randn(2, spec.in_chans, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(0))
+    return extract_teacher_tail(teacher.model, storage.tap, storage.teacher_tail, probe.to(device))
+
+
+def complete_cache(root: str, records: list[ShardRecord]) -> Manifest:
+    return CacheWriter(root, Manifest.load(root)).finalize(records)
