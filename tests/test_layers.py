@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"cache"},
     {"teacher", "methods"},
     {"train"},
-    {"report"},
+    {"report", "preflight"},  # preflight: warnings before wasted work, from what train and cache know
     {"experiments", "bench", "bench_loader"},  # whole scenarios and benchmarks
 ]
 """Layers of `pipeline`, lowest first: the second part of a module's name (`pipeline.<part>...`) decides."""
