@@ -29,7 +29,7 @@ from pipeline.cache.codecs import topk_decode, topk_encode
 from pipeline.cache.manifest import StorageSpec
 from pipeline.stats.gaussian import grid_gaussian
 
-__all__ = ["LOGITS", "POOLED", "GAUSSIAN", "LSH_CODES", "FEATMAPS", "TARGETS", "SAMPLE_ARRAYS", "Target",
+__all__ = ["CLASS_INDEX", "class_index_dtype", "LOGITS", "POOLED", "GAUSSIAN", "LSH_CODES", "FEATMAPS", "TARGETS", "SAMPLE_ARRAYS", "Target",
            "TargetArray", "TeacherOutputs", "Served", "register_target", "produce_rows"]
 
 Served = Tensor | tuple[Tensor, ...]
@@ -44,10 +44,24 @@ class TeacherOutputs(Protocol):
     maps: Mapping[str, Tensor]  # tapped stage name -> (B, Cf, H, W)
 
 
+CLASS_INDEX = "class-index"
+"""A `TargetArray` dtype resolved per cache: the smallest integer type holding a class index
+(:func:`class_index_dtype`)."""
+
+
+def class_index_dtype(num_classes: int) -> str:
+    """The smallest unsigned integer type holding indices 0..C-1: uint8 up to 256 classes, uint16 up to
+    65,536 (TinyViT's logit cache stores its top-k indices in 2 bytes), else int32. Served as int64."""
+    if num_classes <= 2**8:
+        return "uint8"
+    return "uint16" if num_classes <= 2**16 else "int32"
+
+
 @dataclass(frozen=True)
 class TargetArray:
-    """One stored per-sample array: its zarr path (``{tap}`` = the storage's tapped stage) and stored dtype.
-    ``checked``: the pass refuses a non-finite value in it (one sum per batch; the others follow from these)."""
+    """One stored per-sample array: its path (``{tap}`` = the storage's tapped stage) and stored dtype
+    (:data:`CLASS_INDEX`: sized to the class count). ``checked``: the pass refuses a non-finite value in it
+    (one sum per batch; the others follow from these)."""
 
     name: str
     dtype: str
@@ -55,6 +69,9 @@ class TargetArray:
 
     def path(self, tap: str | None) -> str:
         return self.name.format(tap=tap)
+
+    def stored_dtype(self, num_classes: int) -> str:
+        return class_index_dtype(num_classes) if self.dtype == CLASS_INDEX else self.dtype
 
 
 def _as_float32(arrays: Mapping[str, Tensor]) -> list[Tensor]:
@@ -88,9 +105,9 @@ class Target:
                 return paths
         return None
 
-    def dtypes(self, tap: str | None) -> dict[str, str]:
-        """Stored dtype of every array of every layout."""
-        return {a.path(tap): a.dtype for layout in self.layouts for a in layout}
+    def dtypes(self, tap: str | None, num_classes: int) -> dict[str, str]:
+        """Stored dtype of every array of every layout, for a teacher of `num_classes` classes."""
+        return {a.path(tap): a.stored_dtype(num_classes) for layout in self.layouts for a in layout}
 
     def checked_arrays(self, tap: str | None) -> list[str]:
         return [a.path(tap) for layout in self.layouts for a in layout if a.checked]
@@ -152,7 +169,7 @@ def _decode_logits(arrays: Mapping[str, Tensor], num_classes: int) -> Tensor:
 LOGITS = register_target(Target(
     name="logits", description="teacher logits", cache_option="--logits dense|topk:K (teacher with a head)",
     layouts=((TargetArray("logits/dense", "float16", checked=True),),
-             (TargetArray("logits/topk_values", "float16", checked=True), TargetArray("logits/topk_indices", "int32"),
+             (TargetArray("logits/topk_values", "float16", checked=True), TargetArray("logits/topk_indices", CLASS_INDEX),
               TargetArray("logits/tail_logsumexp", "float32"))),
     produce=_produce_logits, decode=_decode_logits, classes_wide=True)).name
 """Dense float32 teacher logits (B, C) of the view the student sees; top-k caches are reconstructed."""

@@ -159,7 +159,7 @@ def _describe_outputs(teacher: Teacher, spec: TeacherSpec, storage: StorageSpec,
         if target.produce is None:  # written with the statistics
             continue
         views = 1 if target.first_view_only(storage) else v
-        dtypes = target.dtypes(storage.tap)
+        dtypes = target.dtypes(storage.tap, spec.num_classes)
         for name, row in target.produce(out, storage).items():
             arrays[name] = {"shape": [n, views, *row.shape[1:]], "dtype": dtypes[name]}
     return arrays

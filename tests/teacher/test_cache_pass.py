@@ -111,6 +111,7 @@ def test_topk_cache_reconstructs_kept_probabilities_and_tail_mass(digits_cache: 
     topk = TeacherCache(tmp_path / "topk")
     dense = TeacherCache(digits_cache)
     assert "logits/dense" not in topk.manifest.arrays
+    assert topk.manifest.arrays["logits/topk_indices"]["dtype"] == "uint8" == topk.array("logits/topk_indices").dtype
     rec = torch.from_numpy(topk.dense_logits())
     ref = torch.from_numpy(dense.read("logits/dense").astype(np.float32))
     p_rec, p_ref = rec.softmax(-1), ref.softmax(-1)

@@ -25,9 +25,11 @@ def _cat(batches: list[dict], key: str) -> torch.Tensor:
     return torch.cat([b[key] for b in batches])
 
 
-@pytest.mark.parametrize("logits", ["dense", "topk:3"])
-def test_each_sample_once_with_its_epoch_view_rendered_and_that_views_targets(make_cache, logits) -> None:
-    cache = TeacherCache(make_cache(logits=logits))
+@pytest.mark.parametrize("logits, layout", [("dense", {}), ("topk:3", {}),
+                                            ("topk:3", {"format_version": 1, "index_dtype": "int64"})],
+                         ids=["dense", "topk", "format-1-int64-topk"])
+def test_each_sample_once_with_its_epoch_view_rendered_and_that_views_targets(make_cache, logits, layout) -> None:
+    cache = TeacherCache(make_cache(logits=logits, **layout))
     stream = CacheStream(cache, size=12, targets=ALL, seed=5)
     batches = _epoch(stream, epoch=2)
     ids, views = _cat(batches, "id").numpy(), _cat(batches, "view").numpy()
