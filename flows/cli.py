@@ -74,6 +74,8 @@ class show_progress:
         self.display.__exit__(*exc)
 
 
+STORE_HELP = ("per-sample targets kept, comma-separated from logits,pooled,gaussian,featmaps (default: every one the "
+              "other options produce); statistics need their rows: no pooled, no PCA, class means or LSH")
 ON_BAD_IMAGE_HELP = ("an undecodable file in an image folder (any split, checked before any work): 'fail' names "
                      "it, 'skip' leaves it out and reports how many")
 
@@ -148,6 +150,7 @@ def cache_cmd(
                                                "`distillery neighbors`")] = 0,
     teacher_tail: Annotated[int, typer.Option(help="save the N teacher stages ending at the tap for ScaleKD's "
                                                     "tpp=true (needs --featmaps)")] = 0,
+    store: Annotated[Optional[str], typer.Option(help=STORE_HELP)] = None,
     subset: Annotated[Optional[int], typer.Option(help="seeded, stratified subset")] = None,
     subset_seed: int = 0,
     split: str = "train",
@@ -170,7 +173,8 @@ def cache_cmd(
     request = CacheRequest(dataset=dataset, teacher=teacher, out=str(out), split=split, subset=subset,
                            subset_seed=subset_seed, checkpoint=str(checkpoint) if checkpoint else None,
                            teacher_head=teacher_head == "keep", views=views, view_seed=view_seed, logits=logits,
-                           tap=tap, grid=grid, featmaps=featmaps, teacher_tail=teacher_tail, lsh_bits=lsh_bits,
+                           tap=tap, grid=grid, featmaps=featmaps, teacher_tail=teacher_tail, store=store,
+                           lsh_bits=lsh_bits,
                            input_size=input_size, shard_size=shard_size, batch_size=batch_size,
                            cka_source=cka_source, device=device, on_bad_image=on_bad_image)
     manifest = check_request(request)  # bad input is one line here, before the flow (and anything) starts

@@ -37,6 +37,9 @@ class StorageSpec:
     shard_size: int = 1024
     block_size: int = 256
     teacher_tail: int = 0  # teacher stages ending at the tap saved as `teacher_tail.pt` (ScaleKD TPP); 0: none
+    # `--store`: comma-separated per-sample targets kept (`pipeline.cache.targets`); None: every one the
+    # options above produce. None is also what a cache written before `--store` reads as (same identity).
+    store: str | None = None
 
     def __post_init__(self) -> None:
         if self.logits not in ("dense", "none") and not (

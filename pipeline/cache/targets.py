@@ -29,7 +29,7 @@ from pipeline.cache.codecs import topk_decode, topk_encode
 from pipeline.cache.manifest import StorageSpec
 from pipeline.stats.gaussian import grid_gaussian
 
-__all__ = ["CLASS_INDEX", "class_index_dtype", "LOGITS", "POOLED", "GAUSSIAN", "LSH_CODES", "FEATMAPS", "TARGETS", "SAMPLE_ARRAYS", "Target",
+__all__ = ["CLASS_INDEX", "class_index_dtype", "LOGITS", "POOLED", "GAUSSIAN", "LSH_CODES", "FEATMAPS", "TARGETS", "SAMPLE_ARRAYS", "STORABLE", "Target",
            "TargetArray", "TeacherOutputs", "Served", "register_target", "produce_rows"]
 
 Served = Tensor | tuple[Tensor, ...]
@@ -97,6 +97,10 @@ class Target:
     first_view_only: Callable[[StorageSpec], bool] = _never
     classes_wide: bool = False  # served (C,) per sample whatever its layout (top-k logits decode to C)
 
+    def kept(self, storage: StorageSpec) -> bool:
+        """Whether the cache's `--store` keeps this target (None keeps every target the options produce)."""
+        return storage.store is None or self.name in storage.store.split(",")
+
     def stored_layout(self, has: Callable[[str], bool], tap: str | None) -> tuple[str, ...] | None:
         """The array paths of the layout a cache holds (`has(path)`), or None when it holds none."""
         for layout in self.layouts:
@@ -140,7 +144,7 @@ def produce_rows(outputs: TeacherOutputs, storage: StorageSpec) -> dict[str, Ten
     """Every target's rows for one batch of teacher outputs, keyed by array path, in registry order."""
     rows: dict[str, Tensor] = {}
     for target in TARGETS.values():
-        if target.produce is not None:
+        if target.produce is not None and target.kept(storage):
             rows.update(target.produce(outputs, storage))
     return rows
 
@@ -167,7 +171,7 @@ def _decode_logits(arrays: Mapping[str, Tensor], num_classes: int) -> Tensor:
 
 
 LOGITS = register_target(Target(
-    name="logits", description="teacher logits", cache_option="--logits dense|topk:K (teacher with a head)",
+    name="logits", description="teacher logits", cache_option="--logits dense|topk:K (teacher with a head; with --store, list logits)",
     layouts=((TargetArray("logits/dense", "float16", checked=True),),
              (TargetArray("logits/topk_values", "float16", checked=True), TargetArray("logits/topk_indices", CLASS_INDEX),
               TargetArray("logits/tail_logsumexp", "float32"))),
@@ -181,7 +185,7 @@ def _produce_pooled(out: TeacherOutputs, storage: StorageSpec) -> dict[str, Tens
 
 POOLED = register_target(Target(
     name="pooled", description="teacher pooled features",
-    cache_option="its default options (pooled features are stored by default)",
+    cache_option="--store with pooled listed (its default keeps them)",
     layouts=((TargetArray("features/pooled", "float16", checked=True),),), produce=_produce_pooled,
     first_view_only=lambda storage: storage.pooled_views == "first")).name
 """Teacher pooled pre-logit features (B, D_t), float32."""
@@ -195,7 +199,7 @@ def _produce_gaussian(out: TeacherOutputs, storage: StorageSpec) -> dict[str, Te
 
 
 GAUSSIAN = register_target(Target(
-    name="gaussian", description="teacher feature-map Gaussian statistics", cache_option="--tap STAGE --grid G",
+    name="gaussian", description="teacher feature-map Gaussian statistics", cache_option="--tap STAGE --grid G (with --store, list gaussian)",
     layouts=((TargetArray("gaussian/mean", "float16"), TargetArray("gaussian/std", "float16", checked=True)),),
     produce=_produce_gaussian, as_tuple=True)).name
 """Tuple (mean, std) of the tapped teacher map per grid cell and channel, each (B, G*G, Cf) (§6.4)."""
@@ -209,7 +213,7 @@ def _produce_featmaps(out: TeacherOutputs, storage: StorageSpec) -> dict[str, Te
 
 FEATMAPS = register_target(Target(
     name="featmaps", description="teacher feature maps",
-    cache_option="--featmaps (and --tap STAGE, the stage to mimic)",
+    cache_option="--featmaps (and --tap STAGE, the stage to mimic; with --store, list featmaps)",
     layouts=((TargetArray("featmaps/{tap}", "float16"),),), produce=_produce_featmaps, keep_stored_dtype=True)).name
 """The tapped teacher stage's feature map (B, Cf, H, W) of the view the student sees (§6.7). Served as
 stored, float16 (maps are large: float32 would double the shuffle buffer); losses promote them."""
@@ -219,3 +223,6 @@ LSH_CODES = register_target(Target(
     layouts=((TargetArray("lsh/codes", "uint8"),),), produce=None)).name
 """Packed LSH codes of the teacher's view-0 pooled features, (B, bits/8) uint8 (§6.6); written with the
 statistics (`pipeline.stats.lsh`), after the shards."""
+
+STORABLE = tuple(name for name, target in TARGETS.items() if target.produce is not None)
+"""The targets the teacher pass stores per sample, the choices of `distillery cache --store`."""

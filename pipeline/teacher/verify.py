@@ -179,7 +179,7 @@ def manifest_request(root: str | Path, device: str = "cpu", batch_size: int = 25
                         teacher=m.teacher["model"], checkpoint=m.teacher.get("checkpoint"),
                         teacher_head=m.teacher.get("head", True), views=v["num_augmented"], view_seed=v["seed"],
                         logits=st["logits"], tap=st.get("tap") or "none", grid=st["grid"], featmaps=st["featmaps"],
-                        teacher_tail=st.get("teacher_tail", 0), lsh_bits=st["lsh_bits"],
+                        teacher_tail=st.get("teacher_tail", 0), store=st.get("store"), lsh_bits=st["lsh_bits"],
                         input_size=m.teacher["input_size"], shard_size=st["shard_size"], block_size=st["block_size"],
                         cka_source=m.stats.get("cka_source", "auto"), out=str(root), batch_size=batch_size,
                         device=device, on_bad_image=d.get("on_bad_image", "fail"))
