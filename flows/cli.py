@@ -233,7 +233,7 @@ def inspect_cmd(
             for r in array_rows(c)]
     print_table("arrays", rows)
     maps = [{"array": r.name, "map": "x".join(map(str, r.map_shape)), "dtype": r.dtype,
-             "shards (raw)": human_bytes(r.raw_bytes), "zarr (compressed)": human_bytes(r.stored_bytes)}
+             "uncompressed": human_bytes(r.raw_bytes), "zarr (compressed)": human_bytes(r.stored_bytes)}
             for r in featmap_rows(c)]
     if maps:
         print_table("feature maps, bytes per sample-view", maps)
@@ -418,11 +418,14 @@ def bench_cmd(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results here")] = None,
     device: str = "auto",
 ) -> None:
-    """Print the benchmarks: teacher pass vs bare forward; student step time and peak memory per method."""
+    """Print the benchmarks: teacher pass vs bare forward; student step time and peak memory per method;
+    cache bytes per sample-view and the pass + statistics at N, 2N, 4N samples."""
     from pipeline.bench import run_benchmarks
+    from pipeline.bench_storage import bench_cache_scaling
 
     with show_progress():
         results = run_benchmarks(quick=quick, device=device)
+        results["storage"] = bench_cache_scaling(samples=250 if quick else 2000, device=device)
     passes, steps = results["teacher_pass"], results["student_steps"]
     rows = [{"teacher": r["teacher"], "inputs": f"{r['samples']} {r['dataset']} x {r['views']} views",
              "device": r["device"], "pass images/s": f"{r['pass_images_per_s']:.0f}",
@@ -442,8 +445,25 @@ def bench_cmd(
         print_table(f"student {steps['student']} step time from the cache of {steps['teacher']} (teacher forward = "
                     f"{steps['teacher_over_student_flops']:.1f}x the student's FLOPs; best of {steps['rounds']} "
                     f"round(s))", rows)
+    print_storage_bench(results["storage"])
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2))
+
+
+def print_storage_bench(storage: dict) -> None:
+    """The storage tables of `distillery bench` (`pipeline.bench_storage`)."""
+    rows = [{"samples": r["samples"], "pass + statistics s": f"{r['seconds']:.1f}",
+             "samples / first": f"{r['samples_over_first']:.0f}", "time / first": f"{r['time_over_first']:.2f}",
+             "peak RSS MiB": f"{r['peak_rss_bytes'] / 2**20:.0f}", "RSS / first": f"{r['rss_over_first']:.2f}"}
+            for r in storage["rows"]]
+    print_table(f"teacher pass + statistics of {storage['teacher']} on {storage['dataset']}, each in a fresh process "
+                f"(time should grow with the samples, memory stay flat)", rows)
+    b = storage["bytes"]
+    rows = [{"array": r["array"], "dtype": r["dtype"], "bytes / sample-view": f"{r['bytes']:.1f}"} for r in b["rows"]]
+    rows.append({"array": "total", "dtype": "", "bytes / sample-view": f"{b['total']:.1f}"})
+    rows.append({"array": f"logits (top-{b['k']}) / TinyViT's 4k+4 = {b['tinyvit']}", "dtype": "",
+                 "bytes / sample-view": f"{b['logits']:.1f} ({b['logits_over_tinyvit']:.2f}x)"})
+    print_table(f"bytes per sample-view of the {b['samples']}-sample cache ({b['views']} views), as stored", rows)
 
 
 @app.command("experiment")

@@ -44,6 +44,10 @@ def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypat
     assert results["tcs_vs_online_kd"]["teacher_over_student_flops"] >= 5
     assert tcs["ce+kd online"]["over_online_kd"] == 1.0 and tcs["ce+kd online"]["rss_over_online_kd"] == 1.0
     assert tcs["ce+tcs"]["over_online_kd"] == tcs["ce+tcs"]["step_ms"] / tcs["ce+kd online"]["step_ms"]
+    storage = results["storage"]
+    assert [r["samples"] for r in storage["rows"]] == [250, 500, 1000] and storage["rows"][0]["time_over_first"] == 1
+    assert all(r["seconds"] > 0 and r["peak_rss_bytes"] > 0 for r in storage["rows"])
+    assert storage["bytes"]["samples"] == 1000 and "TinyViT's 4k+4 = 24" in result.output
 
 
 def test_flops_grow_with_the_model() -> None:

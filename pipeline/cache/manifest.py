@@ -15,7 +15,10 @@ from typing import Any
 from pipeline.errors import DistilleryError
 from pipeline.atomic import atomic_write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: every per-sample array is stored once, in `arrays.zarr`; the shards' blocks carry the raw inputs only.
+1: the blocks carried every per-sample row too (a second copy); still read, and repaired in its own format."""
+READ_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "storage")
 
@@ -157,9 +160,9 @@ class Manifest:
         if not isinstance(data, dict):
             raise CacheError(f"{path} is not a cache manifest (a JSON object); delete the cache and re-run "
                              f"`distillery cache`")
-        if data.get("format_version") != FORMAT_VERSION:
+        if data.get("format_version") not in READ_FORMATS:
             raise CacheError(f"{root} has cache format {data.get('format_version')}, this Distillery reads "
-                             f"{FORMAT_VERSION}; re-run `distillery cache` into a new --out")
+                             f"{' and '.join(map(str, READ_FORMATS))}; re-run `distillery cache` into a new --out")
         try:
             manifest = cls(**data)
             manifest.records()

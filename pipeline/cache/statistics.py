@@ -17,8 +17,8 @@ import numpy as np
 
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.manifest import CacheError, StorageSpec
-from pipeline.cache.store import LSH_INDEX_NAME, LSH_STATS_ARRAYS, CacheWriter, TeacherCache, block_key, repair_hint
-from pipeline.cache.targets import GAUSSIAN, LOGITS, POOLED, SAMPLE_ARRAYS
+from pipeline.cache.store import LSH_INDEX_NAME, LSH_STATS_ARRAYS, CacheWriter, TeacherCache, block_key
+from pipeline.cache.targets import GAUSSIAN, LOGITS, POOLED
 from pipeline.checksums import sha256_bytes
 from pipeline.stats.classes import ClassMoments
 from pipeline.stats.cka import category_interrelations
@@ -45,28 +45,20 @@ class ShardStats:
 def shard_statistics(root: str, index: int) -> ShardStats:
     """Partial sums of shard `index`, from its zarr rows once they match their record (named otherwise)."""
     cache = TeacherCache(root, require_complete=False)
-    record = cache.shard_record(index)
-    if record is None:
-        raise CacheError(f"{cache.root}: shard {index} has no record; re-run the `distillery cache` command that "
-                         f"made it")
-    start, stop = record.start, record.stop
-    gaussian_arrays = cache.target_arrays(GAUSSIAN)
-    read = {*SAMPLE_ARRAYS, *cache.target_arrays(POOLED), *gaussian_arrays, *cache.target_arrays(LOGITS)}
-    problem = cache.rows_problem(record, [n for n in cache.manifest.arrays if n in read])
-    if problem:
-        raise CacheError(f"{cache.root}: {problem}; {repair_hint(cache.root)}")
+    pooled_arrays, gaussian_arrays = cache.target_arrays(POOLED), cache.target_arrays(GAUSSIAN)
+    # The logits are checked too (not summed): CKA reads their rows unchecked.
+    rows = cache.shard_rows(index, ["samples/labels", *pooled_arrays, *gaussian_arrays, *cache.target_arrays(LOGITS)])
     features = classes = gaussian = None
-    if cache.target_arrays(POOLED):
-        pooled = cache.array(cache.target_arrays(POOLED)[0])[start:stop, 0].astype(np.float64)
-        labels = cache.array("samples/labels")[start:stop]
+    if pooled_arrays:
+        pooled = rows[pooled_arrays[0]][:, 0].astype(np.float64)
         features = FeatureMoments.empty(pooled.shape[1])
         features.update(pooled)
         classes = ClassMoments.empty(cache.num_classes, pooled.shape[1])
-        classes.update(pooled, labels)
+        classes.update(pooled, rows["samples/labels"])
     if gaussian_arrays:
-        mean, std = (cache.array(n) for n in gaussian_arrays)
+        mean, std = (rows[n][:, 0].astype(np.float32) for n in gaussian_arrays)
         gaussian = GaussianSummary.empty(mean.shape[-1])
-        gaussian.update(mean[start:stop, 0].astype(np.float32), std[start:stop, 0].astype(np.float32))
+        gaussian.update(mean, std)
     return ShardStats(features, classes, gaussian)
 
 
