@@ -464,6 +464,9 @@ def print_storage_bench(storage: dict) -> None:
     rows.append({"array": f"logits (top-{b['k']}) / TinyViT's 4k+4 = {b['tinyvit']}", "dtype": "",
                  "bytes / sample-view": f"{b['logits']:.1f} ({b['logits_over_tinyvit']:.2f}x)"})
     print_table(f"bytes per sample-view of the {b['samples']}-sample cache ({b['views']} views), as stored", rows)
+    speed = storage["stream_samples_per_s"]
+    console.print(f"student stream over that cache: {speed['format 2']:.0f} samples/s, its format-1 twin (rows also "
+                  f"in the blocks) {speed['format 1']:.0f} samples/s: {storage['stream_format_2_over_1']:.2f}x")
 
 
 @app.command("experiment")

@@ -94,3 +94,19 @@ def test_the_bench_counts_every_stored_byte_once_per_sample_view(topk_cache: Pat
     assert result["total"] == pytest.approx(sum(r["bytes"] for r in result["rows"]))
     assert result["k"] == K and result["tinyvit"] == tinyvit_bytes(K) == 4 * K + 4
     assert result["logits_over_tinyvit"] == pytest.approx(result["logits"] / (4 * K + 4))
+
+
+def test_a_format_1_twin_streams_the_same_samples_and_targets(topk_cache: Path, tmp_path: Path) -> None:
+    from pipeline.bench_storage import format_1_twin, stream_samples_per_s
+    from pipeline.train.stream import CacheStream
+
+    twin = TeacherCache(format_1_twin(str(topk_cache), str(tmp_path / "twin")))
+    assert twin.manifest.format_version == 1 and "logits.topk_indices" in shard_bytes_per_key(tmp_path / "twin")
+    served = []
+    for cache in (TeacherCache(topk_cache), twin):
+        batches = list(CacheStream(cache, size=16, targets=frozenset({"logits", "pooled"}), seed=1).loader(0, 64, 0))
+        served.append([(b["id"], b["input"], b["targets"]["logits"], b["targets"]["pooled"]) for b in batches])
+    for new, old in zip(*served, strict=True):
+        for a, b in zip(new, old, strict=True):
+            assert a.equal(b)
+    assert stream_samples_per_s(str(tmp_path / "twin"), size=16) > 0
