@@ -25,6 +25,8 @@ def distillery(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
     (CACHE + ["--views", "-1"], "--views must be >= 0, not -1"),
     (CACHE + ["--logits", "topk:10"], "--logits topk:10 needs k < 10 classes"),
     (CACHE + ["--cka-source", "pixels"], "--cka-source must be logits, features or auto"),
+    (CACHE + ["--store", "logits,featmaps"], "--store lists featmaps, but these options produce no teacher feature maps"),
+    (CACHE + ["--store", "logit"], "--store 'logit': ['logit'] are not per-sample targets"),
     (CACHE + ["--task-runner", "ray"], "--task-runner must be thread, dask or a scheduler address"),
     pytest.param(CACHE[:-2] + ["--device", "cuda"], "this machine has no CUDA device", marks=CUDA),
     pytest.param(TRAIN + ["--cache", "{cache}", "--device", "cuda"], "this machine has no CUDA device", marks=CUDA),
