@@ -108,6 +108,8 @@ Optimizer = TrainSettings.model_fields["optimizer"].annotation
 CkaSource = Literal["auto", "logits", "features"]
 TeacherHead = Literal["keep", "none"]
 
+STORE_HELP = ("per-sample targets kept, comma-separated from logits,pooled,gaussian,featmaps (default: every one the "
+              "other options produce); statistics need their rows: no pooled, no PCA, class means or LSH")
 ON_BAD_IMAGE_HELP = ("an undecodable file in an image folder (any split, checked before any work): 'fail' names "
                      "it, 'skip' leaves it out and reports how many")
 DATASET_HELP = "digits | fashion-mnist[:DIR] | imagefolder:DIR"
@@ -229,6 +231,7 @@ def cache_cmd(
                                                "`distillery neighbors`")] = request_default("lsh_bits"),
     teacher_tail: Annotated[int, typer.Option(help="save the N teacher stages ending at the tap for ScaleKD's "
                                                     "tpp=true (needs --featmaps)")] = request_default("teacher_tail"),
+    store: Annotated[Optional[str], typer.Option(help=STORE_HELP)] = request_default("store"),
     subset: Annotated[Optional[int], typer.Option(help="seeded, stratified subset")] = request_default("subset"),
     subset_seed: Annotated[int, typer.Option(help="seed of the subset")] = request_default("subset_seed"),
     split: Annotated[Literal["train", "val"], typer.Option(help="dataset split to cache")] = request_default("split"),
@@ -262,7 +265,8 @@ def cache_cmd(
     request = CacheRequest(dataset=dataset, teacher=teacher, out=str(out), split=split, subset=subset,
                            subset_seed=subset_seed, checkpoint=str(checkpoint) if checkpoint else None,
                            teacher_head=teacher_head == "keep", views=views, view_seed=view_seed, logits=logits,
-                           tap=tap, grid=grid, featmaps=featmaps, teacher_tail=teacher_tail, lsh_bits=lsh_bits,
+                           tap=tap, grid=grid, featmaps=featmaps, teacher_tail=teacher_tail, store=store,
+                           lsh_bits=lsh_bits,
                            input_size=input_size, shard_size=shard_size, batch_size=batch_size,
                            cka_source=cka_source, device=device, on_bad_image=on_bad_image)
     manifest = check_request(request)  # bad input is one line here, before the flow (and anything) starts
@@ -333,7 +337,7 @@ def inspect_cmd(
             for r in array_rows(c)]
     print_table("arrays", rows)
     maps = [{"array": r.name, "map": "x".join(map(str, r.map_shape)), "dtype": r.dtype,
-             "shards (raw)": human_bytes(r.raw_bytes), "zarr (compressed)": human_bytes(r.stored_bytes)}
+             "uncompressed": human_bytes(r.raw_bytes), "zarr (compressed)": human_bytes(r.stored_bytes)}
             for r in featmap_rows(c)]
     if maps:
         print_table("feature maps, bytes per sample-view", maps)
@@ -646,10 +650,12 @@ def bench_cmd(
     device: Annotated[str, Device()] = default_of(run_benchmarks, "device"),
 ) -> None:
     """Print the benchmarks: teacher pass vs bare forward; student step time and peak memory per method; DDP on
-    2 CPU processes vs 1."""
+    2 CPU processes vs 1; cache bytes per sample-view and the pass + statistics at N, 2N, 4N samples."""
+    from pipeline.bench_storage import bench_cache_scaling
 
     with show_progress():
         results = run_benchmarks(quick=quick, device=device)
+        results["storage"] = bench_cache_scaling(samples=250 if quick else 2000, device=device)
     passes, steps = results["teacher_pass"], results["student_steps"]
     rows = [{"teacher": r["teacher"], "inputs": f"{r['samples']} {r['dataset']} x {r['views']} views",
              "device": r["device"], "pass images/s": f"{r['pass_images_per_s']:.0f}",
@@ -675,8 +681,28 @@ def bench_cmd(
                 f"round(s); / 1 process: over the first row",
                 [{"processes": r["processes"], "threads each": r["threads"], "samples / s": f"{r['samples_per_s']:.0f}",
                   "/ 1 process": f"{r['over_one']:.2f}"} for r in ddp["rows"]])
+    print_storage_bench(results["storage"])
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2))
+
+
+def print_storage_bench(storage: dict) -> None:
+    """The storage tables of `distillery bench` (`pipeline.bench_storage`)."""
+    rows = [{"samples": r["samples"], "pass + statistics s": f"{r['seconds']:.1f}",
+             "samples / first": f"{r['samples_over_first']:.0f}", "time / first": f"{r['time_over_first']:.2f}",
+             "peak RSS MiB": f"{r['peak_rss_bytes'] / 2**20:.0f}", "RSS / first": f"{r['rss_over_first']:.2f}"}
+            for r in storage["rows"]]
+    print_table(f"teacher pass + statistics of {storage['teacher']} on {storage['dataset']}, each in a fresh process "
+                f"(time should grow with the samples, memory stay flat)", rows)
+    b = storage["bytes"]
+    rows = [{"array": r["array"], "dtype": r["dtype"], "bytes / sample-view": f"{r['bytes']:.1f}"} for r in b["rows"]]
+    rows.append({"array": "total", "dtype": "", "bytes / sample-view": f"{b['total']:.1f}"})
+    rows.append({"array": f"logits (top-{b['k']}) / TinyViT's 4k+4 = {b['tinyvit']}", "dtype": "",
+                 "bytes / sample-view": f"{b['logits']:.1f} ({b['logits_over_tinyvit']:.2f}x)"})
+    print_table(f"bytes per sample-view of the {b['samples']}-sample cache ({b['views']} views), as stored", rows)
+    speed = storage["stream_samples_per_s"]
+    console.print(f"student stream over that cache: {speed['format 2']:.0f} samples/s, its format-1 twin (rows also "
+                  f"in the blocks) {speed['format 1']:.0f} samples/s: {storage['stream_format_2_over_1']:.2f}x")
 
 
 @app.command("experiment")

@@ -48,6 +48,10 @@ def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypat
     assert (first["processes"], first["over_one"]) == (1, 1.0) and "DDP: student test_resnet" in result.output
     assert 2 in {r["processes"] for r in others}
     assert all(r["over_one"] == r["samples_per_s"] / first["samples_per_s"] > 0 for r in others)
+    storage = results["storage"]
+    assert [r["samples"] for r in storage["rows"]] == [250, 500, 1000] and storage["rows"][0]["time_over_first"] == 1
+    assert all(r["seconds"] > 0 and r["peak_rss_bytes"] > 0 for r in storage["rows"])
+    assert storage["bytes"]["samples"] == 1000 and "TinyViT's 4k+4 = 24" in result.output
 
 
 def test_flops_grow_with_the_model() -> None:

@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"teacher", "methods"},
     {"train"},
     {"report", "preflight"},  # preflight: warnings before wasted work, from what train and cache know
-    {"experiments", "bench", "bench_loader"},  # whole scenarios and benchmarks
+    {"experiments", "bench", "bench_loader", "bench_storage"},  # whole scenarios and benchmarks
 ]
 """Layers of `pipeline`, lowest first: the second part of a module's name (`pipeline.<part>...`) decides."""
 

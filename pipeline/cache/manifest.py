@@ -22,7 +22,10 @@ from pipeline.atomic import atomic_write_text
 from pipeline.errors import DistilleryError
 from pipeline.options import one_line_error
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: every per-sample array is stored once, in `arrays.zarr`; the shards' blocks carry the raw inputs only.
+1: the blocks carried every per-sample row too (a second copy); still read, and repaired in its own format."""
+READ_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "storage")
 
@@ -145,6 +148,9 @@ class StorageSpec(Section):
     shard_size: int = 1024
     block_size: int = 256
     teacher_tail: int = 0  # teacher stages ending at the tap saved as `teacher_tail.pt` (ScaleKD TPP); 0: none
+    # `--store`: comma-separated per-sample targets kept (`pipeline.cache.targets`); None: every one the
+    # options above produce. None is also what a cache written before `--store` reads as (same identity).
+    store: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> StorageSpec:
@@ -281,9 +287,9 @@ class Manifest:
         if not isinstance(data, dict):
             raise CacheError(f"{path} is not a cache manifest (a JSON object); delete the cache and re-run "
                              f"`distillery cache`")
-        if data.get("format_version") != FORMAT_VERSION:
+        if data.get("format_version") not in READ_FORMATS:
             raise CacheError(f"{root} has cache format {data.get('format_version')}, this Distillery reads "
-                             f"{FORMAT_VERSION}; re-run `distillery cache` into a new --out")
+                             f"{' and '.join(map(str, READ_FORMATS))}; re-run `distillery cache` into a new --out")
         try:
             manifest = cls(**data)
             manifest.records()

@@ -17,8 +17,8 @@ import numpy as np
 
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.manifest import CacheError
-from pipeline.cache.store import LSH_INDEX_NAME, LSH_STATS_ARRAYS, CacheWriter, TeacherCache, block_key, repair_hint
-from pipeline.cache.targets import GAUSSIAN, LOGITS, POOLED, SAMPLE_ARRAYS
+from pipeline.cache.store import LSH_INDEX_NAME, LSH_STATS_ARRAYS, CacheWriter, TeacherCache, block_key
+from pipeline.cache.targets import GAUSSIAN, LOGITS, POOLED
 from pipeline.checksums import sha256_bytes
 from pipeline.stats.classes import ClassMoments
 from pipeline.stats.cka import category_interrelations
@@ -29,54 +29,62 @@ from pipeline.stats.moments import FeatureMoments, pca_from_moments
 
 @dataclass
 class ShardStats:
-    features: FeatureMoments
-    classes: ClassMoments
+    """A shard's mergeable partial sums; None where the cache stores no rows to compute them from
+    (pooled features left out by `--store`: no PCA or class statistics; no Gaussians)."""
+
+    features: FeatureMoments | None
+    classes: ClassMoments | None
     gaussian: GaussianSummary | None
 
     def merge(self, other: ShardStats) -> ShardStats:
-        return ShardStats(self.features.merge(other.features), self.classes.merge(other.classes),
-                          self.gaussian.merge(other.gaussian) if self.gaussian is not None else None)
+        return ShardStats(*(None if a is None else a.merge(b) for a, b in
+                            ((self.features, other.features), (self.classes, other.classes),
+                             (self.gaussian, other.gaussian))))
 
 
 def shard_statistics(root: str, index: int) -> ShardStats:
     """Partial sums of shard `index`, from its zarr rows once they match their record (named otherwise)."""
     cache = TeacherCache(root, require_complete=False)
-    record = cache.shard_record(index)
-    if record is None:
-        raise CacheError(f"{cache.root}: shard {index} has no record; re-run the `distillery cache` command that "
-                         f"made it")
-    start, stop = record.start, record.stop
-    gaussian_arrays = cache.target_arrays(GAUSSIAN)
-    read = {*SAMPLE_ARRAYS, *cache.target_arrays(POOLED), *gaussian_arrays, *cache.target_arrays(LOGITS)}
-    problem = cache.rows_problem(record, [n for n in cache.manifest.arrays if n in read])
-    if problem:
-        raise CacheError(f"{cache.root}: {problem}; {repair_hint(cache.root)}")
-    pooled = cache.array(cache.target_arrays(POOLED)[0])[start:stop, 0].astype(np.float64)
-    labels = cache.array("samples/labels")[start:stop]
-    features = FeatureMoments.empty(pooled.shape[1])
-    features.update(pooled)
-    classes = ClassMoments.empty(cache.num_classes, pooled.shape[1])
-    classes.update(pooled, labels)
-    gaussian = None
+    pooled_arrays, gaussian_arrays = cache.target_arrays(POOLED), cache.target_arrays(GAUSSIAN)
+    # The logits are checked too (not summed): CKA reads their rows unchecked.
+    rows = cache.shard_rows(index, ["samples/labels", *pooled_arrays, *gaussian_arrays, *cache.target_arrays(LOGITS)])
+    features = classes = gaussian = None
+    if pooled_arrays:
+        pooled = rows[pooled_arrays[0]][:, 0].astype(np.float64)
+        features = FeatureMoments.empty(pooled.shape[1])
+        features.update(pooled)
+        classes = ClassMoments.empty(cache.num_classes, pooled.shape[1])
+        classes.update(pooled, rows["samples/labels"])
     if gaussian_arrays:
-        mean, std = (cache.array(n) for n in gaussian_arrays)
+        mean, std = (rows[n][:, 0].astype(np.float32) for n in gaussian_arrays)
         gaussian = GaussianSummary.empty(mean.shape[-1])
-        gaussian.update(mean[start:stop, 0].astype(np.float32), std[start:stop, 0].astype(np.float32))
+        gaussian.update(mean, std)
     return ShardStats(features, classes, gaussian)
 
 
-def check_cka_source(source: str, has_logits: bool) -> None:
+def check_cka_source(source: str, has_logits: bool, has_pooled: bool = True) -> None:
     """Refuse a CKA source the cache cannot serve, before any teacher pass or statistics rewrite starts."""
     if source not in ("logits", "features", "auto"):
         raise CacheError(f"--cka-source must be logits, features or auto, not '{source}'")
     if source == "logits" and not has_logits:
         raise CacheError("--cka-source logits needs stored logits; this cache has none, use "
                            "--cka-source features")
+    if source == "features" and not has_pooled:
+        raise CacheError("--cka-source features needs stored pooled features; add pooled to --store or use "
+                         "--cka-source logits")
+
+
+def resolved_cka_source(source: str, cache: TeacherCache) -> str | None:
+    """`auto` -> logits when stored, else pooled features when stored, else None (no CKA statistics)."""
+    available = cache.available_targets()
+    check_cka_source(source, LOGITS in available, POOLED in available)
+    if source != "auto":
+        return source
+    return "logits" if LOGITS in available else "features" if POOLED in available else None
 
 
 def cka_rows(cache: TeacherCache, source: str) -> tuple[np.ndarray, np.ndarray]:
     """View-0 rows used for CKA: the first m samples of every class (m = smallest class count)."""
-    check_cka_source(source, LOGITS in cache.available_targets())
     labels = cache.read("samples/labels")
     counts = np.bincount(labels, minlength=cache.num_classes)
     m = int(counts.min())
@@ -112,24 +120,28 @@ def reduce_statistics(root: str, parts: list[ShardStats], cka_source: str = "aut
     LSH bits (`lsh_bits`, default the storage's), the LSH planes, codes and index: all committed at once
     (`CacheWriter.write_stats`), with the storage's `lsh_bits` updated to match."""
     total = functools.reduce(ShardStats.merge, parts)
-    pca = pca_from_moments(total.features)
     cache = TeacherCache(root, require_complete=False)
-    if cka_source == "auto":  # a head-less teacher stores no logits
-        cka_source = "logits" if LOGITS in cache.available_targets() else "features"
-    values, labels = cka_rows(cache, cka_source)
-    arrays: dict[str, np.ndarray] = {
-        "stats/pca/mean": pca.mean, "stats/pca/components": pca.components,
-        "stats/pca/explained_variance": pca.explained_variance,
-        "stats/classes/mean": total.classes.means(), "stats/classes/count": total.classes.counts,
-        "stats/cka/ir": category_interrelations(values, labels, cache.num_classes),
-    }
+    arrays: dict[str, np.ndarray] = {}
+    info: dict[str, Any] = {}
+    if total.features is not None:
+        pca = pca_from_moments(total.features)
+        arrays.update({"stats/pca/mean": pca.mean, "stats/pca/components": pca.components,
+                       "stats/pca/explained_variance": pca.explained_variance,
+                       "stats/classes/mean": total.classes.means(), "stats/classes/count": total.classes.counts})
+        info.update(pca_components_90=pca.num_components_for(0.9), features_count=int(total.features.count))
+    source = resolved_cka_source(cka_source, cache)
+    if source is not None:
+        values, labels = cka_rows(cache, source)
+        arrays["stats/cka/ir"] = category_interrelations(values, labels, cache.num_classes)
+        info.update(cka_source=source, cka_samples_per_class=int(len(labels) // cache.num_classes))
     if total.gaussian is not None:
         arrays["stats/gaussian/channel_mean"] = total.gaussian.channel_mean_of_means()
         arrays["stats/gaussian/channel_std"] = total.gaussian.channel_mean_of_stds()
-    info = {"arrays": sorted(arrays), "cka_source": cka_source, "cka_samples_per_class": int(len(labels) //
-            cache.num_classes), "pca_components_90": pca.num_components_for(0.9),
-            "features_count": int(total.features.count)}
+    info["arrays"] = sorted(arrays)
     bits = cache.manifest.storage.lsh_bits if lsh_bits is None else lsh_bits
+    if bits and POOLED not in cache.available_targets():
+        raise CacheError(f"--lsh-bits {bits} trains LSH planes on the teacher's pooled features, which {root} does "
+                         f"not store; re-run `distillery cache` with pooled in --store, or --lsh-bits 0")
     index = None
     if bits:
         lsh_arrays, index, info["lsh"] = lsh_statistics(cache, bits)
@@ -149,7 +161,7 @@ def recompute_statistics(root: str, cka_source: str = "auto", lsh_bits: int | No
     """
     with cache_lock(root):
         cache = TeacherCache(root)
-        check_cka_source(cka_source, LOGITS in cache.available_targets())
+        resolved_cka_source(cka_source, cache)
         if lsh_bits is not None:
             cache.manifest.storage.replace(lsh_bits=lsh_bits)  # validates the bits (CacheError)
         parts = [shard_statistics(root, r.index) for r in cache.manifest.records()]

@@ -2,8 +2,9 @@
 
 ```
 <cache>/manifest.json               identity, layout, shard records, status
-<cache>/arrays.zarr                 zarr v3 group; per-sample arrays chunked along N by shard
-<cache>/shards/train-%06d.tar       webdataset shards: blocks of raw inputs + labels + per-view targets
+<cache>/arrays.zarr                 zarr v3 group: every per-sample array (ids, labels, targets) chunked along
+                                    N by shard, the only copy; dataset-level statistics
+<cache>/shards/train-%06d.tar       webdataset shards: blocks of raw inputs (format 1: + a copy of every row)
 <cache>/shards/train-%06d.json      a finished shard's record (written last; a rerun verifies it)
 <cache>/lsh.faiss                   faiss binary index over the view-0 LSH codes (with --lsh-bits)
 <cache>/teacher_tail.pt             optional: ScaleKD's frozen teacher tail (spec + state dict), see §6.7
@@ -22,7 +23,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -76,13 +77,16 @@ def repair_hint(root: str | Path) -> str:
             f"`distillery cache` command that made it")
 
 
-def decode_block(data: bytes, where: str = "block", root: str | Path | None = None) -> dict[str, np.ndarray]:
-    """The arrays of a block (of the cache at `root`); one that does not decode is one CacheError naming
-    `where`."""
+def decode_block(data: bytes, where: str = "block", root: str | Path | None = None,
+                 keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a block (of the cache at `root`), only `keys` when given; one that does not decode is one
+    CacheError naming `where`."""
     out = {}
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             for info in zf.infolist():
+                if keys is not None and info.filename.removesuffix(".npy") not in keys:
+                    continue
                 with zf.open(info) as f:
                     out[info.filename.removesuffix(".npy")] = np.lib.format.read_array(
                         io.BytesIO(f.read()), allow_pickle=False)
@@ -95,6 +99,15 @@ def decode_block(data: bytes, where: str = "block", root: str | Path | None = No
 def block_key(name: str) -> str:
     """zarr array path -> key inside a block (`logits/dense` -> `logits.dense`)."""
     return name.replace("/", ".")
+
+
+RAW_KEYS = frozenset({"raw", "raw_shape", "raw_offsets", "raw_hw"})
+"""Block keys of the raw inputs, both encodings (`pack_raw`, and the padded one before it)."""
+
+
+def raw_count(block: Mapping[str, np.ndarray]) -> int:
+    """How many samples a decoded block holds."""
+    return len(block["raw_shape"] if "raw_shape" in block else block["raw_hw"])
 
 
 def pack_raw(raws: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -216,17 +229,18 @@ class _CacheFiles:
         """`rows_digest` of rows [start, stop) as zarr holds them now."""
         return rows_digest({name: self.group[name][start:stop] for name in self.manifest.arrays})
 
-    def rows_problem(self, record: ShardRecord, names: list[str] | None = None) -> str | None:
+    def rows_problem(self, record: ShardRecord, names: Sequence[str] | None = None,
+                     rows: Mapping[str, np.ndarray] | None = None) -> str | None:
         """What is wrong with shard `record`'s rows in zarr (None: they match the record). Records written
-        since per-array digests exist check only `names` (default: all) and name the array that differs;
-        older ones check every array at once."""
+        since per-array digests exist check only `names` (default: all; `rows`: those already read) and name
+        the array that differs; older ones check every array at once."""
         where = f"shard {record.index} (rows {record.start}-{record.stop})"
         if not record.arrays_sha256:
             if self.stored_rows_digest(record.start, record.stop) != record.rows_sha256:
                 return f"{where}: zarr rows differ from the shard record (a lost or changed chunk)"
             return None
         for name in sorted(self.manifest.arrays) if names is None else names:
-            value = self.group[name][record.start:record.stop]
+            value = rows[name] if rows is not None and name in rows else self.group[name][record.start:record.stop]
             if rows_digest({name: value}) != record.arrays_sha256.get(name):
                 return f"{where}: array {name} differs from its digest (a lost or changed zarr chunk)"
         return None
@@ -329,8 +343,9 @@ class CacheWriter(_CacheFiles):
         members = []
         for b0 in range(0, stop - start, block):
             b1 = min(b0 + block, stop - start)
-            arrays = {block_key(n): rows[n][b0:b1] for n in self.per_sample_arrays}
-            arrays.update(pack_raw(raws[b0:b1]))
+            arrays = pack_raw(raws[b0:b1])
+            if self.manifest.format_version == 1:  # its blocks copied every row; a repair rewrites the same bytes
+                arrays.update({block_key(n): rows[n][b0:b1] for n in self.per_sample_arrays})
             members.append((f"{index:06d}-{b0 // block:06d}.npz", encode_block(arrays)))
         path = self.shard_path(index)
         write_tar_atomic(path, members)
@@ -516,10 +531,22 @@ class TeacherCache(_CacheFiles):
         return {target: (self.num_classes,) if TARGETS[target].classes_wide
                 else tuple(self.array(self.target_arrays(target)[0]).shape[2:]) for target in targets}
 
-    def in_shards(self, target: str) -> bool:
-        """Whether the webdataset shards carry `target`: not when it is written after them with the
-        statistics (the LSH codes), in zarr only."""
+    def digested_per_shard(self, target: str) -> bool:
+        """Whether `target`'s rows are written with the shards, digested in each shard's record: not when it
+        is written after them with the statistics (the LSH codes, digested as a whole array)."""
         return TARGETS[target].produce is not None
+
+    def shard_rows(self, index: int, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of shard `index` of the per-sample arrays `names`, read from zarr (their one
+        home) and checked against the shard's record first: one CacheError naming the array that differs."""
+        record = self.shard_record(index)
+        if record is None:
+            raise CacheError(f"{self.root}: shard {index} has no record; {repair_hint(self.root)}")
+        rows = {name: np.asarray(self.array(name)[record.start:record.stop]) for name in names}
+        problem = self.rows_problem(record, names, rows)
+        if problem:
+            raise CacheError(f"{self.root}: {problem}; {repair_hint(self.root)}")
+        return rows
 
     def lsh_index(self) -> faiss.IndexBinary:
         """The faiss binary index over the view-0 LSH codes (row i = stored sample i), checked against the

@@ -57,12 +57,13 @@ class FeatmapRow:
     name: str
     map_shape: tuple[int, int, int]  # (Cf, H, W)
     dtype: str
-    raw_bytes: int  # one map as stored in the zarr chunks before compression and in the shards' blocks
+    raw_bytes: int  # one map in the stored dtype, before compression
     stored_bytes: float  # zarr bytes on disk per sample-view, after compression
 
 
 def featmap_rows(cache: TeacherCache) -> list[FeatmapRow]:
-    """Bytes per sample-view of every `featmaps/<tap>` array (the shards hold them uncompressed too)."""
+    """Bytes per sample-view of every `featmaps/<tap>` array, uncompressed and as zarr stores them (their only
+    copy; a format-1 cache's shards hold them uncompressed too)."""
     rows = []
     for name in sorted(n for n in cache.manifest.arrays if n.startswith("featmaps/")):
         arr = cache.array(name)

@@ -29,7 +29,7 @@ from pipeline.cache.codecs import topk_decode, topk_encode
 from pipeline.cache.manifest import StorageSpec
 from pipeline.stats.gaussian import grid_gaussian
 
-__all__ = ["LOGITS", "POOLED", "GAUSSIAN", "LSH_CODES", "FEATMAPS", "TARGETS", "SAMPLE_ARRAYS", "Target",
+__all__ = ["CLASS_INDEX", "class_index_dtype", "LOGITS", "POOLED", "GAUSSIAN", "LSH_CODES", "FEATMAPS", "TARGETS", "SAMPLE_ARRAYS", "STORABLE", "Target",
            "TargetArray", "TeacherOutputs", "Served", "register_target", "produce_rows"]
 
 Served = Tensor | tuple[Tensor, ...]
@@ -44,10 +44,24 @@ class TeacherOutputs(Protocol):
     maps: Mapping[str, Tensor]  # tapped stage name -> (B, Cf, H, W)
 
 
+CLASS_INDEX = "class-index"
+"""A `TargetArray` dtype resolved per cache: the smallest integer type holding a class index
+(:func:`class_index_dtype`)."""
+
+
+def class_index_dtype(num_classes: int) -> str:
+    """The smallest unsigned integer type holding indices 0..C-1: uint8 up to 256 classes, uint16 up to
+    65,536 (TinyViT's logit cache stores its top-k indices in 2 bytes), else int32. Served as int64."""
+    if num_classes <= 2**8:
+        return "uint8"
+    return "uint16" if num_classes <= 2**16 else "int32"
+
+
 @dataclass(frozen=True)
 class TargetArray:
-    """One stored per-sample array: its zarr path (``{tap}`` = the storage's tapped stage) and stored dtype.
-    ``checked``: the pass refuses a non-finite value in it (one sum per batch; the others follow from these)."""
+    """One stored per-sample array: its path (``{tap}`` = the storage's tapped stage) and stored dtype
+    (:data:`CLASS_INDEX`: sized to the class count). ``checked``: the pass refuses a non-finite value in it
+    (one sum per batch; the others follow from these)."""
 
     name: str
     dtype: str
@@ -55,6 +69,9 @@ class TargetArray:
 
     def path(self, tap: str | None) -> str:
         return self.name.format(tap=tap)
+
+    def stored_dtype(self, num_classes: int) -> str:
+        return class_index_dtype(num_classes) if self.dtype == CLASS_INDEX else self.dtype
 
 
 def _as_float32(arrays: Mapping[str, Tensor]) -> list[Tensor]:
@@ -80,6 +97,10 @@ class Target:
     first_view_only: Callable[[StorageSpec], bool] = _never
     classes_wide: bool = False  # served (C,) per sample whatever its layout (top-k logits decode to C)
 
+    def kept(self, storage: StorageSpec) -> bool:
+        """Whether the cache's `--store` keeps this target (None keeps every target the options produce)."""
+        return storage.store is None or self.name in storage.store.split(",")
+
     def stored_layout(self, has: Callable[[str], bool], tap: str | None) -> tuple[str, ...] | None:
         """The array paths of the layout a cache holds (`has(path)`), or None when it holds none."""
         for layout in self.layouts:
@@ -88,9 +109,9 @@ class Target:
                 return paths
         return None
 
-    def dtypes(self, tap: str | None) -> dict[str, str]:
-        """Stored dtype of every array of every layout."""
-        return {a.path(tap): a.dtype for layout in self.layouts for a in layout}
+    def dtypes(self, tap: str | None, num_classes: int) -> dict[str, str]:
+        """Stored dtype of every array of every layout, for a teacher of `num_classes` classes."""
+        return {a.path(tap): a.stored_dtype(num_classes) for layout in self.layouts for a in layout}
 
     def checked_arrays(self, tap: str | None) -> list[str]:
         return [a.path(tap) for layout in self.layouts for a in layout if a.checked]
@@ -123,7 +144,7 @@ def produce_rows(outputs: TeacherOutputs, storage: StorageSpec) -> dict[str, Ten
     """Every target's rows for one batch of teacher outputs, keyed by array path, in registry order."""
     rows: dict[str, Tensor] = {}
     for target in TARGETS.values():
-        if target.produce is not None:
+        if target.produce is not None and target.kept(storage):
             rows.update(target.produce(outputs, storage))
     return rows
 
@@ -150,9 +171,9 @@ def _decode_logits(arrays: Mapping[str, Tensor], num_classes: int) -> Tensor:
 
 
 LOGITS = register_target(Target(
-    name="logits", description="teacher logits", cache_option="--logits dense|topk:K (teacher with a head)",
+    name="logits", description="teacher logits", cache_option="--logits dense|topk:K (teacher with a head; with --store, list logits)",
     layouts=((TargetArray("logits/dense", "float16", checked=True),),
-             (TargetArray("logits/topk_values", "float16", checked=True), TargetArray("logits/topk_indices", "int32"),
+             (TargetArray("logits/topk_values", "float16", checked=True), TargetArray("logits/topk_indices", CLASS_INDEX),
               TargetArray("logits/tail_logsumexp", "float32"))),
     produce=_produce_logits, decode=_decode_logits, classes_wide=True)).name
 """Dense float32 teacher logits (B, C) of the view the student sees; top-k caches are reconstructed."""
@@ -164,7 +185,7 @@ def _produce_pooled(out: TeacherOutputs, storage: StorageSpec) -> dict[str, Tens
 
 POOLED = register_target(Target(
     name="pooled", description="teacher pooled features",
-    cache_option="its default options (pooled features are stored by default)",
+    cache_option="--store with pooled listed (its default keeps them)",
     layouts=((TargetArray("features/pooled", "float16", checked=True),),), produce=_produce_pooled,
     first_view_only=lambda storage: storage.pooled_views == "first")).name
 """Teacher pooled pre-logit features (B, D_t), float32."""
@@ -178,7 +199,7 @@ def _produce_gaussian(out: TeacherOutputs, storage: StorageSpec) -> dict[str, Te
 
 
 GAUSSIAN = register_target(Target(
-    name="gaussian", description="teacher feature-map Gaussian statistics", cache_option="--tap STAGE --grid G",
+    name="gaussian", description="teacher feature-map Gaussian statistics", cache_option="--tap STAGE --grid G (with --store, list gaussian)",
     layouts=((TargetArray("gaussian/mean", "float16"), TargetArray("gaussian/std", "float16", checked=True)),),
     produce=_produce_gaussian, as_tuple=True)).name
 """Tuple (mean, std) of the tapped teacher map per grid cell and channel, each (B, G*G, Cf) (§6.4)."""
@@ -192,7 +213,7 @@ def _produce_featmaps(out: TeacherOutputs, storage: StorageSpec) -> dict[str, Te
 
 FEATMAPS = register_target(Target(
     name="featmaps", description="teacher feature maps",
-    cache_option="--featmaps (and --tap STAGE, the stage to mimic)",
+    cache_option="--featmaps (and --tap STAGE, the stage to mimic; with --store, list featmaps)",
     layouts=((TargetArray("featmaps/{tap}", "float16"),),), produce=_produce_featmaps, keep_stored_dtype=True)).name
 """The tapped teacher stage's feature map (B, Cf, H, W) of the view the student sees (§6.7). Served as
 stored, float16 (maps are large: float32 would double the shuffle buffer); losses promote them."""
@@ -202,3 +223,6 @@ LSH_CODES = register_target(Target(
     layouts=((TargetArray("lsh/codes", "uint8"),),), produce=None)).name
 """Packed LSH codes of the teacher's view-0 pooled features, (B, bits/8) uint8 (§6.6); written with the
 statistics (`pipeline.stats.lsh`), after the shards."""
+
+STORABLE = tuple(name for name, target in TARGETS.items() if target.produce is not None)
+"""The targets the teacher pass stores per sample, the choices of `distillery cache --store`."""

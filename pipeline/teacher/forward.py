@@ -65,7 +65,7 @@ def cache_shard(request: CacheRequest, index: int) -> ShardRecord:
     rows = {name: np.concatenate(vals).reshape(n, v, *vals[0].shape[1:]) for name, vals in parts.items()}
     for target in TARGETS.values():
         if target.first_view_only(storage):
-            for name in target.dtypes(storage.tap).keys() & rows.keys():
+            for name in target.dtypes(storage.tap, spec.num_classes).keys() & rows.keys():
                 rows[name] = rows[name][:, :1]
     rows["samples/ids"] = dataset.ids[start:stop].astype(np.int64)
     rows["samples/labels"] = dataset.labels[start:stop].astype(np.int32)

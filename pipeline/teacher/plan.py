@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from pipeline.cache.manifest import Manifest, ShardRecord, StorageSpec, shard_ranges
 from pipeline.cache.statistics import check_cka_source
 from pipeline.cache.store import CacheWriter, TeacherCache
-from pipeline.cache.targets import POOLED, SAMPLE_ARRAYS, TARGETS
+from pipeline.cache.targets import LOGITS, POOLED, SAMPLE_ARRAYS, STORABLE, TARGETS
 from pipeline.checksums import sha256_file
 from pipeline.data.datasets import ImageDataset, check_bad_image_policy, load_dataset
 from pipeline.data.rendering import default_input_size
@@ -52,6 +52,8 @@ class CacheRequest(BaseModel):
     grid: int = 1
     featmaps: bool = False
     teacher_tail: int = Field(0, description="teacher stages ending at the tap saved for ScaleKD's TPP")
+    store: str | None = Field(None, description="per-sample targets kept, comma-separated from "
+                              f"{','.join(STORABLE)}; default: every one the other options produce")
     lsh_bits: int = 0
     input_size: int | None = None
     shard_size: int = 1024
@@ -76,6 +78,13 @@ class CacheRequest(BaseModel):
     def _check_ranges(self) -> CacheRequest:
         check_ranges(self.__dict__, self.RANGES)
         check_bad_image_policy(self.on_bad_image)
+        if self.store is not None:
+            listed = self.store.split(",")
+            unknown = [t for t in listed if t not in STORABLE]
+            if unknown or not listed:
+                raise TeacherError(f"--store {self.store!r}: {unknown} are not per-sample targets; list some of "
+                                   f"{','.join(STORABLE)}")
+            self.store = ",".join(t for t in STORABLE if t in listed)  # one spelling per choice: same identity
         return self
 
 
@@ -147,9 +156,10 @@ def _resolve_tap(spec: TeacherSpec, tap: str, grid: int) -> str:
 
 
 def _describe_outputs(teacher: Teacher, spec: TeacherSpec, storage: StorageSpec, n: int, v: int,
-                      device: torch.device) -> dict[str, dict[str, Any]]:
+                      device: torch.device) -> tuple[dict[str, dict[str, Any]], int]:
     """The per-sample arrays (name -> shape, dtype) this teacher and storage spec produce: the sample arrays,
-    then each target's, as its producer lays them out on a probe batch (`pipeline.cache.targets`)."""
+    then each target's, as its producer lays them out on a probe batch (`pipeline.cache.targets`); and the
+    teacher's pooled width (stored or not)."""
     x = torch.zeros(2, spec.in_chans, spec.input_size, spec.input_size, device=device)
     with torch.inference_mode():
         out: TappedOutputs = teacher(x)
@@ -157,13 +167,13 @@ def _describe_outputs(teacher: Teacher, spec: TeacherSpec, storage: StorageSpec,
         raise TeacherError(f"--logits topk:{storage.topk} needs k < {out.logits.shape[1]} classes; use --logits dense")
     arrays: dict[str, dict[str, Any]] = {name: {"shape": [n], "dtype": dtype} for name, dtype in SAMPLE_ARRAYS.items()}
     for target in TARGETS.values():
-        if target.produce is None:  # written with the statistics
+        if target.produce is None or not target.kept(storage):  # written with the statistics, or left out
             continue
         views = 1 if target.first_view_only(storage) else v
-        dtypes = target.dtypes(storage.tap)
+        dtypes = target.dtypes(storage.tap, spec.num_classes)
         for name, row in target.produce(out, storage).items():
             arrays[name] = {"shape": [n, views, *row.shape[1:]], "dtype": dtypes[name]}
-    return arrays
+    return arrays, int(out.pooled.shape[-1])
 
 
 @dataclass
@@ -177,7 +187,11 @@ class CachePlan:
 
 def build_manifest(request: CacheRequest) -> Manifest:
     """The manifest the request would produce (identity + layout), without running the teacher pass."""
-    check_cka_source(request.cka_source, request.teacher_head)
+    kept = set(STORABLE if request.store is None else request.store.split(","))
+    check_cka_source(request.cka_source, request.teacher_head and LOGITS in kept, POOLED in kept)
+    if request.lsh_bits and POOLED not in kept:
+        raise TeacherError(f"--lsh-bits {request.lsh_bits} trains LSH planes on the pooled features: add pooled "
+                           f"to --store, or leave out --lsh-bits")
     dataset = request_dataset(request)
     if len(dataset) == 0:
         raise TeacherError(f"dataset {request.dataset} ({request.split}) is empty; nothing to cache")
@@ -186,14 +200,17 @@ def build_manifest(request: CacheRequest) -> Manifest:
     storage = StorageSpec(logits="none" if not request.teacher_head else request.logits,
                           tap=spec.taps[0] if spec.taps else None, grid=request.grid, featmaps=request.featmaps,
                           lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size,
-                          teacher_tail=request.teacher_tail)
+                          teacher_tail=request.teacher_tail, store=request.store)
     device = resolve_device(request.device)
     teacher = shared_teacher(spec, str(device))
-    arrays = _describe_outputs(teacher, spec, storage, len(dataset), plan.num_views, device)
+    arrays, pooled_dim = _describe_outputs(teacher, spec, storage, len(dataset), plan.num_views, device)
+    produced = {name for name, target in TARGETS.items() if target.stored_layout(arrays.__contains__, storage.tap)}
+    for name in sorted(kept - produced) if request.store is not None else ():
+        raise TeacherError(f"--store lists {name}, but these options produce no {TARGETS[name].description}: add "
+                           f"{TARGETS[name].cache_option}, or leave {name} out of --store")
     ranges = shard_ranges(len(dataset), request.shard_size)
     return Manifest(
-        teacher={**spec.to_dict(), "stages": stage_names(teacher.model),
-                 "pooled_dim": arrays[TARGETS[POOLED].layouts[0][0].name]["shape"][-1]},
+        teacher={**spec.to_dict(), "stages": stage_names(teacher.model), "pooled_dim": pooled_dim},
         dataset={"name": dataset.name, "split": dataset.split, "num_samples": len(dataset),
                  "num_classes": dataset.num_classes, "class_names": list(dataset.class_names),
                  "channels": dataset.channels, "fingerprint": dataset.fingerprint(),

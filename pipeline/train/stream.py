@@ -1,7 +1,8 @@
 """The student's training stream over a teacher cache's webdataset shards (docs/ARCHITECTURE.md §2-§4).
 
     shards (blocks split by rank, then shards by DataLoader worker, then a seeded shard shuffle)
-      -> blocks `NNNNNN-MMMMMM.npz`, each checked against its record's sha256 before it is decoded
+      -> the shard's per-sample rows (ids, labels, targets) from zarr, checked against its record's digests
+      -> blocks `NNNNNN-MMMMMM.npz` of raw inputs, each checked against its record's sha256 before it is decoded
       -> samples, each keeping only the targets of this epoch's view
       -> seeded shuffle buffer
       -> re-render exactly that view from the raw input (`render_view`, the teacher's own function)
@@ -9,10 +10,11 @@
 
 The view of a sample in an epoch is `epoch_views(seed, epoch, id)`, so every run with the same seed
 sees the same (sample, view) pairs in the same order, whatever else it does (cached or online targets,
-an interrupted and resumed run). Memory is bounded by the shuffle buffer and one block per worker: no
-step reads the whole cache, so it does not grow with the number of samples. The one exception is a
-target written after the shards (the view-0 LSH codes): its zarr column is held in RAM (N * bits / 8
-bytes) and joined to each block by sample id.
+an interrupted and resumed run). Memory is bounded by the shuffle buffer, one block of inputs and one
+shard of target rows per worker (zarr chunks a shard at a time and digests it whole; lower `--shard-size`
+for large per-sample targets): no step reads the whole cache, so it does not grow with the number of
+samples. The one exception is a target written after the shards (the view-0 LSH codes): its zarr column
+is held in RAM (N * bits / 8 bytes) and joined to each block by sample id.
 
 Shard files are opened here as plain local files (`TeacherCache.shard_blocks`), never handed to
 webdataset as URLs: a cache is untrusted, and webdataset's URL openers interpret schemes (`pipe:` runs a
@@ -30,7 +32,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pipeline.cache.store import TeacherCache, block_key, decode_block, unpack_raw
+from pipeline.cache.manifest import CacheError
+from pipeline.cache.store import RAW_KEYS, TeacherCache, block_key, decode_block, raw_count, repair_hint, unpack_raw
+from pipeline.cache.targets import SAMPLE_ARRAYS
 from pipeline.data.rendering import worker_context
 from pipeline.data.views import ViewPlan, epoch_views, render_view
 from pipeline.cache.targets import TARGETS, Served
@@ -127,7 +131,9 @@ class CacheStream:
         if missing:
             raise ValueError(f"{cache.root} cannot serve targets {missing}")
         self.cache, self.size, self.targets, self.seed = cache, size, frozenset(targets), seed
-        self.columns = _RamColumns(cache, frozenset(t for t in targets if not cache.in_shards(t)))
+        self.columns = _RamColumns(cache, frozenset(t for t in targets if not cache.digested_per_shard(t)))
+        self.row_names = [*SAMPLE_ARRAYS, *(n for t in sorted(targets) if cache.digested_per_shard(t)
+                                            for n in cache.target_arrays(t))]
         self.shuffle_buffer, self.teacher_size = shuffle_buffer, teacher_size
         teacher = cache.manifest.teacher
         self.mean, self.std = tuple(teacher.mean), tuple(teacher.std)
@@ -163,13 +169,26 @@ class CacheStream:
                                 *shuffle, self._render)
 
     def _blocks(self, parts: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        """Each block of this rank's part of a shard: its raw inputs with its slice of the shard's zarr rows."""
         for part in parts:
             index, first, stop = map(int, part["url"].split(":"))
+            sizes = self.blocks[index]
+            rows, offset, seen = self.cache.shard_rows(index, self.row_names), sum(sizes[:first]), 0
             for j, (name, data) in enumerate(self.cache.shard_blocks(index, self.paths[index])):
                 if j >= stop:
                     break
-                if j >= first:
-                    yield {"npz": data, "where": f"{self.paths[index]}: block {name}"}
+                if j < first:
+                    continue
+                raw = decode_block(data, f"{self.paths[index]}: block {name}", self.cache.root, keys=RAW_KEYS)
+                count = raw_count(raw)
+                if count != sizes[j]:
+                    raise CacheError(f"{self.paths[index]}: block {name} holds {count} samples, its record "
+                                     f"{sizes[j]}; {repair_hint(self.cache.root)}")
+                yield {"raw": raw, "rows": {block_key(n): v[offset:offset + count] for n, v in rows.items()}}
+                offset, seen = offset + count, seen + 1
+            if seen != stop - first:
+                raise CacheError(f"{self.paths[index]} holds {first + seen} blocks, its record at least {stop}; "
+                                 f"{repair_hint(self.cache.root)}")
 
     def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
         workers = 0 if workers == 0 else len(self.streams(workers))
@@ -202,7 +221,7 @@ class _Unblock:
 
     def __call__(self, blocks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for block in blocks:
-            rows = decode_block(block["npz"], block["where"], self.cache.root)
+            rows = dict(block["rows"])
             ids = rows[block_key("samples/ids")]
             rows.update(self.columns.block(ids))
             views = epoch_views(self.seed, self.epoch, ids, self.cache.num_views)
@@ -210,7 +229,7 @@ class _Unblock:
             labels = rows[block_key("samples/labels")]
             for i in range(len(ids)):
                 yield {"id": int(ids[i]), "view": int(views[i]), "label": int(labels[i]),
-                       "raw": unpack_raw(rows, i).copy(),
+                       "raw": unpack_raw(block["raw"], i).copy(),
                        "targets": {name: _row(t, i) for name, t in targets.items()}}
 
     def _target(self, name: str, rows: dict[str, np.ndarray], views: np.ndarray) -> Served:

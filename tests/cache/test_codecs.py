@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from pipeline.cache.codecs import topk_decode, topk_encode
+from pipeline.cache.targets import class_index_dtype
 
 
 def _logits(shape=(4, 3, 50), dtype=torch.float32):
@@ -79,3 +80,13 @@ def test_decode_rejects_code_wider_than_classes():
     values, indices, tail = topk_encode(_logits(), 10)
     with pytest.raises(ValueError, match="does not fit"):
         topk_decode(values, indices, tail, 8)
+
+
+@pytest.mark.parametrize("num_classes, dtype", [(2, "uint8"), (256, "uint8"), (257, "uint16"), (65_536, "uint16"),
+                                                (65_537, "int32")])
+def test_topk_indices_take_the_smallest_type_holding_every_class(num_classes: int, dtype: str) -> None:
+    assert class_index_dtype(num_classes) == dtype
+    top = np.array(num_classes - 1)
+    assert top.astype(dtype) == top  # the largest index survives the round trip
+    smaller = {"uint16": "uint8", "int32": "uint16"}.get(dtype)
+    assert smaller is None or top.astype(smaller) != top  # and no smaller type would hold it

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 from pipeline.cache.manifest import CacheError, Manifest
-from pipeline.cache.store import CacheWriter, TeacherCache, decode_block, iter_tar_members, unpack_raw
+from pipeline.cache.store import CacheWriter, TeacherCache, decode_block, iter_tar_members, raw_count, unpack_raw
 from pipeline.checksums import sha256_file
 from pipeline.cache.targets import LOGITS, LSH_CODES
 from pipeline.cache.statistics import recompute_statistics
@@ -282,8 +283,10 @@ def test_a_flipped_byte_in_an_older_shard_record_is_one_line_not_a_zip_traceback
     """A record without block digests (written before them) and a re-computed sha256: the block's own CRC
     catches the byte when it is decoded, reported as one line naming the shard file and block."""
     path = cache / "shards" / "train-000002.tar"
+    with tarfile.open(path) as tar:
+        member = tar.getmembers()[0]
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
+    data[member.offset_data + member.size // 2] ^= 0x01  # inside the block, not the tar's padding
     path.write_bytes(bytes(data))
 
     def older(m: dict) -> None:
@@ -535,7 +538,7 @@ def test_one_large_image_does_not_pad_the_others_of_its_shard(cache: Path) -> No
     raws = []
     for _, data in iter_tar_members(shard):
         block = decode_block(data)
-        raws += [unpack_raw(block, i) for i in range(len(block["samples.ids"]))]
+        raws += [unpack_raw(block, i) for i in range(raw_count(block))]
     big = np.zeros((2500, 2500, raws[0].shape[2]), np.uint8)
     CacheWriter(cache, c.manifest).write_shard(0, record.start, record.stop, rows, [big, *raws[1:]])
     assert shard.stat().st_size < record.bytes + 2 * big.nbytes  # padded: (block size) x big.nbytes

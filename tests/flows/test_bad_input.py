@@ -27,6 +27,8 @@ def distillery(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
     (CACHE + ["--cka-source", "pixels"], "Invalid value for '--cka-source': 'pixels' is not one of 'auto', "
                                          "'logits', 'features'"),
     (CACHE + ["--logits", "top5"], "Invalid value for '--logits': must be dense or topk:K (K > 0), not 'top5'"),
+    (CACHE + ["--store", "logits,featmaps"], "--store lists featmaps, but these options produce no teacher feature maps"),
+    (CACHE + ["--store", "logit"], "--store 'logit': ['logit'] are not per-sample targets"),
     (CACHE + ["--task-runner", "ray"], "--task-runner must be thread, dask or a scheduler address"),
     pytest.param(CACHE[:-2] + ["--device", "cuda"], "this machine has no CUDA device", marks=CUDA),
     pytest.param(TRAIN + ["--cache", "{cache}", "--device", "cuda"], "this machine has no CUDA device", marks=CUDA),

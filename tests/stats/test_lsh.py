@@ -94,7 +94,7 @@ def test_manifest_lists_lsh_arrays_and_the_cache_serves_codes(digits_lsh_cache: 
     assert m.status == "complete" and m.storage["lsh_bits"] == BITS
     assert {"lsh/codes", "stats/lsh/planes", "stats/lsh/thresholds"} <= set(m.stats["arrays"])
     assert m.stats["lsh"]["bits"] == BITS and m.stats["lsh"]["train_rows"] == cache.num_samples
-    assert LSH_CODES in cache.available_targets() and not cache.in_shards(LSH_CODES)
+    assert LSH_CODES in cache.available_targets() and not cache.digested_per_shard(LSH_CODES)
     assert cache.target_shapes(frozenset({LSH_CODES})) == {LSH_CODES: (BITS // 8,)}
     assert {"lsh/planes", "lsh/thresholds"} <= set(cache.statistics())
     # The index holds row i = stored sample i.

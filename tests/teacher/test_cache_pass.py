@@ -111,6 +111,7 @@ def test_topk_cache_reconstructs_kept_probabilities_and_tail_mass(digits_cache: 
     topk = TeacherCache(tmp_path / "topk")
     dense = TeacherCache(digits_cache)
     assert "logits/dense" not in topk.manifest.arrays
+    assert topk.manifest.arrays["logits/topk_indices"]["dtype"] == "uint8" == topk.array("logits/topk_indices").dtype
     rec = torch.from_numpy(topk.dense_logits())
     ref = torch.from_numpy(dense.read("logits/dense").astype(np.float32))
     p_rec, p_ref = rec.softmax(-1), ref.softmax(-1)
@@ -233,7 +234,7 @@ def test_head_less_teacher_stores_features_and_statistics_only(cache_request, tm
 # ------------------------------------------------------------------------------------------------
 
 
-def test_cached_featmaps_equal_live_teacher_on_rendered_views_in_zarr_and_blocks(featmaps_cache: Path) -> None:
+def test_cached_featmaps_equal_live_teacher_on_rendered_views_in_zarr_only(featmaps_cache: Path) -> None:
     from pipeline.cache.store import decode_block, iter_tar_members
 
     cache = TeacherCache(featmaps_cache)
@@ -250,9 +251,9 @@ def test_cached_featmaps_equal_live_teacher_on_rendered_views_in_zarr_and_blocks
     with torch.inference_mode():
         live = teacher(x).maps[tap].numpy()
     np.testing.assert_allclose(stored[positions, views].astype(np.float32), live, rtol=2e-3, atol=2e-3)
-    # The training stream's blocks hold the same maps.
+    # Their one copy: the training stream's blocks hold the inputs only.
     blocks = [decode_block(data) for path in cache.shard_paths() for _, data in iter_tar_members(path)]
-    assert np.array_equal(np.concatenate([b[f"featmaps.{tap}"] for b in blocks]), stored)
+    assert all(f"featmaps.{tap}" not in b for b in blocks)
     assert cache.available_targets() >= {"featmaps"}
     assert cache.target_shapes(frozenset({"featmaps"}))["featmaps"] == stored.shape[2:]
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pipeline.cache.codecs import topk_encode
-from pipeline.cache.manifest import Manifest, StorageSpec
+from pipeline.cache.manifest import FORMAT_VERSION, Manifest, StorageSpec
 from pipeline.cache.store import CacheWriter
+from pipeline.cache.targets import class_index_dtype
 from pipeline.data.views import ViewPlan
 
 CLASSES = 10  # named "0".."9" and called digits, so the digits val split evaluates the students
@@ -19,8 +20,10 @@ DIM, CHANNELS = 8, 4
 
 
 def write_cache(root: Path, n: int = 200, views: int = 3, logits: str = "dense", pooled_views: str = "all",
-                shard_size: int = 80, block_size: int = 32, seed: int = 0) -> Path:
-    """A complete cache of `n` random 8x8 images with random per-view targets; ids are 3*i + 7."""
+                shard_size: int = 80, block_size: int = 32, seed: int = 0, index_dtype: str = class_index_dtype(CLASSES),
+                format_version: int = FORMAT_VERSION) -> Path:
+    """A complete cache of `n` random 8x8 images with random per-view targets; ids are 3*i + 7. An older
+    format (`format_version`, `index_dtype`) writes the layout that format had."""
     rng = np.random.default_rng(seed)
     ids = np.arange(n, dtype=np.int64) * 3 + 7
     dense = (rng.normal(size=(n, views, CLASSES)) * 3).astype(np.float32)
@@ -35,7 +38,7 @@ def write_cache(root: Path, n: int = 200, views: int = 3, logits: str = "dense",
     if storage.topk is not None:
         values, indices, tail = topk_encode(torch.from_numpy(dense), storage.topk)
         rows.update({"logits/topk_values": values.numpy().astype(np.float16),
-                     "logits/topk_indices": indices.numpy().astype(np.int32),
+                     "logits/topk_indices": indices.numpy().astype(index_dtype),
                      "logits/tail_logsumexp": tail.numpy()})
     elif logits == "dense":
         rows["logits/dense"] = dense.astype(np.float16)
@@ -49,7 +52,7 @@ def write_cache(root: Path, n: int = 200, views: int = 3, logits: str = "dense",
                  "class_names": [str(c) for c in range(CLASSES)], "channels": 1, "fingerprint": f"synthetic-{seed}"},
         views=plan.to_dict(), storage=storage,
         arrays={name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in rows.items()},
-        shards=[{"index": i, "start": a, "stop": b} for i, (a, b) in enumerate(ranges)])
+        shards=[{"index": i, "start": a, "stop": b} for i, (a, b) in enumerate(ranges)], format_version=format_version)
     writer = CacheWriter.create_or_resume(root, manifest)
     raws = list(rng.integers(0, 256, size=(n, 8, 8, 1), dtype=np.uint8))
     records = [writer.write_shard(i, a, b, {k: v[a:b] for k, v in rows.items()}, raws[a:b])

@@ -25,9 +25,11 @@ def _cat(batches: list[dict], key: str) -> torch.Tensor:
     return torch.cat([b[key] for b in batches])
 
 
-@pytest.mark.parametrize("logits", ["dense", "topk:3"])
-def test_each_sample_once_with_its_epoch_view_rendered_and_that_views_targets(make_cache, logits) -> None:
-    cache = TeacherCache(make_cache(logits=logits))
+@pytest.mark.parametrize("logits, layout", [("dense", {}), ("topk:3", {}),
+                                            ("topk:3", {"format_version": 1, "index_dtype": "int64"})],
+                         ids=["dense", "topk", "format-1-int64-topk"])
+def test_each_sample_once_with_its_epoch_view_rendered_and_that_views_targets(make_cache, logits, layout) -> None:
+    cache = TeacherCache(make_cache(logits=logits, **layout))
     stream = CacheStream(cache, size=12, targets=ALL, seed=5)
     batches = _epoch(stream, epoch=2)
     ids, views = _cat(batches, "id").numpy(), _cat(batches, "view").numpy()
@@ -56,15 +58,17 @@ def test_each_sample_once_with_its_epoch_view_rendered_and_that_views_targets(ma
 
 
 def _raw(cache: TeacherCache, sample_id: int) -> np.ndarray:
-    """The raw image of one sample, read back through a separate pass over the shards."""
-    from pipeline.cache.store import decode_block, iter_tar_members, unpack_raw
+    """The raw image of one sample, read back through a separate pass over the shards (blocks follow the
+    zarr rows' order)."""
+    from pipeline.cache.store import decode_block, iter_tar_members, raw_count, unpack_raw
 
+    row = int(np.flatnonzero(cache.read("samples/ids") == sample_id)[0])
     for path in cache.shard_paths():
         for _, data in iter_tar_members(path):
             block = decode_block(data)
-            hits = np.flatnonzero(block["samples.ids"] == sample_id)
-            if len(hits):
-                return unpack_raw(block, int(hits[0]))
+            if row < raw_count(block):
+                return unpack_raw(block, row)
+            row -= raw_count(block)
     raise KeyError(sample_id)
 
 
@@ -172,7 +176,7 @@ def test_lsh_codes_written_after_the_shards_are_served_from_zarr_by_sample_id(ma
     root = make_cache(n=150, shard_size=60)
     recompute_statistics(str(root), lsh_bits=16)
     cache = TeacherCache(root)
-    assert not cache.in_shards(LSH_CODES)
+    assert not cache.digested_per_shard(LSH_CODES)
     batches = _epoch(CacheStream(cache, size=8, targets=frozenset({LSH_CODES, POOLED}), seed=3), workers=workers)
     ids = _cat(batches, "id").numpy()
     rows = np.searchsorted(cache.read("samples/ids"), ids)
