@@ -152,6 +152,14 @@ class StorageSpec(Section):
     # options above produce. None is also what a cache written before `--store` reads as (same identity).
     store: str | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        # A default `--store` is written as no key at all: the JSON (and identity) of a cache that keeps every
+        # target stays what it was before the option existed.
+        out = super().to_dict()
+        if out.get("store", "") is None:
+            del out["store"]
+        return out
+
     @model_validator(mode="after")
     def _check(self) -> StorageSpec:
         if self.logits not in ("dense", "none") and not (
