@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.bench_storage import stream_samples_per_s
 from pipeline.data.views import ViewPlan
 from pipeline.teacher.plan import CacheRequest, plan_cache, request_dataset, shared_teacher, teacher_spec
 from pipeline.teacher.forward import cache_shard, render_pairs, teacher_forward
@@ -111,7 +112,9 @@ def model_flops(model: str, num_classes: int, in_chans: int, size: int) -> int:
 
 def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple[str, ...], bool]],
                         epochs: int = 1, rounds: int = 2, batch_size: int = 64) -> dict[str, Any]:
-    """Mean step time and peak RSS of each (methods, online) configuration for the same student and cache."""
+    """Mean step time, samples/s consumed and peak RSS of each (methods, online) configuration for the same
+    student and cache, beside the samples/s of the cache stream alone (same batch size and workers, no student):
+    a configuration consuming close to the stream's rate is waiting for its data."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -133,10 +136,13 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
     manifest = TeacherCache(cache).manifest
     teacher, num_classes = manifest.teacher, manifest.dataset.num_classes
     size = teacher.input_size
+    workers = RunSettings().workers  # what the runs above used
+    stream = max(stream_samples_per_s(cache, size, batch_size, workers) for _ in range(rounds))
     rows = []
     for label, runs in results.items():
         step = min(run["mean_step_seconds"] for run in runs)  # the least disturbed round
-        rows.append({"config": label, "step_ms": 1000 * step,
+        rows.append({"config": label, "step_ms": 1000 * step, "samples_per_s": batch_size / step,
+                     "stream_over_config": stream * step / batch_size,
                      "peak_rss_mb": max(r["peak_rss_bytes"] for r in runs) / 2**20})
     base = {row["config"]: row for row in rows}
 
@@ -150,7 +156,8 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
     return {"bench": "student_steps", "cache": cache, "student": student, "teacher": teacher.model,
             "teacher_over_student_flops": model_flops(teacher.model, num_classes, teacher.in_chans, size)
             / model_flops(student, num_classes, teacher.in_chans, size),
-            "rounds": rounds, "rows": rows}
+            "rounds": rounds, "stream_samples_per_s": stream, "workers": workers, "batch_size": batch_size,
+            "rows": rows}
 
 
 # TCS against online KD (TCS's claim: about half the training time and 75 % of the memory, the teacher never

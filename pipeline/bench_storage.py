@@ -107,14 +107,15 @@ def format_1_twin(root: str, out: str) -> str:
     return out
 
 
-def stream_samples_per_s(root: str, size: int = 32, batch_size: int = 256) -> float:
-    """One epoch of the student stream (logits and pooled features served, inputs rendered), samples/s."""
+def stream_samples_per_s(root: str, size: int = 32, batch_size: int = 256, workers: int = 0) -> float:
+    """One epoch of the student stream alone (logits and pooled features served, inputs rendered by
+    `workers` DataLoader workers), samples/s."""
     from pipeline.train.stream import CacheStream
 
     cache = TeacherCache(root)
     stream = CacheStream(cache, size=size, targets=frozenset({LOGITS, POOLED}), seed=0)
     start = time.perf_counter()
-    seen = sum(len(batch["id"]) for batch in stream.loader(0, batch_size, workers=0))
+    seen = sum(len(batch["id"]) for batch in stream.loader(0, batch_size, workers=workers))
     elapsed = time.perf_counter() - start
     if seen != cache.num_samples:
         raise RuntimeError(f"the stream served {seen} of {cache.num_samples} samples")

@@ -39,6 +39,9 @@ def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypat
     assert set(rows) == {"ce", "ce+kd"}
     assert rows["ce"]["over_ce"] == 1.0 and rows["ce+kd"]["over_kd"] == 1.0
     assert all(r["step_ms"] > 0 and r["peak_rss_mb"] > 0 for r in rows.values())
+    stream = results["student_steps"]["stream_samples_per_s"]
+    assert stream > 0 and "the cache stream alone" in result.output
+    assert all(r["stream_over_config"] == pytest.approx(stream / r["samples_per_s"]) for r in rows.values())
     tcs = {r["config"]: r for r in results["tcs_vs_online_kd"]["rows"]}
     assert results["tcs_vs_online_kd"]["teacher"] == "resnet50" and "RSS / online kd" in result.output
     assert results["tcs_vs_online_kd"]["teacher_over_student_flops"] >= 5
