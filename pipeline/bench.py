@@ -236,7 +236,8 @@ def run_benchmarks(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="distillery-bench-") as tmp:
         checkpoint = str(Path(tmp) / "teacher.pt")
         # Step times do not depend on how well the teacher is trained; online KD needs a checkpoint.
-        fit_teacher(FitConfig(dataset="digits", model="resnet10t", out=checkpoint, epochs=1, device=device))
+        fit_teacher(FitConfig(dataset="digits", model="resnet10t", out=checkpoint, epochs=1,
+                              subset=256 if quick else None, device=device))
         cache = str(Path(tmp) / "cache")
         run_cache_pass(CacheRequest(dataset="digits", teacher="resnet10t", checkpoint=checkpoint, out=cache,
                                     subset=256 if quick else None, views=2, featmaps=True, teacher_tail=1,

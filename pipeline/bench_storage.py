@@ -43,7 +43,7 @@ def cache_bytes(root: str) -> dict[str, Any]:
     rows.append({"array": f"statistics ({len(stats)} arrays)", "dtype": "-",
                  "bytes": sum(cache.array(n).nbytes_stored() for n in stats) / sample_views})
     logits = sum(r["bytes"] for r in rows if r["array"].startswith("logits/"))
-    k = cache.manifest.storage_spec().topk
+    k = cache.manifest.storage.topk
     return {"cache": root, "samples": cache.num_samples, "views": cache.num_views, "k": k, "rows": rows,
             "total": sum(r["bytes"] for r in rows), "logits": logits,
             "tinyvit": tinyvit_bytes(k) if k else None, "logits_over_tinyvit": logits / tinyvit_bytes(k) if k else None}

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import pipeline.bench
+import pipeline.bench_storage
 from flows.cli import app
 from pipeline.bench import bench_teacher_pass, model_flops
 
@@ -28,6 +29,8 @@ def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypat
     monkeypatch.setattr(pipeline.bench, "STEP_CONFIGS", {"ce": (("ce",), False), "ce+kd": (("ce", "kd"), False)})
     monkeypatch.setattr(pipeline.bench, "TCS_CONFIGS", {"ce+kd online": (("ce", "kd"), True),
                                                         "ce+tcs": (("ce", "tcs"), False)})
+    monkeypatch.setattr(pipeline.bench, "DDP_CONFIGS", ((1, None), (2, None)))
+    monkeypatch.setattr(pipeline.bench_storage, "SCALES", (1, 2))
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "--quick", "--device", "cpu", "--json", str(out)])
     assert result.exit_code == 0, result.output
@@ -52,9 +55,9 @@ def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypat
     assert 2 in {r["processes"] for r in others}
     assert all(r["over_one"] == r["samples_per_s"] / first["samples_per_s"] > 0 for r in others)
     storage = results["storage"]
-    assert [r["samples"] for r in storage["rows"]] == [250, 500, 1000] and storage["rows"][0]["time_over_first"] == 1
+    assert [r["samples"] for r in storage["rows"]] == [250, 500] and storage["rows"][0]["time_over_first"] == 1
     assert all(r["seconds"] > 0 and r["peak_rss_bytes"] > 0 for r in storage["rows"])
-    assert storage["bytes"]["samples"] == 1000 and "TinyViT's 4k+4 = 24" in result.output
+    assert storage["bytes"]["samples"] == 500 and "TinyViT's 4k+4 = 24" in result.output
 
 
 def test_flops_grow_with_the_model() -> None:
