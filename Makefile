@@ -15,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,dask]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,dask,s3]'
 	touch $@
 
 # Debian's dataset-fashion-mnist (MIT); end-to-end tests and benchmarks read it. Needs root or sudo.

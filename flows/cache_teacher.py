@@ -31,6 +31,7 @@ from pipeline.cache.manifest import Manifest, ShardRecord
 from pipeline.cache.statistics import ShardStats
 from pipeline.cache.store import TeacherCache
 from pipeline.cache.summary import array_rows, human_bytes
+from pipeline.object_store import is_url
 from pipeline.report.content import gather_report
 from pipeline.report.html import write_report
 from pipeline.report.markdown import report_markdown
@@ -133,6 +134,11 @@ def publish_report(cache: TeacherCache) -> Path:
     return path
 
 
+def cache_address(root: str) -> str:
+    """Where the cache lives, for events and logs: its URL, or its local directory made absolute."""
+    return root if is_url(root) else os.path.abspath(root)
+
+
 @task(name="emit-cache-completed", persist_result=False, timeout_seconds=EVENT_TIMEOUT_S)
 def emit_cache_completed(root: str, result: dict[str, Any]) -> None:
     """The event a deployment trigger starts a student sweep on (resource labels are strings)."""
@@ -140,8 +146,8 @@ def emit_cache_completed(root: str, result: dict[str, Any]) -> None:
     m, fingerprint = cache.manifest, cache_fingerprint(cache)
     emit_event(event=CACHE_COMPLETED,
                resource={"prefect.resource.id": f"distillery.cache.{fingerprint}",
-                         "prefect.resource.name": os.path.abspath(root),
-                         "distillery.cache.path": os.path.abspath(root),
+                         "prefect.resource.name": cache_address(root),
+                         "distillery.cache.path": cache_address(root),
                          "distillery.cache.fingerprint": fingerprint,
                          "distillery.dataset": str(m.dataset.name),
                          "distillery.teacher": str(m.teacher.model)},
@@ -184,7 +190,7 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
               "pass_seconds": pass_seconds, "images_per_second": images / pass_seconds if pass_seconds > 0 else 0.0,
               "skipped_shards": len(plan.done), "written_shards": len(new_records)}
     logger.info("teacher pass: %d images in %.1f s (%.0f images/s); cache complete at %s", images, pass_seconds,
-                result["images_per_second"], os.path.abspath(plan.root))
+                result["images_per_second"], cache_address(plan.root))
     logger.info("HTML report written to %s", publish_task(plan.root, result))
     emit_cache_completed(plan.root, result)
     return result

@@ -209,7 +209,7 @@ def request_default(name: str):  # noqa: ANN201 - any field's type
 @app.command("cache")
 def cache_cmd(
     dataset: Annotated[str, typer.Option(help=DATASET_HELP)],
-    out: Annotated[Path, typer.Option(help="cache directory")],
+    out: Annotated[str, typer.Option(help="cache directory or fsspec URL (s3://bucket/prefix, needs the s3 extra)")],
     teacher: Annotated[Optional[str], typer.Option(help="timm model name of the teacher (default: the model the "
                                                         "--checkpoint names)")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="teacher checkpoint (distillery fit-teacher)")] = None,
@@ -297,7 +297,7 @@ def checkpoint_model(checkpoint: Optional[Path]) -> str:
 
 @app.command("stats")
 def stats_cmd(
-    cache: Annotated[Path, typer.Argument(help="a complete teacher cache")],
+    cache: Annotated[str, typer.Argument(help="a complete teacher cache")],
     cka_source: Annotated[CkaSource, typer.Option(help=CKA_HELP)] = default_of(recompute_statistics, "cka_source"),
     lsh_bits: Annotated[Optional[int], typer.Option(help="rebuild LSH planes, codes and index with this many "
                                                          "bits (0: remove them; default: the cache's)")]
@@ -310,7 +310,7 @@ def stats_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    cache: Annotated[Path, typer.Argument(help="teacher cache directory")],
+    cache: Annotated[str, typer.Argument(help="teacher cache directory")],
     report: Annotated[Optional[Path], typer.Option(help="also write a self-contained HTML report (figures "
                                                         "included) to this file")] = None,
 ) -> None:
@@ -363,7 +363,7 @@ def inspect_cmd(
 
 @app.command("neighbors")
 def neighbors_cmd(
-    cache: Annotated[Path, typer.Argument(help="teacher cache directory")],
+    cache: Annotated[str, typer.Argument(help="teacher cache directory")],
     sample_id: Annotated[int, typer.Argument(metavar="ID", help="sample id (as stored in samples/ids)")],
     k: Annotated[int, typer.Option(help="number of neighbours")] = default_of(lsh_neighbors, "k"),
 ) -> None:
@@ -380,7 +380,7 @@ def neighbors_cmd(
 
 @app.command("verify")
 def verify_cmd(
-    cache: Annotated[Path, typer.Argument(help="teacher cache directory")],
+    cache: Annotated[str, typer.Argument(help="teacher cache directory")],
     samples: Annotated[int, typer.Option(help="random (id, view) pairs to re-run through the teacher")]
     = default_of(verify_cache, "samples"),
     seed: Annotated[int, typer.Option(help="seed of the pair sample")] = default_of(verify_cache, "seed"),
@@ -430,7 +430,7 @@ def combination(spec: str) -> list[str]:
 @app.command("train")
 def train_cmd(
     ctx: typer.Context,
-    cache: Annotated[Optional[Path], typer.Option(help="teacher cache directory (distillery cache; default: the "
+    cache: Annotated[Optional[str], typer.Option(help="teacher cache directory or URL (distillery cache; default: the "
                                                        "--sweep file's)")] = None,
     student: Annotated[Optional[list[str]], typer.Option(help="timm model name; repeat to train several "
                                                               "students")] = None,
@@ -483,7 +483,7 @@ def train_cmd(
     if student and not combinations:
         raise TrainError(f"student {student[0]} has no --method; give at least one, e.g. --method ce")
     students = plan.students + [Student(student=name, methods=m) for name in student or [] for m in combinations]
-    cache = cache or (Path(plan.cache) if plan.cache else None)
+    cache = cache or plan.cache
     out = out or (Path(plan.out) if plan.out else None)
     if cache is None or out is None:
         raise TrainError(f"give --{'cache' if cache is None else 'out'} (or a --sweep file that sets it)")

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[set[str]] = [
     {"errors"},  # DistilleryError, the base of every one-line error
     {"atomic", "checksums", "options", "progress", "environment"},  # plain modules of pipeline/
-    {"data", "nets"},
+    {"data", "nets", "object_store"},
     {"stats"},
     {"cache"},
     {"teacher", "methods"},

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.atomic import atomic_write_text
+from pipeline.object_store import ObjectPath, location, write_whole_bytes
 from pipeline.errors import DistilleryError
 from pipeline.options import one_line_error
 
@@ -275,17 +275,17 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
-    def save(self, root: str | Path) -> None:
-        """Atomic write (temp file, then rename) so a reader never sees half a manifest."""
-        path = Path(root) / MANIFEST_NAME
-        atomic_write_text(path, self.to_json())
+    def save(self, root: str | Path | ObjectPath) -> None:
+        """Written whole (temp file and rename locally, one PUT on object storage) so a reader never sees half
+        a manifest."""
+        write_whole_bytes(location(root) / MANIFEST_NAME, self.to_json().encode())
 
     @classmethod
-    def load(cls, root: str | Path) -> Manifest:
-        path = Path(root) / MANIFEST_NAME
+    def load(cls, root: str | Path | ObjectPath) -> Manifest:
+        path = location(root) / MANIFEST_NAME
         if not path.is_file():
             raise CacheError(f"{root} is not a teacher cache (no {MANIFEST_NAME}); create one with `distillery cache`")
-        if not path.resolve().is_relative_to(Path(root).resolve()):
+        if not path.resolve().is_relative_to(location(root).resolve()):
             raise CacheError(f"{path} is a symlink to a file outside {root}; the cache is refused (damaged or "
                              f"crafted): re-create it with `distillery cache`")
         try:

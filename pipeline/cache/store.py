@@ -33,11 +33,11 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from pipeline.checksums import sha256_bytes, sha256_file
 from pipeline.cache.integrity import array_digest, confined_path, inside, non_finite_rows, rows_digest
 from pipeline.cache.manifest import CacheError, Manifest, ShardRecord, identity_mismatch, now_iso
 from pipeline.cache.targets import LOGITS, TARGETS
+from pipeline.object_store import ObjectPath, location, open_binary, write_whole, write_whole_bytes
 
 ARRAYS_NAME = "arrays.zarr"
 LSH_INDEX_NAME = "lsh.faiss"
@@ -132,8 +132,8 @@ def unpack_raw(block: Mapping[str, np.ndarray], i: int) -> np.ndarray:
     return raw[i, : hw[i, 0], : hw[i, 1]]
 
 
-def write_tar_atomic(path: Path, members: list[tuple[str, bytes]]) -> None:
-    """Write a tar with mtime 0 under a temp name, then rename: a shard file is whole or absent."""
+def write_tar_whole(path: Path | ObjectPath, members: list[tuple[str, bytes]]) -> None:
+    """Write a tar with mtime 0 whole (`write_whole`): a shard file is whole or absent."""
     def write(f: BinaryIO) -> None:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for name, data in members:
@@ -141,23 +141,25 @@ def write_tar_atomic(path: Path, members: list[tuple[str, bytes]]) -> None:
                 info.size, info.mtime, info.mode = len(data), 0, 0o444
                 tar.addfile(info, io.BytesIO(data))
 
-    atomic_write(path, write)
+    write_whole(path, write)
 
 
-def iter_tar_members(path: str | Path) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular member of the shard tar at `path` (`<cache>/shards/...`), a plain local
-    file (never a URL)."""
+def iter_tar_members(path: str | Path | ObjectPath) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular member of the shard tar at `path` (`<cache>/shards/...`), a local file
+    or an object (read as one stream)."""
     try:
-        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        with open_binary(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             for info in tar:
                 f = tar.extractfile(info) if info.isfile() else None
                 if f is not None:
                     yield info.name, f.read()
+    except FileNotFoundError:
+        raise CacheError(f"{path} is missing; {repair_hint(location(path).parent.parent)}") from None
     except (tarfile.TarError, EOFError) as e:
-        raise CacheError(f"{path} is not a readable tar ({e}); {repair_hint(Path(path).parent.parent)}") from None
+        raise CacheError(f"{path} is not a readable tar ({e}); {repair_hint(location(path).parent.parent)}") from None
 
 
-def block_digests(path: Path) -> list[str] | None:
+def block_digests(path: Path | ObjectPath) -> list[str] | None:
     """sha256 of each member of the shard tar at `path`, in order; None if it is not a readable tar."""
     try:
         return [sha256_bytes(data) for _, data in iter_tar_members(path)]
@@ -165,8 +167,9 @@ def block_digests(path: Path) -> list[str] | None:
         return None
 
 
-def open_arrays(path: Path, mode: str) -> zarr.Group:
-    """The cache's zarr group; metadata that does not parse is one CacheError naming the file."""
+def open_arrays(path: Path | ObjectPath, mode: str) -> zarr.Group:
+    """The cache's zarr group (a URL opens through zarr's FsspecStore); metadata that does not parse is one
+    CacheError naming the file."""
     try:
         return zarr.open_group(store=str(path), mode=mode)
     except (ValueError, TypeError, KeyError, OSError, zarr.errors.BaseZarrError) as e:
@@ -177,8 +180,8 @@ def open_arrays(path: Path, mode: str) -> zarr.Group:
 class _CacheFiles:
     """Paths and zarr access shared by the writer and the reader."""
 
-    def __init__(self, root: str | Path, manifest: Manifest) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Path | ObjectPath, manifest: Manifest) -> None:
+        self.root = location(root)
         self.manifest = manifest
         self.check_paths()
 
@@ -269,7 +272,7 @@ class CacheWriter(_CacheFiles):
         `manifest.arrays` describes the per-sample arrays (name -> shape, dtype); `manifest.shards`
         the planned shard ranges. A complete cache with the same identity is returned as is.
         """
-        root = Path(root)
+        root = location(root)
         if (root / "manifest.json").exists():
             stored = Manifest.load(root)
             diff = identity_mismatch(stored.identity(), manifest.identity())
@@ -348,23 +351,23 @@ class CacheWriter(_CacheFiles):
                 arrays.update({block_key(n): rows[n][b0:b1] for n in self.per_sample_arrays})
             members.append((f"{index:06d}-{b0 // block:06d}.npz", encode_block(arrays)))
         path = self.shard_path(index)
-        write_tar_atomic(path, members)
+        write_tar_whole(path, members)
         record = ShardRecord(index=index, start=start, stop=stop, file=str(path.relative_to(self.root)),
                              sha256=sha256_file(path), bytes=path.stat().st_size,
                              rows_sha256=rows_digest(rows),
                              arrays_sha256={name: rows_digest({name: rows[name]}) for name in layout},
                              blocks_sha256=[sha256_bytes(data) for _, data in members])
-        atomic_write_text(self.record_path(index), json.dumps(asdict(record)))
+        write_whole_bytes(self.record_path(index), json.dumps(asdict(record)).encode())
         return record
 
     def write_teacher_tail(self, spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Save ScaleKD's teacher tail (docs/ARCHITECTURE.md §6.7) atomically and record its sha256 in the manifest.
+        """Save ScaleKD's teacher tail (docs/ARCHITECTURE.md §6.7) whole and record its sha256 in the manifest.
 
         `spec` must be plain JSON-able values: the file is read back with `torch.load(weights_only=True)`.
         """
         json.dumps(spec)  # a TypeError here beats an unreadable file later
         path = self.root / TAIL_NAME
-        atomic_write(path, lambda f: torch.save({"spec": dict(spec), "state_dict": dict(state_dict)}, f))
+        write_whole(path, lambda f: torch.save({"spec": dict(spec), "state_dict": dict(state_dict)}, f))
         self.manifest.files["teacher_tail"] = {"file": TAIL_NAME, "sha256": sha256_file(path),
                                                "bytes": path.stat().st_size, "family": spec["family"],
                                                "stages": list(spec["stages"])}
@@ -380,10 +383,14 @@ class CacheWriter(_CacheFiles):
         their digests, `storage` updates) are written; arrays the old statistics listed and the new ones do
         not are removed last. A run killed while staging leaves the previous statistics untouched; one
         killed during the renames leaves arrays that fail their digests, which `distillery stats` rebuilds.
+        An object store has no rename: there the arrays are written in place, and a run killed meanwhile
+        leaves what one killed during the renames leaves.
         """
-        self.remove_staging()
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
-        staged = zarr.open_group(store=str(staging / ARRAYS_NAME), mode="w")
+        local = not isinstance(self.root, ObjectPath)
+        if local:
+            self.remove_staging()
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
+        staged = zarr.open_group(store=str(staging / ARRAYS_NAME), mode="w") if local else self.group
         digests = {}
         for name, value in arrays.items():
             value = np.asarray(value)
@@ -393,20 +400,22 @@ class CacheWriter(_CacheFiles):
                                  f"computed from); check the teacher checkpoint and re-run `distillery cache`")
             per_sample = not name.startswith("stats/") and value.ndim > 0
             chunks = (self.manifest.storage.shard_size, *value.shape[1:]) if per_sample else (value.shape or None)
-            staged.create_array(name, shape=value.shape, dtype=value.dtype, chunks=chunks, fill_value=0)[...] = value
+            staged.create_array(name, shape=value.shape, dtype=value.dtype, chunks=chunks, fill_value=0,
+                                overwrite=True)[...] = value
             digests[name] = array_digest(name, value)
-        trash = staging / "replaced"
-        for name in arrays:
-            target = self.zarr_path / name
-            parent = name.rpartition("/")[0]
-            if parent:
-                self.group.require_group(parent)
-            if target.exists():
-                (trash / parent).mkdir(parents=True, exist_ok=True)
-                os.replace(target, trash / name)
-            os.replace(staging / ARRAYS_NAME / name, target)
+        if local:
+            trash = staging / "replaced"
+            for name in arrays:
+                target = self.zarr_path / name
+                parent = name.rpartition("/")[0]
+                if parent:
+                    self.group.require_group(parent)
+                if target.exists():
+                    (trash / parent).mkdir(parents=True, exist_ok=True)
+                    os.replace(target, trash / name)
+                os.replace(staging / ARRAYS_NAME / name, target)
         if lsh_index is not None:
-            atomic_write_bytes(self.root / LSH_INDEX_NAME, lsh_index)
+            write_whole_bytes(self.root / LSH_INDEX_NAME, lsh_index)
         removed = [n for n in self.manifest.stats.get("arrays", []) if n not in stats.get("arrays", [])]
         self.manifest.stats = dict(stats)
         self.manifest.digests = {n: d for n, d in self.manifest.digests.items() if n not in removed} | digests
@@ -417,7 +426,8 @@ class CacheWriter(_CacheFiles):
                 del self.group[name]
         if "lsh" not in stats:
             (self.root / LSH_INDEX_NAME).unlink(missing_ok=True)
-        shutil.rmtree(staging)
+        if local:
+            shutil.rmtree(staging)
 
     def finalize(self, records: list[ShardRecord]) -> Manifest:
         """Mark the cache complete: every planned shard has a verified record."""
@@ -556,10 +566,11 @@ class TeacherCache(_CacheFiles):
         if record is None or not path.is_file() or not inside(path, self.root):
             raise CacheError(f"{self.root} has no LSH index; build one without the teacher: "
                              f"`distillery stats {self.root} --lsh-bits 64`")
-        if sha256_file(path) != record["index_sha256"]:
+        data = path.read_bytes()
+        if sha256_bytes(data) != record["index_sha256"]:
             raise CacheError(f"{path} fails its sha256 (corrupt or changed); rebuild it with "
                              f"`distillery stats {self.root}`")
-        return faiss.read_index_binary(str(path))
+        return faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
 
     def statistics(self) -> dict[str, torch.Tensor]:
         """The dataset-level arrays (`stats/...`, docs/ARCHITECTURE.md §4), keyed without the `stats/` prefix."""
@@ -574,10 +585,10 @@ class TeacherCache(_CacheFiles):
         if not self.tail_verifies() or not inside(self.root / TAIL_NAME, self.root):
             raise CacheError(f"{self.root / TAIL_NAME} is missing or fails its sha256; re-run the `distillery cache` "
                              f"command that made {self.root}")
-        stored = torch.load(self.root / TAIL_NAME, map_location="cpu", weights_only=True)
+        stored = torch.load(io.BytesIO((self.root / TAIL_NAME).read_bytes()), map_location="cpu", weights_only=True)
         return stored["spec"], stored["state_dict"]
 
-    def shard_paths(self) -> list[Path]:
+    def shard_paths(self) -> list[Path | ObjectPath]:
         """The shard files, each confined to `<cache>/shards/` (checked again: symlinks may have changed)."""
         return [confined_path(self.root, s["file"], f"manifest shards[{i}].file", under=SHARDS_DIR)
                 for i, s in enumerate(self.manifest.shards)]
@@ -633,7 +644,7 @@ class TeacherCache(_CacheFiles):
                 problems.append(problem)
         return problems + self.statistics_problems()
 
-    def shard_blocks(self, index: int, path: Path | None = None) -> Iterator[tuple[str, bytes]]:
+    def shard_blocks(self, index: int, path: Path | ObjectPath | None = None) -> Iterator[tuple[str, bytes]]:
         """(member name, bytes) of shard `index`, each checked before it is returned: against its record's
         per-block sha256, or (older records) the whole file against the shard's sha256 first. `path`: the
         shard's file as `shard_paths` gave it, when the caller holds it already."""

@@ -8,7 +8,7 @@ import html
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_text
+from pipeline.object_store import ObjectPath, location, write_whole_bytes
 from pipeline.cache.store import TeacherCache
 from pipeline.report import figures
 from pipeline.report.content import CacheReport, gather_report
@@ -80,11 +80,11 @@ def render_html(report: CacheReport, title: str) -> str:
             + "\n".join(body) + "\n</main></body></html>\n")
 
 
-def write_report(cache: TeacherCache, out: str | Path, samples: int = 6) -> CacheReport:
+def write_report(cache: TeacherCache, out: str | Path | ObjectPath, samples: int = 6) -> CacheReport:
     """Gather the report of `cache` and write it to `out` as one HTML file (no external resources)."""
     report = gather_report(cache, samples)
     page = render_html(report, f"Teacher cache {cache.root}")
-    out = Path(out)
+    out = location(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, page)
+    write_whole_bytes(out, page.encode())
     return report

@@ -16,9 +16,9 @@ for large per-sample targets): no step reads the whole cache, so it does not gro
 samples. The one exception is a target written after the shards (the view-0 LSH codes): its zarr column
 is held in RAM (N * bits / 8 bytes) and joined to each block by sample id.
 
-Shard files are opened here as plain local files (`TeacherCache.shard_blocks`), never handed to
-webdataset as URLs: a cache is untrusted, and webdataset's URL openers interpret schemes (`pipe:` runs a
-shell). Webdataset's stages still split and shuffle the shard *indices*.
+Shard files are opened here by `TeacherCache.shard_blocks` (a local file, or an object under the cache's
+own URL through fsspec: README "Caches on object storage"), never handed to webdataset as URLs: a cache is
+untrusted, and webdataset's URL openers interpret schemes (`pipe:` runs a shell). Webdataset's stages still split and shuffle the shard *indices*.
 """
 
 from __future__ import annotations

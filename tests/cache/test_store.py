@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.cache.manifest import CacheError, Manifest, identity_mismatch
 from pipeline.cache.store import (CacheWriter, TeacherCache, as_stored_dtype, decode_block, encode_block,
-                                  iter_tar_members, pack_raw, unpack_raw, write_tar_atomic)
+                                  iter_tar_members, pack_raw, unpack_raw, write_tar_whole)
 
 
 def test_block_codec_roundtrips_and_is_byte_stable() -> None:
@@ -49,7 +49,7 @@ def test_blocks_written_before_unpadded_raw_images_are_still_read() -> None:
 
 def test_tar_shard_is_written_atomically_with_zero_mtime(tmp_path: Path) -> None:
     path = tmp_path / "s.tar"
-    write_tar_atomic(path, [("a.npz", b"123"), ("b.npz", b"45")])
+    write_tar_whole(path, [("a.npz", b"123"), ("b.npz", b"45")])
     assert not (tmp_path / "s.tar.tmp").exists()
     assert list(iter_tar_members(path)) == [("a.npz", b"123"), ("b.npz", b"45")]
     import tarfile

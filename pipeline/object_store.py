@@ -1,0 +1,149 @@
+"""Caches at fsspec URLs (`s3://bucket/prefix`, `gs://`, `memory://`, `file://`): README "Caches on object storage".
+
+`location(root)` is a `pathlib.Path` for a local directory (unchanged behaviour) and an `ObjectPath` for a URL.
+`ObjectPath` offers the subset of `Path` the cache code uses (`/`, `name`, `parent`, `is_file`, `open`,
+`read_bytes`, `stat().st_size`, ...) over an fsspec filesystem, so one code path serves both.
+
+Object stores have no rename and no symlinks: an object is written whole by one PUT (`write_whole`), which
+the store makes visible all at once, and a key is confined by its normalised prefix (`resolve` is the
+identity, `is_relative_to` compares key prefixes; a `..` in a joined name is collapsed before the check).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
+from typing import Any, BinaryIO
+
+import fsspec
+
+from pipeline.atomic import atomic_write
+
+
+def is_url(root: object) -> bool:
+    """Whether `root` names a location through an fsspec protocol (`s3://...`) rather than a local path."""
+    return isinstance(root, (str, ObjectPath)) and "://" in str(root)
+
+
+class ObjectPath:
+    """A key under an fsspec filesystem with the `pathlib.Path` methods the cache code calls."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, key: str) -> None:
+        self.fs = fs
+        self.key = posixpath.normpath(key).rstrip("/") if key not in ("", "/") else key
+
+    @classmethod
+    def from_url(cls, url: str) -> ObjectPath:
+        # No listings cache: another process (or the store's owner) may add or delete objects at any time.
+        fs, key = fsspec.core.url_to_fs(url, use_listings_cache=False)
+        return cls(fs, key)
+
+    def __truediv__(self, name: str | PurePosixPath) -> ObjectPath:
+        return ObjectPath(self.fs, posixpath.join(self.key, str(name)))
+
+    def __str__(self) -> str:
+        return self.fs.unstrip_protocol(self.key)
+
+    def as_uri(self) -> str:
+        return str(self)
+
+    def __repr__(self) -> str:
+        return f"ObjectPath({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectPath) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.key)
+
+    @property
+    def parent(self) -> ObjectPath:
+        return ObjectPath(self.fs, posixpath.dirname(self.key))
+
+    def with_suffix(self, suffix: str) -> ObjectPath:
+        return ObjectPath(self.fs, str(PurePosixPath(self.key).with_suffix(suffix)))
+
+    def resolve(self) -> ObjectPath:
+        return self  # keys have no symlinks; `..` is collapsed when a path is built
+
+    def is_relative_to(self, other: ObjectPath) -> bool:
+        return isinstance(other, ObjectPath) and (self.key == other.key or self.key.startswith(other.key + "/"))
+
+    def relative_to(self, other: ObjectPath) -> PurePosixPath:
+        if not self.is_relative_to(other):
+            raise ValueError(f"{self} is not under {other}")
+        return PurePosixPath(self.key).relative_to(other.key)
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.key)
+
+    def is_file(self) -> bool:
+        return self.fs.isfile(self.key)
+
+    def is_dir(self) -> bool:
+        return self.fs.isdir(self.key)
+
+    def is_symlink(self) -> bool:
+        return False
+
+    def iterdir(self) -> Iterator[ObjectPath]:
+        for key in self.fs.ls(self.key, detail=False) if self.fs.isdir(self.key) else []:
+            yield ObjectPath(self.fs, key)
+
+    def glob(self, pattern: str) -> Iterator[ObjectPath]:
+        for key in self.fs.glob(posixpath.join(self.key, pattern)):
+            yield ObjectPath(self.fs, key)
+
+    def stat(self) -> SimpleNamespace:
+        return SimpleNamespace(st_size=int(self.fs.size(self.key)))
+
+    def open(self, mode: str = "rb") -> Any:
+        return self.fs.open(self.key, mode)
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.key)
+
+    def write_bytes(self, data: bytes) -> None:
+        self.fs.pipe_file(self.key, data)
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        self.fs.makedirs(self.key, exist_ok=True)  # prefixes need no creating on object stores; local file:// does
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        if self.fs.exists(self.key) or not missing_ok:
+            self.fs.rm_file(self.key)
+
+
+def location(root: str | Path | ObjectPath) -> Path | ObjectPath:
+    """`root` as the cache code addresses it: an `ObjectPath` for a URL, else a local `Path` (as before)."""
+    if isinstance(root, (Path, ObjectPath)):
+        return root
+    return ObjectPath.from_url(root) if is_url(root) else Path(root)
+
+
+def open_binary(path: str | os.PathLike | ObjectPath) -> BinaryIO:
+    """`path` opened for reading bytes, local or at a URL."""
+    return open(path, "rb") if isinstance(path, (str, os.PathLike)) else path.open("rb")
+
+
+def write_whole(path: Path | ObjectPath, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file whole: `pipeline.atomic.atomic_write` locally; on an object store one PUT of the bytes
+    `write` produced (an object is replaced all at once: readers see the old one or the new one)."""
+    if isinstance(path, ObjectPath):
+        buf = io.BytesIO()
+        write(buf)
+        path.write_bytes(buf.getvalue())
+    else:
+        atomic_write(path, write)
+
+
+def write_whole_bytes(path: Path | ObjectPath, data: bytes) -> None:
+    write_whole(path, lambda f: f.write(data))
