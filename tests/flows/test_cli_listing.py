@@ -75,9 +75,9 @@ def test_methods_lists_each_method_its_needs_and_every_option_with_default_and_h
     assert "teacher LSH codes (--lsh-bits B)" in out and "teacher feature maps (--featmaps" in out
 
 
-def test_methods_of_one_name_and_of_an_unknown_one(cli) -> None:
+def test_methods_of_one_name_and_of_an_unknown_one(cli, wide) -> None:
     code, out = cli("methods", "wkd_f")
-    assert code == 0 and "wkd_f" in out and "│ kd " not in out and "(--tap STAGE --grid G)" in out
+    assert code == 0 and "wkd_f" in out and "│ kd " not in out and "(--tap STAGE --grid G (with --store, list gaussian))" in out
     code, out = cli("methods", "nope")
     assert code == 2 and out.startswith("error: unknown method 'nope'; known methods: ce, dkd")
 

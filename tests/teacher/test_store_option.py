@@ -31,7 +31,7 @@ def test_a_cache_keeps_only_the_listed_targets_and_the_statistics_their_rows_all
 
 def test_the_default_keeps_every_target_the_options_produce(cache_request, tmp_path: Path) -> None:
     manifest = check_request(cache_request(tmp_path / "c", **SMALL))
-    assert manifest.storage["store"] is None
+    assert manifest.storage.store is None and "store" not in manifest.to_dict()["storage"]  # JSON as before --store
     listed = check_request(cache_request(tmp_path / "c", store="gaussian,logits,pooled", **SMALL))
     assert listed.storage["store"] == "logits,pooled,gaussian"  # one spelling: the same identity either order
     assert sorted(listed.arrays) == sorted(manifest.arrays)
