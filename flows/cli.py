@@ -441,8 +441,8 @@ def train_cmd(
     sweep: Annotated[Optional[Path], typer.Option(help="a sweep file (TOML): the train-students parameters of "
                                                        "deploy/nightly.toml (cache, out, students, a settings table); "
                                                        "options given here override its settings")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="run directory (several runs: one subdirectory each; "
-                                                     "default: the --sweep file's)")] = None,
+    out: Annotated[Optional[str], typer.Option(help="run directory or fsspec URL (several runs: one subdirectory "
+                                                    "each; default: the --sweep file's)")] = None,
     epochs: Annotated[int, Setting("epochs")] = default_of(TrainSettings, "epochs"),
     seed: Annotated[int, Setting("seed")] = default_of(TrainSettings, "seed"),
     online_teacher: Annotated[bool, Setting("online_teacher")] = default_of(TrainSettings, "online_teacher"),
@@ -468,6 +468,7 @@ def train_cmd(
     from flows.params import Student, SweepFile
     from flows.train_students import plan_sweep, train_students
     from pipeline.cache.store import TeacherCache
+    from pipeline.object_store import is_url
     from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
     from pipeline.train.config import TrainError
     from pipeline.train.distributed import under_torchrun
@@ -484,7 +485,8 @@ def train_cmd(
         raise TrainError(f"student {student[0]} has no --method; give at least one, e.g. --method ce")
     students = plan.students + [Student(student=name, methods=m) for name in student or [] for m in combinations]
     cache = cache or plan.cache
-    out = out or (Path(plan.out) if plan.out else None)
+    out = out or plan.out
+    out = out if out is None or is_url(out) else str(Path(out))  # a local path normalised, as a Path option did
     if cache is None or out is None:
         raise TrainError(f"give --{'cache' if cache is None else 'out'} (or a --sweep file that sets it)")
     if not students:
@@ -589,8 +591,8 @@ def train_distributed(cache: str, students: "list[StudentSpec]", out: str, setti
 
 @app.command("runs")
 def runs_cmd(
-    rundirs: Annotated[list[Path], typer.Argument(help="run directories, or folders holding them (searched "
-                                                       "recursively for summary.json)")],
+    rundirs: Annotated[list[str], typer.Argument(help="run directories or fsspec URLs, or folders holding them "
+                                                      "(searched recursively for summary.json)")],
     markdown: Annotated[bool, typer.Option(help="print a markdown table instead")] = False,
     plot: Annotated[Optional[Path], typer.Option(help="also plot accuracy vs training time into this PNG")] = None,
 ) -> None:

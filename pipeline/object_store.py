@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 import fsspec
 
 from pipeline.atomic import atomic_write
+from pipeline.options import OptionError, check_output_dir
 
 
 def is_url(root: object) -> bool:
@@ -59,6 +60,9 @@ class ObjectPath:
 
     def __hash__(self) -> int:
         return hash(str(self))
+
+    def __lt__(self, other: ObjectPath) -> bool:
+        return str(self) < str(other)
 
     @property
     def name(self) -> str:
@@ -102,6 +106,10 @@ class ObjectPath:
         for key in self.fs.glob(posixpath.join(self.key, pattern)):
             yield ObjectPath(self.fs, key)
 
+    def rglob(self, pattern: str) -> Iterator[ObjectPath]:
+        """`pattern` at any depth below this key, this level included (as `Path.rglob`)."""
+        return self.glob(f"**/{pattern}")
+
     def stat(self) -> SimpleNamespace:
         return SimpleNamespace(st_size=int(self.fs.size(self.key)))
 
@@ -111,8 +119,17 @@ class ObjectPath:
     def read_bytes(self) -> bytes:
         return self.fs.cat_file(self.key)
 
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
     def write_bytes(self, data: bytes) -> None:
         self.fs.pipe_file(self.key, data)
+
+    def create(self, data: bytes) -> None:
+        """Write `data` only if nothing is at this key: FileExistsError otherwise. One exclusive write
+        (`If-None-Match: *` on S3, `O_EXCL` for file://), so of two writers racing for a key one gets it."""
+        with self.fs.open(self.key, "xb") as f:
+            f.write(data)
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         self.fs.makedirs(self.key, exist_ok=True)  # prefixes need no creating on object stores; local file:// does
@@ -147,3 +164,24 @@ def write_whole(path: Path | ObjectPath, write: Callable[[BinaryIO], None]) -> N
 
 def write_whole_bytes(path: Path | ObjectPath, data: bytes) -> None:
     write_whole(path, lambda f: f.write(data))
+
+
+def check_output_location(root: str | Path, option: str = "--out") -> None:
+    """`root` is a directory this process can write in (`pipeline.options.check_output_dir`), or a URL whose
+    store takes a write there (a probe object, put and removed: tried, not guessed). Nothing stays behind."""
+    if not is_url(root):
+        check_output_dir(root, option)
+        return
+    try:
+        path = ObjectPath.from_url(str(root))
+    except (ImportError, ValueError) as e:  # an unknown protocol, or its fsspec package is not installed
+        raise OptionError(f"{option} {root}: {e}") from None
+    try:
+        if path.is_file():
+            raise OptionError(f"{option} {root} is an object, not a prefix; choose another {option}")
+        probe = path / f".distillery-probe.{os.urandom(8).hex()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OptionError(f"{option} {root}: cannot write there ({type(e).__name__}: {e}); choose a writable "
+                          f"{option}") from None

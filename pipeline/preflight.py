@@ -23,6 +23,7 @@ from pipeline.cache.summary import teacher_accuracy_per_view
 from pipeline.data.datasets import load_dataset
 from pipeline.errors import DistilleryError
 from pipeline.methods import list_methods, resolve_method_spec
+from pipeline.object_store import location
 from pipeline.teacher.model import load_checkpoint
 from pipeline.train.config import StudentSpec, TrainConfig
 from pipeline.train.rundir import SUMMARY
@@ -101,7 +102,7 @@ def completed_run(config: TrainConfig) -> dict[str, Any] | None:
     Call after `check_run` accepted the config: its checkpoint then has this config's identity, and
     summary.json, written only after the last epoch, says it finished.
     """
-    summary = Path(config.out) / SUMMARY
+    summary = location(config.out) / SUMMARY
     if not (config.settings.resume and summary.is_file()):
         return None
     return json.loads(summary.read_text())

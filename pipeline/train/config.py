@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 from pipeline.data.datasets import check_bad_image_policy
 from pipeline.errors import DistilleryError
 from pipeline.methods import resolve_method_spec
+from pipeline.object_store import location
 from pipeline.options import Range, check_device, check_ranges
 from pipeline.train.optim import OptimConfig
 
@@ -120,5 +120,5 @@ def plan_runs(cache: str, students: list[StudentSpec], out: str, settings: RunSe
         raise TrainError(f"the same student and methods are listed twice: {sorted(slugs)}")
     if len(students) == 1:
         return [TrainConfig(cache, students[0].student, students[0].methods, out, settings)]
-    return [TrainConfig(cache, s.student, s.methods, str(Path(out) / f"{s.slug}-s{settings.seed}"), settings)
+    return [TrainConfig(cache, s.student, s.methods, str(location(out) / f"{s.slug}-s{settings.seed}"), settings)
             for s in students]

@@ -41,7 +41,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.errors import DistilleryError
 from pipeline.methods import TrainingProgress
+from pipeline.object_store import location
 from pipeline.train.config import TrainConfig, TrainError
+from pipeline.train.rundir import SUMMARY
 from pipeline.train.stream import rank_parts
 from pipeline.train.student import Student
 
@@ -217,7 +219,7 @@ def launch(config: TrainConfig, nproc: int, quiet: bool = False, threads: int | 
         said = "its ranks' output above says why" if not quiet else f"its ranks said: {' | '.join(errors or lines[-3:])}"
         raise TrainError(f"the {nproc}-process run of {config.student} into {config.out} failed (exit "
                          f"{done.returncode}); {said}")
-    return json.loads((Path(config.out) / "summary.json").read_text())
+    return json.loads((location(config.out) / SUMMARY).read_text())
 
 
 def main(argv: list[str]) -> int:

@@ -25,8 +25,8 @@ from pipeline.cache.manifest import CacheError
 from pipeline.cache.store import TeacherCache
 from pipeline.data.datasets import ImageDataset, load_dataset
 from pipeline.environment import describe_environment
+from pipeline.object_store import check_output_location
 from pipeline.methods import CacheInfo, Method, MethodError, StudentInfo, TrainingProgress, resolve_method_spec
-from pipeline.options import check_output_dir
 from pipeline.progress import progress_task
 from pipeline.options import resolve_device
 from pipeline.train.config import TrainConfig, TrainError
@@ -144,7 +144,7 @@ def setup_run(config: TrainConfig, device: torch.device, world_size: int = 1,
     (its shards verified) for another student of the same sweep; None opens and verifies it."""
     s = config.settings
     s.check_machine()
-    check_output_dir(config.out)
+    check_output_location(config.out)
     run = RunDir(config.out)
     run.check_unlocked()
     cache = open_cache(config.cache) if cache is None else cache

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.object_store import ObjectPath, location
 from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.rundir import CONFIG, SUMMARY
 
@@ -28,7 +29,7 @@ SUMMARY_SETUP = ("student", "methods", "epochs", "cache", "online_teacher", "tea
 
 @dataclass(frozen=True)
 class Run:
-    path: Path
+    path: Path | ObjectPath
     summary: dict[str, Any]
     setup: dict[str, Any]  # flat, dotted keys: what must be equal for two runs to be seeds of one group
 
@@ -54,17 +55,19 @@ class RunGroup:
         return float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def find_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run directories: each path that holds summary.json, else every directory below it that does."""
-    found: list[Path] = []
-    for p in map(Path, paths):
+def find_runs(paths: Sequence[str | Path]) -> list[Path | ObjectPath]:
+    """Run directories: each path (a directory or an fsspec URL) that holds summary.json, else every directory
+    below it that does."""
+    found: list[Path | ObjectPath] = []
+    for p in map(location, paths):
         if not p.is_dir():
             raise TrainError(f"{p} is not a directory; pass run directories (distillery train --out) or folders "
                              f"holding them")
         found += [p] if (p / SUMMARY).is_file() else sorted(s.parent for s in p.rglob(SUMMARY))
     if not found:
         raise TrainError(f"no {SUMMARY} under {', '.join(map(str, paths))}; a run writes it when it finishes")
-    return sorted(set(found))
+    unique = set(found)  # local directories first, in Path order as before, then URLs
+    return sorted(p for p in unique if isinstance(p, Path)) + sorted(p for p in unique if isinstance(p, ObjectPath))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -77,8 +80,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_run(path: str | Path) -> Run:
-    path = Path(path)
+def load_run(path: str | Path | ObjectPath) -> Run:
+    path = location(path)
     try:
         summary = json.loads((path / SUMMARY).read_text())
         missing = [k for k in ("student", "methods", "seed", "params", *MEASURES) if k not in summary]

@@ -3,6 +3,8 @@ random targets instead of a teacher pass, so every layout (top-k, view-0 pooled,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from pipeline.cache.manifest import FORMAT_VERSION, Manifest, StorageSpec
 from pipeline.cache.store import CacheWriter
 from pipeline.cache.targets import class_index_dtype
 from pipeline.data.views import ViewPlan
+from pipeline.train.rundir import RunDir
 
 CLASSES = 10  # named "0".."9" and called digits, so the digits val split evaluates the students
 DIM, CHANNELS = 8, 4
@@ -68,3 +71,23 @@ def make_cache(tmp_path: Path):
         return write_cache(tmp_path / name, **options)
 
     return make
+
+
+@pytest.fixture
+def interrupted(monkeypatch) -> Callable[[], AbstractContextManager[None]]:
+    """`with interrupted(): train_student(...)`: the run stops (KeyboardInterrupt) right after writing its
+    first epoch's checkpoint, as a kill between epochs leaves it."""
+    @contextmanager
+    def stop() -> Iterator[None]:
+        save = RunDir.save_checkpoint
+
+        def killed_after_first_epoch(self: RunDir, state: dict) -> None:
+            save(self, state)
+            if state["state"]["epoch"] == 1:
+                raise KeyboardInterrupt
+
+        with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+            patch.setattr(RunDir, "save_checkpoint", killed_after_first_epoch)
+            yield
+
+    return stop

@@ -58,21 +58,11 @@ def test_run_directory_holds_config_metrics_summary_and_plain_student_weights(ma
     timm.create_model(STUDENT, num_classes=10, in_chans=1).load_state_dict(state, strict=True)
 
 
-def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(make_cache, tmp_path: Path, monkeypatch) -> None:
+def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(make_cache, tmp_path: Path, interrupted) -> None:
     cache = make_cache(n=96)
     whole = train_student(config(cache, tmp_path / "whole", epochs=2))
-
-    save = RunDir.save_checkpoint
-
-    def killed_after_first_epoch(self: RunDir, state: dict) -> None:
-        save(self, state)
-        if state["state"]["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunDir, "save_checkpoint", killed_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted():
         train_student(config(cache, tmp_path / "killed", epochs=2))
-    monkeypatch.undo()
     resumed = train_student(config(cache, tmp_path / "killed", epochs=2, resume=True, device="cpu"))
 
     assert resumed["val_accuracy"] == whole["val_accuracy"] and resumed["steps"] == whole["steps"]

@@ -1,0 +1,107 @@
+"""A run directory at an fsspec URL (README "Caches on object storage"): fsspec's in-memory filesystem, no
+server; the lock's take-over of a dead holder; checkpoints checked against their listed sha256."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from pipeline.object_store import location
+from pipeline.train.config import RunSettings, TrainConfig, TrainError
+from pipeline.train.loop import check_run, train_student
+from pipeline.train.rundir import LOCK, RunDir, _boot_id, _holder
+from pipeline.train.runs import find_runs
+
+
+@pytest.fixture
+def memory_run():
+    """A fresh memory:// run URL; everything under it removed afterwards."""
+    fs = fsspec.filesystem("memory")
+    yield "memory://runs/x"
+    if fs.exists("/runs"):
+        fs.rm("/runs", recursive=True)
+
+
+def config(cache: Path, out: str, **settings) -> TrainConfig:
+    settings = {"epochs": 2, "batch_size": 32, "workers": 0, **settings}
+    return TrainConfig(str(cache), "test_resnet", ("ce", "kd"), out, RunSettings(**settings))
+
+
+def objects(url: str) -> dict[str, bytes]:
+    root = location(url)
+    return {key[len(root.key) + 1:]: root.fs.cat_file(key) for key in root.fs.find(root.key)}
+
+
+def test_a_run_at_a_url_is_written_whole_and_resumes_like_a_local_one(make_cache, tmp_path: Path, memory_run: str,
+                                                                      interrupted) -> None:
+    cache = make_cache(n=96)
+    whole = train_student(config(cache, str(tmp_path / "whole")))
+    with interrupted():
+        train_student(config(cache, memory_run))
+    stored = objects(memory_run)
+    assert set(stored) == {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.sha256.json"}, stored.keys()
+    with pytest.raises(TrainError, match="already holds a run; pass --resume"):
+        check_run(config(cache, memory_run))
+    resumed = train_student(config(cache, memory_run, resume=True))
+
+    assert resumed["val_accuracy"] == whole["val_accuracy"] and resumed["steps"] == whole["steps"]
+    stored = objects(memory_run)
+    assert set(stored) == {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.sha256.json", "student.pt",
+                           "summary.json"}  # the lock is gone
+    strip = lambda text: [{k: v for k, v in json.loads(line).items() if k != "step_seconds"}  # noqa: E731
+                          for line in text.splitlines()]
+    assert strip(stored["metrics.jsonl"].decode()) == strip((tmp_path / "whole" / "metrics.jsonl").read_text())
+    a = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)
+    b = torch.load(io.BytesIO(stored["student.pt"]), weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert find_runs(["memory://runs"]) == [location(memory_run)]
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line(make_cache, memory_run: str) -> None:
+    cache = make_cache(n=64)
+    train_student(config(cache, memory_run, epochs=1))
+    ckpt = location(memory_run) / "checkpoint.pt"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a tensor: torch.load itself would not notice
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(TrainError, match=rf"^{ckpt} fails its sha256 \(not in .+checkpoint.sha256.json\): it is "
+                                         r"damaged"):
+        check_run(config(cache, memory_run, epochs=1, resume=True))
+    ckpt.write_bytes(b"PK\x03\x04 not a checkpoint")
+    (location(memory_run) / "checkpoint.sha256.json").unlink()  # as a run made before the list existed
+    with pytest.raises(TrainError, match=rf"^{ckpt} is not a readable checkpoint \(RuntimeError: "):
+        check_run(config(cache, memory_run, epochs=1, resume=True))
+
+
+def test_the_lock_object_refuses_a_live_holder_and_is_taken_over_from_a_dead_one(make_cache, memory_run: str) -> None:
+    cache, run = make_cache(n=64), RunDir(memory_run)
+    lock = run.path / LOCK
+    with run.locked():
+        note = json.loads(lock.read_bytes())
+        assert note["pid"] == _holder()["pid"] and note["host"] == socket.gethostname()
+        with pytest.raises(TrainError, match=rf"^{run.path} is in use by another run \(pid {note['pid']} on "
+                                             rf"{note['host']} since .+\); wait for it to end or choose another "
+                                             r"--out$"):
+            train_student(config(cache, memory_run))
+    assert not lock.exists()
+
+    elsewhere = {**_holder(), "host": "elsewhere"}  # another host's holder: no one here can tell it is dead
+    lock.write_bytes(json.dumps(elsewhere).encode())
+    with pytest.raises(TrainError, match=rf"pid {elsewhere['pid']} on elsewhere .+; if it no longer runs, delete "
+                                         rf"{lock}$"):
+        check_run(config(cache, memory_run, epochs=1))
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = {**_holder(), "pid": int(gone.stdout), "started": "1"}  # this host and boot, no longer running
+    assert dead["boot"] == _boot_id() != ""
+    lock.write_bytes(json.dumps(dead).encode())
+    assert train_student(config(cache, memory_run, epochs=1))["steps"] == 2
+    assert not lock.exists()
