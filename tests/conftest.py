@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -87,6 +89,34 @@ def featmaps_cache(cache_request, tmp_path_factory: pytest.TempPathFactory) -> P
     run_cache_pass(cache_request(out, subset=240, views=1, featmaps=True, teacher_tail=1, shard_size=120,
                                  block_size=40))
     return out
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A real S3 endpoint: moto's server on a free port of 127.0.0.1 with one empty bucket; s3fs and boto3 reach
+    it through the standard AWS_ENDPOINT_URL (dummy credentials). Yields `.client` (boto3), `.bucket` and
+    `.keys()` (every key in the bucket). Skipped without the s3 extra (s3fs) and moto."""
+    s3fs = pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    client = boto3.client("s3", endpoint_url=endpoint)
+    bucket = "distillery-test"
+    client.create_bucket(Bucket=bucket)
+    yield SimpleNamespace(client=client, bucket=bucket, keys=lambda: {
+        o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in page.get("Contents", [])})
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
 
 
 @pytest.fixture

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -105,3 +108,71 @@ def test_the_lock_object_refuses_a_live_holder_and_is_taken_over_from_a_dead_one
     lock.write_bytes(json.dumps(dead).encode())
     assert train_student(config(cache, memory_run, epochs=1))["steps"] == 2
     assert not lock.exists()
+
+
+# One rank of a run (`python -m pipeline.train.distributed CONFIG`) that SIGKILLs itself right after writing its
+# first checkpoint: no `finally` runs, so its lock object stays behind, as after a crash or an OOM kill.
+KILLED_AFTER_FIRST_CHECKPOINT = """
+import os, signal, sys
+from pipeline.train import distributed
+from pipeline.train.rundir import RunDir
+save = RunDir.save_checkpoint
+def save_then_die(self, state):
+    save(self, state)
+    os.kill(os.getpid(), signal.SIGKILL)
+RunDir.save_checkpoint = save_then_die
+sys.exit(distributed.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_run_on_s3_is_killed_resumed_listed_and_refuses_a_second_writer(prefect_harness, s3_endpoint, cli, make_cache,
+                                                                          tmp_path: Path, monkeypatch) -> None:
+    import s3fs
+
+    bucket = s3_endpoint.bucket
+    local_cache = make_cache(n=96)
+    s3fs.S3FileSystem().put(str(local_cache), f"{bucket}/cache", recursive=True)
+    shutil.rmtree(local_cache)
+    monkeypatch.chdir(tmp_path)  # anything written relative to the working directory would land here
+    cache, out = f"s3://{bucket}/cache", f"s3://{bucket}/runs/x"
+    train = ("train", "--cache", cache, "--student", "test_resnet", "--method", "ce", "--method", "kd", "--epochs",
+             "2", "--batch-size", "32", "--workers", "0", "--device", "cpu", "--out", out)
+
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_FIRST_CHECKPOINT, json.dumps(config(
+        cache, out, device="cpu").to_dict())], cwd=tmp_path, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run = {k.removeprefix("runs/x/") for k in s3_endpoint.keys() if k.startswith("runs/x/")}
+    assert run == {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.sha256.json", "run.lock"}
+    code, text = cli(*train)
+    assert code == 2 and "already holds a run; pass --resume" in text, text
+
+    code, text = cli(*train, "--resume")  # takes over the dead process's lock, continues from epoch 1
+    assert code == 0, text
+    run = {k.removeprefix("runs/x/") for k in s3_endpoint.keys() if k.startswith("runs/x/")}
+    assert run == {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.sha256.json", "student.pt",
+                   "summary.json"}
+    epochs = [json.loads(line)["epoch"] for line in (location(out) / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "epoch"]
+    assert epochs == [0, 1]  # the killed process's epoch 0, then the resumed epoch 1
+    summary = json.loads((location(out) / "summary.json").read_text())
+    assert summary["out"] == out and summary["steps"] == 6 and summary["epochs"] == 2
+    assert not any(tmp_path.iterdir()), "nothing of the run may land on local disk"
+
+    code, text = cli("runs", f"s3://{bucket}/runs")
+    assert code == 0 and "1 runs, 1 settings" in text and "ce+kd" in text, text
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.train.rundir import RunDir\n"
+                               "with RunDir(sys.argv[1]).locked():\n    print('held', flush=True); time.sleep(60)",
+                               out], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        code, text = cli(*train, "--resume")
+        assert code == 2, text
+        assert re.fullmatch(rf"error: {out} is in use by another run \(pid {holder.pid} on {socket.gethostname()} "
+                            rf"since .+\); wait for it to end or choose another --out\n", text), text
+        with pytest.raises(FileExistsError):  # the server refuses a second create (If-None-Match: *), no race
+            (location(out) / "run.lock").create(b"{}")
+    finally:
+        holder.kill()
+        holder.wait()
