@@ -12,7 +12,8 @@ import pytest
 from pipeline.cache.integrity import confined_path
 from pipeline.cache.manifest import CacheError
 from pipeline.cache.store import SHARDS_DIR, TeacherCache
-from pipeline.object_store import ObjectPath, location
+from pipeline.object_store import ObjectPath, check_output_location, location
+from pipeline.options import OptionError
 
 
 @pytest.fixture
@@ -57,3 +58,24 @@ def test_a_local_path_stays_a_path(tmp_path: Path) -> None:
     assert location(str(tmp_path)) == tmp_path and isinstance(location(str(tmp_path)), Path)
     joined = location("memory://bucket/cache") / "shards/../../evil"
     assert not joined.is_relative_to(location("memory://bucket/cache"))
+
+
+@pytest.mark.parametrize("url", ["memory://exclusive/run.lock", "file://{tmp}/run.lock"])
+def test_create_is_exclusive(url: str, tmp_path: Path) -> None:
+    path = location(url.format(tmp=tmp_path))
+    path.create(b"first")
+    with pytest.raises(FileExistsError):
+        path.create(b"second")
+    assert path.read_bytes() == b"first"
+    path.unlink()
+
+
+def test_an_output_url_is_probed_and_left_as_it_was() -> None:
+    check_output_location("memory://probed/run")
+    assert fsspec.filesystem("memory").find("/probed") == []  # the probe object is gone
+    location("memory://probed/file").write_bytes(b"x")
+    with pytest.raises(OptionError, match=r"^--out memory://probed/file is an object, not a prefix"):
+        check_output_location("memory://probed/file")
+    with pytest.raises(OptionError, match=r"^--out nosuch://a/b: Protocol not known: nosuch$"):
+        check_output_location("nosuch://a/b")
+    fsspec.filesystem("memory").rm("/probed", recursive=True)

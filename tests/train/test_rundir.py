@@ -146,6 +146,8 @@ def test_a_run_on_s3_is_killed_resumed_listed_and_refuses_a_second_writer(prefec
     assert run == {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.sha256.json", "run.lock"}
     code, text = cli(*train)
     assert code == 2 and "already holds a run; pass --resume" in text, text
+    code, text = cli(*train[:-1], "s3://no-such-bucket/runs/x")
+    assert code == 2 and "error: --out s3://no-such-bucket/runs/x: cannot write there" in text, text
 
     code, text = cli(*train, "--resume")  # takes over the dead process's lock, continues from epoch 1
     assert code == 0, text
