@@ -1,8 +1,10 @@
-"""Caches at fsspec URLs (`s3://bucket/prefix`, `gs://`, `memory://`, `file://`): README "Caches on object storage".
+"""Caches and run directories at fsspec URLs (`s3://bucket/prefix`, `gs://`, `memory://`, `file://`): README
+"Caches on object storage".
 
 `location(root)` is a `pathlib.Path` for a local directory (unchanged behaviour) and an `ObjectPath` for a URL.
-`ObjectPath` offers the subset of `Path` the cache code uses (`/`, `name`, `parent`, `is_file`, `open`,
-`read_bytes`, `stat().st_size`, ...) over an fsspec filesystem, so one code path serves both.
+`ObjectPath` offers the subset of `Path` the cache and run-directory code uses (`/`, `name`, `parent`,
+`is_file`, `open`, `read_bytes`, `stat().st_size`, ...) over an fsspec filesystem, so one code path serves
+both.
 
 Object stores have no rename and no symlinks: an object is written whole by one PUT (`write_whole`), which
 the store makes visible all at once, and a key is confined by its normalised prefix (`resolve` is the
