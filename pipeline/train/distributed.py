@@ -228,7 +228,8 @@ def main(argv: list[str]) -> int:
 
     world = World.from_env()
     if world.is_main:  # the epoch lines; the other ranks' would repeat them
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        logging.basicConfig(format="%(message)s")  # other libraries' at WARNING: s3fs's botocore says much at INFO
+        logging.getLogger("distillery").setLevel(logging.INFO)
     try:
         train_student(TrainConfig(**json.loads(argv[0])))
     except DistilleryError as e:
