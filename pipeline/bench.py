@@ -92,10 +92,14 @@ STEP_CONFIGS: dict[str, tuple[tuple[str, ...], bool]] = {
 def _train_once(config: dict[str, Any]) -> dict[str, Any]:
     # Runs in a spawned process: import here so the parent's state (threads, allocations) is not inherited.
     from pipeline.train.config import TrainConfig
-    from pipeline.train.loop import train_student
+    from pipeline.train.loop import rss_bytes, train_student
 
+    # Python, torch and the imports are resident before anything of the run exists: the peak above this is
+    # what the run itself holds (models, optimizer, activations, data), the part a GPU would hold.
+    start = rss_bytes()
     summary = train_student(TrainConfig(**config))
-    return {k: summary[k] for k in ("mean_step_seconds", "peak_rss_bytes", "steps", "params")}
+    return {"start_rss_bytes": start, **{k: summary[k] for k in ("mean_step_seconds", "peak_rss_bytes", "steps",
+                                                                  "params")}}
 
 
 def model_flops(model: str, num_classes: int, in_chans: int, size: int) -> int:
@@ -143,7 +147,8 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
         step = min(run["mean_step_seconds"] for run in runs)  # the least disturbed round
         rows.append({"config": label, "step_ms": 1000 * step, "samples_per_s": batch_size / step,
                      "stream_over_config": stream * step / batch_size,
-                     "peak_rss_mb": max(r["peak_rss_bytes"] for r in runs) / 2**20})
+                     "peak_rss_mb": max(r["peak_rss_bytes"] for r in runs) / 2**20,
+                     "run_rss_mb": max(r["peak_rss_bytes"] - r["start_rss_bytes"] for r in runs) / 2**20})
     base = {row["config"]: row for row in rows}
 
     def over(row: dict[str, Any], reference: str, key: str = "step_ms") -> float | None:
@@ -153,6 +158,7 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
         row["over_ce"], row["over_kd"] = over(row, "ce"), over(row, "ce+kd")
         row["over_online_kd"] = over(row, ONLINE_KD)
         row["rss_over_online_kd"] = over(row, ONLINE_KD, "peak_rss_mb")
+        row["run_rss_over_online_kd"] = over(row, ONLINE_KD, "run_rss_mb")
     return {"bench": "student_steps", "cache": cache, "student": student, "teacher": teacher.model,
             "teacher_over_student_flops": model_flops(teacher.model, num_classes, teacher.in_chans, size)
             / model_flops(student, num_classes, teacher.in_chans, size),

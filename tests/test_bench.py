@@ -50,6 +50,8 @@ def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypat
     assert results["tcs_vs_online_kd"]["teacher"] == "resnet10t" and "RSS / online kd" in result.output
     assert results["tcs_vs_online_kd"]["teacher_over_student_flops"] >= 5
     assert tcs["ce+kd online"]["over_online_kd"] == 1.0 and tcs["ce+kd online"]["rss_over_online_kd"] == 1.0
+    assert tcs["ce+kd online"]["run_rss_over_online_kd"] == 1.0 and "run's RSS" in result.output
+    assert all(0 < r["run_rss_mb"] < r["peak_rss_mb"] for r in tcs.values())
     assert tcs["ce+tcs"]["over_online_kd"] == tcs["ce+tcs"]["step_ms"] / tcs["ce+kd online"]["step_ms"]
     first, *others = results["ddp"]["rows"]
     assert (first["processes"], first["over_one"]) == (1, 1.0) and "DDP: student test_resnet" in result.output

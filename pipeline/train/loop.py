@@ -104,16 +104,26 @@ def cache_fingerprint(cache: TeacherCache) -> str:
     return hashlib.sha256(json.dumps(cache.manifest.identity(), sort_keys=True).encode()).hexdigest()
 
 
+def _status_kib(field: str) -> int | None:
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith(f"{field}:"))
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (VmRSS; off Linux, the peak so far)."""
+    now = _status_kib("VmRSS")
+    return 1024 * (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if now is None else now)
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process or any finished child (DataLoader workers).
 
     This process's own peak is Linux's VmHWM: ``ru_maxrss`` survives ``execve``, so a process spawned by a
     large parent (a sweep, `distillery bench`) would report the parent's peak instead of its own.
     """
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; the fallback off Linux
-    status = Path("/proc/self/status")
-    if status.exists():
-        own = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+    own = _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     return 1024 * max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
