@@ -27,7 +27,7 @@ from pydantic import PositiveFloat
 from flows.runtime import (EVENT_TIMEOUT_S, PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path,
                            transient_io)
 from pipeline.cache import statistics
-from pipeline.cache.manifest import Manifest, ShardRecord
+from pipeline.cache.manifest import Manifest, ShardRecord, StatsSection
 from pipeline.cache.statistics import ShardStats
 from pipeline.cache.store import TeacherCache
 from pipeline.cache.summary import array_rows, human_bytes
@@ -64,7 +64,7 @@ def shard_stats_task(root: str, index: int) -> ShardStats:
 
 
 @task(name="reduce-statistics", persist_result=False, **IO_RETRIES)
-def reduce_task(root: str, parts: list[ShardStats], cka_source: str) -> dict[str, Any]:
+def reduce_task(root: str, parts: list[ShardStats], cka_source: str) -> StatsSection:
     return statistics.reduce_statistics(root, parts, cka_source)
 
 

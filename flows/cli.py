@@ -305,7 +305,7 @@ def stats_cmd(
 ) -> None:
     """Recompute dataset-level statistics from a complete cache (no teacher)."""
     info = recompute_statistics(str(cache), cka_source=cka_source, lsh_bits=lsh_bits)
-    console.print_json(json.dumps(info))
+    console.print_json(json.dumps(info.to_dict()))
 
 
 @app.command("inspect")
@@ -343,8 +343,8 @@ def inspect_cmd(
         print_table("feature maps, bytes per sample-view", maps)
     tail = m.files.get("teacher_tail")
     if tail:
-        console.print(f"teacher tail  {tail['file']}  {tail['family']} stages {', '.join(tail['stages'])}  "
-                      f"{human_bytes(tail['bytes'])}  sha256={tail['sha256'][:12]}")
+        console.print(f"teacher tail  {tail.file}  {tail.family} stages {', '.join(tail.stages or [])}  "
+                      f"{human_bytes(tail.bytes)}  sha256={tail.sha256[:12]}")
     acc = teacher_accuracy_per_view(c)
     if acc:
         print_table("teacher per view", acc)

@@ -73,7 +73,7 @@ def teacher_near_chance(cache: TeacherCache) -> str | None:
     if accuracy >= chance + CHANCE_MARGIN * (1 - chance):
         return None
     return (f"the teacher of {cache.root} is near chance: {accuracy:.2%} on the clean view of the cached "
-            f"{cache.manifest.dataset['split']} samples, chance {chance:.2%}; students distilled from it learn "
+            f"{cache.manifest.dataset.split} samples, chance {chance:.2%}; students distilled from it learn "
             f"little: refit it with more epochs (distillery fit-teacher) and cache again")
 
 

@@ -50,7 +50,7 @@ def open_cache(root: str) -> TeacherCache:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CacheError(f"{problems[0]}{more}; re-run the `distillery cache` command that made {root}")
-    view_axes = [meta["shape"][1] for name, meta in cache.manifest.arrays.items() if not name.startswith("samples/")]
+    view_axes = [meta.shape[1] for name, meta in cache.manifest.arrays.items() if not name.startswith("samples/")]
     if cache.num_views < 1 or 0 in view_axes:
         raise CacheError(f"{root} stores 0 views per sample; re-run `distillery cache` (view 0 is always stored)")
     return cache

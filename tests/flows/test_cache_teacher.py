@@ -89,5 +89,5 @@ def test_cli_killed_mid_pass_resumes_and_matches_an_uninterrupted_run(prefect_ha
     reference = tmp_path / "reference"
     run_cache_pass(cache_request(reference, views=8, input_size=64, shard_size=64))
     resumed, full = TeacherCache(out), TeacherCache(reference)
-    for name in list(full.manifest.arrays) + full.manifest.stats["arrays"]:
+    for name in list(full.manifest.arrays) + full.manifest.stats.arrays:
         np.testing.assert_array_equal(resumed.read(name), full.read(name), err_msg=name)

@@ -37,7 +37,7 @@ def test_live_targets_equal_the_cached_ones_for_the_views_the_student_sees(digit
 def test_refuses_a_teacher_checkpoint_that_changed(digits_cache: Path, tmp_path: Path) -> None:
     cache = TeacherCache(digits_cache)
     changed = tmp_path / "teacher.pt"
-    changed.write_bytes(Path(cache.manifest.teacher["checkpoint"]).read_bytes() + b"\0")
+    changed.write_bytes(Path(cache.manifest.teacher.checkpoint).read_bytes() + b"\0")
     cache.manifest.teacher.checkpoint = str(changed)
     with pytest.raises(TrainError, match="changed since the cache was made"):
         OnlineTeacher.check(cache, ALL)
