@@ -18,6 +18,7 @@ from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs,
 from pipeline.cache.store import TeacherCache
 from pipeline.train.config import TrainConfig, plan_runs
 from pipeline.train.loop import cache_fingerprint, check_run, train_student
+from pipeline.train.summary import TrainSummary
 
 forward_library_logs()
 
@@ -25,17 +26,17 @@ COMPARISON_COLUMNS = ("student", "methods", "val_accuracy", "train_seconds", "me
 
 
 @task(name="train-student", persist_result=False, task_run_name="train-{config.student}", tags=["accelerator"])
-def train_task(config: TrainConfig) -> dict[str, Any]:
+def train_task(config: TrainConfig) -> TrainSummary:
     summary = train_student(config)
     get_run_logger().info("%s [%s]: val accuracy %.4f after %d epochs (%.1f s); run directory %s", config.student,
-                          "+".join(config.methods), summary["val_accuracy"], summary["epochs"],
-                          summary["train_seconds"], config.out)
+                          "+".join(config.methods), summary.val_accuracy, summary.epochs,
+                          summary.train_seconds, config.out)
     return summary
 
 
-def sweep_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def sweep_rows(summaries: list[TrainSummary]) -> list[dict[str, Any]]:
     """One row per run: the columns people compare students by."""
-    return [{**{k: s[k] for k in COMPARISON_COLUMNS}, "methods": "+".join(s["methods"])} for s in summaries]
+    return [{**s.model_dump(include=set(COMPARISON_COLUMNS)), "methods": "+".join(s.methods)} for s in summaries]
 
 
 def sweep_artifact_key(cache: str, sweep: Optional[str]) -> str:
@@ -47,7 +48,7 @@ def sweep_artifact_key(cache: str, sweep: Optional[str]) -> str:
 
 
 @task(name="publish-comparison", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
-def publish_comparison(cache: str, sweep: Optional[str], out: str, summaries: list[dict[str, Any]]) -> None:
+def publish_comparison(cache: str, sweep: Optional[str], out: str, summaries: list[TrainSummary]) -> None:
     create_table_artifact(key=sweep_artifact_key(cache, sweep), table=sweep_rows(summaries),
                           description=f"Students trained from {cache} into {out}")
 
@@ -63,7 +64,7 @@ def plan_sweep(cache: str, students: list[Student], out: str, settings: TrainSet
 
 @flow(name="train-students", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
 def train_students(cache: str, students: list[Student], out: str, settings: TrainSettings = TrainSettings(),
-                   sweep: Optional[str] = None, task_timeout: Optional[PositiveFloat] = None) -> list[dict[str, Any]]:
+                   sweep: Optional[str] = None, task_timeout: Optional[PositiveFloat] = None) -> list[TrainSummary]:
     """Train every student of `students` from `cache`, one run directory each, one at a time (on CPU one
     training run already uses every core).
 

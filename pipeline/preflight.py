@@ -12,9 +12,7 @@ would be worthless and the mistake is near certain, or a warning line where the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -26,6 +24,7 @@ from pipeline.methods import list_methods, resolve_method_spec
 from pipeline.teacher.model import load_checkpoint
 from pipeline.train.config import StudentSpec, TrainConfig
 from pipeline.train.rundir import SUMMARY
+from pipeline.train.summary import TrainSummary
 
 CHANCE_MARGIN = 0.1
 """A teacher is near chance when its accuracy is below ``chance + CHANCE_MARGIN * (1 - chance)``: less than a
@@ -95,7 +94,7 @@ def untrained_classifier(students: list[StudentSpec], allow: bool = False) -> st
     return None
 
 
-def completed_run(config: TrainConfig) -> dict[str, Any] | None:
+def completed_run(config: TrainConfig) -> TrainSummary | None:
     """The summary of a run that ``--resume`` would find complete, None otherwise.
 
     Call after `check_run` accepted the config: its checkpoint then has this config's identity, and
@@ -104,4 +103,4 @@ def completed_run(config: TrainConfig) -> dict[str, Any] | None:
     summary = Path(config.out) / SUMMARY
     if not (config.settings.resume and summary.is_file()):
         return None
-    return json.loads(summary.read_text())
+    return TrainSummary.read(summary)

@@ -43,5 +43,5 @@ def test_fit_cache_and_train_from_an_imagefolder(tmp_path: Path) -> None:
 
     summary = train_student(TrainConfig(str(cache), "test_resnet", ("ce", "kd"), str(tmp_path / "run"),
                                         RunSettings(epochs=1, batch_size=12, workers=0, device="cpu")))
-    assert summary["steps"] == 3 and 0 <= summary["val_accuracy"] <= 1
+    assert summary.steps == 3 and 0 <= summary.val_accuracy <= 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["cache"] == str(cache)

@@ -23,8 +23,8 @@ def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, dig
     from flows.cache_teacher import cache_artifact_key, cache_teacher
 
     result = cache_teacher(cache_request(tmp_path / "flow"))
-    assert result["written_shards"] == 4 and result["skipped_shards"] == 0
-    assert result["images"] == 1437 * 3 and result["images_per_second"] > 0
+    assert result.written_shards == 4 and result.skipped_shards == 0
+    assert result.images == 1437 * 3 and result.images_per_second > 0
     flow_cache, reference = TeacherCache(tmp_path / "flow"), TeacherCache(digits_cache)
     for name in ("logits/dense", "features/pooled", "stats/pca/components", "stats/cka/ir"):
         np.testing.assert_array_equal(flow_cache.read(name), reference.read(name), err_msg=name)

@@ -174,8 +174,8 @@ def test_head_less_teacher_cache_then_tcs_and_elsh_training(cache_request, tmp_p
     plain.load_state_dict(torch.load(tmp_path / "run" / "student.pt", weights_only=True), strict=True)
     val = load_dataset("digits", "val")
     accuracy = evaluate_accuracy(plain, val, m.teacher.input_size, m.teacher.mean, m.teacher.std)
-    assert summary["val_accuracy"] == accuracy  # the reported accuracy is the saved student's
-    assert summary["params"] == sum(p.numel() for p in plain.parameters())
+    assert summary.val_accuracy == accuracy  # the reported accuracy is the saved student's
+    assert summary.params == sum(p.numel() for p in plain.parameters())
 
 
 @pytest.mark.slow
@@ -201,4 +201,4 @@ def test_a_weak_teacher_whose_pca_is_narrower_than_the_classes_does_not_leave_tc
     summary = train_student(TrainConfig(str(cache), "test_resnet", ("ce", "tcs"), str(tmp_path / "run"),
                                         RunSettings(epochs=3, batch_size=32, workers=0, device="cpu")))
     chance = 1 / info.manifest.dataset.num_classes
-    assert summary["val_accuracy"] > 3 * chance
+    assert summary.val_accuracy > 3 * chance

@@ -17,6 +17,7 @@ from pipeline.train.config import RunSettings, TrainConfig, TrainError
 from pipeline.train.loop import check_run, resolve_methods, student_taps, train_student
 from pipeline.train.rundir import RunDir
 from pipeline.train.student import Student
+from pipeline.train.summary import TrainSummary
 
 STUDENT = "test_resnet"
 SUMMARY_KEYS = {"student", "methods", "seed", "epochs", "val_accuracy", "train_seconds", "mean_step_seconds",
@@ -40,10 +41,12 @@ def test_run_directory_holds_config_metrics_summary_and_plain_student_weights(ma
 
     run = tmp_path / "run"
     assert TrainConfig(**json.loads((run / "config.json").read_text())) == cfg
-    assert SUMMARY_KEYS <= set(summary) and json.loads((run / "summary.json").read_text()) == summary
-    assert 0 <= summary["val_accuracy"] <= 1 and summary["online_teacher"] is False and summary["world_size"] == 1
-    assert summary["methods"] == ["ce", "kd:T=2", "fitnet:weight=0.5", "dkd:warmup=0"]
-    assert summary["mean_step_seconds"] > 0 and summary["peak_rss_bytes"] > 0 and summary["steps"] == 4
+    written = json.loads((run / "summary.json").read_text())
+    # summary.json keeps its keys, in the order they have always been written (other tools read the file).
+    assert SUMMARY_KEYS <= set(written) and written == summary.to_dict() and list(written) == list(TrainSummary.model_fields)
+    assert 0 <= summary.val_accuracy <= 1 and summary.online_teacher is False and summary.world_size == 1
+    assert summary.methods == ["ce", "kd:T=2", "fitnet:weight=0.5", "dkd:warmup=0"]
+    assert summary.mean_step_seconds > 0 and summary.peak_rss_bytes > 0 and summary.steps == 4
 
     lines = _lines(run)
     steps, epochs = [r for r in lines if r["kind"] == "step"], [r for r in lines if r["kind"] == "epoch"]
@@ -51,7 +54,7 @@ def test_run_directory_holds_config_metrics_summary_and_plain_student_weights(ma
     for r in steps:
         terms = r["ce"] + r["kd"] + r["fitnet"] + r["dkd_tckd"] + r["dkd_nckd"]
         assert r["loss"] == pytest.approx(terms, rel=1e-5) and r["epoch"] == 0
-    assert epochs[0]["val_accuracy"] == summary["val_accuracy"]
+    assert epochs[0]["val_accuracy"] == summary.val_accuracy
 
     # student.pt is a plain timm state dict: the FitNet map is training-only.
     state = torch.load(run / "student.pt", weights_only=True)
@@ -165,7 +168,7 @@ def test_eval_every_evaluates_on_schedule_and_after_the_last_epoch(make_cache, t
     cfg = config(make_cache(n=40), tmp_path / "run", epochs=3, eval_every=2)
     summary = train_student(cfg)
     evaluated = [r["epoch"] for r in _lines(tmp_path / "run") if r["kind"] == "epoch" and "val_accuracy" in r]
-    assert evaluated == [1, 2] and summary["val_accuracy"] is not None
+    assert evaluated == [1, 2] and summary.val_accuracy is not None
 
 
 def test_peak_rss_of_a_process_spawned_by_a_large_parent_is_its_own() -> None:
