@@ -508,7 +508,7 @@ def train_cmd(
     start_temporary_server()
     with show_progress():
         summaries = train_students(str(cache), students, str(out), params, sweep=plan.sweep,
-                                   task_timeout=plan.task_timeout)
+                                   task_timeout=plan.task_timeout, checked=True)
     print_students(f"students trained from {cache}", summaries)
     report_skipped("the val split", summaries[0].val_skipped_images or [])
 

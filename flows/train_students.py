@@ -53,18 +53,20 @@ def publish_comparison(cache: str, sweep: Optional[str], out: str, summaries: li
                           description=f"Students trained from {cache} into {out}")
 
 
-def plan_sweep(cache: str, students: list[Student], out: str, settings: TrainSettings) -> list[TrainConfig]:
-    """One checked `TrainConfig` per student: bad input fails here, before any student trains."""
+def plan_sweep(cache: str, students: list[Student], out: str, settings: TrainSettings,
+               check: bool = True) -> list[TrainConfig]:
+    """One `TrainConfig` per student, checked (`check`): bad input fails here, before any student trains."""
     configs = plan_runs(cache, [s.spec() for s in students], out, settings.run_settings())
     opened = None  # the cache is opened and its shards hashed once for the whole sweep
-    for config in configs:
+    for config in configs if check else ():
         opened = check_run(config, cache=opened)
     return configs
 
 
 @flow(name="train-students", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
 def train_students(cache: str, students: list[Student], out: str, settings: TrainSettings = TrainSettings(),
-                   sweep: Optional[str] = None, task_timeout: Optional[PositiveFloat] = None) -> list[TrainSummary]:
+                   sweep: Optional[str] = None, task_timeout: Optional[PositiveFloat] = None,
+                   checked: bool = False) -> list[TrainSummary]:
     """Train every student of `students` from `cache`, one run directory each, one at a time (on CPU one
     training run already uses every core).
 
@@ -76,9 +78,12 @@ def train_students(cache: str, students: list[Student], out: str, settings: Trai
         settings: training settings shared by every student
         sweep: the sweep's name, the key of its comparison artifact (default: from the cache's identity)
         task_timeout: fail a student's task that runs longer than this many seconds (default: no bound)
+        checked: the caller already ran `plan_sweep` on these parameters (the CLI does, before Prefect
+            starts), so the sweep is planned without opening and hashing the cache again; each student's
+            run still verifies it before training
     """
     out = run_path(out)
-    configs = plan_sweep(cache, students, out, settings)
+    configs = plan_sweep(cache, students, out, settings, check=not checked)
     get_run_logger().info("training %d student(s) from %s into %s", len(configs), cache, out)
     summaries = list(train_task.with_options(timeout_seconds=task_timeout).map(configs).result())
     publish_comparison(cache, sweep, out, summaries)
