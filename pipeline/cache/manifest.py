@@ -47,7 +47,7 @@ class Section(BaseModel):
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
-        except ValidationError as e:  # one line, as from every other config; a manifest's reader says which
+        except ValidationError as e:  # one line, as from every other config; within a manifest, it says where
             if _READING.get():
                 raise
             raise one_line_error(e) from None
@@ -60,6 +60,8 @@ class Section(BaseModel):
         reading = _READING.set(True)  # pydantic validates through `__init__`, which must not add keys then
         try:
             return cls(**data)
+        except ValidationError as e:
+            raise one_line_error(e) from None
         finally:
             _READING.reset(reading)
 

@@ -98,7 +98,7 @@ def test_stats_recompute_from_features_needs_no_teacher(digits_cache: Path, tmp_
     monkeypatch.setattr(model, "create_timm_model", lambda *a, **k: pytest.fail("teacher constructed"))
     info = recompute_statistics(str(copy), cka_source="features")
     cache = TeacherCache(copy)
-    assert info["cka_source"] == "features" and cache.manifest.status == "complete"
+    assert info.cka_source == "features" and cache.manifest.status == "complete"
     feats = cache.read("features/pooled")[:, 0].astype(np.float64)
     labels = cache.read("samples/labels")
     m = np.bincount(labels).min()
