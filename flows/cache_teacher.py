@@ -169,9 +169,8 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
     plan = plan_task(request)
     if plan.complete:
         logger.info("cache %s is already complete with this identity; nothing to do", plan.root)
-        return {"cache": plan.root, "num_samples": Manifest.load(plan.root).dataset.num_samples, "images": 0,
-                "pass_seconds": 0.0, "images_per_second": 0.0, "skipped_shards": plan.num_shards,
-                "written_shards": 0}
+        return CacheResult(cache=plan.root, num_samples=Manifest.load(plan.root).dataset.num_samples, images=0,
+                           pass_seconds=0.0, skipped_shards=plan.num_shards, written_shards=0)
     logger.info("teacher pass into %s: %d shards to write, %d reused", plan.root, len(plan.pending), len(plan.done))
     start = time.perf_counter()
     futures = shard_task.with_options(timeout_seconds=task_timeout).map(unmapped(request), plan.pending)

@@ -78,7 +78,7 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(make_cache, tmp_pa
     monkeypatch.undo()
     resumed = train_student(config(cache, tmp_path / "killed", epochs=2, resume=True, device="cpu"))
 
-    assert resumed["val_accuracy"] == whole["val_accuracy"] and resumed["steps"] == whole["steps"]
+    assert resumed.val_accuracy == whole.val_accuracy and resumed.steps == whole.steps
     drop = ("step_seconds",)
     strip = lambda run: [{k: v for k, v in r.items() if k not in drop} for r in _lines(run)]  # noqa: E731
     assert strip(tmp_path / "killed") == strip(tmp_path / "whole")
@@ -97,7 +97,7 @@ def test_resume_refuses_another_config_and_a_fresh_run_never_overwrites(make_cac
         check_run(config(cache, tmp_path / "run", methods=("ce",), resume=True))
     # The same config resumes a finished run: nothing left to train, the same summary again.
     again = train_student(config(cache, tmp_path / "run", resume=True))
-    assert again["steps"] == 2 and len(_lines(tmp_path / "run")) == 3
+    assert again.steps == 2 and len(_lines(tmp_path / "run")) == 3
 
 
 def test_refuses_a_partial_cache_and_one_that_fails_its_checksums(make_cache, tmp_path: Path) -> None:
@@ -217,7 +217,7 @@ def test_a_run_directory_in_use_is_refused_naming_its_holder_and_released_when_t
             break
         except TrainError:
             time.sleep(0.05)
-    assert train_student(config(cache, out))["steps"] == 2
+    assert train_student(config(cache, out)).steps == 2
 
 
 def test_a_torn_last_metrics_line_is_dropped_and_the_run_resumes_exactly(make_cache, tmp_path: Path,
@@ -241,7 +241,7 @@ def test_a_torn_last_metrics_line_is_dropped_and_the_run_resumes_exactly(make_ca
     assert not (tmp_path / "killed" / "metrics.jsonl").read_text().endswith("\n")
     resumed = train_student(config(cache, tmp_path / "killed", epochs=2, resume=True))
 
-    assert resumed["val_accuracy"] == whole["val_accuracy"] and resumed["steps"] == whole["steps"]
+    assert resumed.val_accuracy == whole.val_accuracy and resumed.steps == whole.steps
     strip = lambda run: [{k: v for k, v in r.items() if k != "step_seconds"} for r in _lines(run)]  # noqa: E731
     assert strip(tmp_path / "killed") == strip(tmp_path / "whole")
     a, b = (torch.load(tmp_path / run / "student.pt", weights_only=True) for run in ("whole", "killed"))

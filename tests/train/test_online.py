@@ -61,8 +61,8 @@ def test_a_run_and_its_online_twin_have_the_same_per_step_losses_and_accuracy(di
     rel = np.abs(cached - live) / np.abs(cached)
     print(f"cached vs online: max relative per-step loss difference {rel.max():.2e}")
     assert rel.max() < 1e-3
-    assert runs[True]["val_accuracy"] == runs[False]["val_accuracy"]
-    assert runs[True]["online_teacher"] and not runs[False]["online_teacher"]
+    assert runs[True].val_accuracy == runs[False].val_accuracy
+    assert runs[True].online_teacher and not runs[False].online_teacher
 
 
 def test_live_feature_maps_equal_the_cached_ones_in_the_stored_dtype(featmaps_cache: Path) -> None:
