@@ -51,7 +51,7 @@ def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, dig
     assert flow_cache.verify_integrity() == []  # the report is no file the integrity checks know or refuse
 
     again = cache_teacher(cache_request(tmp_path / "flow"))
-    assert again["written_shards"] == 0 and again["skipped_shards"] == 4
+    assert again.written_shards == 0 and again.skipped_shards == 4
 
 
 def _records(root: Path) -> list[Path]:
