@@ -27,7 +27,7 @@ from pydantic import PositiveFloat
 from flows.runtime import (EVENT_TIMEOUT_S, PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path,
                            transient_io)
 from pipeline.cache import statistics
-from pipeline.cache.manifest import Manifest, ShardRecord
+from pipeline.cache.manifest import Manifest, ShardRecord, StatsSection
 from pipeline.cache.statistics import ShardStats
 from pipeline.cache.store import TeacherCache
 from pipeline.cache.summary import array_rows, human_bytes
@@ -36,6 +36,7 @@ from pipeline.report.content import gather_report
 from pipeline.report.html import write_report
 from pipeline.report.markdown import report_markdown
 from pipeline.teacher import forward, plan
+from pipeline.teacher.cache_pass import CacheResult
 from pipeline.teacher.plan import CachePlan, CacheRequest
 from pipeline.teacher.model import TeacherError
 from pipeline.train.loop import cache_fingerprint
@@ -64,7 +65,7 @@ def shard_stats_task(root: str, index: int) -> ShardStats:
 
 
 @task(name="reduce-statistics", persist_result=False, **IO_RETRIES)
-def reduce_task(root: str, parts: list[ShardStats], cka_source: str) -> dict[str, Any]:
+def reduce_task(root: str, parts: list[ShardStats], cka_source: str) -> StatsSection:
     return statistics.reduce_statistics(root, parts, cka_source)
 
 
@@ -98,11 +99,11 @@ def summary_rows(root: str) -> list[dict[str, Any]]:
             for r in array_rows(cache)]
 
 
-def summary_markdown(root: str, result: dict[str, Any]) -> str:
+def summary_markdown(root: str, result: CacheResult) -> str:
     """The cache report's sections as markdown (tables and text; the figures are in the HTML report)."""
     report = gather_report(TeacherCache(root), samples=0)
-    throughput = (f"Teacher pass: {result['images']} images in {result['pass_seconds']:.1f} s "
-                  f"({result['images_per_second']:.0f} images/s; {result['skipped_shards']} shards reused).")
+    throughput = (f"Teacher pass: {result.images} images in {result.pass_seconds:.1f} s "
+                  f"({result.images_per_second:.0f} images/s; {result.skipped_shards} shards reused).")
     return report_markdown(report, f"Teacher cache `{root}`", intro=["", throughput])
 
 
@@ -113,7 +114,7 @@ def cache_artifact_key(kind: str, cache: TeacherCache) -> str:
 
 
 @task(name="publish-cache-artifacts", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
-def publish_task(root: str, result: dict[str, Any]) -> Path:
+def publish_task(root: str, result: CacheResult) -> Path:
     """The arrays table, the summary and the HTML report's link, keyed by the cache's identity; returns
     the report's path."""
     cache = TeacherCache(root)
@@ -140,7 +141,7 @@ def cache_address(root: str) -> str:
 
 
 @task(name="emit-cache-completed", persist_result=False, timeout_seconds=EVENT_TIMEOUT_S)
-def emit_cache_completed(root: str, result: dict[str, Any]) -> None:
+def emit_cache_completed(root: str, result: CacheResult) -> None:
     """The event a deployment trigger starts a student sweep on (resource labels are strings)."""
     cache = TeacherCache(root)
     m, fingerprint = cache.manifest, cache_fingerprint(cache)
@@ -151,12 +152,11 @@ def emit_cache_completed(root: str, result: dict[str, Any]) -> None:
                          "distillery.cache.fingerprint": fingerprint,
                          "distillery.dataset": str(m.dataset.name),
                          "distillery.teacher": str(m.teacher.model)},
-               payload={"num_samples": result["num_samples"], "images": result["images"],
-                        "pass_seconds": result["pass_seconds"]})
+               payload=result.model_dump(include={"num_samples", "images", "pass_seconds"}))
 
 
 @flow(name="cache-teacher", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
-def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] = None) -> dict[str, Any]:
+def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] = None) -> CacheResult:
     """Run the teacher once over the dataset and store everything students need (README, "The teacher cache").
 
     Args:
@@ -169,9 +169,8 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
     plan = plan_task(request)
     if plan.complete:
         logger.info("cache %s is already complete with this identity; nothing to do", plan.root)
-        return {"cache": plan.root, "num_samples": Manifest.load(plan.root).dataset.num_samples, "images": 0,
-                "pass_seconds": 0.0, "images_per_second": 0.0, "skipped_shards": plan.num_shards,
-                "written_shards": 0}
+        return CacheResult(cache=plan.root, num_samples=Manifest.load(plan.root).dataset.num_samples, images=0,
+                           pass_seconds=0.0, skipped_shards=plan.num_shards, written_shards=0)
     logger.info("teacher pass into %s: %d shards to write, %d reused", plan.root, len(plan.pending), len(plan.done))
     start = time.perf_counter()
     futures = shard_task.with_options(timeout_seconds=task_timeout).map(unmapped(request), plan.pending)
@@ -186,16 +185,15 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
     reduce_task(plan.root, parts, request.cka_source)
     manifest = complete_task(plan.root, records)
     images = sum(r.count for r in new_records) * (manifest.views.num_augmented + 1)
-    result = {"cache": plan.root, "num_samples": manifest.dataset.num_samples, "images": images,
-              "pass_seconds": pass_seconds, "images_per_second": images / pass_seconds if pass_seconds > 0 else 0.0,
-              "skipped_shards": len(plan.done), "written_shards": len(new_records)}
+    result = CacheResult(cache=plan.root, num_samples=manifest.dataset.num_samples, images=images,
+                         pass_seconds=pass_seconds, skipped_shards=len(plan.done), written_shards=len(new_records))
     logger.info("teacher pass: %d images in %.1f s (%.0f images/s); cache complete at %s", images, pass_seconds,
-                result["images_per_second"], cache_address(plan.root))
+                result.images_per_second, cache_address(plan.root))
     logger.info("HTML report written to %s", publish_task(plan.root, result))
     emit_cache_completed(plan.root, result)
     return result
 
 
-def run_cache_teacher(request: CacheRequest, runner: str = "thread", workers: int = 2) -> dict[str, Any]:
+def run_cache_teacher(request: CacheRequest, runner: str = "thread", workers: int = 2) -> CacheResult:
     """`cache_teacher(request)` on the task runner named by `runner` (see `task_runner`)."""
     return cache_teacher.with_options(task_runner=task_runner(runner, workers))(request)

@@ -40,6 +40,7 @@ from pipeline.train.fit import OBJECTIVES, FitConfig  # noqa: E402
 
 if TYPE_CHECKING:
     from pipeline.train.config import RunSettings, StudentSpec
+    from pipeline.train.summary import TrainSummary
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect's console logs would tear through the progress display and print a traceback before the one-line
@@ -277,9 +278,9 @@ def cache_cmd(
     start_temporary_server()
     with cache_lock(out), show_progress():  # one writer per cache: a second gets one line
         result = run_cache_teacher(request, task_runner_spec, dask_workers)
-    console.print(f"cached {result['num_samples']} samples into {result['cache']}: teacher pass "
-                  f"{result['images']} images in {result['pass_seconds']:.1f} s = "
-                  f"{result['images_per_second']:.0f} images/s ({result['skipped_shards']} shards reused)")
+    console.print(f"cached {result.num_samples} samples into {result.cache}: teacher pass "
+                  f"{result.images} images in {result.pass_seconds:.1f} s = "
+                  f"{result.images_per_second:.0f} images/s ({result.skipped_shards} shards reused)")
     warn(teacher_near_chance(TeacherCache(out)))
 
 
@@ -305,7 +306,7 @@ def stats_cmd(
 ) -> None:
     """Recompute dataset-level statistics from a complete cache (no teacher)."""
     info = recompute_statistics(str(cache), cka_source=cka_source, lsh_bits=lsh_bits)
-    console.print_json(json.dumps(info))
+    console.print_json(json.dumps(info.to_dict()))
 
 
 @app.command("inspect")
@@ -343,8 +344,8 @@ def inspect_cmd(
         print_table("feature maps, bytes per sample-view", maps)
     tail = m.files.get("teacher_tail")
     if tail:
-        console.print(f"teacher tail  {tail['file']}  {tail['family']} stages {', '.join(tail['stages'])}  "
-                      f"{human_bytes(tail['bytes'])}  sha256={tail['sha256'][:12]}")
+        console.print(f"teacher tail  {tail.file}  {tail.family} stages {', '.join(tail.stages or [])}  "
+                      f"{human_bytes(tail.bytes)}  sha256={tail.sha256[:12]}")
     acc = teacher_accuracy_per_view(c)
     if acc:
         print_table("teacher per view", acc)
@@ -499,8 +500,8 @@ def train_cmd(
     done = {c.out: completed_run(c) for c in configs}
     for run_dir, summary in done.items():
         if summary is not None:
-            console.print(f"{run_dir}: already complete ({summary['epochs']} epochs, val accuracy "
-                          f"{summary['val_accuracy']:.2%}); nothing to train")
+            console.print(f"{run_dir}: already complete ({summary.epochs} epochs, val accuracy "
+                          f"{summary.val_accuracy:.2%}); nothing to train")
     if all(done.values()):
         print_students(f"students trained from {cache} (already complete)", list(done.values()))
         return
@@ -509,9 +510,9 @@ def train_cmd(
     start_temporary_server()
     with show_progress():
         summaries = train_students(str(cache), students, str(out), params, sweep=plan.sweep,
-                                   task_timeout=plan.task_timeout)
+                                   task_timeout=plan.task_timeout, checked=True)
     print_students(f"students trained from {cache}", summaries)
-    report_skipped("the val split", summaries[0]["val_skipped_images"])
+    report_skipped("the val split", summaries[0].val_skipped_images or [])
 
 
 @app.command("methods")
@@ -585,8 +586,8 @@ def train_distributed(cache: str, students: "list[StudentSpec]", out: str, setti
     else:
         summaries = [launch(config, nproc) for config in configs]
     if world.is_main:
-        print_students(f"students trained from {cache} by {summaries[0]['world_size']} processes", summaries)
-        report_skipped("the val split", summaries[0]["val_skipped_images"])
+        print_students(f"students trained from {cache} by {summaries[0].world_size} processes", summaries)
+        report_skipped("the val split", summaries[0].val_skipped_images or [])
 
 
 @app.command("runs")
@@ -617,7 +618,7 @@ def runs_cmd(
         Console(stderr=True).print(f"plot written to {plot}")  # stderr: stdout may be a markdown table
 
 
-def print_students(title: str, summaries: list[dict]) -> None:
+def print_students(title: str, summaries: "list[TrainSummary]") -> None:
     """The comparison table of a sweep, formatted for people (the flow's artifact keeps raw numbers)."""
     from flows.train_students import sweep_rows
 
@@ -635,7 +636,7 @@ def print_experiment(name: str, result: dict, markdown: bool) -> None:
     teacher = result["teacher"]
     accuracy = "no head" if teacher["val_accuracy"] is None else f"val accuracy {teacher['val_accuracy']:.2%}"
     console.print(f"teacher {experiment.teacher} ({'reused' if teacher['reused'] else 'fitted'}): {accuracy}; "
-                  f"cache {result['cache']['cache']}")
+                  f"cache {result['cache'].cache}")
     if markdown:
         console.print(results_markdown(result["rows"]), soft_wrap=True, highlight=False)
         return

@@ -17,6 +17,7 @@ from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs,
 from flows.train_students import train_students
 from pipeline.experiments import DEFAULT_ROOT, get_experiment, result_rows, results_markdown, reusable_teacher
 from pipeline.train.fit import fit_teacher
+from pipeline.train.summary import TrainSummary
 from pipeline.teacher.model import load_checkpoint
 
 forward_library_logs()
@@ -55,12 +56,12 @@ def run_experiment(name: str, seeds: list[int], root: str = str(DEFAULT_ROOT),
     experiment = get_experiment(name).select(rows)
     teacher = fit_or_reuse_teacher(name, root)
     cached = cache_teacher(experiment.cache_request(Path(root)))
-    summaries: dict[str, list[dict[str, Any]]] = {label: [] for label in experiment.rows}
+    summaries: dict[str, list[TrainSummary]] = {label: [] for label in experiment.rows}
     for seed in seeds:
         for label, methods in experiment.rows.items():
             run = experiment.run_dir(Path(root), label, seed)
             # One flow run per student keeps each run directory named by its row, not by its slug.
-            [summary] = train_students(cached["cache"], [Student(student=experiment.student, methods=list(methods))],
+            [summary] = train_students(cached.cache, [Student(student=experiment.student, methods=list(methods))],
                                        str(run), TrainSettings.of(experiment.run_settings(seed)),
                                        sweep=f"{name}-{label}")
             summaries[label].append(summary)

@@ -18,6 +18,7 @@ from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs,
 from pipeline.cache.store import TeacherCache
 from pipeline.train.config import TrainConfig, plan_runs
 from pipeline.train.loop import cache_fingerprint, check_run, train_student
+from pipeline.train.summary import TrainSummary
 
 forward_library_logs()
 
@@ -25,17 +26,17 @@ COMPARISON_COLUMNS = ("student", "methods", "val_accuracy", "train_seconds", "me
 
 
 @task(name="train-student", persist_result=False, task_run_name="train-{config.student}", tags=["accelerator"])
-def train_task(config: TrainConfig) -> dict[str, Any]:
+def train_task(config: TrainConfig) -> TrainSummary:
     summary = train_student(config)
     get_run_logger().info("%s [%s]: val accuracy %.4f after %d epochs (%.1f s); run directory %s", config.student,
-                          "+".join(config.methods), summary["val_accuracy"], summary["epochs"],
-                          summary["train_seconds"], config.out)
+                          "+".join(config.methods), summary.val_accuracy, summary.epochs,
+                          summary.train_seconds, config.out)
     return summary
 
 
-def sweep_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def sweep_rows(summaries: list[TrainSummary]) -> list[dict[str, Any]]:
     """One row per run: the columns people compare students by."""
-    return [{**{k: s[k] for k in COMPARISON_COLUMNS}, "methods": "+".join(s["methods"])} for s in summaries]
+    return [{**s.model_dump(include=set(COMPARISON_COLUMNS)), "methods": "+".join(s.methods)} for s in summaries]
 
 
 def sweep_artifact_key(cache: str, sweep: Optional[str]) -> str:
@@ -47,23 +48,25 @@ def sweep_artifact_key(cache: str, sweep: Optional[str]) -> str:
 
 
 @task(name="publish-comparison", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
-def publish_comparison(cache: str, sweep: Optional[str], out: str, summaries: list[dict[str, Any]]) -> None:
+def publish_comparison(cache: str, sweep: Optional[str], out: str, summaries: list[TrainSummary]) -> None:
     create_table_artifact(key=sweep_artifact_key(cache, sweep), table=sweep_rows(summaries),
                           description=f"Students trained from {cache} into {out}")
 
 
-def plan_sweep(cache: str, students: list[Student], out: str, settings: TrainSettings) -> list[TrainConfig]:
-    """One checked `TrainConfig` per student: bad input fails here, before any student trains."""
+def plan_sweep(cache: str, students: list[Student], out: str, settings: TrainSettings,
+               check: bool = True) -> list[TrainConfig]:
+    """One `TrainConfig` per student, checked (`check`): bad input fails here, before any student trains."""
     configs = plan_runs(cache, [s.spec() for s in students], out, settings.run_settings())
     opened = None  # the cache is opened and its shards hashed once for the whole sweep
-    for config in configs:
+    for config in configs if check else ():
         opened = check_run(config, cache=opened)
     return configs
 
 
 @flow(name="train-students", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
 def train_students(cache: str, students: list[Student], out: str, settings: TrainSettings = TrainSettings(),
-                   sweep: Optional[str] = None, task_timeout: Optional[PositiveFloat] = None) -> list[dict[str, Any]]:
+                   sweep: Optional[str] = None, task_timeout: Optional[PositiveFloat] = None,
+                   checked: bool = False) -> list[TrainSummary]:
     """Train every student of `students` from `cache`, one run directory each, one at a time (on CPU one
     training run already uses every core).
 
@@ -75,9 +78,12 @@ def train_students(cache: str, students: list[Student], out: str, settings: Trai
         settings: training settings shared by every student
         sweep: the sweep's name, the key of its comparison artifact (default: from the cache's identity)
         task_timeout: fail a student's task that runs longer than this many seconds (default: no bound)
+        checked: the caller already ran `plan_sweep` on these parameters (the CLI does, before Prefect
+            starts), so the sweep is planned without opening and hashing the cache again; each student's
+            run still verifies it before training
     """
     out = run_path(out)
-    configs = plan_sweep(cache, students, out, settings)
+    configs = plan_sweep(cache, students, out, settings, check=not checked)
     get_run_logger().info("training %d student(s) from %s into %s", len(configs), cache, out)
     summaries = list(train_task.with_options(timeout_seconds=task_timeout).map(configs).result())
     publish_comparison(cache, sweep, out, summaries)

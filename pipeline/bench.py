@@ -98,8 +98,8 @@ def _train_once(config: dict[str, Any]) -> dict[str, Any]:
     # what the run itself holds (models, optimizer, activations, data), the part a GPU would hold.
     start = rss_bytes()
     summary = train_student(TrainConfig(**config))
-    return {"start_rss_bytes": start, **{k: summary[k] for k in ("mean_step_seconds", "peak_rss_bytes", "steps",
-                                                                  "params")}}
+    return {"start_rss_bytes": start,
+            **summary.model_dump(include={"mean_step_seconds", "peak_rss_bytes", "steps", "params"})}
 
 
 def model_flops(model: str, num_classes: int, in_chans: int, size: int) -> int:
@@ -214,9 +214,9 @@ def bench_ddp(tmp: str, quick: bool = False, student: str = "test_resnet", batch
             settings = RunSettings(epochs=epochs, batch_size=batch_size, device="cpu", eval_every=epochs)
             out = str(Path(tmp) / f"ddp-{nproc}x{threads}-{r}")
             summary = launch(TrainConfig(cache, student, ("ce", "kd"), out, settings), nproc, True, threads)
-            rates[(nproc, threads)].append(summary["num_samples"] * epochs / summary["train_seconds"])
+            rates[(nproc, threads)].append(summary.num_samples * epochs / summary.train_seconds)
     best = {c: max(v) for c, v in rates.items()}
-    return {"bench": "ddp", "student": student, "num_samples": summary["num_samples"], "epochs": epochs,
+    return {"bench": "ddp", "student": student, "num_samples": summary.num_samples, "epochs": epochs,
             "batch_size_per_process": batch_size, "rounds": rounds, "cpus": cpus,
             "rows": [{"processes": n, "threads": t, "samples_per_s": best[(n, t)],
                       "over_one": best[(n, t)] / best[configs[0]]} for n, t in best]}

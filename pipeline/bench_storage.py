@@ -35,11 +35,11 @@ def cache_bytes(root: str) -> dict[str, Any]:
     against `tinyvit_bytes`."""
     cache = TeacherCache(root)
     sample_views = cache.num_samples * cache.num_views
-    rows = [{"array": name, "dtype": meta["dtype"], "bytes": cache.array(name).nbytes_stored() / sample_views}
+    rows = [{"array": name, "dtype": meta.dtype, "bytes": cache.array(name).nbytes_stored() / sample_views}
             for name, meta in cache.manifest.arrays.items()]
     rows.append({"array": "shards (raw inputs)", "dtype": "uint8",
                  "bytes": sum(r.bytes for r in cache.manifest.records()) / sample_views})
-    stats = cache.manifest.stats.get("arrays", [])
+    stats = cache.manifest.stats.arrays
     rows.append({"array": f"statistics ({len(stats)} arrays)", "dtype": "-",
                  "bytes": sum(cache.array(n).nbytes_stored() for n in stats) / sample_views})
     logits = sum(r["bytes"] for r in rows if r["array"].startswith("logits/"))
@@ -95,7 +95,7 @@ def format_1_twin(root: str, out: str) -> str:
     cache = TeacherCache(root)
     manifest = Manifest.load(root)
     manifest.format_version, manifest.status = 1, "partial"
-    manifest.shards = [{k: s[k] for k in ("index", "start", "stop")} for s in manifest.shards]
+    manifest.shards = [s.planned() for s in manifest.records()]
     writer = CacheWriter.create_or_resume(out, manifest)
     records = []
     for record, path in zip(cache.manifest.records(), cache.shard_paths()):

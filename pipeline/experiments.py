@@ -23,6 +23,7 @@ from pipeline.teacher.plan import CacheRequest
 from pipeline.train.fit import FitConfig
 from pipeline.train.config import RunSettings
 from pipeline.train.optim import OptimConfig
+from pipeline.train.summary import TrainSummary
 from pipeline.errors import DistilleryError
 
 DEFAULT_ROOT = Path("runs/experiments")
@@ -114,7 +115,7 @@ def reusable_teacher(checkpoint_config: dict[str, Any] | None, wanted: FitConfig
     return all(checkpoint_config.get(k, defaults[k]) == want[k] for k in _FIT_IDENTITY)
 
 
-def result_rows(experiment: Experiment, summaries: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def result_rows(experiment: Experiment, summaries: dict[str, list[TrainSummary]]) -> list[dict[str, Any]]:
     """One row per method combination: accuracy mean and sample std over seeds, each seed's accuracy,
     mean training time per run and mean step time (the summaries of one row, in seed order)."""
     rows = []
@@ -122,14 +123,14 @@ def result_rows(experiment: Experiment, summaries: dict[str, list[dict[str, Any]
         runs = summaries.get(label, [])
         if not runs:
             continue
-        acc = [100 * r["val_accuracy"] for r in runs]
+        acc = [100 * r.val_accuracy for r in runs]
         rows.append({
             "methods": label,
             "accuracy": statistics.fmean(acc),
             "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
             "seeds": " / ".join(f"{a:.2f}" for a in acc),
-            "train_s": statistics.fmean(r["train_seconds"] for r in runs),
-            "step_ms": 1000 * statistics.fmean(r["mean_step_seconds"] for r in runs),
+            "train_s": statistics.fmean(r.train_seconds for r in runs),
+            "step_ms": 1000 * statistics.fmean(r.mean_step_seconds for r in runs),
         })
     return rows
 

@@ -12,9 +12,7 @@ would be worthless and the mistake is near certain, or a warning line where the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -27,6 +25,7 @@ from pipeline.object_store import location
 from pipeline.teacher.model import load_checkpoint
 from pipeline.train.config import StudentSpec, TrainConfig
 from pipeline.train.rundir import SUMMARY
+from pipeline.train.summary import TrainSummary
 
 CHANCE_MARGIN = 0.1
 """A teacher is near chance when its accuracy is below ``chance + CHANCE_MARGIN * (1 - chance)``: less than a
@@ -74,7 +73,7 @@ def teacher_near_chance(cache: TeacherCache) -> str | None:
     if accuracy >= chance + CHANCE_MARGIN * (1 - chance):
         return None
     return (f"the teacher of {cache.root} is near chance: {accuracy:.2%} on the clean view of the cached "
-            f"{cache.manifest.dataset['split']} samples, chance {chance:.2%}; students distilled from it learn "
+            f"{cache.manifest.dataset.split} samples, chance {chance:.2%}; students distilled from it learn "
             f"little: refit it with more epochs (distillery fit-teacher) and cache again")
 
 
@@ -96,7 +95,7 @@ def untrained_classifier(students: list[StudentSpec], allow: bool = False) -> st
     return None
 
 
-def completed_run(config: TrainConfig) -> dict[str, Any] | None:
+def completed_run(config: TrainConfig) -> TrainSummary | None:
     """The summary of a run that ``--resume`` would find complete, None otherwise.
 
     Call after `check_run` accepted the config: its checkpoint then has this config's identity, and
@@ -105,4 +104,4 @@ def completed_run(config: TrainConfig) -> dict[str, Any] | None:
     summary = location(config.out) / SUMMARY
     if not (config.settings.resume and summary.is_file()):
         return None
-    return json.loads(summary.read_text())
+    return TrainSummary.read(summary)

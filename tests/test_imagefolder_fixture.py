@@ -38,10 +38,10 @@ def test_fit_cache_and_train_from_an_imagefolder(tmp_path: Path) -> None:
     run_cache_pass(CacheRequest(dataset=dataset, teacher="test_resnet", checkpoint=str(checkpoint), out=str(cache),
                                 views=1, shard_size=16, batch_size=16, block_size=8, device="cpu"))
     stored = TeacherCache(cache)
-    assert stored.manifest.status == "complete" and stored.manifest.dataset["class_names"] == ["one", "two", "zero"]
+    assert stored.manifest.status == "complete" and stored.manifest.dataset.class_names == ["one", "two", "zero"]
     assert stored.read("logits/dense").shape == (36, 2, 3) and len(stored.manifest.shards) == 3
 
     summary = train_student(TrainConfig(str(cache), "test_resnet", ("ce", "kd"), str(tmp_path / "run"),
                                         RunSettings(epochs=1, batch_size=12, workers=0, device="cpu")))
-    assert summary["steps"] == 3 and 0 <= summary["val_accuracy"] <= 1
+    assert summary.steps == 3 and 0 <= summary.val_accuracy <= 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["cache"] == str(cache)

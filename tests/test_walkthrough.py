@@ -66,7 +66,7 @@ def test_a_method_needing_a_new_target_is_cached_served_and_trained(toy_target_a
     cache = TeacherCache(root)
     assert POOLED_NORM in cache.available_targets() and cache.target_shapes(frozenset({POOLED_NORM})) == {
         POOLED_NORM: (1,)}
-    assert cache.manifest.arrays["features/pooled_norm"] == {"shape": [120, 2, 1], "dtype": "float16"}
+    assert cache.manifest.arrays["features/pooled_norm"].to_dict() == {"shape": [120, 2, 1], "dtype": "float16"}
     pooled = cache.read("features/pooled").astype(np.float32)
     np.testing.assert_allclose(cache.read("features/pooled_norm")[..., 0].astype(np.float32),
                                np.linalg.norm(pooled, axis=-1), rtol=2e-3)
@@ -75,7 +75,7 @@ def test_a_method_needing_a_new_target_is_cached_served_and_trained(toy_target_a
         out = tmp_path / f"run-online-{online}"
         summary = train_student(TrainConfig(str(root), "test_resnet", ("ce", "test_pooled_norm"), str(out),
                                             RunSettings(epochs=1, batch_size=40, workers=0, online_teacher=online)))
-        assert summary["online_teacher"] is online
+        assert summary.online_teacher is online
         steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         terms = [s["test_pooled_norm"] for s in steps if "test_pooled_norm" in s]
         assert terms and all(np.isfinite(terms))

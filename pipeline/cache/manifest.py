@@ -10,13 +10,11 @@ import json
 import platform
 import contextvars
 import copy
-from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import ItemsView, KeysView
-from typing import Any
+from typing import Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from pipeline.object_store import ObjectPath, location, write_whole_bytes
 from pipeline.errors import DistilleryError
@@ -39,50 +37,47 @@ _READING = contextvars.ContextVar("reading_a_manifest", default=False)
 
 class Section(BaseModel):
     """A typed manifest section. Keys a manifest has and this model does not declare are kept (a newer or
-    older writer's), and only the keys a manifest has are written back, in its order, so a manifest reads and
-    saves byte for byte (`tests/cache/test_old_cache.py`). ``section["key"]`` (read and assign), ``get``,
-    ``keys`` and ``items`` work like the plain dict the section was before, for code still written that way
-    (`pipeline/report/`)."""
+    older writer's), and only the keys a manifest has are written back, so a manifest reads and saves byte
+    for byte (`tests/cache/test_old_cache.py`)."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=(), validate_assignment=True)
+    WRITES_DEFAULTS: ClassVar[bool] = True
+    """Whether a section built by code writes its defaults too (False: only the keys it was given)."""
 
     def __init__(self, **data: Any) -> None:
-        """Built by code (a writer): every field is written, defaults included."""
         try:
             super().__init__(**data)
-        except ValidationError as e:  # one line, as from every other config
+        except ValidationError as e:  # one line, as from every other config; within a manifest, it says where
+            if _READING.get():
+                raise
             raise one_line_error(e) from None
-        if not _READING.get():
+        if not _READING.get() and self.WRITES_DEFAULTS:
             self.__pydantic_fields_set__.update(type(self).model_fields)
 
     @classmethod
-    def read(cls, data: dict[str, Any]) -> Section:
+    def read(cls, data: dict[str, Any]) -> Self:
         """Read from a manifest: only the keys it has are written back."""
         reading = _READING.set(True)  # pydantic validates through `__init__`, which must not add keys then
         try:
             return cls(**data)
+        except ValidationError as e:
+            raise one_line_error(e) from None
         finally:
             _READING.reset(reading)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(exclude_unset=True)
+        return {k: _plain(getattr(self, k)) for k in self.model_dump(exclude_unset=True)}
 
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.to_dict():
-            raise KeyError(key)
-        return getattr(self, key)
 
-    def __setitem__(self, key: str, value: Any) -> None:
-        setattr(self, key, value)  # validated (StorageSpec is frozen: refused)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_dict().get(key, default)
-
-    def keys(self) -> KeysView[str]:
-        return self.to_dict().keys()
-
-    def items(self) -> ItemsView[str, Any]:
-        return self.to_dict().items()
+def _plain(value: Any) -> Any:
+    """`value` as its JSON holds it: sections as their dicts, containers copied."""
+    if isinstance(value, Section):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return copy.deepcopy(value)
 
 
 class TeacherSection(Section):
@@ -190,29 +185,101 @@ class StorageSpec(Section):
         return StorageSpec.read({**self.to_dict(), **changes})
 
 
-SECTIONS: dict[str, type[Section]] = {"teacher": TeacherSection, "dataset": DatasetSection, "views": ViewsSection,
-                                      "storage": StorageSpec}
-"""The typed sections of a manifest, by name."""
+class ArraySpec(Section):
+    """`arrays[name]`: a per-sample zarr array's shape (samples first) and dtype."""
+
+    model_config = ConfigDict(strict=True)
+
+    shape: list[int]
+    dtype: str
+
+    @model_validator(mode="after")
+    def _check(self) -> ArraySpec:
+        if not self.shape:
+            raise CacheError("an array's shape lists at least its sample count")
+        return self
 
 
-@dataclass(frozen=True)
-class ShardRecord:
-    """One finished shard: its sample range and the checksums a rerun verifies before skipping it."""
+class ShardRange(Section):
+    """`shards[i]` as planned: sample range [start, stop) of shard `index`, not yet written."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
     index: int
     start: int
     stop: int
-    file: str  # relative to the cache root
-    sha256: str
-    bytes: int
-    rows_sha256: str  # digest of this shard's rows in every per-sample zarr array
-    # Written since the integrity checks (README "Security model and integrity"); empty in older records.
-    arrays_sha256: dict[str, str] = field(default_factory=dict)  # per array: digest of this shard's rows
-    blocks_sha256: list[str] = field(default_factory=list)  # per tar member, in order: sha256 of its bytes
 
     @property
     def count(self) -> int:
         return self.stop - self.start
+
+
+class ShardRecord(ShardRange):
+    """One finished shard: its sample range and the checksums a rerun verifies before skipping it."""
+
+    file: str  # relative to the cache root
+    sha256: str
+    bytes: int
+    rows_sha256: str  # digest of this shard's rows in every per-sample zarr array
+    # Written since the integrity checks (README "Security model and integrity"); absent in older records.
+    arrays_sha256: dict[str, str] = Field(default_factory=dict)  # per array: digest of this shard's rows
+    blocks_sha256: list[str] = Field(default_factory=list)  # per tar member, in order: sha256 of its bytes
+
+    def planned(self) -> ShardRange:
+        """The range alone, as a cache's plan lists it."""
+        return ShardRange(index=self.index, start=self.start, stop=self.stop)
+
+
+class FileRecord(Section):
+    """`files[name]`: a side file of the cache (`teacher_tail.pt`) and the digest it is checked against."""
+
+    model_config = ConfigDict(strict=True)
+
+    file: str
+    sha256: str
+    bytes: int
+    family: str | None = None  # teacher_tail: the tail's model family and stages
+    stages: list[str] | None = None
+
+
+class LshRecord(Section):
+    """`stats.lsh`: the LSH codes' bits, how many rows trained the planes, and the faiss index file."""
+
+    model_config = ConfigDict(strict=True)
+
+    bits: int
+    train_rows: int
+    index: str
+    index_sha256: str
+
+
+class StatsSection(Section):
+    """`stats`: which dataset-level arrays exist and the numbers they came with (docs/ARCHITECTURE.md §4).
+    Written in the order its writer gave (which changed between versions), so every cache saves as it read."""
+
+    model_config = ConfigDict(strict=True)
+    WRITES_DEFAULTS: ClassVar[bool] = False  # a key is written only when its statistic was computed
+
+    _order: tuple[str, ...] = PrivateAttr(default=())
+
+    arrays: list[str] = Field(default_factory=list)
+    cka_source: str | None = None
+    cka_samples_per_class: int | None = None
+    pca_components_90: int | None = None
+    features_count: int | None = None
+    lsh: LshRecord | None = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_order(cls, data: Any, handler: Any) -> StatsSection:
+        section = handler(data)
+        if isinstance(data, dict):
+            section._order = tuple(data)
+        return section
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        return {k: out[k] for k in sorted(out, key=lambda k: self._order.index(k) if k in self._order else 99)}
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -237,29 +304,34 @@ def library_versions() -> dict[str, str]:
             "faiss": faiss.__version__}
 
 
-@dataclass
-class Manifest:
+class Manifest(BaseModel):
+    """The whole manifest; built by the teacher pass's plan, read by `load`."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
     teacher: TeacherSection
     dataset: DatasetSection
     views: ViewsSection
     storage: StorageSpec
-    arrays: dict[str, dict[str, Any]]  # name -> {"shape": [...], "dtype": "..."}
-    shards: list[dict[str, Any]] = field(default_factory=list)  # planned ranges, then records
-    stats: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, ArraySpec]  # the per-sample arrays, by zarr path
+    shards: list[ShardRecord | ShardRange] = Field(default_factory=list)  # planned ranges, then records
+    stats: StatsSection = Field(default_factory=lambda: StatsSection.read({}))
     status: str = "partial"
     format_version: int = FORMAT_VERSION
-    versions: dict[str, str] = field(default_factory=library_versions)
-    created: str = field(default_factory=now_iso)
+    versions: dict[str, str] = Field(default_factory=library_versions)
+    created: str = Field(default_factory=now_iso)
     completed: str | None = None
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # side files (teacher_tail.pt): sha256, bytes
+    files: dict[str, FileRecord] = Field(default_factory=dict)  # side files (teacher_tail.pt)
     # Dataset-level arrays (stats/*, lsh/codes) -> `array_digest`, written with them; empty in older caches.
-    digests: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, str] = Field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        # Sections arrive as the JSON's (or a writer's) dicts; anything else is left to `wrongly_typed`.
-        for name, section in SECTIONS.items():
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, section.read(getattr(self, name)))
+    def __init__(self, **data: Any) -> None:
+        """Sections given as dicts (a file's or a writer's) keep only the keys they have."""
+        reading = _READING.set(True)  # pydantic builds them through `Section.__init__`
+        try:
+            super().__init__(**data)
+        finally:
+            _READING.reset(reading)
 
     def identity(self) -> dict[str, Any]:
         ident = {k: getattr(self, k).to_dict() for k in IDENTITY_SECTIONS}
@@ -269,8 +341,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as its JSON holds it."""
-        return {f.name: getattr(self, f.name).to_dict() if f.name in SECTIONS else copy.deepcopy(getattr(self, f.name))
-                for f in fields(self)}
+        return {name: _plain(getattr(self, name)) for name in type(self).model_fields}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
@@ -300,56 +371,38 @@ class Manifest:
                              f"{' and '.join(map(str, READ_FORMATS))}; re-run `distillery cache` into a new --out")
         try:
             manifest = cls(**data)
-            manifest.records()
-            num_samples = manifest.dataset["num_samples"]
-        except (TypeError, KeyError) as e:  # missing or unknown fields: a damaged or crafted manifest
-            raise CacheError(f"{path} does not have the fields of a cache manifest ({e}); delete the cache and "
-                             f"re-run `distillery cache`") from None
-        except DistilleryError as e:  # a section's field missing, of the wrong type or out of its range
-            raise CacheError(f"{path}: a section does not hold what a cache manifest holds ({e}); delete the cache "
-                             f"and re-run `distillery cache`") from None
-        wrong = manifest.wrongly_typed()
-        if wrong:
-            raise CacheError(f"{path}: field {wrong} has the wrong type (damaged or edited); delete the cache and "
-                             f"re-run `distillery cache`")
-        if not _ranges_cover(manifest.shards, num_samples):
+        except ValidationError as e:
+            raise CacheError(f"{path}{_problem(e)}; delete the cache and re-run `distillery cache`") from None
+        if not _ranges_cover(manifest.shards, manifest.dataset.num_samples):
             raise CacheError(f"{path}: the shard ranges do not cover samples [0, dataset.num_samples) in order "
                              f"(damaged or edited); delete the cache and re-run `distillery cache`")
         return manifest
 
-    def wrongly_typed(self) -> str | None:
-        """The first section (or array entry) whose JSON type is not the one this module writes, if any."""
-        for name in ("teacher", "dataset", "views", "storage", "arrays", "stats", "files", "digests"):
-            if not isinstance(getattr(self, name), (dict, Section)):
-                return name
-        if not isinstance(self.shards, list) or not all(isinstance(s, dict) for s in self.shards):
-            return "shards"
-        for name, meta in self.arrays.items():
-            shape = meta.get("shape") if isinstance(meta, dict) else None
-            if not (isinstance(shape, list) and shape and all(isinstance(d, int) for d in shape)
-                    and isinstance(meta.get("dtype"), str)):
-                return f"arrays.{name}"
-        if not all(isinstance(v, dict) for v in self.files.values()):
-            return "files"
-        if not isinstance(self.stats.get("lsh", {}), dict) or not isinstance(self.stats.get("arrays", []), list):
-            return "stats"
-        return None
-
     def records(self) -> list[ShardRecord]:
         """The finished shards' records (a complete cache has one per shard)."""
-        return [ShardRecord(**s) for s in self.shards if "file" in s]
+        return [s for s in self.shards if isinstance(s, ShardRecord)]
 
 
-def _ranges_cover(shards: list[dict[str, Any]], num_samples: object) -> bool:
+def _problem(error: ValidationError) -> str:
+    """What a manifest that does not validate gets wrong, from its first error (the message's middle)."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"][:2])
+    original = first.get("ctx", {}).get("error")
+    if isinstance(original, DistilleryError):  # a section's field out of its range
+        return f": a section does not hold what a cache manifest holds ({original})"
+    if first["type"] in ("missing", "extra_forbidden") or first["loc"][0] == "shards":
+        return f" does not have the fields of a cache manifest ({first['type']}: {where})"
+    return f": field {where} has the wrong type (damaged or edited)"
+
+
+def _ranges_cover(shards: list[ShardRange], num_samples: int) -> bool:
     """Whether shard i covers [start, stop) with each start the previous stop, from 0 to `num_samples`."""
     stop = 0
     for i, s in enumerate(shards):
-        if not isinstance(s, dict) or s.get("index") != i or s.get("start") != stop:
+        if s.index != i or s.start != stop or s.stop <= stop:
             return False
-        if not isinstance(s.get("stop"), int) or s["stop"] <= stop:
-            return False
-        stop = s["stop"]
-    return bool(shards) and isinstance(num_samples, int) and stop == num_samples
+        stop = s.stop
+    return bool(shards) and stop == num_samples
 
 
 def identity_mismatch(stored: dict[str, Any], requested: dict[str, Any], prefix: str = "",

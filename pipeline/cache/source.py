@@ -14,10 +14,10 @@ def source_dataset(cache: TeacherCache) -> ImageDataset:
     (docs/ARCHITECTURE.md §4 `samples/ids` "stored order"), and an equal fingerprint means equal ids and labels.
     """
     d = cache.manifest.dataset
-    dataset = load_dataset(d["name"], split=d["split"], subset=d.get("subset"), seed=d.get("subset_seed", 0),
-                           on_bad_image=d.get("on_bad_image", "fail"))
-    if dataset.fingerprint() != d["fingerprint"]:
-        raise CacheError(f"the dataset {d['name']} ({d['split']}) found here is not the one {cache.root} was made "
-                         f"from (fingerprint {dataset.fingerprint()[:12]}, cache {str(d['fingerprint'])[:12]}); "
+    dataset = load_dataset(d.name, split=d.split, subset=d.subset, seed=d.subset_seed,
+                           on_bad_image=d.on_bad_image or "fail")
+    if dataset.fingerprint() != d.fingerprint:
+        raise CacheError(f"the dataset {d.name} ({d.split}) found here is not the one {cache.root} was made "
+                         f"from (fingerprint {dataset.fingerprint()[:12]}, cache {d.fingerprint[:12]}); "
                          f"run where the original data is")
     return dataset

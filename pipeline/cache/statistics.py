@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 
 from pipeline.cache.lock import cache_lock
-from pipeline.cache.manifest import CacheError
+from pipeline.cache.manifest import CacheError, LshRecord, StatsSection
 from pipeline.cache.store import LSH_INDEX_NAME, LSH_STATS_ARRAYS, CacheWriter, TeacherCache, block_key
 from pipeline.cache.targets import GAUSSIAN, LOGITS, POOLED
 from pipeline.checksums import sha256_bytes
@@ -97,7 +97,7 @@ def cka_rows(cache: TeacherCache, source: str) -> tuple[np.ndarray, np.ndarray]:
     return values, labels[take]
 
 
-def lsh_statistics(cache: TeacherCache, bits: int) -> tuple[dict[str, np.ndarray], bytes, dict[str, Any]]:
+def lsh_statistics(cache: TeacherCache, bits: int) -> tuple[dict[str, np.ndarray], bytes, LshRecord]:
     """Train LSH planes on the view-0 pooled features and encode every stored sample (README "The teacher
     cache", Statistics): the arrays (planes, thresholds, view-0 codes `lsh/codes` (N, 1, bits/8) uint8), the serialized faiss
     neighbour index and its manifest record. Reads the stored features only (no teacher); memory is one
@@ -105,17 +105,17 @@ def lsh_statistics(cache: TeacherCache, bits: int) -> tuple[dict[str, np.ndarray
     pooled = cache.array(cache.target_arrays(POOLED)[0])
     rows = training_rows(cache.num_samples)
     projection = train_lsh(pooled.oindex[rows, 0].astype(np.float32), bits)
-    codes = np.concatenate([encode(pooled[s["start"]:s["stop"], 0].astype(np.float32), projection)
+    codes = np.concatenate([encode(pooled[s.start:s.stop, 0].astype(np.float32), projection)
                             for s in cache.manifest.shards])
     index = faiss.serialize_index_binary(build_index(codes)).tobytes()
     arrays = {"stats/lsh/planes": projection.planes, "stats/lsh/thresholds": projection.thresholds,
               "lsh/codes": codes[:, None]}
-    return arrays, index, {"bits": bits, "train_rows": len(rows), "index": LSH_INDEX_NAME,
-                           "index_sha256": sha256_bytes(index)}
+    return arrays, index, LshRecord(bits=bits, train_rows=len(rows), index=LSH_INDEX_NAME,
+                                    index_sha256=sha256_bytes(index))
 
 
 def reduce_statistics(root: str, parts: list[ShardStats], cka_source: str = "auto",
-                      lsh_bits: int | None = None) -> dict[str, Any]:
+                      lsh_bits: int | None = None) -> StatsSection:
     """Merge the shards' partials; write PCA, class stats, CKA interrelations, Gaussian summaries and, with
     LSH bits (`lsh_bits`, default the storage's), the LSH planes, codes and index: all committed at once
     (`CacheWriter.write_stats`), with the storage's `lsh_bits` updated to match."""
@@ -147,11 +147,12 @@ def reduce_statistics(root: str, parts: list[ShardStats], cka_source: str = "aut
         lsh_arrays, index, info["lsh"] = lsh_statistics(cache, bits)
         arrays.update(lsh_arrays)
         info["arrays"] = sorted([*info["arrays"], *LSH_STATS_ARRAYS])
-    CacheWriter(root, cache.manifest).write_stats(arrays, info, lsh_index=index, storage={"lsh_bits": bits})
-    return info
+    stats = StatsSection(**info)  # the keys in the order computed, as the manifest has always had them
+    CacheWriter(root, cache.manifest).write_stats(arrays, stats, lsh_index=index, storage={"lsh_bits": bits})
+    return stats
 
 
-def recompute_statistics(root: str, cka_source: str = "auto", lsh_bits: int | None = None) -> dict[str, Any]:
+def recompute_statistics(root: str, cka_source: str = "auto", lsh_bits: int | None = None) -> StatsSection:
     """`distillery stats`: rebuild the dataset-level statistics of a complete cache, without the teacher.
 
     `lsh_bits` replaces the cache's LSH bits (its `storage.lsh_bits`, so the manifest stays truthful;

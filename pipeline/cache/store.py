@@ -24,7 +24,6 @@ import tarfile
 import tempfile
 import zipfile
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,7 +34,8 @@ import zarr
 
 from pipeline.checksums import sha256_bytes, sha256_file
 from pipeline.cache.integrity import array_digest, confined_path, inside, non_finite_rows, rows_digest
-from pipeline.cache.manifest import CacheError, Manifest, ShardRecord, identity_mismatch, now_iso
+from pipeline.cache.manifest import (CacheError, FileRecord, Manifest, ShardRecord, StatsSection,
+                                     identity_mismatch, now_iso)
 from pipeline.cache.targets import LOGITS, TARGETS
 from pipeline.object_store import ObjectPath, location, open_binary, write_whole, write_whole_bytes
 
@@ -188,11 +188,11 @@ class _CacheFiles:
     def check_paths(self) -> None:
         """Refuse a manifest naming a file outside the cache: shard files must resolve inside `shards/`, the
         side files are the fixed names this module writes, and `arrays.zarr` must not lead elsewhere."""
-        for i, s in enumerate(self.manifest.shards):
-            if "file" in s:
-                confined_path(self.root, s["file"], f"manifest shards[{i}].file", under=SHARDS_DIR)
-        fixed = {"files.teacher_tail.file": (self.manifest.files.get("teacher_tail") or {}).get("file", TAIL_NAME),
-                 "stats.lsh.index": (self.manifest.stats.get("lsh") or {}).get("index", LSH_INDEX_NAME)}
+        for record in self.manifest.records():
+            confined_path(self.root, record.file, f"manifest shards[{record.index}].file", under=SHARDS_DIR)
+        tail, lsh = self.manifest.files.get("teacher_tail"), self.manifest.stats.lsh
+        fixed = {"files.teacher_tail.file": tail.file if tail else TAIL_NAME,
+                 "stats.lsh.index": lsh.index if lsh else LSH_INDEX_NAME}
         for field, name in fixed.items():
             if name not in (TAIL_NAME, LSH_INDEX_NAME):
                 raise CacheError(f"{self.root}: manifest {field} ({name!r}) is not a file this cache writes; the "
@@ -217,14 +217,16 @@ class _CacheFiles:
         """Whether `teacher_tail.pt` is recorded in the manifest and its file still has that sha256."""
         record = self.manifest.files.get("teacher_tail")
         path = self.root / TAIL_NAME
-        return record is not None and path.is_file() and sha256_file(path) == record["sha256"]
+        return record is not None and path.is_file() and sha256_file(path) == record.sha256
 
     def shard_record(self, index: int) -> ShardRecord | None:
         """Shard `index`'s record: the manifest's once the cache is finalized, else the one written beside
         the shard (None when that is missing or unreadable)."""
         listed = self.manifest.shards[index]
+        if isinstance(listed, ShardRecord):
+            return listed
         try:
-            return ShardRecord(**(listed if "file" in listed else json.loads(self.record_path(index).read_bytes())))
+            return ShardRecord.read(json.loads(self.record_path(index).read_bytes()))
         except (OSError, ValueError, TypeError):
             return None
 
@@ -286,8 +288,8 @@ class CacheWriter(_CacheFiles):
         writer = cls(root, manifest)
         shard_size = manifest.storage.shard_size
         for name, meta in manifest.arrays.items():
-            shape = tuple(meta["shape"])
-            writer.group.create_array(name, shape=shape, chunks=(shard_size, *shape[1:]), dtype=meta["dtype"],
+            shape = tuple(meta.shape)
+            writer.group.create_array(name, shape=shape, chunks=(shard_size, *shape[1:]), dtype=meta.dtype,
                                       fill_value=0, compressors=ROW_COMPRESSOR,
                                       config={"write_empty_chunks": True})
         manifest.save(root)
@@ -304,12 +306,12 @@ class CacheWriter(_CacheFiles):
         if not path.is_file() or not inside(path, self.root / SHARDS_DIR):
             return None
         try:
-            record = ShardRecord(**json.loads(path.read_bytes()))
+            record = ShardRecord.read(json.loads(path.read_bytes()))
         except (ValueError, TypeError):  # a torn or damaged record: rewrite the shard
             return None
         planned = self.manifest.shards[index]
         if (record.index, record.start, record.stop, record.file) != (
-                index, planned["start"], planned["stop"], str(shard.relative_to(self.root))):
+                index, planned.start, planned.stop, str(shard.relative_to(self.root))):
             return None
         if not shard.is_file() or not inside(shard, self.root / SHARDS_DIR) or sha256_file(shard) != record.sha256:
             return None
@@ -328,15 +330,15 @@ class CacheWriter(_CacheFiles):
         # Exactly the bytes zarr will hold (its dtype, no broadcasting), so the record's digest can be
         # taken from memory instead of reading the shard back.
         layout = self.manifest.arrays
-        rows = {name: as_stored_dtype(rows[name], meta["dtype"]) for name, meta in layout.items()}
+        rows = {name: as_stored_dtype(rows[name], meta.dtype) for name, meta in layout.items()}
         for name, meta in layout.items():
-            if rows[name].shape != (stop - start, *meta["shape"][1:]):
+            if rows[name].shape != (stop - start, *meta.shape[1:]):
                 raise CacheError(f"shard {index}: {name} has shape {rows[name].shape}, "
-                                 f"expected {(stop - start, *meta['shape'][1:])}")
+                                 f"expected {(stop - start, *meta.shape[1:])}")
             bad = non_finite_rows(rows[name])
             if len(bad):
                 ids = rows["samples/ids"][bad[:5]].tolist() if "samples/ids" in rows else (start + bad[:5]).tolist()
-                raise CacheError(f"shard {index}: {name} is not finite as {meta['dtype']} for {len(bad)} samples "
+                raise CacheError(f"shard {index}: {name} is not finite as {meta.dtype} for {len(bad)} samples "
                                  f"(ids {ids}{'...' if len(bad) > 5 else ''}): the teacher's values overflow the "
                                  f"stored dtype (float16 holds |x| <= 65504) or are NaN; check the checkpoint "
                                  f"(the cache stays partial)")
@@ -357,7 +359,7 @@ class CacheWriter(_CacheFiles):
                              rows_sha256=rows_digest(rows),
                              arrays_sha256={name: rows_digest({name: rows[name]}) for name in layout},
                              blocks_sha256=[sha256_bytes(data) for _, data in members])
-        write_whole_bytes(self.record_path(index), json.dumps(asdict(record)).encode())
+        write_whole_bytes(self.record_path(index), json.dumps(record.to_dict()).encode())
         return record
 
     def write_teacher_tail(self, spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -368,12 +370,12 @@ class CacheWriter(_CacheFiles):
         json.dumps(spec)  # a TypeError here beats an unreadable file later
         path = self.root / TAIL_NAME
         write_whole(path, lambda f: torch.save({"spec": dict(spec), "state_dict": dict(state_dict)}, f))
-        self.manifest.files["teacher_tail"] = {"file": TAIL_NAME, "sha256": sha256_file(path),
-                                               "bytes": path.stat().st_size, "family": spec["family"],
-                                               "stages": list(spec["stages"])}
+        self.manifest.files["teacher_tail"] = FileRecord(file=TAIL_NAME, sha256=sha256_file(path),
+                                                         bytes=path.stat().st_size, family=spec["family"],
+                                                         stages=list(spec["stages"]))
         self.manifest.save(self.root)
 
-    def write_stats(self, arrays: Mapping[str, np.ndarray], stats: Mapping[str, Any],
+    def write_stats(self, arrays: Mapping[str, np.ndarray], stats: StatsSection,
                     lsh_index: bytes | None = None, storage: Mapping[str, Any] | None = None) -> None:
         """Replace the dataset-level arrays (`stats/...`, `lsh/codes`) and the manifest's `stats` section,
         committed only once all of it is written.
@@ -416,26 +418,26 @@ class CacheWriter(_CacheFiles):
                 os.replace(staging / ARRAYS_NAME / name, target)
         if lsh_index is not None:
             write_whole_bytes(self.root / LSH_INDEX_NAME, lsh_index)
-        removed = [n for n in self.manifest.stats.get("arrays", []) if n not in stats.get("arrays", [])]
-        self.manifest.stats = dict(stats)
+        removed = [n for n in self.manifest.stats.arrays if n not in stats.arrays]
+        self.manifest.stats = stats
         self.manifest.digests = {n: d for n, d in self.manifest.digests.items() if n not in removed} | digests
         self.manifest.storage = self.manifest.storage.replace(**(storage or {}))
         self.manifest.save(self.root)
         for name in removed:
             if name in self.group and name not in arrays:
                 del self.group[name]
-        if "lsh" not in stats:
+        if stats.lsh is None:
             (self.root / LSH_INDEX_NAME).unlink(missing_ok=True)
         if local:
             shutil.rmtree(staging)
 
     def finalize(self, records: list[ShardRecord]) -> Manifest:
         """Mark the cache complete: every planned shard has a verified record."""
-        planned = {s["index"] for s in self.manifest.shards}
+        planned = {s.index for s in self.manifest.shards}
         done = {r.index for r in records}
         if planned != done:
             raise CacheError(f"cannot complete the cache: shards {sorted(planned - done)} are not written")
-        self.manifest.shards = [asdict(r) for r in sorted(records, key=lambda r: r.index)]
+        self.manifest.shards = sorted(records, key=lambda r: r.index)
         self.manifest.status = "complete"
         self.manifest.completed = now_iso()
         self.manifest.save(self.root)
@@ -470,9 +472,9 @@ class TeacherCache(_CacheFiles):
         n = self.num_samples
         for name, meta in self.manifest.arrays.items():
             arr = self.array(name)
-            if list(arr.shape) != list(meta["shape"]) or str(arr.dtype) != meta["dtype"] or arr.shape[0] != n:
+            if list(arr.shape) != meta.shape or str(arr.dtype) != meta.dtype or arr.shape[0] != n:
                 raise CacheError(f"{self.zarr_path / name} has shape {list(arr.shape)} {arr.dtype}, the manifest "
-                                 f"says {meta['shape']} {meta['dtype']} with N={n} (damaged or edited); delete "
+                                 f"says {meta.shape} {meta.dtype} with N={n} (damaged or edited); delete "
                                  f"the cache and re-run `distillery cache`")
 
     def check_array(self, name: str, value: np.ndarray) -> np.ndarray:
@@ -507,7 +509,7 @@ class TeacherCache(_CacheFiles):
         return list(self.manifest.dataset.class_names)
 
     def has(self, name: str) -> bool:
-        return name in self.manifest.arrays or name in self.manifest.stats.get("arrays", [])
+        return name in self.manifest.arrays or name in self.manifest.stats.arrays
 
     def array(self, name: str) -> zarr.Array:
         """Array `name` as zarr holds it (unchecked: `read` checks a whole array against its digest)."""
@@ -561,20 +563,20 @@ class TeacherCache(_CacheFiles):
     def lsh_index(self) -> faiss.IndexBinary:
         """The faiss binary index over the view-0 LSH codes (row i = stored sample i), checked against the
         manifest's sha256."""
-        record = self.manifest.stats.get("lsh")
+        record = self.manifest.stats.lsh
         path = self.root / LSH_INDEX_NAME
         if record is None or not path.is_file() or not inside(path, self.root):
             raise CacheError(f"{self.root} has no LSH index; build one without the teacher: "
                              f"`distillery stats {self.root} --lsh-bits 64`")
         data = path.read_bytes()
-        if sha256_bytes(data) != record["index_sha256"]:
+        if sha256_bytes(data) != record.index_sha256:
             raise CacheError(f"{path} fails its sha256 (corrupt or changed); rebuild it with "
                              f"`distillery stats {self.root}`")
         return faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
 
     def statistics(self) -> dict[str, torch.Tensor]:
         """The dataset-level arrays (`stats/...`, docs/ARCHITECTURE.md §4), keyed without the `stats/` prefix."""
-        names = [n for n in self.manifest.stats.get("arrays", []) if n.startswith("stats/")]
+        names = [n for n in self.manifest.stats.arrays if n.startswith("stats/")]
         return {n.removeprefix("stats/"): torch.from_numpy(self.read(n)) for n in names}
 
     def teacher_tail(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -590,8 +592,8 @@ class TeacherCache(_CacheFiles):
 
     def shard_paths(self) -> list[Path | ObjectPath]:
         """The shard files, each confined to `<cache>/shards/` (checked again: symlinks may have changed)."""
-        return [confined_path(self.root, s["file"], f"manifest shards[{i}].file", under=SHARDS_DIR)
-                for i, s in enumerate(self.manifest.shards)]
+        return [confined_path(self.root, s.file, f"manifest shards[{s.index}].file", under=SHARDS_DIR)
+                for s in self.manifest.records()]
 
     def verify_shards(self) -> list[str]:
         """Problems found re-hashing every shard file against the manifest (empty list: all good)."""
@@ -608,15 +610,15 @@ class TeacherCache(_CacheFiles):
         full: they are small next to the per-sample arrays). Arrays written before digests existed are
         skipped: `undigested_statistics` lists them."""
         problems = []
-        for name in self.manifest.stats.get("arrays", []):
+        for name in self.manifest.stats.arrays:
             if name in self.manifest.digests:
                 try:
                     self.read(name)
                 except CacheError as e:
                     problems.append(str(e))
-        lsh = self.manifest.stats.get("lsh")
+        lsh = self.manifest.stats.lsh
         path = self.root / LSH_INDEX_NAME
-        if lsh and (not path.is_file() or sha256_file(path) != lsh.get("index_sha256")):
+        if lsh and (not path.is_file() or sha256_file(path) != lsh.index_sha256):
             problems.append(f"{path} is missing or fails its sha256; rebuild it with `distillery stats {self.root}`")
         if "teacher_tail" in self.manifest.files and not self.tail_verifies():
             problems.append(f"{self.root / TAIL_NAME} is missing or fails its sha256; {repair_hint(self.root)}")
@@ -624,7 +626,7 @@ class TeacherCache(_CacheFiles):
 
     def undigested_statistics(self) -> list[str]:
         """Statistics arrays a cache written before digests existed does not digest."""
-        return [n for n in self.manifest.stats.get("arrays", []) if n not in self.manifest.digests
+        return [n for n in self.manifest.stats.arrays if n not in self.manifest.digests
                 and n not in self.manifest.arrays]
 
     def verify_integrity(self) -> list[str]:

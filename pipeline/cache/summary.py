@@ -75,7 +75,7 @@ def featmap_rows(cache: TeacherCache) -> list[FeatmapRow]:
 
 
 def _all_array_names(cache: TeacherCache) -> list[str]:
-    return sorted(cache.manifest.arrays) + sorted(cache.manifest.stats.get("arrays", []))
+    return sorted(cache.manifest.arrays) + sorted(cache.manifest.stats.arrays)
 
 
 def teacher_accuracy_per_view(cache: TeacherCache) -> list[dict[str, float]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache.manifest import Manifest, StorageSpec, shard_ranges
+from pipeline.cache.manifest import ArraySpec, Manifest, ShardRange, StorageSpec, shard_ranges
 from pipeline.cache.store import CacheWriter, TeacherCache
 from pipeline.cache.summary import array_rows, pca_summary, teacher_accuracy_per_view
 from pipeline.data.datasets import ImageDataset, load_dataset
@@ -55,8 +55,8 @@ def write_synthetic_cache(root: str | Path, dataset: ImageDataset, views: int = 
                  "class_names": list(dataset.class_names), "channels": dataset.channels,
                  "fingerprint": dataset.fingerprint(), "subset": None, "subset_seed": 0},
         views=plan.to_dict(), storage=storage,
-        arrays={name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype) in shapes.items()},
-        shards=[{"index": i, "start": a, "stop": b} for i, (a, b) in enumerate(ranges)])
+        arrays={name: ArraySpec(shape=list(shape), dtype=dtype) for name, (shape, dtype) in shapes.items()},
+        shards=[ShardRange(index=i, start=a, stop=b) for i, (a, b) in enumerate(ranges)])
     writer = CacheWriter.create_or_resume(root, manifest)
     records = []
     for i, (a, b) in enumerate(ranges):
@@ -73,8 +73,9 @@ def write_synthetic_cache(root: str | Path, dataset: ImageDataset, views: int = 
         records.append(writer.write_shard(i, a, b, rows, [dataset.raw(p) for p in range(a, b)]))
     reduce_statistics(str(root), [shard_statistics(str(root), i) for i in range(len(ranges))])
     writer = CacheWriter(root, Manifest.load(root))
+    stats = writer.manifest.stats
     writer.write_stats({"stats/lsh/planes": planes, "stats/lsh/thresholds": thresholds},
-                       {**writer.manifest.stats, "arrays": sorted({*writer.manifest.stats["arrays"], *LSH_ARRAYS})})
+                       stats.model_copy(update={"arrays": sorted({*stats.arrays, *LSH_ARRAYS})}))
     writer.finalize(records)
     return TeacherCache(root)
 

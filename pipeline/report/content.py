@@ -54,7 +54,7 @@ class Storage:
 def storage_totals(cache: TeacherCache, rows: list[ArrayRow]) -> Storage:
     per_sample = sum(r.stored_bytes for r in rows if r.name in cache.manifest.arrays)
     statistics = sum(r.stored_bytes for r in rows if r.name not in cache.manifest.arrays)
-    shards = sum(int(s.get("bytes", 0)) for s in cache.manifest.shards)
+    shards = sum(r.bytes for r in cache.manifest.records())
     return Storage(per_sample, statistics, shards, cache.num_samples)
 
 
@@ -80,7 +80,7 @@ def cka_summary(cache: TeacherCache, top: int = TOP_PAIRS) -> CkaSummary | None:
     if not cache.has("stats/cka/ir"):
         return None
     ir = cache.read("stats/cka/ir").astype(np.float64)
-    return CkaSummary(ir, cache.class_names, str(cache.manifest.stats.get("cka_source", "logits")),
+    return CkaSummary(ir, cache.class_names, cache.manifest.stats.cka_source or "logits",
                       top_related_pairs(ir, cache.class_names, top))
 
 
@@ -97,7 +97,7 @@ class GaussianStats:
 def gaussian_stats(cache: TeacherCache) -> GaussianStats | None:
     if not cache.has("stats/gaussian/channel_mean"):
         return None
-    return GaussianStats(str(cache.manifest.storage.get("tap")), int(cache.manifest.storage.get("grid", 1)),
+    return GaussianStats(str(cache.manifest.storage.tap), cache.manifest.storage.grid,
                          cache.read("stats/gaussian/channel_mean"), cache.read("stats/gaussian/channel_std"))
 
 
@@ -266,8 +266,8 @@ def sample_views(cache: TeacherCache, count: int = 6) -> SampleViews:
     labels = cache.read("samples/labels")
     classes, first = np.unique(labels, return_index=True)
     positions = first[np.argsort(classes)][:count]
-    plan = ViewPlan.from_dict(cache.manifest.views)
-    size, channels = int(cache.manifest.teacher["input_size"]), dataset.channels
+    plan = ViewPlan(**cache.manifest.views.plan_fields())
+    size, channels = cache.manifest.teacher.input_size, dataset.channels
     images = np.stack([np.stack([
         render_view(dataset.raw(int(p)), plan.params(int(dataset.ids[p]), v), size, (0.0,) * channels,
                     (1.0,) * channels).permute(1, 2, 0).clamp(0, 1).numpy()
@@ -300,16 +300,16 @@ def teacher_provenance(cache: TeacherCache) -> TeacherProvenance:
     is recorded only in a `distillery fit-teacher` checkpoint (dataset, config; it trains on the train split
     and reports the val accuracy), read here when the file is present and its sha256 is the manifest's."""
     d, t = cache.manifest.dataset, cache.manifest.teacher
-    subset = f", a seeded subset of {d['subset']}" if d.get("subset") else ""
-    measured_on = f"{d['name']} {d['split']} split ({cache.num_samples} samples{subset}), every stored view"
-    path = t.get("checkpoint")
+    subset = f", a seeded subset of {d.subset}" if d.subset else ""
+    measured_on = f"{d.name} {d.split} split ({cache.num_samples} samples{subset}), every stored view"
+    path = t.checkpoint
     if not path:
         return TeacherProvenance(measured_on, "nothing: random weights (no checkpoint)", True)
     unknown = "the manifest records the checkpoint's path and sha256 only, not its training data"
     if not Path(path).is_file():
         return TeacherProvenance(measured_on, f"not recorded: checkpoint {path} is not on this machine ({unknown})",
                                  None)
-    if sha256_file(path) != t.get("checkpoint_sha256"):
+    if sha256_file(path) != t.checkpoint_sha256:
         return TeacherProvenance(measured_on, f"not recorded: checkpoint {path} changed since the cache was made "
                                               f"({unknown})", None)
     try:
@@ -325,7 +325,7 @@ def teacher_provenance(cache: TeacherCache) -> TeacherProvenance:
                                                    if config["subset"] else "")
                + f", {config.get('epochs')} epochs, {config.get('objective', 'supervised')}"
                + (f"; its val-split accuracy {val:.2%}" if isinstance(val, float) else ""))
-    held_out = ckpt["dataset"] != d["name"] or d["split"] != "train"
+    held_out = ckpt["dataset"] != d.name or d.split != "train"
     if not held_out:
         trained += (". This split (or part of it) is the teacher's training data: this is training accuracy, "
                     "not held-out accuracy")
@@ -336,21 +336,20 @@ def overview(cache: TeacherCache) -> list[tuple[str, str]]:
     """The manifest summary as (field, value) lines."""
     m = cache.manifest
     t, d, s = m.teacher, m.dataset, m.storage
-    sha = t.get("checkpoint_sha256")
+    sha = t.checkpoint_sha256
     return [
         ("cache", str(cache.root)), ("status", f"{m.status} (format {m.format_version})"),
         ("created", f"{m.created}, completed {m.completed or '-'}"),
-        ("teacher", f"{t['model']}, input {t['input_size']} px, head {'kept' if t.get('head', True) else 'none'}, "
-                    f"taps {', '.join(t.get('taps', [])) or '-'}"),
-        ("checkpoint", f"{t.get('checkpoint') or '- (random weights)'}" + (f", sha256 {sha[:16]}" if sha else "")),
-        ("dataset", f"{d['name']} ({d['split']}), {cache.num_samples} samples, {cache.num_classes} classes, "
-                    f"fingerprint {str(d['fingerprint'])[:16]}"),
-        ("views", f"{cache.num_views} stored: view 0 clean + {cache.num_views - 1} x {m.views.get('recipe')}, "
-                  f"seed {m.views.get('seed')}"),
-        ("storage", f"logits {s['logits']}, pooled views {s.get('pooled_views', 'all')}, tap {s.get('tap') or '-'}, "
-                    f"grid {s.get('grid', 1)}, feature maps {'yes' if s.get('featmaps') else 'no'}, "
-                    f"LSH bits {s.get('lsh_bits', 0)}"),
-        ("shards", f"{len(m.shards)} x {s['shard_size']} samples (blocks of {s.get('block_size')})"),
+        ("teacher", f"{t.model}, input {t.input_size} px, head {'kept' if t.head else 'none'}, "
+                    f"taps {', '.join(t.taps) or '-'}"),
+        ("checkpoint", f"{t.checkpoint or '- (random weights)'}" + (f", sha256 {sha[:16]}" if sha else "")),
+        ("dataset", f"{d.name} ({d.split}), {cache.num_samples} samples, {cache.num_classes} classes, "
+                    f"fingerprint {d.fingerprint[:16]}"),
+        ("views", f"{cache.num_views} stored: view 0 clean + {cache.num_views - 1} x {m.views.recipe}, "
+                  f"seed {m.views.seed}"),
+        ("storage", f"logits {s.logits}, pooled views {s.pooled_views}, tap {s.tap or '-'}, "
+                    f"grid {s.grid}, feature maps {'yes' if s.featmaps else 'no'}, LSH bits {s.lsh_bits}"),
+        ("shards", f"{len(m.shards)} x {s.shard_size} samples (blocks of {s.block_size})"),
         ("versions", ", ".join(f"{k} {v}" for k, v in m.versions.items())),
     ]
 
@@ -399,7 +398,7 @@ def gather_report(cache: TeacherCache, samples: int = 6) -> CacheReport:
         except (CacheError, DatasetError) as e:
             notes["samples"] = f"views not rendered: {e}"
     ratio = found["pca"]
-    split = f"{cache.manifest.dataset['name']} {cache.manifest.dataset['split']} split"
+    split = f"{cache.manifest.dataset.name} {cache.manifest.dataset.split} split"
     reach = {} if ratio is None else {f: components_reaching(ratio, f) for f in PCA_FRACTIONS}
     return CacheReport(overview=overview(cache), split=split, provenance=teacher_provenance(cache), arrays=rows,
                        storage=storage_totals(cache, rows), teacher=found["teacher"] or [], pca_ratio=ratio,

@@ -4,17 +4,38 @@
     plan_cache(request)            -> CachePlan       pipeline.teacher.plan
     cache_shard(request, index)    -> ShardRecord     pipeline.teacher.forward
     shard_statistics(root, index)  -> ShardStats      pipeline.cache.statistics
-    reduce_statistics(root, parts) -> dict            pipeline.cache.statistics
+    reduce_statistics(root, parts) -> StatsSection    pipeline.cache.statistics
     complete_cache(root, records)  -> Manifest        pipeline.teacher.plan
 """
 
 from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, computed_field
 
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.statistics import reduce_statistics, shard_statistics
 from pipeline.teacher.forward import cache_shard
 from pipeline.teacher.plan import CacheRequest, complete_cache, plan_cache
+
+
+class CacheResult(BaseModel):
+    """What a teacher pass did (the `cache-teacher` flow's result): the cache, its samples, and the pass's
+    throughput over the shards it wrote (shards reused from an earlier run are counted, not timed)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cache: str
+    num_samples: int
+    images: int  # sample-views rendered and run through the teacher by this pass
+    pass_seconds: float
+    skipped_shards: int
+    written_shards: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.pass_seconds if self.pass_seconds > 0 else 0.0
 
 
 def run_cache_pass(request: CacheRequest) -> Manifest:

@@ -45,7 +45,7 @@ def cache_shard(request: CacheRequest, index: int) -> ShardRecord:
     device = resolve_device(request.device)
     teacher = shared_teacher(spec, str(device))
     s = m.shards[index]
-    start, stop, v = s["start"], s["stop"], plan.num_views
+    start, stop, v = s.start, s.stop, plan.num_views
     pairs = np.array([(p, view) for p in range(start, stop) for view in range(v)], dtype=np.int64)
     batches = [pairs[i:i + request.batch_size] for i in range(0, len(pairs), request.batch_size)]
     parts: dict[str, list[np.ndarray]] = {}

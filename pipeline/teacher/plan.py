@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from pipeline.cache.manifest import Manifest, ShardRecord, StorageSpec, shard_ranges
+from pipeline.cache.manifest import ArraySpec, Manifest, ShardRange, ShardRecord, StorageSpec, shard_ranges
 from pipeline.cache.statistics import check_cka_source
 from pipeline.cache.store import CacheWriter, TeacherCache
 from pipeline.cache.targets import LOGITS, POOLED, SAMPLE_ARRAYS, STORABLE, TARGETS
@@ -156,7 +156,7 @@ def _resolve_tap(spec: TeacherSpec, tap: str, grid: int) -> str:
 
 
 def _describe_outputs(teacher: Teacher, spec: TeacherSpec, storage: StorageSpec, n: int, v: int,
-                      device: torch.device) -> tuple[dict[str, dict[str, Any]], int]:
+                      device: torch.device) -> tuple[dict[str, ArraySpec], int]:
     """The per-sample arrays (name -> shape, dtype) this teacher and storage spec produce: the sample arrays,
     then each target's, as its producer lays them out on a probe batch (`pipeline.cache.targets`); and the
     teacher's pooled width (stored or not)."""
@@ -165,14 +165,14 @@ def _describe_outputs(teacher: Teacher, spec: TeacherSpec, storage: StorageSpec,
         out: TappedOutputs = teacher(x)
     if storage.topk is not None and out.logits is not None and storage.topk >= out.logits.shape[1]:
         raise TeacherError(f"--logits topk:{storage.topk} needs k < {out.logits.shape[1]} classes; use --logits dense")
-    arrays: dict[str, dict[str, Any]] = {name: {"shape": [n], "dtype": dtype} for name, dtype in SAMPLE_ARRAYS.items()}
+    arrays = {name: ArraySpec(shape=[n], dtype=dtype) for name, dtype in SAMPLE_ARRAYS.items()}
     for target in TARGETS.values():
         if target.produce is None or not target.kept(storage):  # written with the statistics, or left out
             continue
         views = 1 if target.first_view_only(storage) else v
         dtypes = target.dtypes(storage.tap, spec.num_classes)
         for name, row in target.produce(out, storage).items():
-            arrays[name] = {"shape": [n, views, *row.shape[1:]], "dtype": dtypes[name]}
+            arrays[name] = ArraySpec(shape=[n, views, *row.shape[1:]], dtype=dtypes[name])
     return arrays, int(out.pooled.shape[-1])
 
 
@@ -221,7 +221,7 @@ def build_manifest(request: CacheRequest) -> Manifest:
         views={**plan.to_dict(), "recipe": plan.recipe},
         storage=storage,
         arrays=arrays,
-        shards=[{"index": i, "start": a, "stop": b} for i, (a, b) in enumerate(ranges)],
+        shards=[ShardRange(index=i, start=a, stop=b) for i, (a, b) in enumerate(ranges)],
     )
 
 
@@ -243,9 +243,9 @@ def plan_cache(request: CacheRequest) -> CachePlan:
     listed = {r.index: r for r in writer.manifest.records()} if was_complete else {}
     done, pending = [], []
     for s in writer.manifest.shards:
-        record = writer.finished_record(s["index"])
-        reusable = record is not None and (not was_complete or listed.get(s["index"]) == record)
-        (done.append(record) if reusable else pending.append(s["index"]))
+        record = writer.finished_record(s.index)
+        reusable = record is not None and (not was_complete or listed.get(s.index) == record)
+        (done.append(record) if reusable else pending.append(s.index))
     complete = was_complete and not pending and not TeacherCache(request.out).statistics_problems()
     if pending and was_complete:
         writer.mark_partial()

@@ -179,7 +179,7 @@ def manifest_request(root: str | Path, device: str = "cpu", batch_size: int = 25
                         view_seed=v.seed, logits=st.logits, tap=st.tap or "none", grid=st.grid, featmaps=st.featmaps,
                         teacher_tail=st.teacher_tail, store=st.store, lsh_bits=st.lsh_bits, input_size=t.input_size,
                         shard_size=st.shard_size, block_size=st.block_size,
-                        cka_source=m.stats.get("cka_source", "auto"), out=str(root), batch_size=batch_size,
+                        cka_source=m.stats.cka_source or "auto", out=str(root), batch_size=batch_size,
                         device=device, on_bad_image=d.on_bad_image or "fail")
 
 

@@ -46,6 +46,7 @@ from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.rundir import SUMMARY
 from pipeline.train.stream import rank_parts
 from pipeline.train.student import Student
+from pipeline.train.summary import TrainSummary
 
 ID_LOG_ENV = "DISTILLERY_ID_LOG"
 
@@ -207,7 +208,7 @@ def torchrun_command(nproc: int, config: TrainConfig) -> list[str]:
             "-m", "pipeline.train.distributed", json.dumps(config.to_dict())]
 
 
-def launch(config: TrainConfig, nproc: int, quiet: bool = False, threads: int | None = None) -> dict[str, Any]:
+def launch(config: TrainConfig, nproc: int, quiet: bool = False, threads: int | None = None) -> TrainSummary:
     """Train `config` with `nproc` processes under torchrun; the run's summary (RUNDIR/summary.json).
     `quiet`: keep the ranks' output, and show its end only if the run fails. `threads`: torch threads per
     process (OMP_NUM_THREADS; default: torchrun's, 1 per process when there are several)."""
@@ -219,7 +220,7 @@ def launch(config: TrainConfig, nproc: int, quiet: bool = False, threads: int | 
         said = "its ranks' output above says why" if not quiet else f"its ranks said: {' | '.join(errors or lines[-3:])}"
         raise TrainError(f"the {nproc}-process run of {config.student} into {config.out} failed (exit "
                          f"{done.returncode}); {said}")
-    return json.loads((location(config.out) / SUMMARY).read_text())
+    return TrainSummary.read(location(config.out) / SUMMARY)
 
 
 def main(argv: list[str]) -> int:

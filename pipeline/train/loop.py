@@ -38,6 +38,7 @@ from pipeline.train.optim import build_optimizer, cosine_schedule
 from pipeline.train.rundir import RunDir
 from pipeline.train.stream import CacheStream, block_sizes, epoch_seed
 from pipeline.train.student import Student
+from pipeline.train.summary import TrainSummary
 
 # Per-epoch lines; a Prefect flow forwards the `distillery` logger to its run's logs (flows.runtime).
 log = logging.getLogger("distillery.train")
@@ -50,7 +51,7 @@ def open_cache(root: str) -> TeacherCache:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CacheError(f"{problems[0]}{more}; re-run the `distillery cache` command that made {root}")
-    view_axes = [meta["shape"][1] for name, meta in cache.manifest.arrays.items() if not name.startswith("samples/")]
+    view_axes = [meta.shape[1] for name, meta in cache.manifest.arrays.items() if not name.startswith("samples/")]
     if cache.num_views < 1 or 0 in view_axes:
         raise CacheError(f"{root} stores 0 views per sample; re-run `distillery cache` (view 0 is always stored)")
     return cache
@@ -187,7 +188,7 @@ def check_run(config: TrainConfig, world_size: int | None = None, cache: Teacher
     return setup_run(config, torch.device("cpu"), world, cache).cache
 
 
-def train_student(config: TrainConfig) -> dict[str, Any]:
+def train_student(config: TrainConfig) -> TrainSummary:
     """Train `config.student` with `config.methods` from `config.cache`; write RUNDIR; return the summary.
 
     The summary (also RUNDIR/summary.json, docs/ARCHITECTURE.md §10): student, methods, seed, epochs, val_accuracy
@@ -218,7 +219,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
             return _train(config, setup, run, device, world)
 
 
-def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.device, world: World) -> dict[str, Any]:
+def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.device, world: World) -> TrainSummary:
     s = config.settings
     cache, val, size, student, methods = setup.cache, setup.val, setup.size, setup.student, setup.methods
     manifest = cache.manifest
@@ -319,17 +320,17 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
     exported = any([method.export_student(student.model) for method in methods.values()])  # every method exports
     if exported and world.is_main:
         state["val_accuracy"] = evaluate_accuracy(student.model, val, size, mean, std, device=device)
-    summary = {
-        "student": config.student, "methods": list(config.methods), "seed": s.seed, "epochs": s.epochs,
-        "val_accuracy": state["val_accuracy"], "train_seconds": state["train_seconds"],
-        "mean_step_seconds": state["step_seconds_sum"] / max(1, state["step_count"]),
-        "peak_rss_bytes": peak_rss_bytes(), "cache": config.cache, "online_teacher": s.online_teacher,
-        "params": student.num_parameters(), "teacher": manifest.teacher.model, "dataset": manifest.dataset.name,
-        "num_samples": cache.num_samples, "input_size": size, "batch_size": s.batch_size, "steps": state["step"],
-        "final_loss": state["loss"], "device": str(device), "out": config.out,
-        "val_skipped_images": list(val.skipped), "environment": describe_environment(device),
-        "world_size": world.size,
-    }
+    summary = TrainSummary(
+        student=config.student, methods=list(config.methods), seed=s.seed, epochs=s.epochs,
+        val_accuracy=state["val_accuracy"], train_seconds=state["train_seconds"],
+        mean_step_seconds=state["step_seconds_sum"] / max(1, state["step_count"]),
+        peak_rss_bytes=peak_rss_bytes(), cache=config.cache, online_teacher=s.online_teacher,
+        params=student.num_parameters(), teacher=manifest.teacher.model, dataset=manifest.dataset.name,
+        num_samples=cache.num_samples, input_size=size, batch_size=s.batch_size, steps=state["step"],
+        final_loss=state["loss"], device=str(device), out=config.out,
+        val_skipped_images=list(val.skipped), environment=describe_environment(device),
+        world_size=world.size,
+    )
     if world.is_main:
-        run.finish(student.model.state_dict(), summary)
+        run.finish(student.model.state_dict(), summary.to_dict())
     return summary

@@ -27,7 +27,7 @@ class OnlineTeacher:
         self.targets, self.device = targets, device
         self.storage = cache.manifest.storage
         self.num_classes = cache.num_classes
-        self.dtypes = {name: getattr(torch, meta["dtype"]) for name, meta in cache.manifest.arrays.items()}
+        self.dtypes = {name: getattr(torch, meta.dtype) for name, meta in cache.manifest.arrays.items()}
         self.teacher = build_teacher(self.spec, device)
 
     @staticmethod

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pipeline.cache.manifest import CacheError
+from pipeline.cache.manifest import CacheError, ShardRange
 from pipeline.cache.store import RAW_KEYS, TeacherCache, block_key, decode_block, raw_count, repair_hint, unpack_raw
 from pipeline.cache.targets import SAMPLE_ARRAYS
 from pipeline.data.rendering import worker_context
@@ -55,10 +55,9 @@ class ShardPart:
     samples: int
 
 
-def block_sizes(shards: list[dict[str, int]], block_size: int) -> list[list[int]]:
-    """Samples per block of each shard record ({start, stop}): the writer cuts a shard every `block_size`."""
-    return [[min(block_size, s["stop"] - s["start"] - b) for b in range(0, s["stop"] - s["start"], block_size)]
-            for s in shards]
+def block_sizes(shards: list[ShardRange], block_size: int) -> list[list[int]]:
+    """Samples per block of each shard: the writer cuts a shard every `block_size`."""
+    return [[min(block_size, s.count - b) for b in range(0, s.count, block_size)] for s in shards]
 
 
 def rank_parts(blocks: list[list[int]], rank: int, world_size: int) -> list[ShardPart]:
@@ -139,7 +138,7 @@ class CacheStream:
         self.mean, self.std = tuple(teacher.mean), tuple(teacher.std)
         self.plan = ViewPlan(**cache.manifest.views.plan_fields())
         self.paths = cache.shard_paths()  # refuses a shard path outside the cache before any epoch starts
-        self.blocks = block_sizes(cache.manifest.shards, cache.manifest.storage["block_size"])
+        self.blocks = block_sizes(cache.manifest.shards, cache.manifest.storage.block_size)
         self.world_size = world_size
         self.parts = rank_parts(self.blocks, rank, world_size)
 

@@ -39,7 +39,7 @@ def test_it_opens_verifies_and_serves_every_target(old_cache: Path) -> None:
     assert cache.verify_integrity() == [] and cache.undigested_statistics() == []
     assert cache.available_targets() == {LOGITS, POOLED, GAUSSIAN, FEATMAPS, LSH_CODES}
     assert cache.target_shapes(frozenset({LOGITS, FEATMAPS, LSH_CODES})) == {
-        LOGITS: (10,), FEATMAPS: tuple(cache.manifest.arrays["featmaps/layer3"]["shape"][2:]), LSH_CODES: (2,)}
+        LOGITS: (10,), FEATMAPS: tuple(cache.manifest.arrays["featmaps/layer3"].shape[2:]), LSH_CODES: (2,)}
     stream = CacheStream(cache, 32, cache.available_targets(), seed=0, shuffle_buffer=0)
     batch = next(iter(stream.loader(0, batch_size=24, workers=0)))
     order = np.argsort(batch["id"].numpy())
@@ -59,6 +59,6 @@ def test_todays_code_plans_the_same_identity_and_layout(old_cache: Path) -> None
     planned = build_manifest(CacheRequest(out=str(old_cache / "new"), **REQUEST))
     assert planned.identity() == stored.identity()
     # One planned change since that cache: top-k indices in the smallest unsigned type holding the classes.
-    assert planned.arrays.pop("logits/topk_indices") == {**stored.arrays.pop("logits/topk_indices"), "dtype": "uint8"}
-    assert planned.arrays == stored.arrays and planned.shards == [
-        {k: s[k] for k in ("index", "start", "stop")} for s in stored.shards]
+    assert planned.arrays.pop("logits/topk_indices").to_dict() == {
+        **stored.arrays.pop("logits/topk_indices").to_dict(), "dtype": "uint8"}
+    assert planned.arrays == stored.arrays and planned.shards == [s.planned() for s in stored.records()]

@@ -60,7 +60,7 @@ def test_topk_bytes_per_sample_view_are_within_tinyvit_4k_plus_4(topk_cache: Pat
     names = cache.target_arrays("logits")
     sample_views = cache.num_samples * cache.num_views
     # As stored, before compression: k float16 values, k indices sized to C, one float32 tail log-mass.
-    raw = sum(np.dtype(cache.manifest.arrays[n]["dtype"]).itemsize * int(np.prod(cache.manifest.arrays[n]["shape"][2:]))
+    raw = sum(np.dtype(cache.manifest.arrays[n].dtype).itemsize * int(np.prod(cache.manifest.arrays[n].shape[2:]))
               for n in names)
     assert raw <= 4 * K + 4
     # On disk: the compressed chunks, plus the container's overhead computed from the codec itself (what zstd

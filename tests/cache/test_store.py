@@ -94,14 +94,14 @@ def test_rewriting_a_shard_records_the_digest_of_what_zarr_holds(digits_cache: P
     shutil.copytree(digits_cache, copy)
     cache = TeacherCache(copy)
     record = cache.manifest.shards[1]
-    start, stop = record["start"], record["stop"]
+    start, stop = record.start, record.stop
     rows = {name: cache.read(name)[start:stop] for name in cache.manifest.arrays}
     # float32 rows for float16 arrays: stored (and digested) as the manifest's dtype.
     rows = {name: value.astype(np.float32) if value.dtype == np.float16 else value for name, value in rows.items()}
     raws = [np.zeros((8, 8, 1), np.uint8)] * (stop - start)
     writer = CacheWriter(copy, Manifest.load(copy))
     written = writer.write_shard(1, start, stop, rows, raws)
-    assert written.rows_sha256 == record["rows_sha256"] == writer.stored_rows_digest(start, stop)
+    assert written.rows_sha256 == record.rows_sha256 == writer.stored_rows_digest(start, stop)
     assert writer.finished_record(1) == written
 
     rows["logits/dense"] = rows["logits/dense"][:, :1]
@@ -139,9 +139,9 @@ def test_reader_serves_target_shapes_and_statistics(digits_cache: Path) -> None:
     cache = TeacherCache(digits_cache)
     shapes = cache.target_shapes(cache.available_targets())
     assert shapes["logits"] == (cache.num_classes,)
-    assert shapes["pooled"] == (cache.manifest.teacher["pooled_dim"],)
+    assert shapes["pooled"] == (cache.manifest.teacher.pooled_dim,)
     stats = cache.statistics()
-    d = cache.manifest.teacher["pooled_dim"]
+    d = cache.manifest.teacher.pooled_dim
     assert stats["pca/components"].shape == (d, d)
     assert stats["cka/ir"].shape == (cache.num_classes, cache.num_classes)
     np.testing.assert_array_equal(stats["classes/count"].numpy(), cache.read("stats/classes/count"))
@@ -164,7 +164,7 @@ def test_teacher_tail_roundtrips_and_a_changed_file_is_refused(digits_cache: Pat
     writer.write_teacher_tail(spec, state)
     got_spec, got_state = TeacherCache(copy).teacher_tail()
     assert got_spec == spec and torch.equal(got_state["0.weight"], state["0.weight"])
-    assert Manifest.load(copy).files["teacher_tail"]["bytes"] == (copy / "teacher_tail.pt").stat().st_size
+    assert Manifest.load(copy).files["teacher_tail"].bytes == (copy / "teacher_tail.pt").stat().st_size
     with open(copy / "teacher_tail.pt", "ab") as f:
         f.write(b"\0")
     with pytest.raises(CacheError, match="fails its sha256"):

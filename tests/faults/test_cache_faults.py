@@ -496,19 +496,19 @@ main()
 def test_a_stats_run_killed_before_its_commit_leaves_the_previous_cache_usable(cache: Path, good: Path,
                                                                                request_for) -> None:
     assert _killed_stats(cache, 128, at_replace=1) == -signal.SIGKILL
-    assert Manifest.load(cache).status == "complete" and Manifest.load(cache).storage["lsh_bits"] == 16
+    assert Manifest.load(cache).status == "complete" and Manifest.load(cache).storage.lsh_bits == 16
     assert TeacherCache(cache).verify_integrity() == [] and stream_all(cache, frozenset({LSH_CODES})) == 120
     run_cache_pass(request_for(cache))  # the original command: complete and verified, nothing to do
     same_bytes(good, cache)
     recompute_statistics(str(cache), lsh_bits=128)  # and the killed one, run again
-    assert Manifest.load(cache).storage["lsh_bits"] == 128 and TeacherCache(cache).verify_integrity() == []
+    assert Manifest.load(cache).storage.lsh_bits == 128 and TeacherCache(cache).verify_integrity() == []
     assert not list(cache.glob(".stats-staging-*"))
 
 
 def test_a_stats_run_killed_inside_its_commit_is_detected_and_stats_repairs_it(cache: Path, good: Path) -> None:
     """Killed between moving the old `stats/lsh/planes` out and the new one in (the arrays are renamed in
     the order written: the others, then planes, thresholds, codes; two renames each)."""
-    others = len(Manifest.load(good).stats["arrays"]) - 3
+    others = len(Manifest.load(good).stats.arrays) - 3
     assert _killed_stats(cache, 128, at_replace=2 * others + 2) == -signal.SIGKILL
     problems = TeacherCache(cache).statistics_problems()
     assert problems and all("distillery stats" in p for p in problems) and "stats/lsh/planes" in problems[0], problems

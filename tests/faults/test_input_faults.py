@@ -209,7 +209,7 @@ def test_cache_with_skip_leaves_the_bad_image_out_and_records_it(tmp_path: Path)
     broken_imagefolder(tmp_path / "images", "train", "zero-byte")
     manifest = check_request(_cache_request(tmp_path / "c", dataset=f"imagefolder:{tmp_path / 'images'}",
                                             on_bad_image="skip"))
-    assert manifest.dataset["num_samples"] == 36 and manifest.dataset["skipped"] == ["train/one/broken.png"]
+    assert manifest.dataset.num_samples == 36 and manifest.dataset.skipped == ["train/one/broken.png"]
 
 
 def test_an_empty_class_folder_is_refused_by_name(tmp_path: Path) -> None:

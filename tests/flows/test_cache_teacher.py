@@ -23,8 +23,8 @@ def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, dig
     from flows.cache_teacher import cache_artifact_key, cache_teacher
 
     result = cache_teacher(cache_request(tmp_path / "flow"))
-    assert result["written_shards"] == 4 and result["skipped_shards"] == 0
-    assert result["images"] == 1437 * 3 and result["images_per_second"] > 0
+    assert result.written_shards == 4 and result.skipped_shards == 0
+    assert result.images == 1437 * 3 and result.images_per_second > 0
     flow_cache, reference = TeacherCache(tmp_path / "flow"), TeacherCache(digits_cache)
     for name in ("logits/dense", "features/pooled", "stats/pca/components", "stats/cka/ir"):
         np.testing.assert_array_equal(flow_cache.read(name), reference.read(name), err_msg=name)
@@ -51,7 +51,7 @@ def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, dig
     assert flow_cache.verify_integrity() == []  # the report is no file the integrity checks know or refuse
 
     again = cache_teacher(cache_request(tmp_path / "flow"))
-    assert again["written_shards"] == 0 and again["skipped_shards"] == 4
+    assert again.written_shards == 0 and again.skipped_shards == 4
 
 
 def _records(root: Path) -> list[Path]:
@@ -89,5 +89,5 @@ def test_cli_killed_mid_pass_resumes_and_matches_an_uninterrupted_run(prefect_ha
     reference = tmp_path / "reference"
     run_cache_pass(cache_request(reference, views=8, input_size=64, shard_size=64))
     resumed, full = TeacherCache(out), TeacherCache(reference)
-    for name in list(full.manifest.arrays) + full.manifest.stats["arrays"]:
+    for name in list(full.manifest.arrays) + full.manifest.stats.arrays:
         np.testing.assert_array_equal(resumed.read(name), full.read(name), err_msg=name)

@@ -134,7 +134,7 @@ def test_stats_recomputes_interrelations_from_features_without_the_teacher(digit
     assert json.loads(result.output)["cka_source"] == "features"
 
     cache = TeacherCache(copy)
-    assert cache.manifest.status == "complete" and cache.manifest.stats["cka_source"] == "features"
+    assert cache.manifest.status == "complete" and cache.manifest.stats.cka_source == "features"
     feats = cache.read("features/pooled")[:, 0].astype(np.float64)
     labels = cache.read("samples/labels")
     m = np.bincount(labels).min()
@@ -168,8 +168,8 @@ def test_cache_command_computes_interrelations_from_features(prefect_harness, di
         "--cka-source", "features"])
     assert result.exit_code == 0, result.output
     cache = TeacherCache(out)
-    assert cache.manifest.teacher["model"] == "test_resnet"
-    assert cache.manifest.stats["cka_source"] == "features"
+    assert cache.manifest.teacher.model == "test_resnet"
+    assert cache.manifest.stats.cka_source == "features"
     labels = cache.read("samples/labels")
     expected = category_interrelations(cache.read("features/pooled")[:, 0], labels, cache.num_classes)
     np.testing.assert_allclose(cache.read("stats/cka/ir"), expected, atol=1e-6)

@@ -18,10 +18,10 @@ def test_two_dask_worker_processes_write_the_single_process_cache(prefect_harnes
 
     fields = dict(subset=240, views=1, shard_size=60, block_size=30)
     result = run_cache_teacher(cache_request(tmp_path / "dask", **fields), runner="dask", workers=2)
-    assert result["written_shards"] == 4
+    assert result.written_shards == 4
     run_cache_pass(cache_request(tmp_path / "single", **fields))
     dask, single = TeacherCache(tmp_path / "dask"), TeacherCache(tmp_path / "single")
-    for name in list(single.manifest.arrays) + single.manifest.stats["arrays"]:
+    for name in list(single.manifest.arrays) + single.manifest.stats.arrays:
         np.testing.assert_array_equal(dask.read(name), single.read(name), err_msg=name)
-    shards = {s["index"]: s["sha256"] for s in Manifest.load(tmp_path / "single").shards}
-    assert {s["index"]: s["sha256"] for s in Manifest.load(tmp_path / "dask").shards} == shards
+    shards = {s.index: s.sha256 for s in Manifest.load(tmp_path / "single").records()}
+    assert {s.index: s.sha256 for s in Manifest.load(tmp_path / "dask").records()} == shards

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline import experiments
 from pipeline.experiments import Experiment, ExperimentError, get_experiment, results_markdown, result_rows
+from pipeline.train.summary import TrainSummary
 
 TINY = Experiment(name="tiny", description="tiny digits scenario", dataset="digits", teacher="test_resnet",
                   teacher_epochs=1, labelled=60, views=1, student="test_resnet", epochs=1,
@@ -38,7 +39,7 @@ def test_experiment_fits_caches_trains_every_row_per_seed_then_reuses_everything
 
     # A rerun reuses the teacher, the cache and the finished runs; --row selects rows.
     again = run_experiment("tiny", [0, 1], str(tmp_path), ["ce+kd"])
-    assert again["teacher"]["reused"] is True and again["cache"]["written_shards"] == 0
+    assert again["teacher"]["reused"] is True and again["cache"].written_shards == 0
     assert [r["methods"] for r in again["rows"]] == ["ce+kd"] and again["rows"][0] == result["rows"][1]
     for r in runs:
         rerun = json.loads((tmp_path / "tiny" / "runs" / r / "summary.json").read_text())
@@ -46,8 +47,11 @@ def test_experiment_fits_caches_trains_every_row_per_seed_then_reuses_everything
 
 
 def test_result_rows_average_seeds_and_markdown_lists_them() -> None:
-    runs = {"ce": [{"val_accuracy": a, "train_seconds": 10.0, "mean_step_seconds": 0.01} for a in (0.80, 0.82)],
-            "ce+kd": [{"val_accuracy": 0.9, "train_seconds": 12.0, "mean_step_seconds": 0.02}]}
+    def run(accuracy: float, seconds: float, step: float) -> TrainSummary:
+        return TrainSummary(student="s", methods=["ce"], seed=0, val_accuracy=accuracy, train_seconds=seconds,
+                            mean_step_seconds=step, peak_rss_bytes=1, params=1)
+
+    runs = {"ce": [run(a, 10.0, 0.01) for a in (0.80, 0.82)], "ce+kd": [run(0.9, 12.0, 0.02)]}
     rows = result_rows(TINY, runs)
     assert [r["methods"] for r in rows] == ["ce", "ce+kd"]
     assert rows[0]["accuracy"] == pytest.approx(81.0) and rows[0]["std"] == pytest.approx(2 ** 0.5)

@@ -145,3 +145,27 @@ def test_a_sweeps_check_hashes_each_shard_once_and_parses_each_spec_once(digits_
     assert len(configs) == 3
     assert sorted(p for p in hashed if p in shards) == sorted(shards)
     assert resolved == ["ce", "kd:T=2"] * 3
+
+
+def test_a_sweep_from_the_command_line_is_checked_once(prefect_harness, digits_cache: Path, tmp_path: Path, cli,
+                                                       monkeypatch) -> None:
+    """`distillery train` checks the sweep before Prefect starts, and its flow does not check it again: the
+    fail-fast check runs once per student, and each shard file is hashed once by that check and once by each
+    student's own run (counted around the real functions, which still run)."""
+    from collections import Counter
+
+    import flows.train_students as train_flow
+    import pipeline.cache.store as store
+
+    shards = {str(p) for p in store.TeacherCache(digits_cache).shard_paths()}
+    checked, hashed = [], []
+    real_check, real_sha256 = train_flow.check_run, store.sha256_file
+    monkeypatch.setattr(train_flow, "check_run", lambda config, **kw: checked.append(config.out) or
+                        real_check(config, **kw))
+    monkeypatch.setattr(store, "sha256_file", lambda path: hashed.append(str(path)) or real_sha256(path))
+    code, out = cli("train", "--cache", str(digits_cache), "--out", str(tmp_path / "runs"), "--student",
+                    "test_resnet", "--method", "ce", "--combo", "ce+kd:T=2", "--epochs", "1", "--workers", "0")
+    assert code == 0, out
+    runs = sorted(str(p) for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and sorted(checked) == runs
+    assert Counter(p for p in hashed if p in shards) == {p: 1 + len(runs) for p in shards}

@@ -179,7 +179,7 @@ def _check_run(out: Path, student: str, summary: dict) -> None:
     terms = ("scalekd_direct", "scalekd_alt", "scalekd_tpp_direct", "scalekd_tpp_alt", "scalekd_kd")
     assert all(np.isfinite([r[t] for t in terms]).all() for r in steps)
     assert any(r["scalekd_tpp_alt"] > 0 for r in steps)
-    assert 0 <= summary["val_accuracy"] <= 1
+    assert 0 <= summary.val_accuracy <= 1
     # The projectors and the tail are training-only: student.pt is the plain timm model.
     state = torch.load(out / "student.pt", weights_only=True)
     size = {"img_size": 32} if "vit" in student else {}  # a ViT's position embedding is sized for its input

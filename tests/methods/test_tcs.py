@@ -160,7 +160,7 @@ def test_head_less_teacher_cache_then_tcs_and_elsh_training(cache_request, tmp_p
                                  block_size=50))
     cache = TeacherCache(out)
     m = cache.manifest
-    assert m.teacher["head"] is False and m.storage["logits"] == "none" and m.stats["cka_source"] == "features"
+    assert m.teacher.head is False and m.storage.logits == "none" and m.stats.cka_source == "features"
     assert cache.available_targets() == {"pooled", "gaussian", "lsh_codes"}
     assert teacher_accuracy_per_view(cache) == [] and "lsh/codes" in {r.name for r in array_rows(cache)}
 
@@ -170,12 +170,12 @@ def test_head_less_teacher_cache_then_tcs_and_elsh_training(cache_request, tmp_p
     methods = ("ce", "tcs:dims=16,keep=0.5,rounds=2,prune_start=0,prune_end=0.5", "elsh:lshl2=1")
     summary = train_student(TrainConfig(str(out), "test_resnet", methods, str(tmp_path / "run"), settings))
 
-    plain = create_timm_model("test_resnet", 10, 1, m.teacher["input_size"])
+    plain = create_timm_model("test_resnet", 10, 1, m.teacher.input_size)
     plain.load_state_dict(torch.load(tmp_path / "run" / "student.pt", weights_only=True), strict=True)
     val = load_dataset("digits", "val")
-    accuracy = evaluate_accuracy(plain, val, m.teacher["input_size"], m.teacher["mean"], m.teacher["std"])
-    assert summary["val_accuracy"] == accuracy  # the reported accuracy is the saved student's
-    assert summary["params"] == sum(p.numel() for p in plain.parameters())
+    accuracy = evaluate_accuracy(plain, val, m.teacher.input_size, m.teacher.mean, m.teacher.std)
+    assert summary.val_accuracy == accuracy  # the reported accuracy is the saved student's
+    assert summary.params == sum(p.numel() for p in plain.parameters())
 
 
 @pytest.mark.slow
@@ -197,8 +197,8 @@ def test_a_weak_teacher_whose_pca_is_narrower_than_the_classes_does_not_leave_tc
                                 views=0, device="cpu"))
     info = TeacherCache(cache)
     explained = info.statistics()["pca/explained_variance"]
-    assert components_for(explained, 0.9) < info.manifest.dataset["num_classes"]  # the failing case's premise
+    assert components_for(explained, 0.9) < info.manifest.dataset.num_classes  # the failing case's premise
     summary = train_student(TrainConfig(str(cache), "test_resnet", ("ce", "tcs"), str(tmp_path / "run"),
                                         RunSettings(epochs=3, batch_size=32, workers=0, device="cpu")))
-    chance = 1 / info.manifest.dataset["num_classes"]
-    assert summary["val_accuracy"] > 3 * chance
+    chance = 1 / info.manifest.dataset.num_classes
+    assert summary.val_accuracy > 3 * chance

@@ -127,14 +127,14 @@ def test_teacher_provenance_says_what_the_teacher_was_trained_on(digits_cache: P
     assert p.held_out is False and "digits train split" in p.measured_on and "1437 samples" in p.measured_on
     assert p.trained_on.startswith("digits train split, 2 epochs, supervised; its val-split accuracy ")
     assert "training accuracy, not held-out accuracy" in p.trained_on
-    cache.manifest.dataset["split"] = "val"
+    cache.manifest.dataset.split = "val"
     assert teacher_provenance(cache).held_out is True
-    cache.manifest.teacher["checkpoint_sha256"] = "0" * 64
+    cache.manifest.teacher.checkpoint_sha256 = "0" * 64
     changed = teacher_provenance(cache)
     assert changed.held_out is None and "changed since the cache was made" in changed.trained_on
-    cache.manifest.teacher["checkpoint"] = str(tmp_path / "gone.pt")
+    cache.manifest.teacher.checkpoint = str(tmp_path / "gone.pt")
     assert "is not on this machine" in teacher_provenance(cache).trained_on
-    cache.manifest.teacher["checkpoint"] = None
+    cache.manifest.teacher.checkpoint = None
     assert teacher_provenance(cache).held_out is True
 
 
@@ -145,7 +145,7 @@ def test_report_of_the_digits_cache_without_lsh(digits_cache: Path) -> None:
     assert report.teacher == teacher_accuracy_per_view(cache)
     assert report.cka.ir.shape == (10, 10) and len(report.cka.top_pairs) == 10
     assert report.pca_reach[0.5] <= report.pca_reach[0.9] <= report.pca_reach[0.99] <= len(report.pca_ratio)
-    assert report.storage.shards == sum(s["bytes"] for s in cache.manifest.shards)
+    assert report.storage.shards == sum(s.bytes for s in cache.manifest.records())
 
     views = report.samples
     assert views.images.shape == (4, 3, 32, 32, 1) and 0 <= views.images.min() and views.images.max() <= 1

@@ -62,7 +62,7 @@ def test_the_markdown_artifact_states_what_each_table_is_measured_on(report_page
 
 def test_absent_sections_say_why_and_names_are_escaped(digits_cache: Path, tmp_path: Path) -> None:
     cache = TeacherCache(digits_cache)
-    cache.manifest.dataset["class_names"] = ["<b>zero</b>", *cache.class_names[1:]]
+    cache.manifest.dataset.class_names = ["<b>zero</b>", *cache.class_names[1:]]
     write_report(cache, tmp_path / "r.html", samples=0)
     page = (tmp_path / "r.html").read_text()
     assert "no LSH codes (the cache was made without --lsh-bits)" in page and "views not rendered" in page

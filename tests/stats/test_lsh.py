@@ -91,9 +91,9 @@ def test_every_bit_splits_the_training_set_in_half(digits_lsh_cache: Path) -> No
 def test_manifest_lists_lsh_arrays_and_the_cache_serves_codes(digits_lsh_cache: Path) -> None:
     cache = TeacherCache(digits_lsh_cache)
     m = cache.manifest
-    assert m.status == "complete" and m.storage["lsh_bits"] == BITS
-    assert {"lsh/codes", "stats/lsh/planes", "stats/lsh/thresholds"} <= set(m.stats["arrays"])
-    assert m.stats["lsh"]["bits"] == BITS and m.stats["lsh"]["train_rows"] == cache.num_samples
+    assert m.status == "complete" and m.storage.lsh_bits == BITS
+    assert {"lsh/codes", "stats/lsh/planes", "stats/lsh/thresholds"} <= set(m.stats.arrays)
+    assert m.stats.lsh.bits == BITS and m.stats.lsh.train_rows == cache.num_samples
     assert LSH_CODES in cache.available_targets() and not cache.digested_per_shard(LSH_CODES)
     assert cache.target_shapes(frozenset({LSH_CODES})) == {LSH_CODES: (BITS // 8,)}
     assert {"lsh/planes", "lsh/thresholds"} <= set(cache.statistics())
@@ -121,7 +121,8 @@ def test_stats_without_lsh_bits_keeps_them_and_zero_removes_them(digits_lsh_cach
     recompute_statistics(str(copy), lsh_bits=0)
     cache = TeacherCache(copy)
     assert LSH_CODES not in cache.available_targets() and not (copy / "lsh.faiss").exists()
-    assert "lsh/codes" not in cache.group and "lsh" not in cache.manifest.stats
+    assert "lsh/codes" not in cache.group and cache.manifest.stats.lsh is None
+    assert "lsh" not in cache.manifest.stats.to_dict()
     with pytest.raises(CacheError, match="--lsh-bits"):
         cache.lsh_index()
     with pytest.raises(CacheError, match="multiple of 8"):

@@ -21,19 +21,19 @@ from pipeline.stats.gaussian import grid_gaussian
 from pipeline.nets.tapped import ModelError
 from pipeline.teacher.cache_pass import run_cache_pass
 from pipeline.teacher.forward import cache_shard
-from pipeline.teacher.model import TeacherError, TeacherSpec, build_teacher
+from pipeline.teacher.model import TeacherError, build_teacher, manifest_teacher_spec
 from pipeline.teacher.plan import plan_cache
 
 
 def live_teacher(cache: TeacherCache):
-    spec = TeacherSpec.from_dict({k: v for k, v in cache.manifest.teacher.items() if k not in ("stages", "pooled_dim")})
+    spec = manifest_teacher_spec(cache.manifest.teacher)
     return spec, build_teacher(spec)
 
 
 def test_cached_targets_equal_live_teacher_on_rendered_views(digits_cache: Path) -> None:
     cache = TeacherCache(digits_cache)
     spec, teacher = live_teacher(cache)
-    plan = ViewPlan.from_dict(cache.manifest.views)
+    plan = ViewPlan(**cache.manifest.views.plan_fields())
     dataset = load_dataset("digits", "train")
     rng = np.random.default_rng(0)
     positions = rng.choice(len(dataset), 24, replace=False)
@@ -44,7 +44,7 @@ def test_cached_targets_equal_live_teacher_on_rendered_views(digits_cache: Path)
         out = teacher(x)
     logits = cache.read("logits/dense")[positions, views].astype(np.float32)
     pooled = cache.read("features/pooled")[positions, views].astype(np.float32)
-    mean, std = grid_gaussian(out.maps[spec.taps[0]], cache.manifest.storage["grid"])
+    mean, std = grid_gaussian(out.maps[spec.taps[0]], cache.manifest.storage.grid)
     np.testing.assert_allclose(logits, out.logits.numpy(), rtol=2e-3, atol=2e-3)  # fp16 storage
     np.testing.assert_allclose(pooled, out.pooled.numpy(), rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(cache.read("gaussian/std")[positions, views].astype(np.float32), std.numpy(),
@@ -85,7 +85,7 @@ def test_cka_interrelations_match_direct_computation(digits_cache: Path) -> None
     direct = np.array([[linear_cka(a, b) for b in per_class] for a in per_class])
     np.testing.assert_allclose(np.diag(ir), 1.0, atol=1e-6)
     np.testing.assert_allclose(ir, direct, atol=1e-4)
-    assert cache.manifest.stats["cka_source"] == "logits"
+    assert cache.manifest.stats.cka_source == "logits"
 
 
 def test_stats_recompute_from_features_needs_no_teacher(digits_cache: Path, tmp_path: Path, monkeypatch) -> None:
@@ -98,7 +98,7 @@ def test_stats_recompute_from_features_needs_no_teacher(digits_cache: Path, tmp_
     monkeypatch.setattr(model, "create_timm_model", lambda *a, **k: pytest.fail("teacher constructed"))
     info = recompute_statistics(str(copy), cka_source="features")
     cache = TeacherCache(copy)
-    assert info["cka_source"] == "features" and cache.manifest.status == "complete"
+    assert info.cka_source == "features" and cache.manifest.status == "complete"
     feats = cache.read("features/pooled")[:, 0].astype(np.float64)
     labels = cache.read("samples/labels")
     m = np.bincount(labels).min()
@@ -111,7 +111,7 @@ def test_topk_cache_reconstructs_kept_probabilities_and_tail_mass(digits_cache: 
     topk = TeacherCache(tmp_path / "topk")
     dense = TeacherCache(digits_cache)
     assert "logits/dense" not in topk.manifest.arrays
-    assert topk.manifest.arrays["logits/topk_indices"]["dtype"] == "uint8" == topk.array("logits/topk_indices").dtype
+    assert topk.manifest.arrays["logits/topk_indices"].dtype == "uint8" == topk.array("logits/topk_indices").dtype
     rec = torch.from_numpy(topk.dense_logits())
     ref = torch.from_numpy(dense.read("logits/dense").astype(np.float32))
     p_rec, p_ref = rec.softmax(-1), ref.softmax(-1)
@@ -145,9 +145,9 @@ def test_killed_pass_resumes_without_recomputing_and_matches_uninterrupted(digit
     assert not starts & set(range(0, 400)) and not starts & set(range(800, 1200)), "finished shards recomputed"
     assert (tmp_path / "resumed" / "shards" / "train-000000.tar").stat().st_mtime_ns == first
     resumed, full = TeacherCache(tmp_path / "resumed"), TeacherCache(digits_cache)
-    for name in list(full.manifest.arrays) + full.manifest.stats["arrays"]:
+    for name in list(full.manifest.arrays) + full.manifest.stats.arrays:
         np.testing.assert_array_equal(resumed.read(name), full.read(name), err_msg=name)
-    assert [s["sha256"] for s in resumed.manifest.shards] == [s["sha256"] for s in full.manifest.shards]
+    assert [s.sha256 for s in resumed.manifest.records()] == [s.sha256 for s in full.manifest.records()]
 
 
 def test_rerun_of_complete_cache_is_a_no_op(digits_cache: Path, cache_request) -> None:
@@ -239,10 +239,10 @@ def test_cached_featmaps_equal_live_teacher_on_rendered_views_in_zarr_only(featm
 
     cache = TeacherCache(featmaps_cache)
     spec, teacher = live_teacher(cache)
-    tap = cache.manifest.storage["tap"]
+    tap = cache.manifest.storage.tap
     stored = cache.read(f"featmaps/{tap}")
     assert stored.dtype == np.float16 and stored.shape[:2] == (cache.num_samples, cache.num_views)
-    plan = ViewPlan.from_dict(cache.manifest.views)
+    plan = ViewPlan(**cache.manifest.views.plan_fields())
     dataset = load_dataset("digits", "train", subset=240, seed=0)
     positions = np.repeat(np.arange(0, cache.num_samples, 20), cache.num_views)
     views = np.tile(np.arange(cache.num_views), len(positions) // cache.num_views)
@@ -264,8 +264,8 @@ def test_teacher_tail_file_is_recorded_and_rebuilds_the_tapped_stage(featmaps_ca
 
     cache = TeacherCache(featmaps_cache)
     record = cache.manifest.files["teacher_tail"]
-    assert record["sha256"] == sha256_file(featmaps_cache / "teacher_tail.pt")
-    assert record["stages"] == [cache.manifest.storage["tap"]] == ["layer3"]
+    assert record.sha256 == sha256_file(featmaps_cache / "teacher_tail.pt")
+    assert record.stages == [cache.manifest.storage.tap] == ["layer3"]
     tail = build_teacher_tail(*cache.teacher_tail())
     _, teacher = live_teacher(cache)
     x = torch.randn(4, 1, 32, 32)

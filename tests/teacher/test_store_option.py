@@ -23,7 +23,7 @@ def test_a_cache_keeps_only_the_listed_targets_and_the_statistics_their_rows_all
     assert cache.available_targets() == {LOGITS}
     assert sorted(cache.manifest.arrays) == ["logits/dense", "samples/ids", "samples/labels"]
     # No pooled rows: no PCA or class statistics; the CKA interrelations come from the logits.
-    assert cache.manifest.stats["arrays"] == ["stats/cka/ir"] and cache.manifest.stats["cka_source"] == "logits"
+    assert cache.manifest.stats.arrays == ["stats/cka/ir"] and cache.manifest.stats.cka_source == "logits"
     with pytest.raises(MethodError, match=r"needs teacher pooled features, .*--store with pooled listed"):
         resolve_method_spec("fitnet")[0].check_cache(cache_info(cache))
     resolve_method_spec("kd")[0].check_cache(cache_info(cache))  # what it stores still serves
@@ -33,7 +33,7 @@ def test_the_default_keeps_every_target_the_options_produce(cache_request, tmp_p
     manifest = check_request(cache_request(tmp_path / "c", **SMALL))
     assert manifest.storage.store is None and "store" not in manifest.to_dict()["storage"]  # JSON as before --store
     listed = check_request(cache_request(tmp_path / "c", store="gaussian,logits,pooled", **SMALL))
-    assert listed.storage["store"] == "logits,pooled,gaussian"  # one spelling: the same identity either order
+    assert listed.storage.store == "logits,pooled,gaussian"  # one spelling: the same identity either order
     assert sorted(listed.arrays) == sorted(manifest.arrays)
 
 

@@ -21,8 +21,8 @@ def copy_cache(src: Path, dst: Path, checkpoint: Path | None = None) -> Path:
     shutil.copytree(src, dst)
     if checkpoint is not None:
         manifest = Manifest.load(dst)
-        shutil.copyfile(manifest.teacher["checkpoint"], checkpoint)
-        manifest.teacher["checkpoint"] = str(checkpoint)
+        shutil.copyfile(manifest.teacher.checkpoint, checkpoint)
+        manifest.teacher.checkpoint = str(checkpoint)
         manifest.save(dst)
     return dst
 
@@ -51,7 +51,7 @@ def test_a_good_cache_verifies_within_float16_tolerance(digits_cache: Path) -> N
 
 def test_a_flipped_byte_in_one_shard_is_a_mismatch(digits_cache: Path, tmp_path: Path) -> None:
     root = copy_cache(digits_cache, tmp_path / "flipped")
-    shard = root / TeacherCache(root).manifest.shards[1]["file"]
+    shard = root / TeacherCache(root).manifest.records()[1].file
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
@@ -100,7 +100,7 @@ def test_top_k_logits_and_feature_maps_are_verified(cache_request, tmp_path: Pat
     root = tmp_path / "topk"
     run_cache_pass(cache_request(root, subset=90, views=1, logits="topk:3", featmaps=True, shard_size=50))
     result = verify_cache(root, samples=20)
-    tap = TeacherCache(root).manifest.storage["tap"]
+    tap = TeacherCache(root).manifest.storage.tap
     assert result.ok, result.checks
     assert [c.name for c in result.checks] == ["logits (top-k reconstructed)", "features/pooled", "gaussian/mean",
                                                "gaussian/std", f"featmaps/{tap}"]

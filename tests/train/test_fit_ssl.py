@@ -56,4 +56,4 @@ def test_ssl_teacher_head_less_cache_trains_tcs_and_elsh(cache_request, tmp_path
                                  shard_size=100, block_size=50))
     summary = train_student(TrainConfig(str(cache), "test_resnet", ("ce", "tcs", "elsh"), str(tmp_path / "run"),
                                         RunSettings(epochs=1, batch_size=32, workers=0)))
-    assert np.isfinite(summary["val_accuracy"]) and (tmp_path / "run" / "student.pt").is_file()
+    assert np.isfinite(summary.val_accuracy) and (tmp_path / "run" / "student.pt").is_file()

@@ -17,6 +17,7 @@ from pipeline.train.config import RunSettings, TrainConfig, TrainError
 from pipeline.train.loop import check_run, resolve_methods, student_taps, train_student
 from pipeline.train.rundir import RunDir
 from pipeline.train.student import Student
+from pipeline.train.summary import TrainSummary
 
 STUDENT = "test_resnet"
 SUMMARY_KEYS = {"student", "methods", "seed", "epochs", "val_accuracy", "train_seconds", "mean_step_seconds",
@@ -40,10 +41,12 @@ def test_run_directory_holds_config_metrics_summary_and_plain_student_weights(ma
 
     run = tmp_path / "run"
     assert TrainConfig(**json.loads((run / "config.json").read_text())) == cfg
-    assert SUMMARY_KEYS <= set(summary) and json.loads((run / "summary.json").read_text()) == summary
-    assert 0 <= summary["val_accuracy"] <= 1 and summary["online_teacher"] is False and summary["world_size"] == 1
-    assert summary["methods"] == ["ce", "kd:T=2", "fitnet:weight=0.5", "dkd:warmup=0"]
-    assert summary["mean_step_seconds"] > 0 and summary["peak_rss_bytes"] > 0 and summary["steps"] == 4
+    written = json.loads((run / "summary.json").read_text())
+    # summary.json keeps its keys, in the order they have always been written (other tools read the file).
+    assert SUMMARY_KEYS <= set(written) and written == summary.to_dict() and list(written) == list(TrainSummary.model_fields)
+    assert 0 <= summary.val_accuracy <= 1 and summary.online_teacher is False and summary.world_size == 1
+    assert summary.methods == ["ce", "kd:T=2", "fitnet:weight=0.5", "dkd:warmup=0"]
+    assert summary.mean_step_seconds > 0 and summary.peak_rss_bytes > 0 and summary.steps == 4
 
     lines = _lines(run)
     steps, epochs = [r for r in lines if r["kind"] == "step"], [r for r in lines if r["kind"] == "epoch"]
@@ -51,7 +54,7 @@ def test_run_directory_holds_config_metrics_summary_and_plain_student_weights(ma
     for r in steps:
         terms = r["ce"] + r["kd"] + r["fitnet"] + r["dkd_tckd"] + r["dkd_nckd"]
         assert r["loss"] == pytest.approx(terms, rel=1e-5) and r["epoch"] == 0
-    assert epochs[0]["val_accuracy"] == summary["val_accuracy"]
+    assert epochs[0]["val_accuracy"] == summary.val_accuracy
 
     # student.pt is a plain timm state dict: the FitNet map is training-only.
     state = torch.load(run / "student.pt", weights_only=True)
@@ -65,7 +68,7 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(make_cache, tmp_pa
         train_student(config(cache, tmp_path / "killed", epochs=2))
     resumed = train_student(config(cache, tmp_path / "killed", epochs=2, resume=True, device="cpu"))
 
-    assert resumed["val_accuracy"] == whole["val_accuracy"] and resumed["steps"] == whole["steps"]
+    assert resumed.val_accuracy == whole.val_accuracy and resumed.steps == whole.steps
     drop = ("step_seconds",)
     strip = lambda run: [{k: v for k, v in r.items() if k not in drop} for r in _lines(run)]  # noqa: E731
     assert strip(tmp_path / "killed") == strip(tmp_path / "whole")
@@ -84,7 +87,7 @@ def test_resume_refuses_another_config_and_a_fresh_run_never_overwrites(make_cac
         check_run(config(cache, tmp_path / "run", methods=("ce",), resume=True))
     # The same config resumes a finished run: nothing left to train, the same summary again.
     again = train_student(config(cache, tmp_path / "run", resume=True))
-    assert again["steps"] == 2 and len(_lines(tmp_path / "run")) == 3
+    assert again.steps == 2 and len(_lines(tmp_path / "run")) == 3
 
 
 def test_refuses_a_partial_cache_and_one_that_fails_its_checksums(make_cache, tmp_path: Path) -> None:
@@ -155,7 +158,7 @@ def test_eval_every_evaluates_on_schedule_and_after_the_last_epoch(make_cache, t
     cfg = config(make_cache(n=40), tmp_path / "run", epochs=3, eval_every=2)
     summary = train_student(cfg)
     evaluated = [r["epoch"] for r in _lines(tmp_path / "run") if r["kind"] == "epoch" and "val_accuracy" in r]
-    assert evaluated == [1, 2] and summary["val_accuracy"] is not None
+    assert evaluated == [1, 2] and summary.val_accuracy is not None
 
 
 def test_peak_rss_of_a_process_spawned_by_a_large_parent_is_its_own() -> None:
@@ -218,7 +221,7 @@ def test_a_run_directory_in_use_is_refused_naming_its_holder_and_released_when_t
             break
         except TrainError:
             time.sleep(0.05)
-    assert train_student(config(cache, out))["steps"] == 2
+    assert train_student(config(cache, out)).steps == 2
 
 
 def test_a_torn_last_metrics_line_is_dropped_and_the_run_resumes_exactly(make_cache, tmp_path: Path,
@@ -242,7 +245,7 @@ def test_a_torn_last_metrics_line_is_dropped_and_the_run_resumes_exactly(make_ca
     assert not (tmp_path / "killed" / "metrics.jsonl").read_text().endswith("\n")
     resumed = train_student(config(cache, tmp_path / "killed", epochs=2, resume=True))
 
-    assert resumed["val_accuracy"] == whole["val_accuracy"] and resumed["steps"] == whole["steps"]
+    assert resumed.val_accuracy == whole.val_accuracy and resumed.steps == whole.steps
     strip = lambda run: [{k: v for k, v in r.items() if k != "step_seconds"} for r in _lines(run)]  # noqa: E731
     assert strip(tmp_path / "killed") == strip(tmp_path / "whole")
     a, b = (torch.load(tmp_path / run / "student.pt", weights_only=True) for run in ("whole", "killed"))

@@ -37,7 +37,7 @@ def test_live_targets_equal_the_cached_ones_for_the_views_the_student_sees(digit
 def test_refuses_a_teacher_checkpoint_that_changed(digits_cache: Path, tmp_path: Path) -> None:
     cache = TeacherCache(digits_cache)
     changed = tmp_path / "teacher.pt"
-    changed.write_bytes(Path(cache.manifest.teacher["checkpoint"]).read_bytes() + b"\0")
+    changed.write_bytes(Path(cache.manifest.teacher.checkpoint).read_bytes() + b"\0")
     cache.manifest.teacher.checkpoint = str(changed)
     with pytest.raises(TrainError, match="changed since the cache was made"):
         OnlineTeacher.check(cache, ALL)
@@ -61,8 +61,8 @@ def test_a_run_and_its_online_twin_have_the_same_per_step_losses_and_accuracy(di
     rel = np.abs(cached - live) / np.abs(cached)
     print(f"cached vs online: max relative per-step loss difference {rel.max():.2e}")
     assert rel.max() < 1e-3
-    assert runs[True]["val_accuracy"] == runs[False]["val_accuracy"]
-    assert runs[True]["online_teacher"] and not runs[False]["online_teacher"]
+    assert runs[True].val_accuracy == runs[False].val_accuracy
+    assert runs[True].online_teacher and not runs[False].online_teacher
 
 
 def test_live_feature_maps_equal_the_cached_ones_in_the_stored_dtype(featmaps_cache: Path) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.cache.manifest import ShardRange
 from pipeline.cache.store import TeacherCache
 from pipeline.data.views import ViewPlan, epoch_views, render_view
 from pipeline.cache.targets import GAUSSIAN, LOGITS, POOLED
@@ -50,7 +51,7 @@ def test_each_sample_once_with_its_epoch_view_rendered_and_that_views_targets(ma
     assert all(b["targets"][LOGITS].dtype == torch.float32 for b in batches)
 
     # The input is the cached view re-rendered by the teacher's own function, at the student's size.
-    plan = ViewPlan.from_dict(cache.manifest.views)
+    plan = ViewPlan(**cache.manifest.views.plan_fields())
     b, i = batches[1], 3
     raw = _raw(cache, int(b["id"][i]))
     expected = render_view(raw, plan.params(int(b["id"][i]), int(b["view"][i])), 12, [0.3], [0.4])
@@ -114,10 +115,10 @@ def test_rank_parts_give_each_block_to_one_rank_and_each_rank_its_share_within_a
     shards, start = [], 0
     for i in range(num_shards):  # uneven shards, the last one short
         stop = start + 100 + 37 * (i % 3) - (23 if i == num_shards - 1 else 0)
-        shards.append({"start": start, "stop": stop})
+        shards.append(ShardRange(index=i, start=start, stop=stop))
         start = stop
     blocks = block_sizes(shards, block_size=32)
-    assert [sum(b) for b in blocks] == [s["stop"] - s["start"] for s in shards]
+    assert [sum(b) for b in blocks] == [s.count for s in shards]
     owners: dict[tuple[int, int], list[int]] = {}
     totals = []
     for rank in range(world_size):

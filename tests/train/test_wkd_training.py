@@ -24,7 +24,7 @@ def test_ce_wkd_l_wkd_f_train_from_a_cache(make_cache, tmp_path: Path) -> None:
     settings = RunSettings(epochs=1, batch_size=32, workers=0, input_size=64)
     summary = train_student(TrainConfig(str(cache), "test_resnet", METHODS, str(tmp_path / "run"), settings))
 
-    assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])
+    assert summary.steps == 3 and math.isfinite(summary.final_loss)
     steps = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
              if r["kind"] == "step"]
     assert len(steps) == 3
