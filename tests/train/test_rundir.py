@@ -55,7 +55,7 @@ def test_a_run_at_a_url_is_written_whole_and_resumes_like_a_local_one(make_cache
         check_run(config(cache, memory_run))
     resumed = train_student(config(cache, memory_run, resume=True))
 
-    assert resumed["val_accuracy"] == whole["val_accuracy"] and resumed["steps"] == whole["steps"]
+    assert resumed.val_accuracy == whole.val_accuracy and resumed.steps == whole.steps
     stored = objects(memory_run)
     assert set(stored) == {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.sha256.json", "student.pt",
                            "summary.json"}  # the lock is gone
