@@ -17,10 +17,10 @@ import fsspec
 import pytest
 import torch
 
-from pipeline.object_store import location
+from pipeline.object_store import boot_id, holder_note, location
 from pipeline.train.config import RunSettings, TrainConfig, TrainError
 from pipeline.train.loop import check_run, train_student
-from pipeline.train.rundir import LOCK, RunDir, _boot_id, _holder
+from pipeline.train.rundir import LOCK, RunDir
 from pipeline.train.runs import find_runs
 
 
@@ -89,22 +89,22 @@ def test_the_lock_object_refuses_a_live_holder_and_is_taken_over_from_a_dead_one
     lock = run.path / LOCK
     with run.locked():
         note = json.loads(lock.read_bytes())
-        assert note["pid"] == _holder()["pid"] and note["host"] == socket.gethostname()
+        assert note["pid"] == holder_note()["pid"] and note["host"] == socket.gethostname()
         with pytest.raises(TrainError, match=rf"^{run.path} is in use by another run \(pid {note['pid']} on "
                                              rf"{note['host']} since .+\); wait for it to end or choose another "
                                              r"--out$"):
             train_student(config(cache, memory_run))
     assert not lock.exists()
 
-    elsewhere = {**_holder(), "host": "elsewhere"}  # another host's holder: no one here can tell it is dead
+    elsewhere = {**holder_note(), "host": "elsewhere"}  # another host's holder: no one here can tell it is dead
     lock.write_bytes(json.dumps(elsewhere).encode())
     with pytest.raises(TrainError, match=rf"pid {elsewhere['pid']} on elsewhere .+; if it no longer runs, delete "
                                          rf"{lock}$"):
         check_run(config(cache, memory_run, epochs=1))
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = {**_holder(), "pid": int(gone.stdout), "started": "1"}  # this host and boot, no longer running
-    assert dead["boot"] == _boot_id() != ""
+    dead = {**holder_note(), "pid": int(gone.stdout), "started": "1"}  # this host and boot, no longer running
+    assert dead["boot"] == boot_id() != ""
     lock.write_bytes(json.dumps(dead).encode())
     assert train_student(config(cache, memory_run, epochs=1))["steps"] == 2
     assert not lock.exists()
