@@ -32,6 +32,7 @@ from types import SimpleNamespace
 from typing import Any, BinaryIO
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.atomic import atomic_write
 from pipeline.errors import DistilleryError
@@ -141,6 +142,8 @@ class ObjectPath:
     def create(self, data: bytes) -> None:
         """Write `data` only if nothing is at this key: FileExistsError otherwise. One exclusive write
         (`If-None-Match: *` on S3, `O_EXCL` for file://), so of two writers racing for a key one gets it."""
+        if isinstance(self.fs, LocalFileSystem):
+            self.parent.mkdir()  # a file needs its directory; a key does not (and s3fs's would create a bucket)
         with self.fs.open(self.key, "xb") as f:
             f.write(data)
 

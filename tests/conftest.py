@@ -92,6 +92,17 @@ def featmaps_cache(cache_request, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture
+def memory_url():
+    """`memory://test`: fsspec's in-process filesystem (no server), everything under it removed afterwards."""
+    import fsspec
+
+    yield "memory://test"
+    fs = fsspec.filesystem("memory")
+    if fs.exists("/test"):
+        fs.rm("/test", recursive=True)
+
+
+@pytest.fixture
 def s3_endpoint(monkeypatch):
     """A real S3 endpoint: moto's server on a free port of 127.0.0.1 with one empty bucket; s3fs and boto3 reach
     it through the standard AWS_ENDPOINT_URL (dummy credentials). Yields `.client` (boto3), `.bucket` and

@@ -23,10 +23,8 @@ from pipeline.cache.store import LOCK_NAME
 from pipeline.object_store import ObjectLock, ObjectPath, location
 
 
-def _in_use(root: Path | ObjectPath, holder: str | None = None) -> str:
-    by = f" ({holder})" if holder else ""
-    return (f"another distillery process is writing {root}{by} (`distillery cache`, `stats` or `verify --repair`); "
-            f"wait for it to finish, then run this again")
+def _in_use(root: Path | ObjectPath, holder: str = "`distillery cache`, `stats` or `verify --repair`") -> str:
+    return f"another distillery process is writing {root} ({holder}); wait for it to finish, then run this again"
 
 
 @contextmanager

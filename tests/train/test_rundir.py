@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fsspec
 import pytest
 import torch
 
@@ -25,12 +24,8 @@ from pipeline.train.runs import find_runs
 
 
 @pytest.fixture
-def memory_run():
-    """A fresh memory:// run URL; everything under it removed afterwards."""
-    fs = fsspec.filesystem("memory")
-    yield "memory://runs/x"
-    if fs.exists("/runs"):
-        fs.rm("/runs", recursive=True)
+def memory_run(memory_url: str) -> str:
+    return f"{memory_url}/runs/x"
 
 
 def config(cache: Path, out: str, **settings) -> TrainConfig:
@@ -43,8 +38,8 @@ def objects(url: str) -> dict[str, bytes]:
     return {key[len(root.key) + 1:]: root.fs.cat_file(key) for key in root.fs.find(root.key)}
 
 
-def test_a_run_at_a_url_is_written_whole_and_resumes_like_a_local_one(make_cache, tmp_path: Path, memory_run: str,
-                                                                      interrupted) -> None:
+def test_a_run_at_a_url_is_written_whole_and_resumes_like_a_local_one(make_cache, tmp_path: Path, memory_url: str,
+                                                                      memory_run: str, interrupted) -> None:
     cache = make_cache(n=96)
     whole = train_student(config(cache, str(tmp_path / "whole")))
     with interrupted():
@@ -65,7 +60,7 @@ def test_a_run_at_a_url_is_written_whole_and_resumes_like_a_local_one(make_cache
     a = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)
     b = torch.load(io.BytesIO(stored["student.pt"]), weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert find_runs(["memory://runs"]) == [location(memory_run)]
+    assert find_runs([f"{memory_url}/runs"]) == [location(memory_run)]
 
 
 def test_a_damaged_checkpoint_is_refused_in_one_line(make_cache, memory_run: str) -> None:
