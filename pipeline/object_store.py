@@ -9,21 +9,33 @@ both.
 Object stores have no rename and no symlinks: an object is written whole by one PUT (`write_whole`), which
 the store makes visible all at once, and a key is confined by its normalised prefix (`resolve` is the
 identity, `is_relative_to` compares key prefixes; a `..` in a joined name is collapsed before the check).
+Nor have they flock: one writer per cache or run directory at a URL is an `ObjectLock`, an object created
+exclusively that names its holder.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
+import json
 import os
 import posixpath
+import socket
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 from typing import Any, BinaryIO
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.atomic import atomic_write
+from pipeline.errors import DistilleryError
 from pipeline.options import OptionError, check_output_dir
 
 
@@ -130,6 +142,8 @@ class ObjectPath:
     def create(self, data: bytes) -> None:
         """Write `data` only if nothing is at this key: FileExistsError otherwise. One exclusive write
         (`If-None-Match: *` on S3, `O_EXCL` for file://), so of two writers racing for a key one gets it."""
+        if isinstance(self.fs, LocalFileSystem):
+            self.parent.mkdir()  # a file needs its directory; a key does not (and s3fs's would create a bucket)
         with self.fs.open(self.key, "xb") as f:
             f.write(data)
 
@@ -187,3 +201,115 @@ def check_output_location(root: str | Path, option: str = "--out") -> None:
     except OSError as e:
         raise OptionError(f"{option} {root}: cannot write there ({type(e).__name__}: {e}); choose a writable "
                           f"{option}") from None
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22), None if it is not running:
+    with the boot id, what tells a live holder from a dead one whose pid was reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def holder_note() -> dict[str, Any]:
+    """This process, as a lock names its holder."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "boot": boot_id(), "started": _process_start(os.getpid())}
+
+
+def describe_holder(holder: Any) -> str:
+    try:
+        return f"pid {holder['pid']} on {holder['host']} since {holder['since']}: {holder['command']}"
+    except (KeyError, TypeError):
+        return "another process"
+
+
+def dead_here(holder: Any) -> bool:
+    """Whether `holder` is a process of this host, this boot, that no longer runs: its lock is stale."""
+    try:
+        return (holder["host"] == socket.gethostname() and bool(holder["boot"]) and holder["boot"] == boot_id()
+                and holder["started"] is not None and _process_start(int(holder["pid"])) != holder["started"])
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+class ObjectLock:
+    """One writer at a time for a cache or run directory at a URL: the `lock` object, created exclusively
+    (`ObjectPath.create`: of two writers racing, the store lets one create it), naming its holder
+    (`holder_note`), removed when the holder is done.
+
+    An object store drops no lock when its holder dies. A lock left by a dead process of this host and boot
+    (`dead_here`: its pid gone or started at another time) is taken over; any other is refused with
+    `error(in_use(description of the holder))`, and one from another host adds "if it no longer runs, delete
+    <lock>", for a person to judge. Takers on one host are serialised by an flock on a file in the temp
+    directory, so two never both delete a stale lock and create their own; other hosts never take over.
+    """
+
+    def __init__(self, lock: ObjectPath, error: type[DistilleryError], in_use: Callable[[str], str],
+                 unwritable: str) -> None:
+        self.lock, self.error, self.in_use, self.unwritable = lock, error, in_use, unwritable
+
+    def _note(self) -> tuple[bool, Any]:
+        """Whether the lock object exists, and the holder it names (None if unreadable)."""
+        try:
+            data = self.lock.read_bytes()
+        except FileNotFoundError:
+            return False, None
+        try:
+            return True, json.loads(data)
+        except ValueError:
+            return True, None
+
+    def _refusal(self, holder: Any) -> DistilleryError:
+        here = isinstance(holder, dict) and holder.get("host") == socket.gethostname()
+        remedy = "" if here else f"; if it no longer runs, delete {self.lock}"
+        return self.error(self.in_use(describe_holder(holder)) + remedy)
+
+    def check_free(self) -> None:
+        """Refuse if a live process may hold the lock now; takes and writes nothing."""
+        held, holder = self._note()
+        if held and not dead_here(holder):
+            raise self._refusal(holder)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        note = json.dumps(holder_note()).encode()
+        try:
+            try:
+                self.lock.create(note)
+            except FileExistsError:
+                self._take_over(note)
+        except OSError as e:
+            raise self.error(f"cannot create the lock {self.lock} ({type(e).__name__}: {e}); "
+                             f"{self.unwritable}") from None
+        try:
+            yield
+        finally:
+            self.lock.unlink(missing_ok=True)
+
+    def _take_over(self, note: bytes) -> None:
+        key = hashlib.sha256(str(self.lock).encode()).hexdigest()[:24]
+        local = Path(tempfile.gettempdir()) / f"distillery-lock-{key}"
+        fd = os.open(local, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held, holder = self._note()
+            if held:
+                if not dead_here(holder):
+                    raise self._refusal(holder)
+                self.lock.unlink(missing_ok=True)
+            try:
+                self.lock.create(note)
+            except FileExistsError:  # another host created it after the stale one went: it is live
+                raise self._refusal(self._note()[1]) from None
+        finally:
+            os.close(fd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -92,6 +93,17 @@ def featmaps_cache(cache_request, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture
+def memory_url():
+    """`memory://test`: fsspec's in-process filesystem (no server), everything under it removed afterwards."""
+    import fsspec
+
+    yield "memory://test"
+    fs = fsspec.filesystem("memory")
+    if fs.exists("/test"):
+        fs.rm("/test", recursive=True)
+
+
+@pytest.fixture
 def s3_endpoint(monkeypatch):
     """A real S3 endpoint: moto's server on a free port of 127.0.0.1 with one empty bucket; s3fs and boto3 reach
     it through the standard AWS_ENDPOINT_URL (dummy credentials). Yields `.client` (boto3), `.bucket` and
@@ -105,6 +117,8 @@ def s3_endpoint(monkeypatch):
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    # moto keeps its buckets per process, not per server: empty it, or a test sees the objects of the one before.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
     for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
                         "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(name, value)

@@ -60,7 +60,7 @@ def test_a_local_path_stays_a_path(tmp_path: Path) -> None:
     assert not joined.is_relative_to(location("memory://bucket/cache"))
 
 
-@pytest.mark.parametrize("url", ["memory://exclusive/run.lock", "file://{tmp}/run.lock"])
+@pytest.mark.parametrize("url", ["memory://exclusive/run.lock", "file://{tmp}/new/run.lock"])  # a new directory
 def test_create_is_exclusive(url: str, tmp_path: Path) -> None:
     path = location(url.format(tmp=tmp_path))
     path.create(b"first")

@@ -1,12 +1,12 @@
-"""One writer at a time per cache: an exclusive `fcntl.flock` on `<cache>/.writer.lock`.
+"""One writer at a time per cache, held by `distillery cache`, `distillery stats` and `distillery verify --repair`
+for their whole run. Readers (training, `inspect`) take no lock: a writer commits with renames (or whole
+PUTs) and a manifest written last.
 
-Held by `distillery cache`, `distillery stats` and `distillery verify --repair` for their whole run; the
-kernel drops it when the process ends (a killed writer leaves nothing to clean up). Readers (training,
-`inspect`) take no lock: a writer commits with renames and a manifest written last.
-
-A cache at a URL (README "Caches on object storage") takes no lock: object stores have no flock, and a
-lock file on one host does not stop a writer on another. One writer per cache there is the user's to keep
-(each object is still written whole and the manifest last, so readers never see a half-written cache).
+Locally an exclusive `fcntl.flock` on `<cache>/.writer.lock`: the kernel drops it when the process ends (a
+killed writer leaves nothing to clean up). At a URL (README "Caches on object storage") the `.writer.lock`
+object, created exclusively and naming its holder (`pipeline.object_store.ObjectLock`, the run directory's
+lock too): it stops writers on every host, and a killed writer's lock is taken over by the next writer on
+its host.
 """
 
 from __future__ import annotations
@@ -20,16 +20,23 @@ from pathlib import Path
 
 from pipeline.cache.manifest import CacheError
 from pipeline.cache.store import LOCK_NAME
-from pipeline.object_store import is_url
+from pipeline.object_store import ObjectLock, ObjectPath, location
+
+
+def _in_use(root: Path | ObjectPath, holder: str = "`distillery cache`, `stats` or `verify --repair`") -> str:
+    return f"another distillery process is writing {root} ({holder}); wait for it to finish, then run this again"
 
 
 @contextmanager
 def cache_lock(root: str | Path) -> Iterator[None]:
     """Hold the writer lock of the cache at `root` (created if missing); a second writer gets one line."""
-    if is_url(root):
-        yield  # no lock on object storage (module docstring)
+    root = location(root)
+    if isinstance(root, ObjectPath):
+        lock = ObjectLock(root / LOCK_NAME, CacheError, lambda holder: _in_use(root, holder),
+                          "the cache must be writable")
+        with lock.held():
+            yield
         return
-    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK_NAME
     try:
@@ -44,8 +51,7 @@ def cache_lock(root: str | Path) -> Iterator[None]:
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            raise CacheError(f"another distillery process is writing {root} (`distillery cache`, `stats` or "
-                             f"`verify --repair`); wait for it to finish, then run this again") from None
+            raise CacheError(_in_use(root)) from None
         yield
     finally:
         os.close(fd)

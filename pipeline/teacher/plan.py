@@ -28,8 +28,8 @@ from pipeline.data.rendering import default_input_size
 from pipeline.data.views import ViewPlan
 from pipeline.nets.tail import extract_teacher_tail
 from pipeline.nets.tapped import TappedOutputs, resolve_tap, stage_names
-from pipeline.options import (Range, check_device, check_output_dir, check_ranges, one_line_error,
-                              resolve_device)
+from pipeline.object_store import check_output_location
+from pipeline.options import Range, check_device, check_ranges, one_line_error, resolve_device
 from pipeline.teacher.model import (Teacher, TeacherError, TeacherSpec, build_teacher, load_checkpoint,
                                     manifest_teacher_spec)
 
@@ -90,12 +90,12 @@ class CacheRequest(BaseModel):
 
 def check_request(request: CacheRequest) -> Manifest:
     """Everything `plan_cache` would refuse about the request, found without writing anything: the device,
-    the output directory, the dataset (every split's images, decoded), the teacher and its tap.
+    the output directory or URL, the dataset (every split's images, decoded), the teacher and its tap.
 
     Run before the flow starts (the CLI does), so a bad option is one line rather than a failed task.
     """
     check_device(request.device)
-    check_output_dir(request.out)
+    check_output_location(request.out)
     return build_manifest(request)
 
 

@@ -20,15 +20,10 @@ epoch); at a URL it is PUT whole each epoch.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
 import os
 import pickle
-import socket
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,51 +34,12 @@ import torch
 from pipeline.atomic import atomic_write_text
 from pipeline.cache.manifest import identity_mismatch
 from pipeline.checksums import sha256_bytes
-from pipeline.object_store import ObjectPath, location, write_whole_bytes
+from pipeline.object_store import ObjectLock, ObjectPath, describe_holder, holder_note, location, write_whole_bytes
 from pipeline.train.config import TrainConfig, TrainError
 
 CONFIG, METRICS, SUMMARY, STUDENT, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "student.pt", "checkpoint.pt"
 CHECKPOINT_SHA256 = "checkpoint.sha256.json"
 LOCK, HOLDER = "run.lock", "run.lock.json"
-
-
-def _process_start(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22), None if it is not running:
-    with the boot id, what tells a live holder from a dead one whose pid was reused."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _holder() -> dict[str, Any]:
-    """This process, as a lock names its holder."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "boot": _boot_id(), "started": _process_start(os.getpid())}
-
-
-def _describe(holder: Any) -> str:
-    try:
-        return f"pid {holder['pid']} on {holder['host']} since {holder['since']}: {holder['command']}"
-    except (KeyError, TypeError):
-        return "another process"
-
-
-def _dead_here(holder: Any) -> bool:
-    """Whether `holder` is a process of this host, this boot, that no longer runs: its lock is stale."""
-    try:
-        return (holder["host"] == socket.gethostname() and bool(holder["boot"]) and holder["boot"] == _boot_id()
-                and holder["started"] is not None and _process_start(int(holder["pid"])) != holder["started"])
-    except (KeyError, TypeError, ValueError):
-        return False
 
 
 class RunDir:
@@ -102,18 +58,18 @@ class RunDir:
         not, from any process) is refused in one line naming the holder, never interleaved.
 
         Locally ``flock`` on RUNDIR/run.lock: the kernel drops it when the holder exits however it dies, so
-        a killed run never leaves a stale lock behind. At a URL, the run.lock object created exclusively
-        (`ObjectPath.create`) and removed at the end (`_lock_object`).
+        a killed run never leaves a stale lock behind. At a URL, the run.lock object (`ObjectLock`: a dead
+        holder's on this host is taken over).
         """
         if self.remote:
-            with self._lock_object():
+            with self._object_lock().held():
                 yield
             return
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             self._acquire(fd)
-            atomic_write_text(self.path / HOLDER, json.dumps(_holder()))
+            atomic_write_text(self.path / HOLDER, json.dumps(holder_note()))
             try:
                 yield
             finally:
@@ -124,9 +80,7 @@ class RunDir:
     def check_unlocked(self) -> None:
         """Refuse (TrainError) if a run holds the directory's lock now; takes and writes nothing."""
         if self.remote:
-            holder = self._lock_holder()
-            if holder is not None and not _dead_here(holder[1]):
-                raise self._in_use(holder[1])
+            self._object_lock().check_free()
             return
         try:
             fd = os.open(self.path / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -145,66 +99,13 @@ class RunDir:
                 holder = json.loads((self.path / HOLDER).read_text())
             except (OSError, ValueError):
                 holder = None
-            raise self._in_use(holder) from None
+            raise TrainError(self._in_use(describe_holder(holder))) from None
 
-    def _in_use(self, holder: Any) -> TrainError:
-        # A live holder on this host is certain; any other, a person must judge.
-        here = isinstance(holder, dict) and holder.get("host") == socket.gethostname()
-        remedy = f"; if it no longer runs, delete {self.path / LOCK}" if self.remote and not here else ""
-        return TrainError(f"{self.path} is in use by another run ({_describe(holder)}); wait for it to end or "
-                          f"choose another --out{remedy}")
+    def _in_use(self, holder: str) -> str:
+        return f"{self.path} is in use by another run ({holder}); wait for it to end or choose another --out"
 
-    def _lock_holder(self) -> tuple[bytes, Any] | None:
-        """The run.lock object's bytes and the holder they name (None if unreadable), or None without one."""
-        try:
-            data = (self.path / LOCK).read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            return data, json.loads(data)
-        except ValueError:
-            return data, None
-
-    @contextmanager
-    def _lock_object(self) -> Iterator[None]:
-        """The run.lock object, created exclusively, naming this process; removed when the run ends.
-
-        An object store drops no lock when its holder dies. A lock left by a dead process of this host and
-        boot (its pid gone or started at another time) is taken over; one from another host is refused,
-        naming it, for a person to judge. Takers on one host are serialised by an flock in the temp
-        directory, so two never both delete a stale lock and create their own; other hosts never take over.
-        """
-        lock, note = self.path / LOCK, json.dumps(_holder()).encode()
-        try:
-            try:
-                lock.create(note)
-            except FileExistsError:
-                self._take_over(lock, note)
-        except OSError as e:
-            raise TrainError(f"cannot write the run's lock {lock} ({type(e).__name__}: {e}); choose a writable "
-                             f"--out") from None
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
-
-    def _take_over(self, lock: ObjectPath, note: bytes) -> None:
-        key = hashlib.sha256(str(lock).encode()).hexdigest()[:24]
-        local = Path(tempfile.gettempdir()) / f"distillery-run-lock-{key}"
-        fd = os.open(local, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            holder = self._lock_holder()
-            if holder is not None:
-                if not _dead_here(holder[1]):
-                    raise self._in_use(holder[1])
-                lock.unlink(missing_ok=True)
-            try:
-                lock.create(note)
-            except FileExistsError:  # another host created it after the stale one went: it is live
-                raise self._in_use((self._lock_holder() or (b"", None))[1]) from None
-        finally:
-            os.close(fd)
+    def _object_lock(self) -> ObjectLock:
+        return ObjectLock(self.path / LOCK, TrainError, self._in_use, "choose a writable --out")
 
     def load_checkpoint(self, config: TrainConfig, identity: dict[str, Any]) -> dict[str, Any] | None:
         """The checkpoint to continue from: None for a fresh run; refuses to mix runs.

@@ -13,24 +13,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fsspec
 import pytest
 import torch
 
-from pipeline.object_store import location
+from pipeline.object_store import boot_id, holder_note, location
 from pipeline.train.config import RunSettings, TrainConfig, TrainError
 from pipeline.train.loop import check_run, train_student
-from pipeline.train.rundir import LOCK, RunDir, _boot_id, _holder
+from pipeline.train.rundir import LOCK, RunDir
 from pipeline.train.runs import find_runs
 
 
 @pytest.fixture
-def memory_run():
-    """A fresh memory:// run URL; everything under it removed afterwards."""
-    fs = fsspec.filesystem("memory")
-    yield "memory://runs/x"
-    if fs.exists("/runs"):
-        fs.rm("/runs", recursive=True)
+def memory_run(memory_url: str) -> str:
+    return f"{memory_url}/runs/x"
 
 
 def config(cache: Path, out: str, **settings) -> TrainConfig:
@@ -43,8 +38,8 @@ def objects(url: str) -> dict[str, bytes]:
     return {key[len(root.key) + 1:]: root.fs.cat_file(key) for key in root.fs.find(root.key)}
 
 
-def test_a_run_at_a_url_is_written_whole_and_resumes_like_a_local_one(make_cache, tmp_path: Path, memory_run: str,
-                                                                      interrupted) -> None:
+def test_a_run_at_a_url_is_written_whole_and_resumes_like_a_local_one(make_cache, tmp_path: Path, memory_url: str,
+                                                                      memory_run: str, interrupted) -> None:
     cache = make_cache(n=96)
     whole = train_student(config(cache, str(tmp_path / "whole")))
     with interrupted():
@@ -65,7 +60,7 @@ def test_a_run_at_a_url_is_written_whole_and_resumes_like_a_local_one(make_cache
     a = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)
     b = torch.load(io.BytesIO(stored["student.pt"]), weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert find_runs(["memory://runs"]) == [location(memory_run)]
+    assert find_runs([f"{memory_url}/runs"]) == [location(memory_run)]
 
 
 def test_a_damaged_checkpoint_is_refused_in_one_line(make_cache, memory_run: str) -> None:
@@ -89,22 +84,22 @@ def test_the_lock_object_refuses_a_live_holder_and_is_taken_over_from_a_dead_one
     lock = run.path / LOCK
     with run.locked():
         note = json.loads(lock.read_bytes())
-        assert note["pid"] == _holder()["pid"] and note["host"] == socket.gethostname()
+        assert note["pid"] == holder_note()["pid"] and note["host"] == socket.gethostname()
         with pytest.raises(TrainError, match=rf"^{run.path} is in use by another run \(pid {note['pid']} on "
                                              rf"{note['host']} since .+\); wait for it to end or choose another "
                                              r"--out$"):
             train_student(config(cache, memory_run))
     assert not lock.exists()
 
-    elsewhere = {**_holder(), "host": "elsewhere"}  # another host's holder: no one here can tell it is dead
+    elsewhere = {**holder_note(), "host": "elsewhere"}  # another host's holder: no one here can tell it is dead
     lock.write_bytes(json.dumps(elsewhere).encode())
     with pytest.raises(TrainError, match=rf"pid {elsewhere['pid']} on elsewhere .+; if it no longer runs, delete "
                                          rf"{lock}$"):
         check_run(config(cache, memory_run, epochs=1))
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = {**_holder(), "pid": int(gone.stdout), "started": "1"}  # this host and boot, no longer running
-    assert dead["boot"] == _boot_id() != ""
+    dead = {**holder_note(), "pid": int(gone.stdout), "started": "1"}  # this host and boot, no longer running
+    assert dead["boot"] == boot_id() != ""
     lock.write_bytes(json.dumps(dead).encode())
     assert train_student(config(cache, memory_run, epochs=1))["steps"] == 2
     assert not lock.exists()
