@@ -91,11 +91,13 @@ STEP_CONFIGS: dict[str, tuple[tuple[str, ...], bool]] = {
 
 def _train_once(config: dict[str, Any]) -> dict[str, Any]:
     # Runs in a spawned process: import here so the parent's state (threads, allocations) is not inherited.
+    import timm  # noqa: F401 - imported on first use by the run; resident before it, like torch
+
     from pipeline.train.config import TrainConfig
     from pipeline.train.loop import rss_bytes, train_student
 
-    # Python, torch and the imports are resident before anything of the run exists: the peak above this is
-    # what the run itself holds (models, optimizer, activations, data), the part a GPU would hold.
+    # Python, torch, timm and the project are resident before anything of the run exists: the peak above this
+    # is what the run itself holds (models, optimizer, activations, data), the part a GPU would hold.
     start = rss_bytes()
     summary = train_student(TrainConfig(**config))
     return {"start_rss_bytes": start,
