@@ -101,7 +101,7 @@ def test_the_lock_object_refuses_a_live_holder_and_is_taken_over_from_a_dead_one
     dead = {**holder_note(), "pid": int(gone.stdout), "started": "1"}  # this host and boot, no longer running
     assert dead["boot"] == boot_id() != ""
     lock.write_bytes(json.dumps(dead).encode())
-    assert train_student(config(cache, memory_run, epochs=1))["steps"] == 2
+    assert train_student(config(cache, memory_run, epochs=1)).steps == 2
     assert not lock.exists()
 
 
