@@ -27,9 +27,9 @@ from __future__ import annotations
 import functools
 import importlib
 import re
-from types import ModuleType
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -38,7 +38,6 @@ from torch import Tensor, nn
 from pipeline.nets.tapped import ModelError, stage_names
 
 TAIL_FORMAT = "distillery-teacher-tail/1"
-
 
 
 def _timm(family: str) -> ModuleType:
