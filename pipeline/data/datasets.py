@@ -24,8 +24,6 @@ from typing import ClassVar
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from pipeline.errors import DistilleryError
 
 __all__ = [
@@ -232,6 +230,8 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def _split_positions(labels: np.ndarray, split: str, where: str) -> np.ndarray:
     """Sorted positions of ``split`` in the fixed stratified 80/20 train/val split."""
+    from sklearn.model_selection import train_test_split  # scikit-learn takes seconds to import: only when used
+
     try:
         train, val = train_test_split(np.arange(len(labels)), test_size=_VAL_FRACTION,
                                       stratify=labels, random_state=0)
@@ -242,6 +242,8 @@ def _split_positions(labels: np.ndarray, split: str, where: str) -> np.ndarray:
 
 
 def _load_digits(split: str) -> ImageDataset:
+    from sklearn.datasets import load_digits  # scikit-learn takes seconds to import: only when used
+
     bunch = load_digits()
     # load_digits stores 4-bit intensities 0..16; stretch them onto the 8-bit range.
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -56,18 +58,37 @@ def clean_views(dataset: ImageDataset, size: int, mean: Sequence[float], std: Se
 WORKER_PRELOAD = ["pipeline.train.stream"]
 
 
+def worker_preload() -> list[str]:
+    """`WORKER_PRELOAD` plus what the parent's main module imports.
+
+    Each worker runs the parent's main module again (multiprocessing's main-module fixup; Python 3.11's
+    fork server drops the main path its "__main__" preload needs, so it cannot do it once): for the
+    `distillery` script that is `from flows.cli import main`, the whole CLI's imports, per worker, and the
+    training loops start a worker per epoch. Preloaded in the server, those imports are done already: a
+    ``python -m NAME`` parent's NAME, or the modules a main script's globals come from.
+    """
+    main = sys.modules["__main__"]
+    name = getattr(main.__spec__, "name", None)
+    if name is not None:
+        imported = set() if name.endswith("__main__") else {name}  # `-m pkg` runs pkg.__main__: not re-run
+    else:
+        imported = {value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+                    for value in vars(main).values() if inspect.ismodule(value) or callable(value)}
+    return WORKER_PRELOAD + sorted(m for m in imported if m in sys.modules and m not in ("__main__", "__mp_main__"))
+
+
 def worker_context(workers: int) -> multiprocessing.context.BaseContext | None:
     """The `multiprocessing_context` of every DataLoader: `forkserver`, or None without workers.
 
     Workers forked from this process would inherit the exit hooks of its threads (Prefect's log and
     event services), which fail in the child at exit; workers forked from a fork server (a clean,
-    single-threaded process started once) have none. The server preloads `WORKER_PRELOAD`, so after its
+    single-threaded process started once) have none. The server preloads `worker_preload()`, so after its
     start (once per process) a worker starts as fast as a forked one (`python -m pipeline.bench_loader`).
     """
     if workers == 0:
         return None
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(WORKER_PRELOAD)
+    context.set_forkserver_preload(worker_preload())
     return context
 
 

@@ -25,34 +25,43 @@ variant these builders do not reproduce (other norms, activations, attention lay
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
-from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_avg, downsample_conv
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerStage
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from pipeline.nets.tapped import ModelError, stage_names
 
 TAIL_FORMAT = "distillery-teacher-tail/1"
 
-_RESNET_BLOCKS: dict[str, type[nn.Module]] = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck}
+
+def _timm(family: str) -> ModuleType:
+    """`timm.models.<family>`, imported on first use: importing timm costs seconds (torchvision, torch._dynamo),
+    and a process that imports this module (the CLI, a student run without TPP) may never build a tail."""
+    return importlib.import_module(f"timm.models.{family}")
+
+
+def _resnet_blocks() -> dict[str, type[nn.Module]]:
+    resnet = _timm("resnet")
+    return {"BasicBlock": resnet.BasicBlock, "Bottleneck": resnet.Bottleneck}
 
 
 def _resnet_block_spec(block: nn.Module) -> dict[str, Any]:
     """Constructor arguments of a timm ResNet block, read back from its layers."""
-    if type(block) not in _RESNET_BLOCKS.values():
+    blocks = _resnet_blocks()
+    if type(block) not in blocks.values():
         raise ModelError(f"ResNet block {type(block).__name__} is not a timm BasicBlock or Bottleneck")
-    if type(block) is BasicBlock:
+    if type(block) is blocks["BasicBlock"]:
         planes = block.conv2.out_channels
         cardinality, base_width = 1, 64
         reduce_first, first_dilation = planes // block.conv1.out_channels, block.conv1.dilation[0]
     else:
-        planes = block.conv3.out_channels // Bottleneck.expansion
+        planes = block.conv3.out_channels // blocks["Bottleneck"].expansion
         width, cardinality = block.conv2.out_channels, block.conv2.groups
         # Inverts width = floor(planes * base_width / 64) * cardinality.
         base_width = width // cardinality * 64 // planes
@@ -68,10 +77,11 @@ def _resnet_block_spec(block: nn.Module) -> dict[str, Any]:
 
 
 def _resnet_block(spec: dict[str, Any]) -> nn.Module:
-    cls = _RESNET_BLOCKS[spec["type"]]
+    cls = _resnet_blocks()[spec["type"]]
     downsample = None
     if spec["downsample"] is not None:
-        make = downsample_avg if spec["downsample"]["avg"] else downsample_conv
+        resnet = _timm("resnet")
+        make = resnet.downsample_avg if spec["downsample"]["avg"] else resnet.downsample_conv
         downsample = make(in_channels=spec["inplanes"], out_channels=spec["planes"] * cls.expansion,
                           kernel_size=spec["downsample"]["kernel_size"], stride=spec["stride"],
                           dilation=spec["dilation"], first_dilation=spec["first_dilation"])
@@ -89,7 +99,7 @@ def _resnet_stage(spec: dict[str, Any]) -> nn.Module:
 
 
 def _swin_stage_spec(stage: nn.Module) -> dict[str, Any]:
-    if type(stage) is not SwinTransformerStage:
+    if type(stage) is not _timm("swin_transformer").SwinTransformerStage:
         raise ModelError(f"Swin stage {type(stage).__name__} is not a timm SwinTransformerStage")
     block = stage.blocks[0]
     attn = block.attn
@@ -103,7 +113,7 @@ def _swin_stage_spec(stage: nn.Module) -> dict[str, Any]:
 
 
 def _swin_stage(spec: dict[str, Any]) -> nn.Module:
-    return SwinTransformerStage(
+    return _timm("swin_transformer").SwinTransformerStage(
         dim=spec["dim"], out_dim=spec["out_dim"], input_resolution=tuple(spec["input_resolution"]),
         depth=spec["depth"], downsample=spec["downsample"], num_heads=spec["num_heads"], head_dim=spec["head_dim"],
         window_size=tuple(spec["window_size"]), always_partition=spec["always_partition"],
@@ -111,7 +121,7 @@ def _swin_stage(spec: dict[str, Any]) -> nn.Module:
 
 
 def _vit_block_spec(block: nn.Module) -> dict[str, Any]:
-    if type(block) is not Block:
+    if type(block) is not _timm("vision_transformer").Block:
         raise ModelError(f"ViT block {type(block).__name__} is not a timm vision_transformer.Block")
     dim = block.norm1.normalized_shape[0]
     return {"dim": dim, "num_heads": block.attn.num_heads, "mlp_ratio": block.mlp.fc1.out_features / dim,
@@ -122,10 +132,10 @@ def _vit_block_spec(block: nn.Module) -> dict[str, Any]:
 
 
 def _vit_block(spec: dict[str, Any]) -> nn.Module:
-    return Block(dim=spec["dim"], num_heads=spec["num_heads"], mlp_ratio=spec["mlp_ratio"], qkv_bias=spec["qkv_bias"],
-                 qk_norm=spec["qk_norm"], proj_bias=spec["proj_bias"],
-                 init_values=1.0 if spec["layer_scale"] else None,
-                 norm_layer=functools.partial(nn.LayerNorm, eps=spec["norm_eps"]))
+    return _timm("vision_transformer").Block(
+        dim=spec["dim"], num_heads=spec["num_heads"], mlp_ratio=spec["mlp_ratio"], qkv_bias=spec["qkv_bias"],
+        qk_norm=spec["qk_norm"], proj_bias=spec["proj_bias"], init_values=1.0 if spec["layer_scale"] else None,
+        norm_layer=functools.partial(nn.LayerNorm, eps=spec["norm_eps"]))
 
 
 def _to_tokens(x: Tensor) -> Tensor:
@@ -149,12 +159,16 @@ class _Family:
     from_native: Callable[[Tensor, Tensor], Tensor]  # (stage output, NCHW input) -> NCHW
 
 
-_FAMILIES: dict[str, _Family] = {
-    "resnet": _Family(ResNet, r"layer\d+", _resnet_stage_spec, _resnet_stage, lambda x: x, lambda y, x: y),
-    "swin": _Family(SwinTransformer, r"layers\.\d+", _swin_stage_spec, _swin_stage,
-                    lambda x: x.permute(0, 2, 3, 1), lambda y, x: y.permute(0, 3, 1, 2)),
-    "vit": _Family(VisionTransformer, r"blocks\.\d+", _vit_block_spec, _vit_block, _to_tokens, _from_tokens),
-}
+@functools.cache
+def _families() -> dict[str, _Family]:
+    return {
+        "resnet": _Family(_timm("resnet").ResNet, r"layer\d+", _resnet_stage_spec, _resnet_stage, lambda x: x,
+                          lambda y, x: y),
+        "swin": _Family(_timm("swin_transformer").SwinTransformer, r"layers\.\d+", _swin_stage_spec, _swin_stage,
+                        lambda x: x.permute(0, 2, 3, 1), lambda y, x: y.permute(0, 3, 1, 2)),
+        "vit": _Family(_timm("vision_transformer").VisionTransformer, r"blocks\.\d+", _vit_block_spec, _vit_block,
+                       _to_tokens, _from_tokens),
+    }
 
 
 class TeacherTail(nn.Module):
@@ -167,11 +181,11 @@ class TeacherTail(nn.Module):
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()
-        if spec.get("format") != TAIL_FORMAT or spec.get("family") not in _FAMILIES:
+        if spec.get("format") != TAIL_FORMAT or spec.get("family") not in _families():
             raise ModelError(f"not a teacher tail spec of format {TAIL_FORMAT} (format {spec.get('format')!r}, "
                                f"family {spec.get('family')!r}); re-run `distillery cache` with --teacher-tail")
         self.spec = spec
-        self._family = _FAMILIES[spec["family"]]
+        self._family = _families()[spec["family"]]
         self.body = nn.Sequential(*[self._family.build(s) for s in spec["modules"]])
         self.requires_grad_(False)
         super().train(False)
@@ -201,7 +215,7 @@ def build_teacher_tail(spec: dict[str, Any], state_dict: dict[str, Tensor] | Non
 
 
 def _family_of(model: nn.Module) -> str:
-    for name, family in _FAMILIES.items():
+    for name, family in _families().items():
         if isinstance(model, family.model):
             return name
     raise ModelError(f"ScaleKD's TPP rebuilds teacher tails of timm ResNet, Swin and ViT models only, not a "
@@ -217,7 +231,7 @@ def extract_teacher_tail(model: nn.Module, tap: str, stages: int,
     (else :class:`ModelError`: a variant the builders do not cover).
     """
     name = _family_of(model)
-    family = _FAMILIES[name]
+    family = _families()[name]
     names = stage_names(model)
     index = names.index(tap)
     available = 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
@@ -33,6 +32,10 @@ class TappedOutputs:
 
 def create_timm_model(name: str, num_classes: int, in_chans: int, input_size: int, **kwargs: Any) -> nn.Module:
     """`timm.create_model` with one-line errors; ViT-like models get `img_size` so small inputs work."""
+    # timm imports torchvision and torch._dynamo (seconds): only a process that builds a model pays for it, not
+    # the CLI listing its options or a DataLoader worker.
+    import timm
+
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         hint = f" (similar: {', '.join(close)})" if close else ""

@@ -67,8 +67,8 @@ def test_cli_killed_mid_pass_resumes_and_matches_an_uninterrupted_run(prefect_ha
 
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "flows.cli", "cache", "--dataset", "digits", "--teacher", "test_resnet",
-            "--checkpoint", str(digits_teacher), "--out", str(out), "--views", "8", "--input-size", "64",
-            "--shard-size", "64", "--batch-size", "128", "--device", "cpu"]
+            "--checkpoint", str(digits_teacher), "--out", str(out), "--subset", "640", "--views", "4",
+            "--input-size", "64", "--shard-size", "64", "--batch-size", "128", "--device", "cpu"]
     # The CLI talks to the session's test server (a real one) instead of booting its own each time.
     env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -78,7 +78,7 @@ def test_cli_killed_mid_pass_resumes_and_matches_an_uninterrupted_run(prefect_ha
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_at_kill = {p.name: p.stat().st_mtime_ns for p in _records(out)}
-    assert 3 <= len(done_at_kill) < 23, "the pass was not interrupted midway"
+    assert 3 <= len(done_at_kill) < 10, "the pass was not interrupted midway"
     assert Manifest.load(out).status == "partial"
 
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
@@ -87,7 +87,7 @@ def test_cli_killed_mid_pass_resumes_and_matches_an_uninterrupted_run(prefect_ha
     assert {p.name: p.stat().st_mtime_ns for p in _records(out) if p.name in done_at_kill} == done_at_kill
 
     reference = tmp_path / "reference"
-    run_cache_pass(cache_request(reference, views=8, input_size=64, shard_size=64))
+    run_cache_pass(cache_request(reference, subset=640, views=4, input_size=64, shard_size=64))
     resumed, full = TeacherCache(out), TeacherCache(reference)
     for name in list(full.manifest.arrays) + full.manifest.stats.arrays:
         np.testing.assert_array_equal(resumed.read(name), full.read(name), err_msg=name)
