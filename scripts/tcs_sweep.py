@@ -48,9 +48,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="tcs-sweep-") as tmp:
                 summary = train_student(TrainConfig(args.cache, args.student, tuple(setting.split(";")), tmp,
                                                     settings))
-            done.append({**key, "val_accuracy": summary["val_accuracy"], "train_seconds": summary["train_seconds"]})
+            done.append({**key, "val_accuracy": summary.val_accuracy, "train_seconds": summary.train_seconds})
             atomic_write_text(args.out, "".join(json.dumps(d) + "\n" for d in done))
-            print(f"{setting} seed {seed}: {100 * summary['val_accuracy']:.2f}", flush=True)
+            print(f"{setting} seed {seed}: {100 * summary.val_accuracy:.2f}", flush=True)
 
 
 def markdown(records) -> str:
