@@ -674,14 +674,15 @@ def bench_cmd(
         rows = [{"config": r["config"], "ms / step": f"{r['step_ms']:.1f}", "samples/s": f"{r['samples_per_s']:.0f}",
                  "stream / this": f"{r['stream_over_config']:.1f}", "/ ce": ratio(r["over_ce"]),
                  "/ ce+kd": ratio(r["over_kd"]), "/ online kd": ratio(r["over_online_kd"]),
-                 "peak RSS MiB": f"{r['peak_rss_mb']:.0f}", "RSS / online kd": ratio(r["rss_over_online_kd"]),
-                 "run's RSS MiB": f"{r['run_rss_mb']:.0f}", "run's / online kd": ratio(r["run_rss_over_online_kd"])}
+                 "RSS MiB: peak (run's)": f"{r['peak_rss_mb']:.0f} ({r['run_rss_mb']:.0f})",
+                 "RSS / online kd: peak (run's)": f"{ratio(r['rss_over_online_kd'])} "
+                                                  f"({ratio(r['run_rss_over_online_kd'])})"}
                 for r in steps["rows"]]
         print_table(f"student {steps['student']} step time from the cache of {steps['teacher']} (teacher forward = "
                     f"{steps['teacher_over_student_flops']:.1f}x the student's FLOPs; best of {steps['rounds']} "
                     f"round(s)); the cache stream alone: {steps['stream_samples_per_s']:.0f} samples/s (batch "
-                    f"{steps['batch_size']}, {steps['workers']} worker(s)); run's RSS: the peak less the process's "
-                    f"RSS before the run began (interpreter, torch and imports)", rows)
+                    f"{steps['batch_size']}, {steps['workers']} worker(s)); run's RSS: the peak less the RSS before "
+                    f"the run began", rows)
     ddp = results["ddp"]
     print_table(f"DDP: student {ddp['student']} (ce+kd) on {ddp['cpus']} CPUs, {ddp['num_samples']} samples x "
                 f"{ddp['epochs']} epoch(s), batch {ddp['batch_size_per_process']} per process, best of {ddp['rounds']} "
