@@ -569,7 +569,7 @@ def train_distributed(cache: str, students: "list[StudentSpec]", out: str, setti
     and rank 0 prints the table; with --nproc N this process checks the sweep, then runs torchrun per student."""
     from pipeline.train.config import TrainError, plan_runs
     from pipeline.train.distributed import World, launch, under_torchrun
-    from pipeline.train.loop import check_run, train_student
+    from pipeline.train.loop import check_runs, train_student
 
     world = World.from_env()
     if nproc < 1:
@@ -578,8 +578,7 @@ def train_distributed(cache: str, students: "list[StudentSpec]", out: str, setti
         raise TrainError(f"--nproc {nproc} under torchrun, whose world size is {world.size}: leave --nproc out "
                          f"(torchrun's --nproc-per-node decides)")
     configs = plan_runs(cache, students, out, settings)
-    for config in configs:  # bad input is one line here, before any process starts
-        check_run(config, world.size if under_torchrun() else nproc)
+    check_runs(configs, world.size if under_torchrun() else nproc)  # bad input is one line, before any process starts
     if under_torchrun():
         with show_progress() if world.is_main else nullcontext():
             summaries = [train_student(config) for config in configs]

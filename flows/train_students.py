@@ -17,7 +17,7 @@ from flows.params import Student, TrainSettings
 from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
 from pipeline.cache.store import TeacherCache
 from pipeline.train.config import TrainConfig, plan_runs
-from pipeline.train.loop import cache_fingerprint, check_run, train_student
+from pipeline.train.loop import cache_fingerprint, check_runs, train_student
 from pipeline.train.summary import TrainSummary
 
 forward_library_logs()
@@ -57,9 +57,8 @@ def plan_sweep(cache: str, students: list[Student], out: str, settings: TrainSet
                check: bool = True) -> list[TrainConfig]:
     """One `TrainConfig` per student, checked (`check`): bad input fails here, before any student trains."""
     configs = plan_runs(cache, [s.spec() for s in students], out, settings.run_settings())
-    opened = None  # the cache is opened and its shards hashed once for the whole sweep
-    for config in configs if check else ():
-        opened = check_run(config, cache=opened)
+    if check:
+        check_runs(configs)
     return configs
 
 

@@ -188,6 +188,13 @@ def check_run(config: TrainConfig, world_size: int | None = None, cache: Teacher
     return setup_run(config, torch.device("cpu"), world, cache).cache
 
 
+def check_runs(configs: list[TrainConfig], world_size: int | None = None) -> None:
+    """`check_run` for every run of a sweep, opening the cache and hashing its shards once for all of them."""
+    opened = None
+    for config in configs:
+        opened = check_run(config, world_size, cache=opened)
+
+
 def train_student(config: TrainConfig) -> TrainSummary:
     """Train `config.student` with `config.methods` from `config.cache`; write RUNDIR; return the summary.
 

@@ -154,14 +154,14 @@ def test_a_sweep_from_the_command_line_is_checked_once(prefect_harness, digits_c
     student's own run (counted around the real functions, which still run)."""
     from collections import Counter
 
-    import flows.train_students as train_flow
     import pipeline.cache.store as store
+    import pipeline.train.loop as loop
 
     shards = {str(p) for p in store.TeacherCache(digits_cache).shard_paths()}
     checked, hashed = [], []
-    real_check, real_sha256 = train_flow.check_run, store.sha256_file
-    monkeypatch.setattr(train_flow, "check_run", lambda config, **kw: checked.append(config.out) or
-                        real_check(config, **kw))
+    real_check, real_sha256 = loop.check_run, store.sha256_file
+    monkeypatch.setattr(loop, "check_run", lambda config, *args, **kw: checked.append(config.out) or
+                        real_check(config, *args, **kw))
     monkeypatch.setattr(store, "sha256_file", lambda path: hashed.append(str(path)) or real_sha256(path))
     code, out = cli("train", "--cache", str(digits_cache), "--out", str(tmp_path / "runs"), "--student",
                     "test_resnet", "--method", "ce", "--combo", "ce+kd:T=2", "--epochs", "1", "--workers", "0")
