@@ -135,7 +135,7 @@ def teacher_spec(request: CacheRequest, dataset: ImageDataset) -> TeacherSpec:
         head=request.teacher_head)
     if request.tap == "none":
         return base
-    return TeacherSpec(**{**base.__dict__, "taps": (_resolve_tap(base, request.tap, request.grid),)})
+    return base.model_copy(update={"taps": (_resolve_tap(base, request.tap, request.grid),)})
 
 
 def _resolve_tap(spec: TeacherSpec, tap: str, grid: int) -> str:
