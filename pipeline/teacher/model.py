@@ -16,8 +16,8 @@ from torch import nn
 
 from pipeline.cache.manifest import TeacherSection
 from pipeline.checksums import sha256_file
-from pipeline.options import Config
 from pipeline.nets.tapped import ModelError, TappedOutputs, create_timm_model, resolve_tap, tap_indices, tapped_forward
+from pipeline.options import Config
 
 CHECKPOINT_FORMAT = "distillery-teacher/1"
 
