@@ -190,11 +190,9 @@ def fit_teacher_cmd(
     start_temporary_server()
     with show_progress():
         result = fit_teacher_flow(cfg)
-    report_skipped(dataset, result["skipped_images"])
-    accuracy = "no head (self-supervised)" if result["val_accuracy"] is None else \
-        f"val accuracy {result['val_accuracy']:.2%}"
-    console.print(f"teacher {model}: {accuracy} after {epochs} epochs ({result['train_seconds']:.1f} s) -> "
-                  f"{result['out']}")
+    report_skipped(dataset, result.skipped_images)
+    accuracy = "no head (self-supervised)" if result.val_accuracy is None else f"val accuracy {result.val_accuracy:.2%}"
+    console.print(f"teacher {model}: {accuracy} after {epochs} epochs ({result.train_seconds:.1f} s) -> {result.out}")
 
 
 def warn(message: str | None) -> None:

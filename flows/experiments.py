@@ -30,7 +30,7 @@ def fit_or_reuse_teacher(name: str, root: str) -> dict[str, Any]:
     path = Path(config.out)
     if path.exists() and reusable_teacher(load_checkpoint(path).get("config"), config):
         return {"out": str(path), "reused": True, "val_accuracy": load_checkpoint(path)["val_accuracy"]}
-    return {**fit_teacher(config), "reused": False}
+    return {**fit_teacher(config).model_dump(), "reused": False}
 
 
 @task(name="publish-results", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)

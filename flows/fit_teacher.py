@@ -4,35 +4,33 @@ No pretrained weights can be downloaded here, so a deployment that fits a teache
 `cache-teacher` deployment after it give the nightly student sweeps a fresh cache to reuse.
 """
 
-import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 from prefect import flow, get_run_logger, task
 from pydantic import PositiveFloat
 
 from flows.runtime import forward_library_logs, run_path
-from pipeline.train.fit import FitConfig, fit_teacher
+from pipeline.train.fit import FitConfig, FitResult, fit_teacher
 
 forward_library_logs()
 
 
 @task(name="fit-teacher", persist_result=False, tags=["accelerator"])
-def fit_task(config: FitConfig) -> dict[str, Any]:
+def fit_task(config: FitConfig) -> FitResult:
     return fit_teacher(config)
 
 
 @flow(name="fit-teacher", log_prints=True)
-def fit_teacher_flow(config: FitConfig, task_timeout: Optional[PositiveFloat] = None) -> dict[str, Any]:
+def fit_teacher_flow(config: FitConfig, task_timeout: Optional[PositiveFloat] = None) -> FitResult:
     """Fit `config.model` on `config.dataset` and write the checkpoint to `config.out`.
 
     Args:
         config: what to fit; `out` may hold {date}, {time}, {flow_run_name} or {flow_run_id} (filled per flow run)
         task_timeout: fail the fit if it runs longer than this many seconds (default: no bound)
     """
-    config = dataclasses.replace(config, out=run_path(config.out))
+    config = config.model_copy(update={"out": run_path(config.out)})
     result = fit_task.with_options(timeout_seconds=task_timeout)(config)
-    accuracy = "no head (self-supervised)" if result["val_accuracy"] is None else \
-        f"val accuracy {result['val_accuracy']:.4f}"
+    accuracy = "no head (self-supervised)" if result.val_accuracy is None else f"val accuracy {result.val_accuracy:.4f}"
     get_run_logger().info("teacher %s: %s after %d epochs (%.1f s) -> %s", config.model, accuracy, config.epochs,
-                          result["train_seconds"], result["out"])
+                          result.train_seconds, result.out)
     return result

@@ -6,7 +6,6 @@ failed at parameter validation). The library's own config objects keep their che
 describe and carry the values, then build the library object (whose errors are one line).
 """
 
-import dataclasses
 import tomllib
 from pathlib import Path
 from typing import Literal, Optional
@@ -17,7 +16,7 @@ from pipeline.options import default_of
 from pipeline.train.config import RunSettings, StudentSpec, TrainError
 from pipeline.train.optim import OptimConfig
 
-_OPTIM_FIELDS = tuple(f.name for f in dataclasses.fields(OptimConfig))
+_OPTIM_FIELDS = tuple(OptimConfig.model_fields)
 
 
 def _run(name: str):  # noqa: ANN202 - any field's type
@@ -39,7 +38,7 @@ class Student(BaseModel):
                                                          "fitnet, ... (README, 'Methods')")
 
     def spec(self) -> StudentSpec:
-        return StudentSpec(self.student, tuple(self.methods))
+        return StudentSpec(student=self.student, methods=tuple(self.methods))
 
 
 class TrainSettings(BaseModel):
@@ -80,7 +79,7 @@ class TrainSettings(BaseModel):
 
     @classmethod
     def of(cls, settings: RunSettings) -> "TrainSettings":
-        values = dataclasses.asdict(settings)
+        values = settings.model_dump()
         return cls(**values.pop("optim"), **values)
 
 

@@ -215,7 +215,8 @@ def bench_ddp(tmp: str, quick: bool = False, student: str = "test_resnet", batch
         for nproc, threads in configs:
             settings = RunSettings(epochs=epochs, batch_size=batch_size, device="cpu", eval_every=epochs)
             out = str(Path(tmp) / f"ddp-{nproc}x{threads}-{r}")
-            summary = launch(TrainConfig(cache, student, ("ce", "kd"), out, settings), nproc, True, threads)
+            config = TrainConfig(cache=cache, student=student, methods=("ce", "kd"), out=out, settings=settings)
+            summary = launch(config, nproc, True, threads)
             rates[(nproc, threads)].append(summary.num_samples * epochs / summary.train_seconds)
     best = {c: max(v) for c, v in rates.items()}
     return {"bench": "ddp", "student": student, "num_samples": summary.num_samples, "epochs": epochs,

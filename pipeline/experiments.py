@@ -15,7 +15,7 @@ Layout under the experiments root (default `runs/experiments`):
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from pipeline.train.config import RunSettings
 from pipeline.train.optim import OptimConfig
 from pipeline.train.summary import TrainSummary
 from pipeline.errors import DistilleryError
+from pipeline.options import default_of
 
 DEFAULT_ROOT = Path("runs/experiments")
 """Where `distillery experiment` keeps teachers, caches and runs unless told otherwise."""
@@ -110,9 +111,8 @@ def reusable_teacher(checkpoint_config: dict[str, Any] | None, wanted: FitConfig
     """Whether a checkpoint fitted with `checkpoint_config` is the teacher `wanted` would fit."""
     if checkpoint_config is None:
         return False
-    want, defaults = asdict(wanted), asdict(FitConfig(dataset="", model="", out=""))
     # A checkpoint fitted before a setting existed was fitted with that setting's default.
-    return all(checkpoint_config.get(k, defaults[k]) == want[k] for k in _FIT_IDENTITY)
+    return all(checkpoint_config.get(k, default_of(FitConfig, k)) == getattr(wanted, k) for k in _FIT_IDENTITY)
 
 
 def result_rows(experiment: Experiment, summaries: dict[str, list[TrainSummary]]) -> list[dict[str, Any]]:

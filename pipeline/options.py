@@ -6,7 +6,6 @@ bad option stops a command before any work starts and before anything is written
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 import os
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import DistilleryError
 
@@ -64,14 +63,28 @@ class Help:
 
 
 def default_of(config: Any, name: str) -> Any:
-    """The default that ``config`` (a dataclass, a pydantic model or a function) declares for ``name``: what a
+    """The default that ``config`` (a pydantic model or a function) declares for ``name``: what a
     command-line option or a flow parameter shows, so no default is stated twice."""
     if isinstance(config, type) and issubclass(config, BaseModel):
         return config.model_fields[name].get_default(call_default_factory=True)
-    if dataclasses.is_dataclass(config):
-        field = {f.name: f for f in dataclasses.fields(config)}[name]
-        return field.default_factory() if field.default is dataclasses.MISSING else field.default
     return inspect.signature(config).parameters[name].default
+
+
+class Config(BaseModel):
+    """Base of the library's configs: built by keyword, immutable, unknown keys refused, and a bad value is the
+    one line of a :class:`DistilleryError` (`one_line_error`), never pydantic's multi-line report.
+
+    A subclass checks what a field's type cannot say (ranges, choices) in a ``model_validator`` that raises its
+    own ``DistilleryError``; a nested config (a dict from config.json) is checked the same way.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise one_line_error(e) from None
 
 
 def check_ranges(values: dict[str, float | None], ranges: dict[str, Range], prefix: str = "--") -> None:

@@ -46,8 +46,8 @@ def main() -> None:
             settings = RunSettings(epochs=args.epochs, seed=seed, batch_size=args.batch_size,
                                    optim=OptimConfig(lr=args.lr), eval_every=args.epochs, workers=0, device="cpu")
             with tempfile.TemporaryDirectory(prefix="tcs-sweep-") as tmp:
-                summary = train_student(TrainConfig(args.cache, args.student, tuple(setting.split(";")), tmp,
-                                                    settings))
+                summary = train_student(TrainConfig(cache=args.cache, student=args.student,
+                                                    methods=tuple(setting.split(";")), out=tmp, settings=settings))
             done.append({**key, "val_accuracy": summary.val_accuracy, "train_seconds": summary.train_seconds})
             atomic_write_text(args.out, "".join(json.dumps(d) + "\n" for d in done))
             print(f"{setting} seed {seed}: {100 * summary.val_accuracy:.2f}", flush=True)

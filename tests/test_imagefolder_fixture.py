@@ -41,7 +41,8 @@ def test_fit_cache_and_train_from_an_imagefolder(tmp_path: Path) -> None:
     assert stored.manifest.status == "complete" and stored.manifest.dataset.class_names == ["one", "two", "zero"]
     assert stored.read("logits/dense").shape == (36, 2, 3) and len(stored.manifest.shards) == 3
 
-    summary = train_student(TrainConfig(str(cache), "test_resnet", ("ce", "kd"), str(tmp_path / "run"),
-                                        RunSettings(epochs=1, batch_size=12, workers=0, device="cpu")))
+    summary = train_student(TrainConfig(cache=str(cache), student="test_resnet", methods=("ce", "kd"),
+                                        out=str(tmp_path / "run"),
+                                        settings=RunSettings(epochs=1, batch_size=12, workers=0, device="cpu")))
     assert summary.steps == 3 and 0 <= summary.val_accuracy <= 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["cache"] == str(cache)

@@ -73,8 +73,9 @@ def test_a_method_needing_a_new_target_is_cached_served_and_trained(toy_target_a
 
     for online in (False, True):
         out = tmp_path / f"run-online-{online}"
-        summary = train_student(TrainConfig(str(root), "test_resnet", ("ce", "test_pooled_norm"), str(out),
-                                            RunSettings(epochs=1, batch_size=40, workers=0, online_teacher=online)))
+        settings = RunSettings(epochs=1, batch_size=40, workers=0, online_teacher=online)
+        summary = train_student(TrainConfig(cache=str(root), student="test_resnet", methods=("ce", "test_pooled_norm"),
+                                            out=str(out), settings=settings))
         assert summary.online_teacher is online
         steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         terms = [s["test_pooled_norm"] for s in steps if "test_pooled_norm" in s]

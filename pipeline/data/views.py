@@ -17,15 +17,20 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from numbers import Integral
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
 
-__all__ = ["CLEAN_VIEW", "ViewParams", "ViewPlan", "epoch_view", "epoch_views", "render_view", "render_views"]
+from pipeline.errors import DistilleryError
+from pipeline.options import Config
+
+__all__ = ["CLEAN_VIEW", "ViewError", "ViewParams", "ViewPlan", "epoch_view", "epoch_views", "render_view",
+           "render_views"]
 
 # torchvision's RandomResizedCrop gives up drawing after this many attempts and crops the centre.
 _RRC_ATTEMPTS = 10
@@ -45,8 +50,11 @@ class ViewParams:
 CLEAN_VIEW = ViewParams(top=0.0, left=0.0, height=1.0, width=1.0, flip=False)
 
 
-@dataclass(frozen=True)
-class ViewPlan:
+class ViewError(DistilleryError):
+    """A view plan that cannot be drawn from: a count, seed or bound out of range."""
+
+
+class ViewPlan(Config):
     """Which views exist per sample: view 0 is clean, views 1..K are seeded augmentations (§3).
 
     ``scale`` bounds the crop's area fraction and ``ratio`` its aspect ratio (width / height), as in
@@ -55,25 +63,32 @@ class ViewPlan:
 
     num_augmented: int
     seed: int = 0
-    scale: tuple[float, float] = (0.35, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    scale: tuple[float, ...] = (0.35, 1.0)
+    ratio: tuple[float, ...] = (3 / 4, 4 / 3)
     flip: bool = True
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.num_augmented, Integral) or self.num_augmented < 0:
-            raise ValueError(f"num_augmented must be an integer >= 0, got {self.num_augmented!r}")
-        if not isinstance(self.seed, Integral) or self.seed < 0:
-            raise ValueError(f"view plan seed must be an integer >= 0, got {self.seed!r}")
-        # Plain Python values keep the plan hashable and JSON-able whatever it was built from
-        # (numpy integers from a sweep, lists from a JSON round trip).
-        object.__setattr__(self, "num_augmented", int(self.num_augmented))
-        object.__setattr__(self, "seed", int(self.seed))
-        object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
-        object.__setattr__(self, "ratio", tuple(float(v) for v in self.ratio))
+    @model_validator(mode="before")
+    @classmethod
+    def _check_integers(cls, data: Any) -> Any:
+        # Any integer (numpy's from a sweep) becomes a plain int, which keeps the plan hashable and JSON-able;
+        # a float or a string is refused rather than rounded or parsed.
+        if not isinstance(data, dict):
+            return data
+        for key, name in (("num_augmented", "num_augmented"), ("seed", "view plan seed")):
+            if key in data:
+                value = data[key]
+                if not isinstance(value, Integral) or value < 0:
+                    raise ViewError(f"{name} must be an integer >= 0, got {value!r}")
+                data = {**data, key: int(value)}
+        return data
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> ViewPlan:
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {self.scale}")
+            raise ViewError(f"scale must be (low, high) with 0 < low <= high <= 1, got {self.scale}")
         if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {self.ratio}")
+            raise ViewError(f"ratio must be (low, high) with 0 < low <= high, got {self.ratio}")
+        return self
 
     @property
     def num_views(self) -> int:
@@ -101,9 +116,7 @@ class ViewPlan:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form for the cache manifest; ``recipe`` is informational only."""
-        plan = asdict(self)
-        plan.update(scale=list(self.scale), ratio=list(self.ratio), recipe=self.recipe)
-        return plan
+        return {**self.model_dump(mode="json"), "recipe": self.recipe}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViewPlan:

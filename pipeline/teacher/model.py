@@ -7,16 +7,17 @@ trunk pass (`pipeline.nets.tapped.tapped_forward`, the student's own).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from pipeline.cache.manifest import TeacherSection
 from pipeline.checksums import sha256_file
 from pipeline.nets.tapped import ModelError, TappedOutputs, create_timm_model, resolve_tap, tap_indices, tapped_forward
+from pipeline.options import Config
 
 CHECKPOINT_FORMAT = "distillery-teacher/1"
 
@@ -29,9 +30,10 @@ class CheckpointChanged(TeacherError):
     """The checkpoint at a cache's recorded path is not the file that made the cache (sha256 differs)."""
 
 
-@dataclass(frozen=True)
-class TeacherSpec:
+class TeacherSpec(Config):
     """Everything that determines a teacher's outputs (part of a cache's identity)."""
+
+    model_config = ConfigDict(protected_namespaces=())  # `model_kwargs` is timm's name, not pydantic's
 
     model: str
     num_classes: int
@@ -43,16 +45,11 @@ class TeacherSpec:
     checkpoint_sha256: str | None = None
     taps: tuple[str, ...] = ()
     head: bool = True
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mean"], d["std"], d["taps"] = list(self.mean), list(self.std), list(self.taps)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TeacherSpec:
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"]), "taps": tuple(d["taps"])})
+        """The manifest's `teacher` section (JSON types: lists for the tuples)."""
+        return self.model_dump(mode="json")
 
     def __hash__(self) -> int:  # model_kwargs is a dict; hash what identifies the teacher
         return hash((self.model, self.checkpoint_sha256, self.taps, self.input_size, self.head))
@@ -60,7 +57,7 @@ class TeacherSpec:
 
 def manifest_teacher_spec(teacher: TeacherSection) -> TeacherSpec:
     """The spec recorded in a cache manifest's `teacher` section (its descriptive extras left out)."""
-    return TeacherSpec.from_dict({k: v for k, v in teacher.to_dict().items() if k not in ("stages", "pooled_dim")})
+    return TeacherSpec(**{k: v for k, v in teacher.to_dict().items() if k not in ("stages", "pooled_dim")})
 
 
 def check_cache_checkpoint(spec: TeacherSpec) -> None:

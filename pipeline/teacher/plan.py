@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.cache.manifest import ArraySpec, Manifest, ShardRange, ShardRecord, StorageSpec, shard_ranges
 from pipeline.cache.statistics import check_cka_source
@@ -29,12 +29,12 @@ from pipeline.data.views import ViewPlan
 from pipeline.nets.tail import extract_teacher_tail
 from pipeline.nets.tapped import TappedOutputs, resolve_tap, stage_names
 from pipeline.object_store import check_output_location
-from pipeline.options import Range, check_device, check_ranges, one_line_error, resolve_device
+from pipeline.options import Config, Range, check_device, check_ranges, resolve_device
 from pipeline.teacher.model import (Teacher, TeacherError, TeacherSpec, build_teacher, load_checkpoint,
                                     manifest_teacher_spec)
 
 
-class CacheRequest(BaseModel):
+class CacheRequest(Config):
     """What `distillery cache` asks for (JSON-able: it is a Prefect flow parameter)."""
 
     dataset: str
@@ -68,23 +68,22 @@ class CacheRequest(BaseModel):
         "grid": Range(ge=1), "teacher_tail": Range(ge=0), "lsh_bits": Range(ge=0), "input_size": Range(ge=8),
         "shard_size": Range(ge=1), "batch_size": Range(ge=1), "block_size": Range(ge=1)}
 
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as e:  # one line, as from every other config
-            raise one_line_error(e) from None
+    @field_validator("store")
+    @classmethod
+    def _one_spelling(cls, store: str | None) -> str | None:
+        if store is None:
+            return None
+        listed = store.split(",")
+        unknown = [t for t in listed if t not in STORABLE]
+        if unknown or not listed:
+            raise TeacherError(f"--store {store!r}: {unknown} are not per-sample targets; list some of "
+                               f"{','.join(STORABLE)}")
+        return ",".join(t for t in STORABLE if t in listed)  # one spelling per choice: same identity
 
     @model_validator(mode="after")
     def _check_ranges(self) -> CacheRequest:
-        check_ranges(self.__dict__, self.RANGES)
+        check_ranges(vars(self), self.RANGES)
         check_bad_image_policy(self.on_bad_image)
-        if self.store is not None:
-            listed = self.store.split(",")
-            unknown = [t for t in listed if t not in STORABLE]
-            if unknown or not listed:
-                raise TeacherError(f"--store {self.store!r}: {unknown} are not per-sample targets; list some of "
-                                   f"{','.join(STORABLE)}")
-            self.store = ",".join(t for t in STORABLE if t in listed)  # one spelling per choice: same identity
         return self
 
 
@@ -135,7 +134,7 @@ def teacher_spec(request: CacheRequest, dataset: ImageDataset) -> TeacherSpec:
         head=request.teacher_head)
     if request.tap == "none":
         return base
-    return TeacherSpec(**{**base.__dict__, "taps": (_resolve_tap(base, request.tap, request.grid),)})
+    return base.model_copy(update={"taps": (_resolve_tap(base, request.tap, request.grid),)})
 
 
 def _resolve_tap(spec: TeacherSpec, tap: str, grid: int) -> str:

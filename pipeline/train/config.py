@@ -8,14 +8,15 @@ sweep shares; `plan_runs` turns a sweep into one `TrainConfig` per student.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
+
+from pydantic import Field, model_validator
 
 from pipeline.data.datasets import check_bad_image_policy
 from pipeline.errors import DistilleryError
 from pipeline.methods import resolve_method_spec
 from pipeline.object_store import location
-from pipeline.options import Range, check_device, check_ranges
+from pipeline.options import Config, Range, check_device, check_ranges
 from pipeline.train.optim import OptimConfig
 
 
@@ -23,14 +24,13 @@ class TrainError(DistilleryError):
     """A student run that cannot go ahead as asked; the message says what is wrong and what to do."""
 
 
-@dataclass(frozen=True)
-class RunSettings:
+class RunSettings(Config):
     """Training settings shared by every student of a sweep."""
 
     epochs: int = 10
     seed: int = 0
     batch_size: int = 64
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
     input_size: int | None = None  # student render size; default: the teacher's
     online_teacher: bool = False  # compute the targets live from the teacher instead of the cache
     workers: int = 1  # DataLoader workers decoding and rendering the stream (0: in the main process)
@@ -44,30 +44,30 @@ class RunSettings:
         "epochs": Range(ge=1), "seed": Range(ge=0), "batch_size": Range(ge=1), "input_size": Range(ge=8),
         "workers": Range(ge=0), "shuffle_buffer": Range(ge=1), "eval_every": Range(ge=1)}
 
-    def __post_init__(self) -> None:
-        if isinstance(self.optim, dict):  # from config.json or a Prefect parameter
-            object.__setattr__(self, "optim", OptimConfig(**self.optim))
+    @model_validator(mode="after")
+    def _check(self) -> RunSettings:
         check_ranges(vars(self), self.RANGES)
         check_bad_image_policy(self.on_bad_image)
+        return self
 
     def check_machine(self) -> None:
         """What only the machine that trains can tell: whether it has the requested device."""
         check_device(self.device)
 
 
-@dataclass(frozen=True)
-class StudentSpec:
+class StudentSpec(Config):
     """One student of a sweep: a timm architecture and the methods it is trained with."""
 
     student: str
     methods: tuple[str, ...]
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "methods", tuple(self.methods))
+    @model_validator(mode="after")
+    def _check(self) -> StudentSpec:
         if not self.methods:
             raise TrainError(f"student {self.student} has no --method; give at least one, e.g. --method ce")
         for spec in self.methods:  # an unknown method or an option out of range, before any cache is opened
             resolve_method_spec(spec)
+        return self
 
     @property
     def slug(self) -> str:
@@ -76,26 +76,23 @@ class StudentSpec:
         return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{self.student}-{methods}")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """One student run: written to RUNDIR/config.json and stored in every checkpoint."""
 
     cache: str
     student: str
     methods: tuple[str, ...]
     out: str
-    settings: RunSettings = field(default_factory=RunSettings)
+    settings: RunSettings = Field(default_factory=RunSettings)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "methods", tuple(self.methods))
-        if isinstance(self.settings, dict):
-            object.__setattr__(self, "settings", RunSettings(**self.settings))
-        StudentSpec(self.student, self.methods)  # the same checks as a sweep's
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        StudentSpec(student=self.student, methods=self.methods)  # the same checks as a sweep's
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["methods"] = list(self.methods)
-        return d
+        """config.json's object (JSON types: the methods a list)."""
+        return self.model_dump(mode="json")
 
     def identity(self) -> dict[str, Any]:
         """What must match for `--resume` to continue a run: everything that changes its result.
@@ -119,6 +116,8 @@ def plan_runs(cache: str, students: list[StudentSpec], out: str, settings: RunSe
     if len(set(slugs)) != len(slugs):
         raise TrainError(f"the same student and methods are listed twice: {sorted(slugs)}")
     if len(students) == 1:
-        return [TrainConfig(cache, students[0].student, students[0].methods, out, settings)]
-    return [TrainConfig(cache, s.student, s.methods, str(location(out) / f"{s.slug}-s{settings.seed}"), settings)
-            for s in students]
+        outs = [out]
+    else:
+        outs = [str(location(out) / f"{s.slug}-s{settings.seed}") for s in students]
+    return [TrainConfig(cache=cache, student=s.student, methods=s.methods, out=o, settings=settings)
+            for s, o in zip(students, outs)]

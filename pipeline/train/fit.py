@@ -15,13 +15,13 @@ pooled features serve TCS and eLSH).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from pipeline.atomic import atomic_write
 from pipeline.data.datasets import check_bad_image_policy, load_dataset
@@ -29,7 +29,7 @@ from pipeline.data.rendering import RenderedViews, default_input_size, worker_co
 from pipeline.data.views import ViewPlan
 from pipeline.errors import DistilleryError
 from pipeline.nets.tapped import create_timm_model
-from pipeline.options import Range, check_device, check_output_file, check_ranges, resolve_device
+from pipeline.options import Config, Range, check_device, check_output_file, check_ranges, resolve_device
 from pipeline.progress import progress_task
 from pipeline.teacher.model import CHECKPOINT_FORMAT
 from pipeline.train.evaluate import evaluate_accuracy
@@ -42,8 +42,9 @@ class FitError(DistilleryError):
     """A teacher fit that cannot go ahead as asked."""
 
 
-@dataclass(frozen=True)
-class FitConfig:
+class FitConfig(Config):
+    """What `distillery fit-teacher` fits; stored in the checkpoint (`config`)."""
+
     dataset: str
     model: str
     out: str
@@ -66,11 +67,27 @@ class FitConfig:
         "batch_size": Range(ge=1), "lr": Range(gt=0), "weight_decay": Range(ge=0),
         "label_smoothing": Range(ge=0, le=1), "workers": Range(ge=0), "temperature": Range(gt=0)}
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> FitConfig:
         check_ranges(vars(self), self.RANGES)
         check_bad_image_policy(self.on_bad_image)
         if self.objective not in OBJECTIVES:
             raise FitError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        return self
+
+
+class FitResult(BaseModel):
+    """What `fit_teacher` returns: the checkpoint written and how the fit went."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    val_accuracy: float | None  # None for an ssl teacher: its classifier was never trained
+    train_seconds: float
+    out: str
+    num_samples: int
+    input_size: int
+    skipped_images: list[str]  # undecodable images left out (--on-bad-image skip)
 
 
 def check_fit(cfg: FitConfig) -> None:
@@ -104,7 +121,7 @@ def projector(width: int, out: int = 128) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, out))
 
 
-def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
+def fit_teacher(cfg: FitConfig) -> FitResult:
     """Train `cfg.model` on the dataset's train split, evaluate on val, save the checkpoint atomically.
 
     Everything that can refuse the job (device, where the checkpoint goes, every split's images) is checked
@@ -165,11 +182,10 @@ def fit_teacher(cfg: FitConfig) -> dict[str, Any]:
         "mean": list(mean), "std": list(std), "dataset": train.name, "val_accuracy": accuracy,
         # What `distillery cache` compares with the dataset it caches (`pipeline.preflight.checkpoint_dataset`).
         "train_fingerprint": full_train.fingerprint(),
-        "config": asdict(cfg),
+        "config": cfg.model_dump(),
     }
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda f: torch.save(checkpoint, f))
-    return {"model": cfg.model, "val_accuracy": accuracy, "train_seconds": seconds, "out": str(out),
-            "num_samples": len(train), "input_size": size,
-            "skipped_images": sorted({*train.skipped, *val.skipped})}
+    return FitResult(model=cfg.model, val_accuracy=accuracy, train_seconds=seconds, out=str(out),
+                     num_samples=len(train), input_size=size, skipped_images=sorted({*train.skipped, *val.skipped}))

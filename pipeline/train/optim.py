@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from pydantic import model_validator
 
-from pipeline.options import OptionError, Range, check_ranges
+from pipeline.options import Config, OptionError, Range, check_ranges
 
 
-@dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(Config):
+    """The optimiser and its schedule: part of a run's `RunSettings`."""
+
     optimizer: str = "adamw"  # "adamw" | "sgd"
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -20,13 +22,16 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     clip_grad: float | None = None
 
-    RANGES = {"lr": Range(gt=0), "weight_decay": Range(ge=0), "momentum": Range(ge=0, lt=1),
-              "warmup_epochs": Range(ge=0), "clip_grad": Range(gt=0)}
+    RANGES: ClassVar[dict[str, Range]] = {
+        "lr": Range(gt=0), "weight_decay": Range(ge=0), "momentum": Range(ge=0, lt=1), "warmup_epochs": Range(ge=0),
+        "clip_grad": Range(gt=0)}
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
         if self.optimizer not in ("adamw", "sgd"):
             raise OptionError(f"--optimizer must be adamw or sgd, not '{self.optimizer}'")
         check_ranges(vars(self), self.RANGES)
+        return self
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:

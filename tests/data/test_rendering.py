@@ -38,8 +38,8 @@ def test_clean_views_are_view_zero_of_every_sample() -> None:
     views = clean_views(dataset, 16, mean, std)
     batch = views.__getitems__([0, 5, 7])
     assert len(views) == len(dataset) and [label for _, label in batch] == [int(dataset.labels[p]) for p in (0, 5, 7)]
-    assert torch.equal(batch[1][0], render_view(dataset.raw(5), ViewPlan(0).params(int(dataset.ids[5]), 0), 16,
-                                                mean, std))
+    clean = ViewPlan(num_augmented=0).params(int(dataset.ids[5]), 0)
+    assert torch.equal(batch[1][0], render_view(dataset.raw(5), clean, 16, mean, std))
 
 
 MAIN_SCRIPT = """

@@ -34,18 +34,18 @@ def _smooth_image(height: int = 64, width: int = 64) -> np.ndarray:
 # --- ViewPlan.params ----------------------------------------------------------------------------
 
 def test_view_zero_is_the_whole_image_unflipped():
-    assert ViewPlan(3, seed=9).params(123, 0) == CLEAN_VIEW == ViewParams(0.0, 0.0, 1.0, 1.0, False)
+    assert ViewPlan(num_augmented=3, seed=9).params(123, 0) == CLEAN_VIEW == ViewParams(0.0, 0.0, 1.0, 1.0, False)
 
 
 def test_params_are_deterministic_across_plan_instances():
-    a, b = ViewPlan(4, seed=5), ViewPlan(4, seed=5)
+    a, b = ViewPlan(num_augmented=4, seed=5), ViewPlan(num_augmented=4, seed=5)
     assert [a.params(i, v) for i in range(20) for v in range(5)] == \
            [b.params(i, v) for i in range(20) for v in range(5)]
 
 
 def test_params_differ_across_seeds_ids_and_views():
-    plan = ViewPlan(4, seed=5)
-    assert plan.params(1, 1) != ViewPlan(4, seed=6).params(1, 1)
+    plan = ViewPlan(num_augmented=4, seed=5)
+    assert plan.params(1, 1) != ViewPlan(num_augmented=4, seed=6).params(1, 1)
     assert plan.params(1, 1) != plan.params(2, 1)
     assert plan.params(1, 1) != plan.params(1, 2)
     boxes = {plan.params(i, v) for i in range(50) for v in range(1, 5)}
@@ -53,7 +53,7 @@ def test_params_differ_across_seeds_ids_and_views():
 
 
 def test_params_follow_the_random_resized_crop_ranges():
-    plan = ViewPlan(8, seed=1, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3))
+    plan = ViewPlan(num_augmented=8, seed=1, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3))
     views = [plan.params(i, v) for i in range(100) for v in range(1, 9)]
     for view in views:
         assert 0 <= view.top and view.top + view.height <= 1 + 1e-12
@@ -65,12 +65,12 @@ def test_params_follow_the_random_resized_crop_ranges():
 
 def test_params_fall_back_to_a_central_crop_clamped_to_ratio():
     # Aspect ratios 2..3 at full area never fit the unit square, so every attempt fails.
-    view = ViewPlan(1, scale=(1.0, 1.0), ratio=(2.0, 3.0), flip=False).params(0, 1)
+    view = ViewPlan(num_augmented=1, scale=(1.0, 1.0), ratio=(2.0, 3.0), flip=False).params(0, 1)
     assert view == ViewParams(top=0.25, left=0.0, height=0.5, width=1.0, flip=False)
 
 
 def test_disabling_flip_keeps_the_crops():
-    flipping, plain = ViewPlan(2, seed=3), ViewPlan(2, seed=3, flip=False)
+    flipping, plain = ViewPlan(num_augmented=2, seed=3), ViewPlan(num_augmented=2, seed=3, flip=False)
     for i in range(30):
         a, b = flipping.params(i, 1), plain.params(i, 1)
         assert (a.top, a.left, a.height, a.width) == (b.top, b.left, b.height, b.width)
@@ -78,14 +78,14 @@ def test_disabling_flip_keeps_the_crops():
 
 
 def test_view_id_outside_the_plan_is_rejected():
-    plan = ViewPlan(2)
+    plan = ViewPlan(num_augmented=2)
     assert plan.num_views == 3
     for bad in (-1, 3):
         with pytest.raises(ValueError, match=r"view_id .* outside \[0, 3\)"):
             plan.params(0, bad)
-    assert ViewPlan(0).params(7, 0) == CLEAN_VIEW
+    assert ViewPlan(num_augmented=0).params(7, 0) == CLEAN_VIEW
     with pytest.raises(ValueError):
-        ViewPlan(0).params(7, 1)
+        ViewPlan(num_augmented=0).params(7, 1)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -102,19 +102,19 @@ def test_plan_validation(kwargs, match):
 
 
 def test_plan_round_trips_through_json():
-    plan = ViewPlan(np.int64(6), seed=11, scale=[0.5, 0.9], ratio=(0.8, 1.25), flip=False)
+    plan = ViewPlan(num_augmented=np.int64(6), seed=11, scale=[0.5, 0.9], ratio=(0.8, 1.25), flip=False)
     data = json.loads(json.dumps(plan.to_dict()))
     assert data["recipe"] == plan.recipe == "rrc(0.5-0.9,0.8-1.25)"
     restored = ViewPlan.from_dict(data)
     assert restored == plan and hash(restored) == hash(plan)
     assert restored.params(4, 3) == plan.params(4, 3)
-    assert ViewPlan(1).recipe == "rrc(0.35-1.0,0.75-1.333)+hflip"
+    assert ViewPlan(num_augmented=1).recipe == "rrc(0.35-1.0,0.75-1.333)+hflip"
 
 
 # --- render_view --------------------------------------------------------------------------------
 
 def test_render_is_bit_identical_on_every_call():
-    image, plan = _smooth_image(40, 56), ViewPlan(3, seed=2)
+    image, plan = _smooth_image(40, 56), ViewPlan(num_augmented=3, seed=2)
     for view_id in range(4):
         params = plan.params(17, view_id)
         first = render_view(image, params, 32, MEAN, STD)
@@ -124,7 +124,7 @@ def test_render_is_bit_identical_on_every_call():
 
 def test_render_does_not_depend_on_the_thread_count():
     # Loader workers run single-threaded while the teacher pass uses every core.
-    image, plan = _smooth_image(300, 257), ViewPlan(2, seed=1)
+    image, plan = _smooth_image(300, 257), ViewPlan(num_augmented=2, seed=1)
     threads = torch.get_num_threads()
     renders = []
     try:
@@ -146,7 +146,7 @@ def test_view_zero_is_a_plain_resize_of_the_whole_image():
 
 
 def test_different_views_render_differently():
-    image, plan = _smooth_image(), ViewPlan(4, seed=0)
+    image, plan = _smooth_image(), ViewPlan(num_augmented=4, seed=0)
     renders = [render_view(image, plan.params(3, v), 32, MEAN, STD) for v in range(5)]
     for i in range(5):
         for j in range(i + 1, 5):
@@ -176,7 +176,7 @@ def test_tiny_and_out_of_range_boxes_stay_inside_the_image():
 
 
 def test_render_at_another_size_keeps_the_same_crop():
-    image, plan = _smooth_image(96, 96), ViewPlan(2, seed=4)
+    image, plan = _smooth_image(96, 96), ViewPlan(num_augmented=2, seed=4)
     params = plan.params(8, 1)
     large = render_view(image, params, 64, MEAN, STD)
     small = render_view(image, params, 32, MEAN, STD)
@@ -210,7 +210,7 @@ def _reference_render(raw: np.ndarray, params: ViewParams, size: int) -> torch.T
 
 def _mixed_batch() -> tuple[list[np.ndarray], list[ViewParams]]:
     """Images of three sizes, clean and augmented views (repeated crop shapes among them), some flipped."""
-    plan = ViewPlan(3, seed=7)
+    plan = ViewPlan(num_augmented=3, seed=7)
     raws, params = [], []
     for sample in range(12):
         image = _smooth_image(*[(28, 28), (40, 56), (33, 21)][sample % 3])

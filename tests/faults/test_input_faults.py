@@ -253,7 +253,7 @@ def test_train_setting_out_of_range(settings, message) -> None:
 def test_method_option_out_of_range_is_refused_when_the_run_is_configured(spec, message) -> None:
     from pipeline.train.config import StudentSpec
 
-    assert refused(lambda: StudentSpec("test_resnet", ("ce", spec))) == message
+    assert refused(lambda: StudentSpec(student="test_resnet", methods=("ce", spec))) == message
 
 
 def test_train_checks_device_and_out_before_opening_anything(tmp_path: Path) -> None:
@@ -261,8 +261,8 @@ def test_train_checks_device_and_out_before_opening_anything(tmp_path: Path) -> 
     from pipeline.train.loop import check_run
 
     (tmp_path / "file").write_text("x")
-    config = lambda out, **s: TrainConfig(str(tmp_path / "no-cache"), "test_resnet", ("ce",), str(out),  # noqa: E731
-                                          RunSettings(**s))
+    config = lambda out, **s: TrainConfig(cache=str(tmp_path / "no-cache"), student="test_resnet",  # noqa: E731
+                                          methods=("ce",), out=str(out), settings=RunSettings(**s))
     assert "is a file, not a directory" in refused(lambda: check_run(config(tmp_path / "file")))
     assert "cannot write in /sys" in refused(lambda: check_run(config(UNWRITABLE / "run")))
     assert f"--device {MISSING_DEVICE}" in refused(lambda: check_run(config(tmp_path / "r", device=MISSING_DEVICE)))

@@ -87,12 +87,10 @@ def test_the_tcs_suite_runs_supervised_and_self_supervised_parts_with_their_rows
 
 
 def test_a_checkpoint_from_before_the_objective_setting_is_the_supervised_teacher(tmp_path: Path) -> None:
-    from dataclasses import asdict
-
     from pipeline.experiments import reusable_teacher
 
     supervised = get_experiment("fmnist-5k").fit_config(tmp_path)
     ssl = get_experiment("fmnist-5k-ssl").fit_config(tmp_path)
-    old = {k: v for k, v in asdict(supervised).items() if k not in ("objective", "temperature")}
+    old = {k: v for k, v in supervised.model_dump().items() if k not in ("objective", "temperature")}
     assert reusable_teacher(old, supervised) and not reusable_teacher(old, ssl)
-    assert reusable_teacher(asdict(ssl), ssl) and not reusable_teacher(asdict(ssl), supervised)
+    assert reusable_teacher(ssl.model_dump(), ssl) and not reusable_teacher(ssl.model_dump(), supervised)

@@ -170,7 +170,8 @@ def test_tpp_tail_is_frozen_outside_the_runs_state_but_moves_with_the_method(fea
 
 def _train(cache: Path, student: str, out: Path, methods=("ce", "scalekd:tpp=true")) -> dict:
     settings = RunSettings(epochs=1, batch_size=60, workers=0)
-    return train_student(TrainConfig(str(cache), student, tuple(methods), str(out), settings))
+    return train_student(TrainConfig(cache=str(cache), student=student, methods=tuple(methods), out=str(out),
+                                     settings=settings))
 
 
 def _check_run(out: Path, student: str, summary: dict) -> None:

@@ -166,9 +166,11 @@ def test_head_less_teacher_cache_then_tcs_and_elsh_training(cache_request, tmp_p
 
     settings = RunSettings(epochs=1, batch_size=32, workers=0)
     with pytest.raises(MethodError, match="needs teacher logits"):
-        check_run(TrainConfig(str(out), "test_resnet", ("ce", "kd"), str(tmp_path / "kd"), settings))
+        check_run(TrainConfig(cache=str(out), student="test_resnet", methods=("ce", "kd"), out=str(tmp_path / "kd"),
+                              settings=settings))
     methods = ("ce", "tcs:dims=16,keep=0.5,rounds=2,prune_start=0,prune_end=0.5", "elsh:lshl2=1")
-    summary = train_student(TrainConfig(str(out), "test_resnet", methods, str(tmp_path / "run"), settings))
+    summary = train_student(TrainConfig(cache=str(out), student="test_resnet", methods=methods,
+                                        out=str(tmp_path / "run"), settings=settings))
 
     plain = create_timm_model("test_resnet", 10, 1, m.teacher.input_size)
     plain.load_state_dict(torch.load(tmp_path / "run" / "student.pt", weights_only=True), strict=True)
@@ -198,7 +200,8 @@ def test_a_weak_teacher_whose_pca_is_narrower_than_the_classes_does_not_leave_tc
     info = TeacherCache(cache)
     explained = info.statistics()["pca/explained_variance"]
     assert components_for(explained, 0.9) < info.manifest.dataset.num_classes  # the failing case's premise
-    summary = train_student(TrainConfig(str(cache), "test_resnet", ("ce", "tcs"), str(tmp_path / "run"),
-                                        RunSettings(epochs=3, batch_size=32, workers=0, device="cpu")))
+    summary = train_student(TrainConfig(cache=str(cache), student="test_resnet", methods=("ce", "tcs"),
+                                        out=str(tmp_path / "run"),
+                                        settings=RunSettings(epochs=3, batch_size=32, workers=0, device="cpu")))
     chance = 1 / info.manifest.dataset.num_classes
     assert summary.val_accuracy > 3 * chance

@@ -15,7 +15,7 @@ from pipeline.teacher.model import TeacherError, TeacherSpec, build_teacher, loa
 def test_taps_come_from_one_pass_and_logits_equal_the_plain_forward(name: str) -> None:
     torch.manual_seed(0)
     spec = TeacherSpec(model=name, num_classes=7, in_chans=1, input_size=32, mean=(0.5,), std=(0.5,), taps=("-1",))
-    spec = TeacherSpec(**{**spec.__dict__, "taps": (resolve_tap(create_timm_model(name, 7, 1, 32), -1),)})
+    spec = spec.model_copy(update={"taps": (resolve_tap(create_timm_model(name, 7, 1, 32), -1),)})
     teacher = build_teacher(spec)
     x = torch.randn(3, 1, 32, 32)
     with torch.inference_mode():
@@ -32,7 +32,7 @@ def test_head_less_teacher_returns_no_logits_and_the_same_pooled_features() -> N
     spec = TeacherSpec(model="test_resnet", num_classes=5, in_chans=3, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     torch.manual_seed(0)
     with_head = build_teacher(spec)
-    headless = build_teacher(TeacherSpec(**{**spec.__dict__, "head": False}))
+    headless = build_teacher(spec.model_copy(update={"head": False}))
     headless.model.load_state_dict({k: v for k, v in with_head.model.state_dict().items() if not k.startswith("fc.")})
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():

@@ -14,24 +14,26 @@ from pipeline.train.optim import OptimConfig
 
 def test_one_student_writes_into_out_several_into_named_subdirectories() -> None:
     settings = RunSettings(seed=3)
-    [single] = plan_runs("c", [StudentSpec("resnet18", ("ce",))], "runs/x", settings)
+    [single] = plan_runs("c", [StudentSpec(student="resnet18", methods=("ce",))], "runs/x", settings)
     assert single.out == "runs/x" and single.methods == ("ce",)
-    runs = plan_runs("c", [StudentSpec("resnet18", ("ce",)), StudentSpec("resnet18", ("ce", "kd:T=2,alpha=0.5"))],
-                     "runs/x", settings)
+    runs = plan_runs("c", [StudentSpec(student="resnet18", methods=("ce",)),
+                           StudentSpec(student="resnet18", methods=("ce", "kd:T=2,alpha=0.5"))], "runs/x", settings)
     assert [r.out for r in runs] == ["runs/x/resnet18-ce-s3", "runs/x/resnet18-ce+kd-T2-alpha0.5-s3"]
     with pytest.raises(TrainError, match="listed twice"):
-        plan_runs("c", [StudentSpec("a", ("ce",)), StudentSpec("a", ("ce",))], "o", settings)
+        plan_runs("c", [StudentSpec(student="a", methods=("ce",))] * 2, "o", settings)
     with pytest.raises(TrainError, match="no student"):
         plan_runs("c", [], "o", settings)
 
 
 def test_config_round_trips_through_json_and_identity_ignores_only_where_and_on_what() -> None:
-    cfg = TrainConfig("c", "s", ("ce", "kd"), "o", RunSettings(optim=OptimConfig(lr=0.1, clip_grad=1.0)))
+    optim = OptimConfig(lr=0.1, clip_grad=1.0)
+    cfg = TrainConfig(cache="c", student="s", methods=("ce", "kd"), out="o", settings=RunSettings(optim=optim))
     assert TrainConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
-    moved = TrainConfig("c", "s", ("ce", "kd"), "elsewhere", RunSettings(optim=OptimConfig(lr=0.1, clip_grad=1.0),
-                                                                        device="cuda", resume=True, on_bad_image="skip"))
+    moved = TrainConfig(cache="c", student="s", methods=("ce", "kd"), out="elsewhere",
+                        settings=RunSettings(optim=optim, device="cuda", resume=True, on_bad_image="skip"))
     assert moved.identity() == cfg.identity()
-    assert TrainConfig("c", "s", ("ce", "kd"), "o", RunSettings(workers=2)).identity() != cfg.identity()
+    other = TrainConfig(cache="c", student="s", methods=("ce", "kd"), out="o", settings=RunSettings(workers=2))
+    assert other.identity() != cfg.identity()
 
 
 @pytest.mark.parametrize("bad, message", [({"epochs": 0}, "--epochs must be >= 1, not 0"),
@@ -67,4 +69,4 @@ def test_bad_optimiser_settings_are_one_line_errors(bad, message) -> None:
 
 def test_a_student_needs_a_method() -> None:
     with pytest.raises(TrainError, match="has no --method"):
-        StudentSpec("resnet18", ())
+        StudentSpec(student="resnet18", methods=())

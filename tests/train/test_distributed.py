@@ -134,7 +134,8 @@ def test_two_processes_see_every_id_once_per_epoch_and_resume_after_a_kill(uneve
 
 
 def test_method_modules_are_inside_the_ddp_module(uneven_cache: Path, tmp_path: Path) -> None:
-    config = TrainConfig(str(uneven_cache), "test_resnet", ("ce", "tcs", "fitnet"), str(tmp_path / "run"))
+    config = TrainConfig(cache=str(uneven_cache), student="test_resnet", methods=("ce", "tcs", "fitnet"),
+                         out=str(tmp_path / "run"))
     setup = setup_run(config, torch.device("cpu"))
     store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
@@ -161,4 +162,5 @@ def test_padding_steps_repeat_the_last_batch_at_weight_zero() -> None:
 def test_more_processes_than_blocks_is_refused_in_one_line(make_cache, tmp_path: Path) -> None:
     cache = make_cache(n=40, shard_size=40, block_size=32)  # 2 blocks
     with pytest.raises(TrainError, match=r"3 processes but the cache's 2 blocks leave rank\(s\) \[0\] nothing"):
-        check_run(TrainConfig(str(cache), "test_resnet", ("ce",), str(tmp_path / "run")), world_size=3)
+        check_run(TrainConfig(cache=str(cache), student="test_resnet", methods=("ce",), out=str(tmp_path / "run")),
+                  world_size=3)

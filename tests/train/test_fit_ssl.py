@@ -49,11 +49,12 @@ def test_ssl_teacher_head_less_cache_trains_tcs_and_elsh(cache_request, tmp_path
     result = fit_teacher(FitConfig(dataset="digits", model="test_resnet", out=str(out), epochs=1, subset=256,
                                    batch_size=64, workers=0, objective="ssl"))
     ckpt = load_checkpoint(out)
-    assert result["val_accuracy"] is None and ckpt["val_accuracy"] is None and ckpt["config"]["objective"] == "ssl"
+    assert result.val_accuracy is None and ckpt["val_accuracy"] is None and ckpt["config"]["objective"] == "ssl"
     assert not any(k.startswith("0.") for k in ckpt["state_dict"])  # the projector is not part of the teacher
     cache = tmp_path / "cache"
     run_cache_pass(cache_request(cache, checkpoint=str(out), teacher_head=False, subset=200, views=0, lsh_bits=32,
                                  shard_size=100, block_size=50))
-    summary = train_student(TrainConfig(str(cache), "test_resnet", ("ce", "tcs", "elsh"), str(tmp_path / "run"),
-                                        RunSettings(epochs=1, batch_size=32, workers=0)))
+    settings = RunSettings(epochs=1, batch_size=32, workers=0)
+    summary = train_student(TrainConfig(cache=str(cache), student="test_resnet", methods=("ce", "tcs", "elsh"),
+                                        out=str(tmp_path / "run"), settings=settings))
     assert np.isfinite(summary.val_accuracy) and (tmp_path / "run" / "student.pt").is_file()

@@ -27,7 +27,8 @@ SUMMARY_KEYS = {"student", "methods", "seed", "epochs", "val_accuracy", "train_s
 
 def config(cache: Path, out: Path, methods=("ce", "kd"), **settings) -> TrainConfig:
     settings = {"epochs": 1, "batch_size": 32, "workers": 0, **settings}
-    return TrainConfig(str(cache), STUDENT, tuple(methods), str(out), RunSettings(**settings))
+    return TrainConfig(cache=str(cache), student=STUDENT, methods=tuple(methods), out=str(out),
+                       settings=RunSettings(**settings))
 
 
 def _lines(run: Path) -> list[dict]:

@@ -53,8 +53,8 @@ def test_a_run_and_its_online_twin_have_the_same_per_step_losses_and_accuracy(di
     runs = {}
     for online in (False, True):
         settings = RunSettings(epochs=1, seed=3, batch_size=64, online_teacher=online, device="cpu")
-        cfg = TrainConfig(str(digits_cache), "test_resnet", ("ce", "kd", "fitnet"), str(tmp_path / str(online)),
-                          settings)
+        cfg = TrainConfig(cache=str(digits_cache), student="test_resnet", methods=("ce", "kd", "fitnet"),
+                          out=str(tmp_path / str(online)), settings=settings)
         runs[online] = train_student(cfg)
     cached, live = _step_losses(tmp_path / "False"), _step_losses(tmp_path / "True")
     assert cached.shape == live.shape == (23, 3)

@@ -70,12 +70,13 @@ def test_methods_that_leave_the_classifier_untrained_are_refused_unless_allowed(
     assert out.startswith("error: test_resnet with tcs: no method trains the classifier (only ce, dkd, kd, scalekd, "
                           "wkd_l do), so it would stay at chance; add --method ce")
     assert not (tmp_path / "r").exists()
-    feature_only = [StudentSpec("test_resnet", ("fitnet", "scalekd:kd=0"))]
+    feature_only = [StudentSpec(student="test_resnet", methods=("fitnet", "scalekd:kd=0"))]
     with pytest.raises(PreflightError):
         untrained_classifier(feature_only)
     assert untrained_classifier(feature_only, allow=True).startswith("test_resnet with fitnet+scalekd:kd=0: no method")
     # KD alone trains the classifier toward the teacher's outputs: not refused.
-    assert untrained_classifier([StudentSpec("test_resnet", ("kd",)), StudentSpec("test_resnet", ("tcs", "ce"))]) is None
+    assert untrained_classifier([StudentSpec(student="test_resnet", methods=("kd",)),
+                                 StudentSpec(student="test_resnet", methods=("tcs", "ce"))]) is None
 
 
 def test_resuming_a_finished_run_says_it_is_complete_and_trains_nothing(make_cache, tmp_path: Path, cli):
@@ -84,8 +85,8 @@ def test_resuming_a_finished_run_says_it_is_complete_and_trains_nothing(make_cac
 
     cache = make_cache("small", n=80, views=1)
     out = tmp_path / "run"
-    summary = train_student(TrainConfig(str(cache), "test_resnet", ("ce",), str(out),
-                                        RunSettings(epochs=1, workers=0, device="cpu")))
+    summary = train_student(TrainConfig(cache=str(cache), student="test_resnet", methods=("ce",), out=str(out),
+                                        settings=RunSettings(epochs=1, workers=0, device="cpu")))
     before = (out / "summary.json").read_text()
     # No Prefect server here: a flow start would fail, so nothing but the message can happen.
     code, text = cli("train", "--cache", str(cache), "--student", "test_resnet", "--method", "ce", "--epochs", "1",

@@ -30,7 +30,8 @@ def memory_run(memory_url: str) -> str:
 
 def config(cache: Path, out: str, **settings) -> TrainConfig:
     settings = {"epochs": 2, "batch_size": 32, "workers": 0, **settings}
-    return TrainConfig(str(cache), "test_resnet", ("ce", "kd"), out, RunSettings(**settings))
+    return TrainConfig(cache=str(cache), student="test_resnet", methods=("ce", "kd"), out=out,
+                       settings=RunSettings(**settings))
 
 
 def objects(url: str) -> dict[str, bytes]:

@@ -23,8 +23,8 @@ def write_run(path: Path, methods: tuple[str, ...], seed: int, accuracy: float, 
                "cache": "runs/cache", "online_teacher": False, "params": 370_000}
     (path / "summary.json").write_text(json.dumps(summary))
     if lr is not None:
-        config = TrainConfig("runs/cache", student, methods, str(path),
-                             RunSettings(epochs=5, seed=seed, optim=OptimConfig(lr=lr), device="cpu"))
+        config = TrainConfig(cache="runs/cache", student=student, methods=methods, out=str(path),
+                             settings=RunSettings(epochs=5, seed=seed, optim=OptimConfig(lr=lr), device="cpu"))
         (path / "config.json").write_text(json.dumps(config.to_dict()))
     return path
 

@@ -22,7 +22,8 @@ def test_ce_wkd_l_wkd_f_train_from_a_cache(make_cache, tmp_path: Path) -> None:
     recompute_statistics(str(cache))  # the synthetic cache has no stats/cka/ir yet; no teacher needed
     # test_resnet's deepest map is 2x2 at 64 px: enough positions for the cache's 1x1 grid.
     settings = RunSettings(epochs=1, batch_size=32, workers=0, input_size=64)
-    summary = train_student(TrainConfig(str(cache), "test_resnet", METHODS, str(tmp_path / "run"), settings))
+    summary = train_student(TrainConfig(cache=str(cache), student="test_resnet", methods=METHODS,
+                                        out=str(tmp_path / "run"), settings=settings))
 
     assert summary.steps == 3 and math.isfinite(summary.final_loss)
     steps = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
@@ -37,14 +38,16 @@ def test_a_student_map_too_small_for_the_grid_is_refused_before_training(make_ca
     cache = make_cache(n=40)
     settings = RunSettings(epochs=1, batch_size=32, workers=0, input_size=16)  # deepest map 1x1
     with pytest.raises(MethodError, match=r"1x1.*--input-size"):
-        check_run(TrainConfig(str(cache), "test_resnet", ("ce", "wkd_f"), str(tmp_path / "run"), settings))
+        check_run(TrainConfig(cache=str(cache), student="test_resnet", methods=("ce", "wkd_f"),
+                              out=str(tmp_path / "run"), settings=settings))
 
 
 def test_wkd_l_without_interrelations_names_the_stats_command(make_cache, tmp_path: Path) -> None:
     cache = make_cache(n=40)
     settings = RunSettings(epochs=1, batch_size=32, workers=0)
     with pytest.raises(MethodError, match=rf"`distillery stats {cache}`"):
-        check_run(TrainConfig(str(cache), "test_resnet", ("ce", "wkd_l"), str(tmp_path / "run"), settings))
+        check_run(TrainConfig(cache=str(cache), student="test_resnet", methods=("ce", "wkd_l"),
+                              out=str(tmp_path / "run"), settings=settings))
 
 
 def test_the_run_taps_the_stage_wkd_f_reads() -> None:
