@@ -19,19 +19,15 @@ trigger is one line naming the deployment and the field.
 """
 
 import tomllib
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
 from prefect import Flow
 from prefect.events import DeploymentEventTrigger
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
 from pipeline.errors import DistilleryError
-
-KEYS = {"name", "flow", "cron", "interval", "timezone", "parameters", "triggers", "tags", "description",
-        "task_runner", "workers", "paused", "concurrency_limit"}
 
 
 class SpecError(DistilleryError):
@@ -47,12 +43,42 @@ def flows_by_name() -> dict[str, Flow]:
     return {f.name: f for f in (fit_teacher_flow, cache_teacher, train_students, run_experiment)}
 
 
-@dataclass
-class Spec:
+class DeploymentEntry(BaseModel):
+    """One `[[deployment]]` table as written; `to_deployment` checks it against its flow."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    flow: str = ""
+    cron: Optional[str] = None
+    interval: Optional[StrictInt | StrictFloat] = None
+    timezone: Optional[str] = None
+    parameters: dict[str, Any] = {}
+    triggers: list[dict[str, Any]] = []
+    tags: Optional[list[str]] = None
+    description: Optional[str] = None
+    task_runner: Optional[str] = None
+    workers: int = Field(default=2, ge=1)
+    paused: Optional[bool] = None
+    concurrency_limit: Optional[int] = Field(default=None, ge=1)
+
+
+class SpecFile(BaseModel):
+    """The whole file: its deployments and the task-tag concurrency limits to set first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    deployment: list[dict[str, Any]] = []  # each checked as a DeploymentEntry, to name it in the error
+    concurrency: dict[str, StrictInt] = {}
+
+
+class Spec(BaseModel):
     """A parsed spec: deployments ready to serve and the tag concurrency limits to set first."""
 
-    deployments: list[Any] = field(default_factory=list)  # prefect RunnerDeployment
-    concurrency: dict[str, int] = field(default_factory=dict)
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    deployments: list[Any]  # prefect RunnerDeployment
+    concurrency: dict[str, int]
 
 
 def first_error(e: ValidationError) -> str:
@@ -68,74 +94,84 @@ def load_spec(path: Path) -> Spec:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path} is not valid TOML: {e}") from None
-    entries = raw.get("deployment", [])
-    if not entries:
+    try:
+        spec = SpecFile(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] == "extra_forbidden":
+            raise SpecError(f"{path}: unknown top-level key '{err['loc'][0]}'; use [[deployment]] and "
+                            f"concurrency") from None
+        raise SpecError(f"{path}: {first_error(e)}") from None
+    if not spec.deployment:
         raise SpecError(f"{path} defines no [[deployment]]; see deploy/nightly.toml for an example")
-    unknown = sorted(set(raw) - {"deployment", "concurrency"})
-    if unknown:
-        raise SpecError(f"{path}: unknown top-level key '{unknown[0]}'; use [[deployment]] and concurrency")
-    concurrency = raw.get("concurrency", {})
-    if not all(isinstance(v, int) and v >= 1 for v in concurrency.values()):
-        raise SpecError(f"{path}: concurrency limits must be integers >= 1, not {concurrency}")
-    flows = flows_by_name()
-    names = [d.get("name") for d in entries]
+    if not all(v >= 1 for v in spec.concurrency.values()):
+        raise SpecError(f"{path}: concurrency limits must be integers >= 1, not {spec.concurrency}")
+    entries = [deployment_entry(path, d) for d in spec.deployment]
+    names = [d.name for d in entries]
     if len(set(names)) != len(names):
         raise SpecError(f"{path}: deployment names must be unique, got {names}")
-    return Spec([to_deployment(path, d, flows) for d in entries], dict(concurrency))
+    flows = flows_by_name()
+    return Spec(deployments=[to_deployment(path, d, flows) for d in entries], concurrency=spec.concurrency)
 
 
-def to_deployment(path: Path, entry: dict[str, Any], flows: dict[str, Flow]) -> Any:
-    name = entry.get("name")
-    where = f"{path}, deployment '{name}'"
-    if not name:
+def deployment_entry(path: Path, raw: dict[str, Any]) -> DeploymentEntry:
+    """`raw` as a `DeploymentEntry`, or one line naming the deployment and the field."""
+    if not raw.get("name"):
         raise SpecError(f"{path}: every [[deployment]] needs a name")
-    unknown = sorted(set(entry) - KEYS)
-    if unknown:
-        raise SpecError(f"{where}: unknown key '{unknown[0]}'; known: {', '.join(sorted(KEYS))}")
-    flow = flows.get(entry.get("flow", ""))
+    try:
+        return DeploymentEntry(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = f"{path}, deployment '{raw['name']}'"
+        if err["type"] == "extra_forbidden":
+            raise SpecError(f"{where}: unknown key '{err['loc'][0]}'; known: "
+                            f"{', '.join(sorted(DeploymentEntry.model_fields))}") from None
+        raise SpecError(f"{where}: {err['loc'][0]}: {err['msg']}") from None
+
+
+def to_deployment(path: Path, entry: DeploymentEntry, flows: dict[str, Flow]) -> Any:
+    where = f"{path}, deployment '{entry.name}'"
+    flow = flows.get(entry.flow)
     if flow is None:
-        raise SpecError(f"{where}: flow must be one of {', '.join(flows)}, not '{entry.get('flow')}'")
-    if "cron" in entry and "interval" in entry:
+        raise SpecError(f"{where}: flow must be one of {', '.join(flows)}, not '{entry.flow}'")
+    if entry.cron is not None and entry.interval is not None:
         raise SpecError(f"{where}: give cron or interval, not both")
     try:
-        triggers = [DeploymentEventTrigger(**t) for t in entry.get("triggers", [])]
+        triggers = [DeploymentEventTrigger(**t) for t in entry.triggers]
     except ValidationError as e:
         raise SpecError(f"{where}: trigger {first_error(e)}") from None
-    parameters = entry.get("parameters", {})
     # Parameters a trigger fills from its event (templates) must exist too; a template is a string.
     filled = {k: v for t in triggers for k, v in (t.parameters or {}).items()}
     try:
-        flow.validate_parameters({**parameters, **filled})
+        flow.validate_parameters({**entry.parameters, **filled})
     except Exception as e:  # noqa: BLE001 - prefect's ParameterTypeError wraps pydantic's message
         raise SpecError(f"{where}: bad parameters: {' '.join(str(e).split())}") from None
-    if "task_runner" in entry:
+    if entry.task_runner is not None:
         if flow.name != "cache-teacher":
             raise SpecError(f"{where}: task_runner applies to cache-teacher only")
         from flows.cache_teacher import task_runner
 
-        flow = flow.with_options(task_runner=task_runner(entry["task_runner"], entry.get("workers", 2)))
-    return flow.to_deployment(name=name, schedules=schedules(where, entry), parameters=parameters,
-                              triggers=triggers, tags=entry.get("tags"), description=entry.get("description"),
-                              paused=entry.get("paused"), concurrency_limit=entry.get("concurrency_limit"))
+        flow = flow.with_options(task_runner=task_runner(entry.task_runner, entry.workers))
+    return flow.to_deployment(name=entry.name, schedules=schedules(where, entry), parameters=entry.parameters,
+                              triggers=triggers, tags=entry.tags, description=entry.description,
+                              paused=entry.paused, concurrency_limit=entry.concurrency_limit)
 
 
-def schedules(where: str, entry: dict[str, Any]) -> list[Any]:
+def schedules(where: str, entry: DeploymentEntry) -> list[Any]:
     """The entry's cron or interval schedule (none: the deployment runs only when triggered or asked)."""
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.schedules import Cron, Interval
 
-    timezone = entry.get("timezone")
-    if "interval" in entry:
-        seconds = entry["interval"]
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
-            raise SpecError(f"{where}: interval is in seconds and must be > 0, not {seconds!r}")
-        return [Interval(timedelta(seconds=seconds), timezone=timezone)]
-    if "cron" in entry:
+    if entry.interval is not None:
+        if entry.interval <= 0:
+            raise SpecError(f"{where}: interval is in seconds and must be > 0, not {entry.interval!r}")
+        return [Interval(timedelta(seconds=entry.interval), timezone=entry.timezone)]
+    if entry.cron is not None:
         try:
-            CronSchedule(cron=entry["cron"], timezone=timezone)
+            CronSchedule(cron=entry.cron, timezone=entry.timezone)
         except ValidationError as e:
             raise SpecError(f"{where}: cron {first_error(e)} (e.g. cron = \"0 2 * * *\")") from None
-        return [Cron(entry["cron"], timezone=timezone)]
+        return [Cron(entry.cron, timezone=entry.timezone)]
     return []
 
 

@@ -55,6 +55,8 @@ def test_a_spec_schedule_is_cron_or_interval(tmp_path: Path) -> None:
 @pytest.mark.parametrize("change, message", [
     (dict(schedule='cron = "0 2 * *x *"'), "deployment 'sweep': cron cron: Value error, Invalid cron string"),
     (dict(schedule="interval = -5"), "interval is in seconds and must be > 0, not -5"),
+    (dict(schedule="interval = true"), "deployment 'sweep': interval: Input should be a valid integer"),
+    (dict(schedule='tags = "nightly"'), "deployment 'sweep': tags: Input should be a valid list"),
     (dict(schedule='cron = "0 2 * * *"\ninterval = 5'), "give cron or interval, not both"),
     (dict(schedule='flow_name = "x"'), "unknown key 'flow_name'"),
     (dict(students='[{ student = "resnet18", methods = [] }]'), "bad parameters"),
