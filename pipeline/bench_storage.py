@@ -103,10 +103,11 @@ class ScalingRow(BaseModel):
 class StreamRates(BaseModel):
     """Samples/s of one epoch of the student stream over a cache and over its format-1 twin."""
 
-    model_config = ConfigDict(frozen=True, serialize_by_alias=True)  # the JSON keys `distillery bench` wrote
+    # The keys `distillery bench --json` has always written, read back too.
+    model_config = ConfigDict(frozen=True, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
-    format_2: float = Field(serialization_alias="format 2")
-    format_1: float = Field(serialization_alias="format 1")
+    format_2: float = Field(alias="format 2")
+    format_1: float = Field(alias="format 1")
 
 
 class CacheScaling(BaseModel):

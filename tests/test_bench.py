@@ -12,6 +12,7 @@ import pipeline.bench
 import pipeline.bench_storage
 from flows.cli import app
 from pipeline.bench import bench_teacher_pass, model_flops
+from pipeline.bench_storage import StreamRates
 
 
 def test_teacher_pass_benchmark_reports_both_throughputs() -> None:
@@ -66,6 +67,12 @@ def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypat
     assert list(stream) == ["format 2", "format 1"] and all(v > 0 for v in stream.values())
     assert storage["stream_format_2_over_1"] == pytest.approx(stream["format 2"] / stream["format 1"])
     assert f"{stream['format 2']:.0f} samples/s, its format-1 twin" in text
+
+
+def test_stream_rates_keep_the_json_keys_of_the_bench_file() -> None:
+    rates = StreamRates(format_2=2.0, format_1=1.0)
+    assert rates.model_dump(mode="json") == {"format 2": 2.0, "format 1": 1.0}
+    assert StreamRates.model_validate({"format 2": 2.0, "format 1": 1.0}) == rates
 
 
 def test_flops_grow_with_the_model() -> None:
