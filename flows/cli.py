@@ -39,6 +39,8 @@ from pipeline.teacher.verify import verify_cache  # noqa: E402
 from pipeline.train.fit import OBJECTIVES, FitConfig  # noqa: E402
 
 if TYPE_CHECKING:
+    from pipeline.bench_storage import CacheScaling
+    from pipeline.experiments import ExperimentResult
     from pipeline.train.config import RunSettings, StudentSpec
     from pipeline.train.summary import TrainSummary
 
@@ -609,9 +611,8 @@ def runs_cmd(
     if plot is not None:
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot.write_bytes(accuracy_vs_time(
-            [group_label(r) for r in rows], [r["mean"]["train_seconds"] for r in rows],
-            [r["std"]["train_seconds"] for r in rows], [r["mean"]["val_accuracy"] for r in rows],
-            [r["std"]["val_accuracy"] for r in rows]))
+            [group_label(r) for r in rows], [r.mean.train_seconds for r in rows], [r.std.train_seconds for r in rows],
+            [r.mean.val_accuracy for r in rows], [r.std.val_accuracy for r in rows]))
         Console(stderr=True).print(f"plot written to {plot}")  # stderr: stdout may be a markdown table
 
 
@@ -625,20 +626,20 @@ def print_students(title: str, summaries: "list[TrainSummary]") -> None:
     print_table(title, rows)
 
 
-def print_experiment(name: str, result: dict, markdown: bool) -> None:
+def print_experiment(name: str, result: "ExperimentResult", markdown: bool) -> None:
     """An experiment's results: a rich table, or the markdown the README holds."""
     from pipeline.experiments import get_experiment, results_markdown
 
     experiment = get_experiment(name)
-    teacher = result["teacher"]
-    accuracy = "no head" if teacher["val_accuracy"] is None else f"val accuracy {teacher['val_accuracy']:.2%}"
-    console.print(f"teacher {experiment.teacher} ({'reused' if teacher['reused'] else 'fitted'}): {accuracy}; "
-                  f"cache {result['cache'].cache}")
+    teacher = result.teacher
+    accuracy = "no head" if teacher.val_accuracy is None else f"val accuracy {teacher.val_accuracy:.2%}"
+    console.print(f"teacher {experiment.teacher} ({'reused' if teacher.reused else 'fitted'}): {accuracy}; "
+                  f"cache {result.cache.cache}")
     if markdown:
-        console.print(results_markdown(result["rows"]), soft_wrap=True, highlight=False)
+        console.print(results_markdown(result.rows), soft_wrap=True, highlight=False)
         return
-    rows = [{"methods": r["methods"], "accuracy": f"{r['accuracy']:.2f} ± {r['std']:.2f}", "seeds": r["seeds"],
-             "train_s": f"{r['train_s']:.0f}", "step_ms": f"{r['step_ms']:.1f}"} for r in result["rows"]]
+    rows = [{"methods": r.methods, "accuracy": f"{r.accuracy:.2f} ± {r.std:.2f}", "seeds": r.seeds,
+             "train_s": f"{r.train_s:.0f}", "step_ms": f"{r.step_ms:.1f}"} for r in result.rows]
     print_table(f"{experiment.description} (val accuracy %)", rows)
 
 
@@ -651,63 +652,59 @@ def bench_cmd(
 ) -> None:
     """Print the benchmarks: teacher pass vs bare forward; student step time and peak memory per method; DDP on
     2 CPU processes vs 1; cache bytes per sample-view and the pass + statistics at N, 2N, 4N samples."""
-    from pipeline.bench_storage import bench_cache_scaling
-
     with show_progress():
         results = run_benchmarks(quick=quick, device=device)
-        results["storage"] = bench_cache_scaling(samples=250 if quick else 2000, device=device)
-    passes, steps = results["teacher_pass"], results["student_steps"]
-    rows = [{"teacher": r["teacher"], "inputs": f"{r['samples']} {r['dataset']} x {r['views']} views",
-             "device": r["device"], "pass images/s": f"{r['pass_images_per_s']:.0f}",
-             "bare forward images/s": f"{r['bare_images_per_s']:.0f}", "pass / bare": f"{r['pass_over_bare']:.2f}"}
+    passes = results.teacher_pass
+    rows = [{"teacher": r.teacher, "inputs": f"{r.samples} {r.dataset} x {r.views} views",
+             "device": r.device, "pass images/s": f"{r.pass_images_per_s:.0f}",
+             "bare forward images/s": f"{r.bare_images_per_s:.0f}", "pass / bare": f"{r.pass_over_bare:.2f}"}
             for r in passes]
-    print_table(f"teacher pass vs a bare forward loop over the same rendered inputs (batch {passes[0]['batch_size']}, "
-                f"best of {passes[0]['repeats']} interleaved)", rows)
+    print_table(f"teacher pass vs a bare forward loop over the same rendered inputs (batch {passes[0].batch_size}, "
+                f"best of {passes[0].repeats} interleaved)", rows)
 
     def ratio(value: float | None) -> str:  # None: the reference configuration was not benchmarked
         return "-" if value is None else f"{value:.2f}"
 
-    for steps in (steps, results["tcs_vs_online_kd"]):
-        rows = [{"config": r["config"], "ms / step": f"{r['step_ms']:.1f}", "samples/s": f"{r['samples_per_s']:.0f}",
-                 "stream / this": f"{r['stream_over_config']:.1f}", "/ ce": ratio(r["over_ce"]),
-                 "/ ce+kd": ratio(r["over_kd"]), "/ online kd": ratio(r["over_online_kd"]),
-                 "RSS MiB: peak (run's)": f"{r['peak_rss_mb']:.0f} ({r['run_rss_mb']:.0f})",
-                 "RSS / online kd: peak (run's)": f"{ratio(r['rss_over_online_kd'])} "
-                                                  f"({ratio(r['run_rss_over_online_kd'])})"}
-                for r in steps["rows"]]
-        print_table(f"student {steps['student']} step time from the cache of {steps['teacher']} (teacher forward = "
-                    f"{steps['teacher_over_student_flops']:.1f}x the student's FLOPs; best of {steps['rounds']} "
-                    f"round(s)); the cache stream alone: {steps['stream_samples_per_s']:.0f} samples/s (batch "
-                    f"{steps['batch_size']}, {steps['workers']} worker(s)); run's RSS: the peak less the RSS before "
+    for steps in (results.student_steps, results.tcs_vs_online_kd):
+        rows = [{"config": r.config, "ms / step": f"{r.step_ms:.1f}", "samples/s": f"{r.samples_per_s:.0f}",
+                 "stream / this": f"{r.stream_over_config:.1f}", "/ ce": ratio(r.over_ce),
+                 "/ ce+kd": ratio(r.over_kd), "/ online kd": ratio(r.over_online_kd),
+                 "RSS MiB: peak (run's)": f"{r.peak_rss_mb:.0f} ({r.run_rss_mb:.0f})",
+                 "RSS / online kd: peak (run's)": f"{ratio(r.rss_over_online_kd)} ({ratio(r.run_rss_over_online_kd)})"}
+                for r in steps.rows]
+        print_table(f"student {steps.student} step time from the cache of {steps.teacher} (teacher forward = "
+                    f"{steps.teacher_over_student_flops:.1f}x the student's FLOPs; best of {steps.rounds} "
+                    f"round(s)); the cache stream alone: {steps.stream_samples_per_s:.0f} samples/s (batch "
+                    f"{steps.batch_size}, {steps.workers} worker(s)); run's RSS: the peak less the RSS before "
                     f"the run began", rows)
-    ddp = results["ddp"]
-    print_table(f"DDP: student {ddp['student']} (ce+kd) on {ddp['cpus']} CPUs, {ddp['num_samples']} samples x "
-                f"{ddp['epochs']} epoch(s), batch {ddp['batch_size_per_process']} per process, best of {ddp['rounds']} "
+    ddp = results.ddp
+    print_table(f"DDP: student {ddp.student} (ce+kd) on {ddp.cpus} CPUs, {ddp.num_samples} samples x "
+                f"{ddp.epochs} epoch(s), batch {ddp.batch_size_per_process} per process, best of {ddp.rounds} "
                 f"round(s); / 1 process: over the first row",
-                [{"processes": r["processes"], "threads each": r["threads"], "samples / s": f"{r['samples_per_s']:.0f}",
-                  "/ 1 process": f"{r['over_one']:.2f}"} for r in ddp["rows"]])
-    print_storage_bench(results["storage"])
+                [{"processes": r.processes, "threads each": r.threads, "samples / s": f"{r.samples_per_s:.0f}",
+                  "/ 1 process": f"{r.over_one:.2f}"} for r in ddp.rows])
+    print_storage_bench(results.storage)
     if json_out is not None:
-        json_out.write_text(json.dumps(results, indent=2))
+        json_out.write_text(json.dumps(results.model_dump(mode="json"), indent=2))
 
 
-def print_storage_bench(storage: dict) -> None:
+def print_storage_bench(storage: "CacheScaling") -> None:
     """The storage tables of `distillery bench` (`pipeline.bench_storage`)."""
-    rows = [{"samples": r["samples"], "pass + statistics s": f"{r['seconds']:.1f}",
-             "samples / first": f"{r['samples_over_first']:.0f}", "time / first": f"{r['time_over_first']:.2f}",
-             "peak RSS MiB": f"{r['peak_rss_bytes'] / 2**20:.0f}", "RSS / first": f"{r['rss_over_first']:.2f}"}
-            for r in storage["rows"]]
-    print_table(f"teacher pass + statistics of {storage['teacher']} on {storage['dataset']}, each in a fresh process "
+    rows = [{"samples": r.samples, "pass + statistics s": f"{r.seconds:.1f}",
+             "samples / first": f"{r.samples_over_first:.0f}", "time / first": f"{r.time_over_first:.2f}",
+             "peak RSS MiB": f"{r.peak_rss_bytes / 2**20:.0f}", "RSS / first": f"{r.rss_over_first:.2f}"}
+            for r in storage.rows]
+    print_table(f"teacher pass + statistics of {storage.teacher} on {storage.dataset}, each in a fresh process "
                 f"(time should grow with the samples, memory stay flat)", rows)
-    b = storage["bytes"]
-    rows = [{"array": r["array"], "dtype": r["dtype"], "bytes / sample-view": f"{r['bytes']:.1f}"} for r in b["rows"]]
-    rows.append({"array": "total", "dtype": "", "bytes / sample-view": f"{b['total']:.1f}"})
-    rows.append({"array": f"logits (top-{b['k']}) / TinyViT's 4k+4 = {b['tinyvit']}", "dtype": "",
-                 "bytes / sample-view": f"{b['logits']:.1f} ({b['logits_over_tinyvit']:.2f}x)"})
-    print_table(f"bytes per sample-view of the {b['samples']}-sample cache ({b['views']} views), as stored", rows)
-    speed = storage["stream_samples_per_s"]
-    console.print(f"student stream over that cache: {speed['format 2']:.0f} samples/s, its format-1 twin (rows also "
-                  f"in the blocks) {speed['format 1']:.0f} samples/s: {storage['stream_format_2_over_1']:.2f}x")
+    b = storage.bytes
+    rows = [{"array": r.array, "dtype": r.dtype, "bytes / sample-view": f"{r.bytes:.1f}"} for r in b.rows]
+    rows.append({"array": "total", "dtype": "", "bytes / sample-view": f"{b.total:.1f}"})
+    rows.append({"array": f"logits (top-{b.k}) / TinyViT's 4k+4 = {b.tinyvit}", "dtype": "",
+                 "bytes / sample-view": f"{b.logits:.1f} ({b.logits_over_tinyvit:.2f}x)"})
+    print_table(f"bytes per sample-view of the {b.samples}-sample cache ({b.views} views), as stored", rows)
+    speed = storage.stream_samples_per_s
+    console.print(f"student stream over that cache: {speed.format_2:.0f} samples/s, its format-1 twin (rows also "
+                  f"in the blocks) {speed.format_1:.0f} samples/s: {storage.stream_format_2_over_1:.2f}x")
 
 
 @app.command("experiment")

@@ -15,7 +15,8 @@ from flows.cache_teacher import cache_teacher
 from flows.params import Student, TrainSettings
 from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
 from flows.train_students import train_students
-from pipeline.experiments import DEFAULT_ROOT, get_experiment, result_rows, results_markdown, reusable_teacher
+from pipeline.experiments import (DEFAULT_ROOT, ExperimentResult, ExperimentTeacher, get_experiment, result_rows,
+                                  results_markdown, reusable_teacher)
 from pipeline.train.fit import fit_teacher
 from pipeline.train.summary import TrainSummary
 from pipeline.teacher.model import load_checkpoint
@@ -41,7 +42,7 @@ def publish_results(name: str, seeds: list[int], markdown: str) -> None:
 
 @flow(name="experiment", log_prints=True)
 def run_experiment(name: str, seeds: list[int], root: str = str(DEFAULT_ROOT),
-                   rows: Optional[list[str]] = None) -> dict[str, Any]:
+                   rows: Optional[list[str]] = None) -> ExperimentResult:
     """Run experiment `name` (only `rows`, if given) for `seeds` under `root`; return the teacher, cache and
     result rows.
 
@@ -54,7 +55,8 @@ def run_experiment(name: str, seeds: list[int], root: str = str(DEFAULT_ROOT),
     """
     root = run_path(root)
     experiment = get_experiment(name).select(rows)
-    teacher = fit_or_reuse_teacher(name, root)
+    # A fitted teacher's dict also holds the fit's own result (time, samples); the experiment reports the teacher.
+    teacher = ExperimentTeacher.model_validate(fit_or_reuse_teacher(name, root))
     cached = cache_teacher(experiment.cache_request(Path(root)))
     summaries: dict[str, list[TrainSummary]] = {label: [] for label in experiment.rows}
     for seed in seeds:
@@ -67,4 +69,4 @@ def run_experiment(name: str, seeds: list[int], root: str = str(DEFAULT_ROOT),
             summaries[label].append(summary)
     rows = result_rows(experiment, summaries)
     publish_results(name, seeds, f"{experiment.description}\n\n{results_markdown(rows)}")
-    return {"teacher": teacher, "cache": cached, "rows": rows}
+    return ExperimentResult(teacher=teacher, cache=cached, rows=rows)

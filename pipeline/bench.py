@@ -10,12 +10,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
-from pipeline.bench_storage import stream_samples_per_s
+from pipeline.bench_storage import CacheScaling, bench_cache_scaling, stream_samples_per_s
 from pipeline.data.views import ViewPlan
 from pipeline.teacher.plan import CacheRequest, plan_cache, request_dataset, shared_teacher, teacher_spec
 from pipeline.teacher.forward import cache_shard, render_pairs, teacher_forward
@@ -51,8 +52,26 @@ def pass_seconds(request: CacheRequest) -> float:
     return time.perf_counter() - start
 
 
+class TeacherPassBench(BaseModel):
+    """`bench_teacher_pass`: the pass's and the bare loop's images/s (`views` counts view 0)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bench: Literal["teacher_pass"] = "teacher_pass"
+    dataset: str
+    teacher: str
+    samples: int
+    views: int
+    batch_size: int
+    device: str
+    repeats: int
+    pass_images_per_s: float
+    bare_images_per_s: float
+    pass_over_bare: float
+
+
 def bench_teacher_pass(dataset: str, teacher: str, samples: int, views: int = 2, batch_size: int = 256,
-                       shard_size: int = 1024, device: str = "auto", repeats: int = 3) -> dict[str, Any]:
+                       shard_size: int = 1024, device: str = "auto", repeats: int = 3) -> TeacherPassBench:
     """Teacher-pass throughput vs a bare forward loop, interleaved bare / pass / bare / ... / bare so both
     share the noise; the fastest of `repeats` timings of each counts (the least disturbed, as timeit)."""
     if repeats < 1:
@@ -66,10 +85,10 @@ def bench_teacher_pass(dataset: str, teacher: str, samples: int, views: int = 2,
             passes.append(pass_seconds(request))
             bare.append(bare_forward_seconds(request))
     images = samples * (views + 1)
-    return {"bench": "teacher_pass", "dataset": dataset, "teacher": teacher, "samples": samples, "views": views + 1,
-            "batch_size": batch_size, "device": str(resolve_device(device)), "repeats": repeats,
-            "pass_images_per_s": images / min(passes), "bare_images_per_s": images / min(bare),
-            "pass_over_bare": min(bare) / min(passes)}
+    return TeacherPassBench(dataset=dataset, teacher=teacher, samples=samples, views=views + 1, batch_size=batch_size,
+                            device=str(resolve_device(device)), repeats=repeats,
+                            pass_images_per_s=images / min(passes), bare_images_per_s=images / min(bare),
+                            pass_over_bare=min(bare) / min(passes))
 
 
 # Student step times (issues 3-6): each configuration trains in a fresh process (so its peak RSS is its own),
@@ -116,8 +135,45 @@ def model_flops(model: str, num_classes: int, in_chans: int, size: int) -> int:
     return int(counter.get_total_flops())
 
 
+class StepRow(BaseModel):
+    """One configuration of `bench_student_steps`: its best round's step time and samples/s, the stream's rate
+    over its own, its peak RSS and the run's part of it (MiB), and each ratio to a reference configuration
+    (None when that configuration was not benchmarked)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    config: str
+    step_ms: float
+    samples_per_s: float
+    stream_over_config: float
+    peak_rss_mb: float
+    run_rss_mb: float
+    over_ce: float | None
+    over_kd: float | None
+    over_online_kd: float | None
+    rss_over_online_kd: float | None
+    run_rss_over_online_kd: float | None
+
+
+class StudentSteps(BaseModel):
+    """`bench_student_steps`: one student from one cache, a row per configuration."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bench: Literal["student_steps"] = "student_steps"
+    cache: str
+    student: str
+    teacher: str
+    teacher_over_student_flops: float
+    rounds: int
+    stream_samples_per_s: float
+    workers: int
+    batch_size: int
+    rows: list[StepRow]
+
+
 def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple[str, ...], bool]],
-                        epochs: int = 1, rounds: int = 2, batch_size: int = 64) -> dict[str, Any]:
+                        epochs: int = 1, rounds: int = 2, batch_size: int = 64) -> StudentSteps:
     """Mean step time, samples/s consumed and peak RSS of each (methods, online) configuration for the same
     student and cache, beside the samples/s of the cache stream alone (same batch size and workers, no student):
     a configuration consuming close to the stream's rate is waiting for its data."""
@@ -144,28 +200,24 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
     size = teacher.input_size
     workers = RunSettings().workers  # what the runs above used
     stream = max(stream_samples_per_s(cache, size, batch_size, workers) for _ in range(rounds))
-    rows = []
+    measured = {}
     for label, runs in results.items():
         step = min(run["mean_step_seconds"] for run in runs)  # the least disturbed round
-        rows.append({"config": label, "step_ms": 1000 * step, "samples_per_s": batch_size / step,
-                     "stream_over_config": stream * step / batch_size,
-                     "peak_rss_mb": max(r["peak_rss_bytes"] for r in runs) / 2**20,
-                     "run_rss_mb": max(r["peak_rss_bytes"] - r["start_rss_bytes"] for r in runs) / 2**20})
-    base = {row["config"]: row for row in rows}
+        measured[label] = {"step_ms": 1000 * step, "samples_per_s": batch_size / step,
+                           "stream_over_config": stream * step / batch_size,
+                           "peak_rss_mb": max(r["peak_rss_bytes"] for r in runs) / 2**20,
+                           "run_rss_mb": max(r["peak_rss_bytes"] - r["start_rss_bytes"] for r in runs) / 2**20}
 
-    def over(row: dict[str, Any], reference: str, key: str = "step_ms") -> float | None:
-        return row[key] / base[reference][key] if reference in base else None
+    def over(row: dict[str, float], reference: str, key: str = "step_ms") -> float | None:
+        return row[key] / measured[reference][key] if reference in measured else None
 
-    for row in rows:
-        row["over_ce"], row["over_kd"] = over(row, "ce"), over(row, "ce+kd")
-        row["over_online_kd"] = over(row, ONLINE_KD)
-        row["rss_over_online_kd"] = over(row, ONLINE_KD, "peak_rss_mb")
-        row["run_rss_over_online_kd"] = over(row, ONLINE_KD, "run_rss_mb")
-    return {"bench": "student_steps", "cache": cache, "student": student, "teacher": teacher.model,
-            "teacher_over_student_flops": model_flops(teacher.model, num_classes, teacher.in_chans, size)
-            / model_flops(student, num_classes, teacher.in_chans, size),
-            "rounds": rounds, "stream_samples_per_s": stream, "workers": workers, "batch_size": batch_size,
-            "rows": rows}
+    rows = [StepRow(config=label, **row, over_ce=over(row, "ce"), over_kd=over(row, "ce+kd"),
+                    over_online_kd=over(row, ONLINE_KD), rss_over_online_kd=over(row, ONLINE_KD, "peak_rss_mb"),
+                    run_rss_over_online_kd=over(row, ONLINE_KD, "run_rss_mb")) for label, row in measured.items()]
+    return StudentSteps(cache=cache, student=student, teacher=teacher.model,
+                        teacher_over_student_flops=model_flops(teacher.model, num_classes, teacher.in_chans, size)
+                        / model_flops(student, num_classes, teacher.in_chans, size),
+                        rounds=rounds, stream_samples_per_s=stream, workers=workers, batch_size=batch_size, rows=rows)
 
 
 # TCS against online KD (TCS's claim: about half the training time and 75 % of the memory, the teacher never
@@ -174,7 +226,7 @@ TCS_TEACHER = "resnet50"
 TCS_CONFIGS = {k: STEP_CONFIGS[k] for k in ("ce", ONLINE_KD, "ce+tcs", "ce+tcs+elsh")}
 
 
-def bench_tcs_vs_online_kd(tmp: str, quick: bool = False, device: str = "auto") -> dict[str, Any]:
+def bench_tcs_vs_online_kd(tmp: str, quick: bool = False, device: str = "auto") -> StudentSteps:
     """Student step time and peak RSS of CE, online KD, TCS and TCS+eLSH from a `TCS_TEACHER` cache on digits."""
     from pipeline.teacher.cache_pass import run_cache_pass
     from pipeline.train.fit import FitConfig, fit_teacher
@@ -193,7 +245,33 @@ def bench_tcs_vs_online_kd(tmp: str, quick: bool = False, device: str = "auto") 
 DDP_CONFIGS = ((1, None), (2, None), (1, 1))
 
 
-def bench_ddp(tmp: str, quick: bool = False, student: str = "test_resnet", batch_size: int = 64) -> dict[str, Any]:
+class DdpRow(BaseModel):
+    """One (processes, threads each) configuration of `bench_ddp`: its best samples/s, and that over the first's."""
+
+    model_config = ConfigDict(frozen=True)
+
+    processes: int
+    threads: int
+    samples_per_s: float
+    over_one: float
+
+
+class DdpBench(BaseModel):
+    """`bench_ddp`: one student trained by each configuration of `DDP_CONFIGS`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bench: Literal["ddp"] = "ddp"
+    student: str
+    num_samples: int
+    epochs: int
+    batch_size_per_process: int
+    rounds: int
+    cpus: int
+    rows: list[DdpRow]
+
+
+def bench_ddp(tmp: str, quick: bool = False, student: str = "test_resnet", batch_size: int = 64) -> DdpBench:
     """Training samples/s of one student (CE+KD) on 2 DDP processes vs 1, all under torchrun on CPU, from a
     digits cache of an untrained resnet10t (README "Distributed students"). Threads per process: the CPUs
     this process may use divided by the processes, or as `DDP_CONFIGS` says. `batch_size` is per process,
@@ -219,10 +297,10 @@ def bench_ddp(tmp: str, quick: bool = False, student: str = "test_resnet", batch
             summary = launch(config, nproc, True, threads)
             rates[(nproc, threads)].append(summary.num_samples * epochs / summary.train_seconds)
     best = {c: max(v) for c, v in rates.items()}
-    return {"bench": "ddp", "student": student, "num_samples": summary.num_samples, "epochs": epochs,
-            "batch_size_per_process": batch_size, "rounds": rounds, "cpus": cpus,
-            "rows": [{"processes": n, "threads": t, "samples_per_s": best[(n, t)],
-                      "over_one": best[(n, t)] / best[configs[0]]} for n, t in best]}
+    return DdpBench(student=student, num_samples=summary.num_samples, epochs=epochs, batch_size_per_process=batch_size,
+                    rounds=rounds, cpus=cpus,
+                    rows=[DdpRow(processes=n, threads=t, samples_per_s=best[(n, t)],
+                                 over_one=best[(n, t)] / best[configs[0]]) for n, t in best])
 
 
 # Teacher-pass rows of `distillery bench`: the demo teacher, and one whose forward costs 4x more per image
@@ -230,11 +308,23 @@ def bench_ddp(tmp: str, quick: bool = False, student: str = "test_resnet", batch
 PASS_TEACHERS = ("resnet10t", "resnet50")
 
 
-def run_benchmarks(quick: bool = False, device: str = "auto") -> dict[str, Any]:
+class BenchResults(BaseModel):
+    """`run_benchmarks`: every benchmark of `distillery bench` (its `--json` file is `model_dump(mode="json")`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    teacher_pass: list[TeacherPassBench]
+    student_steps: StudentSteps
+    tcs_vs_online_kd: StudentSteps
+    ddp: DdpBench
+    storage: CacheScaling
+
+
+def run_benchmarks(quick: bool = False, device: str = "auto") -> BenchResults:
     """`distillery bench`: the teacher pass against a bare forward loop (per teacher in `PASS_TEACHERS`),
     then student step times and peak memory per method (cached vs online KD included) for a test_resnet
     student of a resnet10t teacher on digits, then TCS against online KD for a `TCS_TEACHER` teacher, then
-    DDP on 2 CPU processes against 1 (`bench_ddp`).
+    DDP on 2 CPU processes against 1 (`bench_ddp`), then the storage rows (`bench_cache_scaling`).
     `quick`: the first teacher only, fewer samples, one round."""
     from pipeline.teacher.cache_pass import run_cache_pass
     from pipeline.train.fit import FitConfig, fit_teacher
@@ -255,4 +345,5 @@ def run_benchmarks(quick: bool = False, device: str = "auto") -> dict[str, Any]:
                                     rounds=1 if quick else 2)
         tcs = bench_tcs_vs_online_kd(tmp, quick, device)
         ddp = bench_ddp(tmp, quick)
-    return {"teacher_pass": passes, "student_steps": steps, "tcs_vs_online_kd": tcs, "ddp": ddp}
+    storage = bench_cache_scaling(samples=250 if quick else 2000, device=device)
+    return BenchResults(teacher_pass=passes, student_steps=steps, tcs_vs_online_kd=tcs, ddp=ddp, storage=storage)

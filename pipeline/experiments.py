@@ -19,7 +19,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from pipeline.teacher.plan import CacheRequest
+from pipeline.teacher.cache_pass import CacheResult
 from pipeline.train.fit import FitConfig
 from pipeline.train.config import RunSettings
 from pipeline.train.optim import OptimConfig
@@ -115,7 +118,42 @@ def reusable_teacher(checkpoint_config: dict[str, Any] | None, wanted: FitConfig
     return all(checkpoint_config.get(k, default_of(FitConfig, k)) == getattr(wanted, k) for k in _FIT_IDENTITY)
 
 
-def result_rows(experiment: Experiment, summaries: dict[str, list[TrainSummary]]) -> list[dict[str, Any]]:
+class ResultRow(BaseModel):
+    """One method combination of an experiment: val accuracy (%) mean and sample std over the seeds, each
+    seed's accuracy as text, the mean training time per run (s) and the mean step time (ms)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    methods: str
+    accuracy: float
+    std: float
+    seeds: str  # "80.00 / 82.00": each seed's accuracy, in seed order
+    train_s: float
+    step_ms: float
+
+
+class ExperimentTeacher(BaseModel):
+    """An experiment's teacher: its checkpoint, whether an earlier fit was reused, its val accuracy (None when it
+    has no trained head)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    out: str
+    reused: bool
+    val_accuracy: float | None
+
+
+class ExperimentResult(BaseModel):
+    """What `distillery experiment` reports: the teacher, the teacher pass, and a row per method combination."""
+
+    model_config = ConfigDict(frozen=True)
+
+    teacher: ExperimentTeacher
+    cache: CacheResult
+    rows: list[ResultRow]
+
+
+def result_rows(experiment: Experiment, summaries: dict[str, list[TrainSummary]]) -> list[ResultRow]:
     """One row per method combination: accuracy mean and sample std over seeds, each seed's accuracy,
     mean training time per run and mean step time (the summaries of one row, in seed order)."""
     rows = []
@@ -124,23 +162,23 @@ def result_rows(experiment: Experiment, summaries: dict[str, list[TrainSummary]]
         if not runs:
             continue
         acc = [100 * r.val_accuracy for r in runs]
-        rows.append({
-            "methods": label,
-            "accuracy": statistics.fmean(acc),
-            "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "seeds": " / ".join(f"{a:.2f}" for a in acc),
-            "train_s": statistics.fmean(r.train_seconds for r in runs),
-            "step_ms": 1000 * statistics.fmean(r.mean_step_seconds for r in runs),
-        })
+        rows.append(ResultRow(
+            methods=label,
+            accuracy=statistics.fmean(acc),
+            std=statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            seeds=" / ".join(f"{a:.2f}" for a in acc),
+            train_s=statistics.fmean(r.train_seconds for r in runs),
+            step_ms=1000 * statistics.fmean(r.mean_step_seconds for r in runs),
+        ))
     return rows
 
 
-def results_markdown(rows: list[dict[str, Any]]) -> str:
+def results_markdown(rows: list[ResultRow]) -> str:
     """The README form of `result_rows`."""
     lines = ["| methods | accuracy % (mean ± std) | per seed | train s / run | ms / step |",
              "|---|---|---|---|---|"]
-    lines += [f"| {r['methods']} | {r['accuracy']:.2f} ± {r['std']:.2f} | {r['seeds']} | {r['train_s']:.0f} | "
-              f"{r['step_ms']:.1f} |" for r in rows]
+    lines += [f"| {r.methods} | {r.accuracy:.2f} ± {r.std:.2f} | {r.seeds} | {r.train_s:.0f} | {r.step_ms:.1f} |"
+              for r in rows]
     return "\n".join(lines)
 
 

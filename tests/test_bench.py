@@ -12,14 +12,15 @@ import pipeline.bench
 import pipeline.bench_storage
 from flows.cli import app
 from pipeline.bench import bench_teacher_pass, model_flops
+from pipeline.bench_storage import StreamRates
 
 
 def test_teacher_pass_benchmark_reports_both_throughputs() -> None:
     result = bench_teacher_pass("digits", "test_resnet", samples=40, views=1, batch_size=16, shard_size=24,
                                 device="cpu", repeats=2)
-    assert result["views"] == 2 and result["repeats"] == 2
-    assert result["pass_images_per_s"] > 0 and result["bare_images_per_s"] > 0
-    assert result["pass_over_bare"] == pytest.approx(result["pass_images_per_s"] / result["bare_images_per_s"])
+    assert result.views == 2 and result.repeats == 2
+    assert result.pass_images_per_s > 0 and result.bare_images_per_s > 0
+    assert result.pass_over_bare == pytest.approx(result.pass_images_per_s / result.bare_images_per_s)
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         bench_teacher_pass("digits", "test_resnet", samples=40, repeats=0)
 
@@ -62,6 +63,16 @@ def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypat
     assert [r["samples"] for r in storage["rows"]] == [250, 500] and storage["rows"][0]["time_over_first"] == 1
     assert all(r["seconds"] > 0 and r["peak_rss_bytes"] > 0 for r in storage["rows"])
     assert storage["bytes"]["samples"] == 500 and "TinyViT's 4k+4 = 24" in result.output
+    stream = storage["stream_samples_per_s"]
+    assert list(stream) == ["format 2", "format 1"] and all(v > 0 for v in stream.values())
+    assert storage["stream_format_2_over_1"] == pytest.approx(stream["format 2"] / stream["format 1"])
+    assert f"{stream['format 2']:.0f} samples/s, its format-1 twin" in text
+
+
+def test_stream_rates_keep_the_json_keys_of_the_bench_file() -> None:
+    rates = StreamRates(format_2=2.0, format_1=1.0)
+    assert rates.model_dump(mode="json") == {"format 2": 2.0, "format 1": 1.0}
+    assert StreamRates.model_validate({"format 2": 2.0, "format 1": 1.0}) == rates
 
 
 def test_flops_grow_with_the_model() -> None:

@@ -16,12 +16,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from pipeline.object_store import ObjectPath, location
 from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.rundir import CONFIG, SUMMARY
 
-MEASURES = ("val_accuracy", "train_seconds", "mean_step_seconds", "peak_rss_bytes")
+
+class Measures(BaseModel):
+    """One statistic (mean or std over a group's seeds) of each measurement a run's summary records."""
+
+    model_config = ConfigDict(frozen=True)
+
+    val_accuracy: float
+    train_seconds: float
+    mean_step_seconds: float
+    peak_rss_bytes: float
+
+
+MEASURES = tuple(Measures.model_fields)
 # The setup a summary records, for runs without config.json.
 SUMMARY_SETUP = ("student", "methods", "epochs", "cache", "online_teacher", "teacher", "dataset", "num_samples",
                  "input_size", "batch_size")
@@ -115,35 +128,51 @@ def varying_keys(groups: Sequence[RunGroup]) -> list[str]:
     return [k for k in keys if len({json.dumps(g.setup.get(k), default=str) for g in groups}) > 1]
 
 
-def group_rows(groups: Sequence[RunGroup]) -> list[dict[str, Any]]:
+class GroupRow(BaseModel):
+    """One group of `group_rows`: who was trained, the settings that tell it from the other groups, its seeds,
+    and the mean and std over them of each measure."""
+
+    model_config = ConfigDict(frozen=True)
+
+    student: str
+    methods: str  # joined with "+"
+    setup: dict[str, Any]  # the group's value of each `varying_keys` key (flat, dotted), in their order
+    seeds: list[int]
+    params: int
+    mean: Measures
+    std: Measures
+
+    def labels(self) -> dict[str, str]:
+        """Student, methods and the varying settings, as text: what names this row in a table or a legend."""
+        return {"student": self.student, "methods": self.methods, **{k: str(v) for k, v in self.setup.items()}}
+
+
+def group_rows(groups: Sequence[RunGroup]) -> list[GroupRow]:
     """One row per group: student, methods, the settings that vary, seeds, params, and the mean and std over
-    seeds of each measure (`row["mean"][m]`, `row["std"][m]`)."""
+    seeds of each measure (`row.mean.train_seconds`, `row.std.train_seconds`)."""
     extra = varying_keys(groups)
     rows = []
     for g in groups:
         first = g.runs[0].summary
-        rows.append({"student": first["student"], "methods": "+".join(first["methods"]),
-                     **{k: g.setup.get(k) for k in extra}, "seeds": g.seeds, "params": int(first["params"]),
-                     "mean": {m: g.mean(m) for m in MEASURES}, "std": {m: g.std(m) for m in MEASURES}})
+        rows.append(GroupRow(student=first["student"], methods="+".join(first["methods"]),
+                             setup={k: g.setup.get(k) for k in extra}, seeds=g.seeds, params=int(first["params"]),
+                             mean=Measures(**{m: g.mean(m) for m in MEASURES}),
+                             std=Measures(**{m: g.std(m) for m in MEASURES})))
     return rows
 
 
-def formatted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+def formatted_rows(rows: Sequence[GroupRow]) -> list[dict[str, str]]:
     """Rows for people: mean ± std over seeds (accuracy in %, times in s and ms, memory in MiB)."""
-    def pm(row: dict[str, Any], m: str, scale: float, fmt: str, unit: str) -> str:
-        mean, std = row["mean"][m] * scale, row["std"][m] * scale
-        return f"{mean:{fmt}}{unit}" if len(row["seeds"]) == 1 else f"{mean:{fmt}} ± {std:{fmt}}{unit}"
+    def pm(row: GroupRow, m: str, scale: float, fmt: str, unit: str) -> str:
+        mean, std = getattr(row.mean, m) * scale, getattr(row.std, m) * scale
+        return f"{mean:{fmt}}{unit}" if len(row.seeds) == 1 else f"{mean:{fmt}} ± {std:{fmt}}{unit}"
 
-    out = []
-    for r in rows:
-        setup = {k: str(v) for k, v in r.items() if k not in ("seeds", "params", "mean", "std")}
-        out.append({**setup, "seeds": ",".join(map(str, r["seeds"])),
-                    "val accuracy": pm(r, "val_accuracy", 100, ".2f", " %"),
-                    "train time": pm(r, "train_seconds", 1, ".1f", " s"),
-                    "step": pm(r, "mean_step_seconds", 1000, ".1f", " ms"),
-                    "peak RSS": pm(r, "peak_rss_bytes", 2.0 ** -20, ".0f", " MiB"),
-                    "params": f"{r['params'] / 1e6:.2f} M"})
-    return out
+    return [{**r.labels(), "seeds": ",".join(map(str, r.seeds)),
+             "val accuracy": pm(r, "val_accuracy", 100, ".2f", " %"),
+             "train time": pm(r, "train_seconds", 1, ".1f", " s"),
+             "step": pm(r, "mean_step_seconds", 1000, ".1f", " ms"),
+             "peak RSS": pm(r, "peak_rss_bytes", 2.0 ** -20, ".0f", " MiB"),
+             "params": f"{r.params / 1e6:.2f} M"} for r in rows]
 
 
 def compare_runs(paths: Sequence[str | Path]) -> list[RunGroup]:
@@ -151,8 +180,7 @@ def compare_runs(paths: Sequence[str | Path]) -> list[RunGroup]:
     return group_runs([load_run(p) for p in find_runs(paths)])
 
 
-def group_label(row: dict[str, Any]) -> str:
+def group_label(row: GroupRow) -> str:
     """A row of `group_rows` named for a plot legend: student, methods, the varying settings, the seed count."""
-    setup = " ".join(f"{k}={v}" if k not in ("student", "methods") else str(v) for k, v in row.items()
-                     if k not in ("seeds", "params", "mean", "std"))
-    return f"{setup} ({len(row['seeds'])} seeds)"
+    setup = " ".join(f"{k}={v}" if k not in ("student", "methods") else v for k, v in row.labels().items())
+    return f"{setup} ({len(row.seeds)} seeds)"

@@ -89,11 +89,11 @@ def test_the_bench_counts_every_stored_byte_once_per_sample_view(topk_cache: Pat
     sample_views = cache.num_samples * cache.num_views
     on_disk = sum(zarr_bytes(topk_cache, n) for n in cache.manifest.arrays) + sum(
         p.stat().st_size for p in (topk_cache / "shards").glob("*.tar"))
-    per_sample = [r for r in result["rows"] if not r["array"].startswith("statistics")]
-    assert sum(r["bytes"] for r in per_sample) * sample_views == pytest.approx(on_disk)
-    assert result["total"] == pytest.approx(sum(r["bytes"] for r in result["rows"]))
-    assert result["k"] == K and result["tinyvit"] == tinyvit_bytes(K) == 4 * K + 4
-    assert result["logits_over_tinyvit"] == pytest.approx(result["logits"] / (4 * K + 4))
+    per_sample = [r for r in result.rows if not r.array.startswith("statistics")]
+    assert sum(r.bytes for r in per_sample) * sample_views == pytest.approx(on_disk)
+    assert result.total == pytest.approx(sum(r.bytes for r in result.rows))
+    assert result.k == K and result.tinyvit == tinyvit_bytes(K) == 4 * K + 4
+    assert result.logits_over_tinyvit == pytest.approx(result.logits / (4 * K + 4))
 
 
 def test_a_format_1_twin_streams_the_same_samples_and_targets(topk_cache: Path, tmp_path: Path) -> None:

@@ -23,24 +23,24 @@ def test_experiment_fits_caches_trains_every_row_per_seed_then_reuses_everything
 
     monkeypatch.setitem(experiments.EXPERIMENTS, "tiny", TINY)
     result = run_experiment("tiny", [0, 1], str(tmp_path))
-    assert result["teacher"]["reused"] is False
+    assert result.teacher.reused is False
     runs = {p.name for p in (tmp_path / "tiny" / "runs").iterdir()}
     assert runs == {"ce-s0", "ce-s1", "ce+kd-s0", "ce+kd-s1"}
     summaries = {r: json.loads((tmp_path / "tiny" / "runs" / r / "summary.json").read_text()) for r in runs}
     assert summaries["ce+kd-s1"]["methods"] == ["ce", "kd:T=2"] and summaries["ce+kd-s1"]["seed"] == 1
     accuracy = [100 * summaries[f"ce+kd-s{s}"]["val_accuracy"] for s in (0, 1)]
-    assert f"| ce+kd | {sum(accuracy) / 2:.2f} ± " in results_markdown(result["rows"])
+    assert f"| ce+kd | {sum(accuracy) / 2:.2f} ± " in results_markdown(result.rows)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
         [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["experiment-tiny"])))
-    assert artifact.type == "markdown" and results_markdown(result["rows"]) in artifact.data
+    assert artifact.type == "markdown" and results_markdown(result.rows) in artifact.data
 
     # A rerun reuses the teacher, the cache and the finished runs; --row selects rows.
     again = run_experiment("tiny", [0, 1], str(tmp_path), ["ce+kd"])
-    assert again["teacher"]["reused"] is True and again["cache"].written_shards == 0
-    assert [r["methods"] for r in again["rows"]] == ["ce+kd"] and again["rows"][0] == result["rows"][1]
+    assert again.teacher.reused is True and again.cache.written_shards == 0
+    assert [r.methods for r in again.rows] == ["ce+kd"] and again.rows[0] == result.rows[1]
     for r in runs:
         rerun = json.loads((tmp_path / "tiny" / "runs" / r / "summary.json").read_text())
         assert rerun["train_seconds"] == summaries[r]["train_seconds"]
@@ -53,9 +53,9 @@ def test_result_rows_average_seeds_and_markdown_lists_them() -> None:
 
     runs = {"ce": [run(a, 10.0, 0.01) for a in (0.80, 0.82)], "ce+kd": [run(0.9, 12.0, 0.02)]}
     rows = result_rows(TINY, runs)
-    assert [r["methods"] for r in rows] == ["ce", "ce+kd"]
-    assert rows[0]["accuracy"] == pytest.approx(81.0) and rows[0]["std"] == pytest.approx(2 ** 0.5)
-    assert rows[1]["std"] == 0.0
+    assert [r.methods for r in rows] == ["ce", "ce+kd"]
+    assert rows[0].accuracy == pytest.approx(81.0) and rows[0].std == pytest.approx(2 ** 0.5)
+    assert rows[1].std == 0.0
     table = results_markdown(rows).splitlines()
     assert table[2] == "| ce | 81.00 ± 1.41 | 80.00 / 82.00 | 10 | 10.0 |"
 

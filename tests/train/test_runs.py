@@ -47,11 +47,11 @@ def test_seeds_of_one_setting_form_one_row_with_mean_and_sample_std(tmp_path: Pa
         for seed, acc in enumerate(values):
             write_run(tmp_path / f"{'+'.join(methods)}-s{seed}", methods, seed, acc, 10 + seed)
     rows = group_rows(compare_runs([tmp_path]))
-    assert [(r["methods"], r["seeds"]) for r in rows] == [("ce", [0, 1, 2]), ("ce+kd", [0, 1])]
+    assert [(r.methods, r.seeds) for r in rows] == [("ce", [0, 1, 2]), ("ce+kd", [0, 1])]
     for row, values in zip(rows, accuracies.values()):
-        assert row["mean"]["val_accuracy"] == pytest.approx(np.mean(values))
-        assert row["std"]["val_accuracy"] == pytest.approx(np.std(values, ddof=1))
-        assert row["mean"]["train_seconds"] == pytest.approx(10 + (len(values) - 1) / 2)
+        assert row.mean.val_accuracy == pytest.approx(np.mean(values))
+        assert row.std.val_accuracy == pytest.approx(np.std(values, ddof=1))
+        assert row.mean.train_seconds == pytest.approx(10 + (len(values) - 1) / 2)
     text = formatted_rows(rows)
     assert text[1]["val accuracy"] == f"88.00 ± {100 * np.std([0.90, 0.86], ddof=1):.2f} %"
     assert text[0]["seeds"] == "0,1,2" and text[0]["params"] == "0.37 M" and text[0]["peak RSS"] == "400 ± 0 MiB"
@@ -64,8 +64,8 @@ def test_runs_that_differ_in_more_than_the_seed_are_separate_rows_naming_the_dif
     groups = compare_runs([tmp_path])
     assert sorted(len(g.runs) for g in groups) == [1, 2]
     rows = group_rows(groups)
-    assert {r["settings.optim.lr"] for r in rows} == {1e-3, 2e-3}
-    assert "out" not in rows[0] and "settings.seed" not in rows[0]  # never a reason to split a group
+    assert {r.setup["settings.optim.lr"] for r in rows} == {1e-3, 2e-3}
+    assert [list(r.setup) for r in rows] == [["settings.optim.lr"]] * 2  # out and the seed never split a group
     assert load_run(tmp_path / "lr1-s0").setup == load_run(tmp_path / "lr1-s1").setup
 
 
