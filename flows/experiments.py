@@ -6,7 +6,7 @@ as a markdown artifact. Every step resumes: a rerun only does what is missing.
 """
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -25,13 +25,14 @@ forward_library_logs()
 
 
 @task(name="fit-or-reuse-teacher", persist_result=False)
-def fit_or_reuse_teacher(name: str, root: str) -> dict[str, Any]:
+def fit_or_reuse_teacher(name: str, root: str) -> ExperimentTeacher:
     """The experiment's teacher checkpoint: reused when fitted with the same settings, else fitted now."""
     config = get_experiment(name).fit_config(Path(root))
     path = Path(config.out)
     if path.exists() and reusable_teacher(load_checkpoint(path).get("config"), config):
-        return {"out": str(path), "reused": True, "val_accuracy": load_checkpoint(path)["val_accuracy"]}
-    return {**fit_teacher(config).model_dump(), "reused": False}
+        return ExperimentTeacher(out=str(path), reused=True, val_accuracy=load_checkpoint(path)["val_accuracy"])
+    fitted = fit_teacher(config)
+    return ExperimentTeacher(out=fitted.out, reused=False, val_accuracy=fitted.val_accuracy)
 
 
 @task(name="publish-results", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
@@ -56,7 +57,7 @@ def run_experiment(name: str, seeds: list[int], root: str = str(DEFAULT_ROOT),
     root = run_path(root)
     experiment = get_experiment(name).select(rows)
     # A fitted teacher's dict also holds the fit's own result (time, samples); the experiment reports the teacher.
-    teacher = ExperimentTeacher.model_validate(fit_or_reuse_teacher(name, root))
+    teacher = fit_or_reuse_teacher(name, root)
     cached = cache_teacher(experiment.cache_request(Path(root)))
     summaries: dict[str, list[TrainSummary]] = {label: [] for label in experiment.rows}
     for seed in seeds:
