@@ -14,7 +14,9 @@ its own classifier:
     m = mask * active        trainable mask, 0 on dropped coordinates
     logits = A (m * z) + a   the classifier reads the masked coordinates
 
-The method adds ``weight * MSE(z, t)`` over the active coordinates; the supervised term
+The method adds ``weight * MSE(z, t)`` over the active coordinates (with ``decay``, ``weight`` times WKD's
+cosine factor, `pipeline.methods.schedules.cosine_decay`: the alignment shapes the features early and
+leaves the end of training to the labels); the supervised term
 is the ``ce`` method (as with every method here: run ``--method ce --method tcs``), which now computes
 its CE on this head's logits because the head *is* the student's classifier (`adopt_student`). The
 student's original timm classifier is discarded; the per-epoch evaluation of the student model goes
@@ -61,6 +63,7 @@ from .base import (
     at_least_float32,
     register_method,
 )
+from .schedules import cosine_decay
 
 PCA_STATISTICS = ("pca/mean", "pca/components", "pca/explained_variance")
 NORMS = ("none", "scale", "whiten")
@@ -170,6 +173,7 @@ class TCS(Method):
         prune_start: Annotated[float, Range(ge=0, le=1), Help("training fraction of the first round")] = 0.2,
         prune_end: Annotated[float, Range(ge=0, le=1), Help("training fraction of the last round")] = 0.7,
         weight: Annotated[float, Range(ge=0), Help("weight of the alignment MSE (CE: 1)")] = 1.0,
+        decay: Annotated[bool, Help("cosine-decay the alignment weight to 0 over training")] = False,
     ) -> None:
         super().__init__(cache, student)
         missing = [n for n in PCA_STATISTICS if n not in cache.statistics]
@@ -189,6 +193,7 @@ class TCS(Method):
         self.k = dims or max(floor, components_for(explained, variance))
         self.target = min(self.k, max(floor, round(keep * self.k)))
         self.num_rounds, self.prune_start, self.prune_end, self.weight = rounds, prune_start, prune_end, weight
+        self.decay = decay
         self.register_buffer("mean", cache.statistics["pca/mean"].float().clone())
         self.register_buffer("basis", cache.statistics["pca/components"][: self.k].float().clone())
         self.register_buffer("scale", target_scale(explained[: self.k], norm))
@@ -227,4 +232,5 @@ class TCS(Method):
         t = self.teacher_coordinates(targets[POOLED])
         active = self.head.active
         squared = F.mse_loss(z, t, reduction="none") * active
-        return {"tcs": self.weight * squared.sum() / (z.shape[0] * active.sum())}
+        weight = self.weight * (cosine_decay(progress) if self.decay else 1.0)
+        return {"tcs": weight * squared.sum() / (z.shape[0] * active.sum())}

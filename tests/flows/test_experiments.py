@@ -76,8 +76,9 @@ def test_the_tcs_suite_runs_supervised_and_self_supervised_parts_with_their_rows
     assert [(p.name, p.teacher_objective) for p in parts] == [
         ("fmnist-5k", "supervised"), ("fmnist-5k-ssl", "ssl"), ("fmnist-fewshot", "supervised"),
         ("fmnist-fewshot-ssl", "ssl")]
-    assert list(parts[0].rows) == ["ce", "ce+kd", "ce+tcs", "ce+tcs+elsh"]
-    assert list(parts[1].rows) == ["ce+tcs", "ce+tcs+elsh"] and parts[1].cache_options["teacher_head"] is False
+    assert list(parts[0].rows) == ["ce", "ce+kd", "ce+tcs", "ce+tcs+elsh", "ce+tcs(decay)"]
+    assert list(parts[1].rows) == ["ce", "ce+tcs", "ce+tcs+elsh", "ce+tcs(decay)"]
+    assert parts[1].cache_options["teacher_head"] is False
     # Each teacher has its own checkpoint, and the ssl fit is asked for: a supervised checkpoint is not reused.
     assert parts[0].teacher_path(tmp_path) != parts[1].teacher_path(tmp_path)
     assert parts[1].fit_config(tmp_path).objective == "ssl"

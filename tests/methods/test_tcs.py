@@ -85,6 +85,21 @@ def test_alignment_is_mse_to_centred_teacher_coordinates_over_active_ones() -> N
     assert out["tcs"].item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_decay_scales_the_alignment_by_the_cosine_of_training_done() -> None:
+    cache, features = pca_cache()
+    f_s, f_t = torch.randn(8, 5), torch.tensor(features[:8], dtype=torch.float32)
+    losses = {}
+    for decay in (False, True):
+        method = create_method(f"tcs:dims=6,decay={str(decay).lower()}", cache, StudentInfo(pooled_dim=5))
+        torch.nn.init.constant_(method.head.map.weight, 0.1)  # the same map, so only the weight differs
+        torch.nn.init.zeros_(method.head.map.bias)
+        losses[decay] = [method(StudentOutputs(logits=torch.zeros(8, CLASSES), pooled=f_s), {POOLED: f_t},
+                                torch.zeros(8), progress(step))["tcs"].item() for step in (0, 4, 8, 15)]
+    factors = [d / c for d, c in zip(losses[True], losses[False], strict=True)]
+    assert factors == pytest.approx([0.5 * (1 + np.cos(np.pi * s / 16)) for s in (0, 4, 8, 15)], abs=1e-6)
+    assert factors[0] == 1 and factors[-1] < 0.01
+
+
 def test_mask_pruning_drops_the_least_important_coordinates_on_schedule() -> None:
     torch.manual_seed(0)
     cache, features = pca_cache()
