@@ -180,6 +180,8 @@ def fit_teacher_cmd(
                                                       "labels; cache it with --teacher-head none)")]
     = default_of(FitConfig, "objective"),
     temperature: Annotated[float, typer.Option(help="NT-Xent temperature (ssl)")] = default_of(FitConfig, "temperature"),
+    jitter: Annotated[float, typer.Option(help="SimCLR colour-distortion strength, brightness and contrast (ssl; "
+                                               "0: crops and flips only)")] = default_of(FitConfig, "jitter"),
 ) -> None:
     """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint (Prefect flow)."""
     from flows.fit_teacher import fit_teacher_flow
@@ -187,7 +189,7 @@ def fit_teacher_cmd(
 
     cfg = FitConfig(dataset=dataset, model=model, out=str(out), epochs=epochs, subset=subset, seed=seed,
                     input_size=input_size, batch_size=batch_size, lr=lr, device=device, on_bad_image=on_bad_image,
-                    objective=objective, temperature=temperature)
+                    objective=objective, temperature=temperature, jitter=jitter)
     check_fit(cfg)  # one line here, not a failed flow run
     start_temporary_server()
     with show_progress():

@@ -35,7 +35,9 @@ DEFAULT_ROOT = Path("runs/experiments")
 
 # Fit settings that change the teacher's weights; a checkpoint fitted with the same ones is reused.
 _FIT_IDENTITY = ("dataset", "model", "epochs", "subset", "seed", "input_size", "batch_size", "lr", "weight_decay",
-                 "label_smoothing", "objective", "temperature")
+                 "label_smoothing", "objective", "temperature", "jitter")
+_SSL_ONLY = ("temperature", "jitter")
+_BEFORE_IT_EXISTED = {"jitter": 0.0}  # ssl teachers fitted before the colour distortion had none
 
 
 class ExperimentError(DistilleryError):
@@ -114,8 +116,11 @@ def reusable_teacher(checkpoint_config: dict[str, Any] | None, wanted: FitConfig
     """Whether a checkpoint fitted with `checkpoint_config` is the teacher `wanted` would fit."""
     if checkpoint_config is None:
         return False
-    # A checkpoint fitted before a setting existed was fitted with that setting's default.
-    return all(checkpoint_config.get(k, default_of(FitConfig, k)) == getattr(wanted, k) for k in _FIT_IDENTITY)
+    # A checkpoint fitted before a setting existed was fitted with that setting's default, or with what the
+    # setting's arrival changed; a supervised fit never read the ssl-only settings.
+    keys = [k for k in _FIT_IDENTITY if wanted.objective == "ssl" or k not in _SSL_ONLY]
+    return all(checkpoint_config.get(k, _BEFORE_IT_EXISTED.get(k, default_of(FitConfig, k))) == getattr(wanted, k)
+               for k in keys)
 
 
 class ResultRow(BaseModel):

@@ -6,8 +6,9 @@ The checkpoint holds the state dict plus what a cache needs to rebuild the teach
 
 Objectives: ``supervised`` (cross-entropy on the labels) or ``ssl``, a teacher that never sees a label:
 SimCLR's two-view contrastive objective (Chen et al., "A Simple Framework for Contrastive Learning of
-Visual Representations", ICML'20): views 1 and 2 of each sample under one `ViewPlan` per epoch, the
-pooled features through a 2-layer MLP projector, NT-Xent over the batch (`nt_xent`). The projector is
+Visual Representations", ICML'20): views 1 and 2 of each sample under one `ViewPlan` per epoch,
+brightness and contrast jitter on each (`photometric_jitter`, SimCLR's colour distortion for any channel
+count), the pooled features through a 2-layer MLP projector, NT-Xent over the batch (`nt_xent`). The projector is
 dropped and the classifier stays untrained: cache such a checkpoint with ``--teacher-head none`` (its
 pooled features serve TCS and eLSH).
 """
@@ -61,11 +62,13 @@ class FitConfig(Config):
     on_bad_image: str = "fail"  # an undecodable image in an image folder: "fail" (name it) or "skip"
     objective: str = "supervised"  # one of OBJECTIVES
     temperature: float = 0.2  # NT-Xent's tau (ssl only)
+    jitter: float = 0.5  # SimCLR's colour-distortion strength s, brightness and contrast only (ssl only; 0: none)
 
     RANGES: ClassVar[dict[str, Range]] = {
         "epochs": Range(ge=1), "subset": Range(ge=1), "seed": Range(ge=0), "input_size": Range(ge=8),
         "batch_size": Range(ge=1), "lr": Range(gt=0), "weight_decay": Range(ge=0),
-        "label_smoothing": Range(ge=0, le=1), "workers": Range(ge=0), "temperature": Range(gt=0)}
+        "label_smoothing": Range(ge=0, le=1), "workers": Range(ge=0), "temperature": Range(gt=0),
+        "jitter": Range(ge=0, lt=1.25)}
 
     @model_validator(mode="after")
     def _check(self) -> FitConfig:
@@ -108,6 +111,31 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tenso
     logits = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
     return F.cross_entropy(logits, positives)
+
+
+def photometric_jitter(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], strength: float,
+                       generator: torch.Generator) -> torch.Tensor:
+    """SimCLR's colour distortion (Chen et al., ICML'20, appendix A) reduced to what every channel count has:
+    with probability 0.8 per view, brightness then contrast, each a factor drawn from
+    ``U[1 - 0.8 s, 1 + 0.8 s]`` and applied as torchvision's ``adjust_brightness`` / ``adjust_contrast`` do, on
+    pixels in [0, 1]. Without it two crops of one image share their intensity histogram, a cue that solves
+    the contrastive task without learning shapes (the paper's §3 ablation: crops alone fall far behind).
+    ``x`` holds normalised views (N, C, H, W); the result is normalised the same way."""
+    if strength == 0:
+        return x
+    n = len(x)
+    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    pixels = x * std_t + mean_t
+    low, high = 1 - 0.8 * strength, 1 + 0.8 * strength
+    brightness, contrast = (low + (high - low) * torch.rand(2, n, 1, 1, 1, generator=generator, dtype=x.dtype))
+    apply = (torch.rand(n, 1, 1, 1, generator=generator) < 0.8).to(x.dtype)
+    jittered = (pixels * brightness).clamp(0, 1)
+    # adjust_contrast blends toward the mean of the image's greyscale (ITU-R 601-2 luma for RGB).
+    luma = jittered if x.shape[1] != 3 else (jittered * torch.tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, True)
+    grey = luma.mean(dim=(1, 2, 3), keepdim=True)
+    jittered = ((jittered - grey) * contrast + grey).clamp(0, 1)
+    return (apply * jittered + (1 - apply) * pixels - mean_t) / std_t
 
 
 def pair_batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
@@ -163,6 +191,7 @@ def fit_teacher(cfg: FitConfig) -> FitResult:
             for x, y in loader:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     if ssl:
+                        x = photometric_jitter(x, mean, std, cfg.jitter, generator)
                         embedded = head(model.forward_head(model.forward_features(x.to(device)), pre_logits=True))
                         loss = nt_xent(*embedded.chunk(2), cfg.temperature)
                     else:

@@ -95,3 +95,16 @@ def test_a_checkpoint_from_before_the_objective_setting_is_the_supervised_teache
     old = {k: v for k, v in supervised.model_dump().items() if k not in ("objective", "temperature")}
     assert reusable_teacher(old, supervised) and not reusable_teacher(old, ssl)
     assert reusable_teacher(ssl.model_dump(), ssl) and not reusable_teacher(ssl.model_dump(), supervised)
+
+
+def test_an_ssl_checkpoint_from_before_the_colour_distortion_is_not_reused_for_the_jittered_teacher(
+        tmp_path: Path) -> None:
+    from pipeline.experiments import reusable_teacher
+
+    supervised = get_experiment("fmnist-5k").fit_config(tmp_path)
+    ssl = get_experiment("fmnist-5k-ssl").fit_config(tmp_path)
+    before = {k: v for k, v in ssl.model_dump().items() if k != "jitter"}
+    assert ssl.jitter > 0 and not reusable_teacher(before, ssl)
+    assert reusable_teacher(before, ssl.model_copy(update={"jitter": 0.0}))
+    # A supervised fit never read jitter: one from before it existed is still the supervised teacher.
+    assert reusable_teacher({k: v for k, v in supervised.model_dump().items() if k != "jitter"}, supervised)

@@ -58,3 +58,25 @@ def test_ssl_teacher_head_less_cache_trains_tcs_and_elsh(cache_request, tmp_path
     summary = train_student(TrainConfig(cache=str(cache), student="test_resnet", methods=("ce", "tcs", "elsh"),
                                         out=str(tmp_path / "run"), settings=settings))
     assert np.isfinite(summary.val_accuracy) and (tmp_path / "run" / "student.pt").is_file()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_photometric_jitter_is_torchvisions_brightness_then_contrast_on_four_views_in_five(channels: int) -> None:
+    from torchvision.transforms import functional as TF
+
+    from pipeline.train.fit import photometric_jitter
+
+    mean, std = (0.3,) * channels, (0.2,) * channels
+    pixels = torch.rand(400, channels, 6, 6, generator=torch.Generator().manual_seed(1))
+    x = (pixels - 0.3) / 0.2
+    out = photometric_jitter(x, mean, std, 0.5, torch.Generator().manual_seed(7))
+    draws = torch.Generator().manual_seed(7)
+    factors = 0.6 + 0.8 * torch.rand(2, 400, 1, 1, 1, generator=draws)
+    applied = torch.rand(400, 1, 1, 1, generator=draws) < 0.8
+    for i in range(400):
+        expected = pixels[i]
+        if applied[i]:
+            expected = TF.adjust_contrast(TF.adjust_brightness(expected, float(factors[0, i])), float(factors[1, i]))
+        torch.testing.assert_close(out[i] * 0.2 + 0.3, expected, atol=1e-5, rtol=0)
+    assert 0.7 < applied.float().mean() < 0.9 and not torch.equal(out, x)
+    assert photometric_jitter(x, mean, std, 0.0, torch.Generator()) is x
