@@ -667,7 +667,7 @@ def bench_cmd(
     def ratio(value: float | None) -> str:  # None: the reference configuration was not benchmarked
         return "-" if value is None else f"{value:.2f}"
 
-    for steps in (results.student_steps, results.tcs_vs_online_kd):
+    for steps in (results.student_steps, *results.tcs_vs_online_kd):
         rows = [{"config": r.config, "ms / step": f"{r.step_ms:.1f}", "samples/s": f"{r.samples_per_s:.0f}",
                  "stream / this": f"{r.stream_over_config:.1f}", "/ ce": ratio(r.over_ce),
                  "/ ce+kd": ratio(r.over_kd), "/ online kd": ratio(r.over_online_kd),
