@@ -1,6 +1,6 @@
 """The TCS sweep behind the README's "What we tried for TCS": every setting on a cache of held-out-train data.
 
-The cache is of `fashion-mnist:DIR` made by `scripts/fmnist_holdout.py` (its val split is part of the original
+The cache is of `fashion-mnist:DIR` made by `scripts/holdout_split.py` (its val split is part of the original
 TRAIN split), so choices never see the test split. One JSON line per run is appended to OUT (a rerun skips the
 settings already there):
 
