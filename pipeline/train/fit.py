@@ -123,16 +123,18 @@ def photometric_jitter(x: torch.Tensor, mean: tuple[float, ...], std: tuple[floa
     ``x`` holds normalised views (N, C, H, W); the result is normalised the same way."""
     if strength == 0:
         return x
-    n = len(x)
-    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    n, like = len(x), dict(dtype=x.dtype, device=x.device)
+    mean_t, std_t = (torch.tensor(v, **like).view(1, -1, 1, 1) for v in (mean, std))
     pixels = x * std_t + mean_t
     low, high = 1 - 0.8 * strength, 1 + 0.8 * strength
-    brightness, contrast = (low + (high - low) * torch.rand(2, n, 1, 1, 1, generator=generator, dtype=x.dtype))
-    apply = (torch.rand(n, 1, 1, 1, generator=generator) < 0.8).to(x.dtype)
+    # Drawn from the (CPU) generator, so a fit is the same on every device.
+    brightness, contrast = (low + (high - low) * torch.rand(2, n, 1, 1, 1, generator=generator)).to(**like)
+    apply = (torch.rand(n, 1, 1, 1, generator=generator) < 0.8).to(**like)
     jittered = (pixels * brightness).clamp(0, 1)
     # adjust_contrast blends toward the mean of the image's greyscale (ITU-R 601-2 luma for RGB).
-    luma = jittered if x.shape[1] != 3 else (jittered * torch.tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, True)
+    luma = jittered
+    if x.shape[1] == 3:
+        luma = (jittered * torch.tensor([0.2989, 0.587, 0.114], **like).view(1, 3, 1, 1)).sum(1, keepdim=True)
     grey = luma.mean(dim=(1, 2, 3), keepdim=True)
     jittered = ((jittered - grey) * contrast + grey).clamp(0, 1)
     return (apply * jittered + (1 - apply) * pixels - mean_t) / std_t
@@ -191,8 +193,8 @@ def fit_teacher(cfg: FitConfig) -> FitResult:
             for x, y in loader:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     if ssl:
-                        x = photometric_jitter(x, mean, std, cfg.jitter, generator)
-                        embedded = head(model.forward_head(model.forward_features(x.to(device)), pre_logits=True))
+                        x = photometric_jitter(x.to(device), mean, std, cfg.jitter, generator)
+                        embedded = head(model.forward_head(model.forward_features(x), pre_logits=True))
                         loss = nt_xent(*embedded.chunk(2), cfg.temperature)
                     else:
                         loss = F.cross_entropy(model(x.to(device)), y.to(device),
