@@ -215,7 +215,7 @@ def launch(config: TrainConfig, nproc: int, quiet: bool = False, threads: int | 
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     done = subprocess.run(torchrun_command(nproc, config), check=False, capture_output=quiet, text=True, env=env)
     if done.returncode != 0:
-        lines = (done.stdout + done.stderr).strip().splitlines()
+        lines = f"{done.stdout or ''}{done.stderr or ''}".strip().splitlines()  # None unless quiet
         errors = [line for line in lines if line.startswith("error (rank")]  # what `main` prints
         said = "its ranks' output above says why" if not quiet else f"its ranks said: {' | '.join(errors or lines[-3:])}"
         raise TrainError(f"the {nproc}-process run of {config.student} into {config.out} failed (exit "

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from pipeline.cache.store import TeacherCache
 from pipeline.data.views import epoch_views
 from pipeline.train.config import TrainConfig, TrainError
-from pipeline.train.distributed import ID_LOG_ENV, DistillStep, World, equalised, step_totals, wrap
+from pipeline.train.distributed import ID_LOG_ENV, DistillStep, World, equalised, launch, step_totals, wrap
 from pipeline.train.loop import check_run, setup_run
 from pipeline.train.stream import block_sizes, rank_parts, split_parts, stream_batches
 
@@ -55,31 +56,79 @@ def _torchrun(args: list[str], ids: Path, log: Path) -> subprocess.Popen:
 
 
 def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant: torchrun starts each rank in a session of its own, so the
-    launcher's process group does not hold them (Linux: /proc/PID/task/PID/children)."""
-    def tree(p: int) -> list[int]:
-        children = Path(f"/proc/{p}/task/{p}/children")
-        found = [int(c) for c in children.read_text().split()] if children.exists() else []
+    """SIGKILL a process and every descendant, and wait until all are dead: torchrun starts each rank in a
+    session of its own, so the launcher's process group does not hold them (Linux: /proc/PID/task/TID/children).
+    A rank dies some time after its SIGKILL; until then it holds the run directory's lock."""
+    def tree(p: int) -> list[int]:  # a child is listed under the thread that started it
+        found = []
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                found += [int(c) for c in children.read_text().split()]
+            except FileNotFoundError:  # the thread ended meanwhile
+                pass
         return [p, *(d for c in found for d in tree(c))]
 
-    for p in tree(pid):
+    def alive(p: int) -> bool:
+        # A killed process's threads exit one by one, the leader's often first: its files, and with them the
+        # run's lock, are released when the last thread has exited, leaving at most a zombie leader.
+        states = []
+        for stat in Path(f"/proc/{p}/task").glob("*/stat"):
+            try:
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # that thread is gone
+                pass
+        return any(state not in "ZX" for state in states)
+
+    pids = tree(pid)
+    for p in pids:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:  # ended meanwhile
             pass
+    deadline = time.monotonic() + 30
+    while any(map(alive, pids)):
+        assert time.monotonic() < deadline, f"processes {[p for p in pids if alive(p)]} outlived SIGKILL by 30 s"
+        time.sleep(0.05)
 
 
-def _logged_epochs(ids: Path) -> set[int]:
-    logs = [ids / f"rank-{rank}.jsonl" for rank in (0, 1)]
-    return {json.loads(line)["epoch"] for log in logs if log.exists() for line in log.read_text().splitlines()}
+class StepGate:
+    """Holds torchrun's ranks mid-epoch, however loaded the machine: each rank's id log is a FIFO, whose
+    per-step open() blocks until this side reads it. A rank's reader stops after its first record of `epoch`,
+    so the rank waits at its next step of that epoch (the other one at the step's all-reduce) until killed."""
+
+    def __init__(self, ids: Path, epoch: int) -> None:
+        ids.mkdir()
+        self.records: dict[int, list[dict]] = {0: [], 1: []}
+        self.readers = []
+        for rank in (0, 1):
+            os.mkfifo(ids / f"rank-{rank}.jsonl")
+            reader = threading.Thread(target=self._read, args=(ids / f"rank-{rank}.jsonl", rank, epoch), daemon=True)
+            reader.start()
+            self.readers.append(reader)
+
+    def _read(self, fifo: Path, rank: int, epoch: int) -> None:
+        while True:
+            with open(fifo) as f:  # one writer's open, one step's record, its close
+                records = [json.loads(line) for line in f]
+            self.records[rank].extend(records)
+            if any(r["epoch"] >= epoch for r in records):
+                return
+
+    @property
+    def holding(self) -> bool:
+        return not any(reader.is_alive() for reader in self.readers)
 
 
-def _seen(ids: Path) -> dict[int, list[tuple[int, int, int]]]:
+def _log_records(ids: Path) -> dict[int, list[dict]]:
+    return {rank: [json.loads(line) for line in (ids / f"rank-{rank}.jsonl").read_text().splitlines()]
+            for rank in (0, 1)}
+
+
+def _seen(records: dict[int, list[dict]]) -> dict[int, list[tuple[int, int, int]]]:
     """epoch -> (rank, id, view) of every logged sample."""
     seen: dict[int, list[tuple[int, int, int]]] = {}
-    for rank in (0, 1):
-        for line in (ids / f"rank-{rank}.jsonl").read_text().splitlines():
-            record = json.loads(line)
+    for rank, logged in records.items():
+        for record in logged:
             seen.setdefault(record["epoch"], []).extend((rank, i, v) for i, v in zip(record["ids"], record["views"]))
     return seen
 
@@ -100,25 +149,27 @@ def test_two_processes_see_every_id_once_per_epoch_and_resume_after_a_kill(uneve
     args = [*TRAIN, "--cache", str(uneven_cache), "--out", str(out)]
 
     log = tmp_path / "torchrun.log"
+    gate = StepGate(first, epoch=1)
     run = _torchrun(args, first, log)
     deadline = time.monotonic() + 120
-    # Kill both ranks and torchrun once epoch 1 is under way: its first step is logged, epoch 0 checkpointed.
-    while not ((out / "checkpoint.pt").exists() and 1 in _logged_epochs(first)):
+    # Kill both ranks and torchrun while epoch 1 is held at its second step (epoch 0 is checkpointed by then).
+    while not gate.holding:
         assert run.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "epoch 1 did not start within 120 s"
         time.sleep(0.2)
+    assert (out / "checkpoint.pt").exists()
     _kill_tree(run.pid)
     run.wait()
     assert not (out / "summary.json").exists()
-    killed = _seen(first)
+    killed = _seen(gate.records)
     _assert_exactly_once(killed[0], cache, epoch=0)
-    assert len(killed[1]) < cache.num_samples  # killed mid-epoch
+    assert 0 < len(killed[1]) < cache.num_samples  # killed mid-epoch
 
     # `--nproc 2`: the CLI checks the run, then launches torchrun itself; the resumed run redoes epoch 1 only.
     resumed = subprocess.run([sys.executable, "-m", "flows.cli", *args, "--resume", "--nproc", "2"],
                              env={**os.environ, ID_LOG_ENV: str(second)}, capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    seen = _seen(second)
+    seen = _seen(_log_records(second))
     assert list(seen) == [1]
     _assert_exactly_once(seen[1], cache, epoch=1)
     summary = json.loads((out / "summary.json").read_text())
@@ -164,3 +215,12 @@ def test_more_processes_than_blocks_is_refused_in_one_line(make_cache, tmp_path:
     with pytest.raises(TrainError, match=r"3 processes but the cache's 2 blocks leave rank\(s\) \[0\] nothing"):
         check_run(TrainConfig(cache=str(cache), student="test_resnet", methods=("ce",), out=str(tmp_path / "run")),
                   world_size=3)
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_run_whose_ranks_fail_is_one_train_error(quiet: bool, tmp_path: Path) -> None:
+    config = TrainConfig(cache=str(tmp_path / "missing"), student="test_resnet", methods=("ce",),
+                         out=str(tmp_path / "run"))
+    said = r"its ranks said: error \(rank 0\): .*missing" if quiet else "its ranks' output above says why"
+    with pytest.raises(TrainError, match=rf"1-process run of test_resnet into .* failed \(exit 1\); {said}"):
+        launch(config, 1, quiet=quiet)
