@@ -14,6 +14,7 @@ Layout under the experiments root (default `runs/experiments`):
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -176,6 +177,34 @@ def result_rows(experiment: Experiment, summaries: dict[str, list[TrainSummary]]
             step_ms=1000 * statistics.fmean(r.mean_step_seconds for r in runs),
         ))
     return rows
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Row a minus row b over the same seeds: mean and sample std of the per-seed differences, the paired t
+    statistic mean / (std / sqrt(n)), and on how many of the n seeds a is above b."""
+
+    mean: float
+    std: float
+    t: float
+    above: int
+    n: int
+
+
+def paired_difference(a: list[float], b: list[float]) -> PairedDifference:
+    """The seed-paired comparison of two rows' accuracies (both in seed order). A seed fixes the student's
+    initialisation, data order and views, so differences per seed remove most of the seed-to-seed spread
+    that the rows share (Student's paired t-test)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ExperimentError(f"a paired difference needs the same 2 or more seeds in both rows, got {len(a)} "
+                              f"and {len(b)}")
+    diffs = [x - y for x, y in zip(a, b)]
+    mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+    if std > 0:
+        t = mean / (std / math.sqrt(len(diffs)))
+    else:  # every seed moved by the same amount
+        t = math.copysign(math.inf, mean) if mean else math.nan
+    return PairedDifference(mean=mean, std=std, t=t, above=sum(d > 0 for d in diffs), n=len(diffs))
 
 
 def results_markdown(rows: list[ResultRow]) -> str:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import experiments
-from pipeline.experiments import Experiment, ExperimentError, get_experiment, results_markdown, result_rows
+from pipeline.experiments import (Experiment, ExperimentError, get_experiment, paired_difference, results_markdown,
+                                  result_rows)
 from pipeline.train.summary import TrainSummary
 
 TINY = Experiment(name="tiny", description="tiny digits scenario", dataset="digits", teacher="test_resnet",
@@ -108,3 +109,13 @@ def test_an_ssl_checkpoint_from_before_the_colour_distortion_is_not_reused_for_t
     assert reusable_teacher(before, ssl.model_copy(update={"jitter": 0.0}))
     # A supervised fit never read jitter: one from before it existed is still the supervised teacher.
     assert reusable_teacher({k: v for k, v in supervised.model_dump().items() if k != "jitter"}, supervised)
+
+
+def test_paired_difference_is_the_mean_per_seed_gap_with_its_t_statistic() -> None:
+    d = paired_difference([71.0, 72.0, 73.0, 70.0], [70.0, 70.0, 70.0, 70.0])  # gaps 1, 2, 3, 0
+    assert (d.mean, d.above, d.n) == (1.5, 3, 4)
+    assert d.std == pytest.approx(1.2909944)
+    assert d.t == pytest.approx(1.5 / (1.2909944 / 2))
+    assert paired_difference([2.0, 3.0], [1.0, 2.0]).t == float("inf")  # the same gain on every seed
+    with pytest.raises(ExperimentError, match="the same 2 or more seeds in both rows, got 3 and 2"):
+        paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
