@@ -264,7 +264,8 @@ class StatsSection(Section):
 
     arrays: list[str] = Field(default_factory=list)
     cka_source: str | None = None
-    cka_samples_per_class: int | None = None
+    cka_samples_per_class: int | None = None  # the most rows any class pair's CKA used (pipeline.stats.cka)
+    cka_undefined_classes: list[int] | None = None  # classes with no interrelations (1 sample, identical samples)
     pca_components_90: int | None = None
     features_count: int | None = None
     lsh: LshRecord | None = None

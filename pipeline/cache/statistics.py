@@ -9,6 +9,7 @@ and index, all committed at once. `recompute_statistics` is `distillery stats`.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +22,12 @@ from pipeline.cache.store import LSH_INDEX_NAME, LSH_STATS_ARRAYS, CacheWriter, 
 from pipeline.cache.targets import GAUSSIAN, LOGITS, POOLED
 from pipeline.checksums import sha256_bytes
 from pipeline.stats.classes import ClassMoments
-from pipeline.stats.cka import category_interrelations
+from pipeline.stats.cka import category_interrelations, cka_sample_rows
 from pipeline.stats.gaussian import GaussianSummary
 from pipeline.stats.lsh import build_index, encode, train_lsh, training_rows
 from pipeline.stats.moments import FeatureMoments, pca_from_moments
+
+log = logging.getLogger("distillery.cache")
 
 
 @dataclass
@@ -84,11 +87,9 @@ def resolved_cka_source(source: str, cache: TeacherCache) -> str | None:
 
 
 def cka_rows(cache: TeacherCache, source: str) -> tuple[np.ndarray, np.ndarray]:
-    """View-0 rows used for CKA: the first m samples of every class (m = smallest class count)."""
+    """View-0 rows used for CKA: the first rows of every class, up to the per-class budget (`cka_sample_rows`)."""
     labels = cache.read("samples/labels")
-    counts = np.bincount(labels, minlength=cache.num_classes)
-    m = int(counts.min())
-    take = np.sort(np.concatenate([np.flatnonzero(labels == c)[:m] for c in range(cache.num_classes)]))
+    take = cka_sample_rows(labels, cache.num_classes)
     if source == "logits":
         rows = {block_key(name): cache.array(name).oindex[take, 0:1] for name in cache.target_arrays(LOGITS)}
         values = cache.dense_logits(rows)[:, 0]
@@ -132,8 +133,12 @@ def reduce_statistics(root: str, parts: list[ShardStats], cka_source: str = "aut
     source = resolved_cka_source(cka_source, cache)
     if source is not None:
         values, labels = cka_rows(cache, source)
-        arrays["stats/cka/ir"] = category_interrelations(values, labels, cache.num_classes)
-        info.update(cka_source=source, cka_samples_per_class=int(len(labels) // cache.num_classes))
+        interrelations = category_interrelations(values, labels, cache.num_classes)
+        arrays["stats/cka/ir"] = interrelations.ir
+        info.update(cka_source=source, cka_samples_per_class=int(interrelations.samples.max()))
+        if interrelations.undefined:
+            info["cka_undefined_classes"] = sorted(interrelations.undefined)
+            log.warning(interrelations.warning(cache.class_names))
     if total.gaussian is not None:
         arrays["stats/gaussian/channel_mean"] = total.gaussian.channel_mean_of_means()
         arrays["stats/gaussian/channel_std"] = total.gaussian.channel_mean_of_stds()

@@ -171,7 +171,7 @@ def test_cache_command_computes_interrelations_from_features(prefect_harness, di
     assert cache.manifest.teacher.model == "test_resnet"
     assert cache.manifest.stats.cka_source == "features"
     labels = cache.read("samples/labels")
-    expected = category_interrelations(cache.read("features/pooled")[:, 0], labels, cache.num_classes)
+    expected = category_interrelations(cache.read("features/pooled")[:, 0], labels, cache.num_classes).ir
     np.testing.assert_allclose(cache.read("stats/cka/ir"), expected, atol=1e-6)
 
 def test_stats_lsh_bits_then_neighbors_table(digits_cache: Path, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline.stats.cka import category_interrelations, linear_cka
+from pipeline.stats.cka import (SAMPLE_BUDGET, SAMPLE_LEVELS, category_interrelations, cka_sample_rows, linear_cka,
+                                pair_sample_counts)
 
 
 def _hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -35,11 +36,20 @@ def test_linear_cka_invariances():
     assert linear_cka(x + 1e3, y) == pytest.approx(base, rel=1e-8)  # column centring
 
 
-def _double_loop(values, labels, num_classes):
-    counts = [int(np.sum(labels == c)) for c in range(num_classes)]
-    m = min(counts)
-    blocks = [values[np.flatnonzero(labels == c)[:m]] for c in range(num_classes)]
-    return np.array([[linear_cka(a, b) for b in blocks] for a in blocks])
+def _double_loop(values, labels, num_classes, budget=SAMPLE_BUDGET):
+    """Reference: each pair's CKA from the first m rows of both classes, m from `pair_sample_counts`."""
+    counts = np.bincount(labels, minlength=num_classes)
+    m = pair_sample_counts(counts, budget)
+    rows = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    return np.array([[linear_cka(values[rows[i][:m[i, j]]], values[rows[j][:m[i, j]]]) for j in range(num_classes)]
+                     for i in range(num_classes)])
+
+
+def _clustered(rng, counts, dim):
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+    rng.shuffle(labels)
+    prototypes = rng.normal(size=(len(counts), dim)) * 2
+    return (prototypes[labels] + rng.normal(size=(len(labels), dim)) + 10.0).astype(np.float32), labels
 
 
 @pytest.mark.parametrize(("rows_per_class", "dim"), [(6, 20), (12, 12), (40, 5)])
@@ -47,19 +57,56 @@ def _double_loop(values, labels, num_classes):
 def test_category_interrelations_match_double_loop(rows_per_class, dim, block):
     rng = np.random.default_rng(rows_per_class * dim)
     num_classes = 5
-    # Unequal class sizes, interleaved: only the first m rows of each class in stored order count.
-    labels = np.concatenate([np.full(rows_per_class + 3 * c, c) for c in range(num_classes)])
-    rng.shuffle(labels)
-    prototypes = rng.normal(size=(num_classes, dim)) * 2
-    values = (prototypes[labels] + rng.normal(size=(len(labels), dim)) + 10.0).astype(np.float32)
+    # Unequal class sizes, interleaved: only the first m_ij rows of each class in stored order count.
+    values, labels = _clustered(rng, [rows_per_class + 3 * c for c in range(num_classes)], dim)
 
-    ir = category_interrelations(values, labels, num_classes, block=block)
+    result = category_interrelations(values, labels, num_classes, block=block)
 
     expected = _double_loop(values, labels, num_classes)
-    assert ir.shape == (num_classes, num_classes) and ir.dtype == np.float32
-    np.testing.assert_allclose(ir, expected, atol=1e-5)
-    np.testing.assert_array_equal(np.diag(ir), 1.0)
-    np.testing.assert_array_equal(ir, ir.T)
+    assert result.ir.shape == (num_classes, num_classes) and result.ir.dtype == np.float32
+    np.testing.assert_allclose(result.ir, expected, atol=1e-5)
+    np.testing.assert_array_equal(np.diag(result.ir), 1.0)
+    np.testing.assert_array_equal(result.ir, result.ir.T)
+    assert result.undefined == {} and result.warning() is None
+
+
+def test_pairs_use_min_of_their_two_classes_up_to_the_budget_on_a_9_percent_grid():
+    m = pair_sample_counts(np.array([0, 1, 2, 143, 150, 300, 1000]), budget=256)
+    assert m[0].tolist() == [0] * 7 and m[1, 1:].tolist() == [1] * 6 and m[2, 2:].tolist() == [2] * 5
+    assert m[3, 4] == m[4, 4] == 140  # balanced classes within the grid step share one count
+    assert m[5, 6] == 256 and m[3, 6] == 140
+    large = SAMPLE_LEVELS[SAMPLE_LEVELS >= 64]
+    assert np.all(np.diff(SAMPLE_LEVELS) >= 1) and np.all(large[1:] / large[:-1] < 1.1)
+    assert np.sum(SAMPLE_LEVELS <= SAMPLE_BUDGET) <= 50  # Gram passes, whatever the class sizes
+
+
+def test_a_budget_caps_the_rows_of_large_classes():
+    rng = np.random.default_rng(3)
+    values, labels = _clustered(rng, [40, 50, 60], 6)
+    result = category_interrelations(values, labels, 3, budget=16)
+    assert result.samples[0, 1] == 16
+    np.testing.assert_allclose(result.ir, _double_loop(values, labels, 3, budget=16), atol=1e-5)
+
+
+def test_a_long_tail_degrades_only_its_own_rows():
+    """A 1-sample class, a class of identical samples and a 2-sample class beside three large classes: the
+    large classes' interrelations are those of the same data without the rare classes, and nothing raises."""
+    rng = np.random.default_rng(11)
+    values, labels = _clustered(rng, [30, 35, 40], 8)
+    alone = category_interrelations(values, labels, 3).ir
+    rare_values = np.concatenate([values, rng.normal(size=(1, 8)), np.tile(rng.normal(size=(1, 8)), (15, 1)),
+                                  rng.normal(size=(2, 8))]).astype(np.float32)
+    rare_labels = np.concatenate([labels, [3], np.full(15, 4), [5, 5]])
+
+    result = category_interrelations(rare_values, rare_labels, 6)
+
+    np.testing.assert_array_equal(result.ir[:3, :3], alone)
+    assert result.undefined == {3: "1 sample", 4: "its first 2 samples are identical"}
+    assert np.all(result.ir[[3, 4]][:, [0, 1, 2, 5]] == 0) and np.all(result.ir[:, [3, 4]][[0, 1, 2, 5]] == 0)
+    assert np.all(result.ir[5, :3] > 0) and result.samples[5, 0] == 2  # a 2-sample class: its own 2-row estimate
+    np.testing.assert_array_equal(np.diag(result.ir), 1.0)
+    line = result.warning(["a", "b", "c", "one", "same", "two"])
+    assert "\n" not in line and "3 ('one'): 1 sample" in line and "4 ('same')" in line
 
 
 def test_category_interrelations_use_stored_order():
@@ -69,16 +116,13 @@ def test_category_interrelations_use_stored_order():
     reordered = values.copy()
     reordered[[3, 6]] = values[[6, 3]]  # swap a used row of class 1 with its unused last row
     assert not np.allclose(
-        category_interrelations(values, labels, 2), category_interrelations(reordered, labels, 2)
+        category_interrelations(values, labels, 2).ir, category_interrelations(reordered, labels, 2).ir
     )
 
 
-@pytest.mark.parametrize(("labels", "message"), [([0, 0, 1, 2, 2], "class 1 has 1"), ([0, 0, 2, 2], "class 1 has 0")])
-def test_category_interrelations_need_two_samples_per_class(labels, message):
-    labels = np.array(labels)
-    values = np.random.default_rng(0).normal(size=(len(labels), 3))
-    with pytest.raises(ValueError, match=message):
-        category_interrelations(values, labels, 3)
+def test_cka_sample_rows_are_the_first_rows_of_each_class_up_to_the_budget():
+    labels = np.array([1, 0, 1, 1, 0, 2, 1])
+    assert cka_sample_rows(labels, 3, budget=2).tolist() == [0, 1, 2, 4, 5]
 
 
 def test_category_interrelations_reject_labels_out_of_range():

@@ -16,7 +16,7 @@ from pipeline.cache.statistics import recompute_statistics
 from pipeline.cache.store import TeacherCache
 from pipeline.data.datasets import DatasetError, load_dataset
 from pipeline.data.views import ViewPlan, render_view
-from pipeline.stats.cka import linear_cka
+from pipeline.stats.cka import linear_cka, pair_sample_counts
 from pipeline.stats.gaussian import grid_gaussian
 from pipeline.nets.tapped import ModelError
 from pipeline.teacher.cache_pass import run_cache_pass
@@ -80,12 +80,13 @@ def test_cka_interrelations_match_direct_computation(digits_cache: Path) -> None
     ir = cache.read("stats/cka/ir")
     logits = cache.read("logits/dense")[:, 0].astype(np.float64)
     labels = cache.read("samples/labels")
-    m = np.bincount(labels).min()
-    per_class = [logits[labels == c][:m] for c in range(cache.num_classes)]
-    direct = np.array([[linear_cka(a, b) for b in per_class] for a in per_class])
+    m = pair_sample_counts(np.bincount(labels))  # each pair: the first min(n_i, n_j) rows, on the CKA grid
+    per_class = [logits[labels == c] for c in range(cache.num_classes)]
+    direct = np.array([[linear_cka(a[:m[i, j]], b[:m[i, j]]) for j, b in enumerate(per_class)]
+                       for i, a in enumerate(per_class)])
     np.testing.assert_allclose(np.diag(ir), 1.0, atol=1e-6)
     np.testing.assert_allclose(ir, direct, atol=1e-4)
-    assert cache.manifest.stats.cka_source == "logits"
+    assert cache.manifest.stats.cka_source == "logits" and cache.manifest.stats.cka_samples_per_class == m.max()
 
 
 def test_stats_recompute_from_features_needs_no_teacher(digits_cache: Path, tmp_path: Path, monkeypatch) -> None:
@@ -101,7 +102,7 @@ def test_stats_recompute_from_features_needs_no_teacher(digits_cache: Path, tmp_
     assert info.cka_source == "features" and cache.manifest.status == "complete"
     feats = cache.read("features/pooled")[:, 0].astype(np.float64)
     labels = cache.read("samples/labels")
-    m = np.bincount(labels).min()
+    m = pair_sample_counts(np.bincount(labels))[3, 8]
     a, b = feats[labels == 3][:m], feats[labels == 8][:m]
     assert cache.read("stats/cka/ir")[3, 8] == pytest.approx(linear_cka(a, b), abs=1e-4)
 

@@ -1,0 +1,68 @@
+"""A long-tailed image folder (a 1-image class, a class of 15 identical images, a 2-image class beside three
+12-image classes) caches and trains: the rare classes lose only their own interrelations (issue 28)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cache.store import TeacherCache
+from pipeline.stats.cka import category_interrelations
+from pipeline.teacher.cache_pass import run_cache_pass
+from pipeline.teacher.plan import CacheRequest
+from pipeline.train.config import RunSettings, TrainConfig
+from pipeline.train.fit import FitConfig, fit_teacher
+from pipeline.train.loop import train_student
+
+FIXTURE = Path(__file__).resolve().parents[2] / "data" / "digits-imagefolder"
+
+
+def long_tailed_folder(root: Path) -> Path:
+    shutil.copytree(FIXTURE, root)
+    images = sorted((FIXTURE / "train" / "one").iterdir())
+    for split in ("train", "val"):
+        for name in ("rare", "same", "pair"):
+            (root / split / name).mkdir()
+        shutil.copy(images[0], root / split / "rare" / images[0].name)
+    for i in range(15):
+        shutil.copy(images[1], root / "train" / "same" / f"{i}.png")
+    for image in images[2:4]:
+        shutil.copy(image, root / "train" / "pair" / image.name)
+    shutil.copy(images[1], root / "val" / "same" / "0.png")
+    shutil.copy(images[2], root / "val" / "pair" / "0.png")
+    return root
+
+
+def test_a_long_tailed_folder_caches_and_trains(tmp_path: Path, caplog) -> None:
+    dataset = f"imagefolder:{long_tailed_folder(tmp_path / 'folder')}"
+    checkpoint = tmp_path / "teacher.pt"
+    fit_teacher(FitConfig(dataset=dataset, model="test_resnet", out=str(checkpoint), epochs=1, input_size=32,
+                          batch_size=16, workers=0, device="cpu"))
+    with caplog.at_level(logging.WARNING, logger="distillery"):
+        run_cache_pass(CacheRequest(dataset=dataset, teacher="test_resnet", checkpoint=str(checkpoint),
+                                    out=str(tmp_path / "cache"), views=1, shard_size=32, batch_size=16,
+                                    block_size=8, device="cpu"))
+    cache = TeacherCache(tmp_path / "cache")
+    names = cache.class_names
+    rare, same = names.index("rare"), names.index("same")
+    assert cache.manifest.stats.cka_undefined_classes == sorted([rare, same])
+    warnings = [r.getMessage() for r in caplog.records if "interrelations are undefined" in r.getMessage()]
+    assert len(warnings) == 1 and "'rare'): 1 sample" in warnings[0] and "'same')" in warnings[0]
+
+    ir = cache.read("stats/cka/ir")
+    labels = cache.read("samples/labels")
+    logits = cache.read("logits/dense")[:, 0].astype(np.float32)
+    large = [names.index(n) for n in ("one", "two", "zero")]
+    keep = np.isin(labels, large)
+    relabel = np.searchsorted(large, labels[keep])
+    alone = category_interrelations(logits[keep], relabel, len(large)).ir
+    np.testing.assert_allclose(ir[np.ix_(large, large)], alone, atol=1e-6)
+    assert np.all(ir[rare, np.arange(len(names)) != rare] == 0) and np.all(np.isfinite(ir))
+
+    summary = train_student(TrainConfig(cache=str(tmp_path / "cache"), student="test_resnet",
+                                        methods=("ce", "wkd_l"), out=str(tmp_path / "run"),
+                                        settings=RunSettings(epochs=1, batch_size=16, workers=0, device="cpu")))
+    assert summary.steps >= 1 and 0 <= summary.val_accuracy <= 1
