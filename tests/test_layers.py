@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: list[set[str]] = [
     {"errors"},  # DistilleryError, the base of every one-line error
-    {"atomic", "checksums", "options", "progress", "environment"},  # plain modules of pipeline/
+    {"atomic", "bounded", "checksums", "options", "progress", "environment"},  # plain modules of pipeline/
     {"data", "nets", "object_store"},
     {"stats"},
     {"cache"},

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from pipeline.atomic import atomic_write_text
+from pipeline.bounded import parse_json, read_json, read_text
 from pipeline.cache.manifest import identity_mismatch
 from pipeline.checksums import sha256_bytes
 from pipeline.object_store import ObjectLock, ObjectPath, describe_holder, holder_note, location, write_whole_bytes
@@ -40,6 +41,8 @@ from pipeline.train.config import TrainConfig, TrainError
 CONFIG, METRICS, SUMMARY, STUDENT, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "student.pt", "checkpoint.pt"
 CHECKPOINT_SHA256 = "checkpoint.sha256.json"
 LOCK, HOLDER = "run.lock", "run.lock.json"
+SMALL_FILE_LIMIT = 64 << 10  # the lock note and the checkpoint digests: well under 1 KiB as written
+METRICS_LIMIT = 1 << 30  # a line of ~200 bytes per step: 1 GiB is ~5 M steps
 
 
 class RunDir:
@@ -96,8 +99,8 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try:  # the holder may be between lock and note
-                holder = json.loads((self.path / HOLDER).read_text())
-            except (OSError, ValueError):
+                holder = read_json(self.path / HOLDER, SMALL_FILE_LIMIT, TrainError, "")
+            except TrainError:
                 holder = None
             raise TrainError(self._in_use(describe_holder(holder))) from None
 
@@ -123,14 +126,17 @@ class RunDir:
                                  f"another --out")
             return None
         if not ckpt_path.exists():
-            return None
+            if not (self.path / CONFIG).exists():  # a mistyped directory would otherwise train from scratch
+                raise TrainError(f"--resume: {self.path} holds no run to continue (no {CONFIG} or {CHECKPOINT}); "
+                                 f"check the --out path, or drop --resume to start a new run there")
+            return None  # killed before its first checkpoint: the run starts over
         data = ckpt_path.read_bytes()
         digest = sha256_bytes(data)
         listed = self.path / CHECKPOINT_SHA256
         if listed.exists():
             try:
-                allowed = json.loads(listed.read_text())["sha256"]
-            except (ValueError, KeyError, TypeError):
+                allowed = read_json(listed, SMALL_FILE_LIMIT, TrainError, "")["sha256"]
+            except (TrainError, KeyError, TypeError):
                 allowed = []
             if digest not in allowed:
                 raise TrainError(f"{ckpt_path} fails its sha256 (not in {listed}): it is damaged; start the run "
@@ -165,18 +171,18 @@ class RunDir:
         epoch's records, whose checkpoint therefore predates them) is dropped; anything else unreadable
         is refused, naming the line."""
         metrics = self.path / METRICS
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        hint = "restore the file or start the run again in another --out"
+        lines = read_text(metrics, METRICS_LIMIT, TrainError, hint).splitlines() if metrics.exists() else []
         parsed = []
         for number, line in enumerate(lines, 1):
             try:
-                record = json.loads(line)
-            except ValueError:
+                record = parse_json(line, f"{metrics} line {number}", TrainError, hint)
+            except TrainError:
                 record = None
             if not (isinstance(record, dict) and isinstance(record.get("epoch"), int)):
                 if number == len(lines):
                     break
-                raise TrainError(f"{metrics} line {number} is not a metrics record; restore the file or start "
-                                 f"the run again in another --out")
+                raise TrainError(f"{metrics} line {number} is not a metrics record; {hint}")
             parsed.append((line, record))
         return parsed
 

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.bounded import read_json
+from pipeline.errors import DistilleryError
 from pipeline.object_store import ObjectPath, location
 from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.rundir import CONFIG, SUMMARY
@@ -93,21 +95,38 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+SUMMARY_LIMIT = CONFIG_LIMIT = 1 << 20  # the project writes a few KiB
+
+
 def load_run(path: str | Path | ObjectPath) -> Run:
+    """One run directory's summary and the setup that groups it, read as untrusted files (bounded, one line
+    naming the file for anything wrong in it)."""
     path = location(path)
-    try:
-        summary = json.loads((path / SUMMARY).read_text())
-        missing = [k for k in ("student", "methods", "seed", "params", *MEASURES) if k not in summary]
-        if missing:
-            raise TrainError(f"{path / SUMMARY} lacks {missing}; it was not written by `distillery train`")
-        if (path / CONFIG).is_file():
-            identity = TrainConfig(**json.loads((path / CONFIG).read_text())).identity()
-            del identity["settings"]["seed"]
-            setup = _flatten(identity)
-        else:
-            setup = _flatten({k: summary[k] for k in SUMMARY_SETUP if k in summary})
-    except (json.JSONDecodeError, TypeError) as e:
-        raise TrainError(f"{path} holds an unreadable run ({type(e).__name__}: {e})") from None
+    hint = "it was not written by `distillery train`; remove it from the folders given to `distillery runs`"
+    summary = read_json(path / SUMMARY, SUMMARY_LIMIT, TrainError, hint)
+    if not isinstance(summary, dict):
+        raise TrainError(f"{path / SUMMARY} is not a JSON object; {hint}")
+    missing = [k for k in ("student", "methods", "seed", "params", *MEASURES) if k not in summary]
+    if missing:
+        raise TrainError(f"{path / SUMMARY} lacks {missing}; {hint}")
+    bad = [k for k in ("seed", "params", *MEASURES)
+           if isinstance(summary[k], bool) or not isinstance(summary[k], (int, float))]
+    if bad or not isinstance(summary["student"], str) or not (
+            isinstance(summary["methods"], list) and all(isinstance(m, str) for m in summary["methods"])):
+        raise TrainError(f"{path / SUMMARY} has values of the wrong type ({', '.join(bad) or 'student/methods'}); "
+                         f"{hint}")
+    if (path / CONFIG).is_file():
+        config = read_json(path / CONFIG, CONFIG_LIMIT, TrainError, hint)
+        try:
+            identity = TrainConfig(**config).identity() if isinstance(config, dict) else None
+        except DistilleryError as e:  # its checks name options (--cache, ...) nobody gave to `distillery runs`
+            raise TrainError(f"{path / CONFIG} is not a run's config ({e}); {hint}") from None
+        if identity is None:
+            raise TrainError(f"{path / CONFIG} is not a JSON object; {hint}")
+        del identity["settings"]["seed"]
+        setup = _flatten(identity)
+    else:
+        setup = _flatten({k: summary[k] for k in SUMMARY_SETUP if k in summary})
     return Run(path=path, summary=summary, setup=setup)
 
 

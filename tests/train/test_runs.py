@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,28 @@ def test_a_summary_not_written_by_train_is_refused(tmp_path: Path) -> None:
     (tmp_path / "x" / "summary.json").write_text(json.dumps({"student": "a", "methods": ["ce"]}))
     with pytest.raises(TrainError, match="lacks"):
         compare_runs([tmp_path])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.unlink() or os.mkfifo(p), "is not a regular file"),
+    (lambda p: p.write_bytes(b"\xff\xfe{}"), "is not UTF-8 text"),
+    (lambda p: p.write_text("[" * 50_000 + "]" * 50_000), "nests deeper than 32 levels"),
+    (lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "val_accuracy": "high"})), "wrong type"),
+    (lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "seed": float("nan")})), "not valid JSON"),
+    (lambda p: os.truncate(p, 100 * 2 ** 30), "more than the 1 MiB"),  # a sparse 100 GiB file: refused by size
+])
+def test_a_hostile_summary_is_one_line_naming_it(tmp_path: Path, damage, message: str) -> None:
+    run = write_run(tmp_path / "r", ("ce",), 0, 0.5, 10.0)
+    damage(run / "summary.json")
+    with pytest.raises(TrainError, match=message) as e:
+        compare_runs([tmp_path])
+    assert "\n" not in str(e.value) and str(run / "summary.json") in str(e.value)
+
+
+def test_a_bad_config_json_is_blamed_on_the_file_not_on_an_option(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "r", ("ce",), 0, 0.5, 10.0, lr=1e-3)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "methods": ["kd:T=-1"]}))
+    with pytest.raises(TrainError, match="config.json is not a run's config") as e:
+        compare_runs([tmp_path])
+    assert "\n" not in str(e.value)
