@@ -174,3 +174,15 @@ def test_a_run_on_s3_is_killed_resumed_listed_and_refuses_a_second_writer(prefec
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_resume_on_a_directory_with_no_run_is_one_line(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "mistyped")
+    cfg = TrainConfig(cache="c", student="test_resnet", methods=("ce",), out=str(tmp_path / "mistyped"),
+                      settings=RunSettings(resume=True))
+    with pytest.raises(TrainError, match="holds no run to continue") as e:
+        run.load_checkpoint(cfg, cfg.identity())
+    assert "\n" not in str(e.value) and not (tmp_path / "mistyped").exists()
+    (tmp_path / "mistyped").mkdir()
+    (tmp_path / "mistyped" / "config.json").write_text("{}")  # killed before its first checkpoint: starts over
+    assert run.load_checkpoint(cfg, cfg.identity()) is None
