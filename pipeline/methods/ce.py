@@ -21,7 +21,7 @@ class CrossEntropy(Method):
 
     def __init__(
         self, cache: CacheInfo, student: StudentInfo, *, label_smoothing: Annotated[float, Range(ge=0, le=1), Help("label smoothing of the targets")] = 0.0,
-        weight: Annotated[float, Range(ge=0), Help("weight of the CE term")] = 1.0,
+        weight: Annotated[float, Range(ge=0, le=1e4), Help("weight of the CE term")] = 1.0,
     ) -> None:
         super().__init__(cache, student)
         self.label_smoothing = label_smoothing

@@ -105,10 +105,10 @@ class DKD(Method):
         cache: CacheInfo,
         student: StudentInfo,
         *,
-        alpha: Annotated[float, Range(ge=0), Help("weight of TCKD (target class)")] = 1.0,
-        beta: Annotated[float, Range(ge=0), Help("weight of NCKD (non-target classes)")] = 8.0,
-        T: Annotated[float, Range(gt=0), Help("softmax temperature")] = 4.0,
-        warmup: Annotated[float, Range(ge=0), Help("epochs of linear ramp-up of both terms (0: none)")] = 20.0,
+        alpha: Annotated[float, Range(ge=0, le=1e4), Help("weight of TCKD (target class)")] = 1.0,
+        beta: Annotated[float, Range(ge=0, le=1e4), Help("weight of NCKD (non-target classes)")] = 8.0,
+        T: Annotated[float, Range(ge=0.01, le=100), Help("softmax temperature")] = 4.0,
+        warmup: Annotated[float, Range(ge=0, le=1e4), Help("epochs of linear ramp-up of both terms (0: none)")] = 20.0,
     ) -> None:
         super().__init__(cache, student)
         if cache.num_classes < 2:

@@ -45,8 +45,8 @@ class ELSH(Method):
     name = "elsh"
     needs = frozenset({LSH_CODES})
 
-    def __init__(self, cache: CacheInfo, student: StudentInfo, *, beta: Annotated[float, Range(ge=0), Help("weight of the BCE on the LSH bits")] = 5.0,
-                 lshl2: Annotated[float, Range(ge=0), Help("weight of an extra MSE to the pooled features (needs them cached)")] = 0.0) -> None:
+    def __init__(self, cache: CacheInfo, student: StudentInfo, *, beta: Annotated[float, Range(ge=0, le=1e4), Help("weight of the BCE on the LSH bits")] = 5.0,
+                 lshl2: Annotated[float, Range(ge=0, le=1e4), Help("weight of an extra MSE to the pooled features (needs them cached)")] = 0.0) -> None:
         super().__init__(cache, student)
         if lshl2 and POOLED not in cache.available:
             raise MethodError("elsh option lshl2 needs teacher pooled features, which this cache does not store; "

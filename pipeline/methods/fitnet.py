@@ -33,7 +33,7 @@ class FitNet(Method):
     needs = frozenset({POOLED})
 
     def __init__(self, cache: CacheInfo, student: StudentInfo, *,
-                 weight: Annotated[float, Range(ge=0), Help("weight of the feature MSE")] = 1.0) -> None:
+                 weight: Annotated[float, Range(ge=0, le=1e4), Help("weight of the feature MSE")] = 1.0) -> None:
         super().__init__(cache, student)
         assert cache.pooled_dim is not None  # guaranteed by CacheInfo once POOLED is available
         self.map = nn.Linear(student.pooled_dim, cache.pooled_dim)

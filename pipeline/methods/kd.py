@@ -42,8 +42,8 @@ class KD(Method):
     needs = frozenset({LOGITS})
     trains_logits = True
 
-    def __init__(self, cache: CacheInfo, student: StudentInfo, *, T: Annotated[float, Range(gt=0), Help("softmax temperature")] = 4.0,
-                 alpha: Annotated[float, Range(ge=0), Help("weight of the KD term")] = 1.0) -> None:
+    def __init__(self, cache: CacheInfo, student: StudentInfo, *, T: Annotated[float, Range(ge=0.01, le=100), Help("softmax temperature")] = 4.0,
+                 alpha: Annotated[float, Range(ge=0, le=1e4), Help("weight of the KD term")] = 1.0) -> None:
         super().__init__(cache, student)
         self.T = T
         self.alpha = alpha

@@ -119,12 +119,12 @@ class ScaleKD(Method):
         cache: CacheInfo,
         student: StudentInfo,
         *,
-        direct: Annotated[float, Range(ge=0), Help("weight of the direct feature-mimicking term")] = 0.08,
-        alternative: Annotated[float, Range(ge=0), Help("weight of the alternative (mean-removed) term")] = 0.06,
-        heads: Annotated[int, Range(ge=1), Help("attention heads of the cross-attention projector")] = 8,
+        direct: Annotated[float, Range(ge=0, le=1e4), Help("weight of the direct feature-mimicking term")] = 0.08,
+        alternative: Annotated[float, Range(ge=0, le=1e4), Help("weight of the alternative (mean-removed) term")] = 0.06,
+        heads: Annotated[int, Range(ge=1, le=64), Help("attention heads of the cross-attention projector")] = 8,
         tpp: Annotated[bool, Help("also mimic through the cached teacher tail (needs --teacher-tail)")] = False,
-        kd: Annotated[float, Range(ge=0), Help("weight of its KD term on logits (0: off; only with cached logits)")] = 0.5,
-        T: Annotated[float, Range(gt=0), Help("temperature of its KD term")] = 1.0,
+        kd: Annotated[float, Range(ge=0, le=1e4), Help("weight of its KD term on logits (0: off; only with cached logits)")] = 0.5,
+        T: Annotated[float, Range(ge=0.01, le=100), Help("temperature of its KD term")] = 1.0,
         stage: Annotated[int, Help("student stage mimicked, from the deepest (-1; TPP reads stage - 1)")] = -1,
     ) -> None:
         super().__init__(cache, student)

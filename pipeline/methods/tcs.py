@@ -165,14 +165,14 @@ class TCS(Method):
         student: StudentInfo,
         *,
         variance: Annotated[float, Range(gt=0, le=1), Help("explained-variance fraction choosing k")] = 0.9,
-        dims: Annotated[int, Range(ge=0), Help("fixed k (0: from variance)")] = 0,
-        min_dims: Annotated[int, Range(ge=-1), Help("floor on k and on the coordinates kept (-1: the class count)")] = -1,
+        dims: Annotated[int, Range(ge=0, le=65536), Help("fixed k (0: from variance)")] = 0,
+        min_dims: Annotated[int, Range(ge=-1, le=65536), Help("floor on k and on the coordinates kept (-1: the class count)")] = -1,
         norm: Annotated[str, Help("target scaling: none, scale or whiten")] = "scale",
         keep: Annotated[float, Range(gt=0, le=1), Help("fraction of k left after tailoring (1: no pruning)")] = 1.0,
-        rounds: Annotated[int, Range(ge=1), Help("pruning rounds")] = 5,
+        rounds: Annotated[int, Range(ge=1, le=1000), Help("pruning rounds")] = 5,
         prune_start: Annotated[float, Range(ge=0, le=1), Help("training fraction of the first round")] = 0.2,
         prune_end: Annotated[float, Range(ge=0, le=1), Help("training fraction of the last round")] = 0.7,
-        weight: Annotated[float, Range(ge=0), Help("weight of the alignment MSE (CE: 1)")] = 1.0,
+        weight: Annotated[float, Range(ge=0, le=1e4), Help("weight of the alignment MSE (CE: 1)")] = 1.0,
         decay: Annotated[bool, Help("cosine-decay the alignment weight to 0 over training")] = False,
     ) -> None:
         super().__init__(cache, student)

@@ -96,12 +96,12 @@ class WKDF(Method):
         cache: CacheInfo,
         student: StudentInfo,
         *,
-        weight: Annotated[float, Range(ge=0), Help("w_F before decay")] = 0.02,
-        gamma: Annotated[float, Range(ge=0), Help("weight of the mean part against the std part")] = 2.0,
+        weight: Annotated[float, Range(ge=0, le=1e4), Help("w_F before decay")] = 0.02,
+        gamma: Annotated[float, Range(ge=0, le=1e4), Help("weight of the mean part against the std part")] = 2.0,
         projector: Annotated[str, Help("conv1x1 (small students) or bottleneck (the paper's ImageNet choice)")] = "conv1x1",
-        hidden: Annotated[int, Range(ge=1), Help("bottleneck width")] = 256,
+        hidden: Annotated[int, Range(ge=1, le=8192), Help("bottleneck width")] = 256,
         relu: Annotated[bool, Help("end the projector with a ReLU (off when the tapped teacher map can be negative)")] = True,
-        decay_start: Annotated[float, Range(ge=0), Help("epoch after which w_F is cosine-decayed to 0 by the end (at or beyond the epochs: constant)")] = 0.0,
+        decay_start: Annotated[float, Range(ge=0, le=1e4), Help("epoch after which w_F is cosine-decayed to 0 by the end (at or beyond the epochs: constant)")] = 0.0,
         stage: Annotated[int, Help("student stage read, from the deepest (-1; -2 the one before)")] = -1,
     ) -> None:
         super().__init__(cache, student)

@@ -140,12 +140,12 @@ class WKDL(Method):
         cache: CacheInfo,
         student: StudentInfo,
         *,
-        T: Annotated[float, Range(gt=0), Help("temperature of the non-target distributions")] = 2.0,
-        weight: Annotated[float, Range(ge=0), Help("w_L before decay")] = 30.0,
-        kappa: Annotated[float, Range(gt=0), Help("cost sharpening")] = 1.0,
-        sinkhorn_reg: Annotated[float, Range(gt=0), Help("entropic regulariser lambda, K = exp(-cost / lambda)")] = 0.05,
-        sinkhorn_iters: Annotated[int, Range(ge=1), Help("Sinkhorn iterations, differentiated through")] = 10,
-        decay_start: Annotated[float, Range(ge=0), Help("epoch after which w_L is cosine-decayed to 0 by the end (at or beyond the epochs: constant)")] = 0.0,
+        T: Annotated[float, Range(ge=0.01, le=100), Help("temperature of the non-target distributions")] = 2.0,
+        weight: Annotated[float, Range(ge=0, le=1e4), Help("w_L before decay")] = 30.0,
+        kappa: Annotated[float, Range(gt=0, le=100), Help("cost sharpening")] = 1.0,
+        sinkhorn_reg: Annotated[float, Range(ge=1e-3, le=100), Help("entropic regulariser lambda, K = exp(-cost / lambda)")] = 0.05,
+        sinkhorn_iters: Annotated[int, Range(ge=1, le=1000), Help("Sinkhorn iterations, differentiated through")] = 10,
+        decay_start: Annotated[float, Range(ge=0, le=1e4), Help("epoch after which w_L is cosine-decayed to 0 by the end (at or beyond the epochs: constant)")] = 0.0,
     ) -> None:
         super().__init__(cache, student)
         if cache.num_classes < 2:

@@ -84,7 +84,7 @@ def test_cli_train_refuses_a_method_option_out_of_range(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = cli("train", "--cache", str(tmp_path / "cache"), "--student", "test_resnet", "--method", "ce",
                  "--method", "kd:T=-1", "--out", str(out), home=tmp_path)
-    assert_refused(result, "method 'kd': option 'T' must be > 0, not -1.0")
+    assert_refused(result, "method 'kd': option 'T' must be >= 0.01 and <= 100, not -1.0")
     assert not out.exists()
 
 
@@ -237,7 +237,7 @@ def test_train_setting_out_of_range(settings, message) -> None:
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("kd:T=-1", "method 'kd': option 'T' must be > 0, not -1.0"),
+    ("kd:T=-1", "method 'kd': option 'T' must be >= 0.01 and <= 100, not -1.0"),
     ("kd:alpha=-1", "method 'kd': option 'alpha' must be >= 0, not -1.0"),
     ("dkd:beta=nan", "method 'dkd': option 'beta' must be >= 0, not nan"),
     ("dkd:T=0", "method 'dkd': option 'T' must be > 0, not 0.0"),

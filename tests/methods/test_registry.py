@@ -145,15 +145,15 @@ def test_methods_compose_by_summing_terms():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("kd:T=-1", "method 'kd': option 'T' must be > 0, not -1.0"),
-    ("kd:T=0", "method 'kd': option 'T' must be > 0, not 0.0"),
-    ("kd:alpha=-1", "method 'kd': option 'alpha' must be >= 0, not -1.0"),
-    ("kd:alpha=nan", "method 'kd': option 'alpha' must be >= 0, not nan"),
-    ("kd:T=inf", "method 'kd': option 'T' must be > 0, not inf"),
+    ("kd:T=-1", "method 'kd': option 'T' must be >= 0.01 and <= 100, not -1.0"),
+    ("kd:T=0", "method 'kd': option 'T' must be >= 0.01 and <= 100, not 0.0"),
+    ("kd:alpha=-1", "method 'kd': option 'alpha' must be >= 0 and <= 10000, not -1.0"),
+    ("kd:alpha=nan", "method 'kd': option 'alpha' must be >= 0 and <= 10000, not nan"),
+    ("kd:T=inf", "method 'kd': option 'T' must be >= 0.01 and <= 100, not inf"),
     ("ce:label_smoothing=1.5", "method 'ce': option 'label_smoothing' must be >= 0 and <= 1, not 1.5"),
-    ("dkd:warmup=-2", "method 'dkd': option 'warmup' must be >= 0, not -2.0"),
-    ("tcs:rounds=0", "method 'tcs': option 'rounds' must be >= 1, not 0"),
-    ("wkd_l:sinkhorn_reg=0", "method 'wkd_l': option 'sinkhorn_reg' must be > 0, not 0.0"),
+    ("dkd:warmup=-2", "method 'dkd': option 'warmup' must be >= 0 and <= 10000, not -2.0"),
+    ("tcs:rounds=0", "method 'tcs': option 'rounds' must be >= 1 and <= 1000, not 0"),
+    ("wkd_l:sinkhorn_reg=0", "method 'wkd_l': option 'sinkhorn_reg' must be >= 0.001 and <= 100, not 0.0"),
 ])
 def test_option_outside_its_declared_range_is_one_line_before_anything_is_built(spec, message):
     from pipeline.methods import resolve_method_spec

@@ -127,7 +127,7 @@ def test_weight_follows_the_cosine_decay():
 def test_bad_options_and_caches_are_refused():
     with pytest.raises(MethodError, match="projector must be one of conv1x1, bottleneck"):
         create_method("wkd_f:projector=mlp", cache(1, 4), student(3, 4, 4))
-    with pytest.raises(MethodError, match="method 'wkd_f': option 'hidden' must be >= 1, not 0"):
+    with pytest.raises(MethodError, match="method 'wkd_f': option 'hidden' must be >= 1 and <= 8192, not 0"):
         create_method("wkd_f:hidden=0", cache(1, 4), student(3, 4, 4))
     no_gaussians = CacheInfo(num_classes=10, pooled_dim=None, available=frozenset({LOGITS}))
     with pytest.raises(MethodError, match="--tap STAGE --grid G"):
