@@ -6,32 +6,39 @@ every number they plot is in the tables and lines (the HTML report has the pictu
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import Sequence
 
 from pipeline.report.content import CacheReport
 from pipeline.report.sections import report_sections
 
+_MARKUP = re.compile(r"([\\`*_\[\]!|#~])")
 
-def _cell(value: object) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+
+def escape(value: object) -> str:
+    """``value`` as literal markdown text on one line: HTML is inert (``<img>`` shows as text) and markdown's
+    link, image, emphasis, heading and table characters are backslash-escaped. Class names, paths and
+    model names come from a cache, which is untrusted input (docs/cache-format.md, security model)."""
+    return _MARKUP.sub(r"\\\1", html.escape(" ".join(str(value).splitlines()), quote=False))
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    lines = ["| " + " | ".join(escape(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(escape(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def report_markdown(report: CacheReport, title: str, intro: Sequence[str] = ()) -> str:
     """The report's sections as markdown under `title`; `intro` lines go first (e.g. the pass's throughput)."""
-    out = [f"# {title}", *intro]
+    out = [f"# {escape(title)}", *intro]
     for section in report_sections(report):
-        out += ["", f"## {section.title}"]
+        out += ["", f"## {escape(section.title)}"]
         if section.note:
-            out.append(f"_{section.note}_")
+            out.append(f"_{escape(section.note)}_")
         if section.scope:
-            out.append(f"_measured on {section.scope}_")
-        out += [f"- {key}: {value}" for key, value in section.lines]
+            out.append(f"_measured on {escape(section.scope)}_")
+        out += [f"- {escape(key)}: {escape(value)}" for key, value in section.lines]
         if section.rows:
             out += ["", markdown_table(section.columns, section.rows)]
     return "\n".join(out) + "\n"

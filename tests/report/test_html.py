@@ -115,7 +115,8 @@ def test_each_section_in_headless_chromium_at_1280_px(report_page: Path, browser
         pixels = rgb(shot)
         non_white = (pixels.min(-1) < 0.9).mean()
         print(f"{s['id']}: {pixels.shape[1]}x{pixels.shape[0]} px, {non_white:.1%} non-white")
-        assert pixels.shape[:2] == (round(s["height"]), WIDTH), s["id"]
+        # Chromium rounds a clip at fractional page coordinates to whole pixels at both edges: +-1 row.
+        assert pixels.shape[1] == WIDTH and abs(pixels.shape[0] - s["height"]) <= 1, (s["id"], pixels.shape)
         assert non_white > 0.02 and pixels.std() > 0.05, s["id"]
         for f in s["figures"]:
             # A figure spans the column (never half-width beside empty space), and what the browser drew there
