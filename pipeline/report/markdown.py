@@ -13,13 +13,15 @@ from collections.abc import Sequence
 from pipeline.report.content import CacheReport
 from pipeline.report.sections import report_sections
 
-_MARKUP = re.compile(r"([\\`*_\[\]!|#~])")
+_MARKUP = re.compile(r"([\\`\[\]|])")
 
 
 def escape(value: object) -> str:
-    """``value`` as literal markdown text on one line: HTML is inert (``<img>`` shows as text) and markdown's
-    link, image, emphasis, heading and table characters are backslash-escaped. Class names, paths and
-    model names come from a cache, which is untrusted input (docs/cache-format.md, security model)."""
+    """``value`` as markdown text on one line that can render nothing but text: HTML is inert (``<img>``
+    shows as text) and the characters of links, images, code and table cells are backslash-escaped
+    (emphasis may still render: it cannot fetch or run anything, and `test_resnet` stays readable). Class
+    names, paths and model names come from a cache, which is untrusted input (docs/cache-format.md,
+    security model)."""
     return _MARKUP.sub(r"\\\1", html.escape(" ".join(str(value).splitlines()), quote=False))
 
 
