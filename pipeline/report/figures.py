@@ -177,13 +177,14 @@ def sample_grid(samples: SampleViews, scope: str) -> bytes:
 
 def accuracy_vs_time(labels: Sequence[str], seconds: Sequence[float], seconds_std: Sequence[float],
                      accuracy: Sequence[float], accuracy_std: Sequence[float]) -> bytes:
-    """Student runs: validation accuracy against training time, one point per group (mean +- std)."""
+    """Student runs: validation accuracy (given as fractions, drawn in percent like every table) against
+    training time, one point per group (mean +- std)."""
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for i, label in enumerate(labels):
-        ax.errorbar(seconds[i], accuracy[i], xerr=seconds_std[i], yerr=accuracy_std[i], fmt="o", capsize=3,
-                    label=label)
+        ax.errorbar(seconds[i], 100 * accuracy[i], xerr=seconds_std[i], yerr=100 * accuracy_std[i], fmt="o",
+                    capsize=3, label=label)
     ax.set_xlabel("training time (s)")
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     ax.set_title("Students: accuracy vs training time")
