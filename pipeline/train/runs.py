@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +43,39 @@ SUMMARY_SETUP = ("student", "methods", "epochs", "cache", "online_teacher", "tea
                  "input_size", "batch_size")
 
 
+GROUPINGS = ("config", "date", "flow-run")
+"""How `distillery runs --by` groups: runs that differ only by seed (config); that, per day the run finished
+(date: one row per night of a nightly sweep, so a regression shows as a trend); or per folder holding the run
+directory (flow-run: a sweep's --out, which a deployment names after its flow run)."""
+
+
 @dataclass(frozen=True)
 class Run:
     path: Path | ObjectPath
     summary: dict[str, Any]
     setup: dict[str, Any]  # flat, dotted keys: what must be equal for two runs to be seeds of one group
 
+    @property
+    def finished(self) -> str:
+        """The UTC day the run finished: its summary's `finished_at`, else the day summary.json was written."""
+        stamp = self.summary.get("finished_at")
+        if isinstance(stamp, str) and len(stamp) >= 10:
+            return stamp[:10]
+        if isinstance(self.path, Path):
+            mtime = (self.path / SUMMARY).stat().st_mtime
+            return datetime.fromtimestamp(mtime, timezone.utc).date().isoformat()
+        return "unknown"
+
+    def group(self, by: str) -> str:
+        """The value of grouping `by` (`GROUPINGS`) for this run: "" for config."""
+        return {"config": "", "date": self.finished, "flow-run": self.path.parent.name}[by]
+
 
 @dataclass(frozen=True)
 class RunGroup:
     setup: dict[str, Any]
     runs: list[Run]
+    group: str = ""  # the day or folder of `group_runs(by=...)`; "" grouping by config
 
     @property
     def seeds(self) -> list[int]:
@@ -130,14 +153,17 @@ def load_run(path: str | Path | ObjectPath) -> Run:
     return Run(path=path, summary=summary, setup=setup)
 
 
-def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
-    """Runs with equal setups, ordered by student, methods, then the rest of the setup."""
-    groups: dict[tuple[str, str, str], list[Run]] = {}
+def group_runs(runs: Sequence[Run], by: str = "config") -> list[RunGroup]:
+    """Runs with equal setups (and, `by` date or flow-run, the same day or folder), ordered by student,
+    methods, the rest of the setup, then the day or folder: one setting's nights follow each other."""
+    if by not in GROUPINGS:
+        raise TrainError(f"--by must be one of {', '.join(GROUPINGS)}, not {by!r}")
+    groups: dict[tuple[str, str, str, str], list[Run]] = {}
     for run in runs:
         key = (str(run.setup.get("student")), str(run.setup.get("methods")),
-               json.dumps(run.setup, sort_keys=True, default=str))
+               json.dumps(run.setup, sort_keys=True, default=str), run.group(by))
         groups.setdefault(key, []).append(run)
-    return [RunGroup(setup=groups[k][0].setup, runs=groups[k]) for k in sorted(groups)]
+    return [RunGroup(setup=groups[k][0].setup, runs=groups[k], group=k[3]) for k in sorted(groups)]
 
 
 def varying_keys(groups: Sequence[RunGroup]) -> list[str]:
@@ -156,6 +182,7 @@ class GroupRow(BaseModel):
     student: str
     methods: str  # joined with "+"
     setup: dict[str, Any]  # the group's value of each `varying_keys` key (flat, dotted), in their order
+    group: str = ""  # the day or flow run (folder) of `group_runs(by=...)`
     seeds: list[int]
     params: int
     mean: Measures
@@ -163,7 +190,8 @@ class GroupRow(BaseModel):
 
     def labels(self) -> dict[str, str]:
         """Student, methods and the varying settings, as text: what names this row in a table or a legend."""
-        return {"student": self.student, "methods": self.methods, **{k: str(v) for k, v in self.setup.items()}}
+        group = {"group": self.group} if self.group else {}
+        return {"student": self.student, "methods": self.methods, **{k: str(v) for k, v in self.setup.items()}, **group}
 
 
 def group_rows(groups: Sequence[RunGroup]) -> list[GroupRow]:
@@ -174,7 +202,7 @@ def group_rows(groups: Sequence[RunGroup]) -> list[GroupRow]:
     for g in groups:
         first = g.runs[0].summary
         rows.append(GroupRow(student=first["student"], methods="+".join(first["methods"]),
-                             setup={k: g.setup.get(k) for k in extra}, seeds=g.seeds, params=int(first["params"]),
+                             setup={k: g.setup.get(k) for k in extra}, group=g.group, seeds=g.seeds, params=int(first["params"]),
                              mean=Measures(**{m: g.mean(m) for m in MEASURES}),
                              std=Measures(**{m: g.std(m) for m in MEASURES})))
     return rows
@@ -194,9 +222,9 @@ def formatted_rows(rows: Sequence[GroupRow]) -> list[dict[str, str]]:
              "params": f"{r.params / 1e6:.2f} M"} for r in rows]
 
 
-def compare_runs(paths: Sequence[str | Path]) -> list[RunGroup]:
-    """Find, load and group the runs under `paths`."""
-    return group_runs([load_run(p) for p in find_runs(paths)])
+def compare_runs(paths: Sequence[str | Path], by: str = "config") -> list[RunGroup]:
+    """Find, load and group (`group_runs`) the runs under `paths`."""
+    return group_runs([load_run(p) for p in find_runs(paths)], by)
 
 
 def group_label(row: GroupRow) -> str:

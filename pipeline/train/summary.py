@@ -13,12 +13,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline.bounded import read_json
 from pipeline.errors import DistilleryError
 from pipeline.object_store import ObjectPath, location
 
 
 class SummaryError(DistilleryError):
     """A summary.json that is not a student run's summary; the message names the file."""
+
+
+SUMMARY_LIMIT = 1 << 20  # the project writes a few KiB
 
 
 class TrainSummary(BaseModel):
@@ -50,6 +54,7 @@ class TrainSummary(BaseModel):
     val_skipped_images: list[str] | None = None
     environment: dict[str, Any] | None = None
     world_size: int | None = None
+    finished_at: str | None = None  # ISO 8601 UTC, to the second: what `distillery runs --by date` groups by
 
     def to_dict(self) -> dict[str, Any]:
         """summary.json's object: every key this run set, in the order above."""
@@ -61,8 +66,10 @@ class TrainSummary(BaseModel):
     @classmethod
     def read(cls, path: str | Path | ObjectPath) -> TrainSummary:
         """RUNDIR/summary.json (`path`: local or a URL), refused in one line when it is not a run's summary."""
+        hint = "it was not written by `distillery train`"
+        value = read_json(location(path), SUMMARY_LIMIT, SummaryError, hint)
         try:
-            return cls.model_validate_json(location(path).read_bytes())
+            return cls.model_validate(value)
         except ValidationError as e:
             first = e.errors()[0]
             raise SummaryError(f"{path} is not a student run's summary ({'.'.join(map(str, first['loc']))}: "

@@ -109,3 +109,29 @@ def test_a_bad_config_json_is_blamed_on_the_file_not_on_an_option(tmp_path: Path
     with pytest.raises(TrainError, match="config.json is not a run's config") as e:
         compare_runs([tmp_path])
     assert "\n" not in str(e.value)
+
+
+def test_nightly_runs_group_by_date_or_flow_run_and_show_the_trend(tmp_path: Path) -> None:
+    """22 nights of one setting are one row by config, one row a night by date (in date order, so a
+    regression shows), and one row a flow run by the folder holding the run."""
+    for night, accuracy in enumerate((0.61, 0.62, 0.55)):
+        run = write_run(tmp_path / f"nightly-{night}" / "test_resnet-ce-s0", ("ce",), 0, accuracy, 10.0)
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "finished_at": f"2026-12-0{night + 1}T02:00:00+00:00"}))
+
+    (one,) = group_rows(compare_runs([tmp_path]))
+    assert one.seeds == [0, 0, 0] and one.group == ""
+    by_date = group_rows(compare_runs([tmp_path], by="date"))
+    assert [(r.group, r.mean.val_accuracy) for r in by_date] == [
+        ("2026-12-01", 0.61), ("2026-12-02", 0.62), ("2026-12-03", 0.55)]
+    assert [r["group"] for r in formatted_rows(by_date)] == ["2026-12-01", "2026-12-02", "2026-12-03"]
+    by_flow = group_rows(compare_runs([tmp_path], by="flow-run"))
+    assert [r.group for r in by_flow] == ["nightly-0", "nightly-1", "nightly-2"]
+    with pytest.raises(TrainError, match="--by must be one of config, date, flow-run, not 'week'"):
+        compare_runs([tmp_path], by="week")
+
+
+def test_a_run_without_finished_at_is_dated_by_its_summary_file(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "r", ("ce",), 0, 0.5, 10.0)
+    os.utime(run / "summary.json", (1_764_990_000, 1_764_990_000))  # 2025-12-06 UTC
+    assert load_run(run).finished == "2025-12-06"
