@@ -9,3 +9,16 @@ from __future__ import annotations
 
 class DistilleryError(ValueError):
     """Bad input or state a user can fix; the message is one line that says how."""
+
+
+def one_line(error: BaseException) -> str:
+    """The one line to show for ``error``. An error raised inside a DataLoader worker reaches the main process
+    re-raised by torch with the worker's traceback folded into its message ("Caught CacheError in DataLoader
+    worker process 0. Original Traceback ..."): the line is the original message, the traceback's last line
+    without the class name."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and name.rsplit(".", 1)[-1] == type(error).__name__ else last
