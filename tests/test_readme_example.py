@@ -1,4 +1,4 @@
-"""The README's Python quickstart runs as written, and `import pipeline` stays cheap (README.md#python).
+"""README.md's Python quickstart runs as written, and `import pipeline` stays cheap (README.md#python).
 
 The example block is the fenced ```python block right after the `<!-- readme-example` marker; it runs in a
 fresh interpreter in a temporary directory, as a user pasting it would run it.
