@@ -5,7 +5,7 @@ symlink planted under a predictable temp name in a cache or run directory is nev
 ``os.replace`` swaps the directory entry (a symlink at the target is replaced, not written through).
 ``mkstemp`` creates the file 0600 whatever the umask; the file is given the mode any Unix tool would create
 (``0666 & ~umask``: 0644 under umask 022) before it is renamed into place, so a cache or run directory on a
-team disk is readable by the team (docs/operations.md).
+team disk is readable by the team (docs/operations.md#sharing).
 """
 
 from __future__ import annotations
