@@ -1,4 +1,4 @@
-"""The `distillery` command line (docs/ARCHITECTURE.md §10: these spellings are a contract scripts rely on).
+"""The `distillery` command line (docs/ARCHITECTURE.md#command-line-contract: these spellings are a contract scripts rely on).
 
 Every option's default is read from the config class, method or function that declares it (`default_of`),
 never restated here; every option has help text (tests/flows/test_cli_listing.py walks them all).

@@ -65,7 +65,7 @@ def run_experiment(name: str, seeds: list[int], root: str = str(DEFAULT_ROOT),
             run = experiment.run_dir(Path(root), label, seed)
             # One flow run per student keeps each run directory named by its row, not by its slug.
             [summary] = train_students(cached.cache, [Student(student=experiment.student, methods=list(methods))],
-                                       str(run), TrainSettings.of(experiment.run_settings(seed)),
+                                       str(run), TrainSettings.of(experiment.run_settings(seed, run)),
                                        sweep=f"{name}-{label}")
             summaries[label].append(summary)
     rows = result_rows(experiment, summaries)

@@ -2,7 +2,7 @@
 array, against TinyViT's top-k logit budget of 4k+4 bytes (k float16 values, k uint16 indices, one float32);
 the teacher pass + statistics at N, 2N and 4N samples, each in a fresh process, so time (which should
 grow linearly) and peak RSS (which should stay flat: the pass holds one shard, the statistics mergeable
-sums, docs/ARCHITECTURE.md §4-§5) are read side by side in one run; and the student stream's samples/s
+sums, docs/cache-format.md#contract, docs/cache-format.md#statistics) are read side by side in one run; and the student stream's samples/s
 over that cache against its format-1 twin (every row also copied into the shards' blocks).
 """
 

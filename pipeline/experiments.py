@@ -1,6 +1,6 @@
 """Named experiments: the scenarios behind the demo and the README's results tables.
 
-An experiment is the whole job end to end, as a user would run it (docs/ARCHITECTURE.md §2): fit a teacher (or
+An experiment is the whole job end to end, as a user would run it (docs/ARCHITECTURE.md#data-flow): fit a teacher (or
 reuse one fitted with the same settings), cache it once, then train one student architecture with
 several method combinations and seeds from that single cache. `distillery experiment NAME` runs one
 (`flows.experiments`); the table it prints is what the README shows, next to that command.
@@ -27,6 +27,7 @@ from pipeline.teacher.cache_pass import CacheResult
 from pipeline.train.fit import FitConfig
 from pipeline.train.config import RunSettings
 from pipeline.train.optim import OptimConfig
+from pipeline.train.rundir import RunDir
 from pipeline.train.summary import TrainSummary
 from pipeline.errors import DistilleryError
 from pipeline.options import default_of
@@ -88,11 +89,11 @@ class Experiment:
                             out=str(root / self.name / "cache"), subset=self.labelled, views=self.views,
                             **self.cache_options)
 
-    def run_settings(self, seed: int) -> RunSettings:
-        # resume=True: a finished run is kept as it is and an interrupted one continues, so a rerun of the
-        # experiment only trains what is missing.
+    def run_settings(self, seed: int, run: Path) -> RunSettings:
+        # Resuming a run directory that holds a run keeps a finished run as it is and continues an interrupted
+        # one, so a rerun of the experiment only trains what is missing.
         return RunSettings(epochs=self.epochs, seed=seed, batch_size=self.batch_size, optim=OptimConfig(lr=self.lr),
-                           eval_every=self.eval_every, resume=True)
+                           eval_every=self.eval_every, resume=RunDir(run).holds_run())
 
     def run_dir(self, root: Path, row: str, seed: int) -> Path:
         return root / self.name / "runs" / f"{row}-s{seed}"
@@ -216,7 +217,7 @@ def results_markdown(rows: list[ResultRow]) -> str:
     return "\n".join(lines)
 
 
-# CIFAR-style WKD-F settings (G = 1, w_F = 0.08, gamma = 4; docs/ARCHITECTURE.md §6.4) on the student's 2x2 stage.
+# CIFAR-style WKD-F settings (G = 1, w_F = 0.08, gamma = 4; docs/methods.md#wkd-f) on the student's 2x2 stage.
 WKD_F_LAYER3 = "wkd_f:stage=-2,weight=0.08,gamma=4"
 # ScaleKD mimics the cached layer3 maps (2x2) with the student's 2x2 stage -2: its 1x1 deepest map could not
 # vary over the teacher's positions (the method refuses it).

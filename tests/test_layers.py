@@ -1,4 +1,4 @@
-"""The import layers of docs/ARCHITECTURE.md §1, read off every module's imports (ast, nothing imported).
+"""The import layers of docs/ARCHITECTURE.md#layers, read off every module's imports (ast, nothing imported).
 
 `pipeline` never imports `flows` or `prefect`; inside it, a module imports only its own package and the
 layers below its own (a layer's packages do not import each other either). The rank of every package is

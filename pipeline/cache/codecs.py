@@ -1,4 +1,4 @@
-"""Top-k logit codec for the teacher cache (docs/ARCHITECTURE.md §4 "Top-k reconstruction")."""
+"""Top-k logit codec for the teacher cache (docs/cache-format.md#top-k)."""
 
 from __future__ import annotations
 

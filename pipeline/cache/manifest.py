@@ -1,4 +1,4 @@
-"""The cache manifest (`<cache>/manifest.json`): identity, layout, shard records, status (docs/ARCHITECTURE.md §4).
+"""The cache manifest (`<cache>/manifest.json`): identity, layout, shard records, status (docs/cache-format.md#contract).
 
 A cache is reused only when its *identity* (teacher, dataset, view plan, storage options) equals the
 request's; `identity_mismatch` names the first field that differs so the refusal can say which.
@@ -115,7 +115,7 @@ class DatasetSection(Section):
 
 
 class ViewsSection(Section):
-    """`views`: the `ViewPlan` (docs/ARCHITECTURE.md §3) and its recipe, for people."""
+    """`views`: the `ViewPlan` (docs/ARCHITECTURE.md#views) and its recipe, for people."""
 
     num_augmented: int
     seed: int
@@ -254,7 +254,7 @@ class LshRecord(Section):
 
 
 class StatsSection(Section):
-    """`stats`: which dataset-level arrays exist and the numbers they came with (docs/ARCHITECTURE.md §4).
+    """`stats`: which dataset-level arrays exist and the numbers they came with (docs/cache-format.md#contract).
     Written in the order its writer gave (which changed between versions), so every cache saves as it read."""
 
     model_config = ConfigDict(strict=True)

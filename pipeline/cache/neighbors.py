@@ -1,4 +1,4 @@
-"""Nearest neighbours of a cached sample in the teacher's LSH space (`distillery neighbors`, docs/ARCHITECTURE.md §4-§5).
+"""Nearest neighbours of a cached sample in the teacher's LSH space (`distillery neighbors`, docs/cache-format.md#contract, docs/cache-format.md#statistics).
 
 Queries the cache's `lsh.faiss` index with the sample's own view-0 code: Hamming distance between the
 teacher's binary codes, i.e. how many of the LSH half-spaces separate two samples' teacher features.

@@ -11,7 +11,7 @@ def source_dataset(cache: TeacherCache) -> ImageDataset:
     """The manifest's dataset (spec, split, subset), refused unless its fingerprint is the cache's.
 
     Row i of the cache is position i of this dataset: the teacher pass writes samples in dataset order
-    (docs/ARCHITECTURE.md §4 `samples/ids` "stored order"), and an equal fingerprint means equal ids and labels.
+    (docs/cache-format.md#contract `samples/ids` "stored order"), and an equal fingerprint means equal ids and labels.
     """
     d = cache.manifest.dataset
     dataset = load_dataset(d.name, split=d.split, subset=d.subset, seed=d.subset_seed,

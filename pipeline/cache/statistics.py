@@ -1,4 +1,4 @@
-"""Dataset-level statistics of a teacher cache (docs/ARCHITECTURE.md §5), computed from its stored rows.
+"""Dataset-level statistics of a teacher cache (docs/cache-format.md#statistics), computed from its stored rows.
 
 Every shard yields mergeable partial sums (`shard_statistics`), read from the rows it stored, so the
 statistics never need the teacher and the shards may be reduced anywhere; `reduce_statistics` merges them

@@ -1,4 +1,4 @@
-"""The teacher cache on disk: the one place that knows its file formats (docs/ARCHITECTURE.md §4).
+"""The teacher cache on disk: the one place that knows its file formats (docs/cache-format.md#contract).
 
 ```
 <cache>/manifest.json               identity, layout, shard records, status
@@ -7,7 +7,7 @@
 <cache>/shards/train-%06d.tar       webdataset shards: blocks of raw inputs (format 1: + a copy of every row)
 <cache>/shards/train-%06d.json      a finished shard's record (written last; a rerun verifies it)
 <cache>/lsh.faiss                   faiss binary index over the view-0 LSH codes (with --lsh-bits)
-<cache>/teacher_tail.pt             optional: ScaleKD's frozen teacher tail (spec + state dict), see §6.7
+<cache>/teacher_tail.pt             optional: ScaleKD's frozen teacher tail (spec + state dict), see docs/methods.md#scalekd
 ```
 
 `CacheWriter` is used by the teacher pass, one shard at a time (shard tasks may run concurrently: each
@@ -363,7 +363,7 @@ class CacheWriter(_CacheFiles):
         return record
 
     def write_teacher_tail(self, spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Save ScaleKD's teacher tail (docs/ARCHITECTURE.md §6.7) whole and record its sha256 in the manifest.
+        """Save ScaleKD's teacher tail (docs/methods.md#scalekd) whole and record its sha256 in the manifest.
 
         `spec` must be plain JSON-able values: the file is read back with `torch.load(weights_only=True)`.
         """
@@ -575,7 +575,7 @@ class TeacherCache(_CacheFiles):
         return faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
 
     def statistics(self) -> dict[str, torch.Tensor]:
-        """The dataset-level arrays (`stats/...`, docs/ARCHITECTURE.md §4), keyed without the `stats/` prefix."""
+        """The dataset-level arrays (`stats/...`, docs/cache-format.md#contract), keyed without the `stats/` prefix."""
         names = [n for n in self.manifest.stats.arrays if n.startswith("stats/")]
         return {n.removeprefix("stats/"): torch.from_numpy(self.read(n)) for n in names}
 
@@ -667,7 +667,7 @@ class TeacherCache(_CacheFiles):
                              f"{repair_hint(self.root)}")
 
     def dense_logits(self, rows: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
-        """Logits (N, V, C) float32: dense as stored, or reconstructed from top-k (docs/ARCHITECTURE.md §4).
+        """Logits (N, V, C) float32: dense as stored, or reconstructed from top-k (docs/cache-format.md#contract).
 
         `rows` may hold block arrays (keys as in `block_key`) to reconstruct a block instead of the
         whole cache.

@@ -52,7 +52,7 @@ def array_rows(cache: TeacherCache, sample_stats: int = 2048) -> list[ArrayRow]:
 
 @dataclass(frozen=True)
 class FeatmapRow:
-    """Storage cost of one stored feature-map array (ScaleKD, docs/ARCHITECTURE.md §6.7), per sample-view."""
+    """Storage cost of one stored feature-map array (ScaleKD, docs/methods.md#scalekd), per sample-view."""
 
     name: str
     map_shape: tuple[int, int, int]  # (Cf, H, W)

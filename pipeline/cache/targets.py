@@ -1,4 +1,4 @@
-"""Teacher targets: one record per kind of per-sample target a cache stores and a method needs (docs/ARCHITECTURE.md §4, §6).
+"""Teacher targets: one record per kind of per-sample target a cache stores and a method needs (docs/cache-format.md#contract, docs/methods.md#compose).
 
 A :class:`Target` says everything the rest of the library needs to know about one kind:
 
@@ -163,7 +163,7 @@ def _produce_logits(out: TeacherOutputs, storage: StorageSpec) -> dict[str, Tens
 
 
 def _decode_logits(arrays: Mapping[str, Tensor], num_classes: int) -> Tensor:
-    """Dense float32 logits; top-k codes reconstructed (docs/ARCHITECTURE.md §4)."""
+    """Dense float32 logits; top-k codes reconstructed (docs/cache-format.md#contract)."""
     if "logits/dense" in arrays:
         return arrays["logits/dense"].float()
     return topk_decode(arrays["logits/topk_values"].float(), arrays["logits/topk_indices"].long(),
@@ -202,7 +202,7 @@ GAUSSIAN = register_target(Target(
     name="gaussian", description="teacher feature-map Gaussian statistics", cache_option="--tap STAGE --grid G (with --store, list gaussian)",
     layouts=((TargetArray("gaussian/mean", "float16"), TargetArray("gaussian/std", "float16", checked=True)),),
     produce=_produce_gaussian, as_tuple=True)).name
-"""Tuple (mean, std) of the tapped teacher map per grid cell and channel, each (B, G*G, Cf) (§6.4)."""
+"""Tuple (mean, std) of the tapped teacher map per grid cell and channel, each (B, G*G, Cf) (docs/methods.md#wkd-f)."""
 
 
 def _produce_featmaps(out: TeacherOutputs, storage: StorageSpec) -> dict[str, Tensor]:
@@ -215,13 +215,13 @@ FEATMAPS = register_target(Target(
     name="featmaps", description="teacher feature maps",
     cache_option="--featmaps (and --tap STAGE, the stage to mimic; with --store, list featmaps)",
     layouts=((TargetArray("featmaps/{tap}", "float16"),),), produce=_produce_featmaps, keep_stored_dtype=True)).name
-"""The tapped teacher stage's feature map (B, Cf, H, W) of the view the student sees (§6.7). Served as
+"""The tapped teacher stage's feature map (B, Cf, H, W) of the view the student sees (docs/methods.md#scalekd). Served as
 stored, float16 (maps are large: float32 would double the shuffle buffer); losses promote them."""
 
 LSH_CODES = register_target(Target(
     name="lsh_codes", description="teacher LSH codes", cache_option="--lsh-bits B",
     layouts=((TargetArray("lsh/codes", "uint8"),),), produce=None)).name
-"""Packed LSH codes of the teacher's view-0 pooled features, (B, bits/8) uint8 (§6.6); written with the
+"""Packed LSH codes of the teacher's view-0 pooled features, (B, bits/8) uint8 (docs/methods.md#elsh); written with the
 statistics (`pipeline.stats.lsh`), after the shards."""
 
 STORABLE = tuple(name for name, target in TARGETS.items() if target.produce is not None)

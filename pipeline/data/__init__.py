@@ -1,4 +1,4 @@
-"""Datasets with stable integer sample ids and replayable views (docs/ARCHITECTURE.md §2, §3)."""
+"""Datasets with stable integer sample ids and replayable views (docs/ARCHITECTURE.md#data-flow, docs/ARCHITECTURE.md#views)."""
 
 from pipeline.data.datasets import (
     ArrayDataset,

@@ -1,11 +1,11 @@
-"""Image datasets with stable integer sample ids (docs/ARCHITECTURE.md §2, §4, §10).
+"""Image datasets with stable integer sample ids (docs/ARCHITECTURE.md#data-flow, docs/cache-format.md#contract, docs/ARCHITECTURE.md#command-line-contract).
 
-Every artifact in a teacher cache is keyed by sample id + view id (docs/ARCHITECTURE.md §2), so a dataset
+Every artifact in a teacher cache is keyed by sample id + view id (docs/ARCHITECTURE.md#data-flow), so a dataset
 exposes stable, unique, non-negative int64 ids next to its labels and raw uint8 images. Ids are unique
 across the train and val splits of one dataset, so a cache of one split can never be confused with
 a cache of the other.
 
-Supported specs (docs/ARCHITECTURE.md §10): ``digits``, ``fashion-mnist[:DIR]``, ``imagefolder:DIR``.
+Supported specs (docs/ARCHITECTURE.md#command-line-contract): ``digits``, ``fashion-mnist[:DIR]``, ``imagefolder:DIR``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class DatasetError(DistilleryError):
 class ImageDataset(ABC):
     """One split of an image dataset: ids, labels and raw uint8 images addressed by position.
 
-    ``ids`` are the stable sample ids every cache artifact is keyed by (docs/ARCHITECTURE.md §2); positions are
+    ``ids`` are the stable sample ids every cache artifact is keyed by (docs/ARCHITECTURE.md#data-flow); positions are
     only the stored order. Subclasses store the per-row payload named in ``_row_fields``.
     """
 
@@ -113,7 +113,7 @@ class ImageDataset(ABC):
         """uint8 arrays whose last axis is the channel axis; ``pixel_stats`` pools them."""
 
     def fingerprint(self) -> str:
-        """sha256 of ids (int64 LE) + labels (int32 LE) + class names, the cache identity (§4)."""
+        """sha256 of ids (int64 LE) + labels (int32 LE) + class names, the cache identity (docs/cache-format.md#contract)."""
         digest = hashlib.sha256()
         digest.update(self.ids.astype("<i8").tobytes())
         digest.update(self.labels.astype("<i4").tobytes())
@@ -132,7 +132,7 @@ class ImageDataset(ABC):
         return dataclasses.replace(self, **rows)
 
     def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and std in [0, 1] units, for the normalisation of rendered views (§3).
+        """Per-channel mean and std in [0, 1] units, for the normalisation of rendered views (docs/ARCHITECTURE.md#views).
 
         Pools 256-bin histograms, so the result is exact for in-memory data whatever its size.
         """
@@ -204,7 +204,7 @@ class FolderDataset(ImageDataset):
 
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Sorted positions of a seeded subset of ``n`` rows, stratified by label (docs/ARCHITECTURE.md §10).
+    """Sorted positions of a seeded subset of ``n`` rows, stratified by label (docs/ARCHITECTURE.md#command-line-contract).
 
     Each class gets its proportional share (largest remainder) and at least one row, so the total is
     exactly ``n``. Positions come back ascending so the subset keeps the stored order.
@@ -406,7 +406,7 @@ def _load_imagefolder(directory: str, split: str, on_bad_image: str = "fail") ->
 
 def load_dataset(spec: str, split: str = "train", subset: int | None = None,
                  seed: int = 0, on_bad_image: str = "fail") -> ImageDataset:
-    """Load one split of the dataset named by ``spec`` (docs/ARCHITECTURE.md §10).
+    """Load one split of the dataset named by ``spec`` (docs/ARCHITECTURE.md#command-line-contract).
 
     ``split`` is ``train`` or ``val`` (``test`` is accepted for ``val``). ``subset`` keeps a seeded,
     stratified subset of that many samples in stored order (``--subset N``). ``on_bad_image`` (image

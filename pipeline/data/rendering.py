@@ -1,4 +1,4 @@
-"""Rendered (sample, view) pairs: as a batch, as a torch Dataset, and the DataLoader worker start method (docs/ARCHITECTURE.md §3)."""
+"""Rendered (sample, view) pairs: as a batch, as a torch Dataset, and the DataLoader worker start method (docs/ARCHITECTURE.md#views)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Views: augmentation replay, the correctness core (docs/ARCHITECTURE.md §3).
+"""Views: augmentation replay, the correctness core (docs/ARCHITECTURE.md#views).
 
 A teacher target is valid only for the exact input the teacher saw, so augmentations are not drawn
 on the fly: a *view* is fully determined by ``(plan seed, sample id, view id)``, and ``render_view`` is
@@ -55,7 +55,7 @@ class ViewError(DistilleryError):
 
 
 class ViewPlan(Config):
-    """Which views exist per sample: view 0 is clean, views 1..K are seeded augmentations (§3).
+    """Which views exist per sample: view 0 is clean, views 1..K are seeded augmentations (docs/ARCHITECTURE.md#views).
 
     ``scale`` bounds the crop's area fraction and ``ratio`` its aspect ratio (width / height), as in
     torchvision's RandomResizedCrop; ``flip`` enables a horizontal flip with probability 1/2.
@@ -96,7 +96,7 @@ class ViewPlan(Config):
 
     @property
     def recipe(self) -> str:
-        """Short description of the augmentation recipe, recorded in the cache manifest (§4)."""
+        """Short description of the augmentation recipe, recorded in the cache manifest (docs/cache-format.md#contract)."""
         crop = "rrc({}-{},{}-{})".format(*(round(v, 3) for v in (*self.scale, *self.ratio)))
         return crop + ("+hflip" if self.flip else "")
 
@@ -155,7 +155,7 @@ def render_view(raw: np.ndarray, params: ViewParams, size: int, mean: Sequence[f
                 std: Sequence[float]) -> torch.Tensor:
     """Render one view of a raw uint8 (H, W, C) image as a normalised float32 (C, size, size) tensor.
 
-    The single render path of docs/ARCHITECTURE.md §3: the teacher pass and the student loader both call it (or
+    The single render path of docs/ARCHITECTURE.md#views: the teacher pass and the student loader both call it (or
     its batch form ``render_views``, which runs the same arithmetic), so a student sees bit-identical
     inputs to the teacher's at the same ``size``; another ``size`` renders the same normalised crop at
     another resolution. Runs on CPU, where it is deterministic.
@@ -245,7 +245,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def epoch_views(seed: int, epoch: int, sample_ids: np.ndarray, num_views: int) -> np.ndarray:
     """The view each sample uses in ``epoch``, int64, reproducible and uniform over [0, num_views).
 
-    The student loader calls this per batch (§3), so it is an integer hash of (seed, epoch, id)
+    The student loader calls this per batch (docs/ARCHITECTURE.md#views), so it is an integer hash of (seed, epoch, id)
     rather than a generator per sample.
     """
     if num_views < 1:

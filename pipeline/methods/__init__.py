@@ -1,4 +1,4 @@
-"""Distillation methods: one module per method, each registered by name (docs/ARCHITECTURE.md §6).
+"""Distillation methods: one module per method, each registered by name (docs/methods.md#compose).
 
 Build one with ``create_method("kd:T=2,alpha=0.5", cache_info, student_info)``; a run sums the loss
 terms of all its methods. Adding a method means adding a module here and importing it below.

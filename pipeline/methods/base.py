@@ -1,12 +1,12 @@
 """The method contract: what a distillation method sees, what it needs, and the registry.
 
-A method (docs/ARCHITECTURE.md §6) is a ``torch.nn.Module`` that turns the student's outputs and the cached
+A method (docs/methods.md#compose) is a ``torch.nn.Module`` that turns the student's outputs and the cached
 teacher targets of the same view into named, already-weighted loss terms. A run may combine
-several methods ("Methods compose", §6); the training loss is the sum of every term of every method.
+several methods ("Methods compose", docs/methods.md#compose); the training loss is the sum of every term of every method.
 
 Each method declares the logical targets it ``needs`` from the cache by name (the records of
 :mod:`pipeline.cache.targets`); :meth:`Method.check_cache`
-refuses a cache that cannot serve them, naming the ``distillery cache`` option (§10) that would.
+refuses a cache that cannot serve them, naming the ``distillery cache`` option (docs/ARCHITECTURE.md#command-line-contract) that would.
 Options are keyword-only arguments of the method's ``__init__`` with defaults, set from a spec
 string such as ``kd:T=2,alpha=0.5`` by :func:`create_method`. A numeric option declares its allowed
 values and its meaning where it is declared, ``T: Annotated[float, Range(gt=0), Help("temperature")] = 4.0``;
@@ -120,13 +120,13 @@ class TrainingProgress:
 
 @dataclass(frozen=True)
 class CacheInfo:
-    """What a method may know about the cache when it is built (read off the manifest, §4).
+    """What a method may know about the cache when it is built (read off the manifest, docs/cache-format.md#contract).
 
     ``available`` holds the logical target names the cache's loader can serve; ``pooled_dim`` is the
     teacher's pooled feature size D_t, required whenever :data:`POOLED` is available.
     ``target_shapes`` gives each served target's per-sample shape (batch axis left out; for
     :data:`GAUSSIAN` the shape of the mean, ``(G*G, Cf)``). ``statistics`` holds the cache's
-    dataset-level arrays (§4 ``stats/...``, keyed without the ``stats/`` prefix, e.g. ``pca/components``)
+    dataset-level arrays (docs/cache-format.md#contract ``stats/...``, keyed without the ``stats/`` prefix, e.g. ``pca/components``)
     as float32/int64 tensors. ``root`` names the cache directory in messages; None when the info is built by
     hand. ``teacher_tail`` loads ScaleKD's frozen teacher tail (spec, state dict) through the cache's reader,
     which checks its sha256 (called only by a method that needs it); None when the info is built by hand.
@@ -211,7 +211,7 @@ class Method(torch.nn.Module, metaclass=abc.ABCMeta):
 
     def adopt_student(self, model: torch.nn.Module) -> None:
         """Called once after the method is built, with the student's plain timm model (before any weights
-        are loaded or training starts). A method whose head replaces the student's (TCS, §6.5) installs
+        are loaded or training starts). A method whose head replaces the student's (TCS, docs/methods.md#tcs) installs
         it here, so the student's logits, every other method and the per-epoch evaluation go through it.
         Default: nothing.
         """

@@ -1,4 +1,4 @@
-"""Cross-entropy with the dataset labels: the supervised term most runs add beside a KD method (§6)."""
+"""Cross-entropy with the dataset labels: the supervised term most runs add beside a KD method (docs/methods.md#compose)."""
 from __future__ import annotations
 
 from typing import Annotated

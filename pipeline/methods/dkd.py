@@ -1,4 +1,4 @@
-"""Decoupled knowledge distillation (Zhao et al., CVPR'22; docs/ARCHITECTURE.md §6.2).
+"""Decoupled knowledge distillation (Zhao et al., CVPR'22; docs/methods.md#dkd).
 
 With ``b = (p[y], 1 - p[y])`` the binary target / non-target split and ``p̂`` the distribution
 renormalised over the C-1 non-target classes, the classical KD loss decomposes per sample as
@@ -57,7 +57,7 @@ def _kl_from_log(log_p_s: Tensor, log_p_t: Tensor) -> Tensor:
 def dkd_terms(
     student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float
 ) -> tuple[Tensor, Tensor]:
-    """``(TCKD, NCKD)``, each ``T^2``-scaled and averaged over the batch (§6.2).
+    """``(TCKD, NCKD)``, each ``T^2``-scaled and averaged over the batch (docs/methods.md#dkd).
 
     Computed in log space and at least float32, so near one-hot teachers give finite values and
     gradients.
@@ -82,14 +82,14 @@ def dkd_loss(
     beta: float,
     temperature: float,
 ) -> Tensor:
-    """``alpha * TCKD + beta * NCKD``, both ``T^2``-scaled and batch-averaged (§6.2)."""
+    """``alpha * TCKD + beta * NCKD``, both ``T^2``-scaled and batch-averaged (docs/methods.md#dkd)."""
     tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, temperature)
     return alpha * tckd + beta * nckd
 
 
 @register_method
 class DKD(Method):
-    """``min(epoch_float / warmup, 1) * (alpha * TCKD + beta * NCKD)`` (§6.2).
+    """``min(epoch_float / warmup, 1) * (alpha * TCKD + beta * NCKD)`` (docs/methods.md#dkd).
 
     Defaults follow the paper's CIFAR-100 setting (alpha=1, beta=8, T=4, 20 warm-up epochs); the
     official ImageNet configuration uses beta=0.5 and T=1. ``warmup=0`` disables the ramp.

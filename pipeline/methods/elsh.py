@@ -1,4 +1,4 @@
-"""eLSH: mimic the teacher's LSH codes of its pooled feature, one teacher pass (docs/ARCHITECTURE.md §6.6).
+"""eLSH: mimic the teacher's LSH codes of its pooled feature, one teacher pass (docs/methods.md#elsh).
 
 From Wang, Ge & Wu, "Distilling knowledge by mimicking features" (TPAMI'22), made one-pass: the planes
 ``W`` (bits x D_t) and median thresholds ``b`` are the cache's (`stats/lsh/...`), the targets
@@ -8,7 +8,7 @@ From Wang, Ge & Wu, "Distilling knowledge by mimicking features" (TPAMI'22), mad
   + lshl2 * MSE(g(f_s), f_t)                   optional ("LSHL2"; needs the teacher's pooled features)
 
 with ``g`` a learnable linear map from the student's pooled width to the teacher's (identity when they
-are equal). ``beta = 5``: the original paper weighs the LSH loss 5-6 against CE (§6.6). The planes are
+are equal). ``beta = 5``: the original paper weighs the LSH loss 5-6 against CE (docs/methods.md#elsh). The planes are
 fixed: only ``g`` and the student learn. Run it beside CE: ``--method ce --method elsh``.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ LSH_STATISTICS = ("lsh/planes", "lsh/thresholds")
 
 @register_method
 class ELSH(Method):
-    """``beta * BCE(W g(f_s) - b, codes) [+ lshl2 * MSE(g(f_s), f_t)]`` (§6.6)."""
+    """``beta * BCE(W g(f_s) - b, codes) [+ lshl2 * MSE(g(f_s), f_t)]`` (docs/methods.md#elsh)."""
 
     name = "elsh"
     needs = frozenset({LSH_CODES})

@@ -1,4 +1,4 @@
-"""FitNet-style feature mimicking on pooled features: the feature-level baseline (docs/ARCHITECTURE.md §6.8)."""
+"""FitNet-style feature mimicking on pooled features: the feature-level baseline (docs/methods.md#fitnet)."""
 from __future__ import annotations
 
 from typing import Annotated
@@ -24,7 +24,7 @@ from .base import (
 @register_method
 class FitNet(Method):
     """``weight * MSE(W f_s + b, f_t)`` between the student's pooled feature, mapped to the teacher's
-    width by a learned linear layer, and the teacher's cached pooled feature (§6.8).
+    width by a learned linear layer, and the teacher's cached pooled feature (docs/methods.md#fitnet).
 
     The map is created here so it is trained with the student; it is dropped at inference.
     """

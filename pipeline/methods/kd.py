@@ -1,4 +1,4 @@
-"""Hinton knowledge distillation on logits (docs/ARCHITECTURE.md §6.1)."""
+"""Hinton knowledge distillation on logits (docs/methods.md#kd)."""
 from __future__ import annotations
 
 from typing import Annotated
@@ -22,7 +22,7 @@ from .base import (
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """``T^2 * KL(p_t || p_s)`` with ``p = softmax(z / T)``, averaged over the batch (§6.1).
+    """``T^2 * KL(p_t || p_s)`` with ``p = softmax(z / T)``, averaged over the batch (docs/methods.md#kd).
 
     The T^2 factor keeps the gradient, ``T * (p_s - p_t) / B`` w.r.t. the student logits, on the
     same scale as CE's when T changes.

@@ -1,4 +1,4 @@
-"""ScaleKD: cross-attention projection, dual-view feature mimicking, teacher parameter perception (docs/ARCHITECTURE.md §6.7).
+"""ScaleKD: cross-attention projection, dual-view feature mimicking, teacher parameter perception (docs/methods.md#scalekd).
 
 The student's map at ``stage`` (its deepest by default) goes through a CAP (cross-attention
 projector) into the layout of the cached teacher map of the same view, and DFM (dual-view feature
@@ -11,7 +11,7 @@ each channel's spatial mean, see :func:`remove_dc`), so the large shared compone
 rest. Each view has its own CAP. With ``tpp=true`` (teacher parameter perception) the student's
 stage before ``stage`` is projected, by two more CAPs, into the layout that enters the teacher's last stage(s),
 run through those frozen stages (the cache's ``teacher_tail.pt``; the teacher is never built), and the
-outputs are mimicked the same two ways. A logit KD term (§6.1, ``T=1`` as in the reference configs)
+outputs are mimicked the same two ways. A logit KD term (docs/methods.md#kd, ``T=1`` as in the reference configs)
 is added when the cache stores logits.
 
 The projectors train with the student and are dropped afterwards: the run saves the plain student.
@@ -46,7 +46,7 @@ from .kd import kd_loss
 
 
 def remove_dc(x: Tensor) -> Tensor:
-    """``x`` (..., H, W) without the DC component of its orthonormal 2D DCT-II per channel (§6.7).
+    """``x`` (..., H, W) without the DC component of its orthonormal 2D DCT-II per channel (docs/methods.md#scalekd).
 
     The DC basis function is constant, so zeroing its coefficient and inverting subtracts the
     projection onto a constant: the channel's spatial mean.
@@ -55,19 +55,19 @@ def remove_dc(x: Tensor) -> Tensor:
 
 
 def dfm_direct(projected: Tensor, target: Tensor) -> Tensor:
-    """DFM's direct view: ``sum_{h,w} ||norm_c(P) - norm_c(T)||^2 / N`` over (N, C, H, W) maps (§6.7)."""
+    """DFM's direct view: ``sum_{h,w} ||norm_c(P) - norm_c(T)||^2 / N`` over (N, C, H, W) maps (docs/methods.md#scalekd)."""
     p = F.normalize(at_least_float32(projected), dim=1)
     t = F.normalize(at_least_float32(target), dim=1)
     return (p - t).pow(2).sum() / p.shape[0]
 
 
 def dfm_alternative(projected: Tensor, target: Tensor) -> Tensor:
-    """DFM's alternative view: the direct view after :func:`remove_dc` on both maps (§6.7)."""
+    """DFM's alternative view: the direct view after :func:`remove_dc` on both maps (docs/methods.md#scalekd)."""
     return dfm_direct(remove_dc(at_least_float32(projected)), remove_dc(at_least_float32(target)))
 
 
 class CrossAttentionProjector(nn.Module):
-    """CAP (§6.7): a student map (B, Cs, Hs, Ws) -> (B, Ct, Hq, Wq), the teacher's layout.
+    """CAP (docs/methods.md#scalekd): a student map (B, Cs, Hs, Ws) -> (B, Ct, Hq, Wq), the teacher's layout.
 
     Keys/values: the student map through conv3x3+BN+ReLU plus a learnable positional embedding, one token
     per position. Queries: a learnable (Ct, Hq, Wq) grid, one token per teacher position, through
@@ -105,7 +105,7 @@ class ScaleKD(Method):
     """``direct * L_dir + alternative * L_alt`` between CAP-projected student maps and the cached teacher
     maps, the same two terms through the frozen teacher tail with ``tpp=true``, plus ``kd * T^2 KL`` on
     logits when the cache stores them (``kd=0`` turns it off). Defaults (0.08, 0.06), ``T=1`` and
-    ``kd=0.5`` are the reference configs' (§6.7); there CE is weighted 0.5 as well (``ce:weight=0.5``).
+    ``kd=0.5`` are the reference configs' (docs/methods.md#scalekd); there CE is weighted 0.5 as well (``ce:weight=0.5``).
     ``stage`` is the student stage mimicked (-1, the deepest; TPP reads ``stage - 1``); a 1x1 student map
     against a larger teacher map is refused, since no projection of one position varies over several.
     """

@@ -1,4 +1,4 @@
-"""Loss-weight schedules shared by methods (WKD's cosine decay, docs/ARCHITECTURE.md §6.3, §6.4)."""
+"""Loss-weight schedules shared by methods (WKD's cosine decay, docs/methods.md#wkd-l, docs/methods.md#wkd-f)."""
 from __future__ import annotations
 
 import math

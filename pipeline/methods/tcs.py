@@ -1,4 +1,4 @@
-"""TCS: a tailored coordinate system from the teacher's PCA, learnt by the student (docs/ARCHITECTURE.md §6.5).
+"""TCS: a tailored coordinate system from the teacher's PCA, learnt by the student (docs/methods.md#tcs).
 
 The teacher's view-0 pooled features define a coordinate system: the top-k PCA components
 ``V_k`` (rows of ``pca/components``) around the teacher mean ``mu``; k is the smallest number of
@@ -150,7 +150,7 @@ class TCSHead(nn.Module):
 @register_method
 class TCS(Method):
     """``weight * MSE(z_active, t_active)``, ``z`` the student's TCS coordinates and ``t = (f_t - mu) V_k^T / s``
-    (§6.5); the TCS head replaces the student's classifier and is pruned to ``keep * k`` coordinates.
+    (docs/methods.md#tcs); the TCS head replaces the student's classifier and is pruned to ``keep * k`` coordinates.
 
     The options' meanings are declared with them; the module docstring gives the formulas they enter. Alone,
     TCS trains no classifier (``trains_logits`` is False): its head's classifier learns from ``ce``.

@@ -1,4 +1,4 @@
-"""WKD-F: Wasserstein distance between per-cell diagonal Gaussians of feature maps (docs/ARCHITECTURE.md §6.4).
+"""WKD-F: Wasserstein distance between per-cell diagonal Gaussians of feature maps (docs/methods.md#wkd-f).
 
 Lv et al., NeurIPS'24. The teacher pass caches, for its tapped stage, the mean and std of every channel
 in each cell of a G x G grid (``--tap STAGE --grid G``; ``pipeline.stats.gaussian.grid_gaussian``). The
@@ -49,7 +49,7 @@ def _conv_bn(c_in: int, c_out: int, kernel: int, relu: bool) -> list[nn.Module]:
 
 
 def build_projector(kind: str, c_in: int, c_out: int, hidden: int, relu: bool) -> nn.Sequential:
-    """Student channels -> teacher channels (§6.4): ``conv1x1`` is conv1x1+BN(+ReLU) (small nets);
+    """Student channels -> teacher channels (docs/methods.md#wkd-f): ``conv1x1`` is conv1x1+BN(+ReLU) (small nets);
     ``bottleneck`` is 1x1 -> 3x3 -> 1x1 through ``hidden`` channels, each conv+BN, ReLU between, and the
     last ReLU only when ``relu`` (large nets). Spatial size is kept."""
     if kind == "conv1x1":
@@ -64,7 +64,7 @@ def build_projector(kind: str, c_in: int, c_out: int, hidden: int, relu: bool) -
 def gaussian_w2_terms(
     mean_s: Tensor, std_s: Tensor, mean_t: Tensor, std_t: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``(sum (mu_s - mu_t)^2, sum (sigma_s - sigma_t)^2)``, each divided by ``N * G^2`` (§6.4).
+    """``(sum (mu_s - mu_t)^2, sum (sigma_s - sigma_t)^2)``, each divided by ``N * G^2`` (docs/methods.md#wkd-f).
 
     Inputs are (N, G*G, C); the sum runs over cells and channels, so the two parts add up to the squared
     W2 between the diagonal Gaussians, averaged over samples and cells.
@@ -78,7 +78,7 @@ def gaussian_w2_terms(
 @register_method
 class WKDF(Method):
     """``w_F(progress) * (gamma * mean part + std part)`` of the squared W2 between per-cell diagonal
-    Gaussians of the projected student map and the cached teacher map (§6.4).
+    Gaussians of the projected student map and the cached teacher map (docs/methods.md#wkd-f).
 
     Needs a cache made with ``--tap STAGE --grid G``. Options: each's meaning is declared with it (defaults: the
     ImageNet ResNet-34 -> ResNet-18 setting of the paper; CIFAR-100 used weight=0.08, gamma=4 with G=1).

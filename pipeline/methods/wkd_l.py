@@ -1,8 +1,8 @@
-"""WKD-L: discrete Wasserstein distance between teacher and student class distributions (docs/ARCHITECTURE.md §6.3).
+"""WKD-L: discrete Wasserstein distance between teacher and student class distributions (docs/methods.md#wkd-l).
 
 Lv et al., "Wasserstein Distance Rivals Kullback-Leibler Divergence for Knowledge-Based Distillation"
 (NeurIPS'24). The ground cost between classes comes from the teacher's category interrelations
-(linear CKA, §5), which the teacher pass stores as ``stats/cka/ir``; the distance is entropic Sinkhorn.
+(linear CKA, docs/cache-format.md#statistics), which the teacher pass stores as ``stats/cka/ir``; the distance is entropic Sinkhorn.
 
 Target removal without a per-sample cost. The paper, like DKD, drops the target class and solves a
 (C-1) x (C-1) problem per sample, which materialises an N x (C-1) x (C-1) cost. Here the C x C kernel is
@@ -37,13 +37,13 @@ from .base import (
 from .schedules import cosine_decay
 
 IR_STATISTIC = "cka/ir"
-"""Key of the category interrelation matrix in :attr:`CacheInfo.statistics` (§4 ``stats/cka/ir``)."""
+"""Key of the category interrelation matrix in :attr:`CacheInfo.statistics` (docs/cache-format.md#contract ``stats/cka/ir``)."""
 
 _TINY = 1e-8  # the published cost floor and Sinkhorn denominator guard
 
 
 def interrelation_cost(ir: Tensor, kappa: float) -> Tensor:
-    """Ground cost ``relu(1 - exp(-kappa * (1 - IR))) + 1e-8`` (C, C) float32 (§6.3).
+    """Ground cost ``relu(1 - exp(-kappa * (1 - IR))) + 1e-8`` (C, C) float32 (docs/methods.md#wkd-l).
 
     ``kappa`` sharpens: a larger value pushes every cost between unrelated classes towards 1. The
     floor keeps the diagonal (IR = 1) strictly positive, as in the published code.
@@ -58,7 +58,7 @@ def sinkhorn_distance(
     """Per-sample transport cost ``<plan, cost>`` of entropic Sinkhorn between rows of ``p_s`` and ``p_t``.
 
     ``p_s``, ``p_t`` (B, C) are distributions, ``cost`` (C, C) is shared by the batch. Plain domain, in
-    float32 (float64 for float64 inputs) even under autocast (§6.3): ``K = exp(-cost / reg)``, ``u0``
+    float32 (float64 for float64 inputs) even under autocast (docs/methods.md#wkd-l): ``K = exp(-cost / reg)``, ``u0``
     uniform over ``support`` (B, C) bool, all classes when None; ``iters`` times ``v = p_t / (K^T u + 1e-8)``,
     ``u = p_s / (K v + 1e-8)``; the result is ``sum(diag(u) K diag(v) * cost) = u^T (K * cost) v``, (B,).
     Gradients flow through every iteration to ``p_s`` (and ``p_t`` when it requires them). The regulariser
@@ -94,7 +94,7 @@ def non_target_probs(logits: Tensor, labels: Tensor, temperature: float) -> Tens
 
 
 def target_term(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
-    """``-mean(p_t[y] * log p_s[y])`` at T = 1 with ``p_t`` detached (§6.3): the target-class part
+    """``-mean(p_t[y] * log p_s[y])`` at T = 1 with ``p_t`` detached (docs/methods.md#wkd-l): the target-class part
     that removing the target from the Wasserstein term leaves out."""
     index = labels.unsqueeze(1)
     log_p_s = F.log_softmax(at_least_float32(student_logits), dim=-1).gather(1, index)
@@ -111,7 +111,7 @@ def wkd_l_distance(
     reg: float,
     iters: int,
 ) -> Tensor:
-    """Batch-mean Sinkhorn distance between the non-target distributions at temperature T (§6.3)."""
+    """Batch-mean Sinkhorn distance between the non-target distributions at temperature T (docs/methods.md#wkd-l)."""
     p_s = non_target_probs(student_logits, labels, temperature)
     p_t = non_target_probs(teacher_logits, labels, temperature).detach()
     support = ~F.one_hot(labels, cost.shape[0]).bool()
@@ -120,7 +120,7 @@ def wkd_l_distance(
 
 @register_method
 class WKDL(Method):
-    """``L_target + w_L(progress) * WD`` (§6.3); CE is the separate ``ce`` method, so the published total
+    """``L_target + w_L(progress) * WD`` (docs/methods.md#wkd-l); CE is the separate ``ce`` method, so the published total
     ``CE + L_target + w_L * WD`` is ``--method ce --method wkd_l``.
 
     The cost is built once from the cache's CKA interrelations (``distillery cache`` computes them from

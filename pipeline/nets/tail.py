@@ -1,10 +1,10 @@
-"""ScaleKD's teacher tail: a teacher's last stage(s), frozen, rebuilt without the teacher (docs/ARCHITECTURE.md §6.7).
+"""ScaleKD's teacher tail: a teacher's last stage(s), frozen, rebuilt without the teacher (docs/methods.md#scalekd).
 
 Here, below both `teacher/` (which extracts it in the pass) and `methods/` (ScaleKD rebuilds it), since it
 is plain timm module surgery.
 
 TPP (teacher parameter perception) runs projected student features through the teacher's last stage(s)
-and mimics the cached final features with the result. Training never constructs the teacher (§1, §2),
+and mimics the cached final features with the result. Training never constructs the teacher (docs/ARCHITECTURE.md#layers, docs/ARCHITECTURE.md#data-flow),
 so the teacher pass saves just those stages: :func:`extract_teacher_tail` reads a spec (a plain dict of
 JSON-able values: the stages' constructor arguments) and their state dict off a built teacher, and
 :func:`build_teacher_tail` makes the same modules again from timm's block classes alone.
@@ -224,7 +224,7 @@ def _family_of(model: nn.Module) -> str:
 
 def extract_teacher_tail(model: nn.Module, tap: str, stages: int,
                          probe: Tensor) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Spec and state dict of the ``stages`` stages of ``model`` ending at ``tap`` (docs/ARCHITECTURE.md §6.7 TPP).
+    """Spec and state dict of the ``stages`` stages of ``model`` ending at ``tap`` (docs/methods.md#scalekd TPP).
 
     ``probe`` is a small input batch at the teacher's input size: running it through ``model`` gives the
     shape that enters the tail, and the rebuilt tail must reproduce the teacher's stages on it exactly

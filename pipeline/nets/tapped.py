@@ -3,7 +3,7 @@
 The teacher (`pipeline.teacher.model.Teacher`) and the student (`pipeline.train.student.Student`) are both a
 timm model read through :func:`tapped_forward` (timm's own separation: `forward_intermediates` for the stage
 maps, `forward_head(pre_logits=True)` for the pooled features, then the classifier), so a stage name, a
-pooled feature or a map means the same on both sides (docs/ARCHITECTURE.md §1, §6).
+pooled feature or a map means the same on both sides (docs/ARCHITECTURE.md#layers, docs/methods.md#compose).
 """
 
 from __future__ import annotations

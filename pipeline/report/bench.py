@@ -3,7 +3,7 @@
 `write_synthetic_cache` writes a complete cache for a real dataset (its ids, labels, raw images and view
 plan, so views re-render) with the real `CacheWriter` and the real statistics reducers, but with made-up
 teacher outputs instead of a teacher pass: pooled features are class centres plus noise, logits their
-similarity to the centres, LSH codes signed random projections with median thresholds (docs/ARCHITECTURE.md §5).
+similarity to the centres, LSH codes signed random projections with median thresholds (docs/cache-format.md#statistics).
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def storage_totals(cache: TeacherCache, rows: list[ArrayRow]) -> Storage:
 
 @dataclass(frozen=True)
 class CkaSummary:
-    """The CKA category interrelations (docs/ARCHITECTURE.md §5) and the most related distinct class pairs."""
+    """The CKA category interrelations (docs/cache-format.md#statistics) and the most related distinct class pairs."""
 
     ir: np.ndarray  # (C, C)
     class_names: list[str]
@@ -86,7 +86,7 @@ def cka_summary(cache: TeacherCache, top: int = TOP_PAIRS) -> CkaSummary | None:
 
 @dataclass(frozen=True)
 class GaussianStats:
-    """Per-channel averages over view-0 sample-cells of the cached Gaussians (docs/ARCHITECTURE.md §5, WKD-F)."""
+    """Per-channel averages over view-0 sample-cells of the cached Gaussians (docs/cache-format.md#statistics, WKD-F)."""
 
     tap: str
     grid: int
@@ -114,7 +114,7 @@ class KnnScore:
 
 @dataclass(frozen=True)
 class LshSummary:
-    """What the cached LSH codes (docs/ARCHITECTURE.md §5, §6.6) carry about the classes, on view 0."""
+    """What the cached LSH codes (docs/cache-format.md#statistics, docs/methods.md#elsh) carry about the classes, on view 0."""
 
     bits: int
     dim: int
@@ -143,7 +143,7 @@ def closer_probability(near: np.ndarray, far: np.ndarray, bits: int) -> float:
 
 def unpack_codes(codes: np.ndarray) -> np.ndarray:
     """Packed (..., bits/8) uint8 codes -> (..., bits) 0/1 uint8; bit b is bit b % 8 of byte b // 8 (LSB first,
-    faiss's order, docs/ARCHITECTURE.md §4)."""
+    faiss's order, docs/cache-format.md#contract)."""
     return np.unpackbits(codes, axis=-1, bitorder="little")
 
 
@@ -261,7 +261,7 @@ class SampleViews:
 
 def sample_views(cache: TeacherCache, count: int = 6) -> SampleViews:
     """The first sample of each of the first `count` classes, every view re-rendered with `render_view`
-    from the manifest's dataset (docs/ARCHITECTURE.md §3); raises CacheError or DatasetError when it is not here."""
+    from the manifest's dataset (docs/ARCHITECTURE.md#views); raises CacheError or DatasetError when it is not here."""
     dataset = source_dataset(cache)
     labels = cache.read("samples/labels")
     classes, first = np.unique(labels, return_index=True)

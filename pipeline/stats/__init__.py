@@ -1,4 +1,4 @@
-"""Streaming, mergeable dataset-level statistics of the teacher cache (docs/ARCHITECTURE.md §5)."""
+"""Streaming, mergeable dataset-level statistics of the teacher cache (docs/cache-format.md#statistics)."""
 
 from pipeline.stats.cka import category_interrelations, linear_cka
 from pipeline.stats.classes import ClassMoments

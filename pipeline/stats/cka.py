@@ -1,4 +1,4 @@
-"""Linear CKA and WKD's category interrelation matrix (docs/ARCHITECTURE.md §5, WKD-L §6.3).
+"""Linear CKA and WKD's category interrelation matrix (docs/cache-format.md#statistics, WKD-L docs/methods.md#wkd-l).
 
 For paired rows X in R^{m x d}, Y in R^{m x e} with centred columns::
 
@@ -22,7 +22,7 @@ def _centre(x: np.ndarray) -> np.ndarray:
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Linear CKA of paired rows ``x`` (m, d) and ``y`` (m, e), in float64 (docs/ARCHITECTURE.md §5)."""
+    """Linear CKA of paired rows ``x`` (m, d) and ``y`` (m, e), in float64 (docs/cache-format.md#statistics)."""
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Streaming, mergeable per-class feature means (docs/ARCHITECTURE.md §5 "Class statistics")."""
+"""Streaming, mergeable per-class feature means (docs/cache-format.md#statistics "Class statistics")."""
 
 from __future__ import annotations
 

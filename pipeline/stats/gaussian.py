@@ -1,4 +1,4 @@
-"""Per-cell diagonal Gaussians of feature maps for WKD-F (docs/ARCHITECTURE.md §4, §5, §6.4)."""
+"""Per-cell diagonal Gaussians of feature maps for WKD-F (docs/cache-format.md#contract, docs/cache-format.md#statistics, docs/methods.md#wkd-f)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def grid_gaussian(
     (cells may overlap when the size is not divisible). Returns ``(mean, std)``, each
     (B, grid*grid, C) float32, cells row-major (index = gy * grid + gx). Computed in float32 for
     half inputs too, and differentiable, so the student side uses the same function
-    (docs/ARCHITECTURE.md §6.4: diagonal Gaussian per cell, squared W2 between them).
+    (docs/methods.md#wkd-f: diagonal Gaussian per cell, squared W2 between them).
     """
     if fmap.ndim != 4:
         raise ValueError(f"expected a feature map (B, C, H, W), got shape {tuple(fmap.shape)}")
@@ -54,7 +54,7 @@ def grid_gaussian(
 
 @dataclass
 class GaussianSummary:
-    """Mergeable per-channel sums over sample-cells, for inspecting the cached Gaussians (docs/ARCHITECTURE.md §5)."""
+    """Mergeable per-channel sums over sample-cells, for inspecting the cached Gaussians (docs/cache-format.md#statistics)."""
 
     count: int
     sum_mean: np.ndarray

@@ -1,4 +1,4 @@
-"""LSH planes, median thresholds, packed codes and the Hamming neighbour index (docs/ARCHITECTURE.md §5, §6.6).
+"""LSH planes, median thresholds, packed codes and the Hamming neighbour index (docs/cache-format.md#statistics, docs/methods.md#elsh).
 
 Planes and thresholds come from `faiss.IndexLSH(D, bits, rotate_data=True, train_thresholds=True)`
 trained on view-0 pooled teacher features: faiss applies its random rotation `A` (bits x D, no bias) and

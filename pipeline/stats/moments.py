@@ -1,4 +1,4 @@
-"""Streaming, mergeable feature moments and the PCA basis derived from them (docs/ARCHITECTURE.md §5).
+"""Streaming, mergeable feature moments and the PCA basis derived from them (docs/cache-format.md#statistics).
 
 Each shard task accumulates a :class:`FeatureMoments` over its rows; the reduce step merges the
 partials and calls :func:`pca_from_moments`. Memory is O(D^2) whatever the number of rows.
@@ -91,7 +91,7 @@ class FeatureMoments:
 
 @dataclass
 class PCABasis:
-    """PCA of pooled features as stored under ``stats/pca/*`` (docs/ARCHITECTURE.md §4).
+    """PCA of pooled features as stored under ``stats/pca/*`` (docs/cache-format.md#contract).
 
     ``components`` rows are unit eigenvectors of the covariance sorted by ``explained_variance``
     (the eigenvalues, ddof=1) in descending order; coordinates are ``(f - mean) @ components[:k].T``.
@@ -120,7 +120,7 @@ class PCABasis:
 
 
 def pca_from_moments(m: FeatureMoments) -> PCABasis:
-    """Eigendecomposition of the float64 covariance of ``m`` (docs/ARCHITECTURE.md §5).
+    """Eigendecomposition of the float64 covariance of ``m`` (docs/cache-format.md#statistics).
 
     Signs are made deterministic: in each component the entry of largest magnitude is positive.
     Eigenvalues that rounding pushed slightly below zero are clamped to 0.

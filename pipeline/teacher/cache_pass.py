@@ -1,4 +1,4 @@
-"""The teacher pass in one process, without Prefect (docs/ARCHITECTURE.md §2): the same steps as the
+"""The teacher pass in one process, without Prefect (docs/ARCHITECTURE.md#data-flow): the same steps as the
 `cache-teacher` flow (`flows.cache_teacher`), which wraps each as a task.
 
     plan_cache(request)            -> CachePlan       pipeline.teacher.plan

@@ -1,4 +1,4 @@
-"""The teacher pass's per-shard forward (docs/ARCHITECTURE.md §2): render every (sample, view) of a shard,
+"""The teacher pass's per-shard forward (docs/ARCHITECTURE.md#data-flow): render every (sample, view) of a shard,
 run the teacher, turn its outputs into the targets' rows (`pipeline.cache.targets`) and write the shard.
 """
 
@@ -26,7 +26,7 @@ def render_pairs(dataset: ImageDataset, plan: ViewPlan, pairs: np.ndarray, spec:
 
 
 def teacher_forward(teacher: Teacher, x: torch.Tensor, device: torch.device) -> TappedOutputs:
-    """Inference-mode forward; bf16 autocast on CUDA (docs/ARCHITECTURE.md §7), fp32 on CPU."""
+    """Inference-mode forward; bf16 autocast on CUDA (docs/operations.md#prefect-in-production), fp32 on CPU."""
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         return teacher(x.to(device, non_blocking=True))
 

@@ -1,6 +1,6 @@
 """Teacher construction: its spec, its checkpoint, and the frozen tapped timm model.
 
-Nothing else in the library constructs a teacher (docs/ARCHITECTURE.md §1). A teacher is described by a
+Nothing else in the library constructs a teacher (docs/ARCHITECTURE.md#layers). A teacher is described by a
 `TeacherSpec`; `build_teacher` turns it into a `Teacher` module whose forward returns all taps from one
 trunk pass (`pipeline.nets.tapped.tapped_forward`, the student's own).
 """

@@ -1,4 +1,4 @@
-"""Planning the teacher pass (docs/ARCHITECTURE.md §2, §4): the request, the manifest it would produce, and
+"""Planning the teacher pass (docs/ARCHITECTURE.md#data-flow, docs/cache-format.md#contract): the request, the manifest it would produce, and
 which shards are still to write.
 
     check_request(request)        -> Manifest        every refusal, found before anything is written
@@ -253,7 +253,7 @@ def plan_cache(request: CacheRequest) -> CachePlan:
 
 
 def teacher_tail(manifest: Manifest, device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    """The teacher's last `--teacher-tail` stages ending at the tap, for ScaleKD's TPP (docs/ARCHITECTURE.md §6.7):
+    """The teacher's last `--teacher-tail` stages ending at the tap, for ScaleKD's TPP (docs/methods.md#scalekd):
     (spec, state dict), or None when the cache asks for no tail."""
     storage = manifest.storage
     if not storage.teacher_tail:

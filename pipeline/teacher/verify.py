@@ -1,6 +1,6 @@
 """`distillery verify`: re-run the live teacher on random (id, view) pairs and compare with the cache.
 
-docs/ARCHITECTURE.md §3: a cached target is valid only for the exact input the teacher saw, so a cache is checked
+docs/ARCHITECTURE.md#views: a cached target is valid only for the exact input the teacher saw, so a cache is checked
 by re-rendering stored views with `render_view` from the manifest's dataset, running the teacher rebuilt
 from the manifest (the checkpoint must be the file that made the cache), producing the rows the teacher
 pass would store (`batch_rows`, the pass's own function) and taking the largest absolute difference per
@@ -18,7 +18,7 @@ absolute error of the large ones it was summed from), so an array passes when
 (the maximum over finite stored values: a non-finite stored value fails its array, never widens the
 tolerance to inf)
 
-(four float16 units of its largest value). A cache made on a GPU under bf16 autocast (docs/ARCHITECTURE.md §7) and
+(four float16 units of its largest value). A cache made on a GPU under bf16 autocast (docs/operations.md#prefect-in-production) and
 verified on CPU differs by bf16 rounding, 2^-8 relative per operation: verify it on the same kind of
 device, or pass a larger rtol (e.g. 0.03).
 """

@@ -1,7 +1,6 @@
 """What a student run is: its configuration, and how a sweep of students maps to run directories.
 
-A run trains one student architecture with a list of methods against one teacher cache (docs/ARCHITECTURE.md §2,
-§6: "methods compose") and writes one run directory (§10). `RunSettings` is what every student of a
+A run trains one student architecture with a list of methods against one teacher cache (docs/ARCHITECTURE.md#data-flow, docs/methods.md#compose: "methods compose") and writes one run directory (docs/ARCHITECTURE.md#command-line-contract). `RunSettings` is what every student of a
 sweep shares; `plan_runs` turns a sweep into one `TrainConfig` per student.
 """
 
@@ -109,7 +108,7 @@ class TrainConfig(Config):
 
 def plan_runs(cache: str, students: list[StudentSpec], out: str, settings: RunSettings) -> list[TrainConfig]:
     """One config per student. A single student writes into `out`; several each into
-    `out/<student>-<methods>-s<seed>/` (docs/ARCHITECTURE.md §10)."""
+    `out/<student>-<methods>-s<seed>/` (docs/ARCHITECTURE.md#command-line-contract)."""
     if not students:
         raise TrainError("no student given; pass --student TIMM_NAME at least once")
     slugs = [s.slug for s in students]

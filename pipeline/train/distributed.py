@@ -1,5 +1,5 @@
 """Distributed students: one student trained by N processes with DistributedDataParallel (README
-"Distributed students", docs/ARCHITECTURE.md §7).
+"Distributed students", docs/operations.md#prefect-in-production).
 
 torchrun starts the processes (ranks) and names each in its environment (RANK, WORLD_SIZE, LOCAL_RANK);
 `train_student` reads them (`World.from_env`), so the same loop trains one process or N:

@@ -1,4 +1,4 @@
-"""Train one student from a teacher cache: `train_student(config) -> summary` (docs/ARCHITECTURE.md §2, §6, §10).
+"""Train one student from a teacher cache: `train_student(config) -> summary` (docs/ARCHITECTURE.md#data-flow, docs/methods.md#compose, docs/ARCHITECTURE.md#command-line-contract).
 
 The whole loop is in `train_student`, top to bottom: open and check the cache, build the student and
 its methods, stream the cache (or, with `--online-teacher`, run the teacher on the same views), step,
@@ -15,6 +15,7 @@ import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +199,7 @@ def check_runs(configs: list[TrainConfig], world_size: int | None = None) -> Non
 def train_student(config: TrainConfig) -> TrainSummary:
     """Train `config.student` with `config.methods` from `config.cache`; write RUNDIR; return the summary.
 
-    The summary (also RUNDIR/summary.json, docs/ARCHITECTURE.md §10): student, methods, seed, epochs, val_accuracy
+    The summary (also RUNDIR/summary.json, docs/ARCHITECTURE.md#command-line-contract): student, methods, seed, epochs, val_accuracy
     (0..1, view 0 of the val split), train_seconds (training epochs, evaluation excluded),
     mean_step_seconds (wall time per optimiser step including waiting for data and, online, the teacher;
     each epoch's first step, which waits for the loader to start, is left out), peak_rss_bytes (this
@@ -336,7 +337,7 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
         num_samples=cache.num_samples, input_size=size, batch_size=s.batch_size, steps=state["step"],
         final_loss=state["loss"], device=str(device), out=config.out,
         val_skipped_images=list(val.skipped), environment=describe_environment(device),
-        world_size=world.size,
+        world_size=world.size, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     if world.is_main:
         run.finish(student.model.state_dict(), summary.to_dict())

@@ -3,7 +3,7 @@
 The teacher is rebuilt from the cache manifest's own spec (`build_teacher`, the one place a teacher is
 constructed) and run on the very views the student sees. Its outputs then go through the cache's storage
 round trip (the stored dtype, the top-k code), so the twin differs from the cached run only in where
-the targets come from, not in their precision (docs/ARCHITECTURE.md §2, §4; issue 3 "cached == online").
+the targets come from, not in their precision (docs/ARCHITECTURE.md#data-flow, docs/cache-format.md#contract; issue 3 "cached == online").
 """
 
 from __future__ import annotations

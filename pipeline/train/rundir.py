@@ -1,4 +1,4 @@
-"""A student run's directory (docs/ARCHITECTURE.md §10): the files users and scripts read, and the checkpoint.
+"""A student run's directory (docs/ARCHITECTURE.md#command-line-contract): the files users and scripts read, and the checkpoint.
 
 ```
 RUNDIR/config.json      the TrainConfig
@@ -54,6 +54,10 @@ class RunDir:
     @property
     def remote(self) -> bool:
         return isinstance(self.path, ObjectPath)
+
+    def holds_run(self) -> bool:
+        """Whether a run was started here (its config or a checkpoint exists): what `--resume` continues."""
+        return (self.path / CONFIG).exists() or (self.path / CHECKPOINT).exists()
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -121,7 +125,7 @@ class RunDir:
         """
         ckpt_path = self.path / CHECKPOINT
         if not config.settings.resume:
-            if (self.path / CONFIG).exists() or ckpt_path.exists():
+            if self.holds_run():
                 raise TrainError(f"{self.path} already holds a run; pass --resume to continue it or choose "
                                  f"another --out")
             return None

@@ -1,4 +1,4 @@
-"""`distillery runs`: compare student runs, grouping runs that differ only by their seed (docs/ARCHITECTURE.md §10).
+"""`distillery runs`: compare student runs, grouping runs that differ only by their seed (docs/ARCHITECTURE.md#command-line-contract).
 
 A run directory holds `summary.json` (the result) and `config.json` (the `TrainConfig`). Two runs belong
 to one group when their configs are equal but for the seed and what never changes a result (the run

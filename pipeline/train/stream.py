@@ -1,4 +1,4 @@
-"""The student's training stream over a teacher cache's webdataset shards (docs/ARCHITECTURE.md §2-§4).
+"""The student's training stream over a teacher cache's webdataset shards (docs/ARCHITECTURE.md#data-flow, docs/cache-format.md#contract).
 
     shards (blocks split by rank, then shards by DataLoader worker, then a seeded shard shuffle)
       -> the shard's per-sample rows (ids, labels, targets) from zarr, checked against its record's digests

@@ -1,4 +1,4 @@
-"""Students: any timm model, with the taps the methods read (docs/ARCHITECTURE.md §1 `train/`, §6).
+"""Students: any timm model, with the taps the methods read (docs/ARCHITECTURE.md#layers `train/`, docs/methods.md#compose).
 
 The student is built with the same `create_timm_model` as the teacher and read through the same
 `tapped_forward` (`pipeline.nets.tapped`), so a method sees `StudentOutputs` with

@@ -1,5 +1,5 @@
 """What a finished student run reports: `TrainSummary`, the library's result and RUNDIR/summary.json
-(docs/ARCHITECTURE.md §10).
+(docs/ARCHITECTURE.md#command-line-contract).
 
 The file keeps its keys and their order (other tools and `distillery runs` read it as JSON); a summary
 read from an older run lacks keys added since, which read as None and are not written back.

@@ -1,4 +1,4 @@
-"""Each byte once (docs/ARCHITECTURE.md §4): a cache's bytes summed per array from its files, and the top-k
+"""Each byte once (docs/cache-format.md#contract): a cache's bytes summed per array from its files, and the top-k
 logits against TinyViT's 4k+4 bytes per sample-view."""
 
 from __future__ import annotations

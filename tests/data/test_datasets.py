@@ -1,4 +1,4 @@
-"""Datasets with stable ids (docs/ARCHITECTURE.md §2, §10): digits, fashion-mnist, imagefolder, subsets."""
+"""Datasets with stable ids (docs/ARCHITECTURE.md#data-flow, docs/ARCHITECTURE.md#command-line-contract): digits, fashion-mnist, imagefolder, subsets."""
 
 from __future__ import annotations
 

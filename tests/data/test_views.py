@@ -1,4 +1,4 @@
-"""Augmentation replay (docs/ARCHITECTURE.md §3): deterministic view parameters, one bit-exact render path."""
+"""Augmentation replay (docs/ARCHITECTURE.md#views): deterministic view parameters, one bit-exact render path."""
 
 from __future__ import annotations
 

@@ -238,17 +238,17 @@ def test_train_setting_out_of_range(settings, message) -> None:
 
 @pytest.mark.parametrize("spec, message", [
     ("kd:T=-1", "method 'kd': option 'T' must be >= 0.01 and <= 100, not -1.0"),
-    ("kd:alpha=-1", "method 'kd': option 'alpha' must be >= 0, not -1.0"),
-    ("dkd:beta=nan", "method 'dkd': option 'beta' must be >= 0, not nan"),
-    ("dkd:T=0", "method 'dkd': option 'T' must be > 0, not 0.0"),
+    ("kd:alpha=-1", "method 'kd': option 'alpha' must be >= 0 and <= 10000, not -1.0"),
+    ("dkd:beta=nan", "method 'dkd': option 'beta' must be >= 0 and <= 10000, not nan"),
+    ("dkd:T=0", "method 'dkd': option 'T' must be >= 0.01 and <= 100, not 0.0"),
     ("ce:label_smoothing=-0.1", "method 'ce': option 'label_smoothing' must be >= 0 and <= 1, not -0.1"),
-    ("fitnet:weight=-1", "method 'fitnet': option 'weight' must be >= 0, not -1.0"),
-    ("elsh:beta=-5", "method 'elsh': option 'beta' must be >= 0, not -5.0"),
-    ("scalekd:heads=0", "method 'scalekd': option 'heads' must be >= 1, not 0"),
+    ("fitnet:weight=-1", "method 'fitnet': option 'weight' must be >= 0 and <= 10000, not -1.0"),
+    ("elsh:beta=-5", "method 'elsh': option 'beta' must be >= 0 and <= 10000, not -5.0"),
+    ("scalekd:heads=0", "method 'scalekd': option 'heads' must be >= 1 and <= 64, not 0"),
     ("tcs:keep=2", "method 'tcs': option 'keep' must be > 0 and <= 1, not 2.0"),
-    ("wkd_f:gamma=-1", "method 'wkd_f': option 'gamma' must be >= 0, not -1.0"),
-    ("wkd_l:sinkhorn_iters=0", "method 'wkd_l': option 'sinkhorn_iters' must be >= 1, not 0"),
-    ("wkd_l:kappa=inf", "method 'wkd_l': option 'kappa' must be > 0, not inf"),
+    ("wkd_f:gamma=-1", "method 'wkd_f': option 'gamma' must be >= 0 and <= 10000, not -1.0"),
+    ("wkd_l:sinkhorn_iters=0", "method 'wkd_l': option 'sinkhorn_iters' must be >= 1 and <= 1000, not 0"),
+    ("wkd_l:kappa=inf", "method 'wkd_l': option 'kappa' must be > 0 and <= 100, not inf"),
 ])
 def test_method_option_out_of_range_is_refused_when_the_run_is_configured(spec, message) -> None:
     from pipeline.train.config import StudentSpec

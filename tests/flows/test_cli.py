@@ -125,7 +125,7 @@ def test_stats_recomputes_interrelations_from_features_without_the_teacher(digit
 
     import pipeline.teacher.model as model
     from pipeline.cache.store import TeacherCache
-    from pipeline.stats.cka import linear_cka
+    from pipeline.stats.cka import linear_cka, pair_sample_counts
 
     copy = _copy(digits_cache, tmp_path)
     monkeypatch.setattr(model, "create_timm_model", lambda *a, **k: pytest.fail("teacher constructed"))
@@ -137,9 +137,10 @@ def test_stats_recomputes_interrelations_from_features_without_the_teacher(digit
     assert cache.manifest.status == "complete" and cache.manifest.stats.cka_source == "features"
     feats = cache.read("features/pooled")[:, 0].astype(np.float64)
     labels = cache.read("samples/labels")
-    m = np.bincount(labels).min()
-    blocks = [feats[labels == c][:m] for c in range(cache.num_classes)]
-    direct = np.array([[linear_cka(a, b) for b in blocks] for a in blocks])
+    m = pair_sample_counts(np.bincount(labels, minlength=cache.num_classes))
+    blocks = [feats[labels == c] for c in range(cache.num_classes)]
+    direct = np.array([[linear_cka(a[:m[i, j]], b[:m[i, j]]) for j, b in enumerate(blocks)]
+                       for i, a in enumerate(blocks)])
     np.testing.assert_allclose(cache.read("stats/cka/ir"), direct, atol=1e-4)
     assert not np.allclose(cache.read("stats/cka/ir"), TeacherCache(digits_cache).read("stats/cka/ir"), atol=1e-3)
 

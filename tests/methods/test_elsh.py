@@ -1,4 +1,4 @@
-"""eLSH (docs/ARCHITECTURE.md §6.6): BCE between the student's bit logits and the cached codes, the optional LSHL2 term,
+"""eLSH (docs/methods.md#elsh): BCE between the student's bit logits and the cached codes, the optional LSHL2 term,
 and the refusals naming how to add LSH to a cache."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ScaleKD (docs/ARCHITECTURE.md §6.7): DFM against independent references, the CAP's layout, TPP from the cache's
+"""ScaleKD (docs/methods.md#scalekd): DFM against independent references, the CAP's layout, TPP from the cache's
 teacher tail without ever building the teacher, and cross-architecture training end to end."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""TCS (docs/ARCHITECTURE.md §6.5): teacher PCA coordinates, the alignment term, the tailoring schedule, the fold into
+"""TCS (docs/methods.md#tcs): teacher PCA coordinates, the alignment term, the tailoring schedule, the fold into
 one linear head, and a run from a head-less teacher's cache end to end."""
 
 from __future__ import annotations

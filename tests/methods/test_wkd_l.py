@@ -51,7 +51,7 @@ def random_logits(b: int, c: int, scale: float = 3.0, seed: int = 0, dtype=torch
 
 
 def reference_plan_distance(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, reg: float, iters: int) -> float:
-    """docs/ARCHITECTURE.md §6.3 literally, for one pair: explicit plan diag(u) K diag(v), then sum(plan * cost)."""
+    """docs/methods.md#wkd-l literally, for one pair: explicit plan diag(u) K diag(v), then sum(plan * cost)."""
     kernel = torch.exp(-cost / reg)
     u = torch.full_like(a, 1.0 / a.numel())
     for _ in range(iters):

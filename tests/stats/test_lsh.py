@@ -1,4 +1,4 @@
-"""LSH planes, codes and index (docs/ARCHITECTURE.md §5): the stored codes are faiss's IndexLSH codes of the stored
+"""LSH planes, codes and index (docs/cache-format.md#statistics): the stored codes are faiss's IndexLSH codes of the stored
 features, every bit splits the training set in half, and `distillery stats --lsh-bits` rebuilds them
 from a complete cache without the teacher."""
 

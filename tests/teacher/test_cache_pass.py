@@ -231,7 +231,7 @@ def test_head_less_teacher_stores_features_and_statistics_only(cache_request, tm
 
 
 # ------------------------------------------------------------------------------------------------
-# ScaleKD (docs/ARCHITECTURE.md §6.7): feature maps per view and the teacher tail.
+# ScaleKD (docs/methods.md#scalekd): feature maps per view and the teacher tail.
 # ------------------------------------------------------------------------------------------------
 
 

@@ -1,9 +1,10 @@
-"""`train_student`: the run directory of docs/ARCHITECTURE.md §10, exact resume, and one-line refusals of bad input."""
+"""`train_student`: the run directory of docs/ARCHITECTURE.md#command-line-contract, exact resume, and one-line refusals of bad input."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ def test_run_directory_holds_config_metrics_summary_and_plain_student_weights(ma
     # summary.json keeps its keys, in the order they have always been written (other tools read the file).
     assert SUMMARY_KEYS <= set(written) and written == summary.to_dict() and list(written) == list(TrainSummary.model_fields)
     assert 0 <= summary.val_accuracy <= 1 and summary.online_teacher is False and summary.world_size == 1
+    assert datetime.fromisoformat(summary.finished_at).tzinfo is not None  # what `runs --by date` groups by
     assert summary.methods == ["ce", "kd:T=2", "fitnet:weight=0.5", "dkd:warmup=0"]
     assert summary.mean_step_seconds > 0 and summary.peak_rss_bytes > 0 and summary.steps == 4
 

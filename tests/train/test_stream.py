@@ -1,5 +1,5 @@
 """The training stream: the right view's targets with the exactly re-rendered input, reproducibly, in
-bounded memory (docs/ARCHITECTURE.md §2-§4)."""
+bounded memory (docs/ARCHITECTURE.md#data-flow, docs/cache-format.md#contract)."""
 
 from __future__ import annotations
 
