@@ -95,7 +95,7 @@ def test_an_upward_import_is_named(module: str, imports: set[str], broken: str |
 
 
 def test_relative_and_local_imports_are_seen() -> None:
-    # `from .base import` in a method, `from . import kd` in methods/__init__, an import inside a function in cli.
+    # `from .base import` in a method, `from . import kd` in methods/__init__, an import inside a function in the cli.
     assert "pipeline.methods.base" in imported_modules(ROOT / "pipeline" / "methods" / "kd.py")
     assert "pipeline.methods.kd" in imported_modules(ROOT / "pipeline" / "methods" / "__init__.py")
-    assert "pipeline.teacher.plan" in imported_modules(ROOT / "flows" / "cli.py")
+    assert "pipeline.teacher.plan" in imported_modules(ROOT / "flows" / "cli" / "teacher.py")

@@ -101,7 +101,7 @@ def test_loop_descriptions_are_plain_text_not_rich_markup() -> None:
     from rich.console import Console
     from rich.progress import Progress
 
-    from flows.cli import RichReporter
+    from flows.cli.display import RichReporter
 
     log = io.StringIO()
     reporter = RichReporter(Progress(console=Console(file=log, width=200), disable=True))

@@ -22,9 +22,9 @@ from pipeline.methods.base import _REGISTRY
 @pytest.fixture
 def wide(monkeypatch) -> None:
     """Tables and help one line per row, so a test can find a cell's whole text."""
-    import flows.cli
+    import flows.cli.display
 
-    monkeypatch.setattr(flows.cli.console, "width", 1000)
+    monkeypatch.setattr(flows.cli.display.console, "width", 1000)
     import typer.rich_utils
 
     monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 1000)
@@ -127,7 +127,7 @@ def test_prefect_home_defaults_to_the_venv_whichever_way_the_cli_starts(monkeypa
 def test_teacher_defaults_to_the_model_the_checkpoint_names(digits_teacher: Path) -> None:
     import torch
 
-    from flows.cli import checkpoint_model
+    from flows.cli.teacher import checkpoint_model
 
     assert checkpoint_model(digits_teacher) == torch.load(digits_teacher, weights_only=True)["model"] == "test_resnet"
 

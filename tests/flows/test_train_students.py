@@ -119,7 +119,7 @@ def test_a_sweep_file_with_an_unknown_key_is_one_line(tmp_path: Path, cli) -> No
 
 
 def test_combo_splits_methods_at_a_plus_before_a_name_only() -> None:
-    from flows.cli import combination
+    from flows.sweep import combination
 
     assert combination("ce+kd:T=2,alpha=0.5+fitnet") == ["ce", "kd:T=2,alpha=0.5", "fitnet"]
     assert combination("ce+tcs:variance=1e+0") == ["ce", "tcs:variance=1e+0"]

@@ -1,0 +1,59 @@
+"""The `distillery` command line (docs/ARCHITECTURE.md#command-line-contract: these spellings are a contract scripts rely on).
+
+One module per command group (`teacher`, `students`, `lab`, `deploy`), each a `typer.Typer` named `group`
+whose commands parse their options, make one library or flow call and print; `display` prints, `options`
+holds what several commands share. `main` turns every error a user can fix into one line on stderr, exit 2.
+"""
+
+import os
+import sys
+
+from flows.server import default_prefect_home
+
+default_prefect_home()  # before anything imports Prefect, which reads PREFECT_HOME once
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect's console logs would tear through the progress display and print a traceback before the one-line
+# error of bad input; the server keeps every log line (flow, task and library) and the CLI prints results.
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+# Prefect waits 20 s for its temporary server; a busy machine (a shared CI runner, a teacher pass beside it)
+# has been measured to need more, and a timed-out start wastes the whole command.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+import typer  # noqa: E402 - after the Prefect home is settled
+
+from flows.cli import deploy, lab, students, teacher  # noqa: E402
+from flows.cli.display import fail  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distillery: teach once, distill many.")
+app.add_typer(teacher.group)
+app.add_typer(students.group)
+app.add_typer(lab.group)
+app.add_typer(deploy.group)
+
+
+def main() -> None:
+    # typer vendors click as typer._click; its usage errors would otherwise be a multi-line panel.
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
+    from pydantic import ValidationError
+
+    from pipeline.errors import DistilleryError
+
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError:
+        app()  # the normal help screen, as `distillery` alone always printed
+    except DistilleryError as e:
+        fail(str(e))
+    except ValidationError as e:  # a parameter model's own range check (e.g. TrainSettings)
+        err = e.errors()[0]
+        fail(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}")
+    except ClickException as e:  # an option typer cannot parse (`--views x`), an unknown command or option
+        ctx = getattr(e, "ctx", None)
+        # typer checks a Literal choice through pydantic, whose message starts "Value error, ".
+        fail(f"{e.format_message().replace('Value error, ', '')} (see `{ctx.command_path if ctx else 'distillery'} "
+             f"--help`)")
+    except typer.Abort:  # Ctrl-C outside a flow
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

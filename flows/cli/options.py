@@ -1,0 +1,31 @@
+"""Options several `distillery` commands share: choices, help texts and the checks run while parsing.
+
+Every option's default is read from the config class, method or function that declares it (`default_of`),
+never restated here; every option has help text (tests/flows/test_cli_listing.py walks them all).
+"""
+
+from typing import Literal
+
+import typer
+
+from pipeline.data.datasets import BAD_IMAGE_POLICIES
+from pipeline.options import check_device
+
+# Choice-like options: typer lists the choices in --help and refuses anything else in one line.
+OnBadImage = Literal[BAD_IMAGE_POLICIES]
+CkaSource = Literal["auto", "logits", "features"]
+
+ON_BAD_IMAGE_HELP = ("an undecodable file in an image folder (any split, checked before any work): 'fail' names "
+                     "it, 'skip' leaves it out and reports how many")
+DATASET_HELP = "digits | fashion-mnist[:DIR] | imagefolder:DIR"
+CKA_HELP = "what the category interrelations (WKD-L's cost) are computed from; auto: logits if stored"
+
+
+def device_option(value: str) -> str:
+    """--device: auto, cpu or a CUDA device this machine has, checked while the command line is parsed."""
+    check_device(value)
+    return value
+
+
+def Device(help: str = "auto | cpu | cuda[:N] (checked against this machine)") -> typer.models.OptionInfo:  # noqa: A002,N802
+    return typer.Option(help=help, callback=device_option, metavar="auto|cpu|cuda[:N]")

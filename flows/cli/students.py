@@ -1,0 +1,165 @@
+"""`distillery` commands of the students: train, methods, runs."""
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from flows.cli.display import console, print_table, report_skipped, show_progress, warn
+from flows.cli.options import Device, OnBadImage
+from flows.params import TrainSettings
+from flows.server import start_temporary_server
+from pipeline.methods import list_methods
+from pipeline.options import default_of
+
+if TYPE_CHECKING:
+    from pipeline.train.summary import TrainSummary
+
+group = typer.Typer()
+
+Optimizer = TrainSettings.model_fields["optimizer"].annotation
+METHOD_HELP = (f"method spec NAME[:key=value,...]; repeat to compose one combination; NAME one of "
+               f"{', '.join(list_methods())} (`distillery methods` lists their options)")
+
+
+def Setting(name: str, *decls: str, **kwargs) -> typer.models.OptionInfo:  # noqa: N802
+    """A `train` option whose help is the `TrainSettings` field's description (declared once, shown by Prefect too)."""
+    return typer.Option(*decls, help=TrainSettings.model_fields[name].description, **kwargs)
+
+
+@group.command("train")
+def train_cmd(
+    ctx: typer.Context,
+    cache: Annotated[Optional[str], typer.Option(help="teacher cache directory or URL (distillery cache; default: the "
+                                                       "--sweep file's)")] = None,
+    student: Annotated[Optional[list[str]], typer.Option(help="timm model name; repeat to train several "
+                                                              "students")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(help=METHOD_HELP)] = None,
+    combo: Annotated[Optional[list[str]], typer.Option(help="one more method combination, its methods joined by "
+                                                            "+ (ce+kd:T=2); repeat: every --student is trained "
+                                                            "with every combination")] = None,
+    sweep: Annotated[Optional[Path], typer.Option(help="a sweep file (TOML): the train-students parameters of "
+                                                       "deploy/nightly.toml (cache, out, students, a settings table); "
+                                                       "options given here override its settings")] = None,
+    out: Annotated[Optional[str], typer.Option(help="run directory or fsspec URL (several runs: one subdirectory "
+                                                    "each; default: the --sweep file's)")] = None,
+    epochs: Annotated[int, Setting("epochs")] = default_of(TrainSettings, "epochs"),
+    seed: Annotated[int, Setting("seed")] = default_of(TrainSettings, "seed"),
+    online_teacher: Annotated[bool, Setting("online_teacher")] = default_of(TrainSettings, "online_teacher"),
+    resume: Annotated[bool, Setting("resume")] = default_of(TrainSettings, "resume"),
+    batch_size: Annotated[int, Setting("batch_size")] = default_of(TrainSettings, "batch_size"),
+    optimizer: Annotated[Optimizer, Setting("optimizer")] = default_of(TrainSettings, "optimizer"),
+    lr: Annotated[float, Setting("lr")] = default_of(TrainSettings, "lr"),
+    weight_decay: Annotated[float, Setting("weight_decay")] = default_of(TrainSettings, "weight_decay"),
+    warmup_epochs: Annotated[float, Setting("warmup_epochs")] = default_of(TrainSettings, "warmup_epochs"),
+    clip_grad: Annotated[Optional[float], Setting("clip_grad")] = default_of(TrainSettings, "clip_grad"),
+    input_size: Annotated[Optional[int], Setting("input_size")] = default_of(TrainSettings, "input_size"),
+    workers: Annotated[int, Setting("workers")] = default_of(TrainSettings, "workers"),
+    device: Annotated[str, Device()] = default_of(TrainSettings, "device"),
+    on_bad_image: Annotated[OnBadImage, Setting("on_bad_image")] = default_of(TrainSettings, "on_bad_image"),
+    allow_untrained_classifier: Annotated[bool, typer.Option(help="train a method combination that leaves the "
+                                                                  "classifier untrained (refused otherwise)")] = False,
+    nproc: Annotated[int, typer.Option(help="train each student with this many DDP processes (torchrun on this "
+                                            "machine, outside the Prefect flow; --batch-size is per process)")] = 1,
+) -> None:
+    """Train students from a teacher cache (Prefect flow; under torchrun or with --nproc N, DDP without the flow):
+    every --student with every method combination (or a --sweep file's), in one flow run; prints a comparison
+    table."""
+    from flows.sweep import train_distributed, train_plan
+    from flows.train_students import plan_sweep, train_students
+    from pipeline.cache.store import TeacherCache
+    from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
+    from pipeline.train.distributed import under_torchrun
+
+    settings = {name: value for name, value in ctx.params.items() if name in TrainSettings.model_fields}
+    given = {name for name in settings if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+    plan = train_plan(sweep, cache, out, student or [], method or [], combo or [], settings, given)
+    warn(untrained_classifier([s.spec() for s in plan.students], allow_untrained_classifier))
+    if nproc != 1 or under_torchrun():
+        summaries = train_distributed(plan, nproc, show_progress)
+        if summaries is not None:
+            print_students(f"students trained from {plan.cache} by {summaries[0].world_size} processes", summaries)
+            report_skipped("the val split", summaries[0].val_skipped_images or [])
+        return
+    configs = plan_sweep(plan.cache, plan.students, plan.out, plan.settings)  # bad input is one line, not a failed run
+    done = {c.out: completed_run(c) for c in configs}
+    for run_dir, summary in done.items():
+        if summary is not None:
+            console.print(f"{run_dir}: already complete ({summary.epochs} epochs, val accuracy "
+                          f"{summary.val_accuracy:.2%}); nothing to train")
+    if all(done.values()):
+        print_students(f"students trained from {plan.cache} (already complete)", list(done.values()))
+        return
+    if any(s.spec().methods != ("ce",) for s in plan.students):  # ce alone never reads the teacher's targets
+        warn(teacher_near_chance(TeacherCache(plan.cache)))
+    start_temporary_server()
+    with show_progress():
+        summaries = train_students(plan.cache, plan.students, plan.out, plan.settings, sweep=plan.sweep,
+                                   task_timeout=plan.task_timeout, checked=True)
+    print_students(f"students trained from {plan.cache}", summaries)
+    report_skipped("the val split", summaries[0].val_skipped_images or [])
+
+
+@group.command("methods")
+def methods_cmd(
+    name: Annotated[Optional[str], typer.Argument(help="only this method (default: all)")] = None,
+) -> None:
+    """List the distillation methods: what each needs from the cache (and the `distillery cache` option that adds
+    it), whether it trains the classifier, and its options with their defaults and meaning."""
+    from pipeline.cache.targets import TARGETS
+    from pipeline.methods import resolve_method_spec
+
+    table = Table(title="methods: compose with --method NAME[:key=value,...] (README, 'Methods')", title_justify="left",
+                  show_lines=True)
+    for column in ("method", "needs from the cache (cache option)", "trains classifier", "options (default: meaning)"):
+        table.add_column(column)
+    for method in [name] if name else list_methods():
+        cls, _ = resolve_method_spec(method)  # an unknown name is one line listing the known ones
+        summary = re.split(r"(?<=\.)\s", " ".join((cls.__doc__ or "").split()).replace("``", ""))[0]  # 1st sentence
+        needs = "\n".join(f"{TARGETS[t].description} ({TARGETS[t].cache_option})" for t in sorted(cls.needs)) or "-"
+        helps = cls.option_help()
+        options = "\n".join(f"{k}={v}: {helps[k]}" for k, v in cls.options().items()) or "-"
+        table.add_row(Text(f"{method}\n", style="bold") + Text(summary, style="dim"), needs,
+                      "yes" if cls.trains_classifier({}) else "no", options)
+    console.print(table)
+
+
+@group.command("runs")
+def runs_cmd(
+    rundirs: Annotated[list[str], typer.Argument(help="run directories or fsspec URLs, or folders holding them "
+                                                      "(searched recursively for summary.json)")],
+    markdown: Annotated[bool, typer.Option(help="print a markdown table instead")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="also plot accuracy vs training time into this PNG")] = None,
+) -> None:
+    """Compare student runs; runs that differ only by seed are one row (mean ± std over the seeds)."""
+    from pipeline.report.figures import accuracy_vs_time
+    from pipeline.report.markdown import markdown_table
+    from pipeline.train.runs import compare_runs, formatted_rows, group_label, group_rows
+
+    groups = compare_runs(rundirs)
+    rows = group_rows(groups)
+    table = formatted_rows(rows)
+    if markdown:
+        print(markdown_table(list(table[0]), [list(r.values()) for r in table]))
+    else:
+        print_table(f"{sum(len(g.runs) for g in groups)} runs, {len(groups)} settings", table)
+    if plot is not None:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        plot.write_bytes(accuracy_vs_time(
+            [group_label(r) for r in rows], [r.mean.train_seconds for r in rows], [r.std.train_seconds for r in rows],
+            [r.mean.val_accuracy for r in rows], [r.std.val_accuracy for r in rows]))
+        Console(stderr=True).print(f"plot written to {plot}")  # stderr: stdout may be a markdown table
+
+
+def print_students(title: str, summaries: "list[TrainSummary]") -> None:
+    """The comparison table of a sweep, formatted for people (the flow's artifact keeps raw numbers)."""
+    from flows.train_students import sweep_rows
+
+    rows = [{**r, "val_accuracy": f"{r['val_accuracy']:.2%}", "train_seconds": f"{r['train_seconds']:.1f} s",
+             "mean_step_seconds": f"{1000 * r['mean_step_seconds']:.1f} ms", "params": f"{r['params']:,}"}
+            for r in sweep_rows(summaries)]
+    print_table(title, rows)

@@ -1,0 +1,88 @@
+"""What `distillery train` trains: a --sweep file merged with the command line, and the DDP path.
+
+Plain functions, no Prefect (the CLI calls them before any flow starts, so bad input is one line and costs
+no server start): `train_plan` reads the sweep file (deploy/nightly.toml's `train-students` parameters),
+lets the settings options given on the command line override its settings, adds every --student times
+every method combination, and checks the result; `train_distributed` runs that plan with DDP
+(docs/operations.md#distributed-students).
+"""
+
+import re
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from flows.params import Student, SweepFile, TrainSettings
+from pipeline.object_store import is_url
+from pipeline.train.config import TrainError
+from pipeline.train.summary import TrainSummary
+
+
+def combination(spec: str) -> list[str]:
+    """`ce+kd:T=2,alpha=0.5` -> [`ce`, `kd:T=2,alpha=0.5`]: a `+` before a method name joins two methods (a
+    value such as 1e+3 keeps its `+`)."""
+    return [m for m in re.split(r"\+(?=[A-Za-z_])", spec) if m]
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """The `train-students` parameters of one `distillery train`: a sweep file's, completed by the command line."""
+
+    cache: str
+    out: str
+    students: list[Student]
+    settings: TrainSettings
+    sweep: Optional[str] = None
+    task_timeout: Optional[float] = None
+
+
+def train_plan(sweep: Optional[Path], cache: Optional[str], out: Optional[str], students: list[str],
+               methods: list[str], combos: list[str], settings: dict[str, Any], given: set[str]) -> TrainPlan:
+    """The plan of `distillery train`: the `sweep` file's (if any) students, settings, cache and out; `settings`
+    (every settings option's value) named in `given` (typed on the command line) override the file's settings;
+    every one of `students` is trained with `methods` (one combination) and each of `combos`."""
+    plan = SweepFile.load(sweep) if sweep is not None else SweepFile()
+    if sweep is not None:
+        settings = {**plan.settings.model_dump(), **{name: settings[name] for name in given}}
+    TrainSettings.model_construct(**settings).run_settings()  # the library's one-line checks come first
+    params = TrainSettings(**settings)
+    combinations = ([list(methods)] if methods else []) + [combination(c) for c in combos]
+    if students and not combinations:
+        raise TrainError(f"student {students[0]} has no --method; give at least one, e.g. --method ce")
+    planned = plan.students + [Student(student=name, methods=m) for name in students for m in combinations]
+    cache = cache or plan.cache
+    out = out or plan.out
+    out = out if out is None or is_url(out) else str(Path(out))  # a local path normalised, as a Path option did
+    if cache is None or out is None:
+        raise TrainError(f"give --{'cache' if cache is None else 'out'} (or a --sweep file that sets it)")
+    if not planned:
+        raise TrainError("no student given; pass --student TIMM_NAME --method ce (or a --sweep file with students)")
+    return TrainPlan(cache=str(cache), out=out, students=planned, settings=params, sweep=plan.sweep,
+                     task_timeout=plan.task_timeout)
+
+
+def train_distributed(plan: TrainPlan, nproc: int,
+                      display: Callable[[], AbstractContextManager[Any]] = nullcontext) -> list[TrainSummary] | None:
+    """DDP students (docs/operations.md#distributed-students): under torchrun every rank trains each student in
+    turn (rank 0 inside `display`); with --nproc N this process checks the sweep, then runs torchrun per
+    student. The summaries on rank 0 (which prints them), None on the other ranks."""
+    from pipeline.train.config import plan_runs
+    from pipeline.train.distributed import World, launch, under_torchrun
+    from pipeline.train.loop import check_runs, train_student
+
+    world = World.from_env()
+    if nproc < 1:
+        raise TrainError(f"--nproc {nproc}: give a number of processes >= 1")
+    if under_torchrun() and nproc not in (1, world.size):
+        raise TrainError(f"--nproc {nproc} under torchrun, whose world size is {world.size}: leave --nproc out "
+                         f"(torchrun's --nproc-per-node decides)")
+    configs = plan_runs(plan.cache, [s.spec() for s in plan.students], plan.out, plan.settings.run_settings())
+    check_runs(configs, world.size if under_torchrun() else nproc)  # bad input is one line, before any process starts
+    if under_torchrun():
+        with display() if world.is_main else nullcontext():
+            summaries = [train_student(config) for config in configs]
+    else:
+        summaries = [launch(config, nproc) for config in configs]
+    return summaries if world.is_main else None
