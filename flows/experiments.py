@@ -1,4 +1,4 @@
-"""Prefect flow `experiment`: a named scenario end to end (`pipeline.experiments`).
+"""Prefect flow `experiment`: a named scenario end to end (`pipeline.lab.experiments`).
 
 Fit the teacher (or reuse the checkpoint fitted with the same settings), run the `cache-teacher` flow
 once, then the `train-students` flow once per seed from that one cache, and publish the results table
@@ -15,7 +15,7 @@ from flows.cache_teacher import cache_teacher
 from flows.params import Student, TrainSettings
 from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
 from flows.train_students import train_students
-from pipeline.experiments import (DEFAULT_ROOT, ExperimentResult, ExperimentTeacher, get_experiment, result_rows,
+from pipeline.lab.experiments import (DEFAULT_ROOT, ExperimentResult, ExperimentTeacher, get_experiment, result_rows,
                                   results_markdown, reusable_teacher)
 from pipeline.train.fit import fit_teacher
 from pipeline.train.summary import TrainSummary

@@ -1,6 +1,6 @@
 """Seed-paired differences between the rows of an experiment already run (`distillery experiment NAME`): for
 each pair A:B, the mean of A minus B over the same seeds, its sample std, the paired t statistic and on how
-many seeds A is above B (`pipeline.experiments.paired_difference`). Reads only the runs' summary.json; runs
+many seeds A is above B (`pipeline.lab.experiments.paired_difference`). Reads only the runs' summary.json; runs
 nothing. README "Ten seeds on one machine":
 
     python scripts/paired_seeds.py fmnist-fewshot --root /work/exp --seeds 10 --pair ce+tcs:ce --pair ce+tcs:ce+kd
@@ -12,7 +12,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from pipeline.experiments import get_experiment, paired_difference
+from pipeline.lab.experiments import get_experiment, paired_difference
 from pipeline.train.summary import TrainSummary
 
 

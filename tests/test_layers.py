@@ -23,8 +23,7 @@ LAYERS: list[set[str]] = [
     {"teacher", "methods"},
     {"train"},
     {"report", "preflight"},  # preflight: warnings before wasted work, from what train and cache know
-    {"experiments", "bench_loader", "bench_storage"},  # whole scenarios and single benchmarks
-    {"bench"},  # `distillery bench`: every benchmark side by side
+    {"lab"},  # experiments, benchmarks, the synthetic-cache writer: nothing in the library imports them
 ]
 """Layers of `pipeline`, lowest first: the second part of a module's name (`pipeline.<part>...`) decides."""
 

@@ -12,13 +12,13 @@ from rich.text import Text
 from flows.cli.display import console, print_table, show_progress
 from flows.cli.options import Device
 from flows.server import start_temporary_server
-from pipeline.bench import run_benchmarks
-from pipeline.experiments import DEFAULT_ROOT
+from pipeline.lab.bench import run_benchmarks
+from pipeline.lab.experiments import DEFAULT_ROOT
 from pipeline.options import default_of
 
 if TYPE_CHECKING:
-    from pipeline.bench_storage import CacheScaling
-    from pipeline.experiments import ExperimentResult
+    from pipeline.lab.storage_bench import CacheScaling
+    from pipeline.lab.experiments import ExperimentResult
 
 group = typer.Typer()
 
@@ -26,7 +26,7 @@ group = typer.Typer()
 @group.command("experiments")
 def experiments_cmd() -> None:
     """List the named experiments (`distillery experiment NAME`): teacher, cache, student and each row's methods."""
-    from pipeline.experiments import EXPERIMENTS, SUITES
+    from pipeline.lab.experiments import EXPERIMENTS, SUITES
 
     table = Table(title="experiments: distillery experiment NAME [--row ROW ...]", title_justify="left",
                   show_lines=True)
@@ -93,7 +93,7 @@ def bench_cmd(
 
 
 def print_storage_bench(storage: "CacheScaling") -> None:
-    """The storage tables of `distillery bench` (`pipeline.bench_storage`)."""
+    """The storage tables of `distillery bench` (`pipeline.lab.storage_bench`)."""
     rows = [{"samples": r.samples, "pass + statistics s": f"{r.seconds:.1f}",
              "samples / first": f"{r.samples_over_first:.0f}", "time / first": f"{r.time_over_first:.2f}",
              "peak RSS MiB": f"{r.peak_rss_bytes / 2**20:.0f}", "RSS / first": f"{r.rss_over_first:.2f}"}
@@ -122,7 +122,7 @@ def experiment_cmd(
 ) -> None:
     """Run a named experiment end to end (fit or reuse the teacher, cache once, train every row per seed)."""
     from flows.experiments import run_experiment
-    from pipeline.experiments import suite_parts
+    from pipeline.lab.experiments import suite_parts
 
     parts = suite_parts(name, row)  # an unknown name or row is one line, before any flow starts
     start_temporary_server()
@@ -150,7 +150,7 @@ def demo_cmd(
 
 def print_experiment(name: str, result: "ExperimentResult", markdown: bool) -> None:
     """An experiment's results: a rich table, or the markdown the README holds."""
-    from pipeline.experiments import get_experiment, results_markdown
+    from pipeline.lab.experiments import get_experiment, results_markdown
 
     experiment = get_experiment(name)
     teacher = result.teacher

@@ -83,7 +83,7 @@ def worker_context(workers: int) -> multiprocessing.context.BaseContext | None:
     Workers forked from this process would inherit the exit hooks of its threads (Prefect's log and
     event services), which fail in the child at exit; workers forked from a fork server (a clean,
     single-threaded process started once) have none. The server preloads `worker_preload()`, so after its
-    start (once per process) a worker starts as fast as a forked one (`python -m pipeline.bench_loader`).
+    start (once per process) a worker starts as fast as a forked one (`python -m pipeline.lab.loader_bench`).
     """
     if workers == 0:
         return None

@@ -5,6 +5,4 @@
     figures.py    matplotlib (Agg) figures as PNG bytes
     html.py       one self-contained HTML page (figures embedded as base64)
     markdown.py   the same sections in markdown, without figures
-    bench.py      a synthetic 60k-sample cache and the time `inspect` takes on it
-    chromium.py   headless Chromium over the DevTools pipe: the screenshot test, docs/report.png
 """

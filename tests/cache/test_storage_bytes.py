@@ -82,7 +82,7 @@ def framing(length: int) -> int:
 
 
 def test_the_bench_counts_every_stored_byte_once_per_sample_view(topk_cache: Path) -> None:
-    from pipeline.bench_storage import cache_bytes, tinyvit_bytes
+    from pipeline.lab.storage_bench import cache_bytes, tinyvit_bytes
 
     result = cache_bytes(str(topk_cache))
     cache = TeacherCache(topk_cache)
@@ -97,7 +97,7 @@ def test_the_bench_counts_every_stored_byte_once_per_sample_view(topk_cache: Pat
 
 
 def test_a_format_1_twin_streams_the_same_samples_and_targets(topk_cache: Path, tmp_path: Path) -> None:
-    from pipeline.bench_storage import format_1_twin, stream_samples_per_s
+    from pipeline.lab.storage_bench import format_1_twin, stream_samples_per_s
     from pipeline.train.stream import CacheStream
 
     twin = TeacherCache(format_1_twin(str(topk_cache), str(tmp_path / "twin")))

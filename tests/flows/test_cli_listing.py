@@ -14,7 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline.experiments import EXPERIMENTS, SUITES
+from pipeline.lab.experiments import EXPERIMENTS, SUITES
 from pipeline.methods import list_methods
 from pipeline.methods.base import _REGISTRY
 

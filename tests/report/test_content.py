@@ -10,7 +10,7 @@ import pytest
 from pipeline.cache.store import TeacherCache
 from pipeline.cache.summary import teacher_accuracy_per_view
 from pipeline.data.datasets import load_dataset
-from pipeline.report.bench import write_synthetic_cache
+from pipeline.lab.synthetic import write_synthetic_cache
 from pipeline.report.content import (KNN_QUERIES, KnnScore, bit_counts, class_pairs, closer_probability, gather_report,
                                      hamming_knn, leading_bits, lsh_summary, one_faiss_thread, teacher_provenance,
                                      top_related_pairs, unpack_codes)

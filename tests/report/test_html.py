@@ -13,12 +13,13 @@ from PIL import Image
 
 from pipeline.cache.store import TeacherCache
 from pipeline.data.datasets import load_dataset
-from pipeline.report.bench import write_synthetic_cache
-from pipeline.report.chromium import Chromium, find_chromium, screenshot_page
+from pipeline.lab.synthetic import write_synthetic_cache
 from pipeline.report.content import gather_report
 from pipeline.report.html import write_report
 from pipeline.report.markdown import report_markdown
 from pipeline.report.sections import report_sections
+
+from chromium import Chromium, find_chromium, screenshot_page  # tests/report/chromium.py, beside this file
 
 IMAGES = re.compile(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 

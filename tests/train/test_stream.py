@@ -54,7 +54,8 @@ def test_each_sample_once_with_its_epoch_view_rendered_and_that_views_targets(ma
     plan = ViewPlan(**cache.manifest.views.plan_fields())
     b, i = batches[1], 3
     raw = _raw(cache, int(b["id"][i]))
-    expected = render_view(raw, plan.params(int(b["id"][i]), int(b["view"][i])), 12, [0.3], [0.4])
+    teacher = cache.manifest.teacher
+    expected = render_view(raw, plan.params(int(b["id"][i]), int(b["view"][i])), 12, teacher.mean, teacher.std)
     torch.testing.assert_close(b["input"][i], expected, rtol=0, atol=0)
 
 

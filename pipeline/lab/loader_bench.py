@@ -1,4 +1,4 @@
-"""DataLoader worker start methods side by side: `python -m pipeline.bench_loader [--epochs E]`.
+"""DataLoader worker start methods side by side: `python -m pipeline.lab.loader_bench [--epochs E]`.
 
 Training loaders start their workers from a fork server (`pipeline.data.rendering.worker_context`) so
 that they survive the threads a Prefect flow leaves in the process. This measures what that costs
@@ -61,7 +61,7 @@ def main() -> None:
                                     views=2, shard_size=args.samples // 4, device="cpu"))
         results = {}
         for method in METHODS:
-            child = subprocess.run([sys.executable, "-m", "pipeline.bench_loader", "--method", method, "--cache", cache,
+            child = subprocess.run([sys.executable, "-m", "pipeline.lab.loader_bench", "--method", method, "--cache", cache,
                                     "--epochs", str(args.epochs), "--workers", str(args.workers)],
                                    capture_output=True, text=True, check=True)
             results[method] = json.loads(child.stdout.strip().splitlines()[-1])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.report.bench import bench_inspect
+from pipeline.lab.inspect_bench import bench_inspect
 
 
 def test_bench_inspect_reports_its_timings() -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.bench_storage import CacheScaling, bench_cache_scaling, stream_samples_per_s
+from pipeline.lab.storage_bench import CacheScaling, bench_cache_scaling, stream_samples_per_s
 from pipeline.data.views import ViewPlan
 from pipeline.teacher.plan import CacheRequest, plan_cache, request_dataset, shared_teacher, teacher_spec
 from pipeline.teacher.forward import cache_shard, render_pairs, teacher_forward

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import pipeline.bench
-import pipeline.bench_storage
+import pipeline.lab.bench
+import pipeline.lab.storage_bench
 from flows.cli import app
-from pipeline.bench import bench_teacher_pass, model_flops
-from pipeline.bench_storage import StreamRates
+from pipeline.lab.bench import bench_teacher_pass, model_flops
+from pipeline.lab.storage_bench import StreamRates
 
 
 def test_teacher_pass_benchmark_reports_both_throughputs() -> None:
@@ -27,13 +27,13 @@ def test_teacher_pass_benchmark_reports_both_throughputs() -> None:
 
 @pytest.mark.slow
 def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(pipeline.bench, "STEP_CONFIGS", {"ce": (("ce",), False), "ce+kd": (("ce", "kd"), False)})
-    monkeypatch.setattr(pipeline.bench, "TCS_CONFIGS", {"ce+kd online": (("ce", "kd"), True),
+    monkeypatch.setattr(pipeline.lab.bench, "STEP_CONFIGS", {"ce": (("ce",), False), "ce+kd": (("ce", "kd"), False)})
+    monkeypatch.setattr(pipeline.lab.bench, "TCS_CONFIGS", {"ce+kd online": (("ce", "kd"), True),
                                                         "ce+tcs": (("ce", "tcs"), False)})
-    monkeypatch.setattr(pipeline.bench, "DDP_CONFIGS", ((1, None), (2, None)))
+    monkeypatch.setattr(pipeline.lab.bench, "DDP_CONFIGS", ((1, None), (2, None)))
     # >= 5x test_resnet's FLOPs, faster than resnet50; quick takes the first only
-    monkeypatch.setattr(pipeline.bench, "TCS_TEACHERS", ("resnet10t", "resnet50"))
-    monkeypatch.setattr(pipeline.bench_storage, "SCALES", (1, 2))
+    monkeypatch.setattr(pipeline.lab.bench, "TCS_TEACHERS", ("resnet10t", "resnet50"))
+    monkeypatch.setattr(pipeline.lab.storage_bench, "SCALES", (1, 2))
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "--quick", "--device", "cpu", "--json", str(out)])
     assert result.exit_code == 0, result.output

@@ -1,11 +1,12 @@
 """Headless Chromium driven over the DevTools protocol: load a page at a given width, run JavaScript in it
-and screenshot parts of it, with one browser start (the report's screenshot test and `docs/report.png`).
+and screenshot parts of it, with one browser start (the report's screenshot test, tests/report/test_html.py, and
+`docs/report.png`). Test equipment, not library: nothing under pipeline/ imports it.
 
 Chromium speaks the protocol over a pipe when started with ``--remote-debugging-pipe``: it reads commands
 on file descriptor 3 and writes answers and events on descriptor 4, one JSON message per NUL-terminated
 record (the transport Puppeteer uses), so no websocket client or open port is needed.
 
-    python -m pipeline.report.chromium PAGE.html OUT.png [--width 1280] [--height 900] [--anchor cka]
+    python tests/report/chromium.py PAGE.html OUT.png [--width 1280] [--height 900] [--anchor cka]
 """
 
 from __future__ import annotations
