@@ -34,11 +34,12 @@ $(CHROMIUM):
 demo: venv
 	$(BIN)/distillery demo
 
+# --durations=15: the 15 slowest tests listed at the end of every run, so a test that grows slow is seen where it grows.
 test: venv fashion-mnist chromium
-	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+	$(BIN)/python -m pytest -q --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q --durations=15 -m "not slow"
 
 bench: venv fashion-mnist
 	$(BIN)/distillery bench
