@@ -7,6 +7,8 @@ holds what several commands share. `main` turns every error a user can fix into 
 
 import os
 import sys
+from importlib.metadata import version
+from typing import Annotated
 
 from flows.server import default_prefect_home
 
@@ -26,6 +28,23 @@ from flows.cli.display import fail  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distillery: teach once, distill many.")
+
+
+def print_version(value: bool) -> None:
+    """--version: the installed package's version (what `pip show distillery` says), then exit."""
+    if value:
+        print(version("distillery"))
+        raise typer.Exit()
+
+
+@app.callback()
+def distillery(
+    show_version: Annotated[bool, typer.Option("--version", help="print the version and exit", is_eager=True,
+                                               callback=print_version)] = False,
+) -> None:
+    """Options before the command (`distillery --version`)."""
+
+
 app.add_typer(teacher.group)
 app.add_typer(students.group)
 app.add_typer(lab.group)
@@ -38,14 +57,14 @@ def main() -> None:
 
     from pydantic import ValidationError
 
-    from pipeline.errors import DistilleryError
+    from pipeline.errors import DistilleryError, one_line
 
     try:
         code = app(standalone_mode=False)
-    except NoArgsIsHelpError:
-        app()  # the normal help screen, as `distillery` alone always printed
-    except DistilleryError as e:
-        fail(str(e))
+    except NoArgsIsHelpError:  # `distillery` alone: typer has printed the help screen, exit 2 as click does
+        sys.exit(2)
+    except DistilleryError as e:  # raised here or in a DataLoader worker (whose traceback torch folds into it)
+        fail(one_line(e))
     except ValidationError as e:  # a parameter model's own range check (e.g. TrainSettings)
         err = e.errors()[0]
         fail(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}")

@@ -38,30 +38,32 @@ class RichReporter:
         self.display.advance(self.ids[key], amount)
 
     def finish(self, key: str) -> None:
-        task_id = self.ids.pop(key)
-        if not self.display.console.is_terminal:
-            # A log (a scheduled run, `> file`) gets no live bar: one line per finished loop instead.
-            task = next(t for t in self.display.tasks if t.id == task_id)  # shard tasks finish in any order
-            rate = f", {task.completed / task.elapsed:,.0f} {task.fields['unit']}/s" if task.elapsed else ""
-            self.display.console.print(f"{task.description}: {task.completed:,.0f} {task.fields['unit']} in "
-                                       f"{task.elapsed or 0:.1f} s{rate}")
-        self.display.remove_task(task_id)
+        self.display.remove_task(self.ids.pop(key))
+
+
+def plain_line(text: str) -> None:
+    """One progress line on stdout, as plain text (a run's "[ce+kd]" is not rich markup)."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 class show_progress:
-    """Context manager: a rich progress display wired to the library's progress hooks."""
+    """Context manager wiring the library's progress hooks to the console: a live rich bar per running loop on
+    a terminal; without one (a log, `> file`, a scheduled run, where a redrawn bar shows nothing until the
+    end) `pipeline.progress.LineReporter`'s plain lines, one per loop every 10 s and one when it ends."""
 
-    def __enter__(self) -> Progress:
-        self.display = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                RateColumn(), TimeRemainingColumn(elapsed_when_finished=True),
-                                console=console, transient=True, disable=not console.is_terminal)
-        self.display.__enter__()
-        progress.set_reporter(RichReporter(self.display))
-        return self.display
+    def __enter__(self) -> None:
+        self.display = None
+        if console.is_terminal:
+            self.display = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    RateColumn(), TimeRemainingColumn(elapsed_when_finished=True),
+                                    console=console, transient=True)
+            self.display.__enter__()
+        progress.set_reporter(RichReporter(self.display) if self.display else progress.LineReporter(plain_line))
 
     def __exit__(self, *exc: object) -> None:
         progress.set_reporter(None)
-        self.display.__exit__(*exc)
+        if self.display is not None:
+            self.display.__exit__(*exc)
 
 
 def print_table(title: str, rows: list[dict], columns: list[str] | None = None) -> None:

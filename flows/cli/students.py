@@ -2,7 +2,7 @@
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -15,6 +15,7 @@ from flows.params import TrainSettings
 from flows.server import start_temporary_server
 from pipeline.methods import list_methods
 from pipeline.options import default_of
+from pipeline.train.runs import GROUPINGS, compare_runs
 
 if TYPE_CHECKING:
     from pipeline.train.summary import TrainSummary
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 group = typer.Typer()
 
 Optimizer = TrainSettings.model_fields["optimizer"].annotation
+Grouping = Literal[GROUPINGS]
 METHOD_HELP = (f"method spec NAME[:key=value,...]; repeat to compose one combination; NAME one of "
                f"{', '.join(list_methods())} (`distillery methods` lists their options)")
 
@@ -134,19 +136,24 @@ def runs_cmd(
                                                       "(searched recursively for summary.json)")],
     markdown: Annotated[bool, typer.Option(help="print a markdown table instead")] = False,
     plot: Annotated[Optional[Path], typer.Option(help="also plot accuracy vs training time into this PNG")] = None,
+    by: Annotated[Grouping, typer.Option(help="one row per setting (config: its seeds averaged), also per day the "
+                                              "run finished (date: a nightly sweep's trend), or per folder holding "
+                                              "the run (flow-run: a deployment's --out)")]
+    = default_of(compare_runs, "by"),
 ) -> None:
     """Compare student runs; runs that differ only by seed are one row (mean ± std over the seeds)."""
     from pipeline.report.figures import accuracy_vs_time
     from pipeline.report.markdown import markdown_table
-    from pipeline.train.runs import compare_runs, formatted_rows, group_label, group_rows
+    from pipeline.train.runs import formatted_rows, group_label, group_rows
 
-    groups = compare_runs(rundirs)
+    groups = compare_runs(rundirs, by)
     rows = group_rows(groups)
     table = formatted_rows(rows)
     if markdown:
         print(markdown_table(list(table[0]), [list(r.values()) for r in table]))
     else:
-        print_table(f"{sum(len(g.runs) for g in groups)} runs, {len(groups)} settings", table)
+        rows_are = "settings" if by == "config" else f"rows (settings x {by})"
+        print_table(f"{sum(len(g.runs) for g in groups)} runs, {len(groups)} {rows_are}", table)
     if plot is not None:
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot.write_bytes(accuracy_vs_time(

@@ -268,15 +268,31 @@ def test_training_on_a_deleted_statistics_chunk_is_refused_by_the_cli(cache: Pat
     assert "stats/cka/ir" in line and not (tmp_path / "run" / "summary.json").exists()
 
 
-def test_a_flipped_byte_with_recomputed_sha256_is_one_line_on_stream(cache: Path) -> None:
+def flip_a_byte_of_shard_1_and_its_sha256(cache: Path) -> None:
+    """A byte of shard 1 flipped and the shard's sha256 in the manifest recomputed: only the damaged block's own
+    digest, checked as the stream reads it, can tell."""
     path = cache / "shards" / "train-000001.tar"
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0x01
     path.write_bytes(bytes(data))
     edit_manifest(cache, lambda m: m["shards"][1].update(sha256=sha256_file(path)))
+
+
+def test_a_flipped_byte_with_recomputed_sha256_is_one_line_on_stream(cache: Path) -> None:
+    flip_a_byte_of_shard_1_and_its_sha256(cache)
     with pytest.raises(CacheError, match=r"shard 1: block .* fails its sha256") as e:
         stream_all(cache)
     assert recommended(one_line(e.value))[:3] == ["verify", str(cache), "--repair"]
+
+
+def test_a_damaged_block_met_by_a_dataloader_worker_is_its_own_one_line_from_train(cache: Path, tmp_path: Path) -> None:
+    """A stream worker meets the damaged block: torch re-raises its CacheError with the worker's traceback folded
+    into the message, and the CLI prints the original line alone (`pipeline.errors.one_line`)."""
+    flip_a_byte_of_shard_1_and_its_sha256(cache)
+    line = cli_error(run_cli("train", "--cache", str(cache), "--student", "test_resnet", "--method", "ce", "--out",
+                             str(tmp_path / "run"), "--epochs", "1", "--workers", "1", "--device", "cpu"))
+    assert re.fullmatch(r"error: shard 1: block .* fails its sha256.*", line), line
+    assert "DataLoader worker" not in line and recommended(line)[:3] == ["verify", str(cache), "--repair"]
 
 
 def test_a_flipped_byte_in_an_older_shard_record_is_one_line_not_a_zip_traceback(cache: Path) -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.text import Text
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -65,6 +66,46 @@ def test_runs_prints_a_markdown_table_and_a_plot(tmp_path: Path) -> None:
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_runs_by_date_and_by_flow_run(tmp_path: Path, cli) -> None:
+    """Three nights of one setting: one row by config, one a night by date (in date order), one a folder by
+    flow-run; a grouping the library does not know is refused while parsing."""
+    for night, accuracy in enumerate((0.61, 0.62, 0.55)):
+        run = tmp_path / f"nightly-{night}" / "test_resnet-ce-s0"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({
+            "student": "test_resnet", "methods": ["ce"], "seed": 0, "val_accuracy": accuracy, "train_seconds": 3.0,
+            "mean_step_seconds": 0.01, "peak_rss_bytes": 2 ** 30, "params": 123_456,
+            "finished_at": f"2026-12-0{night + 1}T02:00:00+00:00"}))
+
+    def rows(*args: str) -> list[str]:
+        code, out = cli("runs", str(tmp_path), "--markdown", *args)
+        assert code == 0, out
+        return [line for line in out.splitlines() if line.startswith("| test_resnet")]
+
+    (one,) = rows()
+    assert "| 0,0,0 | 59.33 ± 3.79 % |" in one
+    assert [r.split(" | ")[2:4] for r in rows("--by", "date")] == [
+        ["2026-12-01", "0"], ["2026-12-02", "0"], ["2026-12-03", "0"]]
+    assert [r.split(" | ")[2] for r in rows("--by", "flow-run")] == ["nightly-0", "nightly-1", "nightly-2"]
+    assert "61.00 %" in rows("--by", "date")[0] and "55.00 %" in rows("--by", "date")[2]
+    code, out = cli("runs", str(tmp_path), "--by", "week")
+    assert code == 2 and out.count("\n") == 1
+    assert "Invalid value for '--by': 'week' is not one of 'config', 'date', 'flow-run'" in out
+
+
+def test_version_is_the_installed_packages(cli) -> None:
+    from importlib.metadata import version
+
+    assert cli("--version") == (0, f"{version('distillery')}\n")
+    result = CliRunner().invoke(app, ["--version", "inspect", "nowhere"])  # eager: before any command runs
+    assert result.exit_code == 0 and result.output == f"{version('distillery')}\n"
+
+
+def test_distillery_alone_prints_its_help_once_and_exits_2() -> None:
+    alone = run_cli()
+    assert alone.returncode == 2 and alone.stdout.count("Usage:") == 1 and "--version" in alone.stdout
+
+
 def run_cli(*args: str, server: bool = False) -> subprocess.CompletedProcess:
     """`distillery ARGS` in a subprocess; `server`: talking to the session's test server (a flow command
     otherwise boots its own temporary one)."""
@@ -95,20 +136,50 @@ def test_without_a_terminal_each_finished_loop_is_one_line_with_its_rate(prefect
     assert re.match(r"teacher test_resnet: val accuracy \d+\.\d\d% after 1 epochs", result), result
 
 
-def test_loop_descriptions_are_plain_text_not_rich_markup() -> None:
+def test_loop_descriptions_are_plain_text_not_rich_markup(monkeypatch) -> None:
     import io
 
     from rich.console import Console
     from rich.progress import Progress
 
-    from flows.cli.display import RichReporter
+    import flows.cli.display as display
+    from pipeline.progress import progress_task
+
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=200)  # a bar's description, escaped
+    reporter = display.RichReporter(Progress(console=terminal, auto_refresh=False))
+    reporter.start("t", "test_resnet [ce+kd]", 10, "samples")
+    assert Text.from_markup(reporter.display.tasks[0].description).plain == "test_resnet [ce+kd]"
+    log = io.StringIO()  # no terminal: plain lines
+    monkeypatch.setattr(display, "console", Console(file=log, width=200))
+    with display.show_progress(), progress_task("test_resnet [ce+kd]", 10) as task:
+        task.advance(10)
+    assert log.getvalue().startswith("test_resnet [ce+kd]: 10 samples in ")
+
+
+def test_without_a_terminal_long_loops_report_plain_periodic_lines(monkeypatch) -> None:
+    """`pipeline.progress.LineReporter` reports when stdout is a log: a line per loop every 10 s, then its end."""
+    import io
+
+    from rich.console import Console
+
+    import flows.cli.display as display
+    from pipeline import progress
 
     log = io.StringIO()
-    reporter = RichReporter(Progress(console=Console(file=log, width=200), disable=True))
-    reporter.start("t", "test_resnet [ce+kd]", 10, "samples")
-    reporter.advance("t", 10)
-    reporter.finish("t")
-    assert log.getvalue().startswith("test_resnet [ce+kd]: 10 samples in ")
+    monkeypatch.setattr(display, "console", Console(file=log, width=200))
+    with display.show_progress():
+        reporter = progress._reporter
+        assert isinstance(reporter, progress.LineReporter) and reporter.interval == 10
+        now = [0.0]
+        reporter.clock = lambda: now[0]
+        with progress.progress_task("teacher pass", 5000) as task:
+            now[0] = 11.0
+            task.advance(1200)
+            now[0] = 12.0
+            task.advance(100)  # within 10 s of the last line: no line
+    assert progress._reporter is None
+    assert log.getvalue().splitlines() == ["teacher pass: 1,200/5,000 samples (24 %), 109 samples/s, ETA 35 s",
+                                           "teacher pass: 1,300 samples in 12.0 s, 108 samples/s"]
 
 
 def _copy(cache: Path, tmp_path: Path) -> Path:
