@@ -1,4 +1,4 @@
-"""`distillery` commands of the lab (`pipeline.lab`): experiments, experiment, demo, bench."""
+"""`distillery` commands of the lab (`pipeline.lab`): experiments, bench, experiment, demo."""
 
 import json
 import time
