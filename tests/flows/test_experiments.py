@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.lab import experiments
-from pipeline.lab.experiments import Experiment, ExperimentError, get_experiment
+from pipeline.lab.experiments import Experiment, ExperimentError, get_experiment, results_markdown
 
 TINY = Experiment(name="tiny", description="tiny digits scenario", dataset="digits", teacher="test_resnet",
                   teacher_epochs=1, labelled=60, views=1, student="test_resnet", epochs=1,
