@@ -85,14 +85,31 @@ def check_depth(value: Any, where: str, error: type[DistilleryError], hint: str,
     return value
 
 
-def parse_json(text: str | bytes, where: str, error: type[DistilleryError], hint: str) -> Any:
+class _KeyTwice(Exception):
+    """A key given twice in one JSON object (raised while parsing, caught by `parse_json`)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise _KeyTwice(key)
+        value[key] = item
+    return value
+
+
+def parse_json(text: str | bytes, where: str, error: type[DistilleryError], hint: str,
+               unique_keys: bool = False) -> Any:
     """JSON ``text`` (read from ``where``) as Python values; NaN and infinities are refused (the project never
-    writes them and they defeat every range check)."""
+    writes them and they defeat every range check). With ``unique_keys``, so is a key given twice in one object
+    (a dict would silently keep the last: where keys are names a user writes, the first would be lost)."""
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not a number JSON allows")
 
     try:
-        value = json.loads(text, parse_constant=no_constants)
+        value = json.loads(text, parse_constant=no_constants, object_pairs_hook=_unique_keys if unique_keys else None)
+    except _KeyTwice as e:
+        raise error(f"{where} names {json.dumps(e.args[0], ensure_ascii=False)} twice in one object; {hint}") from None
     except RecursionError:
         raise error(f"{where} nests deeper than {MAX_DEPTH} levels; {hint}") from None
     except UnicodeDecodeError as e:
@@ -102,9 +119,10 @@ def parse_json(text: str | bytes, where: str, error: type[DistilleryError], hint
     return check_depth(value, where, error, hint)
 
 
-def read_json(path: Path | ObjectPath, limit: int, error: type[DistilleryError], hint: str) -> Any:
+def read_json(path: Path | ObjectPath, limit: int, error: type[DistilleryError], hint: str,
+              unique_keys: bool = False) -> Any:
     """The JSON document in ``path``: bounded, UTF-8, depth-checked; every problem one line."""
-    return parse_json(read_text(path, limit, error, hint), str(path), error, hint)
+    return parse_json(read_text(path, limit, error, hint), str(path), error, hint, unique_keys)
 
 
 def read_toml(path: Path, limit: int, error: type[DistilleryError], hint: str) -> dict[str, Any]:

@@ -40,7 +40,8 @@ def tv_resnet() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory, vit: torch.nn.Module, tv_resnet: torch.nn.Module) -> dict[str, Path]:
+def files(tmp_path_factory: pytest.TempPathFactory, vit: torch.nn.Module,
+          tv_resnet: torch.nn.Module) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("weights")
     out = {"vit": d / "vit.safetensors", "tv": d / "resnet18-torchvision.pth"}
     safetensors.torch.save_file(vit.state_dict(), out["vit"])
