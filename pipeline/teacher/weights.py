@@ -123,12 +123,14 @@ def resolve_weights(source: str, model: str | None = None, *, num_classes: int |
     Every problem is one :class:`WeightsError` line.
     """
     if source.startswith(HF_PREFIX):
-        name, path, revision = _hf_snapshot_weights(source, model)
+        architecture, path, revision = _hf_snapshot_weights(source, model)
+        name = f"local-dir:{path.parent}"  # timm reads the snapshot's config.json: model args, pretrained config
     else:
         if model is None:
             raise WeightsError(f"{source} is a state dict, which does not say which architecture it holds; "
                                f"name it with --teacher (a timm model, e.g. resnet18.tv_in1k)")
-        name, path, revision = model, _local_state_dict(source, model), None
+        architecture, path, revision = model, _local_state_dict(source, model), None
+        name = model
     digest = sha256_file(path)
     # timm's loader reads the very file hashed here (for a Hub snapshot: instead of choosing one itself).
     overlay: dict[str, Any] = {"source": None, "file": str(path)}
@@ -136,8 +138,7 @@ def resolve_weights(source: str, model: str | None = None, *, num_classes: int |
         overlay["num_classes"] = num_classes  # the weights' head has this size: load it strictly
     kwargs = {k: v for k, v in dict(model_kwargs, num_classes=num_classes, in_chans=in_chans).items()
               if v is not None}
-    built = _create(name, path, overlay, kwargs)
-    architecture = name if not name.startswith("local-dir:") else built.pretrained_cfg["architecture"]
+    built = _create(name, architecture, path, overlay, kwargs)
     return ResolvedWeights(model=built.eval(), architecture=architecture, source=source, path=path,
                            sha256=digest, revision=revision, preprocessing=Preprocessing.of_model(built, kwargs))
 
@@ -163,9 +164,8 @@ def _local_state_dict(source: str, model: str) -> Path:
 
 
 def _hf_snapshot_weights(source: str, model: str | None) -> tuple[str, Path, str]:
-    """For ``hf-hub:ORG/NAME[@REVISION]``: timm's `local-dir:` name of the cached snapshot (timm reads its
-    config.json: architecture, model args, pretrained config), its weight file and its commit. Only the local
-    cache is read."""
+    """For ``hf-hub:ORG/NAME[@REVISION]``: the architecture its config.json names, the weight file of the
+    cached snapshot and the snapshot's commit. Only the local cache is read."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
@@ -192,10 +192,10 @@ def _hf_snapshot_weights(source: str, model: str | None) -> tuple[str, Path, str
     path = next((snapshot / f for f in HF_WEIGHT_FILES if (snapshot / f).is_file()), None)
     if path is None:
         raise WeightsError(f"snapshot {snapshot} of {source} holds no weights; {hint}")
-    return f"local-dir:{snapshot}", path, snapshot.name
+    return architecture, path, snapshot.name
 
 
-def _create(name: str, path: Path, overlay: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
+def _create(name: str, architecture: str, path: Path, overlay: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
     """`timm.create_model(name, pretrained=True, ...)` with every failure one line; weights timm loaded only
     partly (reported by timm in its log alone) are refused."""
     import timm
@@ -209,9 +209,9 @@ def _create(name: str, path: Path, overlay: dict[str, Any], kwargs: dict[str, An
             raise WeightsError(f"{path} is a pickle that runs code when loaded ({', '.join(code)}), which "
                                f"weights_only=True refuses; save the model's state_dict() (torch.save, or "
                                f"safetensors) and give that file") from e
-        raise WeightsError(f"{path} cannot be loaded into {_arch(name)} ({FIT_HINT}): {_one_line(e)}") from e
+        raise WeightsError(f"{path} cannot be loaded into {architecture} ({FIT_HINT}): {_one_line(e)}") from e
     if problems:
-        raise WeightsError(f"{path} does not fit {_arch(name)} ({FIT_HINT}): {_one_line(problems[0])}")
+        raise WeightsError(f"{path} does not fit {architecture} ({FIT_HINT}): {_one_line(problems[0])}")
     return model
 
 
@@ -225,32 +225,36 @@ def _pickled_code(path: Path) -> list[str]:
         return []
 
 
-def _arch(name: str) -> str:
-    return "the snapshot's model" if name.startswith("local-dir:") else name
-
-
 @contextmanager
 def _timm_load_problems() -> Iterator[list[str]]:
     """The messages in which timm's `load_pretrained` says it loaded weights non-strictly (keys missing or
-    unexpected after dropping a head, a stem it could not adapt); it raises for none of them."""
+    unexpected after dropping a head, a stem it could not adapt), filled when the block ends; it raises for
+    none of them, and says "Missing keys" at INFO. timm's records are held meanwhile: those the process would
+    have shown anyway are passed on afterwards, the INFO ones it would not have shown are dropped."""
+    logger = logging.getLogger(_TIMM_BUILDER_LOG)
+    shown, level, propagate = logger.getEffectiveLevel(), logger.level, logger.propagate
+    records: list[logging.LogRecord] = []
     found: list[str] = []
 
-    class Collect(logging.Handler):
+    class Hold(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            message = record.getMessage()
-            if message.startswith(_LOAD_PROBLEMS):
-                found.append(message)
+            records.append(record)
 
-    logger = logging.getLogger(_TIMM_BUILDER_LOG)
-    handler, level = Collect(logging.INFO), logger.level
+    handler = Hold()
     logger.addHandler(handler)
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
+    logger.setLevel(min(shown, logging.INFO))
+    logger.propagate = False
     try:
         yield found
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
+        for record in records:
+            if record.getMessage().startswith(_LOAD_PROBLEMS):
+                found.append(record.getMessage())
+            elif record.levelno >= shown:
+                logger.handle(record)
 
 
 def _one_line(error: BaseException | str, limit: int = 400) -> str:

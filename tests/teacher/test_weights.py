@@ -4,6 +4,7 @@ disk, loaded offline by timm's own machinery; every bad input one line."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -105,7 +106,10 @@ def test_original_vit_keys_are_mapped_by_timms_own_filter(vit, tmp_path: Path, l
 
 
 def test_head_less_keeps_the_trunk_and_one_channel_adapts_the_stem(vit, tv_resnet, files) -> None:
+    builder = logging.getLogger("timm.models._builder")  # watched while timm loads (it reports keys only there)
+    before = (builder.level, builder.propagate, list(builder.handlers))
     headless = resolve_weights(str(files["vit"]), "test_vit", num_classes=0, **VIT_KWARGS)
+    assert (builder.level, builder.propagate, list(builder.handlers)) == before
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(headless.model(x), vit.forward_head(vit.forward_features(x), pre_logits=True))
