@@ -288,14 +288,11 @@ def cache_cmd(
 
 def checkpoint_model(checkpoint: Optional[Path]) -> str:
     """The timm model a `fit-teacher` checkpoint names: --teacher's default."""
-    from pipeline.teacher.model import load_checkpoint
+    from pipeline.teacher.checkpoint import TeacherCheckpoint
 
     if checkpoint is None:
         raise OptionError("give --teacher MODEL (a timm name), or --checkpoint FILE whose model is then used")
-    model = load_checkpoint(checkpoint).get("model")
-    if not isinstance(model, str):
-        raise OptionError(f"checkpoint {checkpoint} names no model; give --teacher MODEL")
-    return model
+    return TeacherCheckpoint.load(checkpoint).model
 
 
 @app.command("stats")
