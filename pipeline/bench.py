@@ -113,7 +113,8 @@ def _train_once(config: dict[str, Any]) -> dict[str, Any]:
     import timm  # noqa: F401 - imported on first use by the run; resident before it, like torch
 
     from pipeline.train.config import TrainConfig
-    from pipeline.train.loop import rss_bytes, train_student
+    from pipeline.environment import rss_bytes
+    from pipeline.train.loop import train_student
 
     # Python, torch, timm and the project are resident before anything of the run exists: the peak above this
     # is what the run itself holds (models, optimizer, activations, data), the part a GPU would hold.
