@@ -29,7 +29,7 @@ from flows.params import TrainSettings  # noqa: E402
 from pipeline import progress  # noqa: E402
 from pipeline.bench import run_benchmarks  # noqa: E402
 from pipeline.cache.neighbors import lsh_neighbors  # noqa: E402
-from pipeline.data.datasets import BAD_IMAGE_POLICIES  # noqa: E402
+from pipeline.data.datasets import BAD_IMAGE_POLICIES, dataset_help  # noqa: E402
 from pipeline.experiments import DEFAULT_ROOT  # noqa: E402
 from pipeline.methods import list_methods  # noqa: E402
 from pipeline.options import OptionError, check_device, default_of  # noqa: E402
@@ -115,7 +115,7 @@ STORE_HELP = ("per-sample targets kept, comma-separated from logits,pooled,gauss
               "other options produce); statistics need their rows: no pooled, no PCA, class means or LSH")
 ON_BAD_IMAGE_HELP = ("an undecodable file in an image folder (any split, checked before any work): 'fail' names "
                      "it, 'skip' leaves it out and reports how many")
-DATASET_HELP = "digits | fashion-mnist[:DIR] | imagefolder:DIR"
+DATASET_HELP = dataset_help()
 CKA_HELP = "what the category interrelations (WKD-L's cost) are computed from; auto: logits if stored"
 
 
