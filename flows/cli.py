@@ -471,7 +471,7 @@ def train_cmd(
     from pipeline.object_store import is_url
     from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
     from pipeline.train.config import TrainError
-    from pipeline.train.distributed import under_torchrun
+    from pipeline.train.ddp import under_torchrun
 
     plan = SweepFile.load(sweep) if sweep is not None else SweepFile()
     # A --sweep file's settings, overridden by the settings options given on this command line.
@@ -567,7 +567,8 @@ def train_distributed(cache: str, students: "list[StudentSpec]", out: str, setti
     """DDP students (README "Distributed students"): under torchrun every rank trains each student in turn
     and rank 0 prints the table; with --nproc N this process checks the sweep, then runs torchrun per student."""
     from pipeline.train.config import TrainError, plan_runs
-    from pipeline.train.distributed import World, launch, under_torchrun
+    from pipeline.train.ddp import World, under_torchrun
+    from pipeline.train.launch import launch
     from pipeline.train.loop import check_runs, train_student
 
     world = World.from_env()

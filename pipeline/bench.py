@@ -282,7 +282,7 @@ def bench_ddp(tmp: str, quick: bool = False, student: str = "test_resnet", batch
     over train_seconds (evaluation excluded); configurations alternate, the best of the rounds counts."""
     from pipeline.teacher.cache_pass import run_cache_pass
     from pipeline.train.config import RunSettings, TrainConfig
-    from pipeline.train.distributed import launch
+    from pipeline.train.launch import launch
 
     cache = str(Path(tmp) / "ddp-cache")
     # Quick: blocks of 64 samples, so that 256 samples still give each process blocks of its own.

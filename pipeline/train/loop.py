@@ -29,8 +29,7 @@ from pipeline.methods import CacheInfo, Method, MethodError, StudentInfo, Traini
 from pipeline.progress import progress_task
 from pipeline.options import resolve_device
 from pipeline.train.config import TrainConfig, TrainError
-from pipeline.train.distributed import (DistillStep, IdLog, World, check_world, equalised, process_group, step_totals,
-                                        wrap)
+from pipeline.train.ddp import DistillStep, IdLog, World, check_world, equalised, process_group, step_totals, wrap
 from pipeline.train.evaluate import evaluate_accuracy
 from pipeline.train.online import OnlineTeacher
 from pipeline.train.optim import build_optimizer, cosine_schedule
@@ -185,7 +184,7 @@ def train_student(config: TrainConfig) -> TrainSummary:
     kernel capability, threads, versions: what must match to reproduce the numbers, `describe_environment`),
     world_size (the processes that trained it).
     The run holds RUNDIR's lock throughout (`RunDir.locked`). Under torchrun the ranks train it together
-    with DDP (`pipeline.train.distributed`): rank 0 holds the lock and writes RUNDIR; every rank returns the
+    with DDP (`pipeline.train.ddp`): rank 0 holds the lock and writes RUNDIR; every rank returns the
     summary.
     """
     world = World.from_env()
