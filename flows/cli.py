@@ -29,7 +29,7 @@ from flows.params import TrainSettings  # noqa: E402
 from pipeline import progress  # noqa: E402
 from pipeline.bench import run_benchmarks  # noqa: E402
 from pipeline.cache.neighbors import lsh_neighbors  # noqa: E402
-from pipeline.data.datasets import BAD_IMAGE_POLICIES  # noqa: E402
+from pipeline.data.datasets import BAD_IMAGE_POLICIES, dataset_help  # noqa: E402
 from pipeline.experiments import DEFAULT_ROOT  # noqa: E402
 from pipeline.methods import list_methods  # noqa: E402
 from pipeline.options import OptionError, check_device, default_of  # noqa: E402
@@ -115,7 +115,7 @@ STORE_HELP = ("per-sample targets kept, comma-separated from logits,pooled,gauss
               "other options produce); statistics need their rows: no pooled, no PCA, class means or LSH")
 ON_BAD_IMAGE_HELP = ("an undecodable file in an image folder (any split, checked before any work): 'fail' names "
                      "it, 'skip' leaves it out and reports how many")
-DATASET_HELP = "digits | fashion-mnist[:DIR] | imagefolder:DIR"
+DATASET_HELP = dataset_help()
 CKA_HELP = "what the category interrelations (WKD-L's cost) are computed from; auto: logits if stored"
 
 
@@ -288,14 +288,11 @@ def cache_cmd(
 
 def checkpoint_model(checkpoint: Optional[Path]) -> str:
     """The timm model a `fit-teacher` checkpoint names: --teacher's default."""
-    from pipeline.teacher.model import load_checkpoint
+    from pipeline.teacher.checkpoint import TeacherCheckpoint
 
     if checkpoint is None:
         raise OptionError("give --teacher MODEL (a timm name), or --checkpoint FILE whose model is then used")
-    model = load_checkpoint(checkpoint).get("model")
-    if not isinstance(model, str):
-        raise OptionError(f"checkpoint {checkpoint} names no model; give --teacher MODEL")
-    return model
+    return TeacherCheckpoint.load(checkpoint).model
 
 
 @app.command("stats")
@@ -474,7 +471,7 @@ def train_cmd(
     from pipeline.object_store import is_url
     from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
     from pipeline.train.config import TrainError
-    from pipeline.train.distributed import under_torchrun
+    from pipeline.train.ddp import under_torchrun
 
     plan = SweepFile.load(sweep) if sweep is not None else SweepFile()
     # A --sweep file's settings, overridden by the settings options given on this command line.
@@ -570,7 +567,8 @@ def train_distributed(cache: str, students: "list[StudentSpec]", out: str, setti
     """DDP students (README "Distributed students"): under torchrun every rank trains each student in turn
     and rank 0 prints the table; with --nproc N this process checks the sweep, then runs torchrun per student."""
     from pipeline.train.config import TrainError, plan_runs
-    from pipeline.train.distributed import World, launch, under_torchrun
+    from pipeline.train.ddp import World, under_torchrun
+    from pipeline.train.launch import launch
     from pipeline.train.loop import check_runs, train_student
 
     world = World.from_env()

@@ -80,7 +80,7 @@ def _cache_once(fields: dict[str, Any]) -> dict[str, Any]:
     # Runs in a spawned process, so its peak RSS is this pass's own.
     from pipeline.teacher.cache_pass import run_cache_pass
     from pipeline.teacher.plan import CacheRequest
-    from pipeline.train.loop import peak_rss_bytes
+    from pipeline.environment import peak_rss_bytes
 
     start = time.perf_counter()
     run_cache_pass(CacheRequest(**fields))

@@ -46,21 +46,37 @@ def read_bytes(path: Path | ObjectPath, limit: int, error: type[DistilleryError]
         except (OSError, ValueError) as e:
             raise error(f"cannot read {path} ({type(e).__name__}: {e}); {hint}") from None
     else:
-        try:
-            # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise error(f"cannot read {path} ({e.strerror}); {hint}") from None
-        with os.fdopen(fd, "rb") as f:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise error(f"{path} is not a regular file; {hint}")
-            size = info.st_size
-            data = b"" if size > limit else f.read(limit + 1)
+        with open_regular(path, limit, error, hint) as f:
+            data = f.read(limit + 1)
+        size = len(data)
     if size > limit or len(data) > limit:
-        raise error(f"{path} is {max(size, len(data)):,} bytes, more than the {_size(limit)} such a file can be; "
-                    f"{hint}")
+        raise error(_too_big(path, max(size, len(data)), limit, hint))
     return data
+
+
+def open_regular(path: Path, limit: int, error: type[DistilleryError], hint: str) -> BinaryIO:
+    """``path`` open for reading when it is a regular file of at most ``limit`` bytes; otherwise ``error``.
+    For readers that take a file rather than bytes (``torch.load``): the checks hold for the file they read,
+    which a check of the path before opening it would not promise."""
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise error(f"cannot read {path} ({e.strerror}); {hint}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # checked before fdopen, which refuses a directory itself
+            raise error(f"{path} is not a regular file; {hint}")
+        if info.st_size > limit:
+            raise error(_too_big(path, info.st_size, limit, hint))
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _too_big(path: Path | ObjectPath, size: int, limit: int, hint: str) -> str:
+    return f"{path} is {size:,} bytes, more than the {_size(limit)} such a file can be; {hint}"
 
 
 def read_text(path: Path | ObjectPath, limit: int, error: type[DistilleryError], hint: str) -> str:

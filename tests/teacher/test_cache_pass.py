@@ -4,6 +4,7 @@ independent references, resume is exact, identity is enforced, bad input fails c
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from pipeline.stats.cka import linear_cka, pair_sample_counts
 from pipeline.stats.gaussian import grid_gaussian
 from pipeline.nets.tapped import ModelError
 from pipeline.teacher.cache_pass import run_cache_pass
+from pipeline.teacher.checkpoint import CheckpointError, TeacherCheckpoint
 from pipeline.teacher.forward import cache_shard
 from pipeline.teacher.model import TeacherError, build_teacher, manifest_teacher_spec
 from pipeline.teacher.plan import plan_cache
@@ -172,21 +174,20 @@ def test_reuse_with_different_identity_is_refused_naming_the_field(digits_cache:
 
 def test_reuse_with_another_checkpoint_is_refused(digits_cache: Path, digits_teacher: Path, cache_request,
                                                   tmp_path: Path) -> None:
-    ckpt = torch.load(digits_teacher, weights_only=True)
-    ckpt["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    ckpt = TeacherCheckpoint.load(digits_teacher)
     other = tmp_path / "other.pt"
-    torch.save(ckpt, other)
+    replace(ckpt, state_dict={k: v + 0.01 if v.is_floating_point() else v
+                              for k, v in ckpt.state_dict.items()}).save(other)
     with pytest.raises(CacheError, match=r"teacher\.checkpoint_sha256"):
         plan_cache(cache_request(digits_cache, checkpoint=str(other)))
 
 
 def test_non_finite_teacher_output_fails_and_leaves_cache_partial(digits_teacher: Path, cache_request,
                                                                   tmp_path: Path) -> None:
-    ckpt = torch.load(digits_teacher, weights_only=True)
-    ckpt["state_dict"] = {k: torch.full_like(v, float("nan")) if k.startswith("fc.") else v
-                          for k, v in ckpt["state_dict"].items()}
+    ckpt = TeacherCheckpoint.load(digits_teacher)
     bad = tmp_path / "nan.pt"
-    torch.save(ckpt, bad)
+    replace(ckpt, state_dict={k: torch.full_like(v, float("nan")) if k.startswith("fc.") else v
+                              for k, v in ckpt.state_dict.items()}).save(bad)
     out = tmp_path / "nan-cache"
     with pytest.raises(TeacherError, match="non-finite logits/dense for sample id"):
         run_cache_pass(cache_request(out, checkpoint=str(bad)))
@@ -196,7 +197,7 @@ def test_non_finite_teacher_output_fails_and_leaves_cache_partial(digits_teacher
 
 @pytest.mark.parametrize("override, error, message", [
     ({"teacher": "no_such_net"}, ModelError, "unknown timm model 'no_such_net'"),
-    ({"checkpoint": "/nonexistent/t.pt"}, TeacherError, "does not exist"),
+    ({"checkpoint": "/nonexistent/t.pt"}, CheckpointError, "does not exist"),
     ({"dataset": "mnist-ish"}, DatasetError, "unknown dataset"),
     ({"logits": "top3"}, CacheError, "--logits must be"),
     ({"cka_source": "pixels"}, CacheError, "--cka-source must be logits, features or auto"),
