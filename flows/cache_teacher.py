@@ -29,7 +29,7 @@ from flows.runtime import (EVENT_TIMEOUT_S, PUBLISH_TIMEOUT_S, artifact_key, for
 from pipeline.cache import statistics
 from pipeline.cache.manifest import Manifest, ShardRecord, StatsSection
 from pipeline.cache.statistics import ShardStats
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.summary import array_rows, human_bytes
 from pipeline.object_store import is_url
 from pipeline.report.content import gather_report

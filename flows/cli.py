@@ -258,7 +258,7 @@ def cache_cmd(
 ) -> None:
     """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
     from pipeline.cache.lock import cache_lock
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.preflight import checkpoint_dataset, teacher_near_chance
     from pipeline.teacher.plan import check_request
 
@@ -318,7 +318,7 @@ def inspect_cmd(
                                                         "included) to this file")] = None,
 ) -> None:
     """Print the manifest summary and every array's shape, dtype, bytes and a few statistics."""
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.cache.summary import (array_rows, featmap_rows, human_bytes, pca_summary,
                                         teacher_accuracy_per_view)
 
@@ -371,7 +371,7 @@ def neighbors_cmd(
     k: Annotated[int, typer.Option(help="number of neighbours")] = default_of(lsh_neighbors, "k"),
 ) -> None:
     """A sample's nearest neighbours in the teacher's LSH space (Hamming distance, faiss index)."""
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
 
     found = lsh_neighbors(TeacherCache(cache), sample_id, k)
     q = found.query
@@ -470,7 +470,7 @@ def train_cmd(
     table."""
     from flows.params import Student, SweepFile
     from flows.train_students import plan_sweep, train_students
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.object_store import is_url
     from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
     from pipeline.train.config import TrainError

@@ -15,7 +15,7 @@ from pydantic import PositiveFloat
 
 from flows.params import Student, TrainSettings
 from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.train.config import TrainConfig, plan_runs
 from pipeline.train.loop import cache_fingerprint, check_runs, train_student
 from pipeline.train.summary import TrainSummary

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.cache.layout import LOCK_NAME
 from pipeline.cache.manifest import CacheError
-from pipeline.cache.store import LOCK_NAME
 from pipeline.object_store import ObjectLock, ObjectPath, location
 
 

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.cache.layout import block_sizes
 from pipeline.cache.manifest import CacheError
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.datasets import ImageDataset, load_dataset
 from pipeline.environment import describe_environment
 from pipeline.object_store import check_output_location
@@ -37,7 +38,7 @@ from pipeline.train.evaluate import evaluate_accuracy
 from pipeline.train.online import OnlineTeacher
 from pipeline.train.optim import build_optimizer, cosine_schedule
 from pipeline.train.rundir import RunDir
-from pipeline.train.stream import CacheStream, block_sizes, epoch_seed
+from pipeline.train.stream import CacheStream, epoch_seed
 from pipeline.train.student import Student
 from pipeline.train.summary import TrainSummary
 

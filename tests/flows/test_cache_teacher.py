@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache.manifest import Manifest
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 
 
 def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, digits_cache: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from sklearn.decomposition import PCA
 
 from pipeline.cache.manifest import CacheError, Manifest
 from pipeline.cache.statistics import recompute_statistics
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.datasets import DatasetError, load_dataset
 from pipeline.data.views import ViewPlan, render_view
 from pipeline.stats.cka import linear_cka, pair_sample_counts
@@ -236,7 +236,7 @@ def test_head_less_teacher_stores_features_and_statistics_only(cache_request, tm
 
 
 def test_cached_featmaps_equal_live_teacher_on_rendered_views_in_zarr_only(featmaps_cache: Path) -> None:
-    from pipeline.cache.store import decode_block, iter_tar_members
+    from pipeline.cache.blocks import decode_block, iter_tar_members
 
     cache = TeacherCache(featmaps_cache)
     spec, teacher = live_teacher(cache)

@@ -17,12 +17,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.layout import block_sizes
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.views import epoch_views
 from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.distributed import ID_LOG_ENV, DistillStep, World, equalised, launch, step_totals, wrap
 from pipeline.train.loop import check_run, setup_run
-from pipeline.train.stream import block_sizes, rank_parts, split_parts, stream_batches
+from pipeline.train.stream import rank_parts, split_parts, stream_batches
 
 BATCH = 32
 TRAIN = ["train", "--student", "test_resnet", "--method", "ce", "--method", "tcs", "--epochs", "2", "--batch-size",
