@@ -39,7 +39,6 @@ from pipeline.teacher import forward, plan
 from pipeline.teacher.cache_pass import CacheResult
 from pipeline.teacher.plan import CachePlan, CacheRequest
 from pipeline.teacher.model import TeacherError
-from pipeline.train.loop import cache_fingerprint
 
 forward_library_logs()
 
@@ -110,7 +109,7 @@ def summary_markdown(root: str, result: CacheResult) -> str:
 def cache_artifact_key(kind: str, cache: TeacherCache) -> str:
     """`teacher-cache-<kind>-<dataset>-<teacher>-<fingerprint[:12]>`: one history per cache identity."""
     m = cache.manifest
-    return artifact_key("teacher-cache", kind, m.dataset.name, m.teacher.model, cache_fingerprint(cache)[:12])
+    return artifact_key("teacher-cache", kind, m.dataset.name, m.teacher.model, m.fingerprint()[:12])
 
 
 @task(name="publish-cache-artifacts", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
@@ -144,7 +143,8 @@ def cache_address(root: str) -> str:
 def emit_cache_completed(root: str, result: CacheResult) -> None:
     """The event a deployment trigger starts a student sweep on (resource labels are strings)."""
     cache = TeacherCache(root)
-    m, fingerprint = cache.manifest, cache_fingerprint(cache)
+    m = cache.manifest
+    fingerprint = m.fingerprint()
     emit_event(event=CACHE_COMPLETED,
                resource={"prefect.resource.id": f"distillery.cache.{fingerprint}",
                          "prefect.resource.name": cache_address(root),

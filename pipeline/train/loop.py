@@ -8,8 +8,6 @@ the run asks for the online twin.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import resource
 import time
@@ -102,11 +100,6 @@ def build_methods(methods: list[tuple[type[Method], dict[str, bool | int | float
     return nn.ModuleDict({cls.name: cls(info, student, **options) for cls, options in methods})
 
 
-def cache_fingerprint(cache: TeacherCache) -> str:
-    """What a resumed run must find again: the same teacher, data, views and storage."""
-    return hashlib.sha256(json.dumps(cache.manifest.identity(), sort_keys=True).encode()).hexdigest()
-
-
 def _status_kib(field: str) -> int | None:
     status = Path("/proc/self/status")
     if not status.exists():
@@ -176,7 +169,7 @@ def setup_run(config: TrainConfig, device: torch.device, world_size: int = 1,
     needs = frozenset().union(*(m.needs for m in methods.values()))
     if s.online_teacher:
         OnlineTeacher.check(cache, needs)
-    identity = {**config.identity(), "cache_fingerprint": cache_fingerprint(cache),
+    identity = {**config.identity(), "cache_fingerprint": cache.manifest.fingerprint(),
                 **World(size=world_size).identity()}
     checkpoint = run.load_checkpoint(config, identity)
     return RunSetup(cache, val, size, student, methods, needs, identity, checkpoint)
