@@ -1,9 +1,11 @@
 """Prefect flow `cache-teacher`: plan -> map a task over shards -> per-shard statistics -> reduce -> complete.
 
-A thin wrapper over the teacher pass's steps (`pipeline.teacher.cache_pass` lists them); every task is one library function. A shard already
-finished in the store is skipped (its files are verified first), so a killed run resumes. Shards are
-independent (each writes only its own zarr chunks and files), so the task runner decides where they run:
-one thread by default, a Dask cluster (`task_runner("dask")`) fans them out over processes or machines.
+A thin wrapper over the teacher pass's steps (`pipeline.teacher.cache_pass` lists them); every task is one library
+function, and the pass holds the cache's writer lock throughout (`teacher_pass`), whether the command line runs
+it or a deployment serves it. A shard already finished in the store is skipped (its files are verified first),
+so a killed run resumes. Shards are independent (each writes only its own zarr chunks and files), so the task
+runner decides where they run: one thread by default, a Dask cluster (`task_runner("dask")`) fans them out over
+processes or machines.
 Results are not persisted (`persist_result=False`): the store on disk is the result.
 
 When this run completes a cache it emits the event `distillery.cache.completed` (resource: the cache's
@@ -36,7 +38,7 @@ from pipeline.report.content import gather_report
 from pipeline.report.html import write_report
 from pipeline.report.markdown import report_markdown
 from pipeline.teacher import forward, plan
-from pipeline.teacher.cache_pass import CacheResult
+from pipeline.teacher.cache_pass import CacheResult, teacher_pass
 from pipeline.teacher.plan import CachePlan, CacheRequest
 from pipeline.teacher.model import TeacherError
 
@@ -166,30 +168,32 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
     """
     logger = get_run_logger()
     request = request.model_copy(update={"out": run_path(request.out)})
-    plan = plan_task(request)
-    if plan.complete:
-        logger.info("cache %s is already complete with this identity; nothing to do", plan.root)
-        return CacheResult(cache=plan.root, num_samples=Manifest.load(plan.root).dataset.num_samples, images=0,
-                           pass_seconds=0.0, skipped_shards=plan.num_shards, written_shards=0)
-    logger.info("teacher pass into %s: %d shards to write, %d reused", plan.root, len(plan.pending), len(plan.done))
-    start = time.perf_counter()
-    futures = shard_task.with_options(timeout_seconds=task_timeout).map(unmapped(request), plan.pending)
-    progress = create_progress_artifact(100 * len(plan.done) / plan.num_shards,
-                                        description=f"Teacher pass into {plan.root}: shards done")
-    for done, _ in enumerate(as_completed(futures), start=len(plan.done) + 1):
-        update_progress_artifact(progress, 100 * done / plan.num_shards)
-    new_records = futures.result()
-    pass_seconds = time.perf_counter() - start
-    records = plan.done + list(new_records)
-    parts = shard_stats_task.map(unmapped(plan.root), list(range(plan.num_shards))).result()
-    reduce_task(plan.root, parts, request.cka_source)
-    manifest = complete_task(plan.root, records)
-    images = sum(r.count for r in new_records) * (manifest.views.num_augmented + 1)
-    result = CacheResult(cache=plan.root, num_samples=manifest.dataset.num_samples, images=images,
-                         pass_seconds=pass_seconds, skipped_shards=len(plan.done), written_shards=len(new_records))
-    logger.info("teacher pass: %d images in %.1f s (%.0f images/s); cache complete at %s", images, pass_seconds,
-                result.images_per_second, cache_address(plan.root))
-    logger.info("HTML report written to %s", publish_task(plan.root, result))
+    with teacher_pass(request, plan=plan_task) as plan:  # the writer lock, served or not
+        if plan.complete:
+            logger.info("cache %s is already complete with this identity; nothing to do", plan.root)
+            return CacheResult(cache=plan.root, num_samples=Manifest.load(plan.root).dataset.num_samples, images=0,
+                               pass_seconds=0.0, skipped_shards=plan.num_shards, written_shards=0)
+        logger.info("teacher pass into %s: %d shards to write, %d reused", plan.root, len(plan.pending),
+                    len(plan.done))
+        start = time.perf_counter()
+        futures = shard_task.with_options(timeout_seconds=task_timeout).map(unmapped(request), plan.pending)
+        progress = create_progress_artifact(100 * len(plan.done) / plan.num_shards,
+                                            description=f"Teacher pass into {plan.root}: shards done")
+        for done, _ in enumerate(as_completed(futures), start=len(plan.done) + 1):
+            update_progress_artifact(progress, 100 * done / plan.num_shards)
+        new_records = futures.result()
+        pass_seconds = time.perf_counter() - start
+        records = plan.done + list(new_records)
+        parts = shard_stats_task.map(unmapped(plan.root), list(range(plan.num_shards))).result()
+        reduce_task(plan.root, parts, request.cka_source)
+        manifest = complete_task(plan.root, records)
+        images = sum(r.count for r in new_records) * (manifest.views.num_augmented + 1)
+        result = CacheResult(cache=plan.root, num_samples=manifest.dataset.num_samples, images=images,
+                             pass_seconds=pass_seconds, skipped_shards=len(plan.done),
+                             written_shards=len(new_records))
+        logger.info("teacher pass: %d images in %.1f s (%.0f images/s); cache complete at %s", images, pass_seconds,
+                    result.images_per_second, cache_address(plan.root))
+        logger.info("HTML report written to %s", publish_task(plan.root, result))
     emit_cache_completed(plan.root, result)
     return result
 

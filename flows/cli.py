@@ -257,7 +257,6 @@ def cache_cmd(
                                                            "(refused otherwise)")] = False,
 ) -> None:
     """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
-    from pipeline.cache.lock import cache_lock
     from pipeline.cache.reader import TeacherCache
     from pipeline.preflight import checkpoint_dataset, teacher_near_chance
     from pipeline.teacher.plan import check_request
@@ -278,7 +277,7 @@ def cache_cmd(
 
     task_runner(task_runner_spec, dask_workers)  # an unknown runner is one line too
     start_temporary_server()
-    with cache_lock(out), show_progress():  # one writer per cache: a second gets one line
+    with show_progress():  # the flow holds the cache's writer lock: a second writer gets one line
         result = run_cache_teacher(request, task_runner_spec, dask_workers)
     console.print(f"cached {result.num_samples} samples into {result.cache}: teacher pass "
                   f"{result.images} images in {result.pass_seconds:.1f} s = "

@@ -11,6 +11,7 @@ import pytest
 import torch
 from sklearn.decomposition import PCA
 
+from pipeline.cache.lock import cache_lock
 from pipeline.cache.manifest import CacheError, Manifest
 from pipeline.cache.statistics import recompute_statistics
 from pipeline.cache.reader import TeacherCache
@@ -155,6 +156,17 @@ def test_rerun_of_complete_cache_is_a_no_op(digits_cache: Path, cache_request) -
     before = (digits_cache / "manifest.json").read_text()
     run_cache_pass(cache_request(digits_cache))
     assert (digits_cache / "manifest.json").read_text() == before
+
+
+def test_the_pass_takes_the_writer_lock_itself_and_a_second_writer_gets_one_line(cache_request,
+                                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "locked"
+    with cache_lock(out):  # another writer of the same cache (the lock is per open file, so also in-process)
+        with pytest.raises(CacheError, match="another distillery process is writing") as e:
+            run_cache_pass(cache_request(out, subset=40, shard_size=20))
+        assert "\n" not in str(e.value)
+        assert not (out / "manifest.json").exists()  # refused before the plan creates the cache
+    assert run_cache_pass(cache_request(out, subset=40, shard_size=20)).status == "complete"
 
 
 @pytest.mark.parametrize("override, field", [
