@@ -93,19 +93,18 @@ def task_runner(spec: str = "thread", workers: int = 2) -> TaskRunner:
     return DaskTaskRunner(address=spec)
 
 
-def summary_rows(root: str) -> list[dict[str, Any]]:
-    cache = TeacherCache(root)
+def summary_rows(cache: TeacherCache) -> list[dict[str, Any]]:
     return [{"array": r.name, "shape": "x".join(map(str, r.shape)), "dtype": r.dtype,
              "stored": human_bytes(r.stored_bytes), "bytes/sample": round(r.bytes_per_sample, 1)}
             for r in array_rows(cache)]
 
 
-def summary_markdown(root: str, result: CacheResult) -> str:
+def summary_markdown(cache: TeacherCache, result: CacheResult) -> str:
     """The cache report's sections as markdown (tables and text; the figures are in the HTML report)."""
-    report = gather_report(TeacherCache(root), samples=0)
+    report = gather_report(cache, samples=0)
     throughput = (f"Teacher pass: {result.images} images in {result.pass_seconds:.1f} s "
                   f"({result.images_per_second:.0f} images/s; {result.skipped_shards} shards reused).")
-    return report_markdown(report, f"Teacher cache `{root}`", intro=["", throughput])
+    return report_markdown(report, f"Teacher cache `{result.cache}`", intro=["", throughput])
 
 
 def cache_artifact_key(kind: str, cache: TeacherCache) -> str:
@@ -115,14 +114,13 @@ def cache_artifact_key(kind: str, cache: TeacherCache) -> str:
 
 
 @task(name="publish-cache-artifacts", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
-def publish_task(root: str, result: CacheResult) -> Path:
+def publish_task(cache: TeacherCache, result: CacheResult) -> Path:
     """The arrays table, the summary and the HTML report's link, keyed by the cache's identity; returns
     the report's path."""
-    cache = TeacherCache(root)
-    create_table_artifact(key=cache_artifact_key("arrays", cache), table=summary_rows(root),
-                          description=f"Arrays stored in {root}")
-    create_markdown_artifact(key=cache_artifact_key("summary", cache), markdown=summary_markdown(root, result),
-                             description=f"Teacher cache summary of {root}")
+    create_table_artifact(key=cache_artifact_key("arrays", cache), table=summary_rows(cache),
+                          description=f"Arrays stored in {result.cache}")
+    create_markdown_artifact(key=cache_artifact_key("summary", cache), markdown=summary_markdown(cache, result),
+                             description=f"Teacher cache summary of {result.cache}")
     return publish_report(cache)
 
 
@@ -142,15 +140,14 @@ def cache_address(root: str) -> str:
 
 
 @task(name="emit-cache-completed", persist_result=False, timeout_seconds=EVENT_TIMEOUT_S)
-def emit_cache_completed(root: str, result: CacheResult) -> None:
+def emit_cache_completed(cache: TeacherCache, result: CacheResult) -> None:
     """The event a deployment trigger starts a student sweep on (resource labels are strings)."""
-    cache = TeacherCache(root)
-    m = cache.manifest
+    m, address = cache.manifest, cache_address(result.cache)
     fingerprint = m.fingerprint()
     emit_event(event=CACHE_COMPLETED,
                resource={"prefect.resource.id": f"distillery.cache.{fingerprint}",
-                         "prefect.resource.name": cache_address(root),
-                         "distillery.cache.path": cache_address(root),
+                         "prefect.resource.name": address,
+                         "distillery.cache.path": address,
                          "distillery.cache.fingerprint": fingerprint,
                          "distillery.dataset": str(m.dataset.name),
                          "distillery.teacher": str(m.teacher.model)},
@@ -193,8 +190,9 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
                              written_shards=len(new_records))
         logger.info("teacher pass: %d images in %.1f s (%.0f images/s); cache complete at %s", images, pass_seconds,
                     result.images_per_second, cache_address(plan.root))
-        logger.info("HTML report written to %s", publish_task(plan.root, result))
-    emit_cache_completed(plan.root, result)
+        cache = TeacherCache(plan.root)  # opened once: the report, the artifacts and the event read it
+        logger.info("HTML report written to %s", publish_task(cache, result))
+    emit_cache_completed(cache, result)
     return result
 
 
