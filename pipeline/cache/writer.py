@@ -2,7 +2,8 @@
 then its statistics and side files, and marks it complete.
 
 The teacher pass uses it one shard at a time; shard tasks may run concurrently, as each writes only its own
-zarr chunks and files. One process writes a cache at a time (`pipeline.cache.lock`, held by the callers).
+zarr chunks and files. One process writes a cache at a time: the teacher pass and `distillery stats` hold its
+writer lock (`pipeline.cache.lock`) around every use of a writer.
 """
 
 from __future__ import annotations
