@@ -257,8 +257,7 @@ def cache_cmd(
                                                            "(refused otherwise)")] = False,
 ) -> None:
     """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
-    from pipeline.cache.lock import cache_lock
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.preflight import checkpoint_dataset, teacher_near_chance
     from pipeline.teacher.plan import check_request
 
@@ -278,7 +277,7 @@ def cache_cmd(
 
     task_runner(task_runner_spec, dask_workers)  # an unknown runner is one line too
     start_temporary_server()
-    with cache_lock(out), show_progress():  # one writer per cache: a second gets one line
+    with show_progress():  # the flow holds the cache's writer lock: a second writer gets one line
         result = run_cache_teacher(request, task_runner_spec, dask_workers)
     console.print(f"cached {result.num_samples} samples into {result.cache}: teacher pass "
                   f"{result.images} images in {result.pass_seconds:.1f} s = "
@@ -315,7 +314,7 @@ def inspect_cmd(
                                                         "included) to this file")] = None,
 ) -> None:
     """Print the manifest summary and every array's shape, dtype, bytes and a few statistics."""
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.cache.summary import (array_rows, featmap_rows, human_bytes, pca_summary,
                                         teacher_accuracy_per_view)
 
@@ -368,7 +367,7 @@ def neighbors_cmd(
     k: Annotated[int, typer.Option(help="number of neighbours")] = default_of(lsh_neighbors, "k"),
 ) -> None:
     """A sample's nearest neighbours in the teacher's LSH space (Hamming distance, faiss index)."""
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
 
     found = lsh_neighbors(TeacherCache(cache), sample_id, k)
     q = found.query
@@ -467,7 +466,7 @@ def train_cmd(
     table."""
     from flows.params import Student, SweepFile
     from flows.train_students import plan_sweep, train_students
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.object_store import is_url
     from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
     from pipeline.train.config import TrainError

@@ -181,7 +181,7 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.train.config import RunSettings
 
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in configs}

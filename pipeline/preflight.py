@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.summary import teacher_accuracy_per_view
 from pipeline.data.datasets import load_dataset
 from pipeline.errors import DistilleryError

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.datasets import (DATASET_KINDS, ArrayDataset, DatasetError, DatasetKind, dataset_help,
                                     load_dataset, register_dataset_kind)
 from pipeline.teacher.cache_pass import run_cache_pass

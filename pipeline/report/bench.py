@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.manifest import ArraySpec, Manifest, ShardRange, StorageSpec, shard_ranges
-from pipeline.cache.store import CacheWriter, TeacherCache
+from pipeline.cache.reader import TeacherCache
+from pipeline.cache.writer import CacheWriter
 from pipeline.cache.summary import array_rows, pca_summary, teacher_accuracy_per_view
 from pipeline.data.datasets import ImageDataset, load_dataset
 from pipeline.data.views import ViewPlan

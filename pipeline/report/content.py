@@ -18,7 +18,8 @@ import numpy as np
 from pipeline.cache.manifest import CacheError
 from pipeline.checksums import sha256_file
 from pipeline.cache.source import source_dataset
-from pipeline.cache.store import TeacherCache, block_key
+from pipeline.cache.blocks import block_key
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.summary import (PCA_FRACTIONS, ArrayRow, array_rows, components_reaching, human_bytes,
                                     pca_cumulative_ratio, teacher_accuracy_per_view)
 from pipeline.data.datasets import DatasetError

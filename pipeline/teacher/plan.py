@@ -20,7 +20,8 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.cache.manifest import ArraySpec, Manifest, ShardRange, ShardRecord, StorageSpec, shard_ranges
 from pipeline.cache.statistics import check_cka_source
-from pipeline.cache.store import CacheWriter, TeacherCache
+from pipeline.cache.reader import TeacherCache
+from pipeline.cache.writer import CacheWriter
 from pipeline.cache.targets import LOGITS, POOLED, SAMPLE_ARRAYS, STORABLE, TARGETS
 from pipeline.checksums import sha256_file
 from pipeline.data.datasets import ImageDataset, check_bad_image_policy, load_dataset

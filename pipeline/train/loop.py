@@ -8,8 +8,6 @@ the run asks for the online twin.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from contextlib import nullcontext
@@ -20,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.cache.layout import block_sizes
 from pipeline.cache.manifest import CacheError
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.datasets import ImageDataset, load_dataset
 from pipeline.environment import describe_environment, peak_rss_bytes
 from pipeline.object_store import check_output_location
@@ -34,7 +33,7 @@ from pipeline.train.evaluate import evaluate_accuracy
 from pipeline.train.online import OnlineTeacher
 from pipeline.train.optim import build_optimizer, cosine_schedule
 from pipeline.train.rundir import RunDir
-from pipeline.train.stream import CacheStream, block_sizes, epoch_seed
+from pipeline.train.stream import CacheStream, epoch_seed
 from pipeline.train.student import Student
 from pipeline.train.summary import TrainSummary
 
@@ -98,9 +97,6 @@ def build_methods(methods: list[tuple[type[Method], dict[str, bool | int | float
     return nn.ModuleDict({cls.name: cls(info, student, **options) for cls, options in methods})
 
 
-def cache_fingerprint(cache: TeacherCache) -> str:
-    """What a resumed run must find again: the same teacher, data, views and storage."""
-    return hashlib.sha256(json.dumps(cache.manifest.identity(), sort_keys=True).encode()).hexdigest()
 
 
 def _to_device(targets: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -149,7 +145,7 @@ def setup_run(config: TrainConfig, device: torch.device, world_size: int = 1,
     needs = frozenset().union(*(m.needs for m in methods.values()))
     if s.online_teacher:
         OnlineTeacher.check(cache, needs)
-    identity = {**config.identity(), "cache_fingerprint": cache_fingerprint(cache),
+    identity = {**config.identity(), "cache_fingerprint": cache.manifest.fingerprint(),
                 **World(size=world_size).identity()}
     checkpoint = run.load_checkpoint(config, identity)
     return RunSetup(cache, val, size, student, methods, needs, identity, checkpoint)

@@ -25,7 +25,9 @@ import pytest
 import torch
 
 from pipeline.cache.manifest import CacheError, Manifest
-from pipeline.cache.store import CacheWriter, TeacherCache, decode_block, iter_tar_members, raw_count, unpack_raw
+from pipeline.cache.blocks import decode_block, iter_tar_members, raw_count, unpack_raw
+from pipeline.cache.reader import TeacherCache
+from pipeline.cache.writer import CacheWriter
 from pipeline.checksums import sha256_file
 from pipeline.cache.targets import LOGITS, LSH_CODES
 from pipeline.cache.statistics import recompute_statistics
@@ -471,7 +473,7 @@ def _killed_stats(root: Path, lsh_bits: int, at_replace: int) -> int:
     into place (1: every new array written and staged, none moved yet)."""
     script = f"""
 import os, signal, sys
-import pipeline.cache.store as store
+import pipeline.cache.writer as writer
 from flows.cli import main
 
 class KillOnReplace:
@@ -484,7 +486,7 @@ class KillOnReplace:
             os.kill(os.getpid(), signal.SIGKILL)
         os.replace(a, b)
 
-store.os = KillOnReplace()
+writer.os = KillOnReplace()
 sys.argv = ["distillery", "stats", {str(root)!r}, "--lsh-bits", "{lsh_bits}"]
 main()
 """

@@ -12,9 +12,10 @@ import pytest
 import torch
 from sklearn.decomposition import PCA
 
+from pipeline.cache.lock import cache_lock
 from pipeline.cache.manifest import CacheError, Manifest
 from pipeline.cache.statistics import recompute_statistics
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.datasets import DatasetError, load_dataset
 from pipeline.data.views import ViewPlan, render_view
 from pipeline.stats.cka import linear_cka, pair_sample_counts
@@ -159,6 +160,17 @@ def test_rerun_of_complete_cache_is_a_no_op(digits_cache: Path, cache_request) -
     assert (digits_cache / "manifest.json").read_text() == before
 
 
+def test_the_pass_takes_the_writer_lock_itself_and_a_second_writer_gets_one_line(cache_request,
+                                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "locked"
+    with cache_lock(out):  # another writer of the same cache (the lock is per open file, so also in-process)
+        with pytest.raises(CacheError, match="another distillery process is writing") as e:
+            run_cache_pass(cache_request(out, subset=40, shard_size=20))
+        assert "\n" not in str(e.value)
+        assert not (out / "manifest.json").exists()  # refused before the plan creates the cache
+    assert run_cache_pass(cache_request(out, subset=40, shard_size=20)).status == "complete"
+
+
 @pytest.mark.parametrize("override, field", [
     ({"views": 3}, "views.num_augmented"),
     ({"view_seed": 1}, "views.seed"),
@@ -237,7 +249,7 @@ def test_head_less_teacher_stores_features_and_statistics_only(cache_request, tm
 
 
 def test_cached_featmaps_equal_live_teacher_on_rendered_views_in_zarr_only(featmaps_cache: Path) -> None:
-    from pipeline.cache.store import decode_block, iter_tar_members
+    from pipeline.cache.blocks import decode_block, iter_tar_members
 
     cache = TeacherCache(featmaps_cache)
     spec, teacher = live_teacher(cache)

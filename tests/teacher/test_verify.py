@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pipeline.cache.manifest import Manifest
-from pipeline.cache.store import CacheWriter, TeacherCache
+from pipeline.cache.reader import TeacherCache
+from pipeline.cache.writer import CacheWriter
 from pipeline.teacher.cache_pass import run_cache_pass
 from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.teacher.model import TeacherError

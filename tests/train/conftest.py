@@ -13,7 +13,7 @@ import torch
 
 from pipeline.cache.codecs import topk_encode
 from pipeline.cache.manifest import FORMAT_VERSION, Manifest, StorageSpec
-from pipeline.cache.store import CacheWriter
+from pipeline.cache.writer import CacheWriter
 from pipeline.cache.targets import class_index_dtype
 from pipeline.data.views import ViewPlan
 from pipeline.train.rundir import RunDir

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.layout import block_sizes
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.views import epoch_views
 from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.ddp import ID_LOG_ENV
 from pipeline.train.launch import launch
 from pipeline.train.loop import check_run
-from pipeline.train.stream import block_sizes, rank_parts, split_parts, stream_batches
+from pipeline.train.stream import rank_parts, split_parts, stream_batches
 
 BATCH = 32
 TRAIN = ["train", "--student", "test_resnet", "--method", "ce", "--method", "tcs", "--epochs", "2", "--batch-size",
