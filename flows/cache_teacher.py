@@ -1,9 +1,11 @@
 """Prefect flow `cache-teacher`: plan -> map a task over shards -> per-shard statistics -> reduce -> complete.
 
-A thin wrapper over the teacher pass's steps (`pipeline.teacher.cache_pass` lists them); every task is one library function. A shard already
-finished in the store is skipped (its files are verified first), so a killed run resumes. Shards are
-independent (each writes only its own zarr chunks and files), so the task runner decides where they run:
-one thread by default, a Dask cluster (`task_runner("dask")`) fans them out over processes or machines.
+A thin wrapper over the teacher pass's steps (`pipeline.teacher.cache_pass` lists them); every task is one library
+function, and the pass holds the cache's writer lock throughout (`teacher_pass`), whether the command line runs
+it or a deployment serves it. A shard already finished in the store is skipped (its files are verified first),
+so a killed run resumes. Shards are independent (each writes only its own zarr chunks and files), so the task
+runner decides where they run: one thread by default, a Dask cluster (`task_runner("dask")`) fans them out over
+processes or machines.
 Results are not persisted (`persist_result=False`): the store on disk is the result.
 
 When this run completes a cache it emits the event `distillery.cache.completed` (resource: the cache's
@@ -29,17 +31,16 @@ from flows.runtime import (EVENT_TIMEOUT_S, PUBLISH_TIMEOUT_S, artifact_key, for
 from pipeline.cache import statistics
 from pipeline.cache.manifest import Manifest, ShardRecord, StatsSection
 from pipeline.cache.statistics import ShardStats
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.summary import array_rows, human_bytes
 from pipeline.object_store import is_url
 from pipeline.report.content import gather_report
 from pipeline.report.html import write_report
 from pipeline.report.markdown import report_markdown
 from pipeline.teacher import forward, plan
-from pipeline.teacher.cache_pass import CacheResult
+from pipeline.teacher.cache_pass import CacheResult, teacher_pass
 from pipeline.teacher.plan import CachePlan, CacheRequest
 from pipeline.teacher.model import TeacherError
-from pipeline.train.loop import cache_fingerprint
 
 forward_library_logs()
 
@@ -92,36 +93,34 @@ def task_runner(spec: str = "thread", workers: int = 2) -> TaskRunner:
     return DaskTaskRunner(address=spec)
 
 
-def summary_rows(root: str) -> list[dict[str, Any]]:
-    cache = TeacherCache(root)
+def summary_rows(cache: TeacherCache) -> list[dict[str, Any]]:
     return [{"array": r.name, "shape": "x".join(map(str, r.shape)), "dtype": r.dtype,
              "stored": human_bytes(r.stored_bytes), "bytes/sample": round(r.bytes_per_sample, 1)}
             for r in array_rows(cache)]
 
 
-def summary_markdown(root: str, result: CacheResult) -> str:
+def summary_markdown(cache: TeacherCache, result: CacheResult) -> str:
     """The cache report's sections as markdown (tables and text; the figures are in the HTML report)."""
-    report = gather_report(TeacherCache(root), samples=0)
+    report = gather_report(cache, samples=0)
     throughput = (f"Teacher pass: {result.images} images in {result.pass_seconds:.1f} s "
                   f"({result.images_per_second:.0f} images/s; {result.skipped_shards} shards reused).")
-    return report_markdown(report, f"Teacher cache `{root}`", intro=["", throughput])
+    return report_markdown(report, f"Teacher cache `{result.cache}`", intro=["", throughput])
 
 
 def cache_artifact_key(kind: str, cache: TeacherCache) -> str:
     """`teacher-cache-<kind>-<dataset>-<teacher>-<fingerprint[:12]>`: one history per cache identity."""
     m = cache.manifest
-    return artifact_key("teacher-cache", kind, m.dataset.name, m.teacher.model, cache_fingerprint(cache)[:12])
+    return artifact_key("teacher-cache", kind, m.dataset.name, m.teacher.model, m.fingerprint()[:12])
 
 
 @task(name="publish-cache-artifacts", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
-def publish_task(root: str, result: CacheResult) -> Path:
+def publish_task(cache: TeacherCache, result: CacheResult) -> Path:
     """The arrays table, the summary and the HTML report's link, keyed by the cache's identity; returns
     the report's path."""
-    cache = TeacherCache(root)
-    create_table_artifact(key=cache_artifact_key("arrays", cache), table=summary_rows(root),
-                          description=f"Arrays stored in {root}")
-    create_markdown_artifact(key=cache_artifact_key("summary", cache), markdown=summary_markdown(root, result),
-                             description=f"Teacher cache summary of {root}")
+    create_table_artifact(key=cache_artifact_key("arrays", cache), table=summary_rows(cache),
+                          description=f"Arrays stored in {result.cache}")
+    create_markdown_artifact(key=cache_artifact_key("summary", cache), markdown=summary_markdown(cache, result),
+                             description=f"Teacher cache summary of {result.cache}")
     return publish_report(cache)
 
 
@@ -141,14 +140,14 @@ def cache_address(root: str) -> str:
 
 
 @task(name="emit-cache-completed", persist_result=False, timeout_seconds=EVENT_TIMEOUT_S)
-def emit_cache_completed(root: str, result: CacheResult) -> None:
+def emit_cache_completed(cache: TeacherCache, result: CacheResult) -> None:
     """The event a deployment trigger starts a student sweep on (resource labels are strings)."""
-    cache = TeacherCache(root)
-    m, fingerprint = cache.manifest, cache_fingerprint(cache)
+    m, address = cache.manifest, cache_address(result.cache)
+    fingerprint = m.fingerprint()
     emit_event(event=CACHE_COMPLETED,
                resource={"prefect.resource.id": f"distillery.cache.{fingerprint}",
-                         "prefect.resource.name": cache_address(root),
-                         "distillery.cache.path": cache_address(root),
+                         "prefect.resource.name": address,
+                         "distillery.cache.path": address,
                          "distillery.cache.fingerprint": fingerprint,
                          "distillery.dataset": str(m.dataset.name),
                          "distillery.teacher": str(m.teacher.model)},
@@ -166,31 +165,34 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
     """
     logger = get_run_logger()
     request = request.model_copy(update={"out": run_path(request.out)})
-    plan = plan_task(request)
-    if plan.complete:
-        logger.info("cache %s is already complete with this identity; nothing to do", plan.root)
-        return CacheResult(cache=plan.root, num_samples=Manifest.load(plan.root).dataset.num_samples, images=0,
-                           pass_seconds=0.0, skipped_shards=plan.num_shards, written_shards=0)
-    logger.info("teacher pass into %s: %d shards to write, %d reused", plan.root, len(plan.pending), len(plan.done))
-    start = time.perf_counter()
-    futures = shard_task.with_options(timeout_seconds=task_timeout).map(unmapped(request), plan.pending)
-    progress = create_progress_artifact(100 * len(plan.done) / plan.num_shards,
-                                        description=f"Teacher pass into {plan.root}: shards done")
-    for done, _ in enumerate(as_completed(futures), start=len(plan.done) + 1):
-        update_progress_artifact(progress, 100 * done / plan.num_shards)
-    new_records = futures.result()
-    pass_seconds = time.perf_counter() - start
-    records = plan.done + list(new_records)
-    parts = shard_stats_task.map(unmapped(plan.root), list(range(plan.num_shards))).result()
-    reduce_task(plan.root, parts, request.cka_source)
-    manifest = complete_task(plan.root, records)
-    images = sum(r.count for r in new_records) * (manifest.views.num_augmented + 1)
-    result = CacheResult(cache=plan.root, num_samples=manifest.dataset.num_samples, images=images,
-                         pass_seconds=pass_seconds, skipped_shards=len(plan.done), written_shards=len(new_records))
-    logger.info("teacher pass: %d images in %.1f s (%.0f images/s); cache complete at %s", images, pass_seconds,
-                result.images_per_second, cache_address(plan.root))
-    logger.info("HTML report written to %s", publish_task(plan.root, result))
-    emit_cache_completed(plan.root, result)
+    with teacher_pass(request, plan=plan_task) as plan:  # the writer lock, served or not
+        if plan.complete:
+            logger.info("cache %s is already complete with this identity; nothing to do", plan.root)
+            return CacheResult(cache=plan.root, num_samples=Manifest.load(plan.root).dataset.num_samples, images=0,
+                               pass_seconds=0.0, skipped_shards=plan.num_shards, written_shards=0)
+        logger.info("teacher pass into %s: %d shards to write, %d reused", plan.root, len(plan.pending),
+                    len(plan.done))
+        start = time.perf_counter()
+        futures = shard_task.with_options(timeout_seconds=task_timeout).map(unmapped(request), plan.pending)
+        progress = create_progress_artifact(100 * len(plan.done) / plan.num_shards,
+                                            description=f"Teacher pass into {plan.root}: shards done")
+        for done, _ in enumerate(as_completed(futures), start=len(plan.done) + 1):
+            update_progress_artifact(progress, 100 * done / plan.num_shards)
+        new_records = futures.result()
+        pass_seconds = time.perf_counter() - start
+        records = plan.done + list(new_records)
+        parts = shard_stats_task.map(unmapped(plan.root), list(range(plan.num_shards))).result()
+        reduce_task(plan.root, parts, request.cka_source)
+        manifest = complete_task(plan.root, records)
+        images = sum(r.count for r in new_records) * (manifest.views.num_augmented + 1)
+        result = CacheResult(cache=plan.root, num_samples=manifest.dataset.num_samples, images=images,
+                             pass_seconds=pass_seconds, skipped_shards=len(plan.done),
+                             written_shards=len(new_records))
+        logger.info("teacher pass: %d images in %.1f s (%.0f images/s); cache complete at %s", images, pass_seconds,
+                    result.images_per_second, cache_address(plan.root))
+        cache = TeacherCache(plan.root)  # opened once: the report, the artifacts and the event read it
+        logger.info("HTML report written to %s", publish_task(cache, result))
+    emit_cache_completed(cache, result)
     return result
 
 

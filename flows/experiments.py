@@ -17,9 +17,9 @@ from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs,
 from flows.train_students import train_students
 from pipeline.lab.experiments import (DEFAULT_ROOT, ExperimentResult, ExperimentTeacher, get_experiment, result_rows,
                                   results_markdown, reusable_teacher)
+from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.train.fit import fit_teacher
 from pipeline.train.summary import TrainSummary
-from pipeline.teacher.model import load_checkpoint
 
 forward_library_logs()
 
@@ -29,8 +29,9 @@ def fit_or_reuse_teacher(name: str, root: str) -> ExperimentTeacher:
     """The experiment's teacher checkpoint: reused when fitted with the same settings, else fitted now."""
     config = get_experiment(name).fit_config(Path(root))
     path = Path(config.out)
-    if path.exists() and reusable_teacher(load_checkpoint(path).get("config"), config):
-        return ExperimentTeacher(out=str(path), reused=True, val_accuracy=load_checkpoint(path)["val_accuracy"])
+    fitted_before = TeacherCheckpoint.load(path) if path.exists() else None
+    if fitted_before is not None and reusable_teacher(fitted_before.config, config):
+        return ExperimentTeacher(out=str(path), reused=True, val_accuracy=fitted_before.val_accuracy)
     fitted = fit_teacher(config)
     return ExperimentTeacher(out=fitted.out, reused=False, val_accuracy=fitted.val_accuracy)
 

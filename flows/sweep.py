@@ -69,7 +69,8 @@ def train_distributed(plan: TrainPlan, nproc: int,
     turn (rank 0 inside `display`); with --nproc N this process checks the sweep, then runs torchrun per
     student. The summaries on rank 0 (which prints them), None on the other ranks."""
     from pipeline.train.config import plan_runs
-    from pipeline.train.distributed import World, launch, under_torchrun
+    from pipeline.train.ddp import World, under_torchrun
+    from pipeline.train.launch import launch
     from pipeline.train.loop import check_runs, train_student
 
     world = World.from_env()

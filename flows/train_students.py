@@ -15,9 +15,9 @@ from pydantic import PositiveFloat
 
 from flows.params import Student, TrainSettings
 from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.train.config import TrainConfig, plan_runs
-from pipeline.train.loop import cache_fingerprint, check_runs, train_student
+from pipeline.train.loop import check_runs, train_student
 from pipeline.train.summary import TrainSummary
 
 forward_library_logs()
@@ -43,8 +43,8 @@ def sweep_artifact_key(cache: str, sweep: Optional[str]) -> str:
     """`students-<sweep>`, or `students-<dataset>-<teacher>-<cache fingerprint[:12]>` for an unnamed sweep."""
     if sweep:
         return artifact_key("students", sweep)
-    c = TeacherCache(cache)
-    return artifact_key("students", c.manifest.dataset.name, c.manifest.teacher.model, cache_fingerprint(c)[:12])
+    m = TeacherCache(cache).manifest
+    return artifact_key("students", m.dataset.name, m.teacher.model, m.fingerprint()[:12])
 
 
 @task(name="publish-comparison", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)

@@ -46,21 +46,37 @@ def read_bytes(path: Path | ObjectPath, limit: int, error: type[DistilleryError]
         except (OSError, ValueError) as e:
             raise error(f"cannot read {path} ({type(e).__name__}: {e}); {hint}") from None
     else:
-        try:
-            # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise error(f"cannot read {path} ({e.strerror}); {hint}") from None
-        with os.fdopen(fd, "rb") as f:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise error(f"{path} is not a regular file; {hint}")
-            size = info.st_size
-            data = b"" if size > limit else f.read(limit + 1)
+        with open_regular(path, limit, error, hint) as f:
+            data = f.read(limit + 1)
+        size = len(data)
     if size > limit or len(data) > limit:
-        raise error(f"{path} is {max(size, len(data)):,} bytes, more than the {_size(limit)} such a file can be; "
-                    f"{hint}")
+        raise error(_too_big(path, max(size, len(data)), limit, hint))
     return data
+
+
+def open_regular(path: Path, limit: int, error: type[DistilleryError], hint: str) -> BinaryIO:
+    """``path`` open for reading when it is a regular file of at most ``limit`` bytes; otherwise ``error``.
+    For readers that take a file rather than bytes (``torch.load``): the checks hold for the file they read,
+    which a check of the path before opening it would not promise."""
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise error(f"cannot read {path} ({e.strerror}); {hint}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # checked before fdopen, which refuses a directory itself
+            raise error(f"{path} is not a regular file; {hint}")
+        if info.st_size > limit:
+            raise error(_too_big(path, info.st_size, limit, hint))
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _too_big(path: Path | ObjectPath, size: int, limit: int, hint: str) -> str:
+    return f"{path} is {size:,} bytes, more than the {_size(limit)} such a file can be; {hint}"
 
 
 def read_text(path: Path | ObjectPath, limit: int, error: type[DistilleryError], hint: str) -> str:
@@ -85,14 +101,31 @@ def check_depth(value: Any, where: str, error: type[DistilleryError], hint: str,
     return value
 
 
-def parse_json(text: str | bytes, where: str, error: type[DistilleryError], hint: str) -> Any:
+class _KeyTwice(Exception):
+    """A key given twice in one JSON object (raised while parsing, caught by `parse_json`)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise _KeyTwice(key)
+        value[key] = item
+    return value
+
+
+def parse_json(text: str | bytes, where: str, error: type[DistilleryError], hint: str,
+               unique_keys: bool = False) -> Any:
     """JSON ``text`` (read from ``where``) as Python values; NaN and infinities are refused (the project never
-    writes them and they defeat every range check)."""
+    writes them and they defeat every range check). With ``unique_keys``, so is a key given twice in one object
+    (a dict would silently keep the last: where keys are names a user writes, the first would be lost)."""
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not a number JSON allows")
 
     try:
-        value = json.loads(text, parse_constant=no_constants)
+        value = json.loads(text, parse_constant=no_constants, object_pairs_hook=_unique_keys if unique_keys else None)
+    except _KeyTwice as e:
+        raise error(f"{where} names {json.dumps(e.args[0], ensure_ascii=False)} twice in one object; {hint}") from None
     except RecursionError:
         raise error(f"{where} nests deeper than {MAX_DEPTH} levels; {hint}") from None
     except UnicodeDecodeError as e:
@@ -102,9 +135,10 @@ def parse_json(text: str | bytes, where: str, error: type[DistilleryError], hint
     return check_depth(value, where, error, hint)
 
 
-def read_json(path: Path | ObjectPath, limit: int, error: type[DistilleryError], hint: str) -> Any:
+def read_json(path: Path | ObjectPath, limit: int, error: type[DistilleryError], hint: str,
+              unique_keys: bool = False) -> Any:
     """The JSON document in ``path``: bounded, UTF-8, depth-checked; every problem one line."""
-    return parse_json(read_text(path, limit, error, hint), str(path), error, hint)
+    return parse_json(read_text(path, limit, error, hint), str(path), error, hint, unique_keys)
 
 
 def read_toml(path: Path, limit: int, error: type[DistilleryError], hint: str) -> dict[str, Any]:

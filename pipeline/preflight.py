@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.summary import teacher_accuracy_per_view
 from pipeline.data.datasets import load_dataset
 from pipeline.errors import DistilleryError
 from pipeline.methods import list_methods, resolve_method_spec
 from pipeline.object_store import location
-from pipeline.teacher.model import load_checkpoint
+from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.train.config import StudentSpec, TrainConfig
 from pipeline.train.rundir import SUMMARY
 from pipeline.train.summary import TrainSummary
@@ -45,15 +45,15 @@ def checkpoint_dataset(checkpoint: str | Path, dataset: str, on_bad_image: str =
     Returns a warning line where it cannot be checked (a checkpoint made before the fingerprint was
     recorded) or where ``allow_other`` lets a mismatch through; None when it matches.
     """
-    ckpt = load_checkpoint(checkpoint)
-    recorded = ckpt.get("train_fingerprint")
+    ckpt = TeacherCheckpoint.load(checkpoint)
+    recorded = ckpt.train_fingerprint
     train = load_dataset(dataset, "train", on_bad_image=on_bad_image)
     if recorded is None:
         return (f"checkpoint {checkpoint} records no dataset fingerprint (fitted before Distillery recorded one; "
-                f"it names dataset {ckpt.get('dataset', 'none')!r}): cannot check it was trained on {train.name}")
+                f"it names dataset {ckpt.dataset!r}): cannot check it was trained on {train.name}")
     if recorded == train.fingerprint():
         return None
-    message = (f"checkpoint {checkpoint} was fitted on {ckpt.get('dataset', 'another dataset')!r}, not on "
+    message = (f"checkpoint {checkpoint} was fitted on {ckpt.dataset!r}, not on "
                f"{train.name} (train-split fingerprints {str(recorded)[:12]} and {train.fingerprint()[:12]} differ)")
     if allow_other:
         return message

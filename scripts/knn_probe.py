@@ -24,7 +24,8 @@ from sklearn.preprocessing import StandardScaler
 from pipeline.data.datasets import load_dataset
 from pipeline.data.rendering import clean_views
 from pipeline.methods.tcs import components_for
-from pipeline.teacher.model import create_timm_model, load_checkpoint
+from pipeline.nets.tapped import create_timm_model
+from pipeline.teacher.checkpoint import TeacherCheckpoint
 
 
 def report(name: str, train: torch.Tensor, train_labels: torch.Tensor, val: torch.Tensor, val_labels: torch.Tensor,
@@ -49,15 +50,15 @@ def main() -> None:
                         help="labelled train images: the seeded, stratified subset `distillery cache --subset` takes")
     parser.add_argument("--pixels", action="store_true", help="the same figures for the raw pixels of the views")
     args = parser.parse_args()
-    ckpt = load_checkpoint(args.checkpoint)
-    model = create_timm_model(ckpt["model"], ckpt["num_classes"], ckpt["in_chans"], ckpt["input_size"])
-    model.load_state_dict(ckpt["state_dict"])
+    ckpt = TeacherCheckpoint.load(args.checkpoint)
+    model = create_timm_model(ckpt.model, ckpt.num_classes, ckpt.in_chans, ckpt.input_size)
+    model.load_state_dict(ckpt.state_dict)
     model.eval()
 
     def features(split: str, subset: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(teacher features, flattened pixels, labels) of the split's view 0."""
         dataset = load_dataset(args.dataset, split, subset=subset)
-        views = clean_views(dataset, ckpt["input_size"], ckpt["mean"], ckpt["std"])
+        views = clean_views(dataset, ckpt.input_size, ckpt.mean, ckpt.std)
         pooled, pixels = [], []
         with torch.no_grad():
             for start in range(0, len(views), 1024):

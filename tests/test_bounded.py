@@ -17,9 +17,9 @@ class Refused(DistilleryError):
     pass
 
 
-def refuse(call, *args) -> str:
+def refuse(call, *args, **kwargs) -> str:
     with pytest.raises(Refused) as e:
-        call(*args, Refused, "do this")
+        call(*args, Refused, "do this", **kwargs)
     line = str(e.value)
     assert "\n" not in line and line.endswith("; do this")
     return line
@@ -58,6 +58,12 @@ def test_a_fifo_is_refused_at_once_instead_of_waiting_for_a_writer(tmp_path: Pat
 def test_bad_json_is_one_line(tmp_path: Path, content: bytes, message: str) -> None:
     (tmp_path / "f.json").write_bytes(content)
     assert message in refuse(read_json, tmp_path / "f.json", 1 << 20)
+
+
+def test_a_key_given_twice_is_refused_only_where_keys_must_be_unique(tmp_path: Path) -> None:
+    (tmp_path / "f.json").write_text('{"a": {"Trouser": [1], "Trouser": [2]}}')
+    assert read_json(tmp_path / "f.json", 1 << 20, Refused, "x") == {"a": {"Trouser": [2]}}
+    assert 'names "Trouser" twice in one object' in refuse(read_json, tmp_path / "f.json", 1 << 20, unique_keys=True)
 
 
 def test_the_deepest_accepted_nesting_is_max_depth(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.datasets import load_dataset
 from pipeline.teacher.plan import CacheRequest
 from pipeline.teacher.cache_pass import run_cache_pass

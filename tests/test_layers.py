@@ -36,18 +36,8 @@ TIERS: list[set[str]] = [
 TIER = {part: tier for tier, parts in enumerate(TIERS) for part in parts}
 FOUNDATION = TIERS[0]
 
-KNOWN_CIRCLES: set[frozenset[str]] = {
-    # DDP primitives and the torchrun launcher in one file (issue 26): removed by the DDP split. The lead
-    # deletes this entry after merging it (the test fails on an entry that is no longer a circle).
-    frozenset({"pipeline/train/loop.py", "pipeline/train/distributed.py"}),
-}
-"""Circles inside a package that are known and being removed; any other circle fails."""
-
 MAX_LINES = 500
-KNOWN_LARGE: set[str] = {
-    "pipeline/cache/store.py",  # split into layout, blocks, writer and reader (issue 26); the lead deletes this entry
-}
-"""Modules over MAX_LINES that are known and being split; any other one fails."""
+"""The most lines a module may have: a room one reader can hold in mind."""
 
 
 def modules() -> list[Path]:
@@ -171,14 +161,13 @@ def test_no_upward_arrows() -> None:
     assert not problems, "\n".join(problems)
 
 
-def test_no_circle_inside_a_package_but_the_known_one() -> None:
-    found = set(circles())
-    assert found - KNOWN_CIRCLES == set(), f"import circles: {[sorted(c) for c in found - KNOWN_CIRCLES]}"
-    assert KNOWN_CIRCLES - found == set(), f"no longer circles, delete from KNOWN_CIRCLES: {KNOWN_CIRCLES - found}"
+def test_no_circle_inside_a_package() -> None:
+    found = circles()
+    assert found == [], f"import circles: {[sorted(c) for c in found]}"
 
 
 @pytest.mark.parametrize("module, imports, broken", [
-    ("pipeline/cache/store.py", {"pipeline.teacher.model"}, "tier of teacher (3) is not below that of cache (2)"),
+    ("pipeline/cache/writer.py", {"pipeline.teacher.model"}, "tier of teacher (3) is not below that of cache (2)"),
     ("pipeline/teacher/plan.py", {"pipeline.methods.base"}, "tier of methods (3) is not below that of teacher (3)"),
     ("pipeline/train/loop.py", {"pipeline.lab.synthetic"}, "tier of lab (6) is not below that of train (4)"),
     ("pipeline/stats/lsh.py", {"prefect"}, "the library never imports prefect"),
@@ -242,6 +231,5 @@ def test_house_numbers() -> None:
     numbers = house_numbers()
     print("house numbers: " + ", ".join(f"{k} {v}" for k, v in numbers.items()))
     assert numbers["upward arrows"] == 0
-    over = set(numbers["over limit"])
-    assert over - KNOWN_LARGE == set(), f"modules over {MAX_LINES} lines: {sorted(over - KNOWN_LARGE)}"
-    assert KNOWN_LARGE - over == set(), f"no longer over {MAX_LINES} lines, delete from KNOWN_LARGE: {KNOWN_LARGE - over}"
+    assert numbers["circles"] == 0
+    assert numbers["over limit"] == [], f"modules over {MAX_LINES} lines: {numbers['over limit']}"

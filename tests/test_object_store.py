@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.cache.integrity import confined_path
 from pipeline.cache.manifest import CacheError
-from pipeline.cache.store import SHARDS_DIR, TeacherCache
+from pipeline.cache.layout import SHARDS_DIR
+from pipeline.cache.reader import TeacherCache
 from pipeline.object_store import ObjectPath, check_output_location, location
 from pipeline.options import OptionError
 

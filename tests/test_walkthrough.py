@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from pipeline.cache.manifest import StorageSpec
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.targets import TARGETS, Target, TargetArray, TeacherOutputs, register_target
 from pipeline.methods.base import _REGISTRY, Method, StudentOutputs, Targets, TrainingProgress, register_method
 from pipeline.teacher.cache_pass import run_cache_pass

@@ -8,7 +8,7 @@ from typing import Literal
 
 import typer
 
-from pipeline.data.datasets import BAD_IMAGE_POLICIES
+from pipeline.data.datasets import BAD_IMAGE_POLICIES, dataset_help
 from pipeline.options import check_device
 
 # Choice-like options: typer lists the choices in --help and refuses anything else in one line.
@@ -17,7 +17,7 @@ CkaSource = Literal["auto", "logits", "features"]
 
 ON_BAD_IMAGE_HELP = ("an undecodable file in an image folder (any split, checked before any work): 'fail' names "
                      "it, 'skip' leaves it out and reports how many")
-DATASET_HELP = "digits | fashion-mnist[:DIR] | imagefolder:DIR"
+DATASET_HELP = dataset_help()
 CKA_HELP = "what the category interrelations (WKD-L's cost) are computed from; auto: logits if stored"
 
 

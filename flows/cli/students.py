@@ -73,9 +73,9 @@ def train_cmd(
     table."""
     from flows.sweep import train_distributed, train_plan
     from flows.train_students import plan_sweep, train_students
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
-    from pipeline.train.distributed import under_torchrun
+    from pipeline.train.ddp import under_torchrun
 
     settings = {name: value for name, value in ctx.params.items() if name in TrainSettings.model_fields}
     given = {name for name in settings if ctx.get_parameter_source(name).name == "COMMANDLINE"}

@@ -127,8 +127,7 @@ def cache_cmd(
                                                            "(refused otherwise)")] = False,
 ) -> None:
     """Run the teacher once over a dataset and store everything students need (Prefect flow)."""
-    from pipeline.cache.lock import cache_lock
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.preflight import checkpoint_dataset, teacher_near_chance
     from pipeline.teacher.plan import check_request
 
@@ -148,7 +147,7 @@ def cache_cmd(
 
     task_runner(task_runner_spec, dask_workers)  # an unknown runner is one line too
     start_temporary_server()
-    with cache_lock(out), show_progress():  # one writer per cache: a second gets one line
+    with show_progress():  # the flow holds the cache's writer lock: a second writer gets one line
         result = run_cache_teacher(request, task_runner_spec, dask_workers)
     console.print(f"cached {result.num_samples} samples into {result.cache}: teacher pass "
                   f"{result.images} images in {result.pass_seconds:.1f} s = "
@@ -158,14 +157,11 @@ def cache_cmd(
 
 def checkpoint_model(checkpoint: Optional[Path]) -> str:
     """The timm model a `fit-teacher` checkpoint names: --teacher's default."""
-    from pipeline.teacher.model import load_checkpoint
+    from pipeline.teacher.checkpoint import TeacherCheckpoint
 
     if checkpoint is None:
         raise OptionError("give --teacher MODEL (a timm name), or --checkpoint FILE whose model is then used")
-    model = load_checkpoint(checkpoint).get("model")
-    if not isinstance(model, str):
-        raise OptionError(f"checkpoint {checkpoint} names no model; give --teacher MODEL")
-    return model
+    return TeacherCheckpoint.load(checkpoint).model
 
 
 @group.command("stats")
@@ -188,7 +184,7 @@ def inspect_cmd(
                                                         "included) to this file")] = None,
 ) -> None:
     """Print the manifest summary and every array's shape, dtype, bytes and a few statistics."""
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.cache.summary import (array_rows, featmap_rows, human_bytes, pca_summary,
                                         teacher_accuracy_per_view)
 
@@ -241,7 +237,7 @@ def neighbors_cmd(
     k: Annotated[int, typer.Option(help="number of neighbours")] = default_of(lsh_neighbors, "k"),
 ) -> None:
     """A sample's nearest neighbours in the teacher's LSH space (Hamming distance, faiss index)."""
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
 
     found = lsh_neighbors(TeacherCache(cache), sample_id, k)
     q = found.query

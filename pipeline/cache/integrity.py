@@ -44,6 +44,12 @@ def confined_path(root: Path, relative: object, field: str, under: str = "") -> 
     return path
 
 
+def repair_hint(root: str | Path) -> str:
+    """What to run when a shard or its rows are damaged (README "Security model and integrity")."""
+    return (f"repair with `distillery verify {root} --repair` (needs the teacher checkpoint) or re-run the "
+            f"`distillery cache` command that made it")
+
+
 def rows_digest(rows: Mapping[str, np.ndarray]) -> str:
     """sha256 over the arrays' names and bytes, in name order: a shard's rows as a record keeps them."""
     h = hashlib.sha256()

@@ -1,6 +1,7 @@
-"""One writer at a time per cache, held by `distillery cache`, `distillery stats` and `distillery verify --repair`
-for their whole run. Readers (training, `inspect`) take no lock: a writer commits with renames (or whole
-PUTs) and a manifest written last.
+"""One writer at a time per cache, held for their whole run by the teacher pass (`teacher_pass` in
+`pipeline.teacher.cache_pass`: `distillery cache`, the `cache-teacher` flow however it is started,
+`distillery verify --repair`) and by `distillery stats`. Readers (training, `inspect`) take no lock: a
+writer commits with renames (or whole PUTs) and a manifest written last.
 
 Locally an exclusive `fcntl.flock` on `<cache>/.writer.lock`: the kernel drops it when the process ends (a
 killed writer leaves nothing to clean up). At a URL (README "Caches on object storage") the `.writer.lock`
@@ -18,8 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.cache.layout import LOCK_NAME
 from pipeline.cache.manifest import CacheError
-from pipeline.cache.store import LOCK_NAME
 from pipeline.object_store import ObjectLock, ObjectPath, location
 
 

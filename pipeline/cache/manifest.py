@@ -6,6 +6,7 @@ request's; `identity_mismatch` names the first field that differs so the refusal
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import contextvars
@@ -339,6 +340,12 @@ class Manifest(BaseModel):
         # Where the checkpoint lies is provenance, not identity: its sha256 is what matters.
         del ident["teacher"]["checkpoint"]
         return ident
+
+    def fingerprint(self) -> str:
+        """sha256 of `identity()`: the cache's identity in one string. A student run records it (a resumed run
+        must find the same teacher, data, views and storage), and flows key a cache's artifacts and events by
+        it; run directories hold it, so the formula never changes."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as its JSON holds it."""

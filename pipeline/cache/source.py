@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.cache.manifest import CacheError
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.datasets import ImageDataset, load_dataset
 
 

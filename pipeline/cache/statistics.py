@@ -16,10 +16,13 @@ from typing import Any
 import faiss
 import numpy as np
 
+from pipeline.cache.blocks import block_key
+from pipeline.cache.layout import LSH_INDEX_NAME, LSH_STATS_ARRAYS
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.manifest import CacheError, LshRecord, StatsSection
-from pipeline.cache.store import LSH_INDEX_NAME, LSH_STATS_ARRAYS, CacheWriter, TeacherCache, block_key
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.targets import GAUSSIAN, LOGITS, POOLED
+from pipeline.cache.writer import CacheWriter
 from pipeline.checksums import sha256_bytes
 from pipeline.stats.classes import ClassMoments
 from pipeline.stats.cka import category_interrelations, cka_sample_rows

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 
 PCA_FRACTIONS = (0.5, 0.9, 0.99)
 

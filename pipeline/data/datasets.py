@@ -5,7 +5,9 @@ exposes stable, unique, non-negative int64 ids next to its labels and raw uint8 
 across the train and val splits of one dataset, so a cache of one split can never be confused with
 a cache of the other.
 
-Supported specs (docs/ARCHITECTURE.md#command-line-contract): ``digits``, ``fashion-mnist[:DIR]``, ``imagefolder:DIR``.
+``--dataset NAME[:ARGUMENT]`` names a registered `DatasetKind` (its loader and help): ``digits``,
+``fashion-mnist[:DIR]`` and ``imagefolder:DIR`` are registered here, and `dataset_help` lists every kind for
+the command line (docs/ARCHITECTURE.md#where-new-things-go says how to add one).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import gzip
 import hashlib
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +30,19 @@ from pipeline.errors import DistilleryError
 
 __all__ = [
     "ArrayDataset",
+    "DATASET_KINDS",
     "DatasetError",
+    "DatasetKind",
     "FolderDataset",
     "ImageDataset",
+    "dataset_help",
     "load_dataset",
+    "register_dataset_kind",
     "stratified_subset",
 ]
 
 SPLITS = ("train", "val")
 _SPLIT_ALIASES = {"test": "val"}
-VALID_SPECS = "digits, fashion-mnist[:DIR], imagefolder:DIR"
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -404,6 +409,64 @@ def _load_imagefolder(directory: str, split: str, on_bad_image: str = "fail") ->
                          class_names=class_names, channels=3, paths=paths[positions], skipped=skipped)
 
 
+DatasetLoader = Callable[[str, str, str], ImageDataset]
+"""``loader(argument, split, on_bad_image)``: one split of a dataset kind (see `DatasetKind`)."""
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """One kind of dataset ``--dataset`` names: ``NAME``, ``NAME:ARGUMENT``, or either when it has a default.
+
+    ``loader(argument, split, on_bad_image)`` returns the ``train`` or ``val`` split, ids unique across both;
+    ``on_bad_image`` (``fail`` or ``skip``) is for kinds that decode files. The dataset's ``name`` must be a
+    spec that loads it again: a cache records it, and `train`, `verify` and `inspect` reload the data by it.
+    ``argument`` is the metavar of what follows the colon ("": the kind takes none), ``default`` the argument
+    used when the spec gives none (None: it must be given); ``help`` says what the kind is, for ``--help``.
+    """
+
+    name: str
+    loader: DatasetLoader
+    help: str
+    argument: str = ""
+    default: str | None = None
+
+    @property
+    def usage(self) -> str:
+        """How a spec names this kind: ``digits``, ``fashion-mnist[:DIR]``, ``imagefolder:DIR``."""
+        if not self.argument:
+            return self.name
+        return f"{self.name}[:{self.argument}]" if self.default is not None else f"{self.name}:{self.argument}"
+
+
+DATASET_KINDS: dict[str, DatasetKind] = {}
+"""Registered dataset kinds by name, in the order ``--help`` lists them."""
+
+
+def register_dataset_kind(kind: DatasetKind) -> DatasetKind:
+    """Add ``kind`` to :data:`DATASET_KINDS` (its name must be new and hold no colon)."""
+    if not kind.name or ":" in kind.name:
+        raise TypeError(f"dataset kind name {kind.name!r} must be non-empty and hold no ':'")
+    if kind.name in DATASET_KINDS:
+        raise TypeError(f"dataset kind {kind.name!r} is already registered")
+    DATASET_KINDS[kind.name] = kind
+    return kind
+
+
+def dataset_help() -> str:
+    """Every registered kind, how a spec names it and what it is: the ``--dataset`` help of the command line."""
+    return " | ".join(f"{kind.usage} ({kind.help})" for kind in DATASET_KINDS.values())
+
+
+def _dataset_kind(spec: str) -> tuple[DatasetKind, str]:
+    """The kind ``spec`` names and the argument its loader gets (the kind's default when the spec has none)."""
+    name, _, argument = spec.partition(":")
+    kind = DATASET_KINDS.get(name)
+    if kind is None or (argument and not kind.argument) or (not argument and kind.argument and kind.default is None):
+        raise DatasetError(f"unknown dataset {spec!r}; valid names: "
+                           f"{', '.join(k.usage for k in DATASET_KINDS.values())}")
+    return kind, argument or kind.default or ""
+
+
 def load_dataset(spec: str, split: str = "train", subset: int | None = None,
                  seed: int = 0, on_bad_image: str = "fail") -> ImageDataset:
     """Load one split of the dataset named by ``spec`` (docs/ARCHITECTURE.md#command-line-contract).
@@ -413,19 +476,24 @@ def load_dataset(spec: str, split: str = "train", subset: int | None = None,
     folders): ``fail`` refuses undecodable files in any split, naming them; ``skip`` leaves them out and
     lists this split's in ``skipped``.
     """
-    kind, _, argument = spec.partition(":")
+    kind, argument = _dataset_kind(spec)
     split = _SPLIT_ALIASES.get(split, split)
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; use one of: train, val")
     check_bad_image_policy(on_bad_image)
-    if kind == "digits" and not argument:
-        dataset = _load_digits(split)
-    elif kind == "fashion-mnist":
-        dataset = _load_fashion_mnist(argument or FASHION_MNIST_DIR, split)
-    elif kind == "imagefolder" and argument:
-        dataset = _load_imagefolder(argument, split, on_bad_image)
-    else:
-        raise DatasetError(f"unknown dataset {spec!r}; valid names: {VALID_SPECS}")
+    dataset = kind.loader(argument, split, on_bad_image)
     if subset is not None:
         dataset = dataset.subset(stratified_subset(dataset.labels, subset, seed))
     return dataset
+
+
+register_dataset_kind(DatasetKind(
+    "digits", lambda argument, split, on_bad_image: _load_digits(split),
+    help="scikit-learn's 8x8 handwritten digits, embedded"))
+register_dataset_kind(DatasetKind(
+    "fashion-mnist", lambda directory, split, on_bad_image: _load_fashion_mnist(directory, split),
+    help=f"Fashion-MNIST's IDX .gz files in DIR, default {FASHION_MNIST_DIR}", argument="DIR",
+    default=FASHION_MNIST_DIR))
+register_dataset_kind(DatasetKind(
+    "imagefolder", _load_imagefolder, help="one subfolder of images per class; DIR/train and DIR/val when present",
+    argument="DIR"))

@@ -113,7 +113,8 @@ def _train_once(config: dict[str, Any]) -> dict[str, Any]:
     import timm  # noqa: F401 - imported on first use by the run; resident before it, like torch
 
     from pipeline.train.config import TrainConfig
-    from pipeline.train.loop import rss_bytes, train_student
+    from pipeline.environment import rss_bytes
+    from pipeline.train.loop import train_student
 
     # Python, torch, timm and the project are resident before anything of the run exists: the peak above this
     # is what the run itself holds (models, optimizer, activations, data), the part a GPU would hold.
@@ -180,7 +181,7 @@ def bench_student_steps(cache: str, student: str, configs: dict[str, tuple[tuple
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.train.config import RunSettings
 
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in configs}
@@ -281,7 +282,7 @@ def bench_ddp(tmp: str, quick: bool = False, student: str = "test_resnet", batch
     over train_seconds (evaluation excluded); configurations alternate, the best of the rounds counts."""
     from pipeline.teacher.cache_pass import run_cache_pass
     from pipeline.train.config import RunSettings, TrainConfig
-    from pipeline.train.distributed import launch
+    from pipeline.train.launch import launch
 
     cache = str(Path(tmp) / "ddp-cache")
     # Quick: blocks of 64 samples, so that 256 samples still give each process blocks of its own.

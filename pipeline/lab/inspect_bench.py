@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.summary import array_rows, pca_summary, teacher_accuracy_per_view
 from pipeline.data.datasets import load_dataset
 from pipeline.lab.synthetic import write_synthetic_cache

@@ -23,7 +23,7 @@ METHODS = ("fork", "forkserver", "spawn")
 def epoch_seconds(cache: str, method: str, epochs: int, workers: int) -> list[float]:
     import torch
 
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.data.rendering import worker_context
     from pipeline.train.stream import CacheStream
 

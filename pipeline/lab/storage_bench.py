@@ -18,7 +18,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.cache.manifest import Manifest
-from pipeline.cache.store import CacheWriter, TeacherCache, decode_block, iter_tar_members, raw_count, unpack_raw
+from pipeline.cache.blocks import decode_block, iter_tar_members, raw_count, unpack_raw
+from pipeline.cache.reader import TeacherCache
+from pipeline.cache.writer import CacheWriter
 from pipeline.cache.targets import LOGITS, POOLED
 
 TOPK = 5  # Fashion-MNIST has 10 classes (TinyViT keeps k = 10 of ImageNet's 1,000)
@@ -80,7 +82,7 @@ def _cache_once(fields: dict[str, Any]) -> dict[str, Any]:
     # Runs in a spawned process, so its peak RSS is this pass's own.
     from pipeline.teacher.cache_pass import run_cache_pass
     from pipeline.teacher.plan import CacheRequest
-    from pipeline.train.loop import peak_rss_bytes
+    from pipeline.environment import peak_rss_bytes
 
     start = time.perf_counter()
     run_cache_pass(CacheRequest(**fields))

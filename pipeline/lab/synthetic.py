@@ -21,8 +21,9 @@ import torch
 from pipeline.cache.codecs import topk_encode
 from pipeline.cache.manifest import FORMAT_VERSION, ArraySpec, Manifest, ShardRange, StorageSpec, shard_ranges
 from pipeline.cache.statistics import reduce_statistics, shard_statistics
-from pipeline.cache.store import CacheWriter, TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.targets import class_index_dtype
+from pipeline.cache.writer import CacheWriter
 from pipeline.data.datasets import ArrayDataset, ImageDataset
 from pipeline.data.views import ViewPlan
 

@@ -18,12 +18,13 @@ import numpy as np
 from pipeline.cache.manifest import CacheError
 from pipeline.checksums import sha256_file
 from pipeline.cache.source import source_dataset
-from pipeline.cache.store import TeacherCache, block_key
+from pipeline.cache.blocks import block_key
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.summary import (PCA_FRACTIONS, ArrayRow, array_rows, components_reaching, human_bytes,
                                     pca_cumulative_ratio, teacher_accuracy_per_view)
 from pipeline.data.datasets import DatasetError
 from pipeline.data.views import ViewPlan, render_view
-from pipeline.teacher.model import TeacherError, load_checkpoint
+from pipeline.teacher.checkpoint import CheckpointError, TeacherCheckpoint
 
 TOP_PAIRS = 10
 KNN_K = 10
@@ -313,19 +314,15 @@ def teacher_provenance(cache: TeacherCache) -> TeacherProvenance:
         return TeacherProvenance(measured_on, f"not recorded: checkpoint {path} changed since the cache was made "
                                               f"({unknown})", None)
     try:
-        ckpt = load_checkpoint(path)
-    except TeacherError as e:
+        ckpt = TeacherCheckpoint.load(path)
+    except CheckpointError as e:
         return TeacherProvenance(measured_on, f"not recorded: {e}", None)
-    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    if "dataset" not in ckpt or "subset" not in config:
-        return TeacherProvenance(measured_on, f"not recorded: checkpoint {path} is not a `distillery fit-teacher` "
-                                              f"checkpoint", None)
-    val = ckpt.get("val_accuracy")
-    trained = (f"{ckpt['dataset']} train split" + (f" (a seeded subset of {config['subset']})"
-                                                   if config["subset"] else "")
+    config, val = ckpt.config, ckpt.val_accuracy
+    trained = (f"{ckpt.dataset} train split" + (f" (a seeded subset of {config['subset']})"
+                                                if config.get("subset") else "")
                + f", {config.get('epochs')} epochs, {config.get('objective', 'supervised')}"
-               + (f"; its val-split accuracy {val:.2%}" if isinstance(val, float) else ""))
-    held_out = ckpt["dataset"] != d.name or d.split != "train"
+               + (f"; its val-split accuracy {val:.2%}" if val is not None else ""))
+    held_out = ckpt.dataset != d.name or d.split != "train"
     if not held_out:
         trained += (". This split (or part of it) is the teacher's training data: this is training accuracy, "
                     "not held-out accuracy")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.object_store import ObjectPath, location, write_whole_bytes
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.report import figures
 from pipeline.report.content import CacheReport, gather_report
 from pipeline.report.sections import Section, report_sections

@@ -1,5 +1,6 @@
 """The teacher pass in one process, without Prefect (docs/ARCHITECTURE.md#data-flow): the same steps as the
-`cache-teacher` flow (`flows.cache_teacher`), which wraps each as a task.
+`cache-teacher` flow (`flows.cache_teacher`), which wraps each as a task. Both run them inside `teacher_pass`,
+which holds the cache's writer lock from the plan to the end.
 
     plan_cache(request)            -> CachePlan       pipeline.teacher.plan
     cache_shard(request, index)    -> ShardRecord     pipeline.teacher.forward
@@ -10,13 +11,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.statistics import reduce_statistics, shard_statistics
 from pipeline.teacher.forward import cache_shard
-from pipeline.teacher.plan import CacheRequest, complete_cache, plan_cache
+from pipeline.teacher.plan import CachePlan, CacheRequest, complete_cache, plan_cache
 
 
 class CacheResult(BaseModel):
@@ -38,11 +42,23 @@ class CacheResult(BaseModel):
         return self.images / self.pass_seconds if self.pass_seconds > 0 else 0.0
 
 
-def run_cache_pass(request: CacheRequest) -> Manifest:
-    """The whole teacher pass in this process, without Prefect (same steps as `flows.cache_teacher`), holding
-    the cache's writer lock."""
+@contextmanager
+def teacher_pass(request: CacheRequest,
+                 plan: Callable[[CacheRequest], CachePlan] = plan_cache) -> Iterator[CachePlan]:
+    """A teacher pass into `request.out`: its plan, made and used under the cache's writer lock.
+
+    The pass takes the lock itself, whoever runs it (`run_cache_pass`, the `cache-teacher` flow from the
+    command line or served by a deployment), before the plan creates or resumes the cache, and holds it
+    until the block ends: a second writer of the same cache gets one line. `plan` is the planning step as
+    the caller runs it (the flow's is a task).
+    """
     with cache_lock(request.out):
-        plan = plan_cache(request)
+        yield plan(request)
+
+
+def run_cache_pass(request: CacheRequest) -> Manifest:
+    """The whole teacher pass in this process, without Prefect (same steps as `flows.cache_teacher`)."""
+    with teacher_pass(request) as plan:
         if plan.complete:
             return Manifest.load(plan.root)
         records = plan.done + [cache_shard(request, i) for i in plan.pending]

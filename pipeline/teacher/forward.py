@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.cache.manifest import Manifest, ShardRecord, StorageSpec
-from pipeline.cache.store import CacheWriter
+from pipeline.cache.writer import CacheWriter
 from pipeline.cache.targets import TARGETS, produce_rows
 from pipeline.data.datasets import ImageDataset
 from pipeline.data.rendering import render_samples

@@ -1,4 +1,4 @@
-"""Teacher construction: its spec, its checkpoint, and the frozen tapped timm model.
+"""Teacher construction: its spec and the frozen tapped timm model, its weights from a `TeacherCheckpoint`.
 
 Nothing else in the library constructs a teacher (docs/ARCHITECTURE.md#layers). A teacher is described by a
 `TeacherSpec`; `build_teacher` turns it into a `Teacher` module whose forward returns all taps from one
@@ -18,8 +18,7 @@ from pipeline.cache.manifest import TeacherSection
 from pipeline.checksums import sha256_file
 from pipeline.nets.tapped import ModelError, TappedOutputs, create_timm_model, resolve_tap, tap_indices, tapped_forward
 from pipeline.options import Config
-
-CHECKPOINT_FORMAT = "distillery-teacher/1"
+from pipeline.teacher.checkpoint import TeacherCheckpoint
 
 
 class TeacherError(ModelError):
@@ -77,20 +76,6 @@ def check_cache_checkpoint(spec: TeacherSpec) -> None:
                                 f"(sha256 differs)")
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a `distillery fit-teacher` checkpoint (tensors and plain values only: weights_only=True)."""
-    p = Path(path)
-    if not p.is_file():
-        raise TeacherError(f"checkpoint {p} does not exist; train one with `distillery fit-teacher ... --out {p}`")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise TeacherError(f"checkpoint {p} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise TeacherError(f"checkpoint {p} has no 'state_dict'; expected a `distillery fit-teacher` checkpoint")
-    return ckpt
-
-
 class Teacher(nn.Module):
     """A frozen timm model returning logits, pooled features and the tapped stage maps in one pass."""
 
@@ -109,12 +94,12 @@ def build_teacher(spec: TeacherSpec, device: str | torch.device = "cpu") -> Teac
     """Construct the teacher described by `spec`, load its checkpoint, freeze it, eval mode."""
     model = create_timm_model(spec.model, spec.num_classes, spec.in_chans, spec.input_size, **spec.model_kwargs)
     if spec.checkpoint is not None:
-        ckpt = load_checkpoint(spec.checkpoint)
-        if ckpt.get("model") not in (None, spec.model):
-            raise TeacherError(f"checkpoint {spec.checkpoint} holds a '{ckpt['model']}', not a '{spec.model}'; "
-                               f"pass --teacher {ckpt['model']}")
+        ckpt = TeacherCheckpoint.load(spec.checkpoint)
+        if ckpt.model != spec.model:
+            raise TeacherError(f"checkpoint {spec.checkpoint} holds a '{ckpt.model}', not a '{spec.model}'; "
+                               f"pass --teacher {ckpt.model}")
         try:
-            model.load_state_dict(ckpt["state_dict"])
+            model.load_state_dict(ckpt.state_dict)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0]
             raise TeacherError(f"checkpoint {spec.checkpoint} does not fit {spec.model} with "

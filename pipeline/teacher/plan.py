@@ -20,7 +20,8 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.cache.manifest import ArraySpec, Manifest, ShardRange, ShardRecord, StorageSpec, shard_ranges
 from pipeline.cache.statistics import check_cka_source
-from pipeline.cache.store import CacheWriter, TeacherCache
+from pipeline.cache.reader import TeacherCache
+from pipeline.cache.writer import CacheWriter
 from pipeline.cache.targets import LOGITS, POOLED, SAMPLE_ARRAYS, STORABLE, TARGETS
 from pipeline.checksums import sha256_file
 from pipeline.data.datasets import ImageDataset, check_bad_image_policy, load_dataset
@@ -30,8 +31,8 @@ from pipeline.nets.tail import extract_teacher_tail
 from pipeline.nets.tapped import TappedOutputs, resolve_tap, stage_names
 from pipeline.object_store import check_output_location
 from pipeline.options import Config, Range, check_device, check_ranges, resolve_device
-from pipeline.teacher.model import (Teacher, TeacherError, TeacherSpec, build_teacher, load_checkpoint,
-                                    manifest_teacher_spec)
+from pipeline.teacher.checkpoint import TeacherCheckpoint
+from pipeline.teacher.model import Teacher, TeacherError, TeacherSpec, build_teacher, manifest_teacher_spec
 
 
 class CacheRequest(Config):
@@ -115,21 +116,19 @@ def shared_teacher(spec: TeacherSpec, device: str) -> Teacher:
 
 def teacher_spec(request: CacheRequest, dataset: ImageDataset) -> TeacherSpec:
     """Resolve the request's teacher (checkpoint metadata, input size, normalisation, tap)."""
-    ckpt: dict[str, Any] = {}
     if request.checkpoint is not None:
-        ckpt = load_checkpoint(request.checkpoint)
-        if ckpt.get("num_classes", dataset.num_classes) != dataset.num_classes and request.teacher_head:
-            raise TeacherError(f"checkpoint {request.checkpoint} has {ckpt['num_classes']} classes, dataset "
+        ckpt = TeacherCheckpoint.load(request.checkpoint)
+        if ckpt.num_classes != dataset.num_classes and request.teacher_head:
+            raise TeacherError(f"checkpoint {request.checkpoint} has {ckpt.num_classes} classes, dataset "
                                f"{dataset.name} has {dataset.num_classes}; use --teacher-head none to cache "
                                f"features only")
-    if "mean" in ckpt:
-        mean, std = tuple(ckpt["mean"]), tuple(ckpt["std"])
-    else:
+        num_classes, input_size, mean, std = ckpt.num_classes, ckpt.input_size, ckpt.mean, ckpt.std
+    else:  # random weights: the dataset decides
+        num_classes, input_size = dataset.num_classes, default_input_size(dataset)
         mean, std = _dataset(request.dataset, "train", None, 0, request.on_bad_image).pixel_stats()
     base = TeacherSpec(
-        model=request.teacher, num_classes=int(ckpt.get("num_classes", dataset.num_classes)),
-        in_chans=dataset.channels, input_size=request.input_size or int(ckpt.get("input_size", 0))
-        or default_input_size(dataset), mean=mean, std=std, checkpoint=request.checkpoint,
+        model=request.teacher, num_classes=num_classes, in_chans=dataset.channels,
+        input_size=request.input_size or input_size, mean=mean, std=std, checkpoint=request.checkpoint,
         checkpoint_sha256=sha256_file(request.checkpoint) if request.checkpoint else None,
         head=request.teacher_head)
     if request.tap == "none":

@@ -32,7 +32,8 @@ import numpy as np
 
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.source import source_dataset
-from pipeline.cache.store import TeacherCache, block_key
+from pipeline.cache.blocks import block_key
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.views import ViewPlan
 from pipeline.options import resolve_device
 from pipeline.teacher.cache_pass import run_cache_pass

@@ -1,8 +1,9 @@
 """`distillery fit-teacher`: train a timm teacher locally (no pretrained weights can be downloaded here).
 
 Each epoch draws fresh random-resized-crop + flip views through the same `render_view` the cache uses.
-The checkpoint holds the state dict plus what a cache needs to rebuild the teacher's inputs exactly
-(input size, normalisation), and loads with `torch.load(weights_only=True)`.
+The checkpoint (`pipeline.teacher.checkpoint.TeacherCheckpoint`) holds the state dict plus what a cache needs
+to rebuild the teacher's inputs exactly (input size, normalisation), and loads with
+`torch.load(weights_only=True)`.
 
 Objectives: ``supervised`` (cross-entropy on the labels) or ``ssl``, a teacher that never sees a label:
 SimCLR's two-view contrastive objective (Chen et al., "A Simple Framework for Contrastive Learning of
@@ -24,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from pipeline.atomic import atomic_write
 from pipeline.data.datasets import check_bad_image_policy, load_dataset
 from pipeline.data.rendering import RenderedViews, default_input_size, worker_context
 from pipeline.data.views import ViewPlan
@@ -32,7 +32,7 @@ from pipeline.errors import DistilleryError
 from pipeline.nets.tapped import create_timm_model
 from pipeline.options import Config, Range, check_device, check_output_file, check_ranges, resolve_device
 from pipeline.progress import progress_task
-from pipeline.teacher.model import CHECKPOINT_FORMAT
+from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.train.evaluate import evaluate_accuracy
 from pipeline.train.optim import OptimConfig, build_optimizer, cosine_schedule
 
@@ -207,16 +207,10 @@ def fit_teacher(cfg: FitConfig) -> FitResult:
     seconds = time.perf_counter() - start
     # The ssl teacher's classifier was never trained: it has no accuracy to report.
     accuracy = None if ssl else evaluate_accuracy(model, val, size, mean, std, device=device)
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT, "model": cfg.model, "state_dict": model.cpu().state_dict(),
-        "num_classes": train.num_classes, "in_chans": train.channels, "input_size": size,
-        "mean": list(mean), "std": list(std), "dataset": train.name, "val_accuracy": accuracy,
-        # What `distillery cache` compares with the dataset it caches (`pipeline.preflight.checkpoint_dataset`).
-        "train_fingerprint": full_train.fingerprint(),
-        "config": cfg.model_dump(),
-    }
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda f: torch.save(checkpoint, f))
+    TeacherCheckpoint(model=cfg.model, state_dict=model.cpu().state_dict(), num_classes=train.num_classes,
+                      in_chans=train.channels, input_size=size, mean=mean, std=std, dataset=train.name,
+                      val_accuracy=accuracy, config=cfg.model_dump(),
+                      train_fingerprint=full_train.fingerprint()).save(out)
     return FitResult(model=cfg.model, val_accuracy=accuracy, train_seconds=seconds, out=str(out),
                      num_samples=len(train), input_size=size, skipped_images=sorted({*train.skipped, *val.skipped}))

@@ -8,36 +8,32 @@ the run asks for the online twin.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from pipeline.cache.layout import block_sizes
 from pipeline.cache.manifest import CacheError
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.datasets import ImageDataset, load_dataset
-from pipeline.environment import describe_environment
+from pipeline.environment import describe_environment, peak_rss_bytes
 from pipeline.object_store import check_output_location
 from pipeline.methods import CacheInfo, Method, MethodError, StudentInfo, TrainingProgress, resolve_method_spec
 from pipeline.progress import progress_task
 from pipeline.options import resolve_device
 from pipeline.train.config import TrainConfig, TrainError
-from pipeline.train.distributed import (DistillStep, IdLog, World, check_world, equalised, process_group, step_totals,
-                                        wrap)
+from pipeline.train.ddp import DistillStep, IdLog, World, check_world, equalised, process_group, step_totals, wrap
 from pipeline.train.evaluate import evaluate_accuracy
 from pipeline.train.online import OnlineTeacher
 from pipeline.train.optim import build_optimizer, cosine_schedule
 from pipeline.train.rundir import RunDir
-from pipeline.train.stream import CacheStream, block_sizes, epoch_seed
+from pipeline.train.stream import CacheStream, epoch_seed
 from pipeline.train.student import Student
 from pipeline.train.summary import TrainSummary
 
@@ -101,32 +97,6 @@ def build_methods(methods: list[tuple[type[Method], dict[str, bool | int | float
     return nn.ModuleDict({cls.name: cls(info, student, **options) for cls, options in methods})
 
 
-def cache_fingerprint(cache: TeacherCache) -> str:
-    """What a resumed run must find again: the same teacher, data, views and storage."""
-    return hashlib.sha256(json.dumps(cache.manifest.identity(), sort_keys=True).encode()).hexdigest()
-
-
-def _status_kib(field: str) -> int | None:
-    status = Path("/proc/self/status")
-    if not status.exists():
-        return None
-    return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith(f"{field}:"))
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process now (VmRSS; off Linux, the peak so far)."""
-    now = _status_kib("VmRSS")
-    return 1024 * (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if now is None else now)
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process or any finished child (DataLoader workers).
-
-    This process's own peak is Linux's VmHWM: ``ru_maxrss`` survives ``execve``, so a process spawned by a
-    large parent (a sweep, `distillery bench`) would report the parent's peak instead of its own.
-    """
-    own = _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
-    return 1024 * max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
 def _to_device(targets: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -175,7 +145,7 @@ def setup_run(config: TrainConfig, device: torch.device, world_size: int = 1,
     needs = frozenset().union(*(m.needs for m in methods.values()))
     if s.online_teacher:
         OnlineTeacher.check(cache, needs)
-    identity = {**config.identity(), "cache_fingerprint": cache_fingerprint(cache),
+    identity = {**config.identity(), "cache_fingerprint": cache.manifest.fingerprint(),
                 **World(size=world_size).identity()}
     checkpoint = run.load_checkpoint(config, identity)
     return RunSetup(cache, val, size, student, methods, needs, identity, checkpoint)
@@ -210,7 +180,7 @@ def train_student(config: TrainConfig) -> TrainSummary:
     kernel capability, threads, versions: what must match to reproduce the numbers, `describe_environment`),
     world_size (the processes that trained it).
     The run holds RUNDIR's lock throughout (`RunDir.locked`). Under torchrun the ranks train it together
-    with DDP (`pipeline.train.distributed`): rank 0 holds the lock and writes RUNDIR; every rank returns the
+    with DDP (`pipeline.train.ddp`): rank 0 holds the lock and writes RUNDIR; every rank returns the
     summary.
     """
     world = World.from_env()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.targets import TARGETS, Served
 from pipeline.methods.base import Targets
 from pipeline.teacher.forward import teacher_forward

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.cache.manifest import CacheError
 from pipeline.cache.neighbors import lsh_neighbors
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 
 
 def test_neighbors_are_the_nearest_codes_by_brute_force(digits_lsh_cache: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.manifest import CacheError
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.object_store import location
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache.manifest import Manifest
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.targets import FEATMAPS, GAUSSIAN, LOGITS, LSH_CODES, POOLED
 from pipeline.teacher.plan import CacheRequest, build_manifest
 from pipeline.train.stream import CacheStream

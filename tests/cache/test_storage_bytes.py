@@ -13,7 +13,9 @@ import numcodecs
 import numpy as np
 import pytest
 
-from pipeline.cache.store import ROW_COMPRESSOR, TeacherCache, iter_tar_members
+from pipeline.cache.blocks import iter_tar_members
+from pipeline.cache.reader import TeacherCache
+from pipeline.cache.writer import ROW_COMPRESSOR
 from pipeline.teacher.cache_pass import run_cache_pass
 
 K = 3

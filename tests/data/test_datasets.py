@@ -12,11 +12,15 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from pipeline.data.datasets import (
+    DATASET_KINDS,
     FASHION_MNIST_DIR,
     ArrayDataset,
     DatasetError,
+    DatasetKind,
     FolderDataset,
+    dataset_help,
     load_dataset,
+    register_dataset_kind,
     stratified_subset,
 )
 
@@ -317,6 +321,16 @@ def test_an_empty_class_folder_is_refused_with_its_name(tmp_path):
 def test_unknown_dataset_lists_valid_names(spec):
     with pytest.raises(DatasetError, match=r"unknown dataset .*digits, fashion-mnist\[:DIR\], imagefolder:DIR"):
         load_dataset(spec)
+
+
+def test_the_registry_lists_each_kind_as_a_spec_names_it_and_refuses_a_second_of_a_name():
+    assert dataset_help() == " | ".join(f"{kind.usage} ({kind.help})" for kind in DATASET_KINDS.values())
+    assert [kind.usage for kind in DATASET_KINDS.values()] == ["digits", "fashion-mnist[:DIR]", "imagefolder:DIR"]
+    with pytest.raises(TypeError, match="dataset kind 'digits' is already registered"):
+        register_dataset_kind(DatasetKind("digits", DATASET_KINDS["digits"].loader, help="again"))
+    with pytest.raises(TypeError, match="must be non-empty and hold no ':'"):
+        register_dataset_kind(DatasetKind("a:b", DATASET_KINDS["digits"].loader, help="colon"))
+    assert "a:b" not in DATASET_KINDS and DATASET_KINDS["digits"].help != "again"
 
 
 def test_unknown_split():

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,14 @@ import pytest
 import torch
 
 from pipeline.cache.manifest import CacheError, Manifest
-from pipeline.cache.store import CacheWriter, TeacherCache, decode_block, iter_tar_members, raw_count, unpack_raw
+from pipeline.cache.blocks import decode_block, iter_tar_members, raw_count, unpack_raw
+from pipeline.cache.reader import TeacherCache
+from pipeline.cache.writer import CacheWriter
 from pipeline.checksums import sha256_file
 from pipeline.cache.targets import LOGITS, LSH_CODES
 from pipeline.cache.statistics import recompute_statistics
 from pipeline.teacher.cache_pass import run_cache_pass
+from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.teacher.model import TeacherError
 from pipeline.teacher.verify import repair_cache, verify_cache
 from pipeline.train.loop import open_cache
@@ -388,10 +392,9 @@ def test_an_older_cache_without_digests_still_opens_and_verify_says_so(cache: Pa
 def test_float16_overflow_of_finite_logits_is_refused_naming_sample_ids(digits_teacher: Path, cache_request,
                                                                         tmp_path: Path) -> None:
     """A teacher whose float32 logits are finite but beyond float16's 65504: refused, the cache partial."""
-    ckpt = torch.load(digits_teacher, weights_only=True)
-    ckpt["state_dict"] = {k: v * 1e6 if k.startswith("fc.") else v for k, v in ckpt["state_dict"].items()}
+    ckpt = TeacherCheckpoint.load(digits_teacher)
     loud = tmp_path / "loud.pt"
-    torch.save(ckpt, loud)
+    replace(ckpt, state_dict={k: v * 1e6 if k.startswith("fc.") else v for k, v in ckpt.state_dict.items()}).save(loud)
     out = tmp_path / "loud-cache"
     with pytest.raises(CacheError, match=r"logits/dense is not finite as float16 for \d+ samples \(ids \[") as e:
         run_cache_pass(cache_request(out, checkpoint=str(loud), subset=40, views=1, shard_size=40))
@@ -474,9 +477,7 @@ def test_verify_repair_refuses_without_the_recorded_checkpoint(cache: Path, tmp_
 
 def test_verify_repair_refuses_a_changed_checkpoint(cache: Path, tmp_path: Path, digits_teacher: Path) -> None:
     changed = tmp_path / "changed.pt"
-    ckpt = torch.load(digits_teacher, weights_only=True)
-    ckpt["val_accuracy"] = 0.0
-    torch.save(ckpt, changed)
+    replace(TeacherCheckpoint.load(digits_teacher), val_accuracy=0.0).save(changed)
     edit_manifest(cache, lambda m: m["teacher"].update(checkpoint=str(changed)))
     with pytest.raises(TeacherError, match="changed since the cache was made") as e:
         repair_cache(cache)
@@ -488,7 +489,7 @@ def _killed_stats(root: Path, lsh_bits: int, at_replace: int) -> int:
     into place (1: every new array written and staged, none moved yet)."""
     script = f"""
 import os, signal, sys
-import pipeline.cache.store as store
+import pipeline.cache.writer as writer
 from flows.cli import main
 
 class KillOnReplace:
@@ -501,7 +502,7 @@ class KillOnReplace:
             os.kill(os.getpid(), signal.SIGKILL)
         os.replace(a, b)
 
-store.os = KillOnReplace()
+writer.os = KillOnReplace()
 sys.argv = ["distillery", "stats", {str(root)!r}, "--lsh-bits", "{lsh_bits}"]
 main()
 """

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache.manifest import Manifest
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.manifest import CacheError, Manifest
+from pipeline.cache.reader import TeacherCache
 
 
 def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, digits_cache: Path, tmp_path: Path) -> None:
@@ -52,6 +52,18 @@ def test_flow_caches_and_publishes_artifacts(prefect_harness, cache_request, dig
 
     again = cache_teacher(cache_request(tmp_path / "flow"))
     assert again.written_shards == 0 and again.skipped_shards == 4
+
+
+def test_the_flow_as_served_takes_the_writer_lock(prefect_harness, cache_request, tmp_path: Path) -> None:
+    """A deployment runs `cache_teacher` itself, with no command line around it: the flow's pass takes the
+    cache's writer lock, so a second writer of the same cache is refused before anything is written."""
+    from flows.cache_teacher import cache_teacher
+    from pipeline.cache.lock import cache_lock
+
+    out = tmp_path / "locked"
+    with cache_lock(out), pytest.raises(CacheError, match="another distillery process is writing"):
+        cache_teacher(cache_request(out, subset=40, shard_size=20))
+    assert not (out / "manifest.json").exists()
 
 
 def _records(root: Path) -> list[Path]:

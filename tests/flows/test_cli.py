@@ -195,7 +195,7 @@ def test_stats_recomputes_interrelations_from_features_without_the_teacher(digit
     import numpy as np
 
     import pipeline.teacher.model as model
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.stats.cka import linear_cka, pair_sample_counts
 
     copy = _copy(digits_cache, tmp_path)
@@ -230,7 +230,7 @@ def test_cache_command_computes_interrelations_from_features(prefect_harness, di
                                                              tmp_path: Path) -> None:
     import numpy as np
 
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.stats.cka import category_interrelations
 
     out = tmp_path / "features-ir"
@@ -251,7 +251,7 @@ def test_stats_lsh_bits_then_neighbors_table(digits_cache: Path, tmp_path: Path)
     import shutil
 
     from pipeline.cache.neighbors import lsh_neighbors
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
 
     copy = tmp_path / "cache"
     shutil.copytree(digits_cache, copy)
@@ -267,7 +267,7 @@ def test_stats_lsh_bits_then_neighbors_table(digits_cache: Path, tmp_path: Path)
     assert "lsh_bits=32" in CliRunner().invoke(app, ["inspect", str(copy)]).output
 
 def test_inspect_prints_feature_map_bytes_per_sample_view_and_the_teacher_tail(featmaps_cache: Path) -> None:
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.cache.summary import human_bytes
 
     stored = TeacherCache(featmaps_cache).array("featmaps/layer3")

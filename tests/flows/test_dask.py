@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache.manifest import Manifest
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 
 
 @pytest.mark.slow

@@ -55,7 +55,7 @@ def test_loader_workers_start_after_a_flow_ran_in_this_process(prefect_harness, 
     from prefect import flow
     from prefect.events import emit_event
 
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.train.stream import CacheStream
 
     @flow(name="leaves-service-threads")

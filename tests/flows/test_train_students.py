@@ -129,15 +129,15 @@ def test_a_sweeps_check_hashes_each_shard_once_and_parses_each_spec_once(digits_
                                                                         monkeypatch) -> None:
     """The fail-fast check of three students opens and verifies the cache once, and resolves each method
     spec once per student (counted around the real functions, which still run)."""
-    import pipeline.cache.store as store
+    import pipeline.cache.reader as reader
     import pipeline.train.loop as loop
     from flows.params import Student, TrainSettings
     from flows.train_students import plan_sweep
 
-    shards = {str(p) for p in store.TeacherCache(digits_cache).shard_paths()}
+    shards = {str(p) for p in reader.TeacherCache(digits_cache).shard_paths()}
     hashed, resolved = [], []
-    real_sha256, real_resolve = store.sha256_file, loop.resolve_method_spec
-    monkeypatch.setattr(store, "sha256_file", lambda path: hashed.append(str(path)) or real_sha256(path))
+    real_sha256, real_resolve = reader.sha256_file, loop.resolve_method_spec
+    monkeypatch.setattr(reader, "sha256_file", lambda path: hashed.append(str(path)) or real_sha256(path))
     monkeypatch.setattr(loop, "resolve_method_spec", lambda spec: resolved.append(spec) or real_resolve(spec))
     students = [Student(student=name, methods=["ce", "kd:T=2"]) for name in ("test_resnet", "test_convnext",
                                                                              "resnet10t")]
@@ -154,15 +154,15 @@ def test_a_sweep_from_the_command_line_is_checked_once(prefect_harness, digits_c
     student's own run (counted around the real functions, which still run)."""
     from collections import Counter
 
-    import pipeline.cache.store as store
+    import pipeline.cache.reader as reader
     import pipeline.train.loop as loop
 
-    shards = {str(p) for p in store.TeacherCache(digits_cache).shard_paths()}
+    shards = {str(p) for p in reader.TeacherCache(digits_cache).shard_paths()}
     checked, hashed = [], []
-    real_check, real_sha256 = loop.check_run, store.sha256_file
+    real_check, real_sha256 = loop.check_run, reader.sha256_file
     monkeypatch.setattr(loop, "check_run", lambda config, *args, **kw: checked.append(config.out) or
                         real_check(config, *args, **kw))
-    monkeypatch.setattr(store, "sha256_file", lambda path: hashed.append(str(path)) or real_sha256(path))
+    monkeypatch.setattr(reader, "sha256_file", lambda path: hashed.append(str(path)) or real_sha256(path))
     code, out = cli("train", "--cache", str(digits_cache), "--out", str(tmp_path / "runs"), "--student",
                     "test_resnet", "--method", "ce", "--combo", "ce+kd:T=2", "--epochs", "1", "--workers", "0")
     assert code == 0, out

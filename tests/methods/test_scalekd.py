@@ -13,7 +13,7 @@ import timm
 import torch
 
 from pipeline.cache.manifest import CacheError
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.methods import (FEATMAPS, LOGITS, CacheInfo, MethodError, StudentInfo, StudentOutputs,
                               TrainingProgress, create_method)
 from pipeline.methods.kd import kd_loss

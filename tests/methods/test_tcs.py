@@ -162,7 +162,7 @@ def test_bad_options_and_a_cache_without_pca_are_refused() -> None:
 
 
 def test_head_less_teacher_cache_then_tcs_and_elsh_training(cache_request, tmp_path: Path) -> None:
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.cache.summary import array_rows, teacher_accuracy_per_view
     from pipeline.data.datasets import load_dataset
     from pipeline.teacher.cache_pass import run_cache_pass
@@ -199,7 +199,7 @@ def test_head_less_teacher_cache_then_tcs_and_elsh_training(cache_request, tmp_p
 def test_a_weak_teacher_whose_pca_is_narrower_than_the_classes_does_not_leave_tcs_at_chance(tmp_path: Path) -> None:
     """Issue 17's failing case: a 1-epoch resnet18 on digits whose PCA needs fewer components than classes for
     90 % of the variance; the default TCS run used to read that few coordinates and end at chance."""
-    from pipeline.cache.store import TeacherCache
+    from pipeline.cache.reader import TeacherCache
     from pipeline.methods.tcs import components_for
     from pipeline.teacher.plan import CacheRequest
     from pipeline.teacher.cache_pass import run_cache_pass

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.datasets import load_dataset
 from pipeline.lab.synthetic import write_synthetic_cache
 from pipeline.report.content import gather_report

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.cache.manifest import CacheError
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.targets import LSH_CODES
 from pipeline.stats.lsh import build_index, encode, pack_bits, search, train_lsh, training_rows, unpack_bits
 from pipeline.cache.statistics import recompute_statistics

@@ -4,6 +4,7 @@ independent references, resume is exact, identity is enforced, bad input fails c
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +12,17 @@ import pytest
 import torch
 from sklearn.decomposition import PCA
 
+from pipeline.cache.lock import cache_lock
 from pipeline.cache.manifest import CacheError, Manifest
 from pipeline.cache.statistics import recompute_statistics
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.datasets import DatasetError, load_dataset
 from pipeline.data.views import ViewPlan, render_view
 from pipeline.stats.cka import linear_cka, pair_sample_counts
 from pipeline.stats.gaussian import grid_gaussian
 from pipeline.nets.tapped import ModelError
 from pipeline.teacher.cache_pass import run_cache_pass
+from pipeline.teacher.checkpoint import CheckpointError, TeacherCheckpoint
 from pipeline.teacher.forward import cache_shard
 from pipeline.teacher.model import TeacherError, build_teacher, manifest_teacher_spec
 from pipeline.teacher.plan import plan_cache
@@ -157,6 +160,17 @@ def test_rerun_of_complete_cache_is_a_no_op(digits_cache: Path, cache_request) -
     assert (digits_cache / "manifest.json").read_text() == before
 
 
+def test_the_pass_takes_the_writer_lock_itself_and_a_second_writer_gets_one_line(cache_request,
+                                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "locked"
+    with cache_lock(out):  # another writer of the same cache (the lock is per open file, so also in-process)
+        with pytest.raises(CacheError, match="another distillery process is writing") as e:
+            run_cache_pass(cache_request(out, subset=40, shard_size=20))
+        assert "\n" not in str(e.value)
+        assert not (out / "manifest.json").exists()  # refused before the plan creates the cache
+    assert run_cache_pass(cache_request(out, subset=40, shard_size=20)).status == "complete"
+
+
 @pytest.mark.parametrize("override, field", [
     ({"views": 3}, "views.num_augmented"),
     ({"view_seed": 1}, "views.seed"),
@@ -172,21 +186,20 @@ def test_reuse_with_different_identity_is_refused_naming_the_field(digits_cache:
 
 def test_reuse_with_another_checkpoint_is_refused(digits_cache: Path, digits_teacher: Path, cache_request,
                                                   tmp_path: Path) -> None:
-    ckpt = torch.load(digits_teacher, weights_only=True)
-    ckpt["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    ckpt = TeacherCheckpoint.load(digits_teacher)
     other = tmp_path / "other.pt"
-    torch.save(ckpt, other)
+    replace(ckpt, state_dict={k: v + 0.01 if v.is_floating_point() else v
+                              for k, v in ckpt.state_dict.items()}).save(other)
     with pytest.raises(CacheError, match=r"teacher\.checkpoint_sha256"):
         plan_cache(cache_request(digits_cache, checkpoint=str(other)))
 
 
 def test_non_finite_teacher_output_fails_and_leaves_cache_partial(digits_teacher: Path, cache_request,
                                                                   tmp_path: Path) -> None:
-    ckpt = torch.load(digits_teacher, weights_only=True)
-    ckpt["state_dict"] = {k: torch.full_like(v, float("nan")) if k.startswith("fc.") else v
-                          for k, v in ckpt["state_dict"].items()}
+    ckpt = TeacherCheckpoint.load(digits_teacher)
     bad = tmp_path / "nan.pt"
-    torch.save(ckpt, bad)
+    replace(ckpt, state_dict={k: torch.full_like(v, float("nan")) if k.startswith("fc.") else v
+                              for k, v in ckpt.state_dict.items()}).save(bad)
     out = tmp_path / "nan-cache"
     with pytest.raises(TeacherError, match="non-finite logits/dense for sample id"):
         run_cache_pass(cache_request(out, checkpoint=str(bad)))
@@ -196,7 +209,7 @@ def test_non_finite_teacher_output_fails_and_leaves_cache_partial(digits_teacher
 
 @pytest.mark.parametrize("override, error, message", [
     ({"teacher": "no_such_net"}, ModelError, "unknown timm model 'no_such_net'"),
-    ({"checkpoint": "/nonexistent/t.pt"}, TeacherError, "does not exist"),
+    ({"checkpoint": "/nonexistent/t.pt"}, CheckpointError, "does not exist"),
     ({"dataset": "mnist-ish"}, DatasetError, "unknown dataset"),
     ({"logits": "top3"}, CacheError, "--logits must be"),
     ({"cka_source": "pixels"}, CacheError, "--cka-source must be logits, features or auto"),
@@ -236,7 +249,7 @@ def test_head_less_teacher_stores_features_and_statistics_only(cache_request, tm
 
 
 def test_cached_featmaps_equal_live_teacher_on_rendered_views_in_zarr_only(featmaps_cache: Path) -> None:
-    from pipeline.cache.store import decode_block, iter_tar_members
+    from pipeline.cache.blocks import decode_block, iter_tar_members
 
     cache = TeacherCache(featmaps_cache)
     spec, teacher = live_teacher(cache)

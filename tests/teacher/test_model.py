@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.nets.tapped import ModelError, create_timm_model, resolve_tap
-from pipeline.teacher.model import TeacherError, TeacherSpec, build_teacher, load_checkpoint
+from pipeline.teacher.model import TeacherError, TeacherSpec, build_teacher
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_vit", "test_convnext", "test_efficientnet"])
@@ -51,20 +51,8 @@ def test_resolve_tap_by_name_and_index_with_clear_errors() -> None:
         resolve_tap(model, 7)
 
 
-def test_checkpoint_errors_are_one_line(tmp_path: Path, digits_teacher: Path) -> None:
-    with pytest.raises(TeacherError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(TeacherError, match="not a readable torch checkpoint"):
-        load_checkpoint(junk)
+def test_a_checkpoint_of_another_model_is_refused_naming_it(digits_teacher: Path) -> None:
     spec = TeacherSpec(model="test_vit", num_classes=10, in_chans=1, input_size=32, mean=(0.5,), std=(0.5,),
                        checkpoint=str(digits_teacher))
     with pytest.raises(TeacherError, match="holds a 'test_resnet'"):
         build_teacher(spec)
-
-
-def test_fit_teacher_checkpoint_loads_with_weights_only_and_records_its_inputs(digits_teacher: Path) -> None:
-    ckpt = torch.load(digits_teacher, weights_only=True)
-    assert ckpt["model"] == "test_resnet" and ckpt["input_size"] == 32 and len(ckpt["mean"]) == 1
-    assert 0.0 <= ckpt["val_accuracy"] <= 1.0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.targets import LOGITS
 from pipeline.errors import DistilleryError
 from pipeline.methods.base import MethodError, resolve_method_spec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,11 @@ import pytest
 import torch
 
 from pipeline.cache.manifest import Manifest
-from pipeline.cache.store import CacheWriter, TeacherCache
+from pipeline.cache.reader import TeacherCache
+from pipeline.cache.writer import CacheWriter
 from pipeline.teacher.cache_pass import run_cache_pass
-from pipeline.teacher.model import TeacherError, load_checkpoint
+from pipeline.teacher.checkpoint import TeacherCheckpoint
+from pipeline.teacher.model import TeacherError
 from pipeline.teacher.verify import RTOL, sample_pairs, verify_cache
 
 
@@ -81,11 +84,10 @@ def test_a_checkpoint_replaced_at_the_same_path_is_a_mismatch(digits_cache: Path
     root = copy_cache(digits_cache, tmp_path / "cache", checkpoint=checkpoint)
     assert verify_cache(root, samples=8).ok
     # Another teacher at the same path: the same architecture, other weights (as if retrained).
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = TeacherCheckpoint.load(checkpoint)
     generator = torch.Generator().manual_seed(0)
-    ckpt["state_dict"] = {k: v * (1 + 0.1 * torch.randn(v.shape, generator=generator)) if v.is_floating_point()
-                          else v for k, v in ckpt["state_dict"].items()}
-    torch.save(ckpt, checkpoint)
+    replace(ckpt, state_dict={k: v * (1 + 0.1 * torch.randn(v.shape, generator=generator)) if v.is_floating_point()
+                              else v for k, v in ckpt.state_dict.items()}).save(checkpoint)
     result = verify_cache(root, samples=8)
     assert not result.ok
     assert any("changed since the cache was made" in p for p in result.problems)

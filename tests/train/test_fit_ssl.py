@@ -41,16 +41,16 @@ def test_bad_objective_is_refused(tmp_path: Path) -> None:
 
 def test_ssl_teacher_head_less_cache_trains_tcs_and_elsh(cache_request, tmp_path: Path) -> None:
     from pipeline.teacher.cache_pass import run_cache_pass
-    from pipeline.teacher.model import load_checkpoint
+    from pipeline.teacher.checkpoint import TeacherCheckpoint
     from pipeline.train.config import RunSettings, TrainConfig
     from pipeline.train.loop import train_student
 
     out = tmp_path / "ssl.pt"
     result = fit_teacher(FitConfig(dataset="digits", model="test_resnet", out=str(out), epochs=1, subset=256,
                                    batch_size=64, workers=0, objective="ssl"))
-    ckpt = load_checkpoint(out)
-    assert result.val_accuracy is None and ckpt["val_accuracy"] is None and ckpt["config"]["objective"] == "ssl"
-    assert not any(k.startswith("0.") for k in ckpt["state_dict"])  # the projector is not part of the teacher
+    ckpt = TeacherCheckpoint.load(out)
+    assert result.val_accuracy is None and ckpt.val_accuracy is None and ckpt.config["objective"] == "ssl"
+    assert not any(k.startswith("0.") for k in ckpt.state_dict)  # the projector is not part of the teacher
     cache = tmp_path / "cache"
     run_cache_pass(cache_request(cache, checkpoint=str(out), teacher_head=False, subset=200, views=0, lsh_bits=32,
                                  shard_size=100, block_size=50))

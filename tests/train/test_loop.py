@@ -164,37 +164,6 @@ def test_eval_every_evaluates_on_schedule_and_after_the_last_epoch(make_cache, t
     assert evaluated == [1, 2] and summary.val_accuracy is not None
 
 
-def test_peak_rss_of_a_process_spawned_by_a_large_parent_is_its_own() -> None:
-    import multiprocessing
-    import resource
-    from concurrent.futures import ProcessPoolExecutor
-
-    import numpy as np
-
-    from pipeline.train.loop import peak_rss_bytes
-
-    ballast = np.ones(2**30 // 8)  # 1 GiB resident in this process
-    parent = 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        child = pool.submit(peak_rss_bytes).result()
-    del ballast
-    assert 0 < child < parent - 2**29, (child, parent)  # ru_maxrss alone would report the parent's peak
-
-
-def test_rss_now_rises_and_falls_with_memory_held_while_the_peak_stays() -> None:
-    import numpy as np
-
-    from pipeline.train.loop import peak_rss_bytes, rss_bytes
-
-    before = rss_bytes()
-    ballast = np.ones(2**28 // 8)  # 256 MiB, touched
-    held = rss_bytes()
-    del ballast
-    after = rss_bytes()
-    assert held - before > 2**27 and held - after > 2**27, (before, held, after)
-    assert peak_rss_bytes() >= held
-
-
 def test_a_run_directory_in_use_is_refused_naming_its_holder_and_released_when_the_holder_is_killed(
         make_cache, tmp_path: Path) -> None:
     import os

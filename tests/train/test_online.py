@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.targets import GAUSSIAN, LOGITS, POOLED
 from pipeline.train.config import RunSettings, TrainConfig, TrainError
 from pipeline.train.loop import train_student

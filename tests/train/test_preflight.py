@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.cache.summary import teacher_accuracy_per_view
 from pipeline.preflight import (CHANCE_MARGIN, PreflightError, checkpoint_dataset, teacher_near_chance,
                                 untrained_classifier)

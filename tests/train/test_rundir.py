@@ -106,18 +106,18 @@ def test_the_lock_object_refuses_a_live_holder_and_is_taken_over_from_a_dead_one
     assert not lock.exists()
 
 
-# One rank of a run (`python -m pipeline.train.distributed CONFIG`) that SIGKILLs itself right after writing its
+# One rank of a run (`python -m pipeline.train.launch CONFIG`) that SIGKILLs itself right after writing its
 # first checkpoint: no `finally` runs, so its lock object stays behind, as after a crash or an OOM kill.
 KILLED_AFTER_FIRST_CHECKPOINT = """
 import os, signal, sys
-from pipeline.train import distributed
+from pipeline.train import launch
 from pipeline.train.rundir import RunDir
 save = RunDir.save_checkpoint
 def save_then_die(self, state):
     save(self, state)
     os.kill(os.getpid(), signal.SIGKILL)
 RunDir.save_checkpoint = save_then_die
-sys.exit(distributed.main(sys.argv[1:]))
+sys.exit(launch.main(sys.argv[1:]))
 """
 
 

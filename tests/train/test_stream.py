@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.cache.layout import block_sizes
 from pipeline.cache.manifest import ShardRange
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.views import ViewPlan, epoch_views, render_view
 from pipeline.cache.targets import GAUSSIAN, LOGITS, POOLED
-from pipeline.train.stream import CacheStream, ShardPart, block_sizes, rank_parts, split_parts
+from pipeline.train.stream import CacheStream, ShardPart, rank_parts, split_parts
 
 ALL = frozenset({LOGITS, POOLED, GAUSSIAN})
 
@@ -62,7 +63,7 @@ def test_each_sample_once_with_its_epoch_view_rendered_and_that_views_targets(ma
 def _raw(cache: TeacherCache, sample_id: int) -> np.ndarray:
     """The raw image of one sample, read back through a separate pass over the shards (blocks follow the
     zarr rows' order)."""
-    from pipeline.cache.store import decode_block, iter_tar_members, raw_count, unpack_raw
+    from pipeline.cache.blocks import decode_block, iter_tar_members, raw_count, unpack_raw
 
     row = int(np.flatnonzero(cache.read("samples/ids") == sample_id)[0])
     for path in cache.shard_paths():

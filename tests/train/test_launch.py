@@ -1,4 +1,5 @@
-"""Distributed students (README "Distributed students"): real torchrun, 2 processes on gloo over 127.0.0.1."""
+"""Distributed students launched by torchrun (docs/operations.md#distributed-students): real torchrun,
+2 processes on gloo over 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.layout import block_sizes
+from pipeline.cache.reader import TeacherCache
 from pipeline.data.views import epoch_views
 from pipeline.train.config import TrainConfig, TrainError
-from pipeline.train.distributed import ID_LOG_ENV, DistillStep, World, equalised, launch, step_totals, wrap
-from pipeline.train.loop import check_run, setup_run
-from pipeline.train.stream import block_sizes, rank_parts, split_parts, stream_batches
+from pipeline.train.ddp import ID_LOG_ENV
+from pipeline.train.launch import launch
+from pipeline.train.loop import check_run
+from pipeline.train.stream import rank_parts, split_parts, stream_batches
 
 BATCH = 32
 TRAIN = ["train", "--student", "test_resnet", "--method", "ce", "--method", "tcs", "--epochs", "2", "--batch-size",
@@ -182,39 +183,6 @@ def test_two_processes_see_every_id_once_per_epoch_and_resume_after_a_kill(uneve
         **json.loads((out / "config.json").read_text())["settings"], "resume": True}})
     with pytest.raises(TrainError, match=r"different world_size \(checkpoint: 2, requested: null\)"):
         check_run(config, world_size=1)
-
-
-def test_method_modules_are_inside_the_ddp_module(uneven_cache: Path, tmp_path: Path) -> None:
-    config = TrainConfig(cache=str(uneven_cache), student="test_resnet", methods=("ce", "tcs", "fitnet"),
-                         out=str(tmp_path / "run"))
-    setup = setup_run(config, torch.device("cpu"))
-    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        ddp = wrap(DistillStep(setup.student, setup.methods), World(0, 2, 0), torch.device("cpu"))
-        wrapped = {id(p) for p in ddp.parameters()}
-        for name in ("tcs", "fitnet"):
-            own = {id(p) for p in setup.methods[name].parameters()}
-            assert own and own <= wrapped
-    finally:
-        dist.destroy_process_group()
-
-
-def test_padding_steps_repeat_the_last_batch_at_weight_zero() -> None:
-    assert list(equalised(iter(["a", "b"]), 4)) == [("a", True), ("b", True), ("b", False), ("b", False)]
-    with pytest.raises(TrainError, match="more than the 1 batches"):
-        list(equalised(iter(["a", "b"]), 1))
-    totals = step_totals(World(), 0, torch.tensor(2.0), {"ce": torch.tensor(2.0)})
-    assert totals.samples == 0 and totals.finite
-    one = step_totals(World(), 8, torch.tensor(float("nan")), {"ce": torch.tensor(float("nan"))})
-    assert not one.finite and one.weight(8, World()) == 1.0
-
-
-def test_more_processes_than_blocks_is_refused_in_one_line(make_cache, tmp_path: Path) -> None:
-    cache = make_cache(n=40, shard_size=40, block_size=32)  # 2 blocks
-    with pytest.raises(TrainError, match=r"3 processes but the cache's 2 blocks leave rank\(s\) \[0\] nothing"):
-        check_run(TrainConfig(cache=str(cache), student="test_resnet", methods=("ce",), out=str(tmp_path / "run")),
-                  world_size=3)
 
 
 @pytest.mark.parametrize("quiet", [True, False])

@@ -1,8 +1,8 @@
-"""Distributed students: one student trained by N processes with DistributedDataParallel (README
-"Distributed students", docs/operations.md#prefect-in-production).
+"""DDP primitives: one student trained by N processes with DistributedDataParallel
+(docs/operations.md#distributed-students). `pipeline.train.launch` starts the processes under torchrun;
+`train_student` uses these pieces, so the same loop trains one process or N.
 
-torchrun starts the processes (ranks) and names each in its environment (RANK, WORLD_SIZE, LOCAL_RANK);
-`train_student` reads them (`World.from_env`), so the same loop trains one process or N:
+torchrun names each process (rank) in its environment (RANK, WORLD_SIZE, LOCAL_RANK), read by `World.from_env`:
 
 - each rank streams its own contiguous run of the cache's blocks (`stream.rank_parts`): every sample id is
   trained on exactly once per epoch across the ranks, in its view `epoch_views(seed, epoch, id)`;
@@ -15,18 +15,14 @@ torchrun starts the processes (ranks) and names each in its environment (RANK, W
   every rank, and no sample is trained on twice;
 - rank 0 alone holds the run directory's lock and writes config, metrics, checkpoints and the summary.
 
-`python -m pipeline.train.distributed CONFIG_JSON` is one rank of one run (what `launch` starts under
-torchrun); setting `DISTILLERY_ID_LOG=DIR` makes every rank log the (id, view) pairs of each step to
-DIR/rank-R.jsonl (the tests' proof of exactly-once).
+Setting `DISTILLERY_ID_LOG=DIR` makes every rank log the (id, view) pairs of each step to DIR/rank-R.jsonl
+(`IdLog`: the tests' proof of exactly-once).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import subprocess
-import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,14 +35,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.errors import DistilleryError
 from pipeline.methods import TrainingProgress
-from pipeline.object_store import location
-from pipeline.train.config import TrainConfig, TrainError
-from pipeline.train.rundir import SUMMARY
+from pipeline.train.config import TrainError
 from pipeline.train.stream import rank_parts
 from pipeline.train.student import Student
-from pipeline.train.summary import TrainSummary
 
 ID_LOG_ENV = "DISTILLERY_ID_LOG"
 
@@ -199,45 +191,3 @@ class IdLog:
         # Appended and flushed per step, so a test can kill the run mid-epoch and still read it.
         with open(self.path, "a") as f:
             f.write(json.dumps({"epoch": epoch, "step": step, "ids": ids.tolist(), "views": views.tolist()}) + "\n")
-
-
-def torchrun_command(nproc: int, config: TrainConfig) -> list[str]:
-    """torchrun on this machine (`--standalone`: a rendezvous on a free localhost port) running
-    `nproc` ranks of this module for `config`."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "pipeline.train.distributed", json.dumps(config.to_dict())]
-
-
-def launch(config: TrainConfig, nproc: int, quiet: bool = False, threads: int | None = None) -> TrainSummary:
-    """Train `config` with `nproc` processes under torchrun; the run's summary (RUNDIR/summary.json).
-    `quiet`: keep the ranks' output, and show its end only if the run fails. `threads`: torch threads per
-    process (OMP_NUM_THREADS; default: torchrun's, 1 per process when there are several)."""
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    done = subprocess.run(torchrun_command(nproc, config), check=False, capture_output=quiet, text=True, env=env)
-    if done.returncode != 0:
-        lines = f"{done.stdout or ''}{done.stderr or ''}".strip().splitlines()  # None unless quiet
-        errors = [line for line in lines if line.startswith("error (rank")]  # what `main` prints
-        said = "its ranks' output above says why" if not quiet else f"its ranks said: {' | '.join(errors or lines[-3:])}"
-        raise TrainError(f"the {nproc}-process run of {config.student} into {config.out} failed (exit "
-                         f"{done.returncode}); {said}")
-    return TrainSummary.read(location(config.out) / SUMMARY)
-
-
-def main(argv: list[str]) -> int:
-    """One rank of one run: a bad input is one line on stderr and exit status 2."""
-    from pipeline.train.loop import train_student
-
-    world = World.from_env()
-    if world.is_main:  # the epoch lines; the other ranks' would repeat them
-        logging.basicConfig(format="%(message)s")  # other libraries' at WARNING: s3fs's botocore says much at INFO
-        logging.getLogger("distillery").setLevel(logging.INFO)
-    try:
-        train_student(TrainConfig(**json.loads(argv[0])))
-    except DistilleryError as e:
-        print(f"error (rank {world.rank}): {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

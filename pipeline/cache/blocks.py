@@ -1,0 +1,125 @@
+"""A shard's bytes (docs/cache-format.md#contract): the block codec and the tar files that hold the blocks.
+
+A block is a dict of plain numpy arrays <-> bytes: a zip of .npy members (like np.savez) but with fixed
+timestamps, so the same rows always give the same bytes (stable shard checksums), and read back with
+allow_pickle=False (no pickle on any read path). A shard is a tar of blocks with mtime 0, written whole.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from pipeline.cache.integrity import repair_hint
+from pipeline.cache.manifest import CacheError
+from pipeline.checksums import sha256_bytes
+from pipeline.object_store import ObjectPath, location, open_binary, write_whole
+
+RAW_KEYS = frozenset({"raw", "raw_shape", "raw_offsets", "raw_hw"})
+"""Block keys of the raw inputs, both encodings (`pack_raw`, and the padded one before it)."""
+
+
+def encode_block(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The block's bytes: the same arrays (in any order) always give the same bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            arr = np.ascontiguousarray(arrays[name])
+            if arr.dtype == object:
+                raise TypeError(f"block array {name} has dtype object; only plain numeric arrays are stored")
+            member = io.BytesIO()
+            np.lib.format.write_array(member, arr, allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
+    return buf.getvalue()
+
+
+def decode_block(data: bytes, where: str = "block", root: str | Path | None = None,
+                 keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a block (of the cache at `root`), only `keys` when given; one that does not decode is one
+    CacheError naming `where`."""
+    out = {}
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            for info in zf.infolist():
+                if keys is not None and info.filename.removesuffix(".npy") not in keys:
+                    continue
+                with zf.open(info) as f:
+                    out[info.filename.removesuffix(".npy")] = np.lib.format.read_array(
+                        io.BytesIO(f.read()), allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
+        fix = repair_hint(root) if root is not None else "the cache holding it is damaged"
+        raise CacheError(f"{where} does not decode ({e}); {fix}") from None
+    return out
+
+
+def block_key(name: str) -> str:
+    """zarr array path -> key inside a block (`logits/dense` -> `logits.dense`)."""
+    return name.replace("/", ".")
+
+
+def raw_count(block: Mapping[str, np.ndarray]) -> int:
+    """How many samples a decoded block holds."""
+    return len(block["raw_shape"] if "raw_shape" in block else block["raw_hw"])
+
+
+def pack_raw(raws: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Raw images of possibly different sizes -> block arrays: `raw` their bytes one after the other (no
+    padding: one large image does not grow the others), `raw_shape` (n, 3) their (H, W, C), `raw_offsets`
+    (n + 1,) where each starts in `raw`."""
+    shapes = np.array([r.shape for r in raws], dtype=np.int64).reshape(len(raws), 3)
+    offsets = np.concatenate([[0], np.cumsum(shapes.prod(axis=1))])
+    raw = np.concatenate([np.ascontiguousarray(r, dtype=np.uint8).ravel() for r in raws]) if raws else \
+        np.zeros(0, np.uint8)
+    return {"raw": raw, "raw_shape": shapes, "raw_offsets": offsets}
+
+
+def unpack_raw(block: Mapping[str, np.ndarray], i: int) -> np.ndarray:
+    """Raw image `i` of a decoded block. Blocks written before `pack_raw` stopped padding hold `raw` as
+    (n, Hmax, Wmax, C) zero-padded with each image's (H, W) in `raw_hw`: still read."""
+    raw = block["raw"]
+    if "raw_offsets" in block:
+        a, b = int(block["raw_offsets"][i]), int(block["raw_offsets"][i + 1])
+        return raw[a:b].reshape(tuple(int(d) for d in block["raw_shape"][i]))
+    hw = block["raw_hw"]
+    return raw[i, : hw[i, 0], : hw[i, 1]]
+
+
+def write_tar_whole(path: Path | ObjectPath, members: list[tuple[str, bytes]]) -> None:
+    """Write a tar with mtime 0 whole (`write_whole`): a shard file is whole or absent."""
+    def write(f: BinaryIO) -> None:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+
+    write_whole(path, write)
+
+
+def iter_tar_members(path: str | Path | ObjectPath) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular member of the shard tar at `path` (`<cache>/shards/...`), a local file
+    or an object (read as one stream)."""
+    try:
+        with open_binary(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            for info in tar:
+                f = tar.extractfile(info) if info.isfile() else None
+                if f is not None:
+                    yield info.name, f.read()
+    except FileNotFoundError:
+        raise CacheError(f"{path} is missing; {repair_hint(location(path).parent.parent)}") from None
+    except (tarfile.TarError, EOFError) as e:
+        raise CacheError(f"{path} is not a readable tar ({e}); {repair_hint(location(path).parent.parent)}") from None
+
+
+def block_digests(path: Path | ObjectPath) -> list[str] | None:
+    """sha256 of each member of the shard tar at `path`, in order; None if it is not a readable tar."""
+    try:
+        return [sha256_bytes(data) for _, data in iter_tar_members(path)]
+    except CacheError:
+        return None
