@@ -7,15 +7,15 @@ sweep shares; `plan_runs` turns a sweep into one `TrainConfig` per student.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.data.datasets import check_bad_image_policy
+from pipeline.data.datasets import BAD_IMAGE_POLICIES
 from pipeline.errors import DistilleryError
 from pipeline.methods import resolve_method_spec
 from pipeline.object_store import location
-from pipeline.options import Config, Range, check_device, check_ranges
+from pipeline.options import Config, Help, Range, check_device
 from pipeline.train.optim import OptimConfig
 
 
@@ -26,28 +26,21 @@ class TrainError(DistilleryError):
 class RunSettings(Config):
     """Training settings shared by every student of a sweep."""
 
-    epochs: int = 10
-    seed: int = 0
-    batch_size: int = 64
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    input_size: int | None = None  # student render size; default: the teacher's
-    online_teacher: bool = False  # compute the targets live from the teacher instead of the cache
-    workers: int = 1  # DataLoader workers decoding and rendering the stream (0: in the main process)
-    shuffle_buffer: int = 1024  # samples held for the within-buffer shuffle
-    eval_every: int = 1  # evaluate on the val split every this many epochs (and always after the last)
-    device: str = "auto"
-    resume: bool = False  # continue from the run directory's checkpoint, if there is one
-    on_bad_image: str = "fail"  # an undecodable val image of an image folder: "fail" (name it) or "skip"
-
-    RANGES: ClassVar[dict[str, Range]] = {
-        "epochs": Range(ge=1), "seed": Range(ge=0), "batch_size": Range(ge=1), "input_size": Range(ge=8),
-        "workers": Range(ge=0), "shuffle_buffer": Range(ge=1), "eval_every": Range(ge=1)}
-
-    @model_validator(mode="after")
-    def _check(self) -> RunSettings:
-        check_ranges(vars(self), self.RANGES)
-        check_bad_image_policy(self.on_bad_image)
-        return self
+    epochs: Annotated[int, Range(ge=1), Help("training epochs")] = 10
+    seed: Annotated[int, Range(ge=0), Help("student seed (initialisation, shuffling)")] = 0
+    batch_size: Annotated[int, Range(ge=1), Help("samples per optimiser step")] = 64
+    optim: Annotated[OptimConfig, Help("the optimiser and its learning-rate schedule")] = Field(
+        default_factory=OptimConfig)
+    input_size: Annotated[int | None, Range(ge=8), Help("student render size (default: the teacher's)")] = None
+    online_teacher: Annotated[bool, Help("compute the targets live from the teacher (the cached run's twin, for "
+                                         "comparison)")] = False
+    workers: Annotated[int, Range(ge=0), Help("DataLoader worker processes streaming the cache (0: none)")] = 1
+    shuffle_buffer: Annotated[int, Range(ge=1), Help("samples held for the within-buffer shuffle")] = 1024
+    eval_every: Annotated[int, Range(ge=1), Help("evaluate every this many epochs (and after the last)")] = 1
+    device: Annotated[str, Help("auto | cpu | cuda | cuda:N")] = "auto"
+    resume: Annotated[bool, Help("continue from the run directory's checkpoint")] = False
+    on_bad_image: Annotated[Literal[BAD_IMAGE_POLICIES], Help("an undecodable val image of an image folder: 'fail' "
+                                                             "names it, 'skip' leaves it out")] = "fail"
 
     def check_machine(self) -> None:
         """What only the machine that trains can tell: whether it has the requested device."""
