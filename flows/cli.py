@@ -25,7 +25,6 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
-from flows.params import TrainSettings  # noqa: E402
 from pipeline import progress  # noqa: E402
 from pipeline.bench import run_benchmarks  # noqa: E402
 from pipeline.cache.neighbors import lsh_neighbors  # noqa: E402
@@ -36,12 +35,14 @@ from pipeline.options import OptionError, check_device, default_of, help_of  # n
 from pipeline.cache.statistics import recompute_statistics  # noqa: E402
 from pipeline.teacher.plan import CacheRequest  # noqa: E402
 from pipeline.teacher.verify import verify_cache  # noqa: E402
+from pipeline.train.config import RunSettings  # noqa: E402
 from pipeline.train.fit import OBJECTIVES, FitConfig  # noqa: E402
+from pipeline.train.optim import OptimConfig  # noqa: E402
 
 if TYPE_CHECKING:
     from pipeline.bench_storage import CacheScaling
     from pipeline.experiments import ExperimentResult
-    from pipeline.train.config import RunSettings, StudentSpec
+    from pipeline.train.config import StudentSpec
     from pipeline.train.summary import TrainSummary
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -107,7 +108,7 @@ class show_progress:
 # Choice-like options: typer lists the choices in --help and refuses anything else in one line.
 OnBadImage = Literal[BAD_IMAGE_POLICIES]
 Objective = Literal[OBJECTIVES]
-Optimizer = TrainSettings.model_fields["optimizer"].annotation
+Optimizer = OptimConfig.model_fields["optimizer"].annotation
 CkaSource = Literal["auto", "logits", "features"]
 TeacherHead = Literal["keep", "none"]
 
@@ -129,11 +130,6 @@ def logits_option(value: str) -> str:
 
 def Device(help: str = "auto | cpu | cuda[:N] (checked against this machine)") -> typer.models.OptionInfo:  # noqa: A002,N802
     return typer.Option(help=help, callback=device_option, metavar="auto|cpu|cuda[:N]")
-
-
-def Setting(name: str, *decls: str, **kwargs) -> typer.models.OptionInfo:  # noqa: N802
-    """A `train` option whose help is the `TrainSettings` field's description (declared once, shown by Prefect too)."""
-    return typer.Option(*decls, help=TrainSettings.model_fields[name].description, **kwargs)
 
 
 def Declared(config: type, name: str, *decls: str, **kwargs) -> typer.models.OptionInfo:  # noqa: N802
@@ -427,24 +423,27 @@ def train_cmd(
                                                             "+ (ce+kd:T=2); repeat: every --student is trained "
                                                             "with every combination")] = None,
     sweep: Annotated[Optional[Path], typer.Option(help="a sweep file (TOML): the train-students parameters of "
-                                                       "deploy/nightly.toml (cache, out, students, a settings table); "
-                                                       "options given here override its settings")] = None,
+                                                       "deploy/nightly.toml (cache, out, students, a [settings] table "
+                                                       "and its [settings.optim]); options given here override its "
+                                                       "settings")] = None,
     out: Annotated[Optional[str], typer.Option(help="run directory or fsspec URL (several runs: one subdirectory "
                                                     "each; default: the --sweep file's)")] = None,
-    epochs: Annotated[int, Setting("epochs")] = default_of(TrainSettings, "epochs"),
-    seed: Annotated[int, Setting("seed")] = default_of(TrainSettings, "seed"),
-    online_teacher: Annotated[bool, Setting("online_teacher")] = default_of(TrainSettings, "online_teacher"),
-    resume: Annotated[bool, Setting("resume")] = default_of(TrainSettings, "resume"),
-    batch_size: Annotated[int, Setting("batch_size")] = default_of(TrainSettings, "batch_size"),
-    optimizer: Annotated[Optimizer, Setting("optimizer")] = default_of(TrainSettings, "optimizer"),
-    lr: Annotated[float, Setting("lr")] = default_of(TrainSettings, "lr"),
-    weight_decay: Annotated[float, Setting("weight_decay")] = default_of(TrainSettings, "weight_decay"),
-    warmup_epochs: Annotated[float, Setting("warmup_epochs")] = default_of(TrainSettings, "warmup_epochs"),
-    clip_grad: Annotated[Optional[float], Setting("clip_grad")] = default_of(TrainSettings, "clip_grad"),
-    input_size: Annotated[Optional[int], Setting("input_size")] = default_of(TrainSettings, "input_size"),
-    workers: Annotated[int, Setting("workers")] = default_of(TrainSettings, "workers"),
-    device: Annotated[str, Device()] = default_of(TrainSettings, "device"),
-    on_bad_image: Annotated[OnBadImage, Setting("on_bad_image")] = default_of(TrainSettings, "on_bad_image"),
+    epochs: Annotated[int, Declared(RunSettings, "epochs")] = default_of(RunSettings, "epochs"),
+    seed: Annotated[int, Declared(RunSettings, "seed")] = default_of(RunSettings, "seed"),
+    online_teacher: Annotated[bool, Declared(RunSettings, "online_teacher")]
+    = default_of(RunSettings, "online_teacher"),
+    resume: Annotated[bool, Declared(RunSettings, "resume")] = default_of(RunSettings, "resume"),
+    batch_size: Annotated[int, Declared(RunSettings, "batch_size")] = default_of(RunSettings, "batch_size"),
+    optimizer: Annotated[Optimizer, Declared(OptimConfig, "optimizer")] = default_of(OptimConfig, "optimizer"),
+    lr: Annotated[float, Declared(OptimConfig, "lr")] = default_of(OptimConfig, "lr"),
+    weight_decay: Annotated[float, Declared(OptimConfig, "weight_decay")] = default_of(OptimConfig, "weight_decay"),
+    warmup_epochs: Annotated[float, Declared(OptimConfig, "warmup_epochs")] = default_of(OptimConfig, "warmup_epochs"),
+    clip_grad: Annotated[Optional[float], Declared(OptimConfig, "clip_grad")] = default_of(OptimConfig, "clip_grad"),
+    input_size: Annotated[Optional[int], Declared(RunSettings, "input_size")] = default_of(RunSettings, "input_size"),
+    workers: Annotated[int, Declared(RunSettings, "workers")] = default_of(RunSettings, "workers"),
+    device: Annotated[str, Device()] = default_of(RunSettings, "device"),
+    on_bad_image: Annotated[OnBadImage, Declared(RunSettings, "on_bad_image")]
+    = default_of(RunSettings, "on_bad_image"),
     allow_untrained_classifier: Annotated[bool, typer.Option(help="train a method combination that leaves the "
                                                                   "classifier untrained (refused otherwise)")] = False,
     nproc: Annotated[int, typer.Option(help="train each student with this many DDP processes (torchrun on this "
@@ -453,25 +452,23 @@ def train_cmd(
     """Train students from a teacher cache (Prefect flow; under torchrun or with --nproc N, DDP without the flow):
     every --student with every method combination (or a --sweep file's), in one flow run; prints a comparison
     table."""
-    from flows.params import Student, SweepFile
+    from flows.params import SweepFile
     from flows.train_students import plan_sweep, train_students
     from pipeline.cache.store import TeacherCache
     from pipeline.object_store import is_url
     from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
-    from pipeline.train.config import TrainError
+    from pipeline.train.config import StudentSpec, TrainError
     from pipeline.train.distributed import under_torchrun
 
     plan = SweepFile.load(sweep) if sweep is not None else SweepFile()
-    # A --sweep file's settings, overridden by the settings options given on this command line.
-    options = {name: value for name, value in ctx.params.items() if name in TrainSettings.model_fields}
-    given = {name: value for name, value in options.items() if ctx.get_parameter_source(name).name == "COMMANDLINE"}
-    values = {**plan.settings.model_dump(), **given} if sweep is not None else options
-    TrainSettings.model_construct(**values).run_settings()  # the library's one-line checks come first
-    params = TrainSettings(**values)
+    # A --sweep file's settings (the defaults without one), overridden by the settings options given here.
+    settings = plan.settings.with_options(**{
+        name: value for name, value in ctx.params.items()
+        if name in RunSettings.option_names() and ctx.get_parameter_source(name).name == "COMMANDLINE"})
     combinations = ([list(method)] if method else []) + [combination(c) for c in combo or []]
     if student and not combinations:
         raise TrainError(f"student {student[0]} has no --method; give at least one, e.g. --method ce")
-    students = plan.students + [Student(student=name, methods=m) for name in student or [] for m in combinations]
+    students = plan.students + [StudentSpec(student=name, methods=m) for name in student or [] for m in combinations]
     cache = cache or plan.cache
     out = out or plan.out
     out = out if out is None or is_url(out) else str(Path(out))  # a local path normalised, as a Path option did
@@ -479,11 +476,11 @@ def train_cmd(
         raise TrainError(f"give --{'cache' if cache is None else 'out'} (or a --sweep file that sets it)")
     if not students:
         raise TrainError("no student given; pass --student TIMM_NAME --method ce (or a --sweep file with students)")
-    warn(untrained_classifier([s.spec() for s in students], allow_untrained_classifier))
+    warn(untrained_classifier(students, allow_untrained_classifier))
     if nproc != 1 or under_torchrun():
-        train_distributed(str(cache), [s.spec() for s in students], str(out), params.run_settings(), nproc)
+        train_distributed(str(cache), students, str(out), settings, nproc)
         return
-    configs = plan_sweep(str(cache), students, str(out), params)  # bad input is one line here, not a failed run
+    configs = plan_sweep(str(cache), students, str(out), settings)  # bad input is one line here, not a failed run
     done = {c.out: completed_run(c) for c in configs}
     for run_dir, summary in done.items():
         if summary is not None:
@@ -492,11 +489,11 @@ def train_cmd(
     if all(done.values()):
         print_students(f"students trained from {cache} (already complete)", list(done.values()))
         return
-    if any(s.spec().methods != ("ce",) for s in students):  # ce alone never reads the teacher's targets
+    if any(s.methods != ("ce",) for s in students):  # ce alone never reads the teacher's targets
         warn(teacher_near_chance(TeacherCache(cache)))
     start_temporary_server()
     with show_progress():
-        summaries = train_students(str(cache), students, str(out), params, sweep=plan.sweep,
+        summaries = train_students(str(cache), students, str(out), settings, sweep=plan.sweep,
                                    task_timeout=plan.task_timeout, checked=True)
     print_students(f"students trained from {cache}", summaries)
     report_skipped("the val split", summaries[0].val_skipped_images or [])
@@ -760,8 +757,6 @@ def main() -> None:
     # typer vendors click as typer._click; its usage errors would otherwise be a multi-line panel.
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
-    from pydantic import ValidationError
-
     from pipeline.errors import DistilleryError
 
     try:
@@ -770,9 +765,6 @@ def main() -> None:
         app()  # the normal help screen, as `distillery` alone always printed
     except DistilleryError as e:
         fail(str(e))
-    except ValidationError as e:  # a parameter model's own range check (e.g. TrainSettings)
-        err = e.errors()[0]
-        fail(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}")
     except ClickException as e:  # an option typer cannot parse (`--views x`), an unknown command or option
         ctx = getattr(e, "ctx", None)
         # typer checks a Literal choice through pydantic, whose message starts "Value error, ".

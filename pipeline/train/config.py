@@ -24,7 +24,9 @@ class TrainError(DistilleryError):
 
 
 class RunSettings(Config):
-    """Training settings shared by every student of a sweep."""
+    """Training settings shared by every student of a sweep: the `train-students` flow's ``settings`` parameter
+    (a sweep file's ``[settings]`` table, the optimiser's in ``[settings.optim]``) and the options of
+    `distillery train`, each declared here once with its range and meaning."""
 
     epochs: Annotated[int, Range(ge=1), Help("training epochs")] = 10
     seed: Annotated[int, Range(ge=0), Help("student seed (initialisation, shuffling)")] = 0
@@ -42,16 +44,30 @@ class RunSettings(Config):
     on_bad_image: Annotated[Literal[BAD_IMAGE_POLICIES], Help("an undecodable val image of an image folder: 'fail' "
                                                              "names it, 'skip' leaves it out")] = "fail"
 
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """Every setting by its flat name, the optimiser's included (``lr``, not ``optim.lr``): how the
+        options of `distillery train` name them."""
+        return (*(name for name in cls.model_fields if name != "optim"), *OptimConfig.model_fields)
+
+    def with_options(self, **options: Any) -> RunSettings:
+        """These settings with some replaced, each named as `option_names` lists it (a sweep file's settings
+        overridden by the options given on the command line); checked as any other."""
+        optim = {name: options.pop(name) for name in list(options) if name in OptimConfig.model_fields}
+        return RunSettings(**{**self.model_dump(), **options, "optim": {**self.optim.model_dump(), **optim}})
+
     def check_machine(self) -> None:
         """What only the machine that trains can tell: whether it has the requested device."""
         check_device(self.device)
 
 
 class StudentSpec(Config):
-    """One student of a sweep: a timm architecture and the methods it is trained with."""
+    """One student of a sweep: a timm architecture and the methods it is trained with (an entry of the
+    `train-students` flow's ``students`` parameter)."""
 
-    student: str
-    methods: tuple[str, ...]
+    student: Annotated[str, Help("timm model name, e.g. resnet18 or test_resnet")]
+    methods: Annotated[tuple[str, ...], Help("distillation methods, composed: ce, kd:T=2, dkd, fitnet, ... "
+                                             "(`distillery methods` lists them)")]
 
     @model_validator(mode="after")
     def _check(self) -> StudentSpec:

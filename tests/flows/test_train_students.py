@@ -100,22 +100,31 @@ students = [{{ student = "test_resnet", methods = ["ce"] }}]
 epochs = 1
 workers = 0
 seed = 3
+[settings.optim]
+optimizer = "sgd"
+lr = 0.01
 """)
     code, out = cli("train", "--sweep", str(sweep), "--student", "test_resnet", "--combo", "ce+kd:T=2",
-                    "--combo", "ce+fitnet", "--seed", "5")  # an option given here overrides the file's
+                    "--combo", "ce+fitnet", "--seed", "5", "--lr", "0.005")  # an option given here overrides the file's
     assert code == 0, out
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == ["test_resnet-ce+fitnet-s5", "test_resnet-ce+kd-T2-s5", "test_resnet-ce-s5"]
+    settings = json.loads((tmp_path / "runs" / runs[0] / "config.json").read_text())["settings"]
+    assert (settings["seed"], settings["epochs"], settings["optim"]["optimizer"], settings["optim"]["lr"]) == (
+        5, 1, "sgd", 0.005)
     methods = {json.dumps(json.loads((tmp_path / "runs" / r / "summary.json").read_text())["methods"]) for r in runs}
     assert methods == {'["ce"]', '["ce", "kd:T=2"]', '["ce", "fitnet"]'}
     assert out.count("test_resnet") >= 3 and "ce+fitnet" in out
 
 
-def test_a_sweep_file_with_an_unknown_key_is_one_line(tmp_path: Path, cli) -> None:
+def test_a_sweep_file_with_an_unknown_key_or_a_bad_setting_is_one_line(tmp_path: Path, cli) -> None:
     sweep = tmp_path / "sweep.toml"
     sweep.write_text('students = [{ student = "test_resnet", methods = ["ce"] }]\n[settings]\nepoch = 1\n')
     code, out = cli("train", "--sweep", str(sweep), "--cache", str(tmp_path), "--out", str(tmp_path / "o"))
-    assert code == 2 and out == f"error: --sweep {sweep}: settings.epoch: Extra inputs are not permitted\n"
+    assert code == 2 and out == f"error: --sweep {sweep}: settings: --epoch: extra inputs are not permitted, not 1\n"
+    sweep.write_text('students = [{ student = "test_resnet", methods = ["ce"] }]\n[settings.optim]\nlr = 0\n')
+    code, out = cli("train", "--sweep", str(sweep), "--cache", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert code == 2 and out == f"error: --sweep {sweep}: settings: --lr must be > 0, not 0.0\n"
 
 
 def test_combo_splits_methods_at_a_plus_before_a_name_only() -> None:
@@ -131,17 +140,17 @@ def test_a_sweeps_check_hashes_each_shard_once_and_parses_each_spec_once(digits_
     spec once per student (counted around the real functions, which still run)."""
     import pipeline.cache.store as store
     import pipeline.train.loop as loop
-    from flows.params import Student, TrainSettings
     from flows.train_students import plan_sweep
+    from pipeline.train.config import RunSettings, StudentSpec
 
     shards = {str(p) for p in store.TeacherCache(digits_cache).shard_paths()}
     hashed, resolved = [], []
     real_sha256, real_resolve = store.sha256_file, loop.resolve_method_spec
     monkeypatch.setattr(store, "sha256_file", lambda path: hashed.append(str(path)) or real_sha256(path))
     monkeypatch.setattr(loop, "resolve_method_spec", lambda spec: resolved.append(spec) or real_resolve(spec))
-    students = [Student(student=name, methods=["ce", "kd:T=2"]) for name in ("test_resnet", "test_convnext",
-                                                                             "resnet10t")]
-    configs = plan_sweep(str(digits_cache), students, str(tmp_path / "runs"), TrainSettings())
+    students = [StudentSpec(student=name, methods=["ce", "kd:T=2"]) for name in ("test_resnet", "test_convnext",
+                                                                                 "resnet10t")]
+    configs = plan_sweep(str(digits_cache), students, str(tmp_path / "runs"), RunSettings())
     assert len(configs) == 3
     assert sorted(p for p in hashed if p in shards) == sorted(shards)
     assert resolved == ["ce", "kd:T=2"] * 3
