@@ -489,7 +489,7 @@ def train_cmd(
     if all(done.values()):
         print_students(f"students trained from {cache} (already complete)", list(done.values()))
         return
-    if any(s.methods != ("ce",) for s in students):  # ce alone never reads the teacher's targets
+    if any(spec.needs for s in students for spec in s.methods):  # ce never reads the teacher's targets
         warn(teacher_near_chance(TeacherCache(cache)))
     start_temporary_server()
     with show_progress():
@@ -506,14 +506,14 @@ def methods_cmd(
     """List the distillation methods: what each needs from the cache (and the `distillery cache` option that adds
     it), whether it trains the classifier, and its options with their defaults and meaning."""
     from pipeline.cache.targets import TARGETS
-    from pipeline.methods import resolve_method_spec
+    from pipeline.methods import method_class
 
     table = Table(title="methods: compose with --method NAME[:key=value,...] (README, 'Methods')", title_justify="left",
                   show_lines=True)
     for column in ("method", "needs from the cache (cache option)", "trains classifier", "options (default: meaning)"):
         table.add_column(column)
     for method in [name] if name else list_methods():
-        cls, _ = resolve_method_spec(method)  # an unknown name is one line listing the known ones
+        cls = method_class(method)  # an unknown name is one line listing the known ones
         summary = re.split(r"(?<=\.)\s", " ".join((cls.__doc__ or "").split()).replace("``", ""))[0]  # 1st sentence
         needs = "\n".join(f"{TARGETS[t].description} ({TARGETS[t].cache_option})" for t in sorted(cls.needs)) or "-"
         helps = cls.option_help()

@@ -28,7 +28,7 @@ COMPARISON_COLUMNS = ("student", "methods", "val_accuracy", "train_seconds", "me
 def train_task(config: TrainConfig) -> TrainSummary:
     summary = train_student(config)
     get_run_logger().info("%s [%s]: val accuracy %.4f after %d epochs (%.1f s); run directory %s", config.student,
-                          "+".join(config.methods), summary.val_accuracy, summary.epochs,
+                          "+".join(map(str, config.methods)), summary.val_accuracy, summary.epochs,
                           summary.train_seconds, config.out)
     return summary
 

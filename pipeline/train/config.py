@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from pipeline.data.datasets import BAD_IMAGE_POLICIES
 from pipeline.errors import DistilleryError
-from pipeline.methods import resolve_method_spec
+from pipeline.methods import MethodError, MethodSpec
 from pipeline.object_store import location
 from pipeline.options import Config, Help, Range, check_device
 from pipeline.train.optim import OptimConfig
@@ -66,21 +66,29 @@ class StudentSpec(Config):
     `train-students` flow's ``students`` parameter)."""
 
     student: Annotated[str, Help("timm model name, e.g. resnet18 or test_resnet")]
-    methods: Annotated[tuple[str, ...], Help("distillation methods, composed: ce, kd:T=2, dkd, fitnet, ... "
-                                             "(`distillery methods` lists them)")]
+    # Each spec parsed here, once (an unknown method or an option out of range fails before any cache is opened).
+    methods: Annotated[tuple[MethodSpec, ...], Help("distillation methods, composed: ce, kd:T=2, dkd, fitnet, ... "
+                                                    "(`distillery methods` lists them)")]
 
     @model_validator(mode="after")
     def _check(self) -> StudentSpec:
         if not self.methods:
             raise TrainError(f"student {self.student} has no --method; give at least one, e.g. --method ce")
-        for spec in self.methods:  # an unknown method or an option out of range, before any cache is opened
-            resolve_method_spec(spec)
+        names = [spec.name for spec in self.methods]
+        twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        if twice is not None:
+            raise MethodError(f"method {twice!r} is given twice; give it once with the options you want")
         return self
+
+    @property
+    def taps(self) -> tuple[int, ...]:
+        """The student stages its methods read, deepest first."""
+        return tuple(sorted({tap for spec in self.methods for tap in spec.taps}))
 
     @property
     def slug(self) -> str:
         """`resnet18` + (`ce`, `kd:T=2`) -> `resnet18-ce+kd-T2`: safe as a directory name."""
-        methods = "+".join(re.sub(r"[:,]", "-", m).replace("=", "") for m in self.methods)
+        methods = "+".join(re.sub(r"[:,]", "-", str(m)).replace("=", "") for m in self.methods)
         return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{self.student}-{methods}")
 
 
@@ -89,13 +97,13 @@ class TrainConfig(Config):
 
     cache: str
     student: str
-    methods: tuple[str, ...]
+    methods: tuple[MethodSpec, ...]  # config.json holds their text
     out: str
     settings: RunSettings = Field(default_factory=RunSettings)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        StudentSpec(student=self.student, methods=self.methods)  # the same checks as a sweep's
+        StudentSpec(student=self.student, methods=self.methods)  # a sweep's checks (the specs are parsed already)
         return self
 
     def to_dict(self) -> dict[str, Any]:
