@@ -25,23 +25,24 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
-from flows.params import TrainSettings  # noqa: E402
 from pipeline import progress  # noqa: E402
 from pipeline.bench import run_benchmarks  # noqa: E402
 from pipeline.cache.neighbors import lsh_neighbors  # noqa: E402
 from pipeline.data.datasets import BAD_IMAGE_POLICIES, dataset_help  # noqa: E402
 from pipeline.experiments import DEFAULT_ROOT  # noqa: E402
 from pipeline.methods import list_methods  # noqa: E402
-from pipeline.options import OptionError, check_device, default_of  # noqa: E402
+from pipeline.options import OptionError, check_device, default_of, help_of  # noqa: E402
 from pipeline.cache.statistics import recompute_statistics  # noqa: E402
 from pipeline.teacher.plan import CacheRequest  # noqa: E402
 from pipeline.teacher.verify import verify_cache  # noqa: E402
+from pipeline.train.config import RunSettings  # noqa: E402
 from pipeline.train.fit import OBJECTIVES, FitConfig  # noqa: E402
+from pipeline.train.optim import OptimConfig  # noqa: E402
 
 if TYPE_CHECKING:
     from pipeline.bench_storage import CacheScaling
     from pipeline.experiments import ExperimentResult
-    from pipeline.train.config import RunSettings, StudentSpec
+    from pipeline.train.config import StudentSpec
     from pipeline.train.summary import TrainSummary
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -107,16 +108,11 @@ class show_progress:
 # Choice-like options: typer lists the choices in --help and refuses anything else in one line.
 OnBadImage = Literal[BAD_IMAGE_POLICIES]
 Objective = Literal[OBJECTIVES]
-Optimizer = TrainSettings.model_fields["optimizer"].annotation
+Optimizer = OptimConfig.model_fields["optimizer"].annotation
 CkaSource = Literal["auto", "logits", "features"]
 TeacherHead = Literal["keep", "none"]
 
-STORE_HELP = ("per-sample targets kept, comma-separated from logits,pooled,gaussian,featmaps (default: every one the "
-              "other options produce); statistics need their rows: no pooled, no PCA, class means or LSH")
-ON_BAD_IMAGE_HELP = ("an undecodable file in an image folder (any split, checked before any work): 'fail' names "
-                     "it, 'skip' leaves it out and reports how many")
 DATASET_HELP = dataset_help()
-CKA_HELP = "what the category interrelations (WKD-L's cost) are computed from; auto: logits if stored"
 
 
 def device_option(value: str) -> str:
@@ -136,9 +132,10 @@ def Device(help: str = "auto | cpu | cuda[:N] (checked against this machine)") -
     return typer.Option(help=help, callback=device_option, metavar="auto|cpu|cuda[:N]")
 
 
-def Setting(name: str, *decls: str, **kwargs) -> typer.models.OptionInfo:  # noqa: N802
-    """A `train` option whose help is the `TrainSettings` field's description (declared once, shown by Prefect too)."""
-    return typer.Option(*decls, help=TrainSettings.model_fields[name].description, **kwargs)
+def Declared(config: type, name: str, *decls: str, **kwargs) -> typer.models.OptionInfo:  # noqa: N802
+    """An option whose help is the one `config` declares for its field `name` (`help_of`): stated once, and
+    shown by the Prefect UI too."""
+    return typer.Option(*decls, help=help_of(config, name), **kwargs)
 
 
 def report_skipped(where: str, skipped: list[str]) -> None:
@@ -162,26 +159,19 @@ def print_table(title: str, rows: list[dict], columns: list[str] | None = None) 
 @app.command("fit-teacher")
 def fit_teacher_cmd(
     dataset: Annotated[str, typer.Option(help=DATASET_HELP)],
-    model: Annotated[str, typer.Option(help="timm model name")],
-    out: Annotated[Path, typer.Option(help="checkpoint path to write")],
-    epochs: Annotated[int, typer.Option(help="training epochs")] = default_of(FitConfig, "epochs"),
-    subset: Annotated[Optional[int], typer.Option(help="seeded, stratified subset of the train split")]
-    = default_of(FitConfig, "subset"),
-    seed: Annotated[int, typer.Option(help="seed of the initialisation, the subset and the augmentations")]
-    = default_of(FitConfig, "seed"),
-    input_size: Annotated[Optional[int], typer.Option(help="render size (default 32 for small images, 224 "
-                                                           "otherwise)")] = default_of(FitConfig, "input_size"),
-    batch_size: Annotated[int, typer.Option(help="images per optimiser step")] = default_of(FitConfig, "batch_size"),
-    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, cosine schedule after one warm-up "
-                                           "epoch)")] = default_of(FitConfig, "lr"),
+    model: Annotated[str, Declared(FitConfig, "model")],
+    out: Annotated[Path, Declared(FitConfig, "out")],
+    epochs: Annotated[int, Declared(FitConfig, "epochs")] = default_of(FitConfig, "epochs"),
+    subset: Annotated[Optional[int], Declared(FitConfig, "subset")] = default_of(FitConfig, "subset"),
+    seed: Annotated[int, Declared(FitConfig, "seed")] = default_of(FitConfig, "seed"),
+    input_size: Annotated[Optional[int], Declared(FitConfig, "input_size")] = default_of(FitConfig, "input_size"),
+    batch_size: Annotated[int, Declared(FitConfig, "batch_size")] = default_of(FitConfig, "batch_size"),
+    lr: Annotated[float, Declared(FitConfig, "lr")] = default_of(FitConfig, "lr"),
     device: Annotated[str, Device()] = default_of(FitConfig, "device"),
-    on_bad_image: Annotated[OnBadImage, typer.Option(help=ON_BAD_IMAGE_HELP)] = default_of(FitConfig, "on_bad_image"),
-    objective: Annotated[Objective, typer.Option(help="supervised (labels) | ssl (SimCLR two-view NT-Xent, no "
-                                                      "labels; cache it with --teacher-head none)")]
-    = default_of(FitConfig, "objective"),
-    temperature: Annotated[float, typer.Option(help="NT-Xent temperature (ssl)")] = default_of(FitConfig, "temperature"),
-    jitter: Annotated[float, typer.Option(help="SimCLR colour-distortion strength, brightness and contrast (ssl; "
-                                               "0: crops and flips only)")] = default_of(FitConfig, "jitter"),
+    on_bad_image: Annotated[OnBadImage, Declared(FitConfig, "on_bad_image")] = default_of(FitConfig, "on_bad_image"),
+    objective: Annotated[Objective, Declared(FitConfig, "objective")] = default_of(FitConfig, "objective"),
+    temperature: Annotated[float, Declared(FitConfig, "temperature")] = default_of(FitConfig, "temperature"),
+    jitter: Annotated[float, Declared(FitConfig, "jitter")] = default_of(FitConfig, "jitter"),
 ) -> None:
     """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint (Prefect flow)."""
     from flows.fit_teacher import fit_teacher_flow
@@ -212,41 +202,31 @@ def request_default(name: str):  # noqa: ANN201 - any field's type
 @app.command("cache")
 def cache_cmd(
     dataset: Annotated[str, typer.Option(help=DATASET_HELP)],
-    out: Annotated[str, typer.Option(help="cache directory or fsspec URL (s3://bucket/prefix, needs the s3 extra)")],
+    out: Annotated[str, Declared(CacheRequest, "out")],
     teacher: Annotated[Optional[str], typer.Option(help="timm model name of the teacher (default: the model the "
                                                         "--checkpoint names)")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="teacher checkpoint (distillery fit-teacher)")] = None,
+    checkpoint: Annotated[Optional[Path], Declared(CacheRequest, "checkpoint")] = None,
     teacher_head: Annotated[TeacherHead, typer.Option(help="keep: logits too | none: features and statistics "
                                                            "only")] = "keep" if request_default("teacher_head") else "none",
-    views: Annotated[int, typer.Option(help="augmented views per sample, besides the clean view 0")]
-    = request_default("views"),
-    view_seed: Annotated[int, typer.Option(help="seed of the views' augmentations (a view is replayed from seed, "
-                                                "sample id and view id)")] = request_default("view_seed"),
-    logits: Annotated[str, typer.Option(help="dense | topk:K (top K logits + the tail's log-sum-exp)",
-                                        callback=logits_option, metavar="dense|topk:K")] = request_default("logits"),
-    tap: Annotated[str, typer.Option(help="stage for Gaussian stats and feature maps: auto (the deepest whose map "
-                                          "fits the grid) | none | stage name | index", metavar="auto|none|STAGE")]
-    = request_default("tap"),
-    grid: Annotated[int, typer.Option(help="G x G grid of Gaussian cells")] = request_default("grid"),
-    featmaps: Annotated[bool, typer.Option(help="also store the tapped feature maps (large)")]
-    = request_default("featmaps"),
-    lsh_bits: Annotated[int, typer.Option(help="LSH bits per sample (multiple of 8; 0: none) for eLSH and "
-                                               "`distillery neighbors`")] = request_default("lsh_bits"),
-    teacher_tail: Annotated[int, typer.Option(help="save the N teacher stages ending at the tap for ScaleKD's "
-                                                    "tpp=true (needs --featmaps)")] = request_default("teacher_tail"),
-    store: Annotated[Optional[str], typer.Option(help=STORE_HELP)] = request_default("store"),
-    subset: Annotated[Optional[int], typer.Option(help="seeded, stratified subset")] = request_default("subset"),
-    subset_seed: Annotated[int, typer.Option(help="seed of the subset")] = request_default("subset_seed"),
-    split: Annotated[Literal["train", "val"], typer.Option(help="dataset split to cache")] = request_default("split"),
-    shard_size: Annotated[int, typer.Option(help="samples per shard (the unit of work, resume and checksums)")]
-    = request_default("shard_size"),
-    batch_size: Annotated[int, typer.Option(help="images per teacher forward")] = request_default("batch_size"),
-    input_size: Annotated[Optional[int], typer.Option(help="teacher render size (default: the checkpoint's, else "
-                                                           "32 for small images, 224 otherwise)")]
-    = request_default("input_size"),
-    cka_source: Annotated[CkaSource, typer.Option(help=CKA_HELP)] = request_default("cka_source"),
+    views: Annotated[int, Declared(CacheRequest, "views")] = request_default("views"),
+    view_seed: Annotated[int, Declared(CacheRequest, "view_seed")] = request_default("view_seed"),
+    logits: Annotated[str, Declared(CacheRequest, "logits", callback=logits_option, metavar="dense|topk:K")]
+    = request_default("logits"),
+    tap: Annotated[str, Declared(CacheRequest, "tap", metavar="auto|none|STAGE")] = request_default("tap"),
+    grid: Annotated[int, Declared(CacheRequest, "grid")] = request_default("grid"),
+    featmaps: Annotated[bool, Declared(CacheRequest, "featmaps")] = request_default("featmaps"),
+    lsh_bits: Annotated[int, Declared(CacheRequest, "lsh_bits")] = request_default("lsh_bits"),
+    teacher_tail: Annotated[int, Declared(CacheRequest, "teacher_tail")] = request_default("teacher_tail"),
+    store: Annotated[Optional[str], Declared(CacheRequest, "store")] = request_default("store"),
+    subset: Annotated[Optional[int], Declared(CacheRequest, "subset")] = request_default("subset"),
+    subset_seed: Annotated[int, Declared(CacheRequest, "subset_seed")] = request_default("subset_seed"),
+    split: Annotated[Literal["train", "val"], Declared(CacheRequest, "split")] = request_default("split"),
+    shard_size: Annotated[int, Declared(CacheRequest, "shard_size")] = request_default("shard_size"),
+    batch_size: Annotated[int, Declared(CacheRequest, "batch_size")] = request_default("batch_size"),
+    input_size: Annotated[Optional[int], Declared(CacheRequest, "input_size")] = request_default("input_size"),
+    cka_source: Annotated[CkaSource, Declared(CacheRequest, "cka_source")] = request_default("cka_source"),
     device: Annotated[str, Device()] = request_default("device"),
-    on_bad_image: Annotated[OnBadImage, typer.Option(help=ON_BAD_IMAGE_HELP)] = request_default("on_bad_image"),
+    on_bad_image: Annotated[OnBadImage, Declared(CacheRequest, "on_bad_image")] = request_default("on_bad_image"),
     task_runner_spec: Annotated[str, typer.Option("--task-runner", metavar="thread|dask|tcp://HOST:PORT",
                                                   help="where shard tasks run: thread | dask (a local cluster of "
                                                        "--dask-workers processes) | tcp://SCHEDULER:PORT")]
@@ -297,7 +277,8 @@ def checkpoint_model(checkpoint: Optional[Path]) -> str:
 @app.command("stats")
 def stats_cmd(
     cache: Annotated[str, typer.Argument(help="a complete teacher cache")],
-    cka_source: Annotated[CkaSource, typer.Option(help=CKA_HELP)] = default_of(recompute_statistics, "cka_source"),
+    cka_source: Annotated[CkaSource, Declared(CacheRequest, "cka_source")]
+    = default_of(recompute_statistics, "cka_source"),
     lsh_bits: Annotated[Optional[int], typer.Option(help="rebuild LSH planes, codes and index with this many "
                                                          "bits (0: remove them; default: the cache's)")]
     = default_of(recompute_statistics, "lsh_bits"),
@@ -438,24 +419,27 @@ def train_cmd(
                                                             "+ (ce+kd:T=2); repeat: every --student is trained "
                                                             "with every combination")] = None,
     sweep: Annotated[Optional[Path], typer.Option(help="a sweep file (TOML): the train-students parameters of "
-                                                       "deploy/nightly.toml (cache, out, students, a settings table); "
-                                                       "options given here override its settings")] = None,
+                                                       "deploy/nightly.toml (cache, out, students, a [settings] table "
+                                                       "and its [settings.optim]); options given here override its "
+                                                       "settings")] = None,
     out: Annotated[Optional[str], typer.Option(help="run directory or fsspec URL (several runs: one subdirectory "
                                                     "each; default: the --sweep file's)")] = None,
-    epochs: Annotated[int, Setting("epochs")] = default_of(TrainSettings, "epochs"),
-    seed: Annotated[int, Setting("seed")] = default_of(TrainSettings, "seed"),
-    online_teacher: Annotated[bool, Setting("online_teacher")] = default_of(TrainSettings, "online_teacher"),
-    resume: Annotated[bool, Setting("resume")] = default_of(TrainSettings, "resume"),
-    batch_size: Annotated[int, Setting("batch_size")] = default_of(TrainSettings, "batch_size"),
-    optimizer: Annotated[Optimizer, Setting("optimizer")] = default_of(TrainSettings, "optimizer"),
-    lr: Annotated[float, Setting("lr")] = default_of(TrainSettings, "lr"),
-    weight_decay: Annotated[float, Setting("weight_decay")] = default_of(TrainSettings, "weight_decay"),
-    warmup_epochs: Annotated[float, Setting("warmup_epochs")] = default_of(TrainSettings, "warmup_epochs"),
-    clip_grad: Annotated[Optional[float], Setting("clip_grad")] = default_of(TrainSettings, "clip_grad"),
-    input_size: Annotated[Optional[int], Setting("input_size")] = default_of(TrainSettings, "input_size"),
-    workers: Annotated[int, Setting("workers")] = default_of(TrainSettings, "workers"),
-    device: Annotated[str, Device()] = default_of(TrainSettings, "device"),
-    on_bad_image: Annotated[OnBadImage, Setting("on_bad_image")] = default_of(TrainSettings, "on_bad_image"),
+    epochs: Annotated[int, Declared(RunSettings, "epochs")] = default_of(RunSettings, "epochs"),
+    seed: Annotated[int, Declared(RunSettings, "seed")] = default_of(RunSettings, "seed"),
+    online_teacher: Annotated[bool, Declared(RunSettings, "online_teacher")]
+    = default_of(RunSettings, "online_teacher"),
+    resume: Annotated[bool, Declared(RunSettings, "resume")] = default_of(RunSettings, "resume"),
+    batch_size: Annotated[int, Declared(RunSettings, "batch_size")] = default_of(RunSettings, "batch_size"),
+    optimizer: Annotated[Optimizer, Declared(OptimConfig, "optimizer")] = default_of(OptimConfig, "optimizer"),
+    lr: Annotated[float, Declared(OptimConfig, "lr")] = default_of(OptimConfig, "lr"),
+    weight_decay: Annotated[float, Declared(OptimConfig, "weight_decay")] = default_of(OptimConfig, "weight_decay"),
+    warmup_epochs: Annotated[float, Declared(OptimConfig, "warmup_epochs")] = default_of(OptimConfig, "warmup_epochs"),
+    clip_grad: Annotated[Optional[float], Declared(OptimConfig, "clip_grad")] = default_of(OptimConfig, "clip_grad"),
+    input_size: Annotated[Optional[int], Declared(RunSettings, "input_size")] = default_of(RunSettings, "input_size"),
+    workers: Annotated[int, Declared(RunSettings, "workers")] = default_of(RunSettings, "workers"),
+    device: Annotated[str, Device()] = default_of(RunSettings, "device"),
+    on_bad_image: Annotated[OnBadImage, Declared(RunSettings, "on_bad_image")]
+    = default_of(RunSettings, "on_bad_image"),
     allow_untrained_classifier: Annotated[bool, typer.Option(help="train a method combination that leaves the "
                                                                   "classifier untrained (refused otherwise)")] = False,
     nproc: Annotated[int, typer.Option(help="train each student with this many DDP processes (torchrun on this "
@@ -464,25 +448,23 @@ def train_cmd(
     """Train students from a teacher cache (Prefect flow; under torchrun or with --nproc N, DDP without the flow):
     every --student with every method combination (or a --sweep file's), in one flow run; prints a comparison
     table."""
-    from flows.params import Student, SweepFile
+    from flows.params import SweepFile
     from flows.train_students import plan_sweep, train_students
     from pipeline.cache.reader import TeacherCache
     from pipeline.object_store import is_url
     from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
-    from pipeline.train.config import TrainError
+    from pipeline.train.config import StudentSpec, TrainError
     from pipeline.train.ddp import under_torchrun
 
     plan = SweepFile.load(sweep) if sweep is not None else SweepFile()
-    # A --sweep file's settings, overridden by the settings options given on this command line.
-    options = {name: value for name, value in ctx.params.items() if name in TrainSettings.model_fields}
-    given = {name: value for name, value in options.items() if ctx.get_parameter_source(name).name == "COMMANDLINE"}
-    values = {**plan.settings.model_dump(), **given} if sweep is not None else options
-    TrainSettings.model_construct(**values).run_settings()  # the library's one-line checks come first
-    params = TrainSettings(**values)
+    # A --sweep file's settings (the defaults without one), overridden by the settings options given here.
+    settings = plan.settings.with_options(**{
+        name: value for name, value in ctx.params.items()
+        if name in RunSettings.option_names() and ctx.get_parameter_source(name).name == "COMMANDLINE"})
     combinations = ([list(method)] if method else []) + [combination(c) for c in combo or []]
     if student and not combinations:
         raise TrainError(f"student {student[0]} has no --method; give at least one, e.g. --method ce")
-    students = plan.students + [Student(student=name, methods=m) for name in student or [] for m in combinations]
+    students = plan.students + [StudentSpec(student=name, methods=m) for name in student or [] for m in combinations]
     cache = cache or plan.cache
     out = out or plan.out
     out = out if out is None or is_url(out) else str(Path(out))  # a local path normalised, as a Path option did
@@ -490,11 +472,11 @@ def train_cmd(
         raise TrainError(f"give --{'cache' if cache is None else 'out'} (or a --sweep file that sets it)")
     if not students:
         raise TrainError("no student given; pass --student TIMM_NAME --method ce (or a --sweep file with students)")
-    warn(untrained_classifier([s.spec() for s in students], allow_untrained_classifier))
+    warn(untrained_classifier(students, allow_untrained_classifier))
     if nproc != 1 or under_torchrun():
-        train_distributed(str(cache), [s.spec() for s in students], str(out), params.run_settings(), nproc)
+        train_distributed(str(cache), students, str(out), settings, nproc)
         return
-    configs = plan_sweep(str(cache), students, str(out), params)  # bad input is one line here, not a failed run
+    configs = plan_sweep(str(cache), students, str(out), settings)  # bad input is one line here, not a failed run
     done = {c.out: completed_run(c) for c in configs}
     for run_dir, summary in done.items():
         if summary is not None:
@@ -503,11 +485,11 @@ def train_cmd(
     if all(done.values()):
         print_students(f"students trained from {cache} (already complete)", list(done.values()))
         return
-    if any(s.spec().methods != ("ce",) for s in students):  # ce alone never reads the teacher's targets
+    if any(spec.needs for s in students for spec in s.methods):  # ce never reads the teacher's targets
         warn(teacher_near_chance(TeacherCache(cache)))
     start_temporary_server()
     with show_progress():
-        summaries = train_students(str(cache), students, str(out), params, sweep=plan.sweep,
+        summaries = train_students(str(cache), students, str(out), settings, sweep=plan.sweep,
                                    task_timeout=plan.task_timeout, checked=True)
     print_students(f"students trained from {cache}", summaries)
     report_skipped("the val split", summaries[0].val_skipped_images or [])
@@ -520,14 +502,14 @@ def methods_cmd(
     """List the distillation methods: what each needs from the cache (and the `distillery cache` option that adds
     it), whether it trains the classifier, and its options with their defaults and meaning."""
     from pipeline.cache.targets import TARGETS
-    from pipeline.methods import resolve_method_spec
+    from pipeline.methods import method_class
 
     table = Table(title="methods: compose with --method NAME[:key=value,...] (README, 'Methods')", title_justify="left",
                   show_lines=True)
     for column in ("method", "needs from the cache (cache option)", "trains classifier", "options (default: meaning)"):
         table.add_column(column)
     for method in [name] if name else list_methods():
-        cls, _ = resolve_method_spec(method)  # an unknown name is one line listing the known ones
+        cls = method_class(method)  # an unknown name is one line listing the known ones
         summary = re.split(r"(?<=\.)\s", " ".join((cls.__doc__ or "").split()).replace("``", ""))[0]  # 1st sentence
         needs = "\n".join(f"{TARGETS[t].description} ({TARGETS[t].cache_option})" for t in sorted(cls.needs)) or "-"
         helps = cls.option_help()
@@ -772,8 +754,6 @@ def main() -> None:
     # typer vendors click as typer._click; its usage errors would otherwise be a multi-line panel.
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
-    from pydantic import ValidationError
-
     from pipeline.errors import DistilleryError
 
     try:
@@ -782,9 +762,6 @@ def main() -> None:
         app()  # the normal help screen, as `distillery` alone always printed
     except DistilleryError as e:
         fail(str(e))
-    except ValidationError as e:  # a parameter model's own range check (e.g. TrainSettings)
-        err = e.errors()[0]
-        fail(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}")
     except ClickException as e:  # an option typer cannot parse (`--views x`), an unknown command or option
         ctx = getattr(e, "ctx", None)
         # typer checks a Literal choice through pydantic, whose message starts "Value error, ".
