@@ -12,12 +12,12 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.cache_teacher import cache_teacher
-from flows.params import Student, TrainSettings
 from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
 from flows.train_students import train_students
 from pipeline.lab.experiments import (DEFAULT_ROOT, ExperimentResult, ExperimentTeacher, get_experiment, result_rows,
                                   results_markdown, reusable_teacher)
 from pipeline.teacher.checkpoint import TeacherCheckpoint
+from pipeline.train.config import StudentSpec
 from pipeline.train.fit import fit_teacher
 from pipeline.train.summary import TrainSummary
 
@@ -65,9 +65,8 @@ def run_experiment(name: str, seeds: list[int], root: str = str(DEFAULT_ROOT),
         for label, methods in experiment.rows.items():
             run = experiment.run_dir(Path(root), label, seed)
             # One flow run per student keeps each run directory named by its row, not by its slug.
-            [summary] = train_students(cached.cache, [Student(student=experiment.student, methods=list(methods))],
-                                       str(run), TrainSettings.of(experiment.run_settings(seed, run)),
-                                       sweep=f"{name}-{label}")
+            [summary] = train_students(cached.cache, [StudentSpec(student=experiment.student, methods=methods)],
+                                       str(run), experiment.run_settings(seed, run), sweep=f"{name}-{label}")
             summaries[label].append(summary)
     rows = result_rows(experiment, summaries)
     publish_results(name, seeds, f"{experiment.description}\n\n{results_markdown(rows)}")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from flows.params import Student, SweepFile, TrainSettings
+from flows.params import SweepFile
 from pipeline.object_store import is_url
-from pipeline.train.config import TrainError
+from pipeline.train.config import RunSettings, StudentSpec, TrainError
 from pipeline.train.summary import TrainSummary
 
 
@@ -32,26 +32,24 @@ class TrainPlan:
 
     cache: str
     out: str
-    students: list[Student]
-    settings: TrainSettings
+    students: list[StudentSpec]
+    settings: RunSettings
     sweep: Optional[str] = None
     task_timeout: Optional[float] = None
 
 
 def train_plan(sweep: Optional[Path], cache: Optional[str], out: Optional[str], students: list[str],
-               methods: list[str], combos: list[str], settings: dict[str, Any], given: set[str]) -> TrainPlan:
-    """The plan of `distillery train`: the `sweep` file's (if any) students, settings, cache and out; `settings`
-    (every settings option's value) named in `given` (typed on the command line) override the file's settings;
-    every one of `students` is trained with `methods` (one combination) and each of `combos`."""
+               methods: list[str], combos: list[str], options: dict[str, Any]) -> TrainPlan:
+    """The plan of `distillery train`: the `sweep` file's (if any) students, settings, cache and out; `options`
+    (the settings typed on the command line, named as `RunSettings.option_names` lists them) override the
+    file's settings (the defaults without a file); every one of `students` is trained with `methods` (one
+    combination) and with each of `combos`."""
     plan = SweepFile.load(sweep) if sweep is not None else SweepFile()
-    if sweep is not None:
-        settings = {**plan.settings.model_dump(), **{name: settings[name] for name in given}}
-    TrainSettings.model_construct(**settings).run_settings()  # the library's one-line checks come first
-    params = TrainSettings(**settings)
+    settings = plan.settings.with_options(**options)
     combinations = ([list(methods)] if methods else []) + [combination(c) for c in combos]
     if students and not combinations:
         raise TrainError(f"student {students[0]} has no --method; give at least one, e.g. --method ce")
-    planned = plan.students + [Student(student=name, methods=m) for name in students for m in combinations]
+    planned = plan.students + [StudentSpec(student=name, methods=m) for name in students for m in combinations]
     cache = cache or plan.cache
     out = out or plan.out
     out = out if out is None or is_url(out) else str(Path(out))  # a local path normalised, as a Path option did
@@ -59,7 +57,7 @@ def train_plan(sweep: Optional[Path], cache: Optional[str], out: Optional[str], 
         raise TrainError(f"give --{'cache' if cache is None else 'out'} (or a --sweep file that sets it)")
     if not planned:
         raise TrainError("no student given; pass --student TIMM_NAME --method ce (or a --sweep file with students)")
-    return TrainPlan(cache=str(cache), out=out, students=planned, settings=params, sweep=plan.sweep,
+    return TrainPlan(cache=str(cache), out=out, students=planned, settings=settings, sweep=plan.sweep,
                      task_timeout=plan.task_timeout)
 
 
@@ -79,7 +77,7 @@ def train_distributed(plan: TrainPlan, nproc: int,
     if under_torchrun() and nproc not in (1, world.size):
         raise TrainError(f"--nproc {nproc} under torchrun, whose world size is {world.size}: leave --nproc out "
                          f"(torchrun's --nproc-per-node decides)")
-    configs = plan_runs(plan.cache, [s.spec() for s in plan.students], plan.out, plan.settings.run_settings())
+    configs = plan_runs(plan.cache, plan.students, plan.out, plan.settings)
     check_runs(configs, world.size if under_torchrun() else nproc)  # bad input is one line, before any process starts
     if under_torchrun():
         with display() if world.is_main else nullcontext():

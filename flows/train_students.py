@@ -13,10 +13,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import PositiveFloat
 
-from flows.params import Student, TrainSettings
 from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
 from pipeline.cache.reader import TeacherCache
-from pipeline.train.config import TrainConfig, plan_runs
+from pipeline.train.config import RunSettings, StudentSpec, TrainConfig, plan_runs
 from pipeline.train.loop import check_runs, train_student
 from pipeline.train.summary import TrainSummary
 
@@ -29,7 +28,7 @@ COMPARISON_COLUMNS = ("student", "methods", "val_accuracy", "train_seconds", "me
 def train_task(config: TrainConfig) -> TrainSummary:
     summary = train_student(config)
     get_run_logger().info("%s [%s]: val accuracy %.4f after %d epochs (%.1f s); run directory %s", config.student,
-                          "+".join(config.methods), summary.val_accuracy, summary.epochs,
+                          "+".join(map(str, config.methods)), summary.val_accuracy, summary.epochs,
                           summary.train_seconds, config.out)
     return summary
 
@@ -53,17 +52,17 @@ def publish_comparison(cache: str, sweep: Optional[str], out: str, summaries: li
                           description=f"Students trained from {cache} into {out}")
 
 
-def plan_sweep(cache: str, students: list[Student], out: str, settings: TrainSettings,
+def plan_sweep(cache: str, students: list[StudentSpec], out: str, settings: RunSettings,
                check: bool = True) -> list[TrainConfig]:
     """One `TrainConfig` per student, checked (`check`): bad input fails here, before any student trains."""
-    configs = plan_runs(cache, [s.spec() for s in students], out, settings.run_settings())
+    configs = plan_runs(cache, students, out, settings)
     if check:
         check_runs(configs)
     return configs
 
 
 @flow(name="train-students", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
-def train_students(cache: str, students: list[Student], out: str, settings: TrainSettings = TrainSettings(),
+def train_students(cache: str, students: list[StudentSpec], out: str, settings: RunSettings = RunSettings(),
                    sweep: Optional[str] = None, task_timeout: Optional[PositiveFloat] = None,
                    checked: bool = False) -> list[TrainSummary]:
     """Train every student of `students` from `cache`, one run directory each, one at a time (on CPU one
@@ -74,7 +73,7 @@ def train_students(cache: str, students: list[Student], out: str, settings: Trai
         students: the sweep: timm student and methods per entry
         out: run directory; several students get one subdirectory each. May hold {date}, {time},
             {flow_run_name}, {flow_run_id}, filled per flow run, so scheduled runs never collide.
-        settings: training settings shared by every student
+        settings: training settings shared by every student (the optimiser's under `optim`)
         sweep: the sweep's name, the key of its comparison artifact (default: from the cache's identity)
         task_timeout: fail a student's task that runs longer than this many seconds (default: no bound)
         checked: the caller already ran `plan_sweep` on these parameters (the CLI does, before Prefect

@@ -1,7 +1,12 @@
-"""Checks on user options shared by every command's config: ranges, devices and output locations.
+"""User options: how a config declares one, and the checks shared by every command (ranges, choices, devices,
+output locations).
 
-Each check raises :class:`OptionError`, one line naming the option, the value and what is allowed, so a
-bad option stops a command before any work starts and before anything is written (README, "Command line").
+An option is declared once, where its config declares it, with its range and meaning beside its default:
+``batch_size: Annotated[int, Range(ge=1), Help("samples per optimiser step")] = 64`` (a method's option the
+same way, as an ``__init__`` keyword). The CLI and the Prefect flows read the default (`default_of`) and the
+help (`help_of`) from there; :class:`Config` checks the range. Each check raises :class:`OptionError`, one line
+naming the option, the value and what is allowed, so a bad option stops a command before any work starts and
+before anything is written (docs/guide.md#option-checks).
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from pipeline.errors import DistilleryError
 
@@ -53,13 +59,36 @@ class Range:
         if value is not None and not self.contains(value):
             raise error(f"{name} must be {self.describe()}, not {value}")
 
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        # A config field's bounds in its JSON schema: the Prefect UI's parameter form shows and checks them.
+        schema = handler(core_schema)
+        bounds = {"exclusiveMinimum": self.gt, "minimum": self.ge, "exclusiveMaximum": self.lt, "maximum": self.le}
+        return {**schema, **{key: bound for key, bound in bounds.items() if bound is not None}}
+
 
 @dataclass(frozen=True)
 class Help:
     """What an option means, declared next to it: ``T: Annotated[float, Range(gt=0), Help("temperature")] = 4.0``
-    (`distillery methods` prints it beside the option's default)."""
+    (`distillery methods` prints it beside the option's default; a config field's is its CLI option's help and
+    its flow parameter's description in the Prefect UI)."""
 
     text: str
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        return {**handler(core_schema), "description": self.text}
+
+
+_D = TypeVar("_D", Range, Help)
+
+
+def declared(annotation: Any, kind: type[_D]) -> _D | None:
+    """The ``kind`` marker of an ``Annotated[...]`` annotation, or of a pydantic field's metadata (a list);
+    None without one."""
+    if isinstance(annotation, list):
+        markers: Iterable[Any] = annotation
+    else:
+        markers = get_args(annotation)[1:] if get_origin(annotation) is Annotated else ()
+    return next((m for m in markers if isinstance(m, kind)), None)
 
 
 def default_of(config: Any, name: str) -> Any:
@@ -70,12 +99,29 @@ def default_of(config: Any, name: str) -> Any:
     return inspect.signature(config).parameters[name].default
 
 
+def help_of(config: type[BaseModel], name: str) -> str:
+    """What option ``name`` of ``config`` means (its ``Help``): a command-line option's help, so no help text is
+    stated twice. A field without one is a declaration mistake (TypeError, when the CLI is imported)."""
+    found = declared(config.model_fields[name].metadata, Help)
+    if found is None:
+        raise TypeError(f"{config.__name__}.{name} needs its meaning declared next to it: Annotated[..., Help('...')]")
+    return found.text
+
+
+def _choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The values a ``Literal[...]`` field allows (None: not a choice)."""
+    return get_args(annotation) if get_origin(annotation) is Literal else None
+
+
 class Config(BaseModel):
     """Base of the library's configs: built by keyword, immutable, unknown keys refused, and a bad value is the
     one line of a :class:`DistilleryError` (`one_line_error`), never pydantic's multi-line report.
 
-    A subclass checks what a field's type cannot say (ranges, choices) in a ``model_validator`` that raises its
-    own ``DistilleryError``; a nested config (a dict from config.json) is checked the same way.
+    A field declares what it allows in its type: a choice as ``Literal[...]``, a numeric range as ``Range`` in
+    ``Annotated[...]`` (with its ``Help``); this base refuses a value outside either in one line naming the
+    option (``--batch-size must be >= 1, not 0``). A subclass checks what no field can say alone in a
+    ``model_validator`` that raises its own ``DistilleryError``; a nested config (a dict from config.json) is
+    checked the same way.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -86,22 +132,41 @@ class Config(BaseModel):
         except ValidationError as e:
             raise one_line_error(e) from None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _declared_choices(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                allowed = _choices(field.annotation)
+                if allowed is not None and name in data and data[name] not in allowed:
+                    raise OptionError(f"{option_name(name)} must be one of {', '.join(map(str, allowed))}, "
+                                      f"not {data[name]!r}")
+        return data
 
-def check_ranges(values: dict[str, float | None], ranges: dict[str, Range], prefix: str = "--") -> None:
-    """Check each named value against its range; names become option spellings (``batch_size`` -> ``--batch-size``)."""
-    for name, allowed in ranges.items():
-        allowed.check(prefix + name.replace("_", "-"), values[name])
+    @model_validator(mode="after")
+    def _declared_ranges(self) -> Config:
+        for name, field in type(self).model_fields.items():
+            allowed = declared(field.metadata, Range)
+            if allowed is not None:
+                allowed.check(option_name(name), getattr(self, name))
+        return self
+
+
+def option_name(field: str) -> str:
+    """A config field's command-line spelling: ``batch_size`` -> ``--batch-size``."""
+    return "--" + field.replace("_", "-")
 
 
 def one_line_error(error: ValidationError) -> DistilleryError:
     """A pydantic config's first validation error as the one line a user sees: a :class:`DistilleryError`
-    raised by one of its validators as it was, a type error as ``--option: what pydantic says``."""
+    raised by one of its validators as it was, a type error as ``--option: what pydantic says`` (the option
+    named by its field, a nested config's too: ``--lr``, not ``--optim-lr``)."""
     first = error.errors()[0]
     original = first.get("ctx", {}).get("error")
     if isinstance(original, DistilleryError):
         return original
-    option = "--" + "-".join(str(part) for part in first["loc"]).replace("_", "-")
-    return OptionError(f"{option}: {first['msg'].lower()}, not {first.get('input')!r}")
+    field = next((str(part) for part in reversed(first["loc"]) if isinstance(part, str)), "value")
+    return OptionError(f"{option_name(field)}: {first['msg'].lower()}, not {first.get('input')!r}")
 
 
 def check_device(device: str) -> None:

@@ -20,7 +20,7 @@ from pipeline.cache.reader import TeacherCache
 from pipeline.cache.summary import teacher_accuracy_per_view
 from pipeline.data.datasets import load_dataset
 from pipeline.errors import DistilleryError
-from pipeline.methods import list_methods, resolve_method_spec
+from pipeline.methods import list_methods, method_class
 from pipeline.object_store import location
 from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.train.config import StudentSpec, TrainConfig
@@ -82,12 +82,11 @@ def untrained_classifier(students: list[StudentSpec], allow: bool = False) -> st
     methods whose loss reaches the logits train it; ``tcs`` alone trains its coordinates, never its classifier).
     With ``allow`` (training features alone on purpose) a warning line instead."""
     for student in students:
-        resolved = [resolve_method_spec(spec) for spec in student.methods]
-        if any(cls.trains_classifier(options) for cls, options in resolved):
+        if any(spec.trains_classifier for spec in student.methods):
             continue
-        trainers = [name for name in list_methods() if resolve_method_spec(name)[0].trains_classifier({})]
-        message = (f"{student.student} with {'+'.join(student.methods)}: no method trains the classifier (only "
-                   f"{', '.join(trainers)} do), so it would stay at chance")
+        trainers = [name for name in list_methods() if method_class(name).trains_classifier({})]
+        message = (f"{student.student} with {'+'.join(map(str, student.methods))}: no method trains the classifier "
+                   f"(only {', '.join(trainers)} do), so it would stay at chance")
         if allow:
             return message
         raise PreflightError(f"{message}; add --method ce (or compose one of them), or pass "

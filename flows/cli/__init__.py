@@ -55,8 +55,6 @@ def main() -> None:
     # typer vendors click as typer._click; its usage errors would otherwise be a multi-line panel.
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
-    from pydantic import ValidationError
-
     from pipeline.errors import DistilleryError, one_line
 
     try:
@@ -65,9 +63,6 @@ def main() -> None:
         sys.exit(2)
     except DistilleryError as e:  # raised here or in a DataLoader worker (whose traceback torch folds into it)
         fail(one_line(e))
-    except ValidationError as e:  # a parameter model's own range check (e.g. TrainSettings)
-        err = e.errors()[0]
-        fail(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}")
     except ClickException as e:  # an option typer cannot parse (`--views x`), an unknown command or option
         ctx = getattr(e, "ctx", None)
         # typer checks a Literal choice through pydantic, whose message starts "Value error, ".

@@ -10,11 +10,12 @@ from rich.table import Table
 from rich.text import Text
 
 from flows.cli.display import console, print_table, report_skipped, show_progress, warn
-from flows.cli.options import Device, OnBadImage
-from flows.params import TrainSettings
+from flows.cli.options import Declared, Device, OnBadImage
 from flows.server import start_temporary_server
 from pipeline.methods import list_methods
 from pipeline.options import default_of
+from pipeline.train.config import RunSettings
+from pipeline.train.optim import OptimConfig
 from pipeline.train.runs import GROUPINGS, compare_runs
 
 if TYPE_CHECKING:
@@ -22,15 +23,10 @@ if TYPE_CHECKING:
 
 group = typer.Typer()
 
-Optimizer = TrainSettings.model_fields["optimizer"].annotation
+Optimizer = OptimConfig.model_fields["optimizer"].annotation
 Grouping = Literal[GROUPINGS]
 METHOD_HELP = (f"method spec NAME[:key=value,...]; repeat to compose one combination; NAME one of "
                f"{', '.join(list_methods())} (`distillery methods` lists their options)")
-
-
-def Setting(name: str, *decls: str, **kwargs) -> typer.models.OptionInfo:  # noqa: N802
-    """A `train` option whose help is the `TrainSettings` field's description (declared once, shown by Prefect too)."""
-    return typer.Option(*decls, help=TrainSettings.model_fields[name].description, **kwargs)
 
 
 @group.command("train")
@@ -45,24 +41,27 @@ def train_cmd(
                                                             "+ (ce+kd:T=2); repeat: every --student is trained "
                                                             "with every combination")] = None,
     sweep: Annotated[Optional[Path], typer.Option(help="a sweep file (TOML): the train-students parameters of "
-                                                       "deploy/nightly.toml (cache, out, students, a settings table); "
-                                                       "options given here override its settings")] = None,
+                                                       "deploy/nightly.toml (cache, out, students, a [settings] table "
+                                                       "and its [settings.optim]); options given here override its "
+                                                       "settings")] = None,
     out: Annotated[Optional[str], typer.Option(help="run directory or fsspec URL (several runs: one subdirectory "
                                                     "each; default: the --sweep file's)")] = None,
-    epochs: Annotated[int, Setting("epochs")] = default_of(TrainSettings, "epochs"),
-    seed: Annotated[int, Setting("seed")] = default_of(TrainSettings, "seed"),
-    online_teacher: Annotated[bool, Setting("online_teacher")] = default_of(TrainSettings, "online_teacher"),
-    resume: Annotated[bool, Setting("resume")] = default_of(TrainSettings, "resume"),
-    batch_size: Annotated[int, Setting("batch_size")] = default_of(TrainSettings, "batch_size"),
-    optimizer: Annotated[Optimizer, Setting("optimizer")] = default_of(TrainSettings, "optimizer"),
-    lr: Annotated[float, Setting("lr")] = default_of(TrainSettings, "lr"),
-    weight_decay: Annotated[float, Setting("weight_decay")] = default_of(TrainSettings, "weight_decay"),
-    warmup_epochs: Annotated[float, Setting("warmup_epochs")] = default_of(TrainSettings, "warmup_epochs"),
-    clip_grad: Annotated[Optional[float], Setting("clip_grad")] = default_of(TrainSettings, "clip_grad"),
-    input_size: Annotated[Optional[int], Setting("input_size")] = default_of(TrainSettings, "input_size"),
-    workers: Annotated[int, Setting("workers")] = default_of(TrainSettings, "workers"),
-    device: Annotated[str, Device()] = default_of(TrainSettings, "device"),
-    on_bad_image: Annotated[OnBadImage, Setting("on_bad_image")] = default_of(TrainSettings, "on_bad_image"),
+    epochs: Annotated[int, Declared(RunSettings, "epochs")] = default_of(RunSettings, "epochs"),
+    seed: Annotated[int, Declared(RunSettings, "seed")] = default_of(RunSettings, "seed"),
+    online_teacher: Annotated[bool, Declared(RunSettings, "online_teacher")]
+    = default_of(RunSettings, "online_teacher"),
+    resume: Annotated[bool, Declared(RunSettings, "resume")] = default_of(RunSettings, "resume"),
+    batch_size: Annotated[int, Declared(RunSettings, "batch_size")] = default_of(RunSettings, "batch_size"),
+    optimizer: Annotated[Optimizer, Declared(OptimConfig, "optimizer")] = default_of(OptimConfig, "optimizer"),
+    lr: Annotated[float, Declared(OptimConfig, "lr")] = default_of(OptimConfig, "lr"),
+    weight_decay: Annotated[float, Declared(OptimConfig, "weight_decay")] = default_of(OptimConfig, "weight_decay"),
+    warmup_epochs: Annotated[float, Declared(OptimConfig, "warmup_epochs")] = default_of(OptimConfig, "warmup_epochs"),
+    clip_grad: Annotated[Optional[float], Declared(OptimConfig, "clip_grad")] = default_of(OptimConfig, "clip_grad"),
+    input_size: Annotated[Optional[int], Declared(RunSettings, "input_size")] = default_of(RunSettings, "input_size"),
+    workers: Annotated[int, Declared(RunSettings, "workers")] = default_of(RunSettings, "workers"),
+    device: Annotated[str, Device()] = default_of(RunSettings, "device"),
+    on_bad_image: Annotated[OnBadImage, Declared(RunSettings, "on_bad_image")]
+    = default_of(RunSettings, "on_bad_image"),
     allow_untrained_classifier: Annotated[bool, typer.Option(help="train a method combination that leaves the "
                                                                   "classifier untrained (refused otherwise)")] = False,
     nproc: Annotated[int, typer.Option(help="train each student with this many DDP processes (torchrun on this "
@@ -77,10 +76,10 @@ def train_cmd(
     from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
     from pipeline.train.ddp import under_torchrun
 
-    settings = {name: value for name, value in ctx.params.items() if name in TrainSettings.model_fields}
-    given = {name for name in settings if ctx.get_parameter_source(name).name == "COMMANDLINE"}
-    plan = train_plan(sweep, cache, out, student or [], method or [], combo or [], settings, given)
-    warn(untrained_classifier([s.spec() for s in plan.students], allow_untrained_classifier))
+    given = {name: value for name, value in ctx.params.items()
+             if name in RunSettings.option_names() and ctx.get_parameter_source(name).name == "COMMANDLINE"}
+    plan = train_plan(sweep, cache, out, student or [], method or [], combo or [], given)
+    warn(untrained_classifier(plan.students, allow_untrained_classifier))
     if nproc != 1 or under_torchrun():
         summaries = train_distributed(plan, nproc, show_progress)
         if summaries is not None:
@@ -96,7 +95,7 @@ def train_cmd(
     if all(done.values()):
         print_students(f"students trained from {plan.cache} (already complete)", list(done.values()))
         return
-    if any(s.spec().methods != ("ce",) for s in plan.students):  # ce alone never reads the teacher's targets
+    if any(spec.needs for s in plan.students for spec in s.methods):  # ce never reads the teacher's targets
         warn(teacher_near_chance(TeacherCache(plan.cache)))
     start_temporary_server()
     with show_progress():
@@ -113,14 +112,14 @@ def methods_cmd(
     """List the distillation methods: what each needs from the cache (and the `distillery cache` option that adds
     it), whether it trains the classifier, and its options with their defaults and meaning."""
     from pipeline.cache.targets import TARGETS
-    from pipeline.methods import resolve_method_spec
+    from pipeline.methods import method_class
 
     table = Table(title="methods: compose with --method NAME[:key=value,...] (README, 'Methods')", title_justify="left",
                   show_lines=True)
     for column in ("method", "needs from the cache (cache option)", "trains classifier", "options (default: meaning)"):
         table.add_column(column)
     for method in [name] if name else list_methods():
-        cls, _ = resolve_method_spec(method)  # an unknown name is one line listing the known ones
+        cls = method_class(method)  # an unknown name is one line listing the known ones
         summary = re.split(r"(?<=\.)\s", " ".join((cls.__doc__ or "").split()).replace("``", ""))[0]  # 1st sentence
         needs = "\n".join(f"{TARGETS[t].description} ({TARGETS[t].cache_option})" for t in sorted(cls.needs)) or "-"
         helps = cls.option_help()

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from flows.cli.display import console, print_table, report_skipped, show_progress, warn
-from flows.cli.options import CKA_HELP, DATASET_HELP, ON_BAD_IMAGE_HELP, CkaSource, Device, OnBadImage
+from flows.cli.options import DATASET_HELP, CkaSource, Declared, Device, OnBadImage
 from flows.server import start_temporary_server
 from pipeline.cache.neighbors import lsh_neighbors
 from pipeline.cache.statistics import recompute_statistics
@@ -23,8 +23,6 @@ group = typer.Typer()
 
 Objective = Literal[OBJECTIVES]
 TeacherHead = Literal["keep", "none"]
-STORE_HELP = ("per-sample targets kept, comma-separated from logits,pooled,gaussian,featmaps (default: every one the "
-              "other options produce); statistics need their rows: no pooled, no PCA, class means or LSH")
 
 
 def logits_option(value: str) -> str:
@@ -37,26 +35,19 @@ def logits_option(value: str) -> str:
 @group.command("fit-teacher")
 def fit_teacher_cmd(
     dataset: Annotated[str, typer.Option(help=DATASET_HELP)],
-    model: Annotated[str, typer.Option(help="timm model name")],
-    out: Annotated[Path, typer.Option(help="checkpoint path to write")],
-    epochs: Annotated[int, typer.Option(help="training epochs")] = default_of(FitConfig, "epochs"),
-    subset: Annotated[Optional[int], typer.Option(help="seeded, stratified subset of the train split")]
-    = default_of(FitConfig, "subset"),
-    seed: Annotated[int, typer.Option(help="seed of the initialisation, the subset and the augmentations")]
-    = default_of(FitConfig, "seed"),
-    input_size: Annotated[Optional[int], typer.Option(help="render size (default 32 for small images, 224 "
-                                                           "otherwise)")] = default_of(FitConfig, "input_size"),
-    batch_size: Annotated[int, typer.Option(help="images per optimiser step")] = default_of(FitConfig, "batch_size"),
-    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, cosine schedule after one warm-up "
-                                           "epoch)")] = default_of(FitConfig, "lr"),
+    model: Annotated[str, Declared(FitConfig, "model")],
+    out: Annotated[Path, Declared(FitConfig, "out")],
+    epochs: Annotated[int, Declared(FitConfig, "epochs")] = default_of(FitConfig, "epochs"),
+    subset: Annotated[Optional[int], Declared(FitConfig, "subset")] = default_of(FitConfig, "subset"),
+    seed: Annotated[int, Declared(FitConfig, "seed")] = default_of(FitConfig, "seed"),
+    input_size: Annotated[Optional[int], Declared(FitConfig, "input_size")] = default_of(FitConfig, "input_size"),
+    batch_size: Annotated[int, Declared(FitConfig, "batch_size")] = default_of(FitConfig, "batch_size"),
+    lr: Annotated[float, Declared(FitConfig, "lr")] = default_of(FitConfig, "lr"),
     device: Annotated[str, Device()] = default_of(FitConfig, "device"),
-    on_bad_image: Annotated[OnBadImage, typer.Option(help=ON_BAD_IMAGE_HELP)] = default_of(FitConfig, "on_bad_image"),
-    objective: Annotated[Objective, typer.Option(help="supervised (labels) | ssl (SimCLR two-view NT-Xent, no "
-                                                      "labels; cache it with --teacher-head none)")]
-    = default_of(FitConfig, "objective"),
-    temperature: Annotated[float, typer.Option(help="NT-Xent temperature (ssl)")] = default_of(FitConfig, "temperature"),
-    jitter: Annotated[float, typer.Option(help="SimCLR colour-distortion strength, brightness and contrast (ssl; "
-                                               "0: crops and flips only)")] = default_of(FitConfig, "jitter"),
+    on_bad_image: Annotated[OnBadImage, Declared(FitConfig, "on_bad_image")] = default_of(FitConfig, "on_bad_image"),
+    objective: Annotated[Objective, Declared(FitConfig, "objective")] = default_of(FitConfig, "objective"),
+    temperature: Annotated[float, Declared(FitConfig, "temperature")] = default_of(FitConfig, "temperature"),
+    jitter: Annotated[float, Declared(FitConfig, "jitter")] = default_of(FitConfig, "jitter"),
 ) -> None:
     """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint (Prefect flow)."""
     from flows.fit_teacher import fit_teacher_flow
@@ -82,41 +73,31 @@ def request_default(name: str):  # noqa: ANN201 - any field's type
 @group.command("cache")
 def cache_cmd(
     dataset: Annotated[str, typer.Option(help=DATASET_HELP)],
-    out: Annotated[str, typer.Option(help="cache directory or fsspec URL (s3://bucket/prefix, needs the s3 extra)")],
+    out: Annotated[str, Declared(CacheRequest, "out")],
     teacher: Annotated[Optional[str], typer.Option(help="timm model name of the teacher (default: the model the "
                                                         "--checkpoint names)")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="teacher checkpoint (distillery fit-teacher)")] = None,
+    checkpoint: Annotated[Optional[Path], Declared(CacheRequest, "checkpoint")] = None,
     teacher_head: Annotated[TeacherHead, typer.Option(help="keep: logits too | none: features and statistics "
                                                            "only")] = "keep" if request_default("teacher_head") else "none",
-    views: Annotated[int, typer.Option(help="augmented views per sample, besides the clean view 0")]
-    = request_default("views"),
-    view_seed: Annotated[int, typer.Option(help="seed of the views' augmentations (a view is replayed from seed, "
-                                                "sample id and view id)")] = request_default("view_seed"),
-    logits: Annotated[str, typer.Option(help="dense | topk:K (top K logits + the tail's log-sum-exp)",
-                                        callback=logits_option, metavar="dense|topk:K")] = request_default("logits"),
-    tap: Annotated[str, typer.Option(help="stage for Gaussian stats and feature maps: auto (the deepest whose map "
-                                          "fits the grid) | none | stage name | index", metavar="auto|none|STAGE")]
-    = request_default("tap"),
-    grid: Annotated[int, typer.Option(help="G x G grid of Gaussian cells")] = request_default("grid"),
-    featmaps: Annotated[bool, typer.Option(help="also store the tapped feature maps (large)")]
-    = request_default("featmaps"),
-    lsh_bits: Annotated[int, typer.Option(help="LSH bits per sample (multiple of 8; 0: none) for eLSH and "
-                                               "`distillery neighbors`")] = request_default("lsh_bits"),
-    teacher_tail: Annotated[int, typer.Option(help="save the N teacher stages ending at the tap for ScaleKD's "
-                                                    "tpp=true (needs --featmaps)")] = request_default("teacher_tail"),
-    store: Annotated[Optional[str], typer.Option(help=STORE_HELP)] = request_default("store"),
-    subset: Annotated[Optional[int], typer.Option(help="seeded, stratified subset")] = request_default("subset"),
-    subset_seed: Annotated[int, typer.Option(help="seed of the subset")] = request_default("subset_seed"),
-    split: Annotated[Literal["train", "val"], typer.Option(help="dataset split to cache")] = request_default("split"),
-    shard_size: Annotated[int, typer.Option(help="samples per shard (the unit of work, resume and checksums)")]
-    = request_default("shard_size"),
-    batch_size: Annotated[int, typer.Option(help="images per teacher forward")] = request_default("batch_size"),
-    input_size: Annotated[Optional[int], typer.Option(help="teacher render size (default: the checkpoint's, else "
-                                                           "32 for small images, 224 otherwise)")]
-    = request_default("input_size"),
-    cka_source: Annotated[CkaSource, typer.Option(help=CKA_HELP)] = request_default("cka_source"),
+    views: Annotated[int, Declared(CacheRequest, "views")] = request_default("views"),
+    view_seed: Annotated[int, Declared(CacheRequest, "view_seed")] = request_default("view_seed"),
+    logits: Annotated[str, Declared(CacheRequest, "logits", callback=logits_option, metavar="dense|topk:K")]
+    = request_default("logits"),
+    tap: Annotated[str, Declared(CacheRequest, "tap", metavar="auto|none|STAGE")] = request_default("tap"),
+    grid: Annotated[int, Declared(CacheRequest, "grid")] = request_default("grid"),
+    featmaps: Annotated[bool, Declared(CacheRequest, "featmaps")] = request_default("featmaps"),
+    lsh_bits: Annotated[int, Declared(CacheRequest, "lsh_bits")] = request_default("lsh_bits"),
+    teacher_tail: Annotated[int, Declared(CacheRequest, "teacher_tail")] = request_default("teacher_tail"),
+    store: Annotated[Optional[str], Declared(CacheRequest, "store")] = request_default("store"),
+    subset: Annotated[Optional[int], Declared(CacheRequest, "subset")] = request_default("subset"),
+    subset_seed: Annotated[int, Declared(CacheRequest, "subset_seed")] = request_default("subset_seed"),
+    split: Annotated[Literal["train", "val"], Declared(CacheRequest, "split")] = request_default("split"),
+    shard_size: Annotated[int, Declared(CacheRequest, "shard_size")] = request_default("shard_size"),
+    batch_size: Annotated[int, Declared(CacheRequest, "batch_size")] = request_default("batch_size"),
+    input_size: Annotated[Optional[int], Declared(CacheRequest, "input_size")] = request_default("input_size"),
+    cka_source: Annotated[CkaSource, Declared(CacheRequest, "cka_source")] = request_default("cka_source"),
     device: Annotated[str, Device()] = request_default("device"),
-    on_bad_image: Annotated[OnBadImage, typer.Option(help=ON_BAD_IMAGE_HELP)] = request_default("on_bad_image"),
+    on_bad_image: Annotated[OnBadImage, Declared(CacheRequest, "on_bad_image")] = request_default("on_bad_image"),
     task_runner_spec: Annotated[str, typer.Option("--task-runner", metavar="thread|dask|tcp://HOST:PORT",
                                                   help="where shard tasks run: thread | dask (a local cluster of "
                                                        "--dask-workers processes) | tcp://SCHEDULER:PORT")]
@@ -167,7 +148,8 @@ def checkpoint_model(checkpoint: Optional[Path]) -> str:
 @group.command("stats")
 def stats_cmd(
     cache: Annotated[str, typer.Argument(help="a complete teacher cache")],
-    cka_source: Annotated[CkaSource, typer.Option(help=CKA_HELP)] = default_of(recompute_statistics, "cka_source"),
+    cka_source: Annotated[CkaSource, Declared(CacheRequest, "cka_source")]
+    = default_of(recompute_statistics, "cka_source"),
     lsh_bits: Annotated[Optional[int], typer.Option(help="rebuild LSH planes, codes and index with this many "
                                                          "bits (0: remove them; default: the cache's)")]
     = default_of(recompute_statistics, "lsh_bits"),

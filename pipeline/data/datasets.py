@@ -56,6 +56,8 @@ _IDX_LABELS_MAGIC = 2049
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 BAD_IMAGE_POLICIES = ("fail", "skip")
+BAD_IMAGE_HELP = ("an undecodable file in an image folder (any split, checked before any work): 'fail' names it, "
+                  "'skip' leaves it out and reports how many")  # --on-bad-image of `fit-teacher` and `cache`
 _NAMED_BAD_IMAGES = 3  # an error line names this many undecodable files, then counts the rest
 _VAL_FRACTION = 0.2
 _STATS_MAX_IMAGES = 512

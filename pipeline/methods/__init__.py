@@ -1,7 +1,9 @@
 """Distillation methods: one module per method, each registered by name (docs/methods.md#compose).
 
-Build one with ``create_method("kd:T=2,alpha=0.5", cache_info, student_info)``; a run sums the loss
-terms of all its methods. Adding a method means adding a module here and importing it below.
+A spec string is parsed once into a :class:`MethodSpec` (``MethodSpec.parse("kd:T=2,alpha=0.5")``), which
+builds the method (``spec.build(cache_info, student_info)``, or ``create_method(spec, cache_info,
+student_info)``); a run sums the loss terms of all its methods. Adding a method means adding a module here
+and importing it below.
 """
 from . import ce, dkd, elsh, fitnet, kd, scalekd, tcs, wkd_f, wkd_l  # noqa: F401  (imported for their registrations)
 from .base import (
@@ -17,11 +19,11 @@ from .base import (
     StudentInfo,
     StudentOutputs,
     TrainingProgress,
-    create_method,
-    resolve_method_spec,
     list_methods,
+    method_class,
     register_method,
 )
+from .spec import MethodSpec, create_method
 
 __all__ = [
     "FEATMAPS",
@@ -33,11 +35,12 @@ __all__ = [
     "CacheInfo",
     "Method",
     "MethodError",
+    "MethodSpec",
     "StudentInfo",
     "StudentOutputs",
     "TrainingProgress",
     "create_method",
-    "resolve_method_spec",
     "list_methods",
+    "method_class",
     "register_method",
 ]

@@ -8,7 +8,7 @@ Each method declares the logical targets it ``needs`` from the cache by name (th
 :mod:`pipeline.cache.targets`); :meth:`Method.check_cache`
 refuses a cache that cannot serve them, naming the ``distillery cache`` option (docs/ARCHITECTURE.md#command-line-contract) that would.
 Options are keyword-only arguments of the method's ``__init__`` with defaults, set from a spec
-string such as ``kd:T=2,alpha=0.5`` by :func:`create_method`. A numeric option declares its allowed
+string such as ``kd:T=2,alpha=0.5`` (parsed once into a :class:`pipeline.methods.spec.MethodSpec`). A numeric option declares its allowed
 values and its meaning where it is declared, ``T: Annotated[float, Range(gt=0), Help("temperature")] = 4.0``;
 a spec outside them is refused in one line before a run starts (a numeric option without a range must still
 be finite), and `distillery methods` lists every option with its default and help.
@@ -19,14 +19,14 @@ import abc
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
 from pipeline.cache.targets import FEATMAPS, GAUSSIAN, LOGITS, LSH_CODES, POOLED, TARGETS
 from pipeline.errors import DistilleryError
-from pipeline.options import Help, Range
+from pipeline.options import Help, Range, declared
 
 __all__ = [
     "LOGITS",
@@ -44,9 +44,7 @@ __all__ = [
     "StudentInfo",
     "Method",
     "register_method",
-    "parse_method_spec",
-    "resolve_method_spec",
-    "create_method",
+    "method_class",
     "list_methods",
 ]
 
@@ -192,7 +190,7 @@ class Method(torch.nn.Module, metaclass=abc.ABCMeta):
 
     def __init__(self, cache: CacheInfo, student: StudentInfo) -> None:
         super().__init__()
-        # Checked here rather than in create_method so that direct construction cannot skip it.
+        # Checked here rather than where a spec builds it, so that direct construction cannot skip it.
         self.check_cache(cache)
 
     @abc.abstractmethod
@@ -287,9 +285,7 @@ _D = TypeVar("_D", Range, Help)
 
 def _declared(p: inspect.Parameter, kind: type[_D]) -> _D | None:
     """The ``kind`` marker in the option's ``Annotated[...]`` annotation (None without one)."""
-    if get_origin(p.annotation) is not Annotated:
-        return None
-    return next((a for a in get_args(p.annotation)[1:] if isinstance(a, kind)), None)
+    return declared(p.annotation, kind)
 
 
 def register_method(cls: _M) -> _M:
@@ -327,67 +323,11 @@ def register_method(cls: _M) -> _M:
     return cls
 
 
-def parse_method_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """Split ``name`` or ``name:key=value,key=value`` into the name and the raw option strings."""
-    name, _, rest = spec.strip().partition(":")
-    name = name.strip()
-    if not name:
-        raise MethodError(f"empty method name in spec {spec!r}; expected name or name:key=value,...")
-    raw: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, sep, value = (s.strip() for s in item.partition("="))
-        if not sep or not key:
-            raise MethodError(f"bad option {item!r} in method spec {spec!r}; expected key=value")
-        if key in raw:
-            raise MethodError(f"option {key!r} given twice in method spec {spec!r}")
-        raw[key] = value
-    return name, raw
-
-
-def _convert(method: str, key: str, raw: str, default: bool | int | float | str) -> bool | int | float | str:
-    # The default's type decides the parse, so `T=2` yields 2.0 and `alpha=abc` fails here, not mid-run.
-    kind = type(default)
-    try:
-        if kind is bool:
-            return {"true": True, "1": True, "false": False, "0": False}[raw.lower()]
-        return kind(raw)
-    except (KeyError, ValueError):
-        raise MethodError(
-            f"option {key!r} of method {method!r} expects {kind.__name__}, got {raw!r}"
-        ) from None
-
-
-def resolve_method_spec(spec: str) -> tuple[type[Method], dict[str, bool | int | float | str]]:
-    """The registered class named by ``spec`` and its given options, typed; :class:`MethodError` for an
-    unknown method or option, a value of the wrong type, or one outside the option's declared range."""
-    name, raw = parse_method_spec(spec)
+def method_class(name: str) -> type[Method]:
+    """The method registered as ``name``; :class:`MethodError` naming the known ones otherwise."""
     if name not in _REGISTRY:
         raise MethodError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}")
-    cls = _REGISTRY[name]
-    defaults = cls.options()
-    unknown = sorted(raw.keys() - defaults.keys())
-    if unknown:
-        valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
-        raise MethodError(
-            f"method {name!r} has no option{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(map(repr, unknown))}; valid options: {valid}"
-        )
-    options = {k: _convert(name, k, v, defaults[k]) for k, v in raw.items()}
-    ranges = cls.option_ranges()
-    for key, value in options.items():
-        if key in ranges:
-            ranges[key].check(f"method {name!r}: option {key!r}", value, MethodError)
-    return cls, options
-
-
-def create_method(spec: str, cache: CacheInfo, student: StudentInfo) -> Method:
-    """Build the method named by ``spec`` (``name`` or ``name:key=value,...``) for ``cache``.
-
-    Raises :class:`MethodError` for an unknown method or option, a value of the wrong type, or a
-    cache that lacks a target the method needs.
-    """
-    cls, options = resolve_method_spec(spec)
-    return cls(cache, student, **options)
+    return _REGISTRY[name]
 
 
 def list_methods() -> list[str]:

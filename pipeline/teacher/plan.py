@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import field_validator
 
 from pipeline.cache.manifest import ArraySpec, Manifest, ShardRange, ShardRecord, StorageSpec, shard_ranges
 from pipeline.cache.statistics import check_cka_source
@@ -24,13 +24,13 @@ from pipeline.cache.reader import TeacherCache
 from pipeline.cache.writer import CacheWriter
 from pipeline.cache.targets import LOGITS, POOLED, SAMPLE_ARRAYS, STORABLE, TARGETS
 from pipeline.checksums import sha256_file
-from pipeline.data.datasets import ImageDataset, check_bad_image_policy, load_dataset
+from pipeline.data.datasets import BAD_IMAGE_HELP, BAD_IMAGE_POLICIES, ImageDataset, load_dataset
 from pipeline.data.rendering import default_input_size
 from pipeline.data.views import ViewPlan
 from pipeline.nets.tail import extract_teacher_tail
 from pipeline.nets.tapped import TappedOutputs, resolve_tap, stage_names
 from pipeline.object_store import check_output_location
-from pipeline.options import Config, Range, check_device, check_ranges, resolve_device
+from pipeline.options import Config, Help, Range, check_device, resolve_device
 from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.teacher.model import Teacher, TeacherError, TeacherSpec, build_teacher, manifest_teacher_spec
 
@@ -39,35 +39,38 @@ class CacheRequest(Config):
     """What `distillery cache` asks for (JSON-able: it is a Prefect flow parameter)."""
 
     dataset: str
-    teacher: str
-    out: str
-    split: str = "train"
-    subset: int | None = None
-    subset_seed: int = 0
-    checkpoint: str | None = None
-    teacher_head: bool = True
-    views: int = Field(2, description="augmented views per sample (view 0, the clean one, is extra)")
-    view_seed: int = 0
-    logits: str = "dense"
-    tap: str = "auto"
-    grid: int = 1
-    featmaps: bool = False
-    teacher_tail: int = Field(0, description="teacher stages ending at the tap saved for ScaleKD's TPP")
-    store: str | None = Field(None, description="per-sample targets kept, comma-separated from "
-                              f"{','.join(STORABLE)}; default: every one the other options produce")
-    lsh_bits: int = 0
-    input_size: int | None = None
-    shard_size: int = 1024
-    batch_size: int = 256
-    block_size: int = 256
-    cka_source: str = "auto"  # "logits" | "features" | "auto" (logits when the teacher has a head)
-    device: str = "auto"
-    on_bad_image: str = "fail"  # an undecodable image in an image folder: "fail" (name it) or "skip"
-
-    RANGES: ClassVar[dict[str, Range]] = {
-        "subset": Range(ge=1), "subset_seed": Range(ge=0), "views": Range(ge=0), "view_seed": Range(ge=0),
-        "grid": Range(ge=1), "teacher_tail": Range(ge=0), "lsh_bits": Range(ge=0), "input_size": Range(ge=8),
-        "shard_size": Range(ge=1), "batch_size": Range(ge=1), "block_size": Range(ge=1)}
+    teacher: Annotated[str, Help("timm model name of the teacher")]
+    out: Annotated[str, Help("cache directory or fsspec URL (s3://bucket/prefix, needs the s3 extra)")]
+    split: Annotated[str, Help("dataset split to cache")] = "train"
+    subset: Annotated[int | None, Range(ge=1), Help("seeded, stratified subset")] = None
+    subset_seed: Annotated[int, Range(ge=0), Help("seed of the subset")] = 0
+    checkpoint: Annotated[str | None, Help("teacher checkpoint (distillery fit-teacher)")] = None
+    teacher_head: Annotated[bool, Help("keep the teacher's classifier: logits too (false: features and statistics "
+                                       "only)")] = True
+    views: Annotated[int, Range(ge=0), Help("augmented views per sample, besides the clean view 0")] = 2
+    view_seed: Annotated[int, Range(ge=0), Help("seed of the views' augmentations (a view is replayed from seed, "
+                                                "sample id and view id)")] = 0
+    logits: Annotated[str, Help("dense | topk:K (top K logits + the tail's log-sum-exp)")] = "dense"
+    tap: Annotated[str, Help("stage for Gaussian stats and feature maps: auto (the deepest whose map fits the grid) "
+                             "| none | stage name | index")] = "auto"
+    grid: Annotated[int, Range(ge=1), Help("G x G grid of Gaussian cells")] = 1
+    featmaps: Annotated[bool, Help("also store the tapped feature maps (large)")] = False
+    teacher_tail: Annotated[int, Range(ge=0), Help("save the N teacher stages ending at the tap for ScaleKD's "
+                                                   "tpp=true (needs --featmaps)")] = 0
+    store: Annotated[str | None, Help(f"per-sample targets kept, comma-separated from {','.join(STORABLE)} "
+                                      f"(default: every one the other options produce); statistics need their "
+                                      f"rows: no pooled, no PCA, class means or LSH")] = None
+    lsh_bits: Annotated[int, Range(ge=0), Help("LSH bits per sample (multiple of 8; 0: none) for eLSH and "
+                                               "`distillery neighbors`")] = 0
+    input_size: Annotated[int | None, Range(ge=8), Help("teacher render size (default: the checkpoint's, else 32 "
+                                                        "for small images, 224 otherwise)")] = None
+    shard_size: Annotated[int, Range(ge=1), Help("samples per shard (the unit of work, resume and checksums)")] = 1024
+    batch_size: Annotated[int, Range(ge=1), Help("images per teacher forward")] = 256
+    block_size: Annotated[int, Range(ge=1), Help("samples per block of a shard (the unit of decoding)")] = 256
+    cka_source: Annotated[str, Help("what the category interrelations (WKD-L's cost) are computed from; auto: "
+                                    "logits if stored")] = "auto"
+    device: Annotated[str, Help("auto | cpu | cuda | cuda:N")] = "auto"
+    on_bad_image: Annotated[Literal[BAD_IMAGE_POLICIES], Help(BAD_IMAGE_HELP)] = "fail"
 
     @field_validator("store")
     @classmethod
@@ -80,12 +83,6 @@ class CacheRequest(Config):
             raise TeacherError(f"--store {store!r}: {unknown} are not per-sample targets; list some of "
                                f"{','.join(STORABLE)}")
         return ",".join(t for t in STORABLE if t in listed)  # one spelling per choice: same identity
-
-    @model_validator(mode="after")
-    def _check_ranges(self) -> CacheRequest:
-        check_ranges(vars(self), self.RANGES)
-        check_bad_image_policy(self.on_bad_image)
-        return self
 
 
 def check_request(request: CacheRequest) -> Manifest:

@@ -7,15 +7,15 @@ sweep shares; `plan_runs` turns a sweep into one `TrainConfig` per student.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.data.datasets import check_bad_image_policy
+from pipeline.data.datasets import BAD_IMAGE_POLICIES
 from pipeline.errors import DistilleryError
-from pipeline.methods import resolve_method_spec
+from pipeline.methods import MethodError, MethodSpec
 from pipeline.object_store import location
-from pipeline.options import Config, Range, check_device, check_ranges
+from pipeline.options import Config, Help, Range, check_device
 from pipeline.train.optim import OptimConfig
 
 
@@ -24,30 +24,37 @@ class TrainError(DistilleryError):
 
 
 class RunSettings(Config):
-    """Training settings shared by every student of a sweep."""
+    """Training settings shared by every student of a sweep: the `train-students` flow's ``settings`` parameter
+    (a sweep file's ``[settings]`` table, the optimiser's in ``[settings.optim]``) and the options of
+    `distillery train`, each declared here once with its range and meaning."""
 
-    epochs: int = 10
-    seed: int = 0
-    batch_size: int = 64
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    input_size: int | None = None  # student render size; default: the teacher's
-    online_teacher: bool = False  # compute the targets live from the teacher instead of the cache
-    workers: int = 1  # DataLoader workers decoding and rendering the stream (0: in the main process)
-    shuffle_buffer: int = 1024  # samples held for the within-buffer shuffle
-    eval_every: int = 1  # evaluate on the val split every this many epochs (and always after the last)
-    device: str = "auto"
-    resume: bool = False  # continue from the run directory's checkpoint, if there is one
-    on_bad_image: str = "fail"  # an undecodable val image of an image folder: "fail" (name it) or "skip"
+    epochs: Annotated[int, Range(ge=1), Help("training epochs")] = 10
+    seed: Annotated[int, Range(ge=0), Help("student seed (initialisation, shuffling)")] = 0
+    batch_size: Annotated[int, Range(ge=1), Help("samples per optimiser step")] = 64
+    optim: Annotated[OptimConfig, Help("the optimiser and its learning-rate schedule")] = Field(
+        default_factory=OptimConfig)
+    input_size: Annotated[int | None, Range(ge=8), Help("student render size (default: the teacher's)")] = None
+    online_teacher: Annotated[bool, Help("compute the targets live from the teacher (the cached run's twin, for "
+                                         "comparison)")] = False
+    workers: Annotated[int, Range(ge=0), Help("DataLoader worker processes streaming the cache (0: none)")] = 1
+    shuffle_buffer: Annotated[int, Range(ge=1), Help("samples held for the within-buffer shuffle")] = 1024
+    eval_every: Annotated[int, Range(ge=1), Help("evaluate every this many epochs (and after the last)")] = 1
+    device: Annotated[str, Help("auto | cpu | cuda | cuda:N")] = "auto"
+    resume: Annotated[bool, Help("continue from the run directory's checkpoint")] = False
+    on_bad_image: Annotated[Literal[BAD_IMAGE_POLICIES], Help("an undecodable val image of an image folder: 'fail' "
+                                                             "names it, 'skip' leaves it out")] = "fail"
 
-    RANGES: ClassVar[dict[str, Range]] = {
-        "epochs": Range(ge=1), "seed": Range(ge=0), "batch_size": Range(ge=1), "input_size": Range(ge=8),
-        "workers": Range(ge=0), "shuffle_buffer": Range(ge=1), "eval_every": Range(ge=1)}
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """Every setting by its flat name, the optimiser's included (``lr``, not ``optim.lr``): how the
+        options of `distillery train` name them."""
+        return (*(name for name in cls.model_fields if name != "optim"), *OptimConfig.model_fields)
 
-    @model_validator(mode="after")
-    def _check(self) -> RunSettings:
-        check_ranges(vars(self), self.RANGES)
-        check_bad_image_policy(self.on_bad_image)
-        return self
+    def with_options(self, **options: Any) -> RunSettings:
+        """These settings with some replaced, each named as `option_names` lists it (a sweep file's settings
+        overridden by the options given on the command line); checked as any other."""
+        optim = {name: options.pop(name) for name in list(options) if name in OptimConfig.model_fields}
+        return RunSettings(**{**self.model_dump(), **options, "optim": {**self.optim.model_dump(), **optim}})
 
     def check_machine(self) -> None:
         """What only the machine that trains can tell: whether it has the requested device."""
@@ -55,23 +62,33 @@ class RunSettings(Config):
 
 
 class StudentSpec(Config):
-    """One student of a sweep: a timm architecture and the methods it is trained with."""
+    """One student of a sweep: a timm architecture and the methods it is trained with (an entry of the
+    `train-students` flow's ``students`` parameter)."""
 
-    student: str
-    methods: tuple[str, ...]
+    student: Annotated[str, Help("timm model name, e.g. resnet18 or test_resnet")]
+    # Each spec parsed here, once (an unknown method or an option out of range fails before any cache is opened).
+    methods: Annotated[tuple[MethodSpec, ...], Help("distillation methods, composed: ce, kd:T=2, dkd, fitnet, ... "
+                                                    "(`distillery methods` lists them)")]
 
     @model_validator(mode="after")
     def _check(self) -> StudentSpec:
         if not self.methods:
             raise TrainError(f"student {self.student} has no --method; give at least one, e.g. --method ce")
-        for spec in self.methods:  # an unknown method or an option out of range, before any cache is opened
-            resolve_method_spec(spec)
+        names = [spec.name for spec in self.methods]
+        twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        if twice is not None:
+            raise MethodError(f"method {twice!r} is given twice; give it once with the options you want")
         return self
+
+    @property
+    def taps(self) -> tuple[int, ...]:
+        """The student stages its methods read, deepest first."""
+        return tuple(sorted({tap for spec in self.methods for tap in spec.taps}))
 
     @property
     def slug(self) -> str:
         """`resnet18` + (`ce`, `kd:T=2`) -> `resnet18-ce+kd-T2`: safe as a directory name."""
-        methods = "+".join(re.sub(r"[:,]", "-", m).replace("=", "") for m in self.methods)
+        methods = "+".join(re.sub(r"[:,]", "-", str(m)).replace("=", "") for m in self.methods)
         return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{self.student}-{methods}")
 
 
@@ -80,13 +97,13 @@ class TrainConfig(Config):
 
     cache: str
     student: str
-    methods: tuple[str, ...]
+    methods: tuple[MethodSpec, ...]  # config.json holds their text
     out: str
     settings: RunSettings = Field(default_factory=RunSettings)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        StudentSpec(student=self.student, methods=self.methods)  # the same checks as a sweep's
+        StudentSpec(student=self.student, methods=self.methods)  # a sweep's checks (the specs are parsed already)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict
 
-from pipeline.data.datasets import check_bad_image_policy, load_dataset
+from pipeline.data.datasets import BAD_IMAGE_HELP, BAD_IMAGE_POLICIES, load_dataset
 from pipeline.data.rendering import RenderedViews, default_input_size, worker_context
 from pipeline.data.views import ViewPlan
-from pipeline.errors import DistilleryError
 from pipeline.nets.tapped import create_timm_model
-from pipeline.options import Config, Range, check_device, check_output_file, check_ranges, resolve_device
+from pipeline.options import Config, Help, Range, check_device, check_output_file, resolve_device
 from pipeline.progress import progress_task
 from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.train.evaluate import evaluate_accuracy
@@ -39,44 +38,31 @@ from pipeline.train.optim import OptimConfig, build_optimizer, cosine_schedule
 OBJECTIVES = ("supervised", "ssl")
 
 
-class FitError(DistilleryError):
-    """A teacher fit that cannot go ahead as asked."""
-
-
 class FitConfig(Config):
     """What `distillery fit-teacher` fits; stored in the checkpoint (`config`)."""
 
     dataset: str
-    model: str
-    out: str
-    epochs: int = 10
-    subset: int | None = None
-    seed: int = 0
-    input_size: int | None = None
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    workers: int = 1
-    device: str = "auto"
-    on_bad_image: str = "fail"  # an undecodable image in an image folder: "fail" (name it) or "skip"
-    objective: str = "supervised"  # one of OBJECTIVES
-    temperature: float = 0.2  # NT-Xent's tau (ssl only)
-    jitter: float = 0.5  # SimCLR's colour-distortion strength s, brightness and contrast only (ssl only; 0: none)
-
-    RANGES: ClassVar[dict[str, Range]] = {
-        "epochs": Range(ge=1), "subset": Range(ge=1), "seed": Range(ge=0), "input_size": Range(ge=8),
-        "batch_size": Range(ge=1), "lr": Range(gt=0), "weight_decay": Range(ge=0),
-        "label_smoothing": Range(ge=0, le=1), "workers": Range(ge=0), "temperature": Range(gt=0),
-        "jitter": Range(ge=0, lt=1.25)}
-
-    @model_validator(mode="after")
-    def _check(self) -> FitConfig:
-        check_ranges(vars(self), self.RANGES)
-        check_bad_image_policy(self.on_bad_image)
-        if self.objective not in OBJECTIVES:
-            raise FitError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
-        return self
+    model: Annotated[str, Help("timm model name")]
+    out: Annotated[str, Help("checkpoint path to write")]
+    epochs: Annotated[int, Range(ge=1), Help("training epochs")] = 10
+    subset: Annotated[int | None, Range(ge=1), Help("seeded, stratified subset of the train split")] = None
+    seed: Annotated[int, Range(ge=0), Help("seed of the initialisation, the subset and the augmentations")] = 0
+    input_size: Annotated[int | None, Range(ge=8), Help("render size (default 32 for small images, 224 "
+                                                        "otherwise)")] = None
+    batch_size: Annotated[int, Range(ge=1), Help("images per optimiser step")] = 128
+    lr: Annotated[float, Range(gt=0), Help("peak learning rate (AdamW, cosine schedule after one warm-up "
+                                           "epoch)")] = 2e-3
+    weight_decay: Annotated[float, Range(ge=0), Help("AdamW weight decay (not on norms and biases)")] = 0.05
+    label_smoothing: Annotated[float, Range(ge=0, le=1), Help("label smoothing of the cross-entropy "
+                                                              "(supervised)")] = 0.1
+    workers: Annotated[int, Range(ge=0), Help("DataLoader worker processes rendering the views (0: none)")] = 1
+    device: Annotated[str, Help("auto | cpu | cuda | cuda:N")] = "auto"
+    on_bad_image: Annotated[Literal[BAD_IMAGE_POLICIES], Help(BAD_IMAGE_HELP)] = "fail"
+    objective: Annotated[Literal[OBJECTIVES], Help("supervised (labels) | ssl (SimCLR two-view NT-Xent, no labels; "
+                                                   "cache it with --teacher-head none)")] = "supervised"
+    temperature: Annotated[float, Range(gt=0), Help("NT-Xent temperature (ssl)")] = 0.2
+    jitter: Annotated[float, Range(ge=0, lt=1.25), Help("SimCLR colour-distortion strength, brightness and contrast "
+                                                        "(ssl; 0: crops and flips only)")] = 0.5
 
 
 class FitResult(BaseModel):

@@ -24,10 +24,10 @@ from pipeline.cache.reader import TeacherCache
 from pipeline.data.datasets import ImageDataset, load_dataset
 from pipeline.environment import describe_environment, peak_rss_bytes
 from pipeline.object_store import check_output_location
-from pipeline.methods import CacheInfo, Method, MethodError, StudentInfo, TrainingProgress, resolve_method_spec
+from pipeline.methods import CacheInfo, MethodSpec, StudentInfo, TrainingProgress
 from pipeline.progress import progress_task
 from pipeline.options import resolve_device
-from pipeline.train.config import TrainConfig, TrainError
+from pipeline.train.config import StudentSpec, TrainConfig, TrainError
 from pipeline.train.ddp import DistillStep, IdLog, World, check_world, equalised, process_group, step_totals, wrap
 from pipeline.train.evaluate import evaluate_accuracy
 from pipeline.train.online import OnlineTeacher
@@ -74,27 +74,10 @@ def cache_info(cache: TeacherCache) -> CacheInfo:
                      teacher_tail=cache.teacher_tail)
 
 
-def resolve_methods(specs: tuple[str, ...]) -> list[tuple[type[Method], dict[str, bool | int | float | str]]]:
-    """Each spec of the run parsed once into its method class and typed options (MethodError for an unknown
-    method or option, a bad value, or a method given twice)."""
-    resolved = [resolve_method_spec(spec) for spec in specs]
-    names = [cls.name for cls, _ in resolved]
-    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
-    if twice is not None:
-        raise MethodError(f"method {twice!r} is given twice; give it once with the options you want")
-    return resolved
-
-
-def student_taps(methods: list[tuple[type[Method], dict[str, bool | int | float | str]]]) -> tuple[int, ...]:
-    """The student stages the run's methods (`resolve_methods`) read, deepest first."""
-    return tuple(sorted({tap for cls, options in methods for tap in cls.taps_for(options)}))
-
-
-def build_methods(methods: list[tuple[type[Method], dict[str, bool | int | float | str]]], cache: TeacherCache,
-                  student: StudentInfo) -> nn.ModuleDict:
-    """The run's methods (`resolve_methods`) by name; each checks the cache can serve what it needs."""
+def build_methods(specs: tuple[MethodSpec, ...], cache: TeacherCache, student: StudentInfo) -> nn.ModuleDict:
+    """The run's methods by name; each checks the cache can serve what it needs."""
     info = cache_info(cache)
-    return nn.ModuleDict({cls.name: cls(info, student, **options) for cls, options in methods})
+    return nn.ModuleDict({spec.name: spec.build(info, student) for spec in specs})
 
 
 
@@ -135,11 +118,10 @@ def setup_run(config: TrainConfig, device: torch.device, world_size: int = 1,
     check_classes(cache, val)
     check_world(block_sizes(manifest.shards, manifest.storage.block_size), world_size)
     size = s.input_size or manifest.teacher.input_size
-    resolved = resolve_methods(config.methods)
     torch.manual_seed(s.seed)
     student = Student(config.student, cache.num_classes, manifest.teacher.in_chans, size,
-                      taps=student_taps(resolved)).to(device)
-    methods = build_methods(resolved, cache, student.info()).to(device)
+                      taps=StudentSpec(student=config.student, methods=config.methods).taps).to(device)
+    methods = build_methods(config.methods, cache, student.info()).to(device)
     for method in methods.values():
         method.adopt_student(student.model)
     needs = frozenset().union(*(m.needs for m in methods.values()))
@@ -299,7 +281,7 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
     if exported and world.is_main:
         state["val_accuracy"] = evaluate_accuracy(student.model, val, size, mean, std, device=device)
     summary = TrainSummary(
-        student=config.student, methods=list(config.methods), seed=s.seed, epochs=s.epochs,
+        student=config.student, methods=[str(m) for m in config.methods], seed=s.seed, epochs=s.epochs,
         val_accuracy=state["val_accuracy"], train_seconds=state["train_seconds"],
         mean_step_seconds=state["step_seconds_sum"] / max(1, state["step_count"]),
         peak_rss_bytes=peak_rss_bytes(), cache=config.cache, online_teacher=s.online_teacher,

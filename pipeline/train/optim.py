@@ -4,34 +4,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import Annotated, Literal
 
 import torch
-from pydantic import model_validator
 
-from pipeline.options import Config, OptionError, Range, check_ranges
+from pipeline.options import Config, Help, Range
 
 
 class OptimConfig(Config):
-    """The optimiser and its schedule: part of a run's `RunSettings`."""
+    """The optimiser and its schedule: part of a run's `RunSettings` (``[settings.optim]`` of a sweep file)."""
 
-    optimizer: str = "adamw"  # "adamw" | "sgd"
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9  # sgd only
-    warmup_epochs: float = 1.0
-    clip_grad: float | None = None
-
-    RANGES: ClassVar[dict[str, Range]] = {
-        "lr": Range(gt=0), "weight_decay": Range(ge=0), "momentum": Range(ge=0, lt=1), "warmup_epochs": Range(ge=0),
-        "clip_grad": Range(gt=0)}
-
-    @model_validator(mode="after")
-    def _check(self) -> OptimConfig:
-        if self.optimizer not in ("adamw", "sgd"):
-            raise OptionError(f"--optimizer must be adamw or sgd, not '{self.optimizer}'")
-        check_ranges(vars(self), self.RANGES)
-        return self
+    optimizer: Annotated[Literal["adamw", "sgd"], Help("optimiser")] = "adamw"
+    lr: Annotated[float, Range(gt=0), Help("peak learning rate (cosine schedule after a linear warm-up)")] = 2e-3
+    weight_decay: Annotated[float, Range(ge=0), Help("weight decay (not on norms and biases)")] = 0.05
+    momentum: Annotated[float, Range(ge=0, lt=1), Help("SGD momentum (sgd only)")] = 0.9
+    warmup_epochs: Annotated[float, Range(ge=0), Help("epochs of linear learning-rate warm-up")] = 1.0
+    clip_grad: Annotated[float | None, Range(gt=0), Help("clip the gradient norm to this value")] = None
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -42,15 +42,17 @@ def test_every_option_and_argument_of_every_command_has_help() -> None:
 
 
 def test_option_defaults_are_the_ones_the_config_classes_declare() -> None:
-    from flows.params import TrainSettings
     from pipeline.options import default_of
     from pipeline.teacher.plan import CacheRequest
+    from pipeline.train.config import RunSettings
     from pipeline.train.fit import FitConfig
+    from pipeline.train.optim import OptimConfig
 
     params = {name: {p.name: p for p in c.params} for name, c in commands().items()}
     for name in ("epochs", "seed", "batch_size", "lr", "weight_decay", "warmup_epochs", "workers", "device",
                  "optimizer", "on_bad_image"):
-        assert params["train"][name].default == default_of(TrainSettings, name), name
+        declared_in = OptimConfig if name in OptimConfig.model_fields else RunSettings
+        assert params["train"][name].default == default_of(declared_in, name), name
     for name in ("epochs", "batch_size", "lr", "objective", "temperature"):
         assert params["fit-teacher"][name].default == default_of(FitConfig, name), name
     for name in ("views", "view_seed", "logits", "tap", "grid", "shard_size", "batch_size", "cka_source", "lsh_bits"):

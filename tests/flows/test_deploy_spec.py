@@ -60,7 +60,8 @@ def test_a_spec_schedule_is_cron_or_interval(tmp_path: Path) -> None:
     (dict(schedule='cron = "0 2 * * *"\ninterval = 5'), "give cron or interval, not both"),
     (dict(schedule='flow_name = "x"'), "unknown key 'flow_name'"),
     (dict(students='[{ student = "resnet18", methods = [] }]'), "bad parameters"),
-    (dict(settings='{ optimizer = "lion" }'), "bad parameters"),
+    (dict(settings='{ optim = { optimizer = "lion" } }'), "bad parameters"),
+    (dict(settings='{ optimizer = "sgd" }'), "bad parameters"),  # the optimiser's settings are under optim
     (dict(settings='{ epochs = 0 }'), "bad parameters"),
     (dict(settings='{ epoch = 2 }'), "bad parameters"),
     (dict(schedule='task_runner = "dask"'), "task_runner applies to cache-teacher only"),

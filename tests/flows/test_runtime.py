@@ -34,19 +34,24 @@ def test_parameter_schemas_show_descriptions_and_choices() -> None:
     from flows.experiments import run_experiment
     from flows.fit_teacher import fit_teacher_flow
     from flows.train_students import train_students
+    from pipeline.train.config import RunSettings, StudentSpec
 
     schema = train_students.parameters.model_dump()
-    settings = schema["definitions"]["TrainSettings"]["properties"]
-    assert settings["optimizer"]["enum"] == ["adamw", "sgd"] and settings["lr"]["description"]
-    assert "distillation methods" in schema["definitions"]["Student"]["properties"]["methods"]["description"]
+    # The library's own models, their Help and Range annotations as descriptions and bounds.
+    settings, optim = (schema["definitions"][name]["properties"] for name in ("RunSettings", "OptimConfig"))
+    assert settings["epochs"]["description"] == "training epochs" and settings["epochs"]["minimum"] == 1
+    assert optim["optimizer"]["enum"] == ["adamw", "sgd"] and optim["lr"]["exclusiveMinimum"] == 0
+    assert optim["lr"]["description"].startswith("peak learning rate")
+    assert "distillation methods" in schema["definitions"]["StudentSpec"]["properties"]["methods"]["description"]
     assert "{flow_run_name}" in schema["properties"]["out"]["description"]
     assert "seeds" in run_experiment.parameters.model_dump()["properties"]
     for served in (cache_teacher, fit_teacher_flow, train_students, run_experiment):
         assert served.parameters.model_dump()["properties"], served.name
     # Parameters as a deployment stores them (JSON) come back as the typed models.
     values = train_students.validate_parameters({"cache": "c", "out": "o", "students": [
-        {"student": "resnet18", "methods": ["ce"]}], "settings": {"epochs": 2}})
-    assert values["settings"].run_settings().epochs == 2 and values["students"][0].spec().methods == ("ce",)
+        {"student": "resnet18", "methods": ["ce"]}], "settings": {"epochs": 2, "optim": {"lr": 0.01}}})
+    assert values["settings"] == RunSettings(epochs=2, optim={"lr": 0.01})
+    assert values["students"] == [StudentSpec(student="resnet18", methods=("ce",))]
 
 
 def test_loader_workers_start_after_a_flow_ran_in_this_process(prefect_harness, digits_cache: Path) -> None:

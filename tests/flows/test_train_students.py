@@ -100,22 +100,31 @@ students = [{{ student = "test_resnet", methods = ["ce"] }}]
 epochs = 1
 workers = 0
 seed = 3
+[settings.optim]
+optimizer = "sgd"
+lr = 0.01
 """)
     code, out = cli("train", "--sweep", str(sweep), "--student", "test_resnet", "--combo", "ce+kd:T=2",
-                    "--combo", "ce+fitnet", "--seed", "5")  # an option given here overrides the file's
+                    "--combo", "ce+fitnet", "--seed", "5", "--lr", "0.005")  # an option given here overrides the file's
     assert code == 0, out
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == ["test_resnet-ce+fitnet-s5", "test_resnet-ce+kd-T2-s5", "test_resnet-ce-s5"]
+    settings = json.loads((tmp_path / "runs" / runs[0] / "config.json").read_text())["settings"]
+    assert (settings["seed"], settings["epochs"], settings["optim"]["optimizer"], settings["optim"]["lr"]) == (
+        5, 1, "sgd", 0.005)
     methods = {json.dumps(json.loads((tmp_path / "runs" / r / "summary.json").read_text())["methods"]) for r in runs}
     assert methods == {'["ce"]', '["ce", "kd:T=2"]', '["ce", "fitnet"]'}
     assert out.count("test_resnet") >= 3 and "ce+fitnet" in out
 
 
-def test_a_sweep_file_with_an_unknown_key_is_one_line(tmp_path: Path, cli) -> None:
+def test_a_sweep_file_with_an_unknown_key_or_a_bad_setting_is_one_line(tmp_path: Path, cli) -> None:
     sweep = tmp_path / "sweep.toml"
     sweep.write_text('students = [{ student = "test_resnet", methods = ["ce"] }]\n[settings]\nepoch = 1\n')
     code, out = cli("train", "--sweep", str(sweep), "--cache", str(tmp_path), "--out", str(tmp_path / "o"))
-    assert code == 2 and out == f"error: --sweep {sweep}: settings.epoch: Extra inputs are not permitted\n"
+    assert code == 2 and out == f"error: --sweep {sweep}: settings: --epoch: extra inputs are not permitted, not 1\n"
+    sweep.write_text('students = [{ student = "test_resnet", methods = ["ce"] }]\n[settings.optim]\nlr = 0\n')
+    code, out = cli("train", "--sweep", str(sweep), "--cache", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert code == 2 and out == f"error: --sweep {sweep}: settings: --lr must be > 0, not 0.0\n"
 
 
 def test_combo_splits_methods_at_a_plus_before_a_name_only() -> None:
@@ -127,45 +136,50 @@ def test_combo_splits_methods_at_a_plus_before_a_name_only() -> None:
 
 def test_a_sweeps_check_hashes_each_shard_once_and_parses_each_spec_once(digits_cache: Path, tmp_path: Path,
                                                                         monkeypatch) -> None:
-    """The fail-fast check of three students opens and verifies the cache once, and resolves each method
-    spec once per student (counted around the real functions, which still run)."""
+    """The fail-fast check of three students opens and verifies the cache once, and parses each method spec
+    once, when its student is configured: planning and checking the sweep parse none again (counted around the
+    real functions, which still run)."""
     import pipeline.cache.reader as reader
-    import pipeline.train.loop as loop
-    from flows.params import Student, TrainSettings
     from flows.train_students import plan_sweep
+    from pipeline.methods import MethodSpec
+    from pipeline.train.config import RunSettings, StudentSpec
 
     shards = {str(p) for p in reader.TeacherCache(digits_cache).shard_paths()}
-    hashed, resolved = [], []
-    real_sha256, real_resolve = reader.sha256_file, loop.resolve_method_spec
+    hashed, parsed = [], []
+    real_sha256, real_parse = reader.sha256_file, MethodSpec.parse
     monkeypatch.setattr(reader, "sha256_file", lambda path: hashed.append(str(path)) or real_sha256(path))
-    monkeypatch.setattr(loop, "resolve_method_spec", lambda spec: resolved.append(spec) or real_resolve(spec))
-    students = [Student(student=name, methods=["ce", "kd:T=2"]) for name in ("test_resnet", "test_convnext",
-                                                                             "resnet10t")]
-    configs = plan_sweep(str(digits_cache), students, str(tmp_path / "runs"), TrainSettings())
-    assert len(configs) == 3
+    monkeypatch.setattr(MethodSpec, "parse", lambda text: parsed.append(text) or real_parse(text))
+    students = [StudentSpec(student=name, methods=["ce", "kd:T=2"]) for name in ("test_resnet", "test_convnext",
+                                                                                 "resnet10t")]
+    assert parsed == ["ce", "kd:T=2"] * 3
+    configs = plan_sweep(str(digits_cache), students, str(tmp_path / "runs"), RunSettings())
+    assert len(configs) == 3 and parsed == ["ce", "kd:T=2"] * 3
     assert sorted(p for p in hashed if p in shards) == sorted(shards)
-    assert resolved == ["ce", "kd:T=2"] * 3
 
 
 def test_a_sweep_from_the_command_line_is_checked_once(prefect_harness, digits_cache: Path, tmp_path: Path, cli,
                                                        monkeypatch) -> None:
     """`distillery train` checks the sweep before Prefect starts, and its flow does not check it again: the
-    fail-fast check runs once per student, and each shard file is hashed once by that check and once by each
-    student's own run (counted around the real functions, which still run)."""
+    fail-fast check runs once per student, each shard file is hashed once by that check and once by each
+    student's own run, and each method spec is parsed once, from the command line to the trained runs (counted
+    around the real functions, which still run)."""
     from collections import Counter
 
     import pipeline.cache.reader as reader
     import pipeline.train.loop as loop
+    from pipeline.methods import MethodSpec
 
     shards = {str(p) for p in reader.TeacherCache(digits_cache).shard_paths()}
-    checked, hashed = [], []
-    real_check, real_sha256 = loop.check_run, reader.sha256_file
+    checked, hashed, parsed = [], [], []
+    real_check, real_sha256, real_parse = loop.check_run, reader.sha256_file, MethodSpec.parse
     monkeypatch.setattr(loop, "check_run", lambda config, *args, **kw: checked.append(config.out) or
                         real_check(config, *args, **kw))
     monkeypatch.setattr(reader, "sha256_file", lambda path: hashed.append(str(path)) or real_sha256(path))
+    monkeypatch.setattr(MethodSpec, "parse", lambda text: parsed.append(text) or real_parse(text))
     code, out = cli("train", "--cache", str(digits_cache), "--out", str(tmp_path / "runs"), "--student",
                     "test_resnet", "--method", "ce", "--combo", "ce+kd:T=2", "--epochs", "1", "--workers", "0")
     assert code == 0, out
     runs = sorted(str(p) for p in (tmp_path / "runs").iterdir())
     assert len(runs) == 2 and sorted(checked) == runs
     assert Counter(p for p in hashed if p in shards) == {p: 1 + len(runs) for p in shards}
+    assert sorted(parsed) == ["ce", "ce", "kd:T=2"]  # --method ce, --combo ce+kd:T=2

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.methods import MethodError, list_methods, resolve_method_spec
+from pipeline.methods import MethodError, MethodSpec, list_methods, method_class
 
 
 def method(name: str):  # noqa: ANN201 - a Method subclass
-    return resolve_method_spec(name)[0]
+    return method_class(name)
 
 
 def test_every_numeric_option_has_a_lower_and_an_upper_bound() -> None:
@@ -31,7 +31,7 @@ def test_every_numeric_option_has_a_lower_and_an_upper_bound() -> None:
 ])
 def test_an_option_beyond_its_bound_is_refused_in_one_line(spec: str, message: str) -> None:
     with pytest.raises(MethodError) as e:
-        resolve_method_spec(spec)
+        MethodSpec.parse(spec)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -40,4 +40,4 @@ def test_the_published_defaults_lie_inside_the_bounds() -> None:
         for option, allowed in method(name).option_ranges().items():
             default = method(name).options()[option]
             assert allowed.contains(default), f"{name}:{option}={default}"
-    resolve_method_spec("wkd_l:weight=600,T=8")  # WKD-L's CIFAR-100 setting
+    MethodSpec.parse("wkd_l:weight=600,T=8")  # WKD-L's CIFAR-100 setting

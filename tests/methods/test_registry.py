@@ -11,11 +11,11 @@ from pipeline.methods import (
     StudentInfo,
     StudentOutputs,
     TrainingProgress,
+    MethodSpec,
     create_method,
     list_methods,
     register_method,
 )
-from pipeline.methods.base import parse_method_spec
 
 FULL = CacheInfo(num_classes=10, pooled_dim=16, available=frozenset({LOGITS, POOLED}))
 NO_LOGITS = CacheInfo(num_classes=10, pooled_dim=16, available=frozenset({POOLED}))
@@ -33,9 +33,33 @@ def test_spec_options_parsed_by_default_type():
     assert create_method(" kd ", FULL, StudentInfo(pooled_dim=8)).T == 4.0
 
 
-def test_parse_spec():
-    assert parse_method_spec("dkd") == ("dkd", {})
-    assert parse_method_spec("dkd: beta = 0.5 , T=1") == ("dkd", {"beta": "0.5", "T": "1"})
+def test_parse_spec_types_the_given_options_and_keeps_the_text():
+    from pipeline.methods.dkd import DKD
+
+    plain = MethodSpec.parse("dkd")
+    assert (plain.name, plain.method, dict(plain.options)) == ("dkd", DKD, {})
+    spaced = MethodSpec.parse("dkd: beta = 0.5 , T=1")
+    assert spaced.name == "dkd" and dict(spaced.options) == {"beta": 0.5, "T": 1.0}
+    assert str(spaced) == "dkd: beta = 0.5 , T=1" and MethodSpec.parse(str(spaced)) == spaced  # round trip
+    assert spaced != MethodSpec.parse("dkd:beta=0.5,T=1")  # a run records the text as written
+
+
+def test_a_spec_says_what_it_builds_taps_and_trains_without_a_cache():
+    kd, wkd_f, tcs = (MethodSpec.parse(s) for s in ("kd:T=2", "wkd_f:stage=-2", "tcs"))
+    assert kd.needs == {LOGITS} and kd.taps == () and kd.trains_classifier
+    assert wkd_f.taps == (-2,) and not wkd_f.trains_classifier and not tcs.trains_classifier
+    assert MethodSpec.parse("ce").needs == frozenset()
+    built = kd.build(FULL, StudentInfo(pooled_dim=8))
+    assert built.T == 2.0 and create_method(kd, FULL, StudentInfo(pooled_dim=8)).T == 2.0
+
+
+def test_a_spec_is_a_string_in_a_pydantic_model_parsed_once():
+    from pipeline.train.config import StudentSpec
+
+    spec = StudentSpec(student="test_resnet", methods=["ce", "kd:T=2"])
+    assert all(isinstance(m, MethodSpec) for m in spec.methods) and spec.methods[1].options["T"] == 2.0
+    assert spec.model_dump(mode="json")["methods"] == ["ce", "kd:T=2"]
+    assert StudentSpec.model_json_schema()["properties"]["methods"]["items"] == {"type": "string"}
 
 
 def one_line_error(spec, cache=FULL):
@@ -156,10 +180,8 @@ def test_methods_compose_by_summing_terms():
     ("wkd_l:sinkhorn_reg=0", "method 'wkd_l': option 'sinkhorn_reg' must be >= 0.001 and <= 100, not 0.0"),
 ])
 def test_option_outside_its_declared_range_is_one_line_before_anything_is_built(spec, message):
-    from pipeline.methods import resolve_method_spec
-
     with pytest.raises(MethodError) as info:
-        resolve_method_spec(spec)  # no cache, no student: refused from the spec alone
+        MethodSpec.parse(spec)  # no cache, no student: refused from the spec alone
     assert str(info.value) == message
 
 

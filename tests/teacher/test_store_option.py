@@ -9,7 +9,7 @@ import pytest
 from pipeline.cache.reader import TeacherCache
 from pipeline.cache.targets import LOGITS
 from pipeline.errors import DistilleryError
-from pipeline.methods.base import MethodError, resolve_method_spec
+from pipeline.methods import MethodError, method_class
 from pipeline.teacher.cache_pass import run_cache_pass
 from pipeline.teacher.plan import check_request
 from pipeline.train.loop import cache_info
@@ -25,8 +25,8 @@ def test_a_cache_keeps_only_the_listed_targets_and_the_statistics_their_rows_all
     # No pooled rows: no PCA or class statistics; the CKA interrelations come from the logits.
     assert cache.manifest.stats.arrays == ["stats/cka/ir"] and cache.manifest.stats.cka_source == "logits"
     with pytest.raises(MethodError, match=r"needs teacher pooled features, .*--store with pooled listed"):
-        resolve_method_spec("fitnet")[0].check_cache(cache_info(cache))
-    resolve_method_spec("kd")[0].check_cache(cache_info(cache))  # what it stores still serves
+        method_class("fitnet").check_cache(cache_info(cache))
+    method_class("kd").check_cache(cache_info(cache))  # what it stores still serves
 
 
 def test_the_default_keeps_every_target_the_options_produce(cache_request, tmp_path: Path) -> None:

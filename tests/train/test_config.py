@@ -15,7 +15,7 @@ from pipeline.train.optim import OptimConfig
 def test_one_student_writes_into_out_several_into_named_subdirectories() -> None:
     settings = RunSettings(seed=3)
     [single] = plan_runs("c", [StudentSpec(student="resnet18", methods=("ce",))], "runs/x", settings)
-    assert single.out == "runs/x" and single.methods == ("ce",)
+    assert single.out == "runs/x" and [str(m) for m in single.methods] == ["ce"]
     runs = plan_runs("c", [StudentSpec(student="resnet18", methods=("ce",)),
                            StudentSpec(student="resnet18", methods=("ce", "kd:T=2,alpha=0.5"))], "runs/x", settings)
     assert [r.out for r in runs] == ["runs/x/resnet18-ce-s3", "runs/x/resnet18-ce+kd-T2-alpha0.5-s3"]

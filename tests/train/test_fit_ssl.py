@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.train.fit import FitConfig, FitError, fit_teacher, nt_xent, pair_batches
+from pipeline.options import OptionError
+from pipeline.train.fit import FitConfig, fit_teacher, nt_xent, pair_batches
 
 
 def test_nt_xent_matches_the_direct_formula() -> None:
@@ -35,7 +36,7 @@ def test_pair_batches_put_both_views_of_each_sample_in_one_batch() -> None:
 
 
 def test_bad_objective_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(FitError, match="--objective"):
+    with pytest.raises(OptionError, match=r"^--objective must be one of supervised, ssl, not 'byol'$"):
         fit_teacher(FitConfig(dataset="digits", model="test_resnet", out=str(tmp_path / "t.pt"), objective="byol"))
 
 

@@ -14,8 +14,8 @@ import torch
 from pipeline.cache.manifest import CacheError
 from pipeline.methods import Method, MethodError, StudentInfo, register_method
 from pipeline.methods.base import _REGISTRY
-from pipeline.train.config import RunSettings, TrainConfig, TrainError
-from pipeline.train.loop import check_run, resolve_methods, student_taps, train_student
+from pipeline.train.config import RunSettings, StudentSpec, TrainConfig, TrainError
+from pipeline.train.loop import check_run, train_student
 from pipeline.train.rundir import RunDir
 from pipeline.train.student import Student
 from pipeline.train.summary import TrainSummary
@@ -144,7 +144,7 @@ def test_methods_get_the_student_stages_they_tap_with_their_shapes() -> None:
             return {}
 
     try:
-        taps = student_taps(resolve_methods(("ce", "test_reads_two_stages")))
+        taps = StudentSpec(student="test_resnet", methods=("ce", "test_reads_two_stages")).taps
         assert taps == (-2, -1)
         student = Student("test_resnet", 10, 1, 16, taps=taps)
         info = student.info()

@@ -10,8 +10,8 @@ import pytest
 
 from pipeline.methods import MethodError
 from pipeline.cache.statistics import recompute_statistics
-from pipeline.train.config import RunSettings, TrainConfig
-from pipeline.train.loop import check_run, resolve_methods, student_taps, train_student
+from pipeline.train.config import RunSettings, StudentSpec, TrainConfig
+from pipeline.train.loop import check_run, train_student
 
 METHODS = ("ce", "wkd_l:T=4,weight=10", "wkd_f:weight=0.5")
 TERMS = ("ce", "wkd_l_target", "wkd_l_wd", "wkd_f_mean", "wkd_f_std")
@@ -51,5 +51,5 @@ def test_wkd_l_without_interrelations_names_the_stats_command(make_cache, tmp_pa
 
 
 def test_the_run_taps_the_stage_wkd_f_reads() -> None:
-    assert student_taps(resolve_methods(("ce", "wkd_l", "wkd_f"))) == (-1,)
-    assert student_taps(resolve_methods(("ce", "wkd_f:stage=-2"))) == (-2,)
+    assert StudentSpec(student="test_resnet", methods=("ce", "wkd_l", "wkd_f")).taps == (-1,)
+    assert StudentSpec(student="test_resnet", methods=("ce", "wkd_f:stage=-2")).taps == (-2,)
