@@ -75,8 +75,10 @@ def cache_cmd(
     dataset: Annotated[str, typer.Option(help=DATASET_HELP)],
     out: Annotated[str, Declared(CacheRequest, "out")],
     teacher: Annotated[Optional[str], typer.Option(help="timm model name of the teacher (default: the model the "
-                                                        "--checkpoint names)")] = None,
+                                                        "--checkpoint or hf-hub: --weights names)")] = None,
     checkpoint: Annotated[Optional[Path], Declared(CacheRequest, "checkpoint")] = None,
+    weights: Annotated[Optional[str], Declared(CacheRequest, "weights", metavar="FILE|hf-hub:ORG/NAME")] = None,
+    class_map: Annotated[Optional[Path], Declared(CacheRequest, "class_map", metavar="FILE")] = None,
     teacher_head: Annotated[TeacherHead, typer.Option(help="keep: logits too | none: features and statistics "
                                                            "only")] = "keep" if request_default("teacher_head") else "none",
     views: Annotated[int, Declared(CacheRequest, "views")] = request_default("views"),
@@ -112,11 +114,15 @@ def cache_cmd(
     from pipeline.preflight import checkpoint_dataset, teacher_near_chance
     from pipeline.teacher.plan import check_request
 
-    teacher = teacher or checkpoint_model(checkpoint)
+    if weights is not None and checkpoint is not None:
+        raise OptionError("--checkpoint and --weights both give the teacher's weights; give one")
+    if weights is None:
+        teacher = teacher or checkpoint_model(checkpoint)
     if checkpoint is not None:  # before any work: a checkpoint of another dataset wastes the whole pass
         warn(checkpoint_dataset(checkpoint, dataset, on_bad_image, allow_other_dataset))
     request = CacheRequest(dataset=dataset, teacher=teacher, out=str(out), split=split, subset=subset,
                            subset_seed=subset_seed, checkpoint=str(checkpoint) if checkpoint else None,
+                           weights=weights, class_map=str(class_map) if class_map else None,
                            teacher_head=teacher_head == "keep", views=views, view_seed=view_seed, logits=logits,
                            tap=tap, grid=grid, featmaps=featmaps, teacher_tail=teacher_tail, store=store,
                            lsh_bits=lsh_bits,
@@ -141,7 +147,8 @@ def checkpoint_model(checkpoint: Optional[Path]) -> str:
     from pipeline.teacher.checkpoint import TeacherCheckpoint
 
     if checkpoint is None:
-        raise OptionError("give --teacher MODEL (a timm name), or --checkpoint FILE whose model is then used")
+        raise OptionError("give --teacher MODEL (a timm name), --checkpoint FILE whose model is then used, or "
+                          "--weights SOURCE")
     return TeacherCheckpoint.load(checkpoint).model
 
 

@@ -95,8 +95,19 @@ class TeacherSection(Section):
     taps: list[str] = Field(default_factory=list)
     head: bool = True
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
+    weights_sha256: str | None = None
+    weights_revision: str | None = None
+    preprocessing: dict[str, Any] | None = None
+    class_map: dict[str, Any] | None = None
+    class_map_sha256: str | None = None
     stages: list[str] = Field(default_factory=list)
     pooled_dim: int | None = None
+
+    @property
+    def logit_classes(self) -> int:
+        """Width of the stored logits: the dataset classes of a class map, else the teacher's head."""
+        return len(self.class_map["classes"]) if self.class_map else self.num_classes
 
 
 class DatasetSection(Section):

@@ -1,4 +1,5 @@
-"""Teacher construction: its spec and the frozen tapped timm model, its weights from a `TeacherCheckpoint`.
+"""Teacher construction: its spec and the frozen tapped timm model, its weights from a `TeacherCheckpoint` or
+brought by the user (`pipeline.teacher.weights`), its logits optionally mapped to the dataset's classes.
 
 Nothing else in the library constructs a teacher (docs/ARCHITECTURE.md#layers). A teacher is described by a
 `TeacherSpec`; `build_teacher` turns it into a `Teacher` module whose forward returns all taps from one
@@ -19,6 +20,11 @@ from pipeline.checksums import sha256_file
 from pipeline.nets.tapped import ModelError, TappedOutputs, create_timm_model, resolve_tap, tap_indices, tapped_forward
 from pipeline.options import Config
 from pipeline.teacher.checkpoint import TeacherCheckpoint
+from pipeline.teacher.class_map import ClassMap
+from pipeline.teacher.weights import resolve_weights, weights_file
+
+WEIGHTS_FIELDS = ("weights", "weights_sha256", "weights_revision", "preprocessing", "class_map", "class_map_sha256")
+"""Written to a manifest only when set: a cache made without them keeps its identity (fingerprint)."""
 
 
 class TeacherError(ModelError):
@@ -45,13 +51,28 @@ class TeacherSpec(Config):
     taps: tuple[str, ...] = ()
     head: bool = True
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None  # --weights as given (a state dict file or hf-hub:ORG/NAME[@REVISION])
+    weights_sha256: str | None = None  # of the file the weights were loaded from: identity
+    weights_revision: str | None = None  # the Hub snapshot's commit
+    preprocessing: dict[str, Any] | None = None  # the weights' `Preprocessing` (what the renders follow)
+    class_map: dict[str, Any] | None = None  # `ClassMap.to_dict`: logits mapped to the dataset's classes
+    class_map_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's `teacher` section (JSON types: lists for the tuples)."""
-        return self.model_dump(mode="json")
+        out = self.model_dump(mode="json")
+        return {k: v for k, v in out.items() if not (k in WEIGHTS_FIELDS and v is None)}
 
     def __hash__(self) -> int:  # model_kwargs is a dict; hash what identifies the teacher
-        return hash((self.model, self.checkpoint_sha256, self.taps, self.input_size, self.head))
+        return hash((self.model, self.checkpoint_sha256, self.weights_sha256, self.class_map_sha256, self.taps,
+                     self.input_size, self.head))
+
+    def class_map_of(self, teacher_classes: int) -> ClassMap | None:
+        """The recorded class map, checked against the teacher's logit width."""
+        if self.class_map is None:
+            return None
+        return ClassMap.parse(self.class_map, "the cache's class map", list(self.class_map["classes"]),
+                              teacher_classes)
 
 
 def manifest_teacher_spec(teacher: TeacherSection) -> TeacherSpec:
@@ -62,9 +83,15 @@ def manifest_teacher_spec(teacher: TeacherSection) -> TeacherSpec:
 def check_cache_checkpoint(spec: TeacherSpec) -> None:
     """Refuse to rebuild a cache's teacher from anything but the checkpoint that made the cache.
 
-    Raises TeacherError when there is no checkpoint to load, CheckpointChanged when the file at the
-    recorded path has another sha256 than the one recorded.
+    Raises TeacherError when there is no checkpoint (or weights) to load, CheckpointChanged when the file at
+    the recorded path (or the weights' file) has another sha256 than the one recorded.
     """
+    if spec.weights is not None:
+        path = weights_file(spec.weights, spec.model)
+        if sha256_file(path) != spec.weights_sha256:
+            raise CheckpointChanged(f"the teacher weights {spec.weights} ({path}) changed since the cache was "
+                                    f"made (sha256 differs)")
+        return
     if spec.checkpoint is None:
         raise TeacherError(f"the cache's teacher {spec.model} has no checkpoint (random weights), so it cannot "
                            f"be rebuilt")
@@ -79,20 +106,30 @@ def check_cache_checkpoint(spec: TeacherSpec) -> None:
 class Teacher(nn.Module):
     """A frozen timm model returning logits, pooled features and the tapped stage maps in one pass."""
 
-    def __init__(self, model: nn.Module, taps: tuple[str, ...], head: bool = True) -> None:
+    def __init__(self, model: nn.Module, taps: tuple[str, ...], head: bool = True,
+                 class_map: ClassMap | None = None) -> None:
         super().__init__()
         self.model = model
         self.taps = taps
         self.head = head
+        self.class_map = class_map
         self._tap_indices = tap_indices(model, taps)
 
     def forward(self, x: torch.Tensor) -> TappedOutputs:
-        return tapped_forward(self.model, x, self.taps, self._tap_indices, self.head)
+        out = tapped_forward(self.model, x, self.taps, self._tap_indices, self.head)
+        if self.class_map is None or out.logits is None:
+            return out
+        # Mapped here, before anything is stored: every logit method reads dataset-class logits.
+        return TappedOutputs(logits=self.class_map.select(out.logits), pooled=out.pooled, maps=out.maps)
 
 
 def build_teacher(spec: TeacherSpec, device: str | torch.device = "cpu") -> Teacher:
-    """Construct the teacher described by `spec`, load its checkpoint, freeze it, eval mode."""
-    model = create_timm_model(spec.model, spec.num_classes, spec.in_chans, spec.input_size, **spec.model_kwargs)
+    """Construct the teacher described by `spec`, load its checkpoint or weights, freeze it, eval mode."""
+    if spec.weights is not None:  # the file's sha256 is checked by `check_cache_checkpoint` (verify, repair)
+        model = resolve_weights(spec.weights, spec.model, num_classes=spec.num_classes if spec.head else 0,
+                                in_chans=spec.in_chans, **spec.model_kwargs).model
+    else:
+        model = create_timm_model(spec.model, spec.num_classes, spec.in_chans, spec.input_size, **spec.model_kwargs)
     if spec.checkpoint is not None:
         ckpt = TeacherCheckpoint.load(spec.checkpoint)
         if ckpt.model != spec.model:
@@ -108,6 +145,7 @@ def build_teacher(spec: TeacherSpec, device: str | torch.device = "cpu") -> Teac
         model.reset_classifier(0)
     for t in spec.taps:
         resolve_tap(model, t)
-    teacher = Teacher(model, spec.taps, head=spec.head).to(device).eval()
+    class_map = spec.class_map_of(spec.num_classes) if spec.head else None
+    teacher = Teacher(model, spec.taps, head=spec.head, class_map=class_map).to(device).eval()
     teacher.requires_grad_(False)
     return teacher

@@ -32,6 +32,8 @@ from pipeline.nets.tapped import TappedOutputs, resolve_tap, stage_names
 from pipeline.object_store import check_output_location
 from pipeline.options import Config, Help, Range, check_device, resolve_device
 from pipeline.teacher.checkpoint import TeacherCheckpoint
+from pipeline.teacher.class_map import ClassMap
+from pipeline.teacher.weights import ResolvedWeights, WeightsError, resolve_weights
 from pipeline.teacher.model import Teacher, TeacherError, TeacherSpec, build_teacher, manifest_teacher_spec
 
 
@@ -39,12 +41,18 @@ class CacheRequest(Config):
     """What `distillery cache` asks for (JSON-able: it is a Prefect flow parameter)."""
 
     dataset: str
-    teacher: Annotated[str, Help("timm model name of the teacher")]
+    teacher: Annotated[str | None, Help("timm model name of the teacher (default: the architecture an hf-hub: "
+                                        "--weights names)")]
     out: Annotated[str, Help("cache directory or fsspec URL (s3://bucket/prefix, needs the s3 extra)")]
     split: Annotated[str, Help("dataset split to cache")] = "train"
     subset: Annotated[int | None, Range(ge=1), Help("seeded, stratified subset")] = None
     subset_seed: Annotated[int, Range(ge=0), Help("seed of the subset")] = 0
     checkpoint: Annotated[str | None, Help("teacher checkpoint (distillery fit-teacher)")] = None
+    weights: Annotated[str | None, Help("pretrained teacher weights: a .safetensors/.pth/.pt/.bin state dict (timm "
+                                        "or torchvision keys) or hf-hub:ORG/NAME[@REVISION] from the local Hugging "
+                                        "Face cache; renders follow their preprocessing")] = None
+    class_map: Annotated[str | None, Help("JSON file mapping each dataset class to teacher class indices: logits "
+                                          "are the mapped ones (docs/guide.md#your-own-teacher)")] = None
     teacher_head: Annotated[bool, Help("keep the teacher's classifier: logits too (false: features and statistics "
                                        "only)")] = True
     views: Annotated[int, Range(ge=0), Help("augmented views per sample, besides the clean view 0")] = 2
@@ -112,25 +120,77 @@ def shared_teacher(spec: TeacherSpec, device: str) -> Teacher:
 
 
 def teacher_spec(request: CacheRequest, dataset: ImageDataset) -> TeacherSpec:
-    """Resolve the request's teacher (checkpoint metadata, input size, normalisation, tap)."""
+    """Resolve the request's teacher (checkpoint metadata or weights, input size, normalisation, class map,
+    tap)."""
+    if request.checkpoint is not None and request.weights is not None:
+        raise TeacherError("--checkpoint and --weights both give the teacher's weights; give one")
+    if request.weights is not None:
+        base = _weights_spec(request, dataset)
+    else:
+        base = _checkpoint_spec(request, dataset)
+    if request.class_map is not None:
+        if not request.teacher_head:
+            raise TeacherError("--class-map maps the teacher's logits, which --teacher-head none drops; give one")
+        mapped = ClassMap.load(request.class_map, dataset.class_names, base.num_classes)
+        base = base.model_copy(update={"class_map": mapped.to_dict(), "class_map_sha256": mapped.sha256})
+    elif request.teacher_head and base.num_classes != dataset.num_classes:
+        raise TeacherError(f"the teacher {base.model} has {base.num_classes} classes, dataset {dataset.name} has "
+                           f"{dataset.num_classes}; use --teacher-head none to cache features only, or --class-map "
+                           f"FILE to map its classes to the dataset's")
+    if request.tap == "none":
+        return base
+    return base.model_copy(update={"taps": (_resolve_tap(base, request.tap, request.grid),)})
+
+
+def _weights_spec(request: CacheRequest, dataset: ImageDataset) -> TeacherSpec:
+    """The teacher of `--weights`: its input size, mean and std from the weights' pretrained config (the
+    renders follow them), the stem adapted by timm to the dataset's channels (a grey image is rendered as
+    one channel, which a teacher's RGB stem summed to one channel sees as the grey image replicated to
+    three), the head kept at the dataset's size when the weights have it, else at the weights' own."""
+    def resolved(num_classes: int | None, **kwargs: Any) -> ResolvedWeights:
+        return resolve_weights(request.weights, request.teacher, num_classes=num_classes,
+                               in_chans=dataset.channels, **kwargs)
+
+    if not request.teacher_head:
+        got = resolved(0)
+    elif request.class_map is not None:
+        got = resolved(None)  # the weights' own head: the class map says which of its classes count
+    else:
+        try:
+            got = resolved(dataset.num_classes)
+        except WeightsError as e:
+            try:
+                got = resolved(None)  # a head of another size: refused below, naming the ways out
+            except WeightsError:
+                raise e from None
+    kwargs: dict[str, Any] = {}
+    if request.input_size and got.preprocessing.fixed_input_size and \
+            request.input_size != got.preprocessing.input_size[-1]:
+        kwargs = {"img_size": request.input_size}  # timm resamples the position embeddings when loading
+        got = resolved(got.num_classes if request.teacher_head else 0, **kwargs)
+    pre = got.preprocessing
+    return TeacherSpec(
+        model=got.architecture, num_classes=got.num_classes, in_chans=dataset.channels,
+        input_size=request.input_size or pre.input_size[-1], mean=pre.mean, std=pre.std, head=request.teacher_head,
+        model_kwargs=kwargs, weights=request.weights, weights_sha256=got.sha256, weights_revision=got.revision,
+        preprocessing=pre.to_dict())
+
+
+def _checkpoint_spec(request: CacheRequest, dataset: ImageDataset) -> TeacherSpec:
+    """The teacher of a `fit-teacher` checkpoint, or random weights shaped by the dataset."""
+    if request.teacher is None:
+        raise TeacherError("name the teacher: --teacher NAME (a timm model), --checkpoint FILE or --weights SOURCE")
     if request.checkpoint is not None:
         ckpt = TeacherCheckpoint.load(request.checkpoint)
-        if ckpt.num_classes != dataset.num_classes and request.teacher_head:
-            raise TeacherError(f"checkpoint {request.checkpoint} has {ckpt.num_classes} classes, dataset "
-                               f"{dataset.name} has {dataset.num_classes}; use --teacher-head none to cache "
-                               f"features only")
         num_classes, input_size, mean, std = ckpt.num_classes, ckpt.input_size, ckpt.mean, ckpt.std
     else:  # random weights: the dataset decides
         num_classes, input_size = dataset.num_classes, default_input_size(dataset)
         mean, std = _dataset(request.dataset, "train", None, 0, request.on_bad_image).pixel_stats()
-    base = TeacherSpec(
+    return TeacherSpec(
         model=request.teacher, num_classes=num_classes, in_chans=dataset.channels,
         input_size=request.input_size or input_size, mean=mean, std=std, checkpoint=request.checkpoint,
         checkpoint_sha256=sha256_file(request.checkpoint) if request.checkpoint else None,
         head=request.teacher_head)
-    if request.tap == "none":
-        return base
-    return base.model_copy(update={"taps": (_resolve_tap(base, request.tap, request.grid),)})
 
 
 def _resolve_tap(spec: TeacherSpec, tap: str, grid: int) -> str:

@@ -126,11 +126,8 @@ def resolve_weights(source: str, model: str | None = None, *, num_classes: int |
         architecture, path, revision = _hf_snapshot_weights(source, model)
         name = f"local-dir:{path.parent}"  # timm reads the snapshot's config.json: model args, pretrained config
     else:
-        if model is None:
-            raise WeightsError(f"{source} is a state dict, which does not say which architecture it holds; "
-                               f"name it with --teacher (a timm model, e.g. resnet18.tv_in1k)")
-        architecture, path, revision = model, _local_state_dict(source, model), None
-        name = model
+        architecture, path, revision = str(model), weights_file(source, model), None
+        name = architecture
     digest = sha256_file(path)
     # timm's loader reads the very file hashed here (for a Hub snapshot: instead of choosing one itself).
     overlay: dict[str, Any] = {"source": None, "file": str(path)}
@@ -141,6 +138,17 @@ def resolve_weights(source: str, model: str | None = None, *, num_classes: int |
     built = _create(name, architecture, path, overlay, kwargs)
     return ResolvedWeights(model=built.eval(), architecture=architecture, source=source, path=path,
                            sha256=digest, revision=revision, preprocessing=Preprocessing.of_model(built, kwargs))
+
+
+def weights_file(source: str, model: str | None = None) -> Path:
+    """The file whose tensors ``source`` gives (checked as `resolve_weights` checks it), without loading it:
+    what a cache's recorded sha256 is compared with."""
+    if source.startswith(HF_PREFIX):
+        return _hf_snapshot_weights(source, model)[1]
+    if model is None:
+        raise WeightsError(f"{source} is a state dict, which does not say which architecture it holds; "
+                           f"name it with --teacher (a timm model, e.g. resnet18.tv_in1k)")
+    return _local_state_dict(source, model)
 
 
 def _local_state_dict(source: str, model: str) -> Path:

@@ -59,7 +59,7 @@ def check_classes(cache: TeacherCache, val: ImageDataset) -> None:
     if list(val.class_names) != cache.class_names:
         raise TrainError(f"class mismatch: the cache {cache.root} has {cache.num_classes} classes, the "
                          f"{val.name} val split has {val.num_classes}; re-run `distillery cache` on this dataset")
-    width = cache.manifest.teacher.num_classes
+    width = cache.manifest.teacher.logit_classes
     if "logits" in cache.available_targets() and width != cache.num_classes:
         raise TrainError(f"class mismatch: the cache {cache.root} holds {width}-class teacher logits for "
                          f"{cache.num_classes} dataset classes")
