@@ -51,8 +51,9 @@ class CacheRequest(Config):
     weights: Annotated[str | None, Help("pretrained teacher weights: a .safetensors/.pth/.pt/.bin state dict (timm "
                                         "or torchvision keys) or hf-hub:ORG/NAME[@REVISION] from the local Hugging "
                                         "Face cache; renders follow their preprocessing")] = None
-    class_map: Annotated[str | None, Help("JSON file mapping each dataset class to teacher class indices: logits "
-                                          "are the mapped ones (docs/guide.md#your-own-teacher)")] = None
+    class_map: Annotated[str | dict[str, Any] | None, Help(
+        "JSON file mapping each dataset class to teacher class indices: logits are the mapped ones "
+        "(docs/guide.md#your-own-teacher); a repair passes the manifest's copy")] = None
     teacher_head: Annotated[bool, Help("keep the teacher's classifier: logits too (false: features and statistics "
                                        "only)")] = True
     views: Annotated[int, Range(ge=0), Help("augmented views per sample, besides the clean view 0")] = 2
@@ -131,7 +132,9 @@ def teacher_spec(request: CacheRequest, dataset: ImageDataset) -> TeacherSpec:
     if request.class_map is not None:
         if not request.teacher_head:
             raise TeacherError("--class-map maps the teacher's logits, which --teacher-head none drops; give one")
-        mapped = ClassMap.load(request.class_map, dataset.class_names, base.num_classes)
+        mapped = (ClassMap.parse(request.class_map, "the cache's class map", dataset.class_names, base.num_classes)
+                  if isinstance(request.class_map, dict)
+                  else ClassMap.load(request.class_map, dataset.class_names, base.num_classes))
         base = base.model_copy(update={"class_map": mapped.to_dict(), "class_map_sha256": mapped.sha256})
     elif request.teacher_head and base.num_classes != dataset.num_classes:
         raise TeacherError(f"the teacher {base.model} has {base.num_classes} classes, dataset {dataset.name} has "

@@ -176,7 +176,8 @@ def manifest_request(root: str | Path, device: str = "cpu", batch_size: int = 25
     m = Manifest.load(root)
     d, v, st, t = m.dataset, m.views, m.storage, m.teacher
     return CacheRequest(dataset=d.name, split=d.split, subset=d.subset, subset_seed=d.subset_seed,
-                        teacher=t.model, checkpoint=t.checkpoint, weights=t.weights, teacher_head=t.head, views=v.num_augmented,
+                        teacher=t.model, checkpoint=t.checkpoint, weights=t.weights, class_map=t.class_map,
+                        teacher_head=t.head, views=v.num_augmented,
                         view_seed=v.seed, logits=st.logits, tap=st.tap or "none", grid=st.grid, featmaps=st.featmaps,
                         teacher_tail=st.teacher_tail, store=st.store, lsh_bits=st.lsh_bits, input_size=t.input_size,
                         shard_size=st.shard_size, block_size=st.block_size,

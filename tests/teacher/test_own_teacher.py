@@ -21,6 +21,8 @@ from pipeline.data.views import ViewPlan
 from pipeline.methods.kd import kd_loss
 from pipeline.teacher.forward import render_pairs
 from pipeline.teacher.model import manifest_teacher_spec
+from pipeline.teacher.plan import build_manifest
+from pipeline.teacher.verify import manifest_request
 from pipeline.teacher.weights import resolve_weights
 from pipeline.train.config import RunSettings, TrainConfig
 from pipeline.train.loop import train_student
@@ -142,6 +144,8 @@ def test_class_map_kd_is_kd_on_the_selected_columns(prefect_harness, cli, weight
     cache = TeacherCache(tmp_path / "c")
     assert cache.manifest.teacher.class_map == json.loads(class_map.read_text())
     assert cache.manifest.teacher.num_classes == 1000 and cache.manifest.teacher.logit_classes == len(classes)
+    # A repair re-runs the request read back from the manifest: the same identity, map included.
+    assert build_manifest(manifest_request(tmp_path / "c")).identity() == cache.manifest.identity()
     with torch.inference_mode():
         by_hand = wide(rendered(cache))[:, columns]
     student = torch.randn(len(by_hand), len(classes), generator=torch.Generator().manual_seed(0))
