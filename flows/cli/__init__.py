@@ -23,6 +23,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 import typer  # noqa: E402 - after the Prefect home is settled
 
+from flows.cli import signals  # noqa: E402
 from flows.cli.display import fail  # noqa: E402
 from flows.cli.lazy import LazyGroup  # noqa: E402
 
@@ -54,6 +55,7 @@ def main() -> None:
 
     from pipeline.errors import DistilleryError, one_line
 
+    signals.install()
     try:
         code = app(standalone_mode=False)
     except NoArgsIsHelpError:  # `distillery` alone: typer has printed the help screen, exit 2 as click does
@@ -67,4 +69,16 @@ def main() -> None:
              f"--help`)")
     except typer.Abort:  # Ctrl-C outside a flow
         sys.exit(130)
+    except BaseException as e:  # Ctrl-C, SIGTERM (`signals`; inside a flow run as Prefect re-raises it)
+        signal_code = signals.exit_code(e)
+        if signal_code is None:
+            raise
+        interrupted(signal_code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def interrupted(code: int) -> None:
+    """The one line of a command a signal ended (`signals`), exit 128 + the signal."""
+    sys.stdout.flush()
+    print(signals.INTERRUPTED, file=sys.stderr, flush=True)
+    sys.exit(code)
