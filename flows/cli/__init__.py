@@ -55,9 +55,9 @@ def main() -> None:
 
     from pipeline.errors import DistilleryError, one_line
 
-    signals.install()
     try:
-        code = app(standalone_mode=False)
+        with signals.installed():
+            code = app(standalone_mode=False)
     except NoArgsIsHelpError:  # `distillery` alone: typer has printed the help screen, exit 2 as click does
         sys.exit(2)
     except DistilleryError as e:  # raised here or in a DataLoader worker (whose traceback torch folds into it)

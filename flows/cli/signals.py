@@ -1,6 +1,6 @@
 """The command line's one signal policy: Ctrl-C (SIGINT) and SIGTERM end any command the same way.
 
-`install` makes both raise `Interrupted` in the main thread (inside a flow run Prefect's own SIGTERM handler
+`installed` makes both raise `Interrupted` in the main thread (inside a flow run Prefect's own SIGTERM handler
 raises its `TerminationSignal` instead, after marking the run; both carry the signal as `.signal`). Neither
 is a `KeyboardInterrupt`, which typer would turn into a bare exit 130. `main` prints one line and exits
 128 + the signal number, as a shell reports a command a signal ended: 130 for SIGINT, 143 for SIGTERM.
@@ -10,6 +10,8 @@ command resumes (docs/operations.md#interrupts).
 """
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
@@ -28,15 +30,21 @@ def raise_interrupted(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
-def install() -> None:
-    """SIGINT and SIGTERM raise `Interrupted` (Python's SIGTERM default ends the process without a word)."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, raise_interrupted)
+@contextmanager
+def installed() -> Iterator[None]:
+    """SIGINT and SIGTERM raise `Interrupted` meanwhile (Python's SIGTERM default ends the process without a
+    word); the handlers before are restored after (`main` also runs inside test processes)."""
+    before = {signum: signal.signal(signum, raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def exit_code(error: BaseException) -> int | None:
     """128 + the signal that `error` stands for, or None when it is no interrupt."""
-    if isinstance(error, KeyboardInterrupt):  # a Ctrl-C before `install`
+    if isinstance(error, KeyboardInterrupt):  # a Ctrl-C outside `installed`
         return 128 + signal.SIGINT
     signum = getattr(error, "signal", None)  # Interrupted, Prefect's TerminationSignal
     return 128 + signum if signum in (signal.SIGINT, signal.SIGTERM) else None
