@@ -33,9 +33,13 @@ def default_prefect_home() -> None:
 
 
 def _die_with(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn``: the child gets SIGKILL when ``parent`` exits, or exits at once if it already has."""
+    """A ``preexec_fn``: the child gets SIGKILL when ``parent`` exits, or exits at once if it already has.
+
+    The child also leaves the terminal's process group: a Ctrl-C reaches every process of that group, and a
+    server it killed could not record the interrupted flow run, whose client would retry for minutes."""
 
     def tie() -> None:
+        os.setpgid(0, 0)
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died between fork and prctl: nobody would signal us
             os._exit(1)

@@ -6,6 +6,9 @@ says what is wrong and what to do; anything else that escapes is a bug and keeps
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class DistilleryError(ValueError):
     """Bad input or state a user can fix; the message is one line that says how."""
@@ -22,3 +25,10 @@ def one_line(error: BaseException) -> str:
     last = [line for line in text.splitlines() if line.strip()][-1]
     name, sep, message = last.partition(": ")
     return message if sep and name.rsplit(".", 1)[-1] == type(error).__name__ else last
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` naming the closest of ``known`` to a mistyped ``word``, or ``""`` when none is
+    close: one place for the suggestion every "unknown NAME" line carries."""
+    close = difflib.get_close_matches(word, list(known), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""

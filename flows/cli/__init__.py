@@ -1,7 +1,7 @@
 """The `distillery` command line (docs/ARCHITECTURE.md#command-line-contract: these spellings are a contract scripts rely on).
 
-One module per command group (`teacher`, `students`, `lab`, `deploy`), each a `typer.Typer` named `group`
-whose commands parse their options, make one library or flow call and print; `display` prints, `options`
+One module per command group (`teacher`, `students`, `lab`, `deploy`), each a `typer.Typer` named `group`,
+imported only when one of its commands is used (`lazy.LazyGroup`), whose commands parse their options, make one library or flow call and print; `display` prints, `options`
 holds what several commands share. `main` turns every error a user can fix into one line on stderr, exit 2.
 """
 
@@ -23,10 +23,13 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 import typer  # noqa: E402 - after the Prefect home is settled
 
-from flows.cli import deploy, lab, students, teacher  # noqa: E402
+from flows.cli import signals  # noqa: E402
 from flows.cli.display import fail  # noqa: E402
+from flows.cli.lazy import LazyGroup  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# The command groups (teacher, students, lab, deploy: `lazy.GROUP_MODULES`) are imported when one of their
+# commands runs or shows its help, so `distillery --help` imports neither torch nor Prefect.
+app = typer.Typer(cls=LazyGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distillery: teach once, distill many.")
 
 
@@ -45,11 +48,6 @@ def distillery(
     """Options before the command (`distillery --version`)."""
 
 
-app.add_typer(teacher.group)
-app.add_typer(students.group)
-app.add_typer(lab.group)
-app.add_typer(deploy.group)
-
 
 def main() -> None:
     # typer vendors click as typer._click; its usage errors would otherwise be a multi-line panel.
@@ -58,7 +56,8 @@ def main() -> None:
     from pipeline.errors import DistilleryError, one_line
 
     try:
-        code = app(standalone_mode=False)
+        with signals.installed():
+            code = app(standalone_mode=False)
     except NoArgsIsHelpError:  # `distillery` alone: typer has printed the help screen, exit 2 as click does
         sys.exit(2)
     except DistilleryError as e:  # raised here or in a DataLoader worker (whose traceback torch folds into it)
@@ -70,4 +69,16 @@ def main() -> None:
              f"--help`)")
     except typer.Abort:  # Ctrl-C outside a flow
         sys.exit(130)
+    except BaseException as e:  # Ctrl-C, SIGTERM (`signals`; inside a flow run as Prefect re-raises it)
+        signal_code = signals.exit_code(e)
+        if signal_code is None:
+            raise
+        interrupted(signal_code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def interrupted(code: int) -> None:
+    """The one line of a command a signal ended (`signals`), exit 128 + the signal."""
+    sys.stdout.flush()
+    print(signals.INTERRUPTED, file=sys.stderr, flush=True)
+    sys.exit(code)

@@ -37,6 +37,7 @@ def fit_teacher_cmd(
     dataset: Annotated[str, typer.Option(help=DATASET_HELP)],
     model: Annotated[str, Declared(FitConfig, "model")],
     out: Annotated[Path, Declared(FitConfig, "out")],
+    overwrite: Annotated[bool, Declared(FitConfig, "overwrite")] = default_of(FitConfig, "overwrite"),
     epochs: Annotated[int, Declared(FitConfig, "epochs")] = default_of(FitConfig, "epochs"),
     subset: Annotated[Optional[int], Declared(FitConfig, "subset")] = default_of(FitConfig, "subset"),
     seed: Annotated[int, Declared(FitConfig, "seed")] = default_of(FitConfig, "seed"),
@@ -53,7 +54,8 @@ def fit_teacher_cmd(
     from flows.fit_teacher import fit_teacher_flow
     from pipeline.train.fit import check_fit
 
-    cfg = FitConfig(dataset=dataset, model=model, out=str(out), epochs=epochs, subset=subset, seed=seed,
+    cfg = FitConfig(dataset=dataset, model=model, out=str(out), overwrite=overwrite, epochs=epochs, subset=subset,
+                    seed=seed,
                     input_size=input_size, batch_size=batch_size, lr=lr, device=device, on_bad_image=on_bad_image,
                     objective=objective, temperature=temperature, jitter=jitter)
     check_fit(cfg)  # one line here, not a failed flow run

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 from PIL import Image
-from pipeline.errors import DistilleryError
+from pipeline.errors import DistilleryError, did_you_mean
 
 __all__ = [
     "ArrayDataset",
@@ -464,7 +464,7 @@ def _dataset_kind(spec: str) -> tuple[DatasetKind, str]:
     name, _, argument = spec.partition(":")
     kind = DATASET_KINDS.get(name)
     if kind is None or (argument and not kind.argument) or (not argument and kind.argument and kind.default is None):
-        raise DatasetError(f"unknown dataset {spec!r}; valid names: "
+        raise DatasetError(f"unknown dataset {spec!r}{did_you_mean(name, DATASET_KINDS)}; valid names: "
                            f"{', '.join(k.usage for k in DATASET_KINDS.values())}")
     return kind, argument or kind.default or ""
 

@@ -81,8 +81,9 @@ class Experiment:
         return root / "teachers" / f"{self.dataset.split(':')[0]}-{self.teacher}-e{self.teacher_epochs}{objective}.pt"
 
     def fit_config(self, root: Path) -> FitConfig:
+        # overwrite: the experiment's own teacher, refitted when its settings changed (`reusable_teacher`)
         return FitConfig(dataset=self.dataset, model=self.teacher, out=str(self.teacher_path(root)),
-                         epochs=self.teacher_epochs, objective=self.teacher_objective)
+                         epochs=self.teacher_epochs, objective=self.teacher_objective, overwrite=True)
 
     def cache_request(self, root: Path) -> CacheRequest:
         return CacheRequest(dataset=self.dataset, teacher=self.teacher, checkpoint=str(self.teacher_path(root)),

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from pipeline.cache.targets import FEATMAPS, GAUSSIAN, LOGITS, LSH_CODES, POOLED, TARGETS
-from pipeline.errors import DistilleryError
+from pipeline.errors import DistilleryError, did_you_mean
 from pipeline.options import Help, Range, declared
 
 __all__ = [
@@ -326,7 +326,8 @@ def register_method(cls: _M) -> _M:
 def method_class(name: str) -> type[Method]:
     """The method registered as ``name``; :class:`MethodError` naming the known ones otherwise."""
     if name not in _REGISTRY:
-        raise MethodError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}")
+        raise MethodError(f"unknown method {name!r}{did_you_mean(name, list_methods())}; known methods: "
+                          f"{', '.join(list_methods())}")
     return _REGISTRY[name]
 
 

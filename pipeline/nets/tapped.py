@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import DistilleryError
+from pipeline.errors import DistilleryError, did_you_mean
 
 
 class ModelError(DistilleryError):
@@ -37,9 +37,8 @@ def create_timm_model(name: str, num_classes: int, in_chans: int, input_size: in
     import timm
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise ModelError(f"unknown timm model '{name}'{hint}; see timm.list_models()")
+        raise ModelError(f"unknown timm model '{name}'{did_you_mean(name, timm.list_models())}; see "
+                         f"timm.list_models()")
     kwargs = dict(kwargs)
     try:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,

@@ -29,7 +29,7 @@ from pipeline.data.datasets import BAD_IMAGE_HELP, BAD_IMAGE_POLICIES, load_data
 from pipeline.data.rendering import RenderedViews, default_input_size, worker_context
 from pipeline.data.views import ViewPlan
 from pipeline.nets.tapped import create_timm_model
-from pipeline.options import Config, Help, Range, check_device, check_output_file, resolve_device
+from pipeline.options import Config, Help, OptionError, Range, check_device, check_output_file, resolve_device
 from pipeline.progress import progress_task
 from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.train.evaluate import evaluate_accuracy
@@ -44,6 +44,8 @@ class FitConfig(Config):
     dataset: str
     model: Annotated[str, Help("timm model name")]
     out: Annotated[str, Help("checkpoint path to write")]
+    overwrite: Annotated[bool, Help("replace a checkpoint already at --out (refused otherwise: the caches made "
+                                    "from it would no longer verify)")] = False
     epochs: Annotated[int, Range(ge=1), Help("training epochs")] = 10
     subset: Annotated[int | None, Range(ge=1), Help("seeded, stratified subset of the train split")] = None
     seed: Annotated[int, Range(ge=0), Help("seed of the initialisation, the subset and the augmentations")] = 0
@@ -81,9 +83,12 @@ class FitResult(BaseModel):
 
 def check_fit(cfg: FitConfig) -> None:
     """Everything `fit_teacher` would refuse, found before any work: the device, where the checkpoint goes
-    and every split's images (one line each)."""
+    (not over an existing one unless `overwrite`) and every split's images (one line each)."""
     check_device(cfg.device)
     check_output_file(cfg.out)
+    if Path(cfg.out).expanduser().exists() and not cfg.overwrite:
+        raise OptionError(f"--out {cfg.out} exists; pass --overwrite to replace it (the caches made from it "
+                          f"would then fail verify)")
     for split in ("train", "val"):
         load_dataset(cfg.dataset, split, on_bad_image=cfg.on_bad_image)
 

@@ -103,3 +103,33 @@ def test_cli_killed_mid_pass_resumes_and_matches_an_uninterrupted_run(prefect_ha
     resumed, full = TeacherCache(out), TeacherCache(reference)
     for name in list(full.manifest.arrays) + full.manifest.stats.arrays:
         np.testing.assert_array_equal(resumed.read(name), full.read(name), err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_cli_interrupted_says_one_line_and_the_same_command_resumes(prefect_harness, digits_teacher: Path,
+                                                                   tmp_path: Path, signum: int) -> None:
+    """Ctrl-C or SIGTERM after the first shard: one line, exit 128 + the signal, the cache left partial and
+    completed by the same command (flows/cli/signals.py)."""
+    from prefect.settings import get_current_settings
+
+    out = tmp_path / "interrupted"
+    args = [sys.executable, "-m", "flows.cli", "cache", "--dataset", "digits", "--teacher", "test_resnet",
+            "--checkpoint", str(digits_teacher), "--out", str(out), "--subset", "640", "--views", "4",
+            "--input-size", "64", "--shard-size", "64", "--batch-size", "128", "--device", "cpu"]
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not _records(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    sent = time.time()
+    _, stderr = proc.communicate(timeout=120)
+    assert time.time() - sent < 60, "the command did not end promptly"
+    assert proc.returncode == 128 + signum, stderr
+    assert stderr == "interrupted; rerun the same command to resume\n"
+    assert Manifest.load(out).status == "partial" and len(_records(out)) < 10
+
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert Manifest.load(out).status == "complete"

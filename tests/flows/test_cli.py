@@ -136,6 +136,18 @@ def test_without_a_terminal_each_finished_loop_is_one_line_with_its_rate(prefect
     assert re.match(r"teacher test_resnet: val accuracy \d+\.\d\d% after 1 epochs", result), result
 
 
+def test_fit_teacher_does_not_overwrite_a_checkpoint_unless_told(tmp_path: Path) -> None:
+    from pipeline.train.fit import FitConfig, check_fit
+
+    out = tmp_path / "t.pt"
+    out.write_bytes(b"the teacher some caches were made from")
+    refused = run_cli("fit-teacher", "--dataset", "digits", "--model", "test_resnet", "--out", str(out))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"--out {out} exists; pass --overwrite to replace it" in refused.stderr
+    assert out.read_bytes() == b"the teacher some caches were made from"
+    check_fit(FitConfig(dataset="digits", model="test_resnet", out=str(out), overwrite=True))  # --overwrite passes
+
+
 def test_loop_descriptions_are_plain_text_not_rich_markup(monkeypatch) -> None:
     import io
 
