@@ -106,8 +106,8 @@ def test_choice_options_refuse_other_values_in_one_line(cli, tmp_path: Path) -> 
 
 def test_cache_without_teacher_or_checkpoint_is_refused_in_one_line(cli, tmp_path: Path) -> None:
     code, out = cli("cache", "--dataset", "digits", "--out", str(tmp_path / "c"))
-    assert code == 2 and out == "error: give --teacher MODEL (a timm name), or --checkpoint FILE whose model is " \
-                                "then used\n"
+    assert code == 2 and out == "error: give --teacher MODEL (a timm name), --checkpoint FILE whose model is " \
+                                "then used, or --weights SOURCE\n"
 
 
 def test_prefect_home_defaults_to_the_venv_whichever_way_the_cli_starts(monkeypatch, tmp_path: Path) -> None:
