@@ -55,7 +55,7 @@ def stripes_kind():
 def test_a_new_dataset_kind_is_loaded_listed_cached_and_trained(stripes_kind, tmp_path: Path) -> None:
     assert "stripes[:N] (synthetic stripes, N per split)" in dataset_help()
     with pytest.raises(DatasetError, match=r"unknown dataset 'stripe' \(did you mean 'stripes'\?\); "
-                                           r".*imagefolder:DIR, stripes\[:N\]$"):
+                                           r".*imagefolder:DIR, wds:TRAIN\|VAL, stripes\[:N\]$"):
         load_dataset("stripe")
     with pytest.raises(DatasetError, match=r"^stripes:one: N must be a whole number"):
         load_dataset("stripes:one")

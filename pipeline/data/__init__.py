@@ -17,6 +17,7 @@ from pipeline.data.views import (
     render_view,
     render_views,
 )
+from pipeline.data.webdataset_source import WebDataset  # registers the `wds:` dataset kind
 
 __all__ = [
     "ArrayDataset",
@@ -26,6 +27,7 @@ __all__ = [
     "ImageDataset",
     "ViewParams",
     "ViewPlan",
+    "WebDataset",
     "epoch_view",
     "epoch_views",
     "load_dataset",

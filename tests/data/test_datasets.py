@@ -325,7 +325,8 @@ def test_unknown_dataset_lists_valid_names(spec):
 
 def test_the_registry_lists_each_kind_as_a_spec_names_it_and_refuses_a_second_of_a_name():
     assert dataset_help() == " | ".join(f"{kind.usage} ({kind.help})" for kind in DATASET_KINDS.values())
-    assert [kind.usage for kind in DATASET_KINDS.values()] == ["digits", "fashion-mnist[:DIR]", "imagefolder:DIR"]
+    assert [kind.usage for kind in DATASET_KINDS.values()] == ["digits", "fashion-mnist[:DIR]", "imagefolder:DIR",
+                                                                 "wds:TRAIN|VAL"]
     with pytest.raises(TypeError, match="dataset kind 'digits' is already registered"):
         register_dataset_kind(DatasetKind("digits", DATASET_KINDS["digits"].loader, help="again"))
     with pytest.raises(TypeError, match="must be non-empty and hold no ':'"):
