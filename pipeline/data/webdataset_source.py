@@ -28,7 +28,7 @@ import os
 import re
 import tarfile
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -222,15 +222,15 @@ def _member_key(shard: str, info: tarfile.TarInfo) -> tuple[str, str]:
     return str(path.parent / stem) if str(path.parent) != "." else stem, extension.lower()
 
 
-def _list_members(shard: str, tar: tarfile.TarFile, check: ThreadPoolExecutor) -> tuple[dict[str, _Sample],
-                                                                                         dict[str, Future]]:
+def _list_members(shard: str, tar: tarfile.TarFile,
+                  check: ThreadPoolExecutor) -> tuple[dict[str, _Sample], dict[str, Future]]:
+    """Each sample's image and class members, in stored order, and the checks of its image (`image_error`)."""
     samples: dict[str, _Sample] = {}
     checks: dict[str, Future] = {}
     window: deque[Future] = deque()
-    name = shard
     for count, info in enumerate(tar):
         if count >= MAX_MEMBERS:
-            raise DatasetError(f"shard {name} has more than {MAX_MEMBERS:,} members; split it")
+            raise DatasetError(f"shard {shard} has more than {MAX_MEMBERS:,} members; split it")
         if info.isdir():
             continue
         key, extension = _member_key(shard, info)
@@ -239,16 +239,16 @@ def _list_members(shard: str, tar: tarfile.TarFile, check: ThreadPoolExecutor) -
         sample = samples.setdefault(key, _Sample())
         limit = MAX_CLASS_BYTES if extension == CLASS_EXTENSION else MAX_IMAGE_BYTES
         if info.size > limit:
-            raise DatasetError(f"shard {name} sample {key}: its .{extension} member is {info.size:,} bytes, more "
+            raise DatasetError(f"shard {shard} sample {key}: its .{extension} member is {info.size:,} bytes, more "
                                f"than the {limit:,} it may be; {_HINT}")
         if (sample.label if extension == CLASS_EXTENSION else sample.image) is not None:
-            raise DatasetError(f"shard {name} sample {key}: two {'class' if extension == CLASS_EXTENSION else 'image'} "
+            raise DatasetError(f"shard {shard} sample {key}: two {'class' if extension == CLASS_EXTENSION else 'image'} "
                                f"members; give each sample one image and one .cls; {_HINT}")
         data = tar.extractfile(info).read(limit)
         if extension == CLASS_EXTENSION:
             text = data.decode("ascii", "replace").strip()
             if not re.fullmatch(r"-?\d+", text):
-                raise DatasetError(f"shard {name} sample {key}: its .cls member holds {text[:20]!r}, not a class "
+                raise DatasetError(f"shard {shard} sample {key}: its .cls member holds {text[:20]!r}, not a class "
                                    f"index; {_HINT}")
             sample.label = int(text)
         else:
@@ -264,22 +264,21 @@ def _list_members(shard: str, tar: tarfile.TarFile, check: ThreadPoolExecutor) -
 def list_shard(shard: str, stamp: tuple[int, str]) -> ShardListing:
     """The samples of ``shard`` (read once, front to back); ``stamp`` (`_stamp`) keys the per-process cache, so
     a shard that changed is listed again."""
-    name = shard
     try:
         with _open_shard(shard) as raw, tarfile.open(fileobj=raw, mode="r:") as tar, \
                 ThreadPoolExecutor() as check:  # PIL releases the GIL while decoding
             samples, checks = _list_members(shard, tar, check)
             errors = {key: future.result() for key, future in checks.items()}
     except tarfile.TarError as e:
-        raise DatasetError(f"shard {name} is not an uncompressed tar ({e}); {_HINT}") from None
+        raise DatasetError(f"shard {shard} is not an uncompressed tar ({e}); {_HINT}") from None
     except (OSError, EOFError) as e:
-        raise DatasetError(f"shard {name} cannot be read ({type(e).__name__}: {e}); {_HINT}") from None
+        raise DatasetError(f"shard {shard} cannot be read ({type(e).__name__}: {e}); {_HINT}") from None
     for key, sample in samples.items():
         if sample.image is None:
-            raise DatasetError(f"shard {name} sample {key}: a .cls member without an image "
+            raise DatasetError(f"shard {shard} sample {key}: a .cls member without an image "
                                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); {_HINT}")
         if sample.label is None:
-            raise DatasetError(f"shard {name} sample {key}: an image without a class (no .cls member); {_HINT}")
+            raise DatasetError(f"shard {shard} sample {key}: an image without a class (no .cls member); {_HINT}")
     images = [sample.image for sample in samples.values()]
     return ShardListing(keys=tuple(samples), offsets=np.array([o for o, _ in images], np.int64),
                         sizes=np.array([s for _, s in images], np.int64),
@@ -293,7 +292,8 @@ def sample_id(split: str, shard: str, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") & _ID_MASK
 
 
-_handles: dict[tuple[int, str, tuple[int, str]], tuple[Any, threading.Lock]] = {}
+_MAX_OPEN_SHARDS = 16
+_handles: OrderedDict[tuple[int, str, tuple[int, str]], tuple[Any, threading.Lock]] = OrderedDict()
 
 
 def _read_member(shard: str, stamp: tuple[int, str], offset: int, size: int) -> bytes:
@@ -305,6 +305,9 @@ def _read_member(shard: str, stamp: tuple[int, str], offset: int, size: int) -> 
         if _stamp(shard) != stamp:
             raise DatasetError(f"wds: shard {shard} changed since it was listed; run again")
         _handles[handle_key] = (_open_shard(shard), threading.Lock())
+        if len(_handles) > _MAX_OPEN_SHARDS:  # a pass moves from shard to shard: the oldest is done with
+            _handles.popitem(last=False)[1][0].close()
+    _handles.move_to_end(handle_key)
     handle, lock = _handles[handle_key]
     with lock:
         handle.seek(offset)
