@@ -110,11 +110,13 @@ def test_brace_expansion_and_the_spec_forms(tmp_path: Path) -> None:
         load_dataset(f"wds:{root}")
 
 
+@pytest.mark.slow  # a teacher fit, three cache passes and a student: ~15 s on 2 idle cores
 def test_wds_on_disk_and_on_s3_caches_and_trains_like_the_image_folder(tmp_path: Path, s3_endpoint) -> None:
     root = fixture_shards(tmp_path / "wds")
     for path in root.iterdir():
         s3_endpoint.client.upload_file(str(path), s3_endpoint.bucket, f"wds/{path.name}")
     url = f"s3://{s3_endpoint.bucket}/wds"
+    assert load_dataset(f"wds:{url}", "val").ids.tolist() == load_dataset(f"wds:{root}", "val").ids.tolist()
     checkpoint = tmp_path / "teacher.pt"
     fit_teacher(FitConfig(dataset=f"wds:{root}", model="test_resnet", out=str(checkpoint), epochs=1, input_size=16,
                           batch_size=18, workers=0, device="cpu"))
