@@ -110,7 +110,7 @@ def test_brace_expansion_and_the_spec_forms(tmp_path: Path) -> None:
         load_dataset(f"wds:{root}")
 
 
-@pytest.mark.slow  # a teacher fit, three cache passes and a student: ~15 s on 2 idle cores
+@pytest.mark.slow  # a teacher fit, three cache passes and a student
 def test_wds_on_disk_and_on_s3_caches_and_trains_like_the_image_folder(tmp_path: Path, s3_endpoint) -> None:
     root = fixture_shards(tmp_path / "wds")
     for path in root.iterdir():
