@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, ClassVar
+from typing import BinaryIO, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -293,25 +293,27 @@ def sample_id(split: str, shard: str, key: str) -> int:
 
 
 _MAX_OPEN_SHARDS = 16
-_handles: OrderedDict[tuple[int, str, tuple[int, str]], tuple[Any, threading.Lock]] = OrderedDict()
+_open = threading.local()  # per thread: a task runner's threads never share a file position or close one in use
 
 
 def _read_member(shard: str, stamp: tuple[int, str], offset: int, size: int) -> bytes:
-    """``size`` bytes at ``offset`` of ``shard``, through one open handle per shard and process: a pass in
-    stored order reads each shard front to back (at a URL, through fsspec's read-ahead). A shard that is
+    """``size`` bytes at ``offset`` of ``shard``, through one open handle per shard, thread and process: a pass
+    in stored order reads each shard front to back (at a URL, through fsspec's read-ahead). A shard that is
     not as it was listed (``stamp``) is refused when it is opened."""
+    handles: OrderedDict[tuple[int, str, tuple[int, str]], BinaryIO] | None = getattr(_open, "handles", None)
+    if handles is None:
+        handles = _open.handles = OrderedDict()
     handle_key = (os.getpid(), shard, stamp)  # a forked worker opens its own; a shard listed again, too
-    if handle_key not in _handles:
+    if handle_key not in handles:
         if _stamp(shard) != stamp:
             raise DatasetError(f"wds: shard {shard} changed since it was listed; run again")
-        _handles[handle_key] = (_open_shard(shard), threading.Lock())
-        if len(_handles) > _MAX_OPEN_SHARDS:  # a pass moves from shard to shard: the oldest is done with
-            _handles.popitem(last=False)[1][0].close()
-    _handles.move_to_end(handle_key)
-    handle, lock = _handles[handle_key]
-    with lock:
-        handle.seek(offset)
-        return handle.read(size)
+        handles[handle_key] = _open_shard(shard)
+        if len(handles) > _MAX_OPEN_SHARDS:  # a pass moves from shard to shard: the oldest is done with
+            handles.popitem(last=False)[1].close()
+    handles.move_to_end(handle_key)
+    handle = handles[handle_key]
+    handle.seek(offset)
+    return handle.read(size)
 
 
 def _decode(data: bytes, where: str) -> np.ndarray:
