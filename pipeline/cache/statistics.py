@@ -128,11 +128,15 @@ def reduce_statistics(root: str, parts: list[ShardStats], cka_source: str = "aut
     arrays: dict[str, np.ndarray] = {}
     info: dict[str, Any] = {}
     if total.features is not None:
-        pca = pca_from_moments(total.features)
-        arrays.update({"stats/pca/mean": pca.mean, "stats/pca/components": pca.components,
-                       "stats/pca/explained_variance": pca.explained_variance,
-                       "stats/classes/mean": total.classes.means(), "stats/classes/count": total.classes.counts})
-        info.update(pca_components_90=pca.num_components_for(0.9), features_count=int(total.features.count))
+        if total.features.count >= 2:
+            pca = pca_from_moments(total.features)
+            arrays.update({"stats/pca/mean": pca.mean, "stats/pca/components": pca.components,
+                           "stats/pca/explained_variance": pca.explained_variance})
+            info.update(pca_components_90=pca.num_components_for(0.9))
+        else:  # a covariance needs two rows: the statistic is left out, as a --store without pooled leaves it
+            log.warning("PCA of the pooled features is undefined for a single sample; it is not stored")
+        arrays.update({"stats/classes/mean": total.classes.means(), "stats/classes/count": total.classes.counts})
+        info.update(features_count=int(total.features.count))
     source = resolved_cka_source(cka_source, cache)
     if source is not None:
         values, labels = cka_rows(cache, source)

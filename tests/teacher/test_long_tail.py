@@ -68,3 +68,20 @@ def test_a_long_tailed_folder_caches_and_trains(tmp_path: Path, caplog) -> None:
                                         methods=("ce", "wkd_l"), out=str(tmp_path / "run"),
                                         settings=RunSettings(epochs=1, batch_size=16, workers=0, device="cpu")))
     assert summary.steps >= 1 and 0 <= summary.val_accuracy <= 1
+
+
+def test_a_single_image_caches_with_its_undefined_statistics_warned(tmp_path: Path, caplog) -> None:
+    """The shortest tail: one training image. PCA (a covariance) and CKA need two samples; both are left
+    out with one warning each, after the pass, which still completes."""
+    images = sorted((FIXTURE / "train" / "one").iterdir())
+    for split, image in (("train", images[0]), ("val", images[1])):
+        (tmp_path / "folder" / split / "one").mkdir(parents=True)
+        shutil.copy(image, tmp_path / "folder" / split / "one" / image.name)
+    with caplog.at_level(logging.WARNING, logger="distillery"):
+        run_cache_pass(CacheRequest(dataset=f"imagefolder:{tmp_path / 'folder'}", teacher="test_resnet",
+                                    out=str(tmp_path / "cache"), views=1, input_size=16, device="cpu"))
+    cache = TeacherCache(tmp_path / "cache")
+    assert cache.manifest.status == "complete" and cache.manifest.stats.cka_undefined_classes == [0]
+    assert not cache.has("stats/pca/components") and cache.read("stats/classes/count").tolist() == [1]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("PCA of the pooled features is undefined for a single sample" in w for w in warnings) == 1
