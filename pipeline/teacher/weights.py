@@ -20,7 +20,7 @@ import os
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,7 @@ class ResolvedWeights:
     sha256: str  # of that file
     revision: str | None  # the Hub snapshot's commit for an hf-hub source
     preprocessing: Preprocessing
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # given to `timm.create_model` (e.g. img_size)
 
     @property
     def num_classes(self) -> int:
@@ -137,7 +138,26 @@ def resolve_weights(source: str, model: str | None = None, *, num_classes: int |
               if v is not None}
     built = _create(name, architecture, path, overlay, kwargs)
     return ResolvedWeights(model=built.eval(), architecture=architecture, source=source, path=path,
-                           sha256=digest, revision=revision, preprocessing=Preprocessing.of_model(built, kwargs))
+                           sha256=digest, revision=revision, preprocessing=Preprocessing.of_model(built, kwargs),
+                           model_kwargs=dict(model_kwargs))
+
+
+def resolve_sized(source: str, model: str | None, *, num_classes: int | None, fallback_classes: int | None,
+                  in_chans: int, input_size: int | None) -> ResolvedWeights:
+    """`resolve_weights` with the head at ``num_classes`` when the weights have a head of that size, else at
+    ``fallback_classes`` (None: the weights' own head; 0: none), at ``input_size`` (None: the weights'): a
+    fixed-size model is rebuilt with that ``img_size``, timm resampling its position embeddings as it loads.
+    A file that fits neither head raises the error of the first."""
+    try:
+        got = resolve_weights(source, model, num_classes=num_classes, in_chans=in_chans)
+    except WeightsError as e:
+        try:
+            got = resolve_weights(source, model, num_classes=fallback_classes, in_chans=in_chans)
+        except WeightsError:
+            raise e from None
+    if input_size and got.preprocessing.fixed_input_size and input_size != got.preprocessing.input_size[-1]:
+        got = resolve_weights(source, model, num_classes=got.num_classes, in_chans=in_chans, img_size=input_size)
+    return got
 
 
 def weights_file(source: str, model: str | None = None) -> Path:
