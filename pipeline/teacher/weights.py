@@ -43,6 +43,16 @@ _LOAD_PROBLEMS = ("Missing keys", "Unexpected keys", "Unable to convert")
 """How timm's `load_pretrained` reports (only in its log) weights it did not load strictly."""
 
 
+_TIMM_DATA_CONFIG_LOG = "timm.data.model_config"
+
+
+def _averaged_statistics(record: logging.LogRecord) -> bool:
+    """False for timm's "Pretrained mean does not match 1 channels; using its mean value." (and std): for a
+    grey dataset this project averages the RGB statistics on purpose, as timm adapts the stem (recorded in the
+    manifest, docs/guide.md#your-own-teacher), so the warning would only repeat, per build, what was asked."""
+    return not (record.getMessage().startswith("Pretrained ") and "does not match" in record.getMessage())
+
+
 class WeightsError(DistilleryError):
     """Weights that cannot be found, read or loaded into the teacher as asked; the message says what to do."""
 
@@ -67,7 +77,12 @@ class Preprocessing:
         from timm.data import resolve_input_data_config
         from timm.models import get_model_input_config
 
-        config = resolve_input_data_config(model, args={"model_kwargs": model_kwargs})
+        timm_config = logging.getLogger(_TIMM_DATA_CONFIG_LOG)
+        timm_config.addFilter(_averaged_statistics)
+        try:
+            config = resolve_input_data_config(model, args={"model_kwargs": model_kwargs})
+        finally:
+            timm_config.removeFilter(_averaged_statistics)
         channels = config["input_size"][0]
 
         def per_channel(values: tuple[float, ...]) -> tuple[float, ...]:
