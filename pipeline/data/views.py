@@ -31,8 +31,8 @@ from pydantic import model_validator
 from pipeline.errors import DistilleryError
 from pipeline.options import Config
 
-__all__ = ["CLEAN_VIEW", "INTERPOLATIONS", "ViewError", "ViewParams", "ViewPlan", "epoch_view", "epoch_views", "render_view",
-           "render_views"]
+__all__ = ["CLEAN_VIEW", "INTERPOLATIONS", "ViewError", "ViewParams", "ViewPlan", "epoch_view", "epoch_views",
+           "render_view", "render_views"]
 
 _DEFAULTED = {"clean_crop", "interpolation"}  # ViewPlan fields written to a manifest only when not at defaults
 # torchvision's RandomResizedCrop gives up drawing after this many attempts and crops the centre.
@@ -41,7 +41,8 @@ _RRC_ATTEMPTS = 10
 
 @dataclass(frozen=True)
 class ViewParams:
-    """Geometry of one view: a crop box in normalised [0, 1] coordinates and a horizontal flip."""
+    """Geometry of one view: a crop box in normalised [0, 1] coordinates, a horizontal flip, and the filter
+    the box is resized with."""
 
     top: float
     left: float
@@ -131,7 +132,8 @@ class ViewPlan(Config):
         top, left, height, width = _random_resized_crop(rng, self.scale, self.ratio)
         # Drawn last so toggling flips leaves every crop unchanged.
         flip = self.flip and bool(rng.random() < 0.5)
-        return ViewParams(top=top, left=left, height=height, width=width, flip=flip, interpolation=self.interpolation)
+        return ViewParams(top=top, left=left, height=height, width=width, flip=flip,
+                          interpolation=self.interpolation)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form for the cache manifest; ``recipe`` is informational only."""
@@ -189,7 +191,8 @@ def render_views(raws: Sequence[np.ndarray], params: Sequence[ViewParams], size:
 
     Element for element the arithmetic of ``render_view`` (crop, /255, antialiased resize with the view's
     interpolation, flip, normalise); crops of equal shape and interpolation share one resize call, whose
-    planes are resized independently, so an image renders to the same bits alone or in any batch (tests/data/test_views.py checks it).
+    planes are resized independently, so an image renders to the same bits alone or in any batch
+    (tests/data/test_views.py checks it).
     """
     if len(raws) != len(params):
         raise ValueError(f"got {len(raws)} images and {len(params)} views; give one view per image")

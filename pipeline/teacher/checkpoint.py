@@ -2,7 +2,8 @@
 
 On disk it is a plain dict of tensors and JSON-like values under fixed keys (the ``distillery-teacher/1``
 format every `fit-teacher` has written; a checkpoint fitted before ``train_fingerprint`` was recorded lacks
-that key, and only a fit from pretrained weights has ``start_weights`` and ``start_weights_sha256``). A checkpoint is a file someone may hand you, so it is read like a cache (docs/cache-format.md#security):
+that key, and only a fit from pretrained weights has ``start_weights`` and ``start_weights_sha256``). A
+checkpoint is a file someone may hand you, so it is read like a cache (docs/cache-format.md#security):
 a regular file under `MAX_CHECKPOINT_BYTES`, through ``torch.load(weights_only=True)`` (tensors and plain
 values, no pickled code), every key and type checked once here; any problem is one :class:`CheckpointError`
 line. Readers then use typed attributes, not dict lookups.

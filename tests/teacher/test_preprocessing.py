@@ -76,8 +76,9 @@ def test_a_plan_at_its_defaults_keeps_its_manifest_form_and_refuses_unknown_filt
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An image folder of 168 px RGB images: test_efficientnet's pretrained config (160 px, crop_pct 0.95) crops
-    whole pixels from them (ImageNet mean and std, bicubic) (timm resizes to floor(160 / 0.95) = 168, i.e. not at all, and keeps 160)."""
+    """An image folder of 168 px RGB images, of which test_efficientnet's pretrained config (160 px, crop_pct
+    0.95, bicubic, ImageNet mean and std) keeps whole pixels: timm resizes to floor(160 / 0.95) = 168, i.e.
+    not at all, and keeps the central 160."""
     root = tmp_path_factory.mktemp("folder168")
     for split in ("train", "val"):
         for label, name in enumerate(("a", "b")):
