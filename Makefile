@@ -2,7 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# The faiss build: cpu (faiss-cpu) or gpu (faiss-gpu, CUDA 12): `make venv FAISS=gpu`. One module, two builds:
+# switching uninstalls the other one first.
+FAISS ?= cpu
+OTHER_FAISS := $(if $(filter gpu,$(FAISS)),cpu,gpu)
+STAMP := $(VENV)/.installed-$(FAISS)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM := /usr/bin/chromium
 
@@ -15,7 +19,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,dask,s3]'
+	$(BIN)/python -m pip uninstall --quiet --yes faiss-$(OTHER_FAISS) 2>/dev/null || true
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,dask,s3,$(FAISS)]'
+	rm -f $(VENV)/.installed-$(OTHER_FAISS)
 	touch $@
 
 # Debian's dataset-fashion-mnist (MIT); end-to-end tests and benchmarks read it. Needs root or sudo.

@@ -1,7 +1,8 @@
 """Prefect flow `fit-teacher`: train a teacher locally (`pipeline.train.fit`), schedulable like the others.
 
-No pretrained weights can be downloaded here, so a deployment that fits a teacher (say weekly) and a
-`cache-teacher` deployment after it give the nightly student sweeps a fresh cache to reuse.
+Nothing is downloaded here (pretrained weights to fine-tune come from disk, `FitConfig.weights`), so a
+deployment that fits a teacher (say weekly) and a `cache-teacher` deployment after it give the nightly
+student sweeps a fresh cache to reuse.
 """
 
 from typing import Optional

@@ -67,6 +67,12 @@ def main() -> None:
         # typer checks a Literal choice through pydantic, whose message starts "Value error, ".
         fail(f"{e.format_message().replace('Value error, ', '')} (see `{ctx.command_path if ctx else 'distillery'} "
              f"--help`)")
+    except ModuleNotFoundError as e:
+        if e.name != "faiss":
+            raise
+        # faiss is an extra (`cpu` or `gpu`, alternatives installing one module), so an install may lack it.
+        fail("faiss is not installed: install distillery with one of its faiss extras, "
+             "pip install -c constraints.txt '.[cpu]' (or '.[gpu]' on a CUDA machine)")
     except typer.Abort:  # Ctrl-C outside a flow
         sys.exit(130)
     except BaseException as e:  # Ctrl-C, SIGTERM (`signals`; inside a flow run as Prefect re-raises it)

@@ -49,15 +49,17 @@ def fit_teacher_cmd(
     objective: Annotated[Objective, Declared(FitConfig, "objective")] = default_of(FitConfig, "objective"),
     temperature: Annotated[float, Declared(FitConfig, "temperature")] = default_of(FitConfig, "temperature"),
     jitter: Annotated[float, Declared(FitConfig, "jitter")] = default_of(FitConfig, "jitter"),
+    weights: Annotated[Optional[str], Declared(FitConfig, "weights", metavar="FILE|hf-hub:ORG/NAME")] = None,
 ) -> None:
-    """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint (Prefect flow)."""
+    """Train a teacher locally, from random weights or fine-tuning --weights (nothing is downloaded), and save a
+    checkpoint (Prefect flow)."""
     from flows.fit_teacher import fit_teacher_flow
     from pipeline.train.fit import check_fit
 
     cfg = FitConfig(dataset=dataset, model=model, out=str(out), overwrite=overwrite, epochs=epochs, subset=subset,
                     seed=seed,
                     input_size=input_size, batch_size=batch_size, lr=lr, device=device, on_bad_image=on_bad_image,
-                    objective=objective, temperature=temperature, jitter=jitter)
+                    objective=objective, temperature=temperature, jitter=jitter, weights=weights)
     check_fit(cfg)  # one line here, not a failed flow run
     start_temporary_server()
     with show_progress():

@@ -134,6 +134,8 @@ class ViewsSection(Section):
     scale: list[int | float]
     ratio: list[int | float]
     flip: bool = True
+    clean_crop: float = 1.0  # written only when a teacher's crop_pct set it (docs/guide.md#your-own-teacher)
+    interpolation: str = "bilinear"  # likewise, from the teacher's pretrained config
     recipe: str | None = None
 
     def plan_fields(self) -> dict[str, Any]:

@@ -4,7 +4,9 @@ A teacher target is valid only for the exact input the teacher saw, so augmentat
 on the fly: a *view* is fully determined by ``(plan seed, sample id, view id)``, and ``render_view`` is
 the one function that turns a raw image and a view into a tensor, for the teacher pass and the
 student loader alike. View 0 is the clean view (the whole image, no flip); views 1..K are seeded
-random-resized crops with an optional horizontal flip.
+random-resized crops with an optional horizontal flip. A plan may also carry a teacher's own evaluation
+preprocessing: view 0 as the central ``clean_crop`` fraction of the image (timm's crop_pct) and the
+``interpolation`` every view is resized with (docs/guide.md#your-own-teacher).
 
 Crop boxes live in normalised [0, 1] image coordinates and are drawn as if the image were square.
 That keeps a view independent of the image size, so one cached view can be re-rendered at any
@@ -29,25 +31,30 @@ from pydantic import model_validator
 from pipeline.errors import DistilleryError
 from pipeline.options import Config
 
-__all__ = ["CLEAN_VIEW", "ViewError", "ViewParams", "ViewPlan", "epoch_view", "epoch_views", "render_view",
-           "render_views"]
+__all__ = ["CLEAN_VIEW", "INTERPOLATIONS", "ViewError", "ViewParams", "ViewPlan", "epoch_view", "epoch_views",
+           "render_view", "render_views"]
 
+_DEFAULTED = {"clean_crop", "interpolation"}  # ViewPlan fields written to a manifest only when not at defaults
 # torchvision's RandomResizedCrop gives up drawing after this many attempts and crops the centre.
 _RRC_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
 class ViewParams:
-    """Geometry of one view: a crop box in normalised [0, 1] coordinates and a horizontal flip."""
+    """Geometry of one view: a crop box in normalised [0, 1] coordinates, a horizontal flip, and the filter
+    the box is resized with."""
 
     top: float
     left: float
     height: float
     width: float
     flip: bool
+    interpolation: str = "bilinear"  # how the crop is resized to the render size (one of INTERPOLATIONS)
 
 
 CLEAN_VIEW = ViewParams(top=0.0, left=0.0, height=1.0, width=1.0, flip=False)
+INTERPOLATIONS = ("bilinear", "bicubic")
+"""Resize filters a plan renders with (antialiased): the two that timm's pretrained configs name."""
 
 
 class ViewError(DistilleryError):
@@ -58,7 +65,10 @@ class ViewPlan(Config):
     """Which views exist per sample: view 0 is clean, views 1..K are seeded augmentations (docs/ARCHITECTURE.md#views).
 
     ``scale`` bounds the crop's area fraction and ``ratio`` its aspect ratio (width / height), as in
-    torchvision's RandomResizedCrop; ``flip`` enables a horizontal flip with probability 1/2.
+    torchvision's RandomResizedCrop; ``flip`` enables a horizontal flip with probability 1/2. ``clean_crop``
+    is the side of view 0's central box (1: the whole image) and ``interpolation`` the resize filter of
+    every view: a teacher's evaluation transform, resolution-free (docs/guide.md#your-own-teacher). At their
+    defaults they are left out of `to_dict`, so caches made before them keep their identity.
     """
 
     num_augmented: int
@@ -66,6 +76,8 @@ class ViewPlan(Config):
     scale: tuple[float, ...] = (0.35, 1.0)
     ratio: tuple[float, ...] = (3 / 4, 4 / 3)
     flip: bool = True
+    clean_crop: float = 1.0
+    interpolation: str = "bilinear"
 
     @model_validator(mode="before")
     @classmethod
@@ -88,6 +100,10 @@ class ViewPlan(Config):
             raise ViewError(f"scale must be (low, high) with 0 < low <= high <= 1, got {self.scale}")
         if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
             raise ViewError(f"ratio must be (low, high) with 0 < low <= high, got {self.ratio}")
+        if not 0 < self.clean_crop <= 1:
+            raise ViewError(f"clean_crop must be in (0, 1], got {self.clean_crop}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ViewError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         return self
 
     @property
@@ -98,7 +114,9 @@ class ViewPlan(Config):
     def recipe(self) -> str:
         """Short description of the augmentation recipe, recorded in the cache manifest (docs/cache-format.md#contract)."""
         crop = "rrc({}-{},{}-{})".format(*(round(v, 3) for v in (*self.scale, *self.ratio)))
-        return crop + ("+hflip" if self.flip else "")
+        clean = f"+center({round(self.clean_crop, 3)})" if self.clean_crop != 1 else ""
+        resize = f"+{self.interpolation}" if self.interpolation != "bilinear" else ""
+        return crop + ("+hflip" if self.flip else "") + clean + resize
 
     def params(self, sample_id: int, view_id: int) -> ViewParams:
         """The geometry of view ``view_id`` of sample ``sample_id``; the same on every call."""
@@ -107,16 +125,20 @@ class ViewPlan(Config):
         if sample_id < 0:
             raise ValueError(f"sample_id must be >= 0, got {sample_id}")
         if view_id == 0:
-            return CLEAN_VIEW
+            margin = (1.0 - self.clean_crop) / 2
+            return ViewParams(top=margin, left=margin, height=self.clean_crop, width=self.clean_crop, flip=False,
+                              interpolation=self.interpolation)
         rng = np.random.default_rng([self.seed, int(sample_id), int(view_id)])
         top, left, height, width = _random_resized_crop(rng, self.scale, self.ratio)
         # Drawn last so toggling flips leaves every crop unchanged.
         flip = self.flip and bool(rng.random() < 0.5)
-        return ViewParams(top=top, left=left, height=height, width=width, flip=flip)
+        return ViewParams(top=top, left=left, height=height, width=width, flip=flip,
+                          interpolation=self.interpolation)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form for the cache manifest; ``recipe`` is informational only."""
-        return {**self.model_dump(mode="json"), "recipe": self.recipe}
+        return {**self.model_dump(mode="json", exclude_defaults=True, include=_DEFAULTED),
+                **self.model_dump(mode="json", exclude=_DEFAULTED), "recipe": self.recipe}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViewPlan:
@@ -167,9 +189,10 @@ def render_views(raws: Sequence[np.ndarray], params: Sequence[ViewParams], size:
                  std: Sequence[float]) -> torch.Tensor:
     """Render view ``params[i]`` of ``raws[i]`` for every i: a float32 (N, C, size, size) batch.
 
-    Element for element the arithmetic of ``render_view`` (crop, /255, antialiased bilinear resize,
-    flip, normalise); crops of equal shape share one resize call, whose planes are resized independently,
-    so an image renders to the same bits alone or in any batch (tests/data/test_views.py checks it).
+    Element for element the arithmetic of ``render_view`` (crop, /255, antialiased resize with the view's
+    interpolation, flip, normalise); crops of equal shape and interpolation share one resize call, whose
+    planes are resized independently, so an image renders to the same bits alone or in any batch
+    (tests/data/test_views.py checks it).
     """
     if len(raws) != len(params):
         raise ValueError(f"got {len(raws)} images and {len(params)} views; give one view per image")
@@ -181,16 +204,17 @@ def render_views(raws: Sequence[np.ndarray], params: Sequence[ViewParams], size:
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"mean and std need one value per channel ({channels}), "
                          f"got {len(mean)} and {len(std)}")
-    by_shape: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    by_shape: dict[tuple[int, int, str], list[tuple[int, np.ndarray]]] = {}
     for i, (raw, view) in enumerate(zip(raws, params)):
         height, width, c = _check_raw(raw).shape
         if c != channels:
             raise ValueError(f"image {i} has {c} channels, image 0 has {channels}; render them separately")
         top, crop_height = _pixel_span(view.top, view.height, height)
         left, crop_width = _pixel_span(view.left, view.width, width)
-        by_shape.setdefault((crop_height, crop_width), []).append(
+        by_shape.setdefault((crop_height, crop_width, view.interpolation), []).append(
             (i, raw[top:top + crop_height, left:left + crop_width]))
-    resized = [([i for i, _ in items], _resize([crop for _, crop in items], size)) for items in by_shape.values()]
+    resized = [([i for i, _ in items], _resize([crop for _, crop in items], size, key[2]))
+               for key, items in by_shape.items()]
     if len(resized) == 1:  # one crop shape (a single image, or a batch of clean views): already in order
         out = resized[0][1]
     else:
@@ -206,13 +230,15 @@ def render_views(raws: Sequence[np.ndarray], params: Sequence[ViewParams], size:
     return (out - mean_t) / std_t
 
 
-def _resize(crops: list[np.ndarray], size: int) -> torch.Tensor:
-    """Equal-shape uint8 (h, w, C) crops -> float32 (n, C, size, size) in [0, 1], antialiased bilinear."""
+def _resize(crops: list[np.ndarray], size: int, interpolation: str) -> torch.Tensor:
+    """Equal-shape uint8 (h, w, C) crops -> float32 (n, C, size, size) in [0, 1], antialiased."""
     unit = torch.from_numpy(_UNIT_PIXELS[np.stack(crops)])
     # A permuted NHWC buffer looks channels-last to interpolate, which then takes another kernel;
     # one canonical contiguous layout keeps every batch on the same arithmetic.
     unit = unit.permute(0, 3, 1, 2).contiguous()
-    return F.interpolate(unit, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    out = F.interpolate(unit, size=(size, size), mode=interpolation, align_corners=False, antialias=True)
+    # Bicubic overshoots at edges; timm's transforms (on images or tensors) clamp to the pixel range.
+    return out.clamp_(0.0, 1.0) if interpolation == "bicubic" else out
 
 
 def _check_raw(raw: np.ndarray) -> np.ndarray:

@@ -9,13 +9,16 @@ so the teacher pass saves just those stages: :func:`extract_teacher_tail` reads 
 JSON-able values: the stages' constructor arguments) and their state dict off a built teacher, and
 :func:`build_teacher_tail` makes the same modules again from timm's block classes alone.
 
-Families: timm ResNets (``layerK`` stages of ``BasicBlock``/``Bottleneck``), Swin (``layers.K`` stages)
-and ViTs (``blocks.K``; "a stage" is one block). The tail is the ``stages`` consecutive stages ending at
+Families: timm ResNets (``layerK`` stages of ``BasicBlock``/``Bottleneck``), Swin (``layers.K`` stages),
+ConvNeXt (``stages.K``) and ViTs (``blocks.K``; "a stage" is one block; DeiT and register-token ViTs are
+timm ViTs too). The tail is the ``stages`` consecutive stages ending at
 the tapped one, whose map the cache stores as ``featmaps/<tap>``; its input is the map that enters its
 first stage (the teacher's previous-stage token layout). As the cache stores the stage outputs the way
 ``forward_intermediates`` returns them, without the final norm, the tail has no final norm either: its
-output lives in the space of the cached maps. A ViT's blocks also attend to its class token, which
-the tail never sees (TPP feeds spatial tokens only).
+output lives in the space of the cached maps. A ViT's blocks also attend to its prefix tokens (class,
+distillation and register tokens), which the tail never sees: TPP feeds the student's projected map, which
+has spatial tokens only, so the rebuilt blocks attend among the patch tokens (the teacher's own blocks on
+the same tokens with the prefix removed; docs/guide.md#your-own-teacher).
 
 Extraction rebuilds the tail and checks it on a probe image against the teacher's own modules, so a
 variant these builders do not reproduce (other norms, activations, attention layers) is refused with a
@@ -120,6 +123,33 @@ def _swin_stage(spec: dict[str, Any]) -> nn.Module:
         dynamic_mask=spec["dynamic_mask"], mlp_ratio=spec["mlp_ratio"], qkv_bias=spec["qkv_bias"])
 
 
+def _convnext_stage_spec(stage: nn.Module) -> dict[str, Any]:
+    """Constructor arguments of a timm ConvNeXtStage (LayerNorm, GELU: other variants fail the probe check)."""
+    if type(stage) is not _timm("convnext").ConvNeXtStage:
+        raise ModelError(f"ConvNeXt stage {type(stage).__name__} is not a timm ConvNeXtStage")
+    block = stage.blocks[0]
+    downsample = None if isinstance(stage.downsample, nn.Identity) else stage.downsample[1]
+    return {"in_chs": downsample.in_channels if downsample is not None else block.conv_dw.in_channels,
+            "out_chs": block.conv_dw.out_channels, "kernel_size": block.conv_dw.kernel_size[0],
+            "stride": downsample.stride[0] if downsample is not None else 1, "depth": len(stage.blocks),
+            "dilation": [downsample.dilation[0] if downsample is not None else 1, block.conv_dw.dilation[0]],
+            # The layer-scale gamma comes with the state dict; a placeholder value only makes it exist.
+            "layer_scale": block.gamma is not None, "conv_mlp": block.use_conv_mlp,
+            "conv_bias": block.conv_dw.bias is not None,
+            "use_grn": type(block.mlp).__name__ == "GlobalResponseNormMlp", "norm_eps": block.norm.eps}
+
+
+def _convnext_stage(spec: dict[str, Any]) -> nn.Module:
+    from timm.layers import LayerNorm, LayerNorm2d
+
+    return _timm("convnext").ConvNeXtStage(
+        spec["in_chs"], spec["out_chs"], kernel_size=spec["kernel_size"], stride=spec["stride"], depth=spec["depth"],
+        dilation=tuple(spec["dilation"]), ls_init_value=1.0 if spec["layer_scale"] else None,
+        conv_mlp=spec["conv_mlp"], conv_bias=spec["conv_bias"], use_grn=spec["use_grn"], act_layer="gelu",
+        norm_layer=functools.partial(LayerNorm2d, eps=spec["norm_eps"]),
+        norm_layer_cl=functools.partial(LayerNorm, eps=spec["norm_eps"]))
+
+
 def _vit_block_spec(block: nn.Module) -> dict[str, Any]:
     if type(block) is not _timm("vision_transformer").Block:
         raise ModelError(f"ViT block {type(block).__name__} is not a timm vision_transformer.Block")
@@ -136,6 +166,14 @@ def _vit_block(spec: dict[str, Any]) -> nn.Module:
         dim=spec["dim"], num_heads=spec["num_heads"], mlp_ratio=spec["mlp_ratio"], qkv_bias=spec["qkv_bias"],
         qk_norm=spec["qk_norm"], proj_bias=spec["proj_bias"], init_values=1.0 if spec["layer_scale"] else None,
         norm_layer=functools.partial(nn.LayerNorm, eps=spec["norm_eps"]))
+
+
+def _as_is(x: Tensor) -> Tensor:
+    return x
+
+
+def _output_as_is(y: Tensor, x: Tensor) -> Tensor:
+    return y
 
 
 def _to_tokens(x: Tensor) -> Tensor:
@@ -162,10 +200,12 @@ class _Family:
 @functools.cache
 def _families() -> dict[str, _Family]:
     return {
-        "resnet": _Family(_timm("resnet").ResNet, r"layer\d+", _resnet_stage_spec, _resnet_stage, lambda x: x,
-                          lambda y, x: y),
+        "resnet": _Family(_timm("resnet").ResNet, r"layer\d+", _resnet_stage_spec, _resnet_stage, _as_is,
+                          _output_as_is),
         "swin": _Family(_timm("swin_transformer").SwinTransformer, r"layers\.\d+", _swin_stage_spec, _swin_stage,
                         lambda x: x.permute(0, 2, 3, 1), lambda y, x: y.permute(0, 3, 1, 2)),
+        "convnext": _Family(_timm("convnext").ConvNeXt, r"stages\.\d+", _convnext_stage_spec, _convnext_stage,
+                            _as_is, _output_as_is),
         "vit": _Family(_timm("vision_transformer").VisionTransformer, r"blocks\.\d+", _vit_block_spec, _vit_block,
                        _to_tokens, _from_tokens),
     }
@@ -218,7 +258,7 @@ def _family_of(model: nn.Module) -> str:
     for name, family in _families().items():
         if isinstance(model, family.model):
             return name
-    raise ModelError(f"ScaleKD's TPP rebuilds teacher tails of timm ResNet, Swin and ViT models only, not a "
+    raise ModelError(f"ScaleKD's TPP rebuilds teacher tails of timm ResNet, Swin, ConvNeXt and ViT models only, not a "
                        f"{type(model).__name__}; cache without --teacher-tail and train scalekd with tpp=false")
 
 

@@ -86,5 +86,10 @@ def tapped_forward(model: nn.Module, x: torch.Tensor, taps: tuple[str, ...], ind
     else:
         final = model.forward_features(x)
     pooled = model.forward_head(final, pre_logits=True)
-    logits = model.get_classifier()(pooled) if head else None
+    if not head:
+        return TappedOutputs(logits=None, pooled=pooled, maps=maps)
+    classifier = model.get_classifier()
+    # A distilled DeiT has two heads (class and distillation token) whose logits timm averages, and a pooled
+    # feature that averages the two tokens: only its own forward_head gives its logits.
+    logits = classifier(pooled) if isinstance(classifier, nn.Module) else model.forward_head(final)
     return TappedOutputs(logits=logits, pooled=pooled, maps=maps)

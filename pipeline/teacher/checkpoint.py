@@ -2,7 +2,8 @@
 
 On disk it is a plain dict of tensors and JSON-like values under fixed keys (the ``distillery-teacher/1``
 format every `fit-teacher` has written; a checkpoint fitted before ``train_fingerprint`` was recorded lacks
-that key). A checkpoint is a file someone may hand you, so it is read like a cache (docs/cache-format.md#security):
+that key, and only a fit from pretrained weights has ``start_weights`` and ``start_weights_sha256``). A
+checkpoint is a file someone may hand you, so it is read like a cache (docs/cache-format.md#security):
 a regular file under `MAX_CHECKPOINT_BYTES`, through ``torch.load(weights_only=True)`` (tensors and plain
 values, no pickled code), every key and type checked once here; any problem is one :class:`CheckpointError`
 line. Readers then use typed attributes, not dict lookups.
@@ -50,14 +51,19 @@ class TeacherCheckpoint:
     # The fingerprint of the full train split (ids, labels, class names) that `distillery cache` compares with
     # the dataset it caches (`pipeline.preflight.checkpoint_dataset`); None: fitted before it was recorded.
     train_fingerprint: str | None = None
+    # The pretrained weights the fit started from (`fit-teacher --weights`, as given) and their file's sha256;
+    # None for a fit from random weights. Written only when set: other checkpoints keep the format's keys.
+    start_weights: str | None = None
+    start_weights_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The on-disk dict (the format's keys; lists for the tuples)."""
+        start = {k: getattr(self, k) for k in _STARTED_FROM if getattr(self, k) is not None}
         return {"format": CHECKPOINT_FORMAT, "model": self.model, "state_dict": self.state_dict,
                 "num_classes": self.num_classes, "in_chans": self.in_chans, "input_size": self.input_size,
                 "mean": list(self.mean), "std": list(self.std), "dataset": self.dataset,
                 "val_accuracy": self.val_accuracy, "train_fingerprint": self.train_fingerprint,
-                "config": self.config}
+                "config": self.config, **start}
 
     def save(self, path: str | Path) -> None:
         """Write the checkpoint atomically (a reader sees the old file or the new one)."""
@@ -89,7 +95,7 @@ class TeacherCheckpoint:
 
         if not isinstance(raw, dict):
             raise refuse(f"holds a {type(raw).__name__}, not a dict")
-        fields = {"train_fingerprint": None, **raw}
+        fields = {"train_fingerprint": None, **dict.fromkeys(_STARTED_FROM), **raw}
         if fields.pop("format", None) != CHECKPOINT_FORMAT:
             raise refuse(f"is not in the {CHECKPOINT_FORMAT} format")
         missing = [key for key in _KINDS if key not in fields]
@@ -117,5 +123,7 @@ class TeacherCheckpoint:
 _KINDS: dict[str, tuple[type, ...]] = {
     "model": (str,), "state_dict": (dict,), "num_classes": (int,), "in_chans": (int,), "input_size": (int,),
     "mean": (list, tuple), "std": (list, tuple), "dataset": (str,), "val_accuracy": (float, type(None)),
-    "config": (dict,), "train_fingerprint": (str, type(None))}
+    "config": (dict,), "train_fingerprint": (str, type(None)), "start_weights": (str, type(None)),
+    "start_weights_sha256": (str, type(None))}
 """Every key of the on-disk dict but ``format``, and the types its value may have."""
+_STARTED_FROM = ("start_weights", "start_weights_sha256")  # optional keys, on disk only when set

@@ -12,6 +12,7 @@ whole pass in one process `pipeline.teacher.cache_pass.run_cache_pass`.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -33,7 +34,7 @@ from pipeline.object_store import check_output_location
 from pipeline.options import Config, Help, Range, check_device, resolve_device
 from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.teacher.class_map import ClassMap
-from pipeline.teacher.weights import ResolvedWeights, WeightsError, resolve_weights
+from pipeline.teacher.weights import resolve_sized
 from pipeline.teacher.model import Teacher, TeacherError, TeacherSpec, build_teacher, manifest_teacher_spec
 
 
@@ -150,33 +151,20 @@ def _weights_spec(request: CacheRequest, dataset: ImageDataset) -> TeacherSpec:
     renders follow them), the stem adapted by timm to the dataset's channels (a grey image is rendered as
     one channel, which a teacher's RGB stem summed to one channel sees as the grey image replicated to
     three), the head kept at the dataset's size when the weights have it, else at the weights' own."""
-    def resolved(num_classes: int | None, **kwargs: Any) -> ResolvedWeights:
-        return resolve_weights(request.weights, request.teacher, num_classes=num_classes,
-                               in_chans=dataset.channels, **kwargs)
-
     if not request.teacher_head:
-        got = resolved(0)
-    elif request.class_map is not None:
-        got = resolved(None)  # the weights' own head: the class map says which of its classes count
-    else:
-        try:
-            got = resolved(dataset.num_classes)
-        except WeightsError as e:
-            try:
-                got = resolved(None)  # a head of another size: refused below, naming the ways out
-            except WeightsError:
-                raise e from None
-    kwargs: dict[str, Any] = {}
-    if request.input_size and got.preprocessing.fixed_input_size and \
-            request.input_size != got.preprocessing.input_size[-1]:
-        kwargs = {"img_size": request.input_size}  # timm resamples the position embeddings when loading
-        got = resolved(got.num_classes if request.teacher_head else 0, **kwargs)
+        head: int | None = 0
+    else:  # a class map says which of the weights' own classes count; else a head of the dataset's size, and
+        # a head of another size is kept only to be refused below, naming the ways out
+        head = None if request.class_map is not None else dataset.num_classes
+    got = resolve_sized(request.weights, request.teacher, num_classes=head,
+                        fallback_classes=0 if head == 0 else None, in_chans=dataset.channels,
+                        input_size=request.input_size)
     pre = got.preprocessing
     return TeacherSpec(
         model=got.architecture, num_classes=got.num_classes, in_chans=dataset.channels,
         input_size=request.input_size or pre.input_size[-1], mean=pre.mean, std=pre.std, head=request.teacher_head,
-        model_kwargs=kwargs, weights=request.weights, weights_sha256=got.sha256, weights_revision=got.revision,
-        preprocessing=pre.to_dict())
+        model_kwargs=got.model_kwargs, weights=request.weights, weights_sha256=got.sha256,
+        weights_revision=got.revision, preprocessing=pre.to_dict())
 
 
 def _checkpoint_spec(request: CacheRequest, dataset: ImageDataset) -> TeacherSpec:
@@ -194,6 +182,17 @@ def _checkpoint_spec(request: CacheRequest, dataset: ImageDataset) -> TeacherSpe
         input_size=request.input_size or input_size, mean=mean, std=std, checkpoint=request.checkpoint,
         checkpoint_sha256=sha256_file(request.checkpoint) if request.checkpoint else None,
         head=request.teacher_head)
+
+
+def teacher_view_fields(spec: TeacherSpec) -> dict[str, Any]:
+    """The `ViewPlan` fields of the teacher's own evaluation transform (docs/guide.md#your-own-teacher): its
+    interpolation, and view 0 as the central box timm's eval transform keeps at the teacher's input size
+    (resize to floor(size / crop_pct), then centre-crop size). Nothing for a teacher without a pretrained config."""
+    pre = spec.preprocessing
+    if pre is None:
+        return {}
+    return {"clean_crop": spec.input_size / math.floor(spec.input_size / pre["crop_pct"]),
+            "interpolation": pre["interpolation"]}
 
 
 def _resolve_tap(spec: TeacherSpec, tap: str, grid: int) -> str:
@@ -254,7 +253,7 @@ def build_manifest(request: CacheRequest) -> Manifest:
     if len(dataset) == 0:
         raise TeacherError(f"dataset {request.dataset} ({request.split}) is empty; nothing to cache")
     spec = teacher_spec(request, dataset)
-    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed)
+    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed, **teacher_view_fields(spec))
     storage = StorageSpec(logits="none" if not request.teacher_head else request.logits,
                           tap=spec.taps[0] if spec.taps else None, grid=request.grid, featmaps=request.featmaps,
                           lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size,

@@ -20,7 +20,7 @@ import os
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,16 @@ SOURCE_HINT = "give --weights a .safetensors/.pth/.pt/.bin state dict or hf-hub:
 _TIMM_BUILDER_LOG = "timm.models._builder"
 _LOAD_PROBLEMS = ("Missing keys", "Unexpected keys", "Unable to convert")
 """How timm's `load_pretrained` reports (only in its log) weights it did not load strictly."""
+
+
+_TIMM_DATA_CONFIG_LOG = "timm.data.model_config"
+
+
+def _averaged_statistics(record: logging.LogRecord) -> bool:
+    """False for timm's "Pretrained mean does not match 1 channels; using its mean value." (and std): for a
+    grey dataset this project averages the RGB statistics on purpose, as timm adapts the stem (recorded in the
+    manifest, docs/guide.md#your-own-teacher), so the warning would only repeat, per build, what was asked."""
+    return not (record.getMessage().startswith("Pretrained ") and "does not match" in record.getMessage())
 
 
 class WeightsError(DistilleryError):
@@ -67,7 +77,12 @@ class Preprocessing:
         from timm.data import resolve_input_data_config
         from timm.models import get_model_input_config
 
-        config = resolve_input_data_config(model, args={"model_kwargs": model_kwargs})
+        timm_config = logging.getLogger(_TIMM_DATA_CONFIG_LOG)
+        timm_config.addFilter(_averaged_statistics)
+        try:
+            config = resolve_input_data_config(model, args={"model_kwargs": model_kwargs})
+        finally:
+            timm_config.removeFilter(_averaged_statistics)
         channels = config["input_size"][0]
 
         def per_channel(values: tuple[float, ...]) -> tuple[float, ...]:
@@ -95,6 +110,7 @@ class ResolvedWeights:
     sha256: str  # of that file
     revision: str | None  # the Hub snapshot's commit for an hf-hub source
     preprocessing: Preprocessing
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # given to `timm.create_model` (e.g. img_size)
 
     @property
     def num_classes(self) -> int:
@@ -137,7 +153,26 @@ def resolve_weights(source: str, model: str | None = None, *, num_classes: int |
               if v is not None}
     built = _create(name, architecture, path, overlay, kwargs)
     return ResolvedWeights(model=built.eval(), architecture=architecture, source=source, path=path,
-                           sha256=digest, revision=revision, preprocessing=Preprocessing.of_model(built, kwargs))
+                           sha256=digest, revision=revision, preprocessing=Preprocessing.of_model(built, kwargs),
+                           model_kwargs=dict(model_kwargs))
+
+
+def resolve_sized(source: str, model: str | None, *, num_classes: int | None, fallback_classes: int | None,
+                  in_chans: int, input_size: int | None) -> ResolvedWeights:
+    """`resolve_weights` with the head at ``num_classes`` when the weights have a head of that size, else at
+    ``fallback_classes`` (None: the weights' own head; 0: none), at ``input_size`` (None: the weights'): a
+    fixed-size model is rebuilt with that ``img_size``, timm resampling its position embeddings as it loads.
+    A file that fits neither head raises the error of the first."""
+    try:
+        got = resolve_weights(source, model, num_classes=num_classes, in_chans=in_chans)
+    except WeightsError as e:
+        try:
+            got = resolve_weights(source, model, num_classes=fallback_classes, in_chans=in_chans)
+        except WeightsError:
+            raise e from None
+    if input_size and got.preprocessing.fixed_input_size and input_size != got.preprocessing.input_size[-1]:
+        got = resolve_weights(source, model, num_classes=got.num_classes, in_chans=in_chans, img_size=input_size)
+    return got
 
 
 def weights_file(source: str, model: str | None = None) -> Path:

@@ -1,4 +1,9 @@
-"""`distillery fit-teacher`: train a timm teacher locally (no pretrained weights can be downloaded here).
+"""`distillery fit-teacher`: train a timm teacher locally, from random weights or fine-tuning pretrained ones.
+
+Nothing is downloaded: ``--weights`` is a state dict file or a snapshot already in the local Hugging Face cache,
+resolved as `distillery cache --weights` resolves it (`pipeline.teacher.weights`, docs/guide.md#your-own-teacher).
+Fine-tuning normalises with the weights' mean and std and renders at their input size unless told
+otherwise; the checkpoint records the starting weights' sha256.
 
 Each epoch draws fresh random-resized-crop + flip views through the same `render_view` the cache uses.
 The checkpoint (`pipeline.teacher.checkpoint.TeacherCheckpoint`) holds the state dict plus what a cache needs
@@ -32,6 +37,7 @@ from pipeline.nets.tapped import create_timm_model
 from pipeline.options import Config, Help, OptionError, Range, check_device, check_output_file, resolve_device
 from pipeline.progress import progress_task
 from pipeline.teacher.checkpoint import TeacherCheckpoint
+from pipeline.teacher.weights import resolve_sized
 from pipeline.train.evaluate import evaluate_accuracy
 from pipeline.train.optim import OptimConfig, build_optimizer, cosine_schedule
 
@@ -65,6 +71,10 @@ class FitConfig(Config):
     temperature: Annotated[float, Range(gt=0), Help("NT-Xent temperature (ssl)")] = 0.2
     jitter: Annotated[float, Range(ge=0, lt=1.25), Help("SimCLR colour-distortion strength, brightness and contrast "
                                                         "(ssl; 0: crops and flips only)")] = 0.5
+    weights: Annotated[str | None, Help("pretrained weights to fine-tune from: a .safetensors/.pth/.pt/.bin state "
+                                        "dict of --model or hf-hub:ORG/NAME from the local Hugging Face cache; "
+                                        "their mean, std and input size are used, a head of another size is "
+                                        "replaced")] = None
 
 
 class FitResult(BaseModel):
@@ -83,14 +93,16 @@ class FitResult(BaseModel):
 
 def check_fit(cfg: FitConfig) -> None:
     """Everything `fit_teacher` would refuse, found before any work: the device, where the checkpoint goes
-    (not over an existing one unless `overwrite`) and every split's images (one line each)."""
+    (not over an existing one unless `overwrite`), every split's images and the starting weights (one line
+    each)."""
     check_device(cfg.device)
     check_output_file(cfg.out)
     if Path(cfg.out).expanduser().exists() and not cfg.overwrite:
         raise OptionError(f"--out {cfg.out} exists; pass --overwrite to replace it (the caches made from it "
                           f"would then fail verify)")
-    for split in ("train", "val"):
-        load_dataset(cfg.dataset, split, on_bad_image=cfg.on_bad_image)
+    splits = [load_dataset(cfg.dataset, split, on_bad_image=cfg.on_bad_image) for split in ("train", "val")]
+    if cfg.weights is not None:  # loaded here too: weights that do not fit are one line, not a failed flow run
+        _pretrained_start(cfg, splits[0].num_classes, splits[0].channels)
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -142,6 +154,20 @@ def projector(width: int, out: int = 128) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, out))
 
 
+def _pretrained_start(cfg: FitConfig, num_classes: int, in_chans: int) -> tuple[
+        torch.nn.Module, tuple[float, ...], tuple[float, ...], int, dict[str, str]]:
+    """The model to fine-tune from ``cfg.weights``: the weights' head where it has ``num_classes``, else a new
+    one (timm's initialisation, seeded); their mean and std; the input size (``cfg.input_size``, else theirs);
+    the checkpoint's record of where it started."""
+    got = resolve_sized(cfg.weights, cfg.model, num_classes=num_classes, fallback_classes=0, in_chans=in_chans,
+                        input_size=cfg.input_size)
+    if got.num_classes != num_classes:
+        got.model.reset_classifier(num_classes)
+    size = cfg.input_size or got.preprocessing.input_size[-1]
+    return (got.model, got.preprocessing.mean, got.preprocessing.std, size,
+            {"start_weights": cfg.weights, "start_weights_sha256": got.sha256})
+
+
 def fit_teacher(cfg: FitConfig) -> FitResult:
     """Train `cfg.model` on the dataset's train split, evaluate on val, save the checkpoint atomically.
 
@@ -155,9 +181,14 @@ def fit_teacher(cfg: FitConfig) -> FitResult:
     train = load_dataset(cfg.dataset, "train", subset=cfg.subset, seed=cfg.seed, on_bad_image=cfg.on_bad_image)
     val = load_dataset(cfg.dataset, "val", on_bad_image=cfg.on_bad_image)
     full_train = load_dataset(cfg.dataset, "train", on_bad_image=cfg.on_bad_image)
-    mean, std = full_train.pixel_stats()
-    size = cfg.input_size or default_input_size(train)
-    model = create_timm_model(cfg.model, train.num_classes, train.channels, size).to(device)
+    if cfg.weights is None:
+        mean, std = full_train.pixel_stats()
+        size = cfg.input_size or default_input_size(train)
+        model = create_timm_model(cfg.model, train.num_classes, train.channels, size)
+        started: dict[str, str] = {}
+    else:
+        model, mean, std, size, started = _pretrained_start(cfg, train.num_classes, train.channels)
+    model = model.to(device)
     head = projector(model.num_features).to(device) if ssl else torch.nn.Identity()
     optim_cfg = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
     optimizer = build_optimizer([*model.parameters(), *head.parameters()], optim_cfg)
@@ -202,6 +233,6 @@ def fit_teacher(cfg: FitConfig) -> FitResult:
     TeacherCheckpoint(model=cfg.model, state_dict=model.cpu().state_dict(), num_classes=train.num_classes,
                       in_chans=train.channels, input_size=size, mean=mean, std=std, dataset=train.name,
                       val_accuracy=accuracy, config=cfg.model_dump(),
-                      train_fingerprint=full_train.fingerprint()).save(out)
+                      train_fingerprint=full_train.fingerprint(), **started).save(out)
     return FitResult(model=cfg.model, val_accuracy=accuracy, train_seconds=seconds, out=str(out),
                      num_samples=len(train), input_size=size, skipped_images=sorted({*train.skipped, *val.skipped}))

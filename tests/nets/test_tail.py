@@ -38,6 +38,8 @@ def rebuilt(model: torch.nn.Module, stages: int, tap_index: int = -1):
     ("test_resnet", {"avg_down": False}, 1),  # strided 1x1 convolution shortcut
     (*SWIN, 2),
     ("test_vit", {"class_token": False, "global_pool": "avg"}, 2),  # no prefix token: the map is the tail's
+    ("test_convnext", {}, 2),  # downsampling stages, layer scale, channels-last LayerNorm MLP
+    ("convnext_atto", {"depths": (1, 1, 1, 1), "dims": (8, 16, 16, 32), "conv_mlp": True}, 3),  # channels-first
 ])
 def test_tail_maps_the_previous_stage_to_the_cached_stage_exactly(name, kwargs, stages) -> None:
     model = teacher(name, **kwargs)
@@ -72,9 +74,25 @@ def test_tail_is_frozen_and_passes_gradients_to_its_input() -> None:
     assert all(p.grad is None for p in tail.parameters())
 
 
-def test_a_non_resnet_swin_vit_teacher_is_refused() -> None:
-    model = teacher("test_convnext")
-    with pytest.raises(ModelError, match="ResNet, Swin and ViT models only, not a ConvNeXt.*tpp=false"):
+@pytest.mark.parametrize("name, kwargs", [
+    ("test_vit2", {}),  # a class and a register token
+    ("deit_tiny_distilled_patch16_224", {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}),
+])
+def test_vit_tails_with_prefix_tokens_take_the_patch_grid(name: str, kwargs: dict) -> None:
+    model = teacher(name, **kwargs)
+    _, tail = rebuilt(model, 2)
+    grid = 32 // model.patch_embed.patch_size[0]
+    assert tail.input_shape == (model.embed_dim, grid, grid)  # prefix tokens are not positions of the map
+    tokens = torch.randn(3, grid * grid, model.embed_dim)
+    with torch.inference_mode():
+        reference = model.blocks[-1](model.blocks[-2](tokens))
+        out = tail(tokens.transpose(1, 2).reshape(3, model.embed_dim, grid, grid))
+    torch.testing.assert_close(out.flatten(2).transpose(1, 2), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_teacher_of_another_family_is_refused() -> None:
+    model = teacher("test_efficientnet")
+    with pytest.raises(ModelError, match="ResNet, Swin, ConvNeXt and ViT models only, not a EfficientNet.*tpp=false"):
         rebuilt(model, 1)
 
 
