@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import field_validator
 
+from pipeline.cache.inputs import INPUTS_HELP, input_storage
 from pipeline.cache.manifest import ArraySpec, Manifest, ShardRange, ShardRecord, StorageSpec, shard_ranges
 from pipeline.cache.statistics import check_cka_source
 from pipeline.cache.reader import TeacherCache
@@ -80,6 +81,10 @@ class CacheRequest(Config):
                                     "logits if stored")] = "auto"
     device: Annotated[str, Help("auto | cpu | cuda | cuda:N")] = "auto"
     on_bad_image: Annotated[Literal[BAD_IMAGE_POLICIES], Help(BAD_IMAGE_HELP)] = "fail"
+    inputs: Annotated[str, Help(INPUTS_HELP)] = "auto"
+    max_side: Annotated[int | None, Range(ge=1), Help("shrink each image so its longer side is at most this many "
+                                                      "pixels before storing it (decoded at a reduced JPEG scale "
+                                                      "first); default: full size")] = None
 
     @field_validator("store")
     @classmethod
@@ -258,7 +263,8 @@ def build_manifest(request: CacheRequest) -> Manifest:
     storage = StorageSpec(logits="none" if not request.teacher_head else request.logits,
                           tap=spec.taps[0] if spec.taps else None, grid=request.grid, featmaps=request.featmaps,
                           lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size,
-                          teacher_tail=request.teacher_tail, store=request.store)
+                          teacher_tail=request.teacher_tail, store=request.store,
+                          **input_storage(request.inputs, request.max_side, dataset))
     device = resolve_device(request.device)
     teacher = shared_teacher(spec, str(device))
     arrays, pooled_dim = _describe_outputs(teacher, spec, storage, len(dataset), plan.num_views, device)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cache.inputs import InputCodec, StoredImages
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.source import source_dataset
 from pipeline.cache.blocks import block_key
@@ -89,7 +90,7 @@ def _live_rows(cache: TeacherCache, pairs: np.ndarray, device: str, batch_size: 
     """The rows the teacher pass would store for `pairs` (float32, before the storage dtype)."""
     m = cache.manifest
     spec = manifest_teacher_spec(m.teacher)
-    dataset = source_dataset(cache)
+    dataset = StoredImages.of(source_dataset(cache), InputCodec.of(m))  # what the teacher pass rendered
     plan = ViewPlan(**m.views.plan_fields())
     dev = resolve_device(device)
     teacher = build_teacher(spec, dev)
