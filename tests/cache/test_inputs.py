@@ -25,6 +25,8 @@ from pipeline.teacher.forward import render_pairs
 from pipeline.teacher.model import manifest_teacher_spec
 from pipeline.teacher.plan import CacheRequest
 from pipeline.teacher.verify import verify_cache
+from pipeline.train.config import RunSettings, TrainConfig
+from pipeline.train.loop import train_student
 from pipeline.train.stream import CacheStream
 
 from tests.conftest import TINY_TEACHER
@@ -165,3 +167,17 @@ def test_a_max_side_decode_shrinks_in_the_jpeg_decoder_to_the_exact_size(tmp_pat
     assert decode_image(data, 3, 100).shape == (75, 100, 3)
     assert decode_image(data).shape == (300, 400, 3)
     np.testing.assert_array_equal(decode_image(data, 3, 100), decode_image(tmp_path / "p.jpg", 3, 100))
+
+
+def test_train_from_a_cache_opens_no_training_image(folder, tmp_path) -> None:
+    """Encoded inputs (raw ones are read from the cache the same way, by the same stream)."""
+    copy = shutil.copytree(folder, tmp_path / "photos")
+    cache = cache_folder(copy, tmp_path / "cache")
+    away = tmp_path / "away"
+    away.mkdir()
+    for path in (copy / "train").rglob("*.*"):  # the class folders stay: they name the classes
+        shutil.move(path, away / f"{path.parent.name}-{path.name}")
+    summary = train_student(TrainConfig(cache=str(cache), student=TINY_TEACHER, methods=("ce", "kd"),
+                                        out=str(tmp_path / "run"),
+                                        settings=RunSettings(epochs=1, batch_size=5, workers=0, device="cpu")))
+    assert summary.steps == 2 and 0 <= summary.val_accuracy <= 1
