@@ -117,6 +117,12 @@ class ImageDataset(ABC):
         """That file's path relative to the dataset's folder, or None when it has none."""
         return None
 
+    def with_max_side(self, max_side: int | None) -> ImageDataset:
+        """This split with every image decoded to a longer side of at most `max_side` (a cache's `--max-side`,
+        for the images it evaluates on): files are decoded straight to that size; in-memory arrays, small by
+        nature, are returned as they are."""
+        return self
+
     @abstractmethod
     def _pixel_batches(self) -> Iterator[np.ndarray]:
         """uint8 arrays whose last axis is the channel axis; ``pixel_stats`` pools them."""

@@ -87,13 +87,19 @@ def shrink(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
     return out[..., None] if grey else out
 
 
+CHECK_SIDE = 256
+"""`decode_error` decodes to this longer side: a JPEG at a reduced DCT scale still reads every byte of its
+entropy-coded data (where truncation and corruption show), in a fraction of the memory and time."""
+
+
 def decode_error(path: str | Path) -> str | None:
     """Why the image file at `path` cannot be decoded to RGB, or None if it can.
 
-    Fully decodes it: a truncated or corrupt file often opens (only its header is read) and fails later.
+    Decodes all of it (`CHECK_SIDE`): a truncated or corrupt file often opens (only its header is read) and
+    fails later.
     """
     try:
-        decode_image(Path(path))
+        decode_image(Path(path), 3, CHECK_SIDE)
     except DECODE_ERRORS as exc:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return None

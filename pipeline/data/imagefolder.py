@@ -35,6 +35,7 @@ CHECKS_ENV = "DISTILLERY_IMAGE_CHECKS"
 _CHECKS_LIMIT = 512 * MIB  # ~100 bytes a file: room for several ImageNets
 _NAMED_BAD_IMAGES = 3  # an error line names this many undecodable files, then counts the rest
 _STATS_MAX_IMAGES = 512
+STATS_SIDE = 512
 
 
 @dataclass(eq=False)
@@ -44,6 +45,8 @@ class FolderDataset(ImageDataset):
     paths: np.ndarray = dataclasses.field(kw_only=True)
     root: str = dataclasses.field(kw_only=True, default="")
     """The folder the paths lie in (`relative` paths are relative to it)."""
+    max_side: int | None = dataclasses.field(kw_only=True, default=None)
+    """`raw` decodes to a longer side of at most this (None: full size)."""
 
     _row_fields: ClassVar[tuple[str, ...]] = ("paths",)
 
@@ -54,7 +57,10 @@ class FolderDataset(ImageDataset):
             raise DatasetError(f"{self.name}: a folder dataset needs one path per id and 3 channels")
 
     def raw(self, position: int) -> np.ndarray:
-        return decode_image(Path(self.paths[position]))
+        return decode_image(Path(self.paths[position]), 3, self.max_side)
+
+    def with_max_side(self, max_side: int | None) -> FolderDataset:
+        return dataclasses.replace(self, max_side=max_side)
 
     def encoded(self, position: int) -> bytes:
         return Path(self.paths[position]).read_bytes()
@@ -65,8 +71,9 @@ class FolderDataset(ImageDataset):
     def _pixel_batches(self):  # noqa: ANN202 - ImageDataset's
         # Decoding a whole folder for two numbers per channel is wasteful; an even sample suffices.
         count = min(len(self), _STATS_MAX_IMAGES)
+        # A camera's resolution adds nothing to two numbers per channel but memory: each at most STATS_SIDE.
         for position in np.unique(np.linspace(0, len(self) - 1, count).round().astype(np.int64)):
-            yield self.raw(int(position))
+            yield decode_image(Path(self.paths[position]), 3, min(self.max_side or STATS_SIDE, STATS_SIDE))
 
 
 def folder_root(dataset_name: str) -> Path | None:
