@@ -183,7 +183,8 @@ def manifest_request(root: str | Path, device: str = "cpu", batch_size: int = 25
                         teacher_tail=st.teacher_tail, store=st.store, lsh_bits=st.lsh_bits, input_size=t.input_size,
                         shard_size=st.shard_size, block_size=st.block_size,
                         cka_source=m.stats.cka_source or "auto", out=str(root), batch_size=batch_size,
-                        device=device, on_bad_image=d.on_bad_image or "fail")
+                        device=device, on_bad_image=d.on_bad_image or "fail", inputs=st.inputs or "raw",
+                        max_side=st.max_side)
 
 
 def repair_cache(root: str | Path, device: str = "cpu", batch_size: int = 256) -> list[str]:

@@ -26,8 +26,8 @@ from pipeline.teacher.cache_pass import run_cache_pass
 from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.teacher.forward import render_pairs
 from pipeline.teacher.model import manifest_teacher_spec
-from pipeline.teacher.plan import CacheRequest
-from pipeline.teacher.verify import verify_cache
+from pipeline.teacher.plan import CacheRequest, build_manifest
+from pipeline.teacher.verify import manifest_request, verify_cache
 from pipeline.train.config import RunSettings, TrainConfig
 from pipeline.train.loop import train_student
 from pipeline.train.stream import CacheStream
@@ -119,6 +119,13 @@ def test_student_renders_are_the_teacher_renders_bit_for_bit_and_verify_passes(c
         np.testing.assert_array_equal(seen[key], rendered)
     result = verify_cache(cache.root, samples=8)
     assert result.ok, (result.problems, result.checks)
+
+
+@pytest.mark.parametrize("mode", ["raw", "encoded-max-side"])
+def test_the_request_read_back_from_the_manifest_has_the_caches_identity(caches, mode) -> None:
+    """What `verify --repair` re-runs: the same inputs, max side and decoder."""
+    cache = caches(mode)
+    assert build_manifest(manifest_request(cache.root)).identity() == cache.manifest.identity()
 
 
 def stored_input_bytes(cache: TeacherCache) -> int:
