@@ -104,9 +104,13 @@ def check_request(request: CacheRequest) -> Manifest:
     the output directory or URL, the dataset (every split's images, decoded), the teacher and its tap.
 
     Run before the flow starts (the CLI does), so a bad option is one line rather than a failed task.
+    Both splits' files are checked here; the pass itself loads only the split it caches.
     """
     check_device(request.device)
     check_output_location(request.out)
+    # The other split's files too: a bad val image stops the pass before it starts, not a student after it
+    # (checked once: an image folder remembers its checks).
+    _dataset(request.dataset, "val" if request.split == "train" else "train", None, 0, request.on_bad_image)
     return build_manifest(request)
 
 
