@@ -61,13 +61,12 @@ def parse_inputs(text: str) -> tuple[str, int]:
 
 
 def resolve_inputs(text: str, dataset: ImageDataset) -> str:
-    """`--inputs` for `dataset`: `auto` is encoded for datasets of files, raw for in-memory arrays (encoded
-    is ~1x the files, raw 4x and more for JPEGs; docs/results.md#inputs); `source` needs files."""
-    has_files = dataset.relative(0) is not None
+    """`--inputs` for `dataset`: `auto` is encoded for datasets of encoded files, raw for in-memory arrays
+    (encoded is ~1x the files, raw 11x for JPEGs; docs/results.md#inputs); `source` needs files in a folder."""
     if text == "auto":
-        return "encoded" if has_files else "raw"
+        return "encoded" if dataset.ENCODED else "raw"
     mode, _ = parse_inputs(text)
-    if mode == "source" and not has_files:
+    if mode == "source" and dataset.relative(0) is None:
         raise CacheError(f"--inputs source reads each image from its file, and {dataset.name} has none (it is held "
                          f"in memory); use --inputs raw or encoded")
     return text

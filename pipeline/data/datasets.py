@@ -81,6 +81,8 @@ class ImageDataset(ABC):
 
     # Per-row payload fields that ``subset`` must index alongside ids and labels.
     _row_fields: ClassVar[tuple[str, ...]] = ()
+    ENCODED: ClassVar[bool] = False
+    """Whether rows come from encoded files (``encoded`` gives their bytes): a cache stores those by default."""
 
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.ids, dtype=np.int64)

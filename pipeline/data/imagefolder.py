@@ -49,6 +49,7 @@ class FolderDataset(ImageDataset):
     """`raw` decodes to a longer side of at most this (None: full size)."""
 
     _row_fields: ClassVar[tuple[str, ...]] = ("paths",)
+    ENCODED: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
