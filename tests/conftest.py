@@ -14,6 +14,16 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image_checks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where image folders' remembered checks go (pipeline.data.imagefolder): the session's, not the home's."""
+    folder = tmp_path_factory.mktemp("image-checks")
+    os.environ["DISTILLERY_IMAGE_CHECKS"] = str(folder)
+    return folder
+
+
 TINY_TEACHER = "test_resnet"  # timm's 0.4M-parameter ResNet: trains on digits in seconds
 
 

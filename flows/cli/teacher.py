@@ -32,6 +32,19 @@ def logits_option(value: str) -> str:
     return value
 
 
+def inputs_option(value: str) -> str:
+    """--inputs: auto, raw, encoded[:quality=Q] or source, checked while the command line is parsed."""
+    from pipeline.cache.inputs import parse_inputs
+    from pipeline.cache.manifest import CacheError
+
+    if value != "auto":
+        try:
+            parse_inputs(value)
+        except CacheError as e:
+            raise typer.BadParameter(str(e).removeprefix("--inputs ")) from None
+    return value
+
+
 @group.command("fit-teacher")
 def fit_teacher_cmd(
     dataset: Annotated[str, typer.Option(help=DATASET_HELP)],
@@ -104,6 +117,10 @@ def cache_cmd(
     cka_source: Annotated[CkaSource, Declared(CacheRequest, "cka_source")] = request_default("cka_source"),
     device: Annotated[str, Device()] = request_default("device"),
     on_bad_image: Annotated[OnBadImage, Declared(CacheRequest, "on_bad_image")] = request_default("on_bad_image"),
+    inputs: Annotated[str, Declared(CacheRequest, "inputs", callback=inputs_option,
+                                    metavar="auto|raw|encoded[:quality=Q]|source")] = request_default("inputs"),
+    max_side: Annotated[Optional[int], Declared(CacheRequest, "max_side", min=1, metavar="PIXELS")]
+    = request_default("max_side"),
     task_runner_spec: Annotated[str, typer.Option("--task-runner", metavar="thread|dask|tcp://HOST:PORT",
                                                   help="where shard tasks run: thread | dask (a local cluster of "
                                                        "--dask-workers processes) | tcp://SCHEDULER:PORT")]
@@ -131,7 +148,8 @@ def cache_cmd(
                            tap=tap, grid=grid, featmaps=featmaps, teacher_tail=teacher_tail, store=store,
                            lsh_bits=lsh_bits,
                            input_size=input_size, shard_size=shard_size, batch_size=batch_size,
-                           cka_source=cka_source, device=device, on_bad_image=on_bad_image)
+                           cka_source=cka_source, device=device, on_bad_image=on_bad_image, inputs=inputs,
+                           max_side=max_side)
     manifest = check_request(request)  # bad input is one line here, before the flow (and anything) starts
     report_skipped(dataset, manifest.dataset.skipped or [])
     from flows.cache_teacher import run_cache_teacher, task_runner  # Prefect loads once the request is good

@@ -21,10 +21,6 @@ from pipeline.cache.manifest import CacheError
 from pipeline.checksums import sha256_bytes
 from pipeline.object_store import ObjectPath, location, open_binary, write_whole
 
-RAW_KEYS = frozenset({"raw", "raw_shape", "raw_offsets", "raw_hw"})
-"""Block keys of the raw inputs, both encodings (`pack_raw`, and the padded one before it)."""
-
-
 def encode_block(arrays: Mapping[str, np.ndarray]) -> bytes:
     """The block's bytes: the same arrays (in any order) always give the same bytes."""
     buf = io.BytesIO()
@@ -61,33 +57,6 @@ def decode_block(data: bytes, where: str = "block", root: str | Path | None = No
 def block_key(name: str) -> str:
     """zarr array path -> key inside a block (`logits/dense` -> `logits.dense`)."""
     return name.replace("/", ".")
-
-
-def raw_count(block: Mapping[str, np.ndarray]) -> int:
-    """How many samples a decoded block holds."""
-    return len(block["raw_shape"] if "raw_shape" in block else block["raw_hw"])
-
-
-def pack_raw(raws: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Raw images of possibly different sizes -> block arrays: `raw` their bytes one after the other (no
-    padding: one large image does not grow the others), `raw_shape` (n, 3) their (H, W, C), `raw_offsets`
-    (n + 1,) where each starts in `raw`."""
-    shapes = np.array([r.shape for r in raws], dtype=np.int64).reshape(len(raws), 3)
-    offsets = np.concatenate([[0], np.cumsum(shapes.prod(axis=1))])
-    raw = np.concatenate([np.ascontiguousarray(r, dtype=np.uint8).ravel() for r in raws]) if raws else \
-        np.zeros(0, np.uint8)
-    return {"raw": raw, "raw_shape": shapes, "raw_offsets": offsets}
-
-
-def unpack_raw(block: Mapping[str, np.ndarray], i: int) -> np.ndarray:
-    """Raw image `i` of a decoded block. Blocks written before `pack_raw` stopped padding hold `raw` as
-    (n, Hmax, Wmax, C) zero-padded with each image's (H, W) in `raw_hw`: still read."""
-    raw = block["raw"]
-    if "raw_offsets" in block:
-        a, b = int(block["raw_offsets"][i]), int(block["raw_offsets"][i + 1])
-        return raw[a:b].reshape(tuple(int(d) for d in block["raw_shape"][i]))
-    hw = block["raw_hw"]
-    return raw[i, : hw[i, 0], : hw[i, 1]]
 
 
 def write_tar_whole(path: Path | ObjectPath, members: list[tuple[str, bytes]]) -> None:

@@ -160,13 +160,19 @@ class StorageSpec(Section):
     # `--store`: comma-separated per-sample targets kept (`pipeline.cache.targets`); None: every one the
     # options above produce. None is also what a cache written before `--store` reads as (same identity).
     store: str | None = None
+    # `--inputs` and `--max-side` (`pipeline.cache.inputs`, docs/cache-format.md#inputs) and the decoder that turns
+    # encoded or source inputs into pixels. None: raw pixels at full size, as caches written before them read.
+    inputs: str | None = None
+    max_side: int | None = None
+    decoder: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        # A default `--store` is written as no key at all: the JSON (and identity) of a cache that keeps every
-        # target stays what it was before the option existed.
+        # A default option is written as no key at all: the JSON (and identity) of a cache that keeps every
+        # target and raw full-size inputs stays what it was before the options existed.
         out = super().to_dict()
-        if out.get("store", "") is None:
-            del out["store"]
+        for key in ("store", "inputs", "max_side", "decoder"):
+            if out.get(key, "") is None:
+                del out[key]
         return out
 
     @model_validator(mode="after")
@@ -179,6 +185,8 @@ class StorageSpec(Section):
             raise CacheError(f"pooled_views must be 'all' or 'first', not '{self.pooled_views}'")
         if self.grid < 1:
             raise CacheError(f"--grid must be >= 1, not {self.grid}")
+        if self.max_side is not None and self.max_side < 1:
+            raise CacheError(f"--max-side must be >= 1 pixel, not {self.max_side}; leave it out to keep full size")
         if self.shard_size < 1 or self.block_size < 1:
             raise CacheError("--shard-size and the block size must be >= 1")
         if self.lsh_bits < 0 or self.lsh_bits % 8:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache.blocks import RAW_KEYS, block_key, decode_block, iter_tar_members, raw_count, unpack_raw
+from pipeline.cache.blocks import block_key, decode_block, iter_tar_members
+from pipeline.cache.inputs import INPUT_KEYS, InputCodec, raw_count
 from pipeline.cache.integrity import array_digest, confined_path, inside, repair_hint, rows_digest
 from pipeline.cache.layout import LSH_INDEX_NAME, SHARDS_DIR, TAIL_NAME, CacheFiles, block_sizes, open_arrays
 from pipeline.cache.manifest import CacheError, Manifest
@@ -258,11 +259,12 @@ class TeacherCache(CacheFiles):
 
 @dataclass(frozen=True)
 class Block:
-    """One decoded block of a shard: its samples' raw inputs (`raw`, block keys `RAW_KEYS`) and their
-    per-sample rows (`rows`, keyed as `block_key` names the zarr arrays), in stored order."""
+    """One decoded block of a shard: its samples' stored inputs (`raw`, block keys `INPUT_KEYS`, read back by
+    `codec`) and their per-sample rows (`rows`, keyed as `block_key` names the zarr arrays), in stored order."""
 
     raw: Mapping[str, np.ndarray]
     rows: Mapping[str, np.ndarray]
+    codec: InputCodec = InputCodec()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -276,8 +278,9 @@ class Block:
         return self.rows[block_key("samples/labels")]
 
     def image(self, i: int) -> np.ndarray:
-        """Raw image `i` (a view into the block's bytes: copy it to keep it past the block)."""
-        return unpack_raw(self.raw, i)
+        """Image `i` as uint8 (H, W, C) pixels: decoded from an encoded or source input, else a view into the
+        block's bytes (copy it to keep it past the block)."""
+        return self.codec.image(self.raw, i)
 
 
 def _view_rows(arr: np.ndarray, views: np.ndarray) -> np.ndarray:
@@ -308,6 +311,7 @@ class BlockReader:
         self.sorted_ids = ids[self.order]
         self.row_names = [*SAMPLE_ARRAYS, *(n for t in sorted(targets) if cache.digested_per_shard(t)
                                             for n in cache.target_arrays(t))]
+        self.codec = InputCodec.of(cache.manifest)  # refuses another decoder before any block is read
         self.paths = cache.shard_paths()  # refuses a shard path outside the cache before any block is read
         self.sizes = block_sizes(cache.manifest.shards, cache.manifest.storage.block_size)
 
@@ -321,13 +325,13 @@ class BlockReader:
                 break
             if j < first:
                 continue
-            raw = decode_block(data, f"{path}: block {name}", root, keys=RAW_KEYS)
+            raw = decode_block(data, f"{path}: block {name}", root, keys=INPUT_KEYS)
             count = raw_count(raw)
             if count != sizes[j]:
                 raise CacheError(f"{path}: block {name} holds {count} samples, its record {sizes[j]}; "
                                  f"{repair_hint(root)}")
             block = {block_key(n): v[offset:offset + count] for n, v in rows.items()}
-            yield Block(raw, block | self._column_rows(block[block_key("samples/ids")]))
+            yield Block(raw, block | self._column_rows(block[block_key("samples/ids")]), self.codec)
             offset, seen = offset + count, seen + 1
         if seen != stop - first:
             raise CacheError(f"{path} holds {first + seen} blocks, its record at least {stop}; {repair_hint(root)}")

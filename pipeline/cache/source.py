@@ -8,7 +8,8 @@ from pipeline.data.datasets import ImageDataset, load_dataset
 
 
 def source_dataset(cache: TeacherCache) -> ImageDataset:
-    """The manifest's dataset (spec, split, subset), refused unless its fingerprint is the cache's.
+    """The manifest's dataset (spec, split, subset), refused unless its fingerprint is the cache's; its
+    images decoded at most at the cache's `--max-side`.
 
     Row i of the cache is position i of this dataset: the teacher pass writes samples in dataset order
     (docs/cache-format.md#contract `samples/ids` "stored order"), and an equal fingerprint means equal ids and labels.
@@ -20,4 +21,4 @@ def source_dataset(cache: TeacherCache) -> ImageDataset:
         raise CacheError(f"the dataset {d.name} ({d.split}) found here is not the one {cache.root} was made "
                          f"from (fingerprint {dataset.fingerprint()[:12]}, cache {d.fingerprint[:12]}); "
                          f"run where the original data is")
-    return dataset
+    return dataset.with_max_side(cache.manifest.storage.max_side)  # decoded no larger than the cache's inputs

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache.blocks import block_digests, block_key, encode_block, pack_raw, write_tar_whole
+from pipeline.cache.blocks import block_digests, block_key, encode_block, write_tar_whole
+from pipeline.cache.inputs import InputCodec, Payload
 from pipeline.cache.integrity import array_digest, inside, non_finite_rows, rows_digest
 from pipeline.cache.layout import (ARRAYS_NAME, LOCK_NAME, LSH_INDEX_NAME, SHARDS_DIR, STAGING_PREFIX, TAIL_NAME,
                                    CacheFiles, open_arrays)
@@ -105,8 +106,9 @@ class CacheWriter(CacheFiles):
         return record
 
     def write_shard(self, index: int, start: int, stop: int, rows: Mapping[str, np.ndarray],
-                    raws: list[np.ndarray]) -> ShardRecord:
-        """Write rows [start, stop) of every per-sample array, then the tar, then the record (last)."""
+                    inputs: list[Payload]) -> ShardRecord:
+        """Write rows [start, stop) of every per-sample array, then the tar of `inputs` (what
+        `InputCodec.store` gives of each sample), then the record (last)."""
         missing = set(self.per_sample_arrays) - set(rows)
         if missing:
             raise CacheError(f"shard {index} is missing arrays {sorted(missing)}")
@@ -128,10 +130,11 @@ class CacheWriter(CacheFiles):
         for name in layout:
             self.group[name][start:stop] = rows[name]
         block = self.manifest.storage.block_size
+        codec = InputCodec.of(self.manifest)
         members = []
         for b0 in range(0, stop - start, block):
             b1 = min(b0 + block, stop - start)
-            arrays = pack_raw(raws[b0:b1])
+            arrays = codec.pack(inputs[b0:b1])
             if self.manifest.format_version == 1:  # its blocks copied every row; a repair rewrites the same bytes
                 arrays.update({block_key(n): rows[n][b0:b1] for n in self.per_sample_arrays})
             members.append((f"{index:06d}-{b0 // block:06d}.npz", encode_block(arrays)))

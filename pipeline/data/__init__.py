@@ -3,11 +3,11 @@
 from pipeline.data.datasets import (
     ArrayDataset,
     DatasetError,
-    FolderDataset,
     ImageDataset,
     load_dataset,
     stratified_subset,
 )
+from pipeline.data.imagefolder import FolderDataset  # registers the imagefolder kind
 from pipeline.data.views import (
     CLEAN_VIEW,
     ViewParams,

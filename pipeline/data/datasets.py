@@ -6,7 +6,7 @@ across the train and val splits of one dataset, so a cache of one split can neve
 a cache of the other.
 
 ``--dataset NAME[:ARGUMENT]`` names a registered `DatasetKind` (its loader and help): ``digits``,
-``fashion-mnist[:DIR]`` and ``imagefolder:DIR`` are registered here, and `dataset_help` lists every kind for
+``fashion-mnist[:DIR]`` are registered here (``imagefolder:DIR`` in `pipeline.data.imagefolder`), and `dataset_help` lists every kind for
 the command line (docs/ARCHITECTURE.md#where-new-things-go says how to add one).
 """
 
@@ -19,13 +19,11 @@ import hashlib
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from PIL import Image
 from pipeline.errors import DistilleryError, did_you_mean
 
 __all__ = [
@@ -33,7 +31,6 @@ __all__ = [
     "DATASET_KINDS",
     "DatasetError",
     "DatasetKind",
-    "FolderDataset",
     "ImageDataset",
     "dataset_help",
     "load_dataset",
@@ -54,13 +51,10 @@ _FASHION_FILES = {"train": ("train", 0), "val": ("t10k", 60_000)}
 _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 BAD_IMAGE_POLICIES = ("fail", "skip")
 BAD_IMAGE_HELP = ("an undecodable file in an image folder (any split, checked before any work): 'fail' names it, "
                   "'skip' leaves it out and reports how many")  # --on-bad-image of `fit-teacher` and `cache`
-_NAMED_BAD_IMAGES = 3  # an error line names this many undecodable files, then counts the rest
 _VAL_FRACTION = 0.2
-_STATS_MAX_IMAGES = 512
 
 
 class DatasetError(DistilleryError):
@@ -87,6 +81,8 @@ class ImageDataset(ABC):
 
     # Per-row payload fields that ``subset`` must index alongside ids and labels.
     _row_fields: ClassVar[tuple[str, ...]] = ()
+    ENCODED: ClassVar[bool] = False
+    """Whether rows come from encoded files (``encoded`` gives their bytes): a cache stores those by default."""
 
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.ids, dtype=np.int64)
@@ -114,6 +110,20 @@ class ImageDataset(ABC):
     @abstractmethod
     def raw(self, position: int) -> np.ndarray:
         """The raw image at ``position`` in stored order, uint8 (H, W, channels)."""
+
+    def encoded(self, position: int) -> bytes | None:
+        """The encoded file behind the row at ``position`` as it lies on disk, or None when it has none."""
+        return None
+
+    def relative(self, position: int) -> str | None:
+        """That file's path relative to the dataset's folder, or None when it has none."""
+        return None
+
+    def with_max_side(self, max_side: int | None) -> ImageDataset:
+        """This split with every image decoded to a longer side of at most `max_side` (a cache's `--max-side`,
+        for the images it evaluates on): files are decoded straight to that size; in-memory arrays, small by
+        nature, are returned as they are."""
+        return self
 
     @abstractmethod
     def _pixel_batches(self) -> Iterator[np.ndarray]:
@@ -185,31 +195,6 @@ class ArrayDataset(ImageDataset):
         yield self.images
 
 
-@dataclass(eq=False)
-class FolderDataset(ImageDataset):
-    """Images decoded from files on demand with PIL, always as RGB (channels = 3)."""
-
-    paths: np.ndarray = dataclasses.field(kw_only=True)
-
-    _row_fields: ClassVar[tuple[str, ...]] = ("paths",)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.paths = np.asarray(self.paths, dtype=object)
-        if self.channels != 3 or self.paths.shape != self.ids.shape:
-            raise DatasetError(f"{self.name}: a folder dataset needs one path per id and 3 channels")
-
-    def raw(self, position: int) -> np.ndarray:
-        with Image.open(self.paths[position]) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-    def _pixel_batches(self) -> Iterator[np.ndarray]:
-        # Decoding a whole folder for two numbers per channel is wasteful; an even sample suffices.
-        count = min(len(self), _STATS_MAX_IMAGES)
-        for position in np.unique(np.linspace(0, len(self) - 1, count).round().astype(np.int64)):
-            yield self.raw(int(position))
-
-
 def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Sorted positions of a seeded subset of ``n`` rows, stratified by label (docs/ARCHITECTURE.md#command-line-contract).
 
@@ -235,7 +220,7 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def _split_positions(labels: np.ndarray, split: str, where: str) -> np.ndarray:
+def split_positions(labels: np.ndarray, split: str, where: str) -> np.ndarray:
     """Sorted positions of ``split`` in the fixed stratified 80/20 train/val split."""
     from sklearn.model_selection import train_test_split  # scikit-learn takes seconds to import: only when used
 
@@ -255,7 +240,7 @@ def _load_digits(split: str) -> ImageDataset:
     # load_digits stores 4-bit intensities 0..16; stretch them onto the 8-bit range.
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = bunch.target.astype(np.int64)
-    positions = _split_positions(labels, split, "digits")
+    positions = split_positions(labels, split, "digits")
     return ArrayDataset(name="digits", split=split, ids=positions, labels=labels[positions],
                         class_names=[str(digit) for digit in range(10)], channels=1,
                         images=images[positions])
@@ -314,101 +299,9 @@ def _load_fashion_mnist(directory: str, split: str) -> ImageDataset:
                         images=images)
 
 
-def _class_dirs(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _image_files(class_dir: Path) -> list[str]:
-    """Image paths under one class folder, relative to it (posix), sorted."""
-    return sorted(p.relative_to(class_dir).as_posix() for p in class_dir.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def check_bad_image_policy(policy: str) -> None:
     if policy not in BAD_IMAGE_POLICIES:
         raise DatasetError(f"--on-bad-image must be one of {', '.join(BAD_IMAGE_POLICIES)}, not {policy!r}")
-
-
-def decode_error(path: str | Path) -> str | None:
-    """Why the image file at ``path`` cannot be decoded to RGB, or None if it can.
-
-    Fully decodes it: a truncated or corrupt file often opens (only its header is read) and fails later.
-    """
-    try:
-        with Image.open(path) as image:
-            image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return None
-
-
-def _decode_errors(paths: list[Path]) -> list[str | None]:
-    # PIL releases the GIL while decoding: threads check a large folder on every core.
-    with ThreadPoolExecutor() as pool:
-        return list(pool.map(decode_error, paths))
-
-
-def _bad_images_error(name: str, bad: list[tuple[str, str]]) -> DatasetError:
-    named = "; ".join(f"{path} ({why})" for path, why in bad[:_NAMED_BAD_IMAGES])
-    more = f"; and {len(bad) - _NAMED_BAD_IMAGES} more" if len(bad) > _NAMED_BAD_IMAGES else ""
-    return DatasetError(f"{name}: {len(bad)} undecodable image file(s): {named}{more}; fix or remove them, or "
-                        f"pass --on-bad-image skip to leave them out")
-
-
-def _load_imagefolder(directory: str, split: str, on_bad_image: str = "fail") -> ImageDataset:
-    """Every split's files are decoded up front, so a bad val image stops a run before it trains, not after.
-
-    Ids index the sorted list of all files (good or not), so skipping a bad file leaves the others' ids as
-    they were. Files without an image suffix are not part of the dataset.
-    """
-    root = Path(directory).expanduser().resolve()
-    name = f"imagefolder:{root}"
-    if not root.is_dir():
-        raise DatasetError(f"{name}: not a directory; pass imagefolder:DIR with one subfolder per class")
-    has_splits = (root / "train").is_dir() and (root / "val").is_dir()
-    split_dirs = list(SPLITS) if has_splits else [""]
-    class_names = _class_dirs(root / "train" if has_splits else root)
-    if not class_names:
-        raise DatasetError(f"{name}: no class subfolders; put images under DIR/<class>/ "
-                           f"or DIR/train/<class>/ and DIR/val/<class>/")
-    # Ids index the sorted (split dir, class, relative path) list over all splits: stable and unique.
-    records = []
-    for split_dir in split_dirs:
-        for class_dir in _class_dirs(root / split_dir):
-            if class_dir not in class_names:
-                raise DatasetError(f"{name}: class folder {split_dir}/{class_dir} has no "
-                                   f"counterpart in train/; add it there or remove it")
-            files = _image_files(root / split_dir / class_dir)
-            if not files:
-                raise DatasetError(f"{name}: class folder {Path(split_dir, class_dir).as_posix()} has no images "
-                                   f"({', '.join(sorted(IMAGE_SUFFIXES))}); add some or remove the folder")
-            records.extend((split_dir, class_dir, relative) for relative in files)
-    records.sort()
-    relative_paths = [Path(s, c, r).as_posix() for s, c, r in records]
-    errors = _decode_errors([root / p for p in relative_paths])
-    bad = [(p, why) for p, why in zip(relative_paths, errors) if why is not None]
-    if bad and on_bad_image == "fail":
-        raise _bad_images_error(name, bad)
-    good = np.array([why is None for why in errors], dtype=bool)
-    emptied = sorted({(s, c) for s, c, _ in records} - {(s, c) for (s, c, _), ok in zip(records, good) if ok})
-    if emptied:
-        raise DatasetError(f"{name}: class folder {Path(*emptied[0]).as_posix()} has no decodable images; "
-                           f"add some or remove the folder")
-    paths = np.array([str(root / p) for p in relative_paths], dtype=object)
-    labels = np.array([class_names.index(c) for _, c, _ in records], dtype=np.int64)
-    if has_splits:
-        in_split = np.array([s == split for s, _, _ in records], dtype=bool)
-        positions = np.flatnonzero(in_split & good)
-        skipped = tuple(p for p, ok, here in zip(relative_paths, good, in_split) if here and not ok)
-    else:
-        kept = np.flatnonzero(good)
-        positions = kept[_split_positions(labels[kept], split, name)]
-        skipped = tuple(p for p, ok in zip(relative_paths, good) if not ok)  # they belonged to no split yet
-    if len(positions) == 0:
-        raise DatasetError(f"{name}: no {split} images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
-                           f"add images under the class subfolders")
-    return FolderDataset(name=name, split=split, ids=positions, labels=labels[positions],
-                         class_names=class_names, channels=3, paths=paths[positions], skipped=skipped)
 
 
 DatasetLoader = Callable[[str, str, str], ImageDataset]
@@ -496,6 +389,3 @@ register_dataset_kind(DatasetKind(
     "fashion-mnist", lambda directory, split, on_bad_image: _load_fashion_mnist(directory, split),
     help=f"Fashion-MNIST's IDX .gz files in DIR, default {FASHION_MNIST_DIR}", argument="DIR",
     default=FASHION_MNIST_DIR))
-register_dataset_kind(DatasetKind(
-    "imagefolder", _load_imagefolder, help="one subfolder of images per class; DIR/train and DIR/val when present",
-    argument="DIR"))

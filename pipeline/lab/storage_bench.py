@@ -18,7 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.cache.manifest import Manifest
-from pipeline.cache.blocks import decode_block, iter_tar_members, raw_count, unpack_raw
+from pipeline.cache.blocks import decode_block, iter_tar_members
+from pipeline.cache.inputs import raw_count, unpack_raw
 from pipeline.cache.reader import TeacherCache
 from pipeline.cache.writer import CacheWriter
 from pipeline.cache.targets import LOGITS, POOLED

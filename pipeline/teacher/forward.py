@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.cache.inputs import InputCodec, StoredImages
 from pipeline.cache.manifest import Manifest, ShardRecord, StorageSpec
 from pipeline.cache.writer import CacheWriter
 from pipeline.cache.targets import TARGETS, produce_rows
@@ -41,7 +42,8 @@ def cache_shard(request: CacheRequest, index: int) -> ShardRecord:
     spec = manifest_teacher_spec(m.teacher)
     storage = m.storage
     plan = ViewPlan(**m.views.plan_fields())
-    dataset = request_dataset(request)
+    # Rendered from the stored inputs read back, as a student reads them: bit-identical views.
+    dataset = StoredImages.of(request_dataset(request), InputCodec.of(m))
     device = resolve_device(request.device)
     teacher = shared_teacher(spec, str(device))
     s = m.shards[index]
@@ -69,7 +71,7 @@ def cache_shard(request: CacheRequest, index: int) -> ShardRecord:
                 rows[name] = rows[name][:, :1]
     rows["samples/ids"] = dataset.ids[start:stop].astype(np.int64)
     rows["samples/labels"] = dataset.labels[start:stop].astype(np.int32)
-    return writer.write_shard(index, start, stop, rows, [dataset.raw(p) for p in range(start, stop)])
+    return writer.write_shard(index, start, stop, rows, [dataset.payload(p) for p in range(start, stop)])
 
 
 def batch_rows(out: TappedOutputs, storage: StorageSpec, dataset: ImageDataset,

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import field_validator
 
+from pipeline.cache.inputs import INPUTS_HELP, input_storage
 from pipeline.cache.manifest import ArraySpec, Manifest, ShardRange, ShardRecord, StorageSpec, shard_ranges
 from pipeline.cache.statistics import check_cka_source
 from pipeline.cache.reader import TeacherCache
@@ -81,6 +82,10 @@ class CacheRequest(Config):
                                     "logits if stored")] = "auto"
     device: Annotated[str, Help("auto | cpu | cuda | cuda:N")] = "auto"
     on_bad_image: Annotated[Literal[BAD_IMAGE_POLICIES], Help(BAD_IMAGE_HELP)] = "fail"
+    inputs: Annotated[str, Help(INPUTS_HELP)] = "auto"
+    max_side: Annotated[int | None, Range(ge=1), Help("shrink each image so its longer side is at most this many "
+                                                      "pixels before storing it (decoded at a reduced JPEG scale "
+                                                      "first); default: full size")] = None
 
     @field_validator("store")
     @classmethod
@@ -100,9 +105,13 @@ def check_request(request: CacheRequest) -> Manifest:
     the output directory or URL, the dataset (every split's images, decoded), the teacher and its tap.
 
     Run before the flow starts (the CLI does), so a bad option is one line rather than a failed task.
+    Both splits' files are checked here; the pass itself loads only the split it caches.
     """
     check_device(request.device)
     check_output_location(request.out)
+    # The other split's files too: a bad val image stops the pass before it starts, not a student after it
+    # (checked once: an image folder remembers its checks).
+    _dataset(request.dataset, "val" if request.split == "train" else "train", None, 0, request.on_bad_image)
     return build_manifest(request)
 
 
@@ -257,7 +266,8 @@ def build_manifest(request: CacheRequest) -> Manifest:
     storage = StorageSpec(logits="none" if not request.teacher_head else request.logits,
                           tap=spec.taps[0] if spec.taps else None, grid=request.grid, featmaps=request.featmaps,
                           lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size,
-                          teacher_tail=request.teacher_tail, store=request.store)
+                          teacher_tail=request.teacher_tail, store=request.store,
+                          **input_storage(request.inputs, request.max_side, dataset))
     device = resolve_device(request.device)
     teacher = shared_teacher(spec, str(device))
     arrays, pooled_dim = _describe_outputs(teacher, spec, storage, len(dataset), plan.num_views, device)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cache.inputs import InputCodec, StoredImages
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.source import source_dataset
 from pipeline.cache.blocks import block_key
@@ -89,7 +90,7 @@ def _live_rows(cache: TeacherCache, pairs: np.ndarray, device: str, batch_size: 
     """The rows the teacher pass would store for `pairs` (float32, before the storage dtype)."""
     m = cache.manifest
     spec = manifest_teacher_spec(m.teacher)
-    dataset = source_dataset(cache)
+    dataset = StoredImages.of(source_dataset(cache), InputCodec.of(m))  # what the teacher pass rendered
     plan = ViewPlan(**m.views.plan_fields())
     dev = resolve_device(device)
     teacher = build_teacher(spec, dev)
@@ -182,7 +183,8 @@ def manifest_request(root: str | Path, device: str = "cpu", batch_size: int = 25
                         teacher_tail=st.teacher_tail, store=st.store, lsh_bits=st.lsh_bits, input_size=t.input_size,
                         shard_size=st.shard_size, block_size=st.block_size,
                         cka_source=m.stats.cka_source or "auto", out=str(root), batch_size=batch_size,
-                        device=device, on_bad_image=d.on_bad_image or "fail")
+                        device=device, on_bad_image=d.on_bad_image or "fail", inputs=st.inputs or "raw",
+                        max_side=st.max_side)
 
 
 def repair_cache(root: str | Path, device: str = "cpu", batch_size: int = 256) -> list[str]:

@@ -114,7 +114,9 @@ def setup_run(config: TrainConfig, device: torch.device, world_size: int = 1,
     run.check_unlocked()
     cache = open_cache(config.cache) if cache is None else cache
     manifest = cache.manifest
-    val = load_dataset(manifest.dataset.name, "val", on_bad_image=s.on_bad_image)
+    # At the training inputs' scale: a camera's full resolution never reaches the evaluation's renders.
+    val = load_dataset(manifest.dataset.name, "val", on_bad_image=s.on_bad_image).with_max_side(
+        manifest.storage.max_side)
     check_classes(cache, val)
     check_world(block_sizes(manifest.shards, manifest.storage.block_size), world_size)
     size = s.input_size or manifest.teacher.input_size

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache.blocks import decode_block, encode_block, iter_tar_members, pack_raw, unpack_raw, write_tar_whole
+from pipeline.cache.blocks import decode_block, encode_block, iter_tar_members, write_tar_whole
+from pipeline.cache.inputs import pack_raw, unpack_raw
 
 
 def test_block_codec_roundtrips_and_is_byte_stable() -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache.blocks import decode_block, iter_tar_members, raw_count, unpack_raw
+from pipeline.cache.blocks import decode_block, iter_tar_members
+from pipeline.cache.inputs import raw_count, unpack_raw
 from pipeline.cache.layout import block_sizes
 from pipeline.cache.reader import BlockReader, TeacherCache
 from pipeline.cache.targets import FEATMAPS, LOGITS, POOLED

@@ -17,12 +17,12 @@ from pipeline.data.datasets import (
     ArrayDataset,
     DatasetError,
     DatasetKind,
-    FolderDataset,
     dataset_help,
     load_dataset,
     register_dataset_kind,
     stratified_subset,
 )
+from pipeline.data.imagefolder import FolderDataset
 
 needs_fashion = pytest.mark.skipif(
     not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file(),
@@ -258,15 +258,32 @@ BAD_FILES = {"zero-byte": b"", "text": b"not an image at all\n", "truncated": No
 
 @pytest.mark.parametrize("kind", sorted(BAD_FILES))
 @pytest.mark.parametrize("bad_split", ["train", "val"])
-def test_an_undecodable_image_in_any_split_is_refused_by_name_whichever_split_loads(tmp_path, kind, bad_split):
+def test_an_undecodable_image_is_refused_by_name_when_its_split_loads(tmp_path, kind, bad_split):
+    """Each split checks its own files: `train` from a cache loads the val split and opens no training image."""
     _split_folder(tmp_path)
     good = (tmp_path / "train" / "a" / "0.png").read_bytes()
     data = good[: len(good) // 2] if BAD_FILES[kind] is None else BAD_FILES[kind]
     (tmp_path / bad_split / "b" / "9.png").write_bytes(data)
-    for split in ("train", "val"):
-        with pytest.raises(DatasetError, match=rf"1 undecodable image file\(s\): {bad_split}/b/9.png \(.+\); fix "
-                                               rf"or remove them, or pass --on-bad-image skip"):
-            load_dataset(f"imagefolder:{tmp_path}", split)
+    with pytest.raises(DatasetError, match=rf"1 undecodable image file\(s\): {bad_split}/b/9.png \(.+\); fix "
+                                           rf"or remove them, or pass --on-bad-image skip"):
+        load_dataset(f"imagefolder:{tmp_path}", bad_split)
+    other = load_dataset(f"imagefolder:{tmp_path}", "val" if bad_split == "train" else "train")
+    assert all(bad_split not in p for p in other.paths)
+
+
+def test_a_split_is_checked_once_and_a_changed_file_again(tmp_path, monkeypatch):
+    import pipeline.data.imagefolder as imagefolder
+
+    _split_folder(tmp_path)
+    opened, decode_error = [], imagefolder.decode_error
+    monkeypatch.setattr(imagefolder, "decode_error", lambda path: opened.append(path) or decode_error(path))
+    load_dataset(f"imagefolder:{tmp_path}", "val")
+    assert len(opened) == 4 and all("/val/" in str(p) for p in opened)
+    load_dataset(f"imagefolder:{tmp_path}", "val")
+    assert len(opened) == 4  # remembered: the second load stats the files and opens none
+    _write_png(tmp_path / "val" / "a" / "0.png", 99, size=(5, 5))
+    load_dataset(f"imagefolder:{tmp_path}", "val")
+    assert [p.name for p in opened[4:]] == ["0.png"]
 
 
 def test_skip_leaves_bad_images_out_counts_them_and_ids_do_not_depend_on_it(tmp_path):
@@ -295,7 +312,7 @@ def test_many_bad_images_are_counted_and_the_first_named(tmp_path):
     for i in range(5):
         (tmp_path / "train" / "a" / f"x{i}.png").write_bytes(b"")
     with pytest.raises(DatasetError, match=r"5 undecodable .*train/a/x0.png .*x2.png \([^)]*\); and 2 more; fix"):
-        load_dataset(f"imagefolder:{tmp_path}", "val")
+        load_dataset(f"imagefolder:{tmp_path}", "train")
 
 
 def test_an_empty_class_folder_is_refused_with_its_name(tmp_path):
@@ -304,13 +321,13 @@ def test_an_empty_class_folder_is_refused_with_its_name(tmp_path):
     (tmp_path / "train" / "c").mkdir()
     (tmp_path / "train" / "c" / "readme.txt").write_text("no images here")
     with pytest.raises(DatasetError, match=r"class folder train/c has no images"):
-        load_dataset(f"imagefolder:{tmp_path}", "val")
+        load_dataset(f"imagefolder:{tmp_path}", "train")
     _write_png(tmp_path / "train" / "c" / "0.png", 3)
     with pytest.raises(DatasetError, match=r"class folder val/c has no images"):
-        load_dataset(f"imagefolder:{tmp_path}", "train")
+        load_dataset(f"imagefolder:{tmp_path}", "val")
     (tmp_path / "val" / "c" / "0.png").write_bytes(b"")
     with pytest.raises(DatasetError, match=r"class folder val/c has no decodable images"):
-        load_dataset(f"imagefolder:{tmp_path}", "train", on_bad_image="skip")
+        load_dataset(f"imagefolder:{tmp_path}", "val", on_bad_image="skip")
     with pytest.raises(DatasetError, match=r"--on-bad-image must be one of fail, skip, not 'ignore'"):
         load_dataset(f"imagefolder:{tmp_path}", "train", on_bad_image="ignore")
 

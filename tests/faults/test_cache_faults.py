@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from pipeline.cache.manifest import CacheError, Manifest
-from pipeline.cache.blocks import decode_block, iter_tar_members, raw_count, unpack_raw
+from pipeline.cache.blocks import decode_block, iter_tar_members
+from pipeline.cache.inputs import raw_count, unpack_raw
 from pipeline.cache.reader import TeacherCache
 from pipeline.cache.writer import CacheWriter
 from pipeline.checksums import sha256_file

@@ -63,7 +63,8 @@ def test_each_sample_once_with_its_epoch_view_rendered_and_that_views_targets(ma
 def _raw(cache: TeacherCache, sample_id: int) -> np.ndarray:
     """The raw image of one sample, read back through a separate pass over the shards (blocks follow the
     zarr rows' order)."""
-    from pipeline.cache.blocks import decode_block, iter_tar_members, raw_count, unpack_raw
+    from pipeline.cache.blocks import decode_block, iter_tar_members
+    from pipeline.cache.inputs import raw_count, unpack_raw
 
     row = int(np.flatnonzero(cache.read("samples/ids") == sample_id)[0])
     for path in cache.shard_paths():
