@@ -7,4 +7,5 @@
     loader_bench.py    DataLoader worker start methods side by side (`python -m pipeline.lab.loader_bench`)
     inspect_bench.py   the time `distillery inspect` takes on a large synthetic cache
     synthetic.py       the one synthetic-cache writer: made-up teacher outputs, any layout, real writer
+    image_folder.py    a synthetic ImageNet-like image folder (1/f noise + shapes, JPEGs; 12 MP photos)
 """
