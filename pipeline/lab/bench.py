@@ -31,7 +31,7 @@ def bare_forward_seconds(request: CacheRequest) -> float:
     teacher = shared_teacher(spec, str(device))
     plan = ViewPlan(num_augmented=request.views, seed=request.view_seed)
     pairs = np.array([(p, v) for p in range(len(dataset)) for v in range(plan.num_views)], dtype=np.int64)
-    batches = [render_pairs(dataset, plan, pairs[i:i + request.batch_size], spec)
+    batches = [render_pairs(dataset, plan, pairs[i:i + request.batch_size], spec, device)
                for i in range(0, len(pairs), request.batch_size)]
     teacher_forward(teacher, batches[0], device)  # warm-up (allocator, kernels)
     start = time.perf_counter()

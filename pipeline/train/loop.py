@@ -219,7 +219,7 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
             methods.train()
             records: list[dict[str, Any]] = []
             start = last = time.perf_counter()
-            batches = stream.loader(epoch, s.batch_size, s.workers, device.type == "cuda")
+            batches = stream.loader(epoch, s.batch_size, s.workers, device.type == "cuda", device)
             real_steps = 0
             for step, (batch, real) in enumerate(equalised(batches, steps)):
                 x, y = batch["input"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
