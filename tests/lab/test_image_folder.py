@@ -54,3 +54,4 @@ def test_command_refuses_a_class_without_images(tmp_path: Path, capsys) -> None:
     assert exit_.value.code == 2
     assert "at least one train and one val image per class" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
