@@ -254,7 +254,7 @@ def bench_input_pipeline(quick: bool = False, device: str = "auto", n: int | Non
         raise ValueError(f"need n >= {CLASSES} (an image per class) and photos >= 2, got n={n}, photos={photos}")
     cpus = len(os.sched_getaffinity(0))
     target = resolve_device(device)
-    rounds = 1 if quick else 3
+    rounds = 2 if quick else 3  # the first epoch with workers also starts the fork server (once per process)
     with tempfile.TemporaryDirectory(prefix="distillery-inputs-") as name:
         tmp = Path(name)
         largest = n * storage_bench.SCALES[-1]
