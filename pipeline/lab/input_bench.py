@@ -246,12 +246,13 @@ def one_thread_rate(function: Any, *args: Any) -> float:
 
 def bench_input_pipeline(quick: bool = False, device: str = "auto", n: int | None = None,
                          photos: int | None = None) -> InputBench:
-    """Every row of the module doc. Folder: 4n train images (n = 500, quick 32) of ~400x350 px, 20 classes;
-    photos: 4 x `photos` 12 MP images (4, quick 2). The stream rows use the 4n-image caches."""
-    n = n or (32 if quick else 500)
-    photos = photos or (2 if quick else 4)
-    if n < CLASSES or photos < 2:
-        raise ValueError(f"need n >= {CLASSES} (an image per class) and photos >= 2, got n={n}, photos={photos}")
+    """Every row of the module doc. Folder: n, 2n, 4n train images (n = 500, quick 32) of ~400x350 px in
+    `CLASSES` classes; photos: `photos`, 2x, 4x 12 MP images (8, quick 2; 0: no photo rows). The stream rows
+    use the 4n-image caches."""
+    n = n if n is not None else (32 if quick else 500)
+    photos = photos if photos is not None else (2 if quick else 8)
+    if n < CLASSES or photos == 1 or photos < 0:
+        raise ValueError(f"need n >= {CLASSES} (an image per class) and photos 0 or >= 2, got n={n}, photos={photos}")
     cpus = len(os.sched_getaffinity(0))
     target = resolve_device(device)
     rounds = 2 if quick else 3  # the first epoch with workers also starts the fork server (once per process)
@@ -259,13 +260,15 @@ def bench_input_pipeline(quick: bool = False, device: str = "auto", n: int | Non
         tmp = Path(name)
         largest = n * storage_bench.SCALES[-1]
         spec = FolderSpec(largest, max(CLASSES, largest // 4), classes=CLASSES)
-        photo_spec = FolderSpec(photos * storage_bench.SCALES[-1], 2, classes=2, photos=True)
         source = write_image_folder(tmp / "source", spec)
-        photo_source = write_image_folder(tmp / "photo-source", photo_spec)
         shard_size = max(2, largest // (4 * cpus))
         scaling, caches = bench_scaling(tmp, source, spec, n, shard_size, str(target))
-        photo_scaling, _ = bench_scaling(tmp, photo_source, photo_spec, photos, max(1, photo_spec.train // (4 * cpus)),
-                                         str(target))
+        scalings = [scaling]
+        if photos:
+            photo_spec = FolderSpec(photos * storage_bench.SCALES[-1], 2, classes=2, photos=True)
+            photo_source = write_image_folder(tmp / "photo-source", photo_spec)
+            scalings.append(bench_scaling(tmp, photo_source, photo_spec, photos,
+                                          max(1, photo_spec.train // (4 * cpus)), str(target))[0])
         folder = tmp / f"jpegs-{largest}"
         mode_caches = {next(iter(INPUT_MODES)): caches[-1]}
         for mode, fields in list(INPUT_MODES.items())[1:]:
@@ -295,4 +298,4 @@ def bench_input_pipeline(quick: bool = False, device: str = "auto", n: int | Non
             models.append(ModelRow(model=model, device=str(dev), batch_size=batch, samples_per_s=rate,
                                    cores_to_feed=rate / per_core[dev.type]))
     return InputBench(images=largest, cpus=cpus, bytes=sizes, stages=stages, streams=streams, models=models,
-                      scaling=[scaling, photo_scaling])
+                      scaling=scalings)
