@@ -57,7 +57,7 @@ def experiments_cmd() -> None:
 
 @group.command("bench")
 def bench_cmd(
-    quick: Annotated[bool, typer.Option(help="fewer samples, one round (about 2 minutes on 2 CPU cores)")]
+    quick: Annotated[bool, typer.Option(help="fewer samples, one round (minutes on 2 idle CPU cores)")]
     = default_of(run_benchmarks, "quick"),
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results here")] = None,
     device: Annotated[str, Device()] = default_of(run_benchmarks, "device"),
