@@ -43,7 +43,8 @@ class RenderedViews(torch.utils.data.Dataset):
 
 
 def render_samples(dataset: ImageDataset, plan: ViewPlan, positions: np.ndarray, view_ids: np.ndarray, size: int,
-                   mean: Sequence[float], std: Sequence[float], device: torch.device | str | None = None) -> torch.Tensor:
+                   mean: Sequence[float], std: Sequence[float],
+                   device: torch.device | str | None = None) -> torch.Tensor:
     """View `view_ids[i]` of the sample at `positions[i]`, for every i, as one (N, C, size, size) batch on
     `device` (default CPU)."""
     return render_views([dataset.raw(int(p)) for p in positions],
@@ -88,7 +89,8 @@ class ViewBatches:
         crops = [pixels[end - h * w * c:end].view(h, w, c) for end, (h, w, c) in zip(ends, shapes)]
         return {**batch, **self._render(crops, flips, device)}
 
-    def _render(self, crops: list[torch.Tensor], flips: torch.Tensor, device: torch.device | None) -> dict[str, torch.Tensor]:
+    def _render(self, crops: list[torch.Tensor], flips: torch.Tensor,
+                device: torch.device | None) -> dict[str, torch.Tensor]:
         return {name: render_crops(crops, flips.tolist(), size, self.mean, self.std, device)
                 for name, size in self.sizes.items()}
 

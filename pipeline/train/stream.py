@@ -139,7 +139,7 @@ class CacheStream:
 
     def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False,
                device: torch.device | str = "cpu") -> torch.utils.data.DataLoader | DeviceRendered:
-        """The epoch's batches with their inputs rendered on `device`, the student's (README "Large datasets"):
+        """The epoch's batches with their inputs rendered on `device`, the student's (docs/ARCHITECTURE.md#views):
         on CPU by the DataLoader's workers (or this process without workers), on CUDA here, from crops the
         workers cut."""
         device = torch.device(device)
