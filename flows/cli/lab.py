@@ -2,6 +2,7 @@
 
 import json
 import time
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -17,10 +18,17 @@ from pipeline.lab.experiments import DEFAULT_ROOT
 from pipeline.options import default_of
 
 if TYPE_CHECKING:
+    from pipeline.lab.input_bench import InputBench
     from pipeline.lab.storage_bench import CacheScaling
     from pipeline.lab.experiments import ExperimentResult
 
 group = typer.Typer()
+
+
+class BenchPart(str, Enum):
+    """A part of `distillery bench` that `--only` runs alone."""
+
+    inputs = "inputs"
 
 
 @group.command("experiments")
@@ -49,13 +57,25 @@ def experiments_cmd() -> None:
 
 @group.command("bench")
 def bench_cmd(
-    quick: Annotated[bool, typer.Option(help="fewer samples, one round (about 2 minutes on 2 CPU cores)")]
+    quick: Annotated[bool, typer.Option(help="fewer samples, one round (minutes on 2 idle CPU cores)")]
     = default_of(run_benchmarks, "quick"),
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results here")] = None,
     device: Annotated[str, Device()] = default_of(run_benchmarks, "device"),
+    only: Annotated[Optional[BenchPart], typer.Option(help="only this part: inputs (the input pipeline on a "
+                                                      "synthetic ImageNet-like folder and 12 MP photos)")] = None,
 ) -> None:
     """Print the benchmarks: teacher pass vs bare forward; student step time and peak memory per method; DDP on
-    2 CPU processes vs 1; cache bytes per sample-view and the pass + statistics at N, 2N, 4N samples."""
+    2 CPU processes vs 1; cache bytes per sample-view and the pass + statistics at N, 2N, 4N samples; the input
+    pipeline (student stream per core beside what resnet18/50 consume, pass and first step at N, 2N, 4N)."""
+    if only is BenchPart.inputs:
+        from pipeline.lab.input_bench import bench_input_pipeline
+
+        with show_progress():
+            inputs = bench_input_pipeline(quick=quick, device=device)
+        print_input_bench(inputs)
+        if json_out is not None:
+            json_out.write_text(json.dumps(inputs.model_dump(mode="json"), indent=2))
+        return
     with show_progress():
         results = run_benchmarks(quick=quick, device=device)
     passes = results.teacher_pass
@@ -88,6 +108,7 @@ def bench_cmd(
                 [{"processes": r.processes, "threads each": r.threads, "samples / s": f"{r.samples_per_s:.0f}",
                   "/ 1 process": f"{r.over_one:.2f}"} for r in ddp.rows])
     print_storage_bench(results.storage)
+    print_input_bench(results.inputs)
     if json_out is not None:
         json_out.write_text(json.dumps(results.model_dump(mode="json"), indent=2))
 
@@ -109,6 +130,32 @@ def print_storage_bench(storage: "CacheScaling") -> None:
     speed = storage.stream_samples_per_s
     console.print(f"student stream over that cache: {speed.format_2:.0f} samples/s, its format-1 twin (rows also "
                   f"in the blocks) {speed.format_1:.0f} samples/s: {storage.stream_format_2_over_1:.2f}x")
+
+
+def print_input_bench(inputs: "InputBench") -> None:
+    """The input-pipeline tables of `distillery bench` (`pipeline.lab.input_bench`)."""
+    print_table(f"cache inputs / source JPEGs ({inputs.images} images of ~400x350 px), per --inputs mode",
+                [{"mode": r.mode, "cache inputs MiB": f"{r.cache_bytes / 2**20:.1f}",
+                  "source MiB": f"{r.source_bytes / 2**20:.1f}", "cache / source": f"{r.over_source:.2f}"}
+                 for r in inputs.bytes])
+    rows = [{"what": f"stream, {r.mode} inputs, rendered on {r.device}", "workers": r.workers, "cores": r.cores,
+             "samples/s": f"{r.samples_per_s:.0f}", "per core": f"{r.per_core:.0f}", "cores to feed": "-"}
+            for r in inputs.streams]
+    rows += [{"what": f"stage alone: {r.stage}", "workers": 0, "cores": 1, "samples/s": f"{r.per_core:.0f}",
+              "per core": f"{r.per_core:.0f}", "cores to feed": "-"} for r in inputs.stages]
+    rows += [{"what": f"{r.model} training step on {r.device} (batch {r.batch_size})", "workers": "-",
+              "cores": inputs.cpus if r.device == "cpu" else "-", "samples/s": f"{r.samples_per_s:.0f}",
+              "per core": "-", "cores to feed": f"{r.cores_to_feed:.2f}"} for r in inputs.models]
+    print_table(f"student stream at 224 px beside what resnet18 and resnet50 consume ({inputs.cpus} CPUs; "
+                f"cores to feed: the model's samples/s over the stream's per core on that device)", rows)
+    for scaling in inputs.scaling:
+        print_table(f"{scaling.images}: teacher pass + statistics and train's first step, each in a fresh process "
+                    f"(pass time should grow with the images, memory and time to first step stay flat)",
+                    [{"images": r.samples, "pass + statistics s": f"{r.seconds:.1f}",
+                      "time / first": f"{r.time_over_first:.2f}", "peak RSS MiB": f"{r.peak_rss_bytes / 2**20:.0f}",
+                      "RSS / first": f"{r.rss_over_first:.2f}",
+                      "train: first step s": f"{r.first_step_seconds:.1f}",
+                      "first step / first": f"{r.first_step_over_first:.2f}"} for r in scaling.rows])
 
 
 @group.command("experiment")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import inspect
 import multiprocessing
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from pipeline.data.datasets import ImageDataset
-from pipeline.data.views import ViewPlan, render_views
+from pipeline.data.views import ViewPlan, crop_tensor, render_crops, render_views
 
 
 class RenderedViews(torch.utils.data.Dataset):
@@ -41,11 +43,69 @@ class RenderedViews(torch.utils.data.Dataset):
 
 
 def render_samples(dataset: ImageDataset, plan: ViewPlan, positions: np.ndarray, view_ids: np.ndarray, size: int,
-                   mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """View `view_ids[i]` of the sample at `positions[i]`, for every i, as one (N, C, size, size) batch."""
+                   mean: Sequence[float], std: Sequence[float],
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """View `view_ids[i]` of the sample at `positions[i]`, for every i, as one (N, C, size, size) batch on
+    `device` (default CPU)."""
     return render_views([dataset.raw(int(p)) for p in positions],
                         [plan.params(int(dataset.ids[p]), int(v)) for p, v in zip(positions, view_ids)],
-                        size, mean, std)
+                        size, mean, std, device)
+
+
+class ViewBatches:
+    """A DataLoader's collate_fn for samples that carry their view as pixels: "crop" (a uint8 (h, w, C) array,
+    `crop_view`) and "flip". The other fields are collated as usual; the crops become one rendered input per
+    entry of `sizes` (field name -> render size; "input" for the student, "teacher_input" for an online
+    teacher at its own size).
+
+    `render_here`: render in the collate, i.e. in the DataLoader worker (CPU training: the workers' cores
+    render, each worker one batch at a time, single-threaded). Otherwise the crops travel packed into one
+    uint8 tensor (`pixels`, with their `shapes`; one shared-memory buffer per batch, pinned by a CUDA loader)
+    and `render_on` renders them where the student trains. Either way `render_crops` does the arithmetic.
+    """
+
+    def __init__(self, sizes: Mapping[str, int], mean: Sequence[float], std: Sequence[float],
+                 render_here: bool, interpolation: str = "bilinear") -> None:
+        self.sizes, self.mean, self.std, self.render_here = dict(sizes), tuple(mean), tuple(std), render_here
+        self.interpolation = interpolation  # the cache's view plan's resize filter
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        crops = [crop_tensor(sample.pop("crop")) for sample in samples]
+        flips = torch.tensor([bool(sample.pop("flip")) for sample in samples])
+        batch = default_collate(samples)
+        if self.render_here:
+            batch.update(self._render(crops, flips, None))
+        else:
+            batch["pixels"] = torch.cat([crop.reshape(-1) for crop in crops])
+            batch["shapes"] = torch.tensor([tuple(crop.shape) for crop in crops], dtype=torch.int64)
+            batch["flips"] = flips
+        return batch
+
+    def render_on(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """A packed batch (`render_here` False) with its crops rendered on `device`: one host-to-device copy
+        of the batch's pixels, then the arithmetic on the device."""
+        pixels = batch.pop("pixels").to(device, non_blocking=True)
+        shapes, flips = batch.pop("shapes").tolist(), batch.pop("flips")
+        ends = np.cumsum([h * w * c for h, w, c in shapes]).tolist()
+        crops = [pixels[end - h * w * c:end].view(h, w, c) for end, (h, w, c) in zip(ends, shapes)]
+        return {**batch, **self._render(crops, flips, device)}
+
+    def _render(self, crops: list[torch.Tensor], flips: torch.Tensor,
+                device: torch.device | None) -> dict[str, torch.Tensor]:
+        return {name: render_crops(crops, flips.tolist(), size, self.mean, self.std, device,
+                                   interpolation=self.interpolation)
+                for name, size in self.sizes.items()}
+
+
+class DeviceRendered:
+    """Iterates `loader` (collating with `batches`, `render_here` False), each batch rendered on `device`."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, batches: ViewBatches, device: torch.device) -> None:
+        self.loader, self.batches, self.device = loader, batches, device
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            yield self.batches.render_on(batch, self.device)
 
 
 def clean_views(dataset: ImageDataset, size: int, mean: Sequence[float], std: Sequence[float]) -> RenderedViews:

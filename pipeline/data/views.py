@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -31,8 +32,8 @@ from pydantic import model_validator
 from pipeline.errors import DistilleryError
 from pipeline.options import Config
 
-__all__ = ["CLEAN_VIEW", "INTERPOLATIONS", "ViewError", "ViewParams", "ViewPlan", "epoch_view", "epoch_views",
-           "render_view", "render_views"]
+__all__ = ["CLEAN_VIEW", "INTERPOLATIONS", "ViewError", "ViewParams", "ViewPlan", "crop_view", "epoch_view",
+           "epoch_views", "render_crops", "render_view", "render_views"]
 
 _DEFAULTED = {"clean_crop", "interpolation"}  # ViewPlan fields written to a manifest only when not at defaults
 # torchvision's RandomResizedCrop gives up drawing after this many attempts and crops the centre.
@@ -178,67 +179,108 @@ def render_view(raw: np.ndarray, params: ViewParams, size: int, mean: Sequence[f
     """Render one view of a raw uint8 (H, W, C) image as a normalised float32 (C, size, size) tensor.
 
     The single render path of docs/ARCHITECTURE.md#views: the teacher pass and the student loader both call it (or
-    its batch form ``render_views``, which runs the same arithmetic), so a student sees bit-identical
-    inputs to the teacher's at the same ``size``; another ``size`` renders the same normalised crop at
-    another resolution. Runs on CPU, where it is deterministic.
+    its batch forms ``render_views`` and ``render_crops``, which run the same arithmetic), so a student sees
+    bit-identical inputs to the teacher's at the same ``size`` on the same device type; another ``size``
+    renders the same normalised crop at another resolution.
     """
     return render_views([raw], [params], size, mean, std)[0]
 
 
 def render_views(raws: Sequence[np.ndarray], params: Sequence[ViewParams], size: int, mean: Sequence[float],
-                 std: Sequence[float]) -> torch.Tensor:
-    """Render view ``params[i]`` of ``raws[i]`` for every i: a float32 (N, C, size, size) batch.
-
-    Element for element the arithmetic of ``render_view`` (crop, /255, antialiased resize with the view's
-    interpolation, flip, normalise); crops of equal shape and interpolation share one resize call, whose
-    planes are resized independently, so an image renders to the same bits alone or in any batch
-    (tests/data/test_views.py checks it).
-    """
+                 std: Sequence[float], device: torch.device | str | None = None) -> torch.Tensor:
+    """Render view ``params[i]`` of ``raws[i]`` for every i: a float32 (N, C, size, size) batch on ``device``
+    (default CPU): each view's pixel crop (``crop_view``), then ``render_crops``."""
     if len(raws) != len(params):
         raise ValueError(f"got {len(raws)} images and {len(params)} views; give one view per image")
-    if not raws:
+    interpolations = {view.interpolation for view in params}
+    if len(interpolations) > 1:  # views of one plan share its filter; a mixed batch is a caller's mistake
+        raise ValueError(f"views of one batch share one interpolation, got {sorted(interpolations)}")
+    crops = [crop_tensor(crop_view(raw, view)) for raw, view in zip(raws, params)]
+    return render_crops(crops, [view.flip for view in params], size, mean, std, device,
+                        interpolation=interpolations.pop() if interpolations else "bilinear")
+
+
+def crop_view(raw: np.ndarray, params: ViewParams) -> np.ndarray:
+    """The pixels of a view's crop box: a uint8 (h, w, C) view into ``raw`` (no copy).
+
+    The crop is integer slicing on the host, so a view's box is the same pixels on every device; the
+    arithmetic that follows is ``render_crops``'s. The student stream crops in its DataLoader workers and
+    ships only the crop (smaller than the image) to where it renders.
+    """
+    height, width, _ = _check_raw(raw).shape
+    top, crop_height = _pixel_span(params.top, params.height, height)
+    left, crop_width = _pixel_span(params.left, params.width, width)
+    return raw[top:top + crop_height, left:left + crop_width]
+
+
+def render_crops(crops: Sequence[torch.Tensor], flips: Sequence[bool], size: int, mean: Sequence[float],
+                 std: Sequence[float], device: torch.device | str | None = None, *,
+                 interpolation: str = "bilinear") -> torch.Tensor:
+    """Crops (uint8 (h, w, C) tensors, any sizes) -> a normalised float32 (N, C, size, size) batch on ``device``.
+
+    The arithmetic caches were written with, batched: per crop, channels first, x / 255 in float32, an
+    antialiased resize to ``size`` with the plan's ``interpolation``, the flip, (x - mean) / std. Crops of equal shape share one resize
+    call, whose planes are resized independently, so a crop renders to the same bits alone or in any batch
+    on one device type (tests/data/test_views.py); the per-channel steps run once on the whole batch. On CUDA
+    the resize is CUDA's kernel: close to the CPU's, not bit-identical (docs/ARCHITECTURE.md#views).
+    """
+    if len(crops) != len(flips):
+        raise ValueError(f"got {len(crops)} crops and {len(flips)} flips; give one flip per crop")
+    if not crops:
         raise ValueError("nothing to render: no images given")
     if size < 1:
         raise ValueError(f"render size must be >= 1, got {size}")
-    channels = _check_raw(raws[0]).shape[2]
+    device = torch.device("cpu") if device is None else torch.device(device)
+    channels = _check_crop(crops[0], 0).shape[2]
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"mean and std need one value per channel ({channels}), "
                          f"got {len(mean)} and {len(std)}")
-    by_shape: dict[tuple[int, int, str], list[tuple[int, np.ndarray]]] = {}
-    for i, (raw, view) in enumerate(zip(raws, params)):
-        height, width, c = _check_raw(raw).shape
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, crop in enumerate(crops):
+        height, width, c = _check_crop(crop, i).shape
         if c != channels:
             raise ValueError(f"image {i} has {c} channels, image 0 has {channels}; render them separately")
-        top, crop_height = _pixel_span(view.top, view.height, height)
-        left, crop_width = _pixel_span(view.left, view.width, width)
-        by_shape.setdefault((crop_height, crop_width, view.interpolation), []).append(
-            (i, raw[top:top + crop_height, left:left + crop_width]))
-    resized = [([i for i, _ in items], _resize([crop for _, crop in items], size, key[2]))
-               for key, items in by_shape.items()]
-    if len(resized) == 1:  # one crop shape (a single image, or a batch of clean views): already in order
-        out = resized[0][1]
-    else:
-        out = torch.empty(len(raws), channels, size, size)
-        for indices, images in resized:
-            out[indices] = images
-    flipped = [i for i, view in enumerate(params) if view.flip]
-    if len(flipped) == len(params):
-        out = out.flip(-1)
-    elif flipped:
-        out[flipped] = out[flipped].flip(-1)
-    mean_t, std_t = _normalisation(tuple(mean), tuple(std))
-    return (out - mean_t) / std_t
+        by_shape.setdefault((height, width), []).append(i)
+    flips = torch.tensor([bool(f) for f in flips])
+    out = None
+    for indices in by_shape.values():
+        images = _resize([crops[i] for i in indices], size, device, interpolation)
+        flipped = flips[indices]
+        if flipped.all():
+            images = images.flip(-1)
+        elif flipped.any():
+            images[flipped.to(device)] = images[flipped.to(device)].flip(-1)
+        if len(by_shape) == 1:  # one crop shape (a single image, or a batch of clean views): already in order
+            out = images
+        else:
+            if out is None:
+                out = torch.empty(len(crops), channels, size, size, device=device)
+            if len(indices) == 1:
+                out[indices[0]].copy_(images[0])
+            else:
+                out[indices] = images
+    mean_t, std_t = _normalisation(tuple(mean), tuple(std), device)
+    return out.sub_(mean_t).div_(std_t)
 
 
-def _resize(crops: list[np.ndarray], size: int, interpolation: str) -> torch.Tensor:
+def _resize(crops: list[torch.Tensor], size: int, device: torch.device, interpolation: str) -> torch.Tensor:
     """Equal-shape uint8 (h, w, C) crops -> float32 (n, C, size, size) in [0, 1], antialiased."""
-    unit = torch.from_numpy(_UNIT_PIXELS[np.stack(crops)])
-    # A permuted NHWC buffer looks channels-last to interpolate, which then takes another kernel;
-    # one canonical contiguous layout keeps every batch on the same arithmetic.
-    unit = unit.permute(0, 3, 1, 2).contiguous()
+    pixels = (crops[0][None] if len(crops) == 1 else torch.stack(crops)).to(device, non_blocking=True)
+    # Channels first while still uint8 (a quarter of the bytes to move); a permuted NHWC buffer looks
+    # channels-last to interpolate, which then takes another kernel: one contiguous layout, one arithmetic.
+    # x / 255 in float32 is correctly rounded (IEEE), so it equals the table of every pixel value it replaced.
+    unit = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).div_(255.0)
     out = F.interpolate(unit, size=(size, size), mode=interpolation, align_corners=False, antialias=True)
     # Bicubic overshoots at edges; timm's transforms (on images or tensors) clamp to the pixel range.
     return out.clamp_(0.0, 1.0) if interpolation == "bicubic" else out
+
+
+def crop_tensor(crop: np.ndarray) -> torch.Tensor:
+    """A host crop as a tensor sharing its memory; a decoded image may be read-only, and nothing writes to it
+    (rendering copies it channels first before any arithmetic), so torch's warning about that is moot."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(crop)
 
 
 def _check_raw(raw: np.ndarray) -> np.ndarray:
@@ -247,15 +289,18 @@ def _check_raw(raw: np.ndarray) -> np.ndarray:
     return raw
 
 
-# uint8 -> float32 in [0, 1] as a table: x / 255 of every possible pixel, so converting a crop is one gather.
-_UNIT_PIXELS = (torch.arange(256, dtype=torch.float32) / 255.0).numpy()
+def _check_crop(crop: torch.Tensor, index: int) -> torch.Tensor:
+    if crop.dtype != torch.uint8 or crop.ndim != 3:
+        raise ValueError(f"image {index} must be uint8 (H, W, C), got {crop.dtype} with shape {tuple(crop.shape)}")
+    return crop
 
 
 @functools.lru_cache(maxsize=16)
-def _normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    # Built once per (mean, std): two tensor constructions per image cost more than the resize of a small one.
-    return (torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1),
-            torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+def _normalisation(mean: tuple[float, ...], std: tuple[float, ...],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built once per (mean, std, device): two tensor constructions per batch cost more than a small resize.
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1))
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

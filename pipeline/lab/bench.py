@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.lab.input_bench import InputBench, bench_input_pipeline
 from pipeline.lab.storage_bench import CacheScaling, bench_cache_scaling, stream_samples_per_s
 from pipeline.data.views import ViewPlan
 from pipeline.teacher.plan import CacheRequest, plan_cache, request_dataset, shared_teacher, teacher_spec
@@ -31,7 +32,7 @@ def bare_forward_seconds(request: CacheRequest) -> float:
     teacher = shared_teacher(spec, str(device))
     plan = ViewPlan(num_augmented=request.views, seed=request.view_seed)
     pairs = np.array([(p, v) for p in range(len(dataset)) for v in range(plan.num_views)], dtype=np.int64)
-    batches = [render_pairs(dataset, plan, pairs[i:i + request.batch_size], spec)
+    batches = [render_pairs(dataset, plan, pairs[i:i + request.batch_size], spec, device)
                for i in range(0, len(pairs), request.batch_size)]
     teacher_forward(teacher, batches[0], device)  # warm-up (allocator, kernels)
     start = time.perf_counter()
@@ -321,13 +322,15 @@ class BenchResults(BaseModel):
     tcs_vs_online_kd: list[StudentSteps]  # one per teacher of `TCS_TEACHERS`
     ddp: DdpBench
     storage: CacheScaling
+    inputs: InputBench
 
 
 def run_benchmarks(quick: bool = False, device: str = "auto") -> BenchResults:
     """`distillery bench`: the teacher pass against a bare forward loop (per teacher in `PASS_TEACHERS`),
     then student step times and peak memory per method (cached vs online KD included) for a test_resnet
     student of a resnet10t teacher on digits, then TCS against online KD for each `TCS_TEACHERS` teacher, then
-    DDP on 2 CPU processes against 1 (`bench_ddp`), then the storage rows (`bench_cache_scaling`).
+    DDP on 2 CPU processes against 1 (`bench_ddp`), then the storage rows (`bench_cache_scaling`), then the
+    input pipeline (`bench_input_pipeline`).
     `quick`: the first teacher of each list only, fewer samples, one round."""
     from pipeline.teacher.cache_pass import run_cache_pass
     from pipeline.train.fit import FitConfig, fit_teacher
@@ -350,4 +353,6 @@ def run_benchmarks(quick: bool = False, device: str = "auto") -> BenchResults:
                for teacher in (TCS_TEACHERS[:1] if quick else TCS_TEACHERS)]
         ddp = bench_ddp(tmp, quick)
     storage = bench_cache_scaling(samples=250 if quick else 2000, device=device)
-    return BenchResults(teacher_pass=passes, student_steps=steps, tcs_vs_online_kd=tcs, ddp=ddp, storage=storage)
+    inputs = bench_input_pipeline(quick=quick, device=device)
+    return BenchResults(teacher_pass=passes, student_steps=steps, tcs_vs_online_kd=tcs, ddp=ddp, storage=storage,
+                        inputs=inputs)

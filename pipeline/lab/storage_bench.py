@@ -15,6 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.cache.manifest import Manifest
@@ -79,7 +80,7 @@ def cache_bytes(root: str) -> CacheBytes:
                       logits_over_tinyvit=logits / tinyvit_bytes(k) if k else None)
 
 
-def _cache_once(fields: dict[str, Any]) -> dict[str, Any]:
+def cache_once(fields: dict[str, Any]) -> dict[str, Any]:
     # Runs in a spawned process, so its peak RSS is this pass's own.
     from pipeline.teacher.cache_pass import run_cache_pass
     from pipeline.teacher.plan import CacheRequest
@@ -139,7 +140,7 @@ def bench_cache_scaling(samples: int, teacher: str = "resnet10t", dataset: str =
             fields = dict(dataset=dataset, teacher=teacher, out=out, subset=samples * scale, views=1,
                           logits=f"topk:{TOPK}", shard_size=shard_size, device=device)
             with ProcessPoolExecutor(1, mp_context=context) as pool:
-                runs.append({"samples": samples * scale, **pool.submit(_cache_once, fields).result()})
+                runs.append({"samples": samples * scale, **pool.submit(cache_once, fields).result()})
         bytes_ = cache_bytes(out)
         twin = format_1_twin(out, str(Path(tmp) / "format-1"))
         stream = {"format 2": 0.0, "format 1": 0.0}
@@ -173,15 +174,18 @@ def format_1_twin(root: str, out: str) -> str:
     return out
 
 
-def stream_samples_per_s(root: str, size: int = 32, batch_size: int = 256, workers: int = 0) -> float:
+def stream_samples_per_s(root: str, size: int = 32, batch_size: int = 256, workers: int = 0,
+                         device: str = "cpu") -> float:
     """One epoch of the student stream alone (logits and pooled features served, inputs rendered by
-    `workers` DataLoader workers), samples/s."""
+    `workers` DataLoader workers, or on `device` if it is a GPU), samples/s."""
     from pipeline.train.stream import CacheStream
 
     cache = TeacherCache(root)
     stream = CacheStream(cache, size=size, targets=frozenset({LOGITS, POOLED}), seed=0)
     start = time.perf_counter()
-    seen = sum(len(batch["id"]) for batch in stream.loader(0, batch_size, workers=workers))
+    seen = sum(len(batch["id"]) for batch in stream.loader(0, batch_size, workers, device != "cpu", device))
+    if device != "cpu":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     if seen != cache.num_samples:
         raise RuntimeError(f"the stream served {seen} of {cache.num_samples} samples")

@@ -21,9 +21,11 @@ from pipeline.teacher.model import Teacher, TeacherError, TeacherSpec, manifest_
 from pipeline.teacher.plan import CacheRequest, request_dataset, shared_teacher
 
 
-def render_pairs(dataset: ImageDataset, plan: ViewPlan, pairs: np.ndarray, spec: TeacherSpec) -> torch.Tensor:
-    """Render (position, view id) pairs at the teacher's input size and normalisation: a batch."""
-    return render_samples(dataset, plan, pairs[:, 0], pairs[:, 1], spec.input_size, spec.mean, spec.std)
+def render_pairs(dataset: ImageDataset, plan: ViewPlan, pairs: np.ndarray, spec: TeacherSpec,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Render (position, view id) pairs at the teacher's input size and normalisation: a batch on `device`, the
+    teacher's, as a student on that device type renders them (bit-identical, docs/ARCHITECTURE.md#views)."""
+    return render_samples(dataset, plan, pairs[:, 0], pairs[:, 1], spec.input_size, spec.mean, spec.std, device)
 
 
 def teacher_forward(teacher: Teacher, x: torch.Tensor, device: torch.device) -> TappedOutputs:
@@ -52,14 +54,14 @@ def cache_shard(request: CacheRequest, index: int) -> ShardRecord:
     batches = [pairs[i:i + request.batch_size] for i in range(0, len(pairs), request.batch_size)]
     parts: dict[str, list[np.ndarray]] = {}
     with progress_task(f"shard {index}", len(pairs), "views") as bar:
-        x = render_pairs(dataset, plan, batches[0], spec)
+        x = render_pairs(dataset, plan, batches[0], spec, device)
         for i, batch in enumerate(batches):
             out = teacher_forward(teacher, x, device)
             # Rendering the next batch before reading this one's outputs overlaps it with a GPU's forward
             # (CUDA kernels run asynchronously) without a thread: on CPU a render thread beside the forward
             # took cores from its OpenMP team and cost more than it hid (`distillery bench`).
             if i + 1 < len(batches):
-                x = render_pairs(dataset, plan, batches[i + 1], spec)
+                x = render_pairs(dataset, plan, batches[i + 1], spec, device)
             for name, value in batch_rows(out, storage, dataset, batch).items():
                 parts.setdefault(name, []).append(value)
             bar.advance(len(batch))

@@ -97,7 +97,7 @@ def _live_rows(cache: TeacherCache, pairs: np.ndarray, device: str, batch_size: 
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i:i + batch_size]
-        out = teacher_forward(teacher, render_pairs(dataset, plan, batch, spec), dev)
+        out = teacher_forward(teacher, render_pairs(dataset, plan, batch, spec, dev), dev)
         for name, value in batch_rows(out, m.storage, dataset, batch).items():
             parts.setdefault(name, []).append(value)
     return {name: np.concatenate(values) for name, values in parts.items()}

@@ -156,7 +156,9 @@ def train_student(config: TrainConfig) -> TrainSummary:
     The summary (also RUNDIR/summary.json, docs/ARCHITECTURE.md#command-line-contract): student, methods, seed, epochs, val_accuracy
     (0..1, view 0 of the val split), train_seconds (training epochs, evaluation excluded),
     mean_step_seconds (wall time per optimiser step including waiting for data and, online, the teacher;
-    each epoch's first step, which waits for the loader to start, is left out), peak_rss_bytes (this
+    each epoch's first step, which waits for the loader to start, is left out), first_step_seconds (from
+    this call to the end of its first optimiser step: opening the cache and the val split, building the
+    models, starting the loader; None if it took none), peak_rss_bytes (this
     process or a finished DataLoader worker, whichever peaked higher; a flow training several students in
     one process reports the process's peak so far), cache, online_teacher, params (student parameters),
     and teacher, dataset, num_samples, input_size, batch_size, steps, final_loss, device, out,
@@ -167,6 +169,7 @@ def train_student(config: TrainConfig) -> TrainSummary:
     with DDP (`pipeline.train.ddp`): rank 0 holds the lock and writes RUNDIR; every rank returns the
     summary.
     """
+    called = time.perf_counter()
     world = World.from_env()
     device = world.device(resolve_device(config.settings.device))
     with process_group(world, device):
@@ -178,10 +181,11 @@ def train_student(config: TrainConfig) -> TrainSummary:
             # Read again under the lock: a run that held it a moment ago may have checkpointed since the check.
             setup.checkpoint = run.load_checkpoint(config, setup.identity)
             world.barrier()  # every rank has read it before rank 0 rewrites config.json
-            return _train(config, setup, run, device, world)
+            return _train(config, setup, run, device, world, called)
 
 
-def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.device, world: World) -> TrainSummary:
+def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.device, world: World,
+           called: float) -> TrainSummary:
     s = config.settings
     cache, val, size, student, methods = setup.cache, setup.val, setup.size, setup.student, setup.methods
     manifest = cache.manifest
@@ -212,6 +216,7 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
         run.start(config, state["epoch"])
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    first_step_seconds = None
     label = f"{config.student} [{'+'.join(methods)}]"
     with progress_task(label, (s.epochs - state["epoch"]) * cache.num_samples, "samples") as bar:
         for epoch in range(state["epoch"], s.epochs):
@@ -221,7 +226,7 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
             methods.train()
             records: list[dict[str, Any]] = []
             start = last = time.perf_counter()
-            batches = stream.loader(epoch, s.batch_size, s.workers, device.type == "cuda")
+            batches = stream.loader(epoch, s.batch_size, s.workers, device.type == "cuda", device)
             real_steps = 0
             for step, (batch, real) in enumerate(equalised(batches, steps)):
                 x, y = batch["input"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
@@ -246,6 +251,8 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
                 optimizer.step()
                 schedule.step()
                 now = time.perf_counter()
+                if first_step_seconds is None:
+                    first_step_seconds = now - called
                 if step > 0:  # the first step of an epoch waits for the workers to start and the buffer to fill
                     state["step_seconds_sum"] += now - last
                     state["step_count"] += 1
@@ -286,7 +293,8 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
         student=config.student, methods=[str(m) for m in config.methods], seed=s.seed, epochs=s.epochs,
         val_accuracy=state["val_accuracy"], train_seconds=state["train_seconds"],
         mean_step_seconds=state["step_seconds_sum"] / max(1, state["step_count"]),
-        peak_rss_bytes=peak_rss_bytes(), cache=config.cache, online_teacher=s.online_teacher,
+        first_step_seconds=first_step_seconds, peak_rss_bytes=peak_rss_bytes(), cache=config.cache,
+        online_teacher=s.online_teacher,
         params=student.num_parameters(), teacher=manifest.teacher.model, dataset=manifest.dataset.name,
         num_samples=cache.num_samples, input_size=size, batch_size=s.batch_size, steps=state["step"],
         final_loss=state["loss"], device=str(device), out=config.out,

@@ -3,9 +3,10 @@
     shards (blocks split by rank, then shards by DataLoader worker, then a seeded shard shuffle)
       -> the cache's `BlockReader`: blocks of raw inputs with their per-sample rows (ids, labels, targets),
          every byte checked against its record's digests before it is decoded
-      -> samples, each keeping only the targets of this epoch's view
+      -> samples, each keeping only the targets of this epoch's view and only that view's crop of the input
       -> seeded shuffle buffer
-      -> re-render exactly that view from the raw input (`render_view`, the teacher's own function)
+      -> batches, each rendered at once from its crops (`render_crops`, the teacher's own arithmetic): in the
+         DataLoader worker for a CPU student, on the GPU for a CUDA one (`ViewBatches`)
       -> {"input", "label", "id", "view", "targets"[, "teacher_input"]}
 
 The view of a sample in an epoch is `epoch_views(seed, epoch, id)`, so every run with the same seed
@@ -34,8 +35,8 @@ import webdataset as wds
 
 from pipeline.cache.reader import Block, BlockReader, TeacherCache
 from pipeline.cache.targets import Served
-from pipeline.data.rendering import worker_context
-from pipeline.data.views import ViewPlan, epoch_views, render_view
+from pipeline.data.rendering import DeviceRendered, ViewBatches, worker_context
+from pipeline.data.views import ViewPlan, crop_view, epoch_views
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -128,8 +129,7 @@ class CacheStream:
                    if self.shuffle_buffer >= 1 else [])
         return wds.DataPipeline(wds.SimpleShardList(parts), wds.split_by_worker,
                                 wds.filters.detshuffle(len(parts), seed=seed), self._blocks,
-                                _Unblock(self.reader, seed=self.seed, epoch=epoch),
-                                *shuffle, self._render)
+                                _Unblock(self.reader, self.plan, seed=self.seed, epoch=epoch), *shuffle)
 
     def _blocks(self, parts: Iterator[dict[str, str]]) -> Iterator[Block]:
         """Each block of this rank's part of a shard, as the cache's reader decodes it."""
@@ -137,21 +137,20 @@ class CacheStream:
             index, first, stop = map(int, part["url"].split(":"))
             yield from self.reader.blocks(index, first, stop)
 
-    def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False,
+               device: torch.device | str = "cpu") -> torch.utils.data.DataLoader | DeviceRendered:
+        """The epoch's batches with their inputs rendered on `device`, the student's (docs/ARCHITECTURE.md#views):
+        on CPU by the DataLoader's workers (or this process without workers), on CUDA here, from crops the
+        workers cut."""
+        device = torch.device(device)
         workers = 0 if workers == 0 else len(self.streams(workers))
-        return torch.utils.data.DataLoader(self.dataset(epoch), batch_size=batch_size, num_workers=workers,
-                                           pin_memory=pin_memory, multiprocessing_context=worker_context(workers))
-
-    def _render(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        # A compose stage rather than `.map`: webdataset's map adds a `__key__` the collate cannot batch.
-        for sample in samples:
-            params = self.plan.params(sample["id"], sample["view"])
-            out = {"input": render_view(sample["raw"], params, self.size, self.mean, self.std),
-                   "label": sample["label"], "id": sample["id"], "view": sample["view"],
-                   "targets": sample["targets"]}
-            if self.teacher_size is not None:
-                out["teacher_input"] = render_view(sample["raw"], params, self.teacher_size, self.mean, self.std)
-            yield out
+        sizes = {"input": self.size, **({"teacher_input": self.teacher_size} if self.teacher_size is not None else {})}
+        batches = ViewBatches(sizes, self.mean, self.std, render_here=device.type == "cpu",
+                              interpolation=self.plan.interpolation)
+        loader = torch.utils.data.DataLoader(self.dataset(epoch), batch_size=batch_size, num_workers=workers,
+                                             pin_memory=pin_memory, collate_fn=batches,
+                                             multiprocessing_context=worker_context(workers))
+        return loader if batches.render_here else DeviceRendered(loader, batches, device)
 
 
 def _row(target: Served, i: int) -> Served:
@@ -160,10 +159,10 @@ def _row(target: Served, i: int) -> Served:
 
 
 class _Unblock:
-    """Pipeline stage: decoded blocks -> one sample per row, with the chosen view's targets only."""
+    """Pipeline stage: decoded blocks -> one sample per row, with the chosen view's targets and crop only."""
 
-    def __init__(self, reader: BlockReader, seed: int, epoch: int) -> None:
-        self.reader, self.seed, self.epoch = reader, seed, epoch
+    def __init__(self, reader: BlockReader, plan: ViewPlan, seed: int, epoch: int) -> None:
+        self.reader, self.plan, self.seed, self.epoch = reader, plan, seed, epoch
 
     def __call__(self, blocks: Iterator[Block]) -> Iterator[dict[str, Any]]:
         for block in blocks:
@@ -172,6 +171,8 @@ class _Unblock:
             targets = self.reader.served(block, views)
             labels = block.labels
             for i in range(len(ids)):
+                params = self.plan.params(int(ids[i]), int(views[i]))
+                # A copy of the crop alone: the shuffle buffer then holds crops, not whole images or blocks.
                 yield {"id": int(ids[i]), "view": int(views[i]), "label": int(labels[i]),
-                       "raw": block.image(i).copy(),
+                       "crop": crop_view(block.image(i), params).copy(), "flip": params.flip,
                        "targets": {name: _row(t, i) for name, t in targets.items()}}

@@ -55,6 +55,7 @@ class TrainSummary(BaseModel):
     environment: dict[str, Any] | None = None
     world_size: int | None = None
     finished_at: str | None = None  # ISO 8601 UTC, to the second: what `distillery runs --by date` groups by
+    first_step_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """summary.json's object: every key this run set, in the order above."""

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.data.datasets import load_dataset
-from pipeline.data.rendering import RenderedViews, clean_views
-from pipeline.data.views import ViewPlan, render_view
+from pipeline.data.rendering import RenderedViews, ViewBatches, clean_views
+from pipeline.data.views import ViewPlan, crop_view, render_view
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,6 +41,37 @@ def test_clean_views_are_view_zero_of_every_sample() -> None:
     assert len(views) == len(dataset) and [label for _, label in batch] == [int(dataset.labels[p]) for p in (0, 5, 7)]
     clean = ViewPlan(num_augmented=0).params(int(dataset.ids[5]), 0)
     assert torch.equal(batch[1][0], render_view(dataset.raw(5), clean, 16, mean, std))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_view_batches_render_the_per_sample_views_in_the_worker_or_packed_for_the_device(interpolation: str) -> None:
+    # The student stream's batched path: crops cut per sample, the batch rendered at once, in the worker
+    # (CPU students) or packed and rendered where the student trains (here the CPU again): the same bits
+    # as the teacher's per-sample render, at the student's and an online teacher's size, with the plan's filter.
+    rng = np.random.default_rng(3)
+    raws = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in [(40, 56), (33, 21), (40, 56)] * 4]
+    raws[4].flags.writeable = False  # a decoded image may be read-only
+    plan = ViewPlan(num_augmented=3, seed=2, interpolation=interpolation)
+    params = [plan.params(i, i % plan.num_views) for i in range(len(raws))]
+    assert len({p.flip for p in params}) == 2 and params[0].height == 1.0  # flipped, unflipped and clean views
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+    def samples() -> list[dict]:
+        return [{"crop": crop_view(r, p).copy() if i % 2 else crop_view(r, p), "flip": p.flip, "label": i}
+                for i, (r, p) in enumerate(zip(raws, params))]
+
+    sizes = {"input": 24, "teacher_input": 17}
+    here = ViewBatches(sizes, mean, std, render_here=True, interpolation=interpolation)(samples())
+    packed = ViewBatches(sizes, mean, std, render_here=False, interpolation=interpolation)
+    shipped = packed(samples())
+    assert shipped["pixels"].dtype == torch.uint8 and shipped["pixels"].ndim == 1 and "input" not in shipped
+    assert shipped["pixels"].numel() == sum(crop_view(r, p).size for r, p in zip(raws, params))
+    there = packed.render_on(shipped, torch.device("cpu"))
+    for name, size in sizes.items():
+        expected = torch.stack([render_view(r, p, size, mean, std) for r, p in zip(raws, params)])
+        assert torch.equal(here[name], expected) and torch.equal(there[name], expected)
+    assert here["label"].tolist() == there["label"].tolist() == list(range(len(raws)))
+    assert set(there) == {"input", "teacher_input", "label"}
 
 
 MAIN_SCRIPT = """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import pipeline.lab.bench
+import pipeline.lab.input_bench
 import pipeline.lab.storage_bench
 from flows.cli import app
 from pipeline.lab.bench import bench_teacher_pass, model_flops
@@ -34,6 +36,10 @@ def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypat
     # >= 5x test_resnet's FLOPs, faster than resnet50; quick takes the first only
     monkeypatch.setattr(pipeline.lab.bench, "TCS_TEACHERS", ("resnet10t", "resnet50"))
     monkeypatch.setattr(pipeline.lab.storage_bench, "SCALES", (1, 2))
+    # The input pipeline's smallest folder (an image per class), no 12 MP photos, one small model.
+    monkeypatch.setattr(pipeline.lab.bench, "bench_input_pipeline",
+                        functools.partial(pipeline.lab.bench.bench_input_pipeline, n=10, photos=0))
+    monkeypatch.setattr(pipeline.lab.input_bench, "MODELS", ("test_resnet",))
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "--quick", "--device", "cpu", "--json", str(out)])
     assert result.exit_code == 0, result.output
@@ -69,6 +75,13 @@ def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypat
     assert list(stream) == ["format 2", "format 1"] and all(v > 0 for v in stream.values())
     assert storage["stream_format_2_over_1"] == pytest.approx(stream["format 2"] / stream["format 1"])
     assert f"{stream['format 2']:.0f} samples/s, its format-1 twin" in text
+    inputs = results["inputs"]
+    assert [r["mode"] for r in inputs["bytes"]] == ["raw"] and inputs["bytes"][0]["over_source"] > 1  # raw pixels
+    assert [(r["device"], r["workers"]) for r in inputs["streams"]] == [("cpu", 0), ("cpu", inputs["cpus"])]
+    assert all(r["per_core"] > 0 for r in inputs["streams"]) and "cores to feed" in text
+    assert [(r["model"], r["device"]) for r in inputs["models"]] == [("test_resnet", "cpu")]
+    assert [[r["samples"] for r in s["rows"]] for s in inputs["scaling"]] == [[10, 20]]
+    assert all(r["first_step_seconds"] > 0 for r in inputs["scaling"][0]["rows"]) and "train: first step" in text
 
 
 def test_stream_rates_keep_the_json_keys_of_the_bench_file() -> None:

@@ -50,6 +50,7 @@ def test_run_directory_holds_config_metrics_summary_and_plain_student_weights(ma
     assert datetime.fromisoformat(summary.finished_at).tzinfo is not None  # what `runs --by date` groups by
     assert summary.methods == ["ce", "kd:T=2", "fitnet:weight=0.5", "dkd:warmup=0"]
     assert summary.mean_step_seconds > 0 and summary.peak_rss_bytes > 0 and summary.steps == 4
+    assert summary.mean_step_seconds < summary.first_step_seconds  # setup and the loader's start come first
 
     lines = _lines(run)
     steps, epochs = [r for r in lines if r["kind"] == "step"], [r for r in lines if r["kind"] == "epoch"]
