@@ -20,6 +20,7 @@ wherever they are stored, unchanged by adding or reordering shards, and distinct
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -40,6 +41,7 @@ from PIL import Image
 
 from pipeline.bounded import MIB, open_regular, read_text
 from pipeline.data.datasets import DatasetError, DatasetKind, ImageDataset, register_dataset_kind
+from pipeline.data.decode import DECODE_ERRORS, decode_image
 from pipeline.object_store import ObjectPath, is_url, location
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
@@ -186,7 +188,7 @@ def image_error(data: bytes) -> str | None:
                 return f"{image.width}x{image.height} pixels, more than the {MAX_PIXELS:,} an image may have"
             image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+    except DECODE_ERRORS as exc:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return None
 
@@ -316,13 +318,13 @@ def _read_member(shard: str, stamp: tuple[int, str], offset: int, size: int) -> 
     return handle.read(size)
 
 
-def _decode(data: bytes, where: str) -> np.ndarray:
+def _decode(data: bytes, where: str, max_side: int | None) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as image:  # the header only: the size is bounded before decoding
             error = (f"{image.width}x{image.height} pixels, more than {MAX_PIXELS:,}"
                      if image.width * image.height > MAX_PIXELS else None)
-            pixels = None if error else np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        pixels = None if error else decode_image(data, 3, max_side)
+    except DECODE_ERRORS as exc:
         error, pixels = f"the image does not decode ({exc})", None
     if pixels is None:
         raise DatasetError(f"{where}: {error}; {_HINT}")
@@ -340,16 +342,25 @@ class WebDataset(ImageDataset):
     offsets: np.ndarray = field(kw_only=True)
     sizes: np.ndarray = field(kw_only=True)
 
+    max_side: int | None = field(kw_only=True, default=None)
+    """`raw` decodes to a longer side of at most this (None: full size)."""
+
     _row_fields: ClassVar[tuple[str, ...]] = ("shard_index", "keys", "offsets", "sizes")
+    ENCODED: ClassVar[bool] = True
 
     def where(self, position: int) -> str:
         return f"shard {self.shard_paths[self.shard_index[position]]} sample {self.keys[position]}"
 
-    def raw(self, position: int) -> np.ndarray:
+    def encoded(self, position: int) -> bytes:
         shard = int(self.shard_index[position])
-        data = _read_member(self.shard_paths[shard], self.shard_stamps[shard], int(self.offsets[position]),
+        return _read_member(self.shard_paths[shard], self.shard_stamps[shard], int(self.offsets[position]),
                             int(self.sizes[position]))
-        return _decode(data, self.where(position))
+
+    def raw(self, position: int) -> np.ndarray:
+        return _decode(self.encoded(position), self.where(position), self.max_side)
+
+    def with_max_side(self, max_side: int | None) -> WebDataset:
+        return dataclasses.replace(self, max_side=max_side)
 
     def _pixel_batches(self) -> Iterator[np.ndarray]:
         # An even sample of the images gives the two numbers per channel without decoding every one.

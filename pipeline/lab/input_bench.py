@@ -32,9 +32,11 @@ from pipeline.lab import storage_bench
 from pipeline.lab.storage_bench import ScalingRow, cache_once, stream_samples_per_s
 from pipeline.options import resolve_device
 
-# `--inputs` modes measured, each as the CacheRequest fields that select it. Today's caches store raw pixels;
-# the integrator adds {"inputs": "encoded"} and {"inputs": "source"} here once `distillery cache --inputs` lands.
-INPUT_MODES: dict[str, dict[str, Any]] = {"raw": {}}
+# `--inputs` modes measured, each as the CacheRequest fields that select it (docs/cache-format.md#inputs).
+# The first is what `bench_scaling` caches at N, 2N, 4N: an image folder's default (`--inputs auto`).
+INPUT_MODES: dict[str, dict[str, Any]] = {"encoded": {"inputs": "encoded"}, "raw": {"inputs": "raw"},
+                                          "encoded, max-side 256": {"inputs": "encoded", "max_side": 256},
+                                          "source": {"inputs": "source"}}
 MODELS = ("resnet18", "resnet50")
 SIZE = 224
 CLASSES = 10

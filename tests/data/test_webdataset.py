@@ -131,6 +131,7 @@ def test_wds_on_disk_and_on_s3_caches_and_trains_like_the_image_folder(tmp_path:
     assert local.class_names == s3.class_names == folder.class_names == CLASSES
     for cache in (local, s3):
         assert cache.manifest.status == "complete"
+        assert cache.manifest.storage.inputs == "encoded"  # as a folder's: the members' own bytes, by default
         np.testing.assert_array_equal(cache.read("samples/labels"), folder.read("samples/labels"))
         np.testing.assert_array_equal(cache.read("samples/ids"), [sample_id("train", f"train-000{i // 18}.tar", k)
                                                                  for i, (k, _, _) in enumerate(fixture_samples("train"))])
