@@ -40,20 +40,50 @@ class TemplateError(DistilleryError):
     """An `out` template that cannot be filled."""
 
 
+def template_fields(template: str) -> list[str]:
+    """The placeholders of an `out` template, each a bare known `{name}`; anything else is one line now, not a
+    failed run each night: a stray brace, `{date!z}`, `{date:>3000000000}` (a 3 GB path), an unknown name."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise TemplateError(f"'{template}' is not a valid template ({e}); write a literal brace as {{{{ or }}}}") \
+            from None
+    known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+    fields = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in PLACEHOLDERS:
+            raise TemplateError(f"unknown placeholder {{{name}}} in '{template}'; use {known}")
+        if spec or conversion:
+            raise TemplateError(f"placeholder {{{name}}} in '{template}' takes no !conversion or :format; "
+                                f"write {{{name}}}")
+        fields.append(name)
+    return fields
+
+
+def path_component(text: str) -> str:
+    """`text` as one directory name: a flow run named `../../x` (names are free text) stays inside the
+    template's root (`..-..-x`)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", text).lstrip(".") or "-"
+
+
 def run_path(template: str) -> str:
     """`template` with {date} (YYYY-MM-DD) and {time} (HHMMSS) of the run's scheduled start in UTC,
-    {flow_run_name} and {flow_run_id} filled in; a path without braces is returned as is."""
-    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    unknown = sorted(set(fields) - set(PLACEHOLDERS))
-    if unknown:
-        known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
-        raise TemplateError(f"unknown placeholder {{{unknown[0]}}} in '{template}'; use {known}")
-    if not fields:
+    {flow_run_name} and {flow_run_id} (each as one directory name) filled in; a path without braces is returned
+    as is."""
+    if not template_fields(template):
         return template
     start = flow_run.scheduled_start_time or datetime.now(timezone.utc)
-    start = datetime.fromtimestamp(start.timestamp(), timezone.utc)
+    return fill_template(template, datetime.fromtimestamp(start.timestamp(), timezone.utc),
+                         flow_run.name or "local", flow_run.id or "local")
+
+
+def fill_template(template: str, start: datetime, flow_run_name: str, flow_run_id: str) -> str:
+    """`template` filled for a run started at `start` (UTC) named `flow_run_name`."""
+    template_fields(template)
     return template.format(date=start.strftime("%Y-%m-%d"), time=start.strftime("%H%M%S"),
-                           flow_run_name=flow_run.name or "local", flow_run_id=flow_run.id or "local")
+                           flow_run_name=path_component(flow_run_name), flow_run_id=path_component(flow_run_id))
 
 
 def slug(text: str, length: int = 40) -> str:
