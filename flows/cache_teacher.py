@@ -14,13 +14,14 @@ identity fingerprint, path, dataset and teacher), which a deployment trigger can
 """
 
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
-                               create_table_artifact, update_progress_artifact)
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
 from prefect.events import emit_event
 from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -32,11 +33,11 @@ from pipeline.cache import statistics
 from pipeline.cache.manifest import Manifest, ShardRecord, StatsSection
 from pipeline.cache.statistics import ShardStats
 from pipeline.cache.reader import TeacherCache
-from pipeline.cache.summary import array_rows, human_bytes
+from pipeline.cache.summary import array_rows, human_bytes, teacher_accuracy_per_view
 from pipeline.object_store import is_url
 from pipeline.report.content import gather_report
 from pipeline.report.html import write_report
-from pipeline.report.markdown import report_markdown
+from pipeline.report.markdown import escape, markdown_table, report_markdown
 from pipeline.teacher import forward, plan
 from pipeline.teacher.cache_pass import CacheResult, teacher_pass
 from pipeline.teacher.plan import CachePlan, CacheRequest
@@ -115,23 +116,39 @@ def cache_artifact_key(kind: str, cache: TeacherCache) -> str:
 
 @task(name="publish-cache-artifacts", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
 def publish_task(cache: TeacherCache, result: CacheResult) -> Path:
-    """The arrays table, the summary and the HTML report's link, keyed by the cache's identity; returns
+    """The arrays table, the summary and the HTML report's key figures and path, keyed by the cache's identity; returns
     the report's path."""
     create_table_artifact(key=cache_artifact_key("arrays", cache), table=summary_rows(cache),
                           description=f"Arrays stored in {result.cache}")
     create_markdown_artifact(key=cache_artifact_key("summary", cache), markdown=summary_markdown(cache, result),
                              description=f"Teacher cache summary of {result.cache}")
-    return publish_report(cache)
+    return publish_report(cache, result)
 
 
-def publish_report(cache: TeacherCache) -> Path:
-    """Write `distillery inspect --report`'s HTML page to `<cache>/report.html` and link it from the run's
-    artifacts (a file:// URL: the page is self-contained, figures included)."""
+def publish_report(cache: TeacherCache, result: CacheResult) -> Path:
+    """Write `distillery inspect --report`'s HTML page to `<cache>/report.html` and publish, where the UI shows
+    it, its key figures and where it lies: a file:// link means nothing off the machine that ran the flow."""
     path = cache.root.resolve() / REPORT_NAME  # the directory resolved, never a link planted at the name
     write_report(cache, path)
-    create_link_artifact(key=cache_artifact_key("report", cache), link=path.as_uri(),
-                         link_text=f"HTML report of {cache.root}", description=f"Teacher cache report of {cache.root}")
+    create_markdown_artifact(key=cache_artifact_key("report", cache), markdown=report_pointer(cache, result, path),
+                             description=f"Teacher cache report of {cache.root}")
     return path
+
+
+def report_pointer(cache: TeacherCache, result: CacheResult, path: Path) -> str:
+    """The report artifact: the cache's key figures, then the HTML report's path and host."""
+    m = cache.manifest
+    accuracy = teacher_accuracy_per_view(cache)
+    figures = {"teacher": m.teacher.model, "dataset": f"{m.dataset.name} ({m.dataset.split})",
+               "samples": f"{cache.num_samples:,}", "classes": cache.num_classes, "views": cache.num_views,
+               "teacher accuracy (view 0)": f"{accuracy[0]['accuracy']:.2%}" if accuracy else "- (no logits)",
+               "teacher pass": f"{result.images:,} images in {result.pass_seconds:.1f} s",
+               "fingerprint": m.fingerprint()[:12]}
+    lines = [f"# Teacher cache {escape(result.cache)}", "", markdown_table(["figure", "value"], list(figures.items())),
+             "", f"HTML report (figures included): {escape(path)} on host {escape(socket.gethostname())}; "
+                 f"write one wherever the cache is readable with: distillery inspect {escape(result.cache)} --report "
+                 f"FILE"]
+    return "\n".join(lines) + "\n"
 
 
 def cache_address(root: str) -> str:

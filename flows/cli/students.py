@@ -162,10 +162,7 @@ def runs_cmd(
 
 
 def print_students(title: str, summaries: "list[TrainSummary]") -> None:
-    """The comparison table of a sweep, formatted for people (the flow's artifact keeps raw numbers)."""
+    """The comparison table of a sweep (the flow's artifact shows the same)."""
     from flows.train_students import sweep_rows
 
-    rows = [{**r, "val_accuracy": f"{r['val_accuracy']:.2%}", "train_seconds": f"{r['train_seconds']:.1f} s",
-             "mean_step_seconds": f"{1000 * r['mean_step_seconds']:.1f} ms", "params": f"{r['params']:,}"}
-            for r in sweep_rows(summaries)]
-    print_table(title, rows)
+    print_table(title, sweep_rows(summaries))
