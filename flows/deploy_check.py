@@ -94,7 +94,7 @@ def check_cache_request(request: Any, upstream: Upstream) -> None:
 
 
 def check_sweep(params: dict[str, Any], from_event: set[str], upstream: Upstream) -> None:
-    from flows.train_students import plan_sweep
+    from flows.sweep import plan_sweep
     from pipeline.nets.tapped import check_timm_name
     from pipeline.train.config import RunSettings
 

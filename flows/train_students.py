@@ -17,10 +17,11 @@ from pydantic import PositiveFloat
 
 from flows.signals import polled
 from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
+from flows.sweep import plan_sweep
 from pipeline.cache.reader import TeacherCache
 from pipeline.stop import raise_if_stopped, stop_requested
-from pipeline.train.config import RunSettings, StudentSpec, TrainConfig, plan_runs
-from pipeline.train.loop import check_runs, train_student
+from pipeline.train.config import RunSettings, StudentSpec, TrainConfig
+from pipeline.train.loop import train_student
 from pipeline.train.summary import TrainSummary
 
 forward_library_logs()
@@ -69,15 +70,6 @@ def sweep_artifact_key(cache: str, sweep: Optional[str]) -> str:
 def publish_comparison(cache: str, sweep: Optional[str], out: str, summaries: list[TrainSummary]) -> None:
     create_table_artifact(key=sweep_artifact_key(cache, sweep), table=sweep_rows(summaries),
                           description=f"Students trained from {cache} into {out}")
-
-
-def plan_sweep(cache: str, students: list[StudentSpec], out: str, settings: RunSettings,
-               check: bool = True) -> list[TrainConfig]:
-    """One `TrainConfig` per student, checked (`check`): bad input fails here, before any student trains."""
-    configs = plan_runs(cache, students, out, settings)
-    if check:
-        check_runs(configs)
-    return configs
 
 
 @flow(name="train-students", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)

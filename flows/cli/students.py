@@ -11,7 +11,6 @@ from rich.text import Text
 
 from flows.cli.display import console, print_table, report_skipped, show_progress, warn
 from flows.cli.options import Declared, Device, OnBadImage
-from flows.server import start_temporary_server
 from pipeline.methods import list_methods
 from pipeline.options import default_of
 from pipeline.train.config import RunSettings
@@ -70,8 +69,8 @@ def train_cmd(
     """Train students from a teacher cache (Prefect flow; under torchrun or with --nproc N, DDP without the flow):
     every --student with every method combination (or a --sweep file's), in one flow run; prints a comparison
     table."""
-    from flows.sweep import train_distributed, train_plan
-    from flows.train_students import plan_sweep, train_students
+    from flows.server import recorded
+    from flows.sweep import plan_sweep, train_distributed, train_locally, train_plan
     from pipeline.cache.reader import TeacherCache
     from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
     from pipeline.train.ddp import under_torchrun
@@ -97,10 +96,14 @@ def train_cmd(
         return
     if any(spec.needs for s in plan.students for spec in s.methods):  # ce never reads the teacher's targets
         warn(teacher_near_chance(TeacherCache(plan.cache)))
-    start_temporary_server()
     with show_progress():
-        summaries = train_students(plan.cache, plan.students, plan.out, plan.settings, sweep=plan.sweep,
-                                   task_timeout=plan.task_timeout, checked=True)
+        if recorded():  # the flow run, recorded on the server PREFECT_API_URL names
+            from flows.train_students import train_students
+
+            summaries = train_students(plan.cache, plan.students, plan.out, plan.settings, sweep=plan.sweep,
+                                       task_timeout=plan.task_timeout, checked=True)
+        else:
+            summaries = train_locally(configs)
     print_students(f"students trained from {plan.cache}", summaries)
     report_skipped("the val split", summaries[0].val_skipped_images or [])
 

@@ -51,17 +51,21 @@ def fit_teacher_cmd(
     jitter: Annotated[float, Declared(FitConfig, "jitter")] = default_of(FitConfig, "jitter"),
 ) -> None:
     """Train a teacher locally (no pretrained weights can be downloaded) and save a checkpoint (Prefect flow)."""
-    from flows.fit_teacher import fit_teacher_flow
-    from pipeline.train.fit import check_fit
+    from flows.server import recorded
+    from pipeline.train.fit import check_fit, fit_teacher
 
     cfg = FitConfig(dataset=dataset, model=model, out=str(out), overwrite=overwrite, epochs=epochs, subset=subset,
                     seed=seed,
                     input_size=input_size, batch_size=batch_size, lr=lr, device=device, on_bad_image=on_bad_image,
                     objective=objective, temperature=temperature, jitter=jitter)
     check_fit(cfg)  # one line here, not a failed flow run
-    start_temporary_server()
     with show_progress():
-        result = fit_teacher_flow(cfg)
+        if recorded():  # the flow run, recorded on the server PREFECT_API_URL names
+            from flows.fit_teacher import fit_teacher_flow
+
+            result = fit_teacher_flow(cfg)
+        else:
+            result = fit_teacher(cfg)
     report_skipped(dataset, result.skipped_images)
     accuracy = "no head (self-supervised)" if result.val_accuracy is None else f"val accuracy {result.val_accuracy:.2%}"
     console.print(f"teacher {model}: {accuracy} after {epochs} epochs ({result.train_seconds:.1f} s) -> {result.out}")
@@ -132,12 +136,22 @@ def cache_cmd(
                            cka_source=cka_source, device=device, on_bad_image=on_bad_image)
     manifest = check_request(request)  # bad input is one line here, before the flow (and anything) starts
     report_skipped(dataset, manifest.dataset.skipped or [])
-    from flows.cache_teacher import run_cache_teacher, task_runner  # Prefect loads once the request is good
+    from flows.server import recorded
 
-    task_runner(task_runner_spec, dask_workers)  # an unknown runner is one line too
-    start_temporary_server()
-    with show_progress():  # the flow holds the cache's writer lock: a second writer gets one line
-        result = run_cache_teacher(request, task_runner_spec, dask_workers)
+    if recorded() or task_runner_spec != "thread":  # a flow run: recorded, or its shards fanned out by Dask
+        from flows.cache_teacher import run_cache_teacher, task_runner  # Prefect loads once the request is good
+
+        task_runner(task_runner_spec, dask_workers)  # an unknown runner is one line too
+        start_temporary_server()
+        with show_progress():  # the pass holds the cache's writer lock: a second writer gets one line
+            result = run_cache_teacher(request, task_runner_spec, dask_workers)
+    else:
+        from pipeline.report.html import write_cache_report
+        from pipeline.teacher.cache_pass import run_cache_pass
+
+        with show_progress():  # the pass holds the cache's writer lock: a second writer gets one line
+            result = run_cache_pass(request)
+            write_cache_report(TeacherCache(result.cache))
     console.print(f"cached {result.num_samples} samples into {result.cache}: teacher pass "
                   f"{result.images} images in {result.pass_seconds:.1f} s = "
                   f"{result.images_per_second:.0f} images/s ({result.skipped_shards} shards reused)")
