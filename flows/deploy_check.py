@@ -2,7 +2,7 @@
 before serving): a schedule fires at night, and a typo'd method, an unknown model, a cache nobody writes or an
 `out` template that cannot be filled would otherwise fail every run then.
 
-Per flow, with its `out` filled as a run fills it (`runtime.fill_template`):
+Per flow, with its `out` filled as a run fills it (`templates.fill_template`):
 
 - fit-teacher: `check_fit` (device, where the checkpoint goes, the dataset) and the model;
 - cache-teacher: `check_request` (device, output, dataset, the teacher built from its checkpoint or weights);
@@ -19,7 +19,7 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
-from flows.runtime import fill_template
+from flows.templates import fill_template
 from pipeline.errors import DistilleryError
 
 CHECK_RUN_NAME = "deploy-check"  # the flow run name `out` templates are filled with while checking

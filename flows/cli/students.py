@@ -71,6 +71,7 @@ def train_cmd(
     table."""
     from flows.server import recorded
     from flows.sweep import plan_sweep, train_distributed, train_locally, train_plan
+    from flows.templates import local_path
     from pipeline.cache.reader import TeacherCache
     from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
     from pipeline.train.ddp import under_torchrun
@@ -85,7 +86,9 @@ def train_cmd(
             print_students(f"students trained from {plan.cache} by {summaries[0].world_size} processes", summaries)
             report_skipped("the val split", summaries[0].val_skipped_images or [])
         return
-    configs = plan_sweep(plan.cache, plan.students, plan.out, plan.settings)  # bad input is one line, not a failed run
+    local = not recorded()  # no server to record a flow run: the library runs here, its `out` filled here
+    configs = plan_sweep(plan.cache, plan.students, local_path(plan.out) if local else plan.out,
+                         plan.settings)  # bad input is one line, not a failed run
     done = {c.out: completed_run(c) for c in configs}
     for run_dir, summary in done.items():
         if summary is not None:
@@ -97,13 +100,13 @@ def train_cmd(
     if any(spec.needs for s in plan.students for spec in s.methods):  # ce never reads the teacher's targets
         warn(teacher_near_chance(TeacherCache(plan.cache)))
     with show_progress():
-        if recorded():  # the flow run, recorded on the server PREFECT_API_URL names
+        if local:
+            summaries = train_locally(configs)
+        else:  # the flow run, recorded on the server PREFECT_API_URL names
             from flows.train_students import train_students
 
             summaries = train_students(plan.cache, plan.students, plan.out, plan.settings, sweep=plan.sweep,
                                        task_timeout=plan.task_timeout, checked=True)
-        else:
-            summaries = train_locally(configs)
     print_students(f"students trained from {plan.cache}", summaries)
     report_skipped("the val split", summaries[0].val_skipped_images or [])
 

@@ -34,6 +34,8 @@ def distillery(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
     (CACHE + ["--store", "logits,featmaps"], "--store lists featmaps, but these options produce no teacher feature maps"),
     (CACHE + ["--store", "logit"], "--store 'logit': ['logit'] are not per-sample targets"),
     (CACHE + ["--task-runner", "ray"], "--task-runner must be thread, dask or a scheduler address"),
+    # a cache of another teacher at --out: refused before any pass (and before Prefect), not inside it
+    (CACHE + ["--out", "{cache}"], "{cache} holds a cache made with a different teacher."),
     pytest.param(CACHE[:-2] + ["--device", "cuda"], "this machine has no CUDA device", marks=CUDA),
     pytest.param(TRAIN + ["--cache", "{cache}", "--device", "cuda"], "this machine has no CUDA device", marks=CUDA),
     pytest.param(["fit-teacher", "--dataset", "digits", "--model", "test_resnet", "--device", "cuda"],

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from flows.deploy import SpecError, load_spec
-from flows.runtime import TemplateError, fill_template
+from flows.templates import TemplateError, fill_template
 
 # A teacher fitted, cached at a stable path, swept nightly and on every new cache: the example's shape.
 SPEC = """
