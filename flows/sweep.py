@@ -74,6 +74,15 @@ def plan_sweep(cache: str, students: list[StudentSpec], out: str, settings: RunS
     return configs
 
 
+def sweep_rows(summaries: list[TrainSummary]) -> list[dict[str, str]]:
+    """One row per run: the columns people compare students by, formatted as everywhere else (percent, seconds,
+    milliseconds per step): the command's table and the flow's artifact show the same text."""
+    return [{"student": s.student, "methods": "+".join(s.methods), "epochs": str(s.epochs), "seed": str(s.seed),
+             "val_accuracy": f"{s.val_accuracy:.2%}", "train_seconds": f"{s.train_seconds:.1f} s",
+             "mean_step_seconds": f"{1000 * s.mean_step_seconds:.1f} ms", "params": f"{s.params:,}"}
+            for s in summaries]
+
+
 def train_locally(configs: list[TrainConfig]) -> list[TrainSummary]:
     """The `train-students` flow's work without Prefect (no server to record it: `flows.server.recorded`):
     each student in turn in this process; a signal stops the one training at its next step and the rest

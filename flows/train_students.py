@@ -17,7 +17,7 @@ from pydantic import PositiveFloat
 
 from flows.signals import polled
 from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
-from flows.sweep import plan_sweep
+from flows.sweep import plan_sweep, sweep_rows
 from pipeline.cache.reader import TeacherCache
 from pipeline.stop import raise_if_stopped, stop_requested
 from pipeline.train.config import RunSettings, StudentSpec, TrainConfig
@@ -47,15 +47,6 @@ def train_task(config: TrainConfig) -> TrainSummary | State:
                           "+".join(map(str, config.methods)), summary.val_accuracy, summary.epochs,
                           summary.train_seconds, config.out)
     return summary
-
-
-def sweep_rows(summaries: list[TrainSummary]) -> list[dict[str, str]]:
-    """One row per run: the columns people compare students by, formatted as everywhere else (percent, seconds,
-    milliseconds per step): the command's table and the flow's artifact show the same text."""
-    return [{"student": s.student, "methods": "+".join(s.methods), "epochs": str(s.epochs), "seed": str(s.seed),
-             "val_accuracy": f"{s.val_accuracy:.2%}", "train_seconds": f"{s.train_seconds:.1f} s",
-             "mean_step_seconds": f"{1000 * s.mean_step_seconds:.1f} ms", "params": f"{s.params:,}"}
-            for s in summaries]
 
 
 def sweep_artifact_key(cache: str, sweep: Optional[str]) -> str:

@@ -169,6 +169,6 @@ def runs_cmd(
 
 def print_students(title: str, summaries: "list[TrainSummary]") -> None:
     """The comparison table of a sweep (the flow's artifact shows the same)."""
-    from flows.train_students import sweep_rows
+    from flows.sweep import sweep_rows
 
     print_table(title, sweep_rows(summaries))
