@@ -47,20 +47,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", type=Path, help="a checkout to compare the tiny cache and train with")
+    parser.add_argument("--runs-only", action="store_true", help="skip the help screens")
     args = parser.parse_args()
     rounds = args.rounds
     rendered: dict[str, float] = {}
     kept: dict[str, float] = {}
-    for _ in range(rounds):
-        for args in COMMANDS:
-            name = " ".join(args)
+    for _ in range(0 if args.runs_only else rounds):
+        for command in COMMANDS:
+            name = " ".join(command)
             with tempfile.TemporaryDirectory() as fresh:  # nothing kept: rendered, then kept
-                rendered[name] = min(rendered.get(name, float("inf")), wall_seconds(args, fresh))
-                kept[name] = min(kept.get(name, float("inf")), wall_seconds(args, fresh))
-    print(f"{'command':<22} {'rendered s':>10} {'kept s':>8} {'kept / rendered':>16}  (best of {rounds}, "
-          f"load {os.getloadavg()[0]:.1f})")
-    for name in rendered:
-        print(f"{name:<22} {rendered[name]:>10.2f} {kept[name]:>8.2f} {kept[name] / rendered[name]:>16.2f}")
+                rendered[name] = min(rendered.get(name, float("inf")), wall_seconds(command, fresh))
+                kept[name] = min(kept.get(name, float("inf")), wall_seconds(command, fresh))
+    if rendered:
+        print(f"{'command':<22} {'rendered s':>10} {'kept s':>8} {'kept / rendered':>16}  (best of {rounds}, "
+              f"load {os.getloadavg()[0]:.1f})")
+        for name in rendered:
+            print(f"{name:<22} {rendered[name]:>10.2f} {kept[name]:>8.2f} {kept[name] / rendered[name]:>16.2f}")
     if args.before is None:
         return 0
     best: dict[tuple[str, str], float] = {}
