@@ -14,13 +14,13 @@ identity fingerprint, path, dataset and teacher), which a deployment trigger can
 """
 
 import os
+import socket
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
-                               create_table_artifact, update_progress_artifact)
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
 from prefect.events import emit_event
 from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -32,20 +32,19 @@ from pipeline.cache import statistics
 from pipeline.cache.manifest import Manifest, ShardRecord, StatsSection
 from pipeline.cache.statistics import ShardStats
 from pipeline.cache.reader import TeacherCache
-from pipeline.cache.summary import array_rows, human_bytes
+from pipeline.cache.summary import array_rows, human_bytes, teacher_accuracy_per_view
 from pipeline.object_store import is_url
 from pipeline.report.content import gather_report
-from pipeline.report.html import write_report
-from pipeline.report.markdown import report_markdown
+from pipeline.report.html import write_cache_report
+from pipeline.report.markdown import escape, markdown_table, report_markdown
 from pipeline.teacher import forward, plan
-from pipeline.teacher.cache_pass import CacheResult, teacher_pass
+from pipeline.teacher.cache_pass import CacheResult, pass_result, reused_result, teacher_pass
 from pipeline.teacher.plan import CachePlan, CacheRequest
 from pipeline.teacher.model import TeacherError
 
 forward_library_logs()
 
 CACHE_COMPLETED = "distillery.cache.completed"
-REPORT_NAME = "report.html"
 IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_io)
 
 
@@ -114,24 +113,39 @@ def cache_artifact_key(kind: str, cache: TeacherCache) -> str:
 
 
 @task(name="publish-cache-artifacts", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
-def publish_task(cache: TeacherCache, result: CacheResult) -> Path:
-    """The arrays table, the summary and the HTML report's link, keyed by the cache's identity; returns
+def publish_task(cache: TeacherCache, result: CacheResult) -> Any:
+    """The arrays table, the summary and the HTML report's key figures and path, keyed by the cache's identity; returns
     the report's path."""
     create_table_artifact(key=cache_artifact_key("arrays", cache), table=summary_rows(cache),
                           description=f"Arrays stored in {result.cache}")
     create_markdown_artifact(key=cache_artifact_key("summary", cache), markdown=summary_markdown(cache, result),
                              description=f"Teacher cache summary of {result.cache}")
-    return publish_report(cache)
+    return publish_report(cache, result)
 
 
-def publish_report(cache: TeacherCache) -> Path:
-    """Write `distillery inspect --report`'s HTML page to `<cache>/report.html` and link it from the run's
-    artifacts (a file:// URL: the page is self-contained, figures included)."""
-    path = cache.root.resolve() / REPORT_NAME  # the directory resolved, never a link planted at the name
-    write_report(cache, path)
-    create_link_artifact(key=cache_artifact_key("report", cache), link=path.as_uri(),
-                         link_text=f"HTML report of {cache.root}", description=f"Teacher cache report of {cache.root}")
+def publish_report(cache: TeacherCache, result: CacheResult) -> Any:
+    """Write `distillery inspect --report`'s HTML page to `<cache>/report.html` and publish, where the UI shows
+    it, its key figures and where it lies: a file:// link means nothing off the machine that ran the flow."""
+    path = write_cache_report(cache)
+    create_markdown_artifact(key=cache_artifact_key("report", cache), markdown=report_pointer(cache, result, path),
+                             description=f"Teacher cache report of {cache.root}")
     return path
+
+
+def report_pointer(cache: TeacherCache, result: CacheResult, path: Any) -> str:
+    """The report artifact: the cache's key figures, then the HTML report's path and host."""
+    m = cache.manifest
+    accuracy = teacher_accuracy_per_view(cache)
+    figures = {"teacher": m.teacher.model, "dataset": f"{m.dataset.name} ({m.dataset.split})",
+               "samples": f"{cache.num_samples:,}", "classes": cache.num_classes, "views": cache.num_views,
+               "teacher accuracy (view 0)": f"{accuracy[0]['accuracy']:.2%}" if accuracy else "- (no logits)",
+               "teacher pass": f"{result.images:,} images in {result.pass_seconds:.1f} s",
+               "fingerprint": m.fingerprint()[:12]}
+    lines = [f"# Teacher cache {escape(result.cache)}", "", markdown_table(["figure", "value"], list(figures.items())),
+             "", f"HTML report (figures included): {escape(path)} on host {escape(socket.gethostname())}; "
+                 f"write one wherever the cache is readable with: distillery inspect {escape(result.cache)} --report "
+                 f"FILE"]
+    return "\n".join(lines) + "\n"
 
 
 def cache_address(root: str) -> str:
@@ -168,8 +182,7 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
     with teacher_pass(request, plan=plan_task) as plan:  # the writer lock, served or not
         if plan.complete:
             logger.info("cache %s is already complete with this identity; nothing to do", plan.root)
-            return CacheResult(cache=plan.root, num_samples=Manifest.load(plan.root).dataset.num_samples, images=0,
-                               pass_seconds=0.0, skipped_shards=plan.num_shards, written_shards=0)
+            return reused_result(plan)
         logger.info("teacher pass into %s: %d shards to write, %d reused", plan.root, len(plan.pending),
                     len(plan.done))
         start = time.perf_counter()
@@ -184,12 +197,9 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
         parts = shard_stats_task.map(unmapped(plan.root), list(range(plan.num_shards))).result()
         reduce_task(plan.root, parts, request.cka_source)
         manifest = complete_task(plan.root, records)
-        images = sum(r.count for r in new_records) * (manifest.views.num_augmented + 1)
-        result = CacheResult(cache=plan.root, num_samples=manifest.dataset.num_samples, images=images,
-                             pass_seconds=pass_seconds, skipped_shards=len(plan.done),
-                             written_shards=len(new_records))
-        logger.info("teacher pass: %d images in %.1f s (%.0f images/s); cache complete at %s", images, pass_seconds,
-                    result.images_per_second, cache_address(plan.root))
+        result = pass_result(plan, manifest, list(new_records), pass_seconds)
+        logger.info("teacher pass: %d images in %.1f s (%.0f images/s); cache complete at %s", result.images,
+                    pass_seconds, result.images_per_second, cache_address(plan.root))
         cache = TeacherCache(plan.root)  # opened once: the report, the artifacts and the event read it
         logger.info("HTML report written to %s", publish_task(cache, result))
     emit_cache_completed(cache, result)

@@ -14,10 +14,12 @@ is an example):
     [[deployment.triggers]]                 # Prefect DeploymentEventTrigger fields: expect, match, parameters
                                             # (Jinja templates over the event), within, threshold, ...
 
-Every deployment is checked before anything is served: an unknown flow or key, a bad parameter or
-trigger is one line naming the deployment and the field.
+Every deployment is checked before anything is served: an unknown flow or key, a bad parameter, schedule or
+trigger, and everything its run would refuse before its first batch (`flows.deploy_check`) is one line naming
+the deployment and the field.
 """
 
+import math
 import tomllib
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +29,10 @@ from prefect import Flow
 from prefect.events import DeploymentEventTrigger
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
-from pipeline.errors import DistilleryError
+from flows.deploy_check import Upstream, check_events, check_run
+from pipeline.errors import DistilleryError, one_line
+
+MAX_INTERVAL_S = 366 * 24 * 3600
 
 
 class SpecError(DistilleryError):
@@ -111,7 +116,16 @@ def load_spec(path: Path) -> Spec:
     if len(set(names)) != len(names):
         raise SpecError(f"{path}: deployment names must be unique, got {names}")
     flows = flows_by_name()
-    return Spec(deployments=[to_deployment(path, d, flows) for d in entries], concurrency=spec.concurrency)
+    checked = [checked_parameters(path, d, flows) for d in entries]
+    deployments = [to_deployment(path, d, flows) for d in entries]
+    # Then what each run would check (datasets, models, caches: seconds), with every deployment's products known.
+    upstream = Upstream([(d.flow, params) for d, (params, _) in zip(entries, checked)])
+    for entry, (params, from_event) in zip(entries, checked):
+        try:
+            check_run(entry.flow, params, from_event, upstream)
+        except DistilleryError as e:
+            raise SpecError(f"{path}, deployment '{entry.name}': {one_line(e)}") from None
+    return Spec(deployments=deployments, concurrency=spec.concurrency)
 
 
 def deployment_entry(path: Path, raw: dict[str, Any]) -> DeploymentEntry:
@@ -129,23 +143,39 @@ def deployment_entry(path: Path, raw: dict[str, Any]) -> DeploymentEntry:
         raise SpecError(f"{where}: {err['loc'][0]}: {err['msg']}") from None
 
 
-def to_deployment(path: Path, entry: DeploymentEntry, flows: dict[str, Flow]) -> Any:
-    where = f"{path}, deployment '{entry.name}'"
-    flow = flows.get(entry.flow)
-    if flow is None:
-        raise SpecError(f"{where}: flow must be one of {', '.join(flows)}, not '{entry.flow}'")
-    if entry.cron is not None and entry.interval is not None:
-        raise SpecError(f"{where}: give cron or interval, not both")
+def entry_triggers(where: str, entry: DeploymentEntry) -> list[DeploymentEventTrigger]:
     try:
         triggers = [DeploymentEventTrigger(**t) for t in entry.triggers]
     except ValidationError as e:
         raise SpecError(f"{where}: trigger {first_error(e)}") from None
-    # Parameters a trigger fills from its event (templates) must exist too; a template is a string.
-    filled = {k: v for t in triggers for k, v in (t.parameters or {}).items()}
     try:
-        flow.validate_parameters({**entry.parameters, **filled})
+        check_events(triggers)
+    except DistilleryError as e:
+        raise SpecError(f"{where}: {e}") from None
+    return triggers
+
+
+def checked_parameters(path: Path, entry: DeploymentEntry, flows: dict[str, Flow]) -> tuple[dict[str, Any], set[str]]:
+    """The entry's parameters as its flow validates them, and the names of those a trigger fills from its event."""
+    where = f"{path}, deployment '{entry.name}'"
+    flow = flows.get(entry.flow)
+    if flow is None:
+        raise SpecError(f"{where}: flow must be one of {', '.join(flows)}, not '{entry.flow}'")
+    # Parameters a trigger fills from its event (templates) must exist too; a template is a string.
+    from_event = {k: v for t in entry_triggers(where, entry) for k, v in (t.parameters or {}).items()}
+    try:
+        return flow.validate_parameters({**entry.parameters, **from_event}), set(from_event)
     except Exception as e:  # noqa: BLE001 - prefect's ParameterTypeError wraps pydantic's message
         raise SpecError(f"{where}: bad parameters: {' '.join(str(e).split())}") from None
+
+
+def to_deployment(path: Path, entry: DeploymentEntry, flows: dict[str, Flow]) -> Any:
+    """The checked entry (`checked_parameters`) as a Prefect deployment of its flow."""
+    where = f"{path}, deployment '{entry.name}'"
+    flow = flows[entry.flow]
+    if entry.cron is not None and entry.interval is not None:
+        raise SpecError(f"{where}: give cron or interval, not both")
+    triggers = entry_triggers(where, entry)
     if entry.task_runner is not None:
         if flow.name != "cache-teacher":
             raise SpecError(f"{where}: task_runner applies to cache-teacher only")
@@ -163,8 +193,9 @@ def schedules(where: str, entry: DeploymentEntry) -> list[Any]:
     from prefect.schedules import Cron, Interval
 
     if entry.interval is not None:
-        if entry.interval <= 0:
-            raise SpecError(f"{where}: interval is in seconds and must be > 0, not {entry.interval!r}")
+        if not (math.isfinite(entry.interval) and 0 < entry.interval <= MAX_INTERVAL_S):
+            raise SpecError(f"{where}: interval is in seconds and must be > 0 and at most {MAX_INTERVAL_S} (a "
+                            f"year), not {entry.interval!r}")
         return [Interval(timedelta(seconds=entry.interval), timezone=entry.timezone)]
     if entry.cron is not None:
         try:

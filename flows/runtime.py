@@ -19,7 +19,6 @@
 
 import logging
 import re
-import string
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,33 +26,23 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
-from pipeline.errors import DistilleryError
+from flows.templates import fill_template, template_fields
 
 PUBLISH_TIMEOUT_S = 600  # artifacts, including the cache's HTML report (figures from dataset-level arrays)
 EVENT_TIMEOUT_S = 60
 
 LIBRARY_LOGGER = "distillery"
-PLACEHOLDERS = ("date", "time", "flow_run_name", "flow_run_id")
-
-
-class TemplateError(DistilleryError):
-    """An `out` template that cannot be filled."""
 
 
 def run_path(template: str) -> str:
     """`template` with {date} (YYYY-MM-DD) and {time} (HHMMSS) of the run's scheduled start in UTC,
-    {flow_run_name} and {flow_run_id} filled in; a path without braces is returned as is."""
-    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    unknown = sorted(set(fields) - set(PLACEHOLDERS))
-    if unknown:
-        known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
-        raise TemplateError(f"unknown placeholder {{{unknown[0]}}} in '{template}'; use {known}")
-    if not fields:
+    {flow_run_name} and {flow_run_id} (each as one directory name) filled in; a path without braces is returned
+    as is."""
+    if not template_fields(template):
         return template
     start = flow_run.scheduled_start_time or datetime.now(timezone.utc)
-    start = datetime.fromtimestamp(start.timestamp(), timezone.utc)
-    return template.format(date=start.strftime("%Y-%m-%d"), time=start.strftime("%H%M%S"),
-                           flow_run_name=flow_run.name or "local", flow_run_id=flow_run.id or "local")
+    return fill_template(template, datetime.fromtimestamp(start.timestamp(), timezone.utc),
+                         flow_run.name or "local", flow_run.id or "local")
 
 
 def slug(text: str, length: int = 40) -> str:

@@ -61,6 +61,15 @@ class _TiedSubprocess(types.ModuleType):
         return getattr(subprocess, name)
 
 
+def recorded() -> bool:
+    """Whether runs are recorded: ``PREFECT_API_URL`` (environment or Prefect profile) names a server. Without
+    one the commands run the library directly: Prefect 3 has no flow run without an API, and its temporary
+    server costs 20-35 s per command on a busy machine (docs/operations.md#local-runs)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
 def start_temporary_server() -> None:
     """Start Prefect's temporary server now, tied to this process; a no-op when ``PREFECT_API_URL`` names a
     server, when the temporary server is disabled, or off Linux (there Prefect starts it untied, as before).

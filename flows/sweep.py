@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from flows.params import SweepFile
+from flows.signals import polled
 from pipeline.object_store import is_url
-from pipeline.train.config import RunSettings, StudentSpec, TrainError
+from pipeline.train.config import RunSettings, StudentSpec, TrainConfig, TrainError
 from pipeline.train.summary import TrainSummary
 
 
@@ -61,15 +62,50 @@ def train_plan(sweep: Optional[Path], cache: Optional[str], out: Optional[str], 
                      task_timeout=plan.task_timeout)
 
 
+def plan_sweep(cache: str, students: list[StudentSpec], out: str, settings: RunSettings,
+               check: bool = True) -> list[TrainConfig]:
+    """One `TrainConfig` per student, checked (`check`): bad input fails here, before any student trains."""
+    from pipeline.train.config import plan_runs
+    from pipeline.train.loop import check_runs
+
+    configs = plan_runs(cache, students, out, settings)
+    if check:
+        check_runs(configs)
+    return configs
+
+
+def sweep_rows(summaries: list[TrainSummary]) -> list[dict[str, str]]:
+    """One row per run: the columns people compare students by, formatted as everywhere else (percent, seconds,
+    milliseconds per step): the command's table and the flow's artifact show the same text."""
+    return [{"student": s.student, "methods": "+".join(s.methods), "epochs": str(s.epochs), "seed": str(s.seed),
+             "val_accuracy": f"{s.val_accuracy:.2%}", "train_seconds": f"{s.train_seconds:.1f} s",
+             "mean_step_seconds": f"{1000 * s.mean_step_seconds:.1f} ms", "params": f"{s.params:,}"}
+            for s in summaries]
+
+
+def train_locally(configs: list[TrainConfig]) -> list[TrainSummary]:
+    """The `train-students` flow's work without Prefect (no server to record it: `flows.server.recorded`):
+    each student in turn in this process; a signal stops the one training at its next step and the rest
+    before they start (`flows.signals.polled`)."""
+    from pipeline.stop import raise_if_stopped
+    from pipeline.train.loop import train_student
+
+    summaries = []
+    with polled():
+        for config in configs:
+            raise_if_stopped()
+            summaries.append(train_student(config))
+    return summaries
+
+
 def train_distributed(plan: TrainPlan, nproc: int,
                       display: Callable[[], AbstractContextManager[Any]] = nullcontext) -> list[TrainSummary] | None:
     """DDP students (docs/operations.md#distributed-students): under torchrun every rank trains each student in
     turn (rank 0 inside `display`); with --nproc N this process checks the sweep, then runs torchrun per
     student. The summaries on rank 0 (which prints them), None on the other ranks."""
-    from pipeline.train.config import plan_runs
     from pipeline.train.ddp import World, under_torchrun
     from pipeline.train.launch import launch
-    from pipeline.train.loop import check_runs, train_student
+    from pipeline.train.loop import train_student
 
     world = World.from_env()
     if nproc < 1:
@@ -77,6 +113,9 @@ def train_distributed(plan: TrainPlan, nproc: int,
     if under_torchrun() and nproc not in (1, world.size):
         raise TrainError(f"--nproc {nproc} under torchrun, whose world size is {world.size}: leave --nproc out "
                          f"(torchrun's --nproc-per-node decides)")
+    from pipeline.train.config import plan_runs
+    from pipeline.train.loop import check_runs
+
     configs = plan_runs(plan.cache, plan.students, plan.out, plan.settings)
     check_runs(configs, world.size if under_torchrun() else nproc)  # bad input is one line, before any process starts
     if under_torchrun():

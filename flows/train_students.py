@@ -6,36 +6,47 @@ runs ask for the online twin). Per-epoch loss and validation accuracy reach the 
 (the library's `distillery` logger, forwarded by `flows.runtime`).
 """
 
-from typing import Any, Optional
+from typing import Optional
 
 from prefect import flow, get_run_logger, task
+from prefect.runtime import task_run
+from prefect.states import Cancelled, State
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import PositiveFloat
 
+from flows.signals import polled
 from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
+from flows.sweep import plan_sweep, sweep_rows
 from pipeline.cache.reader import TeacherCache
-from pipeline.train.config import RunSettings, StudentSpec, TrainConfig, plan_runs
-from pipeline.train.loop import check_runs, train_student
+from pipeline.stop import raise_if_stopped, stop_requested
+from pipeline.train.config import RunSettings, StudentSpec, TrainConfig
+from pipeline.train.loop import train_student
 from pipeline.train.summary import TrainSummary
 
 forward_library_logs()
 
-COMPARISON_COLUMNS = ("student", "methods", "val_accuracy", "train_seconds", "mean_step_seconds", "params")
+
+def student_task_name() -> str:
+    """`train-<student>-<methods>`: the run graph tells CE from CE+KD apart."""
+    config = task_run.parameters["config"]
+    return f"train-{config.student}-{'+'.join(map(str, config.methods))}"
 
 
-@task(name="train-student", persist_result=False, task_run_name="train-{config.student}", tags=["accelerator"])
-def train_task(config: TrainConfig) -> TrainSummary:
-    summary = train_student(config)
+@task(name="train-student", persist_result=False, task_run_name=student_task_name, tags=["accelerator"])
+def train_task(config: TrainConfig) -> TrainSummary | State:
+    """One student; Cancelled when a signal stopped it (or the sweep before it started)."""
+    try:
+        raise_if_stopped()
+        summary = train_student(config)
+    except BaseException:  # noqa: BLE001 - whatever a stop ended (a DataLoader worker Ctrl-C killed included)
+        if stop_requested() is None:
+            raise
+        return Cancelled(message=f"stopped by a signal; {config.out} resumes from its last whole epoch")
     get_run_logger().info("%s [%s]: val accuracy %.4f after %d epochs (%.1f s); run directory %s", config.student,
                           "+".join(map(str, config.methods)), summary.val_accuracy, summary.epochs,
                           summary.train_seconds, config.out)
     return summary
-
-
-def sweep_rows(summaries: list[TrainSummary]) -> list[dict[str, Any]]:
-    """One row per run: the columns people compare students by."""
-    return [{**s.model_dump(include=set(COMPARISON_COLUMNS)), "methods": "+".join(s.methods)} for s in summaries]
 
 
 def sweep_artifact_key(cache: str, sweep: Optional[str]) -> str:
@@ -52,19 +63,10 @@ def publish_comparison(cache: str, sweep: Optional[str], out: str, summaries: li
                           description=f"Students trained from {cache} into {out}")
 
 
-def plan_sweep(cache: str, students: list[StudentSpec], out: str, settings: RunSettings,
-               check: bool = True) -> list[TrainConfig]:
-    """One `TrainConfig` per student, checked (`check`): bad input fails here, before any student trains."""
-    configs = plan_runs(cache, students, out, settings)
-    if check:
-        check_runs(configs)
-    return configs
-
-
 @flow(name="train-students", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
 def train_students(cache: str, students: list[StudentSpec], out: str, settings: RunSettings = RunSettings(),
                    sweep: Optional[str] = None, task_timeout: Optional[PositiveFloat] = None,
-                   checked: bool = False) -> list[TrainSummary]:
+                   checked: bool = False) -> list[TrainSummary] | State:
     """Train every student of `students` from `cache`, one run directory each, one at a time (on CPU one
     training run already uses every core).
 
@@ -83,6 +85,12 @@ def train_students(cache: str, students: list[StudentSpec], out: str, settings: 
     out = run_path(out)
     configs = plan_sweep(cache, students, out, settings, check=not checked)
     get_run_logger().info("training %d student(s) from %s into %s", len(configs), cache, out)
-    summaries = list(train_task.with_options(timeout_seconds=task_timeout).map(configs).result())
+    with polled():  # a signal stops the student training now at its next step, the rest before they start
+        futures = train_task.with_options(timeout_seconds=task_timeout).map(configs)
+        futures.wait()
+    if stop_requested() is not None:
+        return Cancelled(message="stopped by a signal; rerun with resume to continue each student from its last "
+                                 "whole epoch")
+    summaries = list(futures.result())
     publish_comparison(cache, sweep, out, summaries)
     return summaries

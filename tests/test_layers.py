@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TIERS: list[set[str]] = [
     # the foundation: plain modules of pipeline/ (errors, atomic writes, bounded reads, checksums, option checks,
-    # progress hooks, the machine's description, the one path type for a directory or an fsspec URL)
-    {"errors", "atomic", "bounded", "checksums", "environment", "options", "progress", "object_store"},
+    # progress hooks, the machine's description, the one path type for a directory or an fsspec URL, stop requests)
+    {"errors", "atomic", "bounded", "checksums", "environment", "options", "progress", "object_store", "stop"},
     {"data", "nets", "stats"},  # datasets and views; timm models and taps; mergeable reducers (import no package)
     {"cache"},  # the store: the one place that knows file formats, and each cached target
     {"teacher", "methods"},  # the teacher and its pass produce targets; methods consume them

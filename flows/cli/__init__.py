@@ -23,7 +23,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 import typer  # noqa: E402 - after the Prefect home is settled
 
-from flows.cli import signals  # noqa: E402
+from flows import signals  # noqa: E402
+from flows.cli import help_cache  # noqa: E402
 from flows.cli.display import fail  # noqa: E402
 from flows.cli.lazy import LazyGroup  # noqa: E402
 
@@ -55,12 +56,18 @@ def main() -> None:
 
     from pipeline.errors import DistilleryError, one_line
 
+    command_help = help_cache.help_request(sys.argv[1:])
+    if command_help is not None and help_cache.print_kept(command_help):  # no torch to import: 0.2 s, not 3-5 s
+        sys.exit(0)
     try:
-        with signals.installed():
+        with signals.installed(), help_cache.keeping(command_help):
             code = app(standalone_mode=False)
     except NoArgsIsHelpError:  # `distillery` alone: typer has printed the help screen, exit 2 as click does
         sys.exit(2)
     except DistilleryError as e:  # raised here or in a DataLoader worker (whose traceback torch folds into it)
+        signal_code = signals.exit_code(e)  # a worker that Ctrl-C ended first
+        if signal_code is not None:
+            interrupted(signal_code)
         fail(one_line(e))
     except ClickException as e:  # an option typer cannot parse (`--views x`), an unknown command or option
         ctx = getattr(e, "ctx", None)
@@ -86,5 +93,6 @@ def main() -> None:
 def interrupted(code: int) -> None:
     """The one line of a command a signal ended (`signals`), exit 128 + the signal."""
     sys.stdout.flush()
-    print(signals.INTERRUPTED, file=sys.stderr, flush=True)
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
+    print(signals.interrupted_line(command), file=sys.stderr, flush=True)
     sys.exit(code)

@@ -11,7 +11,6 @@ from rich.text import Text
 
 from flows.cli.display import console, print_table, report_skipped, show_progress, warn
 from flows.cli.options import Declared, Device, OnBadImage
-from flows.server import start_temporary_server
 from pipeline.methods import list_methods
 from pipeline.options import default_of
 from pipeline.train.config import RunSettings
@@ -70,8 +69,9 @@ def train_cmd(
     """Train students from a teacher cache (Prefect flow; under torchrun or with --nproc N, DDP without the flow):
     every --student with every method combination (or a --sweep file's), in one flow run; prints a comparison
     table."""
-    from flows.sweep import train_distributed, train_plan
-    from flows.train_students import plan_sweep, train_students
+    from flows.server import recorded
+    from flows.sweep import plan_sweep, train_distributed, train_locally, train_plan
+    from flows.templates import local_path
     from pipeline.cache.reader import TeacherCache
     from pipeline.preflight import completed_run, teacher_near_chance, untrained_classifier
     from pipeline.train.ddp import under_torchrun
@@ -86,7 +86,9 @@ def train_cmd(
             print_students(f"students trained from {plan.cache} by {summaries[0].world_size} processes", summaries)
             report_skipped("the val split", summaries[0].val_skipped_images or [])
         return
-    configs = plan_sweep(plan.cache, plan.students, plan.out, plan.settings)  # bad input is one line, not a failed run
+    local = not recorded()  # no server to record a flow run: the library runs here, its `out` filled here
+    configs = plan_sweep(plan.cache, plan.students, local_path(plan.out) if local else plan.out,
+                         plan.settings)  # bad input is one line, not a failed run
     done = {c.out: completed_run(c) for c in configs}
     for run_dir, summary in done.items():
         if summary is not None:
@@ -97,10 +99,14 @@ def train_cmd(
         return
     if any(spec.needs for s in plan.students for spec in s.methods):  # ce never reads the teacher's targets
         warn(teacher_near_chance(TeacherCache(plan.cache)))
-    start_temporary_server()
     with show_progress():
-        summaries = train_students(plan.cache, plan.students, plan.out, plan.settings, sweep=plan.sweep,
-                                   task_timeout=plan.task_timeout, checked=True)
+        if local:
+            summaries = train_locally(configs)
+        else:  # the flow run, recorded on the server PREFECT_API_URL names
+            from flows.train_students import train_students
+
+            summaries = train_students(plan.cache, plan.students, plan.out, plan.settings, sweep=plan.sweep,
+                                       task_timeout=plan.task_timeout, checked=True)
     print_students(f"students trained from {plan.cache}", summaries)
     report_skipped("the val split", summaries[0].val_skipped_images or [])
 
@@ -162,10 +168,7 @@ def runs_cmd(
 
 
 def print_students(title: str, summaries: "list[TrainSummary]") -> None:
-    """The comparison table of a sweep, formatted for people (the flow's artifact keeps raw numbers)."""
-    from flows.train_students import sweep_rows
+    """The comparison table of a sweep (the flow's artifact shows the same)."""
+    from flows.sweep import sweep_rows
 
-    rows = [{**r, "val_accuracy": f"{r['val_accuracy']:.2%}", "train_seconds": f"{r['train_seconds']:.1f} s",
-             "mean_step_seconds": f"{1000 * r['mean_step_seconds']:.1f} ms", "params": f"{r['params']:,}"}
-            for r in sweep_rows(summaries)]
-    print_table(title, rows)
+    print_table(title, sweep_rows(summaries))

@@ -65,18 +65,24 @@ def fit_teacher_cmd(
     weights: Annotated[Optional[str], Declared(FitConfig, "weights", metavar="FILE|hf-hub:ORG/NAME")] = None,
 ) -> None:
     """Train a teacher locally, from random weights or fine-tuning --weights (nothing is downloaded), and save a
-    checkpoint (Prefect flow)."""
-    from flows.fit_teacher import fit_teacher_flow
-    from pipeline.train.fit import check_fit
+    checkpoint (Prefect flow when a server is configured)."""
+    from flows.server import recorded
+    from flows.templates import local_path
+    from pipeline.train.fit import check_fit, fit_teacher
 
-    cfg = FitConfig(dataset=dataset, model=model, out=str(out), overwrite=overwrite, epochs=epochs, subset=subset,
-                    seed=seed,
-                    input_size=input_size, batch_size=batch_size, lr=lr, device=device, on_bad_image=on_bad_image,
-                    objective=objective, temperature=temperature, jitter=jitter, weights=weights)
+    local = not recorded()  # no server to record a flow run: the library runs here, its `out` filled here
+    cfg = FitConfig(dataset=dataset, model=model, out=local_path(str(out)) if local else str(out), overwrite=overwrite,
+                    epochs=epochs, subset=subset, seed=seed, input_size=input_size, batch_size=batch_size, lr=lr,
+                    device=device, on_bad_image=on_bad_image, objective=objective, temperature=temperature,
+                    jitter=jitter, weights=weights)
     check_fit(cfg)  # one line here, not a failed flow run
-    start_temporary_server()
     with show_progress():
-        result = fit_teacher_flow(cfg)
+        if local:
+            result = fit_teacher(cfg)
+        else:  # the flow run, recorded on the server PREFECT_API_URL names
+            from flows.fit_teacher import fit_teacher_flow
+
+            result = fit_teacher_flow(cfg)
     report_skipped(dataset, result.skipped_images)
     accuracy = "no head (self-supervised)" if result.val_accuracy is None else f"val accuracy {result.val_accuracy:.2%}"
     console.print(f"teacher {model}: {accuracy} after {epochs} epochs ({result.train_seconds:.1f} s) -> {result.out}")
@@ -152,16 +158,27 @@ def cache_cmd(
                            max_side=max_side)
     manifest = check_request(request)  # bad input is one line here, before the flow (and anything) starts
     report_skipped(dataset, manifest.dataset.skipped or [])
-    from flows.cache_teacher import run_cache_teacher, task_runner  # Prefect loads once the request is good
+    from flows.server import recorded
 
-    task_runner(task_runner_spec, dask_workers)  # an unknown runner is one line too
-    start_temporary_server()
-    with show_progress():  # the flow holds the cache's writer lock: a second writer gets one line
-        result = run_cache_teacher(request, task_runner_spec, dask_workers)
+    if recorded() or task_runner_spec != "thread":  # a flow run: recorded, or its shards fanned out by Dask
+        from flows.cache_teacher import run_cache_teacher, task_runner  # Prefect loads once the request is good
+
+        task_runner(task_runner_spec, dask_workers)  # an unknown runner is one line too
+        start_temporary_server()
+        with show_progress():  # the pass holds the cache's writer lock: a second writer gets one line
+            result = run_cache_teacher(request, task_runner_spec, dask_workers)
+    else:
+        from flows.templates import local_path
+        from pipeline.report.html import write_cache_report
+        from pipeline.teacher.cache_pass import run_cache_pass
+
+        with show_progress():  # the pass holds the cache's writer lock: a second writer gets one line
+            result = run_cache_pass(request.model_copy(update={"out": local_path(request.out)}))
+            write_cache_report(TeacherCache(result.cache))
     console.print(f"cached {result.num_samples} samples into {result.cache}: teacher pass "
                   f"{result.images} images in {result.pass_seconds:.1f} s = "
                   f"{result.images_per_second:.0f} images/s ({result.skipped_shards} shards reused)")
-    warn(teacher_near_chance(TeacherCache(out)))
+    warn(teacher_near_chance(TeacherCache(result.cache)))
 
 
 def checkpoint_model(checkpoint: Optional[Path]) -> str:

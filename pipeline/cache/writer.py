@@ -44,6 +44,18 @@ def as_stored_dtype(value: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(value, dtype=dtype)
 
 
+def stored_with_identity(root: Path | ObjectPath, manifest: Manifest) -> Manifest | None:
+    """The manifest of the cache already at `root`, None when there is none; refused (one line) when its
+    identity differs from `manifest`'s: checked before any work (`check_request`) and again when writing."""
+    if not (root / "manifest.json").exists():
+        return None
+    stored = Manifest.load(root)
+    diff = identity_mismatch(stored.identity(), manifest.identity())
+    if diff:
+        raise CacheError(f"{root} holds a cache made with a different {diff}; choose another --out or delete {root}")
+    return stored
+
+
 class CacheWriter(CacheFiles):
     """Creates (or resumes) a cache and writes it shard by shard."""
 
@@ -59,12 +71,8 @@ class CacheWriter(CacheFiles):
         the planned shard ranges. A complete cache with the same identity is returned as is.
         """
         root = location(root)
-        if (root / "manifest.json").exists():
-            stored = Manifest.load(root)
-            diff = identity_mismatch(stored.identity(), manifest.identity())
-            if diff:
-                raise CacheError(f"{root} holds a cache made with a different {diff}; "
-                                 f"choose another --out or delete {root}")
+        stored = stored_with_identity(root, manifest)
+        if stored is not None:
             return cls(root, stored)
         if root.exists() and any(p.name != LOCK_NAME for p in root.iterdir()):
             raise CacheError(f"{root} exists and is not a teacher cache; choose another --out")

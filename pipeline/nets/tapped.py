@@ -30,15 +30,22 @@ class TappedOutputs:
     maps: dict[str, torch.Tensor]  # tapped stage name -> (B, Cf, H, W)
 
 
-def create_timm_model(name: str, num_classes: int, in_chans: int, input_size: int, **kwargs: Any) -> nn.Module:
-    """`timm.create_model` with one-line errors; ViT-like models get `img_size` so small inputs work."""
-    # timm imports torchvision and torch._dynamo (seconds): only a process that builds a model pays for it, not
-    # the CLI listing its options or a DataLoader worker.
+def check_timm_name(name: str) -> None:
+    """One line naming the closest known models when timm has no model `name`."""
+    # timm imports torchvision and torch._dynamo (seconds): only a process that builds or checks a model pays
+    # for it, not the CLI listing its options or a DataLoader worker.
     import timm
 
     if not timm.is_model(name):
         raise ModelError(f"unknown timm model '{name}'{did_you_mean(name, timm.list_models())}; see "
                          f"timm.list_models()")
+
+
+def create_timm_model(name: str, num_classes: int, in_chans: int, input_size: int, **kwargs: Any) -> nn.Module:
+    """`timm.create_model` with one-line errors; ViT-like models get `img_size` so small inputs work."""
+    import timm
+
+    check_timm_name(name)
     kwargs = dict(kwargs)
     try:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,

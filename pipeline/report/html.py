@@ -47,6 +47,9 @@ dt { font-weight: 600; } dd { margin: 0; } .note { color: #777; }
 """
 
 
+CACHE_REPORT_NAME = "report.html"  # beside manifest.json; no file the cache's integrity checks know
+
+
 def _e(text: object) -> str:
     return html.escape(str(text))
 
@@ -88,3 +91,10 @@ def write_report(cache: TeacherCache, out: str | Path | ObjectPath, samples: int
     out.parent.mkdir(parents=True, exist_ok=True)
     write_whole_bytes(out, page.encode())
     return report
+
+
+def write_cache_report(cache: TeacherCache) -> Path | ObjectPath:
+    """`write_report` to the cache's own `report.html` (every completed teacher pass writes one); its path."""
+    path = cache.root.resolve() / CACHE_REPORT_NAME  # the directory resolved, never a link planted at the name
+    write_report(cache, path)
+    return path

@@ -11,13 +11,14 @@ which holds the cache's writer lock from the plan to the end.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from pipeline.cache.lock import cache_lock
-from pipeline.cache.manifest import Manifest
+from pipeline.cache.manifest import Manifest, ShardRecord
 from pipeline.cache.statistics import reduce_statistics, shard_statistics
 from pipeline.teacher.forward import cache_shard
 from pipeline.teacher.plan import CachePlan, CacheRequest, complete_cache, plan_cache
@@ -56,13 +57,30 @@ def teacher_pass(request: CacheRequest,
         yield plan(request)
 
 
-def run_cache_pass(request: CacheRequest) -> Manifest:
-    """The whole teacher pass in this process, without Prefect (same steps as `flows.cache_teacher`)."""
+def run_cache_pass(request: CacheRequest) -> CacheResult:
+    """The whole teacher pass in this process, without Prefect (same steps as `flows.cache_teacher`); what it
+    did."""
     with teacher_pass(request) as plan:
         if plan.complete:
-            return Manifest.load(plan.root)
-        records = plan.done + [cache_shard(request, i) for i in plan.pending]
+            return reused_result(plan)
+        start = time.perf_counter()
+        new_records = [cache_shard(request, i) for i in plan.pending]
+        pass_seconds = time.perf_counter() - start
         parts = [shard_statistics(plan.root, i) for i in range(plan.num_shards)]
         reduce_statistics(plan.root, parts, request.cka_source)
-        return complete_cache(plan.root, records)
+        manifest = complete_cache(plan.root, plan.done + new_records)
+    return pass_result(plan, manifest, new_records, pass_seconds)
 
+
+def reused_result(plan: CachePlan) -> CacheResult:
+    """The result of a pass that found its cache complete with the requested identity: nothing written."""
+    return CacheResult(cache=plan.root, num_samples=Manifest.load(plan.root).dataset.num_samples, images=0,
+                       pass_seconds=0.0, skipped_shards=plan.num_shards, written_shards=0)
+
+
+def pass_result(plan: CachePlan, manifest: Manifest, new_records: list[ShardRecord],
+                pass_seconds: float) -> CacheResult:
+    """The result of a pass that wrote `new_records` in `pass_seconds` and completed `manifest`."""
+    images = sum(r.count for r in new_records) * (manifest.views.num_augmented + 1)
+    return CacheResult(cache=plan.root, num_samples=manifest.dataset.num_samples, images=images,
+                       pass_seconds=pass_seconds, skipped_shards=len(plan.done), written_shards=len(new_records))

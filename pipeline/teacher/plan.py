@@ -23,7 +23,7 @@ from pipeline.cache.inputs import INPUTS_HELP, input_storage
 from pipeline.cache.manifest import ArraySpec, Manifest, ShardRange, ShardRecord, StorageSpec, shard_ranges
 from pipeline.cache.statistics import check_cka_source
 from pipeline.cache.reader import TeacherCache
-from pipeline.cache.writer import CacheWriter
+from pipeline.cache.writer import CacheWriter, stored_with_identity
 from pipeline.cache.targets import LOGITS, POOLED, SAMPLE_ARRAYS, STORABLE, TARGETS
 from pipeline.checksums import sha256_file
 from pipeline.data.datasets import BAD_IMAGE_HELP, BAD_IMAGE_POLICIES, ImageDataset, load_dataset
@@ -31,7 +31,7 @@ from pipeline.data.rendering import default_input_size
 from pipeline.data.views import ViewPlan
 from pipeline.nets.tail import extract_teacher_tail
 from pipeline.nets.tapped import TappedOutputs, resolve_tap, stage_names
-from pipeline.object_store import check_output_location
+from pipeline.object_store import check_output_location, location
 from pipeline.options import Config, Help, Range, check_device, resolve_device
 from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.teacher.class_map import ClassMap
@@ -102,7 +102,8 @@ class CacheRequest(Config):
 
 def check_request(request: CacheRequest) -> Manifest:
     """Everything `plan_cache` would refuse about the request, found without writing anything: the device,
-    the output directory or URL, the dataset (every split's images, decoded), the teacher and its tap.
+    the output directory or URL, the dataset (every split's images, decoded), the teacher and its tap, and the
+    identity of a cache already at the output (another teacher's cache is refused before any pass).
 
     Run before the flow starts (the CLI does), so a bad option is one line rather than a failed task.
     Both splits' files are checked here; the pass itself loads only the split it caches.
@@ -112,7 +113,9 @@ def check_request(request: CacheRequest) -> Manifest:
     # The other split's files too: a bad val image stops the pass before it starts, not a student after it
     # (checked once: an image folder remembers its checks).
     _dataset(request.dataset, "val" if request.split == "train" else "train", None, 0, request.on_bad_image)
-    return build_manifest(request)
+    manifest = build_manifest(request)
+    stored_with_identity(location(request.out), manifest)  # a cache of another teacher: refused now, not in the pass
+    return manifest
 
 
 @functools.lru_cache(maxsize=4)

@@ -26,6 +26,7 @@ from pipeline.environment import describe_environment, peak_rss_bytes
 from pipeline.object_store import check_output_location
 from pipeline.methods import CacheInfo, MethodSpec, StudentInfo, TrainingProgress
 from pipeline.progress import progress_task
+from pipeline.stop import raise_if_stopped
 from pipeline.options import resolve_device
 from pipeline.train.config import StudentSpec, TrainConfig, TrainError
 from pipeline.train.ddp import DistillStep, IdLog, World, check_world, equalised, process_group, step_totals, wrap
@@ -220,6 +221,8 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
     label = f"{config.student} [{'+'.join(methods)}]"
     with progress_task(label, (s.epochs - state["epoch"]) * cache.num_samples, "samples") as bar:
         for epoch in range(state["epoch"], s.epochs):
+            if world.size > 1:  # ranks stop together, where each one's checkpointed epoch is the same
+                raise_if_stopped()
             # Reseeded per epoch, so a resumed run continues exactly as an uninterrupted one would.
             torch.manual_seed(epoch_seed(s.seed, epoch))
             student.train()
@@ -229,6 +232,8 @@ def _train(config: TrainConfig, setup: RunSetup, run: RunDir, device: torch.devi
             batches = stream.loader(epoch, s.batch_size, s.workers, device.type == "cuda", device)
             real_steps = 0
             for step, (batch, real) in enumerate(equalised(batches, steps)):
+                if world.size == 1:  # a signal stops the run here: its checkpoint holds the last whole epoch
+                    raise_if_stopped()
                 x, y = batch["input"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
                 if online is not None:
                     targets = online(batch.get("teacher_input", batch["input"]))

@@ -38,6 +38,8 @@ def distillery(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
     (CACHE + ["--inputs", "encoded:quality=0"], "Invalid value for '--inputs': must be raw, encoded"),
     (CACHE + ["--inputs", "source"], "--inputs source reads each image from its file, and digits has none"),
     (CACHE + ["--task-runner", "ray"], "--task-runner must be thread, dask or a scheduler address"),
+    # a cache of another teacher at --out: refused before any pass (and before Prefect), not inside it
+    (CACHE + ["--out", "{cache}"], "{cache} holds a cache made with a different teacher."),
     pytest.param(CACHE[:-2] + ["--device", "cuda"], "this machine has no CUDA device", marks=CUDA),
     pytest.param(TRAIN + ["--cache", "{cache}", "--device", "cuda"], "this machine has no CUDA device", marks=CUDA),
     pytest.param(["fit-teacher", "--dataset", "digits", "--model", "test_resnet", "--device", "cuda"],

@@ -1,5 +1,6 @@
 """`distillery deploy`'s spec: the committed example loads, and every mistake is one line naming the field."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,25 @@ name = "sweep"
 flow = "train-students"
 {schedule}
 [deployment.parameters]
-cache = "runs/cache"
-out = "runs/{{date}}/{{flow_run_name}}"
+cache = "{cache}"
+out = "{out}/{{date}}/{{flow_run_name}}"
 students = {students}
 settings = {settings}
 """
-GOOD = dict(schedule='cron = "0 2 * * *"', students='[{ student = "resnet18", methods = ["ce", "kd:T=2"] }]',
+GOOD = dict(schedule='cron = "0 2 * * *"', students='[{ student = "test_resnet", methods = ["ce", "kd:T=2"] }]',
             settings="{ epochs = 2 }")
+
+
+@pytest.fixture
+def sweep_spec(digits_cache: Path, tmp_path: Path):
+    """Factory: a one-deployment sweep spec from the session's digits cache, `GOOD` with `change` applied."""
+
+    def write(**change: str) -> Path:
+        path = tmp_path / "spec.toml"
+        path.write_text(SWEEP.format(**{**GOOD, "cache": digits_cache, "out": tmp_path / "runs", **change}))
+        return path
+
+    return write
 
 
 def test_the_example_spec_loads_with_schedules_parameters_and_the_cache_trigger(cli) -> None:
@@ -35,26 +48,21 @@ def test_the_example_spec_loads_with_schedules_parameters_and_the_cache_trigger(
     assert code == 0 and "train-students/sweep-on-new-cache" in out
 
 
-def test_a_spec_bounds_long_tasks_only_when_asked(tmp_path: Path) -> None:
-    path = tmp_path / "spec.toml"
-    path.write_text(SWEEP.format(**GOOD))
-    [unbounded] = load_spec(path).deployments
+def test_a_spec_bounds_long_tasks_only_when_asked(sweep_spec) -> None:
+    [unbounded] = load_spec(sweep_spec()).deployments
     assert "task_timeout" not in unbounded.parameters
-    path.write_text(SWEEP.format(**{**GOOD, "settings": "{ epochs = 2 }\ntask_timeout = 5400"}))
-    [bounded] = load_spec(path).deployments
+    [bounded] = load_spec(sweep_spec(settings="{ epochs = 2 }\ntask_timeout = 5400")).deployments
     assert bounded.parameters["task_timeout"] == 5400
 
 
-def test_a_spec_schedule_is_cron_or_interval(tmp_path: Path) -> None:
-    path = tmp_path / "spec.toml"
-    path.write_text(SWEEP.format(**{**GOOD, "schedule": "interval = 30"}))
-    [deployment] = load_spec(path).deployments
+def test_a_spec_schedule_is_cron_or_interval(sweep_spec) -> None:
+    [deployment] = load_spec(sweep_spec(schedule="interval = 30")).deployments
     assert deployment.schedules[0].schedule.interval.total_seconds() == 30
 
 
 @pytest.mark.parametrize("change, message", [
     (dict(schedule='cron = "0 2 * *x *"'), "deployment 'sweep': cron cron: Value error, Invalid cron string"),
-    (dict(schedule="interval = -5"), "interval is in seconds and must be > 0, not -5"),
+    (dict(schedule="interval = -5"), "interval is in seconds and must be > 0 and at most 31622400 (a year), not -5"),
     (dict(schedule="interval = true"), "deployment 'sweep': interval: Input should be a valid integer"),
     (dict(schedule='tags = "nightly"'), "deployment 'sweep': tags: Input should be a valid list"),
     (dict(schedule='cron = "0 2 * * *"\ninterval = 5'), "give cron or interval, not both"),
@@ -67,22 +75,22 @@ def test_a_spec_schedule_is_cron_or_interval(tmp_path: Path) -> None:
     (dict(schedule='task_runner = "dask"'), "task_runner applies to cache-teacher only"),
     (dict(settings="{ epochs = 2 }\ntask_timeout = 0"), "bad parameters: Flow run received invalid parameters"),
 ])
-def test_spec_mistakes_are_one_line_naming_the_deployment(tmp_path: Path, change: dict, message: str) -> None:
-    path = tmp_path / "spec.toml"
-    path.write_text(SWEEP.format(**{**GOOD, **change}))
+def test_spec_mistakes_are_one_line_naming_the_deployment(sweep_spec, change: dict, message: str) -> None:
+    path = sweep_spec(**change)
     with pytest.raises(SpecError) as e:
         load_spec(path)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert str(e.value).startswith(f"{path}, deployment 'sweep': ") or "unknown key" in str(e.value)
 
 
-def test_an_unknown_flow_and_a_missing_trigger_parameter_are_refused(tmp_path: Path) -> None:
-    path = tmp_path / "spec.toml"
-    path.write_text(SWEEP.format(**GOOD).replace('flow = "train-students"', 'flow = "train"'))
+def test_an_unknown_flow_and_a_missing_trigger_parameter_are_refused(sweep_spec) -> None:
+    path = sweep_spec()
+    path.write_text(path.read_text().replace('flow = "train-students"', 'flow = "train"'))
     with pytest.raises(SpecError, match="flow must be one of fit-teacher, cache-teacher, train-students, "
                                         "experiment, not 'train'"):
         load_spec(path)
     # Without a cache and without a trigger filling it, the sweep could never run.
-    path.write_text(SWEEP.format(**GOOD).replace('cache = "runs/cache"\n', ""))
+    path = sweep_spec()
+    path.write_text(re.sub(r'cache = ".*"\n', "", path.read_text()))
     with pytest.raises(SpecError, match="bad parameters.*cache"):
         load_spec(path)

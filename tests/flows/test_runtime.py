@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.runtime import TemplateError, artifact_key, run_path, slug
+from flows.runtime import artifact_key, run_path, slug
+from flows.templates import TemplateError
 
 
 def test_out_templates_are_filled_per_flow_run_and_differ_between_runs(prefect_harness) -> None:

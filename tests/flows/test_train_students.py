@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,16 @@ def test_train_maps_students_over_one_cache_and_publishes_a_comparison(prefect_h
         [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
                                            sort=ArtifactSort.CREATED_DESC, limit=1)
     assert artifact.type == "table" and "test_convnext" in str(artifact.data)
-    for column in ("student", "methods", "val_accuracy", "train_seconds", "params"):
-        assert column in artifact.data
+    table = json.loads(artifact.data)  # as the command's table shows it: percent, epochs and seed
+    assert [(row["student"], row["epochs"], row["seed"]) for row in table] == [("test_resnet", "1", "4"),
+                                                                               ("test_convnext", "1", "4")]
+    assert all(re.fullmatch(r"\d+\.\d\d%", row["val_accuracy"]) for row in table)
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    names = ["train-test_convnext-ce+kd:T=2", "train-test_resnet-ce+kd:T=2"]  # student and methods in the graph
+    with get_client(sync_client=True) as client:
+        assert names == sorted({r.name for r in client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=names)))})
 
 
 @pytest.mark.parametrize("args, message", [
@@ -183,3 +192,66 @@ def test_a_sweep_from_the_command_line_is_checked_once(prefect_harness, digits_c
     assert len(runs) == 2 and sorted(checked) == runs
     assert Counter(p for p in hashed if p in shards) == {p: 1 + len(runs) for p in shards}
     assert sorted(parsed) == ["ce", "ce", "kd:T=2"]  # --method ce, --combo ce+kd:T=2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "local"])
+def test_sigterm_stops_train_at_a_step_cancelled_and_resume_completes_it(prefect_harness, digits_cache: Path,
+                                                                        tmp_path: Path, recorded: bool) -> None:
+    """SIGTERM to a real `distillery train` after its first epoch: it ends within seconds with one line and exit
+    143, (recorded on a server) the flow run and the student's task Cancelled, the run directory holds the last
+    whole epoch and no summary; the same command with --resume completes it (flows/signals.py,
+    pipeline/stop.py)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import get_current_settings
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "flows.cli", "train", "--cache", str(digits_cache), "--student", "test_resnet",
+            "--method", "ce", "--epochs", "4", "--workers", "0", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    if recorded:
+        env["PREFECT_API_URL"] = str(get_current_settings().api.url)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    _, stderr = proc.communicate(timeout=120)
+    assert time.time() - sent < 30, "the command did not stop promptly"
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr == "interrupted; rerun the same command with --resume to continue from the last whole epoch\n"
+    assert not (out / "summary.json").exists()
+    assert (out / "checkpoint.pt").exists()
+    if recorded:
+        assert_cancelled(out)
+
+    rerun = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 4
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "epoch"]
+    assert epochs == [0, 1, 2, 3]  # each epoch once: nothing of the stopped one was logged
+
+
+def assert_cancelled(out: Path) -> None:
+    """The `train-students` flow run that trained into `out`, and its student's task, ended Cancelled."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, TaskRunFilter, TaskRunFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        [flow_run] = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(), limit=50,
+                                                       sort=FlowRunSort.EXPECTED_START_TIME_DESC)
+                      if r.parameters.get("out") == str(out)]
+        tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run.id])))
+    assert flow_run.state.type.value == "CANCELLED", flow_run.state
+    [student] = [t for t in tasks if t.name.startswith("train-test_resnet")]
+    assert student.state.type.value == "CANCELLED", student.state
