@@ -42,6 +42,7 @@ def fit_teacher_cmd(
     subset: Annotated[Optional[int], Declared(FitConfig, "subset")] = default_of(FitConfig, "subset"),
     seed: Annotated[int, Declared(FitConfig, "seed")] = default_of(FitConfig, "seed"),
     input_size: Annotated[Optional[int], Declared(FitConfig, "input_size")] = default_of(FitConfig, "input_size"),
+    patch_size: Annotated[Optional[int], Declared(FitConfig, "patch_size")] = default_of(FitConfig, "patch_size"),
     batch_size: Annotated[int, Declared(FitConfig, "batch_size")] = default_of(FitConfig, "batch_size"),
     lr: Annotated[float, Declared(FitConfig, "lr")] = default_of(FitConfig, "lr"),
     device: Annotated[str, Device()] = default_of(FitConfig, "device"),
@@ -56,7 +57,7 @@ def fit_teacher_cmd(
 
     cfg = FitConfig(dataset=dataset, model=model, out=str(out), overwrite=overwrite, epochs=epochs, subset=subset,
                     seed=seed,
-                    input_size=input_size, batch_size=batch_size, lr=lr, device=device, on_bad_image=on_bad_image,
+                    input_size=input_size, patch_size=patch_size, batch_size=batch_size, lr=lr, device=device, on_bad_image=on_bad_image,
                     objective=objective, temperature=temperature, jitter=jitter)
     check_fit(cfg)  # one line here, not a failed flow run
     start_temporary_server()

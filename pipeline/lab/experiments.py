@@ -36,8 +36,8 @@ DEFAULT_ROOT = Path("runs/experiments")
 """Where `distillery experiment` keeps teachers, caches and runs unless told otherwise."""
 
 # Fit settings that change the teacher's weights; a checkpoint fitted with the same ones is reused.
-_FIT_IDENTITY = ("dataset", "model", "epochs", "subset", "seed", "input_size", "batch_size", "lr", "weight_decay",
-                 "label_smoothing", "objective", "temperature", "jitter")
+_FIT_IDENTITY = ("dataset", "model", "epochs", "subset", "seed", "input_size", "patch_size", "batch_size", "lr",
+                 "weight_decay", "label_smoothing", "objective", "temperature", "jitter")
 _SSL_ONLY = ("temperature", "jitter")
 _BEFORE_IT_EXISTED = {"jitter": 0.0}  # ssl teachers fitted before the colour distortion had none
 

@@ -51,6 +51,13 @@ class TeacherCheckpoint:
     # the dataset it caches (`pipeline.preflight.checkpoint_dataset`); None: fitted before it was recorded.
     train_fingerprint: str | None = None
 
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """The `timm.create_model` arguments beyond the name that rebuild its architecture (`fit-teacher
+        --patch-size`; none for a checkpoint fitted before the option existed)."""
+        patch_size = self.config.get("patch_size")
+        return {"patch_size": patch_size} if patch_size else {}
+
     def to_dict(self) -> dict[str, Any]:
         """The on-disk dict (the format's keys; lists for the tuples)."""
         return {"format": CHECKPOINT_FORMAT, "model": self.model, "state_dict": self.state_dict,

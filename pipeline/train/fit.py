@@ -51,6 +51,9 @@ class FitConfig(Config):
     seed: Annotated[int, Range(ge=0), Help("seed of the initialisation, the subset and the augmentations")] = 0
     input_size: Annotated[int | None, Range(ge=8), Help("render size (default 32 for small images, 224 "
                                                         "otherwise)")] = None
+    patch_size: Annotated[int | None, Range(ge=1, le=64), Help(
+        "patch size of a ViT-style model (timm's patch_size; default: the model's own, e.g. 16, which leaves a "
+        "32-px image 2x2 tokens; 4 gives 8x8)")] = None
     batch_size: Annotated[int, Range(ge=1), Help("images per optimiser step")] = 128
     lr: Annotated[float, Range(gt=0), Help("peak learning rate (AdamW, cosine schedule after one warm-up "
                                            "epoch)")] = 2e-3
@@ -157,7 +160,8 @@ def fit_teacher(cfg: FitConfig) -> FitResult:
     full_train = load_dataset(cfg.dataset, "train", on_bad_image=cfg.on_bad_image)
     mean, std = full_train.pixel_stats()
     size = cfg.input_size or default_input_size(train)
-    model = create_timm_model(cfg.model, train.num_classes, train.channels, size).to(device)
+    model_kwargs = {"patch_size": cfg.patch_size} if cfg.patch_size else {}
+    model = create_timm_model(cfg.model, train.num_classes, train.channels, size, **model_kwargs).to(device)
     head = projector(model.num_features).to(device) if ssl else torch.nn.Identity()
     optim_cfg = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
     optimizer = build_optimizer([*model.parameters(), *head.parameters()], optim_cfg)
