@@ -16,7 +16,8 @@ outputs are mimicked the same two ways; with ``tpp_queries`` (the default, as in
 configs) those tail outputs are the queries of the final CAPs instead of learned ones. A logit KD term (docs/methods.md#kd, ``T=1`` as in the reference configs)
 is added when the cache stores logits.
 
-The projectors train with the student and are dropped afterwards: the run saves the plain student.
+The projectors train with the student and are dropped afterwards: the run saves the plain student. What still
+differs from the paper and its official code: docs/methods.md#scalekd-deviations.
 """
 from __future__ import annotations
 
