@@ -42,7 +42,8 @@ def experiments_cmd() -> None:
         table.add_column(column, ratio=1)
     table.add_column("rows: methods (as --combo takes them)", ratio=2, overflow="fold")
     for e in EXPERIMENTS.values():
-        objective = "" if e.teacher_objective == "supervised" else f", {e.teacher_objective}"
+        objective = "".join([f", {e.teacher_objective}" if e.teacher_objective != "supervised" else "",
+                             *(f", {k}={v}" for k, v in e.teacher_fit.items())])
         cache = ", ".join([f"{e.labelled or 'all'} samples", f"{e.views} views",
                            *(f"{k}={v}" for k, v in e.cache_options.items())])
         table.add_row(Text(f"{e.name}\n", style="bold") + Text(e.description, style="dim"),

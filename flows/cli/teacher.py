@@ -55,6 +55,7 @@ def fit_teacher_cmd(
     subset: Annotated[Optional[int], Declared(FitConfig, "subset")] = default_of(FitConfig, "subset"),
     seed: Annotated[int, Declared(FitConfig, "seed")] = default_of(FitConfig, "seed"),
     input_size: Annotated[Optional[int], Declared(FitConfig, "input_size")] = default_of(FitConfig, "input_size"),
+    patch_size: Annotated[Optional[int], Declared(FitConfig, "patch_size")] = default_of(FitConfig, "patch_size"),
     batch_size: Annotated[int, Declared(FitConfig, "batch_size")] = default_of(FitConfig, "batch_size"),
     lr: Annotated[float, Declared(FitConfig, "lr")] = default_of(FitConfig, "lr"),
     device: Annotated[str, Device()] = default_of(FitConfig, "device"),
@@ -72,7 +73,8 @@ def fit_teacher_cmd(
 
     local = not recorded()  # no server to record a flow run: the library runs here, its `out` filled here
     cfg = FitConfig(dataset=dataset, model=model, out=local_path(str(out)) if local else str(out), overwrite=overwrite,
-                    epochs=epochs, subset=subset, seed=seed, input_size=input_size, batch_size=batch_size, lr=lr,
+                    epochs=epochs, subset=subset, seed=seed, input_size=input_size, patch_size=patch_size,
+                    batch_size=batch_size, lr=lr,
                     device=device, on_bad_image=on_bad_image, objective=objective, temperature=temperature,
                     jitter=jitter, weights=weights)
     check_fit(cfg)  # one line here, not a failed flow run

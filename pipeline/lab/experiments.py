@@ -36,8 +36,8 @@ DEFAULT_ROOT = Path("runs/experiments")
 """Where `distillery experiment` keeps teachers, caches and runs unless told otherwise."""
 
 # Fit settings that change the teacher's weights; a checkpoint fitted with the same ones is reused.
-_FIT_IDENTITY = ("dataset", "model", "epochs", "subset", "seed", "input_size", "batch_size", "lr", "weight_decay",
-                 "label_smoothing", "objective", "temperature", "jitter")
+_FIT_IDENTITY = ("dataset", "model", "epochs", "subset", "seed", "input_size", "patch_size", "batch_size", "lr",
+                 "weight_decay", "label_smoothing", "objective", "temperature", "jitter")
 _SSL_ONLY = ("temperature", "jitter")
 _BEFORE_IT_EXISTED = {"jitter": 0.0}  # ssl teachers fitted before the colour distortion had none
 
@@ -65,6 +65,7 @@ class Experiment:
     lr: float = 2e-3
     eval_every: int = 1
     teacher_objective: str = "supervised"  # `fit-teacher --objective`: ssl never sees a label
+    teacher_fit: dict[str, Any] = field(default_factory=dict)  # further FitConfig fields (subset, patch_size, ...)
 
     def select(self, rows: list[str] | None) -> Experiment:
         """This experiment with only `rows` (all when None or empty); an unknown row is an ExperimentError."""
@@ -78,12 +79,16 @@ class Experiment:
 
     def teacher_path(self, root: Path) -> Path:
         objective = "" if self.teacher_objective == "supervised" else f"-{self.teacher_objective}"
-        return root / "teachers" / f"{self.dataset.split(':')[0]}-{self.teacher}-e{self.teacher_epochs}{objective}.pt"
+        # Further fit settings name their own file: a teacher shared by experiments is refitted by none of them.
+        settings = "".join(f"-{key}{value}" for key, value in sorted(self.teacher_fit.items()))
+        return (root / "teachers" /
+                f"{self.dataset.split(':')[0]}-{self.teacher}-e{self.teacher_epochs}{objective}{settings}.pt")
 
     def fit_config(self, root: Path) -> FitConfig:
         # overwrite: the experiment's own teacher, refitted when its settings changed (`reusable_teacher`)
         return FitConfig(dataset=self.dataset, model=self.teacher, out=str(self.teacher_path(root)),
-                         epochs=self.teacher_epochs, objective=self.teacher_objective, overwrite=True)
+                         epochs=self.teacher_epochs, objective=self.teacher_objective, overwrite=True,
+                         **self.teacher_fit)
 
     def cache_request(self, root: Path) -> CacheRequest:
         return CacheRequest(dataset=self.dataset, teacher=self.teacher, checkpoint=str(self.teacher_path(root)),
@@ -282,12 +287,52 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         rows=_SSL_ROWS, **_FMNIST_COMMON),
 )}
 
+# Cross-architecture (docs/results.md#cross-architecture): the methods' seed claims are about teachers of another
+# architecture than the student. Sized for a 2-core CPU shared with other jobs: a stratified 1,000-sample cache
+# (one augmented view each), 3 student epochs, teachers fitted on a stratified 3,000-sample subset for 4 epochs.
+_XARCH_COMMON = dict(dataset="fashion-mnist", labelled=1000, views=1, epochs=3, eval_every=3, teacher_epochs=4,
+                     cache_options=dict(featmaps=True, teacher_tail=1))
+# A ViT teacher at 32 px in patches of 8: 4x4 tokens (64 wide), the deepest block's token map cached for ScaleKD
+# and WKD-F (docs/methods.md#scalekd-in-practice); the CNN students mimic it with their 2x2 stage -2.
+_VIT_TEACHER = dict(teacher="test_vit", teacher_fit=dict(patch_size=8, subset=3000))
+_VIT_TO_CNN_ROWS = {"ce": ("ce",), "ce+kd": ("ce", "kd"), "ce+dkd": ("ce", "dkd:warmup=1"),
+                    "ce+wkd_l+wkd_f": ("ce", "wkd_l", WKD_F_LAYER3), "ce+scalekd": ("ce", SCALEKD_LAYER3),
+                    "ce+scalekd(tpp)": ("ce", f"{SCALEKD_LAYER3},tpp=true"), "ce+tcs": ("ce", "tcs")}
+EXPERIMENTS.update({e.name: e for e in (
+    Experiment(
+        name="xarch-vit-test_resnet",
+        description="cross-architecture: a ViT teacher (timm test_vit, patch 8 at 32 px: 4x4 tokens, 0.26 M "
+                    "parameters) fitted on a stratified 3,000 Fashion-MNIST training images for 4 epochs; a "
+                    "test_resnet student (0.37 M) on a stratified 1,000 (1 cached view each), 3 epochs; accuracy "
+                    "on the 10k test split",
+        student="test_resnet", rows=_VIT_TO_CNN_ROWS, **_VIT_TEACHER, **_XARCH_COMMON),
+    Experiment(
+        name="xarch-cnn-vit",
+        description="cross-architecture the other way: a test_resnet teacher (0.37 M parameters) fitted on a "
+                    "stratified 3,000 Fashion-MNIST training images for 4 epochs; a ViT student (timm test_vit, "
+                    "patch 16 at 32 px: 2x2 tokens, 0.27 M) on a stratified 1,000 (1 cached view each), 3 epochs; "
+                    "accuracy on the 10k test split",
+        teacher="test_resnet", teacher_fit=dict(subset=3000), student="test_vit",
+        # Every block of the ViT student is a 2x2 token map, the size of the teacher's cached layer3 maps.
+        rows={"ce": ("ce",), "ce+kd": ("ce", "kd"), "ce+dkd": ("ce", "dkd:warmup=1"),
+              "ce+wkd_l+wkd_f": ("ce", "wkd_l", "wkd_f:weight=0.08,gamma=4"), "ce+scalekd": ("ce", "scalekd"),
+              "ce+scalekd(tpp)": ("ce", "scalekd:tpp=true"), "ce+tcs": ("ce", "tcs")},
+        **_XARCH_COMMON),
+    Experiment(
+        name="xarch-vit-resnet18",
+        description="cross-architecture: xarch-vit-test_resnet's ViT teacher and sizes, a resnet18 student "
+                    "(11.2 M parameters)",
+        student="resnet18", rows=_VIT_TO_CNN_ROWS, **_VIT_TEACHER, **_XARCH_COMMON),
+)})
+
 _TCS_ROWS = ("ce", "ce+kd", "ce+tcs", "ce+tcs+elsh", "ce+tcs(decay)")
 # Suites: one command for a table drawn from several experiments (each keeps its own teacher, cache and runs, so
 # rows it shares with another command are trained once).
 SUITES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "tcs": (("fmnist-5k", _TCS_ROWS), ("fmnist-5k-ssl", _TCS_ROWS),
             ("fmnist-fewshot", _TCS_ROWS), ("fmnist-fewshot-ssl", _TCS_ROWS)),
+    "xarch": tuple((part, tuple(EXPERIMENTS[part].rows))
+                   for part in ("xarch-vit-test_resnet", "xarch-cnn-vit", "xarch-vit-resnet18")),
 }
 
 

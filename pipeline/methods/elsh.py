@@ -9,7 +9,9 @@ From Wang, Ge & Wu, "Distilling knowledge by mimicking features" (TPAMI'22), mad
 
 with ``g`` a learnable linear map from the student's pooled width to the teacher's (identity when they
 are equal). ``beta = 5``: the original paper weighs the LSH loss 5-6 against CE (docs/methods.md#elsh). The planes are
-fixed: only ``g`` and the student learn. Run it beside CE: ``--method ce --method elsh``.
+fixed: only ``g`` and the student learn. Run it beside CE: ``--method ce --method elsh``. The planes are faiss's
+orthogonal projection rather than the paper's Gaussian draws, and ``lshl2`` is off by default
+(docs/methods.md#elsh-deviations).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """ScaleKD: cross-attention projection, dual-view feature mimicking, teacher parameter perception (docs/methods.md#scalekd).
 
 The student's map at ``stage`` (its deepest by default) goes through a CAP (cross-attention
-projector) into the layout of the cached teacher map of the same view, and DFM (dual-view feature
+projector) into the layout of the cached teacher map of the same view (attention logits
+``attention_scale * q.k / sqrt(d)``, 5 by default as in the official code), and DFM (dual-view feature
 mimicking) compares the two: the *direct* view
 
     L_dir(P, T) = sum_{h,w} || norm_c(P)_{hw} - norm_c(T)_{hw} ||^2 / N        (norm_c: L2 over channels)
@@ -11,10 +12,12 @@ each channel's spatial mean, see :func:`remove_dc`), so the large shared compone
 rest. Each view has its own CAP. With ``tpp=true`` (teacher parameter perception) the student's
 stage before ``stage`` is projected, by two more CAPs, into the layout that enters the teacher's last stage(s),
 run through those frozen stages (the cache's ``teacher_tail.pt``; the teacher is never built), and the
-outputs are mimicked the same two ways. A logit KD term (docs/methods.md#kd, ``T=1`` as in the reference configs)
+outputs are mimicked the same two ways; with ``tpp_queries`` (the default, as in the official Swin-teacher
+configs) those tail outputs are the queries of the final CAPs instead of learned ones. A logit KD term (docs/methods.md#kd, ``T=1`` as in the reference configs)
 is added when the cache stores logits.
 
-The projectors train with the student and are dropped afterwards: the run saves the plain student.
+The projectors train with the student and are dropped afterwards: the run saves the plain student. What still
+differs from the paper and its official code: docs/methods.md#scalekd-deviations.
 """
 from __future__ import annotations
 
@@ -66,35 +69,62 @@ def dfm_alternative(projected: Tensor, target: Tensor) -> Tensor:
     return dfm_direct(remove_dc(at_least_float32(projected)), remove_dc(at_least_float32(target)))
 
 
+class ScaledCrossAttention(nn.Module):
+    """Multi-head cross-attention whose logits are ``scale * q.k / sqrt(d_head)`` (docs/methods.md#scalekd).
+
+    ``scale`` = 1 is ``nn.MultiheadAttention``; the official ScaleKD projector multiplies by 5 (its Swin-teacher
+    configs), which sharpens each query's weights over the student's positions.
+    """
+
+    def __init__(self, width: int, key_width: int, heads: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.scale = heads, scale
+        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(key_width, width), nn.Linear(key_width, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, queries: Tensor, keys: Tensor) -> Tensor:
+        """(B, Lq, width) queries over (B, Lk, key_width) keys (which are also the values) -> (B, Lq, width)."""
+        def split(x: Tensor) -> Tensor:
+            return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        q, k, v = split(self.q(queries)), split(self.k(keys)), split(self.v(keys))
+        attended = F.scaled_dot_product_attention(q, k, v, scale=self.scale / math.sqrt(q.shape[-1]))
+        return self.out(attended.transpose(1, 2).flatten(2))
+
+
 class CrossAttentionProjector(nn.Module):
     """CAP (docs/methods.md#scalekd): a student map (B, Cs, Hs, Ws) -> (B, Ct, Hq, Wq), the teacher's layout.
 
     Keys/values: the student map through conv3x3+BN+ReLU plus a learnable positional embedding, one token
-    per position. Queries: a learnable (Ct, Hq, Wq) grid, one token per teacher position, through
-    conv1x1+ReLU. One multi-head cross-attention (no residual around it: the output must not keep the
-    queries' content), LayerNorm, then a residual MLP with 4x hidden width. Every step after the
-    attention acts per token, so output position (h, w) is the attention result of query (h, w).
+    per position. Queries: a learnable (Ct, Hq, Wq) grid, or one given per sample (``learned_queries=False``:
+    the official ScaleKD feeds the TPP path's output there), one token per teacher position, through
+    conv1x1+ReLU. One multi-head cross-attention with logits scaled by ``attention_scale`` (no residual around
+    it: the output must not keep the queries' content), LayerNorm, then a residual MLP with 4x hidden width.
+    Every step after the attention acts per token, so output position (h, w) is the attention result of query (h, w).
     """
 
-    def __init__(self, student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int], heads: int) -> None:
+    def __init__(self, student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int], heads: int,
+                 attention_scale: float = 1.0, learned_queries: bool = True) -> None:
         super().__init__()
         cs, hs, ws = student_shape
         ct, hq, wq = teacher_shape
         self.teacher_shape = teacher_shape
         self.student_proj = nn.Sequential(nn.Conv2d(cs, cs, 3, padding=1), nn.BatchNorm2d(cs), nn.ReLU())
         self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, cs, hs, ws), std=0.02))
-        self.queries = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, ct, hq, wq), std=0.02))
+        self.queries = (nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, ct, hq, wq), std=0.02))
+                        if learned_queries else None)
         self.query_proj = nn.Sequential(nn.Conv2d(ct, ct, 1), nn.ReLU())
         # The head count must divide the teacher's width; gcd keeps it at most `heads`.
-        self.attention = nn.MultiheadAttention(ct, math.gcd(ct, heads), kdim=cs, vdim=cs, batch_first=True)
+        self.attention = ScaledCrossAttention(ct, cs, math.gcd(ct, heads), attention_scale)
         self.norm = nn.LayerNorm(ct)
         self.mlp = nn.Sequential(nn.Linear(ct, 4 * ct), nn.ReLU(), nn.Linear(4 * ct, ct))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, queries: Tensor | None = None) -> Tensor:
+        """``queries`` (B, Ct, Hq, Wq): given per sample, required when the projector has no learned ones."""
         b = x.shape[0]
         keys = (self.student_proj(x) + self.pos_embed).flatten(2).transpose(1, 2)
-        queries = self.query_proj(self.queries).flatten(2).transpose(1, 2).expand(b, -1, -1)
-        attended, _ = self.attention(queries, keys, keys, need_weights=False)
+        grid = queries if queries is not None else self.queries.expand(b, -1, -1, -1)
+        attended = self.attention(self.query_proj(grid).flatten(2).transpose(1, 2), keys)
         y = self.norm(attended)
         y = y + self.mlp(y)
         return y.transpose(1, 2).reshape(b, *self.teacher_shape)
@@ -106,6 +136,7 @@ class ScaleKD(Method):
     maps, the same two terms through the frozen teacher tail with ``tpp=true``, plus ``kd * T^2 KL`` on
     logits when the cache stores them (``kd=0`` turns it off). Defaults (0.08, 0.06), ``T=1`` and
     ``kd=0.5`` are the reference configs' (docs/methods.md#scalekd); there CE is weighted 0.5 as well (``ce:weight=0.5``).
+    ``attention_scale=5`` and, with TPP, ``tpp_queries=true`` are the official code's (its Swin-teacher configs).
     ``stage`` is the student stage mimicked (-1, the deepest; TPP reads ``stage - 1``); a 1x1 student map
     against a larger teacher map is refused, since no projection of one position varies over several.
     """
@@ -122,7 +153,11 @@ class ScaleKD(Method):
         direct: Annotated[float, Range(ge=0, le=1e4), Help("weight of the direct feature-mimicking term")] = 0.08,
         alternative: Annotated[float, Range(ge=0, le=1e4), Help("weight of the alternative (mean-removed) term")] = 0.06,
         heads: Annotated[int, Range(ge=1, le=64), Help("attention heads of the cross-attention projector")] = 8,
+        attention_scale: Annotated[float, Range(ge=0.01, le=100), Help(
+            "factor on the projectors' attention logits, beyond 1/sqrt(head width) (official: 5; 1: plain)")] = 5.0,
         tpp: Annotated[bool, Help("also mimic through the cached teacher tail (needs --teacher-tail)")] = False,
+        tpp_queries: Annotated[bool, Help(
+            "with tpp: the final projectors query with the TPP path's outputs (official); false: learned queries")] = True,
         kd: Annotated[float, Range(ge=0, le=1e4), Help("weight of its KD term on logits (0: off; only with cached logits)")] = 0.5,
         T: Annotated[float, Range(ge=0.01, le=100), Help("temperature of its KD term")] = 1.0,
         stage: Annotated[int, Help("student stage mimicked, from the deepest (-1; TPP reads stage - 1)")] = -1,
@@ -143,14 +178,16 @@ class ScaleKD(Method):
                 f"projection cannot vary over the teacher's {teacher_shape[1]}x{teacher_shape[2]} positions; "
                 f"mimic with an earlier stage (scalekd:stage={stage - 1}) or train with a larger --input-size")
         self.direct, self.alternative, self.tpp, self.T = direct, alternative, tpp, T
-        self.cap_direct = CrossAttentionProjector(final_shape, teacher_shape, heads)
-        self.cap_alternative = CrossAttentionProjector(final_shape, teacher_shape, heads)
+        self.tpp_queries = tpp and tpp_queries
+        learned = not self.tpp_queries
+        self.cap_direct = CrossAttentionProjector(final_shape, teacher_shape, heads, attention_scale, learned)
+        self.cap_alternative = CrossAttentionProjector(final_shape, teacher_shape, heads, attention_scale, learned)
         if tpp:
             tail = self._load_tail(cache, teacher_shape)
             self.early_stage = student.taps[taps[0]]
             early_shape = student.feature_shapes[self.early_stage]
-            self.tpp_direct = CrossAttentionProjector(early_shape, tail.input_shape, heads)
-            self.tpp_alternative = CrossAttentionProjector(early_shape, tail.input_shape, heads)
+            self.tpp_direct = CrossAttentionProjector(early_shape, tail.input_shape, heads, attention_scale)
+            self.tpp_alternative = CrossAttentionProjector(early_shape, tail.input_shape, heads, attention_scale)
             # Not a submodule: its weights come from the cache, so they stay out of the optimiser, the run's
             # checkpoints and train(); `_apply` still moves it with the method.
             object.__setattr__(self, "_tail", tail)
@@ -191,13 +228,20 @@ class ScaleKD(Method):
     ) -> dict[str, Tensor]:
         teacher = targets[FEATMAPS]
         final = student.feature_maps[self.final_stage]
-        terms = {"scalekd_direct": self.direct * dfm_direct(self.cap_direct(final), teacher),
-                 "scalekd_alt": self.alternative * dfm_alternative(self.cap_alternative(final), teacher)}
+        terms: dict[str, Tensor] = {}
+        queries_direct = queries_alternative = None
         if self.tpp:
             early = student.feature_maps[self.early_stage]
-            terms["scalekd_tpp_direct"] = self.direct * dfm_direct(self._tail(self.tpp_direct(early)), teacher)
-            terms["scalekd_tpp_alt"] = self.alternative * dfm_alternative(
-                self._tail(self.tpp_alternative(early)), teacher)
+            tpp_direct = self._tail(self.tpp_direct(early))
+            tpp_alternative = self._tail(self.tpp_alternative(early))
+            terms["scalekd_tpp_direct"] = self.direct * dfm_direct(tpp_direct, teacher)
+            terms["scalekd_tpp_alt"] = self.alternative * dfm_alternative(tpp_alternative, teacher)
+            if self.tpp_queries:
+                # Not detached, as in the official code: the final terms also train the TPP projectors.
+                queries_direct, queries_alternative = tpp_direct, tpp_alternative
+        terms["scalekd_direct"] = self.direct * dfm_direct(self.cap_direct(final, queries_direct), teacher)
+        terms["scalekd_alt"] = self.alternative * dfm_alternative(
+            self.cap_alternative(final, queries_alternative), teacher)
         if self.kd:
             terms["scalekd_kd"] = self.kd * kd_loss(student.logits, targets[LOGITS], self.T)
         return terms

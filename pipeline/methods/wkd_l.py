@@ -2,7 +2,8 @@
 
 Lv et al., "Wasserstein Distance Rivals Kullback-Leibler Divergence for Knowledge-Based Distillation"
 (NeurIPS'24). The ground cost between classes comes from the teacher's category interrelations
-(linear CKA, docs/cache-format.md#statistics), which the teacher pass stores as ``stats/cka/ir``; the distance is entropic Sinkhorn.
+(linear CKA, docs/cache-format.md#statistics), which the teacher pass stores as ``stats/cka/ir`` (from logits by default,
+docs/methods.md#wkd-deviations); the distance is entropic Sinkhorn.
 
 Target removal without a per-sample cost. The paper, like DKD, drops the target class and solves a
 (C-1) x (C-1) problem per sample, which materialises an N x (C-1) x (C-1) cost. Here the C x C kernel is

@@ -51,8 +51,16 @@ def create_timm_model(name: str, num_classes: int, in_chans: int, input_size: in
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
                                  img_size=input_size, **kwargs)
     except TypeError:
-        # Convnets take no img_size; only ViT-style models need it to size their position embeddings.
+        pass
+    # Convnets take no img_size; only ViT-style models need it to size their position embeddings.
+    try:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except TypeError:
+        if not kwargs:
+            raise
+        given = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        raise ModelError(f"timm model '{name}' does not take {given}; leave it out (e.g. --patch-size is for "
+                         f"ViT-style models)") from None
 
 
 def stage_names(model: nn.Module) -> list[str]:

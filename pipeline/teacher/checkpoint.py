@@ -56,6 +56,13 @@ class TeacherCheckpoint:
     start_weights: str | None = None
     start_weights_sha256: str | None = None
 
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """The `timm.create_model` arguments beyond the name that rebuild its architecture (`fit-teacher
+        --patch-size`; none for a checkpoint fitted before the option existed)."""
+        patch_size = self.config.get("patch_size")
+        return {"patch_size": patch_size} if patch_size else {}
+
     def to_dict(self) -> dict[str, Any]:
         """The on-disk dict (the format's keys; lists for the tuples)."""
         start = {k: getattr(self, k) for k in _STARTED_FROM if getattr(self, k) is not None}

@@ -186,14 +186,15 @@ def _checkpoint_spec(request: CacheRequest, dataset: ImageDataset) -> TeacherSpe
     if request.checkpoint is not None:
         ckpt = TeacherCheckpoint.load(request.checkpoint)
         num_classes, input_size, mean, std = ckpt.num_classes, ckpt.input_size, ckpt.mean, ckpt.std
+        model_kwargs = ckpt.model_kwargs
     else:  # random weights: the dataset decides
-        num_classes, input_size = dataset.num_classes, default_input_size(dataset)
+        num_classes, input_size, model_kwargs = dataset.num_classes, default_input_size(dataset), {}
         mean, std = _dataset(request.dataset, "train", None, 0, request.on_bad_image).pixel_stats()
     return TeacherSpec(
         model=request.teacher, num_classes=num_classes, in_chans=dataset.channels,
         input_size=request.input_size or input_size, mean=mean, std=std, checkpoint=request.checkpoint,
         checkpoint_sha256=sha256_file(request.checkpoint) if request.checkpoint else None,
-        head=request.teacher_head)
+        head=request.teacher_head, model_kwargs=model_kwargs)
 
 
 def teacher_view_fields(spec: TeacherSpec) -> dict[str, Any]:

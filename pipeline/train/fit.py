@@ -57,6 +57,9 @@ class FitConfig(Config):
     seed: Annotated[int, Range(ge=0), Help("seed of the initialisation, the subset and the augmentations")] = 0
     input_size: Annotated[int | None, Range(ge=8), Help("render size (default 32 for small images, 224 "
                                                         "otherwise)")] = None
+    patch_size: Annotated[int | None, Range(ge=1, le=64), Help(
+        "patch size of a ViT-style model (timm's patch_size; default: the model's own, e.g. 16, which leaves a "
+        "32-px image 2x2 tokens; 4 gives 8x8)")] = None
     batch_size: Annotated[int, Range(ge=1), Help("images per optimiser step")] = 128
     lr: Annotated[float, Range(gt=0), Help("peak learning rate (AdamW, cosine schedule after one warm-up "
                                            "epoch)")] = 2e-3
@@ -100,6 +103,9 @@ def check_fit(cfg: FitConfig) -> None:
     if Path(cfg.out).expanduser().exists() and not cfg.overwrite:
         raise OptionError(f"--out {cfg.out} exists; pass --overwrite to replace it (the caches made from it "
                           f"would then fail verify)")
+    if cfg.weights is not None and cfg.patch_size is not None:  # the weights fix the patch embedding's shape
+        raise OptionError("--patch-size cannot change the architecture of --weights; leave it out to fine-tune "
+                          "the weights as they are, or drop --weights to fit a new model")
     splits = [load_dataset(cfg.dataset, split, on_bad_image=cfg.on_bad_image) for split in ("train", "val")]
     if cfg.weights is not None:  # loaded here too: weights that do not fit are one line, not a failed flow run
         _pretrained_start(cfg, splits[0].num_classes, splits[0].channels)
@@ -184,7 +190,8 @@ def fit_teacher(cfg: FitConfig) -> FitResult:
     if cfg.weights is None:
         mean, std = full_train.pixel_stats()
         size = cfg.input_size or default_input_size(train)
-        model = create_timm_model(cfg.model, train.num_classes, train.channels, size)
+        model_kwargs = {"patch_size": cfg.patch_size} if cfg.patch_size else {}
+        model = create_timm_model(cfg.model, train.num_classes, train.channels, size, **model_kwargs)
         started: dict[str, str] = {}
     else:
         model, mean, std, size, started = _pretrained_start(cfg, train.num_classes, train.channels)

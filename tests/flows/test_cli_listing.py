@@ -53,7 +53,7 @@ def test_option_defaults_are_the_ones_the_config_classes_declare() -> None:
                  "optimizer", "on_bad_image"):
         declared_in = OptimConfig if name in OptimConfig.model_fields else RunSettings
         assert params["train"][name].default == default_of(declared_in, name), name
-    for name in ("epochs", "batch_size", "lr", "objective", "temperature"):
+    for name in ("epochs", "batch_size", "lr", "objective", "temperature", "patch_size"):
         assert params["fit-teacher"][name].default == default_of(FitConfig, name), name
     for name in ("views", "view_seed", "logits", "tap", "grid", "shard_size", "batch_size", "cka_source", "lsh_bits"):
         assert params["cache"][name].default == default_of(CacheRequest, name), name

@@ -42,6 +42,22 @@ def test_the_tcs_suite_runs_supervised_and_self_supervised_parts_with_their_rows
         suite_parts("tcs", ["ce+magic"])
 
 
+def test_the_xarch_suite_shares_one_vit_teacher_fitted_with_its_own_patch_size(tmp_path: Path) -> None:
+    vit_cnn, cnn_vit, vit_resnet18 = suite_parts("xarch")
+    assert [(p.teacher, p.student) for p in (vit_cnn, cnn_vit, vit_resnet18)] == [
+        ("test_vit", "test_resnet"), ("test_resnet", "test_vit"), ("test_vit", "resnet18")]
+    # Both ViT-teacher parts reuse one checkpoint; it is not fmnist-5k's, and the fit asks for the patch size.
+    assert vit_cnn.teacher_path(tmp_path) == vit_resnet18.teacher_path(tmp_path)
+    assert vit_cnn.teacher_path(tmp_path) != get_experiment("fmnist-5k").teacher_path(tmp_path)
+    fit = vit_cnn.fit_config(tmp_path)
+    assert (fit.patch_size, fit.subset) == (8, 3000)
+    # A checkpoint fitted at another patch size is another teacher.
+    assert not reusable_teacher(fit.model_copy(update={"patch_size": 16}).model_dump(), fit)
+    assert all(p.cache_options == {"featmaps": True, "teacher_tail": 1} for p in (vit_cnn, cnn_vit, vit_resnet18))
+    assert list(vit_cnn.rows) == ["ce", "ce+kd", "ce+dkd", "ce+wkd_l+wkd_f", "ce+scalekd", "ce+scalekd(tpp)",
+                                  "ce+tcs"]
+
+
 def test_a_checkpoint_from_before_the_objective_setting_is_the_supervised_teacher(tmp_path: Path) -> None:
     supervised = get_experiment("fmnist-5k").fit_config(tmp_path)
     ssl = get_experiment("fmnist-5k-ssl").fit_config(tmp_path)

@@ -17,7 +17,8 @@ from pipeline.cache.reader import TeacherCache
 from pipeline.methods import (FEATMAPS, LOGITS, CacheInfo, MethodError, StudentInfo, StudentOutputs,
                               TrainingProgress, create_method)
 from pipeline.methods.kd import kd_loss
-from pipeline.methods.scalekd import CrossAttentionProjector, dfm_alternative, dfm_direct, remove_dc
+from pipeline.methods.scalekd import (CrossAttentionProjector, ScaledCrossAttention, dfm_alternative, dfm_direct,
+                                     remove_dc)
 from pipeline.teacher.plan import CacheRequest
 from pipeline.teacher.cache_pass import run_cache_pass
 from pipeline.train.config import RunSettings, TrainConfig
@@ -78,6 +79,38 @@ def test_cap_output_position_hw_comes_from_query_hw_alone() -> None:
     assert before.shape == (2, *TEACHER_MAP)
     changed = (after - before).abs().amax(dim=(0, 1)) > 1e-6
     assert changed.tolist() == [[False, False, False], [False, False, True], [False, False, False]]
+
+
+def test_the_attention_scale_multiplies_the_logits_as_in_the_official_projector() -> None:
+    # Official ScaleKD (WindowMultiheadPosAttention): softmax(q k^T * d_head^-0.5 * softmax_scale) v, then the
+    # output projection; computed here per head with plain matmuls from the module's own weights.
+    torch.manual_seed(0)
+    queries, keys = torch.randn(2, 9, 12, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64)
+    outputs = {}
+    for scale in (1.0, 5.0):
+        attention = ScaledCrossAttention(12, 8, heads=3, scale=scale).double()
+        torch.manual_seed(1)
+        for parameter in attention.parameters():
+            parameter.data.normal_()
+        q, k, v = attention.q(queries), attention.k(keys), attention.v(keys)
+        heads = []
+        for h in range(3):
+            cols = slice(4 * h, 4 * h + 4)
+            logits = q[..., cols] @ k[..., cols].transpose(1, 2) * 4 ** -0.5 * scale
+            heads.append(torch.softmax(logits, dim=-1) @ v[..., cols])
+        expected = attention.out(torch.cat(heads, dim=-1))
+        outputs[scale] = attention(queries, keys)
+        torch.testing.assert_close(outputs[scale], expected, rtol=1e-12, atol=1e-12)
+    # Same weights (same seed), different scale: the outputs differ, so the factor is not a no-op.
+    assert (outputs[5.0] - outputs[1.0]).abs().max() > 1e-3
+
+
+def test_the_scalekd_default_is_the_official_scale_and_plain_attention_is_an_option() -> None:
+    default = create_method("scalekd", cache_info(FEATMAPS), STUDENT)
+    plain = create_method("scalekd:attention_scale=1", cache_info(FEATMAPS), STUDENT)
+    assert default.cap_direct.attention.scale == 5.0 and plain.cap_alternative.attention.scale == 1.0
+    with pytest.raises(MethodError, match="option 'attention_scale' must be >= 0.01 and <= 100, not 0"):
+        create_method("scalekd:attention_scale=0", cache_info(FEATMAPS), STUDENT)
 
 
 def test_cap_keeps_nothing_of_its_queries_beyond_the_attention() -> None:
@@ -166,6 +199,26 @@ def test_tpp_tail_is_frozen_outside_the_runs_state_but_moves_with_the_method(fea
     terms = method(out, {FEATMAPS: teacher, LOGITS: torch.randn(2, 10)}, torch.zeros(2), PROGRESS)
     (terms["scalekd_tpp_direct"] + terms["scalekd_tpp_alt"]).backward()
     assert early.grad.abs().sum() > 0 and all(p.grad is None for p in tail.parameters())
+
+
+def test_with_tpp_the_final_projectors_query_with_the_tpp_outputs(featmaps_cache: Path) -> None:
+    from pipeline.train.loop import cache_info as read_cache_info
+
+    info = read_cache_info(TeacherCache(featmaps_cache))
+    torch.manual_seed(0)
+    method = create_method("scalekd:tpp=true", info, STUDENT)
+    assert method.cap_direct.queries is None and method.cap_alternative.queries is None
+    assert create_method("scalekd:tpp=true,tpp_queries=false", info, STUDENT).cap_direct.queries is not None
+    early, final = torch.randn(2, 6, 4, 4), torch.randn(2, 8, 2, 2)
+    out = StudentOutputs(logits=torch.randn(2, 10), pooled=torch.randn(2, 8), feature_maps={"s2": early, "s3": final})
+    teacher = torch.randn(2, *info.target_shapes[FEATMAPS])
+    terms = method(out, {FEATMAPS: teacher, LOGITS: torch.randn(2, 10)}, torch.zeros(2), PROGRESS)
+    queries = method._tail(method.tpp_direct(early))
+    torch.testing.assert_close(terms["scalekd_direct"], 0.08 * dfm_direct(method.cap_direct(final, queries), teacher))
+    # The queries are not detached: the final direct term alone trains the TPP direct projector.
+    terms["scalekd_direct"].backward()
+    assert method.tpp_direct.query_proj[0].weight.grad.abs().sum() > 0
+    assert method.tpp_alternative.query_proj[0].weight.grad is None
 
 
 def _train(cache: Path, student: str, out: Path, methods=("ce", "scalekd:tpp=true")) -> dict:

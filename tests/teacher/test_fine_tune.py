@@ -66,6 +66,8 @@ def test_bad_starting_weights_are_one_line(cli, imagenet_resnet, tmp_path: Path)
         "does not exist": ["--model", "test_resnet", "--weights", str(tmp_path / "absent.safetensors")],
         "cannot be loaded into test_vit": ["--model", "test_vit", "--weights", str(path)],
         "is not in the local Hugging Face cache": ["--model", "test_resnet", "--weights", "hf-hub:nobody/absent"],
+        "--patch-size cannot change the architecture": ["--model", "test_resnet", "--weights", str(path),
+                                                        "--patch-size", "4"],
     }
     for expected, args in cases.items():
         code, output = cli(*base, *args)
