@@ -27,6 +27,13 @@ FORMAT_VERSION = 2
 READ_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "storage")
+STATISTICS_ARRAYS = frozenset({
+    "stats/pca/mean", "stats/pca/components", "stats/pca/explained_variance", "stats/classes/mean",
+    "stats/classes/count", "stats/cka/ir", "stats/gaussian/channel_mean", "stats/gaussian/channel_std",
+    "stats/lsh/planes", "stats/lsh/thresholds", "lsh/codes"})
+"""Every dataset-level array a cache has ever written (docs/cache-format.md#contract): the only names
+`stats.arrays` and `digests` may list, so `distillery stats`, which deletes the arrays the old statistics
+listed, can delete nothing else."""
 
 
 class CacheError(DistilleryError):
@@ -282,6 +289,11 @@ class StatsSection(Section):
     features_count: int | None = None
     lsh: LshRecord | None = None
 
+    @model_validator(mode="after")
+    def _check(self) -> StatsSection:
+        _only_statistics(self.arrays, "stats.arrays")
+        return self
+
     @model_validator(mode="wrap")
     @classmethod
     def _keep_order(cls, data: Any, handler: Any) -> StatsSection:
@@ -293,6 +305,12 @@ class StatsSection(Section):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         return {k: out[k] for k in sorted(out, key=lambda k: self._order.index(k) if k in self._order else 99)}
+
+
+def _only_statistics(names: Any, field: str) -> None:
+    unknown = sorted(set(names) - STATISTICS_ARRAYS)
+    if unknown:
+        raise CacheError(f"{field} lists {unknown[0]!r}, not a statistics array (damaged or crafted)")
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -392,6 +410,10 @@ class Manifest(BaseModel):
             manifest = cls(**data)
         except ValidationError as e:
             raise CacheError(f"{path}{_problem(e)}; delete the cache and re-run `distillery cache`") from None
+        try:
+            _only_statistics(manifest.digests, "digests")
+        except CacheError as e:
+            raise CacheError(f"{path}: {e}; delete the cache and re-run `distillery cache`") from None
         if not _ranges_cover(manifest.shards, manifest.dataset.num_samples):
             raise CacheError(f"{path}: the shard ranges do not cover samples [0, dataset.num_samples) in order "
                              f"(damaged or edited); delete the cache and re-run `distillery cache`")

@@ -1,0 +1,68 @@
+"""The forger of issue 29: tamper with a cache, then recompute every digest it records, so every byte-level
+check (shard sha256, per-block sha256, per-array row digests, statistics digests, the LSH index's and the
+teacher tail's sha256) passes again. What is left to catch the tampering is what the cache *means*
+(docs/cache-format.md#security).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import zarr
+
+from pipeline.cache.blocks import iter_tar_members
+from pipeline.cache.integrity import array_digest, rows_digest
+from pipeline.checksums import sha256_bytes, sha256_file
+
+
+def manifest_of(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def save_manifest(root: Path, manifest: dict) -> None:
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def recompute_digests(root: Path) -> None:
+    """Every digest the manifest and the shard records hold, recomputed from the files as they are now."""
+    m = manifest_of(root)
+    group = zarr.open_group(str(root / "arrays.zarr"), mode="r")
+    per_sample = sorted(m["arrays"])
+    for record in m["shards"]:
+        rows = {name: np.asarray(group[name][record["start"]:record["stop"]]) for name in per_sample}
+        record["rows_sha256"] = rows_digest(rows)
+        record["arrays_sha256"] = {name: rows_digest({name: rows[name]}) for name in per_sample}
+        shard = root / record["file"]
+        record["blocks_sha256"] = [sha256_bytes(data) for _, data in iter_tar_members(shard)]
+        record["sha256"], record["bytes"] = sha256_file(shard), shard.stat().st_size
+        shard.with_suffix(".json").write_text(json.dumps(record))
+    m["digests"] = {name: array_digest(name, np.asarray(group[name][...])) for name in m["digests"]}
+    if m["stats"].get("lsh") and (root / "lsh.faiss").is_file():
+        m["stats"]["lsh"]["index_sha256"] = sha256_file(root / "lsh.faiss")
+    for record in m["files"].values():
+        path = root / record["file"]
+        record["sha256"], record["bytes"] = sha256_file(path), path.stat().st_size
+    save_manifest(root, m)
+
+
+def forge_array(root: Path, name: str, change: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Array `name` of the cache replaced by `change(old)` (same shape and dtype), digests recomputed."""
+    arr = zarr.open_array(str(root / "arrays.zarr" / name), mode="r+")
+    arr[...] = change(np.asarray(arr[...]))
+    recompute_digests(root)
+
+
+def forge_manifest(root: Path, edit: Callable[[dict], None]) -> None:
+    """The manifest edited by `edit`, digests recomputed."""
+    m = manifest_of(root)
+    edit(m)
+    save_manifest(root, m)
+    recompute_digests(root)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every regular file under `root` and its bytes: what "nothing lost, nothing rewritten" compares."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
