@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from forgery import SMALL_CACHE
+
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     outcomes: dict[str, str] = {}
@@ -23,11 +25,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         handled = sum(v == "passed" for v in outcomes.values())
         terminalreporter.write_line(
             f"fault injection: {len(outcomes)} faults tried, {handled} handled, {len(outcomes) - handled} not handled")
-
-
-# block_size: the CLI's (it has no option for it), so `distillery cache` can rerun the same request.
-SMALL_CACHE = {"subset": 120, "views": 1, "shard_size": 40, "block_size": 256, "featmaps": True, "teacher_tail": 1,
-               "lsh_bits": 16}
 
 
 @pytest.fixture(scope="session")

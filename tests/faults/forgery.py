@@ -17,6 +17,12 @@ from pipeline.cache.blocks import iter_tar_members
 from pipeline.cache.integrity import array_digest, rows_digest
 from pipeline.checksums import sha256_bytes, sha256_file
 
+# block_size: the CLI's (it has no option for it), so `distillery cache` can rerun the same request.
+SMALL_CACHE = {"subset": 120, "views": 1, "shard_size": 40, "block_size": 256, "featmaps": True, "teacher_tail": 1,
+               "lsh_bits": 16}
+"""The fault suite's cache (tests/faults/conftest.py `small_cache`): 120 samples, 2 views, 3 shards, feature
+maps, teacher tail, 16 LSH bits."""
+
 
 def manifest_of(root: Path) -> dict:
     return json.loads((root / "manifest.json").read_text())
