@@ -32,6 +32,11 @@ class OptionError(DistilleryError):
     """An option outside its range, a device this machine lacks, or an output location that cannot be written."""
 
 
+MAX_INPUT_SIZE = 1024
+"""The largest render size accepted (teacher or student, from an option or a cache manifest): one 1024 x 1024
+RGB view is 12 MiB as float32 and a batch of them fills a GPU; 100000 would ask for 120 GB per view."""
+
+
 @dataclass(frozen=True)
 class Range:
     """Allowed interval of a numeric option: any of ``gt``, ``ge``, ``lt``, ``le``; NaN and inf are never in it.

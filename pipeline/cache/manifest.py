@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import contextvars
 import copy
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from pipeline.object_store import ObjectPath, location, write_whole_bytes
 from pipeline.errors import DistilleryError
-from pipeline.options import one_line_error
+from pipeline.options import MAX_INPUT_SIZE, one_line_error
 
 FORMAT_VERSION = 2
 """2: every per-sample array is stored once, in `arrays.zarr`; the shards' blocks carry the raw inputs only.
@@ -27,6 +28,10 @@ FORMAT_VERSION = 2
 READ_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "storage")
+MODEL_KWARGS = frozenset({"img_size"})
+"""The only `teacher.model_kwargs` a cache passes to `timm.create_model` (the render size of a fixed-size ViT)."""
+MAX_CLASSES = 100_000
+MAX_STAGES = 64
 STATISTICS_ARRAYS = frozenset({
     "stats/pca/mean", "stats/pca/components", "stats/pca/explained_variance", "stats/classes/mean",
     "stats/classes/count", "stats/cka/ir", "stats/gaussian/channel_mean", "stats/gaussian/channel_std",
@@ -111,6 +116,30 @@ class TeacherSection(Section):
     stages: list[str] = Field(default_factory=list)
     pooled_dim: int | None = None
 
+    @model_validator(mode="after")
+    def _check(self) -> TeacherSection:
+        # What reaches a constructor or a division is allow-listed with its range (docs/cache-format.md#security):
+        # a crafted `model_kwargs` must not hand timm a path, a zero `std` must not become a NaN loss.
+        if not 1 <= self.num_classes <= MAX_CLASSES or self.in_chans not in (1, 3):
+            raise CacheError(f"teacher.num_classes must lie in [1, {MAX_CLASSES}] and teacher.in_chans be 1 or 3, "
+                             f"not {self.num_classes} and {self.in_chans}")
+        if not 8 <= self.input_size <= MAX_INPUT_SIZE:
+            raise CacheError(f"teacher.input_size must lie in [8, {MAX_INPUT_SIZE}], not {self.input_size}")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans or not all(
+                math.isfinite(m) and 0 < s < math.inf for m, s in zip(self.mean, self.std)):
+            raise CacheError(f"teacher.mean and teacher.std must hold in_chans ({self.in_chans}) finite values, "
+                             f"each std > 0, not {self.mean} and {self.std}")
+        for key, value in self.model_kwargs.items():
+            if key not in MODEL_KWARGS:
+                raise CacheError(f"teacher.model_kwargs has {key!r}, not an argument a cache passes to its teacher "
+                                 f"(only {', '.join(sorted(MODEL_KWARGS))})")
+            if type(value) is not int or not 8 <= value <= MAX_INPUT_SIZE:
+                raise CacheError(f"teacher.model_kwargs.{key} must be an integer in [8, {MAX_INPUT_SIZE}], "
+                                 f"not {value!r}")
+        if len(self.taps) > MAX_STAGES or len(self.stages) > MAX_STAGES:
+            raise CacheError(f"teacher.taps and teacher.stages list at most {MAX_STAGES} stages")
+        return self
+
     @property
     def logit_classes(self) -> int:
         """Width of the stored logits: the dataset classes of a class map, else the teacher's head."""
@@ -131,6 +160,16 @@ class DatasetSection(Section):
     subset_seed: int = 0
     on_bad_image: str | None = None  # written only when images were skipped: "skip"
     skipped: list[str] | None = None  # their paths
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSection:
+        if not 1 <= self.num_classes <= MAX_CLASSES or len(self.class_names) != self.num_classes:
+            raise CacheError(f"dataset.num_classes ({self.num_classes}) must lie in [1, {MAX_CLASSES}] and equal "
+                             f"the number of dataset.class_names ({len(self.class_names)})")
+        if self.num_samples < 1 or self.channels not in (1, 3):
+            raise CacheError(f"dataset.num_samples must be >= 1 and dataset.channels 1 or 3, not "
+                             f"{self.num_samples} and {self.channels}")
+        return self
 
 
 class ViewsSection(Section):

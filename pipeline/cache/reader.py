@@ -20,11 +20,13 @@ import torch
 import zarr
 
 from pipeline.cache.blocks import RAW_KEYS, block_key, decode_block, iter_tar_members, raw_count, unpack_raw
-from pipeline.cache.integrity import array_digest, confined_path, inside, repair_hint, rows_digest
+from pipeline.cache.integrity import (REFUSED, array_digest, confined_path, inside, non_finite_rows, repair_hint,
+                                      rows_digest)
 from pipeline.cache.layout import LSH_INDEX_NAME, SHARDS_DIR, TAIL_NAME, CacheFiles, block_sizes, open_arrays
 from pipeline.cache.manifest import CacheError, Manifest
 from pipeline.cache.targets import LOGITS, SAMPLE_ARRAYS, TARGETS, Served
 from pipeline.checksums import sha256_bytes, sha256_file
+from pipeline.data.datasets import samples_fingerprint
 from pipeline.object_store import ObjectPath
 
 
@@ -38,6 +40,8 @@ class TeacherCache(CacheFiles):
                              f"re-run the same `distillery cache` command to complete it")
         self.group = open_arrays(self.zarr_path, mode="r")
         self.check_layout()
+        if self.manifest.status == "complete":
+            self.check_samples()
 
     def check_layout(self) -> None:
         """Cheap checks on open (metadata only): every per-sample array the manifest lists exists with its
@@ -50,6 +54,30 @@ class TeacherCache(CacheFiles):
                 raise CacheError(f"{self.zarr_path / name} has shape {list(arr.shape)} {arr.dtype}, the manifest "
                                  f"says {meta.shape} {meta.dtype} with N={n} (damaged or edited); delete "
                                  f"the cache and re-run `distillery cache`")
+
+    def check_samples(self) -> None:
+        """The stored ids and labels mean what the manifest records (docs/cache-format.md#security): labels in
+        [0, C), ids distinct, and the dataset fingerprint recomputed from them. Digests cannot tell a label
+        shifted by one from the teacher's if the forger recomputed them; the fingerprint the manifest records
+        (and `verify` compares with the dataset itself) can."""
+        ids, labels, d = self.read("samples/ids"), self.read("samples/labels"), self.manifest.dataset
+        outside = np.flatnonzero((labels < 0) | (labels >= d.num_classes))
+        if len(outside):
+            raise CacheError(f"{self.zarr_path / 'samples/labels'}: row {outside[0]} holds label {labels[outside[0]]}, "
+                             f"outside the manifest's {d.num_classes} classes ({len(outside)} such rows); {REFUSED}")
+        if len(np.unique(ids)) != len(ids):
+            raise CacheError(f"{self.zarr_path / 'samples/ids'} names a sample twice; {REFUSED}")
+        if samples_fingerprint(ids, labels, d.class_names) != d.fingerprint:
+            raise CacheError(f"{self.root}: the stored ids and labels are not the ones dataset.fingerprint records "
+                             f"(rows changed or reordered after the teacher pass); {REFUSED}")
+
+    def check_finite(self, where: str, name: str, value: np.ndarray) -> None:
+        """Refuse stored teacher rows holding NaN or inf: the writer refuses them, so they were put there, and
+        training on them would end in a NaN loss blamed on the learning rate."""
+        bad = non_finite_rows(value)
+        if len(bad):
+            raise CacheError(f"{self.zarr_path / name}: {where}{len(bad)} rows hold NaN or inf (the cache's "
+                             f"values, not a training problem); {REFUSED}")
 
     def check_array(self, name: str, value: np.ndarray) -> np.ndarray:
         """`value`, the whole of array `name`, checked against its digest: the manifest's for dataset-level
@@ -64,6 +92,7 @@ class TeacherCache(CacheFiles):
                 if digest is not None and rows_digest({name: value[record.start:record.stop]}) != digest:
                     raise CacheError(f"{self.zarr_path / name}: rows of shard {record.index} differ from their "
                                      f"digest (a lost or changed zarr chunk); {repair_hint(self.root)}")
+        self.check_finite("", name, value)
         return value
 
     @property
@@ -132,6 +161,8 @@ class TeacherCache(CacheFiles):
         problem = self.rows_problem(record, names, rows)
         if problem:
             raise CacheError(f"{self.root}: {problem}; {repair_hint(self.root)}")
+        for name, value in rows.items():
+            self.check_finite(f"shard {index}: ", name, value)
         return rows
 
     def lsh_index(self) -> faiss.IndexBinary:

@@ -30,7 +30,7 @@ from pipeline.data.views import ViewPlan
 from pipeline.nets.tail import extract_teacher_tail
 from pipeline.nets.tapped import TappedOutputs, resolve_tap, stage_names
 from pipeline.object_store import check_output_location
-from pipeline.options import Config, Help, Range, check_device, resolve_device
+from pipeline.options import MAX_INPUT_SIZE, Config, Help, Range, check_device, resolve_device
 from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.teacher.class_map import ClassMap
 from pipeline.teacher.weights import ResolvedWeights, WeightsError, resolve_weights
@@ -71,8 +71,9 @@ class CacheRequest(Config):
                                       f"rows: no pooled, no PCA, class means or LSH")] = None
     lsh_bits: Annotated[int, Range(ge=0), Help("LSH bits per sample (multiple of 8; 0: none) for eLSH and "
                                                "`distillery neighbors`")] = 0
-    input_size: Annotated[int | None, Range(ge=8), Help("teacher render size (default: the checkpoint's, else 32 "
-                                                        "for small images, 224 otherwise)")] = None
+    input_size: Annotated[int | None, Range(ge=8, le=MAX_INPUT_SIZE),
+                          Help("teacher render size (default: the checkpoint's, else 32 "
+                               "for small images, 224 otherwise)")] = None
     shard_size: Annotated[int, Range(ge=1), Help("samples per shard (the unit of work, resume and checksums)")] = 1024
     batch_size: Annotated[int, Range(ge=1), Help("images per teacher forward")] = 256
     block_size: Annotated[int, Range(ge=1), Help("samples per block of a shard (the unit of decoding)")] = 256

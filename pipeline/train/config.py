@@ -15,7 +15,7 @@ from pipeline.data.datasets import BAD_IMAGE_POLICIES
 from pipeline.errors import DistilleryError
 from pipeline.methods import MethodError, MethodSpec
 from pipeline.object_store import location
-from pipeline.options import Config, Help, Range, check_device
+from pipeline.options import MAX_INPUT_SIZE, Config, Help, Range, check_device
 from pipeline.train.optim import OptimConfig
 
 
@@ -33,7 +33,8 @@ class RunSettings(Config):
     batch_size: Annotated[int, Range(ge=1), Help("samples per optimiser step")] = 64
     optim: Annotated[OptimConfig, Help("the optimiser and its learning-rate schedule")] = Field(
         default_factory=OptimConfig)
-    input_size: Annotated[int | None, Range(ge=8), Help("student render size (default: the teacher's)")] = None
+    input_size: Annotated[int | None, Range(ge=8, le=MAX_INPUT_SIZE),
+                          Help("student render size (default: the teacher's)")] = None
     online_teacher: Annotated[bool, Help("compute the targets live from the teacher (the cached run's twin, for "
                                          "comparison)")] = False
     workers: Annotated[int, Range(ge=0), Help("DataLoader worker processes streaming the cache (0: none)")] = 1

@@ -29,7 +29,8 @@ from pipeline.data.datasets import BAD_IMAGE_HELP, BAD_IMAGE_POLICIES, load_data
 from pipeline.data.rendering import RenderedViews, default_input_size, worker_context
 from pipeline.data.views import ViewPlan
 from pipeline.nets.tapped import create_timm_model
-from pipeline.options import Config, Help, OptionError, Range, check_device, check_output_file, resolve_device
+from pipeline.options import (MAX_INPUT_SIZE, Config, Help, OptionError, Range, check_device, check_output_file,
+                              resolve_device)
 from pipeline.progress import progress_task
 from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.train.evaluate import evaluate_accuracy
@@ -49,8 +50,9 @@ class FitConfig(Config):
     epochs: Annotated[int, Range(ge=1), Help("training epochs")] = 10
     subset: Annotated[int | None, Range(ge=1), Help("seeded, stratified subset of the train split")] = None
     seed: Annotated[int, Range(ge=0), Help("seed of the initialisation, the subset and the augmentations")] = 0
-    input_size: Annotated[int | None, Range(ge=8), Help("render size (default 32 for small images, 224 "
-                                                        "otherwise)")] = None
+    input_size: Annotated[int | None, Range(ge=8, le=MAX_INPUT_SIZE),
+                          Help("render size (default 32 for small images, 224 "
+                               "otherwise)")] = None
     batch_size: Annotated[int, Range(ge=1), Help("images per optimiser step")] = 128
     lr: Annotated[float, Range(gt=0), Help("peak learning rate (AdamW, cosine schedule after one warm-up "
                                            "epoch)")] = 2e-3
