@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Self
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from pipeline.object_store import ObjectPath, location, write_whole_bytes
+from pipeline.bounded import read_json
 from pipeline.errors import DistilleryError
 from pipeline.options import MAX_INPUT_SIZE, one_line_error
 
@@ -27,11 +28,19 @@ FORMAT_VERSION = 2
 1: the blocks carried every per-sample row too (a second copy); still read, and repaired in its own format."""
 READ_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
+"""The largest manifest read: ImageNet's (1.28M samples in 1,250 shards) is about 3 MiB."""
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "storage")
 MODEL_KWARGS = frozenset({"img_size"})
 """The only `teacher.model_kwargs` a cache passes to `timm.create_model` (the render size of a fixed-size ViT)."""
 MAX_CLASSES = 100_000
 MAX_STAGES = 64
+MAX_SHARD_SIZE = 1 << 16
+"""The most samples per shard (or block): the unit held in memory while a shard is written or read."""
+MAX_LSH_BITS = 4096
+MAX_GRID = 64
+MAX_SAMPLES = (1 << 31) - 1
+"""The most samples a cache holds: labels are stored as int32."""
 STATISTICS_ARRAYS = frozenset({
     "stats/pca/mean", "stats/pca/components", "stats/pca/explained_variance", "stats/classes/mean",
     "stats/classes/count", "stats/cka/ir", "stats/gaussian/channel_mean", "stats/gaussian/channel_std",
@@ -166,8 +175,8 @@ class DatasetSection(Section):
         if not 1 <= self.num_classes <= MAX_CLASSES or len(self.class_names) != self.num_classes:
             raise CacheError(f"dataset.num_classes ({self.num_classes}) must lie in [1, {MAX_CLASSES}] and equal "
                              f"the number of dataset.class_names ({len(self.class_names)})")
-        if self.num_samples < 1 or self.channels not in (1, 3):
-            raise CacheError(f"dataset.num_samples must be >= 1 and dataset.channels 1 or 3, not "
+        if not 1 <= self.num_samples <= MAX_SAMPLES or self.channels not in (1, 3):
+            raise CacheError(f"dataset.num_samples must lie in [1, {MAX_SAMPLES}] and dataset.channels be 1 or 3, not "
                              f"{self.num_samples} and {self.channels}")
         return self
 
@@ -223,10 +232,12 @@ class StorageSpec(Section):
             raise CacheError(f"pooled_views must be 'all' or 'first', not '{self.pooled_views}'")
         if self.grid < 1:
             raise CacheError(f"--grid must be >= 1, not {self.grid}")
-        if self.shard_size < 1 or self.block_size < 1:
-            raise CacheError("--shard-size and the block size must be >= 1")
-        if self.lsh_bits < 0 or self.lsh_bits % 8:
-            raise CacheError(f"--lsh-bits must be a non-negative multiple of 8, not {self.lsh_bits}")
+        if not 1 <= self.shard_size <= MAX_SHARD_SIZE or not 1 <= self.block_size <= MAX_SHARD_SIZE:
+            raise CacheError(f"--shard-size and the block size must lie in [1, {MAX_SHARD_SIZE}]")
+        if not 0 <= self.lsh_bits <= MAX_LSH_BITS or self.lsh_bits % 8:
+            raise CacheError(f"--lsh-bits must be a multiple of 8 in [0, {MAX_LSH_BITS}], not {self.lsh_bits}")
+        if not 1 <= self.grid <= MAX_GRID or not 0 <= self.teacher_tail <= MAX_STAGES:
+            raise CacheError(f"--grid must lie in [1, {MAX_GRID}] and --teacher-tail in [0, {MAX_STAGES}]")
         if self.featmaps and self.tap is None:
             raise CacheError("--featmaps stores the map of the tapped stage; give --tap auto|STAGE, not none")
         if self.teacher_tail < 0 or (self.teacher_tail and not self.featmaps):
@@ -430,15 +441,12 @@ class Manifest(BaseModel):
     @classmethod
     def load(cls, root: str | Path | ObjectPath) -> Manifest:
         path = location(root) / MANIFEST_NAME
-        if not path.is_file():
+        if not _reachable_file(path):
             raise CacheError(f"{root} is not a teacher cache (no {MANIFEST_NAME}); create one with `distillery cache`")
         if not path.resolve().is_relative_to(location(root).resolve()):
             raise CacheError(f"{path} is a symlink to a file outside {root}; the cache is refused (damaged or "
                              f"crafted): re-create it with `distillery cache`")
-        try:
-            data = json.loads(path.read_bytes())
-        except ValueError as e:  # not JSON, or not UTF-8
-            raise CacheError(f"{path} is not valid JSON ({e}); delete the cache and re-run `distillery cache`") from e
+        data = read_json(path, MAX_MANIFEST_BYTES, CacheError, "delete the cache and re-run `distillery cache`")
         if not isinstance(data, dict):
             raise CacheError(f"{path} is not a cache manifest (a JSON object); delete the cache and re-run "
                              f"`distillery cache`")
@@ -453,14 +461,30 @@ class Manifest(BaseModel):
             _only_statistics(manifest.digests, "digests")
         except CacheError as e:
             raise CacheError(f"{path}: {e}; delete the cache and re-run `distillery cache`") from None
-        if not _ranges_cover(manifest.shards, manifest.dataset.num_samples):
-            raise CacheError(f"{path}: the shard ranges do not cover samples [0, dataset.num_samples) in order "
+        if not _ranges_cover(manifest.shards, manifest.dataset.num_samples, manifest.storage.shard_size):
+            raise CacheError(f"{path}: the shard ranges do not cover samples [0, dataset.num_samples) in order, "
+                             f"at most storage.shard_size each "
                              f"(damaged or edited); delete the cache and re-run `distillery cache`")
         return manifest
 
     def records(self) -> list[ShardRecord]:
         """The finished shards' records (a complete cache has one per shard)."""
         return [s for s in self.shards if isinstance(s, ShardRecord)]
+
+
+def _reachable_file(path: Path | ObjectPath) -> bool:
+    """Whether `path` is a file; an object store that cannot be asked is one CacheError saying so (fsspec's
+    `isfile` would answer False, and the cache be called "not a teacher cache")."""
+    if isinstance(path, Path):
+        return path.is_file()
+    try:
+        return path.fs.info(path.key)["type"] == "file"
+    except FileNotFoundError:
+        return False
+    except Exception as e:  # botocore's connection and credential errors are not OSErrors
+        reason = (str(e).splitlines() or [""])[0]
+        raise CacheError(f"cannot reach {path} ({type(e).__name__}: {reason}); check the URL, the endpoint "
+                         f"(AWS_ENDPOINT_URL) and the credentials") from None
 
 
 def _problem(error: ValidationError) -> str:
@@ -475,11 +499,12 @@ def _problem(error: ValidationError) -> str:
     return f": field {where} has the wrong type (damaged or edited)"
 
 
-def _ranges_cover(shards: list[ShardRange], num_samples: int) -> bool:
-    """Whether shard i covers [start, stop) with each start the previous stop, from 0 to `num_samples`."""
+def _ranges_cover(shards: list[ShardRange], num_samples: int, shard_size: int) -> bool:
+    """Whether shard i covers [start, stop), at most `shard_size` samples, with each start the previous stop,
+    from 0 to `num_samples` (so N is no larger than the records the manifest holds can cover)."""
     stop = 0
     for i, s in enumerate(shards):
-        if s.index != i or s.start != stop or s.stop <= stop:
+        if s.index != i or s.start != stop or not 0 < s.stop - stop <= shard_size:
             return False
         stop = s.stop
     return bool(shards) and stop == num_samples

@@ -9,6 +9,8 @@ against the digest recorded when it was written before it is used (docs/cache-fo
 from __future__ import annotations
 
 import io
+import math
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +21,12 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline.bounded import read_bytes, read_json
 from pipeline.cache.blocks import RAW_KEYS, block_key, decode_block, iter_tar_members, raw_count, unpack_raw
 from pipeline.cache.integrity import (REFUSED, array_digest, confined_path, inside, non_finite_rows, repair_hint,
                                       rows_digest)
-from pipeline.cache.layout import LSH_INDEX_NAME, SHARDS_DIR, TAIL_NAME, CacheFiles, block_sizes, open_arrays
+from pipeline.cache.layout import (LSH_INDEX_NAME, MAX_METADATA_BYTES, SHARDS_DIR, TAIL_NAME, CacheFiles, block_sizes,
+                                   open_arrays)
 from pipeline.cache.manifest import CacheError, Manifest
 from pipeline.cache.targets import LOGITS, SAMPLE_ARRAYS, TARGETS, Served
 from pipeline.checksums import sha256_bytes, sha256_file
@@ -38,10 +42,39 @@ class TeacherCache(CacheFiles):
         if require_complete and self.manifest.status != "complete":
             raise CacheError(f"{self.root} is a partial cache (the teacher pass did not finish); "
                              f"re-run the same `distillery cache` command to complete it")
+        self.check_metadata()
         self.group = open_arrays(self.zarr_path, mode="r")
         self.check_layout()
         if self.manifest.status == "complete":
             self.check_samples()
+
+    def check_metadata(self) -> None:
+        """Every `zarr.json` the arrays are opened through, read bounded before zarr parses it (size, UTF-8,
+        nesting: zarr's own parse ends in a RecursionError), and each array's shape and chunks bounded by
+        what the manifest implies before anything is allocated: per-sample arrays have their manifest shape,
+        a statistics array no more elements than its dimensions (classes, feature widths, LSH bits, N)
+        allow, and no chunk is larger than its array (zarr allocates a whole chunk to decode it)."""
+        names = [*self.manifest.arrays, *self.manifest.stats.arrays]
+        nodes = {""} | {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 2)}
+        dims = [self.manifest.dataset.num_classes, self.manifest.storage.lsh_bits,
+                *(meta.shape[-1] for meta in self.manifest.arrays.values())]
+        statistics_limit = max(dims) ** 2 + self.num_samples * self.manifest.storage.lsh_bits // 8
+        hint = "the cache is damaged or crafted: delete it and re-run `distillery cache`"
+        for node in sorted(nodes):
+            path = self.zarr_path / node / "zarr.json" if node else self.zarr_path / "zarr.json"
+            if not path.exists():
+                continue  # zarr names what is missing when it is opened
+            meta = read_json(path, MAX_METADATA_BYTES, CacheError, hint)
+            if not isinstance(meta, dict) or meta.get("node_type") != "array":
+                continue
+            shape, chunks = meta.get("shape"), meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+            if not _sizes(shape) or not _sizes(chunks) or len(chunks) != len(shape) or any(
+                    c > max(d, 1) for c, d in zip(chunks, shape)):
+                raise CacheError(f"{path}: shape {shape} with chunks {chunks} is not an array this cache writes; {hint}")
+            expected = self.manifest.arrays[node].shape if node in self.manifest.arrays else None
+            if expected is not None and shape != expected or expected is None and math.prod(shape) > statistics_limit:
+                raise CacheError(f"{path} declares shape {shape}, more than the manifest implies "
+                                 f"({expected or f'at most {statistics_limit:,} elements'}); {hint}")
 
     def check_layout(self) -> None:
         """Cheap checks on open (metadata only): every per-sample array the manifest lists exists with its
@@ -173,9 +206,17 @@ class TeacherCache(CacheFiles):
         if record is None or not path.is_file() or not inside(path, self.root):
             raise CacheError(f"{self.root} has no LSH index; build one without the teacher: "
                              f"`distillery stats {self.root} --lsh-bits 64`")
-        data = path.read_bytes()
+        n, width = self.num_samples, record.bits // 8
+        data = read_bytes(path, len(FLAT_INDEX_HEADER.pack(b"", 0, 0, 0, 0, 0, 0)) + n * width, CacheError,
+                          f"rebuild it with `distillery stats {self.root}`")
         if sha256_bytes(data) != record.index_sha256:
             raise CacheError(f"{path} fails its sha256 (corrupt or changed); rebuild it with "
+                             f"`distillery stats {self.root}`")
+        # faiss allocates what the header declares before reading it: the header must be the one a flat
+        # binary index of N codes of `bits` has (IndexBinaryFlat: fourcc, d, code_size, ntotal, is_trained,
+        # metric, then the codes' byte count).
+        if data[:FLAT_INDEX_HEADER.size] != FLAT_INDEX_HEADER.pack(b"IBxF", record.bits, width, n, 1, 1, n * width):
+            raise CacheError(f"{path} is not a flat index of {n} codes of {record.bits} bits; rebuild it with "
                              f"`distillery stats {self.root}`")
         return faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
 
@@ -285,6 +326,15 @@ class TeacherCache(CacheFiles):
             raise CacheError(f"{self.root} stores no logits (head-less teacher); re-run `distillery cache` "
                              f"with --logits dense|topk:K")
         return TARGETS[LOGITS].serve({n: get(n) for n in names}, self.num_classes).numpy()
+
+
+FLAT_INDEX_HEADER = struct.Struct("<4siiqBiQ")
+"""How faiss serializes an IndexBinaryFlat ahead of its codes (`faiss/impl/index_write.cpp`)."""
+
+
+def _sizes(value: object) -> bool:
+    """Whether `value` is a list of non-negative integers (an array shape or chunk shape)."""
+    return isinstance(value, list) and all(type(d) is int and d >= 0 for d in value)
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def test_train_names_the_cache_for_an_infinite_teacher_row(forged: Path, tmp_pat
 @pytest.mark.parametrize("field, value, expected", [
     ("std", [0.0], "each std > 0"),
     ("std", [1e-3, 1.0], "hold in_chans (1) finite values"),
-    ("mean", [1e308 * 10], "finite values"),
+    ("mean", [1e308 * 10], "Infinity is not a number JSON allows"),
     ("input_size", 100000, "teacher.input_size must lie in [8, 1024], not 100000"),
     ("num_classes", 10 ** 9, "teacher.num_classes must lie in [1, 100000]"),
     ("in_chans", 7, "teacher.in_chans be 1 or 3"),
@@ -103,7 +103,7 @@ def test_teacher_section_is_allow_listed_with_types_and_ranges(forged: Path, fie
     forge_manifest(forged, lambda m: m["teacher"].update({field: value}))
     before = tree_bytes(forged)
     message = refused(lambda: Manifest.load(forged))
-    assert expected in message and "delete the cache and re-run `distillery cache`" in message, message
+    assert expected in message and "re-run `distillery cache`" in message, message
     assert tree_bytes(forged) == before
 
 
