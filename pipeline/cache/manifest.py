@@ -476,7 +476,7 @@ def _reachable_file(path: Path | ObjectPath) -> bool:
     """Whether `path` is a file; an object store that cannot be asked is one CacheError saying so (fsspec's
     `isfile` would answer False, and the cache be called "not a teacher cache")."""
     if isinstance(path, Path):
-        return path.is_file()
+        return path.exists()  # a FIFO or directory of that name is refused by the bounded read, in one line
     try:
         return path.fs.info(path.key)["type"] == "file"
     except FileNotFoundError:
