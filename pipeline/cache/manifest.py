@@ -38,6 +38,8 @@ MAX_STAGES = 64
 MAX_SHARD_SIZE = 1 << 16
 """The most samples per shard (or block): the unit held in memory while a shard is written or read."""
 MAX_LSH_BITS = 4096
+MAX_VIEWS = 64
+"""The most augmented views per sample: a shard's rows of every view are held in memory while it is written."""
 MAX_GRID = 64
 MAX_SAMPLES = (1 << 31) - 1
 """The most samples a cache holds: labels are stored as int32."""
@@ -183,6 +185,12 @@ class DatasetSection(Section):
 
 class ViewsSection(Section):
     """`views`: the `ViewPlan` (docs/ARCHITECTURE.md#views) and its recipe, for people."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ViewsSection:
+        if not 0 <= self.num_augmented <= MAX_VIEWS:
+            raise CacheError(f"views.num_augmented must lie in [0, {MAX_VIEWS}], not {self.num_augmented}")
+        return self
 
     num_augmented: int
     seed: int
