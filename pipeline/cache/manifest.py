@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from pipeline.object_store import ObjectPath, location, write_whole_bytes
 from pipeline.bounded import read_json
+from pipeline.cache.bounds import (MAX_CLASSES, MAX_GRID, MAX_LSH_BITS, MAX_MANIFEST_BYTES, MAX_SAMPLES,
+                                   MAX_SHARD_SIZE, MAX_STAGES, MAX_VIEWS, MODEL_KWARGS, STATISTICS_ARRAYS,
+                                   reachable_file)
 from pipeline.errors import DistilleryError
 from pipeline.options import MAX_INPUT_SIZE, one_line_error
 
@@ -28,29 +31,7 @@ FORMAT_VERSION = 2
 1: the blocks carried every per-sample row too (a second copy); still read, and repaired in its own format."""
 READ_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
-MAX_MANIFEST_BYTES = 64 << 20
-"""The largest manifest read: ImageNet's (1.28M samples in 1,250 shards) is about 3 MiB."""
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "storage")
-MODEL_KWARGS = frozenset({"img_size"})
-"""The only `teacher.model_kwargs` a cache passes to `timm.create_model` (the render size of a fixed-size ViT)."""
-MAX_CLASSES = 100_000
-MAX_STAGES = 64
-MAX_SHARD_SIZE = 1 << 16
-"""The most samples per shard (or block): the unit held in memory while a shard is written or read."""
-MAX_LSH_BITS = 4096
-MAX_VIEWS = 64
-"""The most augmented views per sample: a shard's rows of every view are held in memory while it is written."""
-MAX_GRID = 64
-MAX_SAMPLES = (1 << 31) - 1
-"""The most samples a cache holds: labels are stored as int32."""
-STATISTICS_ARRAYS = frozenset({
-    "stats/pca/mean", "stats/pca/components", "stats/pca/explained_variance", "stats/classes/mean",
-    "stats/classes/count", "stats/cka/ir", "stats/gaussian/channel_mean", "stats/gaussian/channel_std",
-    "stats/lsh/planes", "stats/lsh/thresholds", "lsh/codes"})
-"""Every dataset-level array a cache has ever written (docs/cache-format.md#contract): the only names
-`stats.arrays` and `digests` may list, so `distillery stats`, which deletes the arrays the old statistics
-listed, can delete nothing else."""
-
 
 class CacheError(DistilleryError):
     """A cache that cannot be used as asked; the message says what is wrong and what to do."""
@@ -449,7 +430,7 @@ class Manifest(BaseModel):
     @classmethod
     def load(cls, root: str | Path | ObjectPath) -> Manifest:
         path = location(root) / MANIFEST_NAME
-        if not _reachable_file(path):
+        if not reachable_file(path, CacheError):
             raise CacheError(f"{root} is not a teacher cache (no {MANIFEST_NAME}); create one with `distillery cache`")
         if not path.resolve().is_relative_to(location(root).resolve()):
             raise CacheError(f"{path} is a symlink to a file outside {root}; the cache is refused (damaged or "
@@ -478,21 +459,6 @@ class Manifest(BaseModel):
     def records(self) -> list[ShardRecord]:
         """The finished shards' records (a complete cache has one per shard)."""
         return [s for s in self.shards if isinstance(s, ShardRecord)]
-
-
-def _reachable_file(path: Path | ObjectPath) -> bool:
-    """Whether `path` is a file; an object store that cannot be asked is one CacheError saying so (fsspec's
-    `isfile` would answer False, and the cache be called "not a teacher cache")."""
-    if isinstance(path, Path):
-        return path.exists()  # a FIFO or directory of that name is refused by the bounded read, in one line
-    try:
-        return path.fs.info(path.key)["type"] == "file"
-    except FileNotFoundError:
-        return False
-    except Exception as e:  # botocore's connection and credential errors are not OSErrors
-        reason = (str(e).splitlines() or [""])[0]
-        raise CacheError(f"cannot reach {path} ({type(e).__name__}: {reason}); check the URL, the endpoint "
-                         f"(AWS_ENDPOINT_URL) and the credentials") from None
 
 
 def _problem(error: ValidationError) -> str:

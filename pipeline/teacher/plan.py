@@ -18,8 +18,8 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import field_validator
 
-from pipeline.cache.manifest import (MAX_GRID, MAX_LSH_BITS, MAX_SHARD_SIZE, MAX_STAGES, MAX_VIEWS, ArraySpec, Manifest,
-                                     ShardRange, ShardRecord, StorageSpec, shard_ranges)
+from pipeline.cache.bounds import MAX_GRID, MAX_LSH_BITS, MAX_SHARD_SIZE, MAX_STAGES, MAX_VIEWS
+from pipeline.cache.manifest import ArraySpec, Manifest, ShardRange, ShardRecord, StorageSpec, shard_ranges
 from pipeline.cache.statistics import check_cka_source
 from pipeline.cache.reader import TeacherCache
 from pipeline.cache.writer import CacheWriter
