@@ -51,9 +51,9 @@ class TeacherCache(CacheFiles):
     def check_metadata(self) -> None:
         """Every `zarr.json` the arrays are opened through, read bounded before zarr parses it (size, UTF-8,
         nesting: zarr's own parse ends in a RecursionError), and each array's shape and chunks bounded by
-        what the manifest implies before anything is allocated: per-sample arrays have their manifest shape,
-        a statistics array no more elements than its dimensions (classes, feature widths, LSH bits, N)
-        allow, and no chunk is larger than its array (zarr allocates a whole chunk to decode it)."""
+        what the manifest implies before anything is allocated: a statistics array has no more elements than
+        its dimensions (classes, feature widths, LSH bits, N) allow, and no chunk is larger than its array or
+        a shard (zarr allocates a whole chunk to decode it)."""
         names = [*self.manifest.arrays, *self.manifest.stats.arrays]
         nodes = {""} | {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 2)}
         dims = [self.manifest.dataset.num_classes, self.manifest.storage.lsh_bits,
@@ -68,13 +68,16 @@ class TeacherCache(CacheFiles):
             if not isinstance(meta, dict) or meta.get("node_type") != "array":
                 continue
             shape, chunks = meta.get("shape"), meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
-            if not _sizes(shape) or not _sizes(chunks) or len(chunks) != len(shape) or any(
-                    c > max(d, 1) for c, d in zip(chunks, shape)):
+            # Along N a chunk is a shard (`storage.shard_size`, more than N in a small cache); else the array.
+            sized = _sizes(shape) and _sizes(chunks) and len(chunks) == len(shape)
+            if not sized or any(c > max(d, 1, self.manifest.storage.shard_size if axis == 0 else 1)
+                                for axis, (c, d) in enumerate(zip(chunks, shape))):
                 raise CacheError(f"{path}: shape {shape} with chunks {chunks} is not an array this cache writes; {hint}")
-            expected = self.manifest.arrays[node].shape if node in self.manifest.arrays else None
-            if expected is not None and shape != expected or expected is None and math.prod(shape) > statistics_limit:
-                raise CacheError(f"{path} declares shape {shape}, more than the manifest implies "
-                                 f"({expected or f'at most {statistics_limit:,} elements'}); {hint}")
+            # A per-sample array's shape is compared with the manifest's by `check_layout` (opening allocates
+            # nothing); a statistics array's only bound is the manifest's dimensions.
+            if node not in self.manifest.arrays and math.prod(shape) > statistics_limit:
+                raise CacheError(f"{path} declares shape {shape}, more than the manifest implies (at most "
+                                 f"{statistics_limit:,} elements); {hint}")
 
     def check_layout(self) -> None:
         """Cheap checks on open (metadata only): every per-sample array the manifest lists exists with its
