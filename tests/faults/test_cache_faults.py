@@ -315,7 +315,7 @@ def test_a_flipped_byte_in_an_older_shard_record_is_one_line_not_a_zip_traceback
 @pytest.mark.parametrize("edit, culprit", [
     (lambda m: m["dataset"].update(num_samples=130), "num_samples"),
     (lambda m: m["dataset"].update(num_samples=100), "num_samples"),
-    (lambda m: (m["dataset"].update(num_samples=160), m["shards"][2].update(stop=160)), "samples/ids"),
+    (lambda m: (m["dataset"].update(num_samples=160), m["shards"][2].update(stop=160)), "at most storage.shard_size"),
     (lambda m: m["arrays"]["logits/dense"].update(dtype="float32"), "logits/dense"),
     (lambda m: m["arrays"]["features/pooled"].update(shape=[120, 2, 3]), "features/pooled"),
     (lambda m: m["shards"][1].update(start=45), "shard ranges"),
