@@ -9,11 +9,13 @@ from pathlib import Path
 
 from pipeline.errors import DistilleryError
 from pipeline.object_store import ObjectPath
+from pipeline.options import MAX_INPUT_SIZE
 
 MAX_MANIFEST_BYTES = 64 << 20
 """The largest manifest read: ImageNet's (1.28M samples in 1,250 shards) is about 3 MiB."""
-MODEL_KWARGS = frozenset({"img_size"})
-"""The only `teacher.model_kwargs` a cache passes to `timm.create_model` (the render size of a fixed-size ViT)."""
+MODEL_KWARGS = {"img_size": (8, MAX_INPUT_SIZE), "patch_size": (1, MAX_INPUT_SIZE)}
+"""The only `teacher.model_kwargs` a cache passes to `timm.create_model`, each an integer in its [low, high]:
+the render size of a fixed-size ViT, and the patch size of one fitted with `fit-teacher --patch-size`."""
 MAX_CLASSES = 100_000
 MAX_STAGES = 64
 MAX_SHARD_SIZE = 1 << 16

@@ -125,8 +125,9 @@ class TeacherSection(Section):
             if key not in MODEL_KWARGS:
                 raise CacheError(f"teacher.model_kwargs has {key!r}, not an argument a cache passes to its teacher "
                                  f"(only {', '.join(sorted(MODEL_KWARGS))})")
-            if type(value) is not int or not 8 <= value <= MAX_INPUT_SIZE:
-                raise CacheError(f"teacher.model_kwargs.{key} must be an integer in [8, {MAX_INPUT_SIZE}], "
+            low, high = MODEL_KWARGS[key]
+            if type(value) is not int or not low <= value <= high:
+                raise CacheError(f"teacher.model_kwargs.{key} must be an integer in [{low}, {high}], "
                                  f"not {value!r}")
         if len(self.taps) > MAX_STAGES or len(self.stages) > MAX_STAGES:
             raise CacheError(f"teacher.taps and teacher.stages list at most {MAX_STAGES} stages")
