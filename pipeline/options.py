@@ -32,6 +32,16 @@ class OptionError(DistilleryError):
     """An option outside its range, a device this machine lacks, or an output location that cannot be written."""
 
 
+MAX_SEED = (1 << 32) - 1
+"""The largest seed: numpy's generators take seeds below 2**32."""
+MAX_WORKERS = 64
+MAX_BATCH = 1 << 16
+MAX_EPOCHS = 100_000
+MAX_INPUT_SIZE = 1024
+"""The largest render size accepted (teacher or student, from an option or a cache manifest): one 1024 x 1024
+RGB view is 12 MiB as float32 and a batch of them fills a GPU; 100000 would ask for 120 GB per view."""
+
+
 @dataclass(frozen=True)
 class Range:
     """Allowed interval of a numeric option: any of ``gt``, ``ge``, ``lt``, ``le``; NaN and inf are never in it.
@@ -45,7 +55,8 @@ class Range:
     le: float | None = None
 
     def describe(self) -> str:
-        bounds = [f"{op} {bound:g}" for op, bound in ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
+        bounds = [f"{op} {bound if isinstance(bound, int) else format(bound, 'g')}"  # an int seed bound in full
+                  for op, bound in ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
                   if bound is not None]
         return " and ".join(bounds) or "finite"
 

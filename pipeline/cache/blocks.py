@@ -8,6 +8,7 @@ allow_pickle=False (no pickle on any read path). A shard is a tar of blocks with
 from __future__ import annotations
 
 import io
+import math
 import tarfile
 import zipfile
 from collections.abc import Collection, Iterator, Mapping
@@ -45,13 +46,33 @@ def decode_block(data: bytes, where: str = "block", root: str | Path | None = No
             for info in zf.infolist():
                 if keys is not None and info.filename.removesuffix(".npy") not in keys:
                     continue
+                # Sizes are the block's own bytes, never what a header declares: members are stored, not
+                # deflated (a 1 MB member inflating to 1 GiB is refused unread), and an array's declared
+                # shape must fit the member's bytes before it is allocated.
+                if info.compress_type != zipfile.ZIP_STORED or info.file_size > len(data):
+                    raise ValueError(f"member {info.filename} is compressed or larger than its block")
                 with zf.open(info) as f:
-                    out[info.filename.removesuffix(".npy")] = np.lib.format.read_array(
-                        io.BytesIO(f.read()), allow_pickle=False)
+                    member = f.read(len(data) + 1)
+                out[info.filename.removesuffix(".npy")] = read_npy(member)
     except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
         fix = repair_hint(root) if root is not None else "the cache holding it is damaged"
         raise CacheError(f"{where} does not decode ({e}); {fix}") from None
     return out
+
+
+def read_npy(member: bytes) -> np.ndarray:
+    """The array in `.npy` bytes, its header's shape checked against the bytes that follow it first
+    (`read_array` allocates the declared shape before reading); no pickles."""
+    f = io.BytesIO(member)
+    version = np.lib.format.read_magic(f)
+    header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if header is None:
+        raise ValueError(f"an array has .npy version {version}, not one the writer writes")
+    shape, _, dtype = header(f)
+    if dtype.hasobject or math.prod(shape) * dtype.itemsize != len(member) - f.tell():
+        raise ValueError(f"an array header declares {shape} {dtype}, not the {len(member) - f.tell()} bytes it holds")
+    f.seek(0)
+    return np.lib.format.read_array(f, allow_pickle=False)
 
 
 def block_key(name: str) -> str:
@@ -76,10 +97,16 @@ def iter_tar_members(path: str | Path | ObjectPath) -> Iterator[tuple[str, bytes
     or an object (read as one stream)."""
     try:
         with open_binary(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            size = location(path).stat().st_size
             for info in tar:
+                # What a header declares is bounded by the file before anything is read: a 1.5 KB shard
+                # declaring 10^12 bytes, or a sparse member expanding to GiBs (the writer writes neither).
+                if info.issparse() or info.offset_data + info.size > size:
+                    raise tarfile.TarError(f"member {info.name} declares {info.size:,} bytes"
+                                           f"{' (sparse)' if info.issparse() else ''}, more than the file holds")
                 f = tar.extractfile(info) if info.isfile() else None
                 if f is not None:
-                    yield info.name, f.read()
+                    yield info.name, f.read(info.size)
     except FileNotFoundError:
         raise CacheError(f"{path} is missing; {repair_hint(location(path).parent.parent)}") from None
     except (tarfile.TarError, EOFError) as e:

@@ -19,6 +19,10 @@ import numpy as np
 from pipeline.cache.manifest import CacheError
 
 
+REFUSED = "the cache is refused (damaged or crafted): re-create it with `distillery cache`"
+"""How a refusal of a cache whose content contradicts itself ends (there is nothing to repair from)."""
+
+
 def inside(path: Path, base: Path) -> bool:
     """Whether `path`, symlinks resolved, lies inside `base` (also resolved)."""
     return path.resolve().is_relative_to(base.resolve())

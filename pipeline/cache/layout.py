@@ -17,13 +17,13 @@ cache, `TeacherCache` (`pipeline.cache.reader`) reads it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from pipeline.bounded import read_json
 from pipeline.cache.integrity import confined_path, inside, rows_digest
 from pipeline.cache.manifest import CacheError, Manifest, ShardRange, ShardRecord
 from pipeline.checksums import sha256_file
@@ -37,6 +37,10 @@ STAGING_PREFIX = ".stats-staging-"
 SHARDS_DIR = "shards"
 SHARD_PATTERN = "train-{:06d}.tar"
 TAIL_NAME = "teacher_tail.pt"
+MAX_METADATA_BYTES = 1 << 20
+"""The largest `zarr.json` read (the cache's own are under 1 KiB)."""
+MAX_RECORD_BYTES = 1 << 20
+"""The largest shard record read: one lists a sha256 per block, about 70 bytes each."""
 
 
 def block_sizes(shards: list[ShardRange], block_size: int) -> list[list[int]]:
@@ -105,8 +109,8 @@ class CacheFiles:
         if isinstance(listed, ShardRecord):
             return listed
         try:
-            return ShardRecord.read(json.loads(self.record_path(index).read_bytes()))
-        except (OSError, ValueError, TypeError):
+            return ShardRecord.read(read_json(self.record_path(index), MAX_RECORD_BYTES, CacheError, "rewritten"))
+        except (ValueError, TypeError):  # CacheError included: a record that does not read is rewritten
             return None
 
     def stored_rows_digest(self, start: int, stop: int) -> str:

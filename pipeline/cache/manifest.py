@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import contextvars
 import copy
@@ -18,8 +19,12 @@ from typing import Any, ClassVar, Self
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from pipeline.object_store import ObjectPath, location, write_whole_bytes
+from pipeline.bounded import read_json
+from pipeline.cache.bounds import (MAX_CLASSES, MAX_GRID, MAX_LSH_BITS, MAX_MANIFEST_BYTES, MAX_SAMPLES,
+                                   MAX_SHARD_SIZE, MAX_STAGES, MAX_VIEWS, MODEL_KWARGS, STATISTICS_ARRAYS,
+                                   reachable_file)
 from pipeline.errors import DistilleryError
-from pipeline.options import one_line_error
+from pipeline.options import MAX_INPUT_SIZE, one_line_error
 
 FORMAT_VERSION = 2
 """2: every per-sample array is stored once, in `arrays.zarr`; the shards' blocks carry the raw inputs only.
@@ -27,7 +32,6 @@ FORMAT_VERSION = 2
 READ_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 IDENTITY_SECTIONS = ("teacher", "dataset", "views", "storage")
-
 
 class CacheError(DistilleryError):
     """A cache that cannot be used as asked; the message says what is wrong and what to do."""
@@ -104,6 +108,31 @@ class TeacherSection(Section):
     stages: list[str] = Field(default_factory=list)
     pooled_dim: int | None = None
 
+    @model_validator(mode="after")
+    def _check(self) -> TeacherSection:
+        # What reaches a constructor or a division is allow-listed with its range (docs/cache-format.md#security):
+        # a crafted `model_kwargs` must not hand timm a path, a zero `std` must not become a NaN loss.
+        if not 1 <= self.num_classes <= MAX_CLASSES or self.in_chans not in (1, 3):
+            raise CacheError(f"teacher.num_classes must lie in [1, {MAX_CLASSES}] and teacher.in_chans be 1 or 3, "
+                             f"not {self.num_classes} and {self.in_chans}")
+        if not 8 <= self.input_size <= MAX_INPUT_SIZE:
+            raise CacheError(f"teacher.input_size must lie in [8, {MAX_INPUT_SIZE}], not {self.input_size}")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans or not all(
+                math.isfinite(m) and 0 < s < math.inf for m, s in zip(self.mean, self.std)):
+            raise CacheError(f"teacher.mean and teacher.std must hold in_chans ({self.in_chans}) finite values, "
+                             f"each std > 0, not {self.mean} and {self.std}")
+        for key, value in self.model_kwargs.items():
+            if key not in MODEL_KWARGS:
+                raise CacheError(f"teacher.model_kwargs has {key!r}, not an argument a cache passes to its teacher "
+                                 f"(only {', '.join(sorted(MODEL_KWARGS))})")
+            low, high = MODEL_KWARGS[key]
+            if type(value) is not int or not low <= value <= high:
+                raise CacheError(f"teacher.model_kwargs.{key} must be an integer in [{low}, {high}], "
+                                 f"not {value!r}")
+        if len(self.taps) > MAX_STAGES or len(self.stages) > MAX_STAGES:
+            raise CacheError(f"teacher.taps and teacher.stages list at most {MAX_STAGES} stages")
+        return self
+
     @property
     def logit_classes(self) -> int:
         """Width of the stored logits: the dataset classes of a class map, else the teacher's head."""
@@ -125,9 +154,25 @@ class DatasetSection(Section):
     on_bad_image: str | None = None  # written only when images were skipped: "skip"
     skipped: list[str] | None = None  # their paths
 
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSection:
+        if not 1 <= self.num_classes <= MAX_CLASSES or len(self.class_names) != self.num_classes:
+            raise CacheError(f"dataset.num_classes ({self.num_classes}) must lie in [1, {MAX_CLASSES}] and equal "
+                             f"the number of dataset.class_names ({len(self.class_names)})")
+        if not 1 <= self.num_samples <= MAX_SAMPLES or self.channels not in (1, 3):
+            raise CacheError(f"dataset.num_samples must lie in [1, {MAX_SAMPLES}] and dataset.channels be 1 or 3, not "
+                             f"{self.num_samples} and {self.channels}")
+        return self
+
 
 class ViewsSection(Section):
     """`views`: the `ViewPlan` (docs/ARCHITECTURE.md#views) and its recipe, for people."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ViewsSection:
+        if not 0 <= self.num_augmented <= MAX_VIEWS:
+            raise CacheError(f"views.num_augmented must lie in [0, {MAX_VIEWS}], not {self.num_augmented}")
+        return self
 
     num_augmented: int
     seed: int
@@ -187,10 +232,12 @@ class StorageSpec(Section):
             raise CacheError(f"--grid must be >= 1, not {self.grid}")
         if self.max_side is not None and self.max_side < 1:
             raise CacheError(f"--max-side must be >= 1 pixel, not {self.max_side}; leave it out to keep full size")
-        if self.shard_size < 1 or self.block_size < 1:
-            raise CacheError("--shard-size and the block size must be >= 1")
-        if self.lsh_bits < 0 or self.lsh_bits % 8:
-            raise CacheError(f"--lsh-bits must be a non-negative multiple of 8, not {self.lsh_bits}")
+        if not 1 <= self.shard_size <= MAX_SHARD_SIZE or not 1 <= self.block_size <= MAX_SHARD_SIZE:
+            raise CacheError(f"--shard-size and the block size must lie in [1, {MAX_SHARD_SIZE}]")
+        if not 0 <= self.lsh_bits <= MAX_LSH_BITS or self.lsh_bits % 8:
+            raise CacheError(f"--lsh-bits must be a multiple of 8 in [0, {MAX_LSH_BITS}], not {self.lsh_bits}")
+        if not 1 <= self.grid <= MAX_GRID or not 0 <= self.teacher_tail <= MAX_STAGES:
+            raise CacheError(f"--grid must lie in [1, {MAX_GRID}] and --teacher-tail in [0, {MAX_STAGES}]")
         if self.featmaps and self.tap is None:
             raise CacheError("--featmaps stores the map of the tapped stage; give --tap auto|STAGE, not none")
         if self.teacher_tail < 0 or (self.teacher_tail and not self.featmaps):
@@ -292,6 +339,11 @@ class StatsSection(Section):
     features_count: int | None = None
     lsh: LshRecord | None = None
 
+    @model_validator(mode="after")
+    def _check(self) -> StatsSection:
+        _only_statistics(self.arrays, "stats.arrays")
+        return self
+
     @model_validator(mode="wrap")
     @classmethod
     def _keep_order(cls, data: Any, handler: Any) -> StatsSection:
@@ -303,6 +355,12 @@ class StatsSection(Section):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         return {k: out[k] for k in sorted(out, key=lambda k: self._order.index(k) if k in self._order else 99)}
+
+
+def _only_statistics(names: Any, field: str) -> None:
+    unknown = sorted(set(names) - STATISTICS_ARRAYS)
+    if unknown:
+        raise CacheError(f"{field} lists {unknown[0]!r}, not a statistics array (damaged or crafted)")
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -383,15 +441,12 @@ class Manifest(BaseModel):
     @classmethod
     def load(cls, root: str | Path | ObjectPath) -> Manifest:
         path = location(root) / MANIFEST_NAME
-        if not path.is_file():
+        if not reachable_file(path, CacheError):
             raise CacheError(f"{root} is not a teacher cache (no {MANIFEST_NAME}); create one with `distillery cache`")
         if not path.resolve().is_relative_to(location(root).resolve()):
             raise CacheError(f"{path} is a symlink to a file outside {root}; the cache is refused (damaged or "
                              f"crafted): re-create it with `distillery cache`")
-        try:
-            data = json.loads(path.read_bytes())
-        except ValueError as e:  # not JSON, or not UTF-8
-            raise CacheError(f"{path} is not valid JSON ({e}); delete the cache and re-run `distillery cache`") from e
+        data = read_json(path, MAX_MANIFEST_BYTES, CacheError, "delete the cache and re-run `distillery cache`")
         if not isinstance(data, dict):
             raise CacheError(f"{path} is not a cache manifest (a JSON object); delete the cache and re-run "
                              f"`distillery cache`")
@@ -402,8 +457,13 @@ class Manifest(BaseModel):
             manifest = cls(**data)
         except ValidationError as e:
             raise CacheError(f"{path}{_problem(e)}; delete the cache and re-run `distillery cache`") from None
-        if not _ranges_cover(manifest.shards, manifest.dataset.num_samples):
-            raise CacheError(f"{path}: the shard ranges do not cover samples [0, dataset.num_samples) in order "
+        try:
+            _only_statistics(manifest.digests, "digests")
+        except CacheError as e:
+            raise CacheError(f"{path}: {e}; delete the cache and re-run `distillery cache`") from None
+        if not _ranges_cover(manifest.shards, manifest.dataset.num_samples, manifest.storage.shard_size):
+            raise CacheError(f"{path}: the shard ranges do not cover samples [0, dataset.num_samples) in order, "
+                             f"at most storage.shard_size each "
                              f"(damaged or edited); delete the cache and re-run `distillery cache`")
         return manifest
 
@@ -424,11 +484,12 @@ def _problem(error: ValidationError) -> str:
     return f": field {where} has the wrong type (damaged or edited)"
 
 
-def _ranges_cover(shards: list[ShardRange], num_samples: int) -> bool:
-    """Whether shard i covers [start, stop) with each start the previous stop, from 0 to `num_samples`."""
+def _ranges_cover(shards: list[ShardRange], num_samples: int, shard_size: int) -> bool:
+    """Whether shard i covers [start, stop), at most `shard_size` samples, with each start the previous stop,
+    from 0 to `num_samples` (so N is no larger than the records the manifest holds can cover)."""
     stop = 0
     for i, s in enumerate(shards):
-        if s.index != i or s.start != stop or s.stop <= stop:
+        if s.index != i or s.start != stop or not 0 < s.stop - stop <= shard_size:
             return False
         stop = s.stop
     return bool(shards) and stop == num_samples

@@ -9,6 +9,8 @@ against the digest recorded when it was written before it is used (docs/cache-fo
 from __future__ import annotations
 
 import io
+import math
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +21,17 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline.bounded import read_bytes, read_json
 from pipeline.cache.blocks import block_key, decode_block, iter_tar_members
 from pipeline.cache.inputs import INPUT_KEYS, InputCodec, raw_count
-from pipeline.cache.integrity import array_digest, confined_path, inside, repair_hint, rows_digest
-from pipeline.cache.layout import LSH_INDEX_NAME, SHARDS_DIR, TAIL_NAME, CacheFiles, block_sizes, open_arrays
+from pipeline.cache.integrity import (REFUSED, array_digest, confined_path, inside, non_finite_rows, repair_hint,
+                                      rows_digest)
+from pipeline.cache.layout import (LSH_INDEX_NAME, MAX_METADATA_BYTES, SHARDS_DIR, TAIL_NAME, CacheFiles, block_sizes,
+                                   open_arrays)
 from pipeline.cache.manifest import CacheError, Manifest
 from pipeline.cache.targets import LOGITS, SAMPLE_ARRAYS, TARGETS, Served
 from pipeline.checksums import sha256_bytes, sha256_file
+from pipeline.data.datasets import samples_fingerprint
 from pipeline.object_store import ObjectPath
 
 
@@ -37,8 +43,42 @@ class TeacherCache(CacheFiles):
         if require_complete and self.manifest.status != "complete":
             raise CacheError(f"{self.root} is a partial cache (the teacher pass did not finish); "
                              f"re-run the same `distillery cache` command to complete it")
+        self.check_metadata()
         self.group = open_arrays(self.zarr_path, mode="r")
         self.check_layout()
+        if self.manifest.status == "complete":
+            self.check_samples()
+
+    def check_metadata(self) -> None:
+        """Every `zarr.json` the arrays are opened through, read bounded before zarr parses it (size, UTF-8,
+        nesting: zarr's own parse ends in a RecursionError), and each array's shape and chunks bounded by
+        what the manifest implies before anything is allocated: a statistics array has no more elements than
+        its dimensions (classes, feature widths, LSH bits, N) allow, and no chunk is larger than its array or
+        a shard (zarr allocates a whole chunk to decode it)."""
+        names = [*self.manifest.arrays, *self.manifest.stats.arrays]
+        nodes = {""} | {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 2)}
+        dims = [self.manifest.dataset.num_classes, self.manifest.storage.lsh_bits,
+                *(meta.shape[-1] for meta in self.manifest.arrays.values())]
+        statistics_limit = max(dims) ** 2 + self.num_samples * self.manifest.storage.lsh_bits // 8
+        hint = "the cache is damaged or crafted: delete it and re-run `distillery cache`"
+        for node in sorted(nodes):
+            path = self.zarr_path / node / "zarr.json" if node else self.zarr_path / "zarr.json"
+            if not path.exists():
+                continue  # zarr names what is missing when it is opened
+            meta = read_json(path, MAX_METADATA_BYTES, CacheError, hint)
+            if not isinstance(meta, dict) or meta.get("node_type") != "array":
+                continue
+            shape, chunks = meta.get("shape"), meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+            # Along N a chunk is a shard (`storage.shard_size`, more than N in a small cache); else the array.
+            sized = _sizes(shape) and _sizes(chunks) and len(chunks) == len(shape)
+            if not sized or any(c > max(d, 1, self.manifest.storage.shard_size if axis == 0 else 1)
+                                for axis, (c, d) in enumerate(zip(chunks, shape))):
+                raise CacheError(f"{path}: shape {shape} with chunks {chunks} is not an array this cache writes; {hint}")
+            # A per-sample array's shape is compared with the manifest's by `check_layout` (opening allocates
+            # nothing); a statistics array's only bound is the manifest's dimensions.
+            if node not in self.manifest.arrays and math.prod(shape) > statistics_limit:
+                raise CacheError(f"{path} declares shape {shape}, more than the manifest implies (at most "
+                                 f"{statistics_limit:,} elements); {hint}")
 
     def check_layout(self) -> None:
         """Cheap checks on open (metadata only): every per-sample array the manifest lists exists with its
@@ -51,6 +91,33 @@ class TeacherCache(CacheFiles):
                 raise CacheError(f"{self.zarr_path / name} has shape {list(arr.shape)} {arr.dtype}, the manifest "
                                  f"says {meta.shape} {meta.dtype} with N={n} (damaged or edited); delete "
                                  f"the cache and re-run `distillery cache`")
+
+    def check_samples(self) -> None:
+        """The stored ids and labels mean what the manifest records (docs/cache-format.md#security): labels in
+        [0, C), ids distinct, and the dataset fingerprint recomputed from them. Digests cannot tell a label
+        shifted by one from the teacher's if the forger recomputed them; the fingerprint the manifest records
+        (and `verify` compares with the dataset itself) can."""
+        try:
+            ids, labels, d = self.read("samples/ids"), self.read("samples/labels"), self.manifest.dataset
+        except CacheError:  # damaged rows (not their digests): named with their repair where they are read
+            return
+        outside = np.flatnonzero((labels < 0) | (labels >= d.num_classes))
+        if len(outside):
+            raise CacheError(f"{self.zarr_path / 'samples/labels'}: row {outside[0]} holds label {labels[outside[0]]}, "
+                             f"outside the manifest's {d.num_classes} classes ({len(outside)} such rows); {REFUSED}")
+        if len(np.unique(ids)) != len(ids):
+            raise CacheError(f"{self.zarr_path / 'samples/ids'} names a sample twice; {REFUSED}")
+        if samples_fingerprint(ids, labels, d.class_names) != d.fingerprint:
+            raise CacheError(f"{self.root}: the stored ids and labels are not the ones dataset.fingerprint records "
+                             f"(rows changed or reordered after the teacher pass); {REFUSED}")
+
+    def check_finite(self, where: str, name: str, value: np.ndarray) -> None:
+        """Refuse stored teacher rows holding NaN or inf: the writer refuses them, so they were put there, and
+        training on them would end in a NaN loss blamed on the learning rate."""
+        bad = non_finite_rows(value)
+        if len(bad):
+            raise CacheError(f"{self.zarr_path / name}: {where}{len(bad)} rows hold NaN or inf (the cache's "
+                             f"values, not a training problem); {REFUSED}")
 
     def check_array(self, name: str, value: np.ndarray) -> np.ndarray:
         """`value`, the whole of array `name`, checked against its digest: the manifest's for dataset-level
@@ -65,6 +132,7 @@ class TeacherCache(CacheFiles):
                 if digest is not None and rows_digest({name: value[record.start:record.stop]}) != digest:
                     raise CacheError(f"{self.zarr_path / name}: rows of shard {record.index} differ from their "
                                      f"digest (a lost or changed zarr chunk); {repair_hint(self.root)}")
+        self.check_finite("", name, value)
         return value
 
     @property
@@ -133,6 +201,8 @@ class TeacherCache(CacheFiles):
         problem = self.rows_problem(record, names, rows)
         if problem:
             raise CacheError(f"{self.root}: {problem}; {repair_hint(self.root)}")
+        for name, value in rows.items():
+            self.check_finite(f"shard {index}: ", name, value)
         return rows
 
     def lsh_index(self) -> faiss.IndexBinary:
@@ -143,9 +213,17 @@ class TeacherCache(CacheFiles):
         if record is None or not path.is_file() or not inside(path, self.root):
             raise CacheError(f"{self.root} has no LSH index; build one without the teacher: "
                              f"`distillery stats {self.root} --lsh-bits 64`")
-        data = path.read_bytes()
+        n, width = self.num_samples, record.bits // 8
+        data = read_bytes(path, len(FLAT_INDEX_HEADER.pack(b"", 0, 0, 0, 0, 0, 0)) + n * width, CacheError,
+                          f"rebuild it with `distillery stats {self.root}`")
         if sha256_bytes(data) != record.index_sha256:
             raise CacheError(f"{path} fails its sha256 (corrupt or changed); rebuild it with "
+                             f"`distillery stats {self.root}`")
+        # faiss allocates what the header declares before reading it: the header must be the one a flat
+        # binary index of N codes of `bits` has (IndexBinaryFlat: fourcc, d, code_size, ntotal, is_trained,
+        # metric, then the codes' byte count).
+        if data[:FLAT_INDEX_HEADER.size] != FLAT_INDEX_HEADER.pack(b"IBxF", record.bits, width, n, 1, 1, n * width):
+            raise CacheError(f"{path} is not a flat index of {n} codes of {record.bits} bits; rebuild it with "
                              f"`distillery stats {self.root}`")
         return faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
 
@@ -255,6 +333,15 @@ class TeacherCache(CacheFiles):
             raise CacheError(f"{self.root} stores no logits (head-less teacher); re-run `distillery cache` "
                              f"with --logits dense|topk:K")
         return TARGETS[LOGITS].serve({n: get(n) for n in names}, self.num_classes).numpy()
+
+
+FLAT_INDEX_HEADER = struct.Struct("<4siiqBiQ")
+"""How faiss serializes an IndexBinaryFlat ahead of its codes (`faiss/impl/index_write.cpp`)."""
+
+
+def _sizes(value: object) -> bool:
+    """Whether `value` is a list of non-negative integers (an array shape or chunk shape)."""
+    return isinstance(value, list) and all(type(d) is int and d >= 0 for d in value)
 
 
 @dataclass(frozen=True)

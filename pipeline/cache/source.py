@@ -20,5 +20,6 @@ def source_dataset(cache: TeacherCache) -> ImageDataset:
     if dataset.fingerprint() != d.fingerprint:
         raise CacheError(f"the dataset {d.name} ({d.split}) found here is not the one {cache.root} was made "
                          f"from (fingerprint {dataset.fingerprint()[:12]}, cache {d.fingerprint[:12]}); "
-                         f"run where the original data is")
+                         f"run where the original data is; if it is here, the cache's samples were altered: re-create "
+                         f"it with `distillery cache`")
     return dataset.with_max_side(cache.manifest.storage.max_side)  # decoded no larger than the cache's inputs

@@ -87,6 +87,8 @@ def teacher_accuracy_per_view(cache: TeacherCache) -> list[dict[str, float]]:
     for v in range(cache.num_views):
         rows = {name.replace("/", "."): cache.array(name)[:, v:v + 1]
                 for name in cache.manifest.arrays if name.startswith("logits/")}
+        for key, value in rows.items():  # read a view at a time, unlike `read`: checked here
+            cache.check_finite(f"view {v}: ", key.replace(".", "/"), value)
         logits = cache.dense_logits(rows)[:, 0]
         z = logits - logits.max(1, keepdims=True)
         p = np.exp(z) / np.exp(z).sum(1, keepdims=True)

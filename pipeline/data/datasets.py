@@ -18,7 +18,7 @@ import gzip
 import hashlib
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -59,6 +59,16 @@ _VAL_FRACTION = 0.2
 
 class DatasetError(DistilleryError):
     """Bad dataset spec, split, subset or files; the message says what is wrong and what to do."""
+
+
+def samples_fingerprint(ids: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> str:
+    """sha256 of ids (int64 LE) + labels (int32 LE) + class names (docs/cache-format.md#contract): a dataset's
+    identity, and what a cache's stored ids and labels are checked against (docs/cache-format.md#security)."""
+    digest = hashlib.sha256()
+    digest.update(np.asarray(ids).astype("<i8").tobytes())
+    digest.update(np.asarray(labels).astype("<i4").tobytes())
+    digest.update("\n".join(class_names).encode("utf-8"))
+    return digest.hexdigest()
 
 
 @dataclass(eq=False)
@@ -130,12 +140,8 @@ class ImageDataset(ABC):
         """uint8 arrays whose last axis is the channel axis; ``pixel_stats`` pools them."""
 
     def fingerprint(self) -> str:
-        """sha256 of ids (int64 LE) + labels (int32 LE) + class names, the cache identity (docs/cache-format.md#contract)."""
-        digest = hashlib.sha256()
-        digest.update(self.ids.astype("<i8").tobytes())
-        digest.update(self.labels.astype("<i4").tobytes())
-        digest.update("\n".join(self.class_names).encode("utf-8"))
-        return digest.hexdigest()
+        """`samples_fingerprint` of this dataset, the cache identity (docs/cache-format.md#contract)."""
+        return samples_fingerprint(self.ids, self.labels, self.class_names)
 
     def subset(self, positions: np.ndarray) -> ImageDataset:
         """The rows at ``positions``, in the given order, as a dataset of the same kind."""

@@ -15,7 +15,8 @@ from pipeline.data.datasets import BAD_IMAGE_POLICIES
 from pipeline.errors import DistilleryError
 from pipeline.methods import MethodError, MethodSpec
 from pipeline.object_store import location
-from pipeline.options import Config, Help, Range, check_device
+from pipeline.options import (MAX_BATCH, MAX_EPOCHS, MAX_INPUT_SIZE, MAX_SEED, MAX_WORKERS, Config, Help, Range,
+                              check_device)
 from pipeline.train.optim import OptimConfig
 
 
@@ -28,16 +29,18 @@ class RunSettings(Config):
     (a sweep file's ``[settings]`` table, the optimiser's in ``[settings.optim]``) and the options of
     `distillery train`, each declared here once with its range and meaning."""
 
-    epochs: Annotated[int, Range(ge=1), Help("training epochs")] = 10
-    seed: Annotated[int, Range(ge=0), Help("student seed (initialisation, shuffling)")] = 0
-    batch_size: Annotated[int, Range(ge=1), Help("samples per optimiser step")] = 64
+    epochs: Annotated[int, Range(ge=1, le=MAX_EPOCHS), Help("training epochs")] = 10
+    seed: Annotated[int, Range(ge=0, le=MAX_SEED), Help("student seed (initialisation, shuffling)")] = 0
+    batch_size: Annotated[int, Range(ge=1, le=MAX_BATCH), Help("samples per optimiser step")] = 64
     optim: Annotated[OptimConfig, Help("the optimiser and its learning-rate schedule")] = Field(
         default_factory=OptimConfig)
-    input_size: Annotated[int | None, Range(ge=8), Help("student render size (default: the teacher's)")] = None
+    input_size: Annotated[int | None, Range(ge=8, le=MAX_INPUT_SIZE),
+                          Help("student render size (default: the teacher's)")] = None
     online_teacher: Annotated[bool, Help("compute the targets live from the teacher (the cached run's twin, for "
                                          "comparison)")] = False
-    workers: Annotated[int, Range(ge=0), Help("DataLoader worker processes streaming the cache (0: none)")] = 1
-    shuffle_buffer: Annotated[int, Range(ge=1), Help("samples held for the within-buffer shuffle")] = 1024
+    workers: Annotated[int, Range(ge=0, le=MAX_WORKERS),
+                       Help("DataLoader worker processes streaming the cache (0: none)")] = 1
+    shuffle_buffer: Annotated[int, Range(ge=1, le=1 << 20), Help("samples held for the within-buffer shuffle")] = 1024
     eval_every: Annotated[int, Range(ge=1), Help("evaluate every this many epochs (and after the last)")] = 1
     device: Annotated[str, Help("auto | cpu | cuda | cuda:N")] = "auto"
     resume: Annotated[bool, Help("continue from the run directory's checkpoint")] = False

@@ -34,7 +34,8 @@ from pipeline.data.datasets import BAD_IMAGE_HELP, BAD_IMAGE_POLICIES, load_data
 from pipeline.data.rendering import RenderedViews, default_input_size, worker_context
 from pipeline.data.views import ViewPlan
 from pipeline.nets.tapped import create_timm_model
-from pipeline.options import Config, Help, OptionError, Range, check_device, check_output_file, resolve_device
+from pipeline.options import (MAX_BATCH, MAX_EPOCHS, MAX_INPUT_SIZE, MAX_SEED, MAX_WORKERS, Config, Help, OptionError,
+                              Range, check_device, check_output_file, resolve_device)
 from pipeline.progress import progress_task
 from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.teacher.weights import resolve_sized
@@ -52,21 +53,24 @@ class FitConfig(Config):
     out: Annotated[str, Help("checkpoint path to write")]
     overwrite: Annotated[bool, Help("replace a checkpoint already at --out (refused otherwise: the caches made "
                                     "from it would no longer verify)")] = False
-    epochs: Annotated[int, Range(ge=1), Help("training epochs")] = 10
+    epochs: Annotated[int, Range(ge=1, le=MAX_EPOCHS), Help("training epochs")] = 10
     subset: Annotated[int | None, Range(ge=1), Help("seeded, stratified subset of the train split")] = None
-    seed: Annotated[int, Range(ge=0), Help("seed of the initialisation, the subset and the augmentations")] = 0
-    input_size: Annotated[int | None, Range(ge=8), Help("render size (default 32 for small images, 224 "
-                                                        "otherwise)")] = None
+    seed: Annotated[int, Range(ge=0, le=MAX_SEED),
+                    Help("seed of the initialisation, the subset and the augmentations")] = 0
+    input_size: Annotated[int | None, Range(ge=8, le=MAX_INPUT_SIZE),
+                          Help("render size (default 32 for small images, 224 "
+                               "otherwise)")] = None
     patch_size: Annotated[int | None, Range(ge=1, le=64), Help(
         "patch size of a ViT-style model (timm's patch_size; default: the model's own, e.g. 16, which leaves a "
         "32-px image 2x2 tokens; 4 gives 8x8)")] = None
-    batch_size: Annotated[int, Range(ge=1), Help("images per optimiser step")] = 128
+    batch_size: Annotated[int, Range(ge=1, le=MAX_BATCH), Help("images per optimiser step")] = 128
     lr: Annotated[float, Range(gt=0), Help("peak learning rate (AdamW, cosine schedule after one warm-up "
                                            "epoch)")] = 2e-3
     weight_decay: Annotated[float, Range(ge=0), Help("AdamW weight decay (not on norms and biases)")] = 0.05
     label_smoothing: Annotated[float, Range(ge=0, le=1), Help("label smoothing of the cross-entropy "
                                                               "(supervised)")] = 0.1
-    workers: Annotated[int, Range(ge=0), Help("DataLoader worker processes rendering the views (0: none)")] = 1
+    workers: Annotated[int, Range(ge=0, le=MAX_WORKERS),
+                       Help("DataLoader worker processes rendering the views (0: none)")] = 1
     device: Annotated[str, Help("auto | cpu | cuda | cuda:N")] = "auto"
     on_bad_image: Annotated[Literal[BAD_IMAGE_POLICIES], Help(BAD_IMAGE_HELP)] = "fail"
     objective: Annotated[Literal[OBJECTIVES], Help("supervised (labels) | ssl (SimCLR two-view NT-Xent, no labels; "

@@ -112,6 +112,7 @@ def setup_run(config: TrainConfig, device: torch.device, world_size: int = 1,
     s.check_machine()
     check_output_location(config.out)
     run = RunDir(config.out)
+    run.check_outside_caches(config.cache)
     run.check_unlocked()
     cache = open_cache(config.cache) if cache is None else cache
     manifest = cache.manifest

@@ -33,7 +33,8 @@ import torch
 
 from pipeline.atomic import atomic_write_text
 from pipeline.bounded import parse_json, read_json, read_text
-from pipeline.cache.manifest import identity_mismatch
+from pipeline.cache.layout import ARRAYS_NAME
+from pipeline.cache.manifest import MANIFEST_NAME, identity_mismatch
 from pipeline.checksums import sha256_bytes
 from pipeline.object_store import ObjectLock, ObjectPath, describe_holder, holder_note, location, write_whole_bytes
 from pipeline.train.config import TrainConfig, TrainError
@@ -83,6 +84,21 @@ class RunDir:
                 (self.path / HOLDER).unlink(missing_ok=True)
         finally:
             os.close(fd)  # releases the lock
+
+    def check_outside_caches(self, cache: str | Path | ObjectPath) -> None:
+        """Refuse (TrainError) a run directory that is, or lies inside, the teacher cache `cache` or any other
+        cache (a folder with `manifest.json` and `arrays.zarr`): a run's files are no part of a cache, and a
+        cache is not the run's to write in (docs/cache-format.md#security)."""
+        out, root = self.path.resolve(), location(cache).resolve()
+        if type(out) is type(root) and out.is_relative_to(root):
+            where = f"the --cache {root}"
+        elif isinstance(out, Path) and (found := next((d for d in (out, *out.parents) if (d / MANIFEST_NAME).is_file()
+                                                        and (d / ARRAYS_NAME).is_dir()), None)):
+            where = f"the teacher cache {found}"
+        else:
+            return
+        raise TrainError(f"--out {self.path} lies inside {where}; a run writes its files outside every cache: "
+                         f"choose another --out")
 
     def check_unlocked(self) -> None:
         """Refuse (TrainError) if a run holds the directory's lock now; takes and writes nothing."""

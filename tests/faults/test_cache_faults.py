@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from forgery import SMALL_CACHE
 from pipeline.cache.manifest import CacheError, Manifest
 from pipeline.cache.blocks import decode_block, iter_tar_members
 from pipeline.cache.inputs import raw_count, unpack_raw
@@ -40,29 +41,20 @@ from pipeline.train.loop import open_cache
 from pipeline.train.stream import CacheStream
 
 REPO = Path(__file__).resolve().parents[2]
-# block_size: the CLI's (it has no option for it), so `distillery cache` can rerun the same request.
-CACHE_OPTIONS = {"subset": 120, "views": 1, "shard_size": 40, "block_size": 256, "featmaps": True, "teacher_tail": 1,
-                 "lsh_bits": 16}
-
-
 @pytest.fixture(scope="module")
 def request_for(cache_request) -> Callable[[Path], object]:
-    return lambda out: cache_request(out, **CACHE_OPTIONS)
+    return lambda out: cache_request(out, **SMALL_CACHE)
 
 
 @pytest.fixture(scope="module")
-def good(request_for, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The module's complete cache: 120 samples, 2 views, 3 shards, feature maps, teacher tail, 16 LSH bits."""
-    out = tmp_path_factory.mktemp("faults") / "cache"
-    run_cache_pass(request_for(out))
-    return out
+def good(small_cache: Path) -> Path:
+    """The complete cache every test copies (tests/faults/conftest.py `small_cache`)."""
+    return small_cache
 
 
 @pytest.fixture
-def cache(good: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "cache"
-    shutil.copytree(good, copy, symlinks=True)
-    return copy
+def cache(forged: Path) -> Path:
+    return forged
 
 
 def edit_manifest(root: Path, edit: Callable[[dict], None]) -> None:
@@ -324,7 +316,7 @@ def test_a_flipped_byte_in_an_older_shard_record_is_one_line_not_a_zip_traceback
 @pytest.mark.parametrize("edit, culprit", [
     (lambda m: m["dataset"].update(num_samples=130), "num_samples"),
     (lambda m: m["dataset"].update(num_samples=100), "num_samples"),
-    (lambda m: (m["dataset"].update(num_samples=160), m["shards"][2].update(stop=160)), "samples/ids"),
+    (lambda m: (m["dataset"].update(num_samples=160), m["shards"][2].update(stop=160)), "at most storage.shard_size"),
     (lambda m: m["arrays"]["logits/dense"].update(dtype="float32"), "logits/dense"),
     (lambda m: m["arrays"]["features/pooled"].update(shape=[120, 2, 3]), "features/pooled"),
     (lambda m: m["shards"][1].update(start=45), "shard ranges"),

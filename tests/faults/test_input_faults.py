@@ -66,7 +66,7 @@ def test_cli_cache_refuses_a_bad_option_before_anything_is_written(tmp_path: Pat
     out = tmp_path / "cache"
     result = cli("cache", "--dataset", "digits", "--teacher", "test_resnet", "--out", str(out), "--device", "cpu",
                  "--batch-size", "0", home=tmp_path)
-    assert_refused(result, "--batch-size must be >= 1, not 0")
+    assert_refused(result, "--batch-size must be >= 1 and <= 65536, not 0")
     assert not out.exists()
 
 
@@ -162,15 +162,15 @@ def _cache_request(out: Path, **fields):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"views": -1}, "--views must be >= 0, not -1"),
-    ({"grid": 0}, "--grid must be >= 1, not 0"),
-    ({"batch_size": 0}, "--batch-size must be >= 1, not 0"),
-    ({"shard_size": 0}, "--shard-size must be >= 1, not 0"),
-    ({"input_size": -5}, "--input-size must be >= 8, not -5"),
-    ({"input_size": 0}, "--input-size must be >= 8, not 0"),
+    ({"views": -1}, "--views must be >= 0 and <= 64, not -1"),
+    ({"grid": 0}, "--grid must be >= 1 and <= 64, not 0"),
+    ({"batch_size": 0}, "--batch-size must be >= 1 and <= 65536, not 0"),
+    ({"shard_size": 0}, "--shard-size must be >= 1 and <= 65536, not 0"),
+    ({"input_size": -5}, "--input-size must be >= 8 and <= 1024, not -5"),
+    ({"input_size": 0}, "--input-size must be >= 8 and <= 1024, not 0"),
     ({"subset": -3}, "--subset must be >= 1, not -3"),
-    ({"lsh_bits": -8}, "--lsh-bits must be >= 0, not -8"),
-    ({"teacher_tail": -1}, "--teacher-tail must be >= 0, not -1"),
+    ({"lsh_bits": -8}, "--lsh-bits must be >= 0 and <= 4096, not -8"),
+    ({"teacher_tail": -1}, "--teacher-tail must be >= 0 and <= 64, not -1"),
     ({"views": "many"}, "--views: input should be a valid integer"),
     ({"on_bad_image": "ignore"}, "--on-bad-image must be one of fail, skip, not 'ignore'"),
 ])
@@ -222,9 +222,9 @@ def test_an_empty_class_folder_is_refused_by_name(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"epochs": 0}, "--epochs must be >= 1, not 0"),
-    ({"epochs": -2}, "--epochs must be >= 1, not -2"),
-    ({"input_size": 0}, "--input-size must be >= 8, not 0"),
+    ({"epochs": 0}, "--epochs must be >= 1 and <= 100000, not 0"),
+    ({"epochs": -2}, "--epochs must be >= 1 and <= 100000, not -2"),
+    ({"input_size": 0}, "--input-size must be >= 8 and <= 1024, not 0"),
     ({"optim": {"lr": float("nan")}}, "--lr must be > 0, not nan"),
     ({"optim": {"lr": float("inf")}}, "--lr must be > 0, not inf"),
     ({"optim": {"lr": -1e-3}}, "--lr must be > 0, not -0.001"),
@@ -270,9 +270,9 @@ def test_train_checks_device_and_out_before_opening_anything(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"epochs": 0}, "--epochs must be >= 1, not 0"),
+    ({"epochs": 0}, "--epochs must be >= 1 and <= 100000, not 0"),
     ({"lr": float("nan")}, "--lr must be > 0, not nan"),
-    ({"input_size": 0}, "--input-size must be >= 8, not 0"),
+    ({"input_size": 0}, "--input-size must be >= 8 and <= 1024, not 0"),
     ({"subset": 0}, "--subset must be >= 1, not 0"),
 ])
 def test_fit_option_out_of_range(tmp_path: Path, fields, message) -> None:

@@ -26,7 +26,7 @@ def distillery(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
     (["cache", "--dataset", "digit", "--teacher", "test_resnet"], "unknown dataset 'digit' (did you mean 'digits'?)"),
     (CACHE[:4] + ["resnet1"] + CACHE[5:], "unknown timm model 'resnet1' (did you mean 'resnet18'"),
     (TRAIN[:4] + ["kdd"] + TRAIN[5:] + ["--cache", "{cache}"], "unknown method 'kdd' (did you mean 'kd' or 'dkd'?)"),
-    (CACHE + ["--views", "-1"], "--views must be >= 0, not -1"),
+    (CACHE + ["--views", "-1"], "--views must be >= 0 and <= 64, not -1"),
     (CACHE + ["--logits", "topk:10"], "--logits topk:10 needs k < 10 classes"),
     (CACHE + ["--cka-source", "pixels"], "Invalid value for '--cka-source': 'pixels' is not one of 'auto', "
                                          "'logits', 'features'"),

@@ -36,14 +36,14 @@ def test_config_round_trips_through_json_and_identity_ignores_only_where_and_on_
     assert other.identity() != cfg.identity()
 
 
-@pytest.mark.parametrize("bad, message", [({"epochs": 0}, "--epochs must be >= 1, not 0"),
-                                          ({"epochs": -3}, "--epochs must be >= 1, not -3"),
-                                          ({"batch_size": 0}, "--batch-size must be >= 1, not 0"),
-                                          ({"seed": -1}, "--seed must be >= 0, not -1"),
-                                          ({"input_size": 4}, "--input-size must be >= 8, not 4"),
-                                          ({"input_size": 0}, "--input-size must be >= 8, not 0"),
-                                          ({"input_size": -5}, "--input-size must be >= 8, not -5"),
-                                          ({"workers": -1}, "--workers must be >= 0, not -1"),
+@pytest.mark.parametrize("bad, message", [({"epochs": 0}, "--epochs must be >= 1 and <= 100000, not 0"),
+                                          ({"epochs": -3}, "--epochs must be >= 1 and <= 100000, not -3"),
+                                          ({"batch_size": 0}, "--batch-size must be >= 1 and <= 65536, not 0"),
+                                          ({"seed": -1}, "--seed must be >= 0 and <= 4294967295, not -1"),
+                                          ({"input_size": 4}, "--input-size must be >= 8 and <= 1024, not 4"),
+                                          ({"input_size": 0}, "--input-size must be >= 8 and <= 1024, not 0"),
+                                          ({"input_size": -5}, "--input-size must be >= 8 and <= 1024, not -5"),
+                                          ({"workers": -1}, "--workers must be >= 0 and <= 64, not -1"),
                                           ({"eval_every": 0}, "--eval-every must be >= 1, not 0"),
                                           ({"on_bad_image": "ignore"},
                                            "--on-bad-image must be one of fail, skip, not 'ignore'")])
