@@ -131,7 +131,9 @@ def test_prefect_temporary_server_dies_with_a_killed_cli(tmp_path: Path) -> None
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     command = subprocess.Popen([sys.executable, "-m", "flows.cli", "cache", "--dataset", "digits", "--teacher",
-                                "test_resnet", "--out", str(tmp_path / "cache"), "--views", "0", "--device", "cpu"],
+                                "test_resnet", "--out", str(tmp_path / "cache"), "--views", "0", "--device", "cpu",
+                                # without PREFECT_API_URL only a Dask-fanned pass is a flow run on the temporary server
+                                "--task-runner", "dask", "--dask-workers", "1"],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = None
     try:
