@@ -112,8 +112,8 @@ class TeacherSection(Section):
     def _check(self) -> TeacherSection:
         # What reaches a constructor or a division is allow-listed with its range (docs/cache-format.md#security):
         # a crafted `model_kwargs` must not hand timm a path, a zero `std` must not become a NaN loss.
-        if not 1 <= self.num_classes <= MAX_CLASSES or self.in_chans not in (1, 3):
-            raise CacheError(f"teacher.num_classes must lie in [1, {MAX_CLASSES}] and teacher.in_chans be 1 or 3, "
+        if not 0 <= self.num_classes <= MAX_CLASSES or self.in_chans not in (1, 3):  # 0: a head-less teacher
+            raise CacheError(f"teacher.num_classes must lie in [0, {MAX_CLASSES}] and teacher.in_chans be 1 or 3, "
                              f"not {self.num_classes} and {self.in_chans}")
         if not 8 <= self.input_size <= MAX_INPUT_SIZE:
             raise CacheError(f"teacher.input_size must lie in [8, {MAX_INPUT_SIZE}], not {self.input_size}")
