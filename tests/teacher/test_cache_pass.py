@@ -168,7 +168,8 @@ def test_the_pass_takes_the_writer_lock_itself_and_a_second_writer_gets_one_line
             run_cache_pass(cache_request(out, subset=40, shard_size=20))
         assert "\n" not in str(e.value)
         assert not (out / "manifest.json").exists()  # refused before the plan creates the cache
-    assert run_cache_pass(cache_request(out, subset=40, shard_size=20)).status == "complete"
+    assert run_cache_pass(cache_request(out, subset=40, shard_size=20)).written_shards == 2
+    assert TeacherCache(out).manifest.status == "complete"
 
 
 @pytest.mark.parametrize("override, field", [
