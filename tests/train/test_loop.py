@@ -12,6 +12,8 @@ import timm
 import torch
 
 from pipeline.cache.manifest import CacheError
+from pipeline.cache.reader import TeacherCache
+from pipeline.data.datasets import samples_fingerprint
 from pipeline.methods import Method, MethodError, StudentInfo, register_method
 from pipeline.methods.base import _REGISTRY
 from pipeline.train.config import RunSettings, StudentSpec, TrainConfig, TrainError
@@ -117,13 +119,22 @@ def _edit_manifest(root: Path, section: str, **changes) -> None:
 
 def test_refuses_class_mismatch_zero_views_and_methods_the_cache_cannot_serve(make_cache, tmp_path: Path) -> None:
     mismatch = make_cache("mismatch", n=64)
-    _edit_manifest(mismatch, "dataset", num_classes=5, class_names=list("01234"))
-    with pytest.raises(TrainError, match="class mismatch: the cache .* has 5 classes, the digits val split has 10"):
+    # Other class names with the dataset fingerprint recomputed, as a forger would: the cache opens, and its
+    # classes are not the val split's.
+    stored = TeacherCache(mismatch)
+    names = [f"class {i}" for i in range(10)]
+    _edit_manifest(mismatch, "dataset", class_names=names, fingerprint=samples_fingerprint(
+        stored.read("samples/ids"), stored.read("samples/labels"), names))
+    with pytest.raises(TrainError, match="class mismatch: the cache .* has 10 classes, the digits val split has 10"):
         check_run(config(mismatch, tmp_path / "a"))
+    fewer = make_cache("fewer", n=64)  # fewer classes than its labels name: refused when the cache opens
+    _edit_manifest(fewer, "dataset", num_classes=5, class_names=list("01234"))
+    with pytest.raises(CacheError, match="outside the manifest's 5 classes"):
+        check_run(config(fewer, tmp_path / "a2"))
 
     no_views = make_cache("no-views", n=64)
     _edit_manifest(no_views, "views", num_augmented=-1)
-    with pytest.raises(CacheError, match="stores 0 views per sample"):
+    with pytest.raises(CacheError, match=r"views\.num_augmented must lie in \[0, 64\], not -1"):
         check_run(config(no_views, tmp_path / "b"))
 
     headless = make_cache("headless", n=64, logits="none")
