@@ -225,6 +225,9 @@ def test_an_empty_class_folder_is_refused_by_name(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("settings, message", [
     ({"epochs": 0}, "--epochs must be >= 1 and <= 100000, not 0"),
+    ({"epochs": 10 ** 9}, "--epochs must be >= 1 and <= 100000, not 1000000000"),
+    ({"seed": 10 ** 20}, "--seed must be >= 0 and <= 4294967295, not 100000000000000000000"),
+    ({"workers": 10 ** 6}, "--workers must be >= 0 and <= 64, not 1000000"),
     ({"epochs": -2}, "--epochs must be >= 1 and <= 100000, not -2"),
     ({"input_size": 0}, "--input-size must be >= 8 and <= 1024, not 0"),
     ({"optim": {"lr": float("nan")}}, "--lr must be > 0, not nan"),
@@ -251,6 +254,10 @@ def test_train_setting_out_of_range(settings, message) -> None:
     ("wkd_f:gamma=-1", "method 'wkd_f': option 'gamma' must be >= 0 and <= 10000, not -1.0"),
     ("wkd_l:sinkhorn_iters=0", "method 'wkd_l': option 'sinkhorn_iters' must be >= 1 and <= 1000, not 0"),
     ("wkd_l:kappa=inf", "method 'wkd_l': option 'kappa' must be > 0 and <= 100, not inf"),
+    ("wkd_f:hidden=1000000000", "method 'wkd_f': option 'hidden' must be >= 1 and <= 8192, not 1000000000"),
+    ("tcs:rounds=1000000000", "method 'tcs': option 'rounds' must be >= 1 and <= 1000, not 1000000000"),
+    ("kd:T=1e-320", "method 'kd': option 'T' must be >= 0.01 and <= 100, not 1e-320"),
+    ("kd:alpha=1e308", "method 'kd': option 'alpha' must be >= 0 and <= 10000, not 1e+308"),
 ])
 def test_method_option_out_of_range_is_refused_when_the_run_is_configured(spec, message) -> None:
     from pipeline.train.config import StudentSpec
@@ -273,6 +280,9 @@ def test_train_checks_device_and_out_before_opening_anything(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("fields, message", [
     ({"epochs": 0}, "--epochs must be >= 1 and <= 100000, not 0"),
+    ({"epochs": 10 ** 9}, "--epochs must be >= 1 and <= 100000, not 1000000000"),
+    ({"seed": 10 ** 20}, "--seed must be >= 0 and <= 4294967295, not 100000000000000000000"),
+    ({"workers": 10 ** 6}, "--workers must be >= 0 and <= 64, not 1000000"),
     ({"lr": float("nan")}, "--lr must be > 0, not nan"),
     ({"input_size": 0}, "--input-size must be >= 8 and <= 1024, not 0"),
     ({"subset": 0}, "--subset must be >= 1, not 0"),
