@@ -201,3 +201,11 @@ def test_compressed_bombs_huge_images_and_changed_shards_are_refused(tmp_path: P
     with pytest.raises(DatasetError, match=r"val-0000.tar changed since it was listed"):
         dataset.raw(0)
     assert load_dataset(spec, "val").raw(0).shape == (24, 24, 3)  # listed again: the new bytes
+
+
+def test_a_pipe_pattern_is_a_local_path_and_runs_nothing(tmp_path: Path) -> None:
+    # webdataset's own readers would run `pipe:` URLs in a shell; here only fsspec protocols (`://`) are URLs.
+    marker = tmp_path / "ran"
+    with pytest.raises(DatasetError) as refused:
+        load_dataset(f"wds:pipe:touch {marker}|pipe:touch {marker}", "train")
+    assert "\n" not in str(refused.value) and not marker.exists()
