@@ -12,6 +12,10 @@
 The teacher renders the pixels a student will decode (`StoredImages`: the stored bytes decoded, never the
 original file), so both see bit-identical views; the decoder that made them (`decoder_identity`) is part of
 the cache's identity, and `InputCodec.of` refuses another in one line before any pixel is decoded.
+
+A dataset of files is decoded reduced (`decode_min_side`, `pipeline.data.decode`): only as many pixels as
+the smallest view crop needs at the teacher's input size, whatever the camera. The rule is part of the
+identity too; a cache without it (made before it) decodes at full size, as it always did.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from pipeline.cache.integrity import confined_path
 from pipeline.cache.manifest import CacheError, Manifest
 from pipeline.checksums import sha256_bytes
 from pipeline.data.datasets import ImageDataset
-from pipeline.data.decode import DECODE_ERRORS, decode_image, decoder_identity, encode_image, shrink
+from pipeline.data.decode import DECODE_ERRORS, decode_image, decoder_identity, encode_image, scaled_size, shrink
 from pipeline.data.imagefolder import folder_root
+from pipeline.data.views import ViewPlan
 
 INPUT_MODES = ("raw", "encoded", "source")
 DEFAULT_QUALITY = 90
@@ -72,13 +77,17 @@ def resolve_inputs(text: str, dataset: ImageDataset) -> str:
     return text
 
 
-def input_storage(text: str, max_side: int | None, dataset: ImageDataset) -> dict[str, str | int | None]:
-    """The storage section's `inputs`, `max_side` and `decoder` for `--inputs text --max-side max_side`
-    (`StorageSpec`): one spelling per layout, and raw full-size pixels written as no keys at all."""
+def input_storage(text: str, max_side: int | None, dataset: ImageDataset,
+                  min_side: int) -> dict[str, str | int | None]:
+    """The storage section's `inputs`, `max_side`, `decoder` and `decode_min_side` for `--inputs text
+    --max-side max_side` (`StorageSpec`), where views need `min_side` pixels a side (`ViewPlan.source_side`):
+    one spelling per layout, and raw full-size pixels of in-memory arrays written as no keys at all (their
+    images are small: a reduced decode would not shrink them)."""
     mode, quality = parse_inputs(resolve_inputs(text, dataset))
     spelled = f"encoded:quality={quality}" if mode == "encoded" and quality != DEFAULT_QUALITY else mode
     return {"inputs": None if mode == "raw" else spelled, "max_side": max_side,
-            "decoder": None if mode == "raw" else decoder_identity()}
+            "decoder": None if mode == "raw" else decoder_identity(),
+            "decode_min_side": min_side if dataset.ENCODED else None}
 
 
 def pack_raw(raws: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -132,6 +141,7 @@ class InputCodec:
     max_side: int | None = None
     channels: int = 3
     root: Path | None = None  # the dataset's folder, under `source`
+    min_side: int | None = None  # `decode_min_side`: decoded reduced, each side kept >= this
 
     @classmethod
     def of(cls, manifest: Manifest) -> InputCodec:
@@ -143,30 +153,34 @@ class InputCodec:
             raise CacheError(f"this cache's {mode} inputs were decoded with {storage.decoder or 'an unrecorded decoder'}, "
                              f"this machine decodes with {decoder_identity()}: the pixels could differ from the ones "
                              f"the teacher saw; install that Pillow build or re-run `distillery cache` into a new --out")
+        min_side, size = storage.decode_min_side, manifest.teacher.input_size
+        needed = ViewPlan(**manifest.views.plan_fields()).source_side(size)
+        if min_side not in (None, needed):
+            raise CacheError(f"storage.decode_min_side is {min_side}, and this cache's views at input size {size} "
+                             f"need {needed} px a side: its inputs would decode to other pixels than the teacher "
+                             f"saw (damaged or edited manifest); re-run `distillery cache` into a new --out")
         root = folder_root(manifest.dataset.name) if mode == "source" else None
         if mode == "source" and root is None:
             raise CacheError(f"the cache's inputs are read from their source, and {manifest.dataset.name} is not a "
                              f"folder of files (damaged or edited manifest); re-run `distillery cache`")
-        return cls(mode, quality, storage.max_side, manifest.dataset.channels, root)
+        return cls(mode, quality, storage.max_side, manifest.dataset.channels, root, min_side)
 
     def store(self, dataset: ImageDataset, position: int) -> tuple[Payload, np.ndarray]:
         """What a block stores of the sample at `position`, and the pixels a reader will decode from it."""
         data = dataset.encoded(position)
         if self.mode == "raw":
-            pixels = (shrink(dataset.raw(position), self.max_side) if data is None
-                      else decode_image(data, self.channels, self.max_side))
+            pixels = (shrink(dataset.raw(position), self.max_side, self.min_side) if data is None
+                      else decode_image(data, self.channels, self.max_side, self.min_side))
             return pixels, pixels
         if self.mode == "source":
             return (dataset.relative(position), len(data), sha256_bytes(data)), self._decode(data, str(position))
         if data is None:  # an in-memory image: encoded once, read back as a reader will
             data = encode_image(shrink(dataset.raw(position), self.max_side), self.quality)
-            return data, self._decode(data, str(position))
-        pixels = decode_image(data, self.channels, self.max_side)
-        with Image.open(io.BytesIO(data)) as image:  # the header only
-            kept = image.size == (pixels.shape[1], pixels.shape[0])
-        if kept:  # passthrough: the file's own bytes, which decode to these pixels
-            return data, pixels
-        data = encode_image(pixels, self.quality)
+        else:
+            with Image.open(io.BytesIO(data)) as image:  # the header only
+                kept = scaled_size(*image.size, self.max_side) == image.size
+            if not kept:  # passthrough keeps the file's own bytes; a `max_side` shrink is stored re-encoded
+                data = encode_image(decode_image(data, self.channels, self.max_side), self.quality)
         return data, self._decode(data, str(position))
 
     def pack(self, payloads: list[Payload]) -> dict[str, np.ndarray]:
@@ -200,7 +214,7 @@ class InputCodec:
 
     def _decode(self, data: bytes, where: str) -> np.ndarray:
         try:
-            return decode_image(data, self.channels, self.max_side)
+            return decode_image(data, self.channels, self.max_side, self.min_side)
         except DECODE_ERRORS as e:
             raise CacheError(f"{where}: stored input does not decode ({e}); re-run `distillery cache`") from None
 

@@ -210,12 +210,13 @@ class StorageSpec(Section):
     inputs: str | None = None
     max_side: int | None = None
     decoder: str | None = None
+    decode_min_side: int | None = None  # files decoded reduced, each side kept >= this (`InputCodec`); None: not
 
     def to_dict(self) -> dict[str, Any]:
         # A default option is written as no key at all: the JSON (and identity) of a cache that keeps every
         # target and raw full-size inputs stays what it was before the options existed.
         out = super().to_dict()
-        for key in ("store", "inputs", "max_side", "decoder"):
+        for key in ("store", "inputs", "max_side", "decoder", "decode_min_side"):
             if out.get(key, "") is None:
                 del out[key]
         return out

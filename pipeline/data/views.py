@@ -119,6 +119,19 @@ class ViewPlan(Config):
         resize = f"+{self.interpolation}" if self.interpolation != "bilinear" else ""
         return crop + ("+hflip" if self.flip else "") + clean + resize
 
+    def source_side(self, size: int) -> int:
+        """The fewest pixels each image side needs so that no view's crop box, rendered at `size`, is
+        enlarged: `size` over the smallest side fraction a box of this plan can have (the clean view's
+        `clean_crop`; a random crop's sqrt(scale_low * ratio_low) wide and sqrt(scale_low / ratio_high)
+        high, or the central fallback's shorter side). A decode reduced no further (`decode_min_side`,
+        docs/cache-format.md#inputs) renders every view from at least as many pixels as it has."""
+        sides = [self.clean_crop]
+        if self.num_augmented:
+            low, (ratio_low, ratio_high) = self.scale[0], self.ratio
+            fallback = min(max(1.0, ratio_low), ratio_high)
+            sides += [math.sqrt(low * ratio_low), math.sqrt(low / ratio_high), min(fallback, 1 / fallback)]
+        return math.ceil(size / min(sides))
+
     def params(self, sample_id: int, view_id: int) -> ViewParams:
         """The geometry of view ``view_id`` of sample ``sample_id``; the same on every call."""
         if not 0 <= view_id < self.num_views:

@@ -278,7 +278,8 @@ def build_manifest(request: CacheRequest) -> Manifest:
                           tap=spec.taps[0] if spec.taps else None, grid=request.grid, featmaps=request.featmaps,
                           lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size,
                           teacher_tail=request.teacher_tail, store=request.store,
-                          **input_storage(request.inputs, request.max_side, dataset))
+                          **input_storage(request.inputs, request.max_side, dataset,
+                                          plan.source_side(spec.input_size)))
     device = resolve_device(request.device)
     teacher = shared_teacher(spec, str(device))
     arrays, pooled_dim = _describe_outputs(teacher, spec, storage, len(dataset), plan.num_views, device)
