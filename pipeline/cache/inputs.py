@@ -78,11 +78,11 @@ def resolve_inputs(text: str, dataset: ImageDataset) -> str:
 
 
 def input_storage(text: str, max_side: int | None, dataset: ImageDataset,
-                  min_side: int) -> dict[str, str | int | None]:
+                  min_side: int | None) -> dict[str, str | int | None]:
     """The storage section's `inputs`, `max_side`, `decoder` and `decode_min_side` for `--inputs text
-    --max-side max_side` (`StorageSpec`), where views need `min_side` pixels a side (`ViewPlan.source_side`):
-    one spelling per layout, and raw full-size pixels of in-memory arrays written as no keys at all (their
-    images are small: a reduced decode would not shrink them)."""
+    --max-side max_side` (`StorageSpec`), where views need `min_side` pixels a side (`ViewPlan.source_side`;
+    None: decoded at full size): one spelling per layout, and raw full-size pixels written as no keys at
+    all. In-memory arrays are never reduced: their images are small, and stored as they are."""
     mode, quality = parse_inputs(resolve_inputs(text, dataset))
     spelled = f"encoded:quality={quality}" if mode == "encoded" and quality != DEFAULT_QUALITY else mode
     return {"inputs": None if mode == "raw" else spelled, "max_side": max_side,

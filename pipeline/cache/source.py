@@ -9,7 +9,7 @@ from pipeline.data.datasets import ImageDataset, load_dataset
 
 def source_dataset(cache: TeacherCache) -> ImageDataset:
     """The manifest's dataset (spec, split, subset), refused unless its fingerprint is the cache's; its
-    images decoded at most at the cache's `--max-side`.
+    images decoded as the cache's inputs are (`--max-side`, `decode_min_side`).
 
     Row i of the cache is position i of this dataset: the teacher pass writes samples in dataset order
     (docs/cache-format.md#contract `samples/ids` "stored order"), and an equal fingerprint means equal ids and labels.
@@ -22,4 +22,4 @@ def source_dataset(cache: TeacherCache) -> ImageDataset:
                          f"from (fingerprint {dataset.fingerprint()[:12]}, cache {d.fingerprint[:12]}); "
                          f"run where the original data is; if it is here, the cache's samples were altered: re-create "
                          f"it with `distillery cache`")
-    return dataset.with_max_side(cache.manifest.storage.max_side)  # decoded no larger than the cache's inputs
+    return dataset.with_max_side(cache.manifest.storage.max_side, cache.manifest.storage.decode_min_side)

@@ -129,10 +129,11 @@ class ImageDataset(ABC):
         """That file's path relative to the dataset's folder, or None when it has none."""
         return None
 
-    def with_max_side(self, max_side: int | None) -> ImageDataset:
-        """This split with every image decoded to a longer side of at most `max_side` (a cache's `--max-side`,
-        for the images it evaluates on): files are decoded straight to that size; in-memory arrays, small by
-        nature, are returned as they are."""
+    def with_max_side(self, max_side: int | None, min_side: int | None = None) -> ImageDataset:
+        """This split with every image decoded to a longer side of at most `max_side`, then reduced while both
+        sides keep `min_side` (a cache's `--max-side` and `decode_min_side`, for the images it evaluates on;
+        `pipeline.data.decode.decoded_size`): files are decoded straight to that size; in-memory arrays,
+        small by nature, are returned as they are."""
         return self
 
     @abstractmethod

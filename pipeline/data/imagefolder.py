@@ -47,6 +47,8 @@ class FolderDataset(ImageDataset):
     """The folder the paths lie in (`relative` paths are relative to it)."""
     max_side: int | None = dataclasses.field(kw_only=True, default=None)
     """`raw` decodes to a longer side of at most this (None: full size)."""
+    min_side: int | None = dataclasses.field(kw_only=True, default=None)
+    """`raw` then reduces each side no further than this (`decode_image`; None: not at all)."""
 
     _row_fields: ClassVar[tuple[str, ...]] = ("paths",)
     ENCODED: ClassVar[bool] = True
@@ -58,10 +60,10 @@ class FolderDataset(ImageDataset):
             raise DatasetError(f"{self.name}: a folder dataset needs one path per id and 3 channels")
 
     def raw(self, position: int) -> np.ndarray:
-        return decode_image(Path(self.paths[position]), 3, self.max_side)
+        return decode_image(Path(self.paths[position]), 3, self.max_side, self.min_side)
 
-    def with_max_side(self, max_side: int | None) -> FolderDataset:
-        return dataclasses.replace(self, max_side=max_side)
+    def with_max_side(self, max_side: int | None, min_side: int | None = None) -> FolderDataset:
+        return dataclasses.replace(self, max_side=max_side, min_side=min_side)
 
     def encoded(self, position: int) -> bytes:
         return Path(self.paths[position]).read_bytes()

@@ -318,12 +318,12 @@ def _read_member(shard: str, stamp: tuple[int, str], offset: int, size: int) -> 
     return handle.read(size)
 
 
-def _decode(data: bytes, where: str, max_side: int | None) -> np.ndarray:
+def _decode(data: bytes, where: str, max_side: int | None, min_side: int | None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:  # the header only: the size is bounded before decoding
             error = (f"{image.width}x{image.height} pixels, more than {MAX_PIXELS:,}"
                      if image.width * image.height > MAX_PIXELS else None)
-        pixels = None if error else decode_image(data, 3, max_side)
+        pixels = None if error else decode_image(data, 3, max_side, min_side)
     except DECODE_ERRORS as exc:
         error, pixels = f"the image does not decode ({exc})", None
     if pixels is None:
@@ -344,6 +344,8 @@ class WebDataset(ImageDataset):
 
     max_side: int | None = field(kw_only=True, default=None)
     """`raw` decodes to a longer side of at most this (None: full size)."""
+    min_side: int | None = field(kw_only=True, default=None)
+    """`raw` then reduces each side no further than this (`decode_image`; None: not at all)."""
 
     _row_fields: ClassVar[tuple[str, ...]] = ("shard_index", "keys", "offsets", "sizes")
     ENCODED: ClassVar[bool] = True
@@ -357,10 +359,10 @@ class WebDataset(ImageDataset):
                             int(self.sizes[position]))
 
     def raw(self, position: int) -> np.ndarray:
-        return _decode(self.encoded(position), self.where(position), self.max_side)
+        return _decode(self.encoded(position), self.where(position), self.max_side, self.min_side)
 
-    def with_max_side(self, max_side: int | None) -> WebDataset:
-        return dataclasses.replace(self, max_side=max_side)
+    def with_max_side(self, max_side: int | None, min_side: int | None = None) -> WebDataset:
+        return dataclasses.replace(self, max_side=max_side, min_side=min_side)
 
     def _pixel_batches(self) -> Iterator[np.ndarray]:
         # An even sample of the images gives the two numbers per channel without decoding every one.

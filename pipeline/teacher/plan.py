@@ -93,6 +93,9 @@ class CacheRequest(Config):
     max_side: Annotated[int | None, Range(ge=1), Help("shrink each image so its longer side is at most this many "
                                                       "pixels before storing it (decoded at a reduced JPEG scale "
                                                       "first); default: full size")] = None
+    reduced_decode: Annotated[bool, Help("decode image files only as large as the smallest view crop needs at "
+                                         "the input size (storage.decode_min_side); false: at full size, as "
+                                         "caches made before it")] = True
 
     @field_validator("store")
     @classmethod
@@ -279,7 +282,7 @@ def build_manifest(request: CacheRequest) -> Manifest:
                           lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size,
                           teacher_tail=request.teacher_tail, store=request.store,
                           **input_storage(request.inputs, request.max_side, dataset,
-                                          plan.source_side(spec.input_size)))
+                                          plan.source_side(spec.input_size) if request.reduced_decode else None))
     device = resolve_device(request.device)
     teacher = shared_teacher(spec, str(device))
     arrays, pooled_dim = _describe_outputs(teacher, spec, storage, len(dataset), plan.num_views, device)

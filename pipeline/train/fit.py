@@ -199,6 +199,10 @@ def fit_teacher(cfg: FitConfig) -> FitResult:
         started: dict[str, str] = {}
     else:
         model, mean, std, size, started = _pretrained_start(cfg, train.num_classes, train.channels)
+    # Decoded only as large as the views need at `size` (docs/cache-format.md#inputs): a camera's resolution
+    # costs the fit no memory.
+    train = train.with_max_side(None, ViewPlan(num_augmented=2 if ssl else 1).source_side(size))
+    val = val.with_max_side(None, ViewPlan(num_augmented=0).source_side(size))
     model = model.to(device)
     head = projector(model.num_features).to(device) if ssl else torch.nn.Identity()
     optim_cfg = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)

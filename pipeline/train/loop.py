@@ -118,7 +118,7 @@ def setup_run(config: TrainConfig, device: torch.device, world_size: int = 1,
     manifest = cache.manifest
     # At the training inputs' scale: a camera's full resolution never reaches the evaluation's renders.
     val = load_dataset(manifest.dataset.name, "val", on_bad_image=s.on_bad_image).with_max_side(
-        manifest.storage.max_side)
+        manifest.storage.max_side, manifest.storage.decode_min_side)
     check_classes(cache, val)
     check_world(block_sizes(manifest.shards, manifest.storage.block_size), world_size)
     size = s.input_size or manifest.teacher.input_size

@@ -15,12 +15,12 @@ import pytest
 import timm
 from PIL import Image
 
-from pipeline.cache.inputs import InputCodec, StoredImages
+from pipeline.cache.inputs import InputCodec, StoredImages, raw_count
 from pipeline.cache.manifest import CacheError
 from pipeline.cache.reader import BlockReader, TeacherCache
 from pipeline.cache.source import source_dataset
 from pipeline.cache.targets import LOGITS
-from pipeline.data.decode import decode_image
+from pipeline.data.decode import decode_image, decoded_size
 from pipeline.data.views import ViewPlan
 from pipeline.teacher.cache_pass import run_cache_pass
 from pipeline.teacher.checkpoint import TeacherCheckpoint
@@ -105,7 +105,11 @@ def caches(folder: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_student_renders_are_the_teacher_renders_bit_for_bit_and_verify_passes(caches, mode) -> None:
-    cache = caches(mode)
+    assert_student_sees_the_teacher_renders(caches(mode))
+
+
+def assert_student_sees_the_teacher_renders(cache: TeacherCache) -> None:
+    """Every (id, view) the student stream renders equals the teacher pass's render, bit for bit; verify passes."""
     m = cache.manifest
     seen = student_inputs(cache, m.teacher.input_size)
     dataset = source_dataset(cache)
@@ -193,6 +197,87 @@ def test_train_from_a_cache_opens_no_training_image(folder, tmp_path) -> None:
     assert summary.steps == 2 and 0 <= summary.val_accuracy <= 1
 
 
+@pytest.fixture(scope="module")
+def large_caches(tmp_path_factory: pytest.TempPathFactory):
+    """mode -> a cache of a folder of ~130x170 images (at input size 16 the views need 32 px a side: decoded at
+    1/4 scale), made on first use."""
+    folder = write_folder(tmp_path_factory.mktemp("large"), per_class=3, val=1, size=(130, 170))
+    made: dict[str, Path] = {}
+
+    def get(mode: str) -> TeacherCache:
+        if mode not in made:
+            options = {"reduced_decode": False} if mode == "full" else {"inputs": mode}
+            made[mode] = cache_folder(folder, tmp_path_factory.mktemp(mode) / "cache", **options)
+        return TeacherCache(made[mode])
+
+    return get
+
+
+def stored_shapes(cache: TeacherCache) -> list[tuple[int, int]]:
+    """(H, W) of every sample's input as the student stream decodes it, in stored order."""
+    reader = BlockReader(cache, frozenset())
+    return [block.image(i).shape[:2] for shard in range(len(cache.manifest.shards))
+            for block in reader.blocks(shard) for i in range(raw_count(block.raw))]
+
+
+def file_shapes(cache: TeacherCache) -> list[tuple[int, int]]:
+    """(H, W) of every sample's file, in stored order (its header only)."""
+    dataset = source_dataset(cache)
+    shapes = []
+    for path in dataset.paths:
+        with Image.open(path) as image:
+            shapes.append((image.height, image.width))
+    return shapes
+
+
+@pytest.mark.parametrize("mode", ["raw", "encoded"])
+def test_files_decode_reduced_to_what_the_views_need_and_student_and_teacher_see_the_same_bits(
+        large_caches, mode) -> None:
+    cache = large_caches(mode)
+    assert cache.manifest.storage.decode_min_side == ViewPlan(num_augmented=1).source_side(16) == 32
+    assert stored_shapes(cache) == [(-(-h // 4), -(-w // 4)) for h, w in file_shapes(cache)]
+    assert_student_sees_the_teacher_renders(cache)
+    assert build_manifest(manifest_request(cache.root)).identity() == cache.manifest.identity()
+
+
+def test_a_cache_without_the_decode_rule_decodes_at_full_size_as_before(large_caches) -> None:
+    """What a cache made before `decode_min_side` holds (no key: the identity it had) is read as it was."""
+    cache = large_caches("full")
+    assert "decode_min_side" not in json.loads((cache.root / "manifest.json").read_text())["storage"]
+    assert stored_shapes(cache) == file_shapes(cache)
+    assert_student_sees_the_teacher_renders(cache)
+    assert build_manifest(manifest_request(cache.root)).identity() == cache.manifest.identity()
+
+
+@pytest.mark.parametrize("forged", [8, 64, 0])
+def test_a_forged_decode_rule_is_refused_in_one_line(large_caches, tmp_path, forged) -> None:
+    root = shutil.copytree(large_caches("encoded").root, tmp_path / "cache")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["storage"]["decode_min_side"] = forged
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=rf"storage\.decode_min_side is {forged}, and this cache's views at input "
+                                         r"size 16 need 32 px a side: its inputs would decode to other pixels") as caught:
+        CacheStream(TeacherCache(root), size=16, targets=frozenset(), seed=0)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_reduced_decode_divides_by_the_largest_dct_scale_that_keeps_min_side(tmp_path) -> None:
+    pixels = smooth_noise(np.random.default_rng(2), 301, 403)
+    Image.fromarray(pixels).save(tmp_path / "p.jpg", quality=90)
+    Image.fromarray(pixels).save(tmp_path / "p.png")
+    assert decoded_size(403, 301, None, 38) == (51, 38)  # 1/8, rounded up as the DCT scaling rounds
+    assert decoded_size(403, 301, None, 39) == (101, 76)  # 1/4
+    assert decoded_size(403, 301, None, 302) == decoded_size(403, 301, None, None) == (403, 301)
+    assert decoded_size(403, 301, 200, 40) == (100, 75)  # --max-side first (200 x 149), then 1/2
+    data = (tmp_path / "p.jpg").read_bytes()
+    with Image.open(tmp_path / "p.jpg") as image:  # the JPEG decoder's own 1/4 scale: no resize after it
+        image.draft("RGB", (100, 75))
+        np.testing.assert_array_equal(decode_image(data, 3, None, 39), np.asarray(image.convert("RGB")))
+    assert decode_image(tmp_path / "p.png", 3, None, 39).shape == (76, 101, 3)  # not a JPEG: resized in uint8
+    assert decode_image(data, 3, 200, 40).shape == (75, 100, 3)
+    assert decode_image(data, 1, None, 38).shape == (38, 51, 1)
+
+
 PHOTO_RUN = """
 import sys
 from pipeline.teacher.cache_pass import run_cache_pass
@@ -201,22 +286,23 @@ from pipeline.train.config import RunSettings, TrainConfig
 from pipeline.train.loop import train_student
 folder, out = sys.argv[1], sys.argv[2]
 run_cache_pass(CacheRequest(dataset=f"imagefolder:{folder}", teacher="test_resnet", out=out + "/cache", views=1,
-                            tap="none", input_size=32, device="cpu", max_side=256))
+                            tap="none", input_size=32, device="cpu"))
 train_student(TrainConfig(cache=out + "/cache", student="test_resnet", methods=("ce", "kd"), out=out + "/run",
                           settings=RunSettings(epochs=1, batch_size=4, workers=0, device="cpu")))
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print("VmPeak", status["VmPeak"].strip(), "VmHWM", status["VmHWM"].strip())
 """
-PHOTO_LIMIT = 5 << 30
-"""Address space of the run below. Measured on the 2-core machine with these 8 train photos (docs/results.md#inputs):
-this code peaks at ~4.7 GB; the code before --max-side failed here (1.07 GiB of float32 for one render batch at
-full resolution; it peaked at 5.5 GB with 4 photos)."""
+PHOTO_LIMIT = 9 << 29
+"""Address space (4.5 GiB) of the run below, without --max-side. Measured on the 2-core machine with these 6
+photos (docs/results.md#inputs): this code peaks at 4.03 GiB (RSS 0.79 GiB; the same folder at 400x300: 4.00
+GiB, 0.78 GiB); the code before the reduced decode peaked at 4.84 GiB (RSS 1.69 GiB) decoding every photo at
+full resolution."""
 
 
 @pytest.mark.slow
 def test_camera_photos_cache_and_train_within_an_address_space_limit(tmp_path) -> None:
     rng = np.random.default_rng(0)
-    for split, count in (("train", 4), ("val", 1)):
+    for split, count in (("train", 2), ("val", 1)):
         for cls in ("a", "b"):
             (tmp_path / "photos" / split / cls).mkdir(parents=True)
             for i in range(count):  # 12 MP, smooth so they compress as photos do (~1.5 MB each)
