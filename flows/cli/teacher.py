@@ -120,6 +120,8 @@ def cache_cmd(
     subset_seed: Annotated[int, Declared(CacheRequest, "subset_seed")] = request_default("subset_seed"),
     split: Annotated[Literal["train", "val"], Declared(CacheRequest, "split")] = request_default("split"),
     shard_size: Annotated[int, Declared(CacheRequest, "shard_size")] = request_default("shard_size"),
+    shard_bytes: Annotated[int, Declared(CacheRequest, "shard_bytes", metavar="BYTES")]
+    = request_default("shard_bytes"),
     batch_size: Annotated[int, Declared(CacheRequest, "batch_size")] = request_default("batch_size"),
     input_size: Annotated[Optional[int], Declared(CacheRequest, "input_size")] = request_default("input_size"),
     cka_source: Annotated[CkaSource, Declared(CacheRequest, "cka_source")] = request_default("cka_source"),
@@ -155,7 +157,7 @@ def cache_cmd(
                            teacher_head=teacher_head == "keep", views=views, view_seed=view_seed, logits=logits,
                            tap=tap, grid=grid, featmaps=featmaps, teacher_tail=teacher_tail, store=store,
                            lsh_bits=lsh_bits,
-                           input_size=input_size, shard_size=shard_size, batch_size=batch_size,
+                           input_size=input_size, shard_size=shard_size, shard_bytes=shard_bytes, batch_size=batch_size,
                            cka_source=cka_source, device=device, on_bad_image=on_bad_image, inputs=inputs,
                            max_side=max_side)
     manifest = check_request(request)  # bad input is one line here, before the flow (and anything) starts

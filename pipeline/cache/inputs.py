@@ -33,10 +33,11 @@ from PIL import Image
 
 from pipeline.bounded import read_bytes
 from pipeline.cache.integrity import confined_path
-from pipeline.cache.manifest import CacheError, Manifest
+from pipeline.cache.manifest import CacheError, Manifest, StorageSpec
 from pipeline.checksums import sha256_bytes
 from pipeline.data.datasets import ImageDataset
-from pipeline.data.decode import DECODE_ERRORS, decode_image, decoder_identity, encode_image, scaled_size, shrink
+from pipeline.data.decode import (DECODE_ERRORS, decode_image, decoded_size, decoder_identity, encode_image,
+                                  scaled_size, shrink)
 from pipeline.data.imagefolder import folder_root
 from pipeline.data.views import ViewPlan
 
@@ -50,6 +51,10 @@ RAW_KEYS = frozenset({"raw", "raw_shape", "raw_offsets", "raw_hw"})
 INPUT_KEYS = RAW_KEYS | {"encoded", "encoded_offsets", "source_path", "source_offsets", "source_size",
                          "source_sha256"}
 _QUALITY = re.compile(r"encoded:quality=([0-9]+)")
+SHARD_BYTES = 256 << 20
+"""Default `--shard-bytes`: a shard's inputs are held in memory until it is written (with its packed copy)."""
+MAX_SHARD_BYTES = 1 << 40
+_SIZE_PROBES = 64  # images whose stored size bounds a shard's: an even sample, as pixel statistics take
 
 Payload = np.ndarray | bytes | tuple[str, int, str]
 """What a block stores of one sample: raw pixels, encoded bytes, or a source file's (path, size, sha256)."""
@@ -183,6 +188,23 @@ class InputCodec:
                 data = encode_image(decode_image(data, self.channels, self.max_side), self.quality)
         return data, self._decode(data, str(position))
 
+    def stored_bytes(self, dataset: ImageDataset, position: int) -> int:
+        """About the bytes a block holds of the sample at `position`, from its file's header or array shape
+        (nothing decoded): its pixels under raw, its file under encoded (at most its pixels where re-encoded),
+        its path and digest under source."""
+        if self.mode == "source":
+            return len(dataset.relative(position).encode()) + 40
+        data = dataset.encoded(position)
+        if data is None:
+            height, width, channels = dataset.raw(position).shape
+        else:
+            with Image.open(io.BytesIO(data)) as image:  # the header only
+                (width, height), channels = image.size, self.channels
+            if self.mode == "encoded" and scaled_size(width, height, self.max_side) == (width, height):
+                return len(data)
+        width, height = decoded_size(width, height, self.max_side, self.min_side)
+        return width * height * channels
+
     def pack(self, payloads: list[Payload]) -> dict[str, np.ndarray]:
         """One block's arrays of the given samples' payloads."""
         if self.mode == "raw":
@@ -217,6 +239,18 @@ class InputCodec:
             return decode_image(data, self.channels, self.max_side, self.min_side)
         except DECODE_ERRORS as e:
             raise CacheError(f"{where}: stored input does not decode ({e}); re-run `distillery cache`") from None
+
+
+def shard_size_within(storage: StorageSpec, dataset: ImageDataset, shard_bytes: int) -> int:
+    """`storage.shard_size` lowered so that a shard's stored inputs stay within `shard_bytes`, sized by the
+    largest of an even sample of up to 64 images (`InputCodec.stored_bytes`): a shard of large photos has
+    fewer samples, one of thumbnails or in-memory digits the count asked for. Deterministic: `verify
+    --repair` plans the same shards again."""
+    mode, quality = parse_inputs(storage.inputs or "raw")
+    codec = InputCodec(mode, quality, storage.max_side, dataset.channels, None, storage.decode_min_side)
+    probes = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), _SIZE_PROBES)).round().astype(np.int64))
+    largest = max(codec.stored_bytes(dataset, int(p)) for p in probes)
+    return max(1, min(storage.shard_size, shard_bytes // max(1, largest)))
 
 
 @dataclass(eq=False)

@@ -20,7 +20,7 @@ import torch
 from pydantic import field_validator
 
 from pipeline.cache.bounds import MAX_GRID, MAX_LSH_BITS, MAX_SHARD_SIZE, MAX_STAGES, MAX_VIEWS
-from pipeline.cache.inputs import INPUTS_HELP, input_storage
+from pipeline.cache.inputs import INPUTS_HELP, MAX_SHARD_BYTES, SHARD_BYTES, input_storage, shard_size_within
 from pipeline.cache.manifest import ArraySpec, Manifest, ShardRange, ShardRecord, StorageSpec, shard_ranges
 from pipeline.cache.statistics import check_cka_source
 from pipeline.cache.reader import TeacherCache
@@ -82,6 +82,9 @@ class CacheRequest(Config):
                                "for small images, 224 otherwise)")] = None
     shard_size: Annotated[int, Range(ge=1, le=MAX_SHARD_SIZE),
                           Help("samples per shard (the unit of work, resume and checksums)")] = 1024
+    shard_bytes: Annotated[int, Range(ge=1, le=MAX_SHARD_BYTES),
+                           Help("the most bytes of stored inputs a shard holds (held in memory until it is "
+                                "written): fewer samples than --shard-size where images are large")] = SHARD_BYTES
     batch_size: Annotated[int, Range(ge=1, le=MAX_BATCH), Help("images per teacher forward")] = 256
     block_size: Annotated[int, Range(ge=1, le=MAX_SHARD_SIZE),
                           Help("samples per block of a shard (the unit of decoding)")] = 256
@@ -283,6 +286,7 @@ def build_manifest(request: CacheRequest) -> Manifest:
                           teacher_tail=request.teacher_tail, store=request.store,
                           **input_storage(request.inputs, request.max_side, dataset,
                                           plan.source_side(spec.input_size) if request.reduced_decode else None))
+    storage = storage.replace(shard_size=shard_size_within(storage, dataset, request.shard_bytes))
     device = resolve_device(request.device)
     teacher = shared_teacher(spec, str(device))
     arrays, pooled_dim = _describe_outputs(teacher, spec, storage, len(dataset), plan.num_views, device)
@@ -290,7 +294,7 @@ def build_manifest(request: CacheRequest) -> Manifest:
     for name in sorted(kept - produced) if request.store is not None else ():
         raise TeacherError(f"--store lists {name}, but these options produce no {TARGETS[name].description}: add "
                            f"{TARGETS[name].cache_option}, or leave {name} out of --store")
-    ranges = shard_ranges(len(dataset), request.shard_size)
+    ranges = shard_ranges(len(dataset), storage.shard_size)
     return Manifest(
         teacher={**spec.to_dict(), "stages": stage_names(teacher.model), "pooled_dim": pooled_dim},
         dataset={"name": dataset.name, "split": dataset.split, "num_samples": len(dataset),

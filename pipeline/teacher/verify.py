@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache.inputs import InputCodec, StoredImages
+from pipeline.cache.inputs import MAX_SHARD_BYTES, InputCodec, StoredImages
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.source import source_dataset
 from pipeline.cache.blocks import block_key
@@ -184,7 +184,8 @@ def manifest_request(root: str | Path, device: str = "cpu", batch_size: int = 25
                         shard_size=st.shard_size, block_size=st.block_size,
                         cka_source=m.stats.cka_source or "auto", out=str(root), batch_size=batch_size,
                         device=device, on_bad_image=d.on_bad_image or "fail", inputs=st.inputs or "raw",
-                        max_side=st.max_side, reduced_decode=st.decode_min_side is not None)
+                        max_side=st.max_side, reduced_decode=st.decode_min_side is not None,
+                        shard_bytes=MAX_SHARD_BYTES)  # the stored shard size already fits the budget it had
 
 
 def repair_cache(root: str | Path, device: str = "cpu", batch_size: int = 256) -> list[str]:

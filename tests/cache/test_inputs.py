@@ -206,11 +206,14 @@ def large_caches(tmp_path_factory: pytest.TempPathFactory):
 
     def get(mode: str) -> TeacherCache:
         if mode not in made:
-            options = {"reduced_decode": False} if mode == "full" else {"inputs": mode}
-            made[mode] = cache_folder(folder, tmp_path_factory.mktemp(mode) / "cache", **options)
+            made[mode] = cache_folder(folder, tmp_path_factory.mktemp(mode) / "cache", **LARGE_MODES[mode])
         return TeacherCache(made[mode])
 
     return get
+
+
+LARGE_MODES = {"raw": {"inputs": "raw"}, "encoded": {"inputs": "encoded"}, "full": {"reduced_decode": False},
+               "raw-10kB-shards": {"inputs": "raw", "shard_bytes": 10_000}}
 
 
 def stored_shapes(cache: TeacherCache) -> list[tuple[int, int]]:
@@ -247,6 +250,18 @@ def test_a_cache_without_the_decode_rule_decodes_at_full_size_as_before(large_ca
     assert stored_shapes(cache) == file_shapes(cache)
     assert_student_sees_the_teacher_renders(cache)
     assert build_manifest(manifest_request(cache.root)).identity() == cache.manifest.identity()
+
+
+def test_shards_are_cut_by_bytes_as_well_as_by_count(large_caches) -> None:
+    """Raw inputs of at most 34 x 42 x 3 = 4,284 bytes (the largest file, 136 x 166, decoded at 1/4): two fit in
+    10 kB, and the shards of --shard-size 6 hold two samples each; the default budget leaves them at 6."""
+    cache = large_caches("raw-10kB-shards")
+    assert max(h * w * 3 for h, w in stored_shapes(cache)) == 34 * 42 * 3
+    assert cache.manifest.storage.shard_size == 2
+    assert [s.count for s in cache.manifest.shards] == [2, 2, 2]
+    assert_student_sees_the_teacher_renders(cache)
+    assert build_manifest(manifest_request(cache.root)).identity() == cache.manifest.identity()
+    assert [s.count for s in large_caches("raw").manifest.shards] == [6]
 
 
 @pytest.mark.parametrize("forged", [8, 64, 0])
