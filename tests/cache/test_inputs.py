@@ -270,8 +270,9 @@ def test_a_forged_decode_rule_is_refused_in_one_line(large_caches, tmp_path, for
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["storage"]["decode_min_side"] = forged
     (root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheError, match=rf"storage\.decode_min_side is {forged}, and this cache's views at input "
-                                         r"size 16 need 32 px a side: its inputs would decode to other pixels") as caught:
+    with pytest.raises(CacheError, match=rf"storage\.decode_min_side is {forged}, and this cache's views at "
+                                         r"input size 16 need 32 px a side: its inputs would decode to other "
+                                         r"pixels") as caught:
         CacheStream(TeacherCache(root), size=16, targets=frozenset(), seed=0)
     assert "\n" not in str(caught.value)
 

@@ -281,3 +281,15 @@ def test_epoch_views_reject_bad_arguments():
         epoch_views(0, 0, np.arange(3), 0)
     with pytest.raises(ValueError, match="epoch"):
         epoch_view(0, -1, 0, 3)
+
+
+@pytest.mark.parametrize("plan", [ViewPlan(num_augmented=8),
+                                  ViewPlan(num_augmented=8, scale=(0.08, 1.0), ratio=(0.5, 2.0)),
+                                  ViewPlan(num_augmented=0, clean_crop=0.875)])
+def test_source_side_leaves_every_view_at_least_the_render_size(plan) -> None:
+    """A decode reduced to `source_side` pixels a side never enlarges a view's crop (docs/cache-format.md#inputs)."""
+    side = plan.source_side(224)
+    smallest = min(min(box.height, box.width) for box in (plan.params(i, v) for i in range(200)
+                                                          for v in range(plan.num_views)))
+    assert smallest * side >= 224
+    assert ViewPlan(num_augmented=2).source_side(224) == 438 and plan.source_side(224) <= 224 / 0.2 + 1
