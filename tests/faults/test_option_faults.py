@@ -26,6 +26,8 @@ def refused(call) -> str:
     ({"lsh_bits": 8000000}, "--lsh-bits must be >= 0 and <= 4096, not 8000000"),
     ({"view_seed": 10 ** 20}, "--view-seed must be >= 0 and <= 4294967295, not 100000000000000000000"),
     ({"shard_size": 10 ** 9}, "--shard-size must be >= 1 and <= 65536, not 1000000000"),
+    ({"shard_bytes": 0}, "--shard-bytes must be >= 1 and <= 1099511627776, not 0"),
+    ({"shard_bytes": 1 << 41}, "--shard-bytes must be >= 1 and <= 1099511627776, not 2199023255552"),
     ({"grid": 10 ** 6}, "--grid must be >= 1 and <= 64, not 1000000"),
 ])
 def test_cache_options_have_upper_bounds(tmp_path: Path, fields, message) -> None:

@@ -55,7 +55,8 @@ def test_option_defaults_are_the_ones_the_config_classes_declare() -> None:
         assert params["train"][name].default == default_of(declared_in, name), name
     for name in ("epochs", "batch_size", "lr", "objective", "temperature", "patch_size"):
         assert params["fit-teacher"][name].default == default_of(FitConfig, name), name
-    for name in ("views", "view_seed", "logits", "tap", "grid", "shard_size", "batch_size", "cka_source", "lsh_bits"):
+    for name in ("views", "view_seed", "logits", "tap", "grid", "shard_size", "shard_bytes", "batch_size",
+                 "cka_source", "lsh_bits"):
         assert params["cache"][name].default == default_of(CacheRequest, name), name
 
 
