@@ -329,7 +329,7 @@ def _remembered(shard: str, stamp: tuple[int, str]) -> ShardListing | None:
             and record.get("stamp") == list(stamp)):
         return None
     keys, offsets, sizes, labels, errors = (record.get(name) for name in _LISTING_FIELDS)
-    if not (isinstance(keys, list) and len(keys) <= MAX_MEMBERS and all(type(k) is str for k in keys)
+    if not (isinstance(keys, list) and len(keys) <= MAX_MEMBERS and all(type(k) is str and k.isprintable() for k in keys)
             and len(set(keys)) == len(keys) and _ints(sizes, 0, MAX_IMAGE_BYTES) and _ints(offsets, 0, stamp[0])
             and _ints(labels, -(1 << 62), 1 << 62) and isinstance(errors, list)
             and all(e is None or type(e) is str for e in errors)

@@ -284,7 +284,8 @@ def test_a_remembered_listing_is_trusted_only_for_what_the_shard_could_hold(tmp_
     forgeries = {"past the end": {"offsets": [shard_size] + record["offsets"][1:]},
                  "too big": {"sizes": [64 * 2 ** 20 + 1] + record["sizes"][1:]},
                  "a row short": {"labels": record["labels"][1:]},
-                 "not a listing": {"keys": "abc"}}
+                 "not a listing": {"keys": "abc"},
+                 "a key no error line could print": {"keys": ["a\nb"] + record["keys"][1:]}}
     for why, fields in forgeries.items():
         record_path.write_text(json.dumps({**record, **fields}))
         list_shard.cache_clear()
