@@ -276,6 +276,10 @@ def list_shard(shard: str, stamp: tuple[int, str]) -> ShardListing:
     """The samples of ``shard``: as remembered for this ``stamp`` (`_stamp`), or read once, front to back, and
     remembered. The stamp keys both the per-process cache and the record, so a shard that changed is listed
     again."""
+    # A store that reports no version (neither ETag nor modification time) leaves only the size to key a
+    # record by, which an edit that keeps the size would not change: such a shard is listed per process.
+    if not stamp[1]:
+        return _read_listing(shard)
     listing = _remembered(shard, stamp)
     if listing is None:
         listing = _read_listing(shard)
@@ -329,8 +333,8 @@ def _remembered(shard: str, stamp: tuple[int, str]) -> ShardListing | None:
             and record.get("stamp") == list(stamp)):
         return None
     keys, offsets, sizes, labels, errors = (record.get(name) for name in _LISTING_FIELDS)
-    if not (isinstance(keys, list) and len(keys) <= MAX_MEMBERS and all(type(k) is str and k.isprintable() for k in keys)
-            and len(set(keys)) == len(keys) and _ints(sizes, 0, MAX_IMAGE_BYTES) and _ints(offsets, 0, stamp[0])
+    if not (isinstance(keys, list) and len(keys) <= MAX_MEMBERS and len(set(keys)) == len(keys)
+            and all(type(k) is str and k.isprintable() for k in keys) and _ints(sizes, 0, MAX_IMAGE_BYTES) and _ints(offsets, 0, stamp[0])
             and _ints(labels, -(1 << 62), 1 << 62) and isinstance(errors, list)
             and all(e is None or type(e) is str for e in errors)
             and len(keys) == len(offsets) == len(sizes) == len(labels) == len(errors)

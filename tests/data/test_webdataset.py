@@ -292,3 +292,7 @@ def test_a_remembered_listing_is_trusted_only_for_what_the_shard_could_hold(tmp_
         again = load_dataset(spec, "val")  # the shard is listed again, and the record with it
         assert again.offsets.tolist() == listed.offsets.tolist() and again.sizes.tolist() == listed.sizes.tolist(), why
         assert json.loads(record_path.read_text()) == record, why
+    # A store that reports no version for a shard: its size alone would not tell an edit, so nothing is kept.
+    shard = tmp_path / "wds" / "train-0000.tar"
+    assert len(list_shard(str(shard), (shard.stat().st_size, "")).keys) == 18
+    assert [p.name for p in (tmp_path / "checks" / "wds").iterdir()] == [record_path.name]
