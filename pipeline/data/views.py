@@ -243,7 +243,7 @@ def render_crops(crops: Sequence[torch.Tensor], flips: Sequence[bool], size: int
     flips = torch.tensor([bool(f) for f in flips])
     if len(by_shape) == 1:  # one crop shape (a single image, or a batch of clean views): already in order
         out = _resize([crops[i] for i in range(len(crops))], size, device, interpolation)
-        _flip(out, flips.to(device))
+        _flip(out, flips)
     else:
         out = torch.empty(len(crops), channels, size, size, device=device)
         for indices in by_shape.values():
@@ -254,18 +254,19 @@ def render_crops(crops: Sequence[torch.Tensor], flips: Sequence[bool], size: int
                     row.copy_(row.flip(-1))
             else:
                 images = _resize([crops[i] for i in indices], size, device, interpolation)
-                _flip(images, flips[indices].to(device))
+                _flip(images, flips[indices])
                 out[indices] = images
     mean_t, std_t = _normalisation(tuple(mean), tuple(std), device)
     return out.sub_(mean_t).div_(std_t)
 
 
 def _flip(images: torch.Tensor, flips: torch.Tensor) -> None:
-    """Mirror, in place, the images whose flip is set."""
+    """Mirror, in place, the images whose flip (a host bool tensor: deciding costs no device sync) is set."""
     if flips.all():
         images.copy_(images.flip(-1))
     elif flips.any():
-        images[flips] = images[flips].flip(-1)
+        chosen = flips.to(images.device)
+        images[chosen] = images[chosen].flip(-1)
 
 
 _AA_RESIZE = {"bilinear": torch.ops.aten._upsample_bilinear2d_aa.out,
