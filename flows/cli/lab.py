@@ -140,15 +140,17 @@ def print_input_bench(inputs: "InputBench") -> None:
                   "source MiB": f"{r.source_bytes / 2**20:.1f}", "cache / source": f"{r.over_source:.2f}"}
                  for r in inputs.bytes])
     rows = [{"what": f"stream, {r.mode} inputs, rendered on {r.device}", "workers": r.workers, "cores": r.cores,
-             "samples/s": f"{r.samples_per_s:.0f}", "per core": f"{r.per_core:.0f}", "cores to feed": "-"}
+             "samples/s": f"{r.samples_per_s:.0f}", "per core": f"{r.per_core:.0f}",
+             "per CPU-s": "-" if r.per_cpu_second is None else f"{r.per_cpu_second:.0f}", "cores to feed": "-"}
             for r in inputs.streams]
     rows += [{"what": f"stage alone: {r.stage}", "workers": 0, "cores": 1, "samples/s": f"{r.per_core:.0f}",
-              "per core": f"{r.per_core:.0f}", "cores to feed": "-"} for r in inputs.stages]
+              "per core": f"{r.per_core:.0f}", "per CPU-s": "-", "cores to feed": "-"} for r in inputs.stages]
     rows += [{"what": f"{r.model} training step on {r.device} (batch {r.batch_size})", "workers": "-",
               "cores": inputs.cpus if r.device == "cpu" else "-", "samples/s": f"{r.samples_per_s:.0f}",
-              "per core": "-", "cores to feed": f"{r.cores_to_feed:.2f}"} for r in inputs.models]
-    print_table(f"student stream at 224 px beside what resnet18 and resnet50 consume ({inputs.cpus} CPUs; "
-                f"cores to feed: the model's samples/s over the stream's per core on that device)", rows)
+              "per core": "-", "per CPU-s": "-", "cores to feed": f"{r.cores_to_feed:.2f}"} for r in inputs.models]
+    print_table(f"student stream at 224 px beside what resnet18 and resnet50 consume ({inputs.cpus} CPUs; per "
+                f"CPU-s: samples per CPU-second of the bench's process, without workers; cores to feed: the "
+                f"model's samples/s over the stream's per core on that device, per CPU-s where measured)", rows)
     for scaling in inputs.scaling:
         print_table(f"{scaling.images}: teacher pass + statistics and train's first step, each in a fresh process "
                     f"(pass time should grow with the images, memory and time to first step stay flat)",

@@ -27,11 +27,12 @@ from pipeline.data.datasets import (SPLITS, DatasetError, DatasetKind, ImageData
                                     split_positions)
 from pipeline.data.decode import decode_error, decode_image
 
-__all__ = ["CHECKS_ENV", "CheckedFiles", "FolderDataset", "IMAGE_SUFFIXES", "folder_root"]
+__all__ = ["CHECKS_ENV", "CheckedFiles", "FolderDataset", "IMAGE_SUFFIXES", "checks_folder", "folder_root", "remember"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 CHECKS_ENV = "DISTILLERY_IMAGE_CHECKS"
-"""Directory of the remembered checks (default ~/.cache/distillery/image-checks), one file per folder."""
+"""Directory of the remembered checks (default ~/.cache/distillery/image-checks): one file per image folder, and
+one per webdataset shard (`pipeline.data.webdataset_source`)."""
 _CHECKS_LIMIT = 512 * MIB  # ~100 bytes a file: room for several ImageNets
 _NAMED_BAD_IMAGES = 3  # an error line names this many undecodable files, then counts the rest
 _STATS_MAX_IMAGES = 512
@@ -85,6 +86,21 @@ def folder_root(dataset_name: str) -> Path | None:
     return Path(argument) if kind == "imagefolder" and argument else None
 
 
+def checks_folder() -> Path:
+    """Where checks are remembered: `CHECKS_ENV`, else ~/.cache/distillery/image-checks."""
+    return Path(os.environ.get(CHECKS_ENV) or Path.home() / ".cache" / "distillery" / "image-checks")
+
+
+def remember(path: Path, record: object) -> None:
+    """Write a check's `record` (JSON) to `path` under `checks_folder()`, creating the folder: unwritable,
+    it only costs the next command its own check."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps(record).encode())
+    except OSError:
+        pass
+
+
 class CheckedFiles:
     """Which files of the folder `root` decode, remembered by (relative path, size, mtime).
 
@@ -94,8 +110,7 @@ class CheckedFiles:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        folder = Path(os.environ.get(CHECKS_ENV) or Path.home() / ".cache" / "distillery" / "image-checks")
-        self.path = folder / (hashlib.sha256(str(root).encode()).hexdigest()[:32] + ".json")
+        self.path = checks_folder() / (hashlib.sha256(str(root).encode()).hexdigest()[:32] + ".json")
         try:
             known = read_json(self.path, _CHECKS_LIMIT, DatasetError, "it is rebuilt")
         except DatasetError:
@@ -115,10 +130,7 @@ class CheckedFiles:
             with ThreadPoolExecutor() as pool:
                 for relative, why in zip(fresh, pool.map(decode_error, [self.root / r for r in fresh])):
                     self.known[relative] = [*stamps[relative], why]
-            try:
-                atomic_write_bytes(self.path, json.dumps(self.known).encode())
-            except OSError:  # a read-only home only costs the next command its own check
-                pass
+            remember(self.path, self.known)
         return [self.known[r][2] for r in relative_paths]
 
 

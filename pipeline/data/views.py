@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import model_validator
 
 from pipeline.errors import DistilleryError
@@ -255,35 +254,53 @@ def render_crops(crops: Sequence[torch.Tensor], flips: Sequence[bool], size: int
             raise ValueError(f"image {i} has {c} channels, image 0 has {channels}; render them separately")
         by_shape.setdefault((height, width), []).append(i)
     flips = torch.tensor([bool(f) for f in flips])
-    out = None
-    for indices in by_shape.values():
-        images = _resize([crops[i] for i in indices], size, device, interpolation)
-        flipped = flips[indices]
-        if flipped.all():
-            images = images.flip(-1)
-        elif flipped.any():
-            images[flipped.to(device)] = images[flipped.to(device)].flip(-1)
-        if len(by_shape) == 1:  # one crop shape (a single image, or a batch of clean views): already in order
-            out = images
-        else:
-            if out is None:
-                out = torch.empty(len(crops), channels, size, size, device=device)
-            if len(indices) == 1:
-                out[indices[0]].copy_(images[0])
+    if len(by_shape) == 1:  # one crop shape (a single image, or a batch of clean views): already in order
+        out = _resize([crops[i] for i in range(len(crops))], size, device, interpolation)
+        _flip(out, flips)
+    else:
+        out = torch.empty(len(crops), channels, size, size, device=device)
+        for indices in by_shape.values():
+            if len(indices) == 1:  # the usual random crop: resized straight into its row, no copy
+                row = out[indices[0]:indices[0] + 1]
+                _resize([crops[indices[0]]], size, device, interpolation, row)
+                if flips[indices[0]]:
+                    row.copy_(row.flip(-1))
             else:
+                images = _resize([crops[i] for i in indices], size, device, interpolation)
+                _flip(images, flips[indices])
                 out[indices] = images
     mean_t, std_t = _normalisation(tuple(mean), tuple(std), device)
     return out.sub_(mean_t).div_(std_t)
 
 
-def _resize(crops: list[torch.Tensor], size: int, device: torch.device, interpolation: str) -> torch.Tensor:
-    """Equal-shape uint8 (h, w, C) crops -> float32 (n, C, size, size) in [0, 1], antialiased."""
+def _flip(images: torch.Tensor, flips: torch.Tensor) -> None:
+    """Mirror, in place, the images whose flip (a host bool tensor: deciding costs no device sync) is set."""
+    if flips.all():
+        images.copy_(images.flip(-1))
+    elif flips.any():
+        chosen = flips.to(images.device)
+        images[chosen] = images[chosen].flip(-1)
+
+
+_AA_RESIZE = {"bilinear": torch.ops.aten._upsample_bilinear2d_aa.out,
+              "bicubic": torch.ops.aten._upsample_bicubic2d_aa.out}
+"""`torch.nn.functional.interpolate(antialias=True)`'s own kernels, as ops that write into a given tensor (its batch row)."""
+
+
+def _resize(crops: list[torch.Tensor], size: int, device: torch.device, interpolation: str,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Equal-shape uint8 (h, w, C) crops -> float32 (n, C, size, size) in [0, 1], antialiased (into `out`
+    when given)."""
     pixels = (crops[0][None] if len(crops) == 1 else torch.stack(crops)).to(device, non_blocking=True)
-    # Channels first while still uint8 (a quarter of the bytes to move); a permuted NHWC buffer looks
-    # channels-last to interpolate, which then takes another kernel: one contiguous layout, one arithmetic.
-    # x / 255 in float32 is correctly rounded (IEEE), so it equals the table of every pixel value it replaced.
-    unit = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).div_(255.0)
-    out = F.interpolate(unit, size=(size, size), mode=interpolation, align_corners=False, antialias=True)
+    # Channels first in the same pass as the float conversion (one read of the crop, one write): a permuted
+    # NHWC buffer looks channels-last to interpolate, which then takes another kernel: one contiguous
+    # layout, one arithmetic. x / 255 in float32 is correctly rounded (IEEE), so it equals the table of every
+    # pixel value it replaced.
+    n, height, width, channels = pixels.shape
+    unit = torch.empty(n, channels, height, width, device=device).copy_(pixels.permute(0, 3, 1, 2)).div_(255.0)
+    if out is None:
+        out = torch.empty(n, channels, size, size, device=device)
+    _AA_RESIZE[interpolation](unit, [size, size], False, None, None, out=out)
     # Bicubic overshoots at edges; timm's transforms (on images or tensors) clamp to the pixel range.
     return out.clamp_(0.0, 1.0) if interpolation == "bicubic" else out
 

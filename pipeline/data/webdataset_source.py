@@ -9,10 +9,15 @@ Before any work a split is listed: each shard is read once, in order, for its me
 class members and a check that each image decodes (at 1/8 scale where the format allows: every byte is still
 entropy-decoded, so a corrupt or truncated file is found). Nothing of the images is kept but where they are:
 `WebDataset.raw` reads one member by offset, so the teacher pass, which asks for the samples in stored order,
-reads each shard once more from front to back. Shards are untrusted bytes, held to the cache's rules
-(docs/cache-format.md#security): members of bounded size and count, no links or devices, no absolute or ``..``
-member names, no compressed tars (a gzip bomb needs a decompressor), an image's pixel count bounded before it is
-decoded; each refusal is one line naming the shard and the sample key.
+reads each shard once more from front to back. The listing is remembered per shard, keyed by the shard's
+path or URL, size and mtime or ETag (under $DISTILLERY_IMAGE_CHECKS, as an image folder's checks are), so
+the next command over unchanged shards (`cache` after `fit-teacher`, each `train` of a sweep loading the val
+split) reads no shard to list it: one stat or HEAD per shard, then only the pass's own read.
+
+Shards are untrusted bytes, held to the cache's rules (docs/cache-format.md#security): members of bounded size
+and count, no links or devices, no absolute or ``..`` member names, no compressed tars (a gzip bomb needs a
+decompressor), an image's pixel count bounded before it is decoded; each refusal is one line naming the shard
+and the sample key.
 
 Sample ids are 63 bits of the BLAKE2b hash of (split, shard file name, key): the same for the same shards
 wherever they are stored, unchanged by adding or reordering shards, and distinct between the splits.
@@ -39,9 +44,10 @@ from typing import BinaryIO, ClassVar
 import numpy as np
 from PIL import Image
 
-from pipeline.bounded import MIB, open_regular, read_text
+from pipeline.bounded import MIB, open_regular, read_json, read_text
 from pipeline.data.datasets import DatasetError, DatasetKind, ImageDataset, register_dataset_kind
 from pipeline.data.decode import DECODE_ERRORS, decode_image
+from pipeline.data.imagefolder import checks_folder, remember
 from pipeline.object_store import ObjectPath, is_url, location
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
@@ -67,6 +73,9 @@ _STATS_MAX_IMAGES = 512
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"(\d+)\.\.(\d+)")
 _HINT = "fix or rebuild the shard"
+_LISTING_FORMAT = 1  # raised when what a listing records (or how its images are checked) changes
+_LISTING_FIELDS = ("keys", "offsets", "sizes", "labels", "errors")
+_MAX_LISTING_BYTES = 256 * MIB  # ~150 bytes a sample at MAX_MEMBERS
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -264,8 +273,24 @@ def _list_members(shard: str, tar: tarfile.TarFile,
 
 @functools.lru_cache(maxsize=4096)
 def list_shard(shard: str, stamp: tuple[int, str]) -> ShardListing:
-    """The samples of ``shard`` (read once, front to back); ``stamp`` (`_stamp`) keys the per-process cache, so
-    a shard that changed is listed again."""
+    """The samples of ``shard``: as remembered for this ``stamp`` (`_stamp`), or read once, front to back, and
+    remembered. The stamp keys both the per-process cache and the record, so a shard that changed is listed
+    again."""
+    # A store that reports no version (neither ETag nor modification time) leaves only the size to key a
+    # record by, which an edit that keeps the size would not change: such a shard is listed per process.
+    if not stamp[1]:
+        return _read_listing(shard)
+    listing = _remembered(shard, stamp)
+    if listing is None:
+        listing = _read_listing(shard)
+        remember(_listing_path(shard), {"format": _LISTING_FORMAT, "shard": shard, "stamp": list(stamp),
+                                        "keys": list(listing.keys), "offsets": listing.offsets.tolist(),
+                                        "sizes": listing.sizes.tolist(), "labels": listing.labels.tolist(),
+                                        "errors": list(listing.errors)})
+    return listing
+
+
+def _read_listing(shard: str) -> ShardListing:
     try:
         with _open_shard(shard) as raw, tarfile.open(fileobj=raw, mode="r:") as tar, \
                 ThreadPoolExecutor() as check:  # PIL releases the GIL while decoding
@@ -286,6 +311,38 @@ def list_shard(shard: str, stamp: tuple[int, str]) -> ShardListing:
                         sizes=np.array([s for _, s in images], np.int64),
                         labels=np.array([sample.label for sample in samples.values()], np.int64),
                         errors=tuple(errors[key] for key in samples))
+
+
+def _listing_path(shard: str) -> Path:
+    return checks_folder() / "wds" / (hashlib.sha256(shard.encode()).hexdigest()[:32] + ".json")
+
+
+def _ints(values: object, low: int, high: int) -> bool:
+    return isinstance(values, list) and all(type(v) is int and low <= v <= high for v in values)
+
+
+def _remembered(shard: str, stamp: tuple[int, str]) -> ShardListing | None:
+    """The listing recorded for ``shard`` as it is now, or None: no record, one of another stamp, or one that
+    is not a listing this shard could have (then it is listed again). The record is this project's own file,
+    still read bounded and trusted for nothing a listing of the shard could not say."""
+    try:
+        record = read_json(_listing_path(shard), _MAX_LISTING_BYTES, DatasetError, "it is listed again")
+    except DatasetError:
+        return None
+    if not (isinstance(record, dict) and record.get("format") == _LISTING_FORMAT and record.get("shard") == shard
+            and record.get("stamp") == list(stamp)):
+        return None
+    keys, offsets, sizes, labels, errors = (record.get(name) for name in _LISTING_FIELDS)
+    if not (isinstance(keys, list) and len(keys) <= MAX_MEMBERS and len(set(keys)) == len(keys)
+            and all(type(k) is str and k.isprintable() for k in keys) and _ints(sizes, 0, MAX_IMAGE_BYTES) and _ints(offsets, 0, stamp[0])
+            and _ints(labels, -(1 << 62), 1 << 62) and isinstance(errors, list)
+            and all(e is None or type(e) is str for e in errors)
+            and len(keys) == len(offsets) == len(sizes) == len(labels) == len(errors)
+            and all(o + n <= stamp[0] for o, n in zip(offsets, sizes))):
+        return None
+    return ShardListing(keys=tuple(keys), offsets=np.array(offsets, np.int64).reshape(-1),
+                        sizes=np.array(sizes, np.int64).reshape(-1), labels=np.array(labels, np.int64).reshape(-1),
+                        errors=tuple(errors))
 
 
 def sample_id(split: str, shard: str, key: str) -> int:

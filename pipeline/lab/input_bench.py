@@ -2,8 +2,9 @@
 synthetic ImageNet-like folder (`pipeline.lab.image_folder`), all measured side by side in one run:
 
 - per `--inputs` mode (`INPUT_MODES`): the cache's input bytes over the source JPEGs' bytes, and the student
-  stream's samples/s at 224 px per core (one thread, no workers) and with a worker per core, on CPU and, when
-  present, rendered on CUDA; beside it the stages alone (decoding a JPEG, rendering a view);
+  stream's samples/s at 224 px per core (one thread, no workers; also per CPU-second, which other sessions'
+  load does not lower) and with a worker per core, on CPU and, when present, rendered on CUDA; beside it the
+  stages alone (decoding a JPEG, rendering a view);
 - what resnet18 and resnet50 consume per training step on the same machine (samples/s), so "cores to feed"
   is how many cores of stream each needs;
 - the teacher pass + statistics at N, 2N and 4N images, each in a fresh process (time should grow linearly,
@@ -45,7 +46,9 @@ STUDENT = "test_resnet"
 
 
 class StreamRow(BaseModel):
-    """The student stream over one mode's cache: samples/s in all, and per core it used."""
+    """The student stream over one mode's cache: samples/s in all, per core it used, and (without workers) per
+    CPU-second this process spent, which other load on a shared machine does not lower (a worker's CPU is
+    another process's: None with workers)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -55,6 +58,7 @@ class StreamRow(BaseModel):
     cores: int
     samples_per_s: float
     per_core: float
+    per_cpu_second: float | None = None
 
 
 class StageRow(BaseModel):
@@ -209,6 +213,17 @@ def stage_rates(folder: Path, count: int) -> list[StageRow]:
     return [StageRow(stage="decode JPEG (PIL)", per_core=decode), StageRow(stage="render view 224 px", per_core=render)]
 
 
+def stream_rates(cache: str, workers: int, device: str) -> tuple[float, float | None]:
+    """One epoch of the student stream at `SIZE` px over `cache`: samples per second and, without workers,
+    per CPU-second of this process."""
+    from pipeline.cache.reader import TeacherCache
+
+    cpu = time.process_time()
+    rate = stream_samples_per_s(cache, SIZE, 64, workers, device)
+    cpu = time.process_time() - cpu
+    return rate, (TeacherCache(cache).num_samples / cpu if workers == 0 else None)
+
+
 def model_samples_per_s(model: str, device: torch.device, batch_size: int, steps: int) -> float:
     """Training steps of `model` (1000 classes) on random `SIZE` px inputs: samples/s (bf16 autocast on CUDA)."""
     from pipeline.nets.tapped import create_timm_model
@@ -284,13 +299,16 @@ def bench_input_pipeline(quick: bool = False, device: str = "auto", n: int | Non
         for mode, cache in mode_caches.items():
             configs = [("cpu", 0, 1), ("cpu", cpus, cpus)] + ([("cuda", cpus, cpus)] if target.type == "cuda" else [])
             for kind, workers, cores in configs:
-                rate = functools.partial(stream_samples_per_s, cache, SIZE, 64, workers, kind)
-                best = max((one_thread_rate(rate) if workers == 0 else rate()) for _ in range(rounds))
+                rate = functools.partial(stream_rates, cache, workers, kind)
+                runs = [(one_thread_rate(rate) if workers == 0 else rate()) for _ in range(rounds)]
+                best = max(wall for wall, _ in runs)
                 streams.append(StreamRow(mode=mode, device=kind, workers=workers, cores=cores, samples_per_s=best,
-                                         per_core=best / cores))
+                                         per_core=best / cores,
+                                         per_cpu_second=None if workers else max(cpu for _, cpu in runs)))
     # A model on a device is fed by the first mode's stream rendering there, at its rate per core (on CPU the
-    # one-thread row: reversed, so the first row of a device is the one kept).
-    per_core = {row.device: row.per_core for row in reversed(streams) if row.mode == streams[0].mode}
+    # one-thread row, per CPU-second: reversed, so the first row of a device is the one kept).
+    per_core = {row.device: row.per_cpu_second or row.per_core for row in reversed(streams)
+                if row.mode == streams[0].mode}
     models = []
     for model in MODELS:
         for dev in [torch.device("cpu")] + ([target] if target.type == "cuda" else []):

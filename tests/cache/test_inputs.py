@@ -21,6 +21,7 @@ from pipeline.cache.reader import BlockReader, TeacherCache
 from pipeline.cache.source import source_dataset
 from pipeline.cache.targets import LOGITS
 from pipeline.data.decode import decode_image, decoded_size
+from pipeline.data.imagefolder import CHECKS_ENV
 from pipeline.data.views import ViewPlan
 from pipeline.teacher.cache_pass import run_cache_pass
 from pipeline.teacher.checkpoint import TeacherCheckpoint
@@ -183,18 +184,43 @@ def test_a_max_side_decode_shrinks_in_the_jpeg_decoder_to_the_exact_size(tmp_pat
     np.testing.assert_array_equal(decode_image(data, 3, 100), decode_image(tmp_path / "p.jpg", 3, 100))
 
 
-def test_train_from_a_cache_opens_no_training_image(folder, tmp_path) -> None:
-    """Encoded inputs (raw ones are read from the cache the same way, by the same stream)."""
+_OPENED: list[str] | None = None  # while a list: the paths this process opens (an audit hook cannot be removed)
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if event == "open" and _OPENED is not None and isinstance(args[0], (str, Path)):
+        _OPENED.append(str(args[0]))
+
+
+sys.addaudithook(_record_opens)
+
+
+def test_train_from_a_cache_opens_no_training_image_and_checks_val_once(folder, tmp_path, monkeypatch) -> None:
+    """Encoded inputs (raw ones are read from the cache the same way, by the same stream). Each `train` of a
+    sweep opens the val images to evaluate; only the first checks them (remembered per file)."""
+    global _OPENED
+    monkeypatch.setenv(CHECKS_ENV, str(tmp_path / "checks"))  # not there yet: the first check creates it
     copy = shutil.copytree(folder, tmp_path / "photos")
     cache = cache_folder(copy, tmp_path / "cache")
     away = tmp_path / "away"
     away.mkdir()
     for path in (copy / "train").rglob("*.*"):  # the class folders stay: they name the classes
         shutil.move(path, away / f"{path.parent.name}-{path.name}")
-    summary = train_student(TrainConfig(cache=str(cache), student=TINY_TEACHER, methods=("ce", "kd"),
-                                        out=str(tmp_path / "run"),
-                                        settings=RunSettings(epochs=1, batch_size=5, workers=0, device="cpu")))
-    assert summary.steps == 2 and 0 <= summary.val_accuracy <= 1
+    val = sorted(str(p) for p in (copy / "val").rglob("*.*"))
+    opens = []
+    for run in ("first", "second"):
+        _OPENED = []
+        try:
+            summary = train_student(TrainConfig(cache=str(cache), student=TINY_TEACHER, methods=("ce", "kd"),
+                                                out=str(tmp_path / run),
+                                                settings=RunSettings(epochs=1, batch_size=5, workers=0, device="cpu")))
+        finally:
+            opens.append(_OPENED)
+            _OPENED = None
+        assert summary.steps == 2 and 0 <= summary.val_accuracy <= 1
+    first, second = ([path for path in run if path in val] for run in opens)
+    assert sorted(set(second)) == val and len(first) - len(second) == len(val)  # the check, first run only
+    assert not any(str(copy / "train") in path for run in opens for path in run)
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
+import os
 import re
 import struct
 import tarfile
+import urllib.parse
+import urllib.request
 import zlib
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +22,8 @@ from PIL import Image
 
 from pipeline.cache.reader import TeacherCache
 from pipeline.data.datasets import DatasetError, load_dataset
-from pipeline.data.webdataset_source import expand_braces, sample_id
+from pipeline.data.imagefolder import CHECKS_ENV
+from pipeline.data.webdataset_source import _open, expand_braces, list_shard, sample_id
 from pipeline.teacher.cache_pass import run_cache_pass
 from pipeline.teacher.plan import CacheRequest
 from pipeline.train.config import RunSettings, TrainConfig
@@ -209,3 +215,84 @@ def test_a_pipe_pattern_is_a_local_path_and_runs_nothing(tmp_path: Path) -> None
     with pytest.raises(DatasetError) as refused:
         load_dataset(f"wds:pipe:touch {marker}|pipe:touch {marker}", "train")
     assert "\n" not in str(refused.value) and not marker.exists()
+
+
+def shard_bytes_read(endpoint: str, sizes: dict[str, int]) -> dict[str, int]:
+    """Bytes of each object in `sizes` that GET requests since the last reset of moto's request recorder fetched
+    (a ranged GET counts its range, clipped to the object as the server clips it)."""
+    with urllib.request.urlopen(f"{endpoint}/moto-api/recorder/download-recording") as response:
+        requests = [json.loads(line) for line in response.read().decode().splitlines() if line]
+    read = dict.fromkeys(sizes, 0)
+    for request in requests:
+        key = urllib.parse.urlparse(request["url"]).path.rsplit("/", 1)[-1]
+        if request["method"] != "GET" or key not in sizes:
+            continue
+        first, last = 0, sizes[key] - 1
+        if "Range" in request["headers"]:
+            low, high = re.fullmatch(r"bytes=(\d+)-(\d*)", request["headers"]["Range"]).groups()
+            first, last = int(low), min(last, int(high) if high else last)
+        read[key] += max(0, last - first + 1)
+    return read
+
+
+def test_s3_shards_are_listed_once_and_read_once_per_pass(tmp_path: Path, s3_endpoint, monkeypatch) -> None:
+    root = fixture_shards(tmp_path / "wds")
+    for path in root.iterdir():
+        s3_endpoint.client.upload_file(str(path), s3_endpoint.bucket, f"wds/{path.name}")
+    sizes = {path.name: path.stat().st_size for path in root.glob("*.tar")}
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.chdir(tmp_path)  # moto's recorder appends every request to ./moto_recording
+    monkeypatch.setenv(CHECKS_ENV, str(tmp_path / "checks"))  # a folder that is not there yet
+
+    def recorder(action: str) -> None:
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/recorder/{action}", method="POST")).close()
+
+    def command(listed: tuple[str, ...], read: str) -> dict[str, int]:
+        """What a fresh process fetches that loads the splits `listed`, then reads every sample of `read` once."""
+        list_shard.cache_clear()
+        _open.handles = OrderedDict()  # and opens shards of its own
+        recorder("reset-recording")
+        datasets = {split: load_dataset(f"wds:s3://{s3_endpoint.bucket}/wds", split) for split in listed}
+        dataset = datasets[read]
+        assert [len(dataset.encoded(p)) for p in range(len(dataset))] == dataset.sizes.tolist()
+        return shard_bytes_read(endpoint, sizes)
+
+    recorder("start-recording")
+    try:
+        fit = command(("train", "val"), "train")  # `fit-teacher`: both splits listed, then its pass
+        cache = command(("train",), "train")  # `cache`: the teacher pass
+        train = command(("val",), "val")  # `train` of a student: its evaluation
+    finally:
+        recorder("stop-recording")
+    # Listing reads a shard front to back; a pass reads it from its first image (after that member's 512-byte
+    # tar header) to the end through fsspec's read-ahead (these shards are smaller than its block: one GET).
+    passed = {name: size - 512 for name, size in sizes.items()}
+    none = dict.fromkeys(sizes, 0)
+    assert fit == {name: sizes[name] + (passed[name] if name.startswith("train") else 0) for name in sizes}
+    assert cache == {**none, "train-0000.tar": passed["train-0000.tar"], "train-0001.tar": passed["train-0001.tar"]}
+    assert train == {**none, "val-0000.tar": passed["val-0000.tar"]}
+    assert len(list((tmp_path / "checks" / "wds").glob("*.json"))) == 3
+
+
+def test_a_remembered_listing_is_trusted_only_for_what_the_shard_could_hold(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(CHECKS_ENV, str(tmp_path / "checks"))
+    spec = f"wds:{fixture_shards(tmp_path / 'wds')}"
+    listed = load_dataset(spec, "val")
+    record_path, = (tmp_path / "checks" / "wds").glob("*.json")
+    record = json.loads(record_path.read_text())
+    shard_size = (tmp_path / "wds" / "val-0000.tar").stat().st_size
+    forgeries = {"past the end": {"offsets": [shard_size] + record["offsets"][1:]},
+                 "too big": {"sizes": [64 * 2 ** 20 + 1] + record["sizes"][1:]},
+                 "a row short": {"labels": record["labels"][1:]},
+                 "not a listing": {"keys": "abc"},
+                 "a key no error line could print": {"keys": ["a\nb"] + record["keys"][1:]}}
+    for why, fields in forgeries.items():
+        record_path.write_text(json.dumps({**record, **fields}))
+        list_shard.cache_clear()
+        again = load_dataset(spec, "val")  # the shard is listed again, and the record with it
+        assert again.offsets.tolist() == listed.offsets.tolist() and again.sizes.tolist() == listed.sizes.tolist(), why
+        assert json.loads(record_path.read_text()) == record, why
+    # A store that reports no version for a shard: its size alone would not tell an edit, so nothing is kept.
+    shard = tmp_path / "wds" / "train-0000.tar"
+    assert len(list_shard(str(shard), (shard.stat().st_size, "")).keys) == 18
+    assert [p.name for p in (tmp_path / "checks" / "wds").iterdir()] == [record_path.name]

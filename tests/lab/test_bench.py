@@ -85,7 +85,12 @@ def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypat
     assert 1 < encoded["over_source"] < raw["over_source"] / 4
     assert [(r["device"], r["workers"]) for r in inputs["streams"]] == [("cpu", 0), ("cpu", inputs["cpus"])] * 2
     assert all(r["per_core"] > 0 for r in inputs["streams"]) and "cores to feed" in text
+    # CPU-seconds are this process's: measured for the one-thread rows only, and what feeds a model's row.
+    assert [r["per_cpu_second"] is None for r in inputs["streams"]] == [False, True] * 2 and "per CPU-s" in text
+    assert all(r["per_cpu_second"] > 0 for r in inputs["streams"][::2])
     assert [(r["model"], r["device"]) for r in inputs["models"]] == [("test_resnet", "cpu")]
+    [model] = inputs["models"]
+    assert model["cores_to_feed"] == pytest.approx(model["samples_per_s"] / inputs["streams"][0]["per_cpu_second"])
     assert [[r["samples"] for r in s["rows"]] for s in inputs["scaling"]] == [[10, 20]]
     assert all(r["first_step_seconds"] > 0 for r in inputs["scaling"][0]["rows"]) and "train: first step" in text
 
