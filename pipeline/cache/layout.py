@@ -24,6 +24,7 @@ import numpy as np
 import zarr
 
 from pipeline.bounded import read_json
+from pipeline.cache.codecs import read_zstd_bounded
 from pipeline.cache.integrity import confined_path, inside, rows_digest
 from pipeline.cache.manifest import CacheError, Manifest, ShardRange, ShardRecord
 from pipeline.checksums import sha256_file
@@ -50,7 +51,8 @@ def block_sizes(shards: list[ShardRange], block_size: int) -> list[list[int]]:
 
 def open_arrays(path: Path | ObjectPath, mode: str) -> zarr.Group:
     """The cache's zarr group (a URL opens through zarr's FsspecStore); metadata that does not parse is one
-    CacheError naming the file."""
+    CacheError naming the file. Chunks decode with the bounded zstd codec (`read_zstd_bounded`)."""
+    read_zstd_bounded()
     try:
         return zarr.open_group(store=str(path), mode=mode)
     except (ValueError, TypeError, KeyError, OSError, zarr.errors.BaseZarrError) as e:

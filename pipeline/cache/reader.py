@@ -53,8 +53,9 @@ class TeacherCache(CacheFiles):
         """Every `zarr.json` the arrays are opened through, read bounded before zarr parses it (size, UTF-8,
         nesting: zarr's own parse ends in a RecursionError), and each array's shape and chunks bounded by
         what the manifest implies before anything is allocated: a statistics array has no more elements than
-        its dimensions (classes, feature widths, LSH bits, N) allow, and no chunk is larger than its array or
-        a shard (zarr allocates a whole chunk to decode it)."""
+        its dimensions (classes, feature widths, LSH bits, N) allow, no chunk is larger than its array or
+        a shard (zarr allocates a whole chunk to decode it), and chunks are stored as the cache writes them (raw
+        bytes, then zstd, which `pipeline.cache.codecs.BoundedZstdCodec` decodes to the chunk's size at most)."""
         names = [*self.manifest.arrays, *self.manifest.stats.arrays]
         nodes = {""} | {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 2)}
         dims = [self.manifest.dataset.num_classes, self.manifest.storage.lsh_bits,
@@ -74,6 +75,10 @@ class TeacherCache(CacheFiles):
             if not sized or any(c > max(d, 1, self.manifest.storage.shard_size if axis == 0 else 1)
                                 for axis, (c, d) in enumerate(zip(chunks, shape))):
                 raise CacheError(f"{path}: shape {shape} with chunks {chunks} is not an array this cache writes; {hint}")
+            codecs = [c.get("name") if isinstance(c, dict) else c for c in meta.get("codecs") or []]
+            if codecs not in (["bytes"], ["bytes", "zstd"]):  # gzip or blosc would inflate without a bound
+                raise CacheError(f"{path}: codecs {codecs} are not the ones this cache writes (bytes, then zstd); "
+                                 f"{hint}")
             # A per-sample array's shape is compared with the manifest's by `check_layout` (opening allocates
             # nothing); a statistics array's only bound is the manifest's dimensions.
             if node not in self.manifest.arrays and math.prod(shape) > statistics_limit:

@@ -143,3 +143,42 @@ def test_a_faiss_index_declaring_two_to_the_forty_vectors(forged: Path) -> None:
     line = refusal(memory_bounded(f"from pipeline.cache.reader import TeacherCache\n"
                                   f"TeacherCache({str(forged)!r}).lsh_index()\n"))
     assert "is not a flat index of 120 codes of 16 bits" in line, line
+
+
+def rle_frame(size: int, declared: bool) -> bytes:
+    """A zstd frame of `size` zero bytes in 4-byte RLE blocks of 128 KiB each (RFC 8878, section 3.1.1.2):
+    2 GiB in 64 KiB, declaring its size in the header or not."""
+    block = 128 << 10
+    count = -(-size // block)
+    # Frame header: magic, descriptor (8-byte content size or none), window descriptor (2^17 bytes).
+    header = b"\x28\xb5\x2f\xfd" + (bytes([0xC0, 0x38]) + size.to_bytes(8, "little") if declared else b"\x00\x38")
+    return header + b"".join((min(block, size - i * block) << 3 | 1 << 1 | (i == count - 1)).to_bytes(3, "little")
+                             + b"\0" for i in range(count))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("chunk, expected", [
+    (rle_frame(2 << 30, declared=True), "declares 2,147,483,648 bytes, not the 1,600 the chunk holds"),
+    (rle_frame(2 << 30, declared=False), "declares no decompressed size, not the 1,600 the chunk holds"),
+    (rle_frame(1600, declared=True) + rle_frame(2 << 30, declared=False), "does not decompress to its 1,600 bytes"),
+], ids=["declared", "undeclared", "two-frames"])
+def test_a_zstd_chunk_inflating_to_two_gibibytes(forged: Path, chunk: bytes, expected: str, workers: int) -> None:
+    """A 64 KiB chunk of the teacher's logits that zstd inflates to 2 GiB: no digest is recomputed (the forger's
+    own zarr would inflate it), as none is read before the chunk is decoded."""
+    path = forged / "arrays.zarr" / "logits" / "dense" / "c" / "0" / "0" / "0"
+    assert len(chunk) < 70_000 and path.is_file()
+    path.write_bytes(chunk)
+    line = refusal(memory_bounded(STREAM.format(root=str(forged), workers=workers)))
+    assert "a zstd chunk of [40, 2, 10] float16 in arrays.zarr " + expected in line, line
+
+
+@pytest.mark.parametrize("codec", [{"name": "gzip", "configuration": {"level": 1}},
+                                   {"name": "blosc", "configuration": {"cname": "zstd", "clevel": 1}}])
+def test_a_codec_the_cache_never_writes(forged: Path, codec: dict) -> None:
+    """gzip and blosc inflate what their streams declare, unbounded: only bytes and zstd are opened."""
+    path = forged / "arrays.zarr" / "logits" / "dense" / "zarr.json"
+    meta = json.loads(path.read_text())
+    meta["codecs"] = [meta["codecs"][0], codec]
+    path.write_text(json.dumps(meta))
+    line = refusal(memory_bounded(f"from pipeline.cache.reader import TeacherCache\nTeacherCache({str(forged)!r})\n"))
+    assert f"codecs ['bytes', '{codec['name']}'] are not the ones this cache writes" in line, line
