@@ -41,6 +41,9 @@ TAIL_NAME = "teacher_tail.pt"
 MAX_METADATA_BYTES = 1 << 20
 """The largest `zarr.json` read (the cache's own are under 1 KiB)."""
 MAX_RECORD_BYTES = 1 << 20
+MAX_TAIL_BYTES = 2 << 30
+"""The largest `teacher_tail.pt` read: the last stage of a ConvNeXt-XL, about the largest a timm teacher has, is
+0.45 GB in float32."""
 """The largest shard record read: one lists a sha256 per block, about 70 bytes each."""
 
 

@@ -182,3 +182,33 @@ def test_a_codec_the_cache_never_writes(forged: Path, codec: dict) -> None:
     path.write_text(json.dumps(meta))
     line = refusal(memory_bounded(f"from pipeline.cache.reader import TeacherCache\nTeacherCache({str(forged)!r})\n"))
     assert f"codecs ['bytes', '{codec['name']}'] are not the ones this cache writes" in line, line
+
+
+def forge_tail(root: Path, edit) -> None:
+    """`teacher_tail.pt` with its spec changed by `edit`, its weights as stored, digests recomputed."""
+    import torch
+
+    path = root / "teacher_tail.pt"
+    stored = torch.load(path, weights_only=True)
+    edit(stored["spec"])
+    torch.save(stored, path)
+    recompute_digests(root)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda spec: spec["modules"][0]["blocks"][0].update(planes=20_000),
+     "gives [80000, 2, 2] maps, not the cached [192, 2, 2]"),
+    (lambda spec: spec["modules"][0]["blocks"][0].update(base_width=20_000),  # 15,000-wide 3x3 convolution: 8 GB
+     "implies other weights than the stored ones (11 differ, e.g. 0.0.bn1.bias: (15000,) built, (48,) stored)"),
+    (lambda spec: spec.update(input_shape=[48, 100_000, 100_000]),
+     "takes [48, 100000, 100000] maps through 1 modules, more than a 32-px teacher's stages give"),
+    (lambda spec: spec["modules"][0]["blocks"][0].update(stride="2"), "does not build (TypeError"),
+], ids=["planes", "base-width", "input-side", "stride-text"])
+def test_a_teacher_tail_of_twenty_thousand_planes(forged: Path, edit, expected: str) -> None:
+    """ScaleKD's stored teacher tail (docs/methods.md#scalekd) whose spec declares widths its stored weights do
+    not have: refused from its shapes, as ScaleKD loads it, before a module is built."""
+    forge_tail(forged, edit)
+    line = refusal(memory_bounded(f"from pipeline.cache.reader import TeacherCache\n"
+                                  f"from pipeline.nets.tail import build_teacher_tail\n"
+                                  f"build_teacher_tail(*TeacherCache({str(forged)!r}).teacher_tail())\n"))
+    assert f"{forged / 'teacher_tail.pt'}: the teacher tail's spec {expected}" in line, line
