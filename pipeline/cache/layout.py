@@ -38,6 +38,10 @@ STAGING_PREFIX = ".stats-staging-"
 SHARDS_DIR = "shards"
 SHARD_PATTERN = "train-{:06d}.tar"
 TAIL_NAME = "teacher_tail.pt"
+# At import, not when a group opens: a DataLoader worker (a fork server's child) parses the arrays' metadata
+# again when it reads them, and imports this module when it unpickles the reader, never calling `open_arrays`.
+read_zstd_bounded()
+
 MAX_METADATA_BYTES = 1 << 20
 """The largest `zarr.json` read (the cache's own are under 1 KiB)."""
 MAX_RECORD_BYTES = 1 << 20
@@ -55,7 +59,6 @@ def block_sizes(shards: list[ShardRange], block_size: int) -> list[list[int]]:
 def open_arrays(path: Path | ObjectPath, mode: str) -> zarr.Group:
     """The cache's zarr group (a URL opens through zarr's FsspecStore); metadata that does not parse is one
     CacheError naming the file. Chunks decode with the bounded zstd codec (`read_zstd_bounded`)."""
-    read_zstd_bounded()
     try:
         return zarr.open_group(store=str(path), mode=mode)
     except (ValueError, TypeError, KeyError, OSError, zarr.errors.BaseZarrError) as e:
