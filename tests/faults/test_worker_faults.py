@@ -48,3 +48,30 @@ def test_a_damaged_cache_on_s3_streamed_by_a_worker(small_cache: Path, s3_endpoi
                          f"or changed zarr chunk); repair with `distillery verify {cache} --repair` (needs the "
                          f"teacher checkpoint) or re-run the `distillery cache` command that made it")
     assert bucket_bytes(s3_endpoint) == before  # nothing of the cache rewritten or lost
+
+
+def test_a_student_task_timeout_is_one_line_naming_the_task_and_its_bound(prefect_harness, small_cache: Path,
+                                                                         tmp_path: Path, cli) -> None:
+    """`task_timeout = 1` in a sweep file, firing as designed on a recorded run (the only path that has task
+    timeouts: without a server the library trains in-process): one line naming the task and what to raise,
+    exit 2, no summary written, the cache untouched."""
+    from forgery import tree_bytes
+
+    before = tree_bytes(small_cache)
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(f"""
+cache = "{small_cache}"
+out = "{tmp_path / 'run'}"
+students = [{{ student = "test_resnet", methods = ["ce"] }}]
+task_timeout = 1
+[settings]
+epochs = 200
+workers = 0
+""")
+    code, out = cli("train", "--sweep", str(sweep), "--device", "cpu")
+    # stdout and stderr together: the progress display's closing line on stdout, then the one error line.
+    assert code == 2 and "Traceback" not in out and [line for line in out.splitlines() if "error" in line] == [
+        "error: task train-test_resnet-ce ran past its timeout (Scope timed out after 1.0 second(s).); raise "
+        "task_timeout (seconds: a sweep file's or a deployment's parameter), or leave it out for no bound"], out
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert tree_bytes(small_cache) == before
