@@ -249,6 +249,8 @@ class TeacherCache(CacheFiles):
             raise CacheError(f"{self.root / TAIL_NAME} is missing or fails its sha256; re-run the `distillery cache` "
                              f"command that made {self.root}")
         hint = f"re-run the `distillery cache` command that made {self.root}"
+        if FEATMAPS not in self.available_targets():  # the manifest refuses --teacher-tail without --featmaps
+            raise CacheError(f"{self.root} stores a teacher tail but no feature maps for it to produce; {hint}")
         data = read_bytes(self.root / TAIL_NAME, MAX_TAIL_BYTES, CacheError, hint)
         try:
             stored = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
