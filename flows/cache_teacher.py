@@ -26,8 +26,8 @@ from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import PositiveFloat
 
-from flows.runtime import (EVENT_TIMEOUT_S, PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path,
-                           transient_io)
+from flows.runtime import (EVENT_TIMEOUT_S, PUBLISH_TIMEOUT_S, artifact_key, fixed_bound, forward_library_logs,
+                           run_path, timeout_named, transient_io)
 from pipeline.cache import statistics
 from pipeline.cache.manifest import Manifest, ShardRecord, StatsSection
 from pipeline.cache.statistics import ShardStats
@@ -191,7 +191,10 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
                                             description=f"Teacher pass into {plan.root}: shards done")
         for done, _ in enumerate(as_completed(futures), start=len(plan.done) + 1):
             update_progress_artifact(progress, 100 * done / plan.num_shards)
-        new_records = futures.result()
+        new_records = []
+        for index, future in zip(plan.pending, futures):
+            with timeout_named(f"cache-shard-{index}"):
+                new_records.append(future.result())
         pass_seconds = time.perf_counter() - start
         records = plan.done + list(new_records)
         parts = shard_stats_task.map(unmapped(plan.root), list(range(plan.num_shards))).result()
@@ -201,8 +204,10 @@ def cache_teacher(request: CacheRequest, task_timeout: Optional[PositiveFloat] =
         logger.info("teacher pass: %d images in %.1f s (%.0f images/s); cache complete at %s", result.images,
                     pass_seconds, result.images_per_second, cache_address(plan.root))
         cache = TeacherCache(plan.root)  # opened once: the report, the artifacts and the event read it
-        logger.info("HTML report written to %s", publish_task(cache, result))
-    emit_cache_completed(cache, result)
+        with timeout_named("publish-cache-artifacts", fixed_bound(PUBLISH_TIMEOUT_S)):
+            logger.info("HTML report written to %s", publish_task(cache, result))
+    with timeout_named("emit-cache-completed", fixed_bound(EVENT_TIMEOUT_S)):
+        emit_cache_completed(cache, result)
     return result
 
 

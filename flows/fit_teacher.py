@@ -10,7 +10,7 @@ from typing import Optional
 from prefect import flow, get_run_logger, task
 from pydantic import PositiveFloat
 
-from flows.runtime import forward_library_logs, run_path
+from flows.runtime import forward_library_logs, run_path, timeout_named
 from pipeline.train.fit import FitConfig, FitResult, fit_teacher
 
 forward_library_logs()
@@ -30,7 +30,8 @@ def fit_teacher_flow(config: FitConfig, task_timeout: Optional[PositiveFloat] = 
         task_timeout: fail the fit if it runs longer than this many seconds (default: no bound)
     """
     config = config.model_copy(update={"out": run_path(config.out)})
-    result = fit_task.with_options(timeout_seconds=task_timeout)(config)
+    with timeout_named("fit-teacher"):
+        result = fit_task.with_options(timeout_seconds=task_timeout)(config)
     accuracy = "no head (self-supervised)" if result.val_accuracy is None else f"val accuracy {result.val_accuracy:.4f}"
     get_run_logger().info("teacher %s: %s after %d epochs (%.1f s) -> %s", config.model, accuracy, config.epochs,
                           result.train_seconds, result.out)

@@ -14,24 +14,53 @@
   so an unreachable API fails the run instead of holding it (and its accelerator slot) forever. They are
   called directly in the flow, so they run in its main thread, where Prefect's timeout interrupts even a
   blocked socket. Teacher passes and training have no fixed bound (a legitimate one may take days): a
-  deployment sets one with the flow parameter `task_timeout`.
+  deployment or a sweep file sets one with the parameter `task_timeout`. A timeout that fires is one line
+  (`timeout_named`) naming the task and the bound to raise, and is never retried as if it were I/O.
 """
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
+from prefect.task_engine import TaskRunTimeoutError
 
 from flows.templates import fill_template, template_fields
+from pipeline.errors import DistilleryError
 
 PUBLISH_TIMEOUT_S = 600  # artifacts, including the cache's HTML report (figures from dataset-level arrays)
 EVENT_TIMEOUT_S = 60
 
 LIBRARY_LOGGER = "distillery"
+
+RAISE_TASK_TIMEOUT = ("raise task_timeout (seconds: a sweep file's or a deployment's parameter), or leave it out "
+                      "for no bound")
+
+
+def fixed_bound(seconds: int) -> str:
+    """What to do when a step bounded at a fixed `seconds` (it only talks to the server) times out."""
+    return (f"its bound is a fixed {seconds} s, as it only talks to the Prefect server: check that the server "
+            f"PREFECT_API_URL names answers, then rerun")
+
+
+class TaskTimedOut(DistilleryError):
+    """A task Prefect stopped at its timeout (state TimedOut), named with the bound that stopped it."""
+
+
+@contextmanager
+def timeout_named(task: str, remedy: str = RAISE_TASK_TIMEOUT) -> Iterator[None]:
+    """Prefect's TaskRunTimeoutError, raised where a task's result is taken, as one `TaskTimedOut` line naming
+    `task` and `remedy`: Prefect's own names neither ("Scope timed out after 1.0 second(s)."), and the CLI
+    would print its traceback. The flow run fails with the same line."""
+    try:
+        yield
+    except TaskRunTimeoutError as e:
+        raise TaskTimedOut(f"task {task} ran past its timeout ({e}); {remedy}") from None
 
 
 def run_path(template: str) -> str:
@@ -78,6 +107,8 @@ def transient_io(task: Any, task_run: Any, state: Any) -> bool:
     """`retry_condition_fn`: retry only failures on I/O (OSError), never bad input or bugs."""
     try:
         state.result()
+    except TaskRunTimeoutError:  # a TimeoutError, so an OSError: a task that ran too long would run again
+        return False
     except OSError:
         return True
     except BaseException:  # noqa: BLE001 - any other failure is deterministic: do not retry

@@ -16,7 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import PositiveFloat
 
 from flows.signals import polled
-from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
+from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, fixed_bound, forward_library_logs, run_path, timeout_named
 from flows.sweep import plan_sweep, sweep_rows
 from pipeline.cache.reader import TeacherCache
 from pipeline.stop import raise_if_stopped, stop_requested
@@ -27,10 +27,13 @@ from pipeline.train.summary import TrainSummary
 forward_library_logs()
 
 
-def student_task_name() -> str:
+def student_label(config: TrainConfig) -> str:
     """`train-<student>-<methods>`: the run graph tells CE from CE+KD apart."""
-    config = task_run.parameters["config"]
     return f"train-{config.student}-{'+'.join(map(str, config.methods))}"
+
+
+def student_task_name() -> str:
+    return student_label(task_run.parameters["config"])
 
 
 @task(name="train-student", persist_result=False, task_run_name=student_task_name, tags=["accelerator"])
@@ -91,6 +94,10 @@ def train_students(cache: str, students: list[StudentSpec], out: str, settings: 
     if stop_requested() is not None:
         return Cancelled(message="stopped by a signal; rerun with resume to continue each student from its last "
                                  "whole epoch")
-    summaries = list(futures.result())
-    publish_comparison(cache, sweep, out, summaries)
+    summaries = []
+    for config, future in zip(configs, futures):
+        with timeout_named(student_label(config)):
+            summaries.append(future.result())
+    with timeout_named("publish-comparison", fixed_bound(PUBLISH_TIMEOUT_S)):
+        publish_comparison(cache, sweep, out, summaries)
     return summaries

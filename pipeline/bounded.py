@@ -47,7 +47,12 @@ def read_bytes(path: Path | ObjectPath, limit: int, error: type[DistilleryError]
             raise error(f"cannot read {path} ({type(e).__name__}: {e}); {hint}") from None
     else:
         with open_regular(path, limit, error, hint) as f:
-            data = f.read(limit + 1)
+            # read(n) allocates n bytes first: ask for the file's size (a 2 GiB cap is not a 2 GiB buffer), and
+            # for the rest of the cap only if the file grew since.
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(size + 1)
+            if len(data) > size:
+                data += f.read(limit - len(data) + 1)
         size = len(data)
     if size > limit or len(data) > limit:
         raise error(_too_big(path, max(size, len(data)), limit, hint))

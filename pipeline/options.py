@@ -37,6 +37,12 @@ MAX_SEED = (1 << 32) - 1
 MAX_WORKERS = 64
 MAX_BATCH = 1 << 16
 MAX_EPOCHS = 100_000
+MAX_LR = 10.0
+"""The largest learning rate: every optimiser here (AdamW, SGD) diverges far below it on any network."""
+MAX_WEIGHT_DECAY = 10.0
+"""The largest weight decay: at any learning rate that trains, more erases the weights within a few steps."""
+MAX_CLIP_GRAD = 1e4
+"""The largest gradient-norm clip: above it no gradient of a network that trains is clipped, the same as none."""
 MAX_INPUT_SIZE = 1024
 """The largest render size accepted (teacher or student, from an option or a cache manifest): one 1024 x 1024
 RGB view is 12 MiB as float32 and a batch of them fills a GPU; 100000 would ask for 120 GB per view."""

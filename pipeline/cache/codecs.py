@@ -1,10 +1,20 @@
-"""Top-k logit codec for the teacher cache (docs/cache-format.md#top-k)."""
+"""The teacher cache's codecs: top-k logits (docs/cache-format.md#top-k), and the zstd codec zarr decodes the
+arrays' chunks with, bounded by the chunk's size (docs/cache-format.md#forger)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+import zarr
+from numcodecs.zstd import decompress
+from zarr.codecs import ZstdCodec
+from zarr.core.array_spec import ArraySpec
+from zarr.core.buffer import Buffer
+from zarr.registry import fully_qualified_name, register_codec
+
+from pipeline.cache.manifest import CacheError
 
 
 def topk_encode(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,3 +54,55 @@ def topk_decode(
         fill = tail_logsumexp.float() - math.log(num_classes - k)
     dense = fill.unsqueeze(-1).expand(*fill.shape, num_classes).clone()
     return dense.scatter(-1, indices.long(), values.float())
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+"""The first four bytes of a zstd frame (RFC 8878, section 3.1.1)."""
+
+
+def zstd_content_size(frame: bytes) -> int | None:
+    """The decompressed size the header of the zstd frame starting ``frame`` declares (RFC 8878, section
+    3.1.1.1: Frame_Content_Size after the descriptor, window and dictionary id); None when it declares none or
+    ``frame`` does not start with a zstd frame."""
+    if len(frame) < 5 or frame[:4] != ZSTD_MAGIC:
+        return None
+    descriptor = frame[4]
+    single_segment = descriptor >> 5 & 1
+    width = (single_segment, 2, 4, 8)[descriptor >> 6]
+    start = 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]
+    if width == 0 or len(frame) < start + width:
+        return None
+    value = int.from_bytes(frame[start:start + width], "little")
+    return value + 256 if width == 2 else value  # the 2-byte field stores the size minus 256
+
+
+class BoundedZstdCodec(ZstdCodec):
+    """zarr's zstd codec, decoding a chunk into a buffer of exactly the chunk's bytes (its shape times its
+    itemsize, from the already bounded `zarr.json`): numcodecs would otherwise allocate whatever the frame
+    declares (a 65 KB chunk declaring 2 GiB) or stream a frame declaring nothing without end. A chunk whose
+    first frame declares another size, or whose frames decompress to more, is refused in one line. Every zstd
+    array zarr opens decodes with it once `read_zstd_bounded` has run (on importing `pipeline.cache.layout`)."""
+
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer:
+        data = chunk_bytes.as_numpy_array().view(np.uint8)
+        itemsize = np.dtype(chunk_spec.dtype.to_native_dtype()).itemsize
+        expected = math.prod(chunk_spec.shape) * itemsize
+        declared = zstd_content_size(data[:32].tobytes())
+        where = f"a zstd chunk of {list(chunk_spec.shape)} {chunk_spec.dtype.to_native_dtype()} in arrays.zarr"
+        hint = "the cache is damaged or crafted: delete it and re-run `distillery cache`"
+        if declared != expected:
+            said = "declares no decompressed size" if declared is None else f"declares {declared:,} bytes"
+            raise CacheError(f"{where} {said}, not the {expected:,} the chunk holds; {hint}")
+        out = np.empty(expected, np.uint8)
+        try:
+            decompress(data, out)  # numcodecs refuses frames that together exceed `out`, before or while decoding
+        except (RuntimeError, ValueError) as e:
+            raise CacheError(f"{where} does not decompress to its {expected:,} bytes ({e}); {hint}") from None
+        return chunk_spec.prototype.buffer.from_array_like(out)
+
+
+def read_zstd_bounded() -> None:
+    """Make `BoundedZstdCodec` the codec zarr gives every "zstd" array it opens from now on, in this process
+    (zarr resolves the codec when it parses an array's metadata; writing is unchanged)."""
+    register_codec("zstd", BoundedZstdCodec)
+    zarr.config.set({"codecs.zstd": fully_qualified_name(BoundedZstdCodec)})

@@ -26,11 +26,13 @@ from pipeline.cache.blocks import block_key, decode_block, iter_tar_members
 from pipeline.cache.inputs import INPUT_KEYS, InputCodec, raw_count
 from pipeline.cache.integrity import (REFUSED, array_digest, confined_path, inside, non_finite_rows, repair_hint,
                                       rows_digest)
-from pipeline.cache.layout import (LSH_INDEX_NAME, MAX_METADATA_BYTES, SHARDS_DIR, TAIL_NAME, CacheFiles, block_sizes,
-                                   open_arrays)
+from pipeline.cache.layout import (LSH_INDEX_NAME, MAX_METADATA_BYTES, MAX_TAIL_BYTES, SHARDS_DIR, TAIL_NAME,
+                                   CacheFiles, block_sizes, open_arrays)
 from pipeline.cache.manifest import CacheError, Manifest
-from pipeline.cache.targets import LOGITS, SAMPLE_ARRAYS, TARGETS, Served
+from pipeline.cache.targets import FEATMAPS, LOGITS, SAMPLE_ARRAYS, TARGETS, Served
 from pipeline.checksums import sha256_bytes, sha256_file
+from pipeline.nets.tail import check_teacher_tail
+from pipeline.nets.tapped import ModelError
 from pipeline.data.datasets import samples_fingerprint
 from pipeline.object_store import ObjectPath
 
@@ -53,8 +55,9 @@ class TeacherCache(CacheFiles):
         """Every `zarr.json` the arrays are opened through, read bounded before zarr parses it (size, UTF-8,
         nesting: zarr's own parse ends in a RecursionError), and each array's shape and chunks bounded by
         what the manifest implies before anything is allocated: a statistics array has no more elements than
-        its dimensions (classes, feature widths, LSH bits, N) allow, and no chunk is larger than its array or
-        a shard (zarr allocates a whole chunk to decode it)."""
+        its dimensions (classes, feature widths, LSH bits, N) allow, no chunk is larger than its array or
+        a shard (zarr allocates a whole chunk to decode it), and chunks are stored as the cache writes them (raw
+        bytes, then zstd, which `pipeline.cache.codecs.BoundedZstdCodec` decodes to the chunk's size at most)."""
         names = [*self.manifest.arrays, *self.manifest.stats.arrays]
         nodes = {""} | {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 2)}
         dims = [self.manifest.dataset.num_classes, self.manifest.storage.lsh_bits,
@@ -74,6 +77,10 @@ class TeacherCache(CacheFiles):
             if not sized or any(c > max(d, 1, self.manifest.storage.shard_size if axis == 0 else 1)
                                 for axis, (c, d) in enumerate(zip(chunks, shape))):
                 raise CacheError(f"{path}: shape {shape} with chunks {chunks} is not an array this cache writes; {hint}")
+            codecs = [c.get("name") if isinstance(c, dict) else c for c in meta.get("codecs") or []]
+            if codecs not in (["bytes"], ["bytes", "zstd"]):  # gzip or blosc would inflate without a bound
+                raise CacheError(f"{path}: codecs {codecs} are not the ones this cache writes (bytes, then zstd); "
+                                 f"{hint}")
             # A per-sample array's shape is compared with the manifest's by `check_layout` (opening allocates
             # nothing); a statistics array's only bound is the manifest's dimensions.
             if node not in self.manifest.arrays and math.prod(shape) > statistics_limit:
@@ -233,15 +240,29 @@ class TeacherCache(CacheFiles):
         return {n.removeprefix("stats/"): torch.from_numpy(self.read(n)) for n in names}
 
     def teacher_tail(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """ScaleKD's teacher tail (spec, state dict) from `teacher_tail.pt`, after checking its sha256."""
+        """ScaleKD's teacher tail (spec, state dict) from `teacher_tail.pt`, after checking its sha256, its size
+        and that the spec implies no more than its weights and the cached feature maps (`check_teacher_tail`)."""
         if "teacher_tail" not in self.manifest.files:
             raise CacheError(f"{self.root} stores no teacher tail; re-run `distillery cache` with --featmaps "
                              f"--teacher-tail N into a new --out (ScaleKD's tpp=true needs it)")
         if not self.tail_verifies() or not inside(self.root / TAIL_NAME, self.root):
             raise CacheError(f"{self.root / TAIL_NAME} is missing or fails its sha256; re-run the `distillery cache` "
                              f"command that made {self.root}")
-        stored = torch.load(io.BytesIO((self.root / TAIL_NAME).read_bytes()), map_location="cpu", weights_only=True)
-        return stored["spec"], stored["state_dict"]
+        hint = f"re-run the `distillery cache` command that made {self.root}"
+        if FEATMAPS not in self.available_targets():  # the manifest refuses --teacher-tail without --featmaps
+            raise CacheError(f"{self.root} stores a teacher tail but no feature maps for it to produce; {hint}")
+        data = read_bytes(self.root / TAIL_NAME, MAX_TAIL_BYTES, CacheError, hint)
+        try:
+            stored = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            spec, state = stored["spec"], stored["state_dict"]
+        except Exception as e:  # noqa: BLE001 - whatever torch's unpickler or a forged layout raises
+            raise CacheError(f"{self.root / TAIL_NAME} is not a teacher tail ({type(e).__name__}); {hint}") from None
+        try:
+            check_teacher_tail(spec, state if isinstance(state, dict) else {},
+                               self.target_shapes(frozenset({FEATMAPS}))[FEATMAPS], self.manifest.teacher.input_size)
+        except ModelError as e:
+            raise CacheError(f"{self.root / TAIL_NAME}: {e}; {hint}") from None
+        return spec, state
 
     def shard_paths(self) -> list[Path | ObjectPath]:
         """The shard files, each confined to `<cache>/shards/` (checked again: symlinks may have changed)."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -252,6 +253,48 @@ def build_teacher_tail(spec: dict[str, Any], state_dict: dict[str, Tensor] | Non
             raise ModelError(f"the teacher tail's weights do not fit its spec ({first}); re-run "
                                f"`distillery cache` into a new --out") from e
     return tail
+
+
+def check_teacher_tail(spec: Any, state_dict: dict[str, Tensor], output_shape: tuple[int, ...],
+                       max_side: int) -> None:
+    """Refuse, in one :class:`ModelError`, a stored tail that would allocate more than the cache implies, before
+    anything is allocated (docs/cache-format.md#forger): its input map no larger than the teacher's image
+    (``max_side``) and than the cached map (``output_shape``) doubled once per stage, its modules built and run
+    on the meta device to ``output_shape``, their weights the shapes of the stored ``state_dict`` (bounded by
+    the file it was read from), and their other buffers (attention masks) no more elements than those weights.
+    A spec of 20,000 planes is then refused from its shapes, not built."""
+    def refuse(why: str) -> ModelError:
+        return ModelError(f"the teacher tail's spec {why}")
+
+    if not isinstance(spec, dict) or not isinstance(spec.get("modules"), list) or not spec["modules"]:
+        raise refuse("lists no modules")
+    depth, shape = len(spec["modules"]), spec.get("input_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(d) is int and d >= 1 for d in shape)):
+        raise refuse(f"has input_shape {shape!r}, not [channels, height, width]")
+    if len(output_shape) != 3 or depth > 64 or any(
+            side > min(max_side, out << depth) for side, out in zip(shape[1:], output_shape[1:])):
+        raise refuse(f"takes {shape} maps through {depth} modules, more than a {max_side}-px teacher's stages "
+                     f"give before its cached {list(output_shape)} maps")
+    try:
+        with torch.device("meta"):  # shapes only: a forged width allocates nothing here
+            tail = TeacherTail(spec)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any value of a forged spec that timm's constructors refuse
+        raise refuse(f"does not build ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+    if tail.output_shape != tuple(output_shape):
+        raise refuse(f"gives {list(tail.output_shape)} maps, not the cached {list(output_shape)}")
+    built = {k: tuple(v.shape) for k, v in tail.body.state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, Tensor)}
+    if built != stored:
+        differ = sorted(k for k in built.keys() | stored.keys() if built.get(k) != stored.get(k))
+        raise refuse(f"implies other weights than the stored ones ({len(differ)} differ, e.g. {differ[0]}: "
+                     f"{built.get(differ[0])} built, {stored.get(differ[0])} stored)")
+    weights = sum(math.prod(s) for s in stored.values())
+    buffers = sum(b.numel() for b in tail.body.buffers()) - sum(
+        math.prod(built[k]) for k, _ in tail.body.named_buffers() if k in built)
+    if buffers > weights:
+        raise refuse(f"implies {buffers:,} buffer elements (attention masks), more than its {weights:,} weights")
 
 
 def _family_of(model: nn.Module) -> str:

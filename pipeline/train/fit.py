@@ -34,8 +34,8 @@ from pipeline.data.datasets import BAD_IMAGE_HELP, BAD_IMAGE_POLICIES, load_data
 from pipeline.data.rendering import RenderedViews, default_input_size, worker_context
 from pipeline.data.views import ViewPlan
 from pipeline.nets.tapped import create_timm_model
-from pipeline.options import (MAX_BATCH, MAX_EPOCHS, MAX_INPUT_SIZE, MAX_SEED, MAX_WORKERS, Config, Help, OptionError,
-                              Range, check_device, check_output_file, resolve_device)
+from pipeline.options import (MAX_BATCH, MAX_EPOCHS, MAX_INPUT_SIZE, MAX_LR, MAX_SEED, MAX_WEIGHT_DECAY, MAX_WORKERS,
+                              Config, Help, OptionError, Range, check_device, check_output_file, resolve_device)
 from pipeline.progress import progress_task
 from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.teacher.weights import resolve_sized
@@ -64,9 +64,9 @@ class FitConfig(Config):
         "patch size of a ViT-style model (timm's patch_size; default: the model's own, e.g. 16, which leaves a "
         "32-px image 2x2 tokens; 4 gives 8x8)")] = None
     batch_size: Annotated[int, Range(ge=1, le=MAX_BATCH), Help("images per optimiser step")] = 128
-    lr: Annotated[float, Range(gt=0), Help("peak learning rate (AdamW, cosine schedule after one warm-up "
+    lr: Annotated[float, Range(gt=0, le=MAX_LR), Help("peak learning rate (AdamW, cosine schedule after one warm-up "
                                            "epoch)")] = 2e-3
-    weight_decay: Annotated[float, Range(ge=0), Help("AdamW weight decay (not on norms and biases)")] = 0.05
+    weight_decay: Annotated[float, Range(ge=0, le=MAX_WEIGHT_DECAY), Help("AdamW weight decay (not on norms and biases)")] = 0.05
     label_smoothing: Annotated[float, Range(ge=0, le=1), Help("label smoothing of the cross-entropy "
                                                               "(supervised)")] = 0.1
     workers: Annotated[int, Range(ge=0, le=MAX_WORKERS),
@@ -75,7 +75,7 @@ class FitConfig(Config):
     on_bad_image: Annotated[Literal[BAD_IMAGE_POLICIES], Help(BAD_IMAGE_HELP)] = "fail"
     objective: Annotated[Literal[OBJECTIVES], Help("supervised (labels) | ssl (SimCLR two-view NT-Xent, no labels; "
                                                    "cache it with --teacher-head none)")] = "supervised"
-    temperature: Annotated[float, Range(gt=0), Help("NT-Xent temperature (ssl)")] = 0.2
+    temperature: Annotated[float, Range(ge=0.01, le=100), Help("NT-Xent temperature (ssl)")] = 0.2
     jitter: Annotated[float, Range(ge=0, lt=1.25), Help("SimCLR colour-distortion strength, brightness and contrast "
                                                         "(ssl; 0: crops and flips only)")] = 0.5
     weights: Annotated[str | None, Help("pretrained weights to fine-tune from: a .safetensors/.pth/.pt/.bin state "

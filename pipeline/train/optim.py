@@ -8,18 +8,18 @@ from typing import Annotated, Literal
 
 import torch
 
-from pipeline.options import Config, Help, Range
+from pipeline.options import MAX_CLIP_GRAD, MAX_EPOCHS, MAX_LR, MAX_WEIGHT_DECAY, Config, Help, Range
 
 
 class OptimConfig(Config):
     """The optimiser and its schedule: part of a run's `RunSettings` (``[settings.optim]`` of a sweep file)."""
 
     optimizer: Annotated[Literal["adamw", "sgd"], Help("optimiser")] = "adamw"
-    lr: Annotated[float, Range(gt=0), Help("peak learning rate (cosine schedule after a linear warm-up)")] = 2e-3
-    weight_decay: Annotated[float, Range(ge=0), Help("weight decay (not on norms and biases)")] = 0.05
+    lr: Annotated[float, Range(gt=0, le=MAX_LR), Help("peak learning rate (cosine schedule after a linear warm-up)")] = 2e-3
+    weight_decay: Annotated[float, Range(ge=0, le=MAX_WEIGHT_DECAY), Help("weight decay (not on norms and biases)")] = 0.05
     momentum: Annotated[float, Range(ge=0, lt=1), Help("SGD momentum (sgd only)")] = 0.9
-    warmup_epochs: Annotated[float, Range(ge=0), Help("epochs of linear learning-rate warm-up")] = 1.0
-    clip_grad: Annotated[float | None, Range(gt=0), Help("clip the gradient norm to this value")] = None
+    warmup_epochs: Annotated[float, Range(ge=0, le=MAX_EPOCHS), Help("epochs of linear learning-rate warm-up")] = 1.0
+    clip_grad: Annotated[float | None, Range(gt=0, le=MAX_CLIP_GRAD), Help("clip the gradient norm to this value")] = None
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:

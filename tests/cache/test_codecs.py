@@ -90,3 +90,34 @@ def test_topk_indices_take_the_smallest_type_holding_every_class(num_classes: in
     assert top.astype(dtype) == top  # the largest index survives the round trip
     smaller = {"uint16": "uint8", "int32": "uint16"}.get(dtype)
     assert smaller is None or top.astype(smaller) != top  # and no smaller type would hold it
+
+
+@pytest.mark.parametrize("size", [0, 100, 1600, 70_000, 1 << 20])  # content-size fields of 1, 2 and 4 bytes
+def test_zstd_content_size_reads_what_zstd_writes(size: int) -> None:
+    from numcodecs.zstd import compress
+
+    from pipeline.cache.codecs import zstd_content_size
+
+    frame = compress(np.arange(size, dtype=np.uint8).tobytes(), 1)
+    assert zstd_content_size(frame) == size
+    assert zstd_content_size(b"\x00" + frame[1:]) is None  # not a zstd frame
+
+
+def test_zarr_reads_a_zstd_chunk_up_to_its_size(tmp_path) -> None:
+    import zarr
+    from numcodecs.zstd import compress
+
+    from pipeline.cache.layout import open_arrays
+    from pipeline.cache.manifest import CacheError
+    from pipeline.cache.writer import ROW_COMPRESSOR
+
+    group = zarr.open_group(str(tmp_path / "arrays.zarr"), mode="w")
+    group.create_array("rows", shape=(8, 100), chunks=(4, 100), dtype="float32", compressors=ROW_COMPRESSOR)
+    group["rows"][...] = np.arange(800, dtype=np.float32).reshape(8, 100)
+    rows = open_arrays(tmp_path / "arrays.zarr", mode="r")["rows"]
+    np.testing.assert_array_equal(rows[...], np.arange(800, dtype=np.float32).reshape(8, 100))
+    (tmp_path / "arrays.zarr" / "rows" / "c" / "1" / "0").write_bytes(compress(bytes(3200), 1))  # twice its size
+    with pytest.raises(CacheError, match=r"^a zstd chunk of \[4, 100\] float32 in arrays.zarr declares 3,200 "
+                                         r"bytes, not the 1,600 the chunk holds;"):
+        rows[4:]
+    np.testing.assert_array_equal(rows[:4], np.arange(400, dtype=np.float32).reshape(4, 100))

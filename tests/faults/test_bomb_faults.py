@@ -143,3 +143,73 @@ def test_a_faiss_index_declaring_two_to_the_forty_vectors(forged: Path) -> None:
     line = refusal(memory_bounded(f"from pipeline.cache.reader import TeacherCache\n"
                                   f"TeacherCache({str(forged)!r}).lsh_index()\n"))
     assert "is not a flat index of 120 codes of 16 bits" in line, line
+
+
+def rle_frame(size: int, declared: bool) -> bytes:
+    """A zstd frame of `size` zero bytes in 4-byte RLE blocks of 128 KiB each (RFC 8878, section 3.1.1.2):
+    2 GiB in 64 KiB, declaring its size in the header or not."""
+    block = 128 << 10
+    count = -(-size // block)
+    # Frame header: magic, descriptor (8-byte content size or none), window descriptor (2^17 bytes).
+    header = b"\x28\xb5\x2f\xfd" + (bytes([0xC0, 0x38]) + size.to_bytes(8, "little") if declared else b"\x00\x38")
+    return header + b"".join((min(block, size - i * block) << 3 | 1 << 1 | (i == count - 1)).to_bytes(3, "little")
+                             + b"\0" for i in range(count))
+
+
+@pytest.mark.parametrize("chunk, expected, workers", [  # the default --workers 1 for each, and 0 once
+    (rle_frame(2 << 30, declared=True), "declares 2,147,483,648 bytes, not the 1,600 the chunk holds", 1),
+    (rle_frame(2 << 30, declared=False), "declares no decompressed size, not the 1,600 the chunk holds", 1),
+    (rle_frame(2 << 30, declared=False), "declares no decompressed size, not the 1,600 the chunk holds", 0),
+    (rle_frame(1600, declared=True) + rle_frame(2 << 30, declared=False), "does not decompress to its 1,600 bytes",
+     1),
+], ids=["declared-1", "undeclared-1", "undeclared-0", "two-frames-1"])
+def test_a_zstd_chunk_inflating_to_two_gibibytes(forged: Path, chunk: bytes, expected: str, workers: int) -> None:
+    """A 64 KiB chunk of the teacher's logits that zstd inflates to 2 GiB: no digest is recomputed (the forger's
+    own zarr would inflate it), as none is read before the chunk is decoded."""
+    path = forged / "arrays.zarr" / "logits" / "dense" / "c" / "0" / "0" / "0"
+    assert len(chunk) < 70_000 and path.is_file()
+    path.write_bytes(chunk)
+    line = refusal(memory_bounded(STREAM.format(root=str(forged), workers=workers)))
+    assert "a zstd chunk of [40, 2, 10] float16 in arrays.zarr " + expected in line, line
+
+
+@pytest.mark.parametrize("codec", [{"name": "gzip", "configuration": {"level": 1}},
+                                   {"name": "blosc", "configuration": {"cname": "zstd", "clevel": 1}}])
+def test_a_codec_the_cache_never_writes(forged: Path, codec: dict) -> None:
+    """gzip and blosc inflate what their streams declare, unbounded: only bytes and zstd are opened."""
+    path = forged / "arrays.zarr" / "logits" / "dense" / "zarr.json"
+    meta = json.loads(path.read_text())
+    meta["codecs"] = [meta["codecs"][0], codec]
+    path.write_text(json.dumps(meta))
+    line = refusal(memory_bounded(f"from pipeline.cache.reader import TeacherCache\nTeacherCache({str(forged)!r})\n"))
+    assert f"codecs ['bytes', '{codec['name']}'] are not the ones this cache writes" in line, line
+
+
+def forge_tail(root: Path, edit) -> None:
+    """`teacher_tail.pt` with its spec changed by `edit`, its weights as stored, digests recomputed."""
+    import torch
+
+    path = root / "teacher_tail.pt"
+    stored = torch.load(path, weights_only=True)
+    edit(stored["spec"])
+    torch.save(stored, path)
+    recompute_digests(root)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda spec: spec["modules"][0]["blocks"][0].update(planes=20_000),
+     "gives [80000, 2, 2] maps, not the cached [192, 2, 2]"),
+    (lambda spec: spec["modules"][0]["blocks"][0].update(base_width=20_000),  # 15,000-wide 3x3 convolution: 8 GB
+     "implies other weights than the stored ones (11 differ, e.g. 0.0.bn1.bias: (15000,) built, (48,) stored)"),
+    (lambda spec: spec.update(input_shape=[48, 100_000, 100_000]),
+     "takes [48, 100000, 100000] maps through 1 modules, more than a 32-px teacher's stages give"),
+    (lambda spec: spec["modules"][0]["blocks"][0].update(stride="2"), "does not build (TypeError"),
+], ids=["planes", "base-width", "input-side", "stride-text"])
+def test_a_teacher_tail_of_twenty_thousand_planes(forged: Path, edit, expected: str) -> None:
+    """ScaleKD's stored teacher tail (docs/methods.md#scalekd) whose spec declares widths its stored weights do
+    not have: refused from its shapes, as ScaleKD loads it, before a module is built."""
+    forge_tail(forged, edit)
+    line = refusal(memory_bounded(f"from pipeline.cache.reader import TeacherCache\n"
+                                  f"from pipeline.nets.tail import build_teacher_tail\n"
+                                  f"build_teacher_tail(*TeacherCache({str(forged)!r}).teacher_tail())\n"))
+    assert f"{forged / 'teacher_tail.pt'}: the teacher tail's spec {expected}" in line, line

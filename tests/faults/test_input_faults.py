@@ -230,10 +230,14 @@ def test_an_empty_class_folder_is_refused_by_name(tmp_path: Path) -> None:
     ({"workers": 10 ** 6}, "--workers must be >= 0 and <= 64, not 1000000"),
     ({"epochs": -2}, "--epochs must be >= 1 and <= 100000, not -2"),
     ({"input_size": 0}, "--input-size must be >= 8 and <= 1024, not 0"),
-    ({"optim": {"lr": float("nan")}}, "--lr must be > 0, not nan"),
-    ({"optim": {"lr": float("inf")}}, "--lr must be > 0, not inf"),
-    ({"optim": {"lr": -1e-3}}, "--lr must be > 0, not -0.001"),
-    ({"optim": {"warmup_epochs": -1.0}}, "--warmup-epochs must be >= 0, not -1.0"),
+    ({"optim": {"lr": float("nan")}}, "--lr must be > 0 and <= 10, not nan"),
+    ({"optim": {"lr": float("inf")}}, "--lr must be > 0 and <= 10, not inf"),
+    ({"optim": {"lr": -1e-3}}, "--lr must be > 0 and <= 10, not -0.001"),
+    ({"optim": {"warmup_epochs": -1.0}}, "--warmup-epochs must be >= 0 and <= 100000, not -1.0"),
+    ({"optim": {"lr": 1e308}}, "--lr must be > 0 and <= 10, not 1e+308"),
+    ({"optim": {"weight_decay": 1e308}}, "--weight-decay must be >= 0 and <= 10, not 1e+308"),
+    ({"optim": {"clip_grad": 1e308}}, "--clip-grad must be > 0 and <= 10000, not 1e+308"),
+    ({"optim": {"warmup_epochs": 1e9}}, "--warmup-epochs must be >= 0 and <= 100000, not 1000000000.0"),
 ])
 def test_train_setting_out_of_range(settings, message) -> None:
     from pipeline.train.config import RunSettings
@@ -283,7 +287,10 @@ def test_train_checks_device_and_out_before_opening_anything(tmp_path: Path) -> 
     ({"epochs": 10 ** 9}, "--epochs must be >= 1 and <= 100000, not 1000000000"),
     ({"seed": 10 ** 20}, "--seed must be >= 0 and <= 4294967295, not 100000000000000000000"),
     ({"workers": 10 ** 6}, "--workers must be >= 0 and <= 64, not 1000000"),
-    ({"lr": float("nan")}, "--lr must be > 0, not nan"),
+    ({"lr": float("nan")}, "--lr must be > 0 and <= 10, not nan"),
+    ({"lr": 1e308}, "--lr must be > 0 and <= 10, not 1e+308"),
+    ({"weight_decay": 1e308}, "--weight-decay must be >= 0 and <= 10, not 1e+308"),
+    ({"temperature": 1e-320}, "--temperature must be >= 0.01 and <= 100, not 1e-320"),
     ({"input_size": 0}, "--input-size must be >= 8 and <= 1024, not 0"),
     ({"subset": 0}, "--subset must be >= 1, not 0"),
 ])

@@ -78,3 +78,15 @@ def test_loader_workers_start_after_a_flow_ran_in_this_process(prefect_harness, 
     batches = list(loader)
     assert len(batches) == stream.batches_per_epoch(256, 2)
     assert sum(len(b["label"]) for b in batches) == TeacherCache(digits_cache).num_samples  # one view each
+
+
+def test_a_timed_out_task_is_not_retried_as_if_it_failed_on_io() -> None:
+    """Prefect's TaskRunTimeoutError is a TimeoutError, so an OSError: the retry condition must tell it apart."""
+    from prefect.states import Failed
+    from prefect.task_engine import TaskRunTimeoutError
+
+    from flows.runtime import transient_io
+
+    assert transient_io(None, None, Failed(data=ConnectionResetError("reset by peer")))
+    assert not transient_io(None, None, Failed(data=TaskRunTimeoutError("Scope timed out after 1.0 second(s).")))
+    assert not transient_io(None, None, Failed(data=ValueError("bad input")))

@@ -133,7 +133,7 @@ def test_a_sweep_file_with_an_unknown_key_or_a_bad_setting_is_one_line(tmp_path:
     assert code == 2 and out == f"error: --sweep {sweep}: settings: --epoch: extra inputs are not permitted, not 1\n"
     sweep.write_text('students = [{ student = "test_resnet", methods = ["ce"] }]\n[settings.optim]\nlr = 0\n')
     code, out = cli("train", "--sweep", str(sweep), "--cache", str(tmp_path), "--out", str(tmp_path / "o"))
-    assert code == 2 and out == f"error: --sweep {sweep}: settings: --lr must be > 0, not 0.0\n"
+    assert code == 2 and out == f"error: --sweep {sweep}: settings: --lr must be > 0 and <= 10, not 0.0\n"
 
 
 def test_combo_splits_methods_at_a_plus_before_a_name_only() -> None:

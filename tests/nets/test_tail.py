@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pipeline.nets.tail import build_teacher_tail, extract_teacher_tail
+from pipeline.nets.tail import build_teacher_tail, check_teacher_tail, extract_teacher_tail
 from pipeline.nets.tapped import ModelError, create_timm_model, stage_names
 
 SWIN = ("swin_tiny_patch4_window7_224", {"embed_dim": 16, "depths": (1, 1, 2, 2), "num_heads": (1, 1, 2, 2),
@@ -30,7 +30,9 @@ def rebuilt(model: torch.nn.Module, stages: int, tap_index: int = -1):
     probe = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     spec, state = extract_teacher_tail(model, tap, stages, probe)
     spec = json.loads(json.dumps(spec))  # what is saved is plain JSON-able values
-    return tap, build_teacher_tail(spec, state)
+    tail = build_teacher_tail(spec, state)
+    check_teacher_tail(spec, state, tail.output_shape, 32)  # what a cache's reader checks: every family passes
+    return tap, tail
 
 
 @pytest.mark.parametrize("name, kwargs, stages", [

@@ -53,13 +53,13 @@ def test_bad_settings_are_one_line_errors(bad, message) -> None:
     assert str(info.value) == message
 
 
-@pytest.mark.parametrize("bad, message", [({"lr": float("nan")}, "--lr must be > 0, not nan"),
-                                          ({"lr": float("inf")}, "--lr must be > 0, not inf"),
-                                          ({"lr": -0.1}, "--lr must be > 0, not -0.1"),
-                                          ({"lr": 0.0}, "--lr must be > 0, not 0.0"),
-                                          ({"weight_decay": -1.0}, "--weight-decay must be >= 0, not -1.0"),
-                                          ({"warmup_epochs": float("nan")}, "--warmup-epochs must be >= 0, not nan"),
-                                          ({"clip_grad": 0.0}, "--clip-grad must be > 0, not 0.0"),
+@pytest.mark.parametrize("bad, message", [({"lr": float("nan")}, "--lr must be > 0 and <= 10, not nan"),
+                                          ({"lr": float("inf")}, "--lr must be > 0 and <= 10, not inf"),
+                                          ({"lr": -0.1}, "--lr must be > 0 and <= 10, not -0.1"),
+                                          ({"lr": 0.0}, "--lr must be > 0 and <= 10, not 0.0"),
+                                          ({"weight_decay": -1.0}, "--weight-decay must be >= 0 and <= 10, not -1.0"),
+                                          ({"warmup_epochs": float("nan")}, "--warmup-epochs must be >= 0 and <= 100000, not nan"),
+                                          ({"clip_grad": 0.0}, "--clip-grad must be > 0 and <= 10000, not 0.0"),
                                           ({"momentum": 1.0}, "--momentum must be >= 0 and < 1, not 1.0")])
 def test_bad_optimiser_settings_are_one_line_errors(bad, message) -> None:
     with pytest.raises(OptionError) as info:
