@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pipeline.methods import MethodSpec
-from pipeline.object_store import location
+from pipeline.object_store import check_output_location, location
 from pipeline.train.config import RunSettings, StudentSpec, TrainConfig, TrainError, run_slug
 from pipeline.train.rundir import CHECKPOINT, CONFIG, RunDir
 
@@ -36,6 +36,7 @@ def plan_runs(cache: str, students: list[StudentSpec], out: str, settings: RunSe
     slugs = [s.slug for s in students]
     if len(set(slugs)) != len(slugs):
         raise TrainError(f"the same student and methods are listed twice: {sorted(slugs)}")
+    check_output_location(out)  # a bad --out is named as given, before any of its subdirectories
     if RunDir(out).holds_run():
         if settings.resume and len(students) == 1:
             return [TrainConfig(cache=cache, student=students[0].student, methods=students[0].methods, out=out,
