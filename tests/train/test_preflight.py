@@ -96,5 +96,6 @@ def test_resuming_a_finished_run_says_it_is_complete_and_trains_nothing(make_cac
     code, text = cli("train", "--cache", str(cache), "--student", "test_resnet", "--method", "ce", "--epochs", "1",
                      "--workers", "0", "--resume", "--out", str(tmp_path / "runs"))
     assert code == 0, text
-    assert f"{out}: already complete (1 epochs, val accuracy {summary.val_accuracy:.2%}); nothing to train" in text, text
+    complete = f"{out}: already complete (1 epochs, val accuracy {summary.val_accuracy:.2%}); nothing to train"
+    assert complete in text, text
     assert (out / "summary.json").read_text() == before and json.loads(before)["epochs"] == 1

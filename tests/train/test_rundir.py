@@ -168,8 +168,9 @@ def test_a_run_on_s3_is_killed_resumed_listed_and_refuses_a_second_writer(prefec
         assert holder.stdout.readline() == "held\n"
         code, text = cli(*train, "--resume")
         assert code == 2, text
-        assert re.fullmatch(rf"error: {re.escape(out)} is in use by another run \(pid {holder.pid} on {socket.gethostname()} "
-                            rf"since .+\); wait for it to end or choose another --out\n", text), text
+        assert re.fullmatch(rf"error: {re.escape(out)} is in use by another run \(pid {holder.pid} on "
+                            rf"{socket.gethostname()} since .+\); wait for it to end or choose another --out\n",
+                            text), text
         with pytest.raises(FileExistsError):  # the server refuses a second create (If-None-Match: *), no race
             (location(out) / "run.lock").create(b"{}")
     finally:
