@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from flows.params import SweepFile
@@ -65,7 +65,7 @@ def train_plan(sweep: Optional[Path], cache: Optional[str], out: Optional[str], 
 def plan_sweep(cache: str, students: list[StudentSpec], out: str, settings: RunSettings,
                check: bool = True) -> list[TrainConfig]:
     """One `TrainConfig` per student, checked (`check`): bad input fails here, before any student trains."""
-    from pipeline.train.config import plan_runs
+    from pipeline.train.layout import plan_runs
     from pipeline.train.loop import check_runs
 
     configs = plan_runs(cache, students, out, settings)
@@ -76,8 +76,10 @@ def plan_sweep(cache: str, students: list[StudentSpec], out: str, settings: RunS
 
 def sweep_rows(summaries: list[TrainSummary]) -> list[dict[str, str]]:
     """One row per run: the columns people compare students by, formatted as everywhere else (percent, seconds,
-    milliseconds per step): the command's table and the flow's artifact show the same text."""
-    return [{"student": s.student, "methods": "+".join(s.methods), "epochs": str(s.epochs), "seed": str(s.seed),
+    milliseconds per step), and the run directory's name in --out: the command's table and the flow's artifact
+    show the same text."""
+    return [{"student": s.student, "methods": "+".join(s.methods), "run": PurePosixPath(s.out).name if s.out else "-",
+             "epochs": str(s.epochs), "seed": str(s.seed),
              "val_accuracy": f"{s.val_accuracy:.2%}", "train_seconds": f"{s.train_seconds:.1f} s",
              "mean_step_seconds": f"{1000 * s.mean_step_seconds:.1f} ms", "params": f"{s.params:,}"}
             for s in summaries]
@@ -113,7 +115,7 @@ def train_distributed(plan: TrainPlan, nproc: int,
     if under_torchrun() and nproc not in (1, world.size):
         raise TrainError(f"--nproc {nproc} under torchrun, whose world size is {world.size}: leave --nproc out "
                          f"(torchrun's --nproc-per-node decides)")
-    from pipeline.train.config import plan_runs
+    from pipeline.train.layout import plan_runs
     from pipeline.train.loop import check_runs
 
     configs = plan_runs(plan.cache, plan.students, plan.out, plan.settings)

@@ -76,8 +76,9 @@ def train_students(cache: str, students: list[StudentSpec], out: str, settings: 
     Args:
         cache: teacher cache directory (`distillery cache`)
         students: the sweep: timm student and methods per entry
-        out: run directory; several students get one subdirectory each. May hold {date}, {time},
-            {flow_run_name}, {flow_run_id}, filled per flow run, so scheduled runs never collide.
+        out: folder of the runs: each student's run directory is `out/<student>-<methods>-s<seed>/`. May
+            hold {date}, {time}, {flow_run_name}, {flow_run_id}, filled per flow run, so scheduled runs never
+            collide.
         settings: training settings shared by every student (the optimiser's under `optim`)
         sweep: the sweep's name, the key of its comparison artifact (default: from the cache's identity)
         task_timeout: fail a student's task that runs longer than this many seconds (default: no bound)

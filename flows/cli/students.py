@@ -43,8 +43,9 @@ def train_cmd(
                                                        "deploy/nightly.toml (cache, out, students, a [settings] table "
                                                        "and its [settings.optim]); options given here override its "
                                                        "settings")] = None,
-    out: Annotated[Optional[str], typer.Option(help="run directory or fsspec URL (several runs: one subdirectory "
-                                                    "each; default: the --sweep file's)")] = None,
+    out: Annotated[Optional[str], typer.Option(help="folder or fsspec URL of the runs: each student's run directory "
+                                                    "is OUT/<student>-<methods>-s<seed> (default: the --sweep "
+                                                    "file's)")] = None,
     epochs: Annotated[int, Declared(RunSettings, "epochs")] = default_of(RunSettings, "epochs"),
     seed: Annotated[int, Declared(RunSettings, "seed")] = default_of(RunSettings, "seed"),
     online_teacher: Annotated[bool, Declared(RunSettings, "online_teacher")]
@@ -93,7 +94,7 @@ def train_cmd(
     for run_dir, summary in done.items():
         if summary is not None:
             console.print(f"{run_dir}: already complete ({summary.epochs} epochs, val accuracy "
-                          f"{summary.val_accuracy:.2%}); nothing to train")
+                          f"{summary.val_accuracy:.2%}); nothing to train", soft_wrap=True)  # a path kept whole
     if all(done.values()):
         print_students(f"students trained from {plan.cache} (already complete)", list(done.values()))
         return

@@ -1,12 +1,13 @@
-"""What a student run is: its configuration, and how a sweep of students maps to run directories.
+"""What a student run is: its configuration.
 
 A run trains one student architecture with a list of methods against one teacher cache (docs/ARCHITECTURE.md#data-flow, docs/methods.md#compose: "methods compose") and writes one run directory (docs/ARCHITECTURE.md#command-line-contract). `RunSettings` is what every student of a
-sweep shares; `plan_runs` turns a sweep into one `TrainConfig` per student.
+sweep shares; `pipeline.train.layout.plan_runs` turns a sweep into one `TrainConfig` per student.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -14,7 +15,6 @@ from pydantic import Field, model_validator
 from pipeline.data.datasets import BAD_IMAGE_POLICIES
 from pipeline.errors import DistilleryError
 from pipeline.methods import MethodError, MethodSpec
-from pipeline.object_store import location
 from pipeline.options import (MAX_BATCH, MAX_EPOCHS, MAX_INPUT_SIZE, MAX_SEED, MAX_WORKERS, Config, Help, Range,
                               check_device)
 from pipeline.train.optim import OptimConfig
@@ -91,8 +91,13 @@ class StudentSpec(Config):
     @property
     def slug(self) -> str:
         """`resnet18` + (`ce`, `kd:T=2`) -> `resnet18-ce+kd-T2`: safe as a directory name."""
-        methods = "+".join(re.sub(r"[:,]", "-", str(m)).replace("=", "") for m in self.methods)
-        return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{self.student}-{methods}")
+        return run_slug(self.student, self.methods)
+
+
+def run_slug(student: str, methods: Iterable[MethodSpec | str]) -> str:
+    """`StudentSpec.slug` from a student and its methods as a summary records them (their text)."""
+    joined = "+".join(re.sub(r"[:,]", "-", str(m)).replace("=", "") for m in methods)
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{student}-{joined}")
 
 
 class TrainConfig(Config):
@@ -125,18 +130,3 @@ class TrainConfig(Config):
             del d["settings"][key]
         return d
 
-
-def plan_runs(cache: str, students: list[StudentSpec], out: str, settings: RunSettings) -> list[TrainConfig]:
-    """One config per student. A single student writes into `out`; several each into
-    `out/<student>-<methods>-s<seed>/` (docs/ARCHITECTURE.md#command-line-contract)."""
-    if not students:
-        raise TrainError("no student given; pass --student TIMM_NAME at least once")
-    slugs = [s.slug for s in students]
-    if len(set(slugs)) != len(slugs):
-        raise TrainError(f"the same student and methods are listed twice: {sorted(slugs)}")
-    if len(students) == 1:
-        outs = [out]
-    else:
-        outs = [str(location(out) / f"{s.slug}-s{settings.seed}") for s in students]
-    return [TrainConfig(cache=cache, student=s.student, methods=s.methods, out=o, settings=settings)
-            for s, o in zip(students, outs)]

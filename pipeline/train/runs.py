@@ -1,6 +1,8 @@
 """`distillery runs`: compare student runs, grouping runs that differ only by their seed (docs/ARCHITECTURE.md#command-line-contract).
 
-A run directory holds `summary.json` (the result) and `config.json` (the `TrainConfig`). Two runs belong
+A run directory holds `summary.json` (the result) and `config.json` (the `TrainConfig`); `distillery train
+--out OUT` writes one per student, `OUT/<student>-<methods>-s<seed>/`, and earlier versions wrote a lone
+student's straight into OUT: both are found (`find_runs`). Two runs belong
 to one group when their configs are equal but for the seed and what never changes a result (the run
 directory, the device, --resume): `TrainConfig.identity()` without the seed. A run without config.json
 is grouped by the setup its summary records (student, methods, epochs, cache, online_teacher, ...).
@@ -23,6 +25,7 @@ from pipeline.bounded import read_json
 from pipeline.errors import DistilleryError
 from pipeline.object_store import ObjectPath, location
 from pipeline.train.config import TrainConfig, TrainError
+from pipeline.train.layout import run_dir_name
 from pipeline.train.rundir import CONFIG, SUMMARY
 
 
@@ -45,8 +48,8 @@ SUMMARY_SETUP = ("student", "methods", "epochs", "cache", "online_teacher", "tea
 
 GROUPINGS = ("config", "date", "flow-run")
 """How `distillery runs --by` groups: runs that differ only by seed (config); that, per day the run finished
-(date: one row per night of a nightly sweep, so a regression shows as a trend); or per folder holding the run
-directory (flow-run: a sweep's --out, which a deployment names after its flow run)."""
+(date: one row per night of a nightly sweep, so a regression shows as a trend); or per --out the run was trained
+into (flow-run: `Run.out`, which a deployment names after its flow run)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,15 @@ class Run:
 
     def group(self, by: str) -> str:
         """The value of grouping `by` (`GROUPINGS`) for this run: "" for config."""
-        return {"config": "", "date": self.finished, "flow-run": self.path.parent.name}[by]
+        return {"config": "", "date": self.finished, "flow-run": self.out.name}[by]
+
+    @property
+    def out(self) -> Path | ObjectPath:
+        """The --out this run was trained into: the folder holding a student's run directory, or the run
+        directory itself when it is not named as `run_dir_name` names one (written straight into --out before
+        every student got its own subdirectory)."""
+        named = run_dir_name(self.summary["student"], self.summary["methods"], self.summary["seed"])
+        return self.path.parent if self.path.name == named else self.path
 
 
 @dataclass(frozen=True)
@@ -94,8 +105,9 @@ class RunGroup:
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Path | ObjectPath]:
-    """Run directories: each path (a directory or an fsspec URL) that holds summary.json, else every directory
-    below it that does."""
+    """Run directories: each path (a directory or an fsspec URL) that holds summary.json (a run given itself, or
+    one written straight into --out before every student got its own subdirectory), else every directory below
+    it that does (the students of a --out, or folders of them)."""
     found: list[Path | ObjectPath] = []
     for p in map(location, paths):
         if not p.is_dir():

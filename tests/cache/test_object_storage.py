@@ -42,7 +42,8 @@ def test_cache_train_inspect_verify_stats_on_s3(prefect_harness, s3_endpoint, cl
                     "--out", f"s3://{s3_endpoint.bucket}/runs/kd", "--device", "cpu",
                     "--workers", "1")  # a worker process streams it
     assert code == 0, out
-    assert {"runs/kd/summary.json", "runs/kd/student.pt", "runs/kd/checkpoint.pt"} <= s3_endpoint.keys(), out
+    run = "runs/kd/test_resnet-kd-s0"  # the student's own directory in --out, as on local disk
+    assert {f"{run}/summary.json", f"{run}/student.pt", f"{run}/checkpoint.pt"} <= s3_endpoint.keys(), out
 
     code, out = cli("inspect", cache)
     assert code == 0 and "status=complete" in out and "N=120" in out, out

@@ -95,16 +95,18 @@ def test_cli_fit_teacher_refuses_an_unwritable_out_before_training(tmp_path: Pat
 
 
 def test_cli_train_on_a_run_directory_in_use_names_the_holder(tmp_path: Path) -> None:
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / "test_resnet-ce-s0"  # the student's run directory in --out, started
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.train.rundir import RunDir\n"
                                "with RunDir(sys.argv[1]).locked():\n    print('held', flush=True); time.sleep(300)",
                                str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         result = cli("train", "--cache", str(tmp_path / "cache"), "--student", "test_resnet", "--method", "ce",
-                     "--out", str(out), "--resume", home=tmp_path)
+                     "--out", str(out.parent), "--resume", home=tmp_path)
         assert_refused(result, f"{out} is in use by another run (pid {holder.pid} on ", "choose another --out")
-        assert sorted(p.name for p in out.iterdir()) == ["run.lock", "run.lock.json"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "run.lock", "run.lock.json"]
     finally:
         holder.kill()
         holder.wait()

@@ -51,6 +51,15 @@ def test_train_maps_students_over_one_cache_and_publishes_a_comparison(prefect_h
         assert names == sorted({r.name for r in client.read_task_runs(
             task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=names)))})
 
+    # A lone student trained into the same --out later: beside the sweep's, in the same shape, read with them.
+    code, out = cli("train", "--cache", str(digits_cache), "--student", "test_resnet", "--method", "ce", "--epochs",
+                    "1", "--seed", "4", "--workers", "0", "--out", str(tmp_path / "runs"))
+    assert code == 0, out
+    shapes = {p.name: sorted(f.name for f in p.iterdir()) for p in (tmp_path / "runs").iterdir()}
+    assert sorted(shapes) == [*runs, "test_resnet-ce-s4"] and len({tuple(v) for v in shapes.values()}) == 1
+    code, out = cli("runs", str(tmp_path / "runs"))
+    assert code == 0 and "3 runs, 3 settings" in out, out
+
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "ce", "--method", "wkd"], "unknown method 'wkd'"),
@@ -94,8 +103,9 @@ task_timeout = 1
         [student] = [t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
             any_=[flow_run.id]))) if t.name.startswith("train-")]
     assert student.state.name == "TimedOut" and "exceeded timeout of 1.0 second(s)" in student.state.message
-    [run_dir] = (tmp_path / "runs").iterdir()
-    assert not (run_dir / "summary.json").exists()  # stopped long before its 200 epochs
+    [flow_run_dir] = (tmp_path / "runs").iterdir()
+    assert [p.name for p in flow_run_dir.iterdir()] == ["test_resnet-ce-s0"]  # a lone student's own subdirectory
+    assert not (flow_run_dir / "test_resnet-ce-s0" / "summary.json").exists()  # stopped long before its 200 epochs
 
 
 def test_one_train_call_runs_a_sweep_file_plus_students_times_combinations(prefect_harness, featmaps_cache: Path,
@@ -210,9 +220,9 @@ def test_sigterm_stops_train_at_a_step_cancelled_and_resume_completes_it(prefect
 
     from prefect.settings import get_current_settings
 
-    out = tmp_path / "run"
     args = [sys.executable, "-m", "flows.cli", "train", "--cache", str(digits_cache), "--student", "test_resnet",
-            "--method", "ce", "--epochs", "4", "--workers", "0", "--out", str(out)]
+            "--method", "ce", "--epochs", "4", "--workers", "0", "--out", str(tmp_path / "runs")]
+    out = tmp_path / "runs" / "test_resnet-ce-s0"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     if recorded:
         env["PREFECT_API_URL"] = str(get_current_settings().api.url)
@@ -229,7 +239,7 @@ def test_sigterm_stops_train_at_a_step_cancelled_and_resume_completes_it(prefect
     assert not (out / "summary.json").exists()
     assert (out / "checkpoint.pt").exists()
     if recorded:
-        assert_cancelled(out)
+        assert_cancelled(tmp_path / "runs")
 
     rerun = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -241,7 +251,7 @@ def test_sigterm_stops_train_at_a_step_cancelled_and_resume_completes_it(prefect
 
 
 def assert_cancelled(out: Path) -> None:
-    """The `train-students` flow run that trained into `out`, and its student's task, ended Cancelled."""
+    """The `train-students` flow run that trained into `--out` `out`, and its student's task, ended Cancelled."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, TaskRunFilter, TaskRunFilterFlowRunId
     from prefect.client.schemas.sorting import FlowRunSort

@@ -1,4 +1,4 @@
-"""Run configs: sweeps -> run directories, resume identity, JSON round trips, option checks."""
+"""Run configs: resume identity, JSON round trips, option checks."""
 
 from __future__ import annotations
 
@@ -8,21 +8,8 @@ import pytest
 
 from pipeline.errors import DistilleryError
 from pipeline.options import OptionError
-from pipeline.train.config import RunSettings, StudentSpec, TrainConfig, TrainError, plan_runs
+from pipeline.train.config import RunSettings, StudentSpec, TrainConfig, TrainError
 from pipeline.train.optim import OptimConfig
-
-
-def test_one_student_writes_into_out_several_into_named_subdirectories() -> None:
-    settings = RunSettings(seed=3)
-    [single] = plan_runs("c", [StudentSpec(student="resnet18", methods=("ce",))], "runs/x", settings)
-    assert single.out == "runs/x" and [str(m) for m in single.methods] == ["ce"]
-    runs = plan_runs("c", [StudentSpec(student="resnet18", methods=("ce",)),
-                           StudentSpec(student="resnet18", methods=("ce", "kd:T=2,alpha=0.5"))], "runs/x", settings)
-    assert [r.out for r in runs] == ["runs/x/resnet18-ce-s3", "runs/x/resnet18-ce+kd-T2-alpha0.5-s3"]
-    with pytest.raises(TrainError, match="listed twice"):
-        plan_runs("c", [StudentSpec(student="a", methods=("ce",))] * 2, "o", settings)
-    with pytest.raises(TrainError, match="no student"):
-        plan_runs("c", [], "o", settings)
 
 
 def test_config_round_trips_through_json_and_identity_ignores_only_where_and_on_what() -> None:

@@ -146,8 +146,8 @@ def test_two_processes_see_every_id_once_per_epoch_and_resume_after_a_kill(uneve
     counts = [stream_batches(split_parts(rank_parts(block_sizes(cache.manifest.shards, 60), r, 2), 1), BATCH)
               for r in (0, 1)]
     assert counts[0] != counts[1]  # the ranks' uneven ends are part of what is tested
-    out, first, second = tmp_path / "run", tmp_path / "ids-1", tmp_path / "ids-2"
-    args = [*TRAIN, "--cache", str(uneven_cache), "--out", str(out)]
+    out, first, second = tmp_path / "runs" / "test_resnet-ce+tcs-s0", tmp_path / "ids-1", tmp_path / "ids-2"
+    args = [*TRAIN, "--cache", str(uneven_cache), "--out", str(tmp_path / "runs")]  # the student's run: `out`
 
     log = tmp_path / "torchrun.log"
     gate = StepGate(first, epoch=1)

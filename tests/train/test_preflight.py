@@ -79,18 +79,23 @@ def test_methods_that_leave_the_classifier_untrained_are_refused_unless_allowed(
                                  StudentSpec(student="test_resnet", methods=("tcs", "ce"))]) is None
 
 
-def test_resuming_a_finished_run_says_it_is_complete_and_trains_nothing(make_cache, tmp_path: Path, cli):
+@pytest.mark.parametrize("run_dir", ["test_resnet-ce-s0", "."], ids=["own-subdirectory", "flat-earlier-layout"])
+def test_resuming_a_finished_run_says_it_is_complete_and_trains_nothing(make_cache, tmp_path: Path, cli,
+                                                                        run_dir: str):
+    """On --out, the student's own run directory; a run written straight into --out by an earlier version is
+    resumed in place."""
     from pipeline.train.config import RunSettings, TrainConfig
     from pipeline.train.loop import train_student
 
     cache = make_cache("small", n=80, views=1)
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / run_dir  # "." names runs itself
     summary = train_student(TrainConfig(cache=str(cache), student="test_resnet", methods=("ce",), out=str(out),
                                         settings=RunSettings(epochs=1, workers=0, device="cpu")))
     before = (out / "summary.json").read_text()
     # No Prefect server here: a flow start would fail, so nothing but the message can happen.
     code, text = cli("train", "--cache", str(cache), "--student", "test_resnet", "--method", "ce", "--epochs", "1",
-                     "--workers", "0", "--resume", "--out", str(out))
+                     "--workers", "0", "--resume", "--out", str(tmp_path / "runs"))
     assert code == 0, text
-    assert f"{out}: already complete (1 epochs, val accuracy {summary.val_accuracy:.2%}); nothing to train" in text
+    complete = f"{out}: already complete (1 epochs, val accuracy {summary.val_accuracy:.2%}); nothing to train"
+    assert complete in text, text
     assert (out / "summary.json").read_text() == before and json.loads(before)["epochs"] == 1

@@ -131,14 +131,15 @@ def test_a_run_on_s3_is_killed_resumed_listed_and_refuses_a_second_writer(prefec
     s3fs.S3FileSystem().put(str(local_cache), f"{bucket}/cache", recursive=True)
     shutil.rmtree(local_cache)
     monkeypatch.chdir(tmp_path)  # anything written relative to the working directory would land here
-    cache, out = f"s3://{bucket}/cache", f"s3://{bucket}/runs/x"
+    cache, runs, key = f"s3://{bucket}/cache", f"s3://{bucket}/runs/x", "runs/x/test_resnet-ce+kd-s0/"
+    out = runs + "/test_resnet-ce+kd-s0"  # the student's run directory in --out
     train = ("train", "--cache", cache, "--student", "test_resnet", "--method", "ce", "--method", "kd", "--epochs",
-             "2", "--batch-size", "32", "--workers", "0", "--device", "cpu", "--out", out)
+             "2", "--batch-size", "32", "--workers", "0", "--device", "cpu", "--out", runs)
 
     killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_FIRST_CHECKPOINT, json.dumps(config(
         cache, out, device="cpu").to_dict())], cwd=tmp_path, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    run = {k.removeprefix("runs/x/") for k in s3_endpoint.keys() if k.startswith("runs/x/")}
+    run = {k.removeprefix(key) for k in s3_endpoint.keys() if k.startswith("runs/x/")}
     assert run == {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.sha256.json", "run.lock"}
     code, text = cli(*train)
     assert code == 2 and "already holds a run; pass --resume" in text, text
@@ -147,7 +148,7 @@ def test_a_run_on_s3_is_killed_resumed_listed_and_refuses_a_second_writer(prefec
 
     code, text = cli(*train, "--resume")  # takes over the dead process's lock, continues from epoch 1
     assert code == 0, text
-    run = {k.removeprefix("runs/x/") for k in s3_endpoint.keys() if k.startswith("runs/x/")}
+    run = {k.removeprefix(key) for k in s3_endpoint.keys() if k.startswith("runs/x/")}
     assert run == {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.sha256.json", "student.pt",
                    "summary.json"}
     epochs = [json.loads(line)["epoch"] for line in (location(out) / "metrics.jsonl").read_text().splitlines()
@@ -167,8 +168,9 @@ def test_a_run_on_s3_is_killed_resumed_listed_and_refuses_a_second_writer(prefec
         assert holder.stdout.readline() == "held\n"
         code, text = cli(*train, "--resume")
         assert code == 2, text
-        assert re.fullmatch(rf"error: {out} is in use by another run \(pid {holder.pid} on {socket.gethostname()} "
-                            rf"since .+\); wait for it to end or choose another --out\n", text), text
+        assert re.fullmatch(rf"error: {re.escape(out)} is in use by another run \(pid {holder.pid} on "
+                            rf"{socket.gethostname()} since .+\); wait for it to end or choose another --out\n",
+                            text), text
         with pytest.raises(FileExistsError):  # the server refuses a second create (If-None-Match: *), no race
             (location(out) / "run.lock").create(b"{}")
     finally:

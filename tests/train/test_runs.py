@@ -135,3 +135,24 @@ def test_a_run_without_finished_at_is_dated_by_its_summary_file(tmp_path: Path) 
     run = write_run(tmp_path / "r", ("ce",), 0, 0.5, 10.0)
     os.utime(run / "summary.json", (1_764_990_000, 1_764_990_000))  # 2025-12-06 UTC
     assert load_run(run).finished == "2025-12-06"
+
+
+def test_one_student_several_and_an_old_flat_run_are_read_alike(tmp_path: Path) -> None:
+    """`train --out` gives one student and several the same shape (`plan_runs`); a run written straight into
+    its --out by an earlier version is read too, and grouped by flow run under its own folder's name."""
+    from pipeline.train.config import StudentSpec
+    from pipeline.train.layout import plan_runs
+
+    settings = RunSettings(seed=1)
+    one = plan_runs("c", [StudentSpec(student="test_resnet", methods=("ce",))], str(tmp_path / "one"), settings)
+    two = plan_runs("c", [StudentSpec(student="test_resnet", methods=("ce",)),
+                          StudentSpec(student="test_resnet", methods=("ce", "kd"))], str(tmp_path / "two"), settings)
+    for config in one + two:
+        write_run(Path(config.out), tuple(map(str, config.methods)), 1, 0.8, 10.0)
+    flat = write_run(tmp_path / "old", ("ce",), 1, 0.7, 10.0)
+    assert [p.relative_to(tmp_path).parent for p in find_runs([tmp_path / "one", tmp_path / "two"])] == [
+        Path("one"), Path("two"), Path("two")]
+    assert find_runs([tmp_path]) == sorted([Path(c.out) for c in one + two] + [flat])
+    by_flow = group_rows(compare_runs([tmp_path], by="flow-run"))
+    assert sorted((r.group, r.methods) for r in by_flow) == [("old", "ce"), ("one", "ce"), ("two", "ce"),
+                                                             ("two", "ce+kd")]
