@@ -91,17 +91,22 @@ MODES = {"raw": {"inputs": "raw"}, "encoded": {},  # auto: encoded for a folder
          "source-max-side": {"inputs": "source", "max_side": 20}}
 
 
-@pytest.fixture(scope="module")
-def caches(folder: Path, tmp_path_factory: pytest.TempPathFactory):
-    """mode -> a cache of `folder` in that mode, made on first use and shared by the module's tests."""
+def caches_on_first_use(folder: Path, tmp_path_factory: pytest.TempPathFactory, modes: dict[str, dict]):
+    """mode -> a cache of `folder` made with `modes[mode]` on first use, then shared."""
     made: dict[str, Path] = {}
 
     def get(mode: str) -> TeacherCache:
         if mode not in made:
-            made[mode] = cache_folder(folder, tmp_path_factory.mktemp(mode) / "cache", **MODES[mode])
+            made[mode] = cache_folder(folder, tmp_path_factory.mktemp(mode) / "cache", **modes[mode])
         return TeacherCache(made[mode])
 
     return get
+
+
+@pytest.fixture(scope="module")
+def caches(folder: Path, tmp_path_factory: pytest.TempPathFactory):
+    """mode -> a cache of `folder` in that mode, made on first use and shared by the module's tests."""
+    return caches_on_first_use(folder, tmp_path_factory, MODES)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -228,14 +233,7 @@ def large_caches(tmp_path_factory: pytest.TempPathFactory):
     """mode -> a cache of a folder of ~130x170 images (at input size 16 the views need 32 px a side: decoded at
     1/4 scale), made on first use."""
     folder = write_folder(tmp_path_factory.mktemp("large"), per_class=3, val=1, size=(130, 170))
-    made: dict[str, Path] = {}
-
-    def get(mode: str) -> TeacherCache:
-        if mode not in made:
-            made[mode] = cache_folder(folder, tmp_path_factory.mktemp(mode) / "cache", **LARGE_MODES[mode])
-        return TeacherCache(made[mode])
-
-    return get
+    return caches_on_first_use(folder, tmp_path_factory, LARGE_MODES)
 
 
 LARGE_MODES = {"raw": {"inputs": "raw"}, "encoded": {"inputs": "encoded"}, "full": {"reduced_decode": False},
