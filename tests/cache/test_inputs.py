@@ -169,15 +169,27 @@ def test_a_changed_source_file_is_refused_naming_it(folder, tmp_path) -> None:
         student_inputs(cache, 16)
 
 
-def test_another_decoder_is_refused_in_one_line(caches, tmp_path) -> None:
-    root = shutil.copytree(caches("encoded").root, tmp_path / "cache")
+def copy_with_storage(cache: TeacherCache, tmp_path: Path, field: str, value: object) -> Path:
+    """A copy of `cache` whose manifest's `storage.<field>` says `value`."""
+    root = shutil.copytree(cache.root, tmp_path / "cache")
     manifest = json.loads((root / "manifest.json").read_text())
-    manifest["storage"]["decoder"] = "pillow 9.0.0; libjpeg 8.0; zlib 1.2.11; webp 1.2.0"
+    manifest["storage"][field] = value
     (root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheError, match=r"decoded with pillow 9\.0\.0.*this machine decodes with pillow "
-                                         r".*the pixels could differ") as caught:
+    return root
+
+
+def assert_stream_refused(root: Path, pattern: str) -> None:
+    """Opening a student stream on the cache at `root` is refused with one line matching `pattern`."""
+    with pytest.raises(CacheError, match=pattern) as caught:
         CacheStream(TeacherCache(root), size=16, targets=frozenset(), seed=0)
     assert "\n" not in str(caught.value)
+
+
+def test_another_decoder_is_refused_in_one_line(caches, tmp_path) -> None:
+    root = copy_with_storage(caches("encoded"), tmp_path, "decoder",
+                             "pillow 9.0.0; libjpeg 8.0; zlib 1.2.11; webp 1.2.0")
+    assert_stream_refused(root, r"decoded with pillow 9\.0\.0.*this machine decodes with pillow "
+                                r".*the pixels could differ")
 
 
 def test_a_max_side_decode_shrinks_in_the_jpeg_decoder_to_the_exact_size(tmp_path) -> None:
@@ -290,15 +302,9 @@ def test_shards_are_cut_by_bytes_as_well_as_by_count(large_caches) -> None:
 
 @pytest.mark.parametrize("forged", [8, 64, 0])
 def test_a_forged_decode_rule_is_refused_in_one_line(large_caches, tmp_path, forged) -> None:
-    root = shutil.copytree(large_caches("encoded").root, tmp_path / "cache")
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["storage"]["decode_min_side"] = forged
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheError, match=rf"storage\.decode_min_side is {forged}, and this cache's views at "
-                                         r"input size 16 need 32 px a side: its inputs would decode to other "
-                                         r"pixels") as caught:
-        CacheStream(TeacherCache(root), size=16, targets=frozenset(), seed=0)
-    assert "\n" not in str(caught.value)
+    root = copy_with_storage(large_caches("encoded"), tmp_path, "decode_min_side", forged)
+    assert_stream_refused(root, rf"storage\.decode_min_side is {forged}, and this cache's views at input size 16 "
+                                r"need 32 px a side: its inputs would decode to other pixels")
 
 
 def test_a_reduced_decode_divides_by_the_largest_dct_scale_that_keeps_min_side(tmp_path) -> None:
