@@ -43,7 +43,7 @@ def publish_results(name: str, seeds: list[int], markdown: str) -> None:
 
 
 @flow(name="experiment", log_prints=True)
-def run_experiment(name: str, seeds: list[int], root: str = str(DEFAULT_ROOT),
+def run_experiment(name: str, seeds: list[int], root: str = DEFAULT_ROOT,
                    rows: Optional[list[str]] = None) -> ExperimentResult:
     """Run experiment `name` (only `rows`, if given) for `seeds` under `root`; return the teacher, cache and
     result rows.

@@ -11,11 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from flows.cli.display import console, print_table, show_progress
-from flows.cli.options import Device
+from flows.cli.options import Device, source_constant, source_default
 from flows.server import start_temporary_server
-from pipeline.lab.bench import run_benchmarks
-from pipeline.lab.experiments import DEFAULT_ROOT
-from pipeline.options import default_of
 
 if TYPE_CHECKING:
     from pipeline.lab.input_bench import InputBench
@@ -23,6 +20,7 @@ if TYPE_CHECKING:
     from pipeline.lab.experiments import ExperimentResult
 
 group = typer.Typer()
+BENCH = "pipeline.lab.bench"  # its `run_benchmarks` declares the bench's defaults (read, not imported: torch)
 
 
 class BenchPart(str, Enum):
@@ -59,9 +57,9 @@ def experiments_cmd() -> None:
 @group.command("bench")
 def bench_cmd(
     quick: Annotated[bool, typer.Option(help="fewer samples, one round (minutes on 2 idle CPU cores)")]
-    = default_of(run_benchmarks, "quick"),
+    = source_default(BENCH, "run_benchmarks", "quick"),
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results here")] = None,
-    device: Annotated[str, Device()] = default_of(run_benchmarks, "device"),
+    device: Annotated[str, Device()] = source_default(BENCH, "run_benchmarks", "device"),
     only: Annotated[Optional[BenchPart], typer.Option(help="only this part: inputs (the input pipeline on a "
                                                       "synthetic ImageNet-like folder and 12 MP photos)")] = None,
 ) -> None:
@@ -77,6 +75,8 @@ def bench_cmd(
         if json_out is not None:
             json_out.write_text(json.dumps(inputs.model_dump(mode="json"), indent=2))
         return
+    from pipeline.lab.bench import run_benchmarks
+
     with show_progress():
         results = run_benchmarks(quick=quick, device=device)
     passes = results.teacher_pass
@@ -164,7 +164,7 @@ def experiment_cmd(
     name: Annotated[str, typer.Argument(help="an experiment or suite (`distillery experiments` lists them)")],
     seed: Annotated[list[int], typer.Option(help="student seed; repeat for several")] = [0, 1, 2],  # noqa: B006
     root: Annotated[Path, typer.Option(help="experiments directory (teachers, caches and runs are reused)")]
-    = DEFAULT_ROOT,
+    = Path(source_constant("pipeline.lab.experiments", "DEFAULT_ROOT")),
     row: Annotated[Optional[list[str]], typer.Option(help="only this row (method combination); repeat")] = None,
     markdown: Annotated[bool, typer.Option(help="print the results as a markdown table")] = False,
 ) -> None:

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import zarr
 
 from pipeline.bounded import read_json
 from pipeline.cache.integrity import confined_path, inside, rows_digest
 from pipeline.cache.manifest import CacheError, Manifest, ShardRange, ShardRecord
 from pipeline.checksums import sha256_file
 from pipeline.object_store import ObjectPath, location
+
+if TYPE_CHECKING:  # zarr is opened by the writer and the reader; a run directory names `ARRAYS_NAME` without it
+    import zarr
 
 ARRAYS_NAME = "arrays.zarr"
 LSH_INDEX_NAME = "lsh.faiss"
@@ -51,6 +54,8 @@ def block_sizes(shards: list[ShardRange], block_size: int) -> list[list[int]]:
 def open_arrays(path: Path | ObjectPath, mode: str) -> zarr.Group:
     """The cache's zarr group (a URL opens through zarr's FsspecStore); metadata that does not parse is one
     CacheError naming the file."""
+    import zarr
+
     try:
         return zarr.open_group(store=str(path), mode=mode)
     except (ValueError, TypeError, KeyError, OSError, zarr.errors.BaseZarrError) as e:

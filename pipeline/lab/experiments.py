@@ -32,7 +32,7 @@ from pipeline.train.summary import TrainSummary
 from pipeline.errors import DistilleryError
 from pipeline.options import default_of
 
-DEFAULT_ROOT = Path("runs/experiments")
+DEFAULT_ROOT = "runs/experiments"
 """Where `distillery experiment` keeps teachers, caches and runs unless told otherwise."""
 
 # Fit settings that change the teacher's weights; a checkpoint fitted with the same ones is reused.
