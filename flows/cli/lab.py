@@ -12,12 +12,11 @@ from rich.text import Text
 
 from flows.cli.display import console, print_table, show_progress
 from flows.cli.options import Device, source_constant, source_default
-from flows.server import start_temporary_server
 
 if TYPE_CHECKING:
     from pipeline.lab.input_bench import InputBench
     from pipeline.lab.storage_bench import CacheScaling
-    from pipeline.lab.experiments import ExperimentResult
+    from pipeline.lab.experiments import Experiment, ExperimentResult
 
 group = typer.Typer()
 BENCH = "pipeline.lab.bench"  # its `run_benchmarks` declares the bench's defaults (read, not imported: torch)
@@ -168,16 +167,13 @@ def experiment_cmd(
     row: Annotated[Optional[list[str]], typer.Option(help="only this row (method combination); repeat")] = None,
     markdown: Annotated[bool, typer.Option(help="print the results as a markdown table")] = False,
 ) -> None:
-    """Run a named experiment end to end (fit or reuse the teacher, cache once, train every row per seed)."""
-    from flows.experiments import run_experiment
+    """Run a named experiment end to end (fit or reuse the teacher, cache once, train every row per seed; a Prefect
+    flow when a server is configured)."""
     from pipeline.lab.experiments import suite_parts
 
     parts = suite_parts(name, row)  # an unknown name or row is one line, before any flow starts
-    start_temporary_server()
     for part in parts:  # a suite (e.g. tcs) runs its experiments one after the other
-        with show_progress():
-            result = run_experiment(part.name, list(seed), str(root), list(part.rows))
-        print_experiment(part.name, result, markdown)
+        print_experiment(part.name, run_part(part, list(seed), root), markdown)
 
 
 @group.command("demo")
@@ -186,14 +182,27 @@ def demo_cmd(
     = Path("runs/demo"),
 ) -> None:
     """The main job on digits: fit (or reuse) a teacher, cache it once, train a CE and a CE+KD student."""
-    from flows.experiments import run_experiment
+    from pipeline.lab.experiments import get_experiment
 
     start = time.perf_counter()
-    start_temporary_server()
-    with show_progress():
-        result = run_experiment("digits-demo", [0], str(out))
+    result = run_part(get_experiment("digits-demo"), [0], out)
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is under {out}")
     print_experiment("digits-demo", result, markdown=False)
+
+
+def run_part(experiment: "Experiment", seeds: list[int], root: Path) -> "ExperimentResult":
+    """One experiment: here, in this process, without a server to record it (docs/operations.md#local-runs);
+    else the `experiment` flow run, recorded on the server PREFECT_API_URL names."""
+    from flows.server import recorded
+    from flows.templates import local_path
+    from pipeline.lab.experiments import run_here
+
+    with show_progress():
+        if not recorded():
+            return run_here(experiment, seeds, Path(local_path(str(root))))
+        from flows.experiments import run_experiment
+
+        return run_experiment(experiment.name, seeds, str(root), list(experiment.rows))
 
 
 def print_experiment(name: str, result: "ExperimentResult", markdown: bool) -> None:
