@@ -101,7 +101,7 @@ def train_cmd(
         warn(teacher_near_chance(TeacherCache(plan.cache)))
     with show_progress():
         if local:
-            summaries = train_locally(configs)
+            summaries = train_locally(configs, plan.task_timeout)
         else:  # the flow run, recorded on the server PREFECT_API_URL names
             from flows.train_students import train_students
 
