@@ -14,26 +14,24 @@ from prefect.artifacts import create_markdown_artifact
 from flows.cache_teacher import cache_teacher
 from flows.runtime import PUBLISH_TIMEOUT_S, artifact_key, forward_library_logs, run_path
 from flows.train_students import train_students
-from pipeline.lab.experiments import (DEFAULT_ROOT, ExperimentResult, ExperimentTeacher, get_experiment, result_rows,
-                                  results_markdown, reusable_teacher)
-from pipeline.teacher.checkpoint import TeacherCheckpoint
-from pipeline.train.config import StudentSpec
-from pipeline.train.fit import fit_teacher
+from pipeline.lab.experiments import (DEFAULT_ROOT, ExperimentResult, ExperimentTeacher, fit_or_reuse_teacher,
+                                      get_experiment, results_markdown, run_steps)
+from pipeline.train.config import RunSettings, StudentSpec
 from pipeline.train.summary import TrainSummary
 
 forward_library_logs()
 
 
 @task(name="fit-or-reuse-teacher", persist_result=False)
-def fit_or_reuse_teacher(name: str, root: str) -> ExperimentTeacher:
+def teacher_task(name: str, root: str) -> ExperimentTeacher:
     """The experiment's teacher checkpoint: reused when fitted with the same settings, else fitted now."""
-    config = get_experiment(name).fit_config(Path(root))
-    path = Path(config.out)
-    fitted_before = TeacherCheckpoint.load(path) if path.exists() else None
-    if fitted_before is not None and reusable_teacher(fitted_before.config, config):
-        return ExperimentTeacher(out=str(path), reused=True, val_accuracy=fitted_before.val_accuracy)
-    fitted = fit_teacher(config)
-    return ExperimentTeacher(out=fitted.out, reused=False, val_accuracy=fitted.val_accuracy)
+    return fit_or_reuse_teacher(get_experiment(name), Path(root))
+
+
+def train_flow_run(cache: str, student: StudentSpec, run: Path, settings: RunSettings, sweep: str) -> TrainSummary:
+    """One `train-students` flow run per student keeps each run directory named by its row, not by its slug."""
+    [summary] = train_students(cache, [student], str(run), settings, sweep=sweep)
+    return summary
 
 
 @task(name="publish-results", persist_result=False, timeout_seconds=PUBLISH_TIMEOUT_S)
@@ -43,7 +41,7 @@ def publish_results(name: str, seeds: list[int], markdown: str) -> None:
 
 
 @flow(name="experiment", log_prints=True)
-def run_experiment(name: str, seeds: list[int], root: str = str(DEFAULT_ROOT),
+def run_experiment(name: str, seeds: list[int], root: str = DEFAULT_ROOT,
                    rows: Optional[list[str]] = None) -> ExperimentResult:
     """Run experiment `name` (only `rows`, if given) for `seeds` under `root`; return the teacher, cache and
     result rows.
@@ -57,17 +55,6 @@ def run_experiment(name: str, seeds: list[int], root: str = str(DEFAULT_ROOT),
     """
     root = run_path(root)
     experiment = get_experiment(name).select(rows)
-    # A fitted teacher's dict also holds the fit's own result (time, samples); the experiment reports the teacher.
-    teacher = fit_or_reuse_teacher(name, root)
-    cached = cache_teacher(experiment.cache_request(Path(root)))
-    summaries: dict[str, list[TrainSummary]] = {label: [] for label in experiment.rows}
-    for seed in seeds:
-        for label, methods in experiment.rows.items():
-            run = experiment.run_dir(Path(root), label, seed)
-            # One flow run per student keeps each run directory named by its row, not by its slug.
-            [summary] = train_students(cached.cache, [StudentSpec(student=experiment.student, methods=methods)],
-                                       str(run), experiment.run_settings(seed, run), sweep=f"{name}-{label}")
-            summaries[label].append(summary)
-    rows = result_rows(experiment, summaries)
-    publish_results(name, seeds, f"{experiment.description}\n\n{results_markdown(rows)}")
-    return ExperimentResult(teacher=teacher, cache=cached, rows=rows)
+    result = run_steps(experiment, seeds, Path(root), lambda: teacher_task(name, root), cache_teacher, train_flow_run)
+    publish_results(name, seeds, f"{experiment.description}\n\n{results_markdown(result.rows)}")
+    return result

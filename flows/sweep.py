@@ -85,18 +85,22 @@ def sweep_rows(summaries: list[TrainSummary]) -> list[dict[str, str]]:
             for s in summaries]
 
 
-def train_locally(configs: list[TrainConfig]) -> list[TrainSummary]:
+def train_locally(configs: list[TrainConfig], task_timeout: Optional[float] = None) -> list[TrainSummary]:
     """The `train-students` flow's work without Prefect (no server to record it: `flows.server.recorded`):
     each student in turn in this process; a signal stops the one training at its next step and the rest
-    before they start (`flows.signals.polled`)."""
-    from pipeline.stop import raise_if_stopped
+    before they start (`flows.signals.polled`), and so does a student running past `task_timeout` seconds
+    (the flow's per-task timeout): `pipeline.stop.TimedOut`, one line naming the student."""
+    from pipeline.stop import raise_if_stopped, time_limit
     from pipeline.train.loop import train_student
 
     summaries = []
     with polled():
         for config in configs:
             raise_if_stopped()
-            summaries.append(train_student(config))
+            with time_limit(task_timeout, f"student {config.student} [{'+'.join(map(str, config.methods))}]",
+                            f"{config.out} resumes from its last whole epoch (rerun with --resume), or raise "
+                            f"task_timeout in the sweep file"):
+                summaries.append(train_student(config))
     return summaries
 
 

@@ -14,9 +14,9 @@ from typing import Any
 # Public name -> "module:attribute" of the plain library function or class it is.
 _PUBLIC: dict[str, str] = {
     "fit_teacher": "pipeline.train.fit:fit_teacher",
-    "FitConfig": "pipeline.train.fit:FitConfig",
+    "FitConfig": "pipeline.train.fit_config:FitConfig",
     "cache_teacher": "pipeline.teacher.cache_pass:run_cache_pass",
-    "CacheRequest": "pipeline.teacher.plan:CacheRequest",
+    "CacheRequest": "pipeline.teacher.request:CacheRequest",
     "open_cache": "pipeline.train.loop:open_cache",
     "train_student": "pipeline.train.loop:train_student",
     "TrainConfig": "pipeline.train.config:TrainConfig",

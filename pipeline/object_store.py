@@ -29,14 +29,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
-from typing import Any, BinaryIO
-
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pipeline.atomic import atomic_write
 from pipeline.errors import DistilleryError
 from pipeline.options import OptionError, check_output_dir
+
+if TYPE_CHECKING:  # fsspec (with asyncio) is imported when a URL is opened: local work never pays for it
+    import fsspec
 
 
 def is_url(root: object) -> bool:
@@ -53,6 +53,8 @@ class ObjectPath:
 
     @classmethod
     def from_url(cls, url: str) -> ObjectPath:
+        import fsspec
+
         # No listings cache: another process (or the store's owner) may add or delete objects at any time.
         fs, key = fsspec.core.url_to_fs(url, use_listings_cache=False)
         return cls(fs, key)
@@ -142,6 +144,8 @@ class ObjectPath:
     def create(self, data: bytes) -> None:
         """Write `data` only if nothing is at this key: FileExistsError otherwise. One exclusive write
         (`If-None-Match: *` on S3, `O_EXCL` for file://), so of two writers racing for a key one gets it."""
+        from fsspec.implementations.local import LocalFileSystem
+
         if isinstance(self.fs, LocalFileSystem):
             self.parent.mkdir()  # a file needs its directory; a key does not (and s3fs's would create a bucket)
         with self.fs.open(self.key, "xb") as f:

@@ -24,7 +24,6 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 import typer  # noqa: E402 - after the Prefect home is settled
 
 from flows import signals  # noqa: E402
-from flows.cli import help_cache  # noqa: E402
 from flows.cli.display import fail  # noqa: E402
 from flows.cli.lazy import LazyGroup  # noqa: E402
 
@@ -56,11 +55,8 @@ def main() -> None:
 
     from pipeline.errors import DistilleryError, one_line
 
-    command_help = help_cache.help_request(sys.argv[1:])
-    if command_help is not None and help_cache.print_kept(command_help):  # no torch to import: 0.2 s, not 3-5 s
-        sys.exit(0)
     try:
-        with signals.installed(), help_cache.keeping(command_help):
+        with signals.installed():
             code = app(standalone_mode=False)
     except NoArgsIsHelpError:  # `distillery` alone: typer has printed the help screen, exit 2 as click does
         sys.exit(2)

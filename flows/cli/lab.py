@@ -11,18 +11,15 @@ from rich.table import Table
 from rich.text import Text
 
 from flows.cli.display import console, print_table, show_progress
-from flows.cli.options import Device
-from flows.server import start_temporary_server
-from pipeline.lab.bench import run_benchmarks
-from pipeline.lab.experiments import DEFAULT_ROOT
-from pipeline.options import default_of
+from flows.cli.options import Device, source_constant, source_default
 
 if TYPE_CHECKING:
     from pipeline.lab.input_bench import InputBench
     from pipeline.lab.storage_bench import CacheScaling
-    from pipeline.lab.experiments import ExperimentResult
+    from pipeline.lab.experiments import Experiment, ExperimentResult
 
 group = typer.Typer()
+BENCH = "pipeline.lab.bench"  # its `run_benchmarks` declares the bench's defaults (read, not imported: torch)
 
 
 class BenchPart(str, Enum):
@@ -59,9 +56,9 @@ def experiments_cmd() -> None:
 @group.command("bench")
 def bench_cmd(
     quick: Annotated[bool, typer.Option(help="fewer samples, one round (minutes on 2 idle CPU cores)")]
-    = default_of(run_benchmarks, "quick"),
+    = source_default(BENCH, "run_benchmarks", "quick"),
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results here")] = None,
-    device: Annotated[str, Device()] = default_of(run_benchmarks, "device"),
+    device: Annotated[str, Device()] = source_default(BENCH, "run_benchmarks", "device"),
     only: Annotated[Optional[BenchPart], typer.Option(help="only this part: inputs (the input pipeline on a "
                                                       "synthetic ImageNet-like folder and 12 MP photos)")] = None,
 ) -> None:
@@ -77,6 +74,8 @@ def bench_cmd(
         if json_out is not None:
             json_out.write_text(json.dumps(inputs.model_dump(mode="json"), indent=2))
         return
+    from pipeline.lab.bench import run_benchmarks
+
     with show_progress():
         results = run_benchmarks(quick=quick, device=device)
     passes = results.teacher_pass
@@ -166,20 +165,17 @@ def experiment_cmd(
     name: Annotated[str, typer.Argument(help="an experiment or suite (`distillery experiments` lists them)")],
     seed: Annotated[list[int], typer.Option(help="student seed; repeat for several")] = [0, 1, 2],  # noqa: B006
     root: Annotated[Path, typer.Option(help="experiments directory (teachers, caches and runs are reused)")]
-    = DEFAULT_ROOT,
+    = Path(source_constant("pipeline.lab.experiments", "DEFAULT_ROOT")),
     row: Annotated[Optional[list[str]], typer.Option(help="only this row (method combination); repeat")] = None,
     markdown: Annotated[bool, typer.Option(help="print the results as a markdown table")] = False,
 ) -> None:
-    """Run a named experiment end to end (fit or reuse the teacher, cache once, train every row per seed)."""
-    from flows.experiments import run_experiment
+    """Run a named experiment end to end (fit or reuse the teacher, cache once, train every row per seed; a Prefect
+    flow when a server is configured)."""
     from pipeline.lab.experiments import suite_parts
 
     parts = suite_parts(name, row)  # an unknown name or row is one line, before any flow starts
-    start_temporary_server()
     for part in parts:  # a suite (e.g. tcs) runs its experiments one after the other
-        with show_progress():
-            result = run_experiment(part.name, list(seed), str(root), list(part.rows))
-        print_experiment(part.name, result, markdown)
+        print_experiment(part.name, run_part(part, list(seed), root), markdown)
 
 
 @group.command("demo")
@@ -188,14 +184,27 @@ def demo_cmd(
     = Path("runs/demo"),
 ) -> None:
     """The main job on digits: fit (or reuse) a teacher, cache it once, train a CE and a CE+KD student."""
-    from flows.experiments import run_experiment
+    from pipeline.lab.experiments import get_experiment
 
     start = time.perf_counter()
-    start_temporary_server()
-    with show_progress():
-        result = run_experiment("digits-demo", [0], str(out))
+    result = run_part(get_experiment("digits-demo"), [0], out)
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is under {out}")
     print_experiment("digits-demo", result, markdown=False)
+
+
+def run_part(experiment: "Experiment", seeds: list[int], root: Path) -> "ExperimentResult":
+    """One experiment: here, in this process, without a server to record it (docs/operations.md#local-runs);
+    else the `experiment` flow run, recorded on the server PREFECT_API_URL names."""
+    from flows.server import recorded
+    from flows.templates import local_path
+    from pipeline.lab.experiments import run_here
+
+    with show_progress():
+        if not recorded():
+            return run_here(experiment, seeds, Path(local_path(str(root))))
+        from flows.experiments import run_experiment
+
+        return run_experiment(experiment.name, seeds, str(root), list(experiment.rows))
 
 
 def print_experiment(name: str, result: "ExperimentResult", markdown: bool) -> None:

@@ -1,9 +1,10 @@
 """The `distillery` group that imports a command's module only when that command runs or shows its help.
 
-The command modules read their option defaults from the library's configs, which import torch, timm and (for
-the flows) Prefect: seconds of imports. `distillery --help` lists every command from the modules' source
-(each `@group.command("NAME")` and its docstring, read with `ast`), so it imports none of them; a module some
-code has already imported lists its registered commands instead (a command added at run time is listed too).
+The command modules import no torch (their options read torch-free configs, `flows/cli/options.py`), yet
+typer, pydantic and the configs cost a few tenths of a second each. `distillery --help` lists every command
+from the modules' source (each `@group.command("NAME")` and its docstring, read with `ast`), so it imports none
+of them; a module some code has already imported lists its registered commands instead (a command added at run
+time is listed too).
 """
 
 import ast

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from flows.cli.display import console, print_table, report_skipped, show_progress, warn
 from flows.cli.options import Declared, Device, OnBadImage
-from pipeline.methods import list_methods
+from pipeline.methods.registry import METHOD_NAMES
 from pipeline.options import default_of
 from pipeline.train.config import RunSettings
 from pipeline.train.optim import OptimConfig
@@ -25,7 +25,7 @@ group = typer.Typer()
 Optimizer = OptimConfig.model_fields["optimizer"].annotation
 Grouping = Literal[GROUPINGS]
 METHOD_HELP = (f"method spec NAME[:key=value,...]; repeat to compose one combination; NAME one of "
-               f"{', '.join(list_methods())} (`distillery methods` lists their options)")
+               f"{', '.join(METHOD_NAMES)} (`distillery methods` lists their options)")
 
 
 @group.command("train")
@@ -102,7 +102,7 @@ def train_cmd(
         warn(teacher_near_chance(TeacherCache(plan.cache)))
     with show_progress():
         if local:
-            summaries = train_locally(configs)
+            summaries = train_locally(configs, plan.task_timeout)
         else:  # the flow run, recorded on the server PREFECT_API_URL names
             from flows.train_students import train_students
 
@@ -119,7 +119,7 @@ def methods_cmd(
     """List the distillation methods: what each needs from the cache (and the `distillery cache` option that adds
     it), whether it trains the classifier, and its options with their defaults and meaning."""
     from pipeline.cache.targets import TARGETS
-    from pipeline.methods import method_class
+    from pipeline.methods import list_methods, method_class
 
     table = Table(title="methods: compose with --method NAME[:key=value,...] (README, 'Methods')", title_justify="left",
                   show_lines=True)

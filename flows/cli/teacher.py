@@ -10,18 +10,17 @@ import typer
 from rich.markup import escape
 
 from flows.cli.display import console, print_table, report_skipped, show_progress, warn
-from flows.cli.options import DATASET_HELP, CkaSource, Declared, Device, OnBadImage
+from flows.cli.options import DATASET_HELP, CkaSource, Declared, Device, OnBadImage, source_default
 from flows.server import start_temporary_server
-from pipeline.cache.neighbors import lsh_neighbors
-from pipeline.cache.statistics import recompute_statistics
 from pipeline.options import OptionError, default_of
-from pipeline.teacher.plan import CacheRequest
-from pipeline.teacher.verify import verify_cache
-from pipeline.train.fit import OBJECTIVES, FitConfig
+from pipeline.teacher.request import CacheRequest
+from pipeline.train.fit_config import OBJECTIVES, FitConfig
 
 group = typer.Typer()
 
 Objective = Literal[OBJECTIVES]
+# Modules whose functions declare some options' defaults (`source_default`: read, not imported, for the help).
+STATISTICS, VERIFY = "pipeline.cache.statistics", "pipeline.teacher.verify"
 TeacherHead = Literal["keep", "none"]
 
 
@@ -199,12 +198,14 @@ def checkpoint_model(checkpoint: Optional[Path]) -> str:
 def stats_cmd(
     cache: Annotated[str, typer.Argument(help="a complete teacher cache")],
     cka_source: Annotated[CkaSource, Declared(CacheRequest, "cka_source")]
-    = default_of(recompute_statistics, "cka_source"),
+    = source_default(STATISTICS, "recompute_statistics", "cka_source"),
     lsh_bits: Annotated[Optional[int], typer.Option(help="rebuild LSH planes, codes and index with this many "
                                                          "bits (0: remove them; default: the cache's)")]
-    = default_of(recompute_statistics, "lsh_bits"),
+    = source_default(STATISTICS, "recompute_statistics", "lsh_bits"),
 ) -> None:
     """Recompute dataset-level statistics from a complete cache (no teacher)."""
+    from pipeline.cache.statistics import recompute_statistics
+
     info = recompute_statistics(str(cache), cka_source=cka_source, lsh_bits=lsh_bits)
     console.print_json(json.dumps(info.to_dict()))
 
@@ -266,9 +267,10 @@ def inspect_cmd(
 def neighbors_cmd(
     cache: Annotated[str, typer.Argument(help="teacher cache directory")],
     sample_id: Annotated[int, typer.Argument(metavar="ID", help="sample id (as stored in samples/ids)")],
-    k: Annotated[int, typer.Option(help="number of neighbours")] = default_of(lsh_neighbors, "k"),
+    k: Annotated[int, typer.Option(help="number of neighbours")] = source_default("pipeline.cache.neighbors", "lsh_neighbors", "k"),
 ) -> None:
     """A sample's nearest neighbours in the teacher's LSH space (Hamming distance, faiss index)."""
+    from pipeline.cache.neighbors import lsh_neighbors
     from pipeline.cache.reader import TeacherCache
 
     found = lsh_neighbors(TeacherCache(cache), sample_id, k)
@@ -283,19 +285,19 @@ def neighbors_cmd(
 def verify_cmd(
     cache: Annotated[str, typer.Argument(help="teacher cache directory")],
     samples: Annotated[int, typer.Option(help="random (id, view) pairs to re-run through the teacher")]
-    = default_of(verify_cache, "samples"),
-    seed: Annotated[int, typer.Option(help="seed of the pair sample")] = default_of(verify_cache, "seed"),
+    = source_default(VERIFY, "verify_cache", "samples"),
+    seed: Annotated[int, typer.Option(help="seed of the pair sample")] = source_default(VERIFY, "verify_cache", "seed"),
     rtol: Annotated[float, typer.Option(help="tolerance, relative to each array's largest stored value "
                                              "(default: four float16 units; a cache made under bf16 on a GPU and "
-                                             "verified on CPU needs ~0.03)")] = default_of(verify_cache, "rtol"),
+                                             "verified on CPU needs ~0.03)")] = source_default(VERIFY, "verify_cache", "rtol"),
     device: Annotated[str, Device("where the live teacher runs: auto | cpu | cuda[:N]")]
-    = default_of(verify_cache, "device"),
+    = source_default(VERIFY, "verify_cache", "device"),
     repair: Annotated[bool, typer.Option(help="first rewrite every shard, statistic and side file that fails its "
                                               "checks, with the teacher checkpoint that made the cache")] = False,
 ) -> None:
     """Check every file and array of a cache, re-run the live teacher on random cached views; exit 1 on any
     mismatch."""
-    from pipeline.teacher.verify import repair_cache
+    from pipeline.teacher.verify import repair_cache, verify_cache
 
     start = time.perf_counter()
     if repair:

@@ -81,7 +81,7 @@ class BoundedZstdCodec(ZstdCodec):
     itemsize, from the already bounded `zarr.json`): numcodecs would otherwise allocate whatever the frame
     declares (a 65 KB chunk declaring 2 GiB) or stream a frame declaring nothing without end. A chunk whose
     first frame declares another size, or whose frames decompress to more, is refused in one line. Every zstd
-    array zarr opens decodes with it once `read_zstd_bounded` has run (on importing `pipeline.cache.layout`)."""
+    array zarr opens decodes with it once `read_zstd_bounded` has run (on importing `pipeline.cache.reader`, and in `open_arrays`)."""
 
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer:
         data = chunk_bytes.as_numpy_array().view(np.uint8)

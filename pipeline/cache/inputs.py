@@ -39,7 +39,6 @@ from pipeline.data.datasets import ImageDataset
 from pipeline.data.decode import (DECODE_ERRORS, decode_image, decoded_size, decoder_identity, encode_image,
                                   scaled_size, shrink)
 from pipeline.data.imagefolder import folder_root
-from pipeline.data.views import ViewPlan
 
 INPUT_MODES = ("raw", "encoded", "source")
 DEFAULT_QUALITY = 90
@@ -152,6 +151,8 @@ class InputCodec:
     def of(cls, manifest: Manifest) -> InputCodec:
         """The layout `manifest` records; refuses a decoder other than the one that made encoded or source
         inputs (it could decode other pixels than the teacher saw)."""
+        from pipeline.data.views import ViewPlan  # imports torch: `cache --help` reads this module
+
         storage = manifest.storage
         mode, quality = parse_inputs(storage.inputs or "raw")
         if mode != "raw" and storage.decoder != decoder_identity():

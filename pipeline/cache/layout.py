@@ -19,16 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import zarr
 
 from pipeline.bounded import read_json
-from pipeline.cache.codecs import read_zstd_bounded
 from pipeline.cache.integrity import confined_path, inside, rows_digest
 from pipeline.cache.manifest import CacheError, Manifest, ShardRange, ShardRecord
 from pipeline.checksums import sha256_file
 from pipeline.object_store import ObjectPath, location
+
+if TYPE_CHECKING:  # zarr is opened by the writer and the reader; a run directory names `ARRAYS_NAME` without it
+    import zarr
 
 ARRAYS_NAME = "arrays.zarr"
 LSH_INDEX_NAME = "lsh.faiss"
@@ -38,10 +40,6 @@ STAGING_PREFIX = ".stats-staging-"
 SHARDS_DIR = "shards"
 SHARD_PATTERN = "train-{:06d}.tar"
 TAIL_NAME = "teacher_tail.pt"
-# At import, not when a group opens: a DataLoader worker (a fork server's child) parses the arrays' metadata
-# again when it reads them, and imports this module when it unpickles the reader, never calling `open_arrays`.
-read_zstd_bounded()
-
 MAX_METADATA_BYTES = 1 << 20
 """The largest `zarr.json` read (the cache's own are under 1 KiB)."""
 MAX_RECORD_BYTES = 1 << 20
@@ -59,6 +57,11 @@ def block_sizes(shards: list[ShardRange], block_size: int) -> list[list[int]]:
 def open_arrays(path: Path | ObjectPath, mode: str) -> zarr.Group:
     """The cache's zarr group (a URL opens through zarr's FsspecStore); metadata that does not parse is one
     CacheError naming the file. Chunks decode with the bounded zstd codec (`read_zstd_bounded`)."""
+    import zarr
+
+    from pipeline.cache.codecs import read_zstd_bounded
+
+    read_zstd_bounded()
     try:
         return zarr.open_group(store=str(path), mode=mode)
     except (ValueError, TypeError, KeyError, OSError, zarr.errors.BaseZarrError) as e:

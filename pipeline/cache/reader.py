@@ -23,6 +23,7 @@ import zarr
 
 from pipeline.bounded import read_bytes, read_json
 from pipeline.cache.blocks import block_key, decode_block, iter_tar_members
+from pipeline.cache.codecs import read_zstd_bounded
 from pipeline.cache.inputs import INPUT_KEYS, InputCodec, raw_count
 from pipeline.cache.integrity import (REFUSED, array_digest, confined_path, inside, non_finite_rows, repair_hint,
                                       rows_digest)
@@ -35,6 +36,11 @@ from pipeline.nets.tail import check_teacher_tail
 from pipeline.nets.tapped import ModelError
 from pipeline.data.datasets import samples_fingerprint
 from pipeline.object_store import ObjectPath
+
+# At import, not only when a group opens: a DataLoader worker (a fork server's child) parses the arrays'
+# metadata again when it reads them, and imports this module when it unpickles the reader, never calling
+# `open_arrays`.
+read_zstd_bounded()
 
 
 class TeacherCache(CacheFiles):

@@ -21,18 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
-from torch import Tensor
-
-from pipeline.cache.codecs import topk_decode, topk_encode
 from pipeline.cache.manifest import StorageSpec
-from pipeline.stats.gaussian import grid_gaussian
+
+if TYPE_CHECKING:  # the records and their names are read without torch (the command line's help lists them)
+    from torch import Tensor
 
 __all__ = ["CLASS_INDEX", "class_index_dtype", "LOGITS", "POOLED", "GAUSSIAN", "LSH_CODES", "FEATMAPS", "TARGETS", "SAMPLE_ARRAYS", "STORABLE", "Target",
            "TargetArray", "TeacherOutputs", "Served", "register_target", "produce_rows"]
 
-Served = Tensor | tuple[Tensor, ...]
+Served: TypeAlias = "Tensor | tuple[Tensor, ...]"
 """What a method receives for one target: a batch tensor, or a tuple of them (``as_tuple`` targets)."""
 
 
@@ -158,12 +157,16 @@ def _produce_logits(out: TeacherOutputs, storage: StorageSpec) -> dict[str, Tens
     logits = out.logits.float()
     if storage.topk is None:
         return {"logits/dense": logits}
+    from pipeline.cache.codecs import topk_encode
+
     values, indices, tail = topk_encode(logits, storage.topk)
     return {"logits/topk_values": values, "logits/topk_indices": indices, "logits/tail_logsumexp": tail}
 
 
 def _decode_logits(arrays: Mapping[str, Tensor], num_classes: int) -> Tensor:
     """Dense float32 logits; top-k codes reconstructed (docs/cache-format.md#contract)."""
+    from pipeline.cache.codecs import topk_decode
+
     if "logits/dense" in arrays:
         return arrays["logits/dense"].float()
     return topk_decode(arrays["logits/topk_values"].float(), arrays["logits/topk_indices"].long(),
@@ -194,6 +197,8 @@ POOLED = register_target(Target(
 def _produce_gaussian(out: TeacherOutputs, storage: StorageSpec) -> dict[str, Tensor]:
     if storage.tap is None:
         return {}
+    from pipeline.stats.gaussian import grid_gaussian
+
     mean, std = grid_gaussian(out.maps[storage.tap].float(), storage.grid)
     return {"gaussian/mean": mean, "gaussian/std": std}
 

@@ -2,8 +2,10 @@
 
 An experiment is the whole job end to end, as a user would run it (docs/ARCHITECTURE.md#data-flow): fit a teacher (or
 reuse one fitted with the same settings), cache it once, then train one student architecture with
-several method combinations and seeds from that single cache. `distillery experiment NAME` runs one
-(`flows.experiments`); the table it prints is what the README shows, next to that command.
+several method combinations and seeds from that single cache. `distillery experiment NAME` runs one: as the
+`experiment` flow (`flows.experiments`) when a Prefect server records runs, else here in the command's own
+process (`run_here`); both take the same steps (`run_steps`). The table it prints is what the README shows,
+next to that command.
 
 Layout under the experiments root (default `runs/experiments`):
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,14 +28,14 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.teacher.plan import CacheRequest
 from pipeline.teacher.cache_pass import CacheResult
 from pipeline.train.fit import FitConfig
-from pipeline.train.config import RunSettings
+from pipeline.train.config import RunSettings, StudentSpec
 from pipeline.train.optim import OptimConfig
 from pipeline.train.rundir import RunDir
 from pipeline.train.summary import TrainSummary
 from pipeline.errors import DistilleryError
 from pipeline.options import default_of
 
-DEFAULT_ROOT = Path("runs/experiments")
+DEFAULT_ROOT = "runs/experiments"
 """Where `distillery experiment` keeps teachers, caches and runs unless told otherwise."""
 
 # Fit settings that change the teacher's weights; a checkpoint fitted with the same ones is reused.
@@ -184,6 +187,64 @@ def result_rows(experiment: Experiment, summaries: dict[str, list[TrainSummary]]
             step_ms=1000 * statistics.fmean(r.mean_step_seconds for r in runs),
         ))
     return rows
+
+
+def fit_or_reuse_teacher(experiment: Experiment, root: Path) -> ExperimentTeacher:
+    """The experiment's teacher checkpoint: reused when fitted with the same settings, else fitted now."""
+    from pipeline.teacher.checkpoint import TeacherCheckpoint
+    from pipeline.train.fit import fit_teacher
+
+    config = experiment.fit_config(root)
+    path = Path(config.out)
+    fitted_before = TeacherCheckpoint.load(path) if path.exists() else None
+    if fitted_before is not None and reusable_teacher(fitted_before.config, config):
+        return ExperimentTeacher(out=str(path), reused=True, val_accuracy=fitted_before.val_accuracy)
+    fitted = fit_teacher(config)
+    return ExperimentTeacher(out=fitted.out, reused=False, val_accuracy=fitted.val_accuracy)
+
+
+TrainStep = Callable[[str, StudentSpec, Path, RunSettings, str], TrainSummary]
+"""(cache, student, run directory, settings, sweep name) -> the run's summary."""
+
+
+def run_steps(experiment: Experiment, seeds: list[int], root: Path, teacher: Callable[[], ExperimentTeacher],
+              cache: Callable[[CacheRequest], CacheResult], train: TrainStep) -> ExperimentResult:
+    """The experiment's steps in order, each done by the callable given (the flow's tasks and sub-flows, or
+    the library in this process): the teacher, its cache, then every row once per seed from that cache."""
+    fitted = teacher()
+    cached = cache(experiment.cache_request(root))
+    summaries: dict[str, list[TrainSummary]] = {label: [] for label in experiment.rows}
+    for seed in seeds:
+        for label, methods in experiment.rows.items():
+            run = experiment.run_dir(root, label, seed)
+            summaries[label].append(train(cached.cache, StudentSpec(student=experiment.student, methods=methods), run,
+                                          experiment.run_settings(seed, run), f"{experiment.name}-{label}"))
+    return ExperimentResult(teacher=fitted, cache=cached, rows=result_rows(experiment, summaries))
+
+
+def run_here(experiment: Experiment, seeds: list[int], root: Path) -> ExperimentResult:
+    """`run_steps` in this process, without Prefect (`distillery experiment` with no server to record it): a stop
+    request (Ctrl-C, SIGTERM) ends the teacher pass before its next batch and a student before its next step,
+    and a rerun resumes both."""
+    from pipeline.cache.reader import TeacherCache
+    from pipeline.report.html import write_cache_report
+    from pipeline.stop import polled
+    from pipeline.teacher.cache_pass import run_cache_pass
+    from pipeline.train.config import plan_runs
+    from pipeline.train.loop import check_runs, train_student
+
+    def cache(request: CacheRequest) -> CacheResult:
+        result = run_cache_pass(request)
+        write_cache_report(TeacherCache(result.cache))
+        return result
+
+    def train(cache: str, student: StudentSpec, run: Path, settings: RunSettings, sweep: str) -> TrainSummary:
+        [config] = plan_runs(cache, [student], str(run), settings)
+        check_runs([config])
+        with polled():
+            return train_student(config)
+
+    return run_steps(experiment, seeds, root, lambda: fit_or_reuse_teacher(experiment, root), cache, train)
 
 
 @dataclass(frozen=True)

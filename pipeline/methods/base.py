@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from pipeline.cache.targets import FEATMAPS, GAUSSIAN, LOGITS, LSH_CODES, POOLED, TARGETS
-from pipeline.errors import DistilleryError, did_you_mean
+from pipeline.methods.registry import _REGISTRY, MethodError, list_methods, method_class
 from pipeline.options import Help, Range, declared
 
 __all__ = [
@@ -61,10 +61,6 @@ def at_least_float32(t: Tensor) -> Tensor:
     small tail probabilities that distillation is about, and float64 inputs (tests) stay float64.
     """
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-class MethodError(DistilleryError):
-    """A method cannot be built as asked: unknown name or option, or a cache missing a target."""
 
 
 @dataclass
@@ -270,8 +266,6 @@ class Method(torch.nn.Module, metaclass=abc.ABCMeta):
             )
 
 
-_REGISTRY: dict[str, type[Method]] = {}
-
 _M = TypeVar("_M", bound=type[Method])
 
 
@@ -321,16 +315,3 @@ def register_method(cls: _M) -> _M:
                         f"Annotated[..., Help('...')]")
     _REGISTRY[name] = cls
     return cls
-
-
-def method_class(name: str) -> type[Method]:
-    """The method registered as ``name``; :class:`MethodError` naming the known ones otherwise."""
-    if name not in _REGISTRY:
-        raise MethodError(f"unknown method {name!r}{did_you_mean(name, list_methods())}; known methods: "
-                          f"{', '.join(list_methods())}")
-    return _REGISTRY[name]
-
-
-def list_methods() -> list[str]:
-    """Names of all registered methods, sorted."""
-    return sorted(_REGISTRY)

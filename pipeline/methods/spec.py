@@ -12,11 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic_core import core_schema
 
-from .base import CacheInfo, Method, MethodError, StudentInfo, method_class
+from .registry import MethodError, method_class
+
+if TYPE_CHECKING:  # a spec is parsed (its method's module imported) without importing torch up front
+    from .base import CacheInfo, Method, StudentInfo
 
 OptionValue = bool | int | float | str
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, computed_field
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.manifest import Manifest, ShardRecord
 from pipeline.cache.statistics import reduce_statistics, shard_statistics
+from pipeline.stop import polled, raise_if_stopped
 from pipeline.teacher.forward import cache_shard
 from pipeline.teacher.plan import CachePlan, CacheRequest, complete_cache, plan_cache
 
@@ -64,7 +65,11 @@ def run_cache_pass(request: CacheRequest) -> CacheResult:
         if plan.complete:
             return reused_result(plan)
         start = time.perf_counter()
-        new_records = [cache_shard(request, i) for i in plan.pending]
+        # A signal (Ctrl-C, SIGTERM: flows/signals.py) stops the pass before its next batch: the shards written
+        # stay, the one in progress writes nothing, the manifest stays partial, so the same command resumes.
+        with polled():
+            new_records = [cache_shard(request, i) for i in plan.pending]
+            raise_if_stopped()
         pass_seconds = time.perf_counter() - start
         parts = [shard_statistics(plan.root, i) for i in range(plan.num_shards)]
         reduce_statistics(plan.root, parts, request.cka_source)

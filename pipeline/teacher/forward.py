@@ -17,6 +17,7 @@ from pipeline.data.views import ViewPlan
 from pipeline.nets.tapped import TappedOutputs
 from pipeline.options import resolve_device
 from pipeline.progress import progress_task
+from pipeline.stop import raise_if_stopped
 from pipeline.teacher.model import Teacher, TeacherError, TeacherSpec, manifest_teacher_spec
 from pipeline.teacher.plan import CacheRequest, request_dataset, shared_teacher
 
@@ -56,6 +57,7 @@ def cache_shard(request: CacheRequest, index: int) -> ShardRecord:
     with progress_task(f"shard {index}", len(pairs), "views") as bar:
         x = render_pairs(dataset, plan, batches[0], spec, device)
         for i, batch in enumerate(batches):
+            raise_if_stopped()  # a stop asked for (`pipeline.stop.polled`) ends the shard here: nothing written
             out = teacher_forward(teacher, x, device)
             # Rendering the next batch before reading this one's outputs overlaps it with a GPU's forward
             # (CUDA kernels run asynchronously) without a thread: on CPU a render thread beside the forward

@@ -23,66 +23,23 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.data.datasets import BAD_IMAGE_HELP, BAD_IMAGE_POLICIES, load_dataset
+from pipeline.data.datasets import load_dataset
 from pipeline.data.rendering import RenderedViews, default_input_size, worker_context
 from pipeline.data.views import ViewPlan
 from pipeline.nets.tapped import create_timm_model
-from pipeline.options import (MAX_BATCH, MAX_EPOCHS, MAX_INPUT_SIZE, MAX_LR, MAX_SEED, MAX_WEIGHT_DECAY, MAX_WORKERS,
-                              Config, Help, OptionError, Range, check_device, check_output_file, resolve_device)
+from pipeline.options import OptionError, check_device, check_output_file, resolve_device
 from pipeline.progress import progress_task
 from pipeline.teacher.checkpoint import TeacherCheckpoint
 from pipeline.teacher.weights import resolve_sized
 from pipeline.train.evaluate import evaluate_accuracy
+from pipeline.train.fit_config import FitConfig
 from pipeline.train.optim import OptimConfig, build_optimizer, cosine_schedule
-
-OBJECTIVES = ("supervised", "ssl")
-
-
-class FitConfig(Config):
-    """What `distillery fit-teacher` fits; stored in the checkpoint (`config`)."""
-
-    dataset: str
-    model: Annotated[str, Help("timm model name")]
-    out: Annotated[str, Help("checkpoint path to write")]
-    overwrite: Annotated[bool, Help("replace a checkpoint already at --out (refused otherwise: the caches made "
-                                    "from it would no longer verify)")] = False
-    epochs: Annotated[int, Range(ge=1, le=MAX_EPOCHS), Help("training epochs")] = 10
-    subset: Annotated[int | None, Range(ge=1), Help("seeded, stratified subset of the train split")] = None
-    seed: Annotated[int, Range(ge=0, le=MAX_SEED),
-                    Help("seed of the initialisation, the subset and the augmentations")] = 0
-    input_size: Annotated[int | None, Range(ge=8, le=MAX_INPUT_SIZE),
-                          Help("render size (default 32 for small images, 224 "
-                               "otherwise)")] = None
-    patch_size: Annotated[int | None, Range(ge=1, le=64), Help(
-        "patch size of a ViT-style model (timm's patch_size; default: the model's own, e.g. 16, which leaves a "
-        "32-px image 2x2 tokens; 4 gives 8x8)")] = None
-    batch_size: Annotated[int, Range(ge=1, le=MAX_BATCH), Help("images per optimiser step")] = 128
-    lr: Annotated[float, Range(gt=0, le=MAX_LR), Help("peak learning rate (AdamW, cosine schedule after one warm-up "
-                                           "epoch)")] = 2e-3
-    weight_decay: Annotated[float, Range(ge=0, le=MAX_WEIGHT_DECAY), Help("AdamW weight decay (not on norms and biases)")] = 0.05
-    label_smoothing: Annotated[float, Range(ge=0, le=1), Help("label smoothing of the cross-entropy "
-                                                              "(supervised)")] = 0.1
-    workers: Annotated[int, Range(ge=0, le=MAX_WORKERS),
-                       Help("DataLoader worker processes rendering the views (0: none)")] = 1
-    device: Annotated[str, Help("auto | cpu | cuda | cuda:N")] = "auto"
-    on_bad_image: Annotated[Literal[BAD_IMAGE_POLICIES], Help(BAD_IMAGE_HELP)] = "fail"
-    objective: Annotated[Literal[OBJECTIVES], Help("supervised (labels) | ssl (SimCLR two-view NT-Xent, no labels; "
-                                                   "cache it with --teacher-head none)")] = "supervised"
-    temperature: Annotated[float, Range(ge=0.01, le=100), Help("NT-Xent temperature (ssl)")] = 0.2
-    jitter: Annotated[float, Range(ge=0, lt=1.25), Help("SimCLR colour-distortion strength, brightness and contrast "
-                                                        "(ssl; 0: crops and flips only)")] = 0.5
-    weights: Annotated[str | None, Help("pretrained weights to fine-tune from: a .safetensors/.pth/.pt/.bin state "
-                                        "dict of --model or hf-hub:ORG/NAME from the local Hugging Face cache; "
-                                        "their mean, std and input size are used, a head of another size is "
-                                        "replaced")] = None
-
 
 class FitResult(BaseModel):
     """What `fit_teacher` returns: the checkpoint written and how the fit went."""

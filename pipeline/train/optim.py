@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Annotated, Literal
-
-import torch
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pipeline.options import MAX_CLIP_GRAD, MAX_EPOCHS, MAX_LR, MAX_WEIGHT_DECAY, Config, Help, Range
+
+if TYPE_CHECKING:  # the config is read without torch (the command line's help); the functions import it
+    import torch
 
 
 class OptimConfig(Config):
@@ -23,6 +24,8 @@ class OptimConfig(Config):
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    import torch
+
     # No weight decay on norms and biases (1-d parameters), as in timm's param groups.
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
@@ -35,6 +38,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> t
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the base lr, then cosine decay to 0 at `total_steps` (stepped per batch)."""
+    import torch
 
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -27,9 +27,7 @@ import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pipeline.atomic import atomic_write_text
 from pipeline.bounded import parse_json, read_json, read_text
@@ -38,6 +36,9 @@ from pipeline.cache.manifest import MANIFEST_NAME, identity_mismatch
 from pipeline.checksums import sha256_bytes
 from pipeline.object_store import ObjectLock, ObjectPath, describe_holder, holder_note, location, write_whole_bytes
 from pipeline.train.config import TrainConfig, TrainError
+
+if TYPE_CHECKING:  # a run's files are listed and compared (`distillery runs`) without torch
+    import torch
 
 CONFIG, METRICS, SUMMARY, STUDENT, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "student.pt", "checkpoint.pt"
 CHECKPOINT_SHA256 = "checkpoint.sha256.json"
@@ -161,6 +162,8 @@ class RunDir:
             if digest not in allowed:
                 raise TrainError(f"{ckpt_path} fails its sha256 (not in {listed}): it is damaged; start the run "
                                  f"again in another --out")
+        import torch
+
         try:
             ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             diff = identity_mismatch(ckpt["identity"], identity, stored_as="checkpoint")
@@ -217,6 +220,8 @@ class RunDir:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """checkpoint.pt, its sha256 listed first: checkpoint.sha256.json names the new digest and the one
         before, so whichever checkpoint a kill between the two writes leaves, its digest is listed."""
+        import torch
+
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = buffer.getvalue()
@@ -228,6 +233,8 @@ class RunDir:
 
     def finish(self, student_state: dict[str, torch.Tensor], summary: dict[str, Any]) -> None:
         """student.pt, then summary.json: the summary, written last, is what marks the run complete."""
+        import torch
+
         buffer = io.BytesIO()
         torch.save(student_state, buffer)
         write_whole_bytes(self.path / STUDENT, buffer.getvalue())

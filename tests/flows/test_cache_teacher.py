@@ -109,18 +109,23 @@ def test_cli_killed_mid_pass_resumes_and_matches_an_uninterrupted_run(prefect_ha
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum, recorded", [(signal.SIGINT, True), (signal.SIGTERM, True), (signal.SIGINT, False)],
+                         ids=["SIGINT-recorded", "SIGTERM-recorded", "SIGINT-local"])
 def test_cli_interrupted_says_one_line_and_the_same_command_resumes(prefect_harness, digits_teacher: Path,
-                                                                   tmp_path: Path, signum: int) -> None:
-    """Ctrl-C or SIGTERM after the first shard: one line, exit 128 + the signal, the cache left partial and
-    completed by the same command (flows/signals.py)."""
+                                                                   tmp_path: Path, signum: int,
+                                                                   recorded: bool) -> None:
+    """Ctrl-C or SIGTERM after the first shard, the pass a flow run recorded on a server or (no PREFECT_API_URL)
+    the library in the command's process, stopped at its next batch: one line, exit 128 + the signal, the cache
+    left partial and completed by the same command, and it verifies (flows/signals.py, pipeline/stop.py)."""
     from prefect.settings import get_current_settings
 
     out = tmp_path / "interrupted"
     args = [sys.executable, "-m", "flows.cli", "cache", "--dataset", "digits", "--teacher", "test_resnet",
             "--checkpoint", str(digits_teacher), "--out", str(out), "--subset", "640", "--views", "4",
             "--input-size", "64", "--shard-size", "64", "--batch-size", "128", "--device", "cpu"]
-    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    if recorded:
+        env["PREFECT_API_URL"] = str(get_current_settings().api.url)
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not _records(out) and proc.poll() is None and time.time() < deadline:
@@ -136,3 +141,6 @@ def test_cli_interrupted_says_one_line_and_the_same_command_resumes(prefect_harn
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert Manifest.load(out).status == "complete"
+    verified = subprocess.run([sys.executable, "-m", "flows.cli", "verify", str(out), "--samples", "8"], env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert verified.returncode == 0 and "OK:" in verified.stdout, verified.stdout + verified.stderr

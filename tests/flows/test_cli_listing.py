@@ -60,6 +60,35 @@ def test_option_defaults_are_the_ones_the_config_classes_declare() -> None:
         assert params["cache"][name].default == default_of(CacheRequest, name), name
 
 
+def test_defaults_read_from_a_modules_source_are_the_ones_its_functions_declare() -> None:
+    """`source_default` reads a default without importing its module (torch, faiss): the same value."""
+    from flows.experiments import run_experiment
+    from pipeline.cache.neighbors import lsh_neighbors
+    from pipeline.cache.statistics import recompute_statistics
+    from pipeline.lab.bench import run_benchmarks
+    from pipeline.options import default_of
+    from pipeline.teacher.verify import verify_cache
+
+    params = {name: {p.name: p for p in c.params} for name, c in commands().items()}
+    for command, function, names in (("stats", recompute_statistics, ("cka_source", "lsh_bits")),
+                                     ("neighbors", lsh_neighbors, ("k",)),
+                                     ("verify", verify_cache, ("samples", "seed", "rtol", "device")),
+                                     ("bench", run_benchmarks, ("quick", "device")),
+                                     ("experiment", run_experiment, ("root",))):
+        for name in names:  # `--root` is a Path option of a str parameter: compared as text
+            assert str(params[command][name].default) == str(default_of(function, name)), (command, name)
+
+
+def test_a_default_that_is_no_constant_is_refused_when_read_from_source() -> None:
+    from flows.cli.options import source_constant, source_default
+
+    assert source_constant("pipeline.teacher.verify", "RTOL") == 2.0 ** -8
+    with pytest.raises(TypeError, match="declares no default"):
+        source_default("flows.experiments", "run_experiment", "seeds")  # no default: refused, not guessed
+    with pytest.raises(TypeError, match="not a constant expression"):
+        source_constant("pipeline.cache.targets", "STORABLE")  # computed at import: only importing knows it
+
+
 def test_train_help_lists_every_method(wide) -> None:
     result = CliRunner().invoke(app, ["train", "--help"])
     assert result.exit_code == 0

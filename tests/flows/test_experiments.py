@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,35 @@ def test_experiment_fits_caches_trains_every_row_per_seed_then_reuses_everything
     for r in runs:
         rerun = json.loads((tmp_path / "tiny" / "runs" / r / "summary.json").read_text())
         assert rerun["train_seconds"] == summaries[r]["train_seconds"]
+
+
+@pytest.mark.slow
+def test_experiment_without_a_server_runs_here_without_prefect_and_a_rerun_reuses_everything(tmp_path: Path) -> None:
+    """No PREFECT_API_URL: `distillery experiment` runs the library in its own process (`run_here`), no flow and
+    no temporary server, as `cache` and `train` do; the same steps, so a rerun reuses teacher, cache and runs."""
+    from pipeline.lab.experiments import run_here
+
+    code = ("import sys\nfrom pipeline.lab import experiments\nfrom tests.flows.test_experiments import TINY\n"
+            "experiments.EXPERIMENTS['tiny'] = TINY\nfrom flows.cli import main\n"
+            f"sys.argv = ['distillery', 'experiment', 'tiny', '--seed', '0', '--row', 'ce+kd', '--root', "
+            f"{str(tmp_path)!r}]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('flows.experiments', 'prefect.server.api.server') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.rstrip().endswith("[]"), done.stdout  # neither the flow nor Prefect's server was imported
+    assert "tiny digits scenario (val accuracy %)" in done.stdout and "ce+kd" in done.stdout
+    runs = tmp_path / "tiny" / "runs"
+    assert {p.name for p in runs.iterdir()} == {"ce+kd-s0"}
+    trained = json.loads((runs / "ce+kd-s0" / "summary.json").read_text())
+    assert trained["methods"] == ["ce", "kd:T=2"] and (tmp_path / "tiny" / "cache" / "report.html").is_file()
+
+    again = run_here(TINY.select(["ce+kd"]), [0], tmp_path)
+    assert again.teacher.reused is True and again.cache.written_shards == 0
+    assert json.loads((runs / "ce+kd-s0" / "summary.json").read_text())["train_seconds"] == trained["train_seconds"]
 
 
 def test_unknown_experiment_is_one_line(cli) -> None:

@@ -108,6 +108,31 @@ task_timeout = 1
     assert not (flow_run_dir / "test_resnet-ce-s0" / "summary.json").exists()  # stopped long before its 200 epochs
 
 
+def test_a_sweep_task_timeout_stops_a_local_train_at_a_step_in_one_line(digits_cache: Path, tmp_path: Path) -> None:
+    """No server to record the run: `distillery train --sweep` honours the file's task_timeout as the flow does,
+    the student stopped before its next step (`pipeline.stop.time_limit`), one line, exit 2, no summary."""
+    import os
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(f"""
+cache = "{digits_cache}"
+out = "{tmp_path}/run"
+students = [{{ student = "test_resnet", methods = ["ce"] }}]
+settings = {{ epochs = 200, workers = 0 }}
+task_timeout = 1
+""")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--sweep", str(sweep)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == (f"error: student test_resnet [ce] ran past its task_timeout of 1 s and stopped before its "
+                           f"next step; {tmp_path}/run resumes from its last whole epoch (rerun with --resume), or "
+                           f"raise task_timeout in the sweep file\n")
+    assert (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "summary.json").exists()
+
+
 def test_one_train_call_runs_a_sweep_file_plus_students_times_combinations(prefect_harness, featmaps_cache: Path,
                                                                            tmp_path: Path, cli) -> None:
     sweep = tmp_path / "sweep.toml"  # deploy/nightly.toml's train-students parameters

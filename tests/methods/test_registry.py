@@ -23,6 +23,19 @@ NO_LOGITS = CacheInfo(num_classes=10, pooled_dim=16, available=frozenset({POOLED
 
 def test_builtin_methods_registered():
     assert {"ce", "kd", "dkd", "fitnet", "wkd_l", "wkd_f"} <= set(list_methods())
+
+
+def test_method_names_are_the_method_modules_each_registering_its_own_name():
+    """`METHOD_NAMES` (what the CLI lists without importing torch) is every method module, and each registers the
+    method of its name when the registry imports it."""
+    from pathlib import Path
+
+    from pipeline.methods import METHOD_NAMES, method_class
+
+    package = Path(__file__).resolve().parents[2] / "pipeline" / "methods"
+    helpers = {"__init__", "base", "registry", "schedules", "spec"}
+    assert sorted(METHOD_NAMES) == sorted(p.stem for p in package.glob("*.py") if p.stem not in helpers)
+    assert all(method_class(name).__module__ == f"pipeline.methods.{name}" for name in METHOD_NAMES)
     assert list_methods() == sorted(list_methods())
 
 

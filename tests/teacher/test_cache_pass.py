@@ -154,6 +154,41 @@ def test_killed_pass_resumes_without_recomputing_and_matches_uninterrupted(digit
     assert [s.sha256 for s in resumed.manifest.records()] == [s.sha256 for s in full.manifest.records()]
 
 
+def test_a_stop_request_ends_the_pass_at_a_batch_boundary_and_a_rerun_completes(cache_request, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    """What Ctrl-C does to a local `distillery cache` (flows/signals.py asks `pipeline.stop`): the shard in
+    progress stops before its next batch and writes nothing, the finished ones stay, the cache stays partial."""
+    import signal
+
+    import pipeline.teacher.forward as fw
+    from pipeline import stop
+    from pipeline.stop import Stopped
+
+    request = cache_request(tmp_path / "stopped", subset=300, views=0, shard_size=100, batch_size=25)
+    batches: list[int] = []
+    original = fw.batch_rows
+
+    def rows_then_stop(out, storage, ds, pairs):  # noqa: ANN001, ANN202 - batch_rows' own
+        batches.append(int(pairs[0, 0]))
+        if len(batches) == 6:  # shard 1's second batch: what a signal in the middle of a shard asks
+            assert stop.request_stop(signal.SIGINT), "the pass does not poll for stop requests"
+        return original(out, storage, ds, pairs)
+
+    monkeypatch.setattr(fw, "batch_rows", rows_then_stop)
+    try:
+        with pytest.raises(Stopped):
+            run_cache_pass(request)
+    finally:
+        stop.reset()
+    assert batches == [0, 25, 50, 75, 100, 125], "the pass did not stop at the next batch"
+    assert [p.name for p in sorted((tmp_path / "stopped" / "shards").glob("train-*.json"))] == ["train-000000.json"]
+    assert Manifest.load(tmp_path / "stopped").status == "partial"
+
+    monkeypatch.setattr(fw, "batch_rows", original)
+    assert run_cache_pass(request).written_shards == 2
+    assert TeacherCache(tmp_path / "stopped").verify_integrity() == []
+
+
 def test_rerun_of_complete_cache_is_a_no_op(digits_cache: Path, cache_request) -> None:
     before = (digits_cache / "manifest.json").read_text()
     run_cache_pass(cache_request(digits_cache))
