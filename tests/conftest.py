@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing.forkserver
 import os
 import socket
 import sys
@@ -162,6 +163,9 @@ def s3_endpoint(monkeypatch):
                         "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(name, value)
     s3fs.S3FileSystem.clear_instance_cache()
+    # DataLoader workers fork from this process's forkserver, which keeps the environment it started with: one
+    # an earlier test started (as under pytest-xdist, where files run in another order) lacks the endpoint.
+    multiprocessing.forkserver._forkserver._stop()
     client = boto3.client("s3", endpoint_url=endpoint)
     bucket = "distillery-test"
     client.create_bucket(Bucket=bucket)
@@ -169,6 +173,7 @@ def s3_endpoint(monkeypatch):
         o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
         for o in page.get("Contents", [])})
     s3fs.S3FileSystem.clear_instance_cache()
+    multiprocessing.forkserver._forkserver._stop()  # the next test's workers must not see this endpoint
     server.stop()
 
 
