@@ -36,11 +36,6 @@ def test_bench_command_prints_the_pass_and_step_tables(tmp_path: Path, monkeypat
     # >= 5x test_resnet's FLOPs, faster than resnet50; quick takes the first only
     monkeypatch.setattr(pipeline.lab.bench, "TCS_TEACHERS", ("resnet10t", "resnet50"))
     monkeypatch.setattr(pipeline.lab.storage_bench, "SCALES", (1, 2))
-    # The pass-vs-bare rows from 40 samples, not --quick's 300: its bare loop at the teacher's input size was the
-    # largest part of this test; bench_teacher_pass's own numbers are checked above.
-    teacher_pass = pipeline.lab.bench.bench_teacher_pass
-    monkeypatch.setattr(pipeline.lab.bench, "bench_teacher_pass",
-                        lambda *args, samples, **kwargs: teacher_pass(*args, samples=40, **kwargs))
     # The input pipeline's smallest folder (an image per class), no 12 MP photos, one small model.
     monkeypatch.setattr(pipeline.lab.bench, "bench_input_pipeline",
                         functools.partial(pipeline.lab.bench.bench_input_pipeline, n=10, photos=0))
