@@ -93,7 +93,7 @@ def train_cmd(
     for run_dir, summary in done.items():
         if summary is not None:
             console.print(f"{run_dir}: already complete ({summary.epochs} epochs, val accuracy "
-                          f"{summary.val_accuracy:.2%}); nothing to train", soft_wrap=True)  # one line, any path
+                          f"{summary.val_accuracy:.2%}); nothing to train")
     if all(done.values()):
         print_students(f"students trained from {plan.cache} (already complete)", list(done.values()))
         return
