@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing.forkserver
 import os
 import socket
 import sys
@@ -14,6 +15,35 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+
+def share_the_cores() -> None:
+    """Under pytest-xdist, each worker's thread pools (torch's, OpenMP's, MKL's) get the worker's share of the
+    cores, not all of them: N workers each spinning up a pool the size of the machine slow every test down.
+    Set in the environment, before torch is imported, so the processes a test starts inherit it too."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, str(threads))
+
+
+share_the_cores()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault-injection tally (tests/faults/conftest.py): one line over every fault test this run reported.
+    Here, not in tests/faults/, because pytest-xdist's controller loads only this conftest; the reports of
+    all its workers reach its terminal reporter, so the tally is the whole run's."""
+    outcomes: dict[str, str] = {}
+    for key in ("passed", "failed", "error"):
+        for report in terminalreporter.stats.get(key, []):
+            if "tests/faults/" in getattr(report, "nodeid", "").replace("\\", "/"):
+                if outcomes.get(report.nodeid) in (None, "passed"):
+                    outcomes[report.nodeid] = key
+    if outcomes:
+        handled = sum(v == "passed" for v in outcomes.values())
+        terminalreporter.write_line(
+            f"fault injection: {len(outcomes)} faults tried, {handled} handled, {len(outcomes) - handled} not handled")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -133,6 +163,9 @@ def s3_endpoint(monkeypatch):
                         "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(name, value)
     s3fs.S3FileSystem.clear_instance_cache()
+    # DataLoader workers fork from this process's forkserver, which keeps the environment it started with: one
+    # an earlier test started (as under pytest-xdist, where files run in another order) lacks the endpoint.
+    multiprocessing.forkserver._forkserver._stop()
     client = boto3.client("s3", endpoint_url=endpoint)
     bucket = "distillery-test"
     client.create_bucket(Bucket=bucket)
@@ -140,6 +173,7 @@ def s3_endpoint(monkeypatch):
         o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
         for o in page.get("Contents", [])})
     s3fs.S3FileSystem.clear_instance_cache()
+    multiprocessing.forkserver._forkserver._stop()  # the next test's workers must not see this endpoint
     server.stop()
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,9 @@ def test_an_atomically_written_file_gets_the_mode_the_umask_allows(tmp_path: Pat
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None,
                     reason="reading a cache as another account needs root (to switch to `nobody`) and runuser")
-def test_another_account_reads_every_file_of_a_cache(digits_cache: Path, tmp_path_factory: pytest.TempPathFactory
-                                                     ) -> None:
+def test_another_account_reads_every_file_of_a_cache(digits_cache: Path) -> None:
     # pytest's own temp root is 0700; the copy (modes preserved by copy2) lies in a directory anyone may enter.
-    shared = Path(tmp_path_factory.getbasetemp().parent.parent) / f"distillery-shared-{os.getpid()}"
-    shared.mkdir(mode=0o755)
+    shared = Path(tempfile.mkdtemp(prefix="distillery-shared-"))
     try:
         os.chmod(shared, 0o755)
         shutil.copytree(digits_cache, shared / "cache", copy_function=shutil.copy2)

@@ -86,7 +86,9 @@ def fit_teacher_cmd(
             result = fit_teacher_flow(cfg)
     report_skipped(dataset, result.skipped_images)
     accuracy = "no head (self-supervised)" if result.val_accuracy is None else f"val accuracy {result.val_accuracy:.2%}"
-    console.print(f"teacher {model}: {accuracy} after {epochs} epochs ({result.train_seconds:.1f} s) -> {result.out}")
+    # soft_wrap: one line however long the path, for the scripts that read it
+    console.print(f"teacher {model}: {accuracy} after {epochs} epochs ({result.train_seconds:.1f} s) -> {result.out}",
+                  soft_wrap=True)
 
 
 
