@@ -41,10 +41,11 @@ demo: venv
 	$(BIN)/distillery demo
 
 # --durations=15: the 15 slowest tests listed at the end of every run, so a test that grows slow is seen where it grows.
-# -n WORKERS: pytest-xdist workers, by default one per logical core (each with its share of the cores' threads,
-# tests/conftest.py); `make test WORKERS=0` runs in one process. --dist loadfile: a module's tests run on one worker,
+# -n WORKERS: pytest-xdist workers, by default one per logical core up to 4 (each with its share of the cores' threads,
+# tests/conftest.py; a worker's fixtures and models peak near 3 GB, so more cores do not get more workers);
+# `make test WORKERS=0` runs in one process. --dist loadfile: a module's tests run on one worker,
 # so its module-scoped fixtures are built once; session fixtures are built once per worker.
-WORKERS ?= logical
+WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 test: venv fashion-mnist chromium
 	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
