@@ -28,9 +28,9 @@ def teacher_task(name: str, root: str) -> ExperimentTeacher:
     return fit_or_reuse_teacher(get_experiment(name), Path(root))
 
 
-def train_flow_run(cache: str, student: StudentSpec, run: Path, settings: RunSettings, sweep: str) -> TrainSummary:
-    """One `train-students` flow run per student keeps each run directory named by its row, not by its slug."""
-    [summary] = train_students(cache, [student], str(run), settings, sweep=sweep)
+def train_flow_run(cache: str, student: StudentSpec, out: Path, settings: RunSettings, sweep: str) -> TrainSummary:
+    """One `train-students` flow run per row, into the row's own --out."""
+    [summary] = train_students(cache, [student], str(out), settings, sweep=sweep)
     return summary
 
 

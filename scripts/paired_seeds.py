@@ -33,7 +33,7 @@ def main() -> int:
         return 2
     accuracy: dict[str, list[float]] = {}
     for row in rows:
-        runs = [experiment.run_dir(args.root, row, seed) / "summary.json" for seed in range(args.seeds)]
+        runs = [experiment.student_run(args.root, row, seed) / "summary.json" for seed in range(args.seeds)]
         missing = [str(r.parent) for r in runs if not r.exists()]
         if missing:
             print(f"error: no finished run at {missing[0]} ({len(missing)} missing); run `distillery experiment "

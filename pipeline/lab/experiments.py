@@ -29,6 +29,7 @@ from pipeline.teacher.plan import CacheRequest
 from pipeline.teacher.cache_pass import CacheResult
 from pipeline.train.fit import FitConfig
 from pipeline.train.config import RunSettings, StudentSpec
+from pipeline.train.layout import run_dir_name
 from pipeline.train.optim import OptimConfig
 from pipeline.train.rundir import RunDir
 from pipeline.train.summary import TrainSummary
@@ -99,13 +100,20 @@ class Experiment:
                             **self.cache_options)
 
     def run_settings(self, seed: int, run: Path) -> RunSettings:
-        # Resuming a run directory that holds a run keeps a finished run as it is and continues an interrupted
+        # Resuming a student run directory (`student_run`) that holds a run keeps a finished run as it is and continues an interrupted
         # one, so a rerun of the experiment only trains what is missing.
         return RunSettings(epochs=self.epochs, seed=seed, batch_size=self.batch_size, optim=OptimConfig(lr=self.lr),
                            eval_every=self.eval_every, resume=RunDir(run).holds_run())
 
     def run_dir(self, root: Path, row: str, seed: int) -> Path:
+        """The row's `--out`: its one student trains in a subdirectory, as every student does."""
         return root / self.name / "runs" / f"{row}-s{seed}"
+
+    def student_run(self, root: Path, row: str, seed: int) -> Path:
+        """Where the row's student run is (docs/ARCHITECTURE.md#command-line-contract): in `run_dir`, or
+        `run_dir` itself where an earlier version wrote the run straight into it."""
+        out = self.run_dir(root, row, seed)
+        return out if RunDir(out).holds_run() else out / run_dir_name(self.student, self.rows[row], seed)
 
 
 def suite_parts(name: str, rows: list[str] | None = None) -> list[Experiment]:
@@ -204,7 +212,7 @@ def fit_or_reuse_teacher(experiment: Experiment, root: Path) -> ExperimentTeache
 
 
 TrainStep = Callable[[str, StudentSpec, Path, RunSettings, str], TrainSummary]
-"""(cache, student, run directory, settings, sweep name) -> the run's summary."""
+"""(cache, student, the row's --out, settings, sweep name) -> the run's summary."""
 
 
 def run_steps(experiment: Experiment, seeds: list[int], root: Path, teacher: Callable[[], ExperimentTeacher],
@@ -216,9 +224,10 @@ def run_steps(experiment: Experiment, seeds: list[int], root: Path, teacher: Cal
     summaries: dict[str, list[TrainSummary]] = {label: [] for label in experiment.rows}
     for seed in seeds:
         for label, methods in experiment.rows.items():
-            run = experiment.run_dir(root, label, seed)
-            summaries[label].append(train(cached.cache, StudentSpec(student=experiment.student, methods=methods), run,
-                                          experiment.run_settings(seed, run), f"{experiment.name}-{label}"))
+            settings = experiment.run_settings(seed, experiment.student_run(root, label, seed))
+            summaries[label].append(train(cached.cache, StudentSpec(student=experiment.student, methods=methods),
+                                          experiment.run_dir(root, label, seed), settings,
+                                          f"{experiment.name}-{label}"))
     return ExperimentResult(teacher=fitted, cache=cached, rows=result_rows(experiment, summaries))
 
 
@@ -230,7 +239,7 @@ def run_here(experiment: Experiment, seeds: list[int], root: Path) -> Experiment
     from pipeline.report.html import write_cache_report
     from pipeline.stop import polled
     from pipeline.teacher.cache_pass import run_cache_pass
-    from pipeline.train.config import plan_runs
+    from pipeline.train.layout import plan_runs
     from pipeline.train.loop import check_runs, train_student
 
     def cache(request: CacheRequest) -> CacheResult:
@@ -238,8 +247,8 @@ def run_here(experiment: Experiment, seeds: list[int], root: Path) -> Experiment
         write_cache_report(TeacherCache(result.cache))
         return result
 
-    def train(cache: str, student: StudentSpec, run: Path, settings: RunSettings, sweep: str) -> TrainSummary:
-        [config] = plan_runs(cache, [student], str(run), settings)
+    def train(cache: str, student: StudentSpec, out: Path, settings: RunSettings, sweep: str) -> TrainSummary:
+        [config] = plan_runs(cache, [student], str(out), settings)
         check_runs([config])
         with polled():
             return train_student(config)

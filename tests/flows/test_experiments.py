@@ -18,6 +18,14 @@ TINY = Experiment(name="tiny", description="tiny digits scenario", dataset="digi
                   rows={"ce": ("ce",), "ce+kd": ("ce", "kd:T=2")}, eval_every=1)
 
 
+
+def student_run(root: Path, run: str) -> Path:
+    """The student's run directory of TINY's `ROW-sSEED` under `root`: one level below the row's --out."""
+    row, seed = run.rsplit("-s", 1)
+    out = TINY.run_dir(root, row, int(seed))
+    assert TINY.student_run(root, row, int(seed)).parent == out
+    return TINY.student_run(root, row, int(seed))
+
 @pytest.mark.slow
 def test_experiment_fits_caches_trains_every_row_per_seed_then_reuses_everything(
         prefect_harness, tmp_path: Path, monkeypatch) -> None:
@@ -28,7 +36,7 @@ def test_experiment_fits_caches_trains_every_row_per_seed_then_reuses_everything
     assert result.teacher.reused is False
     runs = {p.name for p in (tmp_path / "tiny" / "runs").iterdir()}
     assert runs == {"ce-s0", "ce-s1", "ce+kd-s0", "ce+kd-s1"}
-    summaries = {r: json.loads((tmp_path / "tiny" / "runs" / r / "summary.json").read_text()) for r in runs}
+    summaries = {r: json.loads((student_run(tmp_path, r) / "summary.json").read_text()) for r in runs}
     assert summaries["ce+kd-s1"]["methods"] == ["ce", "kd:T=2"] and summaries["ce+kd-s1"]["seed"] == 1
     accuracy = [100 * summaries[f"ce+kd-s{s}"]["val_accuracy"] for s in (0, 1)]
     assert f"| ce+kd | {sum(accuracy) / 2:.2f} ± " in results_markdown(result.rows)
@@ -44,7 +52,7 @@ def test_experiment_fits_caches_trains_every_row_per_seed_then_reuses_everything
     assert again.teacher.reused is True and again.cache.written_shards == 0
     assert [r.methods for r in again.rows] == ["ce+kd"] and again.rows[0] == result.rows[1]
     for r in runs:
-        rerun = json.loads((tmp_path / "tiny" / "runs" / r / "summary.json").read_text())
+        rerun = json.loads((student_run(tmp_path, r) / "summary.json").read_text())
         assert rerun["train_seconds"] == summaries[r]["train_seconds"]
 
 
@@ -69,12 +77,13 @@ def test_experiment_without_a_server_runs_here_without_prefect_and_a_rerun_reuse
     assert "tiny digits scenario (val accuracy %)" in done.stdout and "ce+kd" in done.stdout
     runs = tmp_path / "tiny" / "runs"
     assert {p.name for p in runs.iterdir()} == {"ce+kd-s0"}
-    trained = json.loads((runs / "ce+kd-s0" / "summary.json").read_text())
+    trained = json.loads((student_run(tmp_path, "ce+kd-s0") / "summary.json").read_text())
     assert trained["methods"] == ["ce", "kd:T=2"] and (tmp_path / "tiny" / "cache" / "report.html").is_file()
 
     again = run_here(TINY.select(["ce+kd"]), [0], tmp_path)
     assert again.teacher.reused is True and again.cache.written_shards == 0
-    assert json.loads((runs / "ce+kd-s0" / "summary.json").read_text())["train_seconds"] == trained["train_seconds"]
+    assert json.loads((student_run(tmp_path, "ce+kd-s0") / "summary.json").read_text())["train_seconds"] == \
+        trained["train_seconds"]
 
 
 def test_unknown_experiment_is_one_line(cli) -> None:

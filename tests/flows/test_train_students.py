@@ -128,9 +128,10 @@ task_timeout = 1
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr == (f"error: student test_resnet [ce] ran past its task_timeout of 1 s and stopped before its "
-                           f"next step; {tmp_path}/run resumes from its last whole epoch (rerun with --resume), or "
-                           f"raise task_timeout in the sweep file\n")
-    assert (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "summary.json").exists()
+                           f"next step; {tmp_path}/run/test_resnet-ce-s0 resumes from its last whole epoch (rerun "
+                           f"with --resume), or raise task_timeout in the sweep file\n")
+    run = tmp_path / "run" / "test_resnet-ce-s0"
+    assert (run / "config.json").exists() and not (run / "summary.json").exists()
 
 
 def test_one_train_call_runs_a_sweep_file_plus_students_times_combinations(prefect_harness, featmaps_cache: Path,
