@@ -205,7 +205,8 @@ def build_manifest(request: CacheRequest) -> Manifest:
     if len(dataset) == 0:
         raise TeacherError(f"dataset {request.dataset} ({request.split}) is empty; nothing to cache")
     spec = teacher_spec(request, dataset)
-    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed, **teacher_view_fields(spec))
+    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed, resize=request.resize,
+                    **teacher_view_fields(spec))
     storage = StorageSpec(logits="none" if not request.teacher_head else request.logits,
                           tap=spec.taps[0] if spec.taps else None, grid=request.grid, featmaps=request.featmaps,
                           lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size,
