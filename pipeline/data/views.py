@@ -8,7 +8,7 @@ random-resized crops with an optional horizontal flip. A plan may also carry a t
 preprocessing: view 0 as the central ``clean_crop`` fraction of the image (timm's crop_pct) and the
 ``interpolation`` every view is resized with (docs/guide.md#your-own-teacher), and the ``resize`` arithmetic:
 "float32" (x / 255, then the resize: caches made before the field) or "uint8" (the resize on the pixels, as
-timm's transforms resize PIL images, then x / 255: new caches, about 4x cheaper on a CPU).
+timm's transforms resize PIL images, then x / 255: new caches; a render ~1.5x faster on a CPU).
 
 Crop boxes live in normalised [0, 1] image coordinates and are drawn as if the image were square.
 That keeps a view independent of the image size, so one cached view can be re-rendered at any
