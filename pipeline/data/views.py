@@ -250,8 +250,8 @@ def render_crops(crops: Sequence[torch.Tensor], flips: Sequence[bool], size: int
     run once on the whole batch. On CUDA the resize is CUDA's kernel: close to the CPU's, not bit-identical.
     ``resize`` "uint8": the antialiased resize of the uint8 pixels on the CPU (`resize_uint8`; torch has no
     uint8 antialiased kernel on CUDA), then x / 255, the flip and (x - mean) / std on ``device``
-    (`normalise_resized`): correctly rounded IEEE steps, the same bits on every device type
-    (docs/ARCHITECTURE.md#views).
+    (`normalise_resized`): correctly rounded IEEE steps, so a CUDA render is expected to give the CPU's bits
+    (not yet measured on a GPU, docs/ARCHITECTURE.md#views).
     """
     if len(crops) != len(flips):
         raise ValueError(f"got {len(crops)} crops and {len(flips)} flips; give one flip per crop")
