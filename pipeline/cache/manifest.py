@@ -14,7 +14,7 @@ import contextvars
 import copy
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
@@ -181,6 +181,7 @@ class ViewsSection(Section):
     flip: bool = True
     clean_crop: float = 1.0  # written only when a teacher's crop_pct set it (docs/guide.md#your-own-teacher)
     interpolation: str = "bilinear"  # likewise, from the teacher's pretrained config
+    resize: Literal["float32", "uint8"] = "float32"  # written by new caches: "uint8" (`ViewPlan.resize`)
     recipe: str | None = None
 
     def plan_fields(self) -> dict[str, Any]:
@@ -463,9 +464,8 @@ class Manifest(BaseModel):
         except CacheError as e:
             raise CacheError(f"{path}: {e}; delete the cache and re-run `distillery cache`") from None
         if not _ranges_cover(manifest.shards, manifest.dataset.num_samples, manifest.storage.shard_size):
-            raise CacheError(f"{path}: the shard ranges do not cover samples [0, dataset.num_samples) in order, "
-                             f"at most storage.shard_size each "
-                             f"(damaged or edited); delete the cache and re-run `distillery cache`")
+            raise CacheError(f"{path}: the shard ranges do not cover samples [0, dataset.num_samples) in order, at most "
+                             f"storage.shard_size each (damaged or edited); delete the cache and re-run `distillery cache`")
         return manifest
 
     def records(self) -> list[ShardRecord]:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import default_collate
 
 from pipeline.data.datasets import ImageDataset
-from pipeline.data.views import ViewPlan, crop_tensor, render_crops, render_views
+from pipeline.data.views import ViewPlan, crop_tensor, normalise_resized, render_crops, render_views, resize_uint8
 
 
 class RenderedViews(torch.utils.data.Dataset):
@@ -62,12 +62,14 @@ class ViewBatches:
     render, each worker one batch at a time, single-threaded). Otherwise the crops travel packed into one
     uint8 tensor (`pixels`, with their `shapes`; one shared-memory buffer per batch, pinned by a CUDA loader)
     and `render_on` renders them where the student trains. Either way `render_crops` does the arithmetic.
+    A "uint8" `resize` runs on the CPU in any case (`resize_uint8`), so the worker resizes and ships each
+    size's uint8 batch (`resized/NAME`, smaller than the crops); `render_on` normalises it on the device.
     """
 
     def __init__(self, sizes: Mapping[str, int], mean: Sequence[float], std: Sequence[float],
-                 render_here: bool, interpolation: str = "bilinear") -> None:
+                 render_here: bool, interpolation: str = "bilinear", resize: str = "float32") -> None:
         self.sizes, self.mean, self.std, self.render_here = dict(sizes), tuple(mean), tuple(std), render_here
-        self.interpolation = interpolation  # the cache's view plan's resize filter
+        self.interpolation, self.resize = interpolation, resize  # the cache's view plan's resize filter and arithmetic
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         crops = [crop_tensor(sample.pop("crop")) for sample in samples]
@@ -75,6 +77,10 @@ class ViewBatches:
         batch = default_collate(samples)
         if self.render_here:
             batch.update(self._render(crops, flips, None))
+        elif self.resize == "uint8":
+            batch.update({f"resized/{name}": resize_uint8(crops, size, self.interpolation)
+                          for name, size in self.sizes.items()})
+            batch["flips"] = flips
         else:
             batch["pixels"] = torch.cat([crop.reshape(-1) for crop in crops])
             batch["shapes"] = torch.tensor([tuple(crop.shape) for crop in crops], dtype=torch.int64)
@@ -84,6 +90,11 @@ class ViewBatches:
     def render_on(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """A packed batch (`render_here` False) with its crops rendered on `device`: one host-to-device copy
         of the batch's pixels, then the arithmetic on the device."""
+        if self.resize == "uint8":
+            flips = batch.pop("flips").tolist()
+            rendered = {name: normalise_resized(batch.pop(f"resized/{name}"), flips, self.mean, self.std, device)
+                        for name in self.sizes}
+            return {**batch, **rendered}
         pixels = batch.pop("pixels").to(device, non_blocking=True)
         shapes, flips = batch.pop("shapes").tolist(), batch.pop("flips")
         ends = np.cumsum([h * w * c for h, w, c in shapes]).tolist()
@@ -93,7 +104,7 @@ class ViewBatches:
     def _render(self, crops: list[torch.Tensor], flips: torch.Tensor,
                 device: torch.device | None) -> dict[str, torch.Tensor]:
         return {name: render_crops(crops, flips.tolist(), size, self.mean, self.std, device,
-                                   interpolation=self.interpolation)
+                                   interpolation=self.interpolation, resize=self.resize)
                 for name, size in self.sizes.items()}
 
 

@@ -6,7 +6,9 @@ the one function that turns a raw image and a view into a tensor, for the teache
 student loader alike. View 0 is the clean view (the whole image, no flip); views 1..K are seeded
 random-resized crops with an optional horizontal flip. A plan may also carry a teacher's own evaluation
 preprocessing: view 0 as the central ``clean_crop`` fraction of the image (timm's crop_pct) and the
-``interpolation`` every view is resized with (docs/guide.md#your-own-teacher).
+``interpolation`` every view is resized with (docs/guide.md#your-own-teacher), and the ``resize`` arithmetic:
+"float32" (x / 255, then the resize: caches made before the field) or "uint8" (the resize on the pixels, as
+timm's transforms resize PIL images, then x / 255: new caches; a render ~1.5x faster on a CPU).
 
 Crop boxes live in normalised [0, 1] image coordinates and are drawn as if the image were square.
 That keeps a view independent of the image size, so one cached view can be re-rendered at any
@@ -31,10 +33,10 @@ from pydantic import model_validator
 from pipeline.errors import DistilleryError
 from pipeline.options import Config
 
-__all__ = ["CLEAN_VIEW", "INTERPOLATIONS", "ViewError", "ViewParams", "ViewPlan", "crop_view", "epoch_view",
-           "epoch_views", "render_crops", "render_view", "render_views"]
+__all__ = ["CLEAN_VIEW", "INTERPOLATIONS", "RESIZES", "ViewError", "ViewParams", "ViewPlan", "crop_view", "epoch_view",
+           "epoch_views", "normalise_resized", "render_crops", "render_view", "render_views", "resize_uint8"]
 
-_DEFAULTED = {"clean_crop", "interpolation"}  # ViewPlan fields written to a manifest only when not at defaults
+_DEFAULTED = {"clean_crop", "interpolation", "resize"}  # ViewPlan fields written to a manifest only when not at defaults
 # torchvision's RandomResizedCrop gives up drawing after this many attempts and crops the centre.
 _RRC_ATTEMPTS = 10
 
@@ -50,11 +52,15 @@ class ViewParams:
     width: float
     flip: bool
     interpolation: str = "bilinear"  # how the crop is resized to the render size (one of INTERPOLATIONS)
+    resize: str = "float32"  # the arithmetic it is resized in (one of RESIZES)
 
 
 CLEAN_VIEW = ViewParams(top=0.0, left=0.0, height=1.0, width=1.0, flip=False)
 INTERPOLATIONS = ("bilinear", "bicubic")
 """Resize filters a plan renders with (antialiased): the two that timm's pretrained configs name."""
+RESIZES = ("float32", "uint8")
+"""The arithmetic a view is resized in: on x / 255 in float32, or on the uint8 pixels (rounded to uint8) before
+x / 255 (docs/ARCHITECTURE.md#views)."""
 
 
 class ViewError(DistilleryError):
@@ -67,8 +73,10 @@ class ViewPlan(Config):
     ``scale`` bounds the crop's area fraction and ``ratio`` its aspect ratio (width / height), as in
     torchvision's RandomResizedCrop; ``flip`` enables a horizontal flip with probability 1/2. ``clean_crop``
     is the side of view 0's central box (1: the whole image) and ``interpolation`` the resize filter of
-    every view: a teacher's evaluation transform, resolution-free (docs/guide.md#your-own-teacher). At their
-    defaults they are left out of `to_dict`, so caches made before them keep their identity.
+    every view: a teacher's evaluation transform, resolution-free (docs/guide.md#your-own-teacher). ``resize``
+    is the arithmetic (`RESIZES`): the default, "float32", is what caches made before the field rendered;
+    `distillery cache` makes new caches with "uint8". At their defaults they are left out of `to_dict`, so
+    caches made before them keep their identity.
     """
 
     num_augmented: int
@@ -78,6 +86,7 @@ class ViewPlan(Config):
     flip: bool = True
     clean_crop: float = 1.0
     interpolation: str = "bilinear"
+    resize: str = "float32"
 
     @model_validator(mode="before")
     @classmethod
@@ -104,6 +113,8 @@ class ViewPlan(Config):
             raise ViewError(f"clean_crop must be in (0, 1], got {self.clean_crop}")
         if self.interpolation not in INTERPOLATIONS:
             raise ViewError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.resize not in RESIZES:
+            raise ViewError(f"resize must be one of {', '.join(RESIZES)}, got {self.resize!r}")
         return self
 
     @property
@@ -116,7 +127,8 @@ class ViewPlan(Config):
         crop = "rrc({}-{},{}-{})".format(*(round(v, 3) for v in (*self.scale, *self.ratio)))
         clean = f"+center({round(self.clean_crop, 3)})" if self.clean_crop != 1 else ""
         resize = f"+{self.interpolation}" if self.interpolation != "bilinear" else ""
-        return crop + ("+hflip" if self.flip else "") + clean + resize
+        arithmetic = f"+{self.resize}" if self.resize != "float32" else ""
+        return crop + ("+hflip" if self.flip else "") + clean + resize + arithmetic
 
     def source_side(self, size: int) -> int:
         """The fewest pixels each image side needs so that no view's crop box, rendered at `size`, is
@@ -140,13 +152,13 @@ class ViewPlan(Config):
         if view_id == 0:
             margin = (1.0 - self.clean_crop) / 2
             return ViewParams(top=margin, left=margin, height=self.clean_crop, width=self.clean_crop, flip=False,
-                              interpolation=self.interpolation)
+                              interpolation=self.interpolation, resize=self.resize)
         rng = np.random.default_rng([self.seed, int(sample_id), int(view_id)])
         top, left, height, width = _random_resized_crop(rng, self.scale, self.ratio)
         # Drawn last so toggling flips leaves every crop unchanged.
         flip = self.flip and bool(rng.random() < 0.5)
         return ViewParams(top=top, left=left, height=height, width=width, flip=flip,
-                          interpolation=self.interpolation)
+                          interpolation=self.interpolation, resize=self.resize)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form for the cache manifest; ``recipe`` is informational only."""
@@ -204,12 +216,13 @@ def render_views(raws: Sequence[np.ndarray], params: Sequence[ViewParams], size:
     (default CPU): each view's pixel crop (``crop_view``), then ``render_crops``."""
     if len(raws) != len(params):
         raise ValueError(f"got {len(raws)} images and {len(params)} views; give one view per image")
-    interpolations = {view.interpolation for view in params}
-    if len(interpolations) > 1:  # views of one plan share its filter; a mixed batch is a caller's mistake
-        raise ValueError(f"views of one batch share one interpolation, got {sorted(interpolations)}")
+    resizes = {(view.interpolation, view.resize) for view in params}
+    if len(resizes) > 1:  # views of one plan share its resize; a mixed batch is a caller's mistake
+        raise ValueError(f"views of one batch share one interpolation and resize, got {sorted(resizes)}")
+    interpolation, resize = resizes.pop() if resizes else ("bilinear", "float32")
     crops = [crop_tensor(crop_view(raw, view)) for raw, view in zip(raws, params)]
     return render_crops(crops, [view.flip for view in params], size, mean, std, device,
-                        interpolation=interpolations.pop() if interpolations else "bilinear")
+                        interpolation=interpolation, resize=resize)
 
 
 def crop_view(raw: np.ndarray, params: ViewParams) -> np.ndarray:
@@ -227,14 +240,18 @@ def crop_view(raw: np.ndarray, params: ViewParams) -> np.ndarray:
 
 def render_crops(crops: Sequence[torch.Tensor], flips: Sequence[bool], size: int, mean: Sequence[float],
                  std: Sequence[float], device: torch.device | str | None = None, *,
-                 interpolation: str = "bilinear") -> torch.Tensor:
+                 interpolation: str = "bilinear", resize: str = "float32") -> torch.Tensor:
     """Crops (uint8 (h, w, C) tensors, any sizes) -> a normalised float32 (N, C, size, size) batch on ``device``.
 
-    The arithmetic caches were written with, batched: per crop, channels first, x / 255 in float32, an
-    antialiased resize to ``size`` with the plan's ``interpolation``, the flip, (x - mean) / std. Crops of equal shape share one resize
-    call, whose planes are resized independently, so a crop renders to the same bits alone or in any batch
-    on one device type (tests/data/test_views.py); the per-channel steps run once on the whole batch. On CUDA
-    the resize is CUDA's kernel: close to the CPU's, not bit-identical (docs/ARCHITECTURE.md#views).
+    The arithmetic caches were written with, batched. ``resize`` "float32": per crop, channels first, x / 255
+    in float32, an antialiased resize to ``size`` with the plan's ``interpolation``, the flip, (x - mean) / std.
+    Crops of equal shape share one resize call, whose planes are resized independently, so a crop renders to
+    the same bits alone or in any batch on one device type (tests/data/test_views.py); the per-channel steps
+    run once on the whole batch. On CUDA the resize is CUDA's kernel: close to the CPU's, not bit-identical.
+    ``resize`` "uint8": the antialiased resize of the uint8 pixels on the CPU (`resize_uint8`; torch has no
+    uint8 antialiased kernel on CUDA), then x / 255, the flip and (x - mean) / std on ``device``
+    (`normalise_resized`): correctly rounded IEEE steps, so a CUDA render is expected to give the CPU's bits
+    (not yet measured on a GPU, docs/ARCHITECTURE.md#views).
     """
     if len(crops) != len(flips):
         raise ValueError(f"got {len(crops)} crops and {len(flips)} flips; give one flip per crop")
@@ -253,6 +270,10 @@ def render_crops(crops: Sequence[torch.Tensor], flips: Sequence[bool], size: int
         if c != channels:
             raise ValueError(f"image {i} has {c} channels, image 0 has {channels}; render them separately")
         by_shape.setdefault((height, width), []).append(i)
+    if resize == "uint8":
+        return normalise_resized(resize_uint8(crops, size, interpolation), flips, mean, std, device)
+    if resize != "float32":
+        raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {resize!r}")
     flips = torch.tensor([bool(f) for f in flips])
     if len(by_shape) == 1:  # one crop shape (a single image, or a batch of clean views): already in order
         out = _resize([crops[i] for i in range(len(crops))], size, device, interpolation)
@@ -271,6 +292,38 @@ def render_crops(crops: Sequence[torch.Tensor], flips: Sequence[bool], size: int
                 out[indices] = images
     mean_t, std_t = _normalisation(tuple(mean), tuple(std), device)
     return out.sub_(mean_t).div_(std_t)
+
+
+def resize_uint8(crops: Sequence[torch.Tensor], size: int, interpolation: str) -> torch.Tensor:
+    """Host uint8 (h, w, C) crops -> a host uint8 (N, C, size, size) batch: each crop's antialiased resize with
+    ``interpolation``, rounded to uint8 (`F.interpolate` of a uint8 image, antialias=True: torch's AVX2
+    integer kernel, the arithmetic of PIL's resize). One call per crop, so a crop resizes to the same bits
+    alone or in any batch; a DataLoader worker can run it and ship only the small resized batch."""
+    out = torch.empty(len(crops), crops[0].shape[2], size, size, dtype=torch.uint8)
+    for i, crop in enumerate(crops):
+        # The HWC crop permuted is an NCHW image in channels-last strides: the layout the uint8 kernel reads.
+        _AA_RESIZE[interpolation](crop.permute(2, 0, 1)[None], [size, size], False, None, None, out=out[i:i + 1])
+    return out
+
+
+def normalise_resized(resized: torch.Tensor, flips: Sequence[bool], mean: Sequence[float], std: Sequence[float],
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """A uint8 (N, C, size, size) batch (`resize_uint8`) -> float32 on ``device``: x / 255, the flips,
+    (x - mean) / std. Each step is one correctly rounded IEEE operation per element, so a device type that
+    rounds them as IEEE does gives the CPU's bits (docs/ARCHITECTURE.md#views)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    pixels = resized.to(device, non_blocking=True)
+    mean_t, std_t = _normalisation(tuple(mean), tuple(std), device)
+    # Divided by a tensor on the device, not a Python scalar: CUDA's division by a host scalar multiplies by
+    # its rounded reciprocal instead, which is not x / 255 correctly rounded.
+    out = torch.empty(pixels.shape, device=device).copy_(pixels).div_(_pixel_max(device))
+    _flip(out, torch.tensor([bool(f) for f in flips]))
+    return out.sub_(mean_t).div_(std_t)
+
+
+@functools.lru_cache(maxsize=4)
+def _pixel_max(device: torch.device) -> torch.Tensor:
+    return torch.tensor(255.0, device=device)
 
 
 def _flip(images: torch.Tensor, flips: torch.Tensor) -> None:

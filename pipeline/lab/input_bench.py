@@ -195,22 +195,26 @@ def cache_input_bytes(root: str) -> int:
 
 def stage_rates(folder: Path, count: int) -> list[StageRow]:
     """Decoding the folder's JPEGs (PIL, to RGB uint8) and rendering a random-resized-crop view of each at
-    224 px (`render_views`, batches of 64), one thread each: samples/s."""
+    224 px (`render_views`, batches of 64) with each resize arithmetic (`RESIZES`; the bench's caches are
+    new, so their streams resize in uint8), one thread each: samples/s."""
     from PIL import Image
 
-    from pipeline.data.views import ViewPlan, render_views
+    from pipeline.data.views import RESIZES, ViewPlan, render_views
 
     paths = sorted(glob.glob(str(folder / "train" / "*" / "*.jpg")))[:count]
     start = time.perf_counter()
     raws = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     decode = len(paths) / (time.perf_counter() - start)
-    plan = ViewPlan(num_augmented=1)
-    views = [plan.params(i, 1) for i in range(len(raws))]
-    start = time.perf_counter()
-    for i in range(0, len(raws), 64):
-        render_views(raws[i:i + 64], views[i:i + 64], SIZE, (0.5,) * 3, (0.25,) * 3)
-    render = len(raws) / (time.perf_counter() - start)
-    return [StageRow(stage="decode JPEG (PIL)", per_core=decode), StageRow(stage="render view 224 px", per_core=render)]
+    rows = [StageRow(stage="decode JPEG (PIL)", per_core=decode)]
+    for resize in RESIZES:
+        plan = ViewPlan(num_augmented=1, resize=resize)
+        views = [plan.params(i, 1) for i in range(len(raws))]
+        start = time.perf_counter()
+        for i in range(0, len(raws), 64):
+            render_views(raws[i:i + 64], views[i:i + 64], SIZE, (0.5,) * 3, (0.25,) * 3)
+        rows.append(StageRow(stage=f"render view 224 px, {resize} resize",
+                             per_core=len(raws) / (time.perf_counter() - start)))
+    return rows
 
 
 def stream_rates(cache: str, workers: int, device: str) -> tuple[float, float | None]:

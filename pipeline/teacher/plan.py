@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.cache.inputs import input_storage, shard_size_within
-from pipeline.cache.manifest import ArraySpec, Manifest, ShardRange, ShardRecord, StorageSpec, shard_ranges
+from pipeline.cache.manifest import ArraySpec, CacheError, Manifest, ShardRange, ShardRecord, StorageSpec, shard_ranges
 from pipeline.cache.statistics import check_cka_source
 from pipeline.cache.reader import TeacherCache
 from pipeline.cache.writer import CacheWriter, stored_with_identity
@@ -205,7 +205,8 @@ def build_manifest(request: CacheRequest) -> Manifest:
     if len(dataset) == 0:
         raise TeacherError(f"dataset {request.dataset} ({request.split}) is empty; nothing to cache")
     spec = teacher_spec(request, dataset)
-    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed, **teacher_view_fields(spec))
+    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed, resize=view_resize(request),
+                    **teacher_view_fields(spec))
     storage = StorageSpec(logits="none" if not request.teacher_head else request.logits,
                           tap=spec.taps[0] if spec.taps else None, grid=request.grid, featmaps=request.featmaps,
                           lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size,
@@ -235,6 +236,17 @@ def build_manifest(request: CacheRequest) -> Manifest:
         arrays=arrays,
         shards=[ShardRange(index=i, start=a, stop=b) for i, (a, b) in enumerate(ranges)],
     )
+
+
+def view_resize(request: CacheRequest) -> str:
+    """The request's resize arithmetic (`ViewPlan.resize`); "auto": that of the cache already at `out` (made
+    before the field: float32), so rerunning its command resumes or reuses it, else uint8 for a new cache."""
+    if request.resize != "auto":
+        return request.resize
+    try:
+        return Manifest.load(request.out).views.resize
+    except CacheError:  # no cache there (a damaged one is named when the writer opens it)
+        return "uint8"
 
 
 def plan_cache(request: CacheRequest) -> CachePlan:

@@ -75,6 +75,10 @@ class CacheRequest(Config):
     reduced_decode: Annotated[bool, Help("decode image files only as large as the smallest view crop needs at "
                                          "the input size (storage.decode_min_side); false: at full size, as "
                                          "caches made before it")] = True
+    resize: Annotated[Literal["auto", "float32", "uint8"],
+                      Help("the arithmetic views are resized in (views.resize, docs/ARCHITECTURE.md#views): uint8, "
+                           "the pixels resized then / 255 (a CPU renders ~1.5x faster); float32: as caches made "
+                           "before it; auto: the cache already at --out's, else uint8")] = "auto"
 
     @field_validator("store")
     @classmethod

@@ -184,7 +184,7 @@ def manifest_request(root: str | Path, device: str = "cpu", batch_size: int = 25
                         shard_size=st.shard_size, block_size=st.block_size,
                         cka_source=m.stats.cka_source or "auto", out=str(root), batch_size=batch_size,
                         device=device, on_bad_image=d.on_bad_image or "fail", inputs=st.inputs or "raw",
-                        max_side=st.max_side, reduced_decode=st.decode_min_side is not None,
+                        max_side=st.max_side, reduced_decode=st.decode_min_side is not None, resize=v.resize,
                         shard_bytes=MAX_SHARD_BYTES)  # the stored shard size already fits the budget it had
 
 

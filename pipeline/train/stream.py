@@ -146,7 +146,7 @@ class CacheStream:
         workers = 0 if workers == 0 else len(self.streams(workers))
         sizes = {"input": self.size, **({"teacher_input": self.teacher_size} if self.teacher_size is not None else {})}
         batches = ViewBatches(sizes, self.mean, self.std, render_here=device.type == "cpu",
-                              interpolation=self.plan.interpolation)
+                              interpolation=self.plan.interpolation, resize=self.plan.resize)
         loader = torch.utils.data.DataLoader(self.dataset(epoch), batch_size=batch_size, num_workers=workers,
                                              pin_memory=pin_memory, collate_fn=batches,
                                              multiprocessing_context=worker_context(workers))

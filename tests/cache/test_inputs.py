@@ -192,6 +192,19 @@ def test_another_decoder_is_refused_in_one_line(caches, tmp_path) -> None:
                                 r".*the pixels could differ")
 
 
+@pytest.mark.parametrize("forged", ["float16", 8])
+def test_new_caches_resize_in_uint8_and_a_forged_resize_is_refused_in_one_line(caches, tmp_path, forged) -> None:
+    # Every cache of MODES is new, so their student == teacher renders above are uint8-resize renders.
+    assert caches("raw").manifest.views.resize == "uint8" and caches("raw").manifest.views.recipe.endswith("+uint8")
+    root = shutil.copytree(caches("raw").root, tmp_path / "cache")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["views"]["resize"] = forged
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"manifest\.json: field views\.resize has the wrong type") as caught:
+        TeacherCache(root)
+    assert "\n" not in str(caught.value)
+
+
 def test_a_max_side_decode_shrinks_in_the_jpeg_decoder_to_the_exact_size(tmp_path) -> None:
     pixels = smooth_noise(np.random.default_rng(1), 300, 400)
     Image.fromarray(pixels).save(tmp_path / "p.jpg", quality=90)

@@ -56,8 +56,14 @@ def test_it_opens_verifies_and_serves_every_target(old_cache: Path) -> None:
 
 def test_todays_code_plans_the_same_identity_and_layout(old_cache: Path) -> None:
     stored = Manifest.load(old_cache)
-    planned = build_manifest(CacheRequest(out=str(old_cache / "new"), **REQUEST))
-    assert planned.identity() == stored.identity()
+    # Its own command (--out the cache) plans its identity: the float32 resize it was made with, no views.resize.
+    planned = build_manifest(CacheRequest(out=str(old_cache), **REQUEST))
+    assert planned.identity() == stored.identity() and "resize" not in planned.identity()["views"]
+    # Into a new --out, the same request makes a uint8-resize cache: only views.resize (and its recipe) differ.
+    new = build_manifest(CacheRequest(out=str(old_cache / "new"), **REQUEST)).identity()
+    assert new["views"].pop("resize") == "uint8" and new["views"].pop("recipe").endswith("+uint8")
+    assert new == {**stored.identity(), "views": {k: v for k, v in stored.identity()["views"].items()
+                                                 if k != "recipe"}}
     # One planned change since that cache: top-k indices in the smallest unsigned type holding the classes.
     assert planned.arrays.pop("logits/topk_indices").to_dict() == {
         **stored.arrays.pop("logits/topk_indices").to_dict(), "dtype": "uint8"}

@@ -43,15 +43,18 @@ def test_clean_views_are_view_zero_of_every_sample() -> None:
     assert torch.equal(batch[1][0], render_view(dataset.raw(5), clean, 16, mean, std))
 
 
+@pytest.mark.parametrize("resize", ["float32", "uint8"])
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_view_batches_render_the_per_sample_views_in_the_worker_or_packed_for_the_device(interpolation: str) -> None:
+def test_view_batches_render_the_per_sample_views_in_the_worker_or_packed_for_the_device(interpolation: str,
+                                                                                        resize: str) -> None:
     # The student stream's batched path: crops cut per sample, the batch rendered at once, in the worker
     # (CPU students) or packed and rendered where the student trains (here the CPU again): the same bits
-    # as the teacher's per-sample render, at the student's and an online teacher's size, with the plan's filter.
+    # as the teacher's per-sample render, at the student's and an online teacher's size, with the plan's filter
+    # and resize arithmetic. A uint8 resize runs in the worker either way: only the resized pixels travel.
     rng = np.random.default_rng(3)
     raws = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in [(40, 56), (33, 21), (40, 56)] * 4]
     raws[4].flags.writeable = False  # a decoded image may be read-only
-    plan = ViewPlan(num_augmented=3, seed=2, interpolation=interpolation)
+    plan = ViewPlan(num_augmented=3, seed=2, interpolation=interpolation, resize=resize)
     params = [plan.params(i, i % plan.num_views) for i in range(len(raws))]
     assert len({p.flip for p in params}) == 2 and params[0].height == 1.0  # flipped, unflipped and clean views
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -61,11 +64,16 @@ def test_view_batches_render_the_per_sample_views_in_the_worker_or_packed_for_th
                 for i, (r, p) in enumerate(zip(raws, params))]
 
     sizes = {"input": 24, "teacher_input": 17}
-    here = ViewBatches(sizes, mean, std, render_here=True, interpolation=interpolation)(samples())
-    packed = ViewBatches(sizes, mean, std, render_here=False, interpolation=interpolation)
+    here = ViewBatches(sizes, mean, std, render_here=True, interpolation=interpolation, resize=resize)(samples())
+    packed = ViewBatches(sizes, mean, std, render_here=False, interpolation=interpolation, resize=resize)
     shipped = packed(samples())
-    assert shipped["pixels"].dtype == torch.uint8 and shipped["pixels"].ndim == 1 and "input" not in shipped
-    assert shipped["pixels"].numel() == sum(crop_view(r, p).size for r, p in zip(raws, params))
+    assert "input" not in shipped
+    if resize == "uint8":
+        assert {k for k in shipped if k.startswith("resized/")} == {"resized/input", "resized/teacher_input"}
+        assert shipped["resized/input"].dtype == torch.uint8 and shipped["resized/input"].shape == (12, 3, 24, 24)
+    else:
+        assert shipped["pixels"].dtype == torch.uint8 and shipped["pixels"].ndim == 1
+        assert shipped["pixels"].numel() == sum(crop_view(r, p).size for r, p in zip(raws, params))
     there = packed.render_on(shipped, torch.device("cpu"))
     for name, size in sizes.items():
         expected = torch.stack([render_view(r, p, size, mean, std) for r, p in zip(raws, params)])

@@ -19,6 +19,7 @@ def test_input_bench_sizes_share_the_folders_bytes_and_its_stages_are_measured(t
     assert all((subset / n).samefile(source / n) for n in names)  # hard links: no image written twice
     assert len(load_dataset(f"imagefolder:{subset}", "train")) == 3
     stages = stage_rates(source, 4)
-    assert [s.stage for s in stages] == ["decode JPEG (PIL)", "render view 224 px"]
+    assert [s.stage for s in stages] == ["decode JPEG (PIL)", "render view 224 px, float32 resize",
+                                        "render view 224 px, uint8 resize"]
     assert all(s.per_core > 0 for s in stages)
     assert model_samples_per_s("test_resnet", torch.device("cpu"), batch_size=2, steps=1) > 0

@@ -13,11 +13,17 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
+from pipeline.cache.inputs import InputCodec, StoredImages
+from pipeline.cache.reader import TeacherCache
+from pipeline.cache.targets import LOGITS
 from pipeline.data.datasets import load_dataset
 from pipeline.data.views import ViewError, ViewPlan, render_view
 from pipeline.teacher.forward import render_pairs
 from pipeline.teacher.model import manifest_teacher_spec
+from pipeline.teacher.cache_pass import run_cache_pass
 from pipeline.teacher.plan import CacheRequest, build_manifest
+from pipeline.teacher.verify import verify_cache
+from pipeline.train.stream import CacheStream
 
 MEAN, STD = (0.2, 0.3, 0.4), (0.5, 0.6, 0.7)
 
@@ -111,3 +117,28 @@ def test_the_pretrained_config_reaches_the_manifest_and_the_renders(folder: Path
     transform = create_transform(**config)
     theirs = torch.stack([transform(Image.fromarray(dataset.raw(p))) for p in range(len(dataset))])
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_a_bicubic_uint8_cache_streams_the_teacher_pass_renders_bit_for_bit(folder: Path, tmp_path: Path) -> None:
+    # A new cache resizes in uint8 with the teacher's bicubic filter; the student stream at the teacher's size
+    # renders what the teacher pass rendered, bit for bit, and verify re-runs the teacher on it.
+    torch.manual_seed(0)
+    weights = tmp_path / "test_efficientnet.safetensors"
+    safetensors.torch.save_file(timm.create_model("test_efficientnet", num_classes=2).eval().state_dict(), weights)
+    run_cache_pass(CacheRequest(dataset=f"imagefolder:{folder}", teacher="test_efficientnet", weights=str(weights),
+                                out=str(tmp_path / "c"), views=2, tap="none", device="cpu", shard_size=2))
+    cache = TeacherCache(tmp_path / "c")
+    m = cache.manifest
+    assert (m.views.interpolation, m.views.resize) == ("bicubic", "uint8")
+    stream = CacheStream(cache, size=m.teacher.input_size, targets=frozenset({LOGITS}), seed=0, shuffle_buffer=0)
+    seen = {(int(b["id"][i]), int(b["view"][i])): b["input"][i]
+            for epoch in range(3) for b in stream.loader(epoch, batch_size=3, workers=0) for i in range(len(b["id"]))}
+    dataset = load_dataset(f"imagefolder:{folder}", "train")
+    position = {int(sample): p for p, sample in enumerate(dataset.ids)}
+    pairs = np.array([(position[sample], view) for sample, view in seen], dtype=np.int64)
+    teacher = render_pairs(StoredImages.of(dataset, InputCodec.of(m)), ViewPlan(**m.views.plan_fields()), pairs,
+                           manifest_teacher_spec(m.teacher))
+    assert len({view for _, view in seen}) > 1  # augmented views among them, not only the clean one
+    assert torch.equal(torch.stack(list(seen.values())), teacher)
+    result = verify_cache(cache.root, samples=4)
+    assert result.ok, (result.problems, result.checks)
