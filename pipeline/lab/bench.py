@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.lab.input_bench import InputBench, bench_input_pipeline
 from pipeline.lab.storage_bench import CacheScaling, bench_cache_scaling, stream_samples_per_s
 from pipeline.data.views import ViewPlan
-from pipeline.teacher.plan import CacheRequest, plan_cache, request_dataset, shared_teacher, teacher_spec, view_resize
+from pipeline.teacher.plan import (CacheRequest, manifest_at, plan_cache, request_dataset, shared_teacher, teacher_spec,
+                                   view_resize)
 from pipeline.teacher.forward import cache_shard, render_pairs, teacher_forward
 from pipeline.options import resolve_device
 
@@ -30,7 +31,7 @@ def bare_forward_seconds(request: CacheRequest) -> float:
     spec = teacher_spec(request, dataset)
     device = resolve_device(request.device)
     teacher = shared_teacher(spec, str(device))
-    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed, resize=view_resize(request))
+    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed, resize=view_resize(request, manifest_at(request.out)))
     pairs = np.array([(p, v) for p in range(len(dataset)) for v in range(plan.num_views)], dtype=np.int64)
     batches = [render_pairs(dataset, plan, pairs[i:i + request.batch_size], spec, device)
                for i in range(0, len(pairs), request.batch_size)]

@@ -205,14 +205,16 @@ def build_manifest(request: CacheRequest) -> Manifest:
     if len(dataset) == 0:
         raise TeacherError(f"dataset {request.dataset} ({request.split}) is empty; nothing to cache")
     spec = teacher_spec(request, dataset)
-    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed, resize=view_resize(request),
+    existing = manifest_at(request.out)
+    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed, resize=view_resize(request, existing),
                     **teacher_view_fields(spec))
     storage = StorageSpec(logits="none" if not request.teacher_head else request.logits,
                           tap=spec.taps[0] if spec.taps else None, grid=request.grid, featmaps=request.featmaps,
                           lsh_bits=request.lsh_bits, shard_size=request.shard_size, block_size=request.block_size,
                           teacher_tail=request.teacher_tail, store=request.store,
                           **input_storage(request.inputs, request.max_side, dataset,
-                                          plan.source_side(spec.input_size) if request.reduced_decode else None))
+                                          plan.source_side(spec.input_size)
+                                          if reduced_decode(request, existing) else None))
     storage = storage.replace(shard_size=shard_size_within(storage, dataset, request.shard_bytes))
     device = resolve_device(request.device)
     teacher = shared_teacher(spec, str(device))
@@ -238,15 +240,29 @@ def build_manifest(request: CacheRequest) -> Manifest:
     )
 
 
-def view_resize(request: CacheRequest) -> str:
-    """The request's resize arithmetic (`ViewPlan.resize`); "auto": that of the cache already at `out` (made
+def manifest_at(out: str) -> Manifest | None:
+    """The manifest of the cache already at `out`, None where there is none (a damaged one is named when the
+    writer opens it)."""
+    try:
+        return Manifest.load(out)
+    except CacheError:
+        return None
+
+
+def view_resize(request: CacheRequest, existing: Manifest | None) -> str:
+    """The request's resize arithmetic (`ViewPlan.resize`); "auto": that of the `existing` cache at `out` (made
     before the field: float32), so rerunning its command resumes or reuses it, else uint8 for a new cache."""
     if request.resize != "auto":
         return request.resize
-    try:
-        return Manifest.load(request.out).views.resize
-    except CacheError:  # no cache there (a damaged one is named when the writer opens it)
-        return "uint8"
+    return "uint8" if existing is None else existing.views.resize
+
+
+def reduced_decode(request: CacheRequest, existing: Manifest | None) -> bool:
+    """Whether image files decode only as large as the views need (`storage.decode_min_side`); None (auto): as
+    the `existing` cache at `out` does (one made before the rule decodes at full size), else yes."""
+    if request.reduced_decode is not None:
+        return request.reduced_decode
+    return existing is None or existing.storage.decode_min_side is not None
 
 
 def plan_cache(request: CacheRequest) -> CachePlan:

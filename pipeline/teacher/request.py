@@ -72,9 +72,10 @@ class CacheRequest(Config):
     max_side: Annotated[int | None, Range(ge=1), Help("shrink each image so its longer side is at most this many "
                                                       "pixels before storing it (decoded at a reduced JPEG scale "
                                                       "first); default: full size")] = None
-    reduced_decode: Annotated[bool, Help("decode image files only as large as the smallest view crop needs at "
-                                         "the input size (storage.decode_min_side); false: at full size, as "
-                                         "caches made before it")] = True
+    reduced_decode: Annotated[bool | None, Help("decode image files only as large as the smallest view crop needs "
+                                                "at the input size (storage.decode_min_side); false: at full size, "
+                                                "as caches made before it; none (auto): the cache already at "
+                                                "--out's choice, else true")] = None
     resize: Annotated[Literal["auto", "float32", "uint8"],
                       Help("the arithmetic views are resized in (views.resize, docs/ARCHITECTURE.md#views): uint8, "
                            "the pixels resized then / 255 (a CPU renders ~1.5x faster); float32: as caches made "

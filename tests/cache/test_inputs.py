@@ -301,6 +301,20 @@ def test_a_cache_without_the_decode_rule_decodes_at_full_size_as_before(large_ca
     assert build_manifest(manifest_request(cache.root)).identity() == cache.manifest.identity()
 
 
+def test_the_same_command_reuses_a_cache_made_before_the_decode_rule(large_caches, tmp_path) -> None:
+    """`reduced_decode` left to auto follows the cache already at --out: rerunning the command that made a
+    full-size cache reuses it (no shard rewritten), where a new --out gets the reduced decode."""
+    cache = large_caches("full")
+    root = shutil.copytree(cache.root, tmp_path / "cache")
+    teacher = cache.root.parent / f"{cache.root.name}-teacher.pt"
+    request = CacheRequest(**{**manifest_request(cache.root).model_dump(), "out": str(root), "reduced_decode": None,
+                              "checkpoint": str(teacher)})
+    assert build_manifest(request).identity() == cache.manifest.identity()
+    assert run_cache_pass(request).written_shards == 0
+    fresh = build_manifest(request.model_copy(update={"out": str(tmp_path / "new")}))
+    assert fresh.storage.decode_min_side == 32
+
+
 def test_shards_are_cut_by_bytes_as_well_as_by_count(large_caches) -> None:
     """Raw inputs of at most 34 x 42 x 3 = 4,284 bytes (the largest file, 136 x 166, decoded at 1/4): two fit in
     10 kB, and the shards of --shard-size 6 hold two samples each; the default budget leaves them at 6."""
