@@ -31,7 +31,8 @@ def bare_forward_seconds(request: CacheRequest) -> float:
     spec = teacher_spec(request, dataset)
     device = resolve_device(request.device)
     teacher = shared_teacher(spec, str(device))
-    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed, resize=view_resize(request, manifest_at(request.out)))
+    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed, 
+                    resize=view_resize(request, manifest_at(request.out), dataset))
     pairs = np.array([(p, v) for p in range(len(dataset)) for v in range(plan.num_views)], dtype=np.int64)
     batches = [render_pairs(dataset, plan, pairs[i:i + request.batch_size], spec, device)
                for i in range(0, len(pairs), request.batch_size)]

@@ -206,7 +206,7 @@ def build_manifest(request: CacheRequest) -> Manifest:
         raise TeacherError(f"dataset {request.dataset} ({request.split}) is empty; nothing to cache")
     spec = teacher_spec(request, dataset)
     existing = manifest_at(request.out)
-    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed, resize=view_resize(request, existing),
+    plan = ViewPlan(num_augmented=request.views, seed=request.view_seed, resize=view_resize(request, existing, dataset),
                     **teacher_view_fields(spec))
     storage = StorageSpec(logits="none" if not request.teacher_head else request.logits,
                           tap=spec.taps[0] if spec.taps else None, grid=request.grid, featmaps=request.featmaps,
@@ -249,12 +249,16 @@ def manifest_at(out: str) -> Manifest | None:
         return None
 
 
-def view_resize(request: CacheRequest, existing: Manifest | None) -> str:
+def view_resize(request: CacheRequest, existing: Manifest | None, dataset: ImageDataset) -> str:
     """The request's resize arithmetic (`ViewPlan.resize`); "auto": that of the `existing` cache at `out` (made
-    before the field: float32), so rerunning its command resumes or reuses it, else uint8 for a new cache."""
+    before the field: float32), so rerunning its command resumes or reuses it; for a new cache uint8 where the
+    images are files (large images: the resize is most of a render) and float32 for in-memory datasets (tiny
+    images, whose resize costs little: their caches and results stay as they were)."""
     if request.resize != "auto":
         return request.resize
-    return "uint8" if existing is None else existing.views.resize
+    if existing is not None:
+        return existing.views.resize
+    return "uint8" if dataset.ENCODED else "float32"
 
 
 def reduced_decode(request: CacheRequest, existing: Manifest | None) -> bool:

@@ -79,7 +79,8 @@ class CacheRequest(Config):
     resize: Annotated[Literal["auto", "float32", "uint8"],
                       Help("the arithmetic views are resized in (views.resize, docs/ARCHITECTURE.md#views): uint8, "
                            "the pixels resized then / 255 (a CPU renders ~1.5x faster); float32: as caches made "
-                           "before it; auto: the cache already at --out's, else uint8")] = "auto"
+                           "before it; auto: the cache already at --out's, else uint8 for image files and float32 "
+                           "for in-memory datasets")] = "auto"
 
     @field_validator("store")
     @classmethod

@@ -59,8 +59,11 @@ def test_todays_code_plans_the_same_identity_and_layout(old_cache: Path) -> None
     # Its own command (--out the cache) plans its identity: the float32 resize it was made with, no views.resize.
     planned = build_manifest(CacheRequest(out=str(old_cache), **REQUEST))
     assert planned.identity() == stored.identity() and "resize" not in planned.identity()["views"]
-    # Into a new --out, the same request makes a uint8-resize cache: only views.resize (and its recipe) differ.
-    new = build_manifest(CacheRequest(out=str(old_cache / "new"), **REQUEST)).identity()
+    # Into a new --out the same request (an in-memory dataset) plans the same identity: float32 stays its resize.
+    fresh = build_manifest(CacheRequest(out=str(old_cache / "new"), **REQUEST)).identity()
+    assert fresh == stored.identity()
+    # Asked for uint8, only views.resize (and its recipe) differ.
+    new = build_manifest(CacheRequest(out=str(old_cache / "new"), resize="uint8", **REQUEST)).identity()
     assert new["views"].pop("resize") == "uint8" and new["views"].pop("recipe").endswith("+uint8")
     assert new == {**stored.identity(), "views": {k: v for k, v in stored.identity()["views"].items()
                                                  if k != "recipe"}}
